@@ -1,0 +1,216 @@
+"""Reading and validating `xnat2bids.toml`.
+
+Owns the config's shape (via `schemas/config.schema.json`), friendly errors for unknown keys,
+and the per-session conversion settings whose fingerprints the lock records. No network here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from reconcile.errors import ConfigError
+from reconcile.schema import load_schema
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_BIDS_ROOT = "~/bids-export"
+CONFIG_NAME = "xnat2bids.toml"
+
+
+def _digest(value: Any) -> str:
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ConversionSettings:
+    """What decides how a session is converted; a change re-converts the sessions it touches."""
+
+    heuristic: str = "reproin"
+    include: tuple[str, ...] = ()
+    skip: tuple[str, ...] = ()
+    bidsmap: tuple[tuple[str, str], ...] = ()
+
+    def merged(self, table: dict[str, Any]) -> ConversionSettings:
+        return ConversionSettings(
+            heuristic=table.get("heuristic", self.heuristic),
+            include=tuple(table.get("include", self.include)),
+            skip=tuple(table.get("skip", self.skip)),
+            bidsmap=tuple(sorted(table["bidsmap"].items())) if "bidsmap" in table else self.bidsmap,
+        )
+
+    def digests(self) -> dict[str, str]:
+        return {
+            "heuristic": _digest(self.heuristic),
+            "include": _digest(list(self.include)),
+            "skip": _digest(list(self.skip)),
+            "bidsmap": _digest([list(p) for p in self.bidsmap]),
+        }
+
+    def fingerprint(self) -> str:
+        return _digest(self.digests())
+
+    def selects(self, scan_id: str, series_description: str) -> bool:
+        """Include/skip by scan ID, ID ranges ('1-4,6') or series-description globs."""
+        if self.include and not any(_matches(p, scan_id, series_description) for p in self.include):
+            return False
+        return not any(_matches(p, scan_id, series_description) for p in self.skip)
+
+
+def _matches(pattern: str, scan_id: str, description: str) -> bool:
+    for part in pattern.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        if sep and lo.isdigit() and hi.isdigit() and scan_id.isdigit():
+            if int(lo) <= int(scan_id) <= int(hi):
+                return True
+        elif part == scan_id or fnmatchcase(description, part):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class NamingSettings:
+    session_label: str = "label"  # or "strip-subject": "<subject>_<session>" → "<session>"
+    subjects: dict[str, str] = field(default_factory=dict)  # XNAT subject label → BIDS label
+    sessions: dict[str, str] = field(default_factory=dict)  # experiment ID or label → BIDS label
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    partition: str | None = None
+    time: str | None = None
+    mem: str | None = None
+    cpus_per_task: int | None = None
+    account: str | None = None
+    qos: str | None = None
+    max_parallel: int = 4
+    extra_args: tuple[str, ...] = ()
+    setup: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    xnat_url: str | None = None
+    bids_root: str | None = None
+    projects: tuple[str, ...] = ()
+    layout: str = "flat"
+    executor: str = "local"
+    jobs: int | None = None
+    verify_tls: bool = True
+    keep_dicom: bool = False
+    naming: NamingSettings = field(default_factory=NamingSettings)
+    conversion: ConversionSettings = field(default_factory=ConversionSettings)
+    project_tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+    source: str | None = None
+
+    def conversion_for(self, project: str, session_label: str) -> ConversionSettings:
+        settings = self.conversion
+        table = self.project_tables.get(project, {})
+        settings = settings.merged(table.get("conversion", {}))
+        return settings.merged(table.get("sessions", {}).get(session_label, {}))
+
+    def resolve_bids_root(self, argument: str | os.PathLike[str] | None) -> Path:
+        """BIDS root: command-line argument > `bids_root` in the config > ~/bids-export."""
+        chosen = argument if argument is not None else (self.bids_root or DEFAULT_BIDS_ROOT)
+        return Path(os.path.expanduser(os.fspath(chosen))).absolute()
+
+
+def _unknown_keys(data: Any, schema: dict[str, Any], root: dict[str, Any], where: str) -> list[str]:
+    """Walk the data against the schema and explain every key the schema does not know."""
+    if "$ref" in schema:
+        schema = root["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+    if not isinstance(data, dict) or schema.get("type") != "object":
+        return []
+    problems = []
+    props = schema.get("properties", {})
+    extra = schema.get("additionalProperties", True)
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key in props:
+            problems += _unknown_keys(value, props[key], root, path)
+        elif isinstance(extra, dict):
+            problems += _unknown_keys(value, extra, root, path)
+        elif extra is False:
+            close = difflib.get_close_matches(key, list(props), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"unknown key '{path}'{hint}")
+    return problems
+
+
+def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
+    schema = load_schema("config")
+    where = source or "config"
+    unknown = _unknown_keys(data, schema, schema, "")
+    if unknown:
+        raise ConfigError(
+            f"{where}: {unknown[0]}",
+            detail="\n".join(unknown[1:]) or None,
+            hint="see xnat2bids.toml.example for every key",
+        )
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        path = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise ConfigError(f"{where}: invalid value for '{path}': {e.message}")
+    naming = data.get("naming", {})
+    slurm = data.get("slurm", {})
+    return Config(
+        xnat_url=data.get("xnat_url"),
+        bids_root=data.get("bids_root"),
+        projects=tuple(data.get("projects", ())),
+        layout=data.get("layout", "flat"),
+        executor=data.get("executor", "local"),
+        jobs=data.get("jobs"),
+        verify_tls=data.get("verify_tls", True),
+        keep_dicom=data.get("keep_dicom", False),
+        naming=NamingSettings(
+            session_label=naming.get("session_label", "label"),
+            subjects=dict(naming.get("subjects", {})),
+            sessions=dict(naming.get("sessions", {})),
+        ),
+        conversion=ConversionSettings().merged(data.get("conversion", {})),
+        project_tables=dict(data.get("project", {})),
+        slurm=SlurmSettings(**{**slurm, "extra_args": tuple(slurm.get("extra_args", ()))}),
+        source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Load the config file; with no path, `./xnat2bids.toml` if present, else defaults."""
+    if path is None:
+        candidate = Path(CONFIG_NAME)
+        if not candidate.is_file():
+            return Config()
+        path = candidate
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    return parse_config(data, source=str(path))
+
+
+def select(patterns: tuple[str, ...], *values: str) -> bool:
+    """True when no patterns are given or any pattern matches any of the values."""
+    return not patterns or any(fnmatchcase(v, p) for p in patterns for v in values)

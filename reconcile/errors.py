@@ -1,0 +1,68 @@
+"""The one error hierarchy of xnat2bids.
+
+Everything below the CLI raises these; only `cli.py` turns them into text and exit codes.
+"""
+
+from __future__ import annotations
+
+
+class XnatBidsError(Exception):
+    """Root error: a one-line `summary`, optional `detail` and a `hint` for what to do."""
+
+    def __init__(self, summary: str, *, detail: str | None = None, hint: str | None = None):
+        super().__init__(summary)
+        self.summary = summary
+        self.detail = detail
+        self.hint = hint
+
+    def __str__(self) -> str:
+        parts = [self.summary]
+        if self.detail:
+            parts.append(self.detail)
+        if self.hint:
+            parts.append(f"hint: {self.hint}")
+        return "\n".join(parts)
+
+
+class ConfigError(XnatBidsError):
+    """The configuration file is missing, malformed or has unknown keys."""
+
+
+class LockfileError(XnatBidsError):
+    """The lockfile is malformed, fails its schema, or cannot be written."""
+
+
+class LockHeldError(XnatBidsError):
+    """Another apply holds the state lock of this BIDS root."""
+
+
+class StalePlanError(XnatBidsError):
+    """A saved plan no longer matches the lock it was computed against."""
+
+
+class RemoteError(XnatBidsError):
+    """XNAT could not be reached or answered with an error."""
+
+
+class AuthError(RemoteError):
+    """XNAT rejected the credentials (401) or the user may not read an object (403)."""
+
+
+class NotFoundError(RemoteError):
+    """XNAT says the object does not exist or is not visible to this user (404)."""
+
+
+class UnsafePathError(XnatBidsError):
+    """A label, file name or zip entry would escape its target directory."""
+
+
+class VerificationError(XnatBidsError):
+    """Downloaded bytes do not match XNAT's listing (size or digest)."""
+
+
+class ConversionError(XnatBidsError):
+    """heudiconv/dcm2niix failed or produced nothing for a session."""
+
+
+class PlanError(XnatBidsError):
+    """The plan cannot be computed safely (e.g. an empty listing for a project with a lock)."""

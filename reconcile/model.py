@@ -1,0 +1,199 @@
+"""Plain data shared by the planner, the lock, the XNAT client and apply.
+
+Values here are parsed and typed; nothing in this module does I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+# XNAT's Timestamp.toString(): "2023-09-27 17:31:21.352" (1-9 fraction digits, trailing zeros cut).
+_TIMESTAMP = re.compile(r"^(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?$")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def parse_timestamp(text: str | None) -> datetime | None:
+    """Parse an XNAT listing timestamp; '' or None means unset. Raises ValueError on garbage."""
+    if text is None or text.strip() == "":
+        return None
+    m = _TIMESTAMP.match(text.strip())
+    if not m:
+        raise ValueError(f"not an XNAT timestamp: {text!r}")
+    day, clock, frac = m.groups()
+    micros = int((frac or "0")[:6].ljust(6, "0"))
+    return datetime.fromisoformat(f"{day} {clock}").replace(microsecond=micros)
+
+
+def format_timestamp(value: datetime | None) -> str:
+    """Render like XNAT does, to the millisecond with trailing zeros cut ('.0' when whole)."""
+    if value is None:
+        return ""
+    base = value.strftime("%Y-%m-%d %H:%M:%S")
+    frac = f"{value.microsecond:06d}".rstrip("0") or "0"
+    return f"{base}.{frac}"
+
+
+def parse_date(text: str | None) -> str | None:
+    """XNAT session dates are 'YYYY-MM-DD' or ''; keep them as strings."""
+    if text is None or text.strip() == "":
+        return None
+    text = text.strip()
+    if not _DATE.match(text):
+        raise ValueError(f"not an XNAT date: {text!r}")
+    return text
+
+
+@dataclass(frozen=True, order=True)
+class SessionKey:
+    """A session's identity: XNAT project and experiment accession ID."""
+
+    project: str
+    experiment_id: str
+
+    def __str__(self) -> str:
+        return f"{self.project}/{self.experiment_id}"
+
+
+@dataclass(frozen=True, order=True)
+class BidsAddress:
+    """Where a session lives in the BIDS tree: sub-<subject>/ses-<session> (labels without prefixes)."""
+
+    subject: str
+    session: str
+
+    @property
+    def path(self) -> str:
+        return f"sub-{self.subject}/ses-{self.session}"
+
+    def __str__(self) -> str:
+        return self.path
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One row of a project's experiment listing, parsed at the client boundary."""
+
+    id: str
+    label: str
+    project: str
+    subject_id: str
+    subject_label: str
+    date: str | None
+    insert_date: datetime | None
+    last_modified: datetime | None
+    xsi_type: str = "xnat:mrSessionData"
+
+    @property
+    def key(self) -> SessionKey:
+        return SessionKey(self.project, self.id)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file in a scan resource, as XNAT lists it. `name` is the path below `files/`."""
+
+    name: str
+    size: int
+    digest: str  # MD5 hex, or "" when XNAT has none
+    uri: str
+    resource: str = "DICOM"
+
+
+@dataclass(frozen=True)
+class Scan:
+    """A scan with its files (deep listing)."""
+
+    id: str
+    type: str
+    series_description: str
+    files: tuple[RemoteFile, ...] = ()
+
+    @property
+    def file_count(self) -> int:
+        return len(self.files)
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def listing_digest(self) -> str:
+        """Fingerprint of the file listing: names, sizes and MD5s, order-independent."""
+        h = hashlib.sha256()
+        for f in sorted(self.files, key=lambda f: (f.resource, f.name)):
+            h.update(f"{f.resource}/{f.name}\t{f.size}\t{f.digest}\n".encode())
+        return h.hexdigest()
+
+    def record(self) -> ScanRecord:
+        return ScanRecord(
+            id=self.id,
+            type=self.type,
+            series_description=self.series_description,
+            file_count=self.file_count,
+            total_size=self.total_size,
+            digest=self.listing_digest,
+        )
+
+
+@dataclass(frozen=True)
+class ScanRecord:
+    """What the lock keeps of a scan: enough to notice added, removed or changed files."""
+
+    id: str
+    type: str
+    series_description: str
+    file_count: int
+    total_size: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """A file apply wrote, relative to the BIDS root."""
+
+    path: str
+    size: int
+    sha256: str
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """The lock's entry for one exported session."""
+
+    experiment_id: str
+    project: str
+    subject_id: str
+    subject_label: str
+    session_label: str
+    bids_subject: str
+    bids_session: str
+    date: str | None
+    insert_date: str  # XNAT's text, kept verbatim for diff-friendliness
+    last_modified: str
+    xsi_type: str
+    exported_at: str
+    config_fingerprint: str
+    config_digests: dict[str, str] = field(default_factory=dict)  # per conversion key, for reasons
+    tools: dict[str, str] = field(default_factory=dict)  # xnat2bids / heudiconv / dcm2niix versions
+    scans: tuple[ScanRecord, ...] = ()
+    outputs: tuple[OutputRecord, ...] = ()
+
+    @property
+    def key(self) -> SessionKey:
+        return SessionKey(self.project, self.experiment_id)
+
+    @property
+    def address(self) -> BidsAddress:
+        return BidsAddress(self.bids_subject, self.bids_session)
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What the local scan saw of a recorded output."""
+
+    size: int
+    mtime_ns: int

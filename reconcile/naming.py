@@ -1,0 +1,64 @@
+"""Mapping XNAT subject/session labels to BIDS `sub-`/`ses-` labels.
+
+Labels that could escape the BIDS root are rejected, never "cleaned"; everything else is
+sanitised to BIDS's alphanumeric label rule. Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+
+from reconcile.config import NamingSettings
+from reconcile.errors import UnsafePathError
+from reconcile.model import BidsAddress, Experiment
+
+MAX_LABEL = 128
+_NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
+
+
+def check_safe(label: str, what: str) -> None:
+    """Refuse labels that are unsafe as path components, whatever the sanitiser would make of them."""
+    problem = None
+    if label == "":
+        problem = "is empty"
+    elif "\x00" in label or any(ord(c) < 32 or ord(c) == 127 for c in label):
+        problem = "contains control characters"
+    elif "/" in label or "\\" in label:
+        problem = "contains a path separator"
+    elif label in (".", "..") or ".." in label:
+        problem = "contains '..'"
+    elif len(label) > MAX_LABEL:
+        problem = f"is longer than {MAX_LABEL} characters"
+    if problem:
+        raise UnsafePathError(
+            f"{what} label {label!r} {problem}; refusing to use it as a path",
+            hint="rename it in XNAT or map it in [naming] of the config",
+        )
+
+
+def bids_label(label: str, what: str) -> str:
+    """XNAT label → BIDS label: unsafe labels raise, others keep only [A-Za-z0-9]."""
+    check_safe(label, what)
+    cleaned = _NOT_ALNUM.sub("", label)
+    if not cleaned:
+        raise UnsafePathError(
+            f"{what} label {label!r} has no letters or digits to make a BIDS label from",
+            hint="map it in [naming] of the config",
+        )
+    return cleaned
+
+
+def address_for(exp: Experiment, naming: NamingSettings) -> BidsAddress:
+    """The BIDS address of a session, honouring overrides and the label convention."""
+    subject = naming.subjects.get(exp.subject_label)
+    subject = bids_label(subject if subject is not None else exp.subject_label, "subject")
+    override = naming.sessions.get(exp.id, naming.sessions.get(exp.label))
+    if override is not None:
+        return BidsAddress(subject, bids_label(override, "session"))
+    check_safe(exp.label, "session")
+    label = exp.label
+    if naming.session_label == "strip-subject":
+        prefix = exp.subject_label + "_"
+        if label.startswith(prefix) and len(label) > len(prefix):
+            label = label[len(prefix):]
+    return BidsAddress(subject, bids_label(label, "session"))
