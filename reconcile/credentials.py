@@ -1,0 +1,151 @@
+"""Where the XNAT user name and password come from: environment, netrc, token file or a prompt.
+
+Owns the lookup order and the warnings about it; never reads secrets from the command line
+and never puts a password into a repr, log line or error message.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import netrc
+import os
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from reconcile.errors import AuthError
+
+ENV_USER = "XNAT_USER"
+ENV_PASS = "XNAT_PASS"
+ENV_HOST = "XNAT_HOST"
+# A JSON file as returned by /data/services/tokens/issue ({"alias": ..., "secret": ...}).
+ENV_TOKEN_FILE = "XNAT_TOKEN_FILE"
+
+_HINT = (
+    "give credentials in one of three ways: export XNAT_USER and XNAT_PASS; "
+    "add a 'machine {host} login USER password PASS' line to ~/.netrc (mode 0600, or point $NETRC at it); "
+    "or run interactively to be prompted"
+)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user (or alias token) and its password (or token secret)."""
+
+    user: str
+    password: str = field(repr=False)
+    source: str  # "netrc" | "env" | "prompt" | "token-file"
+
+
+def default_url(env: Mapping[str, str] = os.environ) -> str | None:
+    """The XNAT URL from $XNAT_HOST, if set (a bare host name gets https://)."""
+    host = env.get(ENV_HOST, "").strip()
+    if not host:
+        return None
+    if "://" not in host:
+        host = f"https://{host}"
+    return host.rstrip("/")
+
+
+def _host_of(url: str) -> tuple[str, str]:
+    """(hostname, host:port) of a URL; a bare host name is accepted too."""
+    parts = urlsplit(url if "://" in url else f"https://{url}")
+    hostname = (parts.hostname or "").lower()
+    netloc = parts.netloc.rsplit("@", 1)[-1].lower()
+    return hostname, netloc
+
+
+def _from_env(env: Mapping[str, str], warn: Callable[[str], None]) -> Credentials | None:
+    user, password = env.get(ENV_USER, ""), env.get(ENV_PASS, "")
+    if user and password:
+        return Credentials(user, password, "env")
+    if user or password:
+        missing = ENV_PASS if user else ENV_USER
+        warn(f"{ENV_USER}/{ENV_PASS}: {missing} is not set, ignoring the environment credentials")
+    return None
+
+
+def _from_token_file(env: Mapping[str, str]) -> Credentials | None:
+    name = env.get(ENV_TOKEN_FILE, "")
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        alias, secret = data["alias"], data["secret"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AuthError(
+            f"cannot read the XNAT token file {path}",
+            detail=type(exc).__name__,
+            hint='the file must hold JSON with "alias" and "secret" (from /data/services/tokens/issue)',
+        ) from None  # the secret may be in the parse error, so no chaining
+    if not isinstance(alias, str) or not isinstance(secret, str) or not alias or not secret:
+        raise AuthError(f"the XNAT token file {path} has an empty alias or secret")
+    return Credentials(alias, secret, "token-file")
+
+
+def _netrc_file(env: Mapping[str, str], netrc_path: Path | None) -> Path:
+    if netrc_path is not None:
+        return Path(netrc_path)
+    if env.get("NETRC"):
+        return Path(env["NETRC"]).expanduser()
+    return Path("~/.netrc").expanduser()
+
+
+def _from_netrc(
+    url: str, env: Mapping[str, str], netrc_path: Path | None, warn: Callable[[str], None]
+) -> Credentials | None:
+    path = _netrc_file(env, netrc_path)
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if os.name == "posix" and stat.S_IMODE(mode) & 0o077:
+        warn(f"{path} is readable by others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
+    try:
+        # An explicit file name skips the stdlib's own permission check (which raises); we warn instead.
+        parsed = netrc.netrc(str(path))
+    except (OSError, netrc.NetrcParseError) as exc:
+        line = getattr(exc, "lineno", None)
+        raise AuthError(
+            f"cannot parse {path}" + (f" (line {line})" if line else ""),
+            hint="fix the file or remove the entry for this host",
+        ) from None  # NetrcParseError messages can quote the offending token, i.e. a password
+    hostname, netloc = _host_of(url)
+    for key in dict.fromkeys((netloc, hostname)):
+        if key and key in parsed.hosts:
+            login, _account, password = parsed.hosts[key]
+            if login and password:
+                return Credentials(login, password, "netrc")
+    return None
+
+
+def resolve_credentials(
+    url: str,
+    *,
+    env: Mapping[str, str] = os.environ,
+    netrc_path: Path | None = None,
+    prompt: Callable[[str], str] | None = None,
+    warn: Callable[[str], None] = lambda m: None,
+    password_prompt: Callable[[str], str] | None = None,
+) -> Credentials:
+    """Find credentials for `url`: env XNAT_USER/XNAT_PASS (or XNAT_TOKEN_FILE), netrc, then a prompt.
+
+    `prompt` asks for the user name; the password is read with `password_prompt`
+    (default `getpass.getpass`) so it is never echoed. Without a prompt, a miss raises AuthError.
+    """
+    found = _from_env(env, warn) or _from_token_file(env) or _from_netrc(url, env, netrc_path, warn)
+    if found is not None:
+        return found
+    hostname, _ = _host_of(url)
+    if prompt is not None:
+        user = prompt(f"XNAT user for {hostname}: ").strip()
+        ask_password = password_prompt or getpass.getpass
+        password = ask_password(f"Password for {user}@{hostname}: ")
+        if not user or not password:
+            raise AuthError("no XNAT user name or password given", hint=_HINT.format(host=hostname))
+        return Credentials(user, password, "prompt")
+    raise AuthError(f"no XNAT credentials found for {hostname}", hint=_HINT.format(host=hostname))
