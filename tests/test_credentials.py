@@ -1,0 +1,137 @@
+"""Credential lookup: env > token file > netrc > prompt, warnings, and secrets kept out of sight."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from reconcile.credentials import Credentials, default_url, resolve_credentials
+from reconcile.errors import AuthError
+
+URL = "https://xnat.example.org/xnat"
+SENTINEL = "S3NT1NEL-pw-%$"
+
+
+def write_netrc(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def no_prompt(_: str) -> str:
+    raise AssertionError("must not prompt")
+
+
+def test_env_beats_netrc_and_prompt(tmp_path: Path) -> None:
+    netrc = write_netrc(tmp_path / "netrc", "machine xnat.example.org login nuser password npass\n")
+    env = {"XNAT_USER": "euser", "XNAT_PASS": "epass"}
+    creds = resolve_credentials(URL, env=env, netrc_path=netrc, prompt=no_prompt)
+    assert (creds.user, creds.password, creds.source) == ("euser", "epass", "env")
+
+
+def test_netrc_entry_for_the_url_host_is_used(tmp_path: Path) -> None:
+    netrc = write_netrc(
+        tmp_path / "netrc",
+        "machine other.org login ouser password opass\nmachine xnat.example.org login nuser password npass\n",
+    )
+    creds = resolve_credentials(URL, env={}, netrc_path=netrc, prompt=no_prompt)
+    assert (creds.user, creds.password, creds.source) == ("nuser", "npass", "netrc")
+
+
+def test_netrc_entry_with_port_matches_host_and_port(tmp_path: Path) -> None:
+    netrc = write_netrc(
+        tmp_path / "netrc",
+        "machine localhost login plain password p1\nmachine localhost:8080 login ported password p2\n",
+    )
+    assert resolve_credentials("http://localhost:8080", env={}, netrc_path=netrc).user == "ported"
+    assert resolve_credentials("http://localhost:9090", env={}, netrc_path=netrc).user == "plain"
+
+
+def test_netrc_env_variable_points_at_the_file(tmp_path: Path) -> None:
+    netrc = write_netrc(tmp_path / "elsewhere", "machine xnat.example.org login nuser password npass\n")
+    creds = resolve_credentials(URL, env={"NETRC": str(netrc)})
+    assert creds.source == "netrc" and creds.user == "nuser"
+
+
+def test_world_readable_netrc_warns_but_is_used(tmp_path: Path) -> None:
+    netrc = write_netrc(tmp_path / "netrc", "machine xnat.example.org login nuser password npass\n", 0o644)
+    warnings: list[str] = []
+    creds = resolve_credentials(URL, env={}, netrc_path=netrc, warn=warnings.append)
+    assert creds.user == "nuser"
+    assert len(warnings) == 1 and "0644" in warnings[0] and "chmod 600" in warnings[0]
+
+
+def test_private_netrc_does_not_warn(tmp_path: Path) -> None:
+    netrc = write_netrc(tmp_path / "netrc", "machine xnat.example.org login nuser password npass\n")
+    warnings: list[str] = []
+    resolve_credentials(URL, env={}, netrc_path=netrc, warn=warnings.append)
+    assert warnings == []
+
+
+def test_netrc_without_the_host_falls_through_to_prompt(tmp_path: Path) -> None:
+    netrc = write_netrc(tmp_path / "netrc", "machine other.org login ouser password opass\n")
+    asked: list[str] = []
+
+    def prompt(message: str) -> str:
+        asked.append(message)
+        return "puser"
+
+    creds = resolve_credentials(
+        URL, env={}, netrc_path=netrc, prompt=prompt, password_prompt=lambda m: "ppass"
+    )
+    assert (creds.user, creds.password, creds.source) == ("puser", "ppass", "prompt")
+    assert asked and "xnat.example.org" in asked[0]
+
+
+def test_nothing_found_raises_auth_error_with_the_three_ways(tmp_path: Path) -> None:
+    with pytest.raises(AuthError) as info:
+        resolve_credentials(URL, env={}, netrc_path=tmp_path / "missing")
+    text = str(info.value)
+    assert "xnat.example.org" in text
+    assert "XNAT_USER" in text and "XNAT_PASS" in text and ".netrc" in text and "prompt" in text
+
+
+def test_half_set_environment_warns_and_is_ignored(tmp_path: Path) -> None:
+    netrc = write_netrc(tmp_path / "netrc", "machine xnat.example.org login nuser password npass\n")
+    warnings: list[str] = []
+    creds = resolve_credentials(URL, env={"XNAT_USER": "euser"}, netrc_path=netrc, warn=warnings.append)
+    assert creds.source == "netrc"
+    assert any("XNAT_PASS" in w for w in warnings)
+
+
+def test_token_file_gives_alias_and_secret(tmp_path: Path) -> None:
+    token = tmp_path / "token.json"
+    token.write_text(json.dumps({"alias": "0b5c2f4e-1a2b-4c3d-8e9f-0123456789ab", "secret": "x" * 64}))
+    creds = resolve_credentials(URL, env={"XNAT_TOKEN_FILE": str(token)}, netrc_path=tmp_path / "none")
+    assert creds.source == "token-file" and creds.user.startswith("0b5c2f4e") and creds.password == "x" * 64
+
+
+def test_malformed_netrc_error_does_not_quote_the_password(tmp_path: Path) -> None:
+    netrc = write_netrc(tmp_path / "netrc", f"machine xnat.example.org login nuser password {SENTINEL} bogus\n")
+    try:
+        resolve_credentials(URL, env={}, netrc_path=netrc)
+    except AuthError as exc:
+        assert SENTINEL not in str(exc) and exc.__cause__ is None
+    # (Python versions that accept the line are fine too: nothing was raised.)
+
+
+def test_password_is_not_in_repr() -> None:
+    creds = Credentials("alice", SENTINEL, "env")
+    assert SENTINEL not in repr(creds) and SENTINEL not in str(creds)
+    assert "alice" in repr(creds)
+
+
+def test_default_url_comes_from_xnat_host() -> None:
+    assert default_url({"XNAT_HOST": "https://xnat.example.org/"}) == "https://xnat.example.org"
+    assert default_url({"XNAT_HOST": "xnat.example.org"}) == "https://xnat.example.org"
+    assert default_url({}) is None
+
+
+def test_real_environment_is_the_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XNAT_USER", "envuser")
+    monkeypatch.setenv("XNAT_PASS", "envpass")
+    assert resolve_credentials(URL, netrc_path=tmp_path / "none").user == "envuser"
+    assert os.environ["XNAT_USER"] == "envuser"
