@@ -1,0 +1,682 @@
+"""The tool's own XNAT client: one HTTP session, login, retries and parsing into `reconcile.model`.
+
+This is the one HTTP boundary: every `requests` exception is translated here into
+`RemoteError`/`AuthError`/`NotFoundError`, and XNAT's string-valued listings are parsed
+into dataclasses, so nothing downstream sees `requests` or `ResultSet`. No disk I/O here.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from requests.cookies import create_cookie
+
+from reconcile.credentials import Credentials
+from reconcile.errors import (
+    AuthError,
+    ConfigError,
+    NotFoundError,
+    RemoteError,
+    UnsafePathError,
+)
+from reconcile.model import Experiment, RemoteFile, Scan, parse_date, parse_timestamp
+
+EXPERIMENT_COLUMNS = (
+    "ID",
+    "label",
+    "project",
+    "subject_ID",
+    "subject_label",
+    "date",
+    "insert_date",
+    "last_modified",
+    "xsiType",
+)
+SCAN_COLUMNS = ("ID", "type", "series_description", "xsiType")
+
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
+# Row URIs always carry the numeric resource id: …/scans/{id}/resources/{rid}/files/{relpath}
+_FILE_URI = re.compile(r"/scans/([^/]+)/resources/([^/]+)/files/(.*)$", re.S)
+_H3 = re.compile(r"<h3[^>]*>(.*?)</h3>", re.I | re.S)
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.I | re.S)
+_TAG = re.compile(r"<[^>]+>")
+_MAX_SLEEP = 30.0
+# 5xx is transient on a busy Tomcat; 429 is a proxy asking us to slow down.
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_TRANSIENT = (
+    requests.ConnectionError,  # includes ConnectTimeout and connection resets
+    requests.Timeout,  # ReadTimeout
+    requests.exceptions.ChunkedEncodingError,  # body cut short
+    requests.exceptions.ContentDecodingError,
+)
+
+OnRequest = Callable[[str, str], None]
+OnProgress = Callable[[Experiment, int, int], None]
+
+
+def is_alias_token(user: str) -> bool:
+    """XNAT alias tokens are UUID4-shaped 'users'; they log in with one Basic-auth request."""
+    return bool(_UUID.match(user))
+
+
+def html_message(body: str) -> str | None:
+    """The message of a Restlet/Tomcat HTML error page (its <h3>, else its <title>), if `body` is HTML."""
+    head = body.lstrip()[:200].lower()
+    if not (head.startswith("<!doctype") or head.startswith("<html")):
+        return None
+    for pattern in (_H3, _TITLE):
+        m = pattern.search(body)
+        if m:
+            text = " ".join(html.unescape(_TAG.sub("", m.group(1))).split())
+            if text:
+                return text[:300]
+    return "an HTML page instead of data"
+
+
+def check_relpath(name: str, *, where: str = "") -> str:
+    """Refuse file names that could escape their directory once written below a BIDS root."""
+    bad = (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or "\x00" in name
+        or re.match(r"^[A-Za-z]:", name) is not None
+        or any(seg in ("..", ".", "") for seg in name.split("/"))
+    )
+    if bad:
+        raise UnsafePathError(
+            f"XNAT lists an unsafe file name {name!r}" + (f" in {where}" if where else ""),
+            hint="file names must be relative paths without '..', '.', empty segments, backslashes or NUL",
+        )
+    return name
+
+
+def _natural(scan_id: str) -> tuple[Any, ...]:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", scan_id))
+
+
+class _NoAuth(requests.auth.AuthBase):
+    """Stops requests from adding Basic auth from ~/.netrc on every call (one server session each)."""
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        return r
+
+
+class StreamResponse:
+    """A streaming download: `.status_code`, `.headers`, `.url`, `.iter_content(chunk)`.
+
+    Wraps `requests.Response` so that errors while reading the body come out as RemoteError.
+    """
+
+    def __init__(self, response: requests.Response):
+        self._response = response
+        self.status_code: int = response.status_code
+        self.headers = response.headers
+        self.url: str = response.url
+
+    def iter_content(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        try:
+            yield from self._response.iter_content(chunk_size)
+        except (*_TRANSIENT, requests.RequestException) as exc:
+            raise RemoteError(
+                f"download of {_strip_query(self.url)} was cut short",
+                detail=type(exc).__name__,
+                hint="run again; completed files are kept",
+            ) from exc
+
+
+def _strip_query(url: str) -> str:
+    return url.split("?", 1)[0]
+
+
+def _error_text(resp: requests.Response) -> str:
+    """The server's reason for an error status: an HTML page's <h3>, or a short plain-text body."""
+    try:
+        body = resp.text
+    except requests.RequestException:
+        return ""
+    message = html_message(body)
+    if message is not None:
+        return message
+    body = " ".join(body.split())
+    return body[:200] if body and not body.startswith(("{", "[")) else ""
+
+
+class XnatClient:
+    """A logged-in XNAT session: one cookie, bounded concurrency, retries, typed results."""
+
+    def __init__(
+        self,
+        url: str,
+        credentials: Credentials,
+        *,
+        verify: bool = True,
+        timeout: float = 30.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+        max_connections: int = 8,
+        on_request: OnRequest | None = None,
+    ):
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"not an XNAT URL: {url!r}", hint="give the site's base URL, e.g. https://xnat.example.org"
+            )
+        # Never keep user:password@ from a URL; credentials come from `credentials` only.
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        self._origin = f"{parts.scheme}://{host}"
+        self._prefix = parts.path.rstrip("/")
+        self.url: str = self._origin + self._prefix
+        self.credentials = credentials
+        self.verify = verify
+        self.timeout = timeout
+        self.retries = max(0, retries)
+        self.backoff = backoff
+        self.max_connections = max(1, max_connections)
+        self.on_request = on_request
+        self.request_count = 0
+
+        self._http = requests.Session()
+        self._http.auth = _NoAuth()
+        self._http.headers["User-Agent"] = "xnat2bids"
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self.max_connections, max_retries=0)
+        self._http.mount("http://", adapter)
+        self._http.mount("https://", adapter)
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._count_lock = threading.Lock()
+        self._auth_lock = threading.Lock()
+        self._generation = 0  # bumped at every login, so concurrent 401s re-login only once
+        self._logged_in = False
+        self._closed = False
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> XnatClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"XnatClient(url={self.url!r}, user={self.credentials.user!r})"
+
+    def close(self) -> None:
+        """End the server-side session (best effort) and release connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._logged_in:
+            try:
+                # Ending the session frees a Tomcat session slot instead of waiting for the idle timeout.
+                self._count("DELETE", self._url("/data/JSESSION"))
+                self._http.delete(self._url("/data/JSESSION"), timeout=min(self.timeout, 5.0), verify=self.verify)
+            except requests.RequestException:
+                pass
+            self._logged_in = False
+        self._http.close()
+
+    # -- authentication --------------------------------------------------------------------
+    def login(self) -> None:
+        """Log in once and keep the JSESSIONID cookie; later requests send only the cookie."""
+        with self._auth_lock:
+            if not self._logged_in:
+                self._login_locked()
+
+    def _login_locked(self) -> None:
+        self._drop_session_cookie()
+        user = self.credentials.user
+        if is_alias_token(user):
+            # One Basic-auth request creates the session; the reply's body is its ID.
+            resp = self._send(
+                "GET",
+                self._url("/data/JSESSION"),
+                auth=(user, self.credentials.password),
+                what="the login",
+            )
+        else:
+            resp = self._send(
+                "PUT",
+                self._url("/data/services/auth"),
+                data={"username": user, "password": self.credentials.password},
+                what="the login",
+            )
+        if resp.status_code in (401, 403):
+            raise AuthError(
+                f"XNAT rejected the credentials for user {user} at {self.url}",
+                hint=(
+                    "the alias token may have expired; issue a new one"
+                    if is_alias_token(user)
+                    else "check XNAT_USER/XNAT_PASS or the ~/.netrc entry for this host"
+                ),
+            )
+        if resp.status_code in (404, 405):
+            raise RemoteError(
+                f"no XNAT login service at {self.url}",
+                detail=f"HTTP {resp.status_code} for {_strip_query(resp.url)}",
+                hint="give the XNAT base URL, e.g. https://xnat.example.org or https://host/xnat",
+            )
+        self._raise_for_status(resp, what="the login")
+        body = resp.text.strip()
+        if html_message(body) is not None:
+            raise RemoteError(
+                f"XNAT at {self.url} answered the login with an HTML page",
+                detail=html_message(body),
+                hint="is the URL the XNAT base URL (without /app/...)?",
+            )
+        if "JSESSIONID" not in self._http.cookies:
+            if not body or len(body) > 200 or any(c.isspace() for c in body):
+                raise RemoteError(f"XNAT at {self.url} did not return a session after login")
+            # XNAT puts the session ID in the body; some proxies drop Set-Cookie.
+            hostname = urlsplit(self._origin).hostname or ""
+            self._http.cookies.set_cookie(create_cookie("JSESSIONID", body, domain=hostname, path="/"))
+        self._generation += 1
+        self._logged_in = True
+
+    def _drop_session_cookie(self) -> None:
+        for cookie in list(self._http.cookies):
+            if cookie.name == "JSESSIONID":
+                self._http.cookies.clear(cookie.domain, cookie.path, cookie.name)
+
+    def _relogin(self, seen_generation: int) -> None:
+        with self._auth_lock:
+            if self._generation == seen_generation:  # nobody re-logged in meanwhile
+                self._login_locked()
+
+    # -- transport -------------------------------------------------------------------------
+    def _url(self, path: str) -> str:
+        """Absolute URL for an XNAT path (as in listing URIs, which are relative to the web app)."""
+        if "://" in path:
+            parts = urlsplit(path)
+            if f"{parts.scheme}://{parts.netloc}".lower() != self._origin.lower():
+                raise RemoteError(f"refusing to follow a URI to another server: {_strip_query(path)}")
+            return path
+        if not path.startswith("/"):
+            path = "/" + path
+        if self._prefix and (path == self._prefix or path.startswith(self._prefix + "/")):
+            return self._origin + path
+        return self.url + path
+
+    def _count(self, method: str, url: str) -> None:
+        with self._count_lock:
+            self.request_count += 1
+        if self.on_request is not None:
+            self.on_request(method, url)
+
+    def _sleep(self, attempt: int, resp: requests.Response | None) -> None:
+        delay = self.backoff * (2**attempt)
+        delay += random.uniform(0, delay / 2)  # jitter: parallel workers must not retry in lockstep
+        if resp is not None:
+            after = resp.headers.get("Retry-After", "")
+            if after.isdigit():
+                delay = max(delay, float(after))
+        if delay > 0:
+            time.sleep(min(delay, _MAX_SLEEP))
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: dict[str, Any] | None = None,
+        data: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        stream: bool = False,
+        what: str = "",
+    ) -> requests.Response:
+        """One logical request with retries on transient failures. Raises RemoteError when they run out.
+
+        A streamed response is returned with its semaphore slot still held (see `stream`).
+        """
+        last: str = ""
+        for attempt in range(self.retries + 1):
+            resp: requests.Response | None = None
+            self._slots.acquire()
+            try:
+                self._count(method, url)
+                resp = self._http.request(
+                    method,
+                    url,
+                    params=params,
+                    data=data,
+                    headers=headers,
+                    auth=auth,
+                    timeout=self.timeout,
+                    verify=self.verify,
+                    stream=stream,
+                    allow_redirects=True,
+                )
+            except requests.exceptions.SSLError as exc:
+                self._slots.release()
+                raise RemoteError(
+                    f"TLS verification failed for {self._origin}",
+                    detail=type(exc).__name__,
+                    hint="fix the server certificate or point REQUESTS_CA_BUNDLE at your CA; "
+                    "--insecure turns verification off",
+                ) from exc
+            except requests.exceptions.InvalidURL as exc:
+                self._slots.release()
+                raise RemoteError(f"invalid URL {_strip_query(url)}") from exc
+            except _TRANSIENT as exc:
+                self._slots.release()
+                last = type(exc).__name__
+                if attempt == self.retries:
+                    raise RemoteError(
+                        f"cannot reach XNAT at {self.url} for {what or _strip_query(url)}",
+                        detail=f"{last} after {attempt + 1} attempt(s)",
+                        hint="check the URL and the network; run again later",
+                    ) from exc
+                self._sleep(attempt, None)
+                continue
+            except requests.RequestException as exc:
+                self._slots.release()
+                raise RemoteError(f"request to {_strip_query(url)} failed", detail=type(exc).__name__) from exc
+            except BaseException:
+                self._slots.release()
+                raise
+            if resp.status_code in _RETRY_STATUS and attempt < self.retries:
+                resp.close()
+                self._slots.release()
+                last = f"HTTP {resp.status_code}"
+                self._sleep(attempt, resp)
+                continue
+            if not stream:
+                self._slots.release()
+            return resp
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        stream: bool = False,
+        what: str = "",
+    ) -> requests.Response:
+        """An authenticated request: logs in first if needed, re-logs in once after a 401."""
+        if self._closed:
+            raise RemoteError("the XNAT client is closed")
+        self.login()
+        url = self._url(path)
+        for relogged in (False, True):
+            generation = self._generation
+            resp = self._send(method, url, params=params, headers=headers, stream=stream, what=what)
+            if resp.status_code != 401:
+                return resp
+            resp.close()
+            if stream:
+                self._slots.release()
+            if relogged:
+                break
+            # The server-side session expired (idle timeout, restart): log in once more.
+            self._relogin(generation)
+        raise AuthError(
+            f"XNAT rejected the credentials for user {self.credentials.user} at {self.url}",
+            detail=f"401 for {what or _strip_query(url)} even after logging in again",
+        )
+
+    def _raise_for_status(
+        self, resp: requests.Response, *, what: str, not_found: str | None = None, forbidden: str | None = None
+    ) -> None:
+        code = resp.status_code
+        if 200 <= code < 300:
+            return
+        detail = f"HTTP {code}"
+        message = _error_text(resp)
+        if message:
+            detail += f": {message}"
+        if code == 404:
+            raise NotFoundError(not_found or f"{what} not found on XNAT at {self.url}", detail=detail)
+        if code == 403:
+            raise AuthError(
+                forbidden or f"user {self.credentials.user} may not read {what} at {self.url}", detail=detail
+            )
+        if code == 401:
+            raise AuthError(f"XNAT rejected the credentials for user {self.credentials.user} at {self.url}")
+        if code in _RETRY_STATUS:
+            raise RemoteError(
+                f"XNAT at {self.url} kept failing for {what}",
+                detail=f"{detail} after {self.retries + 1} attempt(s)",
+                hint="the server is overloaded or down; run again later",
+            )
+        raise RemoteError(f"XNAT at {self.url} refused {what}", detail=detail)
+
+    def _json(self, resp: requests.Response, *, what: str) -> Any:
+        try:
+            body = resp.text
+        except _TRANSIENT as exc:  # pragma: no cover - bodies are read in _send for non-streams
+            raise RemoteError(f"reading {what} from {self.url} failed", detail=type(exc).__name__) from exc
+        message = html_message(body)
+        if message is not None:
+            raise RemoteError(f"XNAT at {self.url} sent an HTML page for {what}", detail=message)
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            snippet = " ".join(body[:80].split())
+            raise RemoteError(
+                f"XNAT at {self.url} sent invalid JSON for {what}", detail=f"{exc}; body starts {snippet!r}"
+            ) from exc
+
+    def get_json(self, path: str, **params: Any) -> Any:
+        """GET `path` (relative to the base URL) with format=json; return the decoded JSON."""
+        params.setdefault("format", "json")
+        what = _strip_query(path)
+        resp = self._request("GET", path, params=params, what=what)
+        self._raise_for_status(resp, what=what)
+        return self._json(resp, what=what)
+
+    def _result_rows(
+        self, path: str, params: dict[str, Any], *, what: str, not_found: str | None = None,
+        forbidden: str | None = None,
+    ) -> list[dict[str, Any]]:
+        params = {"format": "json", **params}
+        resp = self._request("GET", path, params=params, what=what)
+        self._raise_for_status(resp, what=what, not_found=not_found, forbidden=forbidden)
+        doc = self._json(resp, what=what)
+        try:
+            rows = doc["ResultSet"]["Result"]
+        except (KeyError, TypeError) as exc:
+            raise RemoteError(f"XNAT at {self.url} sent an unexpected document for {what}",
+                              detail="no ResultSet.Result") from exc
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise RemoteError(f"XNAT at {self.url} sent an unexpected document for {what}",
+                              detail="ResultSet.Result is not a list of rows")
+        return rows
+
+    # -- typed listings --------------------------------------------------------------------
+    def list_experiments(self, project: str) -> list[Experiment]:
+        """All experiments of `project` (every xsiType) with dates, in one request."""
+        what = f"the experiments of project {project}"
+        rows = self._result_rows(
+            f"/data/projects/{quote(project, safe='')}/experiments",
+            {"columns": ",".join(EXPERIMENT_COLUMNS)},
+            what=what,
+            not_found=f"project {project} not found on XNAT or not visible to user {self.credentials.user}",
+            forbidden=f"user {self.credentials.user} may not read the experiments of project {project}",
+        )
+        return [self._experiment(project, i, row) for i, row in enumerate(rows)]
+
+    def _experiment(self, project: str, index: int, row: dict[str, Any]) -> Experiment:
+        def text(key: str) -> str:
+            value = row.get(key)
+            return "" if value is None else str(value)
+
+        name = f"row {index}" + (f" (ID {text('ID')!r})" if text("ID") else "")
+        if not text("ID") or not text("label"):
+            raise RemoteError(
+                f"XNAT listed an experiment of project {project} without ID or label",
+                detail=f"{name}: {json.dumps(row, sort_keys=True)[:300]}",
+            )
+        try:
+            return Experiment(
+                id=text("ID"),
+                label=text("label"),
+                # The session is addressed through the project we listed, also when it is shared in.
+                project=project,
+                subject_id=text("subject_ID"),
+                subject_label=text("subject_label"),
+                date=parse_date(text("date")),
+                insert_date=parse_timestamp(text("insert_date")),
+                last_modified=parse_timestamp(text("last_modified")),
+                xsi_type=text("xsiType") or "xnat:mrSessionData",
+            )
+        except ValueError as exc:
+            raise RemoteError(
+                f"XNAT listed experiment {name} of project {project} with a malformed value", detail=str(exc)
+            ) from exc
+
+    def experiment_path(self, exp: Experiment) -> str:
+        """Where an experiment's scans hang: the 9-segment form when the subject is known."""
+        e = quote(exp.id, safe="")
+        if exp.subject_id:
+            return f"/data/projects/{quote(exp.project, safe='')}/subjects/{quote(exp.subject_id, safe='')}/experiments/{e}"
+        return f"/data/experiments/{e}"
+
+    def list_scans(self, exp: Experiment) -> list[Scan]:
+        """Scans of one session with all their files: two requests (scan listing, one file listing)."""
+        base = self.experiment_path(exp)
+        where = f"session {exp.label} ({exp.id})"
+        not_found = f"{where} of project {exp.project} not found on XNAT or not visible to user {self.credentials.user}"
+        scan_rows = self._result_rows(
+            f"{base}/scans", {"columns": ",".join(SCAN_COLUMNS)}, what=f"the scans of {where}", not_found=not_found
+        )
+        scans: dict[str, dict[str, str]] = {}
+        for i, row in enumerate(scan_rows):
+            scan_id = str(row.get("ID") or "")
+            if not scan_id:
+                raise RemoteError(f"XNAT listed a scan without ID in {where}", detail=f"row {i}")
+            scans[scan_id] = {
+                "type": str(row.get("type") or ""),
+                "series_description": str(row.get("series_description") or ""),
+            }
+        files: dict[str, list[RemoteFile]] = {sid: [] for sid in scans}
+        if scans:
+            try:
+                file_rows = self._result_rows(f"{base}/scans/ALL/files", {}, what=f"the files of {where}")
+            except NotFoundError:
+                file_rows = []  # XNAT answers 404 when no scan has a resource yet
+            for i, row in enumerate(file_rows):
+                scan_id, f = self._remote_file(where, i, row)
+                if scan_id in files:
+                    files[scan_id].append(f)
+                # A file of a scan not in the scan listing was added in between; the next plan sees it.
+        return [
+            Scan(
+                id=sid,
+                type=scans[sid]["type"],
+                series_description=scans[sid]["series_description"],
+                files=tuple(sorted(files[sid], key=lambda f: (f.resource, f.name))),
+            )
+            for sid in sorted(scans, key=_natural)
+        ]
+
+    def _remote_file(self, where: str, index: int, row: dict[str, Any]) -> tuple[str, RemoteFile]:
+        uri = str(row.get("URI") or "")
+        m = _FILE_URI.search(uri)
+        if not m:
+            raise RemoteError(f"XNAT listed a file in {where} with an unexpected URI", detail=f"row {index}: {uri!r}")
+        scan_id, rid, raw_name = unquote(m.group(1)), unquote(m.group(2)), m.group(3)
+        name = unquote(raw_name)
+        check_relpath(name, where=f"scan {scan_id} of {where}")
+        size_text = str(row.get("Size", "")).strip()
+        try:
+            size = int(size_text)
+            if size < 0:
+                raise ValueError(size_text)
+        except ValueError as exc:
+            raise RemoteError(
+                f"XNAT listed file {name} in {where} with a malformed size", detail=f"row {index}: Size={size_text!r}"
+            ) from exc
+        return scan_id, RemoteFile(
+            name=name,
+            size=size,
+            digest=str(row.get("digest") or "").strip().lower(),
+            uri=uri,
+            resource=str(row.get("collection") or rid),
+        )
+
+    def deep_details(
+        self,
+        experiments: Sequence[Experiment],
+        *,
+        concurrency: int = 8,
+        on_progress: OnProgress | None = None,
+    ) -> dict[str, tuple[Scan, ...]]:
+        """`list_scans` for many sessions at once, keyed by experiment ID in input order.
+
+        At most `concurrency` sessions are in flight (and never more than `max_connections`
+        requests). `on_progress(exp, done, total)` is called from the calling thread. The first
+        failure cancels what has not started and is raised.
+        """
+        total = len(experiments)
+        results: dict[str, tuple[Scan, ...]] = {}
+        if total == 0:
+            return results
+        workers = max(1, min(concurrency, total))
+        if workers == 1:
+            for done, exp in enumerate(experiments, 1):
+                results[exp.id] = tuple(self.list_scans(exp))
+                if on_progress is not None:
+                    on_progress(exp, done, total)
+            return results
+        self.login()  # once, before the workers race for it
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xnat-deep")
+        try:
+            futures: dict[Future[list[Scan]], Experiment] = {
+                pool.submit(self.list_scans, exp): exp for exp in experiments
+            }
+            pending = set(futures)
+            done_count = 0
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for fut in finished:
+                    exc = fut.exception()
+                    if exc is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise exc
+                    done_count += 1
+                    if on_progress is not None:
+                        on_progress(futures[fut], done_count, total)
+            by_id = {futures[f].id: tuple(f.result()) for f in futures}
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for exp in experiments:
+            results[exp.id] = by_id[exp.id]
+        return results
+
+    # -- downloads -------------------------------------------------------------------------
+    @contextmanager
+    def stream(self, uri: str, *, headers: dict[str, str] | None = None) -> Iterator[StreamResponse]:
+        """GET `uri` (a listing URI or path) streamed; yields a StreamResponse for 2xx and 416.
+
+        Connect errors and 5xx are retried before the body starts; a failure mid-body raises
+        RemoteError from `iter_content`. Range requests are the caller's: pass `headers`.
+        """
+        what = f"the download of {_strip_query(uri)}"
+        resp = self._request("GET", uri, headers=headers, stream=True, what=what)
+        try:
+            # 416 tells a resuming caller its Range is past the end; it decides what that means.
+            if not (200 <= resp.status_code < 300 or resp.status_code == 416):
+                try:
+                    resp.content  # small error page; read it for the message
+                except _TRANSIENT:
+                    pass
+                self._raise_for_status(resp, what=what)
+            yield StreamResponse(resp)
+        finally:
+            resp.close()
+            self._slots.release()
