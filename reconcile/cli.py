@@ -1,0 +1,323 @@
+"""The `xnat2bids` command line: the only place that prints, prompts and picks exit codes.
+
+Exit codes: 0 = no changes / success, 2 = changes pending (plan with --detailed-exitcode or
+--diff), 1 = any error, usage errors included (click's default 2 would read as "changes").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from reconcile import __version__
+from reconcile.config import Config, load_config
+from reconcile.errors import ConfigError, XnatBidsError
+from reconcile.plan import Selection
+
+EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+
+app = typer.Typer(
+    name="xnat2bids",
+    help="Keep a local BIDS dataset in sync with an XNAT archive: plan, apply, check.",
+    add_completion=False,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+emulator_app = typer.Typer(help="The built-in XNAT emulator (for demos, tests and benchmarks).")
+app.add_typer(emulator_app, name="emulator")
+
+_debug = False
+
+
+def echo(text: str = "", *, err: bool = False) -> None:
+    typer.echo(text, err=err)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default: ./xnat2bids.toml if present).")
+ProjectOpt = typer.Option(None, "--project", "-p", help="XNAT project ID (repeatable).")
+SubjectOpt = typer.Option(None, "--subject", help="Subject label glob (repeatable).")
+SessionOpt = typer.Option(None, "--session", help="Session label / experiment ID glob (repeatable).")
+RootArg = typer.Argument(None, help="BIDS root (default: bids_root from the config, else ~/bids-export).")
+
+
+def _selection(project: Optional[list[str]], subject: Optional[list[str]], session: Optional[list[str]]) -> Selection:
+    return Selection(tuple(project or ()), tuple(subject or ()), tuple(session or ()))
+
+
+def connect(config: Config, *, interactive: bool | None = None):
+    """Build the XNAT client: URL from the config or $XNAT_HOST, credentials never from argv."""
+    from reconcile.credentials import default_url, resolve_credentials
+    from reconcile.xnat import XnatClient
+
+    url = config.xnat_url or default_url(os.environ)
+    if not url:
+        raise ConfigError("no XNAT server configured", hint="set xnat_url in xnat2bids.toml or export XNAT_HOST")
+    if interactive is None:
+        interactive = sys.stdin.isatty()
+    prompt = (lambda text: typer.prompt(text, hide_input="assword" in text)) if interactive else None
+    creds = resolve_credentials(url, prompt=prompt, warn=lambda m: echo(f"warning: {m}", err=True))
+    return XnatClient(url, creds, verify=config.verify_tls)
+
+
+def run_plan(
+    client,
+    root: Path,
+    config: Config,
+    selection: Selection,
+    *,
+    deep: bool = False,
+    as_json: bool = False,
+    out: Path | None = None,
+    detailed_exitcode: bool = False,
+    reconvert_outdated: bool = False,
+) -> int:
+    from reconcile.observe import make_plan
+    from reconcile.render import render_json, render_text
+
+    run = make_plan(client, root, config, selection, deep=deep, reconvert_outdated=reconvert_outdated)
+    plan = run.plan
+    created = _now()
+    if out is not None:
+        out.write_text(render_json(plan, bids_root=str(root), created_at=created))
+    if as_json:
+        sys.stdout.write(render_json(plan, bids_root=str(root), created_at=created))
+    else:
+        echo(f"xnat2bids plan for {root} (lock serial {plan.serial})")
+        echo()
+        echo(render_text(plan))
+        if out is not None:
+            echo(f"\nSaved plan to {out}; run `xnat2bids apply --plan {out}` to carry it out.")
+    if plan.problems:
+        return EXIT_ERROR
+    if detailed_exitcode and plan.has_changes:
+        return EXIT_CHANGES
+    return EXIT_OK
+
+
+@app.callback(invoke_without_command=True)
+def root_callback(
+    ctx: typer.Context,
+    diff: Optional[Path] = typer.Option(None, "--diff", help="Seed-compatible: same as `plan --detailed-exitcode ROOT`."),
+    update: Optional[Path] = typer.Option(None, "--update", help="Seed-compatible: same as `apply ROOT`."),
+    config: Optional[Path] = ConfigOpt,
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    global _debug
+    _debug = debug
+    if version:
+        echo(f"xnat2bids {__version__}")
+        raise typer.Exit(EXIT_OK)
+    if ctx.invoked_subcommand is not None:
+        return
+    if diff is not None:
+        cfg = load_config(config)
+        with connect(cfg) as client:
+            code = run_plan(client, cfg.resolve_bids_root(diff), cfg, Selection(), detailed_exitcode=True)
+        raise typer.Exit(code)
+    if update is not None:
+        from reconcile.cli_apply import apply_command
+
+        raise typer.Exit(apply_command(update, config=config))
+    echo(ctx.get_help())
+    raise typer.Exit(EXIT_OK)
+
+
+@app.command()
+def plan(
+    bids_root: Optional[Path] = RootArg,
+    config: Optional[Path] = ConfigOpt,
+    project: Optional[list[str]] = ProjectOpt,
+    subject: Optional[list[str]] = SubjectOpt,
+    session: Optional[list[str]] = SessionOpt,
+    deep: bool = typer.Option(False, "--deep", help="Also compare scans and file listings per session."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (schemas/plan.schema.json)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Save the plan for `apply --plan`."),
+    detailed_exitcode: bool = typer.Option(False, "--detailed-exitcode", help="Exit 2 when there are changes."),
+    reconvert_outdated: bool = typer.Option(False, "--reconvert-outdated", help="Plan sessions converted with older tools as updates."),
+) -> None:
+    """Show what apply would change: create / update / drift / orphan.
+
+    Example: xnat2bids plan ~/bids-export --project PROJ --detailed-exitcode
+    """
+    cfg = load_config(config)
+    with connect(cfg) as client:
+        code = run_plan(
+            client,
+            cfg.resolve_bids_root(bids_root),
+            cfg,
+            _selection(project, subject, session),
+            deep=deep,
+            as_json=as_json,
+            out=out,
+            detailed_exitcode=detailed_exitcode,
+            reconvert_outdated=reconvert_outdated,
+        )
+    raise typer.Exit(code)
+
+
+@app.command()
+def check(
+    bids_root: Optional[Path] = RootArg,
+    config: Optional[Path] = ConfigOpt,
+    full: bool = typer.Option(False, "--full", help="Also compare sha256 of every output."),
+) -> None:
+    """Verify offline that every output the lock records is on disk (for CI).
+
+    Example: xnat2bids check ~/bids-export --full
+    """
+    from reconcile.check import check_outputs
+    from reconcile.lock import lock_path, read_lock
+
+    cfg = load_config(config)
+    root = cfg.resolve_bids_root(bids_root)
+    lock = read_lock(root)
+    if lock is None:
+        raise ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")
+    report = check_outputs(root, lock, full=full)
+    for problem in report.problems:
+        echo(f"problem: {problem}")
+    mode = "size and sha256" if full else "size"
+    if report.ok:
+        echo(f"OK: lock serial {lock.serial}, {report.sessions} sessions, {report.outputs} outputs verified ({mode}).")
+        raise typer.Exit(EXIT_OK)
+    echo(f"FAILED: {len(report.problems)} problem(s) in {report.sessions} sessions, {report.outputs} outputs ({mode}).")
+    raise typer.Exit(EXIT_ERROR)
+
+
+@app.command()
+def show(
+    bids_root: Optional[Path] = RootArg,
+    config: Optional[Path] = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Summarise the lock: lineage, serial and the sessions it records.
+
+    Example: xnat2bids show ~/bids-export
+    """
+    from reconcile.lock import lock_path, read_lock
+
+    cfg = load_config(config)
+    root = cfg.resolve_bids_root(bids_root)
+    lock = read_lock(root)
+    if lock is None:
+        echo(f"No lock at {lock_path(root)}: nothing exported yet.")
+        raise typer.Exit(EXIT_OK)
+    rows = sorted(lock.sessions.values(), key=lambda r: (r.address, r.experiment_id))
+    if as_json:
+        doc = {
+            "format_version": 1,
+            "lineage": lock.lineage,
+            "serial": lock.serial,
+            "sessions": [
+                {
+                    "experiment_id": r.experiment_id,
+                    "project": r.project,
+                    "address": r.address.path,
+                    "date": r.date,
+                    "outputs": len(r.outputs),
+                    "exported_at": r.exported_at,
+                }
+                for r in rows
+            ],
+        }
+        echo(json.dumps(doc, indent=2, sort_keys=True))
+        raise typer.Exit(EXIT_OK)
+    echo(f"{lock_path(root)}: lineage {lock.lineage}, serial {lock.serial}, {len(rows)} sessions")
+    for r in rows:
+        echo(f"  {r.address.path:<28} {r.project}/{r.experiment_id:<16} date {r.date or '-':<10}  {len(r.outputs):>4} files  exported {r.exported_at}")
+
+
+@app.command()
+def demo(
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where to put the demo BIDS root (default: a temp dir)."),
+) -> None:
+    """Run plan/apply against the built-in XNAT emulator: no server needed.
+
+    Example: xnat2bids demo
+    """
+    from reconcile.demo import run_demo
+
+    raise typer.Exit(run_demo(workdir, echo))
+
+
+@emulator_app.command("serve")
+def emulator_serve(
+    port: int = typer.Option(8080, "--port", help="TCP port on 127.0.0.1."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Load DICOM laid out PROJECT/SUBJECT/SESSION/SCANID/*.dcm."),
+    user: str = typer.Option("admin", "--user", help="Login of the emulated user."),
+    password: str = typer.Option("admin", "--password", help="Password of the emulated user (a test fixture, not a real secret)."),
+    project: str = typer.Option("PROJ", "--project", help="Project for --synthetic-sessions."),
+    synthetic_sessions: int = typer.Option(0, "--synthetic-sessions", help="Add N synthetic sessions (benchmarks)."),
+    scans_per_session: int = typer.Option(2, "--scans-per-session"),
+    files_per_scan: int = typer.Option(3, "--files-per-scan"),
+    file_size: int = typer.Option(1024, "--file-size"),
+) -> None:
+    """Serve an emulated XNAT until interrupted.
+
+    Example: xnat2bids emulator serve --port 8080 --data ./dicom --user admin --password admin
+    """
+    from reconcile.emulator import Archive, load_dicom_dir
+    from reconcile.emulator.serve import serve_forever
+
+    archive = Archive()
+    archive.add_user(user, password)
+    if data is not None:
+        load_dicom_dir(archive, data)
+    if synthetic_sessions:
+        if project not in {p for p in archive.project_ids()}:
+            archive.add_project(project)
+        archive.add_synthetic_sessions(
+            project, n=synthetic_sessions, scans_per_session=scans_per_session,
+            files_per_scan=files_per_scan, file_size=file_size,
+        )
+    echo(f"XNAT emulator on http://{host}:{port} (user {user}); Ctrl-C to stop")
+    serve_forever(archive, host, port)
+
+
+def _render_error(exc: XnatBidsError) -> None:
+    echo(f"error: {exc.summary}", err=True)
+    if exc.detail:
+        for line in exc.detail.splitlines():
+            echo(f"  {line}", err=True)
+    if exc.hint:
+        echo(f"hint: {exc.hint}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point; never lets click turn a usage error into exit status 2."""
+    try:
+        code = app(args=argv, prog_name="xnat2bids", standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        exc.show()
+        code = EXIT_ERROR
+    except click.exceptions.Abort:
+        echo("Aborted.", err=True)
+        code = EXIT_ERROR
+    except XnatBidsError as exc:
+        if _debug:
+            traceback.print_exc()
+        _render_error(exc)
+        code = EXIT_ERROR
+    except KeyboardInterrupt:
+        echo("Interrupted.", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,56 @@
+"""Looking at the BIDS tree: stat and hash the outputs the lock records.
+
+This is the planner's "actual" input and `check`'s evidence; it reads the disk and writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from reconcile.lock import Lock
+from reconcile.model import FileStat
+from reconcile.plan import LocalState
+
+HASH_CHUNK = 1 << 20
+
+
+def stat_outputs(root: Path, lock: Lock) -> LocalState:
+    """Stat every recorded output; paths that do not exist (or are not files) are left out."""
+    files: dict[str, FileStat] = {}
+    base = os.fspath(root)
+    for rec in lock.sessions.values():
+        for out in rec.outputs:
+            try:
+                st = os.stat(os.path.join(base, out.path))
+            except OSError:
+                continue
+            if os.path.stat.S_ISREG(st.st_mode):
+                files[out.path] = FileStat(st.st_size, st.st_mtime_ns)
+    return LocalState(files)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(HASH_CHUNK)
+        view = memoryview(buf)
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def hash_files(paths: Iterable[str | os.PathLike[str]], *, workers: int | None = None) -> dict[str, str | None]:
+    """sha256 of many files in parallel (hashlib releases the GIL); None for unreadable ones."""
+
+    def one(p: str | os.PathLike[str]) -> tuple[str, str | None]:
+        try:
+            return os.fspath(p), sha256_file(p)
+        except OSError:
+            return os.fspath(p), None
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
+        return dict(pool.map(one, paths))

@@ -1,0 +1,104 @@
+"""Gathering the planner's inputs: XNAT listings (desired) and the disk (actual).
+
+All the I/O that `plan` needs happens here, so that `plan.compute_plan` stays pure.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from reconcile import __version__
+from reconcile.config import Config
+from reconcile.errors import ConfigError, RemoteError
+from reconcile.localscan import stat_outputs
+from reconcile.lock import Lock, load_or_new
+from reconcile.plan import Plan, ProjectListing, RemoteState, Selection, compute_plan
+from reconcile.xnat import XnatClient
+
+
+def choose_projects(selection: Selection, config: Config, lock: Lock) -> tuple[str, ...]:
+    """--project > `projects` in the config > the projects the lock already knows."""
+    projects = selection.projects or config.projects or tuple(sorted({r.project for r in lock.sessions.values()}))
+    if not projects:
+        raise ConfigError(
+            "no XNAT project selected",
+            hint="pass --project P, or set projects = [\"P\"] in xnat2bids.toml",
+        )
+    return tuple(projects)
+
+
+def observe_remote(
+    client: XnatClient, projects: Sequence[str], *, deep: bool = False, concurrency: int = 8
+) -> RemoteState:
+    """One listing request per project; with `deep`, scans and files per session too.
+
+    A failed listing becomes a ProjectListing with `experiments=None`, so the planner can
+    refuse that project instead of reading the failure as "everything was deleted".
+    """
+    listings = []
+    for project in projects:
+        try:
+            rows = tuple(client.list_experiments(project))
+            listings.append(ProjectListing(project, rows))
+        except RemoteError as exc:
+            listings.append(ProjectListing(project, None, exc.summary))
+    details = None
+    if deep:
+        wanted = [e for lst in listings if lst.experiments for e in lst.experiments if e.xsi_type.endswith("SessionData")]
+        details = client.deep_details(wanted, concurrency=concurrency)
+    return RemoteState(tuple(listings), details)
+
+
+@cache
+def tool_versions() -> dict[str, str]:
+    """Versions of the converters on PATH; recorded per session, compared by plan."""
+    versions = {"xnat2bids": __version__}
+    try:
+        from importlib.metadata import version
+
+        versions["heudiconv"] = version("heudiconv")
+    except Exception:  # not installed: conversion will fail later with a clear error
+        pass
+    exe = shutil.which("dcm2niix")
+    if exe:
+        try:
+            out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+            for token in out.split():
+                if token.startswith("v1.") or token.startswith("v2."):
+                    versions["dcm2niix"] = token
+                    break
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return versions
+
+
+@dataclass(frozen=True)
+class PlanRun:
+    root: Path
+    lock: Lock
+    plan: Plan
+
+
+def make_plan(
+    client: XnatClient,
+    root: Path,
+    config: Config,
+    selection: Selection,
+    *,
+    deep: bool = False,
+    reconvert_outdated: bool = False,
+    concurrency: int = 8,
+) -> PlanRun:
+    lock = load_or_new(root)
+    projects = choose_projects(selection, config, lock)
+    remote = observe_remote(client, projects, deep=deep, concurrency=concurrency)
+    local = stat_outputs(root, lock)
+    plan = compute_plan(
+        lock, remote, local, config, selection=selection, tools=tool_versions(), reconvert_outdated=reconvert_outdated
+    )
+    return PlanRun(root, lock, plan)

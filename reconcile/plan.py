@@ -1,0 +1,404 @@
+"""The planner: a pure function of (lock, remote listing, local scan, config) → Plan.
+
+It decides what apply should do and why, and never touches the network or the disk.
+Identity comes first (experiment IDs, then BIDS addresses), content second (dates,
+scan fingerprints, config digests, file stats).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+
+from reconcile.config import Config, select
+from reconcile.errors import UnsafePathError
+from reconcile.lock import Lock
+from reconcile.model import (
+    BidsAddress,
+    Experiment,
+    FileStat,
+    Scan,
+    ScanRecord,
+    SessionKey,
+    SessionRecord,
+    format_timestamp,
+    parse_timestamp,
+)
+from reconcile.naming import address_for
+
+CONVERTER_TOOLS = ("heudiconv", "dcm2niix")
+# Image sessions are what gets converted; subject assessors such as QC or FreeSurfer runs are not.
+SESSION_TYPES_SUFFIX = "SessionData"
+
+
+class Action(str, Enum):
+    CREATE = "create"
+    UPDATE = "update"
+    DRIFT = "drift"
+    ORPHAN = "orphan"
+    NOOP = "noop"
+
+
+ACTION_ORDER = {a: i for i, a in enumerate(Action)}
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a change is planned: a machine-readable code plus a sentence for people."""
+
+    code: str
+    message: str
+    field: str | None = None
+    before: str | None = None
+    after: str | None = None
+
+
+@dataclass(frozen=True)
+class Change:
+    action: Action
+    key: SessionKey
+    address: BidsAddress
+    reasons: tuple[Reason, ...]
+    before: SessionRecord | None = None  # the lock entry (for a replacement: the replaced one)
+    after: Experiment | None = None  # the XNAT listing row; None for orphans
+    scans: tuple[Scan, ...] | None = None  # deep details when planned with --deep
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something that stops part of the plan; the CLI exits 1 when any exist."""
+
+    message: str
+    project: str | None = None
+    experiment_id: str | None = None
+    hint: str | None = None
+
+
+@dataclass(frozen=True)
+class Selection:
+    projects: tuple[str, ...] = ()
+    subjects: tuple[str, ...] = ()  # globs on the XNAT subject label or the BIDS subject
+    sessions: tuple[str, ...] = ()  # globs on the XNAT session label, experiment ID or BIDS session
+
+    def wants(self, subject_label: str, bids_subject: str, session_label: str, exp_id: str, bids_session: str) -> bool:
+        return select(self.subjects, subject_label, bids_subject) and select(
+            self.sessions, session_label, exp_id, bids_session
+        )
+
+
+@dataclass(frozen=True)
+class ProjectListing:
+    """One project's experiment listing; `experiments` is None when the request failed."""
+
+    project: str
+    experiments: tuple[Experiment, ...] | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RemoteState:
+    listings: tuple[ProjectListing, ...]
+    deep: Mapping[str, tuple[Scan, ...]] | None = None  # by experiment ID; None when not deep
+
+
+@dataclass(frozen=True)
+class LocalState:
+    """Stat results for the lock's recorded outputs; a missing path is absent from `files`."""
+
+    files: Mapping[str, FileStat]
+
+
+@dataclass(frozen=True)
+class Plan:
+    changes: tuple[Change, ...]
+    unchanged: int
+    problems: tuple[Problem, ...]
+    notes: tuple[str, ...]
+    lineage: str
+    serial: int
+    deep: bool
+    projects: tuple[str, ...] = ()
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.changes)
+
+    def count(self, action: Action) -> int:
+        return sum(1 for c in self.changes if c.action is action)
+
+    def actionable(self, *, repair_drift: bool = False) -> tuple[Change, ...]:
+        """The changes apply carries out: create and update, plus drift when asked."""
+        wanted = {Action.CREATE, Action.UPDATE} | ({Action.DRIFT} if repair_drift else set())
+        return tuple(c for c in self.changes if c.action in wanted)
+
+
+@dataclass
+class _Collector:
+    changes: list[Change] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    unchanged: int = 0
+
+
+def _size(n: int) -> str:
+    value = float(abs(n))
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            text = f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+            return ("-" if n < 0 else "+") + text
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def _scan_reasons(recorded: tuple[ScanRecord, ...], remote: tuple[Scan, ...]) -> list[Reason]:
+    before = {s.id: s for s in recorded}
+    after = {s.id: s.record() for s in remote}
+    reasons = []
+    for sid in sorted(set(before) | set(after), key=_natural):
+        old, new = before.get(sid), after.get(sid)
+        if old is None:
+            reasons.append(Reason("scan_added", f"scan {sid} added", f"scan:{sid}", None, new.series_description))
+        elif new is None:
+            reasons.append(Reason("scan_removed", f"scan {sid} removed", f"scan:{sid}", old.series_description, None))
+        elif old.digest != new.digest:
+            delta = new.file_count - old.file_count
+            if delta > 0:
+                what = f"{delta} file{'s' if delta != 1 else ''} added"
+            elif delta < 0:
+                what = f"{-delta} file{'s' if delta != -1 else ''} removed"
+            else:
+                what = "files changed"
+            msg = f"scan {sid}: {what} ({_size(new.total_size - old.total_size)})"
+            reasons.append(Reason("scan_files", msg, f"scan:{sid}", str(old.file_count), str(new.file_count)))
+    return reasons
+
+
+def _natural(text: str) -> tuple[int, int | str]:
+    return (0, int(text)) if text.isdigit() else (1, text)
+
+
+def _same_time(a: str | None, b: datetime | None) -> bool:
+    try:
+        return parse_timestamp(a) == b
+    except ValueError:
+        return False
+
+
+def _compare(
+    rec: SessionRecord,
+    exp: Experiment,
+    address: BidsAddress,
+    config: Config,
+    scans: tuple[Scan, ...] | None,
+    tools: Mapping[str, str],
+    reconvert_outdated: bool,
+) -> list[Reason]:
+    reasons: list[Reason] = []
+    if rec.project != exp.project:
+        reasons.append(Reason("moved", f"project {rec.project} → {exp.project}", "project", rec.project, exp.project))
+    if rec.bids_subject != address.subject:
+        old, new = f"sub-{rec.bids_subject}", f"sub-{address.subject}"
+        reasons.append(Reason("renamed", f"renamed {old} → {new}", "subject", old, new))
+    if rec.bids_session != address.session:
+        old, new = f"ses-{rec.bids_session}", f"ses-{address.session}"
+        reasons.append(Reason("renamed", f"renamed {old} → {new}", "session", old, new))
+    if rec.date != exp.date:
+        msg = f"date {rec.date or '(none)'} → {exp.date or '(none)'} (re-dated in XNAT)"
+        reasons.append(Reason("redated", msg, "date", rec.date, exp.date))
+    if not _same_time(rec.insert_date, exp.insert_date):
+        after = format_timestamp(exp.insert_date)
+        msg = f"insert_date {rec.insert_date} → {after} (re-archived in XNAT)"
+        reasons.append(Reason("reinserted", msg, "insert_date", rec.insert_date, after))
+    modified = not _same_time(rec.last_modified, exp.last_modified)
+    if modified and not reasons:
+        after = format_timestamp(exp.last_modified)
+        reasons.append(Reason("modified", f"modified in XNAT at {after}", "last_modified", rec.last_modified, after))
+    if scans is not None:
+        scan_reasons = _scan_reasons(rec.scans, scans)
+        reasons += scan_reasons
+        if modified and not scan_reasons:
+            reasons.append(Reason("no_content_change", "deep comparison found no content change"))
+    digests = config.conversion_for(exp.project, exp.label).digests()
+    changed = sorted(k for k in digests if rec.config_digests.get(k) != digests[k])
+    if changed:
+        reasons.append(Reason("config", f"config changed: {', '.join(changed)}", "config", None, ",".join(changed)))
+    if reconvert_outdated:
+        for tool in CONVERTER_TOOLS:
+            old, new = rec.tools.get(tool), tools.get(tool)
+            if new and old != new:
+                msg = f"converted with {tool} {old or '(unknown)'}, now {new}"
+                reasons.append(Reason("outdated", msg, tool, old, new))
+    return reasons
+
+
+def _outdated(rec: SessionRecord, tools: Mapping[str, str]) -> bool:
+    return any(tools.get(t) and rec.tools.get(t) != tools.get(t) for t in CONVERTER_TOOLS)
+
+
+def _drift(rec: SessionRecord, local: LocalState) -> list[Reason]:
+    reasons = []
+    for out in rec.outputs:
+        seen = local.files.get(out.path)
+        if seen is None:
+            reasons.append(Reason("missing", f"missing: {out.path}", out.path))
+        elif seen.size != out.size:
+            reasons.append(Reason("changed", f"changed: {out.path} (size {out.size} → {seen.size})", out.path))
+        elif seen.mtime_ns != out.mtime_ns:
+            reasons.append(Reason("changed", f"changed: {out.path} (modified on disk)", out.path))
+    return reasons
+
+
+def compute_plan(
+    lock: Lock,
+    remote: RemoteState,
+    local: LocalState,
+    config: Config,
+    *,
+    selection: Selection = Selection(),
+    tools: Mapping[str, str] | None = None,
+    reconvert_outdated: bool = False,
+) -> Plan:
+    """Compare desired (XNAT), recorded (lock) and actual (disk) state. Pure: no I/O."""
+    tools = tools or {}
+    out = _Collector()
+    deep = remote.deep is not None
+    listed_projects = tuple(sorted(p.project for p in remote.listings))
+
+    def in_selection(rec: SessionRecord) -> bool:
+        return (not selection.projects or rec.project in selection.projects) and selection.wants(
+            rec.subject_label, rec.bids_subject, rec.session_label, rec.experiment_id, rec.bids_session
+        )
+
+    by_project: dict[str, list[SessionRecord]] = defaultdict(list)
+    for rec in lock.sessions.values():
+        by_project[rec.project].append(rec)
+
+    # 1. Listings: a failed or suspiciously empty listing blocks its project, never orphans it.
+    blocked: set[str] = set()
+    remote_rows: list[Experiment] = []
+    for listing in sorted(remote.listings, key=lambda p: p.project):
+        recorded = [r for r in by_project.get(listing.project, []) if in_selection(r)]
+        if listing.experiments is None:
+            blocked.add(listing.project)
+            out.problems.append(
+                Problem(f"listing of project {listing.project} failed: {listing.error}", listing.project,
+                        hint="nothing was planned for this project; fix the cause and plan again")
+            )
+            continue
+        sessions = [e for e in listing.experiments if e.xsi_type.endswith(SESSION_TYPES_SUFFIX)]
+        if not sessions and recorded:
+            blocked.add(listing.project)
+            out.problems.append(
+                Problem(
+                    f"XNAT listed no sessions for project {listing.project}, but the lock records {len(recorded)}",
+                    listing.project,
+                    hint="refusing to treat every session as deleted; check the project ID and your access rights",
+                )
+            )
+            continue
+        remote_rows += sessions
+
+    # 2. Addresses: unsafe labels and collisions are per-session problems.
+    addressed: list[tuple[Experiment, BidsAddress]] = []
+    for exp in sorted(remote_rows, key=lambda e: (e.project, e.id)):
+        try:
+            address = address_for(exp, config.naming)
+        except UnsafePathError as exc:
+            out.problems.append(Problem(f"session {exp.id} ({exp.project}): {exc.summary}", exp.project, exp.id, exc.hint))
+            continue
+        if selection.wants(exp.subject_label, address.subject, exp.label, exp.id, address.session):
+            addressed.append((exp, address))
+    # A session listed in several projects (shared) is planned once, under the project that
+    # the lock already knows, otherwise the first selected one.
+    seen_ids: dict[str, tuple[Experiment, BidsAddress]] = {}
+    for exp, address in addressed:
+        prior = seen_ids.get(exp.id)
+        if prior is None or (lock.sessions.get(exp.id) and lock.sessions[exp.id].project == exp.project):
+            seen_ids[exp.id] = (exp, address)
+    at_address: dict[BidsAddress, list[Experiment]] = defaultdict(list)
+    for exp, address in seen_ids.values():
+        at_address[address].append(exp)
+    colliding = set()
+    for address, exps in sorted(at_address.items()):
+        if len(exps) > 1:
+            names = " and ".join(f"{e.id} ({e.project}/{e.subject_label}/{e.label})" for e in exps)
+            out.problems.append(
+                Problem(
+                    f"{names} both map to {address.path}",
+                    exps[0].project,
+                    exps[0].id,
+                    hint=f'give one a distinct label in [naming.sessions], e.g. "{exps[1].id}" = "{address.session}b"',
+                )
+            )
+            colliding.update(e.id for e in exps)
+
+    # 3. Match remote sessions with lock entries: by ID, then by address (re-archived).
+    remote_ids = set(seen_ids)
+    listed_ok = {p.project for p in remote.listings} - blocked
+    vanished_by_address = {
+        r.address: r
+        for r in lock.sessions.values()
+        if r.experiment_id not in remote_ids and r.project in listed_ok and in_selection(r)
+    }
+    used_as_replaced: set[str] = set()
+    outdated = 0
+    deep_scans = remote.deep or {}
+    for exp_id, (exp, address) in sorted(seen_ids.items()):
+        if exp_id in colliding:
+            continue
+        scans = deep_scans.get(exp_id) if deep else None
+        rec = lock.sessions.get(exp_id)
+        if rec is None:
+            replaced = vanished_by_address.get(address)
+            if replaced is not None:
+                used_as_replaced.add(replaced.experiment_id)
+                reason = Reason("replaced", f"replaced in XNAT: {replaced.experiment_id} → {exp_id}",
+                                "experiment_id", replaced.experiment_id, exp_id)
+                out.changes.append(Change(Action.UPDATE, exp.key, address, (reason,), replaced, exp, scans))
+            else:
+                out.changes.append(Change(Action.CREATE, exp.key, address, (Reason("new", "new in XNAT"),), None, exp, scans))
+            continue
+        reasons = _compare(rec, exp, address, config, scans, tools, reconvert_outdated)
+        if reasons:
+            out.changes.append(Change(Action.UPDATE, exp.key, address, tuple(reasons), rec, exp, scans))
+            continue
+        drift = _drift(rec, local)
+        if drift:
+            out.changes.append(Change(Action.DRIFT, exp.key, address, tuple(drift), rec, exp, scans))
+            continue
+        out.unchanged += 1
+        outdated += _outdated(rec, tools)
+
+    # 4. Lock entries gone from a successfully listed project are orphans (never deleted).
+    for rec in sorted(lock.sessions.values(), key=lambda r: r.address):
+        if rec.experiment_id in remote_ids or rec.experiment_id in used_as_replaced:
+            continue
+        if rec.project not in listed_ok or not in_selection(rec):
+            continue
+        reason = Reason("gone", f"no longer in XNAT project {rec.project}", "experiment_id", rec.experiment_id, None)
+        out.changes.append(Change(Action.ORPHAN, rec.key, rec.address, (reason,), rec, None, None))
+
+    if outdated:
+        out.notes.append(
+            f"{outdated} session{'s' if outdated != 1 else ''} converted with older tools; "
+            "use --reconvert-outdated to convert them again"
+        )
+    if not deep:
+        out.notes.append(
+            "plain plan compares XNAT's session dates only; files added to a session without "
+            "re-saving it are found with --deep"
+        )
+    changes = sorted(out.changes, key=lambda c: (ACTION_ORDER[c.action], c.address, c.key))
+    return Plan(
+        changes=tuple(changes),
+        unchanged=out.unchanged,
+        problems=tuple(out.problems),
+        notes=tuple(out.notes),
+        lineage=lock.lineage,
+        serial=lock.serial,
+        deep=deep,
+        projects=listed_projects,
+    )

@@ -1,0 +1,166 @@
+"""Turning a Plan into text for people and JSON for machines (and back, for saved plans).
+
+Computing lives in plan.py; this module only formats and parses. The JSON form follows
+`schemas/plan.schema.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from reconcile import __version__
+from reconcile.errors import StalePlanError
+from reconcile.model import BidsAddress, Experiment, SessionKey, format_timestamp, parse_timestamp
+from reconcile.plan import Action, Change, Plan, Problem, Reason
+from reconcile.schema import schema_errors
+
+PLAN_FORMAT_VERSION = 1
+SYMBOLS = {Action.CREATE: "+", Action.UPDATE: "~", Action.DRIFT: "!", Action.ORPHAN: "-"}
+MAX_REASONS_SHOWN = 3
+
+
+def summary_line(plan: Plan) -> str:
+    if not plan.changes:
+        n = plan.unchanged
+        return f"No changes. {n} session{'s' if n != 1 else ''} up to date."
+    return (
+        f"Plan: {plan.count(Action.CREATE)} to create, {plan.count(Action.UPDATE)} to update, "
+        f"{plan.count(Action.DRIFT)} drifted, {plan.count(Action.ORPHAN)} orphaned, "
+        f"{plan.unchanged} unchanged."
+    )
+
+
+def render_text(plan: Plan) -> str:
+    """One line per change, grouped by action, each with its reasons; then the summary."""
+    lines: list[str] = []
+    width = max((len(c.address.path) for c in plan.changes), default=0)
+    for change in plan.changes:
+        reasons = [r.message for r in change.reasons]
+        shown = reasons[:MAX_REASONS_SHOWN]
+        if len(reasons) > MAX_REASONS_SHOWN:
+            shown.append(f"and {len(reasons) - MAX_REASONS_SHOWN} more")
+        head = f"{SYMBOLS[change.action]} {change.action.value:<6}  {change.address.path:<{width}}  {change.key}"
+        lines.append(f"{head}  {shown[0]}")
+        pad = " " * (len(head) + 2)
+        lines += [f"{pad}{text}" for text in shown[1:]]
+    if lines:
+        lines.append("")
+    lines.append(summary_line(plan))
+    for problem in plan.problems:
+        lines.append(f"error: {problem.message}")
+        if problem.hint:
+            lines.append(f"  hint: {problem.hint}")
+    for note in plan.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _experiment_dict(exp: Experiment) -> dict[str, Any]:
+    return {
+        "id": exp.id,
+        "label": exp.label,
+        "project": exp.project,
+        "subject_id": exp.subject_id,
+        "subject_label": exp.subject_label,
+        "date": exp.date,
+        "insert_date": format_timestamp(exp.insert_date),
+        "last_modified": format_timestamp(exp.last_modified),
+        "xsi_type": exp.xsi_type,
+    }
+
+
+def _change_dict(change: Change) -> dict[str, Any]:
+    before = None
+    if change.before is not None:
+        b = change.before
+        before = {
+            "experiment_id": b.experiment_id,
+            "project": b.project,
+            "address": b.address.path,
+            "date": b.date,
+            "insert_date": b.insert_date,
+            "last_modified": b.last_modified,
+        }
+    return {
+        "action": change.action.value,
+        "project": change.key.project,
+        "experiment_id": change.key.experiment_id,
+        "address": change.address.path,
+        "bids_subject": change.address.subject,
+        "bids_session": change.address.session,
+        "reasons": [
+            {k: v for k, v in vars(r).items() if v is not None} for r in change.reasons
+        ],
+        "before": before,
+        "after": _experiment_dict(change.after) if change.after else None,
+    }
+
+
+def plan_to_dict(plan: Plan, *, bids_root: str, created_at: str) -> dict[str, Any]:
+    return {
+        "format_version": PLAN_FORMAT_VERSION,
+        "generator": f"xnat2bids {__version__}",
+        "created_at": created_at,
+        "bids_root": bids_root,
+        "lock": {"lineage": plan.lineage, "serial": plan.serial},
+        "deep": plan.deep,
+        "projects": list(plan.projects),
+        "summary": {
+            **{a.value: plan.count(a) for a in Action if a is not Action.NOOP},
+            "unchanged": plan.unchanged,
+        },
+        "changes": [_change_dict(c) for c in plan.changes],
+        "problems": [{k: v for k, v in vars(p).items() if v is not None} for p in plan.problems],
+        "notes": list(plan.notes),
+    }
+
+
+def render_json(plan: Plan, *, bids_root: str, created_at: str) -> str:
+    return json.dumps(plan_to_dict(plan, bids_root=bids_root, created_at=created_at), indent=2, sort_keys=True) + "\n"
+
+
+def plan_from_dict(data: Any, source: str = "plan") -> tuple[Plan, dict[str, Any]]:
+    """Rebuild a saved plan for apply; the lock records of `before` are re-read from the lock."""
+    problems = schema_errors("plan", data)
+    if problems:
+        raise StalePlanError(f"{source} is not a valid xnat2bids plan: {problems[0]}")
+    if data["format_version"] > PLAN_FORMAT_VERSION:
+        raise StalePlanError(f"{source} was written by a newer xnat2bids (format {data['format_version']})")
+    changes = []
+    for c in data["changes"]:
+        after = c["after"]
+        exp = None
+        if after is not None:
+            exp = Experiment(
+                id=after["id"],
+                label=after["label"],
+                project=after["project"],
+                subject_id=after["subject_id"],
+                subject_label=after["subject_label"],
+                date=after["date"],
+                insert_date=parse_timestamp(after["insert_date"]),
+                last_modified=parse_timestamp(after["last_modified"]),
+                xsi_type=after["xsi_type"],
+            )
+        changes.append(
+            Change(
+                action=Action(c["action"]),
+                key=SessionKey(c["project"], c["experiment_id"]),
+                address=BidsAddress(c["bids_subject"], c["bids_session"]),
+                reasons=tuple(Reason(**r) for r in c["reasons"]),
+                before=None,
+                after=exp,
+            )
+        )
+    plan = Plan(
+        changes=tuple(changes),
+        unchanged=data["summary"]["unchanged"],
+        problems=tuple(Problem(**p) for p in data["problems"]),
+        notes=tuple(data["notes"]),
+        lineage=data["lock"]["lineage"],
+        serial=data["lock"]["serial"],
+        deep=data["deep"],
+        projects=tuple(data["projects"]),
+    )
+    return plan, data

@@ -1,0 +1,313 @@
+"""The planner's semantics, one test per row of plan-scenarios.md. Pure: no server, no files."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+import pytest
+
+from reconcile.config import Config, ConversionSettings, NamingSettings, parse_config
+from reconcile.lock import Lock
+from reconcile.model import (
+    Experiment,
+    FileStat,
+    OutputRecord,
+    RemoteFile,
+    Scan,
+    SessionRecord,
+    format_timestamp,
+)
+from reconcile.plan import Action, LocalState, ProjectListing, RemoteState, Selection, compute_plan
+
+T0 = datetime(2024, 1, 10, 14, 22, 5, 352000)
+TOOLS = {"heudiconv": "1.5.1", "dcm2niix": "v1.0.20260724", "xnat2bids": "0.1.0"}
+CONFIG = Config()
+
+
+def exp(n: int, *, subject: str | None = None, label: str | None = None, date: str = "2024-01-10",
+        modified: datetime = T0, inserted: datetime = T0, project: str = "PROJ", eid: str | None = None) -> Experiment:
+    subject = subject or f"SUBJ{n:02d}"
+    return Experiment(
+        id=eid or f"XNAT_E{n:05d}", label=label or f"{subject}_MR1", project=project,
+        subject_id=f"XNAT_S{n:05d}", subject_label=subject, date=date,
+        insert_date=inserted, last_modified=modified,
+    )
+
+
+def scans_for(n_files: int = 2, size: int = 100) -> tuple[Scan, ...]:
+    files = tuple(RemoteFile(f"{i}.dcm", size, f"{i:032x}", f"/x/{i}.dcm") for i in range(n_files))
+    return (Scan("1", "anat-T1w", "anat-T1w", files), Scan("2", "func-bold_task-rest", "func-bold_task-rest", files))
+
+
+def outputs_for(e: Experiment, address: str) -> tuple[OutputRecord, ...]:
+    return (OutputRecord(f"{address}/anat/{address.replace('/', '_')}_T1w.nii.gz", 10, "0" * 64, 111),)
+
+
+def record(e: Experiment, *, config: Config = CONFIG, scans: tuple[Scan, ...] | None = None,
+           bids_subject: str | None = None, bids_session: str = "MR1", tools=TOOLS) -> SessionRecord:
+    bids_subject = bids_subject or e.subject_label
+    address = f"sub-{bids_subject}/ses-{bids_session}"
+    conv = config.conversion_for(e.project, e.label)
+    return SessionRecord(
+        experiment_id=e.id, project=e.project, subject_id=e.subject_id, subject_label=e.subject_label,
+        session_label=e.label, bids_subject=bids_subject, bids_session=bids_session, date=e.date,
+        insert_date=format_timestamp(e.insert_date), last_modified=format_timestamp(e.last_modified),
+        xsi_type=e.xsi_type, exported_at="2024-01-11T00:00:00Z", config_fingerprint=conv.fingerprint(),
+        config_digests=conv.digests(), tools=dict(tools),
+        scans=tuple(s.record() for s in (scans if scans is not None else scans_for())),
+        outputs=outputs_for(e, address),
+    )
+
+
+def lock_of(*records: SessionRecord) -> Lock:
+    lock = Lock.new()
+    for r in records:
+        lock = lock.with_session(r)
+    return lock
+
+
+def on_disk(*records: SessionRecord) -> LocalState:
+    return LocalState({o.path: FileStat(o.size, o.mtime_ns) for r in records for o in r.outputs})
+
+
+def listing(*exps: Experiment, project: str = "PROJ") -> ProjectListing:
+    return ProjectListing(project, tuple(exps))
+
+
+def plan_of(lock, remote_exps, local=None, *, config=CONFIG, deep=None, projects=("PROJ",), **kw):
+    listings = tuple(listing(*[e for e in remote_exps if e.project == p], project=p) for p in projects)
+    local = local if local is not None else on_disk(*lock.sessions.values())
+    return compute_plan(lock, RemoteState(listings, deep), local, config, tools=TOOLS, **kw)
+
+
+def only(plan, action):
+    changes = [c for c in plan.changes if c.action is action]
+    assert len(changes) == 1, plan.changes
+    return changes[0]
+
+
+def test_new_session_is_planned_as_create():  # row 1
+    plan = plan_of(Lock.new(), [exp(1)])
+    change = only(plan, Action.CREATE)
+    assert change.address.path == "sub-SUBJ01/ses-SUBJ01MR1"
+    assert change.after.id == "XNAT_E00001"
+    assert plan.unchanged == 0 and not plan.problems
+
+
+def test_redated_session_is_planned_as_update_with_reason():  # row 2
+    e = exp(1)
+    lock = lock_of(record(e, bids_session="SUBJ01MR1"))
+    redated = replace(e, date="2024-02-01", last_modified=T0 + timedelta(days=30))
+    change = only(plan_of(lock, [redated]), Action.UPDATE)
+    assert [r.code for r in change.reasons] == ["redated"]
+    assert change.reasons[0].message == "date 2024-01-10 → 2024-02-01 (re-dated in XNAT)"
+    assert (change.reasons[0].before, change.reasons[0].after) == ("2024-01-10", "2024-02-01")
+
+
+def test_resaved_session_is_update_modified_and_deep_says_no_content_change():  # row 3
+    e = exp(1)
+    lock = lock_of(record(e, bids_session="SUBJ01MR1"))
+    later = T0 + timedelta(hours=2)
+    resaved = replace(e, last_modified=later)
+    change = only(plan_of(lock, [resaved]), Action.UPDATE)
+    assert change.reasons[0].message == f"modified in XNAT at {format_timestamp(later)}"
+    deep = only(plan_of(lock, [resaved], deep={e.id: scans_for()}), Action.UPDATE)
+    assert [r.code for r in deep.reasons] == ["modified", "no_content_change"]
+
+
+def test_files_added_without_resave_are_seen_only_by_deep_plan():  # row 4
+    e = exp(1)
+    lock = lock_of(record(e, bids_session="SUBJ01MR1", scans=scans_for(2)))
+    plain = plan_of(lock, [e])
+    assert not plain.changes and plain.unchanged == 1
+    assert any("--deep" in n for n in plain.notes)
+    bigger = scans_for(2)
+    extra = bigger[0].files + (RemoteFile("9.dcm", 600_000, "f" * 32, "/x/9.dcm"), RemoteFile("10.dcm", 600_000, "e" * 32, "/x/10.dcm"))
+    deep_scans = (replace(bigger[0], files=extra), bigger[1])
+    change = only(plan_of(lock, [e], deep={e.id: deep_scans}), Action.UPDATE)
+    assert change.reasons[0].message == "scan 1: 2 files added (+1.2 MB)"
+    assert not any("--deep" in n for n in plan_of(lock, [e], deep={e.id: deep_scans}).notes)
+
+
+def test_scan_added_or_removed_is_reported_by_deep_plan():  # row 5
+    e = exp(1)
+    lock = lock_of(record(e, bids_session="SUBJ01MR1"))
+    two = scans_for()
+    added = two + (Scan("7", "dwi", "dwi_acq-b1500_dir-ap", two[0].files),)
+    assert [r.message for r in only(plan_of(lock, [e], deep={e.id: added}), Action.UPDATE).reasons] == ["scan 7 added"]
+    removed = two[:1]
+    assert [r.message for r in only(plan_of(lock, [e], deep={e.id: removed}), Action.UPDATE).reasons] == ["scan 2 removed"]
+    # Plain plan without last_modified moving cannot see it.
+    assert plan_of(lock, [e]).unchanged == 1
+
+
+def test_renamed_session_label_is_update_to_new_address():  # row 6
+    e = exp(1)
+    lock = lock_of(record(e, bids_session="SUBJ01MR1"))
+    renamed = replace(e, label="SUBJ01_MR2", last_modified=T0 + timedelta(minutes=1))
+    change = only(plan_of(lock, [renamed]), Action.UPDATE)
+    assert change.address.path == "sub-SUBJ01/ses-SUBJ01MR2"
+    assert change.reasons[0].message == "renamed ses-SUBJ01MR1 → ses-SUBJ01MR2"
+    assert change.before.address.path == "sub-SUBJ01/ses-SUBJ01MR1"
+
+
+def test_renamed_subject_updates_each_of_its_sessions():  # row 7
+    e1, e2 = exp(1), exp(2, subject="SUBJ01", label="SUBJ01_MR2")
+    lock = lock_of(record(e1, bids_session="SUBJ01MR1"), record(e2, bids_session="SUBJ01MR2"))
+    renamed = [replace(e, subject_label="P001") for e in (e1, e2)]
+    plan = plan_of(lock, renamed)
+    assert [c.action for c in plan.changes] == [Action.UPDATE, Action.UPDATE]
+    assert all(c.reasons[0].message == "renamed sub-SUBJ01 → sub-P001" for c in plan.changes)
+
+
+def test_deleted_session_is_orphan_and_never_more():  # row 8
+    e1, e2 = exp(1), exp(2)
+    lock = lock_of(record(e1, bids_session="SUBJ01MR1"), record(e2, bids_session="SUBJ02MR1"))
+    change = only(plan_of(lock, [e1]), Action.ORPHAN)
+    assert change.key.experiment_id == e2.id and change.after is None
+    assert change.reasons[0].message == "no longer in XNAT project PROJ"
+
+
+def test_rearchived_session_is_one_update_not_orphan_plus_create():  # row 9
+    e1 = exp(1)
+    lock = lock_of(record(e1, bids_session="SUBJ01MR1"))
+    e2 = replace(e1, id="XNAT_E00099", insert_date=T0 + timedelta(days=3), last_modified=T0 + timedelta(days=3))
+    plan = plan_of(lock, [e2])
+    change = only(plan, Action.UPDATE)
+    assert len(plan.changes) == 1
+    assert change.reasons[0].message == "replaced in XNAT: XNAT_E00001 → XNAT_E00099"
+    assert change.before.experiment_id == "XNAT_E00001" and change.key.experiment_id == "XNAT_E00099"
+
+
+def test_session_moved_to_another_project_is_reported_under_its_new_project():  # row 10
+    e = exp(1)
+    lock = lock_of(record(e, bids_session="SUBJ01MR1"))
+    moved = replace(e, project="OTHER", last_modified=T0 + timedelta(minutes=5))
+    plan = plan_of(lock, [moved], projects=("PROJ", "OTHER"))
+    change = only(plan, Action.UPDATE)
+    assert change.key.project == "OTHER"
+    assert change.reasons[0].message == "project PROJ → OTHER"
+    assert len(plan.changes) == 1
+
+
+@pytest.mark.parametrize("failed", [True, False])
+def test_failed_or_empty_listing_with_recorded_sessions_is_an_error_not_orphans(failed):  # row 11
+    e = exp(1)
+    lock = lock_of(record(e, bids_session="SUBJ01MR1"))
+    broken = ProjectListing("PROJ", None, "HTTP 503") if failed else ProjectListing("PROJ", ())
+    plan = compute_plan(lock, RemoteState((broken,)), on_disk(*lock.sessions.values()), CONFIG, tools=TOOLS)
+    assert not plan.changes
+    assert len(plan.problems) == 1 and plan.problems[0].project == "PROJ"
+    assert ("failed" in plan.problems[0].message) == failed
+
+
+def test_empty_listing_without_recorded_sessions_is_fine():
+    plan = compute_plan(Lock.new(), RemoteState((ProjectListing("PROJ", ()),)), LocalState({}), CONFIG)
+    assert not plan.changes and not plan.problems
+
+
+def test_deleted_output_is_drift_naming_the_file():  # row 12
+    e = exp(1)
+    rec = record(e, bids_session="SUBJ01MR1")
+    change = only(plan_of(lock_of(rec), [e], LocalState({})), Action.DRIFT)
+    assert change.reasons[0].message == f"missing: {rec.outputs[0].path}"
+
+
+def test_edited_output_is_drift():  # row 13
+    e = exp(1)
+    rec = record(e, bids_session="SUBJ01MR1")
+    out = rec.outputs[0]
+    resized = LocalState({out.path: FileStat(out.size + 1, out.mtime_ns)})
+    assert "size" in only(plan_of(lock_of(rec), [e], resized), Action.DRIFT).reasons[0].message
+    touched = LocalState({out.path: FileStat(out.size, out.mtime_ns + 5)})
+    assert "modified on disk" in only(plan_of(lock_of(rec), [e], touched), Action.DRIFT).reasons[0].message
+
+
+def test_unrecorded_user_files_do_not_matter():  # row 14
+    e = exp(1)
+    rec = record(e, bids_session="SUBJ01MR1")
+    local = LocalState({**on_disk(rec).files, "sub-SUBJ01/ses-SUBJ01MR1/notes.txt": FileStat(3, 1)})
+    plan = plan_of(lock_of(rec), [e], local)
+    assert not plan.changes and plan.unchanged == 1
+
+
+def test_conversion_config_change_updates_the_sessions_it_affects():  # row 15
+    e1, e2 = exp(1), exp(2)
+    lock = lock_of(record(e1, bids_session="SUBJ01MR1"), record(e2, bids_session="SUBJ02MR1"))
+    config = parse_config({"project": {"PROJ": {"sessions": {"SUBJ02_MR1": {"skip": ["1"]}}}}})
+    plan = plan_of(lock, [e1, e2], config=config)
+    change = only(plan, Action.UPDATE)
+    assert change.key.experiment_id == e2.id
+    assert change.reasons[0].message == "config changed: skip"
+    assert plan.unchanged == 1
+
+
+def test_newer_converter_is_a_note_unless_reconvert_outdated():  # row 16
+    e = exp(1)
+    lock = lock_of(record(e, bids_session="SUBJ01MR1", tools={**TOOLS, "heudiconv": "1.4.0"}))
+    plan = plan_of(lock, [e])
+    assert not plan.changes
+    assert any(n.startswith("1 session converted with older tools") for n in plan.notes)
+    change = only(plan_of(lock, [e], reconvert_outdated=True), Action.UPDATE)
+    assert change.reasons[0].message == "converted with heudiconv 1.4.0, now 1.5.1"
+
+
+def test_two_sessions_at_one_bids_address_is_an_error_naming_both():  # row 17
+    a = exp(1, subject="SUBJ01", label="SUBJ01_MR1")
+    b = exp(2, subject="SUBJ01", label="SUBJ01-MR1")
+    plan = plan_of(Lock.new(), [a, b, exp(3)])
+    assert len(plan.problems) == 1
+    message = plan.problems[0].message
+    assert "XNAT_E00001" in message and "XNAT_E00002" in message and "sub-SUBJ01/ses-SUBJ01MR1" in message
+    assert "[naming.sessions]" in plan.problems[0].hint
+    assert [c.key.experiment_id for c in plan.changes] == ["XNAT_E00003"]
+
+
+@pytest.mark.parametrize("label", ["../evil", "a/b", "x\x00y", "..", "tab\there", "A" * 200])
+def test_unsafe_label_is_an_error_for_that_session_only(label):  # row 18
+    bad = exp(1, label=label)
+    plan = plan_of(Lock.new(), [bad, exp(2)])
+    assert len(plan.problems) == 1 and plan.problems[0].experiment_id == "XNAT_E00001"
+    assert [c.key.experiment_id for c in plan.changes] == ["XNAT_E00002"]
+
+
+def test_nothing_changed_is_empty_plan():  # row 19
+    e1, e2 = exp(1), exp(2)
+    lock = lock_of(record(e1, bids_session="SUBJ01MR1"), record(e2, bids_session="SUBJ02MR1"))
+    plan = plan_of(lock, [e1, e2])
+    assert not plan.changes and not plan.problems and plan.unchanged == 2
+
+
+def test_changes_are_ordered_by_action_then_address():
+    old = [exp(n) for n in (5, 6)]
+    lock = lock_of(*(record(e, bids_session=f"{e.subject_label}MR1") for e in old))
+    plan = plan_of(lock, [exp(9), exp(3), replace(old[1], date="2025-01-01")], LocalState({}))
+    assert [(c.action, c.address.subject) for c in plan.changes] == [
+        (Action.CREATE, "SUBJ03"), (Action.CREATE, "SUBJ09"), (Action.UPDATE, "SUBJ06"), (Action.ORPHAN, "SUBJ05"),
+    ]
+
+
+def test_selection_limits_both_sides():
+    e1, e2 = exp(1), exp(2)
+    lock = lock_of(record(e1, bids_session="SUBJ01MR1"))
+    plan = plan_of(lock, [e2], selection=Selection(subjects=("SUBJ02",)))
+    assert [c.action for c in plan.changes] == [Action.CREATE]  # e1 not orphaned: not selected
+
+
+def test_naming_overrides_and_strip_subject_convention():
+    config = Config(naming=NamingSettings(session_label="strip-subject", subjects={"SUBJ01": "001"}))
+    plan = plan_of(Lock.new(), [exp(1)], config=config)
+    assert plan.changes[0].address.path == "sub-001/ses-MR1"
+
+
+def test_non_session_experiments_are_ignored():
+    qc = replace(exp(2), xsi_type="xnat:qcAssessmentData")
+    plan = plan_of(Lock.new(), [exp(1), qc])
+    assert [c.key.experiment_id for c in plan.changes] == ["XNAT_E00001"]
+
+
+def test_conversion_settings_select_scans():
+    s = ConversionSettings(include=("1-4,6",), skip=("*scout*",))
+    assert [i for i in map(str, range(1, 8)) if s.selects(i, "x")] == ["1", "2", "3", "4", "6"]
+    assert not s.selects("2", "anat-scout_acq-localizer")
