@@ -1,0 +1,1174 @@
+"""The emulator's HTTP face: XNAT's REST routes, listing formats, auth flows and error pages.
+
+This module owns how the archive looks over HTTP to xnatpy, pyxnat and our own client; it keeps no
+content of its own besides login sessions and alias tokens (the data lives in `archive.py`).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import mimetypes
+import re
+import secrets
+import socket
+import struct
+import threading
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources as importlib_resources
+from typing import Any
+
+from werkzeug.wrappers import Request, Response
+
+from .archive import Archive, ArchiveError, Experiment, FileEntry, Resource, Scan, User
+from .faults import Fault, FaultSet
+
+XNAT_VERSION = "1.8.10"
+SESSION_COOKIE = "JSESSIONID"
+DEFAULT_SESSION_TIMEOUT = 15 * 60.0
+DEFAULT_TOKEN_LIFETIME = 2 * 24 * 3600.0
+
+# Every type's ancestors, for `xsiType=` filters that name a base type (pyxnat asks for
+# xnat:subjectAssessorData and expects mrSessionData rows).
+SUPERTYPES: dict[str, tuple[str, ...]] = {
+    "xnat:projectData": (),
+    "xnat:subjectData": (),
+    "xnat:experimentData": (),
+    "xnat:subjectAssessorData": ("xnat:experimentData",),
+    "xnat:imageSessionData": ("xnat:subjectAssessorData", "xnat:experimentData"),
+    "xnat:imageScanData": (),
+    "xnat:abstractResource": (),
+    "xnat:resource": ("xnat:abstractResource",),
+    "xnat:resourceCatalog": ("xnat:resource", "xnat:abstractResource"),
+}
+for _modality in ("mr", "ct", "pet"):
+    SUPERTYPES[f"xnat:{_modality}SessionData"] = ("xnat:imageSessionData",) + SUPERTYPES["xnat:imageSessionData"]
+    SUPERTYPES[f"xnat:{_modality}ScanData"] = ("xnat:imageScanData",)
+
+# Listing columns: (default columns, all available columns). `URI` is appended separately.
+PROJECT_COLUMNS = ("ID", "secondary_ID", "name", "description", "pi_firstname", "pi_lastname")
+SUBJECT_COLUMNS = ("ID", "project", "label", "insert_date", "insert_user")
+SUBJECT_EXTRA = ("last_modified", "xsiType")
+EXPERIMENT_COLUMNS = ("ID", "project", "date", "xsiType", "label", "insert_date")
+EXPERIMENT_EXTRA = ("subject_ID", "subject_label", "last_modified", "insert_user", "time", "modality")
+SITE_EXPERIMENT_COLUMNS = EXPERIMENT_COLUMNS + ("subject_ID", "subject_label")
+SCAN_COLUMNS = ("xnat_imagescandata_id", "ID", "type", "quality", "xsiType", "note", "series_description")
+RESOURCE_COLUMNS = (
+    "xnat_abstractresource_id", "label", "element_name", "category", "cat_id", "cat_desc",
+    "file_count", "file_size", "tags", "content", "format",
+)  # fmt: skip
+FILE_COLUMNS = (
+    "Name", "Size", "URI", "collection", "file_tags", "file_format", "file_content", "cat_ID", "digest",
+)  # fmt: skip
+
+# xpaths whose short alias differs from their last path step.
+XPATH_ALIASES = {
+    "xnat:subjectassessordata/subject_id": "subject_ID",
+    "xnat:experimentdata/meta/insert_date": "insert_date",
+    "xnat:experimentdata/meta/last_modified": "last_modified",
+    "xnat:experimentdata/meta/insert_user": "insert_user",
+    "xnat:subjectdata/meta/insert_date": "insert_date",
+}
+
+RESERVED_QUERY = {
+    "format", "columns", "sortby", "sortorder", "limit", "offset", "accept-not-found", "structure",
+    "inbody", "overwrite", "event_reason", "event_type", "event_action", "update-stats", "extract",
+    "content", "file_format", "file_content", "removefiles", "req_format", "xsitype", "allowdatadeletion",
+}  # fmt: skip
+
+
+class HttpError(Exception):
+    """Ends a request with XNAT's Restlet-style status page."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def status_page(status: int, message: str, http_status: int | None = None) -> Response:
+    """The HTML page Restlet sends with an error; both clients recognise it by its `<html>` start."""
+    body = (
+        "<html>\n<head>\n   <title>Status page</title>\n</head>\n<body>\n"
+        f"<h3>{html.escape(message)}</h3>"
+        "<p>You can get technical details <a href=\"http://www.w3.org/Protocols/rfc2616/rfc2616-sec10.html\">here</a>.<br>\n"
+        "Please continue your visit at our <a href=\"/\">home page</a>.\n</p>\n</body>\n</html>\n"
+    )
+    return Response(body, status=http_status if http_status is not None else status, mimetype="text/html")
+
+
+def java_timestamp(moment: datetime) -> str:
+    """Java `Timestamp.toString()`: fraction with trailing zeros cut, at least one digit."""
+    fraction = f"{moment.microsecond:06d}".rstrip("0") or "0"
+    return moment.strftime("%Y-%m-%d %H:%M:%S.") + fraction
+
+
+def java_date(moment: datetime) -> str:
+    """Java `Date.toString()` in the server zone (UTC): `Wed Jan 10 14:22:05 UTC 2024`."""
+    return moment.strftime("%a %b %d %H:%M:%S UTC %Y")
+
+
+@dataclass
+class HttpSession:
+    id: str
+    login: str
+    last_seen: float
+
+
+@dataclass
+class AliasToken:
+    alias: str
+    secret: str
+    login: str
+    created: float
+    expires: float
+    single_use: bool = False
+
+
+@dataclass
+class Ctx:
+    """One request as the route handlers see it."""
+
+    request: Request
+    user: User
+    session_id: str | None
+    segments: list[str]
+    fmt: str
+    # "project" when the URL named project and subject (file URIs then keep that form).
+    via: str = "experiment"
+
+
+class EmulatorApp:
+    """A WSGI app emulating the XNAT 1.8 REST API over an `Archive`."""
+
+    def __init__(
+        self,
+        archive: Archive,
+        *,
+        session_timeout: float = DEFAULT_SESSION_TIMEOUT,
+        token_lifetime: float = DEFAULT_TOKEN_LIFETIME,
+        wall_clock: Callable[[], float] = time.time,
+    ):
+        self.archive = archive
+        self.faults = FaultSet()
+        self.requests: list[tuple[str, str, str]] = []
+        self.session_timeout = session_timeout
+        self.token_lifetime = token_lifetime
+        # Login sessions expire on wall-clock time, independently of the archive's (test) clock.
+        self.wall_clock = wall_clock
+        self._sessions: dict[str, HttpSession] = {}
+        self._tokens: dict[str, AliasToken] = {}
+        self._lock = threading.Lock()
+        self._token_seq = 0
+
+    # -- entry points -----------------------------------------------------------------------
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        return self.handle(Request(environ))(environ, start_response)
+
+    def reset_requests(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def handle(self, request: Request) -> Response:
+        """Serve one request (also usable as pytest-httpserver's `respond_with_handler`)."""
+        with self._lock:
+            self.requests.append((request.method, request.path, request.query_string.decode("latin-1")))
+        firing = self.faults.fire(request.method, request.path)
+        for fault in firing:
+            if fault.kind == "latency":
+                time.sleep(fault.seconds)
+        for fault in firing:
+            if fault.kind == "reset":
+                _drop_connection(request)
+                return Response(b"", status=500)
+            if fault.kind == "status":
+                return status_page(fault.status, fault.message or f"Injected fault: status {fault.status}")
+            if fault.kind == "html_200":
+                return status_page(fault.status, fault.message or "Internal Server Error", http_status=200)
+            if fault.kind == "invalid_json":
+                return Response('{"ResultSet":{"Result":[{"ID":', status=200, mimetype="application/json")
+        try:
+            response = self._dispatch(request)
+        except HttpError as exc:
+            response = status_page(exc.status, exc.message)
+            response.headers.update(exc.headers)
+        except ArchiveError as exc:
+            response = status_page(exc.status, exc.message)
+        for fault in firing:
+            if fault.kind == "corrupt":
+                response = _corrupt(response)
+            elif fault.kind == "truncate":
+                response = _truncate(response, fault, request)
+        return response
+
+    # -- authentication ---------------------------------------------------------------------
+
+    def _new_session(self, login: str) -> str:
+        session_id = secrets.token_hex(16).upper()
+        with self._lock:
+            self._sessions[session_id] = HttpSession(session_id, login, self.wall_clock())
+        return session_id
+
+    def _basic_user(self, request: Request) -> tuple[User | None, bool]:
+        """(user, header present). A wrong Basic header is a failed login even with a valid cookie."""
+        header = request.headers.get("Authorization", "")
+        if not header.lower().startswith("basic "):
+            return None, False
+        try:
+            login, _, password = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return None, True
+        return self._check_password(login, password), True
+
+    def _check_password(self, login: str, password: str) -> User | None:
+        user = self.archive.users.get(login)
+        if user is not None and secrets.compare_digest(user.password, password):
+            return user
+        with self._lock:
+            token = self._tokens.get(login)
+            if token is None or not secrets.compare_digest(token.secret, password):
+                return None
+            if token.expires <= self.wall_clock():
+                del self._tokens[login]
+                return None
+            if token.single_use:
+                del self._tokens[login]
+        return self.archive.users.get(token.login)
+
+    def _authenticate(self, request: Request) -> tuple[User | None, str | None, bool]:
+        """(user, session id, session is new)."""
+        if self.faults.auth_expired:
+            return None, None, False
+        user, has_basic = self._basic_user(request)
+        if has_basic:
+            if user is None:
+                return None, None, False
+            # XNAT opens a new server-side session for each Basic-authenticated request.
+            return user, self._new_session(user.login), True
+        session_id = request.cookies.get(SESSION_COOKIE)
+        if session_id:
+            now = self.wall_clock()
+            with self._lock:
+                session = self._sessions.get(session_id)
+                if session is not None and now - session.last_seen > self.session_timeout:
+                    del self._sessions[session_id]
+                    session = None
+                if session is not None:
+                    session.last_seen = now
+            if session is not None and session.login in self.archive.users:
+                return self.archive.users[session.login], session_id, False
+        return None, None, False
+
+    # -- routing ----------------------------------------------------------------------------
+
+    def _dispatch(self, request: Request) -> Response:
+        path = request.path
+        if len(path) > 1:
+            path = path.rstrip("/")
+        if path in ("", "/") or path == "/app" or path.startswith("/app/"):
+            return self._home(request)
+        if path.startswith("/xapi/"):
+            rest, api = path[len("/xapi/") :], "xapi"
+        else:
+            for prefix in ("/data/archive/", "/data/", "/REST/"):
+                if path.startswith(prefix):
+                    rest, api = path[len(prefix) :], "data"
+                    break
+            else:
+                if path in ("/data", "/data/archive", "/REST"):
+                    rest, api = "", "data"
+                else:
+                    raise HttpError(404, "The server has not found anything matching the request URI")
+        segments = [s for s in rest.split("/")]
+
+        if api == "data" and segments[:2] == ["services", "auth"]:
+            return self._services_auth(request)
+        if api == "data" and segments == ["version"]:
+            # XNAT >= 1.7 has no such route; xnatpy then asks /xapi/siteConfig/buildInfo.
+            raise HttpError(404, "The server has not found anything matching the request URI")
+
+        user, session_id, new_session = self._authenticate(request)
+        if user is None:
+            raise HttpError(401, "Login required or credentials invalid", {"WWW-Authenticate": 'Basic realm="XNAT"'})
+        fmt = (request.args.get("format") or "").lower()
+        ctx = Ctx(request, user, session_id, segments, fmt)
+        if api == "xapi":
+            response = self._xapi(ctx)
+        else:
+            response = self._data(ctx)
+        if new_session and session_id is not None:
+            response.set_cookie(SESSION_COOKIE, session_id, path="/", httponly=True)
+        return response
+
+    def _home(self, request: Request) -> Response:
+        # xnatpy's token login reads JSESSIONID from this response, so Basic auth here opens a session.
+        user, session_id, new_session = self._authenticate(request)
+        who = "Guest" if user is None else user.login
+        body = (
+            "<!DOCTYPE html>\n<html><head><title>XNAT</title></head><body>"
+            f"<span id=\"user_info\">Logged in as: {html.escape(who)}</span></body></html>\n"
+        )
+        response = Response(body, mimetype="text/html")
+        if new_session and session_id is not None:
+            response.set_cookie(SESSION_COOKIE, session_id, path="/", httponly=True)
+        return response
+
+    def _services_auth(self, request: Request) -> Response:
+        if request.method not in ("PUT", "POST"):
+            raise HttpError(405, "Method Not Allowed")
+        login = request.form.get("username", "")
+        password = request.form.get("password", "")
+        user = None if self.faults.auth_expired else self._check_password(login, password)
+        if user is None:
+            raise HttpError(401, "Authentication failed.")
+        session_id = self._new_session(user.login)
+        response = Response(session_id, mimetype="text/plain")
+        response.set_cookie(SESSION_COOKIE, session_id, path="/", httponly=True)
+        return response
+
+    def _xapi(self, ctx: Ctx) -> Response:
+        segs = ctx.segments
+        if segs == ["siteConfig", "buildInfo"]:
+            return _json(
+                {
+                    "version": XNAT_VERSION,
+                    "buildNumber": "emulator",
+                    "buildDate": "Thu Jan 01 00:00:00 UTC 2024",
+                    "commit": "0000000",
+                    "sha": "0000000000000000000000000000000000000000",
+                }
+            )
+        if segs == ["schemas"]:
+            return _json(["xdat", "xnat"])
+        if len(segs) == 2 and segs[0] == "schemas":
+            if segs[1] == "xnat":
+                return Response(_xnat_xsd(), mimetype="application/xml")
+            if segs[1] == "xdat":
+                return Response(XDAT_XSD, mimetype="application/xml")
+            raise HttpError(404, f"Unable to find schema {segs[1]}")
+        raise HttpError(404, "The server has not found anything matching the request URI")
+
+    def _data(self, ctx: Ctx) -> Response:
+        segs = ctx.segments
+        method = ctx.request.method
+        head = segs[0] if segs else ""
+        if segs == ["JSESSION"]:
+            if method == "DELETE":
+                with self._lock:
+                    self._sessions.pop(ctx.session_id or "", None)
+                return Response("", mimetype="text/plain")
+            return Response(ctx.session_id or "", mimetype="text/plain")
+        if segs == ["auth"]:
+            return Response(f"User '{ctx.user.login}' is logged in", mimetype="text/plain")
+        if head == "services" and len(segs) >= 2 and segs[1] == "tokens":
+            return self._tokens_route(ctx, segs[2:])
+        if head == "search" and len(segs) >= 2 and segs[1] == "elements":
+            return self._search_elements(ctx, segs[2:])
+        if head == "projects":
+            return self._projects_route(ctx, segs[1:])
+        if head == "experiments":
+            if len(segs) == 1:
+                return self._experiment_listing(ctx, project=None, subject=None)
+            experiment = self._experiment_by_id(ctx, segs[1])
+            return self._experiment_route(ctx, experiment, segs[2:])
+        if head == "subjects" and len(segs) == 1:
+            rows = [self._subject_row(s) for s in self.archive.subjects.values() if ctx.user.can_read(s.project)]
+            return self._listing(ctx, rows, SUBJECT_COLUMNS, SUBJECT_COLUMNS + SUBJECT_EXTRA, uri=True)
+        raise HttpError(404, "The server has not found anything matching the request URI")
+
+    # -- tokens, search elements ------------------------------------------------------------
+
+    def _tokens_route(self, ctx: Ctx, segs: list[str]) -> Response:
+        if segs[:1] == ["issue"]:
+            login = ctx.user.login
+            if len(segs) == 3 and segs[1] == "user":
+                if ctx.user.projects is not None and segs[2] != login:
+                    raise HttpError(403, "Only administrators can issue tokens for other users.")
+                if segs[2] not in self.archive.users:
+                    raise HttpError(404, f"Unable to find user {segs[2]}")
+                login = segs[2]
+            return _json(self.issue_token(login))
+        if len(segs) == 3 and segs[0] == "validate":
+            with self._lock:
+                token = self._tokens.get(segs[1])
+            valid = (
+                token is not None
+                and secrets.compare_digest(token.secret, segs[2])
+                and token.expires > self.wall_clock()
+            )
+            return _json({"valid": valid, "xdatUserId": token.login if valid and token else None})
+        if len(segs) == 2 and segs[0] == "invalidate":
+            with self._lock:
+                self._tokens.pop(segs[1], None)
+            return _json({"result": "OK"})
+        raise HttpError(404, "The server has not found anything matching the request URI")
+
+    def issue_token(self, login: str, single_use: bool = False) -> dict[str, Any]:
+        """Create an alias token for `login` (also handy for tests that need one without HTTP)."""
+        now = self.wall_clock()
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+        token = AliasToken(
+            alias=str(uuid.uuid4()),
+            secret="".join(secrets.choice(alphabet) for _ in range(64)),
+            login=login,
+            created=now,
+            expires=now + self.token_lifetime,
+            single_use=single_use,
+        )
+        with self._lock:
+            self._token_seq += 1
+            self._tokens[token.alias] = token
+            seq = self._token_seq
+        return {
+            "id": seq,
+            "alias": token.alias,
+            "secret": token.secret,
+            "xdatUserId": login,
+            "singleUse": single_use,
+            "enabled": True,
+            "created": int(now * 1000),
+            "timestamp": int(now * 1000),
+            "estimatedExpirationTime": int(token.expires * 1000),
+            "validIPAddresses": [],
+        }
+
+    def _search_elements(self, ctx: Ctx, segs: list[str]) -> Response:
+        if not segs:
+            rows = [
+                {"ELEMENT_NAME": name, "PLURAL": plural, "SINGULAR": singular, "COUNT": "0"}
+                for name, singular, plural in SEARCH_ELEMENTS
+            ]
+            return self._listing(ctx, rows, ("ELEMENT_NAME", "PLURAL", "SINGULAR", "COUNT"), None, uri=False)
+        fields = SEARCH_FIELDS.get(segs[0])
+        if fields is None:
+            raise HttpError(404, f"Unable to find element {segs[0]}")
+        rows = [{"FIELD_ID": f, "HEADER": f.lower(), "SUMMARY": "", "TYPE": "string", "REQUIRES_VALUE": "false",
+                 "DESC": "", "ELEMENT_NAME": segs[0], "SRC": "0"} for f in fields]  # fmt: skip
+        return self._listing(ctx, rows, tuple(rows[0]), None, uri=False)
+
+    # -- projects and subjects --------------------------------------------------------------
+
+    def _readable_project(self, ctx: Ctx, project_id: str, what: str = "experiments") -> str:
+        project = self.archive.projects.get(project_id)
+        if project is None:
+            raise HttpError(404, f"Unable to identify project {project_id}")
+        if not ctx.user.can_read(project.id):
+            raise HttpError(403, f"Unable to read {what} for Project: {project.id}")
+        return project.id
+
+    def _projects_route(self, ctx: Ctx, segs: list[str]) -> Response:
+        method = ctx.request.method
+        if not segs:
+            rows = [
+                {
+                    "ID": p.id,
+                    "secondary_ID": p.secondary_id,
+                    "name": p.name,
+                    "description": p.description,
+                    "pi_firstname": p.pi_firstname,
+                    "pi_lastname": p.pi_lastname,
+                    "URI": f"/data/projects/{p.id}",
+                }
+                for p in self.archive.projects.values()
+                if ctx.user.can_read(p.id)
+            ]
+            return self._listing(ctx, rows, PROJECT_COLUMNS, PROJECT_COLUMNS, uri=True)
+        project_id = segs[0]
+        if len(segs) == 1 and method == "PUT" and project_id not in self.archive.projects:
+            if ctx.user.projects is not None:
+                raise HttpError(403, "Only administrators can create projects here.")
+            self.archive.add_project(project_id, name=ctx.request.args.get("name") or project_id)
+            return Response(project_id, status=201, mimetype="text/plain")
+        if project_id not in self.archive.projects:
+            raise HttpError(404, f"Unable to identify project {project_id}")
+        if len(segs) == 1:
+            if not ctx.user.can_read(project_id):
+                raise HttpError(404, f"Unable to identify project {project_id}")
+            if method == "PUT":
+                return Response(project_id, mimetype="text/plain")
+            project = self.archive.projects[project_id]
+            fields = {"ID": project.id, "secondary_ID": project.secondary_id, "name": project.name,
+                      "description": project.description}  # fmt: skip
+            return self._single(ctx, "xnat:projectData", fields, None, [])
+        kind = segs[1]
+        if kind == "experiments":
+            project_id = self._readable_project(ctx, project_id)
+            if len(segs) == 2:
+                return self._experiment_listing(ctx, project=project_id, subject=None)
+            experiment = self.archive.find_session(project_id, segs[2])
+            if experiment is None:
+                if method == "PUT" and len(segs) == 3:
+                    raise HttpError(400, "Creating an experiment needs its subject: PUT /data/projects/P/subjects/S/experiments/E")
+                raise HttpError(404, f"Unable to find experiment {segs[2]}")
+            if len(segs) > 3:
+                # XNAT 1.8 has no scan routes under /projects/P/experiments/E (facts §3).
+                raise HttpError(404, "The server has not found anything matching the request URI")
+            return self._experiment_route(ctx, experiment, [])
+        if kind == "subjects":
+            project_id = self._readable_project(ctx, project_id, "subjects")
+            if len(segs) == 2:
+                rows = [self._subject_row(s) for s in self.archive.subjects_of(project_id)]
+                return self._listing(ctx, rows, SUBJECT_COLUMNS, SUBJECT_COLUMNS + SUBJECT_EXTRA, uri=True)
+            subject = self.archive.find_subject(project_id, segs[2])
+            if len(segs) == 3:
+                return self._subject_route(ctx, project_id, segs[2], subject)
+            if subject is None:
+                raise HttpError(404, f"Unable to find subject {segs[2]}")
+            if segs[3] != "experiments":
+                raise HttpError(404, "The server has not found anything matching the request URI")
+            if len(segs) == 4:
+                return self._experiment_listing(ctx, project=project_id, subject=subject.id)
+            experiment = self.archive.find_session(project_id, segs[4])
+            if experiment is None or experiment.subject_id != subject.id:
+                if method == "PUT" and len(segs) == 5:
+                    return self._create_session(ctx, project_id, subject.id, segs[4])
+                raise HttpError(404, f"Unable to find experiment {segs[4]}")
+            ctx.via = "project"
+            return self._experiment_route(ctx, experiment, segs[5:])
+        if kind == "resources" and len(segs) == 2:
+            self._readable_project(ctx, project_id, "resources")
+            return self._listing(ctx, [], RESOURCE_COLUMNS, None, uri=False, title="Resources")
+        raise HttpError(404, "The server has not found anything matching the request URI")
+
+    def _subject_row(self, subject: Any) -> dict[str, str]:
+        return {
+            "ID": subject.id,
+            "project": subject.project,
+            "label": subject.label,
+            "insert_date": java_timestamp(subject.insert_date),
+            "insert_user": subject.insert_user,
+            "last_modified": java_timestamp(subject.last_modified),
+            "xsiType": "xnat:subjectData",
+            "URI": f"/data/subjects/{subject.id}",
+        }
+
+    def _subject_route(self, ctx: Ctx, project_id: str, key: str, subject: Any) -> Response:
+        method = ctx.request.method
+        if method == "PUT":
+            if subject is None:
+                subject = self.archive.add_subject(project_id, key)
+                return Response(subject.id, status=201, mimetype="text/plain")
+            new_label = ctx.request.args.get("label")
+            if new_label and new_label != subject.label:
+                self.archive.rename_subject(subject.id, new_label)
+            return Response(subject.id, mimetype="text/plain")
+        if subject is None:
+            raise HttpError(404, f"Unable to find subject {key}")
+        if method != "GET":
+            raise HttpError(405, "Method Not Allowed")
+        fields = {"ID": subject.id, "project": subject.project, "label": subject.label}
+        return self._single(ctx, "xnat:subjectData", fields, subject.last_modified, [])
+
+    # -- experiments ------------------------------------------------------------------------
+
+    def _experiment_by_id(self, ctx: Ctx, key: str) -> Experiment:
+        experiment = self.archive.experiments.get(key)
+        if experiment is None:
+            raise HttpError(404, f"Unable to find experiment {key}")
+        if not ctx.user.can_read(experiment.project):
+            raise HttpError(403, f"Specified user account has insufficient privileges for experiments in the {experiment.project} project.")
+        return experiment
+
+    def _experiment_row(self, experiment: Experiment) -> dict[str, str]:
+        subject = self.archive.subjects.get(experiment.subject_id)
+        return {
+            "ID": experiment.id,
+            "project": experiment.project,
+            "date": experiment.date,
+            "xsiType": experiment.xsi_type,
+            "label": experiment.label,
+            "insert_date": java_timestamp(experiment.insert_date),
+            "subject_ID": experiment.subject_id,
+            "subject_label": subject.label if subject else "",
+            "last_modified": java_timestamp(experiment.last_modified),
+            "insert_user": experiment.insert_user,
+            "time": experiment.time,
+            "modality": experiment.modality,
+            "URI": f"/data/experiments/{experiment.id}",
+        }
+
+    def _experiment_listing(self, ctx: Ctx, project: str | None, subject: str | None) -> Response:
+        if ctx.request.method != "GET" and ctx.request.method != "HEAD":
+            raise HttpError(405, "Method Not Allowed")
+        rows = [
+            self._experiment_row(e)
+            for e in self.archive.sessions(project)
+            if (subject is None or e.subject_id == subject) and ctx.user.can_read(e.project)
+        ]
+        defaults = SITE_EXPERIMENT_COLUMNS if project is None else EXPERIMENT_COLUMNS
+        return self._listing(ctx, rows, defaults, EXPERIMENT_COLUMNS + EXPERIMENT_EXTRA, uri=True)
+
+    def _create_session(self, ctx: Ctx, project_id: str, subject_id: str, label: str) -> Response:
+        args = ctx.request.args
+        xsi_type = args.get("xsiType") or "xnat:mrSessionData"
+        edits = _field_edits(args, xsi_type)
+        experiment = self.archive.add_session(
+            project_id,
+            subject_id,
+            label,
+            date=edits.pop("date", None),
+            time=edits.pop("time", ""),
+            xsi_type=xsi_type,
+            insert_user=ctx.user.login,
+        )
+        if edits:
+            # Creation is one save in XNAT: fold the remaining fields in without a second bump.
+            for name, value in edits.items():
+                setattr(experiment, name, value)
+        return Response(experiment.id, status=201, mimetype="text/plain")
+
+    def _experiment_route(self, ctx: Ctx, experiment: Experiment, tail: list[str]) -> Response:
+        method = ctx.request.method
+        if not tail:
+            if method == "DELETE":
+                self.archive.delete_session(experiment.id)
+                return Response("", mimetype="text/plain")
+            if method == "PUT":
+                edits = _field_edits(ctx.request.args, experiment.xsi_type)
+                if edits:
+                    self.archive.set_fields(experiment.id, **edits)
+                return Response(experiment.id, mimetype="text/plain")
+            if method not in ("GET", "HEAD"):
+                raise HttpError(405, "Method Not Allowed")
+            return self._experiment_single(ctx, experiment)
+        if tail[0] == "resources" and len(tail) == 1:
+            return self._listing(ctx, [], RESOURCE_COLUMNS, None, uri=False, title="Resources")
+        if tail[0] != "scans":
+            raise HttpError(404, "The server has not found anything matching the request URI")
+        if len(tail) == 1:
+            rows = [self._scan_row(experiment, s) for s in experiment.scans.values()]
+            return self._listing(ctx, rows, SCAN_COLUMNS, SCAN_COLUMNS, uri=True)
+        scan_key = tail[1]
+        if len(tail) >= 3 and tail[2] == "files":
+            return self._files(ctx, experiment, self._select_scans(experiment, scan_key), "ALL", tail[3:])
+        if len(tail) == 2 and method == "PUT":
+            return self._put_scan(ctx, experiment, scan_key)
+        scan = experiment.scans.get(scan_key)
+        if scan is None:
+            raise HttpError(404, f"Unable to find scan {scan_key}")
+        if len(tail) == 2:
+            if method == "DELETE":
+                del experiment.scans[scan.id]
+                return Response("", mimetype="text/plain")
+            return self._scan_single(ctx, experiment, scan)
+        if tail[2] != "resources":
+            raise HttpError(404, "The server has not found anything matching the request URI")
+        if len(tail) == 3:
+            rows = [_resource_row(scan, r) for r in scan.resources.values()]
+            return self._listing(ctx, rows, RESOURCE_COLUMNS, None, uri=False, title="Resources")
+        res_key = tail[3]
+        if len(tail) == 4:
+            if method == "PUT":
+                res = scan.find_resource(res_key) or self.archive.add_resource(
+                    experiment.id, scan.id, res_key, ctx.request.args.get("format", "")
+                )
+                return Response(res.id, mimetype="text/plain")
+            res = scan.find_resource(res_key)
+            if res is None:
+                raise HttpError(404, f"Unable to find resource {res_key}")
+            fields = _resource_row(scan, res)
+            return self._single(ctx, "xnat:resourceCatalog", fields, experiment.last_modified, [])
+        if tail[4] != "files":
+            raise HttpError(404, "The server has not found anything matching the request URI")
+        if method in ("PUT", "POST") and len(tail) > 5:
+            return self._upload(ctx, experiment, scan, res_key, "/".join(tail[5:]))
+        return self._files(ctx, experiment, [scan], res_key, tail[5:])
+
+    def _experiment_single(self, ctx: Ctx, experiment: Experiment) -> Response:
+        scan_items = [self._scan_item(experiment, s) for s in experiment.scans.values()]
+        fields: dict[str, Any] = {
+            "ID": experiment.id,
+            "id": experiment.id,
+            "label": experiment.label,
+            "project": experiment.project,
+            "subject_ID": experiment.subject_id,
+            "modality": experiment.modality,
+        }
+        if experiment.date:
+            fields["date"] = experiment.date
+        if experiment.time:
+            fields["time"] = experiment.time
+        if experiment.note:
+            fields["note"] = experiment.note
+        children = [{"field": "scans/scan", "items": scan_items}] if scan_items else []
+        return self._single(ctx, experiment.xsi_type, fields, experiment.last_modified, children)
+
+    def _put_scan(self, ctx: Ctx, experiment: Experiment, scan_id: str) -> Response:
+        args = ctx.request.args
+        existing = experiment.scans.get(scan_id)
+        xsi_type = args.get("xsiType") or (existing.xsi_type if existing else None)
+        scan_type = _typed_arg(args, xsi_type or "xnat:imageScanData", "type")
+        description = _typed_arg(args, xsi_type or "xnat:imageScanData", "series_description")
+        if existing is None:
+            scan = self.archive.add_scan(
+                experiment.id, scan_id, type=scan_type or "", series_description=description, xsi_type=xsi_type
+            )
+            return Response(scan.id, status=201, mimetype="text/plain")
+        if scan_type is not None:
+            existing.type = scan_type
+        if description is not None:
+            existing.series_description = description
+        return Response(existing.id, mimetype="text/plain")
+
+    # -- scans, resources, files ------------------------------------------------------------
+
+    def _scan_row(self, experiment: Experiment, scan: Scan) -> dict[str, str]:
+        return {
+            "xnat_imagescandata_id": scan.xnat_imagescandata_id,
+            "ID": scan.id,
+            "type": scan.type,
+            "quality": scan.quality,
+            "xsiType": scan.xsi_type,
+            "note": scan.note,
+            "series_description": scan.series_description,
+            "URI": f"/data/experiments/{experiment.id}/scans/{scan.id}",
+        }
+
+    def _scan_item(self, experiment: Experiment, scan: Scan) -> dict[str, Any]:
+        resources = [
+            {
+                "meta": {"isHistory": False, "xsi:type": "xnat:resourceCatalog"},
+                "data_fields": {
+                    "xnat_abstractresource_id": int(r.id),
+                    "label": r.label,
+                    "format": r.format,
+                    "content": r.content,
+                    "file_count": len(r.files),
+                    "file_size": r.file_size,
+                    "URI": f"/data/xnat/archive/{experiment.project}/arc001/{experiment.label}/SCANS/{scan.id}/{r.label}/scan_{scan.id}_catalog.xml",
+                },
+                "children": [],
+            }
+            for r in scan.resources.values()
+        ]
+        fields: dict[str, Any] = {
+            "ID": scan.id,
+            "type": scan.type,
+            "series_description": scan.series_description,
+            "quality": scan.quality,
+            "xnat_imagescandata_id": int(scan.xnat_imagescandata_id),
+            "image_session_ID": experiment.id,
+            "project": experiment.project,
+        }
+        if scan.note:
+            fields["note"] = scan.note
+        return {
+            "meta": {"isHistory": False, "xsi:type": scan.xsi_type, "start_date": java_date(experiment.last_modified)},
+            "data_fields": fields,
+            "children": [{"field": "file", "items": resources}] if resources else [],
+        }
+
+    def _scan_single(self, ctx: Ctx, experiment: Experiment, scan: Scan) -> Response:
+        if ctx.fmt not in ("", "json"):
+            raise HttpError(400, f"Unsupported format {ctx.fmt}")
+        return _json({"items": [self._scan_item(experiment, scan)]})
+
+    def _select_scans(self, experiment: Experiment, key: str) -> list[Scan]:
+        """A scans segment: `ALL`, an ID, a scan type, or a comma list of those."""
+        if key == "ALL":
+            return list(experiment.scans.values())
+        chosen: dict[str, Scan] = {}
+        for part in key.split(","):
+            if part in experiment.scans:
+                chosen.setdefault(part, experiment.scans[part])
+            else:
+                for scan in experiment.scans.values():
+                    if scan.type == part:
+                        chosen.setdefault(scan.id, scan)
+        return list(chosen.values())
+
+    def _files(self, ctx: Ctx, experiment: Experiment, scans: list[Scan], res_key: str, rest: list[str]) -> Response:
+        selected: list[tuple[Scan, Resource]] = []
+        keys = None if res_key == "ALL" else res_key.split(",")
+        for scan in scans:
+            if keys is None:
+                selected.extend((scan, r) for r in scan.resources.values())
+            else:
+                for key in keys:
+                    res = scan.find_resource(key)
+                    if res is not None:
+                        selected.append((scan, res))
+        if rest:
+            relpath = "/".join(rest)
+            for scan, res in selected:
+                entry = res.files.get(relpath)
+                if entry is not None:
+                    if ctx.request.method == "DELETE":
+                        del res.files[relpath]
+                        return Response("", mimetype="text/plain")
+                    return _file_response(entry)
+            raise HttpError(404, "Unable to find file.")
+        if ctx.fmt == "zip":
+            if not selected or not any(r.files for _, r in selected):
+                if ctx.request.args.get("accept-not-found") == "true":
+                    return Response(status=204)
+                raise HttpError(404, "Unable to find file.")
+            structure = ctx.request.args.get("structure", "")
+            return _zip_response(experiment, selected, structure)
+        if not scans or (keys is not None and not selected):
+            raise HttpError(404, f"Unable to find resource {res_key}")
+        rows = []
+        for scan, res in selected:
+            if ctx.via == "project":
+                base = (
+                    f"/data/projects/{experiment.project}/subjects/{experiment.subject_id}"
+                    f"/experiments/{experiment.id}"
+                )
+            else:
+                base = f"/data/experiments/{experiment.id}"
+            for entry in res.files.values():
+                rows.append(
+                    {
+                        "Name": entry.name,
+                        "Size": str(entry.size),
+                        "URI": f"{base}/scans/{scan.id}/resources/{res.id}/files/{entry.path}",
+                        "collection": res.label,
+                        "file_tags": "",
+                        "file_format": res.format,
+                        "file_content": res.content,
+                        "cat_ID": res.id,
+                        "digest": entry.md5,
+                    }
+                )
+        return self._listing(ctx, rows, FILE_COLUMNS, None, uri=False, title="Files", file_listing=True)
+
+    def _upload(self, ctx: Ctx, experiment: Experiment, scan: Scan, res_key: str, relpath: str) -> Response:
+        request = ctx.request
+        if request.files:
+            data = next(iter(request.files.values())).read()
+        else:
+            data = request.get_data()
+        res = scan.find_resource(res_key)
+        label = res.label if res is not None else res_key
+        existed = res is not None and relpath in res.files
+        if existed and request.args.get("overwrite", "false").lower() != "true":
+            raise HttpError(409, f"File {relpath} already exists.")
+        self.archive.upload_file(experiment.id, scan.id, label, relpath, data)
+        return Response("", status=200 if existed else 201, mimetype="text/plain")
+
+    # -- rendering --------------------------------------------------------------------------
+
+    def _single(
+        self, ctx: Ctx, xsi_type: str, fields: dict[str, Any], modified: datetime | None, children: list[Any]
+    ) -> Response:
+        if ctx.fmt not in ("", "json"):
+            raise HttpError(400, f"Unsupported format {ctx.fmt}")
+        meta: dict[str, Any] = {"isHistory": False, "xsi:type": xsi_type}
+        if modified is not None:
+            # XNAT puts row_last_modified here, not the insert date (xnatpy calls it insert_date).
+            meta["start_date"] = java_date(modified)
+        return _json({"items": [{"children": children, "meta": meta, "data_fields": fields}]})
+
+    def _listing(
+        self,
+        ctx: Ctx,
+        rows: list[dict[str, str]],
+        defaults: Sequence[str],
+        available: Sequence[str] | None,
+        *,
+        uri: bool,
+        title: str | None = None,
+        file_listing: bool = False,
+    ) -> Response:
+        """Filter, project and render a listing. `available=None`: fixed columns, `columns=` ignored."""
+        args = ctx.request.args
+        known = list(available) if available is not None else list(defaults)
+        rows = [r for r in rows if _row_matches(r, args, known)]
+        columns = list(defaults)
+        requested = args.get("columns")
+        if available is not None and requested:
+            columns = []
+            for name in requested.split(","):
+                column = _resolve_column(name.strip(), known)
+                if column is not None and column not in columns:
+                    columns.append(column)
+        if uri and "URI" not in columns:
+            columns.append("URI")
+        table = [{c: r.get(c, "") for c in columns} for r in rows]
+        if ctx.fmt == "json":
+            result: dict[str, Any] = {"Result": table}
+            if file_listing:
+                result["Columns"] = [{"key": "URI", "serverRoot": ""}]
+            else:
+                result["totalRecords"] = str(len(table))
+            if title:
+                result["title"] = title
+            return _json({"ResultSet": result})
+        if ctx.fmt == "csv":
+            buffer = io.StringIO()
+            writer = csv.writer(buffer, lineterminator="\n")
+            writer.writerow(columns)
+            for row in table:
+                writer.writerow([row[c] for c in columns])
+            return Response(buffer.getvalue(), mimetype="text/csv")
+        if ctx.fmt in ("", "html"):
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+            body = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(row[c])}</td>" for c in columns) + "</tr>" for row in table
+            )
+            return Response(f"<html><body><table><tr>{head}</tr>{body}</table></body></html>", mimetype="text/html")
+        raise HttpError(400, f"Unsupported format {ctx.fmt}")
+
+
+# -- helpers (module-private) -------------------------------------------------------------------
+
+
+def _json(payload: Any) -> Response:
+    return Response(json.dumps(payload), mimetype="application/json")
+
+
+_XSD_CACHE: list[str] = []
+
+
+def _xnat_xsd() -> str:
+    if not _XSD_CACHE:
+        _XSD_CACHE.append(importlib_resources.files(__package__).joinpath("xnat.xsd").read_text(encoding="utf-8"))
+    return _XSD_CACHE[0]
+
+
+XDAT_XSD = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    '<xs:schema targetNamespace="http://nrg.wustl.edu/xdat" xmlns:xdat="http://nrg.wustl.edu/xdat" '
+    'xmlns:xs="http://www.w3.org/2001/XMLSchema" elementFormDefault="qualified"/>\n'
+)
+
+SEARCH_ELEMENTS = (
+    ("xnat:projectData", "Project", "Projects"),
+    ("xnat:subjectData", "Subject", "Subjects"),
+    ("xnat:mrSessionData", "MR Session", "MR Sessions"),
+    ("xnat:ctSessionData", "CT Session", "CT Sessions"),
+    ("xnat:petSessionData", "PET Session", "PET Sessions"),
+)
+_SESSION_FIELDS = ("EXPT_ID", "LABEL", "PROJECT", "SUBJECT_ID", "SUBJECT_LABEL", "DATE", "INSERT_DATE", "LAST_MODIFIED")
+SEARCH_FIELDS: dict[str, tuple[str, ...]] = {
+    "xnat:projectData": ("ID", "NAME", "DESCRIPTION"),
+    "xnat:subjectData": ("SUBJECT_ID", "SUBJECT_LABEL", "INSERT_DATE"),
+    "xnat:mrSessionData": _SESSION_FIELDS,
+    "xnat:ctSessionData": _SESSION_FIELDS,
+    "xnat:petSessionData": _SESSION_FIELDS,
+}
+
+
+def _resolve_column(name: str, available: Sequence[str]) -> str | None:
+    """Map a requested column (alias or xpath, any case) to its short alias, or None if unknown."""
+    lowered = name.lower()
+    if "/" in lowered:
+        alias = XPATH_ALIASES.get(lowered)
+        if alias is not None:
+            return alias if alias in available else None
+        lowered = lowered.rsplit("/", 1)[-1]
+    return next((c for c in available if c.lower() == lowered), None)
+
+
+def _value_matches(value: str, pattern: str, column: str) -> bool:
+    if column == "date":
+        span = re.fullmatch(r"(\d{4}-\d{2}-\d{2})-(\d{4}-\d{2}-\d{2})", pattern)
+        if span:
+            return bool(value) and span.group(1) <= value <= span.group(2)
+    regex = "^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$"
+    return re.match(regex, value, re.IGNORECASE) is not None
+
+
+def _row_matches(row: dict[str, str], args: Any, available: Sequence[str]) -> bool:
+    for key, value in args.items(multi=True):
+        if key.lower() in RESERVED_QUERY and key != "xsiType":
+            continue
+        if key == "xsiType" and "xsiType" in row:
+            types = (row["xsiType"],) + SUPERTYPES.get(row["xsiType"], ())
+            if not any(_value_matches(t, p, "xsiType") for p in value.split(",") for t in types):
+                return False
+            continue
+        column = _resolve_column(key, available)
+        if column is None or column not in row:
+            continue
+        if not any(_value_matches(row[column], p, column) for p in value.split(",")):
+            return False
+    return True
+
+
+def _typed_arg(args: Any, xsi_type: str, name: str) -> str | None:
+    """A field given as `name=` or as an xpath such as `xnat:mrScanData/type=`."""
+    for key, value in args.items():
+        if key == name or (key.lower().endswith("/" + name.lower()) and ":" in key):
+            return value
+    return None
+
+
+def _field_edits(args: Any, xsi_type: str) -> dict[str, str]:
+    """Session fields a PUT edits: `date=` or `xnat:mrSessionData/date=` (any type prefix), etc."""
+    edits: dict[str, str] = {}
+    for name in ("date", "time", "note", "label"):
+        value = _typed_arg(args, xsi_type, name)
+        if value is not None:
+            edits[name] = value
+    return edits
+
+
+def _resource_row(scan: Scan, res: Resource) -> dict[str, str]:
+    return {
+        "xnat_abstractresource_id": res.id,
+        "label": res.label,
+        "element_name": "xnat:resourceCatalog",
+        "category": "scans",
+        "cat_id": scan.id,
+        "cat_desc": scan.series_description,
+        "file_count": str(len(res.files)),
+        "file_size": str(res.file_size),
+        "tags": "",
+        "content": res.content,
+        "format": res.format,
+    }
+
+
+def _file_response(entry: FileEntry) -> Response:
+    mimetype = mimetypes.guess_type(entry.name)[0] or "application/octet-stream"
+    if entry.name.lower().endswith(".dcm"):
+        mimetype = "application/dicom"
+    response = Response(entry.iter_bytes(), mimetype=mimetype, direct_passthrough=True)
+    response.headers["Content-Length"] = str(entry.size)
+    return response
+
+
+class _Pipe(io.RawIOBase):
+    """A write-only sink that zipfile writes into and the response generator drains."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.chunks.append(bytes(data))
+        return len(data)
+
+    def drain(self) -> bytes:
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        return data
+
+
+def _zip_entry_name(experiment: Experiment, scan: Scan, res: Resource, relpath: str, structure: str) -> str:
+    safe_type = re.sub(r"\W", "_", scan.type)
+    scan_dir = f"{scan.id}-{safe_type}"
+    if structure == "simplified":
+        return f"{experiment.label}/scans/{scan_dir}/{res.label}/{relpath}"
+    if structure == "improved":
+        return f"{experiment.label}/scans/{scan.id}_{safe_type}/{res.label}/{relpath}"
+    if structure == "legacy":
+        return f"data/xnat/archive/{experiment.project}/arc001/{experiment.label}/SCANS/{scan.id}/{res.label}/{relpath}"
+    return f"{experiment.label}/scans/{scan_dir}/resources/{res.label}/files/{relpath}"
+
+
+def _zip_response(experiment: Experiment, selected: list[tuple[Scan, Resource]], structure: str) -> Response:
+    stamp = experiment.last_modified.timetuple()[:6]
+
+    def generate() -> Iterator[bytes]:
+        pipe = _Pipe()
+        # Entries are STORED: DICOM barely compresses and deflate would dominate the CPU time.
+        with zipfile.ZipFile(pipe, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for scan, res in selected:
+                for entry in list(res.files.values()):
+                    info = zipfile.ZipInfo(_zip_entry_name(experiment, scan, res, entry.path, structure), stamp)
+                    info.file_size = entry.size
+                    with archive.open(info, mode="w") as member:
+                        for chunk in entry.iter_bytes():
+                            member.write(chunk)
+                            data = pipe.drain()
+                            if data:
+                                yield data
+                    data = pipe.drain()
+                    if data:
+                        yield data
+        data = pipe.drain()
+        if data:
+            yield data
+
+    response = Response(generate(), mimetype="application/zip", direct_passthrough=True)
+    response.headers["Content-Disposition"] = f'attachment; filename="{experiment.id}.zip"'
+    return response
+
+
+def _drop_connection(request: Request, reset: bool = True) -> None:
+    """End the TCP connection now: `reset` aborts it (RST on close), otherwise only our side is closed.
+
+    The server's later writes then fail quietly (werkzeug treats them as a dropped connection).
+    """
+    sock = request.environ.get("werkzeug.socket")
+    if sock is None:
+        return
+    try:
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.shutdown(socket.SHUT_RDWR)
+        else:
+            sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def _body_chunks(response: Response) -> Iterator[bytes]:
+    for chunk in response.iter_encoded():
+        if chunk:
+            yield chunk
+
+
+def _corrupt(response: Response) -> Response:
+    """Flip the first byte of the body, keeping its length, so a digest check fails."""
+
+    def generate() -> Iterator[bytes]:
+        flipped = False
+        for chunk in _body_chunks(response):
+            if not flipped:
+                chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
+                flipped = True
+            yield chunk
+
+    corrupted = Response(generate(), status=response.status_code, direct_passthrough=True)
+    corrupted.headers = response.headers.copy()
+    return corrupted
+
+
+def _truncate(response: Response, fault: Fault, request: Request) -> Response:
+    """Announce the whole body but send only part of it, then drop the connection."""
+    length_header = response.headers.get("Content-Length")
+    if length_header is None and not response.is_streamed:
+        length_header = str(len(response.get_data()))
+
+    def generate() -> Iterator[bytes]:
+        if length_header is not None:
+            keep = int(int(length_header) * fault.fraction)
+            sent = 0
+            for chunk in _body_chunks(response):
+                if sent + len(chunk) >= keep:
+                    if keep > sent:
+                        yield chunk[: keep - sent]
+                    break
+                sent += len(chunk)
+                yield chunk
+        else:
+            # Unknown length (a streamed zip): hold one chunk back and cut the last one short.
+            previous: bytes | None = None
+            for chunk in _body_chunks(response):
+                if previous is not None:
+                    yield previous
+                previous = chunk
+            if previous:
+                yield previous[: int(len(previous) * fault.fraction)]
+        _drop_connection(request, reset=False)
+
+    truncated = Response(generate(), status=response.status_code, direct_passthrough=True)
+    truncated.headers = response.headers.copy()
+    if length_header is not None:
+        truncated.headers["Content-Length"] = length_header
+    return truncated

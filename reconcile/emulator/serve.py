@@ -1,0 +1,130 @@
+"""Running the emulator as a real HTTP server, and filling an archive from a folder of DICOM files.
+
+This module owns server lifecycles (a background thread for tests and benchmarks, a blocking loop
+for `xnat2bids emulator serve`); it adds no routes of its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from .app import EmulatorApp
+from .archive import Archive, Experiment
+
+SESSION_TYPE_BY_MODALITY = {"MR": "xnat:mrSessionData", "CT": "xnat:ctSessionData", "PT": "xnat:petSessionData"}
+
+
+def _server(app: EmulatorApp, host: str, port: int) -> BaseWSGIServer:
+    return make_server(host, port, app, threaded=True)
+
+
+def _url(server: BaseWSGIServer, host: str) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return f"http://{shown}:{server.port}"
+
+
+@contextmanager
+def serve_in_thread(app: EmulatorApp, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` on a threaded werkzeug server in the background; yield its base URL."""
+    server = _server(app, host, port)
+    thread = threading.Thread(target=server.serve_forever, name="xnat-emulator", daemon=True)
+    thread.start()
+    try:
+        yield _url(server, host)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def serve_forever(
+    archive: Archive,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    *,
+    app: EmulatorApp | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve `archive` until KeyboardInterrupt; `on_ready` gets the base URL once listening."""
+    server = _server(app or EmulatorApp(archive), host, port)
+    if on_ready is not None:
+        on_ready(_url(server, host))
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def load_dicom_dir(archive: Archive, path: str | Path) -> list[Experiment]:
+    """Load a folder laid out PROJECT/SUBJECT/SESSION/SCANID/*.dcm into `archive`.
+
+    Projects and subjects are created when missing. The scan type and series description come from
+    SeriesDescription (ProtocolName as fallback, then the folder name), the session date and time
+    from StudyDate/StudyTime, the session type from Modality. File bytes stay on disk until served.
+    """
+    import pydicom  # deferred: only this loader needs it
+
+    root = Path(path)
+    created: list[Experiment] = []
+    for project_dir in _subdirs(root):
+        if project_dir.name not in archive.projects:
+            archive.add_project(project_dir.name)
+        for subject_dir in _subdirs(project_dir):
+            for session_dir in _subdirs(subject_dir):
+                scans: list[tuple[Path, list[Path], pydicom.Dataset | None]] = []
+                for scan_dir in _subdirs(session_dir):
+                    files = sorted(p for p in scan_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+                    header = _first_header(files, pydicom)
+                    scans.append((scan_dir, files, header))
+                first = next((h for _, _, h in scans if h is not None), None)
+                experiment = archive.add_session(
+                    project_dir.name,
+                    subject_dir.name,
+                    session_dir.name,
+                    date=_dicom_date(first),
+                    time=_dicom_time(first),
+                    xsi_type=SESSION_TYPE_BY_MODALITY.get(str(getattr(first, "Modality", "MR")), "xnat:mrSessionData"),
+                )
+                for scan_dir, files, header in scans:
+                    description = str(getattr(header, "SeriesDescription", "") or getattr(header, "ProtocolName", ""))
+                    description = description or scan_dir.name
+                    archive.add_scan(experiment.id, scan_dir.name, type=description, series_description=description)
+                    for file_path in files:
+                        relpath = file_path.relative_to(scan_dir).as_posix()
+                        archive.add_disk_file(experiment.id, scan_dir.name, "DICOM", relpath, file_path)
+                created.append(experiment)
+    return created
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def _first_header(files: list[Path], pydicom):  # noqa: ANN001, ANN202 - pydicom is imported lazily
+    for file_path in files:
+        try:
+            return pydicom.dcmread(file_path, stop_before_pixels=True)
+        except Exception:  # not DICOM (e.g. a stray text file): look at the next one
+            continue
+    return None
+
+
+def _dicom_date(header) -> str:  # noqa: ANN001
+    value = str(getattr(header, "StudyDate", "") or "")
+    if len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return ""
+
+
+def _dicom_time(header) -> str:  # noqa: ANN001
+    value = str(getattr(header, "StudyTime", "") or "").split(".")[0]
+    if len(value) >= 6 and value[:6].isdigit():
+        return f"{value[:2]}:{value[2:4]}:{value[4:6]}"
+    return ""

@@ -1,0 +1,64 @@
+"""Shared fixtures: an in-memory XNAT archive and the emulator serving it over real HTTP."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from pytest_httpserver import HTTPServer
+
+from reconcile.emulator import Archive, EmulatorApp
+
+EMULATOR_USER = "admin"
+EMULATOR_PASSWORD = "secret"
+
+
+@dataclass
+class RunningEmulator:
+    """The emulator as a test sees it: where it listens, what it serves, who may log in."""
+
+    url: str
+    archive: Archive
+    app: EmulatorApp
+    user: str
+    password: str
+
+
+@pytest.fixture
+def archive() -> Archive:
+    """An empty archive with user admin/secret and an empty project PROJ."""
+    archive = Archive(site="XNAT")
+    archive.add_user(EMULATOR_USER, EMULATOR_PASSWORD)
+    archive.add_project("PROJ", name="Test project")
+    return archive
+
+
+@pytest.fixture
+def emulator(archive: Archive) -> Iterator[RunningEmulator]:
+    """The emulator over `archive`, served by pytest-httpserver on a free local port."""
+    app = EmulatorApp(archive)
+    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+
+    def handler(request):  # noqa: ANN001, ANN202 - werkzeug types
+        response = app.handle(request)
+        # pytest-httpserver keeps every (request, response) pair; drop them so long runs stay small.
+        server.clear_log()
+        return response
+
+    # One permanent catch-all handler: any number of requests, in any order, nothing "unexpected".
+    server.expect_request(re.compile(".*")).respond_with_handler(handler)
+    server.start()
+    try:
+        yield RunningEmulator(
+            url=f"http://127.0.0.1:{server.port}",
+            archive=archive,
+            app=app,
+            user=EMULATOR_USER,
+            password=EMULATOR_PASSWORD,
+        )
+    finally:
+        server.clear()
+        if server.is_running():
+            server.stop()
