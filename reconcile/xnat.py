@@ -279,7 +279,9 @@ class XnatClient:
                 raise RemoteError(f"XNAT at {self.url} did not return a session after login")
             # XNAT puts the session ID in the body; some proxies drop Set-Cookie.
             hostname = urlsplit(self._origin).hostname or ""
-            self._http.cookies.set_cookie(create_cookie("JSESSIONID", body, domain=hostname, path="/"))
+            # http.cookiejar matches dotless hosts (localhost) as "host.local", as it would a Set-Cookie.
+            domain = hostname if "." in hostname else f"{hostname}.local"
+            self._http.cookies.set_cookie(create_cookie("JSESSIONID", body, domain=domain, path="/"))
         self._generation += 1
         self._logged_in = True
 

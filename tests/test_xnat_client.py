@@ -1,0 +1,838 @@
+"""The XNAT client over real HTTP: a small XNAT stand-in on pytest-httpserver, raw sockets for
+resets and truncation, and (when present) the project's emulator."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from reconcile.credentials import Credentials
+from reconcile.errors import AuthError, NotFoundError, RemoteError, UnsafePathError, XnatBidsError
+from reconcile.model import Experiment
+from reconcile.xnat import EXPERIMENT_COLUMNS, XnatClient, html_message
+
+SENTINEL = "pw-S3NT1NEL-9f8e"
+USER = "alice"
+TOKEN_ALIAS = "0b5c2f4e-1a2b-4c3d-8e9f-0123456789ab"
+
+EXPERIMENTS_PATH = "/data/projects/PROJ/experiments"
+RESTLET_404 = (
+    "<html><head><title>Status page</title></head><body><h3>Unable to identify project NOPE</h3>"
+    "<p>You can get technical details <a href='x'>here</a>.</p></body></html>"
+)
+
+
+def exp_row(**over: str) -> dict[str, str]:
+    row = {
+        "ID": "SITE_E00001",
+        "label": "SUBJ01_MR1",
+        "project": "PROJ",
+        "subject_ID": "SITE_S00001",
+        "subject_label": "SUBJ01",
+        "date": "2024-01-10",
+        "insert_date": "2023-09-27 17:31:21.352",
+        "last_modified": "2023-09-28 08:00:00.5",
+        "xsiType": "xnat:mrSessionData",
+        "URI": "/data/experiments/SITE_E00001",
+    }
+    row.update(over)
+    return row
+
+
+def result_set(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"ResultSet": {"Result": rows, "totalRecords": str(len(rows))}}
+
+
+def file_row(scan: str, name: str, size: int = 10, digest: str = "", collection: str = "DICOM") -> dict[str, str]:
+    base = "/data/projects/PROJ/subjects/SITE_S00001/experiments/SITE_E00001"
+    return {
+        "Name": name.rsplit("/", 1)[-1],
+        "Size": str(size),
+        "URI": f"{base}/scans/{scan}/resources/101/files/{name}",
+        "collection": collection,
+        "file_tags": "",
+        "file_format": "DICOM",
+        "file_content": "RAW",
+        "cat_ID": "101",
+        "digest": digest,
+    }
+
+
+class Site:
+    """A tiny XNAT on pytest-httpserver: password login, cookie check, JSON routes."""
+
+    def __init__(self, server: HTTPServer, *, set_cookie: bool = True):
+        self.server = server
+        self.set_cookie = set_cookie
+        self.sessions: set[str] = set()
+        self.logins = 0
+        self.basic_seen = 0
+        server.expect_request("/data/services/auth", method="PUT").respond_with_handler(self._auth)
+        server.expect_request("/data/JSESSION", method="DELETE").respond_with_handler(self._logout)
+
+    @property
+    def url(self) -> str:
+        return self.server.url_for("").rstrip("/")
+
+    def _auth(self, request: Request) -> Response:
+        self.logins += 1
+        if request.form.get("username") != USER or request.form.get("password") != SENTINEL:
+            return Response("Authentication failed.", status=401, content_type="text/plain")
+        sid = f"SID{self.logins:04d}"
+        self.sessions.add(sid)
+        resp = Response(sid, content_type="text/plain")
+        if self.set_cookie:
+            resp.set_cookie("JSESSIONID", sid, path="/")
+        return resp
+
+    def _logout(self, request: Request) -> Response:
+        self.sessions.discard(request.cookies.get("JSESSIONID", ""))
+        return Response("", status=200)
+
+    def expire_sessions(self) -> None:
+        self.sessions.clear()
+
+    def authed(self, body: Callable[[Request], Response]) -> Callable[[Request], Response]:
+        def handler(request: Request) -> Response:
+            if request.authorization is not None:
+                self.basic_seen += 1
+            if request.cookies.get("JSESSIONID") not in self.sessions:
+                return Response("<html><body><h3>Login required</h3></body></html>", status=401)
+            return body(request)
+
+        return handler
+
+    def json(self, path: str, payload: Any, *, method: str = "GET") -> None:
+        text = json.dumps(payload)
+        self.server.expect_request(path, method=method).respond_with_handler(
+            self.authed(lambda r: Response(text, content_type="application/json"))
+        )
+
+    def raw(self, path: str, body: str | bytes, *, status: int = 200, content_type: str = "text/html") -> None:
+        self.server.expect_request(path).respond_with_handler(
+            self.authed(lambda r: Response(body, status=status, content_type=content_type))
+        )
+
+    def requests_to(self, path: str) -> list[Request]:
+        return [req for req, _ in self.server.log if req.path == path]
+
+
+@pytest.fixture
+def site(httpserver: HTTPServer) -> Site:
+    return Site(httpserver)
+
+
+def make_client(url: str, **kw: Any) -> XnatClient:
+    kw.setdefault("backoff", 0.0)
+    kw.setdefault("timeout", 5.0)
+    return XnatClient(url, Credentials(USER, SENTINEL, "env"), **kw)
+
+
+@pytest.fixture
+def client(site: Site) -> Iterator[XnatClient]:
+    with make_client(site.url) as c:
+        yield c
+
+
+def assert_no_secret(exc: BaseException) -> None:
+    """The password must not appear in the error, its chain, or their reprs."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        assert SENTINEL not in str(seen) and SENTINEL not in repr(seen)
+        for attr in ("summary", "detail", "hint"):
+            assert SENTINEL not in str(getattr(seen, attr, "") or "")
+        seen = seen.__cause__ or seen.__context__
+
+
+# ---------------------------------------------------------------------------- login & cookies
+
+
+def test_logs_in_once_then_sends_only_the_cookie(site: Site, client: XnatClient) -> None:
+    site.json(EXPERIMENTS_PATH, result_set([exp_row()]))
+    for _ in range(3):
+        client.list_experiments("PROJ")
+    assert site.logins == 1
+    assert site.basic_seen == 0
+    listing = site.requests_to(EXPERIMENTS_PATH)
+    assert len(listing) == 3 and all(r.cookies.get("JSESSIONID") == "SID0001" for r in listing)
+
+
+def test_login_form_body_carries_the_credentials(site: Site, client: XnatClient) -> None:
+    client.login()
+    client.login()  # idempotent
+    (auth,) = site.requests_to("/data/services/auth")
+    assert auth.method == "PUT" and auth.authorization is None
+    assert auth.form["username"] == USER and auth.form["password"] == SENTINEL
+
+
+def test_session_id_from_the_body_when_no_set_cookie(httpserver: HTTPServer) -> None:
+    site = Site(httpserver, set_cookie=False)
+    site.json(EXPERIMENTS_PATH, result_set([exp_row()]))
+    with make_client(site.url) as c:
+        assert len(c.list_experiments("PROJ")) == 1
+    assert site.logins == 1
+
+
+def test_close_ends_the_server_session(site: Site) -> None:
+    c = make_client(site.url)
+    c.login()
+    assert site.sessions == {"SID0001"}
+    c.close()
+    assert site.sessions == set()
+    with pytest.raises(RemoteError):
+        c.list_experiments("PROJ")
+
+
+def test_wrong_password_is_an_auth_error_without_the_password(site: Site) -> None:
+    bad = XnatClient(site.url, Credentials(USER, SENTINEL + "x", "env"), backoff=0)
+    with pytest.raises(AuthError) as info:
+        bad.login()
+    assert str(info.value).startswith(f"XNAT rejected the credentials for user {USER} at {site.url}")
+    assert SENTINEL not in str(info.value)
+    assert_no_secret(info.value)
+    assert site.logins == 1  # a 401 on login is not retried
+
+
+def test_expired_session_triggers_one_relogin(site: Site, client: XnatClient) -> None:
+    site.json(EXPERIMENTS_PATH, result_set([exp_row()]))
+    client.list_experiments("PROJ")
+    site.expire_sessions()
+    assert len(client.list_experiments("PROJ")) == 1
+    assert site.logins == 2
+
+
+def test_persistent_401_after_relogin_is_an_auth_error(site: Site, client: XnatClient) -> None:
+    site.server.expect_request(EXPERIMENTS_PATH).respond_with_data("no", status=401)
+    with pytest.raises(AuthError) as info:
+        client.list_experiments("PROJ")
+    assert site.logins == 2
+    assert "rejected the credentials" in str(info.value)
+    assert_no_secret(info.value)
+
+
+def test_alias_token_logs_in_with_one_basic_request(httpserver: HTTPServer) -> None:
+    seen: list[Request] = []
+
+    def jsession(request: Request) -> Response:
+        seen.append(request)
+        auth = request.authorization
+        if auth is None or (auth.username, auth.password) != (TOKEN_ALIAS, SENTINEL):
+            return Response("", status=401)
+        resp = Response("TOKSID", content_type="text/plain")
+        resp.set_cookie("JSESSIONID", "TOKSID", path="/")
+        return resp
+
+    def listing(request: Request) -> Response:
+        assert request.authorization is None
+        assert request.cookies.get("JSESSIONID") == "TOKSID"
+        return Response(json.dumps(result_set([exp_row()])), content_type="application/json")
+
+    httpserver.expect_request("/data/JSESSION", method="GET").respond_with_handler(jsession)
+    httpserver.expect_request(EXPERIMENTS_PATH).respond_with_handler(listing)
+    httpserver.expect_request("/data/JSESSION", method="DELETE").respond_with_data("")
+    with XnatClient(httpserver.url_for("/"), Credentials(TOKEN_ALIAS, SENTINEL, "token-file"), backoff=0) as c:
+        c.list_experiments("PROJ")
+        c.list_experiments("PROJ")
+    assert len(seen) == 1
+    assert not any(r.path == "/data/services/auth" for r, _ in httpserver.log)
+
+
+def test_netrc_is_not_used_by_the_transport(
+    site: Site, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # requests would otherwise add Basic auth from ~/.netrc to every call (a new server session each).
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine localhost login alice password other\nmachine 127.0.0.1 login alice password other\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    site.json(EXPERIMENTS_PATH, result_set([exp_row()]))
+    with make_client(site.url) as c:
+        c.list_experiments("PROJ")
+    assert site.basic_seen == 0
+
+
+# ---------------------------------------------------------------------------- listing parse
+
+
+def test_list_experiments_is_one_request_with_the_columns(site: Site, client: XnatClient) -> None:
+    site.json(EXPERIMENTS_PATH, result_set([exp_row(), exp_row(ID="SITE_E00002", label="SUBJ02_MR1")]))
+    client.login()
+    before = client.request_count
+    exps = client.list_experiments("PROJ")
+    assert client.request_count - before == 1
+    (req,) = site.requests_to(EXPERIMENTS_PATH)
+    assert req.args["format"] == "json"
+    assert req.args["columns"].split(",") == list(EXPERIMENT_COLUMNS)
+    assert [e.id for e in exps] == ["SITE_E00001", "SITE_E00002"]
+
+
+def test_experiment_values_are_parsed(site: Site, client: XnatClient) -> None:
+    site.json(EXPERIMENTS_PATH, result_set([exp_row()]))
+    (exp,) = client.list_experiments("PROJ")
+    assert exp == Experiment(
+        id="SITE_E00001",
+        label="SUBJ01_MR1",
+        project="PROJ",
+        subject_id="SITE_S00001",
+        subject_label="SUBJ01",
+        date="2024-01-10",
+        insert_date=datetime(2023, 9, 27, 17, 31, 21, 352000),
+        last_modified=datetime(2023, 9, 28, 8, 0, 0, 500000),
+        xsi_type="xnat:mrSessionData",
+    )
+
+
+def test_empty_strings_become_none(site: Site, client: XnatClient) -> None:
+    site.json(EXPERIMENTS_PATH, result_set([exp_row(date="", insert_date="", last_modified="")]))
+    (exp,) = client.list_experiments("PROJ")
+    assert exp.date is None and exp.insert_date is None and exp.last_modified is None
+
+
+@pytest.mark.parametrize(
+    "text, micros",
+    [("0", 0), ("5", 500000), ("35", 350000), ("352", 352000), ("123456", 123456), ("123456789", 123456)],
+)
+def test_timestamps_with_1_to_9_fraction_digits(site: Site, client: XnatClient, text: str, micros: int) -> None:
+    site.json(EXPERIMENTS_PATH, result_set([exp_row(insert_date=f"2023-09-27 17:31:21.{text}")]))
+    (exp,) = client.list_experiments("PROJ")
+    assert exp.insert_date == datetime(2023, 9, 27, 17, 31, 21, micros)
+
+
+def test_rows_of_every_type_are_kept(site: Site, client: XnatClient) -> None:
+    site.json(
+        EXPERIMENTS_PATH,
+        result_set([exp_row(), exp_row(ID="SITE_E00009", label="QC1", xsiType="xnat:qcAssessmentData",
+                                       subject_ID="", subject_label="")]),
+    )
+    exps = client.list_experiments("PROJ")
+    assert [e.xsi_type for e in exps] == ["xnat:mrSessionData", "xnat:qcAssessmentData"]
+    assert exps[1].subject_id == ""
+
+
+@pytest.mark.parametrize(
+    "row, fragment",
+    [
+        (exp_row(ID=""), "without ID or label"),
+        ({k: v for k, v in exp_row().items() if k != "label"}, "without ID or label"),
+        (exp_row(insert_date="yesterday"), "SITE_E00001"),
+        (exp_row(date="10/01/2024"), "SITE_E00001"),
+    ],
+)
+def test_malformed_row_is_a_remote_error_naming_the_row(
+    site: Site, client: XnatClient, row: dict[str, str], fragment: str
+) -> None:
+    site.json(EXPERIMENTS_PATH, result_set([exp_row(ID="SITE_E00000"), row]))
+    with pytest.raises(RemoteError) as info:
+        client.list_experiments("PROJ")
+    assert fragment in str(info.value) and "row 1" in str(info.value)
+
+
+def test_unknown_project_404(site: Site, client: XnatClient) -> None:
+    site.raw("/data/projects/NOPE/experiments", RESTLET_404, status=404)
+    with pytest.raises(NotFoundError) as info:
+        client.list_experiments("NOPE")
+    assert info.value.summary == f"project NOPE not found on XNAT or not visible to user {USER}"
+    assert "Unable to identify project NOPE" in str(info.value)
+
+
+def test_forbidden_project_403(site: Site, client: XnatClient) -> None:
+    site.raw(EXPERIMENTS_PATH, "<html><h3>Unable to read experiments for Project: PROJ</h3></html>", status=403)
+    with pytest.raises(AuthError) as info:
+        client.list_experiments("PROJ")
+    assert "PROJ" in info.value.summary and USER in info.value.summary
+    assert not isinstance(info.value, NotFoundError)
+
+
+def test_html_page_with_200_is_a_remote_error(site: Site, client: XnatClient) -> None:
+    site.raw(EXPERIMENTS_PATH, "<!DOCTYPE html><html><body><h3>The server is in maintenance</h3></body></html>")
+    with pytest.raises(RemoteError) as info:
+        client.list_experiments("PROJ")
+    assert "The server is in maintenance" in str(info.value)
+
+
+def test_invalid_json_is_a_remote_error(site: Site, client: XnatClient) -> None:
+    site.raw(EXPERIMENTS_PATH, '{"ResultSet": {"Result": [', content_type="application/json")
+    with pytest.raises(RemoteError) as info:
+        client.list_experiments("PROJ")
+    assert "invalid JSON" in str(info.value)
+
+
+def test_json_without_result_set_is_a_remote_error(site: Site, client: XnatClient) -> None:
+    site.json(EXPERIMENTS_PATH, {"items": []})
+    with pytest.raises(RemoteError, match="ResultSet"):
+        client.list_experiments("PROJ")
+
+
+def test_html_message_extraction() -> None:
+    assert html_message(RESTLET_404) == "Unable to identify project NOPE"
+    assert html_message("<!doctype html><title>Bad &amp; gateway</title>") == "Bad & gateway"
+    assert html_message('{"a": 1}') is None
+
+
+# ---------------------------------------------------------------------------- retries
+
+
+def test_503_is_retried_then_succeeds(site: Site, client: XnatClient) -> None:
+    for _ in range(2):
+        site.server.expect_oneshot_request(EXPERIMENTS_PATH).respond_with_data("busy", status=503)
+    site.json(EXPERIMENTS_PATH, result_set([exp_row()]))
+    assert len(client.list_experiments("PROJ")) == 1
+    assert len(site.requests_to(EXPERIMENTS_PATH)) == 3
+
+
+def test_retries_exhausted_is_a_remote_error(site: Site) -> None:
+    site.server.expect_request(EXPERIMENTS_PATH).respond_with_data("busy", status=503)
+    with make_client(site.url, retries=2) as c:
+        with pytest.raises(RemoteError) as info:
+            c.list_experiments("PROJ")
+    assert "503" in str(info.value) and "3 attempt" in str(info.value)
+    assert len(site.requests_to(EXPERIMENTS_PATH)) == 3
+    assert_no_secret(info.value)
+
+
+def test_backoff_grows_between_attempts(site: Site) -> None:
+    site.server.expect_request(EXPERIMENTS_PATH).respond_with_data("busy", status=503)
+    with make_client(site.url, retries=2, backoff=0.05) as c:
+        start = time.monotonic()
+        with pytest.raises(RemoteError):
+            c.list_experiments("PROJ")
+    assert time.monotonic() - start >= 0.05 + 0.1
+
+
+def test_404_is_not_retried(site: Site, client: XnatClient) -> None:
+    site.raw(EXPERIMENTS_PATH, RESTLET_404, status=404)
+    with pytest.raises(NotFoundError):
+        client.list_experiments("PROJ")
+    assert len(site.requests_to(EXPERIMENTS_PATH)) == 1
+
+
+def test_unreachable_server_is_a_remote_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with make_client(f"http://127.0.0.1:{port}", retries=1) as c:
+        with pytest.raises(RemoteError) as info:
+            c.login()
+    assert "cannot reach XNAT" in str(info.value)
+    assert_no_secret(info.value)
+
+
+class RawServer:
+    """An HTTP/1.1 server on a bare socket, for faults werkzeug cannot produce (RST, short bodies).
+
+    `script(method, path)` returns "reset", ("truncate", body), ("sleep", seconds, body) or body bytes.
+    Every response closes its connection.
+    """
+
+    def __init__(self, script: Callable[[str, str], Any]):
+        self.script = script
+        self.seen: list[tuple[str, str]] = []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = lines[0].split(" ", 2)
+            length = 0
+            for line in lines[1:]:
+                if line.lower().startswith("content-length:"):
+                    length = int(line.split(":", 1)[1])
+            while len(rest) < length:
+                rest += conn.recv(65536)
+            path = target.split("?", 1)[0]
+            self.seen.append((method, path))
+            action = self.script(method, path)
+            if action == "reset":
+                # SO_LINGER 0 makes close() send RST: a connection reset by peer.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                return
+            if isinstance(action, tuple) and action[0] == "truncate":
+                body = action[1]
+                conn.sendall(self._head(len(body) + 1000) + body)
+                return
+            if isinstance(action, tuple) and action[0] == "sleep":
+                time.sleep(action[1])
+                action = action[2]
+            conn.sendall(self._head(len(action)) + action)
+
+    @staticmethod
+    def _head(length: int) -> bytes:
+        return (
+            f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
+            "Set-Cookie: JSESSIONID=RAW1; Path=/\r\nConnection: close\r\n\r\n"
+        ).encode()
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+def flaky_server(first: Any, times: int = 1) -> RawServer:
+    listing = json.dumps(result_set([exp_row()])).encode()
+    counter = {"n": 0}
+
+    def script(method: str, path: str) -> Any:
+        if path == "/data/services/auth":
+            return b"RAW1"
+        if path == EXPERIMENTS_PATH:
+            counter["n"] += 1
+            if counter["n"] <= times:
+                return first
+            return listing
+        return b""
+
+    return RawServer(script)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["reset", ("truncate", b'{"ResultSet": {"Res'), ("sleep", 1.0, b"{}")],
+    ids=["connection-reset", "truncated-body", "read-timeout"],
+)
+def test_transient_transport_faults_are_retried(fault: Any) -> None:
+    server = flaky_server(fault)
+    try:
+        with make_client(server.url, timeout=0.5) as c:
+            assert [e.id for e in c.list_experiments("PROJ")] == ["SITE_E00001"]
+        assert server.seen.count(("GET", EXPERIMENTS_PATH)) == 2
+    finally:
+        server.close()
+
+
+def test_persistent_resets_become_a_remote_error() -> None:
+    server = flaky_server("reset", times=100)
+    try:
+        with make_client(server.url, retries=2) as c:
+            with pytest.raises(RemoteError) as info:
+                c.list_experiments("PROJ")
+        assert "3 attempt" in str(info.value)
+        assert isinstance(info.value.__cause__, Exception)
+        assert_no_secret(info.value)
+    finally:
+        server.close()
+
+
+# ---------------------------------------------------------------------------- scans & files
+
+EXP = Experiment(
+    id="SITE_E00001",
+    label="SUBJ01_MR1",
+    project="PROJ",
+    subject_id="SITE_S00001",
+    subject_label="SUBJ01",
+    date="2024-01-10",
+    insert_date=None,
+    last_modified=None,
+)
+EXPT_PATH = "/data/projects/PROJ/subjects/SITE_S00001/experiments/SITE_E00001"
+
+
+def scan_rows() -> list[dict[str, str]]:
+    return [
+        {"ID": "2", "type": "rest_fMRI", "series_description": "rest bold", "xsiType": "xnat:mrScanData",
+         "URI": "/data/experiments/SITE_E00001/scans/2"},
+        {"ID": "10", "type": "T1w", "series_description": "MPRAGE", "xsiType": "xnat:mrScanData",
+         "URI": "/data/experiments/SITE_E00001/scans/10"},
+        {"ID": "1", "type": "localizer", "series_description": "", "xsiType": "xnat:mrScanData",
+         "URI": "/data/experiments/SITE_E00001/scans/1"},
+    ]
+
+
+def serve_session(site: Site, files: list[dict[str, str]]) -> None:
+    site.json(f"{EXPT_PATH}/scans", result_set(scan_rows()))
+    site.json(f"{EXPT_PATH}/scans/ALL/files", {"ResultSet": {"Result": files, "title": "Files"}})
+
+
+def test_list_scans_groups_one_file_listing_by_scan(site: Site, client: XnatClient) -> None:
+    serve_session(site, [
+        file_row("2", "b.dcm", 20, "AB" * 16),
+        file_row("2", "a.dcm", 10),
+        file_row("10", "sub/dir/x.dcm", 7, collection="DICOM"),
+        file_row("10", "notes.txt", 3, collection="SNAPSHOTS"),
+    ])
+    client.login()
+    before = client.request_count
+    scans = client.list_scans(EXP)
+    assert client.request_count - before == 2
+    assert [s.id for s in scans] == ["1", "2", "10"]
+    by_id = {s.id: s for s in scans}
+    assert by_id["1"].files == ()
+    assert [(f.name, f.size, f.digest) for f in by_id["2"].files] == [("a.dcm", 10, ""), ("b.dcm", 20, "ab" * 16)]
+    assert by_id["2"].type == "rest_fMRI" and by_id["2"].series_description == "rest bold"
+    assert [(f.resource, f.name) for f in by_id["10"].files] == [("DICOM", "sub/dir/x.dcm"), ("SNAPSHOTS", "notes.txt")]
+    assert by_id["10"].files[0].uri.endswith("/scans/10/resources/101/files/sub/dir/x.dcm")
+    (req,) = site.requests_to(f"{EXPT_PATH}/scans")
+    assert req.args["columns"].split(",") == ["ID", "type", "series_description", "xsiType"]
+
+
+def test_session_without_subject_uses_the_experiment_path(site: Site, client: XnatClient) -> None:
+    site.json("/data/experiments/SITE_E00001/scans", result_set([]))
+    exp = Experiment("SITE_E00001", "X", "PROJ", "", "", None, None, None)
+    assert client.list_scans(exp) == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../../etc/passwd", "a/../../b", "..", "a\\b.dcm", "a%00b", "%2Fetc%2Fpasswd", "a/./b", "a//b"],
+)
+def test_unsafe_file_names_are_refused(site: Site, client: XnatClient, name: str) -> None:
+    serve_session(site, [file_row("2", "ok.dcm"), file_row("2", name)])
+    with pytest.raises(UnsafePathError):
+        client.list_scans(EXP)
+
+
+def test_malformed_size_is_a_remote_error(site: Site, client: XnatClient) -> None:
+    row = file_row("2", "a.dcm")
+    row["Size"] = "big"
+    serve_session(site, [row])
+    with pytest.raises(RemoteError, match="size"):
+        client.list_scans(EXP)
+
+
+def experiments(n: int) -> list[Experiment]:
+    return [
+        Experiment(f"SITE_E{i:05d}", f"S{i}_MR1", "PROJ", f"SITE_S{i:05d}", f"S{i}", "2024-01-10", None, None)
+        for i in range(n)
+    ]
+
+
+def serve_many(site: Site, exps: list[Experiment], delay: float = 0.0) -> dict[str, int]:
+    live = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    for i, exp in enumerate(exps):
+        base = f"/data/projects/PROJ/subjects/{exp.subject_id}/experiments/{exp.id}"
+        scans = json.dumps(result_set([{"ID": str(k), "type": f"T{k}", "series_description": f"d{i}", "URI": ""}
+                                       for k in range(1, (i % 3) + 2)]))
+        files = json.dumps({"ResultSet": {"Result": [
+            {**file_row(str(k), f"{i}_{k}.dcm", i + k), "URI": f"{base}/scans/{k}/resources/1/files/{i}_{k}.dcm"}
+            for k in range(1, (i % 3) + 2)]}})
+
+        def body(text: str) -> Callable[[Request], Response]:
+            def handler(request: Request) -> Response:
+                with lock:
+                    live["now"] += 1
+                    live["max"] = max(live["max"], live["now"])
+                time.sleep(delay)
+                with lock:
+                    live["now"] -= 1
+                return Response(text, content_type="application/json")
+            return handler
+
+        site.server.expect_request(f"{base}/scans").respond_with_handler(site.authed(body(scans)))
+        site.server.expect_request(f"{base}/scans/ALL/files").respond_with_handler(site.authed(body(files)))
+    return live
+
+
+def test_deep_details_concurrent_equals_sequential(threaded_site: Site) -> None:
+    site = threaded_site
+    exps = experiments(12)
+    serve_many(site, exps, delay=0.01)
+    progress: list[tuple[str, int, int]] = []
+    with make_client(site.url) as client:
+        sequential = client.deep_details(exps, concurrency=1)
+        concurrent = client.deep_details(
+            exps, concurrency=6, on_progress=lambda e, d, t: progress.append((e.id, d, t))
+        )
+    assert concurrent == sequential
+    assert list(concurrent) == [e.id for e in exps]
+    assert sorted(p[1] for p in progress) == list(range(1, 13)) and {p[2] for p in progress} == {12}
+    assert sequential["SITE_E00002"][2].files[0].name == "2_3.dcm"
+    assert site.logins == 1
+
+
+@pytest.fixture
+def threaded_site() -> Iterator[Site]:
+    # pytest-httpserver serves one request at a time by default; concurrency needs threads.
+    server = HTTPServer(threaded=True)
+    server.start()
+    try:
+        yield Site(server)
+    finally:
+        server.clear()
+        if server.is_running():
+            server.stop()
+
+
+def test_concurrent_401s_after_expiry_relogin_once(threaded_site: Site) -> None:
+    site = threaded_site
+    exps = experiments(12)
+    serve_many(site, exps, delay=0.01)
+    with make_client(site.url) as client:
+        first = client.deep_details(exps, concurrency=6)
+        site.expire_sessions()
+        assert client.deep_details(exps, concurrency=6) == first
+    assert site.logins == 2
+
+
+def test_max_connections_caps_concurrent_requests(threaded_site: Site) -> None:
+    site = threaded_site
+    exps = experiments(10)
+    live = serve_many(site, exps, delay=0.05)
+    with make_client(site.url, max_connections=3) as c:
+        c.deep_details(exps, concurrency=10)
+    assert 1 < live["max"] <= 3
+
+
+def test_deep_details_raises_the_first_failure(site: Site, client: XnatClient) -> None:
+    exps = experiments(4)
+    serve_many(site, exps[:3])
+    site.raw(f"/data/projects/PROJ/subjects/{exps[3].subject_id}/experiments/{exps[3].id}/scans",
+             RESTLET_404, status=404)
+    with pytest.raises(NotFoundError, match="S3_MR1"):
+        client.deep_details(exps, concurrency=4)
+
+
+# ---------------------------------------------------------------------------- streaming & misc
+
+
+def test_stream_yields_the_body_and_passes_range_headers(site: Site, client: XnatClient) -> None:
+    payload = bytes(range(256)) * 100
+    uri = f"{EXPT_PATH}/scans/2/resources/101/files/a.dcm"
+
+    def handler(request: Request) -> Response:
+        rng = request.headers.get("Range")
+        if rng:
+            start = int(rng.split("=")[1].rstrip("-"))
+            return Response(payload[start:], status=206, content_type="application/octet-stream")
+        return Response(payload, content_type="application/octet-stream")
+
+    site.server.expect_request(uri).respond_with_handler(site.authed(handler))
+    with client.stream(uri) as resp:
+        assert resp.status_code == 200
+        assert b"".join(resp.iter_content(4096)) == payload
+    with client.stream(uri, headers={"Range": "bytes=100-"}) as resp:
+        assert resp.status_code == 206
+        assert b"".join(resp.iter_content(4096)) == payload[100:]
+
+
+def test_stream_retries_503_then_reports_404(site: Site, client: XnatClient) -> None:
+    uri = f"{EXPT_PATH}/scans/2/resources/101/files/gone.dcm"
+    site.server.expect_oneshot_request(uri).respond_with_data("busy", status=503)
+    site.raw(uri, "<html><h3>Unable to find file.</h3></html>", status=404)
+    with pytest.raises(NotFoundError, match="Unable to find file"):
+        with client.stream(uri):
+            pass
+    assert len(site.requests_to(uri)) == 2
+
+
+def test_stream_cut_short_is_a_remote_error() -> None:
+    def script(method: str, path: str) -> Any:
+        return b"RAW1" if path == "/data/services/auth" else ("truncate", b"x" * 5000)
+
+    server = RawServer(script)
+    try:
+        with make_client(server.url) as c:
+            with pytest.raises(RemoteError, match="cut short"):
+                with c.stream("/data/experiments/E/scans/1/resources/1/files/a.dcm") as resp:
+                    for _ in resp.iter_content(1024):
+                        pass
+    finally:
+        server.close()
+
+
+def test_stream_refuses_another_server(client: XnatClient) -> None:
+    with pytest.raises(RemoteError, match="another server"):
+        with client.stream("https://evil.example.org/data/x"):
+            pass
+
+
+def test_stream_slots_are_released(site: Site) -> None:
+    uri = "/data/experiments/E/scans/1/resources/1/files/a.dcm"
+    site.raw(uri, b"abc", content_type="application/octet-stream")
+    site.raw(uri + ".missing", "<html><h3>Unable to find file.</h3></html>", status=404)
+    with make_client(site.url, max_connections=1) as c:
+        for _ in range(3):
+            with c.stream(uri) as resp:
+                assert b"".join(resp.iter_content(2)) == b"abc"
+        with pytest.raises(NotFoundError):
+            with c.stream(uri + ".missing"):
+                pass
+        site.json(EXPERIMENTS_PATH, result_set([]))
+        assert c.list_experiments("PROJ") == []  # would hang if a slot leaked
+
+
+@pytest.mark.parametrize("suffix", ["", "/"])
+def test_base_url_with_prefix_and_trailing_slash(httpserver: HTTPServer, suffix: str) -> None:
+    httpserver.expect_request("/xnat/data/services/auth", method="PUT").respond_with_data("SIDX")
+    httpserver.expect_request(f"/xnat{EXPERIMENTS_PATH}").respond_with_json(result_set([exp_row()]))
+    httpserver.expect_request("/xnat/data/projects/PROJ/experiments/E1").respond_with_json({"items": []})
+    httpserver.expect_request("/xnat/data/JSESSION", method="DELETE").respond_with_data("")
+    url = httpserver.url_for("/xnat") + suffix
+    with make_client(url) as c:
+        assert c.url == httpserver.url_for("/xnat")
+        assert len(c.list_experiments("PROJ")) == 1
+        assert c.get_json("/data/projects/PROJ/experiments/E1") == {"items": []}
+        assert c.get_json("/xnat/data/projects/PROJ/experiments/E1") == {"items": []}
+
+
+def test_get_json_adds_format_and_params(site: Site, client: XnatClient) -> None:
+    site.json("/data/experiments", result_set([]))
+    assert client.get_json("/data/experiments", xsiType="xnat:mrSessionData") == result_set([])
+    (req,) = site.requests_to("/data/experiments")
+    assert req.args["format"] == "json" and req.args["xsiType"] == "xnat:mrSessionData"
+
+
+def test_on_request_hook_sees_every_attempt(site: Site) -> None:
+    seen: list[tuple[str, str]] = []
+    site.server.expect_oneshot_request(EXPERIMENTS_PATH).respond_with_data("busy", status=503)
+    site.json(EXPERIMENTS_PATH, result_set([]))
+    with make_client(site.url, on_request=lambda m, u: seen.append((m, u))) as c:
+        c.list_experiments("PROJ")
+        assert c.request_count == 3
+    assert [m for m, _ in seen] == ["PUT", "GET", "GET", "DELETE"]
+
+
+def test_tls_verification_is_on_by_default(site: Site) -> None:
+    assert make_client(site.url).verify is True
+
+
+def test_secret_never_in_client_repr_or_errors(site: Site) -> None:
+    c = make_client(site.url)
+    assert SENTINEL not in repr(c) and SENTINEL not in repr(c.credentials)
+    site.raw(EXPERIMENTS_PATH, RESTLET_404, status=404)
+    errors: list[XnatBidsError] = []
+    for call in (lambda: c.list_experiments("PROJ"), lambda: c.list_scans(EXP)):
+        try:
+            call()
+        except XnatBidsError as exc:
+            errors.append(exc)
+    assert len(errors) == 2
+    for exc in errors:
+        assert_no_secret(exc)
+
+
+def test_url_credentials_are_dropped() -> None:
+    c = XnatClient(f"https://bob:{SENTINEL}@xnat.example.org/xnat/", Credentials(USER, "p", "env"))
+    assert c.url == "https://xnat.example.org/xnat" and SENTINEL not in repr(c)
