@@ -1,0 +1,519 @@
+"""Download one session's DICOM files from XNAT into a staging folder: streamed, verified, atomic, resumable.
+
+Owns the staging layout `dest/<scan_id>/<relpath>`, the `.part` files and the check of every
+byte against XNAT's listing (size and MD5). It writes nothing outside `dest`, converts nothing
+and talks to XNAT only through `XnatClient.stream`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import stat
+import tempfile
+import threading
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import quote
+
+from reconcile.errors import RemoteError, UnsafePathError, VerificationError, XnatBidsError
+from reconcile.model import Experiment, RemoteFile, Scan
+from reconcile.xnat import StreamResponse, XnatClient, check_relpath
+
+METHODS = ("auto", "files", "zip")
+CHUNK_SIZE = 1 << 20
+# Per-file downloads in flight; the client caps connections on its own as well.
+WORKERS = 4
+# "auto" fetches a scan as one zip when more files than this are still missing. Measured against the
+# emulator (benchmarks/export_methods.py): below ~20 files the two methods cost the same, above it the
+# per-request overhead of per-file GETs dominates (see AUTO_ZIP_MIN_FILES in the report/commit log).
+AUTO_ZIP_MIN_FILES = 20
+PART_SUFFIX = ".part"
+_ZIP_TMP_PREFIX = ".xnat2bids-zip-"
+_RETRY_HINT = "run again; verified files are kept and partial ones resumed"
+
+
+class ExportCancelled(XnatBidsError):
+    """The export was cancelled through its `cancel` event; finished files stay, partial ones stay `.part`."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What `export_session` left in `dicom_dir`."""
+
+    dicom_dir: Path  # files laid out dicom_dir/<scan_id>/<relpath> (the chosen resource only)
+    scans: tuple[Scan, ...]  # the scans exported, as listed by XNAT and passed in
+    files: int
+    bytes: int  # total size on disk
+    downloaded: int  # bytes transferred this run (0 when everything was already verified)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One listed file and where it goes."""
+
+    scan: Scan
+    file: RemoteFile
+    target: Path
+
+    @property
+    def part(self) -> Path:
+        return self.target.with_name(self.target.name + PART_SUFFIX)
+
+    @property
+    def label(self) -> str:
+        return f"scan {self.scan.id} file {self.file.name}"
+
+
+class _Aborted(Exception):
+    """Another worker failed; stop between chunks without reporting anything of our own."""
+
+
+class _Mismatch(Exception):
+    def __init__(self, what: str, expected: str, actual: str):
+        super().__init__(what)
+        self.what, self.expected, self.actual = what, expected, actual
+
+
+class _CutShort(Exception):
+    def __init__(self, received: int, cause: RemoteError):
+        super().__init__(str(cause))
+        self.received, self.cause = received, cause
+
+
+def zip_type(scan_type: str) -> str:
+    """The scan type as XNAT spells it in zip entry names (`\\W` → `_`, Java's ASCII \\W)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", scan_type)
+
+
+def zip_prefix(exp: Experiment, scan: Scan, resource: str) -> str:
+    """The entry prefix of a scan-resource zip: `{label}/scans/{id}-{type}/resources/{res}/files/`."""
+    return f"{exp.label}/scans/{scan.id}-{zip_type(scan.type)}/resources/{resource}/files/"
+
+
+def export_session(
+    client: XnatClient,
+    exp: Experiment,
+    scans: Sequence[Scan],
+    dest: Path,
+    *,
+    method: str = "auto",
+    resource: str = "DICOM",
+    cancel: threading.Event | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> ExportResult:
+    """Make `dest` hold exactly the `resource` files of `scans`, verified against their listing.
+
+    `scans` is the listing to trust (from `client.list_scans` just before). Files already present
+    with the listed size and MD5 are kept; a leftover `.part` is resumed with a Range request.
+    Anything else below `dest` (files of an older listing, stray `.part`s) is removed, because
+    `dest` is the staging folder the converter reads in full. `method` is "files" (one GET per
+    file, a few in parallel), "zip" (one zip per scan) or "auto" (zip when more than
+    AUTO_ZIP_MIN_FILES files of a scan are missing). `on_progress(n)` is called with byte counts
+    as they arrive, serialised, from worker threads. Raises UnsafePathError (before writing
+    anything) for names that could escape `dest`, VerificationError when bytes do not match the
+    listing after one retry, RemoteError, or ExportCancelled when `cancel` is set.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    root = Path(dest).resolve()
+    jobs = _plan_jobs(root, exp, scans, resource)  # every name checked before the disk is touched
+    exporter = _Exporter(client, exp, root, resource, cancel, on_progress)
+    exporter.check_cancel()
+    root.mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        _check_inside(root, job.target)
+    _prune(root, jobs)
+
+    missing: dict[str, list[_Job]] = {}
+    for job in jobs:
+        exporter.check_cancel()
+        if _verified(job.target, job.file):
+            continue
+        if job.target.is_symlink() or job.target.exists():
+            job.target.unlink()  # wrong content must not sit at the final name while we fetch
+        missing.setdefault(job.scan.id, []).append(job)
+
+    tasks: list[Callable[[], None]] = []
+    by_id = {s.id: s for s in scans}
+    for scan_id, scan_jobs in missing.items():
+        use_zip = method == "zip" or (method == "auto" and len(scan_jobs) > AUTO_ZIP_MIN_FILES)
+        if use_zip:
+            tasks.append(lambda s=by_id[scan_id], js=scan_jobs: exporter.fetch_zip(s, js))
+        else:
+            tasks.extend(lambda j=job: exporter.fetch_file(j) for job in scan_jobs)
+    exporter.run(tasks)
+
+    for directory in sorted({j.target.parent for j in jobs} | {root}):
+        _fsync_dir(directory)
+    return ExportResult(
+        dicom_dir=root,
+        scans=tuple(scans),
+        files=len(jobs),
+        bytes=sum(j.file.size for j in jobs),
+        downloaded=exporter.downloaded,
+    )
+
+
+def _plan_jobs(root: Path, exp: Experiment, scans: Sequence[Scan], resource: str) -> list[_Job]:
+    jobs: list[_Job] = []
+    seen: set[tuple[str, str]] = set()
+    for scan in scans:
+        where = f"session {exp.label} ({exp.id})"
+        check_relpath(scan.id, where=where)
+        if "/" in scan.id:
+            raise UnsafePathError(f"XNAT lists a scan ID with a slash, {scan.id!r}, in {where}")
+        for f in scan.files:
+            if f.resource != resource:
+                continue
+            check_relpath(f.name, where=f"scan {scan.id} of {where}")
+            if f.name.endswith(PART_SUFFIX):
+                # A listed "x.part" would collide with our temporary for "x".
+                raise UnsafePathError(
+                    f"XNAT lists a file name ending in {PART_SUFFIX}, {f.name!r}, in scan {scan.id} of {where}",
+                    hint="rename the file on XNAT",
+                )
+            if (scan.id, f.name) in seen:
+                raise VerificationError(f"XNAT lists file {f.name} twice in scan {scan.id} of {where}")
+            seen.add((scan.id, f.name))
+            jobs.append(_Job(scan, f, root / scan.id / f.name))
+    return jobs
+
+
+def _check_inside(root: Path, path: Path) -> None:
+    """Refuse a target that resolves outside `root` (e.g. through a symlinked directory)."""
+    real = Path(os.path.realpath(path))
+    if real != root and root not in real.parents:
+        raise UnsafePathError(f"{path} resolves to {real}, outside the staging folder {root}")
+
+
+def _prune(root: Path, jobs: Iterable[_Job]) -> None:
+    """Remove everything below `root` that is neither a listed file, its `.part`, nor a parent of one."""
+    keep_files: set[Path] = set()
+    keep_dirs: set[Path] = {root}
+    for job in jobs:
+        keep_files.update((job.target, job.part))
+        keep_dirs.update(p for p in job.target.parents if root in p.parents or p == root)
+    for dirpath, dirnames, filenames in os.walk(root, topdown=True, followlinks=False):
+        here = Path(dirpath)
+        for name in list(dirnames):
+            path = here / name
+            if path.is_symlink():
+                dirnames.remove(name)
+                path.unlink()
+            elif path not in keep_dirs:
+                dirnames.remove(name)
+                shutil.rmtree(path)
+        for name in filenames:
+            path = here / name
+            if path not in keep_files or path.is_symlink():
+                path.unlink()
+
+
+def _verified(path: Path, f: RemoteFile) -> bool:
+    """True when `path` is a regular file with the listed size (and MD5 when XNAT has one)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != f.size:
+        return False
+    if not f.digest:
+        return True
+    h = hashlib.md5()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK_SIZE), b""):
+            h.update(chunk)
+    return h.hexdigest() == f.digest
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the file data itself was synced
+    finally:
+        os.close(fd)
+
+
+def _content_range_start(value: str) -> int | None:
+    m = re.match(r"^\s*bytes\s+(\d+)-\d+/(?:\d+|\*)\s*$", value or "")
+    return int(m.group(1)) if m else None
+
+
+class _Exporter:
+    """The state shared by the workers of one export: progress, cancellation, the first failure."""
+
+    def __init__(
+        self,
+        client: XnatClient,
+        exp: Experiment,
+        root: Path,
+        resource: str,
+        cancel: threading.Event | None,
+        on_progress: Callable[[int], None] | None,
+    ):
+        self.client = client
+        self.exp = exp
+        self.root = root
+        self.resource = resource
+        self.cancel = cancel
+        self.on_progress = on_progress
+        self.downloaded = 0
+        self._lock = threading.Lock()
+        self._abort = threading.Event()
+
+    # -- shared state ----------------------------------------------------------------------
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise ExportCancelled(
+                f"export of session {self.exp.label} ({self.exp.id}) cancelled", hint=_RETRY_HINT
+            )
+        if self._abort.is_set():
+            raise _Aborted()
+
+    def progress(self, n: int) -> None:
+        with self._lock:
+            self.downloaded += n
+            if self.on_progress is not None and n:
+                self.on_progress(n)
+
+    def run(self, tasks: list[Callable[[], None]]) -> None:
+        """Run tasks on a few threads; the first failure stops the others between chunks and is raised."""
+        if not tasks:
+            return
+        if len(tasks) == 1:
+            tasks[0]()
+            return
+        self.client.login()  # once, before the workers race for it
+        with ThreadPoolExecutor(max_workers=min(WORKERS, len(tasks)), thread_name_prefix="export") as pool:
+            futures: list[Future[None]] = [pool.submit(t) for t in tasks]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            if any(f.done() and not f.cancelled() and f.exception() is not None for f in futures):
+                self._abort.set()
+                for f in futures:
+                    f.cancel()
+            wait(futures)
+        errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
+        real = [e for e in errors if not isinstance(e, _Aborted)]
+        if real:
+            # A user's cancel wins over errors it may have caused in other workers.
+            cancelled = [e for e in real if isinstance(e, ExportCancelled)]
+            raise (cancelled or real)[0]
+
+    # -- one file --------------------------------------------------------------------------
+    def fetch_file(self, job: _Job) -> None:
+        """GET one file into its `.part`, verify, rename; one retry after a mismatch or a cut."""
+        self.check_cancel()
+        job.target.parent.mkdir(parents=True, exist_ok=True)
+        _check_inside(self.root, job.part)
+        for attempt in (1, 2):
+            try:
+                self._fetch_file_once(job)
+                return
+            except _Mismatch as m:
+                job.part.unlink(missing_ok=True)
+                if attempt == 2:
+                    raise VerificationError(
+                        f"{job.label} of session {self.exp.label} does not match XNAT's listing: "
+                        f"{m.what} expected {m.expected}, got {m.actual}",
+                        detail=f"after {attempt} downloads of {job.file.uri}",
+                        hint="the file may have changed on XNAT since the listing; plan again",
+                    ) from None
+            except _CutShort as cut:
+                # The .part is kept: the retry (or a later run) resumes it with a Range request.
+                if attempt == 2:
+                    raise VerificationError(
+                        f"{job.label} of session {self.exp.label} does not match XNAT's listing: "
+                        f"size expected {job.file.size}, got {cut.received} (the download was cut short)",
+                        detail=str(cut.cause),
+                        hint=_RETRY_HINT,
+                    ) from cut.cause
+
+    def _fetch_file_once(self, job: _Job) -> None:
+        f = job.file
+        have = job.part.stat().st_size if job.part.exists() else 0
+        if have >= f.size:
+            job.part.unlink(missing_ok=True)  # nothing to resume (or already too long): start over
+            have = 0
+        headers = {"Range": f"bytes={have}-"} if have else None
+        with self.client.stream(f.uri, headers=headers) as resp:
+            start = 0
+            if have:
+                if resp.status_code == 206 and _content_range_start(resp.headers.get("Content-Range", "")) == have:
+                    start = have
+                elif resp.status_code != 200:  # 200: the server ignored Range and sends the whole file
+                    start = -1  # 416 or a range we did not ask for
+            if start >= 0:
+                self._receive(job, resp, start)
+        if start < 0:
+            job.part.unlink(missing_ok=True)
+            self._fetch_file_once(job)  # once more without Range
+            return
+        os.replace(job.part, job.target)
+
+    def _receive(self, job: _Job, resp: StreamResponse, start: int) -> None:
+        """Write the body into the .part (appending at `start`), hashing all of it; verify and fsync."""
+        f = job.file
+        h = hashlib.md5()
+        with open(job.part, "r+b" if start else "wb") as out:
+            if start:
+                for chunk in iter(lambda: out.read(CHUNK_SIZE), b""):
+                    h.update(chunk)
+                out.seek(start)
+                out.truncate()
+            size = start
+            try:
+                for chunk in resp.iter_content(CHUNK_SIZE):
+                    self.check_cancel()
+                    out.write(chunk)
+                    h.update(chunk)
+                    size += len(chunk)
+                    self.progress(len(chunk))
+                    if size > f.size:
+                        break  # a server sending more than listed must not fill the disk
+            except RemoteError as exc:
+                raise _CutShort(size, exc) from exc
+            self._finish(out, h, size, f)
+
+    def _finish(self, out: BinaryIO, h: Any, size: int, f: RemoteFile) -> None:
+        if size != f.size:
+            raise _Mismatch("size", str(f.size), str(size) + ("+" if size > f.size else ""))
+        if f.digest and h.hexdigest() != f.digest:
+            raise _Mismatch("MD5", f.digest, h.hexdigest())
+        out.flush()
+        os.fsync(out.fileno())
+
+    # -- one scan as a zip -----------------------------------------------------------------
+    def fetch_zip(self, scan: Scan, jobs: list[_Job]) -> None:
+        """GET a scan's resource as one zip (to a temp file), check every entry, extract the listed ones."""
+        self.check_cancel()
+        url = (
+            f"{self.client.experiment_path(self.exp)}/scans/{quote(scan.id, safe='')}"
+            f"/resources/{quote(self.resource, safe='')}/files?format=zip"
+        )
+        retry: list[_Job] = []
+        for attempt in (1, 2):
+            fd, tmp_name = tempfile.mkstemp(prefix=_ZIP_TMP_PREFIX, suffix=".zip", dir=self.root)
+            tmp = Path(tmp_name)
+            try:
+                try:
+                    with os.fdopen(fd, "wb") as out, self.client.stream(url) as resp:
+                        try:
+                            for chunk in resp.iter_content(CHUNK_SIZE):
+                                self.check_cancel()
+                                out.write(chunk)
+                                self.progress(len(chunk))
+                        except RemoteError as exc:
+                            raise _CutShort(out.tell(), exc) from exc
+                    archive = zipfile.ZipFile(tmp)
+                except (_CutShort, zipfile.BadZipFile) as exc:
+                    if attempt == 1:
+                        continue
+                    raise VerificationError(
+                        f"XNAT sent an incomplete or unreadable zip for scan {scan.id} of session {self.exp.label}",
+                        detail=f"{exc} (from {url}, {attempt} attempts)",
+                        hint=_RETRY_HINT,
+                    ) from exc
+                with archive:
+                    retry = self._extract(archive, scan, jobs)
+                break
+            finally:
+                tmp.unlink(missing_ok=True)
+        # Entries that did not match the listing get the per-file path and its own retry.
+        for job in retry:
+            self.fetch_file(job)
+
+    def _extract(self, archive: zipfile.ZipFile, scan: Scan, jobs: list[_Job]) -> list[_Job]:
+        prefix = zip_prefix(self.exp, scan, self.resource)
+        wanted = {j.file.name: j for j in jobs}
+        listed = {f.name for f in scan.files if f.resource == self.resource}
+        members: dict[str, zipfile.ZipInfo] = {}
+        # Every entry is checked before the first byte is extracted.
+        for info in archive.infolist():
+            name = _zip_member(info, prefix, where=f"the zip of scan {scan.id} of session {self.exp.label}")
+            if name is None:
+                continue
+            if name in members:
+                raise VerificationError(f"the zip of scan {scan.id} has two entries for {name}")
+            # Entries XNAT did not list (added after the listing) are ignored, not extracted: the
+            # staging folder holds exactly the listing, and the next plan will see the new files.
+            if name in listed:
+                members[name] = info
+        missing = sorted(n for n in wanted if n not in members)
+        if missing:
+            raise VerificationError(
+                f"the zip of scan {scan.id} of session {self.exp.label} lacks {len(missing)} listed file(s)",
+                detail="missing: " + ", ".join(missing[:10]) + (" …" if len(missing) > 10 else ""),
+                hint="the scan may have changed on XNAT since the listing; plan again",
+            )
+        retry: list[_Job] = []
+        for name, job in sorted(wanted.items()):
+            self.check_cancel()
+            info = members[name]
+            job.target.parent.mkdir(parents=True, exist_ok=True)
+            _check_inside(self.root, job.part)
+            try:
+                self._extract_one(archive, info, job)
+            except _Mismatch:
+                job.part.unlink(missing_ok=True)
+                retry.append(job)
+        return retry
+
+    def _extract_one(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, job: _Job) -> None:
+        f = job.file
+        if info.file_size != f.size:
+            raise _Mismatch("size", str(f.size), str(info.file_size))
+        h = hashlib.md5()
+        size = 0
+        with archive.open(info) as src, open(job.part, "wb") as out:
+            try:
+                for chunk in iter(lambda: src.read(CHUNK_SIZE), b""):
+                    self.check_cancel()
+                    out.write(chunk)
+                    h.update(chunk)
+                    size += len(chunk)
+                    if size > f.size:
+                        break
+            except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as exc:
+                raise _Mismatch("content", "a readable zip entry", type(exc).__name__) from exc
+            self._finish(out, h, size, f)
+        os.replace(job.part, job.target)
+
+
+def _zip_member(info: zipfile.ZipInfo, prefix: str, *, where: str) -> str | None:
+    """The relpath below `files/` of a zip entry, None for directory entries; UnsafePathError otherwise."""
+    raw = info.orig_filename  # ZipInfo.filename is cut at a NUL; the original is not
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise UnsafePathError(f"{where} holds a symbolic link, {raw!r}", hint="refusing to extract it")
+    name = info.filename
+    if "\x00" in raw or "\\" in raw:
+        raise UnsafePathError(f"{where} holds an unsafe entry name {raw!r}")
+    is_dir = name.endswith("/")
+    try:
+        check_relpath(name.rstrip("/") if is_dir else name, where=where)
+    except UnsafePathError as exc:
+        raise UnsafePathError(f"{where} holds an unsafe entry name {raw!r}", hint=exc.hint) from None
+    if is_dir and prefix.startswith(name):
+        return None  # a parent of the expected layout
+    if not name.startswith(prefix):
+        raise UnsafePathError(
+            f"{where} holds an entry outside the expected layout: {raw!r}",
+            detail=f"expected every entry below {prefix}",
+        )
+    rel = name[len(prefix):]
+    if is_dir:
+        return None
+    check_relpath(rel, where=where)
+    return rel
+
