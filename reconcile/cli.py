@@ -129,9 +129,8 @@ def root_callback(
             code = run_plan(client, cfg.resolve_bids_root(diff), cfg, Selection(), detailed_exitcode=True)
         raise typer.Exit(code)
     if update is not None:
-        from reconcile.cli_apply import apply_command
-
-        raise typer.Exit(apply_command(update, config=config))
+        cfg = load_config(config)
+        raise typer.Exit(run_apply(cfg, cfg.resolve_bids_root(update), Selection(), yes=not sys.stdin.isatty()))
     echo(ctx.get_help())
     raise typer.Exit(EXIT_OK)
 
@@ -167,6 +166,219 @@ def plan(
             reconvert_outdated=reconvert_outdated,
         )
     raise typer.Exit(code)
+
+
+def run_apply(
+    cfg: Config,
+    root: Path,
+    selection: Selection,
+    *,
+    plan_file: Path | None = None,
+    yes: bool = False,
+    jobs: int | None = None,
+    deep: bool = False,
+    repair_drift: bool = False,
+    keep_dicom: bool = False,
+    git_commit: bool = False,
+    run_validator: bool = False,
+    reconvert_outdated: bool = False,
+    client=None,
+) -> int:
+    """Plan (or load a saved plan), confirm, apply under the state lock, record history."""
+    import signal
+    import threading
+
+    from reconcile import statelock
+    from reconcile.apply import ApplyOptions, append_history, apply_plan, check_plan_fresh, recover
+    from reconcile.observe import make_plan, tool_versions
+    from reconcile.progress import Reporter
+    from reconcile.render import plan_from_dict, render_text
+
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"BIDS root {root} exists but is not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
+    own_client = client is None
+    client = client or connect(cfg)
+    try:
+        with statelock.held(root, "apply", warn=warn):
+            for exp_id in recover(root, warn=warn):
+                echo(f"recovered the interrupted commit of {exp_id}")
+            if plan_file is not None:
+                try:
+                    data = json.loads(plan_file.read_text())
+                except (OSError, ValueError) as exc:
+                    raise ConfigError(f"cannot read plan {plan_file}: {exc}") from exc
+                plan, _ = plan_from_dict(data, str(plan_file))
+                check_plan_fresh(plan, root)
+            else:
+                plan = make_plan(client, root, cfg, selection, deep=deep, reconvert_outdated=reconvert_outdated).plan
+            echo(render_text(plan))
+            todo = plan.actionable(repair_drift=repair_drift)
+            if not todo:
+                echo("Nothing to apply.")
+                return EXIT_ERROR if plan.problems else EXIT_OK
+            if not yes:
+                if not sys.stdin.isatty():
+                    raise ConfigError("apply needs confirmation; without a terminal pass --yes")
+                if not typer.confirm(f"Apply {len(todo)} change(s) to {root}?", default=False):
+                    echo("Cancelled; nothing changed.")
+                    return EXIT_ERROR
+            cancel = threading.Event()
+            previous_handler = None
+            if threading.current_thread() is threading.main_thread():
+                def on_sigint(signum, frame):  # first Ctrl-C: finish cleanly; second: hard stop
+                    if cancel.is_set():
+                        raise KeyboardInterrupt
+                    cancel.set()
+                    echo("\nStopping: the sessions under way are abandoned cleanly (Ctrl-C again to force).", err=True)
+                previous_handler = signal.signal(signal.SIGINT, on_sigint)
+            reporter = Reporter(len(todo))
+            try:
+                options = ApplyOptions(
+                    jobs=jobs or cfg.jobs or max(1, min(4, os.cpu_count() or 1)),
+                    repair_drift=repair_drift,
+                    keep_dicom=keep_dicom or cfg.keep_dicom,
+                )
+                report = apply_plan(plan, root, client, cfg, options=options, tools=tool_versions(),
+                                    on_event=reporter, cancel=cancel)
+            finally:
+                reporter.close()
+                if previous_handler is not None:
+                    signal.signal(signal.SIGINT, previous_handler)
+            append_history(root, plan, report)
+            from reconcile.apply import Status
+
+            echo(
+                f"\nApply {'cancelled' if report.cancelled else 'complete'}: {report.count(Status.DONE)} done, "
+                f"{report.count(Status.FAILED)} failed, {report.count(Status.SKIPPED)} skipped; "
+                f"lock serial {report.lock.serial if report.lock else plan.serial}."
+            )
+            code = EXIT_OK if report.ok and not plan.problems else EXIT_ERROR
+            if run_validator:
+                from reconcile.validate import validate
+
+                result = validate(root)
+                for err in result.errors:
+                    echo(f"validator: {err}")
+                echo(f"BIDS validator: {len(result.errors)} errors, {result.warnings} warnings")
+                code = code or (EXIT_ERROR if result.errors else EXIT_OK)
+            if git_commit:
+                from reconcile.vcs import commit_all
+
+                message = (
+                    f"xnat2bids apply: {report.count(Status.DONE)} session(s) exported\n\n"
+                    + "\n".join(
+                        f"{o.change.action.value} {o.change.address.path} ({o.change.key}): {o.status.value}"
+                        for o in report.outcomes
+                    )
+                )
+                commit = commit_all(root, message)
+                echo(f"git commit {commit}" if commit else "git: nothing to commit")
+            return code
+    finally:
+        if own_client:
+            client.close()
+
+
+@app.command()
+def apply(
+    bids_root: Optional[Path] = RootArg,
+    config: Optional[Path] = ConfigOpt,
+    project: Optional[list[str]] = ProjectOpt,
+    subject: Optional[list[str]] = SubjectOpt,
+    session: Optional[list[str]] = SessionOpt,
+    plan_file: Optional[Path] = typer.Option(None, "--plan", help="Carry out a plan saved with `plan --out`."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Sessions processed at once."),
+    deep: bool = typer.Option(False, "--deep", help="Plan with scan and file listings."),
+    repair_drift: bool = typer.Option(False, "--repair-drift", help="Re-export sessions whose files changed on disk."),
+    keep_dicom: bool = typer.Option(False, "--keep-dicom", help="Keep the DICOM under sourcedata/."),
+    git_commit: bool = typer.Option(False, "--git-commit", help="Commit the result when the BIDS root is a git repository."),
+    run_validator: bool = typer.Option(False, "--validate", help="Run the BIDS validator afterwards."),
+    reconvert_outdated: bool = typer.Option(False, "--reconvert-outdated", help="Re-convert sessions made with older tools."),
+) -> None:
+    """Export and convert what plan reports (create / update), updating the lock per session.
+
+    Example: xnat2bids apply ~/bids-export --project PROJ --yes --jobs 4
+    """
+    cfg = load_config(config)
+    code = run_apply(
+        cfg, cfg.resolve_bids_root(bids_root), _selection(project, subject, session), plan_file=plan_file,
+        yes=yes, jobs=jobs, deep=deep, repair_drift=repair_drift, keep_dicom=keep_dicom, git_commit=git_commit,
+        run_validator=run_validator, reconvert_outdated=reconvert_outdated,
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+def history(
+    bids_root: Optional[Path] = RootArg,
+    config: Optional[Path] = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the raw JSON lines."),
+) -> None:
+    """Print the dataset's append-only apply history.
+
+    Example: xnat2bids history ~/bids-export
+    """
+    from reconcile.apply import read_history
+
+    cfg = load_config(config)
+    entries = read_history(cfg.resolve_bids_root(bids_root))
+    if not entries:
+        echo("No history yet.")
+    for e in entries:
+        if as_json:
+            echo(json.dumps(e, sort_keys=True))
+            continue
+        s = e["summary"]
+        echo(f"{e['time']}  {e['operation']} by {e['user']}@{e['host']} (xnat2bids {e['xnat2bids']}): "
+             f"{s.get('done', 0)} done, {s.get('failed', 0)} failed, {s.get('skipped', 0)} skipped; "
+             f"serial {e['lock_serial']['before']} → {e['lock_serial']['after']}")
+        for row in e["sessions"]:
+            dates = row["date"]
+            moved = f" date {dates['before']} → {dates['after']}" if dates["before"] != dates["after"] and dates["before"] else ""
+            echo(f"    {row['result']:<7} {row['action']:<6} {row['address']} ({row['project']}/{row['experiment_id']}){moved}")
+
+
+@app.command("force-unlock")
+def force_unlock(
+    lock_id: str = typer.Argument(..., help="The lock ID shown in the 'another xnat2bids holds' message."),
+    bids_root: Optional[Path] = RootArg,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Remove a state lock left by an apply that cannot release it (e.g. on another node).
+
+    Example: xnat2bids force-unlock 3f2a9c1b77d0 ~/bids-export
+    """
+    from reconcile import statelock
+
+    cfg = load_config(config)
+    holder = statelock.force_unlock(cfg.resolve_bids_root(bids_root), lock_id)
+    echo(f"Removed the state lock held by {holder.describe()}")
+
+
+@app.command()
+def forget(
+    experiment_id: str = typer.Argument(..., help="XNAT experiment ID to drop from the lock (an orphan)."),
+    bids_root: Optional[Path] = RootArg,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Drop a session from the lock (files stay on disk); for orphans you have dealt with.
+
+    Example: xnat2bids forget XNAT_E00042 ~/bids-export
+    """
+    from reconcile import statelock
+    from reconcile.lock import read_lock, write_lock
+
+    cfg = load_config(config)
+    root = cfg.resolve_bids_root(bids_root)
+    with statelock.held(root, "forget"):
+        lock = read_lock(root)
+        if lock is None or experiment_id not in lock.sessions:
+            raise ConfigError(f"{experiment_id} is not in the lock of {root}")
+        written = write_lock(root, lock.without_session(experiment_id), expected_serial=lock.serial)
+    echo(f"Forgot {experiment_id}; its files were left on disk. Lock serial {written.serial}.")
 
 
 @app.command()
@@ -279,7 +491,7 @@ def emulator_serve(
     if data is not None:
         load_dicom_dir(archive, data)
     if synthetic_sessions:
-        if project not in {p for p in archive.project_ids()}:
+        if project not in archive.projects:
             archive.add_project(project)
         archive.add_synthetic_sessions(
             project, n=synthetic_sessions, scans_per_session=scans_per_session,

@@ -1,0 +1,499 @@
+"""Carrying a Plan out: stage (export + convert) each session, then commit it into the BIDS root.
+
+Staging writes only into the hidden work area; committing moves one finished session into
+place, records it in the lock and the provenance files. A journal makes the commit
+crash-safe: an interrupted commit is rolled forward or back by `recover`. Apply prints
+nothing; it reports through `on_event`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+
+from reconcile.config import Config, ConversionSettings
+from reconcile.convert import convert_session
+from reconcile.dataset import ensure_dataset_description, ensure_participant, update_sessions_tsv
+from reconcile.errors import AuthError, StalePlanError, UnsafePathError, XnatBidsError
+from reconcile.export import export_session
+from reconcile.localscan import sha256_file
+from reconcile.lock import Lock, dumps_lock, load_or_new, loads_lock, read_lock, write_lock
+from reconcile.model import (
+    BidsAddress,
+    Experiment,
+    OutputRecord,
+    Scan,
+    SessionRecord,
+    format_timestamp,
+)
+from reconcile.naming import check_safe
+from reconcile.plan import Action, Change, Plan
+
+WORK_DIR = ".xnat2bids"
+
+
+class Status(str, Enum):
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # not started (cancelled, or credentials rejected earlier)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    change: Change
+    status: Status
+    message: str = ""
+    log_path: Path | None = None
+    seconds: float = 0.0
+    record: SessionRecord | None = None
+
+
+Event = Callable[[str, Change, "Outcome | None"], None]
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    jobs: int = 1
+    repair_drift: bool = False
+    keep_dicom: bool = False
+    export_method: str = "auto"
+
+
+@dataclass
+class ApplyReport:
+    outcomes: list[Outcome] = field(default_factory=list)
+    lock: Lock | None = None
+    cancelled: bool = False
+
+    def count(self, status: Status) -> int:
+        return sum(1 for o in self.outcomes if o.status is status)
+
+    @property
+    def ok(self) -> bool:
+        return not self.cancelled and all(o.status is Status.DONE for o in self.outcomes)
+
+
+@dataclass(frozen=True)
+class WorkArea:
+    """The BIDS root's hidden work area (same filesystem, so renames are atomic)."""
+
+    root: Path
+
+    @property
+    def base(self) -> Path:
+        return self.root / WORK_DIR
+
+    def staging(self, exp_id: str) -> Path:
+        return self.base / "staging" / exp_id
+
+    def log(self, exp_id: str) -> Path:
+        return self.base / "logs" / f"{exp_id}.log"
+
+    def trash(self, exp_id: str) -> Path:
+        return self.base / "trash" / exp_id
+
+    def journal(self, exp_id: str) -> Path:
+        return self.base / "journal" / f"{exp_id}.json"
+
+    @property
+    def history(self) -> Path:
+        return self.base / "history.jsonl"
+
+
+@dataclass(frozen=True)
+class StagedSession:
+    """A session exported and converted in the work area, ready to be committed."""
+
+    change: Change
+    experiment: Experiment
+    address: BidsAddress
+    scans: tuple[Scan, ...]
+    session_dir: Path  # converted sub-X/ses-Y in staging
+    dicom_dir: Path
+    log_path: Path
+    tools: dict[str, str]
+    settings: ConversionSettings
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _previous(change: Change, lock: Lock) -> SessionRecord | None:
+    """The lock entry a change replaces: by ID, or the re-archived session it supersedes."""
+    rec = lock.sessions.get(change.key.experiment_id)
+    if rec is not None:
+        return rec
+    for reason in change.reasons:
+        if reason.code == "replaced" and reason.before:
+            return lock.sessions.get(reason.before)
+    return None
+
+
+def _target(root: Path, address: BidsAddress) -> Path:
+    check_safe(address.subject, "subject")
+    check_safe(address.session, "session")
+    return root / f"sub-{address.subject}" / f"ses-{address.session}"
+
+
+def stage_session(
+    change: Change,
+    root: Path,
+    client,
+    config: Config,
+    *,
+    tools: dict[str, str],
+    export_method: str = "auto",
+    cancel: threading.Event | None = None,
+) -> StagedSession:
+    """Export and convert one session into the work area; touches nothing else."""
+    exp = change.after
+    if exp is None:
+        raise XnatBidsError(f"{change.key}: nothing to export for a {change.action.value}")
+    area = WorkArea(root)
+    staging = area.staging(exp.id)
+    log_path = area.log(exp.id)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    settings = config.conversion_for(exp.project, exp.label)
+    listed = client.list_scans(exp)
+    scans = tuple(s for s in listed if settings.selects(s.id, s.series_description))
+    with open(log_path, "a") as log:
+        log.write(f"{_now()} export {exp.project}/{exp.id} ({exp.label}): {len(scans)} of {len(listed)} scans selected\n")
+    export_session(client, exp, scans, staging / "dicom", method=export_method, cancel=cancel)
+    result = convert_session(
+        staging / "dicom", staging / "convert", change.address, settings, log_path=log_path, cancel=cancel
+    )
+    return StagedSession(
+        change, exp, change.address, scans, result.session_dir, staging / "dicom", log_path, tools, settings
+    )
+
+
+def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Path) -> None:
+    """Files a user added inside a session folder survive its re-conversion."""
+    if not old_dir.is_dir():
+        return
+    for dirpath, _dirs, files in os.walk(old_dir):
+        for name in files:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if rel in recorded:
+                continue
+            dest = new_dir / path.relative_to(old_dir)
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest)
+
+
+def _remove_recorded(root: Path, record: SessionRecord, keep: set[str]) -> None:
+    """Remove only the files the lock says apply wrote, then folders left empty."""
+    dirs = set()
+    for out in record.outputs:
+        if out.path in keep:
+            continue
+        path = root / out.path
+        path.unlink(missing_ok=True)
+        dirs.add(path.parent)
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        while d != root and d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+            d = d.parent
+
+
+def _move_replacing(src: Path, dest: Path, trash: Path) -> None:
+    if dest.exists():
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.rename(dest, trash)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(src, dest)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _staged_outputs(staging_root: Path, session_dir: Path) -> tuple[OutputRecord, ...]:
+    """Fingerprint the converted files before the move; a rename keeps size and mtime."""
+    records = []
+    for dirpath, _dirs, files in os.walk(session_dir):
+        for name in files:
+            path = Path(dirpath) / name
+            st = path.stat()
+            rel = path.relative_to(staging_root).as_posix()
+            records.append(OutputRecord(rel, st.st_size, sha256_file(path), st.st_mtime_ns))
+    return tuple(sorted(records, key=lambda o: o.path))
+
+
+def commit_session(staged: StagedSession, root: Path, lock: Lock, *, keep_dicom: bool = False) -> Lock:
+    """Move a staged session into place and record it in the lock; returns the lock as written.
+
+    Order: journal (the complete new record) → swap folders → provenance → lock. A crash at
+    any point is repaired by `recover`: before the swap it rolls back, after it rolls forward.
+    """
+    area = WorkArea(root)
+    exp, address = staged.experiment, staged.address
+    previous = _previous(staged.change, lock)
+    target = _target(root, address)
+    if previous is not None and previous.address == address:
+        _copy_user_files(target, staged.session_dir, {o.path for o in previous.outputs}, root)
+    staging_root = staged.session_dir.parent.parent
+    record = SessionRecord(
+        experiment_id=exp.id,
+        project=exp.project,
+        subject_id=exp.subject_id,
+        subject_label=exp.subject_label,
+        session_label=exp.label,
+        bids_subject=address.subject,
+        bids_session=address.session,
+        date=exp.date,
+        insert_date=format_timestamp(exp.insert_date),
+        last_modified=format_timestamp(exp.last_modified),
+        xsi_type=exp.xsi_type,
+        exported_at=_now(),
+        config_fingerprint=staged.settings.fingerprint(),
+        config_digests=staged.settings.digests(),
+        tools=dict(staged.tools),
+        scans=tuple(s.record() for s in staged.scans),
+        outputs=_staged_outputs(staging_root, staged.session_dir),
+    )
+    journal = {
+        "record": dumps_lock(Lock.new().with_session(record)),
+        "previous": previous.experiment_id if previous else None,
+        "staged": os.path.relpath(staged.session_dir, root),
+        "dicom": os.path.relpath(staged.dicom_dir, root) if keep_dicom else None,
+    }
+    _write_json(area.journal(exp.id), journal)
+    _move_replacing(staged.session_dir, target, area.trash(exp.id))
+    return _roll_forward(root, exp.id)
+
+
+def _roll_forward(root: Path, exp_id: str) -> Lock:
+    area = WorkArea(root)
+    journal = json.loads(area.journal(exp_id).read_text())
+    record = loads_lock(journal["record"], source=str(area.journal(exp_id))).sessions[exp_id]
+    lock = load_or_new(root)
+    previous = lock.sessions.get(journal["previous"]) if journal["previous"] else None
+    if previous is not None and previous.address != record.address:
+        _remove_recorded(root, previous, {o.path for o in record.outputs})
+    if journal["dicom"] and (root / journal["dicom"]).is_dir():
+        dest = root / "sourcedata" / f"sub-{record.bids_subject}" / f"ses-{record.bids_session}" / "dicom"
+        _move_replacing(root / journal["dicom"], dest, area.trash(exp_id + ".dicom"))
+    ensure_dataset_description(root, name=record.project, tools=record.tools)
+    ensure_participant(root, record.bids_subject)
+    update_sessions_tsv(
+        root,
+        record.bids_subject,
+        record.bids_session,
+        acq_time=f"{record.date}T00:00:00" if record.date else "n/a",
+        xnat_experiment_id=record.experiment_id,
+        xnat_insert_date=record.insert_date,
+    )
+    if lock.sessions.get(exp_id) != record:
+        updated = lock
+        if previous is not None and previous.experiment_id != exp_id:
+            updated = updated.without_session(previous.experiment_id)
+        lock = write_lock(root, updated.with_session(record), expected_serial=lock.serial)
+    for leftover in (area.trash(exp_id), area.trash(exp_id + ".dicom"), area.staging(exp_id)):
+        shutil.rmtree(leftover, ignore_errors=True)
+    area.journal(exp_id).unlink(missing_ok=True)
+    return lock
+
+
+def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list[str]:
+    """Finish or undo commits that a crash interrupted; returns the experiment IDs handled."""
+    area = WorkArea(root)
+    journals = sorted((area.base / "journal").glob("*.json")) if (area.base / "journal").is_dir() else []
+    handled = []
+    for path in journals:
+        exp_id = path.stem
+        journal = json.loads(path.read_text())
+        staged = root / journal["staged"]
+        if staged.is_dir():
+            # The swap never completed: put the old session back, drop the journal, retry later.
+            record = loads_lock(journal["record"]).sessions[exp_id]
+            target = root / record.address.path
+            trash = area.trash(exp_id)
+            if trash.is_dir() and not target.exists():
+                os.rename(trash, target)
+            path.unlink()
+            warn(f"{exp_id}: an interrupted commit was rolled back; the session will be applied again")
+        else:
+            _roll_forward(root, exp_id)
+            warn(f"{exp_id}: an interrupted commit was completed")
+        handled.append(exp_id)
+    return handled
+
+
+def check_plan_fresh(plan: Plan, root: Path) -> None:
+    """A saved plan applies only to the lock it was computed against (lineage and serial)."""
+    lock = read_lock(root)
+    if lock is None:
+        if plan.serial != 0:
+            raise StalePlanError(
+                f"plan is stale: it was made against lock serial {plan.serial}, but {root} has no lock now",
+                hint="run plan again",
+            )
+        return
+    if lock.lineage != plan.lineage and not (plan.serial == 0 and lock.serial == 0):
+        raise StalePlanError(
+            f"plan is stale: it was made for lock lineage {plan.lineage}, but {root} has lineage {lock.lineage}",
+            hint="run plan again",
+        )
+    if lock.serial != plan.serial:
+        raise StalePlanError(
+            f"plan is stale: the lock changed since planning (serial {plan.serial} → {lock.serial})",
+            hint="run plan again",
+        )
+
+
+def apply_plan(
+    plan: Plan,
+    root: Path,
+    client,
+    config: Config,
+    *,
+    options: ApplyOptions = ApplyOptions(),
+    tools: dict[str, str] | None = None,
+    on_event: Event = lambda kind, change, outcome: None,
+    cancel: threading.Event | None = None,
+) -> ApplyReport:
+    """Stage sessions concurrently (bounded by `jobs`), commit each one as it finishes.
+
+    Commits happen one at a time in the calling thread, so the lock has a single writer.
+    A failed session leaves its old state on disk and in the lock; the others go on.
+    Rejected credentials stop new sessions from starting.
+    """
+    cancel = cancel or threading.Event()
+    tools = tools or {}
+    report = ApplyReport(lock=load_or_new(root))
+    if report.lock.lineage != plan.lineage and report.lock.serial == 0 and plan.serial == 0:
+        report.lock = replace(report.lock, lineage=plan.lineage)
+    changes = list(plan.actionable(repair_drift=options.repair_drift))
+    auth_failed = threading.Event()
+    started: dict[Future, tuple[Change, float]] = {}
+    pending = list(changes)
+
+    def stage(change: Change) -> StagedSession:
+        if cancel.is_set() or auth_failed.is_set():
+            raise _NotStarted()
+        return stage_session(change, root, client, config, tools=tools, export_method=options.export_method, cancel=cancel)
+
+    with ThreadPoolExecutor(max_workers=max(1, options.jobs), thread_name_prefix="xnat2bids-session") as pool:
+        while pending or started:
+            while pending and len(started) < max(1, options.jobs) and not (cancel.is_set() or auth_failed.is_set()):
+                change = pending.pop(0)
+                on_event("start", change, None)
+                started[pool.submit(stage, change)] = (change, time.monotonic())
+            if not started:
+                break
+            done, _ = wait(list(started), return_when=FIRST_COMPLETED, timeout=0.5)
+            for fut in done:
+                change, t0 = started.pop(fut)
+                outcome = _settle(fut, change, t0, root, report, options, auth_failed)
+                report.outcomes.append(outcome)
+                on_event(outcome.status.value, change, outcome)
+        for change in pending:
+            why = "credentials rejected earlier in this run" if auth_failed.is_set() else "cancelled"
+            outcome = Outcome(change, Status.SKIPPED, why)
+            report.outcomes.append(outcome)
+            on_event(outcome.status.value, change, outcome)
+    report.cancelled = cancel.is_set()
+    return report
+
+
+class _NotStarted(Exception):
+    pass
+
+
+def _settle(
+    fut: Future, change: Change, t0: float, root: Path, report: ApplyReport, options: ApplyOptions,
+    auth_failed: threading.Event,
+) -> Outcome:
+    log_path = WorkArea(root).log(change.key.experiment_id)
+    try:
+        staged = fut.result()
+        report.lock = commit_session(staged, root, report.lock, keep_dicom=options.keep_dicom)
+    except _NotStarted:
+        return Outcome(change, Status.SKIPPED, "not started")
+    except AuthError as exc:
+        auth_failed.set()
+        return Outcome(change, Status.FAILED, exc.summary, log_path, time.monotonic() - t0)
+    except XnatBidsError as exc:
+        _log(log_path, f"failed: {exc}")
+        return Outcome(change, Status.FAILED, exc.summary, log_path, time.monotonic() - t0)
+    except Exception as exc:  # a bug or an OS error must not take the other sessions down
+        _log(log_path, f"failed: {exc!r}")
+        return Outcome(change, Status.FAILED, f"{type(exc).__name__}: {exc}", log_path, time.monotonic() - t0)
+    record = report.lock.sessions.get(change.key.experiment_id)
+    return Outcome(change, Status.DONE, "", log_path, time.monotonic() - t0, record)
+
+
+def _log(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(f"{_now()} {text}\n")
+
+
+def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: str = "apply") -> dict:
+    """One JSON line per apply in the dataset's work area; never rewritten."""
+    import getpass
+    import socket
+
+    from reconcile import __version__
+
+    entry = {
+        "time": _now(),
+        "operation": operation,
+        "user": getpass.getuser(),
+        "host": socket.gethostname(),
+        "xnat2bids": __version__,
+        "lock_serial": {"before": plan.serial, "after": report.lock.serial if report.lock else plan.serial},
+        "summary": {s.value: report.count(s) for s in Status},
+        "cancelled": report.cancelled,
+        "sessions": [
+            {
+                "experiment_id": o.change.key.experiment_id,
+                "project": o.change.key.project,
+                "address": o.change.address.path,
+                "action": o.change.action.value,
+                "result": o.status.value,
+                "reasons": [r.message for r in o.change.reasons],
+                "date": {
+                    "before": o.change.before.date if o.change.before else None,
+                    "after": o.change.after.date if o.change.after else None,
+                },
+                **({"error": o.message} if o.status is not Status.DONE else {}),
+            }
+            for o in report.outcomes
+        ],
+    }
+    path = WorkArea(root).history
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(entry, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return entry
+
+
+def read_history(root: Path) -> list[dict]:
+    path = WorkArea(root).history
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

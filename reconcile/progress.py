@@ -1,0 +1,66 @@
+"""Apply's reporter: a rich progress bar on a terminal, plain lines otherwise.
+
+Implements apply's `on_event` callback; the only output code apply ever triggers.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from reconcile.apply import Outcome, Status
+from reconcile.plan import Change
+
+
+class Reporter:
+    def __init__(self, total: int, *, stream: TextIO | None = None, live: bool | None = None):
+        self.stream = stream or sys.stdout
+        self.total = total
+        self.finished = 0
+        self.live = self.stream.isatty() if live is None else live
+        self._progress = None
+        self._task = None
+        if self.live and total:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]apply"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.description}"), console=Console(file=self.stream), transient=True,
+            )
+            self._task = self._progress.add_task("", total=total)
+            self._progress.start()
+
+    def _line(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def __call__(self, kind: str, change: Change, outcome: Outcome | None) -> None:
+        where = f"{change.address.path} ({change.key})"
+        if kind == "start":
+            if self._progress is not None:
+                self._progress.update(self._task, description=where)
+            else:
+                self._line(f"  … {change.action.value:<6} {where}")
+            return
+        self.finished += 1
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1)
+        assert outcome is not None
+        n = f"[{self.finished}/{self.total}]"
+        if outcome.status is Status.DONE:
+            files = len(outcome.record.outputs) if outcome.record else 0
+            self._line(f"{n} ✓ {change.action.value:<6} {where}: {files} files in {outcome.seconds:.1f} s")
+        elif outcome.status is Status.FAILED:
+            self._line(f"{n} ✗ {change.action.value:<6} {where}: {outcome.message}")
+            if outcome.log_path:
+                self._line(f"      log: {outcome.log_path}")
+        else:
+            self._line(f"{n} - skipped {where}: {outcome.message}")
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
