@@ -836,3 +836,170 @@ def test_secret_never_in_client_repr_or_errors(site: Site) -> None:
 def test_url_credentials_are_dropped() -> None:
     c = XnatClient(f"https://bob:{SENTINEL}@xnat.example.org/xnat/", Credentials(USER, "p", "env"))
     assert c.url == "https://xnat.example.org/xnat" and SENTINEL not in repr(c)
+
+
+# ---------------------------------------------------------------------------- against the emulator
+
+def _emulator_fault(route: str, kind: str, **kw: Any) -> Any:
+    from reconcile.emulator.faults import Fault
+
+    return Fault(route=route, kind=kind, **kw)
+
+
+def emu_client(emulator: Any, **kw: Any) -> XnatClient:
+    kw.setdefault("backoff", 0.0)
+    kw.setdefault("timeout", 5.0)
+    return XnatClient(emulator.url, Credentials(emulator.user, emulator.password, "env"), **kw)
+
+
+def populate(archive: Any, n: int = 3) -> list[Any]:
+    sessions = []
+    for i in range(1, n + 1):
+        exp = archive.add_session("PROJ", f"SUBJ{i:02d}", f"SUBJ{i:02d}_MR1", date=f"2024-01-{i:02d}")
+        archive.add_scan(exp.id, "1", type="localizer", series_description="loc",
+                         files={"1.dcm": b"a" * i, "2.dcm": b"bb"})
+        archive.add_scan(exp.id, "2", type="T1w", series_description="MPRAGE", files={"1.dcm": b"t1" * i})
+        sessions.append(exp)
+    return sessions
+
+
+def auth_requests(emulator: Any) -> list[tuple[str, str, str]]:
+    return [r for r in emulator.app.requests if r[1].endswith("/services/auth")]
+
+
+def test_emulator_listing_and_deep_details(emulator: Any) -> None:
+    made = populate(emulator.archive, 3)
+    emulator.archive.add_session("PROJ", "SUBJ09", "SUBJ09_MR1")  # no date, no scans
+    with emu_client(emulator) as c:
+        exps = c.list_experiments("PROJ")
+        assert {e.id for e in exps} == {m.id for m in made} | {exps[-1].id}
+        by_label = {e.label: e for e in exps}
+        first = by_label["SUBJ01_MR1"]
+        assert first.project == "PROJ" and first.subject_label == "SUBJ01" and first.date == "2024-01-01"
+        assert isinstance(first.insert_date, datetime) and isinstance(first.last_modified, datetime)
+        assert by_label["SUBJ09_MR1"].date is None
+        sequential = c.deep_details(exps, concurrency=1)
+        concurrent = c.deep_details(exps, concurrency=4)
+    assert sequential == concurrent
+    scans = sequential[first.id]
+    assert [(s.id, s.type, s.series_description) for s in scans] == [("1", "localizer", "loc"), ("2", "T1w", "MPRAGE")]
+    assert [(f.name, f.size, f.resource) for f in scans[0].files] == [("1.dcm", 1, "DICOM"), ("2.dcm", 2, "DICOM")]
+    assert scans[0].files[0].digest == "0cc175b9c0f1b6a831c399e269772661"  # md5(b"a")
+    assert sequential[by_label["SUBJ09_MR1"].id] == ()
+    assert len(auth_requests(emulator)) == 1
+
+
+def test_emulator_list_experiments_is_one_request(emulator: Any) -> None:
+    populate(emulator.archive, 2)
+    with emu_client(emulator) as c:
+        c.login()
+        emulator.app.reset_requests()
+        c.list_experiments("PROJ")
+        assert len(emulator.app.requests) == 1
+        method, path, query = emulator.app.requests[0]
+        assert (method, path) == ("GET", "/data/projects/PROJ/experiments") and "format=json" in query
+
+
+def test_emulator_unknown_and_forbidden_projects(emulator: Any) -> None:
+    emulator.archive.add_project("OTHER")
+    emulator.archive.add_user("bob", SENTINEL, projects=["PROJ"])
+    with emu_client(emulator) as c:
+        with pytest.raises(NotFoundError) as info:
+            c.list_experiments("NOPE")
+    assert info.value.summary == f"project NOPE not found on XNAT or not visible to user {emulator.user}"
+    with XnatClient(emulator.url, Credentials("bob", SENTINEL, "env"), backoff=0) as bob:
+        with pytest.raises(AuthError) as denied:
+            bob.list_experiments("OTHER")
+    assert_no_secret(denied.value)
+
+
+def test_emulator_bad_password(emulator: Any) -> None:
+    with XnatClient(emulator.url, Credentials(emulator.user, SENTINEL, "env"), backoff=0) as c:
+        with pytest.raises(AuthError) as info:
+            c.list_experiments("PROJ")
+    assert info.value.summary == f"XNAT rejected the credentials for user {emulator.user} at {emulator.url}"
+    assert_no_secret(info.value)
+
+
+def test_emulator_alias_token_login(emulator: Any) -> None:
+    populate(emulator.archive, 1)
+    token = emulator.app.issue_token(emulator.user)
+    with XnatClient(emulator.url, Credentials(token["alias"], token["secret"], "token-file"), backoff=0) as c:
+        assert len(c.list_experiments("PROJ")) == 1
+        c.list_experiments("PROJ")
+    basic = [r for r in emulator.app.requests if r[1] == "/data/JSESSION" and r[0] == "GET"]
+    assert len(basic) == 1 and auth_requests(emulator) == []
+
+
+def test_emulator_session_timeout_relogs_in_once(emulator: Any) -> None:
+    populate(emulator.archive, 1)
+    with emu_client(emulator) as c:
+        c.list_experiments("PROJ")
+        real_clock = emulator.app.wall_clock
+        emulator.app.wall_clock = lambda: real_clock() + 24 * 3600  # every session is now idle too long
+        assert len(c.list_experiments("PROJ")) == 1
+    assert len(auth_requests(emulator)) == 2
+
+
+def test_emulator_credentials_revoked_is_an_auth_error(emulator: Any) -> None:
+    populate(emulator.archive, 1)
+    with emu_client(emulator) as c:
+        c.list_experiments("PROJ")
+        emulator.app.faults.add(_emulator_fault(r"/experiments$", "auth_expire", times=1))
+        with pytest.raises(AuthError):
+            c.list_experiments("PROJ")
+    assert len(auth_requests(emulator)) == 2
+
+
+@pytest.mark.parametrize(
+    "kind, extra",
+    [("status", {"status": 503}), ("reset", {}), ("truncate", {"fraction": 0.5}), ("status", {"status": 502})],
+)
+def test_emulator_transient_faults_are_retried(emulator: Any, kind: str, extra: dict[str, Any]) -> None:
+    populate(emulator.archive, 2)
+    emulator.app.faults.add(_emulator_fault(r"/experiments$", kind, times=2, **extra))
+    emulator.app.faults.add(_emulator_fault(r"/scans/ALL/files$", kind, times=2, **extra))
+    with emu_client(emulator) as c:
+        exps = c.list_experiments("PROJ")
+        details = c.deep_details(exps, concurrency=2)
+    assert len(exps) == 2 and all(len(scans) == 2 for scans in details.values())
+
+
+def test_emulator_retries_exhausted(emulator: Any) -> None:
+    emulator.app.faults.add(_emulator_fault(r"/experiments$", "status", status=503))
+    with emu_client(emulator, retries=2) as c:
+        with pytest.raises(RemoteError, match="kept failing"):
+            c.list_experiments("PROJ")
+    assert sum(1 for r in emulator.app.requests if r[1] == "/data/projects/PROJ/experiments") == 3
+
+
+def test_emulator_html_200_and_invalid_json(emulator: Any) -> None:
+    emulator.app.faults.add(_emulator_fault(r"/experiments$", "html_200", times=1, message="Maintenance window"))
+    emulator.app.faults.add(_emulator_fault(r"/experiments$", "invalid_json", times=1, after=1))
+    with emu_client(emulator) as c:
+        with pytest.raises(RemoteError, match="Maintenance window"):
+            c.list_experiments("PROJ")
+        with pytest.raises(RemoteError, match="invalid JSON"):
+            c.list_experiments("PROJ")
+        assert c.list_experiments("PROJ") == []
+
+
+def test_emulator_unsafe_file_name(emulator: Any) -> None:
+    (exp,) = populate(emulator.archive, 1)
+    emulator.archive.upload_file(exp.id, "1", "DICOM", "../../escape.dcm", b"x")
+    with emu_client(emulator) as c:
+        (listed,) = c.list_experiments("PROJ")
+        with pytest.raises(UnsafePathError):
+            c.list_scans(listed)
+
+
+def test_emulator_stream_download(emulator: Any) -> None:
+    (exp,) = populate(emulator.archive, 1)
+    with emu_client(emulator) as c:
+        (listed,) = c.list_experiments("PROJ")
+        scan = c.list_scans(listed)[1]
+        with c.stream(scan.files[0].uri) as resp:
+            assert resp.status_code == 200 and b"".join(resp.iter_content(1024)) == b"t1"
+        emulator.app.faults.add(_emulator_fault(r"/files/", "status", status=503, times=1))
+        with c.stream(scan.files[0].uri) as resp:
+            assert b"".join(resp.iter_content(1024)) == b"t1"
