@@ -341,7 +341,6 @@ class XnatClient:
 
         A streamed response is returned with its semaphore slot still held (see `stream`).
         """
-        last: str = ""
         for attempt in range(self.retries + 1):
             resp: requests.Response | None = None
             self._slots.acquire()
@@ -372,11 +371,10 @@ class XnatClient:
                 raise RemoteError(f"invalid URL {_strip_query(url)}") from exc
             except _TRANSIENT as exc:
                 self._slots.release()
-                last = type(exc).__name__
                 if attempt == self.retries:
                     raise RemoteError(
                         f"cannot reach XNAT at {self.url} for {what or _strip_query(url)}",
-                        detail=f"{last} after {attempt + 1} attempt(s)",
+                        detail=f"{type(exc).__name__} after {attempt + 1} attempt(s)",
                         hint="check the URL and the network; run again later",
                     ) from exc
                 self._sleep(attempt, None)
@@ -390,7 +388,6 @@ class XnatClient:
             if resp.status_code in _RETRY_STATUS and attempt < self.retries:
                 resp.close()
                 self._slots.release()
-                last = f"HTTP {resp.status_code}"
                 self._sleep(attempt, resp)
                 continue
             if not stream:
@@ -544,7 +541,8 @@ class XnatClient:
         """Where an experiment's scans hang: the 9-segment form when the subject is known."""
         e = quote(exp.id, safe="")
         if exp.subject_id:
-            return f"/data/projects/{quote(exp.project, safe='')}/subjects/{quote(exp.subject_id, safe='')}/experiments/{e}"
+            p, s = quote(exp.project, safe=""), quote(exp.subject_id, safe="")
+            return f"/data/projects/{p}/subjects/{s}/experiments/{e}"
         return f"/data/experiments/{e}"
 
     def list_scans(self, exp: Experiment) -> list[Scan]:
