@@ -1,0 +1,238 @@
+"""The dataset-level BIDS files xnat2bids keeps in the real BIDS root.
+
+Owns `dataset_description.json` (our GeneratedBy entries), `participants.tsv`,
+`sub-X/sub-X_sessions.tsv` and `.bidsignore`. These files are shared with the user: it adds
+and refreshes only its own keys, rows and columns, writes other lines back as they were,
+and replaces files atomically (temp file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from reconcile.errors import XnatBidsError
+
+__all__ = [
+    "BIDS_VERSION",
+    "BIDSIGNORE_PATTERNS",
+    "SESSION_COLUMNS",
+    "ensure_bidsignore",
+    "ensure_dataset_description",
+    "ensure_participant",
+    "update_sessions_tsv",
+]
+
+BIDS_VERSION = "1.10.0"
+TOOL_ORDER = ("xnat2bids", "heudiconv", "dcm2niix")
+SESSION_COLUMNS = ("session_id", "acq_time", "xnat_experiment_id", "xnat_insert_date")
+NA = "n/a"
+# bids-validator 3.x ignores every dot-file and dot-folder at any depth, and our work area
+# (.xnat2bids/), lockfile (.xnat2bids.lock) and state lock (.xnat2bids.lock.info) are all
+# dot-named, so nothing needs ignoring today. Kept as the single place to add a pattern.
+BIDSIGNORE_PATTERNS: tuple[str, ...] = ()
+
+
+class DatasetFileError(XnatBidsError):
+    """A dataset-level BIDS file exists but cannot be read or safely updated."""
+
+
+def ensure_dataset_description(root: Path, *, name: str, tools: Mapping[str, str]) -> None:
+    """Create dataset_description.json, or add/refresh our GeneratedBy entries in it.
+
+    User keys and other GeneratedBy entries stay as they are; ours (matched by Name) are
+    updated in place or appended in a fixed order.
+    """
+    path = Path(root) / "dataset_description.json"
+    ours = [{"Name": tool, "Version": tools[tool]} for tool in _tool_order(tools)]
+    if not path.exists():
+        data: dict[str, Any] = {
+            "Name": name,
+            "BIDSVersion": BIDS_VERSION,
+            "DatasetType": "raw",
+            "GeneratedBy": ours,
+        }
+        _write_atomic(path, _json_text(data))
+        return
+    data = _read_json_object(path)
+    generated = data.get("GeneratedBy", [])
+    if not isinstance(generated, list):
+        raise DatasetFileError(f"{path}: GeneratedBy is not a list",
+                               hint="fix or remove the GeneratedBy key; xnat2bids appends its tools there")
+    merged = list(generated)
+    for entry in ours:
+        index = next((i for i, e in enumerate(merged) if isinstance(e, dict) and e.get("Name") == entry["Name"]), None)
+        if index is None:
+            merged.append(entry)
+        else:
+            merged[index] = {**merged[index], **entry}
+    updated = dict(data)
+    updated["GeneratedBy"] = merged
+    updated.setdefault("Name", name)
+    updated.setdefault("BIDSVersion", BIDS_VERSION)
+    if updated != data:
+        _write_atomic(path, _json_text(updated))
+
+
+def update_sessions_tsv(root: Path, bids_subject: str, bids_session: str, *, acq_time: str,
+                        xnat_experiment_id: str, xnat_insert_date: str) -> None:
+    """Add or update ses-Y's row in sub-X/sub-X_sessions.tsv.
+
+    Other rows, user columns and their order are kept; our columns missing from a user's
+    file are appended (n/a in existing rows). Nothing is written when nothing changes.
+    """
+    path = Path(root) / f"sub-{bids_subject}" / f"sub-{bids_subject}_sessions.tsv"
+    ours = {
+        "session_id": f"ses-{bids_session}",
+        "acq_time": acq_time or NA,
+        "xnat_experiment_id": xnat_experiment_id or NA,
+        "xnat_insert_date": xnat_insert_date or NA,
+    }
+    table = _Tsv.read(path) if path.exists() else _Tsv([], [])
+    if not table.header:
+        table = _Tsv(list(SESSION_COLUMNS), [])
+    if "session_id" not in table.header:
+        raise DatasetFileError(f"{path}: no session_id column", hint="the first column of a sessions file is session_id")
+    missing = [c for c in SESSION_COLUMNS if c not in table.header]
+    changed = bool(missing) or not path.exists()
+    for column in missing:
+        table.add_column(column)
+    index = table.find("session_id", ours["session_id"])
+    if index is None:
+        table.append({**ours})
+        changed = True
+    else:
+        changed |= table.set(index, ours)
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, table.text())
+
+
+def ensure_participant(root: Path, bids_subject: str) -> None:
+    """Append sub-X to participants.tsv when missing; existing rows and columns are never rewritten."""
+    path = Path(root) / "participants.tsv"
+    participant = f"sub-{bids_subject}"
+    table = _Tsv.read(path) if path.exists() else _Tsv([], [])
+    if not table.header:
+        _write_atomic(path, _Tsv(["participant_id"], [[participant]]).text())
+        return
+    if "participant_id" not in table.header:
+        raise DatasetFileError(f"{path}: no participant_id column",
+                               hint="the first column of participants.tsv is participant_id")
+    if table.find("participant_id", participant) is not None:
+        return
+    table.append({"participant_id": participant})
+    _write_atomic(path, table.text())
+
+
+def ensure_bidsignore(root: Path, patterns: Iterable[str] = BIDSIGNORE_PATTERNS) -> None:
+    """Make sure `.bidsignore` lists `patterns`; appends only missing lines, never creates an empty file."""
+    path = Path(root) / ".bidsignore"
+    wanted = list(dict.fromkeys(p.strip() for p in patterns if p.strip()))
+    existing = path.read_text(encoding="utf-8") if path.exists() else ""
+    present = {line.strip() for line in existing.splitlines()}
+    missing = [p for p in wanted if p not in present]
+    if not missing:
+        return
+    prefix = existing if not existing or existing.endswith("\n") else existing + "\n"
+    _write_atomic(path, prefix + "".join(f"{p}\n" for p in missing))
+
+
+class _Tsv:
+    """A BIDS TSV that remembers each line's text, so lines we do not touch are written back unchanged."""
+
+    def __init__(self, header: list[str], rows: list[list[str]], newline: str = "\n",
+                 raw: list[str | None] | None = None):
+        self.header = header
+        self.rows = rows
+        self.newline = newline
+        # raw[0] is the header line, raw[i + 1] row i; None once a line was changed.
+        self.raw: list[str | None] = raw if raw is not None else [None] * (len(rows) + 1)
+
+    @classmethod
+    def read(cls, path: Path) -> _Tsv:
+        try:
+            text = path.read_bytes().decode("utf-8")  # bytes: read_text would hide CRLF
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DatasetFileError(f"cannot read {path}: {exc}") from exc
+        newline = "\r\n" if "\r\n" in text else "\n"
+        # Blank lines are not valid BIDS TSV rows; dropping them is the only normalisation.
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            return cls([], [], newline)
+        return cls(lines[0].split("\t"), [line.split("\t") for line in lines[1:]], newline, list(lines))
+
+    def add_column(self, column: str) -> None:
+        self.header.append(column)
+        self.raw = [None] * len(self.raw)
+        for row in self.rows:
+            row.extend([NA] * (len(self.header) - len(row)))
+
+    def find(self, column: str, value: str) -> int | None:
+        at = self.header.index(column)
+        return next((i for i, row in enumerate(self.rows) if len(row) > at and row[at] == value), None)
+
+    def append(self, values: Mapping[str, str]) -> None:
+        self.rows.append([values.get(column, NA) for column in self.header])
+        self.raw.append(None)
+
+    def set(self, index: int, values: Mapping[str, str]) -> bool:
+        row = self.rows[index]
+        before = list(row)
+        row.extend([NA] * (len(self.header) - len(row)))
+        for column, value in values.items():
+            row[self.header.index(column)] = value
+        if row == before:
+            return False
+        self.raw[index + 1] = None
+        return True
+
+    def text(self) -> str:
+        lines = [self.header, *self.rows]
+        return "".join((raw if raw is not None else "\t".join(cells)) + self.newline
+                       for raw, cells in zip(self.raw, lines))
+
+
+def _tool_order(tools: Mapping[str, str]) -> list[str]:
+    known = [t for t in TOOL_ORDER if t in tools]
+    return known + sorted(t for t in tools if t not in TOOL_ORDER)
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetFileError(f"cannot read {path}: {exc}", hint="fix the JSON; xnat2bids will not overwrite it") from exc
+    if not isinstance(data, dict):
+        raise DatasetFileError(f"{path} is not a JSON object")
+    return data
+
+
+def _json_text(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    # os.open honours the umask, unlike tempfile's 0600; an existing file keeps its mode.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
