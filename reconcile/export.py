@@ -15,6 +15,7 @@ import stat
 import tempfile
 import threading
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -127,9 +128,9 @@ def export_session(
     exporter = _Exporter(client, exp, root, resource, cancel, on_progress)
     exporter.check_cancel()
     root.mkdir(parents=True, exist_ok=True)
+    _prune(root, jobs)  # first: it also removes symlinks that would lead the checks below astray
     for job in jobs:
         _check_inside(root, job.target)
-    _prune(root, jobs)
 
     missing: dict[str, list[_Job]] = {}
     for job in jobs:
@@ -476,17 +477,19 @@ class _Exporter:
             raise _Mismatch("size", str(f.size), str(info.file_size))
         h = hashlib.md5()
         size = 0
-        with archive.open(info) as src, open(job.part, "wb") as out:
+        with open(job.part, "wb") as out:
             try:
-                for chunk in iter(lambda: src.read(CHUNK_SIZE), b""):
-                    self.check_cancel()
-                    out.write(chunk)
-                    h.update(chunk)
-                    size += len(chunk)
-                    if size > f.size:
-                        break
-            except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as exc:
-                raise _Mismatch("content", "a readable zip entry", type(exc).__name__) from exc
+                with archive.open(info) as src:
+                    for chunk in iter(lambda: src.read(CHUNK_SIZE), b""):
+                        self.check_cancel()
+                        out.write(chunk)
+                        h.update(chunk)
+                        size += len(chunk)
+                        if size > f.size:
+                            break
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+                # A damaged entry (bad header, CRC) is a mismatch: the caller refetches the file alone.
+                raise _Mismatch("content", "a readable zip entry", f"{type(exc).__name__}: {exc}") from exc
             self._finish(out, h, size, f)
         os.replace(job.part, job.target)
 

@@ -1,0 +1,475 @@
+"""export_session over real HTTP: the emulator for the archive's bytes and faults, a small
+pytest-httpserver site for what the emulator cannot do (Range requests, hostile zips)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import stat
+import threading
+import time
+import tracemalloc
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from reconcile.credentials import Credentials
+from reconcile.emulator import Fault
+from reconcile.errors import NotFoundError, UnsafePathError, VerificationError, XnatBidsError
+from reconcile.export import (
+    AUTO_ZIP_MIN_FILES,
+    ExportCancelled,
+    ExportResult,
+    export_session,
+    zip_prefix,
+)
+from reconcile.model import Experiment, RemoteFile, Scan
+from reconcile.xnat import XnatClient
+
+
+# -- worlds -----------------------------------------------------------------------------------------
+
+
+def blob(seed: str, size: int) -> bytes:
+    """Deterministic bytes that differ per file."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}/{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+@pytest.fixture
+def client(emulator) -> Iterator[XnatClient]:  # noqa: ANN001 - conftest's RunningEmulator
+    creds = Credentials(user=emulator.user, password=emulator.password, source="env")
+    with XnatClient(emulator.url, creds, backoff=0.0, retries=1) as c:
+        yield c
+
+
+@pytest.fixture
+def session(emulator, client):  # noqa: ANN001, ANN201
+    """SUBJ01_MR1 with a small T1 (3 files, one in a subfolder), a 30-file BOLD and a SNAPSHOTS resource."""
+    archive = emulator.archive
+    exp = archive.add_session("PROJ", "SUBJ01", "SUBJ01_MR1", date="2024-01-10")
+    archive.add_scan(
+        exp.id, "1", type="T1w MPRAGE", files={n: blob(f"t1/{n}", 5000 + i) for i, n in enumerate(["1.dcm", "2.dcm", "sub/3.dcm"])}
+    )
+    archive.add_scan(exp.id, "2", type="rest_fMRI", files={f"{i:03d}.dcm": blob(f"bold/{i}", 700 + i) for i in range(30)})
+    archive.upload_file(exp.id, "1", "SNAPSHOTS", "thumb.gif", b"GIF89a")
+    return _listed(client, exp.id)
+
+
+def _listed(client: XnatClient, exp_id: str) -> tuple[Experiment, list[Scan]]:
+    exp = next(e for e in client.list_experiments("PROJ") if e.id == exp_id)
+    return exp, client.list_scans(exp)
+
+
+def archived(emulator, exp: Experiment, resource: str = "DICOM") -> dict[str, bytes]:  # noqa: ANN001
+    """What the archive holds, as {"<scan>/<relpath>": bytes}."""
+    stored = emulator.archive.get_session(exp.id)
+    return {
+        f"{scan.id}/{path}": entry.read()
+        for scan in stored.scans.values()
+        for res in scan.resources.values()
+        if res.label == resource
+        for path, entry in res.files.items()
+    }
+
+
+def on_disk(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def downloads(emulator) -> list[tuple[str, str]]:  # noqa: ANN001
+    """(path, query) of every file or zip GET the emulator served."""
+    return [(p, q) for m, p, q in emulator.app.requests if m == "GET" and ("/files/" in p or "format=zip" in q)]
+
+
+# -- happy path -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["files", "zip", "auto"])
+def test_export_is_byte_identical_to_the_archive(emulator, client, session, tmp_path, method) -> None:  # noqa: ANN001
+    exp, scans = session
+    dest = tmp_path / "dicom"
+    seen: list[int] = []
+    result = export_session(client, exp, scans, dest, method=method, on_progress=seen.append)
+
+    expected = archived(emulator, exp)
+    assert on_disk(dest) == expected
+    assert isinstance(result, ExportResult)
+    assert result.dicom_dir == dest.resolve()
+    assert result.scans == tuple(scans)
+    assert result.files == 33
+    assert result.bytes == sum(len(b) for b in expected.values())
+    assert result.downloaded == sum(seen) >= result.bytes
+    assert not list(dest.rglob("*.part")) and not list(dest.glob(".xnat2bids-zip-*"))
+
+
+def test_auto_uses_one_zip_for_a_scan_with_many_files_and_per_file_gets_otherwise(
+    emulator, client, session, tmp_path  # noqa: ANN001
+) -> None:
+    exp, scans = session
+    assert len(scans[0].files) <= AUTO_ZIP_MIN_FILES < len(scans[1].files)
+    emulator.app.reset_requests()
+    export_session(client, exp, scans, tmp_path / "dicom")
+    got = downloads(emulator)
+    zips = [p for p, q in got if "format=zip" in q]
+    singles = [p for p, q in got if "format=zip" not in q]
+    assert zips == [f"/data/projects/PROJ/subjects/{exp.subject_id}/experiments/{exp.id}/scans/2/resources/DICOM/files"]
+    assert len(singles) == 3 and all("/scans/1/" in p for p in singles)
+
+
+def test_other_resources_and_stale_files_are_not_left_in_the_staging_folder(client, session, tmp_path) -> None:  # noqa: ANN001
+    exp, scans = session
+    dest = tmp_path / "dicom"
+    (dest / "1").mkdir(parents=True)
+    (dest / "1" / "old.dcm").write_bytes(b"from an older listing")
+    (dest / "9" / "x").mkdir(parents=True)
+    (dest / "1" / "link.dcm").symlink_to(tmp_path / "elsewhere")
+    export_session(client, exp, scans, dest, method="files")
+    names = set(on_disk(dest))
+    assert "1/old.dcm" not in names and "1/link.dcm" not in names and not (dest / "9").exists()
+    assert not any("thumb.gif" in n for n in names)
+    assert len(names) == 33
+
+
+# -- resume -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["files", "zip"])
+def test_second_export_downloads_nothing(emulator, client, session, tmp_path, method) -> None:  # noqa: ANN001
+    exp, scans = session
+    dest = tmp_path / "dicom"
+    export_session(client, exp, scans, dest, method=method)
+    emulator.app.reset_requests()
+    again = export_session(client, exp, scans, dest, method=method)
+    assert again.downloaded == 0
+    assert again.files == 33
+    assert downloads(emulator) == []
+
+
+def test_a_changed_file_is_downloaded_again(emulator, client, session, tmp_path) -> None:  # noqa: ANN001
+    exp, scans = session
+    dest = tmp_path / "dicom"
+    export_session(client, exp, scans, dest, method="files")
+    (dest / "1" / "2.dcm").write_bytes(b"x" * (scans[0].files[1].size))  # same size, wrong MD5
+    emulator.app.reset_requests()
+    again = export_session(client, exp, scans, dest, method="files")
+    assert [p.rsplit("/", 1)[-1] for p, _ in downloads(emulator)] == ["2.dcm"]
+    assert again.downloaded == scans[0].files[1].size
+    assert on_disk(dest) == archived(emulator, exp)
+
+
+def test_a_truncated_part_is_completed(emulator, client, session, tmp_path) -> None:  # noqa: ANN001
+    exp, scans = session
+    dest = tmp_path / "dicom"
+    export_session(client, exp, scans, dest, method="files")
+    target = dest / "1" / "1.dcm"
+    whole = target.read_bytes()
+    target.unlink()
+    (dest / "1" / "1.dcm.part").write_bytes(whole[:1000])
+    again = export_session(client, exp, scans, dest, method="files")
+    assert target.read_bytes() == whole
+    assert not (dest / "1" / "1.dcm.part").exists()
+    # The emulator ignores Range and answers 200, so the file is fetched whole once more.
+    assert again.downloaded == len(whole)
+
+
+class RangeSite:
+    """A minimal XNAT that serves one file and honours `Range: bytes=N-` with 206."""
+
+    PATH = "/data/experiments/SITE_E00001/scans/1/resources/11/files/big.dcm"
+
+    def __init__(self, server: HTTPServer, data: bytes):
+        self.data = data
+        self.ranges: list[str | None] = []
+        server.expect_request("/data/services/auth", method="PUT").respond_with_data("SESSION1")
+        server.expect_request(self.PATH).respond_with_handler(self._file)
+
+    def _file(self, request: Request) -> Response:
+        header = request.headers.get("Range")
+        self.ranges.append(header)
+        m = re.fullmatch(r"bytes=(\d+)-", header or "")
+        if not m:
+            return Response(self.data, mimetype="application/dicom")
+        start = int(m.group(1))
+        resp = Response(self.data[start:], status=206, mimetype="application/dicom")
+        resp.headers["Content-Range"] = f"bytes {start}-{len(self.data) - 1}/{len(self.data)}"
+        return resp
+
+
+def bare_experiment() -> Experiment:
+    return Experiment(
+        id="SITE_E00001", label="SUBJ01_MR1", project="PROJ", subject_id="", subject_label="SUBJ01",
+        date="2024-01-10", insert_date=None, last_modified=None,
+    )
+
+
+def test_a_part_is_resumed_with_a_range_request_when_the_server_supports_it(httpserver: HTTPServer, tmp_path) -> None:  # noqa: ANN001
+    data = blob("big", 300_000)
+    site = RangeSite(httpserver, data)
+    f = RemoteFile("big.dcm", len(data), hashlib.md5(data).hexdigest(), site.PATH)
+    scans = [Scan("1", "T1w", "T1w", (f,))]
+    dest = tmp_path / "dicom"
+    (dest / "1").mkdir(parents=True)
+    (dest / "1" / "big.dcm.part").write_bytes(data[:120_000])
+    with XnatClient(httpserver.url_for("/"), Credentials("u", "p", "env"), retries=0) as c:
+        result = export_session(c, bare_experiment(), scans, dest, method="files")
+    assert site.ranges == ["bytes=120000-"]
+    assert result.downloaded == len(data) - 120_000
+    assert (dest / "1" / "big.dcm").read_bytes() == data
+
+
+def test_a_corrupt_part_is_dropped_and_the_file_fetched_again(httpserver: HTTPServer, tmp_path) -> None:  # noqa: ANN001
+    data = blob("big", 50_000)
+    site = RangeSite(httpserver, data)
+    f = RemoteFile("big.dcm", len(data), hashlib.md5(data).hexdigest(), site.PATH)
+    dest = tmp_path / "dicom"
+    (dest / "1").mkdir(parents=True)
+    (dest / "1" / "big.dcm.part").write_bytes(b"\0" * 10_000)  # resumable length, wrong bytes
+    with XnatClient(httpserver.url_for("/"), Credentials("u", "p", "env"), retries=0) as c:
+        export_session(c, bare_experiment(), [Scan("1", "T1w", "T1w", (f,))], dest, method="files")
+    assert site.ranges == ["bytes=10000-", None]
+    assert (dest / "1" / "big.dcm").read_bytes() == data
+
+
+# -- faults -----------------------------------------------------------------------------------------
+
+FILE_ROUTE = r"/scans/1/resources/[^/]+/files/2\.dcm$"
+ZIP_ROUTE = r"/scans/2/resources/DICOM/files$"
+
+
+@pytest.mark.parametrize("kind", ["truncate", "corrupt"])
+def test_a_bad_download_is_retried_once(emulator, client, session, tmp_path, kind) -> None:  # noqa: ANN001
+    exp, scans = session
+    dest = tmp_path / "dicom"
+    fault = emulator.app.faults.add(Fault(route=FILE_ROUTE, kind=kind, times=1))
+    export_session(client, exp, scans, dest, method="files")
+    assert fault.fired == 1
+    assert on_disk(dest) == archived(emulator, exp)
+
+
+@pytest.mark.parametrize("kind", ["truncate", "corrupt"])
+def test_a_persistently_bad_download_raises_verification_error_and_leaves_no_final_file(
+    emulator, client, session, tmp_path, kind  # noqa: ANN001
+) -> None:
+    exp, scans = session
+    dest = tmp_path / "dicom"
+    fault = emulator.app.faults.add(Fault(route=FILE_ROUTE, kind=kind))
+    with pytest.raises(VerificationError) as info:
+        export_session(client, exp, scans, dest, method="files")
+    assert fault.fired == 2
+    message = str(info.value)
+    assert "2.dcm" in message and "expected" in message and "got" in message
+    assert not (dest / "1" / "2.dcm").exists()
+
+
+@pytest.mark.parametrize("kind", ["truncate", "corrupt"])
+def test_a_bad_zip_is_retried_and_then_reported(emulator, client, session, tmp_path, kind) -> None:  # noqa: ANN001
+    exp, scans = session
+    dest = tmp_path / "dicom"
+    emulator.app.faults.add(Fault(route=ZIP_ROUTE, kind=kind, times=1))
+    export_session(client, exp, scans, dest, method="zip")
+    assert on_disk(dest) == archived(emulator, exp)
+
+    emulator.app.faults.clear()
+    for p in (dest / "2").iterdir():
+        p.unlink()
+    emulator.app.faults.add(Fault(route=ZIP_ROUTE, kind="truncate"))
+    with pytest.raises(VerificationError, match="scan 2"):
+        export_session(client, exp, scans, dest, method="zip")
+    assert not any((dest / "2").iterdir()) and not list(dest.glob(".xnat2bids-zip-*"))
+
+
+def test_a_missing_file_is_a_remote_error(emulator, client, session, tmp_path) -> None:  # noqa: ANN001
+    exp, scans = session
+    emulator.app.faults.add(Fault(route=FILE_ROUTE, kind="status", status=404, message="Unable to find file."))
+    with pytest.raises(NotFoundError):
+        export_session(client, exp, scans, tmp_path / "dicom", method="files")
+
+
+def test_a_file_listed_but_missing_from_the_zip_is_a_verification_error(emulator, client, session, tmp_path) -> None:  # noqa: ANN001
+    exp, scans = session
+    del emulator.archive.get_scan(exp.id, "2").resources["DICOM"].files["007.dcm"]  # after the listing
+    with pytest.raises(VerificationError, match="lacks 1 listed file") as info:
+        export_session(client, exp, scans, tmp_path / "dicom", method="zip")
+    assert "007.dcm" in str(info.value)
+
+
+def test_zip_entries_not_in_the_listing_are_ignored(emulator, client, session, tmp_path) -> None:  # noqa: ANN001
+    exp, scans = session
+    emulator.archive.upload_file(exp.id, "2", "DICOM", "late.dcm", b"added after the listing")
+    dest = tmp_path / "dicom"
+    export_session(client, exp, scans, dest, method="zip")
+    assert not (dest / "2" / "late.dcm").exists()
+    assert len(list((dest / "2").iterdir())) == 30
+
+
+# -- unsafe names -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../x.dcm", "/abs.dcm", "a/../../x.dcm", "a\\b.dcm", "a\x00b.dcm", "C:x.dcm"])
+def test_an_unsafe_name_in_the_listing_writes_nothing(client, session, tmp_path, name) -> None:  # noqa: ANN001
+    exp, scans = session
+    bad = RemoteFile(name, 3, "", scans[0].files[0].uri)
+    hostile = [Scan(scans[0].id, scans[0].type, "", scans[0].files + (bad,)), *scans[1:]]
+    dest = tmp_path / "dicom"
+    with pytest.raises(UnsafePathError):
+        export_session(client, exp, hostile, dest)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unsafe_scan_id_writes_nothing(client, session, tmp_path) -> None:  # noqa: ANN001
+    exp, scans = session
+    with pytest.raises(UnsafePathError):
+        export_session(client, exp, [Scan("..", "T1w", "", scans[0].files)], tmp_path / "dicom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_symlinked_scan_folder_is_not_followed(client, session, tmp_path) -> None:  # noqa: ANN001
+    exp, scans = session
+    dest, outside = tmp_path / "dicom", tmp_path / "outside"
+    dest.mkdir()
+    outside.mkdir()
+    (dest / "1").symlink_to(outside, target_is_directory=True)
+    export_session(client, exp, scans, dest, method="files")
+    assert list(outside.iterdir()) == []
+    assert not (dest / "1").is_symlink() and len(list((dest / "1").rglob("*.dcm"))) == 3
+
+
+class ZipSite:
+    """A minimal XNAT whose scan zip is whatever the test built."""
+
+    ZIP_PATH = "/data/experiments/SITE_E00001/scans/1/resources/DICOM/files"
+
+    def __init__(self, server: HTTPServer, payload: bytes):
+        server.expect_request("/data/services/auth", method="PUT").respond_with_data("SESSION1")
+        server.expect_request(self.ZIP_PATH, query_string="format=zip").respond_with_data(
+            payload, mimetype="application/zip"
+        )
+
+
+def hostile_zip(prefix: str, entry: str, *, symlink: bool = False) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(prefix + "1.dcm", b"good")
+        info = zipfile.ZipInfo(entry)
+        if symlink:
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+        else:
+            zf.writestr(info, b"evil")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("entry", "symlink"),
+    [
+        ("../x", False),
+        ("/abs", False),
+        ("{prefix}../../../../../../x", False),
+        ("{prefix}link.dcm", True),
+        ("SUBJ01_MR1/scans/9-other/resources/DICOM/files/1.dcm", False),
+        ("x", False),
+        ("{prefix}a\\..\\..\\x", False),
+    ],
+)
+def test_a_hostile_zip_is_refused_before_anything_is_extracted(
+    httpserver: HTTPServer, tmp_path, entry, symlink  # noqa: ANN001
+) -> None:
+    exp = bare_experiment()
+    f = RemoteFile("1.dcm", 4, hashlib.md5(b"good").hexdigest(), ZipSite.ZIP_PATH + "/1.dcm")
+    scan = Scan("1", "T1w", "T1w", (f,))
+    prefix = zip_prefix(exp, scan, "DICOM")
+    ZipSite(httpserver, hostile_zip(prefix, entry.format(prefix=prefix), symlink=symlink))
+    dest = tmp_path / "deep" / "dicom"
+    with XnatClient(httpserver.url_for("/"), Credentials("u", "p", "env"), retries=0) as c:
+        with pytest.raises(UnsafePathError):
+            export_session(c, exp, [scan], dest, method="zip")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["deep", "deep/dicom"]
+
+
+def test_a_well_formed_zip_from_a_bare_site_is_extracted(httpserver: HTTPServer, tmp_path) -> None:  # noqa: ANN001
+    exp = bare_experiment()
+    f = RemoteFile("1.dcm", 4, hashlib.md5(b"good").hexdigest(), ZipSite.ZIP_PATH + "/1.dcm")
+    scan = Scan("1", "T1w", "T1w", (f,))
+    ZipSite(httpserver, hostile_zip(zip_prefix(exp, scan, "DICOM"), zip_prefix(exp, scan, "DICOM") + "sub/"))
+    with XnatClient(httpserver.url_for("/"), Credentials("u", "p", "env"), retries=0) as c:
+        export_session(c, exp, [scan], tmp_path / "dicom", method="zip")
+    assert on_disk(tmp_path / "dicom") == {"1/1.dcm": b"good"}
+
+
+# -- cancel -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["files", "zip"])
+def test_cancel_stops_the_export_and_leaves_no_partial_file_at_a_final_name(emulator, client, tmp_path, method) -> None:  # noqa: ANN001
+    archive = emulator.archive
+    (stored,) = archive.add_synthetic_sessions("PROJ", 1, scans_per_session=1, files_per_scan=8, file_size=3 << 20)
+    exp, scans = _listed(client, stored.id)
+    cancel = threading.Event()
+    received: list[int] = []
+
+    def progress(n: int) -> None:
+        received.append(n)
+        if sum(received) > (4 << 20):
+            cancel.set()
+
+    dest = tmp_path / "dicom"
+    with pytest.raises(ExportCancelled) as info:
+        export_session(client, exp, scans, dest, method=method, cancel=cancel, on_progress=progress)
+    assert isinstance(info.value, XnatBidsError)
+    expected = archived(emulator, exp)
+    finals = {k: v for k, v in on_disk(dest).items() if k.endswith(".dcm")}
+    assert len(finals) < len(expected)
+    for name, data in finals.items():
+        assert data == expected[name]
+    assert not list(dest.glob(".xnat2bids-zip-*"))
+
+    # A second run picks up where the first stopped.
+    result = export_session(client, exp, scans, dest, method=method)
+    assert on_disk(dest) == expected and result.files == 8
+
+
+def test_a_cancel_set_before_the_start_writes_nothing(client, session, tmp_path) -> None:  # noqa: ANN001
+    exp, scans = session
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(ExportCancelled):
+        export_session(client, exp, scans, tmp_path / "dicom", cancel=cancel)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_method_is_refused(client, session, tmp_path) -> None:  # noqa: ANN001
+    exp, scans = session
+    with pytest.raises(ValueError, match="method"):
+        export_session(client, exp, scans, tmp_path / "dicom", method="rsync")
+
+
+# -- memory -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["files", "zip"])
+def test_peak_memory_stays_bounded_for_a_large_file(emulator, client, tmp_path, method) -> None:  # noqa: ANN001
+    size = 200 << 20
+    (stored,) = emulator.archive.add_synthetic_sessions("PROJ", 1, scans_per_session=1, files_per_scan=1, file_size=size)
+    exp, scans = _listed(client, stored.id)  # the listing's MD5 is computed here, outside the measurement
+    tracemalloc.start()
+    try:
+        started = time.monotonic()
+        result = export_session(client, exp, scans, tmp_path / "dicom", method=method)
+        elapsed = time.monotonic() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.bytes == size and (tmp_path / "dicom" / "1" / "1.dcm").stat().st_size == size
+    # The emulator runs in this process too, so its buffers count; 200 MB in memory would show.
+    assert peak < 24 << 20, f"peak {peak / 2**20:.1f} MiB"
+    assert elapsed < 60
