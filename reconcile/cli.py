@@ -14,8 +14,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
+
+try:  # recent typer vendors click; older releases use the click package
+    from typer._click.exceptions import ClickException
+    from typer.exceptions import Abort
+except ImportError:  # pragma: no cover
+    from click.exceptions import Abort, ClickException
 
 from reconcile import __version__
 from reconcile.config import Config, load_config
@@ -514,10 +519,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point; never lets click turn a usage error into exit status 2."""
     try:
         code = app(args=argv, prog_name="xnat2bids", standalone_mode=False)
-    except click.exceptions.UsageError as exc:
+    except ClickException as exc:  # usage errors and bad parameters
         exc.show()
         code = EXIT_ERROR
-    except click.exceptions.Abort:
+    except Abort:
         echo("Aborted.", err=True)
         code = EXIT_ERROR
     except XnatBidsError as exc:

@@ -40,6 +40,7 @@ def observe_remote(
     A failed listing becomes a ProjectListing with `experiments=None`, so the planner can
     refuse that project instead of reading the failure as "everything was deleted".
     """
+    client.login()  # rejected credentials stop everything; per-project errors do not
     listings = []
     for project in projects:
         try:

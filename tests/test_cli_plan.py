@@ -1,0 +1,231 @@
+"""`xnat2bids plan`/`--diff`/`check`/`show` end to end: CLI → client → emulator over HTTP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import requests
+
+from reconcile.cli import main
+from reconcile.lock import Lock, lock_path, write_lock
+from reconcile.model import OutputRecord, SessionRecord, format_timestamp
+from reconcile.schema import load_schema
+
+
+@pytest.fixture
+def cli(emulator, monkeypatch, capsys):
+    """Run the real CLI entry point against the emulator; returns (exit code, stdout, stderr)."""
+    monkeypatch.setenv("XNAT_HOST", emulator.url)
+    monkeypatch.setenv("XNAT_USER", emulator.user)
+    monkeypatch.setenv("XNAT_PASS", emulator.password)
+    monkeypatch.chdir(Path(emulator.url and "."))
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main(list(args))
+        out = capsys.readouterr()
+        return exc.value.code, out.out, out.err
+
+    return run
+
+
+def add_sessions(archive, n: int):
+    return [archive.add_session("PROJ", f"SUBJ{i:02d}", f"SUBJ{i:02d}_MR1", date="2024-01-10") for i in range(1, n + 1)]
+
+
+def record_as_exported(archive, exp, root: Path) -> SessionRecord:
+    """A lock entry as apply would write it for the emulator's current state, with one output file."""
+    from reconcile.config import Config
+
+    subject = archive.subject_of(exp).label
+    address = f"sub-{subject}/ses-{exp.label.replace('_', '')}"
+    out = root / address / "anat" / "t1.nii.gz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(b"nifti")
+    conv = Config().conversion_for("PROJ", exp.label)
+    return SessionRecord(
+        experiment_id=exp.id, project="PROJ", subject_id=exp.subject_id, subject_label=subject,
+        session_label=exp.label, bids_subject=subject, bids_session=exp.label.replace("_", ""),
+        date=exp.date or None, insert_date=format_timestamp(exp.insert_date),
+        last_modified=format_timestamp(exp.last_modified), xsi_type=exp.xsi_type,
+        exported_at="2024-01-11T00:00:00Z", config_fingerprint=conv.fingerprint(), config_digests=conv.digests(),
+        outputs=(OutputRecord(f"{address}/anat/t1.nii.gz", 5, "0" * 64, out.stat().st_mtime_ns),),
+    )
+
+
+def exported_root(archive, tmp_path: Path, exps) -> Path:
+    root = tmp_path / "bids"
+    root.mkdir()
+    lock = Lock.new()
+    for exp in exps:
+        lock = lock.with_session(record_as_exported(archive, exp, root))
+    write_lock(root, lock)
+    return root
+
+
+def test_plan_on_empty_root_lists_creates_and_exits_2(cli, emulator, tmp_path):
+    add_sessions(emulator.archive, 2)
+    code, out, _ = cli("plan", str(tmp_path / "bids"), "--project", "PROJ", "--detailed-exitcode")
+    assert code == 2
+    assert "+ create  sub-SUBJ01/ses-SUBJ01MR1" in out
+    assert "Plan: 2 to create, 0 to update, 0 drifted, 0 orphaned, 0 unchanged." in out
+    assert not (tmp_path / "bids").exists()  # planning writes nothing
+
+
+def test_plan_makes_one_listing_request_per_project(cli, emulator, tmp_path):
+    add_sessions(emulator.archive, 5)
+    emulator.app.reset_requests()
+    cli("plan", str(tmp_path), "--project", "PROJ")
+    listings = [r for r in emulator.app.requests if r[1].endswith("/experiments")]
+    assert len(listings) == 1
+
+
+def test_up_to_date_root_exits_0_with_no_changes(cli, emulator, tmp_path):
+    root = exported_root(emulator.archive, tmp_path, add_sessions(emulator.archive, 2))
+    code, out, _ = cli("plan", str(root), "--project", "PROJ", "--detailed-exitcode")
+    assert code == 0, out
+    assert "No changes. 2 sessions up to date." in out
+
+
+def test_redated_session_via_rest_is_planned_as_update(cli, emulator, tmp_path):
+    exps = add_sessions(emulator.archive, 2)
+    root = exported_root(emulator.archive, tmp_path, exps)
+    insert_before = emulator.archive.get_session(exps[1].id).insert_date
+    r = requests.put(
+        f"{emulator.url}/data/projects/PROJ/subjects/{exps[1].subject_id}/experiments/{exps[1].id}",
+        params={"xnat:mrSessionData/date": "2024-02-01"}, auth=(emulator.user, emulator.password), timeout=10,
+    )
+    assert r.status_code == 200
+    assert emulator.archive.get_session(exps[1].id).insert_date == insert_before
+    code, out, _ = cli("--diff", str(root), "--config", str(write_config(tmp_path, 'projects = ["PROJ"]')))
+    assert code == 2
+    assert "~ update  sub-SUBJ02/ses-SUBJ02MR1" in out
+    assert "date 2024-01-10 → 2024-02-01 (re-dated in XNAT)" in out
+
+
+def test_json_plan_follows_its_schema_and_can_be_saved(cli, emulator, tmp_path):
+    add_sessions(emulator.archive, 1)
+    saved = tmp_path / "plan.json"
+    code, out, _ = cli("plan", str(tmp_path / "bids"), "-p", "PROJ", "--json", "--out", str(saved))
+    assert code == 0
+    doc = json.loads(out)
+    jsonschema.validate(doc, load_schema("plan"))
+    assert doc["summary"] == {"create": 1, "update": 0, "drift": 0, "orphan": 0, "unchanged": 0}
+    assert doc["changes"][0]["reasons"] == [{"code": "new", "message": "new in XNAT"}]
+    assert json.loads(saved.read_text())["changes"] == doc["changes"]
+
+
+def test_deleted_session_is_orphan_and_removed_file_is_drift(cli, emulator, tmp_path):
+    exps = add_sessions(emulator.archive, 3)
+    root = exported_root(emulator.archive, tmp_path, exps)
+    emulator.archive.delete_session(exps[0].id)
+    (root / "sub-SUBJ02/ses-SUBJ02MR1/anat/t1.nii.gz").unlink()
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 2
+    assert "- orphan  sub-SUBJ01/ses-SUBJ01MR1" in out
+    assert "! drift   sub-SUBJ02/ses-SUBJ02MR1" in out and "missing: sub-SUBJ02/ses-SUBJ02MR1/anat/t1.nii.gz" in out
+    assert (root / "sub-SUBJ01/ses-SUBJ01MR1/anat/t1.nii.gz").exists()  # orphans are never deleted
+
+
+def test_file_added_without_redate_needs_deep(cli, emulator, tmp_path):
+    exps = add_sessions(emulator.archive, 1)
+    emulator.archive.add_scan(exps[0].id, "1", type="anat-T1w", series_description="anat-T1w", files={"1.dcm": b"a" * 10})
+    from reconcile.credentials import Credentials
+    from reconcile.lock import read_lock
+    from reconcile.xnat import XnatClient
+
+    root = exported_root(emulator.archive, tmp_path, exps)
+    with XnatClient(emulator.url, Credentials(emulator.user, emulator.password, "env")) as client:
+        scans = client.list_scans(client.list_experiments("PROJ")[0])
+    lock = read_lock(root)
+    rec = lock.sessions[exps[0].id]
+    from dataclasses import replace
+
+    write_lock(root, lock.with_session(replace(rec, scans=tuple(s.record() for s in scans))))
+    emulator.archive.upload_file(exps[0].id, "1", "DICOM", "2.dcm", b"b" * 2000)
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 0 and "--deep" in out
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode", "--deep")
+    assert code == 2
+    assert "scan 1: 1 file added (+2.0 kB)" in out
+
+
+def test_empty_listing_with_nonempty_lock_is_an_error(cli, emulator, tmp_path):
+    exps = add_sessions(emulator.archive, 2)
+    root = exported_root(emulator.archive, tmp_path, exps)
+    for e in exps:
+        emulator.archive.delete_session(e.id)
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 1
+    assert "XNAT listed no sessions for project PROJ, but the lock records 2" in out
+    assert "orphan" not in out.split("error:")[0].replace("0 orphaned", "")
+
+
+def test_unknown_project_is_an_error_exit_1(cli, emulator, tmp_path):
+    code, out, err = cli("plan", str(tmp_path), "-p", "NOPE", "--detailed-exitcode")
+    assert code == 1
+    assert "NOPE" in out
+
+
+def test_usage_error_exits_1_not_2(cli):
+    code, _, err = cli("plan", "--no-such-option")
+    assert code == 1
+    assert "No such option" in err
+
+
+def test_unknown_config_key_suggests_the_close_match(cli, tmp_path):
+    cfg = write_config(tmp_path, 'projets = ["PROJ"]')
+    code, _, err = cli("plan", str(tmp_path), "--config", str(cfg))
+    assert code == 1
+    assert "unknown key 'projets' (did you mean 'projects'?)" in err
+
+
+def test_invalid_lock_is_an_error_and_left_untouched(cli, emulator, tmp_path):
+    add_sessions(emulator.archive, 1)
+    root = tmp_path / "bids"
+    root.mkdir()
+    lock_path(root).write_text("format_version = 1\nthis is not toml = =\n")
+    before = lock_path(root).read_bytes()
+    code, _, err = cli("plan", str(root), "-p", "PROJ")
+    assert code == 1 and "error:" in err
+    assert lock_path(root).read_bytes() == before
+
+
+def test_bad_credentials_are_a_clear_error_without_the_password(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("XNAT_PASS", "wrong-sentinel-pw")
+    code, out, err = cli("plan", str(tmp_path), "-p", "PROJ")
+    assert code == 1
+    assert "rejected" in err.lower() or "credentials" in err.lower()
+    assert "wrong-sentinel-pw" not in out + err
+
+
+def test_check_and_show_report_on_the_lock(cli, emulator, tmp_path):
+    root = exported_root(emulator.archive, tmp_path, add_sessions(emulator.archive, 2))
+    code, out, _ = cli("check", str(root), "--full")
+    assert code == 1  # the fake outputs have a dummy sha256
+    assert "content of sub-SUBJ01/ses-SUBJ01MR1/anat/t1.nii.gz differs" in out
+    code, out, _ = cli("check", str(root))
+    assert code == 0 and "2 sessions, 2 outputs verified (size)" in out
+    (root / "sub-SUBJ01/ses-SUBJ01MR1/anat/t1.nii.gz").write_bytes(b"longer content")
+    code, out, _ = cli("check", str(root))
+    assert code == 1 and "size of sub-SUBJ01/ses-SUBJ01MR1/anat/t1.nii.gz is 14, lock says 5" in out
+    code, out, _ = cli("show", str(root))
+    assert code == 0 and "2 sessions" in out and "sub-SUBJ02/ses-SUBJ02MR1" in out
+
+
+def test_python_dash_m_works():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "reconcile", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("xnat2bids ")
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "xnat2bids.toml"
+    path.write_text(text + "\n")
+    return path
