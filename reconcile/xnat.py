@@ -229,6 +229,8 @@ class XnatClient:
     # -- authentication --------------------------------------------------------------------
     def login(self) -> None:
         """Log in once and keep the JSESSIONID cookie; later requests send only the cookie."""
+        if self._logged_in:  # fast path: no lock contention between workers once logged in
+            return
         with self._auth_lock:
             if not self._logged_in:
                 self._login_locked()
