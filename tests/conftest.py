@@ -26,6 +26,14 @@ class RunningEmulator:
     password: str
 
 
+class _QuickStopHTTPServer(HTTPServer):
+    """pytest-httpserver whose serve loop polls often, so stopping takes milliseconds, not 0.5 s."""
+
+    def thread_target(self) -> None:
+        assert self.server is not None
+        self.server.serve_forever(poll_interval=0.02)
+
+
 @pytest.fixture
 def archive() -> Archive:
     """An empty archive with user admin/secret and an empty project PROJ."""
@@ -39,7 +47,7 @@ def archive() -> Archive:
 def emulator(archive: Archive) -> Iterator[RunningEmulator]:
     """The emulator over `archive`, served by pytest-httpserver on a free local port."""
     app = EmulatorApp(archive)
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+    server = _QuickStopHTTPServer(host="127.0.0.1", port=0, threaded=True)
 
     def handler(request):  # noqa: ANN001, ANN202 - werkzeug types
         response = app.handle(request)

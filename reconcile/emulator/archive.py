@@ -61,7 +61,7 @@ class FileEntry:
 
     path: str
     size: int
-    data: bytes | None = None
+    data: bytes | None = field(default=None, repr=False)
     seed: str | None = None
     source: Path | None = None
     _md5: str | None = field(default=None, repr=False)
@@ -230,7 +230,6 @@ class Archive:
         # (project, label) -> ID; keeps bulk creation of thousands of sessions linear.
         self._subject_labels: dict[tuple[str, str], str] = {}
         self._session_labels: dict[tuple[str, str], str] = {}
-        self._last_stamp: datetime | None = None
         self._subject_seq = 0
         self._experiment_seq = 0
         self._resource_seq = 0
@@ -245,14 +244,16 @@ class Archive:
             moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
         return moment
 
-    def _stamp(self) -> datetime:
-        # XNAT stores milliseconds; two saves within one millisecond still get distinct stamps here so
-        # that "last_modified changed" is always observable.
+    def _stamp(self, previous: datetime | None = None) -> datetime:
+        """Now, in milliseconds; for a re-save strictly after the row's `previous` stamp.
+
+        Two saves within one millisecond (or under a frozen test clock) still yield distinct
+        `last_modified` values, so "the session changed" is always observable.
+        """
         moment = self.now()
         moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
-        if self._last_stamp is not None and moment <= self._last_stamp:
-            moment = self._last_stamp + timedelta(milliseconds=1)
-        self._last_stamp = moment
+        if previous is not None and moment <= previous:
+            moment = previous + timedelta(milliseconds=1)
         return moment
 
     # -- users and projects -----------------------------------------------------------------
@@ -305,7 +306,7 @@ class Archive:
             del self._subject_labels[(subject.project, subject.label)]
             subject.label = label
             self._subject_labels[(subject.project, label)] = subject.id
-            subject.last_modified = self._stamp()
+            subject.last_modified = self._stamp(subject.last_modified)
             return subject
 
     def subjects_of(self, project: str) -> list[Subject]:
@@ -384,7 +385,7 @@ class Archive:
                 self._session_labels[(experiment.project, str(fields["label"]))] = experiment.id
             for name, value in fields.items():
                 setattr(experiment, name, _date_string(value) if name == "date" else str(value))
-            experiment.last_modified = self._stamp()
+            experiment.last_modified = self._stamp(experiment.last_modified)
             return experiment
 
     def rename_session(self, experiment_id: str, label: str) -> Experiment:
