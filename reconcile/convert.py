@@ -141,12 +141,8 @@ def convert_session(
     session_dir = staging_root / f"sub-{address.subject}" / f"ses-{address.session}"
     files = sorted(p for p in session_dir.rglob("*") if p.is_file()) if session_dir.is_dir() else []
     if not any(p.name.endswith(NIFTI_SUFFIXES) for p in files):
-        raise ConversionError(
-            f"{address}: heudiconv produced no NIfTI",
-            detail=_tail(log_path),
-            hint=f"{hint}; series names that are not ReproIn names are skipped: map them with "
-                 "[conversion] bidsmap or choose another heuristic",
-        )
+        raise ConversionError(f"{address}: heudiconv produced no NIfTI", detail=_tail(log_path),
+                              hint=f"{hint}; {_no_output_reason(log_path)}")
     outputs = tuple(sorted(p.relative_to(staging_root).as_posix() for p in files))
     return ConversionResult(
         staging_root=staging_root,
@@ -348,6 +344,19 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # children that outlived heudiconv (dcm2niix)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _no_output_reason(log_path: Path) -> str:
+    try:
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    if "Generated sequence info with 0 entries" in text:
+        return "heudiconv found no readable DICOM series in the export"
+    if "Could not figure out where to stick" in text:
+        return ("the heuristic did not recognise the series: map non-ReproIn series descriptions "
+                "with [conversion] bidsmap or choose another heuristic")
+    return "the heuristic selected no series for conversion"
 
 
 def _tail(log_path: Path, lines: int = LOG_TAIL_LINES) -> str:

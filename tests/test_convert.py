@@ -1,0 +1,367 @@
+"""Converting one exported session with real heudiconv + dcm2niix into a staging BIDS dataset.
+
+The slow tests run the real converters on synthetic Siemens DICOM from `emulator.dicomgen`
+and finish with the BIDS validator on a dataset assembled the way apply assembles it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from reconcile.config import ConversionSettings
+from reconcile.convert import ConversionResult, bidsmap_target, convert_session, converter_env
+from reconcile.dataset import ensure_bidsignore, ensure_dataset_description, ensure_participant, update_sessions_tsv
+from reconcile.emulator.dicomgen import SeriesSpec, write_session
+from reconcile.errors import ConversionError
+from reconcile.model import BidsAddress
+
+REPROIN = ConversionSettings()
+A = BidsAddress("01", "a")
+B = BidsAddress("02", "b")
+
+EXPECTED_A = {
+    "anat/sub-01_ses-a_acq-memprage_T1w.json",
+    "anat/sub-01_ses-a_acq-memprage_T1w.nii.gz",
+    "func/sub-01_ses-a_task-rest_bold.json",
+    "func/sub-01_ses-a_task-rest_bold.nii.gz",
+    "func/sub-01_ses-a_task-rest_events.tsv",
+    "func/sub-01_ses-a_task-checks_run-01_bold.json",
+    "func/sub-01_ses-a_task-checks_run-01_bold.nii.gz",
+    "func/sub-01_ses-a_task-checks_run-01_events.tsv",
+    "func/sub-01_ses-a_task-checks_run-02_bold.json",
+    "func/sub-01_ses-a_task-checks_run-02_bold.nii.gz",
+    "func/sub-01_ses-a_task-checks_run-02_events.tsv",
+    "fmap/sub-01_ses-a_acq-boldGRE_magnitude1.json",
+    "fmap/sub-01_ses-a_acq-boldGRE_magnitude1.nii.gz",
+    "fmap/sub-01_ses-a_acq-boldGRE_magnitude2.json",
+    "fmap/sub-01_ses-a_acq-boldGRE_magnitude2.nii.gz",
+    "fmap/sub-01_ses-a_acq-boldGRE_phasediff.json",
+    "fmap/sub-01_ses-a_acq-boldGRE_phasediff.nii.gz",
+    "dwi/sub-01_ses-a_acq-b1500_dir-ap_dwi.bval",
+    "dwi/sub-01_ses-a_acq-b1500_dir-ap_dwi.bvec",
+    "dwi/sub-01_ses-a_acq-b1500_dir-ap_dwi.json",
+    "dwi/sub-01_ses-a_acq-b1500_dir-ap_dwi.nii.gz",
+    "sub-01_ses-a_scans.tsv",
+}
+
+# A scanner not set up for ReproIn: the operator's own series names.
+SITE_SERIES = (
+    SeriesSpec("localizer", "scout", n_slices=3),
+    SeriesSpec("MPRAGE", "anat", n_slices=8, voxel_mm=2.0),
+    SeriesSpec("rest_fMRI", "func", n_volumes=4),
+    SeriesSpec("checkerboard", "func", n_volumes=3),
+    SeriesSpec("checkerboard", "func", n_volumes=3),
+    SeriesSpec("gre_field_mapping", "fmap_mag", n_echoes=2),
+    SeriesSpec("gre_field_mapping", "fmap_phase"),
+    SeriesSpec("DTI_b1500_AP", "dwi", n_volumes=4),
+)
+SITE_BIDSMAP = ConversionSettings(bidsmap=(
+    ("DTI_*", "dwi_acq-b1500_dir-ap"),
+    ("MPRAGE", "anat-T1w"),
+    ("checkerboard", "func-bold_task-checks_run+"),
+    ("gre_field_mapping", "fmap_acq-boldGRE"),
+    ("localizer", "anat-scout"),
+    ("rest_*", "func-bold_task-rest"),
+))
+EXPECTED_B = {
+    "anat/sub-02_ses-b_T1w.nii.gz",
+    "func/sub-02_ses-b_task-rest_bold.nii.gz",
+    "func/sub-02_ses-b_task-checks_run-01_bold.nii.gz",
+    "func/sub-02_ses-b_task-checks_run-02_bold.nii.gz",
+    "fmap/sub-02_ses-b_acq-boldGRE_magnitude1.nii.gz",
+    "fmap/sub-02_ses-b_acq-boldGRE_magnitude2.nii.gz",
+    "fmap/sub-02_ses-b_acq-boldGRE_phasediff.nii.gz",
+    "dwi/sub-02_ses-b_acq-b1500_dir-ap_dwi.nii.gz",
+    "dwi/sub-02_ses-b_acq-b1500_dir-ap_dwi.bval",
+    "dwi/sub-02_ses-b_acq-b1500_dir-ap_dwi.bvec",
+}
+
+
+def _convert(dicom: Path, where: Path, address: BidsAddress = A,
+             settings: ConversionSettings = REPROIN, **kwargs: object) -> ConversionResult:
+    return convert_session(dicom, where / "work", address, settings, log_path=where / "convert.log", **kwargs)  # type: ignore[arg-type]
+
+
+def _session_files(result: ConversionResult) -> set[str]:
+    return {p.relative_to(result.session_dir).as_posix() for p in result.session_dir.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reproin_dicom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dest = tmp_path_factory.mktemp("dicom-reproin")
+    write_session(dest, "01", "a")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def site_dicom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dest = tmp_path_factory.mktemp("dicom-site")
+    write_session(dest, "02", "b", series=SITE_SERIES, study_date="20240205")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def converted(reproin_dicom: Path, tmp_path_factory: pytest.TempPathFactory) -> ConversionResult:
+    return _convert(reproin_dicom, tmp_path_factory.mktemp("convert-a"))
+
+
+@pytest.fixture(scope="module")
+def converted_site(site_dicom: Path, tmp_path_factory: pytest.TempPathFactory) -> ConversionResult:
+    return _convert(site_dicom, tmp_path_factory.mktemp("convert-b"), B, SITE_BIDSMAP)
+
+
+# --- without the converters -----------------------------------------------------------
+
+
+def test_converter_env_puts_the_interpreters_bin_first_and_silences_the_version_check(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    bindir = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", bindir, "/bin"]))
+    env = converter_env()
+    assert env["PATH"].split(os.pathsep) == [bindir, "/usr/bin", "/bin"]
+    assert env["NO_ET"] == "1"
+    assert shutil.which("dcm2niix", path=env["PATH"]) is not None
+
+
+def test_bidsmap_exact_name_beats_globs() -> None:
+    bidsmap = (("MPRAGE*", "anat-T2w"), ("MPRAGE", "anat-T1w"))
+    assert bidsmap_target("MPRAGE", bidsmap) == "anat-T1w"
+    assert bidsmap_target("MPRAGE_ND", bidsmap) == "anat-T2w"
+    assert bidsmap_target("t2_spc", bidsmap) is None
+
+
+def test_bidsmap_globs_that_disagree_are_an_error() -> None:
+    bidsmap = (("*rest*", "func-bold_task-rest"), ("rest_*", "func-bold_task-rest"), ("*fMRI", "func-bold_task-x"))
+    assert bidsmap_target("rest_run", bidsmap) == "func-bold_task-rest"
+    with pytest.raises(ValueError, match="different names"):
+        bidsmap_target("rest_fMRI", bidsmap)
+
+
+def test_ambiguous_bidsmap_fails_before_heudiconv_runs(tmp_path: Path) -> None:
+    write_session(tmp_path / "dicom", "02", "b", series=SITE_SERIES[1:3])
+    settings = ConversionSettings(bidsmap=(("*_fMRI", "func-bold_task-rest"), ("rest_*", "func-bold_task-other")))
+    with pytest.raises(ConversionError, match="rest_fMRI") as info:
+        _convert(tmp_path / "dicom", tmp_path, B, settings)
+    assert "bidsmap" in (info.value.hint or "")
+    assert not (tmp_path / "convert.log").exists()
+
+
+def test_selecting_no_scan_is_an_error(tmp_path: Path) -> None:
+    write_session(tmp_path / "dicom", "02", "b", series=SITE_SERIES[1:2])
+    with pytest.raises(ConversionError, match="no scans to convert"):
+        _convert(tmp_path / "dicom", tmp_path, B, ConversionSettings(skip=("MPRAGE",)))
+
+
+def test_missing_custom_heuristic_file_is_an_error(tmp_path: Path) -> None:
+    write_session(tmp_path / "dicom", "02", "b", series=SITE_SERIES[1:2])
+    with pytest.raises(ConversionError, match="heuristic file"):
+        _convert(tmp_path / "dicom", tmp_path, B, ConversionSettings(heuristic=str(tmp_path / "nope.py")))
+
+
+# --- real heudiconv + dcm2niix --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_reproin_session_converts_to_the_expected_bids_files(converted: ConversionResult) -> None:
+    assert converted.session_dir == converted.staging_root / "sub-01" / "ses-a"
+    assert _session_files(converted) == EXPECTED_A
+    # The scout is kept only as sourcedata by ReproIn, never in the session.
+    assert not any("scout" in p for p in converted.outputs)
+    assert converted.log_path.is_file() and "PROCESSING DONE" in converted.log_path.read_text()
+    assert converted.seconds > 0
+    bvals = (converted.session_dir / "dwi" / "sub-01_ses-a_acq-b1500_dir-ap_dwi.bval").read_text().split()
+    assert bvals == ["0", "1500", "1500", "1500"]
+    phasediff = json.loads((converted.session_dir / "fmap" / "sub-01_ses-a_acq-boldGRE_phasediff.json").read_text())
+    assert phasediff["EchoTime1"] < phasediff["EchoTime2"]
+    assert "ses-a/func/sub-01_ses-a_task-rest_bold.nii.gz" in phasediff["IntendedFor"]
+
+
+@pytest.mark.slow
+def test_outputs_list_exactly_the_session_files_relative_to_the_staging_root(converted: ConversionResult) -> None:
+    on_disk = sorted(p.relative_to(converted.staging_root).as_posix()
+                     for p in converted.session_dir.rglob("*") if p.is_file())
+    assert list(converted.outputs) == on_disk
+    assert all(p.startswith("sub-01/ses-a/") for p in converted.outputs)
+
+
+@pytest.mark.slow
+def test_reconverting_into_a_stale_work_dir_starts_fresh_and_gives_the_same_files(
+        reproin_dicom: Path, converted: ConversionResult, tmp_path: Path) -> None:
+    # A stale conversion table would make heudiconv silently reuse it (see conversion-facts.md).
+    stale = tmp_path / "work" / "bids" / ".heudiconv" / "01" / "ses-a" / "info"
+    stale.mkdir(parents=True)
+    (stale / "01_ses-a.edit.txt").write_text("{}")
+    (tmp_path / "work" / "leftover.txt").write_text("x")
+    again = _convert(reproin_dicom, tmp_path)
+    assert again.outputs == converted.outputs
+    assert not (tmp_path / "work" / "leftover.txt").exists()
+    for rel in converted.outputs:
+        if rel.endswith((".json", ".tsv", ".bval", ".bvec")):
+            assert (again.staging_root / rel).read_bytes() == (converted.staging_root / rel).read_bytes(), rel
+
+
+@pytest.mark.slow
+def test_dicom_dir_is_not_modified(reproin_dicom: Path, converted: ConversionResult) -> None:
+    names = sorted(p.relative_to(reproin_dicom).as_posix() for p in reproin_dicom.rglob("*"))
+    assert names[0] == "1" and all(not n.startswith(".") for n in names)
+    assert {p.parent.name for p in reproin_dicom.rglob("*.dcm")} == {str(i) for i in range(1, 9)}
+
+
+@pytest.mark.slow
+def test_skip_by_description_removes_that_series(reproin_dicom: Path, tmp_path: Path) -> None:
+    result = _convert(reproin_dicom, tmp_path, settings=ConversionSettings(skip=("func-bold_task-rest", "dwi_*")))
+    files = _session_files(result)
+    assert not any("task-rest" in f or f.startswith("dwi/") for f in files)
+    assert "func/sub-01_ses-a_task-checks_run-01_bold.nii.gz" in files
+    assert "anat/sub-01_ses-a_acq-memprage_T1w.nii.gz" in files
+
+
+@pytest.mark.slow
+def test_include_by_scan_id_range_keeps_only_those_series(reproin_dicom: Path, tmp_path: Path) -> None:
+    result = _convert(reproin_dicom, tmp_path, settings=ConversionSettings(include=("1-3",)))
+    assert {f for f in _session_files(result) if f.endswith(".nii.gz")} == {
+        "anat/sub-01_ses-a_acq-memprage_T1w.nii.gz",
+        "func/sub-01_ses-a_task-rest_bold.nii.gz",
+    }
+
+
+@pytest.mark.slow
+def test_bidsmap_converts_a_session_with_site_series_names(converted_site: ConversionResult) -> None:
+    files = _session_files(converted_site)
+    assert EXPECTED_B <= files
+    assert not any("scout" in f for f in files)
+    sidecar = json.loads((converted_site.session_dir / "anat" / "sub-02_ses-b_T1w.json").read_text())
+    assert sidecar["SeriesDescription"] == "MPRAGE"  # the DICOM is converted as it was, only renamed
+
+
+@pytest.mark.slow
+def test_site_series_names_without_bidsmap_convert_to_nothing(site_dicom: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match="no NIfTI") as info:
+        _convert(site_dicom, tmp_path, B)
+    assert "bidsmap" in (info.value.hint or "")
+    assert str(tmp_path / "convert.log") in (info.value.hint or "")
+
+
+@pytest.mark.slow
+def test_session_markers_in_series_names_do_not_override_the_session_label(tmp_path: Path) -> None:
+    # ReproIn would take "ses-pre" from the series name; xnat2bids' naming decides the session.
+    write_session(tmp_path / "dicom", "03", "x", series=(SeriesSpec("anat-T1w_ses-pre", "anat", n_slices=4),))
+    result = _convert(tmp_path / "dicom", tmp_path, BidsAddress("03", "x"))
+    assert result.outputs == ("sub-03/ses-x/anat/sub-03_ses-x_T1w.json",
+                              "sub-03/ses-x/anat/sub-03_ses-x_T1w.nii.gz",
+                              "sub-03/ses-x/sub-03_ses-x_scans.tsv")
+
+
+@pytest.mark.slow
+def test_custom_heuristic_file_is_used(site_dicom: Path, tmp_path: Path) -> None:
+    heuristic = tmp_path / "myheuristic.py"
+    heuristic.write_text(
+        "def create_key(template, outtype=('nii.gz',), annotation_classes=None):\n"
+        "    return template, outtype, annotation_classes\n"
+        "def infotodict(seqinfo):\n"
+        "    t1 = create_key('sub-{subject}/{session}/anat/sub-{subject}_{session}_T1w')\n"
+        "    return {t1: [s.series_id for s in seqinfo if s.series_description == 'MPRAGE']}\n"
+    )
+    result = _convert(site_dicom, tmp_path, B, ConversionSettings(heuristic=str(heuristic)))
+    assert {f for f in result.outputs if f.endswith(".nii.gz")} == {"sub-02/ses-b/anat/sub-02_ses-b_T1w.nii.gz"}
+
+
+@pytest.mark.slow
+def test_unreadable_dicom_is_a_conversion_error_pointing_at_the_log(tmp_path: Path) -> None:
+    scan = tmp_path / "dicom" / "1"
+    scan.mkdir(parents=True)
+    (scan / "1.dcm").write_bytes(b"\0" * 128 + b"DICM" + os.urandom(2000))
+    (scan / "2.dcm").write_text("not a dicom file")
+    with pytest.raises(ConversionError) as info:
+        _convert(tmp_path / "dicom", tmp_path)
+    log = tmp_path / "convert.log"
+    assert log.is_file()
+    assert str(log) in (info.value.hint or "")
+    assert info.value.detail and info.value.detail.splitlines()[-1] in log.read_text()
+
+
+@pytest.mark.slow
+def test_heudiconv_crash_is_reported_with_its_exit_status(reproin_dicom: Path, tmp_path: Path) -> None:
+    heuristic = tmp_path / "broken.py"
+    heuristic.write_text("def infotodict(seqinfo):\n    raise RuntimeError('heuristic exploded')\n")
+    with pytest.raises(ConversionError, match="exit status") as info:
+        _convert(reproin_dicom, tmp_path, settings=ConversionSettings(heuristic=str(heuristic)))
+    assert "heuristic exploded" in (info.value.detail or "")
+
+
+@pytest.mark.slow
+def test_cancel_kills_heudiconv_promptly(reproin_dicom: Path, tmp_path: Path) -> None:
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    started = time.monotonic()
+    with pytest.raises(ConversionError) as info:
+        _convert(reproin_dicom, tmp_path, cancel=cancel)
+    assert info.value.summary == "cancelled"
+    assert time.monotonic() - started < 6
+    assert not _running_converters(tmp_path)
+
+
+@pytest.mark.slow
+def test_timeout_kills_heudiconv(reproin_dicom: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match="timed out"):
+        _convert(reproin_dicom, tmp_path, timeout=0.3)
+    assert not _running_converters(tmp_path)
+
+
+def _running_converters(tmp_path: Path) -> list[str]:
+    """Command lines of live processes that mention this test's work dir."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("State:"))
+        except (OSError, StopIteration):
+            continue
+        if str(tmp_path) in cmdline and "Z (zombie)" not in state:
+            found.append(cmdline)
+    return found
+
+
+# --- the validator on a dataset assembled like apply does ------------------------------
+
+
+@pytest.mark.slow
+def test_two_converted_sessions_with_provenance_files_validate_without_errors(
+        converted: ConversionResult, converted_site: ConversionResult, tmp_path: Path) -> None:
+    root = tmp_path / "bids"
+    root.mkdir()
+    sessions = ((converted, A, "XNAT_E00001", "2024-01-10"), (converted_site, B, "XNAT_E00002", "2024-02-05"))
+    for result, address, exp_id, date in sessions:
+        shutil.copytree(result.session_dir, root / address.path)
+        ensure_dataset_description(root, name="PROJ", tools={"xnat2bids": "0.1.0", "heudiconv": "1.5.1",
+                                                             "dcm2niix": "v1.0.20260724"})
+        ensure_participant(root, address.subject)
+        update_sessions_tsv(root, address.subject, address.session, acq_time=f"{date}T00:00:00",
+                            xnat_experiment_id=exp_id, xnat_insert_date=f"{date} 12:00:00.0")
+    ensure_bidsignore(root)
+    # apply's work area, lockfile and state lock live in the root, all dot-named.
+    (root / ".xnat2bids" / "staging" / "X").mkdir(parents=True)
+    (root / ".xnat2bids" / "staging" / "X" / "1.dcm").write_bytes(b"x")
+    (root / ".xnat2bids.lock").write_text("{}")
+    (root / ".xnat2bids.lock.info").write_text("{}")
+
+    exe = shutil.which("bids-validator-deno", path=converter_env()["PATH"])
+    assert exe, "bids-validator-deno is not installed"
+    run = subprocess.run([exe, str(root), "--format", "json"], capture_output=True, text=True, timeout=300,
+                         env=converter_env())
+    report = json.loads(run.stdout)
+    errors = [i for i in report["issues"]["issues"] if i["severity"] == "error"]
+    assert errors == [], json.dumps(errors, indent=1)
+    assert run.returncode == 0
+    assert sorted(report["summary"]["subjects"]) == ["01", "02"]
