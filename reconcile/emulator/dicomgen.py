@@ -156,9 +156,17 @@ def session_scans(
     return scans
 
 
-def write_session(dest: Path, subject: str, session: str, **kwargs: object) -> list[SyntheticScan]:
+def write_session(
+    dest: Path,
+    subject: str,
+    session: str,
+    *,
+    series: Sequence[SeriesSpec] = DEFAULT_SERIES,
+    study_date: str = "20240110",
+    seed: int = 0,
+) -> list[SyntheticScan]:
     """Write `session_scans(...)` as `dest/<scan_id>/<relpath>` and return the scans."""
-    scans = session_scans(subject, session, **kwargs)  # type: ignore[arg-type]
+    scans = session_scans(subject, session, series=series, study_date=study_date, seed=seed)
     for scan in scans:
         for relpath, data in scan.files.items():
             path = Path(dest) / scan.scan_id / relpath
@@ -211,11 +219,10 @@ def _series_files(ctx: _Session, spec: SeriesSpec, number: int, start_s: float) 
     recipe = _RECIPES[spec.kind]
     tr_ms = spec.repetition_time_ms or recipe.tr_ms
     echo_times = spec.echo_times_ms or recipe.te_ms
-    if spec.kind == "fmap_mag":
-        # gre_field_mapping stores both echoes' magnitudes in one series.
-        file_echoes = tuple(range(min(spec.n_echoes, len(echo_times))))
-    elif spec.kind == "fmap_phase":
-        file_echoes = (len(echo_times) - 1,)  # the phase difference is labelled with TE2
+    if spec.kind == "fmap_phase":
+        # gre_field_mapping: one series with both echoes' magnitudes (n_echoes=2), then one
+        # phase-difference series labelled with TE2.
+        file_echoes: tuple[int, ...] = (len(echo_times) - 1,)
     else:
         file_echoes = tuple(range(min(spec.n_echoes, len(echo_times))))
     shim = _session_shim(ctx)

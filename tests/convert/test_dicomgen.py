@@ -36,10 +36,18 @@ def _all_files(scans: list[SyntheticScan]) -> list[pydicom.Dataset]:
 # unit
 
 
-def test_same_arguments_give_byte_identical_sessions() -> None:
-    first = session_scans("01", "01")
-    second = session_scans("01", "01")
-    assert first == second
+@pytest.fixture(scope="module")
+def default_scans() -> list[SyntheticScan]:
+    return session_scans("01", "01")
+
+
+@pytest.fixture(scope="module")
+def default_datasets(default_scans: list[SyntheticScan]) -> list[pydicom.Dataset]:
+    return _all_files(default_scans)
+
+
+def test_same_arguments_give_byte_identical_sessions(default_scans: list[SyntheticScan]) -> None:
+    assert session_scans("01", "01") == default_scans
 
 
 @pytest.mark.parametrize(
@@ -50,17 +58,18 @@ def test_same_arguments_give_byte_identical_sessions() -> None:
         {"subject": "01", "session": "01", "seed": 1},
     ],
 )
-def test_any_changed_identity_changes_every_uid(other: dict) -> None:
-    base = _all_files(session_scans("01", "01"))
+def test_any_changed_identity_changes_every_uid(other: dict, default_datasets: list[pydicom.Dataset]) -> None:
+    base = default_datasets
     subject, session = other.pop("subject"), other.pop("session")
     changed = _all_files(session_scans(subject, session, **other))
     for attr in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         assert not {ds[attr].value for ds in base} & {ds[attr].value for ds in changed}, attr
 
 
-def test_uids_are_valid_and_scoped_to_study_series_and_file() -> None:
-    scans = session_scans("01", "01")
-    datasets = _all_files(scans)
+def test_uids_are_valid_and_scoped_to_study_series_and_file(
+    default_scans: list[SyntheticScan], default_datasets: list[pydicom.Dataset]
+) -> None:
+    scans, datasets = default_scans, default_datasets
     assert len({ds.StudyInstanceUID for ds in datasets}) == 1
     assert len({ds.FrameOfReferenceUID for ds in datasets}) == 1
     assert len({ds.SOPInstanceUID for ds in datasets}) == len(datasets)
@@ -76,8 +85,8 @@ def test_uids_are_valid_and_scoped_to_study_series_and_file() -> None:
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
 
 
-def test_default_session_has_the_reproin_series_in_scan_order() -> None:
-    scans = session_scans("01", "01")
+def test_default_session_has_the_reproin_series_in_scan_order(default_scans: list[SyntheticScan]) -> None:
+    scans = default_scans
     assert [(s.scan_id, s.series_description) for s in scans] == [
         ("1", "anat-scout_acq-localizer"),
         ("2", "anat-T1w_acq-memprage"),
@@ -107,14 +116,14 @@ def test_files_carry_patient_study_and_series_identity() -> None:
             assert ds.pixel_array.shape == (16, 16)
 
 
-def test_series_times_increase_through_the_session() -> None:
-    times = [_read(next(iter(scan.files.values()))).SeriesTime for scan in session_scans("01", "01")]
+def test_series_times_increase_through_the_session(default_scans: list[SyntheticScan]) -> None:
+    times = [_read(next(iter(scan.files.values()))).SeriesTime for scan in default_scans]
     assert times == sorted(times)
     assert len(set(times)) == len(times)
 
 
-def test_field_map_has_two_magnitude_echoes_then_one_phase_series() -> None:
-    scans = {s.scan_id: s for s in session_scans("01", "01")}
+def test_field_map_has_two_magnitude_echoes_then_one_phase_series(default_scans: list[SyntheticScan]) -> None:
+    scans = {s.scan_id: s for s in default_scans}
     magnitude = [_read(d) for d in scans["6"].files.values()]
     phase = [_read(d) for d in scans["7"].files.values()]
     assert {ds.ImageType[2] for ds in magnitude} == {"M"}
@@ -123,8 +132,8 @@ def test_field_map_has_two_magnitude_echoes_then_one_phase_series() -> None:
     assert {float(ds.EchoTime) for ds in phase} == {7.38}
 
 
-def test_dwi_carries_b_values_and_directions() -> None:
-    dwi = next(s for s in session_scans("01", "01") if s.series_description.startswith("dwi"))
+def test_dwi_carries_b_values_and_directions(default_scans: list[SyntheticScan]) -> None:
+    dwi = next(s for s in default_scans if s.series_description.startswith("dwi"))
     by_volume: dict[int, set[int]] = {}
     for data in dwi.files.values():
         ds = _read(data)
@@ -135,9 +144,9 @@ def test_dwi_carries_b_values_and_directions() -> None:
     assert by_volume == {1: {0}, 2: {1500}, 3: {1500}, 4: {1500}}
 
 
-def test_csa_headers_parse_and_pad_valued_elements_to_six_items() -> None:
+def test_csa_headers_parse_and_pad_valued_elements_to_six_items(default_scans: list[SyntheticScan]) -> None:
     csareader = pytest.importorskip("nibabel.nicom.csareader")
-    for scan in session_scans("01", "01"):
+    for scan in default_scans:
         ds = _read(next(iter(scan.files.values())))
         series = csareader.get_csa_header(ds, "series")
         image = csareader.get_csa_header(ds, "image")
@@ -150,8 +159,8 @@ def test_csa_headers_parse_and_pad_valued_elements_to_six_items() -> None:
         assert int(offset_x.split("=")[1]) != 0
 
 
-def test_mosaic_tag_is_absent_from_non_mosaic_images() -> None:
-    for ds in _all_files(session_scans("01", "01")):
+def test_mosaic_tag_is_absent_from_non_mosaic_images(default_datasets: list[pydicom.Dataset]) -> None:
+    for ds in default_datasets:
         assert "MOSAIC" not in ds.ImageType
         assert (0x0019, 0x1029) not in ds
 
