@@ -896,6 +896,11 @@ class EmulatorApp:
             columns.append("URI")
         table = [{c: r.get(c, "") for c in columns} for r in rows]
         if ctx.fmt == "json":
+            if "time" in columns:
+                # XNAT's JSON writer formats Time cells with milliseconds; CSV keeps HH:MM:SS.
+                for row in table:
+                    if re.fullmatch(r"\d{2}:\d{2}:\d{2}", row["time"]):
+                        row["time"] += ".000"
             result: dict[str, Any] = {"Result": table}
             if file_listing:
                 result["Columns"] = [{"key": "URI", "serverRoot": ""}]
