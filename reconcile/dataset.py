@@ -31,6 +31,18 @@ BIDS_VERSION = "1.10.0"
 TOOL_ORDER = ("xnat2bids", "heudiconv", "dcm2niix")
 SESSION_COLUMNS = ("session_id", "acq_time", "xnat_experiment_id", "xnat_insert_date")
 NA = "n/a"
+# Top-level sessions.json applies to every sub-X_sessions.tsv (BIDS inheritance) and keeps
+# the validator from flagging our columns as undefined.
+SESSION_COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
+    "xnat_experiment_id": {
+        "LongName": "XNAT experiment ID",
+        "Description": "Accession ID of the XNAT MR session this BIDS session was exported from",
+    },
+    "xnat_insert_date": {
+        "LongName": "XNAT insert date",
+        "Description": "When the session was archived in XNAT, as XNAT reports it",
+    },
+}
 # bids-validator 3.x ignores every dot-file and dot-folder at any depth, and our work area
 # (.xnat2bids/), lockfile (.xnat2bids.lock) and state lock (.xnat2bids.lock.info) are all
 # dot-named, so nothing needs ignoring today. Kept as the single place to add a pattern.
@@ -110,6 +122,15 @@ def update_sessions_tsv(root: Path, bids_subject: str, bids_session: str, *, acq
     if changed:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(path, table.text())
+    _ensure_json_keys(Path(root) / "sessions.json", SESSION_COLUMN_DESCRIPTIONS)
+
+
+def _ensure_json_keys(path: Path, entries: Mapping[str, Any]) -> None:
+    """Add missing top-level keys to a JSON sidecar; keys already there are the user's to keep."""
+    data = _read_json_object(path) if path.exists() else {}
+    missing = {k: v for k, v in entries.items() if k not in data}
+    if missing:
+        _write_atomic(path, _json_text({**data, **missing}))
 
 
 def ensure_participant(root: Path, bids_subject: str) -> None:

@@ -188,3 +188,13 @@ def test_bidsignore_appends_only_missing_patterns(tmp_path: Path) -> None:
     ensure_bidsignore(tmp_path, ["*_notes.txt", "scratch/"])
     ensure_bidsignore(tmp_path, ["scratch/"])
     assert path.read_text() == "extra_data/\n*_notes.txt\nscratch/\n"
+
+
+def test_sessions_sidecar_describes_our_columns_and_keeps_user_entries(tmp_path: Path) -> None:
+    (tmp_path / "sessions.json").write_text(json.dumps({"pain_score": {"Description": "0-10"},
+                                                        "xnat_insert_date": {"Description": "mine"}}))
+    _update(tmp_path, "a")
+    sidecar = json.loads((tmp_path / "sessions.json").read_text())
+    assert sidecar["pain_score"] == {"Description": "0-10"}
+    assert sidecar["xnat_insert_date"] == {"Description": "mine"}
+    assert "Description" in sidecar["xnat_experiment_id"]
