@@ -280,14 +280,15 @@ def commit_session(staged: StagedSession, root: Path, lock: Lock, *, keep_dicom:
     }
     _write_json(area.journal(exp.id), journal)
     _move_replacing(staged.session_dir, target, area.trash(exp.id))
-    return _roll_forward(root, exp.id)
+    return _roll_forward(root, exp.id, lock)
 
 
-def _roll_forward(root: Path, exp_id: str) -> Lock:
+def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None) -> Lock:
+    """Finish a commit whose folders are in place: provenance, lock, clean-up. Idempotent."""
     area = WorkArea(root)
     journal = json.loads(area.journal(exp_id).read_text())
     record = loads_lock(journal["record"], source=str(area.journal(exp_id))).sessions[exp_id]
-    lock = load_or_new(root)
+    lock = lock if lock is not None else load_or_new(root)
     previous = lock.sessions.get(journal["previous"]) if journal["previous"] else None
     if previous is not None and previous.address != record.address:
         _remove_recorded(root, previous, {o.path for o in record.outputs})

@@ -6,6 +6,7 @@ to it over real HTTP, exactly as it would to a real XNAT.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import requests
 
 from reconcile.emulator import Archive, EmulatorApp, serve_in_thread
-from reconcile.emulator.dicomgen import session_scans
+from reconcile.emulator.dicomgen import DEFAULT_SERIES, session_scans
 
 DEMO_PROJECT = "DEMO"
 DEMO_USER = "demo"
@@ -21,7 +22,7 @@ DEMO_PASSWORD = "demo-password"
 DEMO_SESSIONS = (("001", "001_MR1", "2024-01-10"), ("002", "002_MR1", "2024-01-11"), ("002", "002_MR2", "2024-03-02"))
 
 
-def populate(archive: Archive, project: str = DEMO_PROJECT, sessions=DEMO_SESSIONS) -> None:
+def populate(archive: Archive, project: str = DEMO_PROJECT, sessions=DEMO_SESSIONS, series=DEFAULT_SERIES) -> None:
     """Add synthetic ReproIn-named MR sessions (tiny but real DICOM) to `archive`."""
     try:
         archive.get_project(project)
@@ -29,7 +30,7 @@ def populate(archive: Archive, project: str = DEMO_PROJECT, sessions=DEMO_SESSIO
         archive.add_project(project, name=f"{project} (xnat2bids demo)")
     for seed, (subject, label, date) in enumerate(sessions):
         exp = archive.add_session(project, subject, label, date=date)
-        for scan in session_scans(subject, label, study_date=date.replace("-", ""), seed=seed):
+        for scan in session_scans(subject, label, series=series, study_date=date.replace("-", ""), seed=seed):
             archive.add_scan(exp.id, scan.scan_id, type=scan.series_description,
                              series_description=scan.series_description, files=scan.files)
 
@@ -43,6 +44,7 @@ def run_demo(workdir: Path | None, echo: Callable[[str], None]) -> int:
     from reconcile.plan import Selection
     from reconcile.xnat import XnatClient
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log lines in the demo
     archive = Archive(site="DEMO")
     archive.add_user(DEMO_USER, DEMO_PASSWORD)
     populate(archive)

@@ -1,0 +1,195 @@
+"""`xnat2bids apply` end to end: emulator over HTTP → export → real heudiconv/dcm2niix → BIDS.
+
+These run the real converters on tiny synthetic DICOM, so they are marked slow (CI runs them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+
+from reconcile.demo import populate
+from reconcile.emulator.dicomgen import DEFAULT_SERIES
+from reconcile.lock import lock_path, read_lock
+
+from test_cli_plan import cli  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow
+
+# T1w + one bold run keep heudiconv fast; the full ReproIn session is converted in the validator test.
+SMALL = tuple(s for s in DEFAULT_SERIES if s.description in ("anat-T1w_acq-memprage", "func-bold_task-rest"))
+
+
+def add(archive, sessions, series=SMALL):
+    populate(archive, "PROJ", sessions, series=series)
+    return {e.label: e for e in archive.sessions("PROJ")}
+
+
+def tree(root: Path, sub: str) -> dict[str, tuple[int, bytes]]:
+    """Every file under root/sub with its mtime and bytes: 'untouched' means equal."""
+    base = root / sub
+    return {
+        p.relative_to(root).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(base.rglob("*")) if p.is_file()
+    }
+
+
+def redate(emulator, exp, date: str) -> None:
+    r = requests.put(
+        f"{emulator.url}/data/projects/PROJ/subjects/{exp.subject_id}/experiments/{exp.id}",
+        params={"xnat:mrSessionData/date": date}, auth=(emulator.user, emulator.password), timeout=10,
+    )
+    assert r.status_code == 200
+
+
+def test_apply_converts_then_is_a_noop_and_redate_reconverts_only_that_session(cli, emulator, tmp_path):
+    exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11")])
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "2")
+    assert code == 0, out + err
+    lock = read_lock(root)
+    assert lock.serial == 2 and sorted(lock.sessions) == sorted(e.id for e in exps.values())
+    t1w = root / "sub-01/ses-01MR1/anat/sub-01_ses-01MR1_acq-memprage_T1w.nii.gz"
+    assert t1w.stat().st_size > 0
+    recorded = {o.path for r in lock.sessions.values() for o in r.outputs}
+    assert t1w.relative_to(root).as_posix() in recorded
+    code, out, _ = cli("check", str(root), "--full")
+    assert code == 0, out
+
+    lock_bytes = lock_path(root).read_bytes()
+    code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0 and "Nothing to apply." in out
+    assert lock_path(root).read_bytes() == lock_bytes  # serial unchanged
+
+    untouched = tree(root, "sub-01")
+    redate(emulator, exps["02_MR1"], "2024-02-01")
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 2 and "date 2024-01-11 → 2024-02-01 (re-dated in XNAT)" in out
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    assert tree(root, "sub-01") == untouched
+    after = read_lock(root)
+    assert after.serial == 3 and after.sessions[exps["02_MR1"].id].date == "2024-02-01"
+    assert after.sessions[exps["01_MR1"].id] == lock.sessions[exps["01_MR1"].id]
+    history = [json.loads(line) for line in (root / ".xnat2bids/history.jsonl").read_text().splitlines()]
+    assert [h["summary"]["done"] for h in history] == [2, 1]
+    assert history[-1]["sessions"][0]["date"] == {"before": "2024-01-11", "after": "2024-02-01"}
+    code, out, _ = cli("history", str(root))
+    assert code == 0 and "date 2024-01-11 → 2024-02-01" in out
+
+
+def test_saved_plan_is_refused_once_the_lock_changed(cli, emulator, tmp_path):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
+    root = tmp_path / "bids"
+    saved = tmp_path / "plan.json"
+    assert cli("plan", str(root), "-p", "PROJ", "--out", str(saved))[0] == 0
+    code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes")
+    assert code == 0, out + err
+    add(emulator.archive, [("02", "02_MR1", "2024-01-11")])
+    code, _, err = cli("apply", str(root), "--plan", str(saved), "--yes")
+    assert code == 1
+    assert "plan is stale: the lock changed since planning (serial 0 → 1)" in err
+    assert read_lock(root).serial == 1
+
+
+def test_second_apply_is_refused_while_the_state_lock_is_held(cli, emulator, tmp_path):
+    from reconcile import statelock
+
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
+    root = tmp_path / "bids"
+    root.mkdir()
+    holder = statelock.acquire(root, "apply")
+    try:
+        code, _, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+        assert code == 1
+        assert f"pid {os.getpid()}" in err and holder.id in err
+        assert read_lock(root) is None
+    finally:
+        statelock.release(root, holder)
+
+
+def test_state_lock_of_a_dead_process_is_taken_over(cli, emulator, tmp_path):
+    from reconcile.statelock import state_lock_path
+
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
+    root = tmp_path / "bids"
+    root.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    import socket
+
+    state_lock_path(root).write_text(json.dumps({
+        "id": "deadbeef0000", "user": "x", "host": socket.gethostname(), "pid": dead.pid,
+        "since": "2024-01-01T00:00:00Z", "operation": "apply", "jobs": [],
+    }))
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    assert "taking over the state lock" in err
+    assert not state_lock_path(root).exists()
+
+
+def test_failed_session_does_not_block_others_and_is_retried(cli, emulator, tmp_path):
+    from reconcile.emulator import Fault
+
+    exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11")])
+    bad = exps["02_MR1"]
+    emulator.app.faults.add(Fault(route=rf"/experiments/{bad.id}/scans.*files", kind="status", status=500))
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1
+    assert "1 done, 1 failed" in out
+    assert f"log: {root / '.xnat2bids/logs' / (bad.id + '.log')}" in out
+    lock = read_lock(root)
+    assert list(lock.sessions) == [exps["01_MR1"].id]
+    assert not (root / "sub-02").exists()
+    emulator.app.faults.clear()
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
+
+
+def test_keep_dicom_user_edits_and_git_commit(cli, emulator, tmp_path):
+    exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
+    root = tmp_path / "bids"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    subprocess.run(["git", "-C", str(root), "config", "user.email", "t@example.org"], check=True)
+    subprocess.run(["git", "-C", str(root), "config", "user.name", "t"], check=True)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--keep-dicom", "--git-commit")
+    assert code == 0, out + err
+    dicom = root / "sourcedata/sub-01/ses-01MR1/dicom"
+    assert sorted(p.name for p in dicom.iterdir()) == ["1", "2"]
+    assert (dicom / "1" / "1.dcm").read_bytes() == emulator.archive.get_scan(exps["01_MR1"].id, "1").find_resource("DICOM").files["1.dcm"].read()
+    log = subprocess.run(["git", "-C", str(root), "log", "--format=%s", "--name-only"], capture_output=True, text=True).stdout
+    assert "xnat2bids apply: 1 session(s) exported" in log and ".xnat2bids.lock" in log and ".xnat2bids/history.jsonl" in log
+
+    # A user adds a column and a note file; a re-dated re-export keeps both.
+    sessions_tsv = root / "sub-01/sub-01_sessions.tsv"
+    rows = sessions_tsv.read_text().splitlines()
+    sessions_tsv.write_text("\n".join([rows[0] + "\tnotes"] + [r + "\tgood scan" for r in rows[1:]]) + "\n")
+    participants = root / "participants.tsv"
+    participants.write_text("participant_id\tage\nsub-01\t42\n")
+    note = root / "sub-01/ses-01MR1/notes.txt"
+    note.write_text("my notes")
+    redate(emulator, exps["01_MR1"], "2024-05-05")
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    assert "good scan" in sessions_tsv.read_text() and "2024-05-05" in sessions_tsv.read_text()
+    assert participants.read_text() == "participant_id\tage\nsub-01\t42\n"
+    assert note.read_text() == "my notes"
+
+
+def test_full_reproin_session_passes_the_bids_validator(cli, emulator, tmp_path):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11")], series=DEFAULT_SERIES)
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--validate", "--jobs", "2")
+    assert code == 0, out + err
+    assert "BIDS validator: 0 errors" in out
+    for kind in ("anat/sub-01_ses-01MR1_acq-memprage_T1w.nii.gz", "fmap/sub-01_ses-01MR1_acq-boldGRE_phasediff.json",
+                 "dwi/sub-01_ses-01MR1_acq-b1500_dir-ap_dwi.bval", "func/sub-01_ses-01MR1_task-checks_run-02_bold.nii.gz"):
+        assert (root / "sub-01/ses-01MR1" / kind).is_file(), kind
