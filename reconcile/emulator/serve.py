@@ -32,7 +32,10 @@ def _url(server: BaseWSGIServer, host: str) -> str:
 def serve_in_thread(app: EmulatorApp, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve `app` on a threaded werkzeug server in the background; yield its base URL."""
     server = _server(app, host, port)
-    thread = threading.Thread(target=server.serve_forever, name="xnat-emulator", daemon=True)
+    # A short poll interval makes shutdown (end of a test) take milliseconds instead of 0.5 s.
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="xnat-emulator", daemon=True
+    )
     thread.start()
     try:
         yield _url(server, host)

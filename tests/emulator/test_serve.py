@@ -1,0 +1,146 @@
+"""Serving the emulator for real: background thread, blocking loop, constant-memory streaming, DICOM folders."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import sys
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+import xnat
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from reconcile.emulator import Archive, EmulatorApp, load_dicom_dir, serve_in_thread
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_serve_in_thread_serves_real_clients(archive):
+    exp = archive.add_session("PROJ", "S1", "S1_MR1", date="2024-01-10")
+    archive.add_scan(exp.id, "1", type="t1", files={"1.dcm": b"abc"})
+    with serve_in_thread(EmulatorApp(archive)) as url:
+        assert url.startswith("http://127.0.0.1:")
+        with xnat.connect(url, user="admin", password="secret", loglevel="ERROR") as conn:
+            assert list(conn.projects["PROJ"].experiments.keys()) == [exp.id]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url, timeout=2)
+
+
+def _peak_while(action) -> int:  # noqa: ANN001 - any callable
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_big_file_and_zip_stream_in_constant_memory(archive):
+    size = 48 * 1024 * 1024
+    (exp,) = archive.add_synthetic_sessions("PROJ", n=1, scans_per_session=1, files_per_scan=1, file_size=size)
+    entry = archive.get_scan(exp.id, "1").resources["DICOM"].files["1.dcm"]
+    auth = ("admin", "secret")
+    with serve_in_thread(EmulatorApp(archive)) as url:
+        base = f"{url}/data/experiments/{exp.id}/scans/1/resources/DICOM/files"
+        digest = hashlib.md5()
+
+        def download_file() -> None:
+            with requests.get(f"{base}/1.dcm", auth=auth, stream=True) as response:
+                for chunk in response.iter_content(1 << 20):
+                    digest.update(chunk)
+
+        def download_zip() -> None:
+            with requests.get(f"{base}?format=zip", auth=auth, stream=True) as response:
+                assert response.headers["Content-Type"] == "application/zip"
+                assert sum(len(c) for c in response.iter_content(1 << 20)) > size
+
+        # Server and client share this process, so the peak covers both ends of the stream.
+        assert _peak_while(download_file) < 12 * 1024 * 1024
+        assert digest.hexdigest() == entry.md5
+        assert _peak_while(download_zip) < 12 * 1024 * 1024
+
+
+def test_serve_forever_runs_until_interrupted(tmp_path):
+    script = (
+        "from reconcile.emulator import Archive, serve_forever\n"
+        "archive = Archive()\n"
+        "archive.add_user('admin', 'secret')\n"
+        "archive.add_project('PROJ')\n"
+        "serve_forever(archive, '127.0.0.1', 0, on_ready=lambda url: print(url, flush=True))\n"
+        "print('stopped', flush=True)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        url = process.stdout.readline().strip()
+        rows = requests.get(f"{url}/data/projects?format=json", auth=("admin", "secret"), timeout=5).json()
+        assert [r["ID"] for r in rows["ResultSet"]["Result"]] == ["PROJ"]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+        assert process.stdout.read().strip() == "stopped"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _write_dicom(path: Path, description: str, protocol: str = "", date: str = "20240110", modality: str = "MR") -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.StudyDate = date
+    ds.StudyTime = "142205.123"
+    if description:
+        ds.SeriesDescription = description
+    if protocol:
+        ds.ProtocolName = protocol
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_load_dicom_dir_builds_sessions_from_the_folder_layout(tmp_path):
+    session_dir = tmp_path / "STUDY" / "SUB01" / "SUB01_MR1"
+    _write_dicom(session_dir / "1" / "a.dcm", "anat-T1w")
+    _write_dicom(session_dir / "1" / "b.dcm", "anat-T1w")
+    _write_dicom(session_dir / "2" / "a.dcm", "", protocol="func-bold_task-rest")
+    archive = Archive()
+
+    (exp,) = load_dicom_dir(archive, tmp_path)
+
+    assert "STUDY" in archive.projects
+    assert (exp.project, exp.label, exp.date, exp.time) == ("STUDY", "SUB01_MR1", "2024-01-10", "14:22:05")
+    assert archive.subject_of(exp).label == "SUB01"
+    assert [(s.id, s.type, s.series_description) for s in exp.scans.values()] == [
+        ("1", "anat-T1w", "anat-T1w"),
+        ("2", "func-bold_task-rest", "func-bold_task-rest"),
+    ]
+    files = exp.scans["1"].resources["DICOM"].files
+    assert sorted(files) == ["a.dcm", "b.dcm"]
+    on_disk = (session_dir / "1" / "a.dcm").read_bytes()
+    assert files["a.dcm"].read() == on_disk
+    assert files["a.dcm"].md5 == hashlib.md5(on_disk).hexdigest()
+
+
+def test_loaded_dicom_is_served_in_the_zip(tmp_path, archive):
+    _write_dicom(tmp_path / "PROJ" / "SUB01" / "SUB01_CT1" / "3" / "x.dcm", "head", modality="CT")
+    (exp,) = load_dicom_dir(archive, tmp_path)
+    assert exp.xsi_type == "xnat:ctSessionData"
+    with serve_in_thread(EmulatorApp(archive)) as url:
+        response = requests.get(f"{url}/data/experiments/{exp.id}/scans/ALL/files?format=zip", auth=("admin", "secret"))
+    target = tmp_path / "out.zip"
+    target.write_bytes(response.content)
+    with zipfile.ZipFile(target) as zipped:
+        assert zipped.namelist() == ["SUB01_CT1/scans/3-head/resources/DICOM/files/x.dcm"]
