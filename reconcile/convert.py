@@ -102,6 +102,8 @@ def convert_session(
     work_dir = Path(work_dir).absolute()
     log_path = Path(log_path).absolute()
     hint = f"see the heudiconv log: {log_path}"
+    if cancel is not None and cancel.is_set():
+        raise ConversionError("cancelled", detail=f"conversion of {address} was cancelled before it started")
     if work_dir.exists():
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)

@@ -368,3 +368,11 @@ def test_two_converted_sessions_with_provenance_files_validate_without_errors(
                 if i["code"] == "TSV_ADDITIONAL_COLUMNS_UNDEFINED" and "_sessions.tsv" in i.get("location", "")]
     assert run.returncode == 0
     assert sorted(report["summary"]["subjects"]) == ["01", "02"]
+
+
+def test_cancelled_before_start_does_not_run_heudiconv(tmp_path: Path) -> None:
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(ConversionError, match="cancelled"):
+        _convert(tmp_path / "dicom", tmp_path, cancel=cancel)
+    assert not (tmp_path / "convert.log").exists()
