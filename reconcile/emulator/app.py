@@ -187,6 +187,8 @@ class EmulatorApp:
         for fault in firing:
             if fault.kind == "latency":
                 time.sleep(fault.seconds)
+            elif fault.kind == "auth_expire":
+                self.expire_sessions()
         for fault in firing:
             if fault.kind == "reset":
                 _drop_connection(request)
@@ -215,8 +217,13 @@ class EmulatorApp:
 
     def _new_session(self, login: str) -> str:
         session_id = secrets.token_hex(16).upper()
+        now = self.wall_clock()
         with self._lock:
-            self._sessions[session_id] = HttpSession(session_id, login, self.wall_clock())
+            if len(self._sessions) >= 4096:
+                # Cookie-less Basic clients open a session per request; forget the idle ones.
+                for stale in [s.id for s in self._sessions.values() if now - s.last_seen > self.session_timeout]:
+                    del self._sessions[stale]
+            self._sessions[session_id] = HttpSession(session_id, login, now)
         return session_id
 
     def _basic_user(self, request: Request) -> tuple[User | None, bool]:
@@ -250,24 +257,36 @@ class EmulatorApp:
         if self.faults.auth_expired:
             return None, None, False
         user, has_basic = self._basic_user(request)
-        if has_basic:
-            if user is None:
-                return None, None, False
-            # XNAT opens a new server-side session for each Basic-authenticated request.
+        if has_basic and user is None:
+            return None, None, False
+        session = self._live_session(request.cookies.get(SESSION_COOKIE))
+        if user is not None:
+            if session is not None and session.login == user.login:
+                return user, session.id, False
+            # Without a live session cookie, every Basic-authenticated request opens a new
+            # server-side session, as on XNAT (facts §10: clients that drop cookies pile them up).
             return user, self._new_session(user.login), True
-        session_id = request.cookies.get(SESSION_COOKIE)
-        if session_id:
-            now = self.wall_clock()
-            with self._lock:
-                session = self._sessions.get(session_id)
-                if session is not None and now - session.last_seen > self.session_timeout:
-                    del self._sessions[session_id]
-                    session = None
-                if session is not None:
-                    session.last_seen = now
-            if session is not None and session.login in self.archive.users:
-                return self.archive.users[session.login], session_id, False
+        if session is not None and session.login in self.archive.users:
+            return self.archive.users[session.login], session.id, False
         return None, None, False
+
+    def _live_session(self, session_id: str | None) -> HttpSession | None:
+        if not session_id:
+            return None
+        now = self.wall_clock()
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and now - session.last_seen > self.session_timeout:
+                del self._sessions[session_id]
+                return None
+            if session is not None:
+                session.last_seen = now
+            return session
+
+    def expire_sessions(self) -> None:
+        """End every login session (as a server restart or idle timeout would); credentials stay valid."""
+        with self._lock:
+            self._sessions.clear()
 
     # -- routing ----------------------------------------------------------------------------
 
@@ -382,7 +401,7 @@ class EmulatorApp:
             experiment = self._experiment_by_id(ctx, segs[1])
             return self._experiment_route(ctx, experiment, segs[2:])
         if head == "subjects" and len(segs) == 1:
-            rows = [self._subject_row(s) for s in self.archive.subjects.values() if ctx.user.can_read(s.project)]
+            rows = [self._subject_row(s) for s in list(self.archive.subjects.values()) if ctx.user.can_read(s.project)]
             return self._listing(ctx, rows, SUBJECT_COLUMNS, SUBJECT_COLUMNS + SUBJECT_EXTRA, uri=True)
         raise HttpError(404, "The server has not found anything matching the request URI")
 
@@ -479,7 +498,7 @@ class EmulatorApp:
                     "pi_lastname": p.pi_lastname,
                     "URI": f"/data/projects/{p.id}",
                 }
-                for p in self.archive.projects.values()
+                for p in list(self.archive.projects.values())
                 if ctx.user.can_read(p.id)
             ]
             return self._listing(ctx, rows, PROJECT_COLUMNS, PROJECT_COLUMNS, uri=True)
@@ -646,7 +665,7 @@ class EmulatorApp:
         if tail[0] != "scans":
             raise HttpError(404, "The server has not found anything matching the request URI")
         if len(tail) == 1:
-            rows = [self._scan_row(experiment, s) for s in experiment.scans.values()]
+            rows = [self._scan_row(experiment, s) for s in list(experiment.scans.values())]
             return self._listing(ctx, rows, SCAN_COLUMNS, SCAN_COLUMNS, uri=True)
         scan_key = tail[1]
         if len(tail) >= 3 and tail[2] == "files":
@@ -664,7 +683,7 @@ class EmulatorApp:
         if tail[2] != "resources":
             raise HttpError(404, "The server has not found anything matching the request URI")
         if len(tail) == 3:
-            rows = [_resource_row(scan, r) for r in scan.resources.values()]
+            rows = [_resource_row(scan, r) for r in list(scan.resources.values())]
             return self._listing(ctx, rows, RESOURCE_COLUMNS, None, uri=False, title="Resources")
         res_key = tail[3]
         if len(tail) == 4:
@@ -685,7 +704,7 @@ class EmulatorApp:
         return self._files(ctx, experiment, [scan], res_key, tail[5:])
 
     def _experiment_single(self, ctx: Ctx, experiment: Experiment) -> Response:
-        scan_items = [self._scan_item(experiment, s) for s in experiment.scans.values()]
+        scan_items = [self._scan_item(experiment, s) for s in list(experiment.scans.values())]
         fields: dict[str, Any] = {
             "ID": experiment.id,
             "id": experiment.id,
@@ -749,7 +768,7 @@ class EmulatorApp:
                 },
                 "children": [],
             }
-            for r in scan.resources.values()
+            for r in list(scan.resources.values())
         ]
         fields: dict[str, Any] = {
             "ID": scan.id,
@@ -776,7 +795,7 @@ class EmulatorApp:
     def _select_scans(self, experiment: Experiment, key: str) -> list[Scan]:
         """A scans segment: `ALL`, an ID, a scan type, or a comma list of those."""
         if key == "ALL":
-            return list(experiment.scans.values())
+            return list(experiment.scans.values())  # list(): a snapshot, safe against concurrent writers
         chosen: dict[str, Scan] = {}
         for part in key.split(","):
             if part in experiment.scans:
@@ -792,7 +811,7 @@ class EmulatorApp:
         keys = None if res_key == "ALL" else res_key.split(",")
         for scan in scans:
             if keys is None:
-                selected.extend((scan, r) for r in scan.resources.values())
+                selected.extend((scan, r) for r in list(scan.resources.values()))
             else:
                 for key in keys:
                     res = scan.find_resource(key)
@@ -826,7 +845,7 @@ class EmulatorApp:
                 )
             else:
                 base = f"/data/experiments/{experiment.id}"
-            for entry in res.files.values():
+            for entry in list(res.files.values()):
                 rows.append(
                     {
                         "Name": entry.name,

@@ -98,6 +98,9 @@ def test_auth_expire_rejects_every_credential_until_cleared(emulator, file_url):
     assert requests.get(f"{emulator.url}/data/auth", auth=("admin", "secret")).status_code == 401
     assert client.put(f"{emulator.url}/data/services/auth", data={"username": "admin", "password": "secret"}).status_code == 401
     emulator.app.faults.clear()
+    # The outage ended the old session: the client has to log in again.
+    assert client.get(f"{emulator.url}/data/auth").status_code == 401
+    assert client.put(f"{emulator.url}/data/services/auth", data={"username": "admin", "password": "secret"}).status_code == 200
     assert client.get(f"{emulator.url}/data/auth").status_code == 200
 
 

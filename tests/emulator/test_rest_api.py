@@ -266,6 +266,28 @@ def test_basic_auth_on_any_url_opens_a_session(emulator):
     assert again.text == "User 'admin' is logged in"
 
 
+def test_basic_auth_with_a_live_cookie_reuses_the_session(emulator):
+    client = requests.Session()
+    client.auth = ("admin", "secret")
+    first = client.get(f"{emulator.url}/data/JSESSION").text
+    assert client.get(f"{emulator.url}/data/JSESSION").text == first
+    assert requests.get(f"{emulator.url}/data/JSESSION", auth=("admin", "secret")).text != first
+
+
+def test_expire_sessions_forces_a_new_login(emulator):
+    client = requests.Session()
+    client.put(f"{emulator.url}/data/services/auth", data={"username": "admin", "password": "secret"})
+    emulator.app.expire_sessions()
+    assert client.get(f"{emulator.url}/data/auth").status_code == 401
+
+
+def test_head_of_a_file_gives_its_length(emulator, http, world):
+    first, _ = world
+    response = http.head(f"{emulator.url}/data/experiments/{first.id}/scans/1/resources/DICOM/files/1.dcm")
+    assert response.status_code == 200
+    assert response.headers["Content-Length"] == str(len(FILES["1.dcm"]))
+
+
 def test_root_does_not_redirect_and_sets_a_session_for_basic_auth(emulator):
     anonymous = requests.get(emulator.url, allow_redirects=False)
     assert anonymous.status_code == 200 and "JSESSIONID" not in anonymous.cookies
