@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import quote
 
 from reconcile.errors import RemoteError, UnsafePathError, VerificationError, XnatBidsError
@@ -344,6 +344,10 @@ class _Exporter:
     def _fetch_file_once(self, job: _Job) -> None:
         f = job.file
         have = job.part.stat().st_size if job.part.exists() else 0
+        if have == f.size and f.digest and _verified(job.part, f):
+            # Complete and verified, but a crash or a cancel came before the rename.
+            self._sync_and_replace(job)
+            return
         if have >= f.size:
             job.part.unlink(missing_ok=True)  # nothing to resume (or already too long): start over
             have = 0
@@ -385,15 +389,16 @@ class _Exporter:
                         break  # a server sending more than listed must not fill the disk
             except RemoteError as exc:
                 raise _CutShort(size, exc) from exc
-            self._finish(out, h, size, f)
+            self._verify(h, size, f)
+            out.flush()
+            os.fsync(out.fileno())
 
-    def _finish(self, out: BinaryIO, h: Any, size: int, f: RemoteFile) -> None:
+    @staticmethod
+    def _verify(h: Any, size: int, f: RemoteFile) -> None:
         if size != f.size:
             raise _Mismatch("size", str(f.size), str(size) + ("+" if size > f.size else ""))
         if f.digest and h.hexdigest() != f.digest:
             raise _Mismatch("MD5", f.digest, h.hexdigest())
-        out.flush()
-        os.fsync(out.fileno())
 
     # -- one scan as a zip -----------------------------------------------------------------
     def fetch_zip(self, scan: Scan, jobs: list[_Job]) -> None:
@@ -459,6 +464,7 @@ class _Exporter:
                 hint="the scan may have changed on XNAT since the listing; plan again",
             )
         retry: list[_Job] = []
+        extracted: list[_Job] = []
         for name, job in sorted(wanted.items()):
             self.check_cancel()
             info = members[name]
@@ -466,10 +472,30 @@ class _Exporter:
             _check_inside(self.root, job.part)
             try:
                 self._extract_one(archive, info, job)
+                extracted.append(job)
             except _Mismatch:
                 job.part.unlink(missing_ok=True)
                 retry.append(job)
+        self._commit(extracted)
         return retry
+
+    def _commit(self, jobs: list[_Job]) -> None:
+        """fsync and rename verified `.part`s a few at a time: fsync waits on the disk, and one
+        after the other it took half the time of a 1,000-file zip export."""
+        if not jobs:
+            return
+        with ThreadPoolExecutor(max_workers=min(WORKERS, len(jobs)), thread_name_prefix="export-sync") as pool:
+            for future in [pool.submit(self._sync_and_replace, job) for job in jobs]:
+                future.result()
+
+    def _sync_and_replace(self, job: _Job) -> None:
+        self.check_cancel()
+        fd = os.open(job.part, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(job.part, job.target)
 
     def _extract_one(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, job: _Job) -> None:
         f = job.file
@@ -490,8 +516,7 @@ class _Exporter:
             except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
                 # A damaged entry (bad header, CRC) is a mismatch: the caller refetches the file alone.
                 raise _Mismatch("content", "a readable zip entry", f"{type(exc).__name__}: {exc}") from exc
-            self._finish(out, h, size, f)
-        os.replace(job.part, job.target)
+            self._verify(h, size, f)
 
 
 def _zip_member(info: zipfile.ZipInfo, prefix: str, *, where: str) -> str | None:

@@ -456,6 +456,7 @@ def test_an_unknown_method_is_refused(client, session, tmp_path) -> None:  # noq
 # -- memory -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # about 5 s per method: 200 MB through HTTP, MD5 and fsync
 @pytest.mark.parametrize("method", ["files", "zip"])
 def test_peak_memory_stays_bounded_for_a_large_file(emulator, client, tmp_path, method) -> None:  # noqa: ANN001
     size = 200 << 20
