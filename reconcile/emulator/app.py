@@ -630,7 +630,8 @@ class EmulatorApp:
     def _create_session(self, ctx: Ctx, project_id: str, subject_id: str, label: str) -> Response:
         args = ctx.request.args
         xsi_type = args.get("xsiType") or "xnat:mrSessionData"
-        edits = _field_edits(args, xsi_type)
+        edits = _field_edits(args)
+        edits.pop("label", None)  # the label is the URL's last segment
         experiment = self.archive.add_session(
             project_id,
             subject_id,
@@ -653,7 +654,7 @@ class EmulatorApp:
                 self.archive.delete_session(experiment.id)
                 return Response("", mimetype="text/plain")
             if method == "PUT":
-                edits = _field_edits(ctx.request.args, experiment.xsi_type)
+                edits = _field_edits(ctx.request.args)
                 if edits:
                     self.archive.set_fields(experiment.id, **edits)
                 return Response(experiment.id, mimetype="text/plain")
@@ -726,8 +727,8 @@ class EmulatorApp:
         args = ctx.request.args
         existing = experiment.scans.get(scan_id)
         xsi_type = args.get("xsiType") or (existing.xsi_type if existing else None)
-        scan_type = _typed_arg(args, xsi_type or "xnat:imageScanData", "type")
-        description = _typed_arg(args, xsi_type or "xnat:imageScanData", "series_description")
+        scan_type = _typed_arg(args, "type")
+        description = _typed_arg(args, "series_description")
         if existing is None:
             scan = self.archive.add_scan(
                 experiment.id, scan_id, type=scan_type or "", series_description=description, xsi_type=xsi_type
@@ -1020,7 +1021,7 @@ def _row_matches(row: dict[str, str], args: Any, available: Sequence[str]) -> bo
     return True
 
 
-def _typed_arg(args: Any, xsi_type: str, name: str) -> str | None:
+def _typed_arg(args: Any, name: str) -> str | None:
     """A field given as `name=` or as an xpath such as `xnat:mrScanData/type=`."""
     for key, value in args.items():
         if key == name or (key.lower().endswith("/" + name.lower()) and ":" in key):
@@ -1028,11 +1029,11 @@ def _typed_arg(args: Any, xsi_type: str, name: str) -> str | None:
     return None
 
 
-def _field_edits(args: Any, xsi_type: str) -> dict[str, str]:
+def _field_edits(args: Any) -> dict[str, str]:
     """Session fields a PUT edits: `date=` or `xnat:mrSessionData/date=` (any type prefix), etc."""
     edits: dict[str, str] = {}
     for name in ("date", "time", "note", "label"):
-        value = _typed_arg(args, xsi_type, name)
+        value = _typed_arg(args, name)
         if value is not None:
             edits[name] = value
     return edits

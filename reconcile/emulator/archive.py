@@ -381,6 +381,9 @@ class Archive:
         with self._lock:
             experiment = self.get_session(experiment_id)
             if "label" in fields:
+                taken = self._session_labels.get((experiment.project, str(fields["label"])))
+                if taken is not None and taken != experiment.id:
+                    raise ArchiveError(f"Experiment {fields['label']} already exists in project {experiment.project}", 409)
                 del self._session_labels[(experiment.project, experiment.label)]
                 self._session_labels[(experiment.project, str(fields["label"]))] = experiment.id
             for name, value in fields.items():

@@ -83,6 +83,15 @@ def test_renames_resave_and_move_the_label_index(frozen):
     assert frozen.find_subject("PROJ", "S9") is subject
 
 
+def test_renaming_onto_a_taken_label_is_refused(archive):
+    first = archive.add_session("PROJ", "S1", "S1_MR1")
+    archive.add_session("PROJ", "S1", "S1_MR2")
+    with pytest.raises(ArchiveError) as taken:
+        archive.rename_session(first.id, "S1_MR2")
+    assert taken.value.status == 409
+    assert archive.find_session("PROJ", "S1_MR1") is first
+
+
 def test_delete_session(archive):
     exp = archive.add_session("PROJ", "S1", "S1_MR1")
     archive.delete_session(exp.id)
