@@ -11,13 +11,12 @@ import re
 import secrets
 import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import tomli_w
 
 from reconcile import __version__
@@ -182,23 +181,145 @@ def _from_document(doc: Mapping[str, Any]) -> Lock:
 # --- validation --------------------------------------------------------------------------------
 
 
+# jsonschema needs ~7 ms per session here (minutes for a 10,000-session lock), so the schema is
+# compiled once into plain closures for the keywords it uses. An unsupported keyword is an error
+# at compile time, so the schema cannot gain a rule that is silently not enforced.
+_Where = tuple[Any, ...]  # linked (parent, key) pairs, flattened only when reporting an error
+_Check = Callable[[Any, _Where, list[tuple[_Where, str]]], None]
+_ANNOTATIONS = frozenset({"$schema", "$id", "$defs", "title", "description"})
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    # Stricter than JSON Schema, which also accepts 1.0: a float would not round-trip as an int.
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+}
+_TYPE_NAMES = {"object": "a table", "array": "an array", "string": "a string", "integer": "an integer"}
+
+
+def _ecma_pattern(pattern: str) -> re.Pattern[str]:
+    # ECMA-262 '$' matches only at the very end; Python's also before a final newline.
+    return re.compile(re.sub(r"(?<!\\)\$", r"\\Z", pattern))
+
+
+def _compile(schema: Mapping[str, Any], root: Mapping[str, Any]) -> _Check:
+    if "$ref" in schema:
+        ref = schema["$ref"]
+        if set(schema) - {"$ref"} or not ref.startswith("#/$defs/"):
+            raise ValueError(f"unsupported $ref use: {schema}")
+        return _compile(root["$defs"][ref.removeprefix("#/$defs/")], root)
+    unknown = set(schema) - _ANNOTATIONS - {
+        "type", "const", "pattern", "minLength", "maxLength", "minimum", "maximum",
+        "properties", "required", "additionalProperties", "propertyNames", "items",
+    }
+    if unknown:
+        raise ValueError(f"schema keywords not supported by the lock validator: {sorted(unknown)}")
+    checks: list[_Check] = []
+    described = f"not {schema['description']}" if "description" in schema else None
+
+    if "type" in schema:
+        name = schema["type"]
+        is_type = _TYPES[name]
+
+        def check_type(v: Any, where: _Where, errs: list[tuple[_Where, str]]) -> None:
+            if not is_type(v):
+                errs.append((where, f"{v!r} is not {_TYPE_NAMES[name]}"))
+
+        checks.append(check_type)
+    if "const" in schema:
+        const = schema["const"]
+
+        def check_const(v: Any, where: _Where, errs: list[tuple[_Where, str]]) -> None:
+            if v != const or type(v) is not type(const):
+                errs.append((where, f"{v!r} is not {const!r}"))
+
+        checks.append(check_const)
+    if "pattern" in schema or "minLength" in schema or "maxLength" in schema:
+        rx = _ecma_pattern(schema["pattern"]) if "pattern" in schema else None
+        lo, hi = schema.get("minLength", 0), schema.get("maxLength", float("inf"))
+
+        if described:
+            problem = described
+        elif rx is not None:
+            problem = f"does not match {schema['pattern']}"
+        else:
+            problem = "empty" if hi == float("inf") else f"not {lo} to {hi} characters long"
+
+        def check_string(v: Any, where: _Where, errs: list[tuple[_Where, str]]) -> None:
+            if isinstance(v, str) and not (lo <= len(v) <= hi and (rx is None or rx.search(v))):
+                errs.append((where, f"{v!r} is {problem}"))
+
+        checks.append(check_string)
+    if "minimum" in schema or "maximum" in schema:
+        low, high = schema.get("minimum", float("-inf")), schema.get("maximum", float("inf"))
+
+        def check_range(v: Any, where: _Where, errs: list[tuple[_Where, str]]) -> None:
+            if isinstance(v, int) and not isinstance(v, bool) and not low <= v <= high:
+                bound = f"at least {low}" if v < low else f"at most {high}"
+                errs.append((where, f"{v!r} must be {bound}"))
+
+        checks.append(check_range)
+    if {"properties", "required", "additionalProperties", "propertyNames"} & set(schema):
+        props = {k: _compile(s, root) for k, s in schema.get("properties", {}).items()}
+        required = tuple(schema.get("required", ()))
+        extra = schema.get("additionalProperties", True)
+        extra_check = _compile(extra, root) if isinstance(extra, Mapping) else None
+        names = _compile(schema["propertyNames"], root) if "propertyNames" in schema else None
+
+        def check_object(v: Any, where: _Where, errs: list[tuple[_Where, str]]) -> None:
+            if not isinstance(v, dict):
+                return
+            for key in required:
+                if key not in v:
+                    errs.append((where, f"missing required key {key!r}"))
+            for key, item in v.items():
+                if names is not None:
+                    names(key, (where, key), errs)
+                sub = props.get(key, extra_check)
+                if sub is not None:
+                    sub(item, (where, key), errs)
+                elif extra is False and key not in props:
+                    errs.append((where, f"unknown key {key!r}"))
+
+        checks.append(check_object)
+    if "items" in schema:
+        item_check = _compile(schema["items"], root)
+
+        def check_items(v: Any, where: _Where, errs: list[tuple[_Where, str]]) -> None:
+            if isinstance(v, list):
+                for i, item in enumerate(v):
+                    item_check(item, (where, i), errs)
+
+        checks.append(check_items)
+
+    if len(checks) == 1:
+        return checks[0]
+
+    def check_all(v: Any, where: _Where, errs: list[tuple[_Where, str]]) -> None:
+        for check in checks:
+            check(v, where, errs)
+
+    return check_all
+
+
 @cache
-def _validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(load_schema("lock"))
+def _lock_check() -> _Check:
+    schema = load_schema("lock")
+    return _compile(schema, schema)
+
+
+def _flatten(where: _Where) -> str:
+    parts: list[str] = []
+    while where:
+        where, key = where
+        parts.append(str(key))
+    return "/".join(reversed(parts)) or "(top level)"
 
 
 def _schema_problems(doc: Any) -> list[str]:
-    out = []
-    for err in sorted(_validator().iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path]):
-        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
-        described = err.schema.get("description") if isinstance(err.schema, dict) else None
-        if err.validator in ("pattern", "maxLength", "minLength") and described:
-            # The raw regex in jsonschema's message tells a user nothing; say what was expected.
-            message = f"{err.instance!r} is not {described}"
-        else:
-            message = err.message
-        out.append(f"{where}: {message}")
-    return out
+    errs: list[tuple[_Where, str]] = []
+    _lock_check()(doc, (), errs)
+    return [f"{_flatten(where)}: {message}" for where, message in errs]
 
 
 def _consistency_problems(doc: Mapping[str, Any]) -> list[str]:

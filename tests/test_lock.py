@@ -1,0 +1,475 @@
+"""The lockfile: its TOML layout, validation, identity (lineage/serial) and atomic saving."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import stat
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reconcile import __version__
+from reconcile.errors import LockfileError
+from reconcile.lock import (
+    FORMAT_VERSION,
+    LOCK_NAME,
+    Lock,
+    _document,
+    _schema_problems,
+    dumps_lock,
+    load_or_new,
+    loads_lock,
+    lock_path,
+    read_lock,
+    scan_sort_key,
+    write_lock,
+)
+from reconcile.model import OutputRecord, ScanRecord, SessionRecord
+from reconcile.schema import load_schema
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def record(n: int = 1, *, outputs: int = 2, scans: tuple[str, ...] = ("1", "2")) -> SessionRecord:
+    subject = f"SUBJ{n:02d}"
+    return SessionRecord(
+        experiment_id=f"XNAT_E{n:05d}",
+        project="PROJ",
+        subject_id=f"XNAT_S{n:05d}",
+        subject_label=subject,
+        session_label=f"{subject}_MR1",
+        bids_subject=subject,
+        bids_session="MR1",
+        date="2024-01-10",
+        insert_date="2024-01-10 14:22:05.352",
+        last_modified="2024-01-11 09:00:00.0",
+        xsi_type="xnat:mrSessionData",
+        exported_at="2026-11-25T16:00:00Z",
+        config_fingerprint="0123456789abcdef",
+        config_digests={"skip": "aa", "bidsmap": "bb", "heuristic": "cc", "include": "dd"},
+        tools={"xnat2bids": "0.1.0", "heudiconv": "1.5.1", "dcm2niix": "v1.0.20240202"},
+        scans=tuple(ScanRecord(s, "T1w", "t1_mprage", 176, 176 * 1024, sha(s)) for s in scans),
+        outputs=tuple(
+            OutputRecord(f"sub-{subject}/ses-MR1/anat/sub-{subject}_ses-MR1_run-{i:02d}_T1w.nii.gz", 1000 + i, sha(str(i)), 1_764_086_400_000_000_000 + i)
+            for i in range(outputs)
+        ),
+    )
+
+
+def lock_with(*records: SessionRecord) -> Lock:
+    lock = Lock.new()
+    for r in records:
+        lock = lock.with_session(r)
+    return lock
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+# --- format ------------------------------------------------------------------------------------
+
+
+def test_round_trip_is_byte_identical() -> None:
+    lock = replace(lock_with(record(1), record(2, scans=())), config_fingerprint="0123456789abcdef", serial=7)
+    text = dumps_lock(lock)
+    assert loads_lock(text) == lock
+    assert dumps_lock(loads_lock(text)) == text
+
+
+def test_layout_has_header_identity_and_one_table_per_session() -> None:
+    text = dumps_lock(lock_with(record(1)))
+    lines = text.splitlines()
+    assert lines[0] == "# Written by xnat2bids; do not edit by hand."
+    assert lines[1] == f"format_version = {FORMAT_VERSION}"
+    assert [line.split(" =")[0] for line in lines[2:6]] == ["lineage", "serial", "generator", "config_fingerprint"]
+    assert "[sessions.XNAT_E00001]" in lines
+    assert "[[sessions.XNAT_E00001.outputs]]" in lines
+
+
+def test_missing_date_is_omitted_and_reads_back_as_none() -> None:
+    lock = lock_with(replace(record(1), date=None))
+    text = dumps_lock(lock)
+    assert "\ndate =" not in text
+    assert loads_lock(text).sessions["XNAT_E00001"].date is None
+
+
+def test_output_is_sorted_regardless_of_insertion_order() -> None:
+    a, b, c = record(1), record(2), record(3)
+    shuffled = replace(
+        b,
+        scans=tuple(reversed(record(2, scans=("1", "2", "10", "SR1", "9")).scans)),
+        outputs=tuple(reversed(b.outputs)),
+        config_digests=dict(reversed(list(b.config_digests.items()))),
+    )
+    forward = replace(lock_with(a, shuffled, c), lineage="1b9d6bcd-bbfd-4b2d-9b5d-ab8dfbbd4bed")
+    backward = replace(lock_with(c, shuffled, a), lineage=forward.lineage)
+    text = dumps_lock(forward)
+    assert text == dumps_lock(backward)
+
+    session_headers = [line for line in text.splitlines() if line.startswith("[sessions.") and line.count(".") == 1]
+    assert session_headers == ["[sessions.XNAT_E00001]", "[sessions.XNAT_E00002]", "[sessions.XNAT_E00003]"]
+    parsed = loads_lock(text).sessions["XNAT_E00002"]
+    assert [s.id for s in parsed.scans] == ["1", "2", "9", "10", "SR1"]
+    assert [o.path for o in parsed.outputs] == sorted(o.path for o in b.outputs)
+    assert list(parsed.config_digests) == ["bidsmap", "heuristic", "include", "skip"]
+    assert text.index("bidsmap") < text.index("heuristic") < text.index("include") < text.index("skip =")
+
+
+def test_scan_ids_sort_numerically() -> None:
+    ids = ["10", "2", "1", "1-MR1", "100", "SR_2", "SR_10", "02"]
+    assert sorted(ids, key=scan_sort_key) == ["1", "1-MR1", "02", "2", "10", "100", "SR_2", "SR_10"]
+
+
+def test_with_session_and_without_session_leave_the_original_unchanged() -> None:
+    empty = Lock.new()
+    one = empty.with_session(record(1))
+    assert dict(empty.sessions) == {}
+    assert list(one.sessions) == ["XNAT_E00001"]
+    assert one.lineage == empty.lineage and one.serial == empty.serial
+    assert dict(one.without_session("XNAT_E00001").sessions) == {}
+    assert list(one.sessions) == ["XNAT_E00001"]
+    assert one.without_session("XNAT_E99999") == one
+
+
+def test_new_lock_has_a_fresh_uuid4_lineage_and_no_sessions() -> None:
+    a, b = Lock.new(), Lock.new()
+    assert uuid.UUID(a.lineage).version == 4
+    assert a.lineage != b.lineage
+    assert (a.serial, a.config_fingerprint, dict(a.sessions)) == (0, "", {})
+    assert a.generator == f"xnat2bids {__version__}"
+
+
+def test_documented_example_is_accepted() -> None:
+    text = f'''\
+format_version = 1
+lineage = "1b9d6bcd-bbfd-4b2d-9b5d-ab8dfbbd4bed"
+serial = 3
+generator = "xnat2bids 0.1.0"
+config_fingerprint = "0123456789abcdef"
+
+[sessions.XNAT_E00001]
+experiment_id = "XNAT_E00001"
+project = "PROJ"
+subject_id = "XNAT_S00001"
+subject_label = "SUBJ01"
+session_label = "SUBJ01_MR1"
+bids_subject = "SUBJ01"
+bids_session = "MR1"
+date = "2024-01-10"
+insert_date = "2024-01-10 14:22:05.352"
+last_modified = "2024-01-10 14:22:05.352"
+xsi_type = "xnat:mrSessionData"
+exported_at = "2026-11-25T16:00:00Z"
+config_fingerprint = "0123456789abcdef"
+config_digests = {{ bidsmap = "aa", heuristic = "bb", include = "cc", skip = "dd" }}
+tools = {{ dcm2niix = "v1.0.20240202", heudiconv = "1.5.1", xnat2bids = "0.1.0" }}
+scans = []
+
+[[sessions.XNAT_E00001.outputs]]
+path = "sub-SUBJ01/ses-MR1/anat/sub-SUBJ01_ses-MR1_T1w.nii.gz"
+size = 123
+sha256 = "{sha("x")}"
+mtime_ns = 1764086400000000000
+'''
+    lock = loads_lock(text)
+    assert lock.serial == 3
+    assert lock.sessions["XNAT_E00001"].outputs[0].size == 123
+
+
+# --- property: any lock survives the round trip -------------------------------------------------
+
+_label = st.text(min_size=1, max_size=12)
+_free = st.text(max_size=20)
+_hex64 = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
+_count = st.integers(min_value=0, max_value=2**63 - 1)
+_ident = st.from_regex(r"\A[A-Za-z0-9_-]{1,16}\Z")
+_alnum = st.from_regex(r"\A[A-Za-z0-9]{1,10}\Z")
+_segment = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="/\\" + "".join(map(chr, range(32)))),
+    min_size=1,
+    max_size=10,
+).filter(lambda s: s not in (".", ".."))
+_path = st.lists(_segment, min_size=1, max_size=4).map("/".join)
+_scan = st.builds(ScanRecord, id=_label, type=_free, series_description=_free, file_count=_count, total_size=_count, digest=_hex64)
+_output = st.builds(OutputRecord, path=_path, size=_count, sha256=_hex64, mtime_ns=_count)
+_session = st.builds(
+    SessionRecord,
+    experiment_id=_ident,
+    project=_label,
+    subject_id=_label,
+    subject_label=_label,
+    session_label=_label,
+    bids_subject=_alnum,
+    bids_session=_alnum,
+    date=st.none() | st.dates().map(lambda d: f"{d.year:04d}-{d.month:02d}-{d.day:02d}"),
+    insert_date=_free,
+    last_modified=_free,
+    xsi_type=_label,
+    exported_at=st.datetimes().map(lambda d: f"{d.year:04d}-{d:%m-%dT%H:%M:%S}Z"),
+    config_fingerprint=st.text(alphabet="0123456789abcdef", max_size=16),
+    config_digests=st.dictionaries(_ident, _free, max_size=4),
+    tools=st.dictionaries(_ident, _free, max_size=3),
+    scans=st.lists(_scan, max_size=4, unique_by=lambda s: s.id).map(tuple),
+    outputs=st.lists(_output, max_size=4, unique_by=lambda o: o.path).map(tuple),
+)
+_locks = st.builds(
+    lambda sessions, serial, fingerprint: replace(lock_with(*sessions), serial=serial, config_fingerprint=fingerprint),
+    st.lists(_session, max_size=4, unique_by=lambda s: s.experiment_id),
+    _count,
+    st.text(alphabet="0123456789abcdef", max_size=16),
+)
+
+
+@given(_locks)
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_any_lock_round_trips_byte_identically(lock: Lock) -> None:
+    text = dumps_lock(lock)
+    assert loads_lock(text) == lock
+    assert dumps_lock(loads_lock(text)) == text
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def test_the_schema_is_valid_json_schema() -> None:
+    jsonschema.Draft202012Validator.check_schema(load_schema("lock"))
+
+
+def _mutations(doc: dict) -> st.SearchStrategy[dict]:
+    """A valid document with one value somewhere replaced by something arbitrary."""
+    leaves: list[tuple[tuple, object]] = []
+
+    def walk(node: object, where: tuple) -> None:
+        leaves.append((where, node))
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, (*where, k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, (*where, i))
+
+    walk(doc, ())
+    junk = (
+        st.integers(min_value=-3, max_value=2**64)
+        | st.booleans()
+        | st.text(max_size=8)
+        | st.sampled_from(["../x", "/abs", "a/../b", "a\n", "a//b", sha("x") + "\n", "X" * 200, "", "."])
+        | st.just({})
+        | st.just([])
+    )
+
+    def mutate(choice: tuple[tuple, object], value: object, add_key: bool) -> dict:
+        where, _ = choice
+        out = copy.deepcopy(doc)
+        if not where:
+            out["surprise"] = value
+            return out
+        parent = out
+        for key in where[:-1]:
+            parent = parent[key]
+        if add_key and isinstance(parent, dict):
+            parent[f"extra_{where[-1]}"] = value
+        else:
+            parent[where[-1]] = value
+        return out
+
+    return st.builds(mutate, st.sampled_from(leaves), junk, st.booleans())
+
+
+_SAMPLE_DOC = _document(lock_with(record(1, outputs=2, scans=("1", "2")), replace(record(2), date=None)))
+
+
+@given(_mutations(_SAMPLE_DOC))
+@settings(max_examples=400)
+def test_the_compiled_validator_agrees_with_jsonschema(doc: dict) -> None:
+    reference = jsonschema.Draft202012Validator(load_schema("lock"), format_checker=None)
+    expected_valid = not any(reference.iter_errors(doc))
+    ours = _schema_problems(doc)
+    # Our validator is stricter in two documented ways: ints only (JSON Schema also takes 1.0) and
+    # '$' anchors at the very end (Python's re also before a final newline).
+    if expected_valid and ours:
+        assert all("\\n" in p or "is not an integer" in p for p in ours), ours
+    else:
+        assert expected_valid == (not ours), ours
+
+
+def test_a_valid_document_has_no_problems() -> None:
+    assert _schema_problems(_SAMPLE_DOC) == []
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def test_read_of_a_missing_lock_is_none(root: Path) -> None:
+    assert read_lock(root) is None
+
+
+def test_load_or_new_does_not_write(root: Path) -> None:
+    lock = load_or_new(root)
+    assert lock.serial == 0 and dict(lock.sessions) == {}
+    assert not lock_path(root).exists()
+
+
+def test_lock_path_is_in_the_bids_root(root: Path) -> None:
+    assert lock_path(root) == root / LOCK_NAME == root / ".xnat2bids.lock"
+
+
+def test_write_increments_serial_and_keeps_lineage(root: Path) -> None:
+    first = write_lock(root, lock_with(record(1)))
+    assert first.serial == 1
+    again = read_lock(root)
+    assert again == first
+    second = write_lock(root, again.with_session(record(2)), expected_serial=again.serial)
+    assert second.serial == 2
+    assert second.lineage == first.lineage
+    assert read_lock(root) == second
+    assert lock_path(root).read_text() == dumps_lock(second)
+
+
+def test_write_records_this_version_as_generator(root: Path) -> None:
+    written = write_lock(root, replace(lock_with(record(1)), generator="xnat2bids 0.0.1"))
+    assert written.generator == f"xnat2bids {__version__}"
+    assert read_lock(root).generator == f"xnat2bids {__version__}"
+
+
+def test_atomic_write_leaves_no_temp_files(root: Path) -> None:
+    lock = write_lock(root, lock_with(record(1)))
+    write_lock(root, lock, expected_serial=1)
+    assert sorted(p.name for p in root.iterdir()) == [LOCK_NAME]
+
+
+def test_a_failed_rename_keeps_the_old_lock_and_removes_the_temp_file(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lock = write_lock(root, lock_with(record(1)))
+    before = lock_path(root).read_bytes()
+
+    def broken_replace(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(LockfileError, match="cannot write .*No space left"):
+        write_lock(root, lock.with_session(record(2)), expected_serial=1)
+    assert lock_path(root).read_bytes() == before
+    assert sorted(p.name for p in root.iterdir()) == [LOCK_NAME]
+
+
+def test_write_keeps_the_file_mode(root: Path) -> None:
+    lock = write_lock(root, lock_with(record(1)))
+    lock_path(root).chmod(0o640)
+    write_lock(root, lock)
+    assert stat.S_IMODE(lock_path(root).stat().st_mode) == 0o640
+
+
+def test_write_into_a_missing_directory_is_a_lockfile_error(tmp_path: Path) -> None:
+    with pytest.raises(LockfileError, match="cannot write"):
+        write_lock(tmp_path / "nope", Lock.new())
+
+
+def test_expected_serial_mismatch_is_refused(root: Path) -> None:
+    lock = write_lock(root, lock_with(record(1)))
+    write_lock(root, lock, expected_serial=1)  # another run got there first: serial 2 on disk
+    before = lock_path(root).read_bytes()
+    with pytest.raises(LockfileError, match=r"changed on disk since it was read \(serial 1 → 2\)"):
+        write_lock(root, lock.with_session(record(2)), expected_serial=1)
+    assert lock_path(root).read_bytes() == before
+
+
+def test_expected_serial_against_a_different_lineage_is_refused(root: Path) -> None:
+    write_lock(root, lock_with(record(1)))
+    stranger = Lock.new()
+    with pytest.raises(LockfileError, match="different lock"):
+        write_lock(root, stranger, expected_serial=1)
+
+
+def test_expected_serial_zero_matches_a_missing_lock(root: Path) -> None:
+    assert write_lock(root, load_or_new(root), expected_serial=0).serial == 1
+    with pytest.raises(LockfileError, match=r"serial 0 → 1"):
+        write_lock(root, Lock.new(), expected_serial=0)
+
+
+def test_writing_an_invalid_lock_is_refused_and_writes_nothing(root: Path) -> None:
+    escaping = replace(record(1), outputs=(OutputRecord("../../etc/passwd", 1, sha("x"), 0),))
+    with pytest.raises(LockfileError, match=r"refusing to write an invalid lock.*outputs/0/path: '\.\./\.\./etc/passwd' is not a relative path"):
+        write_lock(root, lock_with(escaping))
+    assert not lock_path(root).exists()
+    assert list(root.iterdir()) == []
+
+
+def test_writing_a_lock_keyed_under_the_wrong_id_is_refused(root: Path) -> None:
+    lock = Lock.new()
+    lock = replace(lock, sessions={"XNAT_E00002": record(1)})
+    with pytest.raises(LockfileError, match="disagrees with its table key"):
+        write_lock(root, lock)
+
+
+VALID = dumps_lock(replace(lock_with(record(1), record(2)), serial=4))
+
+
+def _edit(old: str, new: str, count: int = 1) -> str:
+    assert old in VALID
+    return VALID.replace(old, new, count)
+
+
+INVALID = {
+    "not TOML": ("format_version = 1\nserial = = 3\n", r"not valid TOML: .*line 2"),
+    "not UTF-8": (b"format_version = 1\n\xff\xfe", r"not valid TOML: not UTF-8"),
+    "empty": ("", r"invalid lock: \(top level\): missing required key 'format_version'"),
+    "schema failure": (_edit('serial = 4', 'serial = "four"'), r"invalid lock: serial: 'four' is not an integer"),
+    "negative size": (_edit("size = 1000", "size = -1"), r"sessions/XNAT_E00001/outputs/0/size: -1 must be at least 0"),
+    "bad sha256": (_edit(f'sha256 = "{sha("0")}"', 'sha256 = "abc"'), r"outputs/0/sha256: 'abc' is not a SHA-256 digest"),
+    "bad lineage": (_edit("lineage = ", 'lineage = "not-a-uuid"\nx = ').replace("\nx = " + VALID.split("lineage = ")[1].split("\n")[0], ""), r"lineage: 'not-a-uuid' is not a lowercase UUID4"),
+    "unknown key": (_edit('xsi_type = "', 'colour = "red"\nxsi_type = "'), r"sessions/XNAT_E00001: unknown key 'colour'"),
+    "missing key": (_edit('xsi_type = "xnat:mrSessionData"\n', ""), r"sessions/XNAT_E00001: missing required key 'xsi_type'"),
+    "future format": (_edit("format_version = 1", "format_version = 2\nnew_thing = true"), r"written by a newer xnat2bids \(format 2\); upgrade"),
+    "old format": (_edit("format_version = 1", "format_version = 0"), r"format_version: 0 is not 1"),
+    "path with ..": (_edit('path = "sub-SUBJ01/ses-MR1/anat/', 'path = "sub-SUBJ01/../../'), r"outputs/0/path: 'sub-SUBJ01/\.\./\.\./.*' is not a relative path inside the BIDS root"),
+    "absolute path": (_edit('path = "sub-SUBJ01/', 'path = "/sub-SUBJ01/'), r"outputs/0/path: '/sub-SUBJ01/.*' is not a relative path"),
+    "unsafe bids label": (_edit('bids_subject = "SUBJ01"', 'bids_subject = "../x"'), r"bids_subject: '\.\./x' is not a BIDS label"),
+    "unsafe session key": (_edit("[sessions.XNAT_E00001]", '[sessions."../x"]'), r"sessions/\.\./x: '\.\./x' is not an XNAT experiment ID"),
+    "mismatched experiment_id": (_edit('experiment_id = "XNAT_E00001"', 'experiment_id = "XNAT_E00002"'), r"sessions/XNAT_E00001/experiment_id: 'XNAT_E00002' disagrees with its table key 'XNAT_E00001'"),
+    "duplicate session": (VALID + "\n[sessions.XNAT_E00001]\nproject = 'P'\n", r"session XNAT_E00001 appears twice \(at line \d+"),
+    "duplicate output": (
+        VALID.replace(
+            VALID.split("[[sessions.XNAT_E00001.outputs]]")[2].split("\n[")[0],
+            VALID.split("[[sessions.XNAT_E00001.outputs]]")[1].rstrip("\n") + "\n",
+        ),
+        r"outputs/1/path: '.*' is listed twice",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_an_invalid_lock_is_reported_and_never_overwritten(root: Path, case: str) -> None:
+    content, message = INVALID[case]
+    data = content if isinstance(content, bytes) else content.encode()
+    lock_path(root).write_bytes(data)
+
+    with pytest.raises(LockfileError, match=message) as excinfo:
+        read_lock(root)
+    assert str(lock_path(root)) in excinfo.value.summary
+
+    with pytest.raises(LockfileError, match=message):
+        write_lock(root, lock_with(record(3)))
+    with pytest.raises(LockfileError):
+        load_or_new(root)
+    assert lock_path(root).read_bytes() == data
+    assert sorted(p.name for p in root.iterdir()) == [LOCK_NAME]
+
+
+def test_the_valid_base_of_the_invalid_cases_is_valid() -> None:
+    assert loads_lock(VALID).serial == 4
+
+
+def test_loads_names_its_source() -> None:
+    with pytest.raises(LockfileError, match=r"^journal\.json: not valid TOML"):
+        loads_lock("[", source="journal.json")
