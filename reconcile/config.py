@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -208,7 +208,31 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    return parse_config(data, source=str(path))
+    config = parse_config(data, source=str(path))
+    return _heuristics_relative_to(config, path.parent)
+
+
+def _heuristics_relative_to(config: Config, base: Path) -> Config:
+    """A custom heuristic given as a relative path is relative to the config file, not the cwd."""
+
+    def fix(table: dict[str, Any]) -> dict[str, Any]:
+        h = table.get("heuristic")
+        if h and h != "reproin" and not Path(h).is_absolute() and ("/" in h or h.endswith(".py")):
+            return {**table, "heuristic": str((base / h).resolve())}
+        return table
+
+    conversion = config.conversion
+    if conversion.heuristic != "reproin" and not Path(conversion.heuristic).is_absolute():
+        conversion = conversion.merged(fix({"heuristic": conversion.heuristic}))
+    projects = {
+        name: {
+            **table,
+            **({"conversion": fix(table["conversion"])} if "conversion" in table else {}),
+            **({"sessions": {k: fix(v) for k, v in table["sessions"].items()}} if "sessions" in table else {}),
+        }
+        for name, table in config.project_tables.items()
+    }
+    return replace(config, conversion=conversion, project_tables=projects)
 
 
 def select(patterns: tuple[str, ...], *values: str) -> bool:

@@ -65,7 +65,9 @@ def tool_versions() -> dict[str, str]:
         versions["heudiconv"] = version("heudiconv")
     except Exception:  # not installed: conversion will fail later with a clear error
         pass
-    exe = shutil.which("dcm2niix")
+    from reconcile.convert import converter_env
+
+    exe = shutil.which("dcm2niix", path=converter_env()["PATH"])
     if exe:
         try:
             out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout

@@ -61,3 +61,14 @@ def test_bids_root_precedence(tmp_path, monkeypatch):
     configured = parse_config({"bids_root": "~/elsewhere"})
     assert configured.resolve_bids_root(None) == tmp_path / "elsewhere"
     assert configured.resolve_bids_root(tmp_path / "arg") == tmp_path / "arg"
+
+
+def test_relative_custom_heuristic_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "x.toml"
+    path.write_text('[conversion]\nheuristic = "heuristics/lab.py"\n[project.P.conversion]\nheuristic = "other.py"\n')
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path)
+    assert config.conversion.heuristic == str(tmp_path / "cfg/heuristics/lab.py")
+    assert config.conversion_for("P", "S").heuristic == str(tmp_path / "cfg/other.py")
+    assert config.conversion_for("Q", "S").heuristic == str(tmp_path / "cfg/heuristics/lab.py")
