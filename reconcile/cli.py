@@ -502,8 +502,11 @@ def emulator_serve(
             project, n=synthetic_sessions, scans_per_session=scans_per_session,
             files_per_scan=files_per_scan, file_size=file_size,
         )
-    echo(f"XNAT emulator on http://{host}:{port} (user {user}); Ctrl-C to stop")
-    serve_forever(archive, host, port)
+    sessions = len(archive.sessions())
+    serve_forever(
+        archive, host, port,
+        on_ready=lambda url: echo(f"XNAT emulator on {url} ({sessions} sessions, user {user}); Ctrl-C to stop"),
+    )
 
 
 def _render_error(exc: XnatBidsError) -> None:
