@@ -385,6 +385,7 @@ def apply_plan(
     report = ApplyReport(lock=load_or_new(root))
     if report.lock.lineage != plan.lineage and report.lock.serial == 0 and plan.serial == 0:
         report.lock = replace(report.lock, lineage=plan.lineage)
+    report.lock = replace(report.lock, config_fingerprint=config.fingerprint())
     changes = list(plan.actionable(repair_drift=options.repair_drift))
     auth_failed = threading.Event()
     started: dict[Future, tuple[Change, float]] = {}

@@ -120,6 +120,12 @@ class Config:
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     source: str | None = None
 
+    def fingerprint(self) -> str:
+        """Digest of everything that decides what apply produces (not URLs, jobs or SLURM)."""
+        naming = {"session_label": self.naming.session_label, "subjects": self.naming.subjects,
+                  "sessions": self.naming.sessions}
+        return _digest({"conversion": self.conversion.digests(), "naming": naming, "projects": self.project_tables})
+
     def conversion_for(self, project: str, session_label: str) -> ConversionSettings:
         settings = self.conversion
         table = self.project_tables.get(project, {})
