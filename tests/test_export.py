@@ -22,6 +22,7 @@ from reconcile.credentials import Credentials
 from reconcile.emulator import Fault
 from reconcile.errors import NotFoundError, UnsafePathError, VerificationError, XnatBidsError
 from reconcile.export import (
+    AUTO_ZIP_MAX_MEAN_SIZE,
     AUTO_ZIP_MIN_FILES,
     ExportCancelled,
     ExportResult,
@@ -126,6 +127,17 @@ def test_auto_uses_one_zip_for_a_scan_with_many_files_and_per_file_gets_otherwis
     assert len(singles) == 3 and all("/scans/1/" in p for p in singles)
 
 
+def test_auto_fetches_big_files_one_by_one_however_many(emulator, client, tmp_path) -> None:  # noqa: ANN001
+    n, size = AUTO_ZIP_MIN_FILES + 1, AUTO_ZIP_MAX_MEAN_SIZE + 1
+    (stored,) = emulator.archive.add_synthetic_sessions("PROJ", 1, scans_per_session=1, files_per_scan=n, file_size=size)
+    exp, scans = _listed(client, stored.id)
+    emulator.app.reset_requests()
+    result = export_session(client, exp, scans, tmp_path / "dicom")
+    got = downloads(emulator)
+    assert len(got) == n and not any("format=zip" in q for _, q in got)
+    assert result.bytes == n * size
+
+
 def test_other_resources_and_stale_files_are_not_left_in_the_staging_folder(client, session, tmp_path) -> None:  # noqa: ANN001
     exp, scans = session
     dest = tmp_path / "dicom"
@@ -180,6 +192,17 @@ def test_a_truncated_part_is_completed(emulator, client, session, tmp_path) -> N
     assert not (dest / "1" / "1.dcm.part").exists()
     # The emulator ignores Range and answers 200, so the file is fetched whole once more.
     assert again.downloaded == len(whole)
+
+
+def test_a_complete_verified_part_is_renamed_without_downloading(emulator, client, session, tmp_path) -> None:  # noqa: ANN001
+    exp, scans = session
+    dest = tmp_path / "dicom"
+    export_session(client, exp, scans, dest, method="files")
+    (dest / "1" / "1.dcm").rename(dest / "1" / "1.dcm.part")  # as if cancelled between fsync and rename
+    emulator.app.reset_requests()
+    again = export_session(client, exp, scans, dest, method="files")
+    assert again.downloaded == 0 and downloads(emulator) == []
+    assert on_disk(dest) == archived(emulator, exp)
 
 
 class RangeSite:
