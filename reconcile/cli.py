@@ -112,6 +112,25 @@ def run_plan(
     return EXIT_OK
 
 
+def for_each_study(cfg: Config, root: Path, selection: Selection, run) -> int:
+    """Run `run(root, selection)` once (flat layout) or per `<pi>/study-<study>/bids` dataset.
+
+    The combined exit code is the worst one: error (1) over changes (2) over none (0).
+    """
+    if cfg.layout != "pi-study":
+        return run(root, selection)
+    from dataclasses import replace as _replace
+
+    from reconcile.layout import studies
+
+    codes = []
+    for study in studies(root, selection.projects or cfg.projects):
+        echo(f"=== {study.project}: {study.root}")
+        codes.append(run(study.root, _replace(selection, projects=(study.project,))))
+        echo()
+    return EXIT_ERROR if EXIT_ERROR in codes else max(codes, default=EXIT_OK)
+
+
 @app.callback(invoke_without_command=True)
 def root_callback(
     ctx: typer.Context,
@@ -131,11 +150,17 @@ def root_callback(
     if diff is not None:
         cfg = load_config(config)
         with connect(cfg) as client:
-            code = run_plan(client, cfg.resolve_bids_root(diff), cfg, Selection(), detailed_exitcode=True)
+            code = for_each_study(
+                cfg, cfg.resolve_bids_root(diff), Selection(),
+                lambda root, sel: run_plan(client, root, cfg, sel, detailed_exitcode=True),
+            )
         raise typer.Exit(code)
     if update is not None:
         cfg = load_config(config)
-        raise typer.Exit(run_apply(cfg, cfg.resolve_bids_root(update), Selection(), yes=not sys.stdin.isatty()))
+        raise typer.Exit(for_each_study(
+            cfg, cfg.resolve_bids_root(update), Selection(),
+            lambda root, sel: run_apply(cfg, root, sel, yes=not sys.stdin.isatty()),
+        ))
     echo(ctx.get_help())
     raise typer.Exit(EXIT_OK)
 
@@ -158,17 +183,15 @@ def plan(
     Example: xnat2bids plan ~/bids-export --project PROJ --detailed-exitcode
     """
     cfg = load_config(config)
+    if cfg.layout == "pi-study" and (as_json or out):
+        raise ConfigError("--json and --out need one dataset; with layout = \"pi-study\" pass the study's bids folder and set layout = \"flat\"")
     with connect(cfg) as client:
-        code = run_plan(
-            client,
-            cfg.resolve_bids_root(bids_root),
-            cfg,
-            _selection(project, subject, session),
-            deep=deep,
-            as_json=as_json,
-            out=out,
-            detailed_exitcode=detailed_exitcode,
-            reconvert_outdated=reconvert_outdated,
+        code = for_each_study(
+            cfg, cfg.resolve_bids_root(bids_root), _selection(project, subject, session),
+            lambda root, sel: run_plan(
+                client, root, cfg, sel, deep=deep, as_json=as_json, out=out,
+                detailed_exitcode=detailed_exitcode, reconvert_outdated=reconvert_outdated,
+            ),
         )
     raise typer.Exit(code)
 
@@ -308,10 +331,15 @@ def apply(
     Example: xnat2bids apply ~/bids-export --project PROJ --yes --jobs 4
     """
     cfg = load_config(config)
-    code = run_apply(
-        cfg, cfg.resolve_bids_root(bids_root), _selection(project, subject, session), plan_file=plan_file,
-        yes=yes, jobs=jobs, deep=deep, repair_drift=repair_drift, keep_dicom=keep_dicom, git_commit=git_commit,
-        run_validator=run_validator, reconvert_outdated=reconvert_outdated,
+    if plan_file is not None and cfg.layout == "pi-study":
+        raise ConfigError("--plan applies to one dataset; pass the study's bids folder with layout = \"flat\"")
+    code = for_each_study(
+        cfg, cfg.resolve_bids_root(bids_root), _selection(project, subject, session),
+        lambda root, sel: run_apply(
+            cfg, root, sel, plan_file=plan_file, yes=yes, jobs=jobs, deep=deep, repair_drift=repair_drift,
+            keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
+            reconvert_outdated=reconvert_outdated,
+        ),
     )
     raise typer.Exit(code)
 

@@ -1,0 +1,70 @@
+"""Where each project's BIDS dataset lives: one root ("flat"), or the seed tool's
+`<root>/<pi>/study-<study>/bids` trees for XNAT projects named `PI_STUDY` ("pi-study").
+
+Only path arithmetic and directory listing; nothing is created here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from reconcile.errors import ConfigError
+from reconcile.lock import read_lock
+from reconcile.naming import check_safe
+
+
+@dataclass(frozen=True)
+class Study:
+    project: str
+    root: Path
+
+
+def _find_child(parent: Path, name: str) -> Path:
+    """An existing child whose name matches case-insensitively, else `parent/name` lower-cased."""
+    if parent.is_dir():
+        for child in sorted(parent.iterdir()):
+            if child.is_dir() and child.name.lower() == name.lower():
+                return child
+    return parent / name.lower()
+
+
+def study_root(root: Path, project: str) -> Path:
+    pi, sep, study = project.partition("_")
+    if not sep or not pi or not study:
+        raise ConfigError(
+            f"project {project!r} does not have the PI_STUDY form that layout = \"pi-study\" needs",
+            hint="use layout = \"flat\" for this project, or name it PI_STUDY",
+        )
+    check_safe(pi, "PI")
+    check_safe(study, "study")
+    return _find_child(_find_child(root, pi), f"study-{study}") / "bids"
+
+
+def discover(root: Path) -> list[Study]:
+    """Existing `<pi>/study-<study>/bids` datasets; the project comes from the lock when there is one."""
+    found = []
+    for bids in sorted(root.glob("*/study-*/bids")):
+        if not bids.is_dir():
+            continue
+        lock = read_lock(bids)
+        recorded = sorted({r.project for r in lock.sessions.values()}) if lock else []
+        if recorded:
+            found += [Study(p, bids) for p in recorded]
+        else:
+            pi, study = bids.parent.parent.name, bids.parent.name.removeprefix("study-")
+            found.append(Study(f"{pi}_{study}".upper(), bids))
+    return found
+
+
+def studies(root: Path, projects: tuple[str, ...]) -> list[Study]:
+    """The (project, BIDS root) pairs a pi-study tree holds or should hold."""
+    if projects:
+        return [Study(p, study_root(root, p)) for p in projects]
+    found = discover(root)
+    if not found:
+        raise ConfigError(
+            f"no <pi>/study-<study>/bids datasets under {root} and no project selected",
+            hint="pass --project PI_STUDY or set projects in the config",
+        )
+    return found
