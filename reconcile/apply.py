@@ -25,6 +25,7 @@ from reconcile.convert import convert_session
 from reconcile.dataset import ensure_dataset_description, ensure_participant, update_sessions_tsv
 from reconcile.errors import AuthError, StalePlanError, UnsafePathError, XnatBidsError
 from reconcile.export import export_session
+from reconcile.failpoints import hit
 from reconcile.localscan import sha256_file
 from reconcile.lock import Lock, dumps_lock, load_or_new, loads_lock, read_lock, write_lock
 from reconcile.model import (
@@ -169,9 +170,11 @@ def stage_session(
     with open(log_path, "a") as log:
         log.write(f"{_now()} export {exp.project}/{exp.id} ({exp.label}): {len(scans)} of {len(listed)} scans selected\n")
     export_session(client, exp, scans, staging / "dicom", method=export_method, cancel=cancel)
+    hit("apply-exported")
     result = convert_session(
         staging / "dicom", staging / "convert", change.address, settings, log_path=log_path, cancel=cancel
     )
+    hit("apply-converted")
     return StagedSession(
         change, exp, change.address, scans, result.session_dir, staging / "dicom", log_path, tools, settings
     )
@@ -214,6 +217,7 @@ def _move_replacing(src: Path, dest: Path, trash: Path) -> None:
         if trash.exists():
             shutil.rmtree(trash)
         os.rename(dest, trash)
+        hit("commit-between-renames")
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.rename(src, dest)
 
@@ -279,7 +283,9 @@ def commit_session(staged: StagedSession, root: Path, lock: Lock, *, keep_dicom:
         "dicom": os.path.relpath(staged.dicom_dir, root) if keep_dicom else None,
     }
     _write_json(area.journal(exp.id), journal)
+    hit("commit-journaled")
     _move_replacing(staged.session_dir, target, area.trash(exp.id))
+    hit("commit-moved")
     return _roll_forward(root, exp.id, lock)
 
 
@@ -305,11 +311,13 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None) -> Lock:
         xnat_experiment_id=record.experiment_id,
         xnat_insert_date=record.insert_date,
     )
+    hit("commit-provenance-written")
     if lock.sessions.get(exp_id) != record:
         updated = lock
         if previous is not None and previous.experiment_id != exp_id:
             updated = updated.without_session(previous.experiment_id)
         lock = write_lock(root, updated.with_session(record), expected_serial=lock.serial)
+        hit("commit-lock-written")
     for leftover in (area.trash(exp_id), area.trash(exp_id + ".dicom"), area.staging(exp_id)):
         shutil.rmtree(leftover, ignore_errors=True)
     area.journal(exp_id).unlink(missing_ok=True)
@@ -488,6 +496,7 @@ def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: st
     path = WorkArea(root).history
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
+        hit("history-append")
         fh.write(json.dumps(entry, sort_keys=True) + "\n")
         fh.flush()
         os.fsync(fh.fileno())

@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 
 from reconcile.config import ConversionSettings
 from reconcile.errors import ConversionError
+from reconcile.failpoints import hit
 from reconcile.model import BidsAddress
 
 __all__ = ["ConversionResult", "convert_session", "converter_env", "bidsmap_target"]
@@ -307,6 +308,7 @@ def _run(command: list[str], work_dir: Path, log_path: Path, cancel: threading.E
                                     cwd=work_dir, env=converter_env(), start_new_session=True)
         except OSError as exc:
             raise ConversionError(f"{address}: cannot start heudiconv: {exc}", hint=hint) from exc
+        hit("convert-running")
         try:
             while True:
                 try:

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 from reconcile.errors import RemoteError, UnsafePathError, VerificationError, XnatBidsError
+from reconcile.failpoints import hit
 from reconcile.model import Experiment, RemoteFile, Scan
 from reconcile.xnat import StreamResponse, XnatClient, check_relpath
 
@@ -378,6 +379,7 @@ class _Exporter:
             job.part.unlink(missing_ok=True)
             self._fetch_file_once(job)  # once more without Range
             return
+        hit("export-before-rename")
         os.replace(job.part, job.target)
 
     def _receive(self, job: _Job, resp: StreamResponse, start: int) -> None:
@@ -398,6 +400,7 @@ class _Exporter:
                     h.update(chunk)
                     size += len(chunk)
                     self.progress(len(chunk))
+                    hit("export-receiving")
                     if size > f.size:
                         break  # a server sending more than listed must not fill the disk
             except RemoteError as exc:

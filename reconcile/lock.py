@@ -21,6 +21,7 @@ import tomli_w
 
 from reconcile import __version__
 from reconcile.errors import LockfileError
+from reconcile.failpoints import hit
 from reconcile.model import OutputRecord, ScanRecord, SessionRecord
 from reconcile.schema import load_schema
 
@@ -451,7 +452,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            hit("lock-temp-written")
             os.replace(tmp, path)
+            hit("lock-replaced")
         except BaseException:
             try:
                 tmp.unlink()
