@@ -193,3 +193,56 @@ def test_full_reproin_session_passes_the_bids_validator(cli, emulator, tmp_path)
     for kind in ("anat/sub-01_ses-01MR1_acq-memprage_T1w.nii.gz", "fmap/sub-01_ses-01MR1_acq-boldGRE_phasediff.json",
                  "dwi/sub-01_ses-01MR1_acq-b1500_dir-ap_dwi.bval", "func/sub-01_ses-01MR1_task-checks_run-02_bold.nii.gz"):
         assert (root / "sub-01/ses-01MR1" / kind).is_file(), kind
+
+
+def test_renamed_session_moves_to_the_new_address_and_old_outputs_go(cli, emulator, tmp_path):
+    exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    (root / "sub-01/ses-01MR1/mine.txt").write_text("user file")
+    emulator.archive.rename_session(exps["01_MR1"].id, "01_MR2")
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    assert "renamed ses-01MR1 → ses-01MR2" in out
+    new = read_lock(root).sessions[exps["01_MR1"].id]
+    assert new.bids_session == "01MR2"
+    assert all(o.path.startswith("sub-01/ses-01MR2/") and (root / o.path).is_file() for o in new.outputs)
+    assert sorted(p.relative_to(root).as_posix() for p in (root / "sub-01/ses-01MR1").rglob("*")) == [
+        "sub-01/ses-01MR1/mine.txt"
+    ]  # only the user's file is left at the old address
+
+
+def test_rearchived_session_is_rekeyed_and_orphans_are_kept_until_forgotten(cli, emulator, tmp_path):
+    exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    old = exps["01_MR1"]
+    emulator.archive.delete_session(old.id)
+    again = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])["01_MR1"]
+    emulator.archive.delete_session(exps["02_MR1"].id)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    assert f"replaced in XNAT: {old.id} → {again.id}" in out
+    assert "- orphan  sub-02/ses-02MR1" in out
+    lock = read_lock(root)
+    assert sorted(lock.sessions) == sorted([again.id, exps["02_MR1"].id])
+    assert (root / "sub-02/ses-02MR1").is_dir()  # orphans are never deleted
+    code, out, _ = cli("forget", exps["02_MR1"].id, str(root))
+    assert code == 0
+    assert sorted(read_lock(root).sessions) == [again.id]
+    assert (root / "sub-02/ses-02MR1").is_dir()
+
+
+def test_drift_is_repaired_only_when_asked(cli, emulator, tmp_path):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    lost = next((root / "sub-01/ses-01MR1/anat").glob("*.nii.gz"))
+    original = lost.read_bytes()
+    lost.unlink()
+    code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0 and "Nothing to apply." in out and not lost.exists()
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--repair-drift")
+    assert code == 0, out + err
+    assert lost.read_bytes() == original
+    assert cli("check", str(root), "--full")[0] == 0
