@@ -66,3 +66,7 @@ class ConversionError(XnatBidsError):
 
 class PlanError(XnatBidsError):
     """The plan cannot be computed safely (e.g. an empty listing for a project with a lock)."""
+
+
+class SlurmError(XnatBidsError):
+    """sbatch/squeue/scontrol failed, or a SLURM batch is in a state that forbids the operation."""
