@@ -137,6 +137,15 @@ class StreamResponse:
             ) from exc
 
 
+def _text(value: Any) -> str:
+    """A listing cell as text: XNAT's JSON is string-valued, but None and numbers occur."""
+    return value if type(value) is str else ("" if value is None else str(value))
+
+
+def _row_name(index: int, ident: str) -> str:
+    return f"row {index}" + (f" (ID {ident!r})" if ident else "")
+
+
 def _strip_query(url: str) -> str:
     return url.split("?", 1)[0]
 
@@ -511,32 +520,30 @@ class XnatClient:
         return [self._experiment(project, i, row) for i, row in enumerate(rows)]
 
     def _experiment(self, project: str, index: int, row: dict[str, Any]) -> Experiment:
-        def text(key: str) -> str:
-            value = row.get(key)
-            return "" if value is None else str(value)
-
-        name = f"row {index}" + (f" (ID {text('ID')!r})" if text("ID") else "")
-        if not text("ID") or not text("label"):
+        # Runs once per listed session (10,000s per plan): no per-row closures, error text only on error.
+        ident, label = _text(row.get("ID")), _text(row.get("label"))
+        if not ident or not label:
             raise RemoteError(
                 f"XNAT listed an experiment of project {project} without ID or label",
-                detail=f"{name}: {json.dumps(row, sort_keys=True)[:300]}",
+                detail=f"{_row_name(index, ident)}: {json.dumps(row, sort_keys=True)[:300]}",
             )
         try:
             return Experiment(
-                id=text("ID"),
-                label=text("label"),
+                id=ident,
+                label=label,
                 # The session is addressed through the project we listed, also when it is shared in.
                 project=project,
-                subject_id=text("subject_ID"),
-                subject_label=text("subject_label"),
-                date=parse_date(text("date")),
-                insert_date=parse_timestamp(text("insert_date")),
-                last_modified=parse_timestamp(text("last_modified")),
-                xsi_type=text("xsiType") or "xnat:mrSessionData",
+                subject_id=_text(row.get("subject_ID")),
+                subject_label=_text(row.get("subject_label")),
+                date=parse_date(_text(row.get("date"))),
+                insert_date=parse_timestamp(_text(row.get("insert_date"))),
+                last_modified=parse_timestamp(_text(row.get("last_modified"))),
+                xsi_type=_text(row.get("xsiType")) or "xnat:mrSessionData",
             )
         except ValueError as exc:
             raise RemoteError(
-                f"XNAT listed experiment {name} of project {project} with a malformed value", detail=str(exc)
+                f"XNAT listed experiment {_row_name(index, ident)} of project {project} with a malformed value",
+                detail=str(exc),
             ) from exc
 
     def experiment_path(self, exp: Experiment) -> str:
