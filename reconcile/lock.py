@@ -6,6 +6,7 @@ the atomic, validate-before-write save. It never decides what to export; it only
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -386,20 +387,36 @@ def loads_lock(text: str, source: str = "lock") -> Lock:
 # --- files -------------------------------------------------------------------------------------
 
 
-def read_lock(root: Path) -> Lock | None:
-    """The lock of a BIDS root, or None when there is none yet."""
-    path = lock_path(root)
+# Locks this process has read or written and found valid, by path: (sha256 of the bytes, lineage,
+# serial). write_lock must know the file on disk is valid before replacing it; re-parsing a large
+# lock for that costs far more than hashing it, and equal bytes are equally valid.
+_known_valid: dict[str, tuple[str, str, int]] = {}
+
+
+def _read_bytes(path: Path) -> bytes | None:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise LockfileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _parse_file(path: Path, data: bytes) -> Lock:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise LockfileError(f"{path}: not valid TOML: not UTF-8 text (byte {exc.start})") from exc
-    return loads_lock(text, source=str(path))
+    lock = loads_lock(text, source=str(path))
+    _known_valid[os.path.abspath(path)] = (hashlib.sha256(data).hexdigest(), lock.lineage, lock.serial)
+    return lock
+
+
+def read_lock(root: Path) -> Lock | None:
+    """The lock of a BIDS root, or None when there is none yet."""
+    path = lock_path(root)
+    data = _read_bytes(path)
+    return None if data is None else _parse_file(path, data)
 
 
 def load_or_new(root: Path) -> Lock:
@@ -416,17 +433,17 @@ def write_lock(root: Path, lock: Lock, *, expected_serial: int | None = None) ->
     what the caller read. A missing file counts as serial 0.
     """
     path = lock_path(root)
-    on_disk = read_lock(root)  # raises on an invalid file, which must be looked at, not overwritten
+    on_disk = _identity_on_disk(path)  # raises on an invalid file: look at it, never overwrite it
     if expected_serial is not None:
-        found = on_disk.serial if on_disk is not None else 0
+        found = on_disk[1] if on_disk is not None else 0
         if found != expected_serial:
             raise LockfileError(
                 f"the lock changed on disk since it was read (serial {expected_serial} → {found})",
                 hint="another run wrote it; run plan again",
             )
-        if on_disk is not None and on_disk.lineage != lock.lineage:
+        if on_disk is not None and on_disk[0] != lock.lineage:
             raise LockfileError(
-                f"the lock on disk is a different lock (lineage {on_disk.lineage}, not {lock.lineage})",
+                f"the lock on disk is a different lock (lineage {on_disk[0]}, not {lock.lineage})",
                 hint="another run replaced it; run plan again",
             )
     written = replace(lock, serial=lock.serial + 1, generator=GENERATOR)
@@ -434,8 +451,22 @@ def write_lock(root: Path, lock: Lock, *, expected_serial: int | None = None) ->
     problems = _problems(doc)
     if problems:
         _raise_invalid(f"refusing to write an invalid lock to {path}", problems)
-    _atomic_write(path, (HEADER + tomli_w.dumps(doc)).encode("utf-8"))
+    data = (HEADER + tomli_w.dumps(doc)).encode("utf-8")
+    _atomic_write(path, data)
+    _known_valid[os.path.abspath(path)] = (hashlib.sha256(data).hexdigest(), written.lineage, written.serial)
     return written
+
+
+def _identity_on_disk(path: Path) -> tuple[str, int] | None:
+    """(lineage, serial) of the valid lock at `path`, None when absent; LockfileError when invalid."""
+    data = _read_bytes(path)
+    if data is None:
+        return None
+    known = _known_valid.get(os.path.abspath(path))
+    if known is not None and known[0] == hashlib.sha256(data).hexdigest():
+        return known[1], known[2]
+    lock = _parse_file(path, data)
+    return lock.lineage, lock.serial
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
