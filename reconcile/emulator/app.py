@@ -1084,7 +1084,7 @@ class _Pipe(io.RawIOBase):
 
 
 def _zip_entry_name(experiment: Experiment, scan: Scan, res: Resource, relpath: str, structure: str) -> str:
-    safe_type = re.sub(r"\W", "_", scan.type)
+    safe_type = re.sub(r"\W", "_", scan.type, flags=re.ASCII)  # Java's \W is ASCII-only
     scan_dir = f"{scan.id}-{safe_type}"
     if structure == "simplified":
         return f"{experiment.label}/scans/{scan_dir}/{res.label}/{relpath}"
