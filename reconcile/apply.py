@@ -13,7 +13,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -23,7 +23,7 @@ from pathlib import Path
 from reconcile.config import Config, ConversionSettings
 from reconcile.convert import convert_session
 from reconcile.dataset import ensure_dataset_description, ensure_participant, update_sessions_tsv
-from reconcile.errors import AuthError, StalePlanError, UnsafePathError, XnatBidsError
+from reconcile.errors import AuthError, StalePlanError, XnatBidsError
 from reconcile.export import export_session
 from reconcile.failpoints import hit
 from reconcile.localscan import sha256_file
@@ -37,7 +37,7 @@ from reconcile.model import (
     format_timestamp,
 )
 from reconcile.naming import check_safe
-from reconcile.plan import Action, Change, Plan
+from reconcile.plan import Change, Plan
 
 WORK_DIR = ".xnat2bids"
 
