@@ -1,0 +1,905 @@
+"""Apply on a SLURM cluster: one job array stages the sessions, one finalize job commits them.
+
+Owns the batch directory (`.xnat2bids/batches/<id>/`: manifest, saved plan, job scripts, the
+`[slurm] setup` snippet, result records, job logs), the sbatch/squeue/scontrol calls and the
+merge of result records into the lock. Array tasks only stage (`apply.stage_session`) and
+write a result record; only `finalize_batch` writes the lock and the history. Prints nothing.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from reconcile import statelock
+from reconcile.apply import (
+    WORK_DIR,
+    ApplyReport,
+    Event,
+    Outcome,
+    StagedSession,
+    Status,
+    WorkArea,
+    append_history,
+    commit_session,
+    recover,
+    stage_session,
+)
+from reconcile.config import Config, ConversionSettings, SlurmSettings, load_config
+from reconcile.errors import LockHeldError, RemoteError, SlurmError, XnatBidsError
+from reconcile.localscan import sha256_file
+from reconcile.lock import load_or_new
+from reconcile.model import RemoteFile, Scan
+from reconcile.plan import Change, Plan
+
+BATCH_FORMAT_VERSION = 1
+RESULT_FORMAT_VERSION = 1
+KEEP_FINALIZED_BATCHES = 20
+HISTORY_OPERATION = "slurm apply"
+
+# Names of environment variables that must not travel to slurmctld with the job: sbatch
+# stores the submitting environment with the job (--export=ALL), where admins and dumps see it.
+_SECRET_ENV = re.compile(r"PASS|SECRET|TOKEN|CREDENTIAL|XNAT_USER", re.IGNORECASE)
+_PATH_ENV = {"XNAT_TOKEN_FILE"}  # a path to a 0600 file, not a secret
+# squeue shows only jobs that are not finished yet; these are the states it can report.
+_ACTIVE = {
+    "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+    "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "SPECIAL_EXIT",
+}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _write_json(path: Path, data: dict[str, Any], *, mode: int = 0o644) -> None:
+    """Temp file in the same folder, fsync, rename: readers never see half a record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# -- the batch on disk ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """What the finalize job and the tasks need to know about the apply command line."""
+
+    repair_drift: bool = False
+    keep_dicom: bool = False
+    export_method: str = "auto"
+    git_commit: bool = False
+    validate: bool = False
+
+
+@dataclass(frozen=True)
+class BatchSession:
+    """Array task `index` stages this session (the index-th actionable change of the plan)."""
+
+    index: int
+    experiment_id: str
+    project: str
+    address: str
+    action: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One submission: the manifest in `.xnat2bids/batches/<id>/manifest.json`.
+
+    The batch ID is the ID of the state lock taken at submission, so the lock names its batch.
+    """
+
+    root: Path
+    id: str
+    created_at: str
+    user: str
+    host: str
+    xnat_url: str
+    verify_tls: bool
+    config_path: str | None
+    credentials: str  # how the tasks log in: netrc | token-file | alias-token | password-file
+    options: BatchOptions
+    sessions: tuple[BatchSession, ...]
+    max_parallel: int = 1
+    array_job: str | None = None
+    finalize_job: str | None = None
+
+    @property
+    def dir(self) -> Path:
+        return batch_dir(self.root, self.id)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / "manifest.json"
+
+    @property
+    def plan_path(self) -> Path:
+        return self.dir / "plan.json"
+
+    @property
+    def setup_path(self) -> Path:
+        return self.dir / "setup.sh"
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.dir / "credentials.json"
+
+    @property
+    def task_script(self) -> Path:
+        return self.dir / "task.sh"
+
+    @property
+    def finalize_script(self) -> Path:
+        return self.dir / "finalize.sh"
+
+    @property
+    def finalized_path(self) -> Path:
+        return self.dir / "finalized.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.dir / "logs"
+
+    def result_path(self, index: int) -> Path:
+        return self.dir / "results" / f"{index}.json"
+
+    def task_output(self, index: int) -> Path:
+        return self.logs_dir / f"task-{index}.out"
+
+    @property
+    def finalize_output(self) -> Path:
+        return self.logs_dir / "finalize.out"
+
+    @property
+    def jobs(self) -> tuple[str, ...]:
+        return tuple(j for j in (self.array_job, self.finalize_job) if j)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["root"] = str(self.root)
+        data["format_version"] = BATCH_FORMAT_VERSION
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Batch:
+        if data.get("format_version", 0) > BATCH_FORMAT_VERSION:
+            raise SlurmError(f"batch {data.get('id')} was written by a newer xnat2bids")
+        fields = {k: v for k, v in data.items() if k != "format_version"}
+        fields["root"] = Path(data["root"])
+        fields["options"] = BatchOptions(**data["options"])
+        fields["sessions"] = tuple(BatchSession(**s) for s in data["sessions"])
+        return cls(**fields)
+
+
+def batches_dir(root: Path) -> Path:
+    return root / WORK_DIR / "batches"
+
+
+def batch_dir(root: Path, batch_id: str) -> Path:
+    return batches_dir(root) / batch_id
+
+
+def read_batch(root: Path, batch_id: str) -> Batch:
+    path = batch_dir(root, batch_id) / "manifest.json"
+    try:
+        return Batch.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise SlurmError(f"no SLURM batch {batch_id} in {root}") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SlurmError(f"the manifest {path} is unreadable: {exc}") from exc
+
+
+def list_batches(root: Path) -> list[Batch]:
+    """Every batch with a manifest, oldest first."""
+    base = batches_dir(root)
+    if not base.is_dir():
+        return []
+    batches = []
+    for manifest in base.glob("*/manifest.json"):
+        try:
+            batches.append(Batch.from_dict(json.loads(manifest.read_text())))
+        except (ValueError, TypeError, KeyError, SlurmError):
+            continue  # a half-written batch of a failed submission; nothing to merge from it
+    return sorted(batches, key=lambda b: (b.created_at, b.id))
+
+
+def unfinalized_batches(root: Path) -> list[Batch]:
+    return [b for b in list_batches(root) if b.array_job and not b.finalized_path.exists()]
+
+
+def read_result(batch: Batch, index: int) -> dict[str, Any] | None:
+    try:
+        return json.loads(batch.result_path(index).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return None  # torn by a kill mid-write cannot happen (rename), but a disk error can
+
+
+def read_finalized(batch: Batch) -> dict[str, Any] | None:
+    try:
+        return json.loads(batch.finalized_path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+# -- preparing and submitting -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One sbatch submission: its argv (without the dependency and script) and its script."""
+
+    kind: str  # "array" | "finalize"
+    argv: tuple[str, ...]
+    script_path: Path
+    script: str
+
+    def command(self, dependency: str | None = None) -> list[str]:
+        extra = [f"--dependency=afterany:{dependency}"] if dependency else []
+        return [*self.argv, *extra, str(self.script_path)]
+
+
+def _pattern_safe(path: Path) -> str:
+    # sbatch expands %j, %a, ... in --output; a literal % in the BIDS root must be doubled.
+    return str(path).replace("%", "%%")
+
+
+def sbatch_options(settings: SlurmSettings) -> list[str]:
+    """The [slurm] settings as sbatch arguments, one argv element each (no shell involved)."""
+    opts = []
+    for flag, value in (
+        ("--partition", settings.partition),
+        ("--time", settings.time),
+        ("--mem", settings.mem),
+        ("--cpus-per-task", settings.cpus_per_task),
+        ("--account", settings.account),
+        ("--qos", settings.qos),
+    ):
+        if value is not None and value != "":
+            opts.append(f"{flag}={value}")
+    return opts + list(settings.extra_args)
+
+
+_SCRIPT = """\
+#!/bin/bash
+# xnat2bids SLURM {kind} job of batch {batch_id}. Generated by xnat2bids; do not edit.
+# The [slurm] setup snippet is sourced from its own file, so nothing in it can change the
+# structure of this script; a non-zero status of its last command fails the job.
+if ! . {setup}; then
+    echo "xnat2bids: the [slurm] setup snippet {setup} failed" >&2
+    exit 1
+fi
+{credentials}exec {command}
+"""
+
+
+def build_jobs(
+    batch: Batch, settings: SlurmSettings, *, python: str = sys.executable, token_file: Path | None = None
+) -> tuple[JobSpec, JobSpec]:
+    """The array job (submitted held) and the finalize job; pure, so --dry-run prints the same."""
+    q = shlex.quote
+    common = ["sbatch", "--parsable", "--export=ALL", f"--chdir={batch.dir}", *sbatch_options(settings)]
+    credentials = f"export XNAT_TOKEN_FILE={q(str(token_file))}\n" if token_file else ""
+    n = len(batch.sessions)
+    throttle = max(1, min(batch.max_parallel, n))
+    task_cmd = f'{q(python)} -m reconcile slurm-task {q(str(batch.dir))} --index "$SLURM_ARRAY_TASK_ID"'
+    array = JobSpec(
+        "array",
+        (
+            *common[:2],
+            # Held until the finalize job is queued and the state lock records both job IDs.
+            "--hold",
+            f"--job-name=xnat2bids-{batch.id}",
+            f"--array=0-{n - 1}%{throttle}",
+            f"--output={_pattern_safe(batch.logs_dir)}/task-%a.out",
+            *common[2:],
+        ),
+        batch.task_script,
+        _SCRIPT.format(kind="array", batch_id=batch.id, setup=q(str(batch.setup_path)), credentials=credentials,
+                       command=task_cmd),
+    )
+    finalize_cmd = f"{q(python)} -m reconcile finalize {q(str(batch.root))} --batch {q(batch.id)}"
+    finalize = JobSpec(
+        "finalize",
+        (
+            *common[:2],
+            f"--job-name=xnat2bids-{batch.id}-finalize",
+            f"--output={_pattern_safe(batch.finalize_output)}",
+            *common[2:],
+        ),
+        batch.finalize_script,
+        _SCRIPT.format(kind="finalize", batch_id=batch.id, setup=q(str(batch.setup_path)), credentials="",
+                       command=finalize_cmd),
+    )
+    return array, finalize
+
+
+def new_batch(
+    root: Path,
+    batch_id: str,
+    plan: Plan,
+    config: Config,
+    *,
+    xnat_url: str,
+    credentials: str,
+    options: BatchOptions,
+    max_parallel: int,
+) -> Batch:
+    changes = plan.actionable(repair_drift=options.repair_drift)
+    return Batch(
+        root=root,
+        id=batch_id,
+        created_at=_now(),
+        user=getpass.getuser(),
+        host=socket.gethostname(),
+        xnat_url=xnat_url,
+        verify_tls=config.verify_tls,
+        config_path=str(Path(config.source).resolve()) if config.source else None,
+        credentials=credentials,
+        options=options,
+        sessions=tuple(
+            BatchSession(i, c.key.experiment_id, c.key.project, c.address.path, c.action.value)
+            for i, c in enumerate(changes)
+        ),
+        max_parallel=max_parallel,
+    )
+
+
+def credentials_kind(client) -> str:
+    """How the jobs will log in, given how this process did."""
+    source = client.credentials.source
+    return source if source in ("netrc", "token-file") else "alias-token"
+
+
+def write_job_credentials(client, path: Path) -> str:
+    """Give the jobs a credential they read from a 0600 file: an alias token where XNAT issues one.
+
+    Returns the kind written ("alias-token" or "password-file"). netrc and token-file users
+    need no file: the jobs read the same ~/.netrc / $NETRC / $XNAT_TOKEN_FILE.
+    """
+    try:
+        issued = client.get_json("/data/services/tokens/issue")
+        alias, secret, kind = str(issued["alias"]), str(issued["secret"]), "alias-token"
+    except (RemoteError, KeyError, TypeError):
+        # No token service (or not allowed): the password itself, readable only by this user.
+        alias, secret, kind = client.credentials.user, client.credentials.password, "password-file"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"alias": alias, "secret": secret}, fh)
+    return kind
+
+
+def job_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The submitting environment without anything that looks like a credential."""
+    return {k: v for k, v in env.items() if k in _PATH_ENV or not _SECRET_ENV.search(k)}
+
+
+def write_batch(batch: Batch, plan_json: str, settings: SlurmSettings, jobs: Sequence[JobSpec]) -> None:
+    """Everything the jobs read, before anything is submitted."""
+    batch.logs_dir.mkdir(parents=True, exist_ok=True)
+    (batch.dir / "results").mkdir(exist_ok=True)
+    batch.plan_path.write_text(plan_json)
+    batch.setup_path.write_text(settings.setup + ("\n" if settings.setup and not settings.setup.endswith("\n") else ""))
+    for job in jobs:
+        job.script_path.write_text(job.script)
+        job.script_path.chmod(0o700)
+    _write_json(batch.manifest_path, batch.to_dict())
+
+
+def _run(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    if shutil.which(argv[0]) is None:
+        raise SlurmError(f"{argv[0]} is not on PATH", hint="run this on a SLURM login node, or use --executor local")
+    try:
+        return subprocess.run(list(argv), capture_output=True, text=True, env=dict(env) if env is not None else None,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise SlurmError(f"{argv[0]} did not answer within {timeout:.0f} s") from exc
+
+
+def _sbatch(argv: Sequence[str], env: Mapping[str, str]) -> str:
+    out = _run(argv, env=env)
+    job_id = out.stdout.strip().split(";")[0]
+    if out.returncode != 0 or not job_id.isdigit():
+        raise SlurmError("sbatch refused the job", detail=(out.stderr or out.stdout).strip()[-2000:])
+    return job_id
+
+
+def cancel_jobs(job_ids: Iterable[str]) -> None:
+    ids = [j for j in job_ids if j]
+    if ids:
+        _run(["scancel", *ids])
+
+
+def submit(
+    root: Path, holder: statelock.Holder, batch: Batch, array: JobSpec, finalize: JobSpec, *, env: Mapping[str, str]
+) -> tuple[Batch, statelock.Holder]:
+    """Queue the held array, then finalize after it; record both IDs; then let the array run.
+
+    The array is released only once the state lock names both jobs, so a finalize job that
+    runs at once (every task failing fast) can never release a lock that is then re-created.
+    """
+    array_id = _sbatch(array.command(), env)
+    try:
+        finalize_id = _sbatch(finalize.command(dependency=array_id), env)
+    except XnatBidsError:
+        cancel_jobs([array_id])
+        raise
+    batch = replace(batch, array_job=array_id, finalize_job=finalize_id)
+    try:
+        _write_json(batch.manifest_path, batch.to_dict())
+        holder = statelock.record_jobs(root, holder, batch.jobs)
+        out = _run(["scontrol", "release", array_id])
+        if out.returncode != 0:
+            raise SlurmError(f"could not release the held array job {array_id}", detail=out.stderr.strip())
+    except BaseException:
+        cancel_jobs(batch.jobs)
+        raise
+    return batch, holder
+
+
+# -- job states -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobState:
+    job_id: str  # "12" or, for an array task, "12_3"
+    state: str  # SLURM's JobState (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, ...)
+    reason: str = ""
+    exit_code: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.state in _ACTIVE
+
+    def describe(self) -> str:
+        text = f"{self.job_id} {self.state}"
+        if self.reason and self.reason not in ("None", "(null)"):
+            text += f" ({self.reason})"
+        return text
+
+
+def active_jobs(job_ids: Iterable[str]) -> dict[str, list[str]]:
+    """Job ID (array ID for array tasks) → the squeue states of its parts still in the queue."""
+    ids = sorted({j for j in job_ids if j})
+    if not ids:
+        return {}
+    out = _run(["squeue", "-h", "-j", ",".join(ids), "-o", "%F|%i|%T"])
+    if out.returncode != 0:
+        if "Invalid job id" in out.stderr:
+            return {}  # all of them left the queue long ago
+        raise SlurmError("squeue failed", detail=out.stderr.strip()[-2000:])
+    found: dict[str, list[str]] = {}
+    for line in out.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3 and parts[2] in _ACTIVE:
+            found.setdefault(parts[0], []).append(parts[2])
+    return found
+
+
+_SCONTROL_FIELD = re.compile(r"(?:^|\s)(JobId|ArrayJobId|ArrayTaskId|JobState|Reason|ExitCode)=(\S*)")
+
+
+def _expand_tasks(spec: str) -> list[int]:
+    """ArrayTaskId as scontrol prints it: '3', '2-4%2', '1,3,5-6'."""
+    spec = spec.split("%", 1)[0]
+    tasks: list[int] = []
+    for part in spec.split(","):
+        lo, sep, hi = part.partition("-")
+        if lo.isdigit() and (not sep or hi.isdigit()):
+            tasks += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    return tasks
+
+
+def job_details(job_id: str) -> list[dict[str, str]]:
+    """`scontrol -o show job ID`: one dict per record (per array task); [] once SLURM forgot it."""
+    out = _run(["scontrol", "-o", "show", "job", job_id])
+    if out.returncode != 0:
+        return []
+    return [dict(_SCONTROL_FIELD.findall(line)) for line in out.stdout.splitlines() if line.strip()]
+
+
+def array_task_states(array_job: str) -> dict[int, JobState]:
+    states = {}
+    for rec in job_details(array_job):
+        for task in _expand_tasks(rec.get("ArrayTaskId", "")):
+            states[task] = JobState(f"{array_job}_{task}", rec.get("JobState", "UNKNOWN"), rec.get("Reason", ""),
+                                    rec.get("ExitCode", ""))
+    return states
+
+
+def job_state(job_id: str) -> JobState | None:
+    recs = job_details(job_id)
+    if not recs:
+        return None
+    rec = recs[0]
+    return JobState(job_id, rec.get("JobState", "UNKNOWN"), rec.get("Reason", ""), rec.get("ExitCode", ""))
+
+
+def check_batch_idle(batch: Batch, *, own_job: str | None = None) -> None:
+    """Refuse while any job of the batch (but the caller's own) is queued or running."""
+    others = [j for j in batch.jobs if j != own_job]
+    active = active_jobs(others)
+    if active:
+        listed = ", ".join(f"{j} ({'/'.join(sorted(set(s)))})" for j, s in sorted(active.items()))
+        raise LockHeldError(
+            f"SLURM batch {batch.id} of {batch.root} is still queued or running: jobs {listed}",
+            hint=f"follow it with `xnat2bids status {batch.root}`; to stop it: scancel {' '.join(batch.jobs)}",
+        )
+
+
+def wait_for_job(job_id: str, *, poll: float = 2.0, on_poll: Callable[[], None] = lambda: None) -> None:
+    while active_jobs([job_id]):
+        on_poll()
+        time.sleep(poll)
+
+
+# -- the array task ---------------------------------------------------------------------------
+
+
+def _scan_dict(scan: Scan) -> dict[str, Any]:
+    return {
+        "id": scan.id,
+        "type": scan.type,
+        "series_description": scan.series_description,
+        "files": [asdict(f) for f in scan.files],
+    }
+
+
+def _scan_from(data: Mapping[str, Any]) -> Scan:
+    return Scan(data["id"], data["type"], data["series_description"],
+                tuple(RemoteFile(**f) for f in data["files"]))
+
+
+def _outputs(session_dir: Path) -> list[dict[str, Any]]:
+    """The staged files' fingerprints, relative to the staging root (sub-X/ses-Y/...)."""
+    base = session_dir.parent.parent
+    rows = []
+    for path in sorted(p for p in session_dir.rglob("*") if p.is_file()):
+        rows.append({"path": path.relative_to(base).as_posix(), "size": path.stat().st_size,
+                     "sha256": sha256_file(path)})
+    return rows
+
+
+def _actionable_change(plan: Plan, batch: Batch, entry: BatchSession) -> Change:
+    changes = plan.actionable(repair_drift=batch.options.repair_drift)
+    if entry.index >= len(changes) or changes[entry.index].key.experiment_id != entry.experiment_id:
+        raise SlurmError(f"batch {batch.id}: the saved plan does not match the manifest at task {entry.index}")
+    return changes[entry.index]
+
+
+def load_plan(batch: Batch) -> Plan:
+    from reconcile.render import plan_from_dict
+
+    plan, _ = plan_from_dict(json.loads(batch.plan_path.read_text()), str(batch.plan_path))
+    return plan
+
+
+def run_task(directory: Path, index: int, *, cancel: threading.Event | None = None, client=None) -> dict[str, Any]:
+    """Stage session `index` of the batch in `directory` and write its result record.
+
+    Never raises for a session's own failure: that becomes a "failed" record (with the log);
+    the caller turns the record's status into the job's exit status.
+    """
+    from reconcile.credentials import resolve_credentials
+    from reconcile.observe import tool_versions
+    from reconcile.xnat import XnatClient
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    batch = Batch.from_dict(manifest)
+    entry = batch.sessions[index]
+    root = batch.root
+    log_path = WorkArea(root).log(entry.experiment_id)
+    record: dict[str, Any] = {
+        "format_version": RESULT_FORMAT_VERSION,
+        "batch": batch.id,
+        "index": index,
+        "experiment_id": entry.experiment_id,
+        "project": entry.project,
+        "address": entry.address,
+        "job": f"{os.environ.get('SLURM_ARRAY_JOB_ID', '?')}_{os.environ.get('SLURM_ARRAY_TASK_ID', index)}",
+        "host": socket.gethostname(),
+        "started_at": _now(),
+        "log": os.path.relpath(log_path, root),
+    }
+    t0 = time.monotonic()
+    own_client = client is None
+    try:
+        change = _actionable_change(load_plan(batch), batch, entry)
+        config = load_config(batch.config_path) if batch.config_path else Config()
+        if client is None:
+            creds = resolve_credentials(batch.xnat_url, warn=lambda m: _log(log_path, f"warning: {m}"))
+            client = XnatClient(batch.xnat_url, creds, verify=batch.verify_tls)
+        staged = stage_session(change, root, client, config, tools=tool_versions(),
+                               export_method=batch.options.export_method, cancel=cancel)
+        record.update(
+            status=Status.DONE.value,
+            message="",
+            staged={"session_dir": os.path.relpath(staged.session_dir, root),
+                    "dicom_dir": os.path.relpath(staged.dicom_dir, root)},
+            scans=[_scan_dict(s) for s in staged.scans],
+            tools=dict(staged.tools),
+            conversion={"heuristic": staged.settings.heuristic, "include": list(staged.settings.include),
+                        "skip": list(staged.settings.skip), "bidsmap": [list(p) for p in staged.settings.bidsmap]},
+            outputs=_outputs(staged.session_dir),
+        )
+    except XnatBidsError as exc:
+        why = "cancelled (scancel or the time limit)" if cancel is not None and cancel.is_set() else exc.summary
+        _log(log_path, f"failed: {exc}")
+        record.update(status=Status.FAILED.value, message=why)
+    except Exception as exc:  # a bug or an OS error still leaves a record for finalize to report
+        _log(log_path, f"failed: {exc!r}")
+        record.update(status=Status.FAILED.value, message=f"{type(exc).__name__}: {exc}")
+    finally:
+        if own_client and client is not None:
+            client.close()
+    record["seconds"] = round(time.monotonic() - t0, 3)
+    record["finished_at"] = _now()
+    _write_json(batch.result_path(index), record)
+    return record
+
+
+def _log(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(f"{_now()} {text}\n")
+
+
+# -- finalize: the single writer ----------------------------------------------------------------
+
+
+@dataclass
+class FinalizeReport:
+    batch: Batch
+    plan: Plan
+    report: ApplyReport
+    validator_errors: tuple[str, ...] | None = None
+    validator_warnings: int = 0
+    git_commit: str | None = None
+    problems: list[str] = field(default_factory=list)  # validator / git failures, reported, not fatal
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok and not self.problems and not self.validator_errors
+
+
+def _staged_from(root: Path, change: Change, result: Mapping[str, Any]) -> StagedSession:
+    conv = result["conversion"]
+    settings = ConversionSettings(
+        heuristic=conv["heuristic"], include=tuple(conv["include"]), skip=tuple(conv["skip"]),
+        bidsmap=tuple(tuple(p) for p in conv["bidsmap"]),
+    )
+    assert change.after is not None
+    return StagedSession(
+        change=change,
+        experiment=change.after,
+        address=change.address,
+        scans=tuple(_scan_from(s) for s in result["scans"]),
+        session_dir=root / result["staged"]["session_dir"],
+        dicom_dir=root / result["staged"]["dicom_dir"],
+        log_path=root / result["log"],
+        tools=dict(result["tools"]),
+        settings=settings,
+    )
+
+
+def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyReport) -> Outcome:
+    root = batch.root
+    result = read_result(batch, entry.index)
+    if result is None:
+        return Outcome(change, Status.SKIPPED, "no result: the task was cancelled, timed out or never ran",
+                       batch.task_output(entry.index))
+    log_path = root / result.get("log", "")
+    seconds = float(result.get("seconds", 0.0))
+    if result.get("status") != Status.DONE.value:
+        return Outcome(change, Status.FAILED, result.get("message") or "failed", log_path, seconds)
+    staged = _staged_from(root, change, result)
+    if not staged.session_dir.is_dir():
+        committed = report.lock.sessions.get(entry.experiment_id) if report.lock else None
+        if committed is not None and committed.exported_at >= batch.created_at:
+            # An earlier finalize of this batch committed it before it was interrupted.
+            return Outcome(change, Status.DONE, "", log_path, seconds, committed)
+        return Outcome(change, Status.FAILED, "the staged session is gone from the work area", log_path, seconds)
+    base = staged.session_dir.parent.parent
+    for out in result["outputs"]:
+        path = base / out["path"]
+        if not path.is_file() or path.stat().st_size != out["size"]:
+            return Outcome(change, Status.FAILED, f"staged file {out['path']} changed after its task ended",
+                           log_path, seconds)
+    try:
+        report.lock = commit_session(staged, root, report.lock, keep_dicom=batch.options.keep_dicom)
+    except XnatBidsError as exc:
+        _log(log_path, f"commit failed: {exc}")
+        return Outcome(change, Status.FAILED, exc.summary, log_path, seconds)
+    except OSError as exc:
+        _log(log_path, f"commit failed: {exc!r}")
+        return Outcome(change, Status.FAILED, f"commit failed: {exc}", log_path, seconds)
+    return Outcome(change, Status.DONE, "", log_path, seconds, report.lock.sessions.get(entry.experiment_id))
+
+
+def finalize_batch(
+    batch: Batch,
+    *,
+    own_job: str | None = None,
+    on_event: Event = lambda kind, change, outcome: None,
+    warn: Callable[[str], None] = lambda m: None,
+) -> FinalizeReport:
+    """Merge a batch's result records into the lock, append the history, release the state lock.
+
+    Safe to run again after an interruption: committed sessions are recognised, the journal
+    of a half-done commit is finished by `recover`. Refuses while the batch's jobs run.
+    """
+    root = batch.root
+    check_batch_idle(batch, own_job=own_job)
+    holder = statelock.read_holder(root)
+    if holder is None:
+        holder = statelock.acquire(root, "finalize", warn=warn)
+    elif holder.id != batch.id:
+        raise LockHeldError(
+            f"cannot finalize batch {batch.id}: another xnat2bids holds {root}: {holder.describe()}",
+            hint="finalize again once it is done",
+        )
+    for exp_id in recover(root, warn=warn):
+        warn(f"recovered the interrupted commit of {exp_id}")
+    plan = load_plan(batch)
+    report = ApplyReport(lock=load_or_new(root))
+    if report.lock.lineage != plan.lineage and report.lock.serial == 0 and plan.serial == 0:
+        report.lock = replace(report.lock, lineage=plan.lineage)
+    for entry in batch.sessions:
+        change = _actionable_change(plan, batch, entry)
+        on_event("start", change, None)
+        outcome = _merge_one(batch, entry, change, report)
+        report.outcomes.append(outcome)
+        on_event(outcome.status.value, change, outcome)
+    append_history(root, plan, report, operation=HISTORY_OPERATION)
+    result = FinalizeReport(batch, plan, report)
+    if batch.options.validate:
+        try:
+            from reconcile.validate import validate
+
+            checked = validate(root)
+            result.validator_errors, result.validator_warnings = checked.errors, checked.warnings
+        except XnatBidsError as exc:
+            result.problems.append(f"validator: {exc.summary}")
+    if batch.options.git_commit:
+        try:
+            from reconcile.vcs import commit_all
+
+            message = f"xnat2bids apply (SLURM batch {batch.id}): {report.count(Status.DONE)} session(s) exported\n\n" + "\n".join(
+                f"{o.change.action.value} {o.change.address.path} ({o.change.key}): {o.status.value}"
+                for o in report.outcomes
+            )
+            result.git_commit = commit_all(root, message)
+        except XnatBidsError as exc:
+            result.problems.append(f"git: {exc.summary}")
+    _write_json(batch.finalized_path, {
+        "format_version": BATCH_FORMAT_VERSION,
+        "batch": batch.id,
+        "finished_at": _now(),
+        "by_job": own_job,
+        "ok": result.ok,
+        "summary": {s.value: report.count(s) for s in Status},
+        "lock_serial": report.lock.serial if report.lock else plan.serial,
+        "validator_errors": len(result.validator_errors) if result.validator_errors is not None else None,
+        "git_commit": result.git_commit,
+        "problems": result.problems,
+    })
+    batch.credentials_path.unlink(missing_ok=True)
+    statelock.release(root, holder)
+    _prune(root)
+    return result
+
+
+def _prune(root: Path) -> None:
+    """Keep the newest finalized batches' records and logs; older ones only take space."""
+    finalized = [b for b in list_batches(root) if b.finalized_path.exists()]
+    for old in finalized[:-KEEP_FINALIZED_BATCHES]:
+        shutil.rmtree(old.dir, ignore_errors=True)
+
+
+def settle_previous(root: Path, *, on_event: Event = lambda k, c, o: None,
+                    warn: Callable[[str], None] = lambda m: None) -> FinalizeReport | None:
+    """Before a new apply: refuse while a batch runs; merge a batch whose finalize never finished.
+
+    Only the batch the state lock names is merged; a batch abandoned with `force-unlock` is
+    merged only by an explicit `xnat2bids finalize --batch ID`.
+    """
+    holder = statelock.read_holder(root)
+    if holder is None or not holder.jobs:
+        return None
+    batch = next((b for b in list_batches(root) if b.id == holder.id), None)
+    if batch is None:
+        raise LockHeldError(
+            f"{root} is held by SLURM jobs {', '.join(holder.jobs)} whose batch record is missing",
+            hint=f"if those jobs are gone, run `xnat2bids force-unlock {holder.id} {root}`",
+        )
+    check_batch_idle(batch)
+    if batch.finalized_path.exists():
+        # Finalize finished its work but died before releasing the lock.
+        statelock.release(root, holder)
+        return None
+    return finalize_batch(batch, on_event=on_event, warn=warn)
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionState:
+    entry: BatchSession
+    state: str  # done | failed | pending | running | cancelled | timeout | ... | unknown
+    detail: str = ""
+    log: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchStatus:
+    batch: Batch
+    sessions: tuple[SessionState, ...]
+    finalize: JobState | None
+    finalized: dict[str, Any] | None
+    holds_lock: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        b = self.batch
+        return {
+            "format_version": BATCH_FORMAT_VERSION,
+            "batch": b.id,
+            "bids_root": str(b.root),
+            "created_at": b.created_at,
+            "submitted_by": f"{b.user}@{b.host}",
+            "array_job": b.array_job,
+            "finalize_job": b.finalize_job,
+            "finalize_state": self.finalize.state if self.finalize else None,
+            "holds_state_lock": self.holds_lock,
+            "finalized": self.finalized,
+            "sessions": [
+                {"index": s.entry.index, "experiment_id": s.entry.experiment_id, "project": s.entry.project,
+                 "address": s.entry.address, "action": s.entry.action, "state": s.state, "detail": s.detail,
+                 "log": s.log}
+                for s in self.sessions
+            ],
+        }
+
+
+def batch_status(batch: Batch, *, query: bool = True) -> BatchStatus:
+    """Per-session state from the result records, else from scontrol (when `query`)."""
+    tasks = array_task_states(batch.array_job) if query and batch.array_job else {}
+    rows = []
+    for entry in batch.sessions:
+        result = read_result(batch, entry.index)
+        if result is not None:
+            log = str(batch.root / result["log"]) if result.get("log") else None
+            rows.append(SessionState(entry, result.get("status", "unknown"), result.get("message", ""), log))
+            continue
+        task = tasks.get(entry.index)
+        if task is not None:
+            rows.append(SessionState(entry, task.state.lower(), task.describe(), str(batch.task_output(entry.index))))
+        else:
+            rows.append(SessionState(entry, "unknown", "no result record and SLURM no longer knows the task"))
+    fin = job_state(batch.finalize_job) if query and batch.finalize_job else None
+    holder = statelock.read_holder(batch.root)
+    return BatchStatus(batch, tuple(rows), fin, read_finalized(batch), holder is not None and holder.id == batch.id)
