@@ -211,16 +211,22 @@ def run_apply(
     run_validator: bool = False,
     reconvert_outdated: bool = False,
     client=None,
+    executor: str | None = None,
+    dry_run: bool = False,
+    wait: bool = False,
 ) -> int:
-    """Plan (or load a saved plan), confirm, apply under the state lock, record history."""
+    """Plan (or load a saved plan), confirm, apply under the state lock, record history.
+
+    With the SLURM executor the sessions are submitted instead (see `run_slurm_apply`).
+    """
     import signal
     import threading
 
     from reconcile import statelock
-    from reconcile.apply import ApplyOptions, append_history, apply_plan, check_plan_fresh, recover
-    from reconcile.observe import make_plan, tool_versions
+    from reconcile.apply import ApplyOptions, append_history, apply_plan, recover
+    from reconcile.observe import tool_versions
     from reconcile.progress import Reporter
-    from reconcile.render import plan_from_dict, render_text
+    from reconcile.render import render_text
 
     if root.exists() and not root.is_dir():
         raise ConfigError(f"BIDS root {root} exists but is not a directory")
@@ -229,18 +235,23 @@ def run_apply(
     own_client = client is None
     client = client or connect(cfg)
     try:
+        if executor not in (None, "local", "slurm"):
+            raise ConfigError(f"unknown executor {executor!r}", hint="use --executor local or --executor slurm")
+        if (executor or cfg.executor) == "slurm":
+            return run_slurm_apply(
+                cfg, root, selection, client, plan_file=plan_file, yes=yes, jobs=jobs, deep=deep,
+                repair_drift=repair_drift, keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
+                reconvert_outdated=reconvert_outdated, dry_run=dry_run, wait=wait,
+            )
+        if dry_run:
+            raise ConfigError("--dry-run prints the SLURM job scripts; it needs --executor slurm",
+                              hint="`xnat2bids plan` previews a local apply")
+        _settle_slurm_batch(root, warn)
         with statelock.held(root, "apply", warn=warn):
             for exp_id in recover(root, warn=warn):
                 echo(f"recovered the interrupted commit of {exp_id}")
-            if plan_file is not None:
-                try:
-                    data = json.loads(plan_file.read_text())
-                except (OSError, ValueError) as exc:
-                    raise ConfigError(f"cannot read plan {plan_file}: {exc}") from exc
-                plan, _ = plan_from_dict(data, str(plan_file))
-                check_plan_fresh(plan, root)
-            else:
-                plan = make_plan(client, root, cfg, selection, deep=deep, reconvert_outdated=reconvert_outdated).plan
+            plan = _load_or_make_plan(client, root, cfg, selection, plan_file=plan_file, deep=deep,
+                                      reconvert_outdated=reconvert_outdated)
             echo(render_text(plan))
             todo = plan.actionable(repair_drift=repair_drift)
             if not todo:
@@ -325,10 +336,17 @@ def apply(
     git_commit: bool = typer.Option(False, "--git-commit", help="Commit the result when the BIDS root is a git repository."),
     run_validator: bool = typer.Option(False, "--validate", help="Run the BIDS validator afterwards."),
     reconvert_outdated: bool = typer.Option(False, "--reconvert-outdated", help="Re-convert sessions made with older tools."),
+    executor: Optional[str] = typer.Option(
+        None, "--executor", metavar="[local|slurm]", help="Where sessions run: local (default) or slurm (overrides `executor` in the config).",
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="SLURM: print the job scripts and sbatch commands; submit nothing."),
+    wait: bool = typer.Option(False, "--wait", help="SLURM: block until the finalize job ends; exit with the batch's status."),
 ) -> None:
     """Export and convert what plan reports (create / update), updating the lock per session.
 
+    With --executor slurm (or executor = "slurm"), --jobs is the array's limit of tasks at once.
     Example: xnat2bids apply ~/bids-export --project PROJ --yes --jobs 4
+    Example: xnat2bids apply ~/bids-export --executor slurm --yes --wait
     """
     cfg = load_config(config)
     if plan_file is not None and cfg.layout == "pi-study":
@@ -338,10 +356,325 @@ def apply(
         lambda root, sel: run_apply(
             cfg, root, sel, plan_file=plan_file, yes=yes, jobs=jobs, deep=deep, repair_drift=repair_drift,
             keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
-            reconvert_outdated=reconvert_outdated,
+            reconvert_outdated=reconvert_outdated, executor=executor, dry_run=dry_run, wait=wait,
         ),
     )
     raise typer.Exit(code)
+
+
+def _load_or_make_plan(
+    client, root: Path, cfg: Config, selection: Selection, *, plan_file: Path | None, deep: bool,
+    reconvert_outdated: bool,
+):
+    """A saved plan (checked against the lock) or a fresh one."""
+    from reconcile.apply import check_plan_fresh
+    from reconcile.observe import make_plan
+    from reconcile.render import plan_from_dict
+
+    if plan_file is None:
+        return make_plan(client, root, cfg, selection, deep=deep, reconvert_outdated=reconvert_outdated).plan
+    try:
+        data = json.loads(plan_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read plan {plan_file}: {exc}") from exc
+    plan, _ = plan_from_dict(data, str(plan_file))
+    check_plan_fresh(plan, root)
+    return plan
+
+
+def _settle_slurm_batch(root: Path, warn) -> None:
+    """Refuse while a SLURM batch holds the root; merge one whose finalize job never finished."""
+    from reconcile.executors import slurm as sx
+    from reconcile.progress import Reporter
+
+    from reconcile import statelock
+
+    holder = statelock.read_holder(root) if root.is_dir() else None
+    if holder is None or not holder.jobs:
+        return
+    batch = next((b for b in sx.list_batches(root) if b.id == holder.id), None)
+    reporter = Reporter(len(batch.sessions) if batch else 0)
+    try:
+        merged = sx.settle_previous(root, on_event=reporter, warn=warn)
+    finally:
+        reporter.close()
+    if merged is not None:
+        echo(f"Merged the results of SLURM batch {merged.batch.id}, whose finalize job did not finish: "
+             f"{_finalize_summary(merged)}")
+
+
+def _finalize_summary(result) -> str:
+    from reconcile.apply import Status
+
+    report = result.report
+    text = (f"{report.count(Status.DONE)} done, {report.count(Status.FAILED)} failed, "
+            f"{report.count(Status.SKIPPED)} skipped; lock serial {report.lock.serial if report.lock else result.plan.serial}")
+    if result.validator_errors is not None:
+        text += f"; BIDS validator: {len(result.validator_errors)} errors, {result.validator_warnings} warnings"
+    if result.git_commit:
+        text += f"; git commit {result.git_commit}"
+    for problem in result.problems:
+        text += f"; {problem}"
+    return text + "."
+
+
+def run_slurm_apply(
+    cfg: Config,
+    root: Path,
+    selection: Selection,
+    client,
+    *,
+    plan_file: Path | None = None,
+    yes: bool = False,
+    jobs: int | None = None,
+    deep: bool = False,
+    repair_drift: bool = False,
+    keep_dicom: bool = False,
+    git_commit: bool = False,
+    run_validator: bool = False,
+    reconvert_outdated: bool = False,
+    dry_run: bool = False,
+    wait: bool = False,
+) -> int:
+    """Plan, confirm, then submit the sessions as one job array plus a finalize job.
+
+    The state lock taken here is handed to the batch (it records the job IDs); the finalize
+    job releases it. With --dry-run nothing is locked, written or submitted.
+    """
+    import shlex
+    import uuid
+    from dataclasses import replace
+
+    from reconcile import statelock
+    from reconcile.apply import recover
+    from reconcile.executors import slurm as sx
+    from reconcile.render import render_json, render_text
+
+    warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
+    if not dry_run:
+        _settle_slurm_batch(root, warn)
+    holder = None if dry_run else statelock.acquire(root, "apply --executor slurm", warn=warn)
+    submitted = False
+    batch = None
+    try:
+        if holder is not None:
+            for exp_id in recover(root, warn=warn):
+                echo(f"recovered the interrupted commit of {exp_id}")
+        plan = _load_or_make_plan(client, root, cfg, selection, plan_file=plan_file, deep=deep,
+                                  reconvert_outdated=reconvert_outdated)
+        echo(render_text(plan))
+        todo = plan.actionable(repair_drift=repair_drift)
+        if not todo:
+            echo("Nothing to apply.")
+            return EXIT_ERROR if plan.problems else EXIT_OK
+        if not yes and not dry_run:
+            if not sys.stdin.isatty():
+                raise ConfigError("apply needs confirmation; without a terminal pass --yes")
+            if not typer.confirm(f"Submit {len(todo)} session(s) of {root} to SLURM?", default=False):
+                echo("Cancelled; nothing submitted.")
+                return EXIT_ERROR
+        settings = cfg.slurm
+        kind = sx.credentials_kind(client)
+        batch = sx.new_batch(
+            root, holder.id if holder else uuid.uuid4().hex[:12], plan, cfg, xnat_url=client.url, credentials=kind,
+            options=sx.BatchOptions(repair_drift=repair_drift, keep_dicom=keep_dicom or cfg.keep_dicom,
+                                    git_commit=git_commit, validate=run_validator),
+            max_parallel=jobs or settings.max_parallel,
+        )
+        token_file = batch.credentials_path if kind == "alias-token" else None
+        array, finalize_job = sx.build_jobs(batch, settings, token_file=token_file)
+        if dry_run:
+            echo(f"\n# Dry run: {len(todo)} session(s) would be submitted as batch {batch.id}; nothing was written.")
+            for job in (array, finalize_job):
+                command = job.command(dependency="<array job ID>" if job.kind == "finalize" else None)
+                echo(f"\n# ---- {job.script_path} ({job.kind} job), submitted with:\n# {shlex.join(command)}")
+                echo(job.script.rstrip("\n"))
+            echo(f"\n# ---- {batch.setup_path} (the [slurm] setup snippet, sourced by both jobs)")
+            echo(settings.setup.rstrip("\n") or "# (empty)")
+            how = {"netrc": "~/.netrc (or $NETRC)", "token-file": "$XNAT_TOKEN_FILE"}.get(
+                kind, f"an alias token written to {batch.credentials_path} (mode 0600)")
+            echo(f"\n# The jobs log in to {batch.xnat_url} with {how}.")
+            return EXIT_OK
+        sx.write_batch(batch, render_json(plan, bids_root=str(root), created_at=_now()), settings, (array, finalize_job))
+        if token_file is not None:
+            written = sx.write_job_credentials(client, token_file)
+            if written == "password-file":
+                warn(f"{batch.xnat_url} issued no alias token; the jobs read your password from {token_file} "
+                     "(mode 0600), which the finalize job deletes")
+            batch = replace(batch, credentials=written)
+        batch, holder = sx.submit(root, holder, batch, array, finalize_job, env=sx.job_environment(os.environ))
+        submitted = True
+    finally:
+        if holder is not None and not submitted:
+            if batch is not None:
+                import shutil
+
+                shutil.rmtree(batch.dir, ignore_errors=True)
+            statelock.release(root, holder)
+    echo(f"\nSubmitted batch {batch.id}: array job {batch.array_job} ({len(batch.sessions)} sessions, "
+         f"at most {min(batch.max_parallel, len(batch.sessions))} at once), finalize job {batch.finalize_job} "
+         f"(after the array, whatever happens).")
+    echo(f"Follow it with `xnat2bids status {root}` or `squeue -j {batch.array_job},{batch.finalize_job}`; "
+         f"job logs in {batch.logs_dir}.")
+    if not wait:
+        return EXIT_OK
+    return _wait_for_batch(batch)
+
+
+def _wait_for_batch(batch) -> int:
+    from reconcile.executors import slurm as sx
+
+    seen: set[int] = set()
+
+    def progress() -> None:
+        for entry in batch.sessions:
+            if entry.index in seen:
+                continue
+            result = sx.read_result(batch, entry.index)
+            if result is None:
+                continue
+            seen.add(entry.index)
+            mark = "✓" if result.get("status") == "done" else "✗"
+            detail = f" ({result.get('message')})" if result.get("message") else ""
+            echo(f"[{len(seen)}/{len(batch.sessions)}] {mark} staged {entry.address} ({entry.project}/{entry.experiment_id})"
+                 f" by task {result.get('job')}{detail}")
+
+    echo("Waiting for the finalize job…")
+    sx.wait_for_job(batch.finalize_job, on_poll=progress)
+    progress()
+    done = sx.read_finalized(batch)
+    if done is None:
+        state = sx.job_state(batch.finalize_job)
+        echo(f"error: the finalize job {batch.finalize_job} ended ({state.state if state else 'state unknown'}) "
+             f"without merging the results; see {batch.finalize_output}", err=True)
+        echo(f"hint: run `xnat2bids finalize {batch.root}` to merge them", err=True)
+        return EXIT_ERROR
+    s = done["summary"]
+    echo(f"Batch {batch.id} finalized: {s.get('done', 0)} done, {s.get('failed', 0)} failed, {s.get('skipped', 0)} skipped; "
+         f"lock serial {done['lock_serial']}.")
+    for problem in done.get("problems", []):
+        echo(f"problem: {problem}")
+    return EXIT_OK if done["ok"] else EXIT_ERROR
+
+
+@app.command()
+def status(
+    bids_root: Optional[Path] = RootArg,
+    config: Optional[Path] = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the batch state as JSON."),
+) -> None:
+    """Show the SLURM batch of a BIDS root: job IDs and per-session state.
+
+    Example: xnat2bids status ~/bids-export
+    """
+    import shutil
+
+    from reconcile import statelock
+    from reconcile.executors import slurm as sx
+
+    cfg = load_config(config)
+    root = cfg.resolve_bids_root(bids_root)
+    holder = statelock.read_holder(root) if root.is_dir() else None
+    batches = sx.list_batches(root)
+    current = next((b for b in batches if holder is not None and b.id == holder.id), batches[-1] if batches else None)
+    if current is None:
+        if holder is not None:
+            echo(f"{root} is locked: {holder.describe()}")
+        else:
+            echo(f"No SLURM batch in {root}.")
+        raise typer.Exit(EXIT_OK)
+    st = sx.batch_status(current, query=shutil.which("scontrol") is not None)
+    if as_json:
+        echo(json.dumps(st.to_dict(), indent=2, sort_keys=True))
+        raise typer.Exit(EXIT_OK)
+    b = st.batch
+    echo(f"Batch {b.id} of {root}, submitted {b.created_at} by {b.user}@{b.host}")
+    echo(f"  array job {b.array_job} ({len(b.sessions)} tasks, at most {b.max_parallel} at once), "
+         f"finalize job {b.finalize_job}: {st.finalize.describe() if st.finalize else 'no longer known to SLURM'}")
+    if st.finalized is not None:
+        s = st.finalized["summary"]
+        echo(f"  finalized {st.finalized['finished_at']}: {s.get('done', 0)} done, {s.get('failed', 0)} failed, "
+             f"{s.get('skipped', 0)} skipped; lock serial {st.finalized['lock_serial']}")
+    elif st.holds_lock:
+        echo("  not finalized yet; the batch holds the state lock")
+    else:
+        echo(f"  not finalized and not holding the state lock; merge it with `xnat2bids finalize {root} --batch {b.id}`")
+    width = max((len(s.entry.address) for s in st.sessions), default=0)
+    for s in st.sessions:
+        line = f"  {s.entry.index:>3}  {s.state:<10} {s.entry.address:<{width}}  {s.entry.project}/{s.entry.experiment_id}"
+        if s.detail:
+            line += f"  {s.detail}"
+        echo(line)
+        if s.log and s.state not in ("done", "pending"):
+            echo(f"       log: {s.log}")
+    raise typer.Exit(EXIT_OK)
+
+
+@app.command()
+def finalize(
+    bids_root: Optional[Path] = RootArg,
+    config: Optional[Path] = ConfigOpt,
+    batch_id: Optional[str] = typer.Option(None, "--batch", help="Finalize this batch (default: the one holding the state lock)."),
+) -> None:
+    """Merge a SLURM batch's staged sessions into the dataset and release the state lock.
+
+    The batch's finalize job runs this; run it yourself when that job was cancelled or died.
+    Example: xnat2bids finalize ~/bids-export
+    """
+    from reconcile import statelock
+    from reconcile.executors import slurm as sx
+    from reconcile.progress import Reporter
+
+    cfg = load_config(config)
+    root = cfg.resolve_bids_root(bids_root)
+    warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
+    if batch_id is not None:
+        batch = sx.read_batch(root, batch_id)
+    else:
+        holder = statelock.read_holder(root) if root.is_dir() else None
+        batch = next((b for b in sx.list_batches(root) if holder is not None and b.id == holder.id), None)
+        if batch is None:
+            echo(f"Nothing to finalize in {root}.")
+            for left in sx.unfinalized_batches(root):
+                echo(f"note: batch {left.id} ({left.created_at}) was never finalized; "
+                     f"`xnat2bids finalize {root} --batch {left.id}` merges it")
+            raise typer.Exit(EXIT_OK)
+    done = sx.read_finalized(batch)
+    if done is not None:
+        holder = statelock.read_holder(root)
+        if holder is not None and holder.id == batch.id:
+            statelock.release(root, holder)  # finalize died between its last write and the release
+        echo(f"Batch {batch.id} was already finalized at {done['finished_at']}.")
+        raise typer.Exit(EXIT_OK if done["ok"] else EXIT_ERROR)
+    echo(f"Finalizing batch {batch.id} of {root} ({len(batch.sessions)} sessions)")
+    reporter = Reporter(len(batch.sessions))
+    try:
+        result = sx.finalize_batch(batch, own_job=os.environ.get("SLURM_JOB_ID"), on_event=reporter, warn=warn)
+    finally:
+        reporter.close()
+    echo(f"\nFinalize complete: {_finalize_summary(result)}")
+    raise typer.Exit(EXIT_OK if result.ok else EXIT_ERROR)
+
+
+@app.command("slurm-task", hidden=True)
+def slurm_task(
+    batch_dir: Path = typer.Argument(..., help="The batch directory under .xnat2bids/batches/."),
+    index: int = typer.Option(..., "--index", help="The array task index ($SLURM_ARRAY_TASK_ID)."),
+) -> None:
+    """One array task: stage one session of a SLURM batch and write its result record."""
+    import signal
+    import threading
+
+    from reconcile.executors import slurm as sx
+
+    cancel = threading.Event()
+    # scancel and the time limit send SIGTERM first: stop cleanly and still write a record.
+    signal.signal(signal.SIGTERM, lambda signum, frame: cancel.set())
+    record = sx.run_task(batch_dir.absolute(), index, cancel=cancel)
+    echo(f"{record['address']} ({record['project']}/{record['experiment_id']}): {record['status']}"
+         + (f": {record['message']}" if record.get("message") else "")
+         + f"; log: {record['log']}; {record['seconds']:.1f} s")
+    raise typer.Exit(EXIT_OK if record["status"] == "done" else EXIT_ERROR)
 
 
 @app.command()
