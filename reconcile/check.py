@@ -1,16 +1,19 @@
 """`xnat2bids check`: verify offline that the files on disk match what the lock records.
 
-Reads only; the CLI decides the exit status from the returned report.
+Reads only; the CLI decides the exit status from the returned report. A commit that a crash
+interrupted (a journal in the work area) is judged as the next apply's recovery will settle it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconcile.localscan import hash_files, stat_outputs
-from reconcile.lock import Lock
+from reconcile.localscan import hash_files
+from reconcile.lock import Lock, loads_lock
 
 
 @dataclass(frozen=True)
@@ -18,15 +21,46 @@ class CheckReport:
     sessions: int
     outputs: int
     problems: tuple[str, ...]
+    pending: tuple[str, ...] = ()  # interrupted commits the next apply completes or rolls back
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
+def _as_recovered(root: Path, lock: Lock) -> tuple[Lock, dict[str, tuple[str, Path]], list[str]]:
+    """The lock as `apply.recover` will leave it, where rolled-back folders sit meanwhile, and notes."""
+    journal_dir = root / ".xnat2bids" / "journal"
+    moved: dict[str, tuple[str, Path]] = {}
+    notes: list[str] = []
+    for path in sorted(journal_dir.glob("*.json")) if journal_dir.is_dir() else []:
+        exp_id = path.stem
+        journal = json.loads(path.read_text())
+        record = loads_lock(journal["record"], source=str(path)).sessions[exp_id]
+        if (root / journal["staged"]).is_dir():  # the swap never happened: recover rolls back
+            trash = root / ".xnat2bids" / "trash" / exp_id
+            if trash.is_dir() and not (root / record.address.path).exists():
+                moved[record.address.path] = (record.address.path, trash)
+            notes.append(f"{exp_id}: an interrupted commit of {record.address} will be rolled back by the next apply")
+        else:  # the new folder is in place: recover rolls forward
+            previous = journal.get("previous")
+            if previous and previous != exp_id:
+                lock = lock.without_session(previous) if previous in lock.sessions else lock
+            lock = lock.with_session(record)
+            notes.append(f"{exp_id}: an interrupted commit of {record.address} will be completed by the next apply")
+    return lock, moved, notes
+
+
+def _located(root: Path, rel: str, moved: dict[str, tuple[str, Path]]) -> str:
+    for prefix, (_, trash) in moved.items():
+        if rel.startswith(prefix + "/"):
+            return os.path.join(trash, rel[len(prefix) + 1:])
+    return os.path.join(root, rel)
+
+
 def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
     """Every recorded output must exist with its size (and, with `full`, its sha256)."""
-    seen = stat_outputs(root, lock).files
+    lock, moved, notes = _as_recovered(root, lock)
     problems: list[str] = []
     to_hash: dict[str, tuple[str, str, str]] = {}
     total = 0
@@ -34,16 +68,20 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
         rec = lock.sessions[exp_id]
         for out in rec.outputs:
             total += 1
-            stat = seen.get(out.path)
-            if stat is None:
+            where = _located(root, out.path, moved)
+            try:
+                st = os.stat(where)
+            except OSError:
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
                 problems.append(f"{exp_id} {rec.address}: missing {out.path}")
-            elif stat.size != out.size:
-                problems.append(f"{exp_id} {rec.address}: size of {out.path} is {stat.size}, lock says {out.size}")
+            elif st.st_size != out.size:
+                problems.append(f"{exp_id} {rec.address}: size of {out.path} is {st.st_size}, lock says {out.size}")
             elif full:
-                to_hash[os.path.join(root, out.path)] = (f"{exp_id} {rec.address}", out.path, out.sha256)
+                to_hash[where] = (f"{exp_id} {rec.address}", out.path, out.sha256)
     if to_hash:
         for path, digest in sorted(hash_files(to_hash).items()):
             where, rel, expected = to_hash[path]
             if digest != expected:
                 problems.append(f"{where}: content of {rel} differs from the lock (sha256)")
-    return CheckReport(len(lock.sessions), total, tuple(problems))
+    return CheckReport(len(lock.sessions), total, tuple(problems), tuple(notes))

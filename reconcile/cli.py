@@ -766,6 +766,8 @@ def check(
     if lock is None:
         raise ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")
     report = check_outputs(root, lock, full=full)
+    for note in report.pending:
+        echo(f"pending: {note}")
     for problem in report.problems:
         echo(f"problem: {problem}")
     mode = "size and sha256" if full else "size"
