@@ -327,6 +327,9 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None) -> Lock:
 def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list[str]:
     """Finish or undo commits that a crash interrupted; returns the experiment IDs handled."""
     area = WorkArea(root)
+    # Temp files of a lock or journal write killed before its rename; the caller holds the state lock.
+    for stale in [*root.glob(".xnat2bids.lock.*.tmp"), *(area.base / "journal").glob("*.tmp")]:
+        stale.unlink(missing_ok=True)
     journals = sorted((area.base / "journal").glob("*.json")) if (area.base / "journal").is_dir() else []
     handled = []
     for path in journals:
