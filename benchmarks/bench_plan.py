@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--outputs", type=int, default=4, help="outputs per session in the up-to-date lock")
     ap.add_argument("--skip-deep", action="store_true")
+    ap.add_argument("--skip-listing", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -153,6 +154,13 @@ def main() -> None:
 
     n, rep = args.sessions, args.repeat
     rows, notes = [], []
+    if not args.skip_listing:
+        listing_benchmark(args, n, rep, rows, notes)
+    if not args.skip_deep:
+        deep_benchmark(args, rep)
+
+
+def listing_benchmark(args: argparse.Namespace, n: int, rep: int, rows: list, notes: list) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         empty, full = Path(tmp, "empty"), Path(tmp, "full")
         empty.mkdir()
@@ -188,8 +196,9 @@ def main() -> None:
         _bench.report(f"plan, listing mode, {n:,} sessions in one project",
                       ["what", "time", "requests", "× curl", "peak RSS", "target met"], rows, notes)
 
-    if args.skip_deep:
-        return
+
+
+def deep_benchmark(args: argparse.Namespace, rep: int) -> None:
     d, lat = args.deep_sessions, args.latency
     with tempfile.TemporaryDirectory() as tmp:
         with _bench.emulator_child(d, scans=2, files=3, latency=lat) as url:
