@@ -254,8 +254,6 @@ def commit_session(staged: StagedSession, root: Path, lock: Lock, *, keep_dicom:
     exp, address = staged.experiment, staged.address
     previous = _previous(staged.change, lock)
     target = _target(root, address)
-    if previous is not None and previous.address == address:
-        _copy_user_files(target, staged.session_dir, {o.path for o in previous.outputs}, root)
     staging_root = staged.session_dir.parent.parent
     record = SessionRecord(
         experiment_id=exp.id,
@@ -276,6 +274,9 @@ def commit_session(staged: StagedSession, root: Path, lock: Lock, *, keep_dicom:
         scans=tuple(s.record() for s in staged.scans),
         outputs=_staged_outputs(staging_root, staged.session_dir),
     )
+    if previous is not None and previous.address == address:
+        # After fingerprinting: the user's files are carried over but never recorded as outputs.
+        _copy_user_files(target, staged.session_dir, {o.path for o in previous.outputs}, root)
     journal = {
         "record": dumps_lock(Lock.new().with_session(record)),
         "previous": previous.experiment_id if previous else None,

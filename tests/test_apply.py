@@ -182,6 +182,8 @@ def test_keep_dicom_user_edits_and_git_commit(cli, emulator, tmp_path):
     assert "good scan" in sessions_tsv.read_text() and "2024-05-05" in sessions_tsv.read_text()
     assert participants.read_text() == "participant_id\tage\nsub-01\t42\n"
     assert note.read_text() == "my notes"
+    recorded = {o.path for o in read_lock(root).sessions[exps["01_MR1"].id].outputs}
+    assert "sub-01/ses-01MR1/notes.txt" not in recorded  # user files are never recorded as outputs
 
 
 def test_full_reproin_session_passes_the_bids_validator(cli, emulator, tmp_path):
