@@ -115,7 +115,7 @@ def update_sessions_tsv(root: Path, bids_subject: str, bids_session: str, *, acq
         table.add_column(column)
     index = table.find("session_id", ours["session_id"])
     if index is None:
-        table.append({**ours})
+        table.insert_sorted("session_id", ours, ours="xnat_experiment_id")
         changed = True
     else:
         changed |= table.set(index, ours)
@@ -146,7 +146,7 @@ def ensure_participant(root: Path, bids_subject: str) -> None:
                                hint="the first column of participants.tsv is participant_id")
     if table.find("participant_id", participant) is not None:
         return
-    table.append({"participant_id": participant})
+    table.insert_sorted("participant_id", {"participant_id": participant})
     _write_atomic(path, table.text())
 
 
@@ -200,6 +200,20 @@ class _Tsv:
     def append(self, values: Mapping[str, str]) -> None:
         self.rows.append([values.get(column, NA) for column in self.header])
         self.raw.append(None)
+
+    def insert_sorted(self, column: str, values: Mapping[str, str], ours: str | None = None) -> None:
+        """Insert before the first row (of ours: `ours` column set) whose `column` sorts after the new one.
+
+        Existing rows keep their order, and the result does not depend on the order in which
+        sessions were committed (apply --jobs N); without a row to go before, the row is appended.
+        """
+        at = self.header.index(column)
+        mine = self.header.index(ours) if ours is not None else None
+        key = values[column]
+        index = next((i for i, row in enumerate(self.rows) if len(row) > at and row[at] > key
+                      and (mine is None or (len(row) > mine and row[mine] not in (NA, "")))), len(self.rows))
+        self.rows.insert(index, [values.get(c, NA) for c in self.header])
+        self.raw.insert(index + 1, None)
 
     def set(self, index: int, values: Mapping[str, str]) -> bool:
         row = self.rows[index]

@@ -1,0 +1,88 @@
+"""Ctrl-C, two applies at once, and --jobs: real processes against a served emulator.
+
+Timing is driven by the emulator's state (a latency fault has been reached), never by sleeping
+for a guessed duration.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from reconcile.emulator import Fault
+from reconcile.lock import read_lock
+from reconcile.statelock import state_lock_path
+
+from relworld import served_world, snapshot, start_xnat2bids, xnat2bids
+
+pytestmark = pytest.mark.slow
+
+FILE_GET = r"/scans/[^/]+/resources/[^/]+/files/[^/]+\.dcm$"
+
+
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_sigint_during_download_stops_cleanly_releases_the_lock_and_a_rerun_completes(tmp_path):
+    with served_world() as world:
+        slow = world.app.faults.add(Fault(route=FILE_GET, kind="latency", seconds=1.5))
+        root = tmp_path / "bids"
+        proc = start_xnat2bids("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1", url=world.url, cwd=tmp_path)
+        wait_for(lambda: slow.seen >= 1, "the first file download")
+        assert state_lock_path(root).exists()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1, out + err
+        assert "Stopping: the sessions under way are abandoned cleanly" in err
+        assert "Apply cancelled: 0 done, 1 failed, 0 skipped" in out
+        assert "cancelled" in out.split("Apply cancelled")[0]  # the session line says why it stopped
+        assert not state_lock_path(root).exists()
+        assert read_lock(root) is None
+        assert not list(root.glob("sub-*"))
+        world.app.faults.clear()
+        rerun = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert "1 done, 0 failed" in rerun.stdout
+
+
+def test_second_apply_on_the_same_root_fails_at_once_naming_the_holder(tmp_path):
+    with served_world() as world:
+        slow = world.app.faults.add(Fault(route=FILE_GET, kind="latency", seconds=1.0, times=4))
+        root = tmp_path / "bids"
+        first = start_xnat2bids("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1", url=world.url, cwd=tmp_path)
+        wait_for(lambda: slow.seen >= 1, "the first apply's download")
+        t0 = time.monotonic()
+        second = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
+        assert time.monotonic() - t0 < 10
+        assert second.returncode == 1
+        assert f"another xnat2bids holds {root}: apply by" in second.stderr
+        assert f"pid {first.pid}" in second.stderr
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 0, out + err
+        assert "1 done" in out
+        assert not state_lock_path(root).exists()
+
+
+def test_jobs_3_produces_the_same_lock_and_files_as_jobs_1(tmp_path):
+    sessions = [(f"{i:02d}", f"{i:02d}_MR1", f"2024-01-{10 + i}") for i in range(1, 4)]
+    with served_world(sessions=sessions) as world:
+        results = {}
+        for jobs in ("1", "3"):
+            root = tmp_path / f"bids-{jobs}"
+            r = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", "--jobs", jobs, url=world.url, cwd=tmp_path)
+            assert r.returncode == 0 and "3 done" in r.stdout, r.stdout + r.stderr
+            results[jobs] = snapshot(root)
+            assert read_lock(root).serial == 3
+        files1, lock1 = results["1"]
+        files3, lock3 = results["3"]
+        assert sorted(files1) == sorted(files3)
+        assert all(files1[k] == files3[k] for k in files1), [k for k in files1 if files1[k] != files3[k]]
+        assert lock1 == lock3 and len(lock1) == 3
