@@ -259,3 +259,41 @@ def session_record(exp, address, config, tools, outputs=(), scans=()):  # noqa: 
         xsi_type=exp.xsi_type, exported_at="2024-06-01T12:00:00Z", config_fingerprint=settings.fingerprint(),
         config_digests=settings.digests(), tools=dict(tools), scans=tuple(scans), outputs=tuple(outputs),
     )
+
+
+def synthetic_lock(sessions: int, outputs: int, *, scans: int = 2, root: Path | None = None,
+                   file_size: int = 64, write_files: bool = False):  # noqa: ANN201
+    """A Lock of `sessions` exported sessions with `outputs` outputs each (files written below `root`)."""
+    import hashlib
+    from datetime import datetime, timedelta
+
+    from reconcile.config import Config
+    from reconcile.lock import Lock
+    from reconcile.model import Experiment, OutputRecord, ScanRecord
+    from reconcile.naming import address_for
+
+    config = Config()
+    base = datetime(2024, 1, 1, 9, 0, 0)
+    records = {}
+    for i in range(1, sessions + 1):
+        stamp = base + timedelta(minutes=i, milliseconds=i % 1000)
+        exp = Experiment(f"BENCH_E{i:05d}", f"SUB{i:05d}_MR1", "BENCH", f"BENCH_S{i:05d}", f"SUB{i:05d}",
+                         "2024-01-01", stamp, stamp)
+        address = address_for(exp, config.naming)
+        outs = []
+        for k in range(outputs):
+            rel = f"{address.path}/anat/sub-{address.subject}_ses-{address.session}_run-{k:02d}_T1w.nii.gz"
+            data = (f"{rel}\n".encode() * (file_size // len(rel) + 1))[:file_size]
+            mtime = 1_700_000_000_000_000_000
+            if write_files and root is not None:
+                path = root / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+                mtime = path.stat().st_mtime_ns
+            outs.append(OutputRecord(rel, len(data), hashlib.sha256(data).hexdigest(), mtime))
+        scan_records = [ScanRecord(str(s), "anat-T1w", "anat-T1w_acq-memprage", 176, 176 * 180_000,
+                                   hashlib.sha256(f"{i}/{s}".encode()).hexdigest()) for s in range(1, scans + 1)]
+        records[exp.id] = session_record(exp, address, config, {"dcm2niix": "v1.0.20240202", "heudiconv": "1.5.1",
+                                                                "xnat2bids": "0.1.0"}, outs, scan_records)
+    new = Lock.new()
+    return Lock(new.lineage, 1, new.generator, config.fingerprint(), records)
