@@ -1,0 +1,140 @@
+"""Network and server faults against the whole apply: retried, isolated per session, never converted
+when unverified, bounded in time, and never read as "everything was deleted".
+
+The emulator's fault injection (reconcile/emulator/faults.py) misbehaves on chosen routes; the
+CLI runs in-process (the `cli` fixture) against it over real HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import reconcile.xnat
+from reconcile.credentials import Credentials
+from reconcile.demo import populate
+from reconcile.emulator import Archive, Fault
+from reconcile.errors import RemoteError
+from reconcile.lock import lock_path, read_lock
+from reconcile.xnat import XnatClient
+
+from relworld import ONE_SERIES
+from test_cli_plan import cli, exported_root  # noqa: F401  (fixture)
+
+LISTING = r"/data/projects/PROJ/experiments$"
+FILES = r"/resources/[^/]+/files/[^/]+\.dcm$"
+
+
+@pytest.fixture(autouse=True)
+def quick_backoff(monkeypatch):
+    """Retries keep their count and order; only the waiting between them is cut short."""
+    monkeypatch.setattr(reconcile.xnat, "_MAX_SLEEP", 0.02)
+
+
+def add(archive, n, series=ONE_SERIES):
+    populate(archive, "PROJ", [(f"{i:02d}", f"{i:02d}_MR1", f"2024-01-{10 + i}") for i in range(1, n + 1)], series=series)
+    return archive.sessions("PROJ")
+
+
+@pytest.mark.parametrize("kind,status", [("status", 503), ("status", 500), ("status", 429), ("reset", 0)])
+def test_transient_listing_failures_are_retried(cli, emulator, tmp_path, kind, status):
+    add(emulator.archive, 1)
+    fault = emulator.app.faults.add(Fault(route=LISTING, kind=kind, status=status or 500, times=2))
+    code, out, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 2, out + err
+    assert fault.fired == 2 and "1 to create" in out
+
+
+@pytest.mark.parametrize("kind", ["status", "reset", "html_200", "invalid_json"])
+def test_a_listing_that_keeps_failing_is_an_error_and_nothing_is_planned(cli, emulator, tmp_path, kind):
+    add(emulator.archive, 1)
+    emulator.app.faults.add(Fault(route=LISTING, kind=kind, status=500))
+    code, out, err = cli("apply", str(tmp_path / "bids"), "-p", "PROJ", "--yes")
+    assert code == 1
+    assert "PROJ" in out + err and ("kept failing" in out + err or "HTML" in out + err
+                                    or "invalid JSON" in out + err or "cannot reach" in out + err)
+    assert read_lock(tmp_path / "bids") is None
+    assert not list((tmp_path / "bids").glob("sub-*"))
+
+
+@pytest.mark.parametrize("how", ["failing", "empty"])
+def test_failed_or_empty_listing_with_sessions_in_the_lock_refuses_and_orphans_nothing(cli, emulator, tmp_path, how):
+    elsewhere = Archive()
+    elsewhere.add_project("PROJ")
+    exps = [elsewhere.add_session("PROJ", f"S{i}", f"S{i}_MR1", date="2024-01-10") for i in range(3)]
+    root = exported_root(elsewhere, tmp_path, exps)
+    before = lock_path(root).read_bytes()
+    if how == "failing":
+        add(emulator.archive, 1)
+        emulator.app.faults.add(Fault(route=LISTING, kind="status", status=502))
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1
+    assert "orphan" not in out.replace("0 orphaned", "")
+    assert lock_path(root).read_bytes() == before
+    code, out, _ = cli("plan", str(root), "-p", "PROJ")
+    assert code == 1 and "orphan" not in out.replace("0 orphaned", "")
+
+
+@pytest.mark.slow
+def test_file_faults_are_retried_or_isolate_one_session_while_the_other_completes(cli, emulator, tmp_path):
+    good, bad = add(emulator.archive, 2)
+    resets = emulator.app.faults.add(Fault(route=rf"/experiments/{good.id}/.*{FILES}", kind="reset", times=2))
+    emulator.app.faults.add(Fault(route=rf"/experiments/{bad.id}/.*{FILES}", kind="status", status=503))
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "2")
+    assert code == 1
+    assert "1 done, 1 failed" in out and "kept failing" in out
+    assert resets.fired == 2
+    assert list(read_lock(root).sessions) == [good.id]
+    assert not (root / "sub-02").exists()
+    assert not (root / ".xnat2bids/staging" / good.id).exists()
+    code, out, _ = cli("check", str(root), "--full")
+    assert code == 0, out
+
+
+@pytest.mark.parametrize("kind", ["truncate", "corrupt"])
+def test_bad_bytes_are_detected_and_never_converted(cli, emulator, tmp_path, kind):
+    (exp,) = add(emulator.archive, 1)
+    emulator.app.faults.add(Fault(route=FILES, kind=kind))
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1
+    assert "does not match XNAT's listing" in out
+    log = (root / ".xnat2bids/logs" / f"{exp.id}.log").read_text()
+    assert "heudiconv" not in log  # conversion never started
+    assert not (root / ".xnat2bids/staging" / exp.id / "convert").exists()
+    dicom = root / ".xnat2bids/staging" / exp.id / "dicom"
+    finals = [p for p in dicom.rglob("*") if p.is_file() and not p.name.endswith(".part")] if dicom.exists() else []
+    listed = emulator.archive.get_scan(exp.id, "1").find_resource("DICOM").files
+    for p in finals:  # whatever reached a final name is verified content
+        assert p.read_bytes() == listed[p.name].read()
+    assert read_lock(root) is None and not list(root.glob("sub-*"))
+
+
+def test_a_slow_server_hits_a_bounded_timeout_with_a_clear_error(emulator):
+    add(emulator.archive, 1)
+    emulator.app.faults.add(Fault(route=LISTING, kind="latency", seconds=1.0))
+    creds = Credentials(emulator.user, emulator.password, "env")
+    t0 = time.monotonic()
+    with XnatClient(emulator.url, creds, timeout=0.2, retries=2) as client:
+        with pytest.raises(RemoteError) as info:
+            client.list_experiments("PROJ")
+    assert time.monotonic() - t0 < 5
+    assert "cannot reach XNAT" in info.value.summary and "3 attempt(s)" in (info.value.detail or "")
+
+
+@pytest.mark.slow
+def test_credentials_rejected_mid_run_stop_new_sessions_with_a_clear_message(cli, emulator, tmp_path):
+    exps = add(emulator.archive, 3)
+    files_per_session = sum(len(r.files) for r in emulator.archive.get_scan(exps[0].id, "1").resources.values())
+    emulator.app.faults.add(Fault(route=FILES, kind="auth_expire", after=files_per_session, times=1))
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1")
+    assert code == 1
+    assert "1 done, 1 failed, 1 skipped" in out
+    assert "XNAT rejected the credentials for user admin" in out
+    assert "credentials rejected earlier in this run" in out
+    assert list(read_lock(root).sessions) == [exps[0].id]
+    assert not (root / "sub-02").exists() and not (root / "sub-03").exists()
+    assert not (root / ".xnat2bids/staging" / exps[2].id).exists()  # never started
