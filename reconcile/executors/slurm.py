@@ -289,7 +289,7 @@ _SCRIPT = """\
 # The [slurm] setup snippet is sourced from its own file, so nothing in it can change the
 # structure of this script; a non-zero status of its last command fails the job.
 if ! . {setup}; then
-    echo "xnat2bids: the [slurm] setup snippet {setup} failed" >&2
+    echo "xnat2bids: the [slurm] setup snippet failed:" {setup} >&2
     exit 1
 fi
 {credentials}exec {command}

@@ -1,0 +1,343 @@
+"""`apply --executor slurm` on a real single-node SLURM cluster (`.ci/slurm/start-slurm.sh`).
+
+The emulator listens on 127.0.0.1 inside pytest; the array tasks and the finalize job are
+separate processes started by slurmd on the same node, so they reach it like any client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from reconcile import statelock
+from reconcile.executors import slurm as sx
+from reconcile.lock import lock_path, read_lock
+
+from test_apply import SMALL, add
+from test_cli_plan import cli  # noqa: F401  (fixture)
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("sbatch") is None and os.environ.get("CI") != "true",
+        reason="no sbatch on PATH: start a cluster with `.ci/slurm/start-slurm.sh` (as root) to run the SLURM tests",
+    ),
+]
+
+SENTINEL = "Sentinel-pw-4f1c9a7e"  # the password the jobs must never see in clear
+JOB_TIMEOUT = 240.0
+
+
+@pytest.fixture
+def slurm_cli(cli, emulator, monkeypatch):
+    """The CLI logged in as a user whose password is the sentinel (from XNAT_USER/XNAT_PASS)."""
+    emulator.archive.add_user("labuser", SENTINEL)
+    monkeypatch.setenv("XNAT_USER", "labuser")
+    monkeypatch.setenv("XNAT_PASS", SENTINEL)
+    return cli
+
+
+def sessions(n: int) -> list[tuple[str, str, str]]:
+    return [(f"{i:02d}", f"{i:02d}_MR1", f"2024-01-{10 + i:02d}") for i in range(1, n + 1)]
+
+
+def current_batch(root: Path) -> sx.Batch:
+    batches = sx.list_batches(root)
+    assert batches, f"no batch under {root}"
+    return batches[-1]
+
+
+def wait_gone(*job_ids: str, timeout: float = JOB_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while sx.active_jobs(job_ids):
+        assert time.monotonic() < deadline, f"SLURM jobs {job_ids} still queued after {timeout} s"
+        time.sleep(0.5)
+
+
+def wait_for(predicate, what: str, timeout: float = JOB_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def history(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / ".xnat2bids/history.jsonl").read_text().splitlines()]
+
+
+def write_config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "xnat2bids.toml"
+    path.write_text(body)
+    return path
+
+
+def test_array_stages_every_session_and_only_finalize_writes_the_lock(slurm_cli, emulator, tmp_path):
+    exps = add(emulator.archive, sessions(3))
+    root = tmp_path / "bids"
+    # A setup snippet with quotes and a heredoc word: sourced from its own file, it cannot
+    # break the generated script, and it runs before each job.
+    config = write_config(tmp_path, '''
+executor = "slurm"
+[slurm]
+partition = "debug"
+time = "00:20:00"
+cpus_per_task = 1
+max_parallel = 3
+setup = """
+echo "setup ran for job $SLURM_JOB_ID: it's <<EOF fine" >&2
+"""
+''')
+    code, out, err = slurm_cli("apply", str(root), "-c", str(config), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    batch = current_batch(root)
+    assert f"Submitted batch {batch.id}: array job {batch.array_job} (3 sessions, at most 3 at once)" in out
+    assert f"finalize job {batch.finalize_job}" in out and f"xnat2bids status {root}" in out
+    holder = statelock.read_holder(root)
+    assert holder is not None and holder.id == batch.id and holder.jobs == (batch.array_job, batch.finalize_job)
+
+    code, out, _ = slurm_cli("status", str(root))
+    assert code == 0 and f"Batch {batch.id}" in out and f"array job {batch.array_job}" in out
+    assert f"finalize job {batch.finalize_job}" in out
+
+    wait_gone(batch.array_job)
+    assert not lock_path(root).exists() or read_lock(root).serial == 0 or sx.read_finalized(batch) is not None
+    wait_gone(batch.finalize_job)
+
+    done = sx.read_finalized(batch)
+    assert done is not None and done["ok"], done
+    assert done["by_job"] == batch.finalize_job
+    lock = read_lock(root)
+    assert sorted(lock.sessions) == sorted(e.id for e in exps.values())
+    assert lock.serial == 3  # one crash-safe commit (serial + 1) per session, all by the finalize job
+    results = [sx.read_result(batch, i) for i in range(3)]
+    assert {r["job"] for r in results} == {f"{batch.array_job}_{i}" for i in range(3)}
+    assert all(r["status"] == "done" and r["outputs"] for r in results)
+    # Every lock write happened after the last task had finished.
+    assert max(r["finished_at"] for r in results) <= max(rec.exported_at for rec in lock.sessions.values())
+    assert statelock.read_holder(root) is None
+    entry = history(root)[-1]
+    assert entry["operation"] == "slurm apply" and entry["summary"]["done"] == 3
+    assert entry["lock_serial"] == {"before": 0, "after": 3}
+    assert "setup ran for job" in (batch.logs_dir / "task-0.out").read_text()
+    assert "Finalize complete: 3 done, 0 failed, 0 skipped" in batch.finalize_output.read_text()
+    assert not (root / ".xnat2bids/staging").exists() or not any((root / ".xnat2bids/staging").iterdir())
+    code, out, _ = slurm_cli("check", str(root), "--full")
+    assert code == 0, out
+
+    code, out, _ = slurm_cli("status", str(root))
+    assert "finalized" in out and "3 done, 0 failed, 0 skipped; lock serial 3" in out
+    code, out, _ = slurm_cli("apply", str(root), "-c", str(config), "-p", "PROJ", "--yes")
+    assert code == 0 and "Nothing to apply." in out
+
+
+def test_second_apply_is_refused_while_a_batch_is_queued(slurm_cli, emulator, tmp_path):
+    add(emulator.archive, sessions(2))
+    root = tmp_path / "bids"
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
+    assert code == 0, out + err
+    batch = current_batch(root)
+    try:
+        for executor in ("local", "slurm"):
+            code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", executor)
+            assert code == 1
+            assert f"SLURM batch {batch.id} of {root} is still queued or running" in err
+            assert batch.array_job in err and f"xnat2bids status {root}" in err
+        code, _, err = slurm_cli("finalize", str(root))
+        assert code == 1 and "still queued or running" in err
+        assert len(sx.list_batches(root)) == 1
+    finally:
+        wait_gone(*batch.jobs)
+    assert sx.read_finalized(batch)["ok"]
+    assert len(read_lock(root).sessions) == 2
+
+
+def test_failing_task_does_not_block_the_others_and_finalize_still_runs(slurm_cli, emulator, tmp_path):
+    from reconcile.emulator import Fault
+
+    exps = add(emulator.archive, sessions(3))
+    bad = exps["02_MR1"]
+    emulator.app.faults.add(Fault(route=rf"/experiments/{bad.id}/scans.*files", kind="status", status=500))
+    root = tmp_path / "bids"
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm", "--wait")
+    assert code == 1, out + err
+    batch = current_batch(root)
+    assert f"Batch {batch.id} finalized: 2 done, 1 failed, 0 skipped; lock serial 2." in out
+    lock = read_lock(root)
+    assert sorted(lock.sessions) == sorted(e.id for e in exps.values() if e.id != bad.id)
+    assert not (root / "sub-02").exists()
+    assert statelock.read_holder(root) is None
+    failed = sx.read_result(batch, [s.experiment_id for s in batch.sessions].index(bad.id))
+    assert failed["status"] == "failed" and failed["log"] == f".xnat2bids/logs/{bad.id}.log"
+    assert (root / failed["log"]).read_text().strip()
+    tasks = sx.array_task_states(batch.array_job)
+    assert sorted(t.state for t in tasks.values()) == ["COMPLETED", "COMPLETED", "FAILED"]
+    # The finalize job ran and merged; its exit status is the batch's (so --mail-type=FAIL tells).
+    finalize_job = sx.job_state(batch.finalize_job)
+    assert (finalize_job.state, finalize_job.exit_code) == ("FAILED", "1:0")
+    assert "Finalize complete: 2 done, 1 failed, 0 skipped" in batch.finalize_output.read_text()
+
+    code, out, _ = slurm_cli("status", str(root))
+    assert "failed" in out and f"log: {root / '.xnat2bids/logs' / (bad.id + '.log')}" in out
+    code, out, _ = slurm_cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 2 and "sub-02/ses-02MR1" in out
+
+    emulator.app.faults.clear()
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm", "--wait")
+    assert code == 0, out + err
+    assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
+    assert [h["summary"]["done"] for h in history(root)] == [2, 1]
+
+
+def test_cancelled_finalize_is_merged_by_the_next_apply(slurm_cli, emulator, tmp_path):
+    exps = add(emulator.archive, sessions(2))
+    root = tmp_path / "bids"
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
+    assert code == 0, out + err
+    batch = current_batch(root)
+    subprocess.run(["scancel", batch.finalize_job], check=True)
+    wait_gone(*batch.jobs)
+    assert sx.read_finalized(batch) is None and read_lock(root) is None
+    assert statelock.read_holder(root).id == batch.id  # still held: nothing merged the results yet
+    code, out, _ = slurm_cli("status", str(root))
+    assert "CANCELLED" in out and out.count(" done ") == 2
+
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    assert f"Merged the results of SLURM batch {batch.id}, whose finalize job did not finish: 2 done" in out
+    assert "Nothing to apply." in out
+    assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
+    assert statelock.read_holder(root) is None
+    assert slurm_cli("check", str(root), "--full")[0] == 0
+
+
+def test_cancelled_batch_leaves_a_consistent_state_that_finalize_repairs(slurm_cli, emulator, tmp_path):
+    exps = add(emulator.archive, sessions(3))
+    root = tmp_path / "bids"
+    config = write_config(tmp_path, "[slurm]\nmax_parallel = 1\n")
+    code, out, err = slurm_cli("apply", str(root), "-c", str(config), "-p", "PROJ", "--yes", "--executor", "slurm")
+    assert code == 0, out + err
+    batch = current_batch(root)
+    # Let the first session finish, then cancel everything while the second one is running.
+    wait_for(lambda: sx.read_result(batch, 0) is not None, "the first task's result")
+    subprocess.run(["scancel", batch.array_job, batch.finalize_job], check=True)
+    wait_gone(*batch.jobs)
+    assert read_lock(root) is None
+
+    code, out, err = slurm_cli("finalize", str(root))
+    assert code == 1, out + err  # not every session made it
+    assert f"Finalizing batch {batch.id}" in out
+    lock = read_lock(root)
+    assert list(lock.sessions) == [batch.sessions[0].experiment_id]
+    assert statelock.read_holder(root) is None
+    assert slurm_cli("check", str(root), "--full")[0] == 0
+    code, out, _ = slurm_cli("finalize", str(root))
+    assert code == 0 and "Nothing to finalize" in out
+
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm", "--wait")
+    assert code == 0, out + err
+    assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
+    assert slurm_cli("check", str(root), "--full")[0] == 0
+
+
+def _files_under(path: Path):
+    for p in path.rglob("*"):
+        if p.is_file():
+            yield p
+
+
+def test_password_appears_in_no_script_argument_environment_or_log(slurm_cli, emulator, tmp_path):
+    add(emulator.archive, sessions(2))
+    root = tmp_path / "bids"
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
+    assert code == 0, out + err
+    assert SENTINEL not in out + err
+    batch = current_batch(root)
+    assert batch.credentials == "alias-token"
+    mode = stat.S_IMODE(batch.credentials_path.stat().st_mode)
+    assert mode == 0o600
+    token = json.loads(batch.credentials_path.read_text())
+    assert token["alias"] != "labuser" and token["secret"] != SENTINEL
+
+    seen = []
+    for job in batch.jobs:
+        for argv in (["scontrol", "show", "job", "-dd", job], ["scontrol", "write", "batch_script", job, "-"]):
+            seen.append(subprocess.run(argv, capture_output=True, text=True).stdout)
+    # slurmctld keeps each queued job's environment and script in its state directory.
+    conf = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    state_dir = next((line.split("=", 1)[1].strip() for line in conf.splitlines() if line.startswith("StateSaveLocation")), "")
+    state_files = list(_files_under(Path(state_dir))) if state_dir and os.access(state_dir, os.R_OK) else []
+    seen += [p.read_bytes().decode("latin-1") for p in state_files]
+    assert any(batch.task_script.name in text or str(batch.dir) in text for text in seen)
+    for text in seen:
+        assert SENTINEL not in text
+        assert "XNAT_PASS" not in text
+
+    wait_gone(*batch.jobs)
+    assert sx.read_finalized(batch)["ok"]
+    assert not batch.credentials_path.exists()  # finalize removes the job credential
+    for job in batch.jobs:
+        assert SENTINEL not in subprocess.run(["scontrol", "show", "job", "-dd", job], capture_output=True, text=True).stdout
+    for path in [*_files_under(root), lock_path(root)]:
+        assert SENTINEL.encode() not in path.read_bytes(), path
+
+
+def test_dry_run_prints_the_job_scripts_and_submits_nothing(slurm_cli, emulator, tmp_path):
+    add(emulator.archive, sessions(2))
+    root = tmp_path / "bids"
+    config = write_config(tmp_path, '''
+[slurm]
+partition = "debug; touch /tmp/x2b-pwned"
+time = "01:00:00"
+mem = "2G"
+cpus_per_task = 2
+account = "mylab"
+qos = "normal"
+max_parallel = 5
+extra_args = ["--comment=$(touch /tmp/x2b-pwned)", "--mail-type=FAIL"]
+setup = "module load dcm2niix\\nexit 0'\\"\\nEOF"
+''')
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    code, out, err = slurm_cli("apply", str(root), "-c", str(config), "-p", "PROJ", "--executor", "slurm", "--dry-run")
+    assert code == 0, out + err
+    assert "Dry run: 2 session(s) would be submitted" in out
+    assert "sbatch --parsable --hold --job-name=xnat2bids-" in out and "--array=0-1%2" in out
+    assert "'--partition=debug; touch /tmp/x2b-pwned'" in out  # one argv element, quoted for display only
+    for flag in ("--time=01:00:00", "--mem=2G", "--cpus-per-task=2", "--account=mylab", "--qos=normal",
+                 "--mail-type=FAIL", "'--dependency=afterany:<array job ID>'", "--export=ALL"):
+        assert flag in out, out
+    assert '-m reconcile slurm-task' in out and '--index "$SLURM_ARRAY_TASK_ID"' in out
+    assert "-m reconcile finalize" in out
+    assert "module load dcm2niix" in out and "setup.sh (the [slurm] setup snippet" in out
+    assert "export XNAT_TOKEN_FILE=" in out and SENTINEL not in out
+    assert not root.exists() or not any(root.iterdir())
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+    assert not Path("/tmp/x2b-pwned").exists()
+
+
+def test_generated_script_keeps_its_structure_whatever_the_setup_snippet_says(tmp_path):
+    from reconcile.config import SlurmSettings
+
+    batch = sx.Batch(
+        root=tmp_path / "it's a \"bids\" $(root)", id="abc123", created_at="2024-01-01T00:00:00Z", user="u", host="h",
+        xnat_url="https://xnat.example.org", verify_tls=True, config_path=None, credentials="alias-token",
+        options=sx.BatchOptions(), sessions=(sx.BatchSession(0, "E1", "P", "sub-1/ses-1", "create"),),
+    )
+    hostile = SlurmSettings(setup="'\nEOF\nfi\nexit 0", extra_args=("--comment=a b", "--wrap=rm -rf /"))
+    array, finalize = sx.build_jobs(batch, hostile, python="/usr/bin/python3", token_file=batch.credentials_path)
+    for job in (array, finalize):
+        assert hostile.setup not in job.script
+        check = subprocess.run(["bash", "-n"], input=job.script, capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+    # The hostile strings are single argv elements handed to sbatch, never parsed by a shell.
+    assert "--wrap=rm -rf /" in array.command() and "--comment=a b" in finalize.command("7")
+    assert finalize.command("7")[-2:] == ["--dependency=afterany:7", str(batch.finalize_script)]
+    assert sx.job_environment({"XNAT_PASS": "x", "XNAT_USER": "u", "XNAT_TOKEN_FILE": "/t", "GITHUB_TOKEN": "y",
+                               "PATH": "/bin", "NETRC": "/n"}) == {"XNAT_TOKEN_FILE": "/t", "PATH": "/bin", "NETRC": "/n"}
