@@ -67,10 +67,11 @@ def tool_versions() -> dict[str, str]:
         pass
     from reconcile.convert import converter_env
 
-    exe = shutil.which("dcm2niix", path=converter_env()["PATH"])
+    env = converter_env()
+    exe = shutil.which("dcm2niix", path=env["PATH"])
     if exe:
         try:
-            out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+            out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30, env=env).stdout
             for token in out.split():
                 if token.startswith("v1.") or token.startswith("v2."):
                     versions["dcm2niix"] = token
