@@ -55,7 +55,17 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default: ./x
 ProjectOpt = typer.Option(None, "--project", "-p", help="XNAT project ID (repeatable).")
 SubjectOpt = typer.Option(None, "--subject", help="Subject label glob (repeatable).")
 SessionOpt = typer.Option(None, "--session", help="Session label / experiment ID glob (repeatable).")
+InsecureOpt = typer.Option(False, "--insecure", help="Do not verify the XNAT server's TLS certificate (verify_tls = false).")
 RootArg = typer.Argument(None, help="BIDS root (default: bids_root from the config, else ~/bids-export).")
+
+
+def _tls(cfg: Config, insecure: bool) -> Config:
+    if not insecure:
+        return cfg
+    from dataclasses import replace as _replace
+
+    echo("warning: TLS certificate verification is off (--insecure)", err=True)
+    return _replace(cfg, verify_tls=False)
 
 
 def _selection(project: Optional[list[str]], subject: Optional[list[str]], session: Optional[list[str]]) -> Selection:
@@ -177,12 +187,13 @@ def plan(
     out: Optional[Path] = typer.Option(None, "--out", help="Save the plan for `apply --plan`."),
     detailed_exitcode: bool = typer.Option(False, "--detailed-exitcode", help="Exit 2 when there are changes."),
     reconvert_outdated: bool = typer.Option(False, "--reconvert-outdated", help="Plan sessions converted with older tools as updates."),
+    insecure: bool = InsecureOpt,
 ) -> None:
     """Show what apply would change: create / update / drift / orphan.
 
     Example: xnat2bids plan ~/bids-export --project PROJ --detailed-exitcode
     """
-    cfg = load_config(config)
+    cfg = _tls(load_config(config), insecure)
     if cfg.layout == "pi-study" and (as_json or out):
         raise ConfigError("--json and --out need one dataset; with layout = \"pi-study\" pass the study's bids folder and set layout = \"flat\"")
     with connect(cfg) as client:
@@ -341,6 +352,7 @@ def apply(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="SLURM: print the job scripts and sbatch commands; submit nothing."),
     wait: bool = typer.Option(False, "--wait", help="SLURM: block until the finalize job ends; exit with the batch's status."),
+    insecure: bool = InsecureOpt,
 ) -> None:
     """Export and convert what plan reports (create / update), updating the lock per session.
 
@@ -348,7 +360,7 @@ def apply(
     Example: xnat2bids apply ~/bids-export --project PROJ --yes --jobs 4
     Example: xnat2bids apply ~/bids-export --executor slurm --yes --wait
     """
-    cfg = load_config(config)
+    cfg = _tls(load_config(config), insecure)
     if plan_file is not None and cfg.layout == "pi-study":
         raise ConfigError("--plan applies to one dataset; pass the study's bids folder with layout = \"flat\"")
     code = for_each_study(
