@@ -499,9 +499,11 @@ def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: st
     }
     path = WorkArea(root).history
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A crash mid-append leaves a torn last line; start on a fresh line so this entry stays readable.
+    torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
     with open(path, "a") as fh:
         hit("history-append")
-        fh.write(json.dumps(entry, sort_keys=True) + "\n")
+        fh.write(("\n" if torn else "") + json.dumps(entry, sort_keys=True) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
     return entry
@@ -511,4 +513,10 @@ def read_history(root: Path) -> list[dict]:
     path = WorkArea(root).history
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by a crash during its append
+    return entries
