@@ -134,6 +134,10 @@ echo "setup ran for job $SLURM_JOB_ID: it's <<EOF fine" >&2
 
     code, out, _ = slurm_cli("status", str(root))
     assert "finalized" in out and "3 done, 0 failed, 0 skipped; lock serial 3" in out
+    code, out, _ = slurm_cli("status", str(root), "--json")
+    doc = json.loads(out)
+    assert doc["format_version"] == 1 and doc["array_job"] == batch.array_job and not doc["holds_state_lock"]
+    assert [s["state"] for s in doc["sessions"]] == ["done"] * 3
     code, out, _ = slurm_cli("apply", str(root), "-c", str(config), "-p", "PROJ", "--yes")
     assert code == 0 and "Nothing to apply." in out
 
@@ -273,9 +277,19 @@ def test_password_appears_in_no_script_argument_environment_or_log(slurm_cli, em
     # slurmctld keeps each queued job's environment and script in its state directory.
     conf = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
     state_dir = next((line.split("=", 1)[1].strip() for line in conf.splitlines() if line.startswith("StateSaveLocation")), "")
-    state_files = list(_files_under(Path(state_dir))) if state_dir and os.access(state_dir, os.R_OK) else []
-    seen += [p.read_bytes().decode("latin-1") for p in state_files]
-    assert any(batch.task_script.name in text or str(batch.dir) in text for text in seen)
+    assert state_dir and os.access(state_dir, os.R_OK), "the tests run as root, like .ci/run"
+    environments = []
+    for path in _files_under(Path(state_dir)):
+        try:
+            text = path.read_bytes().decode("latin-1")
+        except FileNotFoundError:
+            continue  # slurmctld replaces its state files as it goes
+        seen.append(text)
+        if path.name == "environment":
+            environments.append(text)
+    # Positive controls: the job's stored environment and script were really looked at.
+    assert any(f"XNAT_HOST={emulator.url}" in text for text in environments)
+    assert any(str(batch.dir) in text for text in seen)
     for text in seen:
         assert SENTINEL not in text
         assert "XNAT_PASS" not in text
