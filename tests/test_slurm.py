@@ -231,9 +231,16 @@ def test_cancelled_batch_leaves_a_consistent_state_that_finalize_repairs(slurm_c
     batch = current_batch(root)
     # Let the first session finish, then cancel everything while the second one is running.
     wait_for(lambda: sx.read_result(batch, 0) is not None, "the first task's result")
+    second_log = root / ".xnat2bids/logs" / f"{batch.sessions[1].experiment_id}.log"
+    wait_for(second_log.exists, "the second task to start")
     subprocess.run(["scancel", batch.array_job, batch.finalize_job], check=True)
     wait_gone(*batch.jobs)
     assert read_lock(root) is None
+    # scancel sends SIGTERM first: the running task stops cleanly and still leaves a record.
+    second = sx.read_result(batch, 1)
+    assert second is not None and second["status"] == "failed", second
+    assert second["message"] == "cancelled (scancel or the time limit)"
+    assert sx.read_result(batch, 2) is None
 
     code, out, err = slurm_cli("finalize", str(root))
     assert code == 1, out + err  # not every session made it
