@@ -2,21 +2,28 @@
 
 Owns the lock's TOML layout (via `schemas/lock.schema.json`), its identity (lineage, serial) and
 the atomic, validate-before-write save. It never decides what to export; it only records it.
+Large locks are read through a verified cache and rewritten incrementally (see "speed" below);
+both only accelerate: the TOML file stays the one source of truth.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
+import marshal
 import os
 import re
 import secrets
 import sys
+import threading
+import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import tomli_w
 
@@ -79,14 +86,77 @@ class Lock:
         return cls(lineage=str(uuid.uuid4()), serial=0, generator=GENERATOR, config_fingerprint="", sessions={})
 
     def with_session(self, record: SessionRecord) -> Lock:
-        sessions = dict(self.sessions)
-        sessions[record.experiment_id] = _normalized(record)
-        return replace(self, sessions=sessions)
+        return replace(self, sessions=_Sessions.of(self.sessions).updated(record.experiment_id, _normalized(record)))
 
     def without_session(self, experiment_id: str) -> Lock:
-        sessions = dict(self.sessions)
-        sessions.pop(experiment_id, None)
-        return replace(self, sessions=sessions)
+        return replace(self, sessions=_Sessions.of(self.sessions).updated(experiment_id, None))
+
+
+# What a session was decoded from or last written as: (record, its marshalled canonical document,
+# copies of its two dicts). The dicts are the only parts of a frozen record that can still change.
+_Origin = tuple[SessionRecord, bytes, dict[str, str], dict[str, str]]
+
+
+class _Sessions(Mapping[str, SessionRecord]):
+    """A lock's sessions, each decoded from its marshalled document on first access.
+
+    Decoding 10,000 sessions (300,000 dataclasses) costs seconds; most callers of a lock touch a
+    few. It also remembers which document each record came from, so `write_lock` can tell the
+    sessions that are unchanged since the last read or write without comparing their content.
+    """
+
+    __slots__ = ("_items", "_origin")
+
+    def __init__(self, items: dict[str, Union[SessionRecord, bytes]], origin: dict[str, _Origin]) -> None:
+        self._items = items
+        self._origin = origin
+
+    @classmethod
+    def of(cls, sessions: Mapping[str, SessionRecord]) -> _Sessions:
+        return sessions if isinstance(sessions, _Sessions) else cls(dict(sessions), {})
+
+    def updated(self, key: str, record: SessionRecord | None) -> _Sessions:
+        items, origin = dict(self._items), dict(self._origin)
+        origin.pop(key, None)
+        if record is None:
+            items.pop(key, None)
+        else:
+            items[key] = record
+        return _Sessions(items, origin)
+
+    def __getitem__(self, key: str) -> SessionRecord:
+        value = self._items[key]
+        if type(value) is bytes:
+            record = _record(marshal.loads(value), canonical=True)
+            self._origin[key] = (record, value, dict(record.config_digests), dict(record.tools))
+            self._items[key] = record
+            return record
+        return value  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return dict, (dict(self),)
+
+    def blob(self, key: str) -> bytes | None:
+        """The marshalled document `key` is known to equal, without decoding it; None if unknown."""
+        value = self._items[key]
+        if type(value) is bytes:
+            return value
+        origin = self._origin.get(key)
+        if origin is not None and origin[0] is value and value.config_digests == origin[2] and value.tools == origin[3]:  # type: ignore[union-attr]
+            return origin[1]
+        return None
 
 
 def lock_path(root: Path) -> Path:
@@ -137,17 +207,30 @@ def _session_document(record: SessionRecord) -> dict[str, Any]:
 
 
 def _document(lock: Lock) -> dict[str, Any]:
-    return {
-        "format_version": lock.format_version,
-        "lineage": lock.lineage,
-        "serial": lock.serial,
-        "generator": lock.generator,
-        "config_fingerprint": lock.config_fingerprint,
-        "sessions": {key: _session_document(lock.sessions[key]) for key in sorted(lock.sessions)},
-    }
+    return {**_header(lock), "sessions": {key: _session_document(lock.sessions[key]) for key in sorted(lock.sessions)}}
 
 
-def _record(doc: Mapping[str, Any]) -> SessionRecord:
+def _record(doc: Mapping[str, Any], *, canonical: bool = False) -> SessionRecord:
+    if canonical:  # a document this module built: already sorted, and its dicts are ours to keep
+        return SessionRecord(
+            experiment_id=doc["experiment_id"],
+            project=doc["project"],
+            subject_id=doc["subject_id"],
+            subject_label=doc["subject_label"],
+            session_label=doc["session_label"],
+            bids_subject=doc["bids_subject"],
+            bids_session=doc["bids_session"],
+            date=doc.get("date"),
+            insert_date=doc["insert_date"],
+            last_modified=doc["last_modified"],
+            xsi_type=doc["xsi_type"],
+            exported_at=doc["exported_at"],
+            config_fingerprint=doc["config_fingerprint"],
+            config_digests=doc["config_digests"],
+            tools=doc["tools"],
+            scans=tuple([ScanRecord(**s) for s in doc["scans"]]),
+            outputs=tuple([OutputRecord(**o) for o in doc["outputs"]]),
+        )
     return SessionRecord(
         experiment_id=doc["experiment_id"],
         project=doc["project"],
@@ -167,6 +250,17 @@ def _record(doc: Mapping[str, Any]) -> SessionRecord:
         scans=tuple(sorted((ScanRecord(**s) for s in doc["scans"]), key=lambda s: scan_sort_key(s.id))),
         outputs=tuple(sorted((OutputRecord(**o) for o in doc["outputs"]), key=lambda o: o.path)),
     )
+
+
+def _header(lock: Lock) -> dict[str, Any]:
+    """The document without its sessions, in the order `_document` writes it."""
+    return {
+        "format_version": lock.format_version,
+        "lineage": lock.lineage,
+        "serial": lock.serial,
+        "generator": lock.generator,
+        "config_fingerprint": lock.config_fingerprint,
+    }
 
 
 def _from_document(doc: Mapping[str, Any]) -> Lock:
@@ -356,12 +450,27 @@ def _raise_invalid(summary: str, problems: list[str]) -> None:
 # --- text --------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    # Parsing or building a large lock allocates millions of objects that all survive; the cyclic
+    # collector would walk the growing heap again and again for nothing (half of the build time).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def dumps_lock(lock: Lock) -> str:
     """Deterministic TOML: sessions by key, scans by numeric-aware ID, outputs by path."""
-    return HEADER + tomli_w.dumps(_document(lock))
+    with _gc_paused():
+        return HEADER + tomli_w.dumps(_document(lock))
 
 
-def loads_lock(text: str, source: str = "lock") -> Lock:
+def _parse(text: str, source: str) -> dict[str, Any]:
+    """The validated document of a lock's text; LockfileError when it is not a valid lock."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -381,16 +490,195 @@ def loads_lock(text: str, source: str = "lock") -> Lock:
     problems = _problems(doc)
     if problems:
         _raise_invalid(f"{source}: invalid lock", problems)
-    return _from_document(doc)
+    return doc
+
+
+def loads_lock(text: str, source: str = "lock") -> Lock:
+    with _gc_paused():
+        return _from_document(_parse(text, source))
+
+
+# --- speed -------------------------------------------------------------------------------------
+#
+# tomli-w's text for a lock is the header, then one self-contained fragment per session, joined
+# by blank lines (`_assemble`; a test holds it to tomli_w.dumps of the whole document). And the
+# schema has no rule across sessions, so a document is valid exactly when its header is and each
+# session is. A write therefore serializes and validates only the sessions that changed since
+# the lock on disk was read or written, and copies the other fragments from the file's bytes.
+#
+# What is known about a lock file is a `_Snapshot`, keyed by the SHA-256 of its exact bytes:
+# kept in memory for the files this process read or wrote, and for large locks also saved in a
+# cache file so the next process skips the TOML parser (seconds per thousand sessions). Nothing
+# in a snapshot is believed unless its digest matches the file's bytes now; a cache file that is
+# damaged, foreign or stale is ignored and the lock parsed and validated again.
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """What a valid lock file holds, for the file whose bytes have SHA-256 `digest`."""
+
+    digest: bytes
+    header: dict[str, Any]  # as `_header` returns it
+    blobs: dict[str, bytes]  # session key -> its canonical document, marshalled, in key order
+    # Session key -> (start, end) of its TOML fragment in the file; None when the file may not be
+    # byte-for-byte what this module writes (parsed from text, e.g. edited by hand).
+    spans: dict[str, tuple[int, int]] | None
+
+    def lock(self) -> Lock:
+        h = self.header
+        return Lock(
+            lineage=h["lineage"],
+            serial=h["serial"],
+            generator=h["generator"],
+            config_fingerprint=h["config_fingerprint"],
+            sessions=_Sessions(dict(self.blobs), {}),
+            format_version=h["format_version"],
+        )
+
+
+_snapshots: dict[str, _Snapshot] = {}  # by absolute lock path; the newest few only
+_SNAPSHOTS_KEPT = 8
+_snapshots_guard = threading.Lock()
+
+# Below this size the TOML parser takes milliseconds: no cache file (nor clutter) for small locks.
+_CACHE_MIN_BYTES = 1 << 20
+_CACHE_MAGIC = b"xnat2bids lock cache 1\n"
+_CACHE_MAX_AGE = 30 * 86400  # cache files of BIDS roots unused this long are deleted
+
+
+def _remember(path: Path, snapshot: _Snapshot) -> None:
+    key = os.path.abspath(path)
+    with _snapshots_guard:
+        _snapshots.pop(key, None)
+        _snapshots[key] = snapshot
+        while len(_snapshots) > _SNAPSHOTS_KEPT:
+            del _snapshots[next(iter(_snapshots))]
+
+
+def _cache_dir() -> Path | None:
+    """Private to the user: the cache is trusted once its checksum and key match, so no one else
+    may be able to write it (a BIDS root is often shared by a group)."""
+    configured = os.environ.get("XNAT2BIDS_CACHE_DIR")
+    if configured:
+        return Path(configured) / "locks"
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # no home directory
+        return None
+    return base / "xnat2bids" / "locks"
+
+
+def _cache_file(path: Path) -> Path | None:
+    directory = _cache_dir()
+    name = hashlib.sha256(os.path.abspath(path).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return None if directory is None else directory / f"{name}.bin"
+
+
+def _load_cache(path: Path, digest: bytes) -> _Snapshot | None:
+    """The cached snapshot of the lock whose bytes have `digest`, or None: never an error."""
+    file = _cache_file(path)
+    if file is None:
+        return None
+    try:
+        with open(file, "rb") as f:
+            if os.name == "posix" and os.fstat(f.fileno()).st_uid != os.getuid():
+                return None
+            raw = f.read()
+    except OSError:
+        return None
+    view = memoryview(raw)
+    head = len(_CACHE_MAGIC)
+    if view[:head] != _CACHE_MAGIC or hashlib.sha256(view[head + 32:]).digest() != view[head:head + 32]:
+        return None
+    try:
+        version, cached_digest, header, keys, blobs, spans = marshal.loads(view[head + 32:])
+        if version != 1 or cached_digest != digest or len(keys) != len(blobs):
+            return None
+        if not isinstance(header, dict) or set(header) != {"format_version", "lineage", "serial", "generator", "config_fingerprint"}:
+            return None
+        if spans is not None and len(spans) != 2 * len(keys):
+            return None
+        return _Snapshot(
+            digest,
+            header,
+            dict(zip(keys, blobs)),
+            None if spans is None else {k: (spans[2 * i], spans[2 * i + 1]) for i, k in enumerate(keys)},
+        )
+    except Exception:  # anything unexpected in a cache means: not usable
+        return None
+
+
+def _save_cache(path: Path, snapshot: _Snapshot) -> None:
+    """Best effort: a cache that cannot be written only costs the next reader time."""
+    file = _cache_file(path)
+    if file is None:
+        return
+    keys = tuple(snapshot.blobs)
+    spans = None if snapshot.spans is None else tuple(n for k in keys for n in snapshot.spans[k])
+    payload = marshal.dumps((1, snapshot.digest, snapshot.header, keys, tuple(snapshot.blobs.values()), spans))
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(tmp, "xb") as f:
+            f.write(_CACHE_MAGIC)
+            f.write(hashlib.sha256(payload).digest())
+            f.write(payload)
+        os.replace(tmp, file)
+        now = time.time()
+        for old in file.parent.iterdir():  # caches of BIDS roots gone or long unused
+            if old != file and now - old.stat().st_mtime > _CACHE_MAX_AGE:
+                old.unlink()
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _snapshot_of(path: Path, data: bytes) -> _Snapshot:
+    """What the lock file with these bytes holds; LockfileError when it is not a valid lock."""
+    digest = hashlib.sha256(data).digest()
+    known = _snapshots.get(os.path.abspath(path))
+    if known is not None and known.digest == digest:
+        return known
+    snapshot = _load_cache(path, digest) if len(data) >= _CACHE_MIN_BYTES else None
+    if snapshot is None:
+        snapshot = _parse_file(path, data, digest)
+        if len(data) >= _CACHE_MIN_BYTES:
+            _save_cache(path, snapshot)
+    _remember(path, snapshot)
+    return snapshot
+
+
+def _parse_file(path: Path, data: bytes, digest: bytes) -> _Snapshot:
+    """The slow path: parse and validate the TOML."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LockfileError(f"{path}: not valid TOML: not UTF-8 text (byte {exc.start})") from exc
+    with _gc_paused():
+        lock = _from_document(_parse(text, str(path)))
+        blobs = {key: marshal.dumps(_session_document(record)) for key, record in lock.sessions.items()}
+    return _Snapshot(digest, _header(lock), blobs, None)
+
+
+def _assemble(header: dict[str, Any], fragments: list[Any]) -> tuple[bytes, list[tuple[int, int]]]:
+    """The lock's bytes from its header and its sessions' fragments (in key order), with where
+    each fragment landed. Equal to `dumps_lock` of the same lock, byte for byte."""
+    if not fragments:
+        return (HEADER + tomli_w.dumps({**header, "sessions": {}})).encode(), []
+    pieces: list[Any] = [(HEADER + tomli_w.dumps(header) + "\n").encode()]
+    spans = []
+    at = len(pieces[0])
+    for fragment in fragments:
+        if len(pieces) > 1:
+            pieces.append(b"\n")
+            at += 1
+        pieces.append(fragment)
+        spans.append((at, at + len(fragment)))
+        at += len(fragment)
+    return b"".join(pieces), spans
 
 
 # --- files -------------------------------------------------------------------------------------
-
-
-# Locks this process has read or written and found valid, by path: (sha256 of the bytes, lineage,
-# serial). write_lock must know the file on disk is valid before replacing it; re-parsing a large
-# lock for that costs far more than hashing it, and equal bytes are equally valid.
-_known_valid: dict[str, tuple[str, str, int]] = {}
 
 
 def _read_bytes(path: Path) -> bytes | None:
@@ -402,21 +690,11 @@ def _read_bytes(path: Path) -> bytes | None:
         raise LockfileError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
-def _parse_file(path: Path, data: bytes) -> Lock:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise LockfileError(f"{path}: not valid TOML: not UTF-8 text (byte {exc.start})") from exc
-    lock = loads_lock(text, source=str(path))
-    _known_valid[os.path.abspath(path)] = (hashlib.sha256(data).hexdigest(), lock.lineage, lock.serial)
-    return lock
-
-
 def read_lock(root: Path) -> Lock | None:
     """The lock of a BIDS root, or None when there is none yet."""
     path = lock_path(root)
     data = _read_bytes(path)
-    return None if data is None else _parse_file(path, data)
+    return None if data is None else _snapshot_of(path, data).lock()
 
 
 def load_or_new(root: Path) -> Lock:
@@ -433,40 +711,67 @@ def write_lock(root: Path, lock: Lock, *, expected_serial: int | None = None) ->
     what the caller read. A missing file counts as serial 0.
     """
     path = lock_path(root)
-    on_disk = _identity_on_disk(path)  # raises on an invalid file: look at it, never overwrite it
+    data = _read_bytes(path)
+    # Raises on an invalid file: look at it, never overwrite it.
+    on_disk = None if data is None else _snapshot_of(path, data)
     if expected_serial is not None:
-        found = on_disk[1] if on_disk is not None else 0
+        found = on_disk.header["serial"] if on_disk is not None else 0
         if found != expected_serial:
             raise LockfileError(
                 f"the lock changed on disk since it was read (serial {expected_serial} → {found})",
                 hint="another run wrote it; run plan again",
             )
-        if on_disk is not None and on_disk[0] != lock.lineage:
+        if on_disk is not None and on_disk.header["lineage"] != lock.lineage:
             raise LockfileError(
-                f"the lock on disk is a different lock (lineage {on_disk[0]}, not {lock.lineage})",
+                f"the lock on disk is a different lock (lineage {on_disk.header['lineage']}, not {lock.lineage})",
                 hint="another run replaced it; run plan again",
             )
     written = replace(lock, serial=lock.serial + 1, generator=GENERATOR)
-    doc = _document(written)
-    problems = _problems(doc)
-    if problems:
-        _raise_invalid(f"refusing to write an invalid lock to {path}", problems)
-    data = (HEADER + tomli_w.dumps(doc)).encode("utf-8")
-    _atomic_write(path, data)
-    _known_valid[os.path.abspath(path)] = (hashlib.sha256(data).hexdigest(), written.lineage, written.serial)
-    return written
-
-
-def _identity_on_disk(path: Path) -> tuple[str, int] | None:
-    """(lineage, serial) of the valid lock at `path`, None when absent; LockfileError when invalid."""
-    data = _read_bytes(path)
-    if data is None:
-        return None
-    known = _known_valid.get(os.path.abspath(path))
-    if known is not None and known[0] == hashlib.sha256(data).hexdigest():
-        return known[1], known[2]
-    lock = _parse_file(path, data)
-    return lock.lineage, lock.serial
+    header = _header(written)
+    sessions = _Sessions.of(lock.sessions)
+    reusable = on_disk is not None and on_disk.spans is not None
+    keys = sorted(sessions)
+    blobs: dict[str, bytes] = {}
+    fragments: list[Any] = [None] * len(keys)
+    changed: list[tuple[int, str, dict[str, Any], bytes | None]] = []  # (position, key, document, blob)
+    view = memoryview(data) if reusable else None
+    with _gc_paused():
+        for i, key in enumerate(keys):
+            blob = sessions.blob(key)
+            if reusable and blob is not None and on_disk.blobs.get(key) == blob:  # type: ignore[union-attr]
+                start, end = on_disk.spans[key]  # type: ignore[union-attr,index]
+                fragments[i] = view[start:end]  # type: ignore[index]
+                blobs[key] = blob
+            else:  # a blob is a canonical document: no need to build the record to get it back
+                doc = marshal.loads(blob) if blob is not None else _session_document(sessions[key])
+                changed.append((i, key, doc, blob))
+        # Validated exactly as the whole document would be: the header, then each changed session
+        # (the unchanged ones were valid when read or written).
+        problems = _schema_problems({**header, "sessions": {}})
+        for _, key, doc, _blob in changed:
+            problems += [p for p in _schema_problems({**header, "sessions": {key: doc}}) if p.startswith("sessions/")]
+        if not problems:
+            for _, key, doc, _blob in changed:
+                problems += _consistency_problems({"sessions": {key: doc}})
+        if problems:
+            _raise_invalid(f"refusing to write an invalid lock to {path}", problems)
+        for i, key, doc, blob in changed:
+            fragments[i] = tomli_w.dumps({"sessions": {key: doc}}).encode()
+            blobs[key] = blob if blob is not None else marshal.dumps(doc)
+        out, spans = _assemble(header, fragments)
+    del view, fragments
+    _atomic_write(path, out)
+    snapshot = _Snapshot(hashlib.sha256(out).digest(), header, {k: blobs[k] for k in keys}, dict(zip(keys, spans)))
+    _remember(path, snapshot)
+    if len(out) >= _CACHE_MIN_BYTES:
+        _save_cache(path, snapshot)
+    # The returned lock knows which document each of its records is, for the next write.
+    items, origin = dict(sessions._items), dict(sessions._origin)
+    for _, key, _doc, _blob in changed:
+        value = items[key]
+        if type(value) is not bytes:
+            origin[key] = (value, blobs[key], dict(value.config_digests), dict(value.tools))  # type: ignore[union-attr]
+    return replace(written, sessions=_Sessions(items, origin))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
