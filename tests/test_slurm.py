@@ -20,7 +20,7 @@ from reconcile import statelock
 from reconcile.executors import slurm as sx
 from reconcile.lock import lock_path, read_lock
 
-from test_apply import SMALL, add
+from test_apply import add
 from test_cli_plan import cli  # noqa: F401  (fixture)
 
 pytestmark = [
@@ -37,7 +37,7 @@ JOB_TIMEOUT = 240.0
 
 
 @pytest.fixture
-def slurm_cli(cli, emulator, monkeypatch):
+def slurm_cli(cli, emulator, monkeypatch):  # noqa: F811  (the imported fixture)
     """The CLI logged in as a user whose password is the sentinel (from XNAT_USER/XNAT_PASS)."""
     emulator.archive.add_user("labuser", SENTINEL)
     monkeypatch.setenv("XNAT_USER", "labuser")
