@@ -241,7 +241,12 @@ def run_apply(
 
     if root.exists() and not root.is_dir():
         raise ConfigError(f"BIDS root {root} exists but is not a directory")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create BIDS root {root}: {exc.strerror or exc}") from exc
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(f"BIDS root {root} is not writable by this user")
     warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
     own_client = client is None
     client = client or connect(cfg)

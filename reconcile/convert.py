@@ -308,7 +308,8 @@ def _run(command: list[str], work_dir: Path, log_path: Path, cancel: threading.E
         try:
             # A session of its own, so cancel/timeout can kill dcm2niix children too.
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=work_dir, env=converter_env(), start_new_session=True)
+                                    cwd=work_dir, env=converter_env(), start_new_session=True,
+                                    preexec_fn=_die_with_parent)
         except OSError as exc:
             raise ConversionError(f"{address}: cannot start heudiconv: {exc}", hint=hint) from exc
         hit("convert-running")
@@ -332,6 +333,16 @@ def _run(command: list[str], work_dir: Path, log_path: Path, cancel: threading.E
     if returncode != 0:
         raise ConversionError(f"{address}: heudiconv failed (exit status {returncode})",
                               detail=_tail(log_path), hint=hint)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL heudiconv when apply dies, so a killed apply leaves no converter racing a rerun."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the process group is still killed on cancel
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
