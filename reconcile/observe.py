@@ -5,9 +5,11 @@ All the I/O that `plan` needs happens here, so that `plan.compute_plan` stays pu
 
 from __future__ import annotations
 
+import gc
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -81,6 +83,20 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Listing and planning allocate a few objects per session and no reference cycles, yet the
+    cyclic collector rescans them over and over as they pile up: about a third of a 10,000-session
+    plan (benchmarks/bench_plan.py). Reference counting still frees everything as usual."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 @dataclass(frozen=True)
 class PlanRun:
     root: Path
@@ -98,11 +114,13 @@ def make_plan(
     reconvert_outdated: bool = False,
     concurrency: int = 8,
 ) -> PlanRun:
-    lock = load_or_new(root)
-    projects = choose_projects(selection, config, lock)
-    remote = observe_remote(client, projects, deep=deep, concurrency=concurrency)
-    local = stat_outputs(root, lock)
-    plan = compute_plan(
-        lock, remote, local, config, selection=selection, tools=tool_versions(), reconvert_outdated=reconvert_outdated
-    )
+    with _cyclic_gc_paused():
+        lock = load_or_new(root)
+        projects = choose_projects(selection, config, lock)
+        remote = observe_remote(client, projects, deep=deep, concurrency=concurrency)
+        local = stat_outputs(root, lock)
+        plan = compute_plan(
+            lock, remote, local, config, selection=selection, tools=tool_versions(),
+            reconvert_outdated=reconvert_outdated,
+        )
     return PlanRun(root, lock, plan)
