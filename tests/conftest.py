@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 from pytest_httpserver import HTTPServer
 
+from reconcile.cli import main
 from reconcile.emulator import Archive, EmulatorApp
 
 EMULATOR_USER = "admin"
@@ -70,3 +71,25 @@ def emulator(archive: Archive) -> Iterator[RunningEmulator]:
         server.clear()
         if server.is_running():
             server.stop()
+
+
+@pytest.fixture
+def cli(emulator, monkeypatch, capsys, tmp_path_factory):
+    """Run the real CLI entry point against the emulator; returns (exit code, stdout, stderr).
+
+    Credentials come from the environment, as a user's would; the working directory is a
+    fresh folder, so no stray ./xnat2bids.toml is picked up.
+    """
+    monkeypatch.setenv("XNAT_HOST", emulator.url)
+    monkeypatch.setenv("XNAT_USER", emulator.user)
+    monkeypatch.setenv("XNAT_PASS", emulator.password)
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main(list(args))
+        out = capsys.readouterr()
+        return exc.value.code, out.out, out.err
+
+    return run

@@ -8,44 +8,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
-import requests
+from worlds import SMALL, add, redate, tree
 
-from reconcile.demo import populate
 from reconcile.emulator.dicomgen import DEFAULT_SERIES
 from reconcile.lock import lock_path, read_lock
 
-from test_cli_plan import cli  # noqa: F401  (fixture)
-
 pytestmark = pytest.mark.slow
-
-# T1w + one bold run keep heudiconv fast; the full ReproIn session is converted in the validator test.
-SMALL = tuple(s for s in DEFAULT_SERIES if s.description in ("anat-T1w_acq-memprage", "func-bold_task-rest"))
-
-
-def add(archive, sessions, series=SMALL):
-    populate(archive, "PROJ", sessions, series=series)
-    return {e.label: e for e in archive.sessions("PROJ")}
-
-
-def tree(root: Path, sub: str) -> dict[str, tuple[int, bytes]]:
-    """Every file under root/sub with its mtime and bytes: 'untouched' means equal."""
-    base = root / sub
-    return {
-        p.relative_to(root).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
-        for p in sorted(base.rglob("*")) if p.is_file()
-    }
-
-
-def redate(emulator, exp, date: str) -> None:
-    r = requests.put(
-        f"{emulator.url}/data/projects/PROJ/subjects/{exp.subject_id}/experiments/{exp.id}",
-        params={"xnat:mrSessionData/date": date}, auth=(emulator.user, emulator.password), timeout=10,
-    )
-    assert r.status_code == 200
-
 
 def test_apply_converts_then_is_a_noop_and_redate_reconverts_only_that_session(cli, emulator, tmp_path):
     exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11")])

@@ -3,68 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jsonschema
-import pytest
 import requests
+from worlds import add_sessions, exported_root, write_config
 
-from reconcile.cli import main
-from reconcile.lock import Lock, lock_path, write_lock
-from reconcile.model import OutputRecord, SessionRecord, format_timestamp
+from reconcile.lock import lock_path, write_lock
 from reconcile.schema import load_schema
-
-
-@pytest.fixture
-def cli(emulator, monkeypatch, capsys):
-    """Run the real CLI entry point against the emulator; returns (exit code, stdout, stderr)."""
-    monkeypatch.setenv("XNAT_HOST", emulator.url)
-    monkeypatch.setenv("XNAT_USER", emulator.user)
-    monkeypatch.setenv("XNAT_PASS", emulator.password)
-    monkeypatch.chdir(Path(emulator.url and "."))
-
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exc:
-            main(list(args))
-        out = capsys.readouterr()
-        return exc.value.code, out.out, out.err
-
-    return run
-
-
-def add_sessions(archive, n: int):
-    return [archive.add_session("PROJ", f"SUBJ{i:02d}", f"SUBJ{i:02d}_MR1", date="2024-01-10") for i in range(1, n + 1)]
-
-
-def record_as_exported(archive, exp, root: Path) -> SessionRecord:
-    """A lock entry as apply would write it for the emulator's current state, with one output file."""
-    from reconcile.config import Config
-
-    subject = archive.subject_of(exp).label
-    address = f"sub-{subject}/ses-{exp.label.replace('_', '')}"
-    out = root / address / "anat" / "t1.nii.gz"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(b"nifti")
-    conv = Config().conversion_for("PROJ", exp.label)
-    return SessionRecord(
-        experiment_id=exp.id, project="PROJ", subject_id=exp.subject_id, subject_label=subject,
-        session_label=exp.label, bids_subject=subject, bids_session=exp.label.replace("_", ""),
-        date=exp.date or None, insert_date=format_timestamp(exp.insert_date),
-        last_modified=format_timestamp(exp.last_modified), xsi_type=exp.xsi_type,
-        exported_at="2024-01-11T00:00:00Z", config_fingerprint=conv.fingerprint(), config_digests=conv.digests(),
-        outputs=(OutputRecord(f"{address}/anat/t1.nii.gz", 5, "0" * 64, out.stat().st_mtime_ns),),
-    )
-
-
-def exported_root(archive, tmp_path: Path, exps) -> Path:
-    root = tmp_path / "bids"
-    root.mkdir()
-    lock = Lock.new()
-    for exp in exps:
-        lock = lock.with_session(record_as_exported(archive, exp, root))
-    write_lock(root, lock)
-    return root
 
 
 def test_plan_on_empty_root_lists_creates_and_exits_2(cli, emulator, tmp_path):
@@ -223,9 +168,3 @@ def test_python_dash_m_works():
 
     out = subprocess.run([sys.executable, "-m", "reconcile", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("xnat2bids ")
-
-
-def write_config(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "xnat2bids.toml"
-    path.write_text(text + "\n")
-    return path

@@ -18,8 +18,18 @@ from pathlib import Path
 import pytest
 
 from reconcile.config import ConversionSettings
-from reconcile.convert import ConversionResult, bidsmap_target, convert_session, converter_env
-from reconcile.dataset import ensure_bidsignore, ensure_dataset_description, ensure_participant, update_sessions_tsv
+from reconcile.convert import (
+    ConversionResult,
+    bidsmap_target,
+    convert_session,
+    converter_env,
+)
+from reconcile.dataset import (
+    ensure_bidsignore,
+    ensure_dataset_description,
+    ensure_participant,
+    update_sessions_tsv,
+)
 from reconcile.emulator.dicomgen import SeriesSpec, write_session
 from reconcile.errors import ConversionError
 from reconcile.model import BidsAddress

@@ -20,7 +20,12 @@ from werkzeug import Request, Response
 
 from reconcile.credentials import Credentials
 from reconcile.emulator import Fault
-from reconcile.errors import NotFoundError, UnsafePathError, VerificationError, XnatBidsError
+from reconcile.errors import (
+    NotFoundError,
+    UnsafePathError,
+    VerificationError,
+    XnatBidsError,
+)
 from reconcile.export import (
     AUTO_ZIP_MAX_MEAN_SIZE,
     AUTO_ZIP_MIN_FILES,
@@ -31,7 +36,6 @@ from reconcile.export import (
 )
 from reconcile.model import Experiment, RemoteFile, Scan
 from reconcile.xnat import XnatClient
-
 
 # -- worlds -----------------------------------------------------------------------------------------
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from worlds import SMALL, write_config
 
 from reconcile.demo import populate
 from reconcile.layout import discover, study_root
 from reconcile.lock import read_lock
-from test_apply import SMALL
-from test_cli_plan import cli, write_config  # noqa: F401  (fixture)
 
 
 def test_study_root_reuses_existing_folders_case_insensitively(tmp_path):

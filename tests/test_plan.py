@@ -18,7 +18,14 @@ from reconcile.model import (
     SessionRecord,
     format_timestamp,
 )
-from reconcile.plan import Action, LocalState, ProjectListing, RemoteState, Selection, compute_plan
+from reconcile.plan import (
+    Action,
+    LocalState,
+    ProjectListing,
+    RemoteState,
+    Selection,
+    compute_plan,
+)
 
 T0 = datetime(2024, 1, 10, 14, 22, 5, 352000)
 TOOLS = {"heudiconv": "1.5.1", "dcm2niix": "v1.0.20260724", "xnat2bids": "0.1.0"}

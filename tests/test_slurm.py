@@ -15,13 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+from worlds import add
 
 from reconcile import statelock
 from reconcile.executors import slurm as sx
 from reconcile.lock import lock_path, read_lock
-
-from test_apply import add
-from test_cli_plan import cli  # noqa: F401  (fixture)
 
 pytestmark = [
     pytest.mark.slurm,

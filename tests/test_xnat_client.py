@@ -16,7 +16,13 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from reconcile.credentials import Credentials
-from reconcile.errors import AuthError, NotFoundError, RemoteError, UnsafePathError, XnatBidsError
+from reconcile.errors import (
+    AuthError,
+    NotFoundError,
+    RemoteError,
+    UnsafePathError,
+    XnatBidsError,
+)
 from reconcile.model import Experiment
 from reconcile.xnat import EXPERIMENT_COLUMNS, XnatClient, html_message
 

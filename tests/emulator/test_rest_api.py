@@ -296,8 +296,9 @@ def test_root_does_not_redirect_and_sets_a_session_for_basic_auth(emulator):
 
 
 def test_sessions_expire_after_idle_timeout(archive):
-    from reconcile.emulator import EmulatorApp
     from werkzeug.test import Client
+
+    from reconcile.emulator import EmulatorApp
 
     now = [1000.0]
     app = EmulatorApp(archive, wall_clock=lambda: now[0])
@@ -349,7 +350,10 @@ def test_model_building_endpoints(emulator, http):
 def test_every_served_xsi_type_is_defined_in_the_xsd(emulator, http):
     schema = http.get(f"{emulator.url}/xapi/schemas/xnat").text
     defined = {f"xnat:{name}" for name in re.findall(r'<xs:complexType name="(\w+)"', schema)}
-    from reconcile.emulator.archive import MODALITY_BY_SESSION_TYPE, SCAN_TYPE_BY_SESSION_TYPE
+    from reconcile.emulator.archive import (
+        MODALITY_BY_SESSION_TYPE,
+        SCAN_TYPE_BY_SESSION_TYPE,
+    )
 
     served = set(MODALITY_BY_SESSION_TYPE) | set(SCAN_TYPE_BY_SESSION_TYPE.values())
     served |= {"xnat:projectData", "xnat:subjectData", "xnat:resourceCatalog"}

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from relworld import SENTINEL, USER, kill_leftovers, served_world, snapshot, xnat2bids
 
 from reconcile.cli import main
 from reconcile.lock import loads_lock, read_lock
-
-from relworld import SENTINEL, USER, kill_leftovers, served_world, snapshot, xnat2bids
 
 pytestmark = pytest.mark.slow
 

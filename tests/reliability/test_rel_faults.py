@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from relworld import ONE_SERIES
+from worlds import exported_root
 
 import reconcile.xnat
 from reconcile.credentials import Credentials
@@ -18,9 +20,6 @@ from reconcile.emulator import Archive, Fault
 from reconcile.errors import RemoteError
 from reconcile.lock import lock_path, read_lock
 from reconcile.xnat import XnatClient
-
-from relworld import ONE_SERIES
-from test_cli_plan import cli, exported_root  # noqa: F401  (fixture)
 
 LISTING = r"/data/projects/PROJ/experiments$"
 FILES = r"/resources/[^/]+/files/[^/]+\.dcm$"

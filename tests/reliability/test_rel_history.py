@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 
 from reconcile.apply import ApplyReport, append_history, read_history
+from reconcile.config import Config
 from reconcile.lock import Lock
 from reconcile.plan import LocalState, RemoteState, compute_plan
-from reconcile.config import Config
-
-from test_cli_plan import cli  # noqa: F401  (fixture)
 
 
 def test_a_torn_history_line_is_skipped_and_the_next_entry_starts_on_its_own_line(cli, tmp_path):

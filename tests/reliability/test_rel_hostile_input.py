@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 from pytest_httpserver import HTTPServer
+from test_export import hostile_zip
+from worlds import exported_root
 
 from reconcile.lock import lock_path
-
-from test_cli_plan import cli, exported_root  # noqa: F401  (fixture)
-from test_export import hostile_zip
 
 TRIED: list[str] = []
 
@@ -170,12 +169,13 @@ def test_listed_file_names_escaping_the_folder_are_refused(cli, emulator, tmp_pa
 @pytest.mark.parametrize("entry,symlink", [("../x", False), ("/abs", False), ("{prefix}../../../x", False),
                                            ("{prefix}link.dcm", True)])
 def test_hostile_zip_entries_are_refused(httpserver: HTTPServer, tmp_path, entry, symlink):
+    from test_export import ZipSite, bare_experiment
+
     from reconcile.credentials import Credentials
     from reconcile.errors import UnsafePathError
     from reconcile.export import export_session, zip_prefix
     from reconcile.model import RemoteFile, Scan
     from reconcile.xnat import XnatClient
-    from test_export import ZipSite, bare_experiment
 
     exp = bare_experiment()
     f = RemoteFile("1.dcm", 4, hashlib.md5(b"good").hexdigest(), ZipSite.ZIP_PATH + "/1.dcm")

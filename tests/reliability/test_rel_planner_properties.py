@@ -8,12 +8,11 @@ from datetime import timedelta
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_plan import CONFIG, T0, TOOLS, exp, on_disk
 
 from reconcile.lock import Lock, dumps_lock, loads_lock
 from reconcile.model import OutputRecord, SessionRecord, format_timestamp
-from reconcile.plan import Action, LocalState, ProjectListing, RemoteState, compute_plan
-
-from test_plan import CONFIG, T0, TOOLS, exp, on_disk
+from reconcile.plan import Action, ProjectListing, RemoteState, compute_plan
 
 DATES = ("2024-01-10", "2024-02-11", "2023-12-31", None)  # None: XNAT has no date (parse_date)
 

@@ -9,12 +9,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from relworld import SENTINEL, served_world, start_xnat2bids, xnat2bids
 
 from reconcile.config import Config
 from reconcile.credentials import Credentials
-
-from relworld import SENTINEL, served_world, start_xnat2bids, xnat2bids
-from test_cli_plan import cli  # noqa: F401  (fixture)
 
 
 def _ppid(pid: str) -> int | None:

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 
 import pytest
+from relworld import served_world, snapshot, start_xnat2bids, xnat2bids
 
 from reconcile.emulator import Fault
 from reconcile.lock import read_lock
 from reconcile.statelock import state_lock_path
-
-from relworld import served_world, snapshot, start_xnat2bids, xnat2bids
 
 pytestmark = pytest.mark.slow
 
