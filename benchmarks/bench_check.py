@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     from reconcile.check import check_outputs
-    from reconcile.lock import dumps_lock, lock_path, read_lock
+    from reconcile.lock import dumps_lock, lock_path
 
     find = _bench.need("find")
     rep = args.repeat
@@ -40,19 +40,22 @@ def main() -> None:
             ["sh", "-c", f"find {root} -name '*.nii.gz' -print0 | xargs -0 stat -c '%s %n'"]))
         t_check, report = _bench.best_of(rep, lambda: check_outputs(root, lock))
         assert report.ok and report.outputs == n, report.problems[:3]
-        t_read, _ = _bench.best_of(1, lambda: read_lock(root))
-        t_cli, _ = _bench.best_of(1, lambda: _bench.child([*_bench.XNAT2BIDS, "check", str(root)], cwd=root))
+        env = dict(_bench.os.environ, XNAT2BIDS_CACHE_DIR=str(Path(tmp, "cache")))  # a cold lock cache
+        check_cmd = [*_bench.XNAT2BIDS, "check", str(root)]
+        t_cli_cold, _ = _bench.best_of(1, lambda: _bench.child(check_cmd, cwd=root, env=env))
+        t_cli, _ = _bench.best_of(rep, lambda: _bench.child(check_cmd, cwd=root, env=env))
         rows = [
             [f"find -printf '%s %p' ({n:,} files)", ms(t_find), ratio(t_find, t_stat), "—"],
             ["find + xargs stat -c '%s %n'", ms(t_stat), "1.00×", "—"],
             ["check_outputs (size mode), lock already parsed", ms(t_check), ratio(t_check, t_stat),
              verdict(t_check <= 2 * t_stat)],
-            ["read_lock of that lock", ms(t_read), ratio(t_read, t_stat), "—"],
-            ["`xnat2bids check` CLI end to end (read lock + check)", ms(t_cli), ratio(t_cli, t_stat),
+            ["`xnat2bids check` CLI, first run (parses the TOML lock)", ms(t_cli_cold),
+             ratio(t_cli_cold, t_stat), verdict(t_cli_cold <= 2 * t_stat)],
+            ["`xnat2bids check` CLI, later runs (verified lock cache)", ms(t_cli), ratio(t_cli, t_stat),
              verdict(t_cli <= 2 * t_stat)],
         ]
         _bench.report(f"check, {args.sessions:,} sessions / {n:,} outputs (size mode)",
-                      ["what", "time", "× find+stat", "≤ 2× met"], rows, [f"Best of {rep} (CLI and read_lock: 1 run)."])
+                      ["what", "time", "× find+stat", "≤ 2× met"], rows, [f"Best of {rep} (first CLI run: 1 run). The CLI times include interpreter start and imports."])
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
