@@ -22,12 +22,23 @@ from pathlib import Path
 
 from reconcile.config import Config, ConversionSettings
 from reconcile.convert import convert_session
-from reconcile.dataset import ensure_dataset_description, ensure_participant, update_sessions_tsv
+from reconcile.dataset import (
+    ensure_dataset_description,
+    ensure_participant,
+    update_sessions_tsv,
+)
 from reconcile.errors import AuthError, StalePlanError, XnatBidsError
 from reconcile.export import export_session
 from reconcile.failpoints import hit
 from reconcile.localscan import sha256_file
-from reconcile.lock import Lock, dumps_lock, load_or_new, loads_lock, read_lock, write_lock
+from reconcile.lock import (
+    Lock,
+    dumps_lock,
+    load_or_new,
+    loads_lock,
+    read_lock,
+    write_lock,
+)
 from reconcile.model import (
     BidsAddress,
     Experiment,
@@ -244,11 +255,15 @@ def _staged_outputs(staging_root: Path, session_dir: Path) -> tuple[OutputRecord
     return tuple(sorted(records, key=lambda o: o.path))
 
 
-def commit_session(staged: StagedSession, root: Path, lock: Lock, *, keep_dicom: bool = False) -> Lock:
+def commit_session(
+    staged: StagedSession, root: Path, lock: Lock, *, keep_dicom: bool = False, save: bool = True
+) -> Lock:
     """Move a staged session into place and record it in the lock; returns the lock as written.
 
     Order: journal (the complete new record) → swap folders → provenance → lock. A crash at
     any point is repaired by `recover`: before the swap it rolls back, after it rolls forward.
+    With `save=False` the lock is only updated in memory and the journal kept, so that a batch
+    of commits can be saved with one write by `save_commits`.
     """
     area = WorkArea(root)
     exp, address = staged.experiment, staged.address
@@ -287,10 +302,10 @@ def commit_session(staged: StagedSession, root: Path, lock: Lock, *, keep_dicom:
     hit("commit-journaled")
     _move_replacing(staged.session_dir, target, area.trash(exp.id))
     hit("commit-moved")
-    return _roll_forward(root, exp.id, lock)
+    return _roll_forward(root, exp.id, lock, save=save)
 
 
-def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None) -> Lock:
+def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bool = True) -> Lock:
     """Finish a commit whose folders are in place: provenance, lock, clean-up. Idempotent."""
     area = WorkArea(root)
     journal = json.loads(area.journal(exp_id).read_text())
@@ -317,12 +332,32 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None) -> Lock:
         updated = lock
         if previous is not None and previous.experiment_id != exp_id:
             updated = updated.without_session(previous.experiment_id)
+        if not save:
+            return updated.with_session(record)  # journal and leftovers stay until save_commits
         lock = write_lock(root, updated.with_session(record), expected_serial=lock.serial)
         hit("commit-lock-written")
+    _clean_up(area, exp_id)
+    return lock
+
+
+def _clean_up(area: WorkArea, exp_id: str) -> None:
     for leftover in (area.trash(exp_id), area.trash(exp_id + ".dicom"), area.staging(exp_id)):
         shutil.rmtree(leftover, ignore_errors=True)
     area.journal(exp_id).unlink(missing_ok=True)
-    return lock
+
+
+def save_commits(root: Path, lock: Lock, exp_ids: list[str]) -> Lock:
+    """One lock write (serial + 1) for commits made with `save=False`, then their clean-up.
+
+    Until this write, each of them is still journalled, so a crash is settled by `recover`.
+    """
+    if not exp_ids:
+        return lock
+    written = write_lock(root, lock, expected_serial=lock.serial)
+    area = WorkArea(root)
+    for exp_id in exp_ids:
+        _clean_up(area, exp_id)
+    return written
 
 
 def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list[str]:

@@ -401,10 +401,9 @@ def _load_or_make_plan(
 
 def _settle_slurm_batch(root: Path, warn) -> None:
     """Refuse while a SLURM batch holds the root; merge one whose finalize job never finished."""
+    from reconcile import statelock
     from reconcile.executors import slurm as sx
     from reconcile.progress import Reporter
-
-    from reconcile import statelock
 
     holder = statelock.read_holder(root) if root.is_dir() else None
     if holder is None or not holder.jobs:

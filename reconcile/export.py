@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from reconcile.errors import RemoteError, UnsafePathError, VerificationError, XnatBidsError
+from reconcile.errors import (
+    RemoteError,
+    UnsafePathError,
+    VerificationError,
+    XnatBidsError,
+)
 from reconcile.failpoints import hit
 from reconcile.model import Experiment, RemoteFile, Scan
 from reconcile.xnat import StreamResponse, XnatClient, check_relpath

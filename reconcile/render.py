@@ -11,7 +11,13 @@ from typing import Any
 
 from reconcile import __version__
 from reconcile.errors import StalePlanError
-from reconcile.model import BidsAddress, Experiment, SessionKey, format_timestamp, parse_timestamp
+from reconcile.model import (
+    BidsAddress,
+    Experiment,
+    SessionKey,
+    format_timestamp,
+    parse_timestamp,
+)
 from reconcile.plan import Action, Change, Plan, Problem, Reason
 from reconcile.schema import schema_errors
 

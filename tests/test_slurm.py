@@ -114,7 +114,7 @@ echo "setup ran for job $SLURM_JOB_ID: it's <<EOF fine" >&2
     assert done["by_job"] == batch.finalize_job
     lock = read_lock(root)
     assert sorted(lock.sessions) == sorted(e.id for e in exps.values())
-    assert lock.serial == 3  # one crash-safe commit (serial + 1) per session, all by the finalize job
+    assert lock.serial == 1  # the finalize job writes the lock once for the whole batch
     results = [sx.read_result(batch, i) for i in range(3)]
     assert {r["job"] for r in results} == {f"{batch.array_job}_{i}" for i in range(3)}
     assert all(r["status"] == "done" and r["outputs"] for r in results)
@@ -123,7 +123,7 @@ echo "setup ran for job $SLURM_JOB_ID: it's <<EOF fine" >&2
     assert statelock.read_holder(root) is None
     entry = history(root)[-1]
     assert entry["operation"] == "slurm apply" and entry["summary"]["done"] == 3
-    assert entry["lock_serial"] == {"before": 0, "after": 3}
+    assert entry["lock_serial"] == {"before": 0, "after": 1}
     assert "setup ran for job" in (batch.logs_dir / "task-0.out").read_text()
     assert "Finalize complete: 3 done, 0 failed, 0 skipped" in batch.finalize_output.read_text()
     assert not (root / ".xnat2bids/staging").exists() or not any((root / ".xnat2bids/staging").iterdir())
@@ -131,7 +131,7 @@ echo "setup ran for job $SLURM_JOB_ID: it's <<EOF fine" >&2
     assert code == 0, out
 
     code, out, _ = slurm_cli("status", str(root))
-    assert "finalized" in out and "3 done, 0 failed, 0 skipped; lock serial 3" in out
+    assert "finalized" in out and "3 done, 0 failed, 0 skipped; lock serial 1" in out
     code, out, _ = slurm_cli("status", str(root), "--json")
     doc = json.loads(out)
     assert doc["format_version"] == 1 and doc["array_job"] == batch.array_job and not doc["holds_state_lock"]
@@ -171,7 +171,7 @@ def test_failing_task_does_not_block_the_others_and_finalize_still_runs(slurm_cl
     code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm", "--wait")
     assert code == 1, out + err
     batch = current_batch(root)
-    assert f"Batch {batch.id} finalized: 2 done, 1 failed, 0 skipped; lock serial 2." in out
+    assert f"Batch {batch.id} finalized: 2 done, 1 failed, 0 skipped; lock serial 1." in out
     lock = read_lock(root)
     assert sorted(lock.sessions) == sorted(e.id for e in exps.values() if e.id != bad.id)
     assert not (root / "sub-02").exists()

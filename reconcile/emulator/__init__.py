@@ -5,7 +5,17 @@ demo (`xnat2bids emulator serve`) and the benchmarks. It must never talk to a re
 """
 
 from .app import EmulatorApp
-from .archive import Archive, ArchiveError, Experiment, FileEntry, Project, Resource, Scan, Subject, User
+from .archive import (
+    Archive,
+    ArchiveError,
+    Experiment,
+    FileEntry,
+    Project,
+    Resource,
+    Scan,
+    Subject,
+    User,
+)
 from .faults import Fault, FaultSet
 from .serve import load_dicom_dir, serve_forever, serve_in_thread
 

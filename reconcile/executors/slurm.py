@@ -37,6 +37,7 @@ from reconcile.apply import (
     append_history,
     commit_session,
     recover,
+    save_commits,
     stage_session,
 )
 from reconcile.config import Config, ConversionSettings, SlurmSettings, load_config
@@ -706,7 +707,7 @@ def _staged_from(root: Path, change: Change, result: Mapping[str, Any]) -> Stage
     )
 
 
-def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyReport) -> Outcome:
+def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyReport, pending: list[str]) -> Outcome:
     root = batch.root
     result = read_result(batch, entry.index)
     if result is None:
@@ -730,7 +731,8 @@ def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyR
             return Outcome(change, Status.FAILED, f"staged file {out['path']} changed after its task ended",
                            log_path, seconds)
     try:
-        report.lock = commit_session(staged, root, report.lock, keep_dicom=batch.options.keep_dicom)
+        report.lock = commit_session(staged, root, report.lock, keep_dicom=batch.options.keep_dicom, save=False)
+        pending.append(entry.experiment_id)
     except XnatBidsError as exc:
         _log(log_path, f"commit failed: {exc}")
         return Outcome(change, Status.FAILED, exc.summary, log_path, seconds)
@@ -768,12 +770,14 @@ def finalize_batch(
     report = ApplyReport(lock=load_or_new(root))
     if report.lock.lineage != plan.lineage and report.lock.serial == 0 and plan.serial == 0:
         report.lock = replace(report.lock, lineage=plan.lineage)
+    pending: list[str] = []  # committed sessions whose lock entries are written together
     for entry in batch.sessions:
         change = _actionable_change(plan, batch, entry)
         on_event("start", change, None)
-        outcome = _merge_one(batch, entry, change, report)
+        outcome = _merge_one(batch, entry, change, report, pending)
         report.outcomes.append(outcome)
         on_event(outcome.status.value, change, outcome)
+    report.lock = save_commits(root, report.lock, pending)  # serial + 1 for the whole batch
     append_history(root, plan, report, operation=HISTORY_OPERATION)
     result = FinalizeReport(batch, plan, report)
     if batch.options.validate:
