@@ -8,6 +8,7 @@ both only accelerate: the TOML file stays the one source of truth.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import hashlib
@@ -520,6 +521,7 @@ class _Snapshot:
     digest: bytes
     header: dict[str, Any]  # as `_header` returns it
     blobs: dict[str, bytes]  # session key -> its canonical document, marshalled, in key order
+    sums: dict[str, bytes]  # session key -> SHA-256 of its blob, to check the blob in a cache file
     # Session key -> (start, end) of its TOML fragment in the file; None when the file may not be
     # byte-for-byte what this module writes (parsed from text, e.g. edited by hand).
     spans: dict[str, tuple[int, int]] | None
@@ -543,7 +545,14 @@ _snapshots_guard = threading.Lock()
 # Below this size the TOML parser takes milliseconds: no cache file (nor clutter) for small locks.
 _CACHE_MIN_BYTES = 1 << 20
 _CACHE_MAGIC = b"xnat2bids lock cache 1\n"
+_CACHE_FORMAT = 1
 _CACHE_MAX_AGE = 30 * 86400  # cache files of BIDS roots unused this long are deleted
+# Rewriting the cache costs about as much as the lock itself. apply writes the lock after every
+# session, so during a burst the cache is saved at most this often, and at exit; a process killed
+# in between leaves a stale cache, which only makes the next reader parse the TOML.
+_CACHE_SAVE_INTERVAL = 10.0
+_unsaved: dict[str, tuple[Path, _Snapshot]] = {}
+_last_saved: dict[str, float] = {}
 
 
 def _remember(path: Path, snapshot: _Snapshot) -> None:
@@ -575,7 +584,11 @@ def _cache_file(path: Path) -> Path | None:
 
 
 def _load_cache(path: Path, digest: bytes) -> _Snapshot | None:
-    """The cached snapshot of the lock whose bytes have `digest`, or None: never an error."""
+    """The cached snapshot of the lock whose bytes have `digest`, or None: never an error.
+
+    Layout: magic, SHA-256 of the index, index length (8 bytes), index (marshalled), then the
+    blobs back to back, each checked against its SHA-256 in the index.
+    """
     file = _cache_file(path)
     if file is None:
         return None
@@ -586,26 +599,66 @@ def _load_cache(path: Path, digest: bytes) -> _Snapshot | None:
             raw = f.read()
     except OSError:
         return None
-    view = memoryview(raw)
-    head = len(_CACHE_MAGIC)
-    if view[:head] != _CACHE_MAGIC or hashlib.sha256(view[head + 32:]).digest() != view[head:head + 32]:
+    at = len(_CACHE_MAGIC)
+    if raw[:at] != _CACHE_MAGIC or len(raw) < at + 40:
         return None
+    index_sum, size = raw[at:at + 32], int.from_bytes(raw[at + 32:at + 40], "big")
+    at += 40
+    index = raw[at:at + size]
+    if hashlib.sha256(index).digest() != index_sum:
+        return None
+    at += size
     try:
-        version, cached_digest, header, keys, blobs, spans = marshal.loads(view[head + 32:])
-        if version != 1 or cached_digest != digest or len(keys) != len(blobs):
+        version, cached_digest, header, keys, lengths, sums, spans = marshal.loads(index)
+        if version != _CACHE_FORMAT or cached_digest != digest:
             return None
         if not isinstance(header, dict) or set(header) != {"format_version", "lineage", "serial", "generator", "config_fingerprint"}:
             return None
+        if not len(keys) == len(lengths) == len(sums) // 32 or sum(lengths) != len(raw) - at:
+            return None
         if spans is not None and len(spans) != 2 * len(keys):
             return None
+        blobs, blob_sums = {}, {}
+        sha256 = hashlib.sha256
+        for i, (key, length) in enumerate(zip(keys, lengths)):
+            blob, expected = raw[at:at + length], sums[32 * i:32 * i + 32]
+            if sha256(blob).digest() != expected:
+                return None
+            blobs[key], blob_sums[key] = blob, expected
+            at += length
         return _Snapshot(
             digest,
             header,
-            dict(zip(keys, blobs)),
+            blobs,
+            blob_sums,
             None if spans is None else {k: (spans[2 * i], spans[2 * i + 1]) for i, k in enumerate(keys)},
         )
     except Exception:  # anything unexpected in a cache means: not usable
         return None
+
+
+def _cache_soon(path: Path, snapshot: _Snapshot) -> None:
+    key = os.path.abspath(path)
+    with _snapshots_guard:
+        _unsaved[key] = (path, snapshot)
+        due = time.monotonic() - _last_saved.get(key, float("-inf")) >= _CACHE_SAVE_INTERVAL
+    if due:
+        _save_unsaved(key)
+
+
+def _save_unsaved(key: str | None = None) -> None:
+    """Save the pending cache of one lock path, or of all (at exit)."""
+    with _snapshots_guard:
+        todo = [_unsaved.pop(key)] if key in _unsaved else [] if key is not None else list(_unsaved.values())
+        if key is None:
+            _unsaved.clear()
+        for path, _ in todo:
+            _last_saved[os.path.abspath(path)] = time.monotonic()
+    for path, snapshot in todo:
+        _save_cache(path, snapshot)
+
+
+atexit.register(_save_unsaved)
 
 
 def _save_cache(path: Path, snapshot: _Snapshot) -> None:
@@ -614,15 +667,18 @@ def _save_cache(path: Path, snapshot: _Snapshot) -> None:
     if file is None:
         return
     keys = tuple(snapshot.blobs)
+    blobs = [snapshot.blobs[k] for k in keys]
     spans = None if snapshot.spans is None else tuple(n for k in keys for n in snapshot.spans[k])
-    payload = marshal.dumps((1, snapshot.digest, snapshot.header, keys, tuple(snapshot.blobs.values()), spans))
+    index = marshal.dumps(
+        (_CACHE_FORMAT, snapshot.digest, snapshot.header, keys, tuple(map(len, blobs)),
+         b"".join(snapshot.sums[k] for k in keys), spans)
+    )
     tmp = file.with_name(f"{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(tmp, "xb") as f:
-            f.write(_CACHE_MAGIC)
-            f.write(hashlib.sha256(payload).digest())
-            f.write(payload)
+            f.writelines([_CACHE_MAGIC, hashlib.sha256(index).digest(), len(index).to_bytes(8, "big"), index])
+            f.writelines(blobs)
         os.replace(tmp, file)
         now = time.time()
         for old in file.parent.iterdir():  # caches of BIDS roots gone or long unused
@@ -643,6 +699,8 @@ def _snapshot_of(path: Path, data: bytes) -> _Snapshot:
     if snapshot is None:
         snapshot = _parse_file(path, data, digest)
         if len(data) >= _CACHE_MIN_BYTES:
+            with _snapshots_guard:  # a cache pending from an earlier write of ours is older
+                _unsaved.pop(os.path.abspath(path), None)
             _save_cache(path, snapshot)
     _remember(path, snapshot)
     return snapshot
@@ -657,14 +715,15 @@ def _parse_file(path: Path, data: bytes, digest: bytes) -> _Snapshot:
     with _gc_paused():
         lock = _from_document(_parse(text, str(path)))
         blobs = {key: marshal.dumps(_session_document(record)) for key, record in lock.sessions.items()}
-    return _Snapshot(digest, _header(lock), blobs, None)
+    sums = {key: hashlib.sha256(blob).digest() for key, blob in blobs.items()}
+    return _Snapshot(digest, _header(lock), blobs, sums, None)
 
 
-def _assemble(header: dict[str, Any], fragments: list[Any]) -> tuple[bytes, list[tuple[int, int]]]:
-    """The lock's bytes from its header and its sessions' fragments (in key order), with where
-    each fragment landed. Equal to `dumps_lock` of the same lock, byte for byte."""
+def _assemble(header: dict[str, Any], fragments: list[Any]) -> tuple[list[Any], list[tuple[int, int]]]:
+    """The lock's bytes, in pieces, from its header and its sessions' fragments (in key order),
+    with where each fragment landed. Joined, equal to `dumps_lock` of the lock, byte for byte."""
     if not fragments:
-        return (HEADER + tomli_w.dumps({**header, "sessions": {}})).encode(), []
+        return [(HEADER + tomli_w.dumps({**header, "sessions": {}})).encode()], []
     pieces: list[Any] = [(HEADER + tomli_w.dumps(header) + "\n").encode()]
     spans = []
     at = len(pieces[0])
@@ -675,7 +734,7 @@ def _assemble(header: dict[str, Any], fragments: list[Any]) -> tuple[bytes, list
         pieces.append(fragment)
         spans.append((at, at + len(fragment)))
         at += len(fragment)
-    return b"".join(pieces), spans
+    return pieces, spans
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -732,6 +791,7 @@ def write_lock(root: Path, lock: Lock, *, expected_serial: int | None = None) ->
     reusable = on_disk is not None and on_disk.spans is not None
     keys = sorted(sessions)
     blobs: dict[str, bytes] = {}
+    sums: dict[str, bytes] = {}
     fragments: list[Any] = [None] * len(keys)
     changed: list[tuple[int, str, dict[str, Any], bytes | None]] = []  # (position, key, document, blob)
     view = memoryview(data) if reusable else None
@@ -741,7 +801,7 @@ def write_lock(root: Path, lock: Lock, *, expected_serial: int | None = None) ->
             if reusable and blob is not None and on_disk.blobs.get(key) == blob:  # type: ignore[union-attr]
                 start, end = on_disk.spans[key]  # type: ignore[union-attr,index]
                 fragments[i] = view[start:end]  # type: ignore[index]
-                blobs[key] = blob
+                blobs[key], sums[key] = blob, on_disk.sums[key]  # type: ignore[union-attr]
             else:  # a blob is a canonical document: no need to build the record to get it back
                 doc = marshal.loads(blob) if blob is not None else _session_document(sessions[key])
                 changed.append((i, key, doc, blob))
@@ -758,13 +818,17 @@ def write_lock(root: Path, lock: Lock, *, expected_serial: int | None = None) ->
         for i, key, doc, blob in changed:
             fragments[i] = tomli_w.dumps({"sessions": {key: doc}}).encode()
             blobs[key] = blob if blob is not None else marshal.dumps(doc)
-        out, spans = _assemble(header, fragments)
-    del view, fragments
-    _atomic_write(path, out)
-    snapshot = _Snapshot(hashlib.sha256(out).digest(), header, {k: blobs[k] for k in keys}, dict(zip(keys, spans)))
+            sums[key] = hashlib.sha256(blobs[key]).digest()
+        pieces, spans = _assemble(header, fragments)
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+    _atomic_write(path, pieces)
+    del view, fragments, pieces
+    snapshot = _Snapshot(digest.digest(), header, {k: blobs[k] for k in keys}, sums, dict(zip(keys, spans)))
     _remember(path, snapshot)
-    if len(out) >= _CACHE_MIN_BYTES:
-        _save_cache(path, snapshot)
+    if (spans[-1][1] if spans else 0) >= _CACHE_MIN_BYTES:
+        _cache_soon(path, snapshot)
     # The returned lock knows which document each of its records is, for the next write.
     items, origin = dict(sessions._items), dict(sessions._origin)
     for _, key, _doc, _blob in changed:
@@ -774,7 +838,7 @@ def write_lock(root: Path, lock: Lock, *, expected_serial: int | None = None) ->
     return replace(written, sessions=_Sessions(items, origin))
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, pieces: list[Any]) -> None:
     """Temp file in the same directory, fsync, rename over, fsync the directory."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -785,7 +849,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
                     os.chmod(tmp, path.stat().st_mode & 0o7777)  # keep a mode the user chose
                 except FileNotFoundError:
                     pass
-                f.write(data)
+                f.writelines(pieces)
                 f.flush()
                 os.fsync(f.fileno())
             hit("lock-temp-written")

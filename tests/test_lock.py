@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import pickle
 import stat
 import uuid
 from dataclasses import replace
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconcile import __version__
+from reconcile import lock as lock_module
 from reconcile.errors import LockfileError
 from reconcile.lock import (
     FORMAT_VERSION,
@@ -490,3 +492,192 @@ def test_a_lock_rewritten_by_another_process_is_noticed(root: Path) -> None:
     lock_path(root).write_text(dumps_lock(other))
     with pytest.raises(LockfileError, match=r"serial 1 → 5"):
         write_lock(root, lock, expected_serial=lock.serial)
+
+
+# --- speed: incremental writes and the read cache ----------------------------------------------
+
+
+@pytest.fixture
+def cached(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every lock gets a cache file, saved on every write, in a private directory of its own."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("XNAT2BIDS_CACHE_DIR", str(cache))
+    monkeypatch.setattr(lock_module, "_CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(lock_module, "_CACHE_SAVE_INTERVAL", 0.0)
+    return cache / "locks"
+
+
+def forget() -> None:
+    """As a new process would start: nothing known in memory."""
+    lock_module._snapshots.clear()
+
+
+def no_toml(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(text: str, source: str) -> None:
+        raise AssertionError("the TOML was parsed")
+
+    monkeypatch.setattr(lock_module, "_parse", refuse)
+
+
+@given(_locks, st.data())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def test_incremental_writes_are_byte_identical_to_a_full_dump(tmp_path: Path, lock: Lock, data: st.DataObject) -> None:
+    root = tmp_path / secrets_token()
+    root.mkdir()
+    written = write_lock(root, lock)
+    assert lock_path(root).read_text() == dumps_lock(written)
+    for _ in range(3):
+        edit = data.draw(st.sampled_from(["add", "replace", "remove", "header"]))
+        if edit == "add" or (edit in ("replace", "remove") and not written.sessions):
+            changed = written.with_session(data.draw(_session))
+        elif edit == "replace":
+            key = data.draw(st.sampled_from(sorted(written.sessions)))
+            changed = written.with_session(replace(data.draw(_session), experiment_id=key))
+        elif edit == "remove":
+            changed = written.without_session(data.draw(st.sampled_from(sorted(written.sessions))))
+        else:
+            changed = replace(written, config_fingerprint=data.draw(st.text(alphabet="0123456789abcdef", max_size=16)))
+        written = write_lock(root, changed, expected_serial=written.serial)
+        assert lock_path(root).read_text() == dumps_lock(written)
+        assert read_lock(root) == written
+
+
+def secrets_token() -> str:
+    return os.urandom(6).hex()
+
+
+def test_a_write_after_a_read_reserializes_only_the_changed_session(root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_lock(root, lock_with(*(record(n) for n in range(1, 6))))
+    forget()
+    lock = read_lock(root)
+    serialized: list[str] = []
+    real = lock_module.tomli_w.dumps
+    monkeypatch.setattr(lock_module.tomli_w, "dumps", lambda doc: serialized.append(next(iter(doc))) or real(doc))
+    written = write_lock(root, lock.with_session(replace(record(3), exported_at="2027-01-01T00:00:00Z")), expected_serial=1)
+    assert serialized.count("sessions") == 1  # the changed session; the rest is the header
+    monkeypatch.undo()
+    assert lock_path(root).read_text() == dumps_lock(written)
+    assert read_lock(root).sessions["XNAT_E00003"].exported_at == "2027-01-01T00:00:00Z"
+
+
+def test_a_dict_changed_inside_a_read_record_is_written(root: Path) -> None:
+    write_lock(root, lock_with(record(1), record(2)))
+    forget()
+    lock = read_lock(root)
+    lock.sessions["XNAT_E00002"].tools["dcm2niix"] = "v2"  # frozen records still hold mutable dicts
+    written = write_lock(root, lock, expected_serial=1)
+    assert lock_path(root).read_text() == dumps_lock(written)
+    assert read_lock(root).sessions["XNAT_E00002"].tools["dcm2niix"] == "v2"
+
+
+def test_an_invalid_changed_session_is_refused_even_when_the_rest_is_reused(root: Path) -> None:
+    lock = write_lock(root, lock_with(record(1), record(2)))
+    before = lock_path(root).read_bytes()
+    escaping = replace(record(2), outputs=(OutputRecord("../x", 1, sha("x"), 0),))
+    with pytest.raises(LockfileError, match=r"refusing to write an invalid lock.*sessions/XNAT_E00002/outputs/0/path"):
+        write_lock(root, lock.with_session(escaping), expected_serial=1)
+    with pytest.raises(LockfileError, match=r"refusing to write an invalid lock.*lineage"):
+        write_lock(root, replace(lock, lineage="nope"))
+    assert lock_path(root).read_bytes() == before
+
+
+def test_sessions_read_lazily_behave_like_a_dict(root: Path) -> None:
+    expected = write_lock(root, lock_with(record(1), record(2)))
+    forget()
+    lock = read_lock(root)
+    assert lock == expected and lock.sessions == dict(expected.sessions)
+    assert "XNAT_E00001" in lock.sessions and len(lock.sessions) == 2
+    assert sorted(lock.without_session("XNAT_E00001").sessions) == ["XNAT_E00002"]
+    assert sorted(lock.sessions) == ["XNAT_E00001", "XNAT_E00002"]
+    assert pickle.loads(pickle.dumps(lock)) == expected
+
+
+def test_a_large_lock_is_read_from_the_cache_without_parsing(root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written = write_lock(root, lock_with(record(1), record(2, scans=())))
+    assert len(list(cached.iterdir())) == 1
+    forget()
+    no_toml(monkeypatch)
+    assert read_lock(root) == written
+    assert write_lock(root, read_lock(root).with_session(record(3)), expected_serial=written.serial).serial == 2
+
+
+def test_small_locks_get_no_cache_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XNAT2BIDS_CACHE_DIR", str(tmp_path / "cache"))
+    write_lock(tmp_path / "", lock_with(record(1)))
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("damage", ["flipped byte in a session", "flipped byte in the index", "truncated", "empty", "garbage"])
+def test_a_damaged_cache_is_ignored_and_the_lock_parsed(root: Path, cached: Path, damage: str) -> None:
+    written = write_lock(root, lock_with(record(1), record(2)))
+    [cache] = cached.iterdir()
+    raw = bytearray(cache.read_bytes())
+    at = {"flipped byte in a session": len(raw) - 100, "flipped byte in the index": len(lock_module._CACHE_MAGIC) + 60}.get(damage)
+    if at is not None:
+        raw[at] ^= 0x01
+    elif damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    elif damage == "empty":
+        raw = bytearray()
+    else:
+        raw = bytearray(os.urandom(len(raw)))
+    cache.write_bytes(bytes(raw))
+    forget()
+    assert read_lock(root) == written
+    assert cache.read_bytes() != bytes(raw)  # refreshed from the parsed lock
+
+
+def test_a_cache_of_other_content_is_ignored(root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = write_lock(root, lock_with(record(1)))
+    [cache] = cached.iterdir()
+    stale = cache.read_bytes()
+    second = write_lock(root, first.with_session(record(2)), expected_serial=1)
+    cache.write_bytes(stale)  # e.g. a process killed before it saved the newer cache
+    forget()
+    assert read_lock(root) == second
+
+
+def test_a_hand_edited_lock_is_parsed_and_validated_not_taken_from_the_cache(root: Path, cached: Path) -> None:
+    write_lock(root, lock_with(record(1), record(2)))
+    text = lock_path(root).read_text()
+    lock_path(root).write_text(text.replace("size = 1001", "size = 4242", 1).replace("serial = 1", "serial = 9"))
+    forget()
+    edited = read_lock(root)
+    assert edited.serial == 9 and edited.sessions["XNAT_E00001"].outputs[1].size == 4242
+    # The edited file's bytes are not what this module writes: the next write serializes anew.
+    written = write_lock(root, edited.with_session(record(3)), expected_serial=9)
+    assert lock_path(root).read_text() == dumps_lock(written)
+
+    broken = lock_path(root).read_bytes().replace(b'bids_subject = "SUBJ01"', b'bids_subject = "../x"')
+    lock_path(root).write_bytes(broken)
+    forget()
+    with pytest.raises(LockfileError, match=r"bids_subject: '\.\./x' is not a BIDS label"):
+        read_lock(root)
+    with pytest.raises(LockfileError, match=r"is not a BIDS label"):
+        write_lock(root, written, expected_serial=written.serial)
+    assert lock_path(root).read_bytes() == broken
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_an_invalid_lock_is_never_overwritten_with_the_cache_on(root: Path, cached: Path, case: str) -> None:
+    write_lock(root, lock_with(record(1)))  # leaves a valid cache for the path
+    content, message = INVALID[case]
+    data = content if isinstance(content, bytes) else content.encode()
+    lock_path(root).write_bytes(data)
+    forget()
+    with pytest.raises(LockfileError, match=message):
+        read_lock(root)
+    with pytest.raises(LockfileError, match=message):
+        write_lock(root, lock_with(record(3)))
+    assert lock_path(root).read_bytes() == data
+
+
+def test_a_cache_written_by_someone_else_is_not_trusted(root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_lock(root, lock_with(record(1)))
+    forget()
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(root).st_uid + 1)
+    parsed: list[str] = []
+    real = lock_module._parse
+    monkeypatch.setattr(lock_module, "_parse", lambda text, source: parsed.append(source) or real(text, source))
+    read_lock(root)
+    assert parsed == [str(lock_path(root))]
