@@ -7,7 +7,7 @@ if [ "${1:-}" = "--quick" ]; then
     python bench_plan.py --sessions 2000 --deep-sessions 100 --repeat 2
     python bench_download.py --only small --repeat 1
     python bench_check.py --sessions 500 --outputs 20 --hash-files 8 --repeat 1
-    python bench_lock.py --sessions 1000 --repeat 1
+    python bench_lock.py --sizes 1000
     python bench_apply.py --sessions 4
 else
     python bench_plan.py
