@@ -35,6 +35,12 @@ class _QuickStopHTTPServer(HTTPServer):
         self.server.serve_forever(poll_interval=0.02)
 
 
+@pytest.fixture(autouse=True)
+def _private_lock_cache(tmp_path_factory, monkeypatch):
+    """Lock read caches go to a per-test folder, never the user's ~/.cache."""
+    monkeypatch.setenv("XNAT2BIDS_CACHE_DIR", str(tmp_path_factory.mktemp("lock-cache")))
+
+
 @pytest.fixture
 def archive() -> Archive:
     """An empty archive with user admin/secret and an empty project PROJ."""
