@@ -216,12 +216,15 @@ def _compare(
     if modified and not reasons:
         after = format_timestamp(exp.last_modified)
         reasons.append(Reason("modified", f"modified in XNAT at {after}", "last_modified", rec.last_modified, after))
+    settings = config.conversion_for(exp.project, exp.label)
     if scans is not None:
-        scan_reasons = _scan_reasons(rec.scans, scans)
+        # The lock records only the scans the config selects; compare like with like.
+        selected = tuple(s for s in scans if settings.selects(s.id, s.series_description))
+        scan_reasons = _scan_reasons(rec.scans, selected)
         reasons += scan_reasons
         if modified and not scan_reasons:
             reasons.append(Reason("no_content_change", "deep comparison found no content change"))
-    digests = config.conversion_for(exp.project, exp.label).digests()
+    digests = settings.digests()
     changed = sorted(k for k in digests if rec.config_digests.get(k) != digests[k])
     if changed:
         reasons.append(Reason("config", f"config changed: {', '.join(changed)}", "config", None, ",".join(changed)))
@@ -301,22 +304,26 @@ def compute_plan(
             continue
         remote_rows += sessions
 
-    # 2. Addresses: unsafe labels and collisions are per-session problems.
-    addressed: list[tuple[Experiment, BidsAddress]] = []
+    # 2. Addresses of every listed session, selected or not: identity and collisions are facts
+    #    about the whole listing; the selection only decides which changes and problems are shown.
+    def wanted(exp: Experiment, address: BidsAddress | None = None) -> bool:
+        sub = address.subject if address else exp.subject_label
+        ses = address.session if address else exp.label
+        return selection.wants(exp.subject_label, sub, exp.label, exp.id, ses)
+
+    present_ids = {e.id for e in remote_rows}  # unsafe ones too: they are not gone from XNAT
+    seen_ids: dict[str, tuple[Experiment, BidsAddress]] = {}
     for exp in sorted(remote_rows, key=lambda e: (e.project, e.id)):
         try:
             address = address_for(exp, config.naming)
         except UnsafePathError as exc:
-            out.problems.append(Problem(f"session {exp.id} ({exp.project}): {exc.summary}", exp.project, exp.id, exc.hint))
+            if wanted(exp):
+                out.problems.append(Problem(f"session {exp.id} ({exp.project}): {exc.summary}", exp.project, exp.id, exc.hint))
             continue
-        if selection.wants(exp.subject_label, address.subject, exp.label, exp.id, address.session):
-            addressed.append((exp, address))
-    # A session listed in several projects (shared) is planned once, under the project that
-    # the lock already knows, otherwise the first selected one.
-    seen_ids: dict[str, tuple[Experiment, BidsAddress]] = {}
-    for exp, address in addressed:
-        prior = seen_ids.get(exp.id)
-        if prior is None or (lock.sessions.get(exp.id) and lock.sessions[exp.id].project == exp.project):
+        # A session listed in several projects (shared) is planned once, under the project that
+        # the lock already knows, otherwise the first one listed.
+        rec = lock.sessions.get(exp.id)
+        if exp.id not in seen_ids or (rec is not None and rec.project == exp.project):
             seen_ids[exp.id] = (exp, address)
     at_address: dict[BidsAddress, list[Experiment]] = defaultdict(list)
     for exp, address in seen_ids.values():
@@ -324,6 +331,9 @@ def compute_plan(
     colliding = set()
     for address, exps in sorted(at_address.items()):
         if len(exps) > 1:
+            colliding.update(e.id for e in exps)
+            if not any(wanted(e, address) for e in exps):
+                continue
             names = " and ".join(f"{e.id} ({e.project}/{e.subject_label}/{e.label})" for e in exps)
             out.problems.append(
                 Problem(
@@ -333,24 +343,35 @@ def compute_plan(
                     hint=f'give one a distinct label in [naming.sessions], e.g. "{exps[1].id}" = "{address.session}b"',
                 )
             )
-            colliding.update(e.id for e in exps)
 
     # 3. Match remote sessions with lock entries: by ID, then by address (re-archived).
-    remote_ids = set(seen_ids)
     listed_ok = {p.project for p in remote.listings} - blocked
     vanished_by_address = {
-        r.address: r
-        for r in lock.sessions.values()
-        if r.experiment_id not in remote_ids and r.project in listed_ok and in_selection(r)
+        r.address: r for r in lock.sessions.values() if r.experiment_id not in present_ids and r.project in listed_ok
     }
+    holder_of = {r.address: r for r in lock.sessions.values()}
     used_as_replaced: set[str] = set()
     outdated = 0
     deep_scans = remote.deep or {}
     for exp_id, (exp, address) in sorted(seen_ids.items()):
-        if exp_id in colliding:
+        if exp_id in colliding or not wanted(exp, address):
             continue
         scans = deep_scans.get(exp_id) if deep else None
         rec = lock.sessions.get(exp_id)
+        holder = holder_of.get(address)
+        if holder is not None and holder.experiment_id != exp_id and holder.experiment_id in present_ids:
+            # Another recorded session still owns that folder (e.g. two labels swapped):
+            # converting now would overwrite it.
+            out.problems.append(
+                Problem(
+                    f"session {exp_id} ({exp.project}/{exp.label}) maps to {address.path}, which the lock "
+                    f"still records for {holder.experiment_id}",
+                    exp.project,
+                    exp_id,
+                    hint="apply the other session first (select it with --session), or rename through a temporary label",
+                )
+            )
+            continue
         if rec is None:
             replaced = vanished_by_address.get(address)
             if replaced is not None:
@@ -374,7 +395,7 @@ def compute_plan(
 
     # 4. Lock entries gone from a successfully listed project are orphans (never deleted).
     for rec in sorted(lock.sessions.values(), key=lambda r: r.address):
-        if rec.experiment_id in remote_ids or rec.experiment_id in used_as_replaced:
+        if rec.experiment_id in present_ids or rec.experiment_id in used_as_replaced:
             continue
         if rec.project not in listed_ok or not in_selection(rec):
             continue

@@ -318,3 +318,41 @@ def test_conversion_settings_select_scans():
     s = ConversionSettings(include=("1-4,6",), skip=("*scout*",))
     assert [i for i in map(str, range(1, 8)) if s.selects(i, "x")] == ["1", "2", "3", "4", "6"]
     assert not s.selects("2", "anat-scout_acq-localizer")
+
+
+def test_selecting_one_session_still_sees_its_collision_with_a_recorded_one():
+    a = exp(1, subject="SUBJ01", label="SUBJ01_MR1")
+    lock = lock_of(record(a, bids_session="SUBJ01MR1"))
+    b = exp(2, subject="SUBJ01", label="SUBJ01-MR1")
+    plan = plan_of(lock, [a, b], selection=Selection(sessions=("XNAT_E00002",)))
+    assert not plan.changes
+    assert len(plan.problems) == 1 and "XNAT_E00001" in plan.problems[0].message
+
+
+def test_a_session_renamed_away_from_the_selection_is_not_an_orphan():
+    a = exp(1, label="SUBJ01_A")
+    lock = lock_of(record(a, bids_session="SUBJ01A"))
+    renamed = replace(a, label="SUBJ01_B", last_modified=T0 + timedelta(minutes=1))
+    assert not plan_of(lock, [renamed], selection=Selection(sessions=("SUBJ01_A",))).changes
+    unsafe = replace(a, label="../x", last_modified=T0 + timedelta(minutes=1))
+    plan = plan_of(lock, [unsafe])
+    assert not plan.changes and len(plan.problems) == 1  # the unsafe label, but no false orphan
+
+
+def test_deep_plan_compares_only_the_scans_the_config_selects():
+    config = parse_config({"conversion": {"skip": ["2"]}})
+    e = exp(1)
+    kept = scans_for()[:1]
+    lock = lock_of(record(e, bids_session="SUBJ01MR1", config=config, scans=kept))
+    plan = plan_of(lock, [e], config=config, deep={e.id: scans_for()})
+    assert not plan.changes and plan.unchanged == 1
+
+
+def test_swapped_labels_are_refused_instead_of_overwriting_each_other():
+    a, b = exp(1, label="SUBJ01_A", subject="SUBJ01"), exp(2, label="SUBJ01_B", subject="SUBJ01")
+    lock = lock_of(record(a, bids_session="SUBJ01A"), record(b, bids_session="SUBJ01B"))
+    later = T0 + timedelta(minutes=1)
+    swapped = [replace(a, label="SUBJ01_B", last_modified=later), replace(b, label="SUBJ01_A", last_modified=later)]
+    plan = plan_of(lock, swapped)
+    assert not plan.changes
+    assert len(plan.problems) == 2 and all("which the lock still records for" in p.message for p in plan.problems)
