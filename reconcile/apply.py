@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -27,7 +28,7 @@ from reconcile.dataset import (
     ensure_participant,
     update_sessions_tsv,
 )
-from reconcile.errors import AuthError, StalePlanError, XnatBidsError
+from reconcile.errors import AuthError, StalePlanError, UnsafePathError, XnatBidsError
 from reconcile.export import export_session
 from reconcile.failpoints import hit
 from reconcile.localscan import sha256_file
@@ -94,6 +95,16 @@ class ApplyReport:
         return not self.cancelled and all(o.status is Status.DONE for o in self.outcomes)
 
 
+_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _safe_id(exp_id: str) -> str:
+    """XNAT accession IDs name folders in the work area; refuse anything that is not one."""
+    if not _ID.match(exp_id) or exp_id.strip(".") == "":
+        raise UnsafePathError(f"experiment ID {exp_id!r} is not a plain XNAT accession ID; refusing to use it as a path")
+    return exp_id
+
+
 @dataclass(frozen=True)
 class WorkArea:
     """The BIDS root's hidden work area (same filesystem, so renames are atomic)."""
@@ -105,16 +116,16 @@ class WorkArea:
         return self.root / WORK_DIR
 
     def staging(self, exp_id: str) -> Path:
-        return self.base / "staging" / exp_id
+        return self.base / "staging" / _safe_id(exp_id)
 
     def log(self, exp_id: str) -> Path:
-        return self.base / "logs" / f"{exp_id}.log"
+        return self.base / "logs" / f"{_safe_id(exp_id)}.log"
 
     def trash(self, exp_id: str) -> Path:
-        return self.base / "trash" / exp_id
+        return self.base / "trash" / _safe_id(exp_id)
 
     def journal(self, exp_id: str) -> Path:
-        return self.base / "journal" / f"{exp_id}.json"
+        return self.base / "journal" / f"{_safe_id(exp_id)}.json"
 
     @property
     def history(self) -> Path:
@@ -141,14 +152,12 @@ def _now() -> str:
 
 
 def _previous(change: Change, lock: Lock) -> SessionRecord | None:
-    """The lock entry a change replaces: by ID, or the re-archived session it supersedes."""
+    """The lock entry a change replaces (itself, or the re-archived session it supersedes), as
+    the lock has it now."""
     rec = lock.sessions.get(change.key.experiment_id)
-    if rec is not None:
-        return rec
-    for reason in change.reasons:
-        if reason.code == "replaced" and reason.before:
-            return lock.sessions.get(reason.before)
-    return None
+    if rec is None and change.before is not None:
+        rec = lock.sessions.get(change.before.experiment_id)
+    return rec
 
 
 def _target(root: Path, address: BidsAddress) -> Path:
@@ -204,7 +213,7 @@ def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Pat
             dest = new_dir / path.relative_to(old_dir)
             if not dest.exists():
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, dest)
+                shutil.copy2(path, dest, follow_symlinks=False)
 
 
 def _remove_recorded(root: Path, record: SessionRecord, keep: set[str]) -> None:
@@ -289,6 +298,13 @@ def commit_session(
         scans=tuple(s.record() for s in staged.scans),
         outputs=_staged_outputs(staging_root, staged.session_dir),
     )
+    if target.exists() and (previous is None or previous.address != address):
+        # Not ours to replace: a folder from another tool, a forgotten session, or one another
+        # recorded session still owns. Fail this session, keep everything.
+        raise XnatBidsError(
+            f"{address.path} already exists but the lock does not record it for {exp.id}; refusing to replace it",
+            hint="move that folder away (or `xnat2bids forget` the session it belongs to) and apply again",
+        )
     if previous is not None and previous.address == address:
         # After fingerprinting: the user's files are carried over but never recorded as outputs.
         _copy_user_files(target, staged.session_dir, {o.path for o in previous.outputs}, root)
@@ -313,7 +329,8 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
     lock = lock if lock is not None else load_or_new(root)
     previous = lock.sessions.get(journal["previous"]) if journal["previous"] else None
     if previous is not None and previous.address != record.address:
-        _remove_recorded(root, previous, {o.path for o in record.outputs})
+        others = {o.path for r in lock.sessions.values() if r.experiment_id != previous.experiment_id for o in r.outputs}
+        _remove_recorded(root, previous, others | {o.path for o in record.outputs})
     if journal["dicom"] and (root / journal["dicom"]).is_dir():
         dest = root / "sourcedata" / f"sub-{record.bids_subject}" / f"ses-{record.bids_session}" / "dicom"
         _move_replacing(root / journal["dicom"], dest, area.trash(exp_id + ".dicom"))

@@ -394,7 +394,9 @@ def _load_or_make_plan(
         data = json.loads(plan_file.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read plan {plan_file}: {exc}") from exc
-    plan, _ = plan_from_dict(data, str(plan_file))
+    from reconcile.lock import read_lock
+
+    plan, _ = plan_from_dict(data, str(plan_file), read_lock(root))
     check_plan_fresh(plan, root)
     return plan
 

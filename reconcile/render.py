@@ -11,6 +11,7 @@ from typing import Any
 
 from reconcile import __version__
 from reconcile.errors import StalePlanError
+from reconcile.lock import Lock
 from reconcile.model import (
     BidsAddress,
     Experiment,
@@ -126,8 +127,8 @@ def render_json(plan: Plan, *, bids_root: str, created_at: str) -> str:
     return json.dumps(plan_to_dict(plan, bids_root=bids_root, created_at=created_at), indent=2, sort_keys=True) + "\n"
 
 
-def plan_from_dict(data: Any, source: str = "plan") -> tuple[Plan, dict[str, Any]]:
-    """Rebuild a saved plan for apply; the lock records of `before` are re-read from the lock."""
+def plan_from_dict(data: Any, source: str = "plan", lock: Lock | None = None) -> tuple[Plan, dict[str, Any]]:
+    """Rebuild a saved plan for apply; the `before` records are taken from `lock` when given."""
     problems = schema_errors("plan", data)
     if problems:
         raise StalePlanError(f"{source} is not a valid xnat2bids plan: {problems[0]}")
@@ -155,7 +156,7 @@ def plan_from_dict(data: Any, source: str = "plan") -> tuple[Plan, dict[str, Any
                 key=SessionKey(c["project"], c["experiment_id"]),
                 address=BidsAddress(c["bids_subject"], c["bids_session"]),
                 reasons=tuple(Reason(**r) for r in c["reasons"]),
-                before=None,
+                before=lock.sessions.get(c["before"]["experiment_id"]) if lock and c["before"] else None,
                 after=exp,
             )
         )

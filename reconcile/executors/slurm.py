@@ -593,9 +593,10 @@ def _actionable_change(plan: Plan, batch: Batch, entry: BatchSession) -> Change:
 
 
 def load_plan(batch: Batch) -> Plan:
+    from reconcile.lock import read_lock
     from reconcile.render import plan_from_dict
 
-    plan, _ = plan_from_dict(json.loads(batch.plan_path.read_text()), str(batch.plan_path))
+    plan, _ = plan_from_dict(json.loads(batch.plan_path.read_text()), str(batch.plan_path), read_lock(batch.root))
     return plan
 
 
