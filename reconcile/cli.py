@@ -914,6 +914,12 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         _render_error(exc)
         code = EXIT_ERROR
+    except OSError as exc:  # a file or folder the user named: say which, no traceback
+        if _debug:
+            traceback.print_exc()
+        where = f": {exc.filename}" if exc.filename else ""
+        echo(f"error: {exc.strerror or exc}{where}", err=True)
+        code = EXIT_ERROR
     except KeyboardInterrupt:
         echo("Interrupted.", err=True)
         code = 130

@@ -218,3 +218,17 @@ def test_drift_is_repaired_only_when_asked(cli, emulator, tmp_path):
     assert code == 0, out + err
     assert lost.read_bytes() == original
     assert cli("check", str(root), "--full")[0] == 0
+
+
+def test_an_existing_unrecorded_folder_is_never_replaced(cli, emulator, tmp_path):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    theirs = root / "sub-01/ses-01MR1/anat/from-the-old-script.nii.gz"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"old export")
+    code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1
+    assert "already exists but the lock does not record it" in out
+    assert theirs.read_bytes() == b"old export"
+    assert sorted(p.name for p in (root / "sub-01/ses-01MR1").rglob("*")) == ["anat", "from-the-old-script.nii.gz"]
+    assert read_lock(root) is None or not read_lock(root).sessions

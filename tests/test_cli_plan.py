@@ -168,3 +168,12 @@ def test_python_dash_m_works():
 
     out = subprocess.run([sys.executable, "-m", "reconcile", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("xnat2bids ")
+
+
+def test_os_errors_are_one_line_errors_not_tracebacks(cli, emulator, tmp_path):
+    add_sessions(emulator.archive, 1)
+    code, _, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ", "--out", str(tmp_path / "no/such/dir/plan.json"))
+    assert code == 1
+    assert "error: No such file or directory: " in err and "Traceback" not in err
+    code, _, err = cli("forget", "XNAT_E00001", str(tmp_path / "missing"))
+    assert code == 1 and "Traceback" not in err
