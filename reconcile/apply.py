@@ -240,6 +240,7 @@ def _move_replacing(src: Path, dest: Path, trash: Path) -> None:
         hit("commit-between-renames")
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.rename(src, dest)
+    _fsync_dir(dest.parent)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -250,6 +251,15 @@ def _write_json(path: Path, data: dict) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)  # the journal must be durable before the folders move
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _staged_outputs(staging_root: Path, session_dir: Path) -> tuple[OutputRecord, ...]:
@@ -500,12 +510,12 @@ def _settle(
     except AuthError as exc:
         auth_failed.set()
         return Outcome(change, Status.FAILED, exc.summary, log_path, time.monotonic() - t0)
-    except XnatBidsError as exc:
-        _log(log_path, f"failed: {exc}")
-        return Outcome(change, Status.FAILED, exc.summary, log_path, time.monotonic() - t0)
-    except Exception as exc:  # a bug or an OS error must not take the other sessions down
+    except Exception as exc:  # one session's failure, a bug or an OS error, must not stop the others
+        text = exc.summary if isinstance(exc, XnatBidsError) else f"{type(exc).__name__}: {exc}"
+        if WorkArea(root).journal(change.key.experiment_id).exists():
+            text += " (the new session is in place; the next apply completes its commit)"
         _log(log_path, f"failed: {exc!r}")
-        return Outcome(change, Status.FAILED, f"{type(exc).__name__}: {exc}", log_path, time.monotonic() - t0)
+        return Outcome(change, Status.FAILED, text, log_path, time.monotonic() - t0)
     record = report.lock.sessions.get(change.key.experiment_id)
     return Outcome(change, Status.DONE, "", log_path, time.monotonic() - t0, record)
 

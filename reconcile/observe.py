@@ -9,7 +9,7 @@ import gc
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -17,10 +17,19 @@ from pathlib import Path
 
 from reconcile import __version__
 from reconcile.config import Config
-from reconcile.errors import ConfigError, RemoteError
+from reconcile.errors import ConfigError, RemoteError, XnatBidsError
 from reconcile.localscan import stat_outputs
 from reconcile.lock import Lock, load_or_new
-from reconcile.plan import Plan, ProjectListing, RemoteState, Selection, compute_plan
+from reconcile.model import Experiment
+from reconcile.naming import address_for
+from reconcile.plan import (
+    SESSION_TYPES_SUFFIX,
+    Plan,
+    ProjectListing,
+    RemoteState,
+    Selection,
+    compute_plan,
+)
 from reconcile.xnat import XnatClient
 
 
@@ -36,7 +45,12 @@ def choose_projects(selection: Selection, config: Config, lock: Lock) -> tuple[s
 
 
 def observe_remote(
-    client: XnatClient, projects: Sequence[str], *, deep: bool = False, concurrency: int = 8
+    client: XnatClient,
+    projects: Sequence[str],
+    *,
+    deep: bool = False,
+    concurrency: int = 8,
+    wanted: Callable[[Experiment], bool] = lambda exp: True,
 ) -> RemoteState:
     """One listing request per project; with `deep`, scans and files per session too.
 
@@ -53,8 +67,11 @@ def observe_remote(
             listings.append(ProjectListing(project, None, exc.summary))
     details = None
     if deep:
-        wanted = [e for lst in listings if lst.experiments for e in lst.experiments if e.xsi_type.endswith("SessionData")]
-        details = client.deep_details(wanted, concurrency=concurrency)
+        sessions = [
+            e for lst in listings if lst.experiments for e in lst.experiments
+            if e.xsi_type.endswith(SESSION_TYPES_SUFFIX) and wanted(e)
+        ]
+        details = client.deep_details(sessions, concurrency=concurrency)
     return RemoteState(tuple(listings), details)
 
 
@@ -112,6 +129,15 @@ def _wheel_dcm2niix_version() -> str | None:
         return None
 
 
+def _selected(exp: Experiment, config: Config, selection: Selection) -> bool:
+    """Worth a deep listing: selected, and with labels that make a safe BIDS address."""
+    try:
+        address = address_for(exp, config.naming)
+    except XnatBidsError:
+        return False
+    return selection.wants(exp.subject_label, address.subject, exp.label, exp.id, address.session)
+
+
 @dataclass(frozen=True)
 class PlanRun:
     root: Path
@@ -132,7 +158,8 @@ def make_plan(
     with _cyclic_gc_paused():
         lock = load_or_new(root)
         projects = choose_projects(selection, config, lock)
-        remote = observe_remote(client, projects, deep=deep, concurrency=concurrency)
+        remote = observe_remote(client, projects, deep=deep, concurrency=concurrency,
+                            wanted=lambda e: _selected(e, config, selection))
         local = stat_outputs(root, lock)
         plan = compute_plan(
             lock, remote, local, config, selection=selection, tools=tool_versions(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,6 +91,8 @@ def cli(emulator, monkeypatch, capsys, tmp_path_factory):
     monkeypatch.setenv("XNAT_USER", emulator.user)
     monkeypatch.setenv("XNAT_PASS", emulator.password)
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    # The emulator's access log would interleave with the CLI's stderr.
+    monkeypatch.setattr(logging.getLogger("werkzeug"), "disabled", True)
 
     def run(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()
