@@ -43,6 +43,7 @@ class ConversionSettings:
     include: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
     bidsmap: tuple[tuple[str, str], ...] = ()
+    heuristic_sha: str = ""  # content of a custom heuristic file, read when the config is loaded
 
     def merged(self, table: dict[str, Any]) -> ConversionSettings:
         return ConversionSettings(
@@ -54,7 +55,11 @@ class ConversionSettings:
 
     def digests(self) -> dict[str, str]:
         return {
-            "heuristic": _digest(self.heuristic),
+            # A custom heuristic counts by its name and content: editing it re-converts,
+            # moving the config folder does not.
+            "heuristic": _digest([Path(self.heuristic).name, self.heuristic_sha])
+            if self.heuristic_sha
+            else _digest(self.heuristic),
             "include": _digest(list(self.include)),
             "skip": _digest(list(self.skip)),
             "bidsmap": _digest([list(p) for p in self.bidsmap]),
@@ -119,6 +124,7 @@ class Config:
     project_tables: dict[str, dict[str, Any]] = field(default_factory=dict)
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     source: str | None = None
+    heuristic_shas: dict[str, str] = field(default_factory=dict)  # custom heuristic path → sha256
 
     def fingerprint(self) -> str:
         """Digest of everything that decides what apply produces (not URLs, jobs or SLURM)."""
@@ -130,7 +136,8 @@ class Config:
         settings = self.conversion
         table = self.project_tables.get(project, {})
         settings = settings.merged(table.get("conversion", {}))
-        return settings.merged(table.get("sessions", {}).get(session_label, {}))
+        settings = settings.merged(table.get("sessions", {}).get(session_label, {}))
+        return replace(settings, heuristic_sha=self.heuristic_shas.get(settings.heuristic, ""))
 
     def resolve_bids_root(self, argument: str | os.PathLike[str] | None) -> Path:
         """BIDS root: command-line argument > `bids_root` in the config > ~/bids-export."""
@@ -214,8 +221,23 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    config = parse_config(data, source=str(path))
-    return _heuristics_relative_to(config, path.parent)
+    config = _heuristics_relative_to(parse_config(data, source=str(path)), path.parent)
+    return replace(config, heuristic_shas=_heuristic_shas(config))
+
+
+def _heuristic_shas(config: Config) -> dict[str, str]:
+    """sha256 of every custom heuristic file the config names (missing files: conversion will say)."""
+    names = {config.conversion.heuristic}
+    for table in config.project_tables.values():
+        names.add(table.get("conversion", {}).get("heuristic", "reproin"))
+        names.update(t.get("heuristic", "reproin") for t in table.get("sessions", {}).values())
+    shas = {}
+    for name in names - {"reproin"}:
+        try:
+            shas[name] = hashlib.sha256(Path(name).read_bytes()).hexdigest()
+        except OSError:
+            continue
+    return shas
 
 
 def _heuristics_relative_to(config: Config, base: Path) -> Config:

@@ -72,3 +72,15 @@ def test_relative_custom_heuristic_is_relative_to_the_config_file(tmp_path, monk
     assert config.conversion.heuristic == str(tmp_path / "cfg/heuristics/lab.py")
     assert config.conversion_for("P", "S").heuristic == str(tmp_path / "cfg/other.py")
     assert config.conversion_for("Q", "S").heuristic == str(tmp_path / "cfg/heuristics/lab.py")
+
+
+def test_editing_a_custom_heuristic_changes_its_digest_moving_the_config_does_not(tmp_path):
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "lab.py").write_text("def infotodict(seqinfo):\n    return {}\n")
+        (tmp_path / where / "x.toml").write_text('[conversion]\nheuristic = "lab.py"\n')
+    a = load_config(tmp_path / "a/x.toml").conversion_for("P", "S").digests()["heuristic"]
+    b = load_config(tmp_path / "b/x.toml").conversion_for("P", "S").digests()["heuristic"]
+    assert a == b
+    (tmp_path / "a/lab.py").write_text("def infotodict(seqinfo):\n    return {'changed': 1}\n")
+    assert load_config(tmp_path / "a/x.toml").conversion_for("P", "S").digests()["heuristic"] != a

@@ -645,7 +645,8 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
             scans=[_scan_dict(s) for s in staged.scans],
             tools=dict(staged.tools),
             conversion={"heuristic": staged.settings.heuristic, "include": list(staged.settings.include),
-                        "skip": list(staged.settings.skip), "bidsmap": [list(p) for p in staged.settings.bidsmap]},
+                        "skip": list(staged.settings.skip), "bidsmap": [list(p) for p in staged.settings.bidsmap],
+                        "heuristic_sha": staged.settings.heuristic_sha},
             outputs=_outputs(staged.session_dir),
         )
     except XnatBidsError as exc:
@@ -692,7 +693,7 @@ def _staged_from(root: Path, change: Change, result: Mapping[str, Any]) -> Stage
     conv = result["conversion"]
     settings = ConversionSettings(
         heuristic=conv["heuristic"], include=tuple(conv["include"]), skip=tuple(conv["skip"]),
-        bidsmap=tuple(tuple(p) for p in conv["bidsmap"]),
+        bidsmap=tuple(tuple(p) for p in conv["bidsmap"]), heuristic_sha=conv.get("heuristic_sha", ""),
     )
     assert change.after is not None
     return StagedSession(
