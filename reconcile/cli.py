@@ -82,7 +82,7 @@ def connect(config: Config, *, interactive: bool | None = None):
         raise ConfigError("no XNAT server configured", hint="set xnat_url in xnat2bids.toml or export XNAT_HOST")
     if interactive is None:
         interactive = sys.stdin.isatty()
-    prompt = (lambda text: typer.prompt(text, hide_input="assword" in text)) if interactive else None
+    prompt = typer.prompt if interactive else None  # the user name; the password goes through getpass
     creds = resolve_credentials(url, prompt=prompt, warn=lambda m: echo(f"warning: {m}", err=True))
     return XnatClient(url, creds, verify=config.verify_tls)
 
