@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import random
 import re
 import threading
@@ -199,6 +200,14 @@ class XnatClient:
 
         self._http = requests.Session()
         self._http.auth = _NoAuth()
+        # requests reads the environment (proxies, CA bundle) again on every call, scanning all of
+        # os.environ twice: about 0.9 of the 2.6 ms of CPU a listing request cost. Every URL is on
+        # this origin, so read it once, the way requests would, and pass the result with each call.
+        self._http.trust_env = False
+        self._proxies = requests.utils.get_environ_proxies(self._origin)
+        self._verify: bool | str = verify
+        if verify is True:
+            self._verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
         self._http.headers["User-Agent"] = "xnat2bids"
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self.max_connections, max_retries=0)
         self._http.mount("http://", adapter)
@@ -229,7 +238,10 @@ class XnatClient:
             try:
                 # Ending the session frees a Tomcat session slot instead of waiting for the idle timeout.
                 self._count("DELETE", self._url("/data/JSESSION"))
-                self._http.delete(self._url("/data/JSESSION"), timeout=min(self.timeout, 5.0), verify=self.verify)
+                self._http.delete(
+                    self._url("/data/JSESSION"), timeout=min(self.timeout, 5.0), verify=self._verify,
+                    proxies=self._proxies,
+                )
             except requests.RequestException:
                 pass
             self._logged_in = False
@@ -365,7 +377,8 @@ class XnatClient:
                     headers=headers,
                     auth=auth,
                     timeout=self.timeout,
-                    verify=self.verify,
+                    verify=self._verify,
+                    proxies=self._proxies,
                     stream=stream,
                     allow_redirects=True,
                 )
