@@ -727,7 +727,7 @@ def history(
 
 @app.command("force-unlock")
 def force_unlock(
-    lock_id: str = typer.Argument(..., help="The lock ID shown in the 'another xnat2bids holds' message."),
+    lock_id: str = typer.Argument(..., help="The lock ID shown in the 'another xnat2bids holds' message, or 'unreadable' to remove a lock file that cannot be read."),
     bids_root: Optional[Path] = RootArg,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
