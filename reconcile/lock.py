@@ -452,9 +452,11 @@ def _raise_invalid(summary: str, problems: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    # Parsing or building a large lock allocates millions of objects that all survive; the cyclic
-    # collector would walk the growing heap again and again for nothing (half of the build time).
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector. Parsing a large lock, or listing and planning, allocates
+    millions of objects that all survive and form no cycles; the collector would rescan the
+    growing heap again and again for nothing (half of a lock build, a third of a 10,000-session
+    plan). Reference counting still frees everything as usual."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -466,7 +468,7 @@ def _gc_paused() -> Iterator[None]:
 
 def dumps_lock(lock: Lock) -> str:
     """Deterministic TOML: sessions by key, scans by numeric-aware ID, outputs by path."""
-    with _gc_paused():
+    with gc_paused():
         return HEADER + tomli_w.dumps(_document(lock))
 
 
@@ -495,7 +497,7 @@ def _parse(text: str, source: str) -> dict[str, Any]:
 
 
 def loads_lock(text: str, source: str = "lock") -> Lock:
-    with _gc_paused():
+    with gc_paused():
         return _from_document(_parse(text, source))
 
 
@@ -712,7 +714,7 @@ def _parse_file(path: Path, data: bytes, digest: bytes) -> _Snapshot:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise LockfileError(f"{path}: not valid TOML: not UTF-8 text (byte {exc.start})") from exc
-    with _gc_paused():
+    with gc_paused():
         lock = _from_document(_parse(text, str(path)))
         blobs = {key: marshal.dumps(_session_document(record)) for key, record in lock.sessions.items()}
     sums = {key: hashlib.sha256(blob).digest() for key, blob in blobs.items()}
@@ -795,7 +797,7 @@ def write_lock(root: Path, lock: Lock, *, expected_serial: int | None = None) ->
     fragments: list[Any] = [None] * len(keys)
     changed: list[tuple[int, str, dict[str, Any], bytes | None]] = []  # (position, key, document, blob)
     view = memoryview(data) if reusable else None
-    with _gc_paused():
+    with gc_paused():
         for i, key in enumerate(keys):
             blob = sessions.blob(key)
             if reusable and blob is not None and on_disk.blobs.get(key) == blob:  # type: ignore[union-attr]

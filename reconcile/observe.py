@@ -5,12 +5,10 @@ All the I/O that `plan` needs happens here, so that `plan.compute_plan` stays pu
 
 from __future__ import annotations
 
-import gc
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -19,7 +17,7 @@ from reconcile import __version__
 from reconcile.config import Config
 from reconcile.errors import ConfigError, RemoteError, XnatBidsError
 from reconcile.localscan import stat_outputs
-from reconcile.lock import Lock, load_or_new
+from reconcile.lock import Lock, gc_paused, load_or_new
 from reconcile.model import Experiment
 from reconcile.naming import address_for
 from reconcile.plan import (
@@ -106,18 +104,6 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-@contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    """Listing and planning allocate a few objects per session and no reference cycles, yet the
-    cyclic collector rescans them over and over as they pile up: about a third of a 10,000-session
-    plan (benchmarks/bench_plan.py). Reference counting still frees everything as usual."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _wheel_dcm2niix_version() -> str | None:
@@ -155,7 +141,7 @@ def make_plan(
     reconvert_outdated: bool = False,
     concurrency: int = 8,
 ) -> PlanRun:
-    with _cyclic_gc_paused():
+    with gc_paused():
         lock = load_or_new(root)
         projects = choose_projects(selection, config, lock)
         remote = observe_remote(client, projects, deep=deep, concurrency=concurrency,
