@@ -26,6 +26,7 @@ from reconcile.convert import convert_session
 from reconcile.dataset import (
     ensure_dataset_description,
     ensure_participant,
+    remove_session_row,
     update_sessions_tsv,
 )
 from reconcile.errors import AuthError, StalePlanError, UnsafePathError, XnatBidsError
@@ -341,6 +342,8 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
     if previous is not None and previous.address != record.address:
         others = {o.path for r in lock.sessions.values() if r.experiment_id != previous.experiment_id for o in r.outputs}
         _remove_recorded(root, previous, others | {o.path for o in record.outputs})
+        remove_session_row(root, previous.bids_subject, previous.bids_session,
+                           xnat_experiment_id=previous.experiment_id)
     if journal["dicom"] and (root / journal["dicom"]).is_dir():
         dest = root / "sourcedata" / f"sub-{record.bids_subject}" / f"ses-{record.bids_session}" / "dicom"
         _move_replacing(root / journal["dicom"], dest, area.trash(exp_id + ".dicom"))

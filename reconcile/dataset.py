@@ -125,6 +125,29 @@ def update_sessions_tsv(root: Path, bids_subject: str, bids_session: str, *, acq
     _ensure_json_keys(Path(root) / "sessions.json", SESSION_COLUMN_DESCRIPTIONS)
 
 
+def remove_session_row(root: Path, bids_subject: str, bids_session: str, *, xnat_experiment_id: str) -> None:
+    """Drop ses-Y's row from sub-X/sub-X_sessions.tsv after the session moved elsewhere.
+
+    Only a row that names this experiment is ours to remove; a file left with nothing but our
+    own header goes too. Other rows are written back unchanged.
+    """
+    path = Path(root) / f"sub-{bids_subject}" / f"sub-{bids_subject}_sessions.tsv"
+    if not path.exists():
+        return
+    table = _Tsv.read(path)
+    if "session_id" not in table.header or "xnat_experiment_id" not in table.header:
+        return
+    index = table.find("session_id", f"ses-{bids_session}")
+    if index is None or table.rows[index][table.header.index("xnat_experiment_id")] != xnat_experiment_id:
+        return
+    del table.rows[index]
+    del table.raw[index + 1]
+    if not table.rows and table.header == list(SESSION_COLUMNS):
+        path.unlink()
+    else:
+        _write_atomic(path, table.text())
+
+
 def _ensure_json_keys(path: Path, entries: Mapping[str, Any]) -> None:
     """Add missing top-level keys to a JSON sidecar; keys already there are the user's to keep."""
     data = _read_json_object(path) if path.exists() else {}

@@ -198,3 +198,20 @@ def test_sessions_sidecar_describes_our_columns_and_keeps_user_entries(tmp_path:
     assert sidecar["pain_score"] == {"Description": "0-10"}
     assert sidecar["xnat_insert_date"] == {"Description": "mine"}
     assert "Description" in sidecar["xnat_experiment_id"]
+
+
+def test_a_moved_session_leaves_no_stale_row_and_user_rows_stay(tmp_path):
+    from reconcile.dataset import remove_session_row
+
+    update_sessions_tsv(tmp_path, "01", "A", acq_time="2024-01-10T00:00:00", xnat_experiment_id="E1",
+                        xnat_insert_date="2024-01-10 10:00:00.0")
+    path = tmp_path / "sub-01/sub-01_sessions.tsv"
+    remove_session_row(tmp_path, "01", "A", xnat_experiment_id="E2")  # not ours: untouched
+    assert "ses-A" in path.read_text()
+    remove_session_row(tmp_path, "01", "A", xnat_experiment_id="E1")
+    assert not path.exists()  # nothing but our header was left
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("session_id\tacq_time\txnat_experiment_id\txnat_insert_date\tnotes\nses-X\tn/a\tn/a\tn/a\tmine\n")
+    update_sessions_tsv(tmp_path, "01", "A", acq_time="n/a", xnat_experiment_id="E1", xnat_insert_date="n/a")
+    remove_session_row(tmp_path, "01", "A", xnat_experiment_id="E1")
+    assert path.read_text() == "session_id\tacq_time\txnat_experiment_id\txnat_insert_date\tnotes\nses-X\tn/a\tn/a\tn/a\tmine\n"
