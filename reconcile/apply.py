@@ -146,6 +146,9 @@ class StagedSession:
     log_path: Path
     tools: dict[str, str]
     settings: ConversionSettings
+    # Fingerprints taken by the worker that converted the session, so commits (one at a time)
+    # do not hash; None: the commit hashes them itself.
+    outputs: tuple[OutputRecord, ...] | None = None
 
 
 def _now() -> str:
@@ -196,8 +199,9 @@ def stage_session(
         staging / "dicom", staging / "convert", change.address, settings, log_path=log_path, cancel=cancel
     )
     hit("apply-converted")
+    outputs = _staged_outputs(result.session_dir.parent.parent, result.session_dir)
     return StagedSession(
-        change, exp, change.address, scans, result.session_dir, staging / "dicom", log_path, tools, settings
+        change, exp, change.address, scans, result.session_dir, staging / "dicom", log_path, tools, settings, outputs
     )
 
 
@@ -307,7 +311,7 @@ def commit_session(
         config_digests=staged.settings.digests(),
         tools=dict(staged.tools),
         scans=tuple(s.record() for s in staged.scans),
-        outputs=_staged_outputs(staging_root, staged.session_dir),
+        outputs=staged.outputs if staged.outputs is not None else _staged_outputs(staging_root, staged.session_dir),
     )
     if target.exists() and (previous is None or previous.address != address):
         # Not ours to replace: a folder from another tool, a forgotten session, or one another
