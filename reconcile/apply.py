@@ -29,6 +29,7 @@ from reconcile.dataset import (
     remove_session_row,
     update_sessions_tsv,
 )
+from reconcile.durable import fsync_dir
 from reconcile.errors import AuthError, StalePlanError, UnsafePathError, XnatBidsError
 from reconcile.export import export_session
 from reconcile.failpoints import hit
@@ -245,7 +246,7 @@ def _move_replacing(src: Path, dest: Path, trash: Path) -> None:
         hit("commit-between-renames")
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.rename(src, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -256,15 +257,8 @@ def _write_json(path: Path, data: dict) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)  # the journal must be durable before the folders move
+    fsync_dir(path.parent)  # the journal must be durable before the folders move
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _staged_outputs(staging_root: Path, session_dir: Path) -> tuple[OutputRecord, ...]:

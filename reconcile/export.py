@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from reconcile.durable import fsync_dir
 from reconcile.errors import (
     RemoteError,
     UnsafePathError,
@@ -172,7 +173,7 @@ def export_session(
             directories.add(folder)
             folder = folder.parent
     for directory in sorted(directories):
-        _fsync_dir(directory)
+        fsync_dir(directory)
     return ExportResult(
         dicom_dir=root,
         scans=tuple(scans),
@@ -258,18 +259,6 @@ def _verified(path: Path, f: RemoteFile) -> bool:
             h.update(chunk)
     return h.hexdigest() == f.digest
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the file data itself was synced
-    finally:
-        os.close(fd)
 
 
 def _content_range_start(value: str) -> int | None:

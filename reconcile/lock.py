@@ -29,6 +29,7 @@ from typing import Any, Union
 import tomli_w
 
 from reconcile import __version__
+from reconcile.durable import fsync_dir
 from reconcile.errors import LockfileError
 from reconcile.failpoints import hit
 from reconcile.model import OutputRecord, ScanRecord, SessionRecord
@@ -863,17 +864,7 @@ def _atomic_write(path: Path, pieces: list[Any]) -> None:
             except FileNotFoundError:
                 pass
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         raise LockfileError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename durable; directories cannot be opened for fsync on Windows.
-    if os.name != "posix":  # pragma: no cover
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

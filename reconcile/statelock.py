@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from reconcile.durable import fsync_dir
 from reconcile.errors import LockHeldError
 
 STATE_LOCK_NAME = ".xnat2bids.lock.info"
@@ -174,18 +175,6 @@ def _pinned(root: Path) -> Iterator[_Seen | None]:
             os.close(fd)  # releases the flock
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
-    finally:
-        os.close(fd)
-
 
 def _temp_with(path: Path, holder: Holder) -> Path:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -215,7 +204,7 @@ def _create(path: Path, holder: Holder) -> bool:
             return _create_in_place(path, holder)  # no hard links here; readers wait out the gap
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
 
 
@@ -291,7 +280,7 @@ def record_jobs(root: Path, holder: Holder, jobs: tuple[str, ...]) -> Holder:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    _fsync_dir(root)
+    fsync_dir(root)
     return updated
 
 
