@@ -213,26 +213,13 @@ def _document(lock: Lock) -> dict[str, Any]:
 
 
 def _record(doc: Mapping[str, Any], *, canonical: bool = False) -> SessionRecord:
-    if canonical:  # a document this module built: already sorted, and its dicts are ours to keep
-        return SessionRecord(
-            experiment_id=doc["experiment_id"],
-            project=doc["project"],
-            subject_id=doc["subject_id"],
-            subject_label=doc["subject_label"],
-            session_label=doc["session_label"],
-            bids_subject=doc["bids_subject"],
-            bids_session=doc["bids_session"],
-            date=doc.get("date"),
-            insert_date=doc["insert_date"],
-            last_modified=doc["last_modified"],
-            xsi_type=doc["xsi_type"],
-            exported_at=doc["exported_at"],
-            config_fingerprint=doc["config_fingerprint"],
-            config_digests=doc["config_digests"],
-            tools=doc["tools"],
-            scans=tuple([ScanRecord(**s) for s in doc["scans"]]),
-            outputs=tuple([OutputRecord(**o) for o in doc["outputs"]]),
-        )
+    scans = [ScanRecord(**s) for s in doc["scans"]]
+    outputs = [OutputRecord(**o) for o in doc["outputs"]]
+    digests, tools = doc["config_digests"], doc["tools"]
+    if not canonical:  # a document this module built is already sorted, and its dicts are ours to keep
+        scans.sort(key=lambda s: scan_sort_key(s.id))
+        outputs.sort(key=lambda o: o.path)
+        digests, tools = dict(sorted(digests.items())), dict(sorted(tools.items()))
     return SessionRecord(
         experiment_id=doc["experiment_id"],
         project=doc["project"],
@@ -247,10 +234,10 @@ def _record(doc: Mapping[str, Any], *, canonical: bool = False) -> SessionRecord
         xsi_type=doc["xsi_type"],
         exported_at=doc["exported_at"],
         config_fingerprint=doc["config_fingerprint"],
-        config_digests=dict(sorted(doc["config_digests"].items())),
-        tools=dict(sorted(doc["tools"].items())),
-        scans=tuple(sorted((ScanRecord(**s) for s in doc["scans"]), key=lambda s: scan_sort_key(s.id))),
-        outputs=tuple(sorted((OutputRecord(**o) for o in doc["outputs"]), key=lambda o: o.path)),
+        config_digests=digests,
+        tools=tools,
+        scans=tuple(scans),
+        outputs=tuple(outputs),
     )
 
 
