@@ -438,6 +438,14 @@ def check_plan_fresh(plan: Plan, root: Path) -> None:
         )
 
 
+def lock_for(plan: Plan, root: Path) -> Lock:
+    """The lock a plan is applied to; one not written yet takes the lineage the plan recorded."""
+    lock = load_or_new(root)
+    if lock.lineage != plan.lineage and lock.serial == 0 and plan.serial == 0:
+        lock = replace(lock, lineage=plan.lineage)
+    return lock
+
+
 def apply_plan(
     plan: Plan,
     root: Path,
@@ -457,10 +465,7 @@ def apply_plan(
     """
     cancel = cancel or threading.Event()
     tools = tools or {}
-    report = ApplyReport(lock=load_or_new(root))
-    if report.lock.lineage != plan.lineage and report.lock.serial == 0 and plan.serial == 0:
-        report.lock = replace(report.lock, lineage=plan.lineage)
-    report.lock = replace(report.lock, config_fingerprint=config.fingerprint())
+    report = ApplyReport(lock=replace(lock_for(plan, root), config_fingerprint=config.fingerprint()))
     changes = list(plan.actionable(repair_drift=options.repair_drift))
     auth_failed = threading.Event()
     started: dict[Future, tuple[Change, float]] = {}

@@ -36,6 +36,7 @@ from reconcile.apply import (
     WorkArea,
     append_history,
     commit_session,
+    lock_for,
     recover,
     save_commits,
     stage_session,
@@ -43,7 +44,6 @@ from reconcile.apply import (
 from reconcile.config import Config, ConversionSettings, SlurmSettings, load_config
 from reconcile.errors import LockHeldError, RemoteError, SlurmError, XnatBidsError
 from reconcile.localscan import sha256_file
-from reconcile.lock import load_or_new
 from reconcile.model import RemoteFile, Scan
 from reconcile.plan import Change, Plan
 
@@ -769,9 +769,7 @@ def finalize_batch(
     for exp_id in recover(root, warn=warn):
         warn(f"recovered the interrupted commit of {exp_id}")
     plan = load_plan(batch)
-    report = ApplyReport(lock=load_or_new(root))
-    if report.lock.lineage != plan.lineage and report.lock.serial == 0 and plan.serial == 0:
-        report.lock = replace(report.lock, lineage=plan.lineage)
+    report = ApplyReport(lock=lock_for(plan, root))
     pending: list[str] = []  # committed sessions whose lock entries are written together
     for entry in batch.sessions:
         change = _actionable_change(plan, batch, entry)
