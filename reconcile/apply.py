@@ -29,7 +29,7 @@ from reconcile.dataset import (
     remove_session_row,
     update_sessions_tsv,
 )
-from reconcile.durable import fsync_dir
+from reconcile.durable import fsync_dir, fsync_tree
 from reconcile.errors import AuthError, StalePlanError, UnsafePathError, XnatBidsError
 from reconcile.export import export_session
 from reconcile.failpoints import hit
@@ -201,6 +201,9 @@ def stage_session(
     )
     hit("apply-converted")
     outputs = _staged_outputs(result.session_dir.parent.parent, result.session_dir)
+    # The lock will vouch for these bytes: they reach the disk before it is written (here, in
+    # parallel workers, rather than in the one-at-a-time commit).
+    fsync_tree(result.session_dir)
     return StagedSession(
         change, exp, change.address, scans, result.session_dir, staging / "dicom", log_path, tools, settings, outputs
     )
@@ -317,6 +320,8 @@ def commit_session(
     if previous is not None and previous.address == address:
         # After fingerprinting: the user's files are carried over but never recorded as outputs.
         _copy_user_files(target, staged.session_dir, {o.path for o in previous.outputs}, root)
+    if keep_dicom:
+        fsync_tree(staged.dicom_dir)  # export leaves MD5-verified files unsynced (re-verified on reuse)
     journal = {
         "record": dumps_lock(Lock.new().with_session(record)),
         "previous": previous.experiment_id if previous else None,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from reconcile.durable import fsync_dir
+from reconcile.durable import fsync_dir, fsync_file
 from reconcile.errors import (
     RemoteError,
     UnsafePathError,
@@ -286,11 +286,19 @@ class _Exporter:
         self.on_progress = on_progress
         self.downloaded = 0
         self._lock = threading.Lock()
+        self._local = threading.local()
         self._abort = threading.Event()
         self._committer: ThreadPoolExecutor | None = None  # fsync + rename, set while `run` runs
         self._commits: list[Future[None]] = []
 
     # -- shared state ----------------------------------------------------------------------
+    def _buffer(self) -> memoryview:
+        """This thread's receive buffer, reused for every chunk of every file it fetches."""
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None:
+            buffer = self._local.buffer = memoryview(bytearray(CHUNK_SIZE))
+        return buffer
+
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise ExportCancelled(
@@ -417,13 +425,15 @@ class _Exporter:
                 out.seek(start)
                 out.truncate()
             size = start
+            buffer = self._buffer()
             try:
-                for chunk in resp.iter_content(CHUNK_SIZE):
+                while n := resp.readinto(buffer):
                     self.check_cancel()
+                    chunk = buffer[:n]
                     out.write(chunk)
                     h.update(chunk)
-                    size += len(chunk)
-                    self.progress(len(chunk))
+                    size += n
+                    self.progress(n)
                     hit("export-receiving")
                     if size > f.size:
                         break  # a server sending more than listed must not fill the disk
@@ -453,11 +463,12 @@ class _Exporter:
             try:
                 try:
                     with os.fdopen(fd, "wb") as out, self.client.stream(url) as resp:
+                        buffer = self._buffer()
                         try:
-                            for chunk in resp.iter_content(CHUNK_SIZE):
+                            while n := resp.readinto(buffer):
                                 self.check_cancel()
-                                out.write(chunk)
-                                self.progress(len(chunk))
+                                out.write(buffer[:n])
+                                self.progress(n)
                         except RemoteError as exc:
                             raise _CutShort(out.tell(), exc) from exc
                     archive = zipfile.ZipFile(tmp)
@@ -533,11 +544,12 @@ class _Exporter:
 
     def _sync_and_replace(self, job: _Job) -> None:
         self.check_cancel()
-        fd = os.open(job.part, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if not job.file.digest:
+            # Only a file without an MD5 is trusted on size alone when reused, so only it must
+            # reach the disk before its final name does. MD5-verified files are hashed again
+            # whenever they are reused (a power loss shows as a mismatch and a new download);
+            # syncing them cost 1.1 s of 3.9 s for 1 GiB. Apply syncs what it commits.
+            fsync_file(job.part)
         hit("export-before-rename")
         os.replace(job.part, job.target)
 

@@ -8,6 +8,7 @@ into dataclasses, so nothing downstream sees `requests` or `ResultSet`. No disk 
 from __future__ import annotations
 
 import html
+import http.client
 import json
 import os
 import random
@@ -21,6 +22,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from requests.cookies import create_cookie
 
@@ -116,7 +118,7 @@ class _NoAuth(requests.auth.AuthBase):
 
 
 class StreamResponse:
-    """A streaming download: `.status_code`, `.headers`, `.url`, `.iter_content(chunk)`.
+    """A streaming download: `.status_code`, `.headers`, `.url`, `.readinto(buffer)`, `.iter_content(chunk)`.
 
     Wraps `requests.Response` so that errors while reading the body come out as RemoteError.
     """
@@ -126,16 +128,43 @@ class StreamResponse:
         self.status_code: int = response.status_code
         self.headers = response.headers
         self.url: str = response.url
+        fp = getattr(response.raw, "_fp", None)
+        # Straight from http.client into the caller's buffer when the body is not content-encoded:
+        # urllib3's read() allocates a fresh 1 MiB object per chunk, which cost about 10 % of a
+        # 1 GiB download's CPU (page faults and the copy).
+        self._direct = fp if isinstance(fp, http.client.HTTPResponse) and not self.headers.get("Content-Encoding") else None
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        """Fill `buffer` with the next body bytes; returns how many, 0 once the body is complete.
+
+        RemoteError when the connection breaks or closes before the announced length.
+        """
+        try:
+            if self._direct is None:
+                data = self._response.raw.read(len(buffer), decode_content=True)
+                buffer[: len(data)] = data
+                return len(data)
+            n = self._direct.readinto(buffer)
+        except (*_TRANSIENT, OSError, http.client.HTTPException, urllib3.exceptions.HTTPError) as exc:
+            raise self._cut(type(exc).__name__) from exc
+        if n == 0 and len(buffer):
+            if self._direct.length:  # http.client returns 0 when the server closes early
+                raise self._cut(f"connection closed {self._direct.length} bytes before the end")
+            self._response._content_consumed = True  # complete: the connection may serve the next request
+            self._response.raw.release_conn()
+        return n
 
     def iter_content(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        try:
-            yield from self._response.iter_content(chunk_size)
-        except (*_TRANSIENT, requests.RequestException) as exc:
-            raise RemoteError(
-                f"download of {_strip_query(self.url)} was cut short",
-                detail=type(exc).__name__,
-                hint="run again; completed files are kept",
-            ) from exc
+        buffer = bytearray(chunk_size)
+        while n := self.readinto(buffer):
+            yield bytes(buffer[:n])
+
+    def _cut(self, detail: str) -> RemoteError:
+        return RemoteError(
+            f"download of {_strip_query(self.url)} was cut short",
+            detail=detail,
+            hint="run again; completed files are kept",
+        )
 
 
 def _text(value: Any) -> str:
