@@ -39,6 +39,10 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+try:  # a Rust TOML parser, ~10x faster than tomllib; none for Python 3.10
+    import toml_rs
+except ImportError:  # pragma: no cover
+    toml_rs = None
 
 LOCK_NAME = ".xnat2bids.lock"
 FORMAT_VERSION = 1
@@ -460,8 +464,24 @@ def dumps_lock(lock: Lock) -> str:
         return HEADER + tomli_w.dumps(_document(lock))
 
 
+def _fast_document(text: str) -> dict[str, Any] | None:
+    """toml-rs's document of `text` (strict TOML 1.0, which gives tomllib's), or None if it fails."""
+    if toml_rs is None or text.startswith("\ufeff"):  # tomllib refuses a byte order mark, toml-rs skips it
+        return None
+    try:
+        return toml_rs.loads(text, toml_version="1.0.0")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # also a Rust panic; tomllib decides, and words the error
+        return None
+
+
 def _parse(text: str, source: str) -> dict[str, Any]:
     """The validated document of a lock's text; LockfileError when it is not a valid lock."""
+    doc = _fast_document(text)
+    if doc is not None and not _problems(doc):
+        return doc
+    # Anything but a valid lock is parsed again by tomllib: its errors are the ones reported.
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -8,6 +8,7 @@ import os
 import pickle
 import stat
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -241,6 +242,33 @@ def test_any_lock_round_trips_byte_identically(lock: Lock) -> None:
     assert dumps_lock(loads_lock(text)) == text
 
 
+@given(_locks)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.skipif(lock_module.toml_rs is None, reason="toml-rs is not installed (Python 3.10)")
+def test_the_fast_parser_gives_tomllibs_document(lock: Lock) -> None:
+    text = dumps_lock(lock)
+    fast, slow = lock_module._fast_document(text), lock_module.tomllib.loads(text)
+    assert fast == slow and repr(fast) == repr(slow)  # same types and key order too
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda t: "\ufeff" + t, id="byte order mark"),
+        pytest.param(lambda t: t.replace('project = "PROJ"', 'project = "P\\eJ"'), id="TOML 1.1 escape"),
+        pytest.param(lambda t: t.replace('generator = "', 'x = { a = 1,\n}\ngenerator = "'), id="TOML 1.1 inline table"),
+    ],
+)
+def test_what_tomllib_refuses_stays_refused(root: Path, edit: Callable[[str], str]) -> None:
+    text = edit(dumps_lock(lock_with(record(1))))
+    with pytest.raises(lock_module.tomllib.TOMLDecodeError) as expected:
+        lock_module.tomllib.loads(text)
+    lock_path(root).write_text(text, encoding="utf-8")
+    with pytest.raises(LockfileError) as excinfo:
+        read_lock(root)
+    assert excinfo.value.summary == f"{lock_path(root)}: not valid TOML: {expected.value}"
+
+
 # --- validation --------------------------------------------------------------------------------
 
 
@@ -466,6 +494,19 @@ def test_an_invalid_lock_is_reported_and_never_overwritten(root: Path, case: str
         load_or_new(root)
     assert lock_path(root).read_bytes() == data
     assert sorted(p.name for p in root.iterdir()) == [LOCK_NAME]
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_errors_are_the_same_without_the_fast_parser(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    content, _ = INVALID[case]
+    if isinstance(content, bytes):
+        return
+    with pytest.raises(LockfileError) as fast:
+        loads_lock(content)
+    monkeypatch.setattr(lock_module, "toml_rs", None)
+    with pytest.raises(LockfileError) as slow:
+        loads_lock(content)
+    assert (fast.value.summary, fast.value.detail) == (slow.value.summary, slow.value.detail)
 
 
 def test_the_valid_base_of_the_invalid_cases_is_valid() -> None:
