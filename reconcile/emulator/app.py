@@ -1129,7 +1129,8 @@ def _drop_connection(request: Request, reset: bool = True) -> None:
 
     The server's later writes then fail quietly (werkzeug treats them as a dropped connection).
     """
-    sock = request.environ.get("werkzeug.socket")
+    # cheroot (serve.py) and werkzeug (pytest-httpserver) each hand over the socket under their own key.
+    sock = request.environ.get("emulator.socket") or request.environ.get("werkzeug.socket")
     if sock is None:
         return
     try:

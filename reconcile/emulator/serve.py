@@ -11,37 +11,51 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from werkzeug.serving import BaseWSGIServer, make_server
+from cheroot import wsgi
 
 from .app import EmulatorApp
 from .archive import Archive, Experiment
 
 SESSION_TYPE_BY_MODALITY = {"MR": "xnat:mrSessionData", "CT": "xnat:ctSessionData", "PT": "xnat:petSessionData"}
+# Worker threads: enough for a client's full connection pool plus a few stragglers.
+THREADS = 32
 
 
-def _server(app: EmulatorApp, host: str, port: int) -> BaseWSGIServer:
-    return make_server(host, port, app, threaded=True)
+class _Gateway(wsgi.Gateway_10):
+    """Hands the connection's socket to the app, for the faults that drop a connection."""
+
+    def get_environ(self) -> dict:
+        environ = super().get_environ()
+        environ["emulator.socket"] = self.req.conn.socket
+        return environ
 
 
-def _url(server: BaseWSGIServer, host: str) -> str:
+def _server(app: EmulatorApp, host: str, port: int) -> wsgi.Server:
+    # cheroot rather than werkzeug's development server: it keeps HTTP/1.1 connections open
+    # between requests as XNAT's Tomcat does (werkzeug closes every one), so clients' connection
+    # pools behave as against XNAT, and it serves from a pool of threads instead of starting one
+    # per connection.
+    server = wsgi.Server((host, port), app, numthreads=THREADS, request_queue_size=128, timeout=60)
+    server.gateway = _Gateway
+    server.prepare()  # binds now, so the port is known before serving
+    return server
+
+
+def _url(server: wsgi.Server, host: str) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    return f"http://{shown}:{server.port}"
+    return f"http://{shown}:{server.bind_addr[1]}"
 
 
 @contextmanager
 def serve_in_thread(app: EmulatorApp, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve `app` on a threaded werkzeug server in the background; yield its base URL."""
+    """Serve `app` on a threaded HTTP/1.1 server in the background; yield its base URL."""
     server = _server(app, host, port)
-    # A short poll interval makes shutdown (end of a test) take milliseconds instead of 0.5 s.
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="xnat-emulator", daemon=True
-    )
+    thread = threading.Thread(target=server.serve, name="xnat-emulator", daemon=True)
     thread.start()
     try:
         yield _url(server, host)
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
         thread.join(timeout=5)
 
 
@@ -58,11 +72,11 @@ def serve_forever(
     if on_ready is not None:
         on_ready(_url(server, host))
     try:
-        server.serve_forever()
+        server.serve()
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        server.stop()
 
 
 def load_dicom_dir(archive: Archive, path: str | Path) -> list[Experiment]:
