@@ -391,10 +391,78 @@ def _compile(schema: Mapping[str, Any], root: Mapping[str, Any]) -> _Check:
     return check_all
 
 
+# The checks above collect every problem with its place; most documents have none. So a second,
+# yes/no form of each check runs first, and the first form only when it says no.
+_Valid = Callable[[Any], Any]
+_INF = float("inf")
+_STRING_KEYS, _INTEGER_KEYS = frozenset({"pattern", "minLength", "maxLength"}), frozenset({"minimum", "maximum"})
+_OBJECT_KEYS = frozenset({"properties", "required", "additionalProperties", "propertyNames"})
+
+
+def _compile_valid(schema: Mapping[str, Any], root: Mapping[str, Any]) -> _Valid:
+    """Truthy only if `_compile(schema)` finds no problem. Stricter where that is simpler (exact
+    types), False for keyword mixes the lock schema does not use; may raise TypeError."""
+    if "$ref" in schema:
+        return _compile_valid(root["$defs"][schema["$ref"].removeprefix("#/$defs/")], root)
+    keys = set(schema) - _ANNOTATIONS
+    kind = schema.get("type")
+    if keys == {"const"}:
+        const, const_type = schema["const"], type(schema["const"])
+        return lambda v: type(v) is const_type and v == const
+    if (kind == "string" or (kind is None and "pattern" in keys)) and keys <= {"type"} | _STRING_KEYS:
+        search = _ecma_pattern(schema["pattern"]).search if "pattern" in schema else None
+        lo, hi = schema.get("minLength", 0), schema.get("maxLength", _INF)
+        if search is not None and (lo, hi) == (0, _INF):
+            return search  # a match, or None; TypeError for anything but a string
+        if search is not None:
+            return lambda v: type(v) is str and lo <= len(v) <= hi and search(v)
+        return lambda v: type(v) is str and lo <= len(v) <= hi
+    if kind == "integer" and keys <= {"type"} | _INTEGER_KEYS:
+        low, high = schema.get("minimum", -_INF), schema.get("maximum", _INF)
+        return lambda v: type(v) is int and low <= v <= high
+    if kind == "array" and keys == {"type", "items"}:
+        item = _compile_valid(schema["items"], root)
+        return lambda v: type(v) is list and all(map(item, v))
+    if kind == "object" and keys <= {"type"} | _OBJECT_KEYS:
+        return _compile_valid_object(schema, root)
+    return lambda v: False  # not sped up: the full check decides
+
+
+def _compile_valid_object(schema: Mapping[str, Any], root: Mapping[str, Any]) -> _Valid:
+    props = {k: _compile_valid(s, root) for k, s in schema.get("properties", {}).items()}
+    required = frozenset(schema.get("required", ()))
+    extra = schema.get("additionalProperties", True)
+    other = _compile_valid(extra, root) if isinstance(extra, Mapping) else (lambda v: True) if extra else None
+    names = _compile_valid(schema["propertyNames"], root) if "propertyNames" in schema else None
+    if other is None and names is None and required == props.keys():  # exactly these keys
+        pairs = tuple(props.items())
+
+        def valid_record(v: Any) -> bool:
+            if type(v) is not dict or v.keys() != required:
+                return False
+            for key, sub in pairs:
+                if not sub(v[key]):
+                    return False
+            return True
+
+        return valid_record
+
+    def valid_object(v: Any) -> bool:
+        if type(v) is not dict or not required <= v.keys():
+            return False
+        for key, item in v.items():
+            sub = props.get(key, other)
+            if sub is None or not sub(item) or (names is not None and not names(key)):
+                return False
+        return True
+
+    return valid_object
+
+
 @cache
-def _lock_check() -> _Check:
+def _lock_check() -> tuple[_Valid, _Check]:
     schema = load_schema("lock")
-    return _compile(schema, schema)
+    return _compile_valid(schema, schema), _compile(schema, schema)
 
 
 def _flatten(where: _Where) -> str:
@@ -406,8 +474,12 @@ def _flatten(where: _Where) -> str:
 
 
 def _schema_problems(doc: Any) -> list[str]:
+    valid, check = _lock_check()
+    with contextlib.suppress(TypeError):
+        if valid(doc):
+            return []
     errs: list[tuple[_Where, str]] = []
-    _lock_check()(doc, (), errs)
+    check(doc, (), errs)
     return [f"{_flatten(where)}: {message}" for where, message in errs]
 
 

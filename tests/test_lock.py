@@ -334,8 +334,22 @@ def test_the_compiled_validator_agrees_with_jsonschema(doc: dict) -> None:
         assert expected_valid == (not ours), ours
 
 
+@given(_mutations(_SAMPLE_DOC))
+@settings(max_examples=400, deadline=None)
+def test_the_quick_yes_no_agrees_with_the_full_check(doc: dict) -> None:
+    valid, check = lock_module._lock_check()
+    problems: list = []
+    check(doc, (), problems)
+    try:
+        quick = bool(valid(doc))
+    except TypeError:
+        quick = False
+    assert quick == (not problems), problems
+
+
 def test_a_valid_document_has_no_problems() -> None:
     assert _schema_problems(_SAMPLE_DOC) == []
+    assert lock_module._lock_check()[0](_SAMPLE_DOC)  # said by the quick check alone
 
 
 # --- files -------------------------------------------------------------------------------------
