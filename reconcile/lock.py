@@ -212,6 +212,26 @@ def _session_document(record: SessionRecord) -> dict[str, Any]:
     return doc
 
 
+_HEADER_FIELDS = ("format_version", "lineage", "serial", "generator", "config_fingerprint")
+_SESSION_FIELDS = (
+    "experiment_id", "project", "subject_id", "subject_label", "session_label", "bids_subject", "bids_session",
+    "date", "insert_date", "last_modified", "xsi_type", "exported_at", "config_fingerprint",
+)
+_SCAN_FIELDS = ("id", "type", "series_description", "file_count", "total_size", "digest")
+_OUTPUT_FIELDS = ("path", "size", "sha256", "mtime_ns")
+
+
+def _canonical_session(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """`_session_document(_record(doc))` for a valid session document, without the dataclasses."""
+    out = {key: doc[key] for key in _SESSION_FIELDS if key in doc}
+    out["config_digests"] = dict(sorted(doc["config_digests"].items()))
+    out["tools"] = dict(sorted(doc["tools"].items()))
+    scans = sorted(doc["scans"], key=lambda s: scan_sort_key(s["id"]))
+    out["scans"] = [{key: s[key] for key in _SCAN_FIELDS} for s in scans]
+    out["outputs"] = [{key: o[key] for key in _OUTPUT_FIELDS} for o in sorted(doc["outputs"], key=lambda o: o["path"])]
+    return out
+
+
 def _document(lock: Lock) -> dict[str, Any]:
     return {**_header(lock), "sessions": {key: _session_document(lock.sessions[key]) for key in sorted(lock.sessions)}}
 
@@ -694,7 +714,7 @@ def _load_cache(path: Path, digest: bytes) -> _Snapshot | None:
         version, cached_digest, header, keys, lengths, sums, spans = marshal.loads(index)
         if version != _CACHE_FORMAT or cached_digest != digest:
             return None
-        if not isinstance(header, dict) or set(header) != {"format_version", "lineage", "serial", "generator", "config_fingerprint"}:
+        if not isinstance(header, dict) or set(header) != set(_HEADER_FIELDS):
             return None
         if not len(keys) == len(lengths) == len(sums) // 32 or sum(lengths) != len(raw) - at:
             return None
@@ -795,10 +815,11 @@ def _parse_file(path: Path, data: bytes, digest: bytes) -> _Snapshot:
     except UnicodeDecodeError as exc:
         raise LockfileError(f"{path}: not valid TOML: not UTF-8 text (byte {exc.start})") from exc
     with gc_paused():
-        lock = _from_document(_parse(text, str(path)))
-        blobs = {key: marshal.dumps(_session_document(record)) for key, record in lock.sessions.items()}
+        doc = _parse(text, str(path))
+        sessions = doc["sessions"]
+        blobs = {key: marshal.dumps(_canonical_session(sessions[key])) for key in sorted(sessions)}
     sums = {key: hashlib.sha256(blob).digest() for key, blob in blobs.items()}
-    return _Snapshot(digest, _header(lock), blobs, sums, None)
+    return _Snapshot(digest, {key: doc[key] for key in _HEADER_FIELDS}, blobs, sums, None)
 
 
 def _assemble(header: dict[str, Any], fragments: list[Any]) -> tuple[list[Any], list[tuple[int, int]]]:

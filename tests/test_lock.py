@@ -6,6 +6,7 @@ import copy
 import hashlib
 import os
 import pickle
+import random
 import stat
 import uuid
 from collections.abc import Callable
@@ -267,6 +268,24 @@ def test_what_tomllib_refuses_stays_refused(root: Path, edit: Callable[[str], st
     with pytest.raises(LockfileError) as excinfo:
         read_lock(root)
     assert excinfo.value.summary == f"{lock_path(root)}: not valid TOML: {expected.value}"
+
+
+def _shuffled(node: object, rnd: random.Random) -> object:
+    if isinstance(node, dict):
+        items = list(node.items())
+        rnd.shuffle(items)
+        return {k: _shuffled(v, rnd) for k, v in items}
+    if isinstance(node, list):
+        return rnd.sample([_shuffled(v, rnd) for v in node], len(node))
+    return node
+
+
+@given(_session, st.randoms())
+@settings(max_examples=100, deadline=None)
+def test_a_read_session_is_put_in_the_order_a_record_is_written_in(record: SessionRecord, rnd: random.Random) -> None:
+    expected = lock_module._session_document(record)
+    # repr: equal with the same order of keys and items
+    assert repr(lock_module._canonical_session(_shuffled(expected, rnd))) == repr(expected)
 
 
 # --- validation --------------------------------------------------------------------------------
