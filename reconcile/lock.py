@@ -616,17 +616,29 @@ def loads_lock(text: str, source: str = "lock") -> Lock:
 # damaged, foreign or stale is ignored and the lock parsed and validated again.
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Snapshot:
-    """What a valid lock file holds, for the file whose bytes have SHA-256 `digest`."""
+    """What a valid lock file holds: the file whose bytes are `pieces`, joined."""
 
-    digest: bytes
     header: dict[str, Any]  # as `_header` returns it
     blobs: dict[str, bytes]  # session key -> its canonical document, marshalled, in key order
     sums: dict[str, bytes]  # session key -> SHA-256 of its blob, to check the blob in a cache file
     # Session key -> (start, end) of its TOML fragment in the file; None when the file may not be
     # byte-for-byte what this module writes (parsed from text, e.g. edited by hand).
     spans: dict[str, tuple[int, int]] | None
+    pieces: list[Any]
+    fragments: dict[str, Any] | None = None  # with spans: session key -> those bytes, in `pieces`
+    identity: tuple[int, ...] | None = None  # `_identity` of the file as read or written; None: unknown
+    known_digest: bytes | None = None  # SHA-256 of the bytes, once computed
+
+    @property
+    def digest(self) -> bytes:
+        if self.known_digest is None:
+            digest = hashlib.sha256()
+            for piece in self.pieces:
+                digest.update(piece)
+            self.known_digest = digest.digest()
+        return self.known_digest
 
     def lock(self) -> Lock:
         h = self.header
@@ -685,7 +697,7 @@ def _cache_file(path: Path) -> Path | None:
     return None if directory is None else directory / f"{name}.bin"
 
 
-def _load_cache(path: Path, digest: bytes) -> _Snapshot | None:
+def _load_cache(path: Path, data: bytes, digest: bytes) -> _Snapshot | None:
     """The cached snapshot of the lock whose bytes have `digest`, or None: never an error.
 
     Layout: magic, SHA-256 of the index, index length (8 bytes), index (marshalled), then the
@@ -728,13 +740,12 @@ def _load_cache(path: Path, digest: bytes) -> _Snapshot | None:
                 return None
             blobs[key], blob_sums[key] = blob, expected
             at += length
-        return _Snapshot(
-            digest,
-            header,
-            blobs,
-            blob_sums,
-            None if spans is None else {k: (spans[2 * i], spans[2 * i + 1]) for i, k in enumerate(keys)},
-        )
+        snapshot = _Snapshot(header, blobs, blob_sums, None, [data], known_digest=digest)
+        if spans is not None:
+            view = memoryview(data)
+            snapshot.spans = {k: (spans[2 * i], spans[2 * i + 1]) for i, k in enumerate(keys)}
+            snapshot.fragments = {k: view[start:end] for k, (start, end) in snapshot.spans.items()}
+        return snapshot
     except Exception:  # anything unexpected in a cache means: not usable
         return None
 
@@ -791,19 +802,50 @@ def _save_cache(path: Path, snapshot: _Snapshot) -> None:
             tmp.unlink()
 
 
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _current(path: Path) -> _Snapshot | None:
+    """What the lock file at `path` holds now; None when there is none, LockfileError when invalid.
+
+    The file is read only when its identity differs from the one this process last read or wrote:
+    another writer's file replacing it (as this module, and editors, write) is a new inode, and
+    one written in place has a new mtime and ctime (the same ones only within the same timestamp
+    tick as our own write: a far shorter window than the serial check's own, read to rename).
+    """
+    try:
+        with open(path, "rb") as f:
+            identity = _identity(os.fstat(f.fileno()))  # before reading: a later change shows
+            known = _snapshots.get(os.path.abspath(path))
+            if known is not None and known.identity == identity:
+                return known
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise LockfileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    snapshot = _snapshot_of(path, data)
+    snapshot.identity = identity
+    return snapshot
+
+
 def _snapshot_of(path: Path, data: bytes) -> _Snapshot:
     """What the lock file with these bytes holds; LockfileError when it is not a valid lock."""
     digest = hashlib.sha256(data).digest()
     known = _snapshots.get(os.path.abspath(path))
     if known is not None and known.digest == digest:
         return known
-    snapshot = _load_cache(path, digest) if len(data) >= _CACHE_MIN_BYTES else None
+    snapshot = _load_cache(path, data, digest) if len(data) >= _CACHE_MIN_BYTES else None
     if snapshot is None:
         snapshot = _parse_file(path, data, digest)
         if len(data) >= _CACHE_MIN_BYTES:
             with _snapshots_guard:  # a cache pending from an earlier write of ours is older
                 _unsaved.pop(os.path.abspath(path), None)
             _save_cache(path, snapshot)
+    if len(data) >= _CACHE_MIN_BYTES:  # the cache file is current now: as good as just saved
+        with _snapshots_guard:
+            _last_saved[os.path.abspath(path)] = time.monotonic()
     _remember(path, snapshot)
     return snapshot
 
@@ -819,7 +861,7 @@ def _parse_file(path: Path, data: bytes, digest: bytes) -> _Snapshot:
         sessions = doc["sessions"]
         blobs = {key: marshal.dumps(_canonical_session(sessions[key])) for key in sorted(sessions)}
     sums = {key: hashlib.sha256(blob).digest() for key, blob in blobs.items()}
-    return _Snapshot(digest, {key: doc[key] for key in _HEADER_FIELDS}, blobs, sums, None)
+    return _Snapshot({key: doc[key] for key in _HEADER_FIELDS}, blobs, sums, None, [data], known_digest=digest)
 
 
 def _assemble(header: dict[str, Any], fragments: list[Any]) -> tuple[list[Any], list[tuple[int, int]]]:
@@ -843,20 +885,10 @@ def _assemble(header: dict[str, Any], fragments: list[Any]) -> tuple[list[Any], 
 # --- files -------------------------------------------------------------------------------------
 
 
-def _read_bytes(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise LockfileError(f"cannot read {path}: {exc.strerror or exc}") from exc
-
-
 def read_lock(root: Path) -> Lock | None:
     """The lock of a BIDS root, or None when there is none yet."""
-    path = lock_path(root)
-    data = _read_bytes(path)
-    return None if data is None else _snapshot_of(path, data).lock()
+    snapshot = _current(lock_path(root))
+    return None if snapshot is None else snapshot.lock()
 
 
 def load_or_new(root: Path) -> Lock:
@@ -873,9 +905,7 @@ def write_lock(root: Path, lock: Lock, *, expected_serial: int | None = None) ->
     what the caller read. A missing file counts as serial 0.
     """
     path = lock_path(root)
-    data = _read_bytes(path)
-    # Raises on an invalid file: look at it, never overwrite it.
-    on_disk = None if data is None else _snapshot_of(path, data)
+    on_disk = _current(path)  # raises on an invalid file: look at it, never overwrite it
     if expected_serial is not None:
         found = on_disk.header["serial"] if on_disk is not None else 0
         if found != expected_serial:
@@ -891,30 +921,31 @@ def write_lock(root: Path, lock: Lock, *, expected_serial: int | None = None) ->
     written = replace(lock, serial=lock.serial + 1, generator=GENERATOR)
     header = _header(written)
     sessions = _Sessions.of(lock.sessions)
-    reusable = on_disk is not None and on_disk.spans is not None
     keys = sorted(sessions)
     blobs: dict[str, bytes] = {}
     sums: dict[str, bytes] = {}
     fragments: list[Any] = [None] * len(keys)
     changed: list[tuple[int, str, dict[str, Any], bytes | None]] = []  # (position, key, document, blob)
-    view = memoryview(data) if reusable else None
+    unchecked: list[tuple[str, dict[str, Any]]] = []  # the changed documents not known valid
     with gc_paused():
         for i, key in enumerate(keys):
             blob = sessions.blob(key)
-            if reusable and blob is not None and on_disk.blobs.get(key) == blob:  # type: ignore[union-attr]
-                start, end = on_disk.spans[key]  # type: ignore[union-attr,index]
-                fragments[i] = view[start:end]  # type: ignore[index]
-                blobs[key], sums[key] = blob, on_disk.sums[key]  # type: ignore[union-attr]
-            else:  # a blob is a canonical document: no need to build the record to get it back
-                doc = marshal.loads(blob) if blob is not None else _session_document(sessions[key])
-                changed.append((i, key, doc, blob))
-        # Validated exactly as the whole document would be: the header, then each changed session
-        # (the unchanged ones were valid when read or written).
+            on_file = blob is not None and on_disk is not None and on_disk.blobs.get(key) == blob
+            if on_file and on_disk.fragments is not None:  # type: ignore[union-attr]
+                fragments[i] = on_disk.fragments[key]  # type: ignore[union-attr]
+                blobs[key], sums[key] = blob, on_disk.sums[key]  # type: ignore[assignment,union-attr]
+                continue
+            # A blob is a canonical document: no need to build the record to get it back.
+            doc = marshal.loads(blob) if blob is not None else _session_document(sessions[key])
+            changed.append((i, key, doc, blob))
+            if not on_file:  # what the file holds was valid when read or written
+                unchecked.append((key, doc))
+        # Validated exactly as the whole document would be: the header, then each other session.
         problems = _schema_problems({**header, "sessions": {}})
-        for _, key, doc, _blob in changed:
+        for key, doc in unchecked:
             problems += [p for p in _schema_problems({**header, "sessions": {key: doc}}) if p.startswith("sessions/")]
         if not problems:
-            for _, key, doc, _blob in changed:
+            for key, doc in unchecked:
                 problems += _consistency_problems({"sessions": {key: doc}})
         if problems:
             _raise_invalid(f"refusing to write an invalid lock to {path}", problems)
@@ -923,12 +954,9 @@ def write_lock(root: Path, lock: Lock, *, expected_serial: int | None = None) ->
             blobs[key] = blob if blob is not None else marshal.dumps(doc)
             sums[key] = hashlib.sha256(blobs[key]).digest()
         pieces, spans = _assemble(header, fragments)
-    digest = hashlib.sha256()
-    for piece in pieces:
-        digest.update(piece)
-    _atomic_write(path, pieces)
-    del view, fragments, pieces
-    snapshot = _Snapshot(digest.digest(), header, {k: blobs[k] for k in keys}, sums, dict(zip(keys, spans)))
+    identity = _atomic_write(path, pieces)
+    snapshot = _Snapshot(header, {k: blobs[k] for k in keys}, sums, dict(zip(keys, spans)), pieces,
+                         dict(zip(keys, fragments)), identity)
     _remember(path, snapshot)
     if (spans[-1][1] if spans else 0) >= _CACHE_MIN_BYTES:
         _cache_soon(path, snapshot)
@@ -941,8 +969,9 @@ def write_lock(root: Path, lock: Lock, *, expected_serial: int | None = None) ->
     return replace(written, sessions=_Sessions(items, origin))
 
 
-def _atomic_write(path: Path, pieces: list[Any]) -> None:
-    """Temp file in the same directory, fsync, rename over, fsync the directory."""
+def _atomic_write(path: Path, pieces: list[Any]) -> tuple[int, ...]:
+    """Temp file in the same directory, fsync, rename over, fsync the directory. Returns the
+    `_identity` of the file written."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -955,8 +984,9 @@ def _atomic_write(path: Path, pieces: list[Any]) -> None:
                 f.writelines(pieces)
                 f.flush()
                 os.fsync(f.fileno())
-            hit("lock-temp-written")
-            os.replace(tmp, path)
+                hit("lock-temp-written")
+                os.replace(tmp, path)
+                identity = _identity(os.fstat(f.fileno()))  # after the rename, which sets its ctime
             hit("lock-replaced")
         except BaseException:
             try:
@@ -967,4 +997,4 @@ def _atomic_write(path: Path, pieces: list[Any]) -> None:
         fsync_dir(path.parent)
     except OSError as exc:
         raise LockfileError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
+    return identity

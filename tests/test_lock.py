@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import stat
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -566,6 +567,46 @@ def test_a_lock_rewritten_by_another_process_is_noticed(root: Path) -> None:
     lock_path(root).write_text(dumps_lock(other))
     with pytest.raises(LockfileError, match=r"serial 1 → 5"):
         write_lock(root, lock, expected_serial=lock.serial)
+
+
+def test_a_lock_replaced_by_one_of_the_same_size_and_mtime_is_noticed(root: Path) -> None:
+    lock = write_lock(root, lock_with(record(1)))
+    before = os.stat(lock_path(root))
+    other = root / "other"
+    other.write_text(dumps_lock(replace(lock, serial=5)))
+    assert other.stat().st_size == before.st_size
+    os.utime(other, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(other, lock_path(root))  # as this module, or an editor, writes: a new file
+    with pytest.raises(LockfileError, match=r"serial 1 → 5"):
+        write_lock(root, lock, expected_serial=lock.serial)
+    assert read_lock(root).serial == 5
+
+
+def test_a_lock_rewritten_in_place_with_its_old_size_and_mtime_is_noticed(root: Path) -> None:
+    lock = write_lock(root, lock_with(record(1)))
+    before = os.stat(lock_path(root))
+    time.sleep(0.02)  # past the file system's timestamp tick, so the new ctime differs
+    with open(lock_path(root), "r+b") as f:
+        f.write(dumps_lock(replace(lock, serial=5)).encode())
+    os.utime(lock_path(root), ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(lock_path(root)).st_size == before.st_size
+    with pytest.raises(LockfileError, match=r"serial 1 → 5"):
+        write_lock(root, lock, expected_serial=lock.serial)
+
+
+def test_a_lock_this_process_wrote_is_not_read_again(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = write_lock(root, lock_with(record(1)))
+
+    def refuse(path: Path, data: bytes) -> None:
+        raise AssertionError("the lock file was read")
+
+    monkeypatch.setattr(lock_module, "_snapshot_of", refuse)
+    assert read_lock(root) == first
+    second = write_lock(root, first.with_session(record(2)), expected_serial=1)
+    assert read_lock(root) == second
+    monkeypatch.undo()
+    forget()
+    assert read_lock(root) == second and lock_path(root).read_text() == dumps_lock(second)
 
 
 # --- speed: incremental writes and the read cache ----------------------------------------------
