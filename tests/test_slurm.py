@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from worlds import add
 
 from reconcile import statelock
@@ -274,6 +275,8 @@ def test_password_appears_in_no_script_argument_environment_or_log(slurm_cli, em
     assert mode == 0o600
     token = json.loads(batch.credentials_path.read_text())
     assert token["alias"] != "labuser" and token["secret"] != SENTINEL
+    validate = f"{emulator.url}/data/services/tokens/validate/{token['alias']}/{token['secret']}"
+    assert requests.get(validate, auth=("labuser", SENTINEL), timeout=10).json()["valid"] is True
 
     seen = []
     for job in batch.jobs:
@@ -302,6 +305,7 @@ def test_password_appears_in_no_script_argument_environment_or_log(slurm_cli, em
     wait_gone(*batch.jobs)
     assert sx.read_finalized(batch)["ok"]
     assert not batch.credentials_path.exists()  # finalize removes the job credential
+    assert requests.get(validate, auth=("labuser", SENTINEL), timeout=10).json()["valid"] is False  # and revokes it on XNAT
     for job in batch.jobs:
         assert SENTINEL not in subprocess.run(["scontrol", "show", "job", "-dd", job], capture_output=True, text=True).stdout
     for path in [*_files_under(root), lock_path(root)]:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from reconcile import statelock
 from reconcile.apply import (
@@ -811,10 +812,34 @@ def finalize_batch(
         "git_commit": result.git_commit,
         "problems": result.problems,
     })
+    revoke_job_token(batch, warn=warn)
     batch.credentials_path.unlink(missing_ok=True)
     statelock.release(root, holder)
     _prune(root)
     return result
+
+
+def revoke_job_token(batch: Batch, *, warn: Callable[[str], None] = lambda m: None) -> bool:
+    """Invalidate on XNAT the alias token issued for the batch's jobs; they are done with it.
+
+    Without this it stays valid until XNAT expires it (2 days by default, up to 60 at some
+    sites). A failure is only warned about: the token file is removed either way.
+    """
+    from reconcile.credentials import Credentials
+    from reconcile.xnat import XnatClient
+
+    if batch.credentials != "alias-token" or not batch.credentials_path.exists():
+        return False
+    try:
+        token = json.loads(batch.credentials_path.read_text())
+        alias, secret = str(token["alias"]), str(token["secret"])
+        with XnatClient(batch.xnat_url, Credentials(alias, secret, "token-file"), verify=batch.verify_tls) as client:
+            client.get_json(f"/data/services/tokens/invalidate/{quote(alias, safe='')}")
+    except (XnatBidsError, OSError, ValueError, KeyError, TypeError) as exc:
+        summary = exc.summary if isinstance(exc, XnatBidsError) else type(exc).__name__
+        warn(f"could not invalidate the batch's alias token on XNAT ({summary}); it expires on its own")
+        return False
+    return True
 
 
 def _prune(root: Path) -> None:
