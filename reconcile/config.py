@@ -7,6 +7,7 @@ and the per-session conversion settings whose fingerprints the lock records. No 
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -54,16 +55,7 @@ class ConversionSettings:
         )
 
     def digests(self) -> dict[str, str]:
-        return {
-            # A custom heuristic counts by its name and content: editing it re-converts,
-            # moving the config folder does not.
-            "heuristic": _digest([Path(self.heuristic).name, self.heuristic_sha])
-            if self.heuristic_sha
-            else _digest(self.heuristic),
-            "include": _digest(list(self.include)),
-            "skip": _digest(list(self.skip)),
-            "bidsmap": _digest([list(p) for p in self.bidsmap]),
-        }
+        return dict(_conversion_digests(self))  # a copy: the cached one is shared
 
     def fingerprint(self) -> str:
         return _digest(self.digests())
@@ -73,6 +65,20 @@ class ConversionSettings:
         if self.include and not any(_matches(p, scan_id, series_description) for p in self.include):
             return False
         return not any(_matches(p, scan_id, series_description) for p in self.skip)
+
+
+@functools.cache  # planning asks once per session (10,000s of times) about a handful of settings
+def _conversion_digests(settings: ConversionSettings) -> dict[str, str]:
+    return {
+        # A custom heuristic counts by its name and content: editing it re-converts,
+        # moving the config folder does not.
+        "heuristic": _digest([Path(settings.heuristic).name, settings.heuristic_sha])
+        if settings.heuristic_sha
+        else _digest(settings.heuristic),
+        "include": _digest(list(settings.include)),
+        "skip": _digest(list(settings.skip)),
+        "bidsmap": _digest([list(p) for p in settings.bidsmap]),
+    }
 
 
 def _matches(pattern: str, scan_id: str, description: str) -> bool:

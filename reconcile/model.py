@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -17,11 +18,18 @@ _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 def parse_timestamp(text: str | None) -> datetime | None:
     """Parse an XNAT listing timestamp; '' or None means unset. Raises ValueError on garbage."""
-    if text is None or text.strip() == "":
+    if text is None:
         return None
-    m = _TIMESTAMP.match(text.strip())
+    text = text.strip()
+    if not text:
+        return None
+    m = _TIMESTAMP.match(text)
     if not m:
         raise ValueError(f"not an XNAT timestamp: {text!r}")
+    if sys.version_info >= (3, 11):
+        # What the pattern admits, fromisoformat reads as meant: fractions of 1-9 digits cut
+        # (not rounded) to microseconds. A third of the cost of the general path below.
+        return datetime.fromisoformat(text)
     day, clock, frac = m.groups()
     micros = int((frac or "0")[:6].ljust(6, "0"))
     return datetime.fromisoformat(f"{day} {clock}").replace(microsecond=micros)
