@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.client
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import xnat
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from reconcile.emulator import Archive, EmulatorApp, load_dicom_dir, serve_in_thread
+from reconcile.emulator import Archive, EmulatorApp, Fault, load_dicom_dir, serve_in_thread
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,6 +33,38 @@ def test_serve_in_thread_serves_real_clients(archive):
             assert list(conn.projects["PROJ"].experiments.keys()) == [exp.id]
     with pytest.raises(requests.ConnectionError):
         requests.get(url, timeout=2)
+
+
+def test_served_connections_stay_open_between_requests_as_with_tomcat(archive):
+    exp = archive.add_session("PROJ", "S1", "S1_MR1", date="2024-01-10")
+    archive.add_scan(exp.id, "1", type="t1", files={"1.dcm": b"abc" * 1000})
+    auth = {"Authorization": "Basic " + base64.b64encode(b"admin:secret").decode()}
+    with serve_in_thread(EmulatorApp(archive)) as url:
+        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+        bodies, ports = [], []
+        for path in ("/data/projects/PROJ/experiments?format=json",
+                     f"/data/experiments/{exp.id}/scans/1/resources/DICOM/files/1.dcm") * 2:
+            conn.request("GET", path, headers=auth)
+            resp = conn.getresponse()
+            bodies.append((resp.status, resp.getheader("Connection"), resp.read()))
+            ports.append(conn.sock.getsockname()[1])  # still the same socket: nothing reconnected
+        conn.close()
+    assert [status for status, _, _ in bodies] == [200] * 4
+    assert all(header != "close" for _, header, _ in bodies)
+    assert bodies[1][2] == bodies[3][2] == b"abc" * 1000
+    assert len(set(ports)) == 1
+
+
+def test_reset_fault_drops_the_served_connection(archive):
+    exp = archive.add_session("PROJ", "S1", "S1_MR1", date="2024-01-10")
+    archive.add_scan(exp.id, "1", type="t1", files={"1.dcm": b"abc" * 1000})
+    app = EmulatorApp(archive)
+    app.faults.add(Fault(route=r"/files/", kind="reset", times=1))
+    file_url = f"/data/experiments/{exp.id}/scans/1/resources/DICOM/files/1.dcm"
+    with serve_in_thread(app) as url:
+        with pytest.raises(requests.ConnectionError):
+            requests.get(url + file_url, auth=("admin", "secret"), timeout=10)
+        assert requests.get(url + file_url, auth=("admin", "secret"), timeout=10).content == b"abc" * 1000
 
 
 def _peak_while(action) -> int:  # noqa: ANN001 - any callable
