@@ -105,8 +105,6 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-
-
 def _wheel_dcm2niix_version() -> str | None:
     try:
         from importlib.metadata import version
