@@ -178,7 +178,7 @@ def listing_benchmark(args: argparse.Namespace, n: int, rep: int, rows: list, no
         curl_s = min(curl_s, curl_after)
         rows.append([f"emulator alone: listing of {n:,} built in-process (no network)", ms(emu_alone), "—",
                      ratio(emu_alone, curl_s), "—", "—"])
-        rows.append([f"curl -u of the listing URL", ms(curl_s), "1", "1.00×", "—", "—"])
+        rows.append(["curl -u of the listing URL", ms(curl_s), "1", "1.00×", "—", "—"])
         rows.append([f"plan, empty BIDS root ({new['changes']:,} create), in-process",
                      ms(new["seconds"]), f"{new['requests']} ({new['listing_requests']} listing)",
                      ratio(new["seconds"], curl_s), _bench.mib(rss_new),

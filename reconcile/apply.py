@@ -29,7 +29,7 @@ from reconcile.dataset import (
     remove_session_row,
     update_sessions_tsv,
 )
-from reconcile.durable import fsync_dir, fsync_tree
+from reconcile.durable import fsync_dir, fsync_tree, write_atomic
 from reconcile.errors import AuthError, StalePlanError, UnsafePathError, XnatBidsError
 from reconcile.export import export_session
 from reconcile.failpoints import hit
@@ -254,13 +254,8 @@ def _move_replacing(src: Path, dest: Path, trash: Path) -> None:
 
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)  # the journal must be durable before the folders move
+    # Durable (file and folder synced) before the folders move.
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 

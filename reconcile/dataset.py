@@ -9,12 +9,11 @@ and replaces files atomically (temp file, fsync, rename).
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from reconcile.durable import write_atomic
 from reconcile.errors import XnatBidsError
 
 __all__ = [
@@ -68,7 +67,7 @@ def ensure_dataset_description(root: Path, *, name: str, tools: Mapping[str, str
             "DatasetType": "raw",
             "GeneratedBy": ours,
         }
-        _write_atomic(path, _json_text(data))
+        write_atomic(path, _json_text(data))
         return
     data = _read_json_object(path)
     generated = data.get("GeneratedBy", [])
@@ -87,7 +86,7 @@ def ensure_dataset_description(root: Path, *, name: str, tools: Mapping[str, str
     updated.setdefault("Name", name)
     updated.setdefault("BIDSVersion", BIDS_VERSION)
     if updated != data:
-        _write_atomic(path, _json_text(updated))
+        write_atomic(path, _json_text(updated))
 
 
 def update_sessions_tsv(root: Path, bids_subject: str, bids_session: str, *, acq_time: str,
@@ -121,7 +120,7 @@ def update_sessions_tsv(root: Path, bids_subject: str, bids_session: str, *, acq
         changed |= table.set(index, ours)
     if changed:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, table.text())
+        write_atomic(path, table.text())
     _ensure_json_keys(Path(root) / "sessions.json", SESSION_COLUMN_DESCRIPTIONS)
 
 
@@ -145,7 +144,7 @@ def remove_session_row(root: Path, bids_subject: str, bids_session: str, *, xnat
     if not table.rows and table.header == list(SESSION_COLUMNS):
         path.unlink()
     else:
-        _write_atomic(path, table.text())
+        write_atomic(path, table.text())
 
 
 def _ensure_json_keys(path: Path, entries: Mapping[str, Any]) -> None:
@@ -153,7 +152,7 @@ def _ensure_json_keys(path: Path, entries: Mapping[str, Any]) -> None:
     data = _read_json_object(path) if path.exists() else {}
     missing = {k: v for k, v in entries.items() if k not in data}
     if missing:
-        _write_atomic(path, _json_text({**data, **missing}))
+        write_atomic(path, _json_text({**data, **missing}))
 
 
 def ensure_participant(root: Path, bids_subject: str) -> None:
@@ -162,7 +161,7 @@ def ensure_participant(root: Path, bids_subject: str) -> None:
     participant = f"sub-{bids_subject}"
     table = _Tsv.read(path) if path.exists() else _Tsv([], [])
     if not table.header:
-        _write_atomic(path, _Tsv(["participant_id"], [[participant]]).text())
+        write_atomic(path, _Tsv(["participant_id"], [[participant]]).text())
         return
     if "participant_id" not in table.header:
         raise DatasetFileError(f"{path}: no participant_id column",
@@ -170,7 +169,7 @@ def ensure_participant(root: Path, bids_subject: str) -> None:
     if table.find("participant_id", participant) is not None:
         return
     table.insert_sorted("participant_id", {"participant_id": participant})
-    _write_atomic(path, table.text())
+    write_atomic(path, table.text())
 
 
 def ensure_bidsignore(root: Path, patterns: Iterable[str] = BIDSIGNORE_PATTERNS) -> None:
@@ -183,7 +182,7 @@ def ensure_bidsignore(root: Path, patterns: Iterable[str] = BIDSIGNORE_PATTERNS)
     if not missing:
         return
     prefix = existing if not existing or existing.endswith("\n") else existing + "\n"
-    _write_atomic(path, prefix + "".join(f"{p}\n" for p in missing))
+    write_atomic(path, prefix + "".join(f"{p}\n" for p in missing))
 
 
 class _Tsv:
@@ -274,23 +273,3 @@ def _json_text(data: Mapping[str, Any]) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    # os.open honours the umask, unlike tempfile's 0600; an existing file keeps its mode.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

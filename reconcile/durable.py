@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 
@@ -37,3 +38,27 @@ def fsync_tree(top: Path) -> None:
             if not path.is_symlink():
                 fsync_file(path)
         fsync_dir(Path(dirpath))
+
+
+def write_atomic(path: Path, text: str, *, mode: int = 0o666) -> None:
+    """Replace `path` by `text`: readers see the old file or the new one, whole, and the new one
+    survives a power loss (temp file in the same folder, fsync, rename, fsync the folder).
+
+    A new file gets `mode` less the umask; an existing file keeps the mode it has.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        except FileNotFoundError:
+            pass
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

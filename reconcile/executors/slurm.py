@@ -43,6 +43,7 @@ from reconcile.apply import (
     stage_session,
 )
 from reconcile.config import Config, ConversionSettings, SlurmSettings, load_config
+from reconcile.durable import write_atomic
 from reconcile.errors import LockHeldError, RemoteError, SlurmError, XnatBidsError
 from reconcile.localscan import sha256_file
 from reconcile.model import RemoteFile, Scan
@@ -68,17 +69,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _write_json(path: Path, data: dict[str, Any], *, mode: int = 0o644) -> None:
-    """Temp file in the same folder, fsync, rename: readers never see half a record."""
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Readers never see half a record: see `durable.write_atomic`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=0o644)
 
 
 # -- the batch on disk ----------------------------------------------------------------------
