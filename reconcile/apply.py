@@ -29,7 +29,7 @@ from reconcile.dataset import (
     remove_session_row,
     update_sessions_tsv,
 )
-from reconcile.durable import fsync_dir, fsync_tree, write_atomic
+from reconcile.durable import fsync_dir, fsync_file, fsync_tree, write_atomic
 from reconcile.errors import AuthError, StalePlanError, UnsafePathError, XnatBidsError
 from reconcile.export import export_session
 from reconcile.failpoints import hit
@@ -223,6 +223,9 @@ def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Pat
             if not dest.exists():
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, dest, follow_symlinks=False)
+                if not dest.is_symlink():
+                    fsync_file(dest)  # the original goes to the trash once the session is swapped
+                fsync_dir(dest.parent)
 
 
 def _remove_recorded(root: Path, record: SessionRecord, keep: set[str]) -> None:

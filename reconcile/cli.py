@@ -527,6 +527,7 @@ def run_slurm_apply(
             if batch is not None:
                 import shutil
 
+                sx.revoke_job_token(batch, warn=warn)  # issued for jobs that will never run
                 shutil.rmtree(batch.dir, ignore_errors=True)
             statelock.release(root, holder)
     echo(f"\nSubmitted batch {batch.id}: array job {batch.array_job} ({len(batch.sessions)} sessions, "

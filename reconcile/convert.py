@@ -338,18 +338,15 @@ class _Child:
     def wait(self, seconds: float) -> int | None:
         raise NotImplementedError
 
+    def signal(self, sig: int) -> None:
+        raise NotImplementedError
+
     def kill(self) -> None:
-        """SIGTERM to the group, SIGKILL after a grace period or if anything is left."""
+        """SIGTERM, then SIGKILL after a grace period; does nothing once heudiconv has ended."""
         for sig, grace in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 0.0)):
-            try:
-                os.killpg(self.pid, sig)
-            except ProcessLookupError:
-                try:  # a fork that has not made its own group yet
-                    os.kill(self.pid, sig)
-                except ProcessLookupError:
-                    return
-            except PermissionError:
-                pass
+            if self.wait(0) is not None:
+                break
+            self.signal(sig)
             end = time.monotonic() + grace
             while self.wait(0.05) is None and time.monotonic() < end:
                 pass
@@ -373,6 +370,9 @@ class _Forked(_Child):
             code = self.conversion.poll()
         return code
 
+    def signal(self, sig: int) -> None:
+        self.conversion.signal(sig)
+
     def close(self) -> None:
         self.conversion.close()
 
@@ -386,6 +386,13 @@ class _Spawned(_Child):
             return self.proc.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
             return None
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:  # not yet reaped: the PID is still ours
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                pass
 
 
 def _start_process(command: list[str], work_dir: Path, log_path: Path, address: BidsAddress, hint: str) -> _Child:

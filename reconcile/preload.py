@@ -36,16 +36,16 @@ class PreloadUnavailable(Exception):
 
 @dataclass
 class Conversion:
-    """A heudiconv child of the server. Its process group is its PID."""
+    """A heudiconv child of the server. Its process group is its PID; `pidfd` refers to it alone."""
 
     pid: int
     status_path: Path
-    _pidfd: int
+    pidfd: int
 
     def poll(self) -> int | None:
         """The exit status once the child is done; -9 when it died without reporting one."""
         if not self.status_path.exists():
-            if not select.select([self._pidfd], [], [], 0)[0]:
+            if not _readable(self.pidfd, 0):
                 return None  # still running
             if not self.status_path.exists():  # (it may have written it in between)
                 return -signal.SIGKILL
@@ -54,83 +54,147 @@ class Conversion:
         except ValueError:
             return 1
 
-    def close(self) -> None:
-        os.close(self._pidfd)
+    def signal(self, sig: int) -> None:
+        """Signal the child's process group (it and its dcm2niix) while the child itself lives."""
+        if self.poll() is not None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            # Not yet in a group of its own: the child alone, through its pidfd (no PID reuse).
+            try:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            except ProcessLookupError:
+                pass
 
+    def close(self) -> None:
+        os.close(self.pidfd)
+
+
+SERVER_TIMEOUT_S = 300.0  # to import heudiconv, or to answer a request with a PID
 
 _guard = threading.Lock()
 _server: subprocess.Popen[bytes] | None = None
 _server_env: dict[str, str] | None = None
+_broken: str | None = None  # why the server cannot be used in this process; then never retried
 
 
 def start(argv: Sequence[str], cwd: Path, log_path: Path, env: Mapping[str, str]) -> Conversion:
-    """Fork a heudiconv run of `argv` (its arguments, without the program) from the server."""
-    if not hasattr(os, "pidfd_open") or os.environ.get("XNAT2BIDS_PRELOAD", "1") == "0":
-        raise PreloadUnavailable("no fork server on this platform")
+    """Fork a heudiconv run of `argv` (its arguments, without the program) from the server.
+
+    PreloadUnavailable when this process cannot use the server (then the caller runs heudiconv
+    itself): no fork/pidfd here, XNAT2BIDS_PRELOAD=0, a server that failed, or an environment
+    other than the one the running server was started with (restarting it would kill the
+    conversions other threads have under way).
+    """
+    global _broken
+    if os.environ.get("XNAT2BIDS_PRELOAD", "1") == "0":
+        raise PreloadUnavailable("XNAT2BIDS_PRELOAD=0")
     status = cwd / STATUS_NAME
     status.unlink(missing_ok=True)
     request = json.dumps({"argv": list(argv), "cwd": str(cwd), "log": str(log_path), "status": str(status)})
     with _guard:
+        if _broken is None and not _pidfd_works():
+            _broken = "no pidfd_open on this system"
+        if _broken is not None:
+            raise PreloadUnavailable(_broken)
         server = _running(dict(env))
         try:
             assert server.stdin is not None and server.stdout is not None
             server.stdin.write(request.encode() + b"\n")
             server.stdin.flush()
-            pid = int(server.stdout.readline())
+            pid = int(_readline(server, SERVER_TIMEOUT_S))
         except (OSError, ValueError) as exc:
-            _stop()
-            raise PreloadUnavailable(f"the heudiconv server stopped: {exc}") from exc
+            _broken = f"the heudiconv server stopped answering: {exc}"
+            _retire(server)
+            raise PreloadUnavailable(_broken) from exc
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         # Already gone (and reaped): its status file says how it ended.
         pidfd = os.open(os.devnull, os.O_RDONLY)  # always "readable": poll reads the status
+    except OSError as exc:  # e.g. EMFILE: the child cannot be watched, so it must not run
+        os.kill(pid, signal.SIGKILL)
+        raise PreloadUnavailable(f"cannot watch the heudiconv process: {exc}") from exc
     return Conversion(pid, status, pidfd)
 
 
+def _pidfd_works() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+        return True
+    except (AttributeError, OSError):  # not Linux, kernel < 5.3, or a seccomp filter
+        return False
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
+def _readline(server: subprocess.Popen[bytes], timeout: float) -> bytes:
+    assert server.stdout is not None
+    if not _readable(server.stdout.fileno(), timeout):
+        raise OSError(f"no answer within {timeout:g} s")
+    return server.stdout.readline()
+
+
 def _running(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    global _server, _server_env
-    if _server is not None and _server.poll() is None and _server_env == env:
+    global _server, _server_env, _broken
+    if _server is not None and _server.poll() is None:
+        if _server_env != env:
+            raise PreloadUnavailable("the heudiconv server runs with another environment")
         return _server
-    _stop()  # gone, or started with another environment: a new one
     spawned: dict[str, object] = {}
     ready = threading.Event()
 
     def launch() -> None:
         try:
             spawned["proc"] = subprocess.Popen(
-                [sys.executable, "-m", "reconcile.preload"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, env=env, start_new_session=True, preexec_fn=die_with_parent,
+                # -P: nothing from the working folder shadows what heudiconv imports.
+                [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "reconcile.preload"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                cwd="/", start_new_session=True, preexec_fn=die_with_parent,
             )
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the caller falls back
             spawned["error"] = exc
-        ready.set()
+        finally:
+            ready.set()
         # PR_SET_PDEATHSIG fires when the thread that started the server ends: this one lives
         # as long as the process.
         threading.Event().wait()
 
     threading.Thread(target=launch, name="heudiconv-preload", daemon=True).start()
     ready.wait()
-    if "error" in spawned:
-        raise PreloadUnavailable(f"cannot start the heudiconv server: {spawned['error']}")
-    proc = spawned["proc"]
-    assert isinstance(proc, subprocess.Popen) and proc.stdout is not None
-    if proc.stdout.readline().strip() != b"ready":
-        proc.kill()
-        raise PreloadUnavailable("the heudiconv server did not start (heudiconv not importable?)")
+    proc = spawned.get("proc")
+    if not isinstance(proc, subprocess.Popen):
+        _broken = f"cannot start the heudiconv server: {spawned.get('error')}"
+        raise PreloadUnavailable(_broken)
+    try:
+        started = _readline(proc, SERVER_TIMEOUT_S).strip() == b"ready"
+    except OSError:
+        started = False
+    if not started:
+        _broken = "the heudiconv server did not start (heudiconv not importable?)"
+        _retire(proc)
+        raise PreloadUnavailable(_broken)
     _server, _server_env = proc, env
     return proc
 
 
-def _stop() -> None:
-    """Let the current server go: it exits at the end of its input; its children run on."""
+def _retire(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server that cannot be used (its conversions die with it), and reap it."""
     global _server
-    if _server is not None:
-        try:
-            if _server.stdin is not None:
-                _server.stdin.close()
-        except OSError:
-            pass
+    proc.kill()
+    proc.wait()
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+    if _server is proc:
         _server = None
 
 
@@ -144,20 +208,23 @@ def serve() -> None:
     out = sys.stdout.buffer
     out.write(b"ready\n")
     out.flush()
+    server = os.getpid()
     for line in sys.stdin.buffer:
         request = json.loads(line)
         pid = os.fork()
         if pid == 0:
-            _child(request)  # never returns
+            _child(request, server)  # never returns
         out.write(f"{pid}\n".encode())
         out.flush()
 
 
-def _child(request: dict) -> None:
+def _child(request: dict, server: int) -> None:
     code = 1
     try:
         os.setsid()  # killpg(pid) reaches dcm2niix too
         die_with_parent()  # the server
+        if os.getppid() != server:  # it died before the line above took effect
+            os._exit(1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # heudiconv waits for its dcm2niix
         log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
@@ -172,6 +239,8 @@ def _child(request: dict) -> None:
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if not isinstance(exc.code, (int, type(None))):
+                print(exc.code, file=sys.stderr)
         except BaseException:
             import traceback
 

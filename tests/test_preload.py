@@ -16,6 +16,14 @@ from reconcile.convert import converter_env
 pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="the fork server is Linux-only")
 
 
+@pytest.fixture(autouse=True)
+def fresh_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Earlier tests may have left a server started with another environment, or none at all."""
+    if preload._server is not None:
+        preload._retire(preload._server)
+    monkeypatch.setattr(preload, "_broken", None)
+
+
 def _wait(conversion: preload.Conversion, timeout: float = 60) -> int:
     deadline = time.monotonic() + timeout
     while (code := conversion.poll()) is None:
