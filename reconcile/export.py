@@ -38,7 +38,7 @@ METHODS = ("auto", "files", "zip")
 CHUNK_SIZE = 1 << 20
 # Per-file downloads in flight; the client caps connections on its own as well.
 WORKERS = 4
-# Threads that fsync and rename verified files while the downloads go on.
+# Threads that fsync and rename verified files without an MD5 while the downloads go on.
 SYNC_WORKERS = 4
 # "auto" fetches a scan as one zip when more than AUTO_ZIP_MIN_FILES of its files are missing and
 # they average at most AUTO_ZIP_MAX_MEAN_SIZE bytes. Measured on the emulator (separate process,
@@ -326,8 +326,9 @@ class _Exporter:
     def run(self, tasks: list[Callable[[], None]]) -> None:
         """Run tasks on a few threads; the first failure stops the others between chunks and is raised.
 
-        Verified files are fsynced and renamed on threads of their own (`_commit_soon`), so a
-        download slot never waits on the disk; `run` returns once every commit is done.
+        Verified files that need an fsync are synced and renamed on threads of their own
+        (`_commit_soon`), so a download slot never waits on the disk; `run` returns once every
+        commit is done.
         """
         if not tasks:
             return

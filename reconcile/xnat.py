@@ -122,7 +122,7 @@ class _NoAuth(requests.auth.AuthBase):
 
 
 class StreamResponse:
-    """A streaming download: `.status_code`, `.headers`, `.url`, `.readinto(buffer)`, `.iter_content(chunk)`.
+    """A streaming download: `.status_code`, `.headers`, `.url`, `.readinto(buffer)`.
 
     Wraps `requests.Response` so that errors while reading the body come out as RemoteError.
     """
@@ -157,11 +157,6 @@ class StreamResponse:
             self._response._content_consumed = True  # complete: the connection may serve the next request
             self._response.raw.release_conn()
         return n
-
-    def iter_content(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        buffer = bytearray(chunk_size)
-        while n := self.readinto(buffer):
-            yield bytes(buffer[:n])
 
     def _cut(self, detail: str) -> RemoteError:
         return RemoteError(
@@ -719,7 +714,7 @@ class XnatClient:
         """GET `uri` (a listing URI or path) streamed; yields a StreamResponse for 2xx and 416.
 
         Connect errors and 5xx are retried before the body starts; a failure mid-body raises
-        RemoteError from `iter_content`. Range requests are the caller's: pass `headers`.
+        RemoteError from `readinto`. Range requests are the caller's: pass `headers`.
         """
         what = f"the download of {_strip_query(uri)}"
         resp = self._request("GET", uri, headers=headers, stream=True, what=what)
