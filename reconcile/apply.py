@@ -261,7 +261,6 @@ def _write_json(path: Path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
-
 def _staged_outputs(staging_root: Path, session_dir: Path) -> tuple[OutputRecord, ...]:
     """Fingerprint the converted files before the move; a rename keeps size and mtime."""
     records = []

@@ -129,8 +129,7 @@ def convert_session(
     renames = _resolve_bidsmap(selected, settings.bidsmap, address)
     heuristic = _write_wrapper(work_dir, _resolve_heuristic(settings.heuristic, address), renames, settings.bidsmap)
 
-    command = [
-        sys.executable, "-m", "heudiconv.cli.run",
+    args = [
         "--files", *(str(s.path) for s in selected),
         "-f", str(heuristic),
         "--bids",
@@ -143,7 +142,7 @@ def convert_session(
         "-g", "all",
         "--minmeta",
     ]
-    _run(command, work_dir, log_path, cancel, timeout, address)
+    _run(args, work_dir, log_path, cancel, timeout, address)
 
     session_dir = staging_root / f"sub-{address.subject}" / f"ses-{address.session}"
     files = sorted(p for p in session_dir.rglob("*") if p.is_file()) if session_dir.is_dir() else []
@@ -299,15 +298,17 @@ def _write_wrapper(work_dir: Path, base: str, renames: dict[str, str],
     return path
 
 
-def _run(command: list[str], work_dir: Path, log_path: Path, cancel: threading.Event | None,
+def _run(args: list[str], work_dir: Path, log_path: Path, cancel: threading.Event | None,
          timeout: float, address: BidsAddress) -> None:
+    """Run heudiconv with `args` (its arguments) in `work_dir`, its output appended to the log."""
     hint = f"see the heudiconv log: {log_path}"
+    command = [sys.executable, "-m", "heudiconv.cli.run", *args]
     deadline = time.monotonic() + timeout
     with open(log_path, "wb") as log:
         log.write(("$ " + subprocess.list2cmdline(command) + "\n").encode())
     try:
         # A fork of a process that has heudiconv imported already: saves ~1 s per session.
-        proc: _Child = _Forked(preload.start(command[3:], work_dir, log_path, converter_env()))
+        proc: _Child = _Forked(preload.start(args, work_dir, log_path, converter_env()))
     except preload.PreloadUnavailable:
         proc = _start_process(command, work_dir, log_path, address, hint)
     hit("convert-running")

@@ -271,5 +271,3 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 
 def _json_text(data: Mapping[str, Any]) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-
-
