@@ -1059,9 +1059,20 @@ def _file_response(entry: FileEntry) -> Response:
     mimetype = mimetypes.guess_type(entry.name)[0] or "application/octet-stream"
     if entry.name.lower().endswith(".dcm"):
         mimetype = "application/dicom"
-    response = Response(entry.iter_bytes(), mimetype=mimetype, direct_passthrough=True)
+    response = Response(FileBody(entry), mimetype=mimetype, direct_passthrough=True)
     response.headers["Content-Length"] = str(entry.size)
     return response
+
+
+class FileBody:
+    """A file's response body: iterates its bytes, and lets a server that can use sendfile(2)
+    send `entry.pieces()` instead (see `serve.py`)."""
+
+    def __init__(self, entry: FileEntry):
+        self.entry = entry
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.entry.iter_bytes()
 
 
 class _Pipe(io.RawIOBase):

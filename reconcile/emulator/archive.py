@@ -7,7 +7,9 @@ This module owns the data model and the rules for when `insert_date` and `last_m
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -52,6 +54,23 @@ def _synthetic_pattern() -> bytes:
         if _pattern is None:
             _pattern = random.Random(20240110).randbytes(CHUNK_SIZE)
         return _pattern
+
+
+_pattern_fd: int | None = None
+
+
+def _synthetic_pattern_fd() -> int:
+    """A file descriptor holding the pattern, open for the life of the process: servers send
+    synthetic content from it with sendfile(2)."""
+    global _pattern_fd
+    pattern = _synthetic_pattern()
+    with _pattern_lock:
+        if _pattern_fd is None:
+            with tempfile.TemporaryFile() as handle:  # unlinked; the duplicate keeps it alive
+                handle.write(pattern)
+                handle.flush()
+                _pattern_fd = os.dup(handle.fileno())
+        return _pattern_fd
 
 
 @dataclass
@@ -103,29 +122,43 @@ class FileEntry:
                 while chunk := handle.read(chunk_size):
                     yield chunk
             return
-        yield from self._iter_synthetic(chunk_size)
+        pattern = _synthetic_pattern()
+        for piece in self.pieces():
+            if isinstance(piece, bytes):
+                yield piece
+                continue
+            _, offset, count = piece
+            for start in range(offset, offset + count, chunk_size):
+                yield pattern[start : min(start + chunk_size, offset + count)]
 
     def read(self) -> bytes:
         return b"".join(self.iter_bytes())
 
-    def _iter_synthetic(self, chunk_size: int) -> Iterator[bytes]:
+    def pieces(self) -> Iterator[bytes | tuple[int, int, int]]:
+        """The content as bytes and `(fd, offset, count)` ranges of files open for reading, in
+        order: what a server needs to send it with sendfile(2), without copying it through Python.
+        The file descriptors stay open only while the iterator runs."""
+        if self.data is not None:
+            yield self.data
+            return
+        if self.source is not None:
+            with self.source.open("rb") as handle:
+                yield (handle.fileno(), 0, self.size)
+            return
+        # Synthetic: a per-file header makes every file's digest distinct; the body is a rotation
+        # of the shared pattern.
         digest = hashlib.sha256((self.seed or self.path).encode()).digest()
-        # A per-file header makes every file's digest distinct; the body is a rotation of a shared pattern.
-        pending = bytearray((digest * 2)[: min(64, self.size)])
-        pattern = _synthetic_pattern()
-        offset = int.from_bytes(digest[:4], "big") % len(pattern)
-        remaining = self.size - len(pending)
+        header = (digest * 2)[: min(64, self.size)]
+        if header:
+            yield header
+        fd, length = _synthetic_pattern_fd(), len(_synthetic_pattern())
+        offset = int.from_bytes(digest[:4], "big") % length
+        remaining = self.size - len(header)
         while remaining > 0:
-            take = min(remaining, len(pattern) - offset, chunk_size)
-            pending += pattern[offset : offset + take]
-            offset = (offset + take) % len(pattern)
+            take = min(remaining, length - offset)
+            yield (fd, offset, take)
+            offset = (offset + take) % length
             remaining -= take
-            while len(pending) >= chunk_size:
-                yield bytes(pending[:chunk_size])
-                del pending[:chunk_size]
-        while pending:
-            yield bytes(pending[:chunk_size])
-            del pending[:chunk_size]
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from reconcile.emulator import Archive, EmulatorApp, Fault, load_dicom_dir, serve_in_thread
+from reconcile.emulator.archive import FileEntry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,6 +66,30 @@ def test_reset_fault_drops_the_served_connection(archive):
         with pytest.raises(requests.ConnectionError):
             requests.get(url + file_url, auth=("admin", "secret"), timeout=10)
         assert requests.get(url + file_url, auth=("admin", "secret"), timeout=10).content == b"abc" * 1000
+
+
+def test_files_from_memory_disk_and_pattern_are_served_whole_and_faults_still_apply(archive, tmp_path):
+    exp = archive.add_session("PROJ", "S1", "S1_MR1", date="2024-01-10")
+    scan = archive.add_scan(exp.id, "1", type="t1", files={"mem.dcm": b"m" * 70_000})
+    (tmp_path / "disk.dcm").write_bytes(bytes(range(256)) * 4000)
+    files = scan.resources["DICOM"].files
+    files["disk.dcm"] = FileEntry.from_disk("disk.dcm", tmp_path / "disk.dcm")
+    files["gen.dcm"] = FileEntry.synthetic("gen.dcm", (2 << 20) + 7, seed="gen")
+    app = EmulatorApp(archive)
+    app.faults.add(Fault(route=r"/files/mem.dcm", kind="truncate", fraction=0.5, times=1))
+    base = f"/data/experiments/{exp.id}/scans/1/resources/DICOM/files"
+    with serve_in_thread(app) as url, requests.Session() as http:
+        http.auth = ("admin", "secret")
+        for name in ("disk.dcm", "gen.dcm"):
+            response = http.get(f"{url}{base}/{name}", timeout=10)
+            assert response.status_code == 200
+            assert response.headers["Content-Length"] == str(files[name].size)
+            assert response.content == files[name].read()
+            assert hashlib.md5(response.content).hexdigest() == files[name].md5
+            assert http.head(f"{url}{base}/{name}", timeout=10).content == b""
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            http.get(f"{url}{base}/mem.dcm", timeout=10)
+        assert http.get(f"{url}{base}/mem.dcm", timeout=10).content == b"m" * 70_000
 
 
 def _peak_while(action) -> int:  # noqa: ANN001 - any callable
