@@ -11,7 +11,8 @@ leaves no converter racing the next run. Linux only (fork, pidfd); elsewhere, an
 server cannot be used, `start` raises PreloadUnavailable and the caller runs heudiconv itself.
 
 Run as `python -m reconcile.preload`: reads one JSON request per line on stdin, forks, answers
-with the child's PID.
+with the child's PID; when a child ends, the server writes how (exit code, or -N for signal N)
+into the child's status file, then reaps it.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ import select
 import signal
 import subprocess
 import sys
+import itertools
 import threading
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-STATUS_NAME = ".heudiconv-exit"  # written by the child, in its work folder, just before it exits
+STATUS_NAME = ".heudiconv-exit"  # + a number: in the child's work folder, written by the server once it ended
+REPORT_GRACE_S = 10.0  # for the server to write the status of a child that has ended
 
 
 class PreloadUnavailable(Exception):
@@ -41,22 +45,42 @@ class Conversion:
     pid: int
     status_path: Path
     pidfd: int
+    server: subprocess.Popen[bytes]
+    _ended: float | None = field(default=None, init=False, repr=False)  # when the pidfd said so
 
     def poll(self) -> int | None:
-        """The exit status once the child is done; -9 when it died without reporting one."""
-        if not self.status_path.exists():
-            if not _readable(self.pidfd, 0):
-                return None  # still running
-            if not self.status_path.exists():  # (it may have written it in between)
-                return -signal.SIGKILL
+        """The exit status once the server has reported it: -N when signal N killed the child.
+
+        -9 when no report can come: the server is gone (and took its children with it by
+        SIGKILL) or it could not write the status within REPORT_GRACE_S.
+        """
+        if (code := self._reported()) is not None:
+            return code
+        if not _readable(self.pidfd, 0):
+            return None  # still running
+        if self._ended is None:
+            self._ended = time.monotonic()
+        server_gone = self.server.poll() is not None  # before reading: a dead server writes no more
+        if (code := self._reported()) is not None:
+            return code
+        if server_gone or time.monotonic() - self._ended > REPORT_GRACE_S:
+            return -signal.SIGKILL
+        return None  # ended, and the server is about to say how
+
+    def _reported(self) -> int | None:
         try:
-            return int(self.status_path.read_text().strip())
+            text = self.status_path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return int(text.strip())
         except ValueError:
             return 1
 
     def signal(self, sig: int) -> None:
         """Signal the child's process group (it and its dcm2niix) while the child itself lives."""
-        if self.poll() is not None:
+        # Once it has ended the server may reap it at any time, and its PID may be reused.
+        if self._reported() is not None or _readable(self.pidfd, 0):
             return
         try:
             os.killpg(self.pid, sig)
@@ -74,6 +98,7 @@ class Conversion:
 SERVER_TIMEOUT_S = 300.0  # to import heudiconv, or to answer a request with a PID
 
 _guard = threading.Lock()
+_requests = itertools.count(1)  # numbers each conversion's status file
 _server: subprocess.Popen[bytes] | None = None
 _server_env: dict[str, str] | None = None
 _broken: str | None = None  # why the server cannot be used in this process; then never retried
@@ -90,7 +115,9 @@ def start(argv: Sequence[str], cwd: Path, log_path: Path, env: Mapping[str, str]
     global _broken
     if os.environ.get("XNAT2BIDS_PRELOAD", "1") == "0":
         raise PreloadUnavailable("XNAT2BIDS_PRELOAD=0")
-    status = cwd / STATUS_NAME
+    # A name of its own: the late report of a killed earlier conversion in the same folder (the
+    # server writes one for every child) cannot pass for this one's.
+    status = cwd / f"{STATUS_NAME}-{next(_requests)}"
     status.unlink(missing_ok=True)
     request = json.dumps({"argv": list(argv), "cwd": str(cwd), "log": str(log_path), "status": str(status)})
     with _guard:
@@ -108,15 +135,18 @@ def start(argv: Sequence[str], cwd: Path, log_path: Path, env: Mapping[str, str]
             _broken = f"the heudiconv server stopped answering: {exc}"
             _retire(server)
             raise PreloadUnavailable(_broken) from exc
+    # The server reaps a child only once its status file is written: until then this PID is the
+    # child's, and afterwards poll reads the file without looking at the pidfd.
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         # Already gone (and reaped): its status file says how it ended.
         pidfd = os.open(os.devnull, os.O_RDONLY)  # always "readable": poll reads the status
     except OSError as exc:  # e.g. EMFILE: the child cannot be watched, so it must not run
-        os.kill(pid, signal.SIGKILL)
+        if not status.exists():
+            os.kill(pid, signal.SIGKILL)
         raise PreloadUnavailable(f"cannot watch the heudiconv process: {exc}") from exc
-    return Conversion(pid, status, pidfd)
+    return Conversion(pid, status, pidfd, server)
 
 
 def _pidfd_works() -> bool:
@@ -204,18 +234,58 @@ def _retire(proc: subprocess.Popen[bytes]) -> None:
 def serve() -> None:
     import heudiconv.cli.run  # noqa: F401  (the import every conversion would otherwise pay)
 
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # children stay until we reap them (not SIG_IGN)
     out = sys.stdout.buffer
     out.write(b"ready\n")
     out.flush()
     server = os.getpid()
-    for line in sys.stdin.buffer:
-        request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            _child(request, server)  # never returns
-        out.write(f"{pid}\n".encode())
-        out.flush()
+    children: dict[int, tuple[int, Path]] = {}  # pidfd → the child's PID and status file
+    poller = select.poll()
+    poller.register(0, select.POLLIN)
+    pending = b""
+    while True:
+        for fd, _ in poller.poll():
+            if fd in children:
+                poller.unregister(fd)
+                os.close(fd)
+                _report(*children.pop(fd))
+                continue
+            data = os.read(0, 65536)
+            if not data:
+                return  # apply closed the pipe or died: our children die with us
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                request = json.loads(line)
+                pid = os.fork()
+                if pid == 0:
+                    _child(request, server)  # never returns
+                status = Path(request["status"])
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:  # e.g. EMFILE: unwatched, it would end unreported and unreaped
+                    os.kill(pid, signal.SIGKILL)
+                    _report(pid, status)
+                else:
+                    children[pidfd] = (pid, status)
+                    poller.register(pidfd, select.POLLIN)
+                out.write(f"{pid}\n".encode())
+                out.flush()
+
+
+def _report(pid: int, status: Path) -> None:
+    """Write how the ended child `pid` exited into its status file, then reap it.
+
+    Reaping last keeps the PID from being reused while apply may still signal it.
+    """
+    ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    code = ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status  # subprocess' -N
+    tmp = status.with_name(status.name + ".tmp")
+    try:
+        tmp.write_text(str(code))
+        os.replace(tmp, status)
+    except OSError:
+        pass  # e.g. its work folder is gone: apply gives up waiting and reports it killed
+    os.waitpid(pid, 0)
 
 
 def _child(request: dict, server: int) -> None:
@@ -225,7 +295,6 @@ def _child(request: dict, server: int) -> None:
         die_with_parent()  # the server
         if os.getppid() != server:  # it died before the line above took effect
             os._exit(1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # heudiconv waits for its dcm2niix
         log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         os.dup2(log, 1)
@@ -247,12 +316,8 @@ def _child(request: dict, server: int) -> None:
             traceback.print_exc()
         sys.stdout.flush()
         sys.stderr.flush()
-        status = Path(request["status"])
-        tmp = status.with_name(status.name + ".tmp")
-        tmp.write_text(str(code))
-        os.replace(tmp, status)
     finally:
-        os._exit(code)
+        os._exit(code & 0xFF)  # what the kernel keeps of it, as for a plain `heudiconv` process
 
 
 def die_with_parent() -> None:
