@@ -326,9 +326,21 @@ def _run(args: list[str], work_dir: Path, log_path: Path, cancel: threading.Even
         raise
     finally:
         proc.close()
+    if returncode < 0:  # both _Forked and _Spawned say -N for signal N, as subprocess does
+        if returncode == -signal.SIGKILL:
+            hint += "; SIGKILL usually comes from the kernel's out-of-memory killer (see dmesg)"
+        raise ConversionError(f"{address}: heudiconv was killed by {_signal_name(-returncode)}",
+                              detail=_tail(log_path), hint=hint)
     if returncode != 0:
         raise ConversionError(f"{address}: heudiconv failed (exit status {returncode})",
                               detail=_tail(log_path), hint=hint)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return f"{signal.Signals(number).name} (signal {number})"
+    except ValueError:  # e.g. a real-time signal
+        return f"signal {number}"
 
 
 class _Child:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -325,6 +326,49 @@ def test_timeout_kills_heudiconv(reproin_dicom: Path, tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="timed out"):
         _convert(reproin_dicom, tmp_path, timeout=0.3)
     assert not _running_converters(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("preloaded", "sig"), [(True, signal.SIGSEGV), (False, signal.SIGSEGV), (True, signal.SIGKILL)],
+                         ids=["preloaded-SIGSEGV", "plain-SIGSEGV", "preloaded-SIGKILL"])
+def test_heudiconv_killed_by_a_signal_is_reported_with_the_signal_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preloaded: bool, sig: signal.Signals) -> None:
+    monkeypatch.setenv("XNAT2BIDS_PRELOAD", "1" if preloaded else "0")
+    (tmp_path / "dicom" / "1").mkdir(parents=True)
+    os.mkfifo(tmp_path / "dicom" / "1" / "1.dcm")  # heudiconv blocks reading it until killed
+
+    def kill_heudiconv() -> None:
+        deadline = time.monotonic() + 120
+        while not (pids := _session_leaders_in(tmp_path / "work")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in pids:
+            os.kill(pid, sig)
+
+    killer = threading.Thread(target=kill_heudiconv)
+    killer.start()
+    try:
+        with pytest.raises(ConversionError) as info:
+            _convert(tmp_path / "dicom", tmp_path, timeout=180)
+    finally:
+        killer.join()
+    assert info.value.summary == f"{A}: heudiconv was killed by {sig.name} (signal {sig.value})"
+    assert str(tmp_path / "convert.log") in (info.value.hint or "")
+    assert ("out-of-memory" in (info.value.hint or "")) == (sig == signal.SIGKILL)
+
+
+def _session_leaders_in(cwd: Path) -> list[int]:
+    """Live processes working in `cwd` that lead their own process group (heudiconv, not dcm2niix)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[2]) == int(proc.name) and os.readlink(proc / "cwd") == str(cwd):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def _running_converters(tmp_path: Path) -> list[str]:
