@@ -37,7 +37,16 @@ from reconcile.lockcheck import (
     _raise_invalid,
     _schema_problems,
 )
-from reconcile.model import OutputRecord, ScanRecord, SessionRecord
+from reconcile.lockdoc import (
+    _HEADER_FIELDS,
+    FORMAT_VERSION,
+    _canonical_session,
+    _normalized,
+    _record,
+    _session_document,
+    scan_sort_key,
+)
+from reconcile.model import SessionRecord
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,31 +57,27 @@ try:  # a Rust TOML parser, ~10x faster than tomllib; none for Python 3.10
 except ImportError:  # pragma: no cover
     toml_rs = None
 
+__all__ = [
+    "FORMAT_VERSION",
+    "GENERATOR",
+    "HEADER",
+    "LOCK_NAME",
+    "Lock",
+    "dumps_lock",
+    "gc_paused",
+    "load_or_new",
+    "loads_lock",
+    "lock_path",
+    "read_lock",
+    "scan_sort_key",
+    "write_lock",
+]
+
 LOCK_NAME = ".xnat2bids.lock"
-FORMAT_VERSION = 1
 GENERATOR = f"xnat2bids {__version__}"
 HEADER = "# Written by xnat2bids; do not edit by hand.\n"
 
 _DUPLICATE_SESSION = re.compile(r"Cannot declare \('sessions', '([^']*)'\) twice")
-_DIGITS = re.compile(r"(\d+)")
-
-
-def scan_sort_key(scan_id: str) -> tuple[tuple[str | int, ...], str]:
-    """Numeric-aware order for XNAT scan IDs: '2' < '10' < '10a' < 'SR1'."""
-    # re.split with a capture group alternates text and digits, so positions never mix str and int.
-    parts = tuple(int(p) if i % 2 else p for i, p in enumerate(_DIGITS.split(scan_id)))
-    return parts, scan_id
-
-
-def _normalized(record: SessionRecord) -> SessionRecord:
-    """The record with scans, outputs and dict keys in the order the file keeps them."""
-    return replace(
-        record,
-        config_digests=dict(sorted(record.config_digests.items())),
-        tools=dict(sorted(record.tools.items())),
-        scans=tuple(sorted(record.scans, key=lambda s: scan_sort_key(s.id))),
-        outputs=tuple(sorted(record.outputs, key=lambda o: o.path)),
-    )
 
 
 @dataclass(frozen=True)
@@ -176,97 +181,8 @@ def lock_path(root: Path) -> Path:
 # --- document <-> Lock -------------------------------------------------------------------------
 
 
-def _session_document(record: SessionRecord) -> dict[str, Any]:
-    # Field order follows the model so a human reading the file sees identity first.
-    doc: dict[str, Any] = {
-        "experiment_id": record.experiment_id,
-        "project": record.project,
-        "subject_id": record.subject_id,
-        "subject_label": record.subject_label,
-        "session_label": record.session_label,
-        "bids_subject": record.bids_subject,
-        "bids_session": record.bids_session,
-    }
-    if record.date is not None:  # TOML has no null
-        doc["date"] = record.date
-    doc.update(
-        insert_date=record.insert_date,
-        last_modified=record.last_modified,
-        xsi_type=record.xsi_type,
-        exported_at=record.exported_at,
-        config_fingerprint=record.config_fingerprint,
-        config_digests=dict(sorted(record.config_digests.items())),
-        tools=dict(sorted(record.tools.items())),
-        scans=[
-            {
-                "id": s.id,
-                "type": s.type,
-                "series_description": s.series_description,
-                "file_count": s.file_count,
-                "total_size": s.total_size,
-                "digest": s.digest,
-            }
-            for s in sorted(record.scans, key=lambda s: scan_sort_key(s.id))
-        ],
-        outputs=[
-            {"path": o.path, "size": o.size, "sha256": o.sha256, "mtime_ns": o.mtime_ns}
-            for o in sorted(record.outputs, key=lambda o: o.path)
-        ],
-    )
-    return doc
-
-
-_HEADER_FIELDS = ("format_version", "lineage", "serial", "generator", "config_fingerprint")
-_SESSION_FIELDS = (
-    "experiment_id", "project", "subject_id", "subject_label", "session_label", "bids_subject", "bids_session",
-    "date", "insert_date", "last_modified", "xsi_type", "exported_at", "config_fingerprint",
-)
-_SCAN_FIELDS = ("id", "type", "series_description", "file_count", "total_size", "digest")
-_OUTPUT_FIELDS = ("path", "size", "sha256", "mtime_ns")
-
-
-def _canonical_session(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """`_session_document(_record(doc))` for a valid session document, without the dataclasses."""
-    out = {key: doc[key] for key in _SESSION_FIELDS if key in doc}
-    out["config_digests"] = dict(sorted(doc["config_digests"].items()))
-    out["tools"] = dict(sorted(doc["tools"].items()))
-    scans = sorted(doc["scans"], key=lambda s: scan_sort_key(s["id"]))
-    out["scans"] = [{key: s[key] for key in _SCAN_FIELDS} for s in scans]
-    out["outputs"] = [{key: o[key] for key in _OUTPUT_FIELDS} for o in sorted(doc["outputs"], key=lambda o: o["path"])]
-    return out
-
-
 def _document(lock: Lock) -> dict[str, Any]:
     return {**_header(lock), "sessions": {key: _session_document(lock.sessions[key]) for key in sorted(lock.sessions)}}
-
-
-def _record(doc: Mapping[str, Any], *, canonical: bool = False) -> SessionRecord:
-    scans = [ScanRecord(**s) for s in doc["scans"]]
-    outputs = [OutputRecord(**o) for o in doc["outputs"]]
-    digests, tools = doc["config_digests"], doc["tools"]
-    if not canonical:  # a document this module built is already sorted, and its dicts are ours to keep
-        scans.sort(key=lambda s: scan_sort_key(s.id))
-        outputs.sort(key=lambda o: o.path)
-        digests, tools = dict(sorted(digests.items())), dict(sorted(tools.items()))
-    return SessionRecord(
-        experiment_id=doc["experiment_id"],
-        project=doc["project"],
-        subject_id=doc["subject_id"],
-        subject_label=doc["subject_label"],
-        session_label=doc["session_label"],
-        bids_subject=doc["bids_subject"],
-        bids_session=doc["bids_session"],
-        date=doc.get("date"),
-        insert_date=doc["insert_date"],
-        last_modified=doc["last_modified"],
-        xsi_type=doc["xsi_type"],
-        exported_at=doc["exported_at"],
-        config_fingerprint=doc["config_fingerprint"],
-        config_digests=digests,
-        tools=tools,
-        scans=tuple(scans),
-        outputs=tuple(outputs),
-    )
 
 
 def _header(lock: Lock) -> dict[str, Any]:
