@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import gc
 import hashlib
 import marshal
 import os
-import re
 import secrets
-import sys
 import threading
 import time
 import uuid
@@ -31,12 +28,7 @@ from reconcile import __version__
 from reconcile.durable import fsync_dir
 from reconcile.errors import LockfileError
 from reconcile.failpoints import hit
-from reconcile.lockcheck import (
-    _consistency_problems,
-    _problems,
-    _raise_invalid,
-    _schema_problems,
-)
+from reconcile.lockcheck import _consistency_problems, _raise_invalid, _schema_problems
 from reconcile.lockdoc import (
     _HEADER_FIELDS,
     FORMAT_VERSION,
@@ -46,16 +38,8 @@ from reconcile.lockdoc import (
     _session_document,
     scan_sort_key,
 )
+from reconcile.lockparse import _parse, gc_paused
 from reconcile.model import SessionRecord
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-try:  # a Rust TOML parser, ~10x faster than tomllib; none for Python 3.10
-    import toml_rs
-except ImportError:  # pragma: no cover
-    toml_rs = None
 
 __all__ = [
     "FORMAT_VERSION",
@@ -76,8 +60,6 @@ __all__ = [
 LOCK_NAME = ".xnat2bids.lock"
 GENERATOR = f"xnat2bids {__version__}"
 HEADER = "# Written by xnat2bids; do not edit by hand.\n"
-
-_DUPLICATE_SESSION = re.compile(r"Cannot declare \('sessions', '([^']*)'\) twice")
 
 
 @dataclass(frozen=True)
@@ -210,65 +192,10 @@ def _from_document(doc: Mapping[str, Any]) -> Lock:
 # --- text --------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector. Parsing a large lock, or listing and planning, allocates
-    millions of objects that all survive and form no cycles; the collector would rescan the
-    growing heap again and again for nothing (half of a lock build, a third of a 10,000-session
-    plan). Reference counting still frees everything as usual."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def dumps_lock(lock: Lock) -> str:
     """Deterministic TOML: sessions by key, scans by numeric-aware ID, outputs by path."""
     with gc_paused():
         return HEADER + tomli_w.dumps(_document(lock))
-
-
-def _fast_document(text: str) -> dict[str, Any] | None:
-    """toml-rs's document of `text` (strict TOML 1.0, which gives tomllib's), or None if it fails."""
-    if toml_rs is None or text.startswith("\ufeff"):  # tomllib refuses a byte order mark, toml-rs skips it
-        return None
-    try:
-        return toml_rs.loads(text, toml_version="1.0.0")
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException:  # also a Rust panic; tomllib decides, and words the error
-        return None
-
-
-def _parse(text: str, source: str) -> dict[str, Any]:
-    """The validated document of a lock's text; LockfileError when it is not a valid lock."""
-    doc = _fast_document(text)
-    if doc is not None and not _problems(doc):
-        return doc
-    # Anything but a valid lock is parsed again by tomllib: its errors are the ones reported.
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        duplicate = _DUPLICATE_SESSION.search(str(exc))
-        if duplicate:
-            raise LockfileError(
-                f"{source}: session {duplicate.group(1)} appears twice ({str(exc)[duplicate.end():].strip(' ()')})"
-            ) from exc
-        raise LockfileError(f"{source}: not valid TOML: {exc}") from exc
-    version = doc.get("format_version")
-    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-        # Checked before the schema: a newer format may legitimately have fields this one lacks.
-        raise LockfileError(
-            f"{source}: written by a newer xnat2bids (format {version}); upgrade",
-            hint="install a newer xnat2bids to use this BIDS root",
-        )
-    problems = _problems(doc)
-    if problems:
-        _raise_invalid(f"{source}: invalid lock", problems)
-    return doc
 
 
 def loads_lock(text: str, source: str = "lock") -> Lock:

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconcile import __version__, lockcheck, lockdoc
+from reconcile import __version__, lockcheck, lockdoc, lockparse
 from reconcile import lock as lock_module
 from reconcile.errors import LockfileError
 from reconcile.lock import (
@@ -246,10 +246,10 @@ def test_any_lock_round_trips_byte_identically(lock: Lock) -> None:
 
 @given(_locks)
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@pytest.mark.skipif(lock_module.toml_rs is None, reason="toml-rs is not installed (Python 3.10)")
+@pytest.mark.skipif(lockparse.toml_rs is None, reason="toml-rs is not installed (Python 3.10)")
 def test_the_fast_parser_gives_tomllibs_document(lock: Lock) -> None:
     text = dumps_lock(lock)
-    fast, slow = lock_module._fast_document(text), lock_module.tomllib.loads(text)
+    fast, slow = lockparse._fast_document(text), lockparse.tomllib.loads(text)
     assert fast == slow and repr(fast) == repr(slow)  # same types and key order too
 
 
@@ -263,8 +263,8 @@ def test_the_fast_parser_gives_tomllibs_document(lock: Lock) -> None:
 )
 def test_what_tomllib_refuses_stays_refused(root: Path, edit: Callable[[str], str]) -> None:
     text = edit(dumps_lock(lock_with(record(1))))
-    with pytest.raises(lock_module.tomllib.TOMLDecodeError) as expected:
-        lock_module.tomllib.loads(text)
+    with pytest.raises(lockparse.tomllib.TOMLDecodeError) as expected:
+        lockparse.tomllib.loads(text)
     lock_path(root).write_text(text, encoding="utf-8")
     with pytest.raises(LockfileError) as excinfo:
         read_lock(root)
@@ -537,7 +537,7 @@ def test_errors_are_the_same_without_the_fast_parser(case: str, monkeypatch: pyt
         return
     with pytest.raises(LockfileError) as fast:
         loads_lock(content)
-    monkeypatch.setattr(lock_module, "toml_rs", None)
+    monkeypatch.setattr(lockparse, "toml_rs", None)
     with pytest.raises(LockfileError) as slow:
         loads_lock(content)
     assert (fast.value.summary, fast.value.detail) == (slow.value.summary, slow.value.detail)
