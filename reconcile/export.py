@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import re
 import shutil
 import stat
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from reconcile import digest
 from reconcile.durable import fsync_dir, fsync_file
 from reconcile.errors import (
     RemoteError,
@@ -148,9 +150,9 @@ def export_session(
         _check_inside(root, directory)
 
     missing: dict[str, list[_Job]] = {}
-    for job in jobs:
-        exporter.check_cancel()
-        if _verified(job.target, job.file):
+    exporter.check_cancel()
+    for job, ok in zip(jobs, _verified([j.target for j in jobs], [j.file for j in jobs])):
+        if ok:
             continue
         if job.target.is_symlink() or job.target.exists():
             job.target.unlink()  # wrong content must not sit at the final name while we fetch
@@ -244,22 +246,24 @@ def _prune(root: Path, jobs: Iterable[_Job]) -> None:
                 path.unlink()
 
 
-def _verified(path: Path, f: RemoteFile) -> bool:
-    """True when `path` is a regular file with the listed size (and MD5 when XNAT has one)."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISREG(st.st_mode) or st.st_size != f.size:
-        return False
-    if not f.digest:
-        return True
-    h = hashlib.md5()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK_SIZE), b""):
-            h.update(chunk)
-    return h.hexdigest() == f.digest
-
+def _verified(paths: Sequence[Path], files: Sequence[RemoteFile]) -> list[bool]:
+    """For each path: is it a regular file with the listed size (and MD5 when XNAT has one)?"""
+    ok = [False] * len(paths)
+    to_hash: list[int] = []
+    for i, (path, f) in enumerate(zip(paths, files)):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_size == f.size:
+            if f.digest:
+                to_hash.append(i)
+            else:
+                ok[i] = True
+    hashed = digest.md5_files([paths[i] for i in to_hash], [files[i].size for i in to_hash])
+    for i, md5 in zip(to_hash, hashed):
+        ok[i] = md5 == files[i].digest
+    return ok
 
 
 def _content_range_start(value: str) -> int | None:
@@ -292,6 +296,8 @@ class _Exporter:
         self._abort = threading.Event()
         self._committer: ThreadPoolExecutor | None = None  # fsync + rename, set while `run` runs
         self._commits: list[Future[None]] = []
+        # Downloaded files waiting for their MD5, checked several at a time (`_check_loop`).
+        self._to_check: queue.SimpleQueue[_Job | None] | None = None
 
     # -- shared state ----------------------------------------------------------------------
     def _make_dir(self, directory: Path) -> None:
@@ -327,13 +333,19 @@ class _Exporter:
         """Run tasks on a few threads; the first failure stops the others between chunks and is raised.
 
         Verified files that need an fsync are synced and renamed on threads of their own
-        (`_commit_soon`), so a download slot never waits on the disk; `run` returns once every
-        commit is done.
+        (`_commit_soon`), so a download slot never waits on the disk. With several tasks and the
+        `_md5lanes` extension, MD5s are checked on one more thread, several files at a time
+        (`_check_soon`). `run` returns once every check and commit is done.
         """
         if not tasks:
             return
         futures: list[Future[None]] = []
         self._committer = ThreadPoolExecutor(max_workers=SYNC_WORKERS, thread_name_prefix="export-sync")
+        checker: threading.Thread | None = None
+        if len(tasks) > 1 and digest.lanes_available():
+            self._to_check = queue.SimpleQueue()
+            checker = threading.Thread(target=self._check_loop, name="export-md5", daemon=True)
+            checker.start()
         try:
             if len(tasks) == 1:
                 try:
@@ -360,6 +372,10 @@ class _Exporter:
                             f.cancel()
                     wait(futures)
         finally:
+            if checker is not None and self._to_check is not None:
+                self._to_check.put(None)
+                checker.join()
+                self._to_check = None
             self._committer.shutdown(wait=True)
             self._committer = None
         futures += self._commits
@@ -371,13 +387,16 @@ class _Exporter:
             raise (cancelled or real)[0]
 
     # -- one file --------------------------------------------------------------------------
-    def fetch_file(self, job: _Job) -> None:
-        """GET one file into its `.part`, verify, rename; one retry after a mismatch or a cut."""
+    def fetch_file(self, job: _Job, *, attempt: int = 1) -> None:
+        """GET one file into its `.part`, verify, rename; one retry after a mismatch or a cut.
+
+        On a first attempt with a checker running, the MD5 is left to it (`_check_soon`), which
+        makes the second attempt itself when it finds a mismatch."""
         self.check_cancel()
         self._make_dir(job.target.parent)
-        for attempt in (1, 2):
+        for attempt in range(attempt, 3):
             try:
-                self._fetch_file_once(job)
+                self._fetch_file_once(job, defer_md5=attempt == 1 and self._to_check is not None)
                 return
             except _Mismatch as m:
                 job.part.unlink(missing_ok=True)
@@ -398,10 +417,10 @@ class _Exporter:
                         hint=_RETRY_HINT,
                     ) from cut.cause
 
-    def _fetch_file_once(self, job: _Job) -> None:
+    def _fetch_file_once(self, job: _Job, *, defer_md5: bool = False) -> None:
         f = job.file
         have = job.part.stat().st_size if job.part.exists() else 0
-        if have == f.size and f.digest and _verified(job.part, f):
+        if have == f.size and f.digest and _verified([job.part], [f])[0]:
             # Complete and verified, but a crash or a cancel came before the rename.
             self._commit_soon(job)
             return
@@ -416,22 +435,28 @@ class _Exporter:
                     start = have
                 elif resp.status_code != 200:  # 200: the server ignored Range and sends the whole file
                     start = -1  # 416 or a range we did not ask for
+            defer_md5 = defer_md5 and bool(f.digest)
             if start >= 0:
-                self._receive(job, resp, start)
+                self._receive(job, resp, start, hash_md5=not defer_md5)
         if start < 0:
             job.part.unlink(missing_ok=True)
-            self._fetch_file_once(job)  # once more without Range
+            self._fetch_file_once(job, defer_md5=defer_md5)  # once more without Range
             return
-        self._commit_soon(job)
+        if defer_md5:
+            self._check_soon(job)
+        else:
+            self._commit_soon(job)
 
-    def _receive(self, job: _Job, resp: StreamResponse, start: int) -> None:
-        """Write the body into the .part (appending at `start`), hashing all of it, and verify it."""
+    def _receive(self, job: _Job, resp: StreamResponse, start: int, *, hash_md5: bool = True) -> None:
+        """Write the body into the .part (appending at `start`) and verify its size; with
+        `hash_md5`, hash all of it on the way and verify the MD5 too."""
         f = job.file
-        h = hashlib.md5()
+        h = hashlib.md5() if hash_md5 else None
         with open(job.part, "r+b" if start else "wb") as out:
             if start:
-                for chunk in iter(lambda: out.read(CHUNK_SIZE), b""):
-                    h.update(chunk)
+                if h is not None:
+                    for chunk in iter(lambda: out.read(CHUNK_SIZE), b""):
+                        h.update(chunk)
                 out.seek(start)
                 out.truncate()
             size = start
@@ -441,7 +466,8 @@ class _Exporter:
                     self.check_cancel()
                     chunk = buffer[:n]
                     out.write(chunk)
-                    h.update(chunk)
+                    if h is not None:
+                        h.update(chunk)
                     size += n
                     self.progress(n)
                     hit("export-receiving")
@@ -453,10 +479,56 @@ class _Exporter:
 
     @staticmethod
     def _verify(h: Any, size: int, f: RemoteFile) -> None:
+        """Size, then the MD5 when XNAT lists one and `h` hashed the bytes (None: checked later)."""
         if size != f.size:
             raise _Mismatch("size", str(f.size), str(size) + ("+" if size > f.size else ""))
-        if f.digest and h.hexdigest() != f.digest:
+        if f.digest and h is not None and h.hexdigest() != f.digest:
             raise _Mismatch("MD5", f.digest, h.hexdigest())
+
+    # -- MD5s, several files at a time -----------------------------------------------------
+    def _check_soon(self, job: _Job) -> None:
+        """Queue a downloaded `.part` of the right size for its MD5 check and rename."""
+        assert self._to_check is not None
+        self._to_check.put(job)
+
+    def _check_loop(self) -> None:
+        """Take every `.part` waiting, hash them together (`digest.md5_files`), rename the good
+        ones and download the others once more. The batch is as large as the downloads got ahead:
+        the slower the check, the more lanes it fills."""
+        assert self._to_check is not None
+        closing = False
+        while not closing:
+            batch: list[_Job] = []
+            item = self._to_check.get()
+            while item is not None:
+                batch.append(item)
+                try:
+                    item = self._to_check.get_nowait()
+                except queue.Empty:
+                    break
+            closing = item is None
+            if not batch:
+                continue
+            future: Future[None] = Future()
+            self._commits.append(future)
+            try:
+                self._check(batch)
+                future.set_result(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to `run` through the future
+                self._abort.set()
+                future.set_exception(exc)
+                closing = True  # what is still queued stays .part; the next run checks it
+
+    def _check(self, batch: list[_Job]) -> None:
+        self.check_cancel()
+        md5s = digest.md5_files([j.part for j in batch], [j.file.size for j in batch])
+        for job, md5 in zip(batch, md5s):
+            self.check_cancel()
+            if md5 == job.file.digest:
+                self._sync_and_replace(job)
+            else:
+                job.part.unlink(missing_ok=True)
+                self.fetch_file(job, attempt=2)
 
     # -- one scan as a zip -----------------------------------------------------------------
     def fetch_zip(self, scan: Scan, jobs: list[_Job]) -> None:

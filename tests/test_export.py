@@ -19,6 +19,7 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 import reconcile.export as export_mod
+from reconcile import digest
 from reconcile.credentials import Credentials
 from reconcile.emulator import Fault
 from reconcile.errors import (
@@ -97,11 +98,22 @@ def downloads(emulator) -> list[tuple[str, str]]:  # noqa: ANN001
     return [(p, q) for m, p, q in emulator.app.requests if m == "GET" and ("/files/" in p or "format=zip" in q)]
 
 
+@pytest.fixture(params=["lanes", "hashlib"])
+def md5_by(request, monkeypatch) -> str:  # noqa: ANN001
+    """Run a test with MD5s checked several files at a time by `_md5lanes`, then in-stream by hashlib."""
+    if request.param == "lanes":
+        if not digest.lanes_available():
+            pytest.skip("reconcile._md5lanes was not built (no C compiler)")
+    else:
+        monkeypatch.setattr(digest, "md5_many", None)
+    return request.param
+
+
 # -- happy path -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", ["files", "zip", "auto"])
-def test_export_is_byte_identical_to_the_archive(emulator, client, session, tmp_path, method) -> None:  # noqa: ANN001
+def test_export_is_byte_identical_to_the_archive(emulator, client, session, tmp_path, md5_by, method) -> None:  # noqa: ANN001
     exp, scans = session
     dest = tmp_path / "dicom"
     seen: list[int] = []
@@ -161,7 +173,7 @@ def test_other_resources_and_stale_files_are_not_left_in_the_staging_folder(clie
 
 
 @pytest.mark.parametrize("method", ["files", "zip"])
-def test_second_export_downloads_nothing(emulator, client, session, tmp_path, method) -> None:  # noqa: ANN001
+def test_second_export_downloads_nothing(emulator, client, session, tmp_path, md5_by, method) -> None:  # noqa: ANN001
     exp, scans = session
     dest = tmp_path / "dicom"
     export_session(client, exp, scans, dest, method=method)
@@ -172,7 +184,7 @@ def test_second_export_downloads_nothing(emulator, client, session, tmp_path, me
     assert downloads(emulator) == []
 
 
-def test_a_changed_file_is_downloaded_again(emulator, client, session, tmp_path) -> None:  # noqa: ANN001
+def test_a_changed_file_is_downloaded_again(emulator, client, session, tmp_path, md5_by) -> None:  # noqa: ANN001
     exp, scans = session
     dest = tmp_path / "dicom"
     export_session(client, exp, scans, dest, method="files")
@@ -199,7 +211,7 @@ def test_a_truncated_part_is_completed(emulator, client, session, tmp_path) -> N
     assert again.downloaded == len(whole)
 
 
-def test_a_complete_verified_part_is_renamed_without_downloading(emulator, client, session, tmp_path) -> None:  # noqa: ANN001
+def test_a_complete_verified_part_is_renamed_without_downloading(emulator, client, session, tmp_path, md5_by) -> None:  # noqa: ANN001
     exp, scans = session
     dest = tmp_path / "dicom"
     export_session(client, exp, scans, dest, method="files")
@@ -299,7 +311,7 @@ ZIP_ROUTE = r"/scans/2/resources/DICOM/files$"
 
 
 @pytest.mark.parametrize("kind", ["truncate", "corrupt"])
-def test_a_bad_download_is_retried_once(emulator, client, session, tmp_path, kind) -> None:  # noqa: ANN001
+def test_a_bad_download_is_retried_once(emulator, client, session, tmp_path, md5_by, kind) -> None:  # noqa: ANN001
     exp, scans = session
     dest = tmp_path / "dicom"
     fault = emulator.app.faults.add(Fault(route=FILE_ROUTE, kind=kind, times=1))
@@ -310,7 +322,7 @@ def test_a_bad_download_is_retried_once(emulator, client, session, tmp_path, kin
 
 @pytest.mark.parametrize("kind", ["truncate", "corrupt"])
 def test_a_persistently_bad_download_raises_verification_error_and_leaves_no_final_file(
-    emulator, client, session, tmp_path, kind  # noqa: ANN001
+    emulator, client, session, tmp_path, kind, md5_by  # noqa: ANN001
 ) -> None:
     exp, scans = session
     dest = tmp_path / "dicom"
