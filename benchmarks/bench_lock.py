@@ -25,6 +25,7 @@ CACHE = Path(tempfile.mkdtemp(prefix="bench-lock-cache-"))
 os.environ["XNAT2BIDS_CACHE_DIR"] = str(CACHE)  # before reconcile.lock reads it; never ~/.cache
 
 from reconcile import lock as lockmod  # noqa: E402
+from reconcile import lockcache  # noqa: E402
 from reconcile.model import OutputRecord, ScanRecord, SessionRecord  # noqa: E402
 
 
@@ -53,9 +54,9 @@ def record(n: int, outputs: int = 20, scans: int = 10, exported_at: str = "2026-
 
 def new_process() -> None:
     """Forget what this process knows, as a new `xnat2bids` run would start."""
-    lockmod._save_unsaved()
-    lockmod._snapshots.clear()
-    lockmod._last_saved.clear()
+    lockcache._save_unsaved()
+    lockcache._snapshots.clear()
+    lockcache._last_saved.clear()
 
 
 def timed(fn):  # noqa: ANN001, ANN201
@@ -124,7 +125,7 @@ def bench(n: int, loop: int, cold: bool) -> list[list[str]]:
     total = time.perf_counter() - t0
     row(f"apply-like loop: {loop} single-session writes", total, f"{total / loop:.3f} s per write")
     t0 = time.perf_counter()
-    lockmod._save_unsaved()
+    lockcache._save_unsaved()
     row("  + cache saved at the end of the loop", time.perf_counter() - t0)
 
     assert lockmod.lock_path(root).read_text() == lockmod.dumps_lock(written), "incremental output differs"

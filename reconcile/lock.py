@@ -1,21 +1,18 @@
 """Reading and writing the lockfile `.xnat2bids.lock`: what the last apply exported, per session.
 
-Owns the lock's TOML layout (via `schemas/lock.schema.json`), its identity (lineage, serial) and
-the atomic, validate-before-write save. It never decides what to export; it only records it.
-Large locks are read through a verified cache and rewritten incrementally (see "speed" below);
-both only accelerate: the TOML file stays the one source of truth.
+Owns the `Lock`, its identity (lineage, serial) and the atomic, validate-before-write save, which
+rewrites large locks incrementally (see "files" below); it never decides what to export, it only
+records it. A session's document is `lockdoc`'s, parsing `lockparse`'s, validation `lockcheck`'s
+and the verified read cache `lockcache`'s, which only accelerates: the TOML file stays the one
+source of truth.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import hashlib
 import marshal
 import os
 import secrets
-import threading
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -28,11 +25,10 @@ from reconcile import __version__
 from reconcile.durable import fsync_dir
 from reconcile.errors import LockfileError
 from reconcile.failpoints import hit
+from reconcile.lockcache import _current, _identity, _remember_written, _Snapshot
 from reconcile.lockcheck import _consistency_problems, _raise_invalid, _schema_problems
 from reconcile.lockdoc import (
-    _HEADER_FIELDS,
     FORMAT_VERSION,
-    _canonical_session,
     _normalized,
     _record,
     _session_document,
@@ -189,6 +185,19 @@ def _from_document(doc: Mapping[str, Any]) -> Lock:
     )
 
 
+def _from_snapshot(snapshot: _Snapshot) -> Lock:
+    """The lock a valid file holds, each session decoded from its blob on first access."""
+    h = snapshot.header
+    return Lock(
+        lineage=h["lineage"],
+        serial=h["serial"],
+        generator=h["generator"],
+        config_fingerprint=h["config_fingerprint"],
+        sessions=_Sessions(dict(snapshot.blobs), {}),
+        format_version=h["format_version"],
+    )
+
+
 # --- text --------------------------------------------------------------------------------------
 
 
@@ -203,268 +212,13 @@ def loads_lock(text: str, source: str = "lock") -> Lock:
         return _from_document(_parse(text, source))
 
 
-# --- speed -------------------------------------------------------------------------------------
+# --- files -------------------------------------------------------------------------------------
 #
 # tomli-w's text for a lock is the header, then one self-contained fragment per session, joined
 # by blank lines (`_assemble`; a test holds it to tomli_w.dumps of the whole document). And the
 # schema has no rule across sessions, so a document is valid exactly when its header is and each
 # session is. A write therefore serializes and validates only the sessions that changed since
 # the lock on disk was read or written, and copies the other fragments from the file's bytes.
-#
-# What is known about a lock file is a `_Snapshot`, keyed by the SHA-256 of its exact bytes:
-# kept in memory for the files this process read or wrote, and for large locks also saved in a
-# cache file so the next process skips the TOML parser (seconds per thousand sessions). Nothing
-# in a snapshot is believed unless its digest matches the file's bytes now, or the file is still
-# the very one this process read or wrote (`_current`); a cache file that is damaged, foreign or
-# stale is ignored and the lock parsed and validated again.
-
-
-@dataclass(eq=False)
-class _Snapshot:
-    """What a valid lock file holds: the file whose bytes are `pieces`, joined."""
-
-    header: dict[str, Any]  # as `_header` returns it
-    blobs: dict[str, bytes]  # session key -> its canonical document, marshalled, in key order
-    sums: dict[str, bytes]  # session key -> SHA-256 of its blob, to check the blob in a cache file
-    # Session key -> (start, end) of its TOML fragment in the file; None when the file may not be
-    # byte-for-byte what this module writes (parsed from text, e.g. edited by hand).
-    spans: dict[str, tuple[int, int]] | None
-    pieces: list[Any]
-    fragments: dict[str, Any] | None = None  # with spans: session key -> those bytes, in `pieces`
-    identity: tuple[int, ...] | None = None  # `_identity` of the file as read or written; None: unknown
-    known_digest: bytes | None = None  # SHA-256 of the bytes, once computed
-
-    @property
-    def digest(self) -> bytes:
-        if self.known_digest is None:
-            digest = hashlib.sha256()
-            for piece in self.pieces:
-                digest.update(piece)
-            self.known_digest = digest.digest()
-        return self.known_digest
-
-    def lock(self) -> Lock:
-        h = self.header
-        return Lock(
-            lineage=h["lineage"],
-            serial=h["serial"],
-            generator=h["generator"],
-            config_fingerprint=h["config_fingerprint"],
-            sessions=_Sessions(dict(self.blobs), {}),
-            format_version=h["format_version"],
-        )
-
-
-_snapshots: dict[str, _Snapshot] = {}  # by absolute lock path; the newest few only
-_SNAPSHOTS_KEPT = 8
-_snapshots_guard = threading.Lock()
-
-# Below this size the TOML parser takes milliseconds: no cache file (nor clutter) for small locks.
-_CACHE_MIN_BYTES = 1 << 20
-_CACHE_MAGIC = b"xnat2bids lock cache 1\n"
-_CACHE_FORMAT = 1
-_CACHE_MAX_AGE = 30 * 86400  # cache files of BIDS roots unused this long are deleted
-# Rewriting the cache costs about as much as the lock itself. apply writes the lock after every
-# session, so during a burst the cache is saved at most this often, and at exit; a process killed
-# in between leaves a stale cache, which only makes the next reader parse the TOML.
-_CACHE_SAVE_INTERVAL = 10.0
-_unsaved: dict[str, tuple[Path, _Snapshot]] = {}
-_last_saved: dict[str, float] = {}
-
-
-def _remember(path: Path, snapshot: _Snapshot) -> None:
-    key = os.path.abspath(path)
-    with _snapshots_guard:
-        _snapshots.pop(key, None)
-        _snapshots[key] = snapshot
-        while len(_snapshots) > _SNAPSHOTS_KEPT:
-            del _snapshots[next(iter(_snapshots))]
-
-
-def _cache_dir() -> Path | None:
-    """Private to the user: the cache is trusted once its checksum and key match, so no one else
-    may be able to write it (a BIDS root is often shared by a group)."""
-    configured = os.environ.get("XNAT2BIDS_CACHE_DIR")
-    if configured:
-        return Path(configured) / "locks"
-    try:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    except RuntimeError:  # no home directory
-        return None
-    return base / "xnat2bids" / "locks"
-
-
-def _cache_file(path: Path) -> Path | None:
-    directory = _cache_dir()
-    name = hashlib.sha256(os.path.abspath(path).encode("utf-8", "surrogateescape")).hexdigest()[:32]
-    return None if directory is None else directory / f"{name}.bin"
-
-
-def _load_cache(path: Path, data: bytes, digest: bytes) -> _Snapshot | None:
-    """The cached snapshot of the lock whose bytes have `digest`, or None: never an error.
-
-    Layout: magic, SHA-256 of the index, index length (8 bytes), index (marshalled), then the
-    blobs back to back, each checked against its SHA-256 in the index.
-    """
-    file = _cache_file(path)
-    if file is None:
-        return None
-    try:
-        with open(file, "rb") as f:
-            if os.name == "posix" and os.fstat(f.fileno()).st_uid != os.getuid():
-                return None
-            raw = f.read()
-    except OSError:
-        return None
-    at = len(_CACHE_MAGIC)
-    if raw[:at] != _CACHE_MAGIC or len(raw) < at + 40:
-        return None
-    index_sum, size = raw[at:at + 32], int.from_bytes(raw[at + 32:at + 40], "big")
-    at += 40
-    index = raw[at:at + size]
-    if hashlib.sha256(index).digest() != index_sum:
-        return None
-    at += size
-    try:
-        version, cached_digest, header, keys, lengths, sums, spans = marshal.loads(index)
-        if version != _CACHE_FORMAT or cached_digest != digest:
-            return None
-        if not isinstance(header, dict) or set(header) != set(_HEADER_FIELDS):
-            return None
-        if not len(keys) == len(lengths) == len(sums) // 32 or sum(lengths) != len(raw) - at:
-            return None
-        if spans is not None and len(spans) != 2 * len(keys):
-            return None
-        blobs, blob_sums = {}, {}
-        sha256 = hashlib.sha256
-        for i, (key, length) in enumerate(zip(keys, lengths)):
-            blob, expected = raw[at:at + length], sums[32 * i:32 * i + 32]
-            if sha256(blob).digest() != expected:
-                return None
-            blobs[key], blob_sums[key] = blob, expected
-            at += length
-        snapshot = _Snapshot(header, blobs, blob_sums, None, [data], known_digest=digest)
-        if spans is not None:
-            view = memoryview(data)
-            snapshot.spans = {k: (spans[2 * i], spans[2 * i + 1]) for i, k in enumerate(keys)}
-            snapshot.fragments = {k: view[start:end] for k, (start, end) in snapshot.spans.items()}
-        return snapshot
-    except Exception:  # anything unexpected in a cache means: not usable
-        return None
-
-
-def _cache_soon(path: Path, snapshot: _Snapshot) -> None:
-    key = os.path.abspath(path)
-    with _snapshots_guard:
-        _unsaved[key] = (path, snapshot)
-        due = time.monotonic() - _last_saved.get(key, float("-inf")) >= _CACHE_SAVE_INTERVAL
-    if due:
-        _save_unsaved(key)
-
-
-def _save_unsaved(key: str | None = None) -> None:
-    """Save the pending cache of one lock path, or of all (at exit)."""
-    with _snapshots_guard:
-        todo = [_unsaved.pop(key)] if key in _unsaved else [] if key is not None else list(_unsaved.values())
-        if key is None:
-            _unsaved.clear()
-        for path, _ in todo:
-            _last_saved[os.path.abspath(path)] = time.monotonic()
-    for path, snapshot in todo:
-        _save_cache(path, snapshot)
-
-
-atexit.register(_save_unsaved)
-
-
-def _save_cache(path: Path, snapshot: _Snapshot) -> None:
-    """Best effort: a cache that cannot be written only costs the next reader time."""
-    file = _cache_file(path)
-    if file is None:
-        return
-    keys = tuple(snapshot.blobs)
-    blobs = [snapshot.blobs[k] for k in keys]
-    spans = None if snapshot.spans is None else tuple(n for k in keys for n in snapshot.spans[k])
-    index = marshal.dumps(
-        (_CACHE_FORMAT, snapshot.digest, snapshot.header, keys, tuple(map(len, blobs)),
-         b"".join(snapshot.sums[k] for k in keys), spans)
-    )
-    tmp = file.with_name(f"{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:
-            f.writelines([_CACHE_MAGIC, hashlib.sha256(index).digest(), len(index).to_bytes(8, "big"), index])
-            f.writelines(blobs)
-        os.replace(tmp, file)
-        now = time.time()
-        for old in file.parent.iterdir():  # caches of BIDS roots gone or long unused
-            if old != file and now - old.stat().st_mtime > _CACHE_MAX_AGE:
-                old.unlink()
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-
-
-def _identity(st: os.stat_result) -> tuple[int, ...]:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
-def _current(path: Path) -> _Snapshot | None:
-    """What the lock file at `path` holds now; None when there is none, LockfileError when invalid.
-
-    The file is read only when its identity differs from the one this process last read or wrote:
-    another writer's file replacing it (as this module, and editors, write) is a new inode, and
-    one written in place has a new mtime and ctime (the same ones only within the same timestamp
-    tick as our own write: a far shorter window than the serial check's own, read to rename).
-    """
-    try:
-        with open(path, "rb") as f:
-            identity = _identity(os.fstat(f.fileno()))  # before reading: a later change shows
-            known = _snapshots.get(os.path.abspath(path))
-            if known is not None and known.identity == identity:
-                return known
-            data = f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise LockfileError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    snapshot = _snapshot_of(path, data)
-    snapshot.identity = identity
-    return snapshot
-
-
-def _snapshot_of(path: Path, data: bytes) -> _Snapshot:
-    """What the lock file with these bytes holds; LockfileError when it is not a valid lock."""
-    digest = hashlib.sha256(data).digest()
-    known = _snapshots.get(os.path.abspath(path))
-    if known is not None and known.digest == digest:
-        return known
-    snapshot = _load_cache(path, data, digest) if len(data) >= _CACHE_MIN_BYTES else None
-    if snapshot is None:
-        snapshot = _parse_file(path, data, digest)
-        if len(data) >= _CACHE_MIN_BYTES:
-            with _snapshots_guard:  # a cache pending from an earlier write of ours is older
-                _unsaved.pop(os.path.abspath(path), None)
-            _save_cache(path, snapshot)
-    if len(data) >= _CACHE_MIN_BYTES:  # the cache file is current now: as good as just saved
-        with _snapshots_guard:
-            _last_saved[os.path.abspath(path)] = time.monotonic()
-    _remember(path, snapshot)
-    return snapshot
-
-
-def _parse_file(path: Path, data: bytes, digest: bytes) -> _Snapshot:
-    """The slow path: parse and validate the TOML."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise LockfileError(f"{path}: not valid TOML: not UTF-8 text (byte {exc.start})") from exc
-    with gc_paused():
-        doc = _parse(text, str(path))
-        sessions = doc["sessions"]
-        blobs = {key: marshal.dumps(_canonical_session(sessions[key])) for key in sorted(sessions)}
-    sums = {key: hashlib.sha256(blob).digest() for key, blob in blobs.items()}
-    return _Snapshot({key: doc[key] for key in _HEADER_FIELDS}, blobs, sums, None, [data], known_digest=digest)
 
 
 def _assemble(header: dict[str, Any], fragments: list[Any]) -> tuple[list[Any], list[tuple[int, int]]]:
@@ -485,13 +239,10 @@ def _assemble(header: dict[str, Any], fragments: list[Any]) -> tuple[list[Any], 
     return pieces, spans
 
 
-# --- files -------------------------------------------------------------------------------------
-
-
 def read_lock(root: Path) -> Lock | None:
     """The lock of a BIDS root, or None when there is none yet."""
     snapshot = _current(lock_path(root))
-    return None if snapshot is None else snapshot.lock()
+    return None if snapshot is None else _from_snapshot(snapshot)
 
 
 def load_or_new(root: Path) -> Lock:
@@ -560,9 +311,7 @@ def write_lock(root: Path, lock: Lock, *, expected_serial: int | None = None) ->
     identity = _atomic_write(path, pieces)
     snapshot = _Snapshot(header, {k: blobs[k] for k in keys}, sums, dict(zip(keys, spans)), pieces,
                          dict(zip(keys, fragments)), identity)
-    _remember(path, snapshot)
-    if (spans[-1][1] if spans else 0) >= _CACHE_MIN_BYTES:
-        _cache_soon(path, snapshot)
+    _remember_written(path, snapshot, spans[-1][1] if spans else 0)
     # The returned lock knows which document each of its records is, for the next write.
     items, origin = dict(sessions._items), dict(sessions._origin)
     for _, key, _doc, _blob in changed:

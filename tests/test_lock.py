@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconcile import __version__, lockcheck, lockdoc, lockparse
+from reconcile import __version__, lockcache, lockcheck, lockdoc, lockparse
 from reconcile import lock as lock_module
 from reconcile.errors import LockfileError
 from reconcile.lock import (
@@ -600,7 +600,7 @@ def test_a_lock_this_process_wrote_is_not_read_again(root: Path, monkeypatch: py
     def refuse(path: Path, data: bytes) -> None:
         raise AssertionError("the lock file was read")
 
-    monkeypatch.setattr(lock_module, "_snapshot_of", refuse)
+    monkeypatch.setattr(lockcache, "_snapshot_of", refuse)
     assert read_lock(root) == first
     second = write_lock(root, first.with_session(record(2)), expected_serial=1)
     assert read_lock(root) == second
@@ -617,21 +617,21 @@ def cached(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyP
     """Every lock gets a cache file, saved on every write, in a private directory of its own."""
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("XNAT2BIDS_CACHE_DIR", str(cache))
-    monkeypatch.setattr(lock_module, "_CACHE_MIN_BYTES", 0)
-    monkeypatch.setattr(lock_module, "_CACHE_SAVE_INTERVAL", 0.0)
+    monkeypatch.setattr(lockcache, "_CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(lockcache, "_CACHE_SAVE_INTERVAL", 0.0)
     return cache / "locks"
 
 
 def forget() -> None:
     """As a new process would start: nothing known in memory."""
-    lock_module._snapshots.clear()
+    lockcache._snapshots.clear()
 
 
 def no_toml(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(text: str, source: str) -> None:
         raise AssertionError("the TOML was parsed")
 
-    monkeypatch.setattr(lock_module, "_parse", refuse)
+    monkeypatch.setattr(lockcache, "_parse", refuse)  # as the file reader calls it
 
 
 @given(_locks, st.data())
@@ -727,7 +727,7 @@ def test_a_damaged_cache_is_ignored_and_the_lock_parsed(root: Path, cached: Path
     written = write_lock(root, lock_with(record(1), record(2)))
     [cache] = cached.iterdir()
     raw = bytearray(cache.read_bytes())
-    at = {"flipped byte in a session": len(raw) - 100, "flipped byte in the index": len(lock_module._CACHE_MAGIC) + 60}.get(damage)
+    at = {"flipped byte in a session": len(raw) - 100, "flipped byte in the index": len(lockcache._CACHE_MAGIC) + 60}.get(damage)
     if at is not None:
         raw[at] ^= 0x01
     elif damage == "truncated":
@@ -792,7 +792,7 @@ def test_a_cache_written_by_someone_else_is_not_trusted(root: Path, cached: Path
     forget()
     monkeypatch.setattr(os, "getuid", lambda: os.stat(root).st_uid + 1)
     parsed: list[str] = []
-    real = lock_module._parse
-    monkeypatch.setattr(lock_module, "_parse", lambda text, source: parsed.append(source) or real(text, source))
+    real = lockcache._parse
+    monkeypatch.setattr(lockcache, "_parse", lambda text, source: parsed.append(source) or real(text, source))
     read_lock(root)
     assert parsed == [str(lock_path(root))]
