@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# CPU seconds (user + system) of the last process `child` ran, from the same wait4.
+last_cpu = 0.0
+# Process ID of each running emulator child, by URL, to read its CPU time (`process_cpu`).
+emulator_pids: dict[str, int] = {}
 XNAT2BIDS = [sys.executable, "-m", "reconcile"]
 USER, PASSWORD = "bench", "bench-password"
 
@@ -151,6 +155,8 @@ def child(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | 
         reader.join()
         err = errbuf[0] if errbuf else ""
     _, status, usage = os.wait4(proc.pid, 0)
+    global last_cpu
+    last_cpu = usage.ru_utime + usage.ru_stime
     proc.returncode = os.waitstatus_to_exitcode(status)
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -203,11 +209,20 @@ def emulator_child(
                 size=size, latency=latency, port=port, md5=precompute_md5)
     proc = subprocess.Popen([sys.executable, "-c", _EMULATOR_CHILD, json.dumps(spec)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(proc, timeout)
-        yield f"http://127.0.0.1:{port}"
+        emulator_pids[url] = proc.pid
+        yield url
     finally:
+        emulator_pids.pop(url, None)
         _stop(proc)
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_ready(proc: subprocess.Popen, timeout: float) -> None:
