@@ -8,12 +8,12 @@ scan fingerprints, config digests, file stats).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 
-from reconcile.config import Config, select
+from reconcile.config import Config, ConversionSettings, select
 from reconcile.errors import UnsafePathError
 from reconcile.lock import Lock
 from reconcile.model import (
@@ -54,6 +54,9 @@ class Reason:
     field: str | None = None
     before: str | None = None
     after: str | None = None
+
+
+_NEW = (Reason("new", "new in XNAT"),)
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,28 @@ def _scan_reasons(recorded: tuple[ScanRecord, ...], remote: tuple[Scan, ...]) ->
     return reasons
 
 
+# Conversion settings with their digests, as `_conversion_lookup` hands them out.
+_Conversion = tuple[ConversionSettings, dict[str, str]]
+
+
+def _conversion_lookup(config: Config) -> Callable[[str, str], _Conversion]:
+    """`config.conversion_for` and its digests, computed once per project: only the sessions that
+    a project's `sessions` table names have settings of their own (about 10 µs a call, once per
+    listed session otherwise)."""
+    known: dict[tuple[str, str | None], _Conversion] = {}
+
+    def conversion(project: str, label: str) -> _Conversion:
+        own = label in config.project_tables.get(project, {}).get("sessions", {})
+        key = (project, label if own else None)
+        found = known.get(key)
+        if found is None:
+            settings = config.conversion_for(project, label)
+            found = known[key] = (settings, settings.digests())
+        return found
+
+    return conversion
+
+
 def _natural(text: str) -> tuple[int, int | str]:
     return (0, int(text)) if text.isdigit() else (1, text)
 
@@ -191,7 +216,7 @@ def _compare(
     rec: SessionRecord,
     exp: Experiment,
     address: BidsAddress,
-    config: Config,
+    conversion: _Conversion,
     scans: tuple[Scan, ...] | None,
     tools: Mapping[str, str],
     reconvert_outdated: bool,
@@ -216,7 +241,7 @@ def _compare(
     if modified and not reasons:
         after = format_timestamp(exp.last_modified)
         reasons.append(Reason("modified", f"modified in XNAT at {after}", "last_modified", rec.last_modified, after))
-    settings = config.conversion_for(exp.project, exp.label)
+    settings, digests = conversion
     if scans is not None:
         # The lock records only the scans the config selects; compare like with like.
         selected = tuple(s for s in scans if settings.selects(s.id, s.series_description))
@@ -224,10 +249,10 @@ def _compare(
         reasons += scan_reasons
         if modified and not scan_reasons:
             reasons.append(Reason("no_content_change", "deep comparison found no content change"))
-    digests = settings.digests()
-    changed = sorted(k for k in digests if rec.config_digests.get(k) != digests[k])
-    if changed:
-        reasons.append(Reason("config", f"config changed: {', '.join(changed)}", "config", None, ",".join(changed)))
+    if rec.config_digests != digests:
+        changed = sorted(k for k in digests if rec.config_digests.get(k) != digests[k])
+        if changed:
+            reasons.append(Reason("config", f"config changed: {', '.join(changed)}", "config", None, ",".join(changed)))
     if reconvert_outdated:
         for tool in CONVERTER_TOOLS:
             old, new = rec.tools.get(tool), tools.get(tool)
@@ -235,10 +260,6 @@ def _compare(
                 msg = f"converted with {tool} {old or '(unknown)'}, now {new}"
                 reasons.append(Reason("outdated", msg, tool, old, new))
     return reasons
-
-
-def _outdated(rec: SessionRecord, tools: Mapping[str, str]) -> bool:
-    return any(tools.get(t) and rec.tools.get(t) != tools.get(t) for t in CONVERTER_TOOLS)
 
 
 def _drift(rec: SessionRecord, local: LocalState) -> list[Reason]:
@@ -275,15 +296,14 @@ def compute_plan(
             rec.subject_label, rec.bids_subject, rec.session_label, rec.experiment_id, rec.bids_session
         )
 
-    by_project: dict[str, list[SessionRecord]] = defaultdict(list)
-    for rec in lock.sessions.values():
-        by_project[rec.project].append(rec)
+    # The lock's records, decoded once: every step below looks at all of them.
+    sessions = dict(lock.sessions.items())
+    records = sessions.values()
 
     # 1. Listings: a failed or suspiciously empty listing blocks its project, never orphans it.
     blocked: set[str] = set()
     remote_rows: list[Experiment] = []
     for listing in sorted(remote.listings, key=lambda p: p.project):
-        recorded = [r for r in by_project.get(listing.project, []) if in_selection(r)]
         if listing.experiments is None:
             blocked.add(listing.project)
             out.problems.append(
@@ -291,8 +311,9 @@ def compute_plan(
                         hint="nothing was planned for this project; fix the cause and plan again")
             )
             continue
-        sessions = [e for e in listing.experiments if e.xsi_type.endswith(SESSION_TYPES_SUFFIX)]
-        if not sessions and recorded:
+        listed = [e for e in listing.experiments if e.xsi_type.endswith(SESSION_TYPES_SUFFIX)]
+        recorded = [] if listed else [r for r in records if r.project == listing.project and in_selection(r)]
+        if recorded:
             blocked.add(listing.project)
             out.problems.append(
                 Problem(
@@ -302,15 +323,18 @@ def compute_plan(
                 )
             )
             continue
-        remote_rows += sessions
+        remote_rows += listed
 
     # 2. Addresses of every listed session, selected or not: identity and collisions are facts
     #    about the whole listing; the selection only decides which changes and problems are shown.
     def wanted(exp: Experiment, address: BidsAddress | None = None) -> bool:
+        if selects_all:
+            return True
         sub = address.subject if address else exp.subject_label
         ses = address.session if address else exp.label
         return selection.wants(exp.subject_label, sub, exp.label, exp.id, ses)
 
+    selects_all = not selection.subjects and not selection.sessions
     present_ids = {e.id for e in remote_rows}  # unsafe ones too: they are not gone from XNAT
     seen_ids: dict[str, tuple[Experiment, BidsAddress]] = {}
     for exp in sorted(remote_rows, key=lambda e: (e.project, e.id)):
@@ -322,18 +346,19 @@ def compute_plan(
             continue
         # A session listed in several projects (shared) is planned once, under the project that
         # the lock already knows, otherwise the first one listed.
-        rec = lock.sessions.get(exp.id)
-        if exp.id not in seen_ids or (rec is not None and rec.project == exp.project):
+        if exp.id not in seen_ids:
             seen_ids[exp.id] = (exp, address)
+        else:
+            rec = sessions.get(exp.id)
+            if rec is not None and rec.project == exp.project:
+                seen_ids[exp.id] = (exp, address)
     at_address: dict[BidsAddress, list[Experiment]] = defaultdict(list)
     for exp, address in seen_ids.values():
         at_address[address].append(exp)
     colliding = set()
-    for address, exps in sorted(at_address.items()):
-        if len(exps) > 1:
-            colliding.update(e.id for e in exps)
-            if not any(wanted(e, address) for e in exps):
-                continue
+    for address, exps in sorted((a, exps) for a, exps in at_address.items() if len(exps) > 1):
+        colliding.update(e.id for e in exps)
+        if any(wanted(e, address) for e in exps):
             names = " and ".join(f"{e.id} ({e.project}/{e.subject_label}/{e.label})" for e in exps)
             out.problems.append(
                 Problem(
@@ -346,18 +371,23 @@ def compute_plan(
 
     # 3. Match remote sessions with lock entries: by ID, then by address (re-archived).
     listed_ok = {p.project for p in remote.listings} - blocked
-    vanished_by_address = {
-        r.address: r for r in lock.sessions.values() if r.experiment_id not in present_ids and r.project in listed_ok
-    }
-    holder_of = {r.address: r for r in lock.sessions.values()}
+    holder_of: dict[BidsAddress, SessionRecord] = {}
+    vanished_by_address: dict[BidsAddress, SessionRecord] = {}
+    for r in records:
+        address = r.address
+        holder_of[address] = r
+        if r.experiment_id not in present_ids and r.project in listed_ok:
+            vanished_by_address[address] = r
     used_as_replaced: set[str] = set()
     outdated = 0
     deep_scans = remote.deep or {}
+    conversion = _conversion_lookup(config)
+    converters = {t: tools[t] for t in CONVERTER_TOOLS if tools.get(t)}
     for exp_id, (exp, address) in sorted(seen_ids.items()):
         if exp_id in colliding or not wanted(exp, address):
             continue
         scans = deep_scans.get(exp_id) if deep else None
-        rec = lock.sessions.get(exp_id)
+        rec = sessions.get(exp_id)
         holder = holder_of.get(address)
         if holder is not None and holder.experiment_id != exp_id and holder.experiment_id in present_ids:
             # Another recorded session still owns that folder (e.g. two labels swapped):
@@ -380,9 +410,9 @@ def compute_plan(
                                 "experiment_id", replaced.experiment_id, exp_id)
                 out.changes.append(Change(Action.UPDATE, exp.key, address, (reason,), replaced, exp, scans))
             else:
-                out.changes.append(Change(Action.CREATE, exp.key, address, (Reason("new", "new in XNAT"),), None, exp, scans))
+                out.changes.append(Change(Action.CREATE, exp.key, address, _NEW, None, exp, scans))
             continue
-        reasons = _compare(rec, exp, address, config, scans, tools, reconvert_outdated)
+        reasons = _compare(rec, exp, address, conversion(exp.project, exp.label), scans, tools, reconvert_outdated)
         if reasons:
             out.changes.append(Change(Action.UPDATE, exp.key, address, tuple(reasons), rec, exp, scans))
             continue
@@ -391,14 +421,15 @@ def compute_plan(
             out.changes.append(Change(Action.DRIFT, exp.key, address, tuple(drift), rec, exp, scans))
             continue
         out.unchanged += 1
-        outdated += _outdated(rec, tools)
+        outdated += any(rec.tools.get(t) != version for t, version in converters.items())
 
     # 4. Lock entries gone from a successfully listed project are orphans (never deleted).
-    for rec in sorted(lock.sessions.values(), key=lambda r: r.address):
-        if rec.experiment_id in present_ids or rec.experiment_id in used_as_replaced:
-            continue
-        if rec.project not in listed_ok or not in_selection(rec):
-            continue
+    gone = [
+        r for r in records
+        if r.experiment_id not in present_ids and r.experiment_id not in used_as_replaced
+        and r.project in listed_ok and in_selection(r)
+    ]
+    for rec in sorted(gone, key=lambda r: r.address):
         reason = Reason("gone", f"no longer in XNAT project {rec.project}", "experiment_id", rec.experiment_id, None)
         out.changes.append(Change(Action.ORPHAN, rec.key, rec.address, (reason,), rec, None, None))
 

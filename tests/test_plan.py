@@ -250,6 +250,19 @@ def test_conversion_config_change_updates_the_sessions_it_affects():  # row 15
     assert plan.unchanged == 1
 
 
+def test_project_conversion_change_updates_only_that_projects_sessions():  # row 15
+    # Settings are worked out once per project (and per session that has a table of its own).
+    a1, a2 = exp(1), exp(2)
+    b1 = exp(3, project="OTHER")
+    records = [record(e, bids_session=f"{e.subject_label}MR1") for e in (a1, a2, b1)]
+    config = parse_config({"project": {"PROJ": {"conversion": {"skip": ["1"]},
+                                                "sessions": {"SUBJ02_MR1": {"include": ["2"]}}}}})
+    plan = plan_of(lock_of(*records), [a1, a2, b1], config=config, projects=("PROJ", "OTHER"))
+    reasons = {c.key.experiment_id: c.reasons[0].message for c in plan.changes}
+    assert reasons == {a1.id: "config changed: skip", a2.id: "config changed: include, skip"}
+    assert plan.unchanged == 1
+
+
 def test_newer_converter_is_a_note_unless_reconvert_outdated():  # row 16
     e = exp(1)
     lock = lock_of(record(e, bids_session="SUBJ01MR1", tools={**TOOLS, "heudiconv": "1.4.0"}))
