@@ -387,14 +387,14 @@ class _Exporter:
             raise (cancelled or real)[0]
 
     # -- one file --------------------------------------------------------------------------
-    def fetch_file(self, job: _Job, *, attempt: int = 1) -> None:
+    def fetch_file(self, job: _Job, *, first_attempt: int = 1) -> None:
         """GET one file into its `.part`, verify, rename; one retry after a mismatch or a cut.
 
         On a first attempt with a checker running, the MD5 is left to it (`_check_soon`), which
         makes the second attempt itself when it finds a mismatch."""
         self.check_cancel()
         self._make_dir(job.target.parent)
-        for attempt in range(attempt, 3):
+        for attempt in range(first_attempt, 3):
             try:
                 self._fetch_file_once(job, defer_md5=attempt == 1 and self._to_check is not None)
                 return
@@ -528,7 +528,7 @@ class _Exporter:
                 self._sync_and_replace(job)
             else:
                 job.part.unlink(missing_ok=True)
-                self.fetch_file(job, attempt=2)
+                self.fetch_file(job, first_attempt=2)
 
     # -- one scan as a zip -----------------------------------------------------------------
     def fetch_zip(self, scan: Scan, jobs: list[_Job]) -> None:

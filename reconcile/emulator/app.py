@@ -12,6 +12,7 @@ import html
 import io
 import json
 import mimetypes
+import os
 import re
 import secrets
 import socket
@@ -19,7 +20,6 @@ import struct
 import threading
 import time
 import uuid
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,8 +28,9 @@ from typing import Any
 
 from werkzeug.wrappers import Request, Response
 
-from .archive import Archive, ArchiveError, Experiment, FileEntry, Resource, Scan, User
+from .archive import CHUNK_SIZE, Archive, ArchiveError, Experiment, FileEntry, Resource, Scan, User
 from .faults import Fault, FaultSet
+from .zipstream import zip_pieces
 
 XNAT_VERSION = "1.8.10"
 SESSION_COOKIE = "JSESSIONID"
@@ -1059,39 +1060,33 @@ def _file_response(entry: FileEntry) -> Response:
     mimetype = mimetypes.guess_type(entry.name)[0] or "application/octet-stream"
     if entry.name.lower().endswith(".dcm"):
         mimetype = "application/dicom"
-    response = Response(FileBody(entry), mimetype=mimetype, direct_passthrough=True)
+    response = Response(PiecesBody(entry.pieces), mimetype=mimetype, direct_passthrough=True)
     response.headers["Content-Length"] = str(entry.size)
     return response
 
 
-class FileBody:
-    """A file's response body: iterates its bytes, and lets a server that can use sendfile(2)
-    send `entry.pieces()` instead (see `serve.py`)."""
+class PiecesBody:
+    """A response body made of bytes and `(fd, offset, count)` file ranges (`FileEntry.pieces`,
+    `zip_pieces`): a server that can use sendfile(2) sends the pieces (see `serve.py`); any other
+    iterates the bytes."""
 
-    def __init__(self, entry: FileEntry):
-        self.entry = entry
+    def __init__(self, pieces: Callable[[], Iterator[bytes | tuple[int, int, int]]]):
+        self.pieces = pieces
 
     def __iter__(self) -> Iterator[bytes]:
-        return self.entry.iter_bytes()
-
-
-class _Pipe(io.RawIOBase):
-    """A write-only sink that zipfile writes into and the response generator drains."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        self.chunks.append(bytes(data))
-        return len(data)
-
-    def drain(self) -> bytes:
-        data = b"".join(self.chunks)
-        self.chunks.clear()
-        return data
+        for piece in self.pieces():
+            if isinstance(piece, bytes):
+                if piece:
+                    yield piece
+                continue
+            fd, offset, count = piece
+            end = offset + count
+            while offset < end:
+                chunk = os.pread(fd, min(CHUNK_SIZE, end - offset), offset)
+                if not chunk:
+                    raise OSError(f"file behind descriptor {fd} ended {end - offset} bytes early")
+                yield chunk
+                offset += len(chunk)
 
 
 def _zip_entry_name(experiment: Experiment, scan: Scan, res: Resource, relpath: str, structure: str) -> str:
@@ -1109,28 +1104,14 @@ def _zip_entry_name(experiment: Experiment, scan: Scan, res: Resource, relpath: 
 def _zip_response(experiment: Experiment, selected: list[tuple[Scan, Resource]], structure: str) -> Response:
     stamp = experiment.last_modified.timetuple()[:6]
 
-    def generate() -> Iterator[bytes]:
-        pipe = _Pipe()
-        # Entries are STORED: DICOM barely compresses and deflate would dominate the CPU time.
-        with zipfile.ZipFile(pipe, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for scan, res in selected:
-                for entry in list(res.files.values()):
-                    info = zipfile.ZipInfo(_zip_entry_name(experiment, scan, res, entry.path, structure), stamp)
-                    info.file_size = entry.size
-                    with archive.open(info, mode="w") as member:
-                        for chunk in entry.iter_bytes():
-                            member.write(chunk)
-                            data = pipe.drain()
-                            if data:
-                                yield data
-                    data = pipe.drain()
-                    if data:
-                        yield data
-        data = pipe.drain()
-        if data:
-            yield data
-
-    response = Response(generate(), mimetype="application/zip", direct_passthrough=True)
+    entries = [
+        (_zip_entry_name(experiment, scan, res, entry.path, structure), entry)
+        for scan, res in selected
+        for entry in list(res.files.values())
+    ]
+    # Entries are STORED, as DICOM barely compresses; no Content-Length, as XNAT streams its zips.
+    body = PiecesBody(lambda: zip_pieces(entries, stamp))
+    response = Response(body, mimetype="application/zip", direct_passthrough=True)
     response.headers["Content-Disposition"] = f'attachment; filename="{experiment.id}.zip"'
     return response
 

@@ -11,6 +11,7 @@ import os
 import random
 import tempfile
 import threading
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date as date_type
@@ -84,6 +85,7 @@ class FileEntry:
     seed: str | None = None
     source: Path | None = None
     _md5: str | None = field(default=None, repr=False)
+    _crc32: int | None = field(default=None, repr=False)
 
     @classmethod
     def from_bytes(cls, path: str, data: bytes) -> FileEntry:
@@ -105,11 +107,24 @@ class FileEntry:
     def md5(self) -> str:
         # Computed once, lazily: a synthetic 1 GiB file should cost nothing until someone lists it.
         if self._md5 is None:
-            hasher = hashlib.md5()
-            for chunk in self.iter_bytes():
-                hasher.update(chunk)
-            self._md5 = hasher.hexdigest()
+            self._digest()
+        assert self._md5 is not None
         return self._md5
+
+    @property
+    def crc32(self) -> int:
+        """The CRC-32 a zip entry of this file carries; computed with the MD5, in one pass."""
+        if self._crc32 is None:
+            self._digest()
+        assert self._crc32 is not None
+        return self._crc32
+
+    def _digest(self) -> None:
+        hasher, crc = hashlib.md5(), 0
+        for chunk in self.iter_bytes():
+            hasher.update(chunk)
+            crc = zlib.crc32(chunk, crc)
+        self._md5, self._crc32 = hasher.hexdigest(), crc
 
     def iter_bytes(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """Yield the content in chunks of at most `chunk_size` bytes."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cheroot import wsgi
 
-from .app import EmulatorApp, FileBody
+from .app import EmulatorApp, PiecesBody
 from .archive import Archive, Experiment
 
 SESSION_TYPE_BY_MODALITY = {"MR": "xnat:mrSessionData", "CT": "xnat:ctSessionData", "PT": "xnat:petSessionData"}
@@ -24,7 +24,8 @@ THREADS = 32
 
 class _Gateway(wsgi.Gateway_10):
     """Hands the connection's socket to the app, for the faults that drop a connection, and sends
-    bodies straight to the socket: files with sendfile(2), other bodies with `sendall`.
+    bodies straight to the socket: files and zips (`PiecesBody`) with sendfile(2), other bodies
+    with `sendall`.
 
     cheroot's own writer copies every chunk twice in Python, and again for each partial send;
     serving 1 GiB that way took more CPU than the client receiving it, which made the emulator
@@ -38,9 +39,9 @@ class _Gateway(wsgi.Gateway_10):
     def respond(self) -> None:
         body = self.req.server.wsgi_app(self.env, self.start_response)
         try:
-            if isinstance(body, FileBody):
+            if isinstance(body, PiecesBody):
                 self.req.ensure_headers_sent()
-            if isinstance(body, FileBody) and self._plain():
+            if isinstance(body, PiecesBody) and self._unencrypted():
                 self._send_pieces(body)
             else:
                 for chunk in body:
@@ -53,25 +54,35 @@ class _Gateway(wsgi.Gateway_10):
 
     def write(self, chunk: bytes) -> None:
         self.req.ensure_headers_sent()
-        if self._plain():
+        if self._unencrypted() and not self.req.chunked_write:
             self.req.conn.socket.sendall(chunk)
         else:
             super().write(chunk)
 
-    def _plain(self) -> bool:
-        """Whether the body may bypass cheroot's writer: neither chunked (decided when the headers
-        go out, unbuffered) nor encrypted."""
-        return not self.req.chunked_write and type(self.req.conn.socket) is socket.socket
+    def _unencrypted(self) -> bool:
+        """Whether the body may bypass cheroot's writer (which goes through TLS when configured).
+        Headers are written through it unbuffered, so nothing is pending in it."""
+        return type(self.req.conn.socket) is socket.socket
 
-    def _send_pieces(self, body: FileBody) -> None:
+    def _send_pieces(self, body: PiecesBody) -> None:
+        """Send each piece, framed as one chunk when the response is chunked (cheroot sends the
+        last, empty chunk after `respond`)."""
         sock = self.req.conn.socket
-        for piece in body.entry.pieces():
+        chunked = self.req.chunked_write
+        for piece in body.pieces():
+            count = len(piece) if isinstance(piece, bytes) else piece[2]
+            if not count:
+                continue
+            if chunked:
+                sock.sendall(b"%x\r\n" % count)
             if isinstance(piece, bytes):
                 sock.sendall(piece)
-                continue
-            fd, offset, count = piece
-            with open(fd, "rb", closefd=False) as handle:  # socket.sendfile wants a file object
-                sock.sendfile(handle, offset, count)
+            else:
+                fd, offset, _ = piece
+                with open(fd, "rb", closefd=False) as handle:  # socket.sendfile wants a file object
+                    sock.sendfile(handle, offset, count)
+            if chunked:
+                sock.sendall(b"\r\n")
 
 
 def _server(app: EmulatorApp, host: str, port: int) -> wsgi.Server:

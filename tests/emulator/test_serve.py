@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import io
 import signal
 import subprocess
 import sys
@@ -90,6 +91,12 @@ def test_files_from_memory_disk_and_pattern_are_served_whole_and_faults_still_ap
         with pytest.raises(requests.exceptions.ChunkedEncodingError):
             http.get(f"{url}{base}/mem.dcm", timeout=10)
         assert http.get(f"{url}{base}/mem.dcm", timeout=10).content == b"m" * 70_000
+        zipped = http.get(f"{url}{base}?format=zip", timeout=10)  # chunked, pieces sent with sendfile
+        assert zipped.headers.get("Transfer-Encoding") == "chunked"
+        with zipfile.ZipFile(io.BytesIO(zipped.content)) as archive:
+            assert archive.testzip() is None
+            assert {n.rsplit("/", 1)[1]: archive.read(n) for n in archive.namelist()} == {
+                name: entry.read() for name, entry in files.items()}
 
 
 def _peak_while(action) -> int:  # noqa: ANN001 - any callable
