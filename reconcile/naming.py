@@ -16,10 +16,14 @@ MAX_LABEL = 128
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 # One regex search instead of ord() per character: plan calls this twice per listed session.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Everything check_safe refuses, but for emptiness, "." and length: one search for the usual label.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]|\.\.")
 
 
 def check_safe(label: str, what: str) -> None:
     """Refuse labels that are unsafe as path components, whatever the sanitiser would make of them."""
+    if label and label != "." and len(label) <= MAX_LABEL and not _UNSAFE.search(label):
+        return
     problem = None
     if label == "":
         problem = "is empty"
@@ -40,6 +44,8 @@ def check_safe(label: str, what: str) -> None:
 
 def bids_label(label: str, what: str) -> str:
     """XNAT label → BIDS label: unsafe labels raise, others keep only [A-Za-z0-9]."""
+    if label.isascii() and label.isalnum() and len(label) <= MAX_LABEL:
+        return label  # safe, and a BIDS label already
     check_safe(label, what)
     cleaned = _NOT_ALNUM.sub("", label)
     if not cleaned:

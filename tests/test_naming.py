@@ -1,0 +1,69 @@
+"""XNAT labels to BIDS labels: unsafe labels are refused with their reason, others keep [A-Za-z0-9]."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reconcile.errors import UnsafePathError
+from reconcile.naming import MAX_LABEL, bids_label, check_safe
+
+
+@pytest.mark.parametrize(
+    ("label", "reason"),
+    [
+        ("", "is empty"),
+        (".", "contains '..'"),
+        ("..", "contains '..'"),
+        ("a..b", "contains '..'"),
+        ("a/b", "contains a path separator"),
+        ("a\\b", "contains a path separator"),
+        ("tab\there", "contains control characters"),
+        ("del\x7f", "contains control characters"),
+        ("../x\x00", "contains control characters"),  # the first rule that applies names it
+        ("A" * (MAX_LABEL + 1), f"is longer than {MAX_LABEL} characters"),
+        ("A_" * MAX_LABEL, f"is longer than {MAX_LABEL} characters"),
+    ],
+)
+def test_unsafe_label_is_refused_with_its_reason(label, reason):
+    with pytest.raises(UnsafePathError, match=re.escape(reason)):
+        bids_label(label, "session")
+
+
+@pytest.mark.parametrize(
+    ("label", "expected"),
+    [("SUBJ01", "SUBJ01"), ("SUBJ01_MR1", "SUBJ01MR1"), ("a.b-c d", "abcd"), ("Jürgen", "Jrgen"), ("A" * MAX_LABEL, "A" * MAX_LABEL)],
+)
+def test_safe_label_keeps_only_ascii_letters_and_digits(label, expected):
+    assert bids_label(label, "subject") == expected
+
+
+def test_label_without_ascii_letters_or_digits_is_refused():
+    with pytest.raises(UnsafePathError, match="has no letters or digits"):
+        bids_label("日本", "subject")
+
+
+def _refused_by_the_rules(label: str) -> bool:
+    return (
+        label == ""
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in label)
+        or "/" in label
+        or "\\" in label
+        or label == "."
+        or ".." in label
+        or len(label) > MAX_LABEL
+        or not re.sub(r"[^A-Za-z0-9]", "", label)
+    )
+
+
+@given(st.text(alphabet=st.sampled_from("aZ09_.-/\\ \x00\x1f\x7fé"), max_size=MAX_LABEL + 3))
+def test_bids_label_follows_the_rules_for_any_label(label):
+    if _refused_by_the_rules(label):
+        with pytest.raises(UnsafePathError):
+            bids_label(label, "session")
+    else:
+        check_safe(label, "session")
+        assert bids_label(label, "session") == re.sub(r"[^A-Za-z0-9]", "", label)
