@@ -25,6 +25,7 @@ from reconcile.schema import schema_errors
 PLAN_FORMAT_VERSION = 1
 SYMBOLS = {Action.CREATE: "+", Action.UPDATE: "~", Action.DRIFT: "!", Action.ORPHAN: "-"}
 MAX_REASONS_SHOWN = 3
+_LEADS = {a: f"{symbol} {a.value:<6}" for a, symbol in SYMBOLS.items()}  # "+ create", "~ update", …
 
 
 def summary_line(plan: Plan) -> str:
@@ -41,16 +42,18 @@ def summary_line(plan: Plan) -> str:
 def render_text(plan: Plan) -> str:
     """One line per change, grouped by action, each with its reasons; then the summary."""
     lines: list[str] = []
-    width = max((len(c.address.path) for c in plan.changes), default=0)
-    for change in plan.changes:
-        reasons = [r.message for r in change.reasons]
-        shown = reasons[:MAX_REASONS_SHOWN]
-        if len(reasons) > MAX_REASONS_SHOWN:
-            shown.append(f"and {len(reasons) - MAX_REASONS_SHOWN} more")
-        head = f"{SYMBOLS[change.action]} {change.action.value:<6}  {change.address.path:<{width}}  {change.key}"
-        lines.append(f"{head}  {shown[0]}")
-        pad = " " * (len(head) + 2)
-        lines += [f"{pad}{text}" for text in shown[1:]]
+    paths = [c.address.path for c in plan.changes]
+    width = max(map(len, paths), default=0)
+    for change, path in zip(plan.changes, paths):
+        reasons = change.reasons
+        head = f"{_LEADS[change.action]}  {path:<{width}}  {change.key}"
+        lines.append(f"{head}  {reasons[0].message}")
+        if len(reasons) > 1:  # the others go below the first, aligned with it
+            shown = [r.message for r in reasons[1:MAX_REASONS_SHOWN]]
+            if len(reasons) > MAX_REASONS_SHOWN:
+                shown.append(f"and {len(reasons) - MAX_REASONS_SHOWN} more")
+            pad = " " * (len(head) + 2)
+            lines += [pad + text for text in shown]
     if lines:
         lines.append("")
     lines.append(summary_line(plan))
