@@ -344,28 +344,36 @@ def _signal_name(number: int) -> str:
 
 
 class _Child:
-    """A running heudiconv in a process group of its own (its PID), with its dcm2niix children."""
+    """A running heudiconv in a process group of its own (its PID), with its dcm2niix children.
+
+    Its PID is also its group's ID, and once heudiconv has been reaped both numbers may belong
+    to another process: `signal` refuses from then on, so `kill` never reaches a stranger.
+    """
 
     pid: int
 
     def wait(self, seconds: float) -> int | None:
+        """The exit status once heudiconv has ended, reaping it."""
+        raise NotImplementedError
+
+    def running(self) -> bool:
+        """heudiconv has not ended yet (checked without reaping it)."""
         raise NotImplementedError
 
     def signal(self, sig: int) -> None:
+        """Signal heudiconv's process group, unless heudiconv may have been reaped already."""
         raise NotImplementedError
 
     def kill(self) -> None:
-        """SIGTERM, then SIGKILL after a grace period; does nothing once heudiconv has ended."""
-        for sig, grace in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 0.0)):
-            if self.wait(0) is not None:
-                break
-            self.signal(sig)
-            end = time.monotonic() + grace
-            while self.wait(0.05) is None and time.monotonic() < end:
-                pass
-        try:
-            os.killpg(self.pid, signal.SIGKILL)  # children that outlived heudiconv (dcm2niix)
-        except (ProcessLookupError, PermissionError):
+        """SIGTERM to the group, then SIGKILL after a grace period, then reap; nothing once reaped."""
+        self.signal(signal.SIGTERM)
+        end = time.monotonic() + KILL_GRACE_S
+        while self.running() and time.monotonic() < end:
+            time.sleep(0.05)
+        # heudiconv if it ignored SIGTERM, and what is left of its group (dcm2niix) if it did not.
+        self.signal(signal.SIGKILL)
+        end = time.monotonic() + KILL_GRACE_S
+        while self.wait(0.05) is None and time.monotonic() < end:
             pass
 
     def close(self) -> None:
@@ -373,6 +381,9 @@ class _Child:
 
 
 class _Forked(_Child):
+    """A child of the preload server, which reaps it: signalled only while it runs (through
+    `Conversion.signal`); the server SIGKILLs what is left of its group before reaping it."""
+
     def __init__(self, conversion: preload.Conversion):
         self.conversion, self.pid = conversion, conversion.pid
 
@@ -383,6 +394,9 @@ class _Forked(_Child):
             code = self.conversion.poll()
         return code
 
+    def running(self) -> bool:
+        return self.conversion.running()
+
     def signal(self, sig: int) -> None:
         self.conversion.signal(sig)
 
@@ -391,6 +405,8 @@ class _Forked(_Child):
 
 
 class _Spawned(_Child):
+    """Our own child: until we reap it, even as a zombie, its PID and group ID stay ours."""
+
     def __init__(self, proc: subprocess.Popen[bytes]):
         self.proc, self.pid = proc, proc.pid
 
@@ -400,12 +416,27 @@ class _Spawned(_Child):
         except subprocess.TimeoutExpired:
             return None
 
+    def _exited(self) -> bool | None:
+        """Whether heudiconv has ended, without reaping it; None once it has been reaped."""
+        if self.proc.returncode is not None:
+            return None
+        if not hasattr(os, "waitid"):  # e.g. macOS before Python 3.13: only Popen can tell, by reaping
+            return None if self.proc.poll() is not None else False
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return None  # reaped behind Popen's back
+
+    def running(self) -> bool:
+        return self._exited() is False
+
     def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:  # not yet reaped: the PID is still ours
-            try:
-                os.killpg(self.pid, sig)
-            except ProcessLookupError:
-                pass
+        if self._exited() is None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _start_process(command: list[str], work_dir: Path, log_path: Path, address: BidsAddress, hint: str) -> _Child:

@@ -77,10 +77,17 @@ class Conversion:
         except ValueError:
             return 1
 
+    def running(self) -> bool:
+        """The child has not ended yet; once it has, the server may reap it at any time."""
+        return self._reported() is None and not _readable(self.pidfd, 0)
+
     def signal(self, sig: int) -> None:
-        """Signal the child's process group (it and its dcm2niix) while the child itself lives."""
-        # Once it has ended the server may reap it at any time, and its PID may be reused.
-        if self._reported() is not None or _readable(self.pidfd, 0):
+        """Signal the child's process group (it and its dcm2niix) while the child itself lives.
+
+        Once it has ended its PID may be reused, so nothing is sent: the server SIGKILLs what
+        is left of the group (see `_report`).
+        """
+        if not self.running():
             return
         try:
             os.killpg(self.pid, sig)
@@ -273,12 +280,17 @@ def serve() -> None:
 
 
 def _report(pid: int, status: Path) -> None:
-    """Write how the ended child `pid` exited into its status file, then reap it.
+    """SIGKILL what is left of the ended child's group, write how it exited, then reap it.
 
-    Reaping last keeps the PID from being reused while apply may still signal it.
+    Until it is reaped its PID (its group's ID) cannot be reused, so only here can a dcm2niix
+    that outlived a killed heudiconv be reached safely; apply no longer signals an ended child.
     """
     ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
     code = ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status  # subprocess' -N
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # it ended before its setsid: no group of its own
     tmp = status.with_name(status.name + ".tmp")
     try:
         tmp.write_text(str(code))

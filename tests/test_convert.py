@@ -18,9 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from reconcile import preload
 from reconcile.config import ConversionSettings
 from reconcile.convert import (
     ConversionResult,
+    _Forked,
+    _Spawned,
     bidsmap_target,
     convert_session,
     converter_env,
@@ -354,6 +357,98 @@ def test_heudiconv_killed_by_a_signal_is_reported_with_the_signal_name(
     assert info.value.summary == f"{A}: heudiconv was killed by {sig.name} (signal {sig.value})"
     assert str(tmp_path / "convert.log") in (info.value.hint or "")
     assert ("out-of-memory" in (info.value.hint or "")) == (sig == signal.SIGKILL)
+
+
+@pytest.mark.parametrize("preloaded", [True, False], ids=["preloaded", "plain"])
+def test_kill_after_heudiconv_was_reaped_signals_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preloaded: bool) -> None:
+    # Its PID is its process group's ID; once reaped, both may be another process's.
+    if preloaded:
+        if not hasattr(os, "pidfd_open"):
+            pytest.skip("the fork server is Linux-only")
+        if preload._server is not None:  # started by an earlier test, maybe with another environment
+            preload._retire(preload._server)
+        monkeypatch.setattr(preload, "_broken", None)
+        child = _Forked(preload.start(["--version"], tmp_path, tmp_path / "c.log", converter_env()))
+    else:
+        child = _Spawned(subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True))
+    deadline = time.monotonic() + 60
+    while (code := child.wait(0.05)) is None:
+        assert time.monotonic() < deadline, "heudiconv did not finish"
+    assert code == 0
+    while _state(child.pid) != "gone":  # the fork server reaps its child just after reporting it
+        assert time.monotonic() < deadline, f"{child.pid} was not reaped"
+        time.sleep(0.02)
+    sent: list[tuple[str, int, int]] = []
+    with monkeypatch.context() as m:
+        m.setattr(os, "killpg", lambda pgid, sig: sent.append(("killpg", pgid, sig)))
+        m.setattr(os, "kill", lambda pid, sig: sent.append(("kill", pid, sig)))
+        m.setattr(signal, "pidfd_send_signal", lambda fd, sig, *a: sent.append(("pidfd", fd, sig)), raising=False)
+        started = time.monotonic()
+        child.kill()
+        child.kill()
+    child.close()
+    assert sent == []
+    assert time.monotonic() - started < 1  # no grace period spent on a process that is gone
+
+
+# A stand-in for dcm2niix that outlives heudiconv's SIGTERM: only the group's SIGKILL ends it.
+_GRANDCHILD = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+with open(sys.argv[1] + ".tmp", "w") as fh:
+    fh.write(str(os.getpid()))
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preloaded", [True, False], ids=["preloaded", "plain"])
+def test_cancel_kills_a_child_of_heudiconv_that_ignores_sigterm(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preloaded: bool) -> None:
+    monkeypatch.setenv("XNAT2BIDS_PRELOAD", "1" if preloaded else "0")
+    (tmp_path / "dicom" / "1").mkdir(parents=True)
+    (tmp_path / "dicom" / "1" / "1.dcm").write_bytes(b"")
+    pidfile = tmp_path / "grandchild.pid"
+    heuristic = tmp_path / "spawning.py"  # heudiconv imports it before reading any DICOM
+    heuristic.write_text(
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {_GRANDCHILD!r}, {str(pidfile)!r}])\n"
+        "time.sleep(600)\n"
+    )
+    cancel = threading.Event()
+
+    def cancel_once_the_grandchild_runs() -> None:
+        deadline = time.monotonic() + 120
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cancel.set()
+
+    canceller = threading.Thread(target=cancel_once_the_grandchild_runs)
+    canceller.start()
+    try:
+        with pytest.raises(ConversionError, match="cancelled"):
+            _convert(tmp_path / "dicom", tmp_path, settings=ConversionSettings(heuristic=str(heuristic)),
+                     cancel=cancel, timeout=180)
+    finally:
+        canceller.join()
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    try:
+        while _state(grandchild) not in ("gone", "Z"):
+            assert time.monotonic() < deadline, "the SIGTERM-proof child of heudiconv outlived the cancel"
+            time.sleep(0.05)
+    finally:
+        if _state(grandchild) not in ("gone", "Z"):
+            os.kill(grandchild, signal.SIGKILL)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 def _session_leaders_in(cwd: Path) -> list[int]:
