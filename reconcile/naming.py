@@ -47,6 +47,11 @@ def bids_label(label: str, what: str) -> str:
     if label.isascii() and label.isalnum() and len(label) <= MAX_LABEL:
         return label  # safe, and a BIDS label already
     check_safe(label, what)
+    return _letters_and_digits(label, what)
+
+
+def _letters_and_digits(label: str, what: str) -> str:
+    """The BIDS label made of a safe label: its ASCII letters and digits, which must exist."""
     cleaned = _NOT_ALNUM.sub("", label)
     if not cleaned:
         raise UnsafePathError(
@@ -63,10 +68,10 @@ def address_for(exp: Experiment, naming: NamingSettings) -> BidsAddress:
     override = naming.sessions.get(exp.id, naming.sessions.get(exp.label))
     if override is not None:
         return BidsAddress(subject, bids_label(override, "session"))
-    check_safe(exp.label, "session")
     label = exp.label
+    check_safe(label, "session")
     if naming.session_label == "strip-subject":
         prefix = exp.subject_label + "_"
         if label.startswith(prefix) and len(label) > len(prefix):
-            label = label[len(prefix):]
-    return BidsAddress(subject, bids_label(label, "session"))
+            return BidsAddress(subject, bids_label(label[len(prefix):], "session"))
+    return BidsAddress(subject, _letters_and_digits(label, "session"))

@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from reconcile.config import NamingSettings
 from reconcile.errors import UnsafePathError
-from reconcile.naming import MAX_LABEL, bids_label, check_safe
+from reconcile.model import BidsAddress, Experiment
+from reconcile.naming import MAX_LABEL, address_for, bids_label, check_safe
 
 
 @pytest.mark.parametrize(
@@ -67,3 +69,39 @@ def test_bids_label_follows_the_rules_for_any_label(label):
     else:
         check_safe(label, "session")
         assert bids_label(label, "session") == re.sub(r"[^A-Za-z0-9]", "", label)
+
+
+def _exp(label: str, subject: str = "SUBJ01", eid: str = "XNAT_E00001") -> Experiment:
+    return Experiment(eid, label, "PROJ", "XNAT_S00001", subject, None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("naming", "label", "expected"),
+    [
+        (NamingSettings(), "SUBJ01_MR1", ("SUBJ01", "SUBJ01MR1")),
+        (NamingSettings(session_label="strip-subject"), "SUBJ01_MR1", ("SUBJ01", "MR1")),
+        (NamingSettings(session_label="strip-subject"), "OTHER_MR1", ("SUBJ01", "OTHERMR1")),
+        (NamingSettings(session_label="strip-subject"), "SUBJ01_", ("SUBJ01", "SUBJ01")),
+        (NamingSettings(subjects={"SUBJ01": "001"}, sessions={"XNAT_E00001": "base_line"}), "x", ("001", "baseline")),
+        (NamingSettings(sessions={"SUBJ01_MR1": "a"}), "SUBJ01_MR1", ("SUBJ01", "a")),
+    ],
+)
+def test_address_follows_the_naming_settings(naming, label, expected):
+    assert address_for(_exp(label), naming) == BidsAddress(*expected)
+
+
+@pytest.mark.parametrize(
+    ("naming", "label", "reason"),
+    [
+        (NamingSettings(), "SUBJ01_.", None),  # safe as a whole, and has letters
+        (NamingSettings(session_label="strip-subject"), "SUBJ01_.", "contains '..'"),  # "." once stripped
+        (NamingSettings(session_label="strip-subject"), "SUBJ01_-", "has no letters or digits"),
+        (NamingSettings(session_label="strip-subject"), "../SUBJ01_MR1", "contains a path separator"),
+    ],
+)
+def test_session_label_is_checked_before_and_after_stripping_the_subject(naming, label, reason):
+    if reason is None:
+        assert address_for(_exp(label), naming).session == "SUBJ01"
+    else:
+        with pytest.raises(UnsafePathError, match=re.escape(reason)):
+            address_for(_exp(label), naming)
