@@ -266,6 +266,7 @@ def run_apply(
         with statelock.held(root, "apply", warn=warn):
             for exp_id in recover(root, warn=warn):
                 echo(f"recovered the interrupted commit of {exp_id}")
+            _retry_token_revocations(root, client, warn)
             plan = _load_or_make_plan(client, root, cfg, selection, plan_file=plan_file, deep=deep,
                                       reconvert_outdated=reconvert_outdated)
             echo(render_text(plan))
@@ -421,6 +422,15 @@ def _settle_slurm_batch(root: Path, warn) -> None:
              f"{_finalize_summary(merged)}")
 
 
+def _retry_token_revocations(root: Path, client, warn) -> None:
+    """Invalidate the alias tokens of earlier SLURM batches that XNAT could not invalidate then."""
+    from reconcile.executors import slurm as sx
+
+    for done in sx.retry_revocations(root, client, warn=warn):
+        echo(f"Invalidated the alias token of SLURM batch {done.batch} on XNAT (its revocation was pending "
+             f"since {done.since}).")
+
+
 def _finalize_summary(result) -> str:
     from reconcile.apply import Status
 
@@ -478,6 +488,7 @@ def run_slurm_apply(
         if holder is not None:
             for exp_id in recover(root, warn=warn):
                 echo(f"recovered the interrupted commit of {exp_id}")
+            _retry_token_revocations(root, client, warn)
         plan = _load_or_make_plan(client, root, cfg, selection, plan_file=plan_file, deep=deep,
                                   reconvert_outdated=reconvert_outdated)
         echo(render_text(plan))

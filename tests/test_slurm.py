@@ -312,6 +312,36 @@ def test_password_appears_in_no_script_argument_environment_or_log(slurm_cli, em
         assert SENTINEL.encode() not in path.read_bytes(), path
 
 
+def test_token_the_finalize_job_cannot_revoke_stays_pending_until_the_next_apply(slurm_cli, emulator, tmp_path):
+    from reconcile.emulator import Fault
+
+    add(emulator.archive, sessions(1))
+    root = tmp_path / "bids"
+    emulator.app.faults.add(Fault(route=r"/data/services/tokens/invalidate/", kind="status", status=503))
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
+    assert code == 0, out + err
+    batch = current_batch(root)
+    token = json.loads(batch.credentials_path.read_text())
+    validate = f"{emulator.url}/data/services/tokens/validate/{token['alias']}/{token['secret']}"
+    wait_gone(*batch.jobs)
+    assert sx.read_finalized(batch)["ok"]  # a token XNAT did not invalidate does not fail the batch
+    assert not batch.credentials_path.exists()
+    assert requests.get(validate, auth=("labuser", SENTINEL), timeout=10).json()["valid"] is True
+    [pending] = sx.pending_revocations(root)
+    assert pending.batch == batch.id and pending.alias == token["alias"] and pending.attempts == 1
+    assert stat.S_IMODE(pending.path.stat().st_mode) == 0o600 and token["secret"] not in pending.path.read_text()
+    log = batch.finalize_output.read_text()
+    assert f"alias token of SLURM batch {batch.id}" in log and "still pending" in log
+    assert token["alias"] not in log and token["secret"] not in log
+
+    emulator.app.faults.clear()
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0 and "Nothing to apply." in out, out + err
+    assert f"Invalidated the alias token of SLURM batch {batch.id} on XNAT" in out
+    assert requests.get(validate, auth=("labuser", SENTINEL), timeout=10).json()["valid"] is False
+    assert sx.pending_revocations(root) == [] and not pending.path.exists()
+
+
 def test_dry_run_prints_the_job_scripts_and_submits_nothing(slurm_cli, emulator, tmp_path):
     add(emulator.archive, sessions(2))
     root = tmp_path / "bids"

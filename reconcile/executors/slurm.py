@@ -1,9 +1,11 @@
 """Apply on a SLURM cluster: one job array stages the sessions, one finalize job commits them.
 
 Owns the batch directory (`.xnat2bids/batches/<id>/`: manifest, saved plan, job scripts, the
-`[slurm] setup` snippet, result records, job logs), the sbatch/squeue/scontrol calls and the
-merge of result records into the lock. Array tasks only stage (`apply.stage_session`) and
-write a result record; only `finalize_batch` writes the lock and the history. Prints nothing.
+`[slurm] setup` snippet, result records, job logs), the jobs' alias tokens and the records of
+those whose revocation is still pending (`.xnat2bids/revocations/`), the sbatch/squeue/scontrol
+calls and the merge of result records into the lock. Array tasks only stage
+(`apply.stage_session`) and write a result record; only `finalize_batch` writes the lock and
+the history. Prints nothing.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ from reconcile.plan import Change, Plan
 
 BATCH_FORMAT_VERSION = 1
 RESULT_FORMAT_VERSION = 1
+REVOCATION_FORMAT_VERSION = 1
+# Revoking a token is not worth holding a finalize job or an apply for long while XNAT is down:
+# the record stays and the next run tries again.
+REVOKE_RETRIES = 2
+REVOKE_TIMEOUT_S = 15.0
 KEEP_FINALIZED_BATCHES = 20
 HISTORY_OPERATION = "slurm apply"
 
@@ -763,6 +770,7 @@ def finalize_batch(
         )
     for exp_id in recover(root, warn=warn):
         warn(f"recovered the interrupted commit of {exp_id}")
+    _retry_with_batch_credentials(batch, warn=warn)
     plan = load_plan(batch)
     report = ApplyReport(lock=lock_for(plan, root))
     pending: list[str] = []  # committed sessions whose lock entries are written together
@@ -817,7 +825,9 @@ def revoke_job_token(batch: Batch, *, warn: Callable[[str], None] = lambda m: No
     """Invalidate on XNAT the alias token issued for the batch's jobs; they are done with it.
 
     Without this it stays valid until XNAT expires it (2 days by default, up to 60 at some
-    sites). A failure is only warned about: the token file is removed either way.
+    sites). A record of the pending revocation (the alias, never the secret) is written first
+    and removed once XNAT confirms, so a failure, or a crash, leaves it for `retry_revocations`;
+    the caller deletes the token file either way.
     """
     from reconcile.credentials import Credentials
     from reconcile.xnat import XnatClient
@@ -827,13 +837,146 @@ def revoke_job_token(batch: Batch, *, warn: Callable[[str], None] = lambda m: No
     try:
         token = json.loads(batch.credentials_path.read_text())
         alias, secret = str(token["alias"]), str(token["secret"])
-        with XnatClient(batch.xnat_url, Credentials(alias, secret, "token-file"), verify=batch.verify_tls) as client:
-            client.get_json(f"/data/services/tokens/invalidate/{quote(alias, safe='')}")
-    except (XnatBidsError, OSError, ValueError, KeyError, TypeError) as exc:
-        summary = exc.summary if isinstance(exc, XnatBidsError) else type(exc).__name__
-        warn(f"could not invalidate the batch's alias token on XNAT ({summary}); it expires on its own")
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # no message: it may quote the secret
+        warn(f"could not read the alias token of SLURM batch {batch.id} ({type(exc).__name__}) to invalidate it "
+             "on XNAT; it stays valid until XNAT expires it")
         return False
+    pending = PendingRevocation(batch.root, batch.id, alias, batch.xnat_url, _now())
+    try:
+        _write_revocation(pending)
+    except OSError as exc:
+        warn(f"could not record the pending revocation of SLURM batch {batch.id}'s alias token ({exc.strerror}); "
+             "if XNAT cannot invalidate it now, it stays valid until XNAT expires it")
+    try:
+        with XnatClient(batch.xnat_url, Credentials(alias, secret, "token-file"), verify=batch.verify_tls,
+                        timeout=REVOKE_TIMEOUT_S, retries=REVOKE_RETRIES) as client:
+            _invalidate(client, alias)
+    except XnatBidsError as exc:
+        _still_pending(pending, exc, warn)
+        return False
+    pending.path.unlink(missing_ok=True)
     return True
+
+
+@dataclass(frozen=True)
+class PendingRevocation:
+    """An alias token that XNAT has not confirmed invalidating yet: `.xnat2bids/revocations/<batch>.json`.
+
+    Holds the alias only: invalidating needs it and any login of the same user, not the secret.
+    """
+
+    root: Path
+    batch: str
+    alias: str
+    xnat_url: str
+    since: str
+    attempts: int = 0
+    last_error: str = ""
+
+    @property
+    def path(self) -> Path:
+        return revocations_dir(self.root) / f"{self.batch}.json"
+
+
+def revocations_dir(root: Path) -> Path:
+    return root / WORK_DIR / "revocations"
+
+
+def _write_revocation(pending: PendingRevocation) -> None:
+    data = {"format_version": REVOCATION_FORMAT_VERSION, **asdict(pending)}
+    del data["root"]
+    pending.path.parent.mkdir(parents=True, exist_ok=True)
+    # 0600 like the token file it outlives: the alias is half of a login.
+    write_atomic(pending.path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=0o600)
+
+
+def pending_revocations(root: Path) -> list[PendingRevocation]:
+    """The alias tokens still to invalidate, oldest first."""
+    base = revocations_dir(root)
+    if not base.is_dir():
+        return []
+    found = []
+    for path in base.glob("*.json"):
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format_version", 0) > REVOCATION_FORMAT_VERSION:
+                continue
+            found.append(PendingRevocation(  # the file's name is the batch: removing the record removes it
+                root, path.stem, str(data["alias"]), str(data["xnat_url"]), str(data["since"]),
+                int(data.get("attempts", 0)), str(data.get("last_error", "")),
+            ))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # not ours to judge; it is left alone
+    return sorted(found, key=lambda p: (p.since, p.batch))
+
+
+def _invalidate(client, alias: str) -> None:
+    from reconcile.errors import NotFoundError
+
+    try:
+        client.get_json(f"/data/services/tokens/invalidate/{quote(alias, safe='')}")
+    except NotFoundError:
+        pass  # XNAT knows no such token (any more): nothing left to invalidate
+
+
+def _still_pending(pending: PendingRevocation, exc: XnatBidsError, warn: Callable[[str], None]) -> None:
+    # The alias is in the request path, hence in some messages; it stays out of logs.
+    reason = exc.summary + (f" ({exc.detail})" if exc.detail else "")
+    reason = reason.replace(pending.alias, "<alias>").replace(quote(pending.alias, safe=""), "<alias>")
+    try:
+        _write_revocation(replace(pending, attempts=pending.attempts + 1, last_error=reason))
+        where = f"; the next apply, submit or finalize with XNAT credentials retries it ({pending.path})"
+    except OSError as exc_io:
+        where = f"; its record could not be written ({exc_io.strerror}), so it stays valid until XNAT expires it"
+    warn(f"could not invalidate the alias token of SLURM batch {pending.batch} on XNAT: {reason}; "
+         f"its revocation is still pending{where}")
+
+
+def retry_revocations(root: Path, client, *, warn: Callable[[str], None] = lambda m: None) -> list[PendingRevocation]:
+    """Invalidate, through `client`, the pending alias tokens issued by its XNAT; return those done.
+
+    Each record is removed once XNAT confirms (an unknown token counts: nothing is left to
+    invalidate); a failure is warned about and the record kept for the next run.
+    """
+    pending = [p for p in pending_revocations(root) if p.xnat_url == client.url]
+    # A client logged in with one of these tokens invalidates its own last.
+    pending.sort(key=lambda p: p.alias == client.credentials.user)
+    done = []
+    for item in pending:
+        try:
+            _invalidate(client, item.alias)
+        except XnatBidsError as exc:
+            _still_pending(item, exc, warn)
+            continue
+        item.path.unlink(missing_ok=True)
+        done.append(item)
+    return done
+
+
+def _retry_with_batch_credentials(batch: Batch, *, warn: Callable[[str], None]) -> None:
+    """Finalize's turn at `retry_revocations`: logged in as the batch's jobs are, if it can be."""
+    from reconcile.credentials import Credentials, resolve_credentials
+    from reconcile.xnat import XnatClient
+
+    pending = [p for p in pending_revocations(batch.root) if p.xnat_url == batch.xnat_url]
+    if not pending:
+        return
+    try:
+        if batch.credentials in ("alias-token", "password-file") and batch.credentials_path.exists():
+            token = json.loads(batch.credentials_path.read_text())
+            creds = Credentials(str(token["alias"]), str(token["secret"]), "token-file")
+        else:
+            creds = resolve_credentials(batch.xnat_url)  # ~/.netrc or $XNAT_TOKEN_FILE, as the tasks log in
+    except (XnatBidsError, OSError, ValueError, KeyError, TypeError):
+        warn(f"{len(pending)} alias token(s) of earlier SLURM batches still pending revocation on XNAT: no XNAT "
+             f"credentials to retry with here; the next apply retries ({revocations_dir(batch.root)})")
+        return
+    try:
+        with XnatClient(batch.xnat_url, creds, verify=batch.verify_tls, timeout=REVOKE_TIMEOUT_S,
+                        retries=REVOKE_RETRIES) as client:
+            retry_revocations(batch.root, client, warn=warn)
+    except XnatBidsError as exc:  # e.g. a malformed URL in the manifest
+        warn(f"could not retry the pending alias token revocations ({exc.summary}); the next apply retries")
 
 
 def _prune(root: Path) -> None:

@@ -1,0 +1,173 @@
+"""A SLURM batch's alias token is invalidated on XNAT even when XNAT cannot be reached at first.
+
+No cluster needed: `sbatch`, `scontrol` and `squeue` are small stand-in scripts on PATH, so a
+submission fails or "queues" jobs that never run, and `finalize` is run by hand. The real
+cluster's finalize job is covered in test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import requests
+from worlds import add
+
+from reconcile.credentials import Credentials
+from reconcile.emulator import Fault
+from reconcile.executors import slurm as sx
+from reconcile.xnat import XnatClient
+
+INVALIDATE = r"/data/services/tokens/invalidate/"
+OUTAGES = {
+    "5xx": {"kind": "status", "status": 503},
+    "unreachable": {"kind": "reset"},  # the connection drops: what a client sees of a network failure
+}
+
+
+@pytest.fixture
+def issued(emulator, monkeypatch) -> list[dict]:
+    """Every alias token the emulator issues (the tests need the secrets to validate them)."""
+    tokens: list[dict] = []
+    issue = emulator.app.issue_token
+
+    def recording(login: str, single_use: bool = False) -> dict:
+        token = issue(login, single_use)
+        tokens.append(token)
+        return token
+
+    monkeypatch.setattr(emulator.app, "issue_token", recording)
+    return tokens
+
+
+def fake_slurm(tmp_path: Path, monkeypatch, *, sbatch_fails: bool) -> None:
+    """sbatch/scontrol/squeue stand-ins first on PATH: jobs are numbered but never run."""
+    bindir = tmp_path / "fake-slurm"
+    bindir.mkdir()
+    counter = bindir / "next-job-id"
+    counter.write_text("100\n")
+    scripts = {
+        "sbatch": (
+            'echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2\nexit 1\n'
+            if sbatch_fails else
+            f'n=$(cat "{counter}")\necho $((n + 1)) > "{counter}"\necho "$n"\n'
+        ),
+        "scontrol": "exit 0\n",
+        "squeue": "exit 0\n",  # nothing queued: every job has ended
+    }
+    for name, body in scripts.items():
+        path = bindir / name
+        path.write_text("#!/bin/sh\n" + body)
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+
+
+def still_valid(emulator, token: dict) -> bool:
+    url = f"{emulator.url}/data/services/tokens/validate/{token['alias']}/{token['secret']}"
+    return requests.get(url, auth=(emulator.user, emulator.password), timeout=10).json()["valid"]
+
+
+def the_pending_record(root: Path) -> sx.PendingRevocation:
+    pending = sx.pending_revocations(root)
+    assert len(pending) == 1, pending
+    return pending[0]
+
+
+def assert_holds_no_secret(path: Path, token: dict) -> None:
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    text = path.read_text()
+    assert token["secret"] not in text
+    assert "secret" not in json.loads(text)
+
+
+@pytest.mark.parametrize("outage", sorted(OUTAGES))
+def test_failed_revocation_of_a_refused_submission_is_retried_by_the_next_apply(
+        cli, emulator, issued, tmp_path, monkeypatch, outage):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-11")])
+    root = tmp_path / "bids"
+    fake_slurm(tmp_path, monkeypatch, sbatch_fails=True)
+    emulator.app.faults.add(Fault(route=INVALIDATE, **OUTAGES[outage]))
+
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
+    assert code == 1 and "sbatch refused the job" in err, out + err
+    [token] = issued
+    assert still_valid(emulator, token)  # XNAT never got to invalidate it
+    record = the_pending_record(root)
+    assert record.alias == token["alias"] and record.xnat_url == emulator.url and record.attempts == 1
+    assert_holds_no_secret(record.path, token)
+    assert not sx.list_batches(root)  # the refused batch and its token file are gone
+    assert f"alias token of SLURM batch {record.batch}" in err and "still pending" in err
+    assert token["alias"] not in out + err and token["secret"] not in out + err
+
+    emulator.app.faults.clear()
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    assert f"Invalidated the alias token of SLURM batch {record.batch} on XNAT" in out
+    assert not still_valid(emulator, token)
+    assert sx.pending_revocations(root) == [] and not record.path.exists()
+
+
+def test_finalize_keeps_a_failed_revocation_pending_and_the_next_finalize_retries_it(
+        cli, emulator, issued, tmp_path, monkeypatch):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-11")])
+    root = tmp_path / "bids"
+    fake_slurm(tmp_path, monkeypatch, sbatch_fails=False)
+
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
+    assert code == 0 and "Submitted batch" in out, out + err
+    first = sx.list_batches(root)[-1]
+    emulator.app.faults.add(Fault(route=INVALIDATE, kind="status", status=502))
+    code, out, err = cli("finalize", str(root))  # its jobs "ended" without staging anything
+    assert "Finalize complete: 0 done, 0 failed, 1 skipped" in out, out + err
+    assert f"alias token of SLURM batch {first.id}" in err and "still pending" in err
+    assert not first.credentials_path.exists()  # the token file goes; the alias stays in the record
+    [token] = issued
+    assert still_valid(emulator, token)
+    record = the_pending_record(root)
+    assert record.batch == first.id and record.alias == token["alias"]
+    assert_holds_no_secret(record.path, token)
+
+    # The next submission's retry is refused: still pending, and the new batch goes ahead.
+    emulator.app.faults.clear()
+    emulator.app.faults.add(Fault(route=INVALIDATE, kind="status", status=403))
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
+    assert code == 0 and "Submitted batch" in out, out + err
+    assert f"alias token of SLURM batch {first.id}" in err and "still pending" in err
+    second = sx.list_batches(root)[-1]
+    assert second.id != first.id and still_valid(emulator, token)
+
+    # That batch's finalize retries with the batch's own token, then revokes that one too.
+    emulator.app.faults.clear()
+    code, out, err = cli("finalize", str(root))
+    assert "Finalize complete" in out and "still pending" not in err, out + err
+    assert len(issued) == 2 and not any(still_valid(emulator, t) for t in issued)
+    assert sx.pending_revocations(root) == []
+
+
+def test_retry_keeps_the_record_while_xnat_fails_and_drops_it_once_xnat_has_no_such_token(emulator, tmp_path):
+    root = tmp_path / "bids"
+    token = emulator.app.issue_token(emulator.user)
+    pending = sx.PendingRevocation(root, "b1", token["alias"], emulator.url, "2024-01-01T00:00:00Z")
+    sx._write_revocation(pending)
+    elsewhere = sx.PendingRevocation(root, "b2", "not-this-xnat", "https://xnat.example.org", "2024-01-01T00:00:00Z")
+    sx._write_revocation(elsewhere)
+    warnings: list[str] = []
+    with XnatClient(emulator.url, Credentials(emulator.user, emulator.password, "env"), retries=0) as client:
+        emulator.app.faults.add(Fault(route=INVALIDATE, kind="status", status=500))
+        assert sx.retry_revocations(root, client, warn=warnings.append) == []
+        [warning] = warnings
+        assert "alias token of SLURM batch b1" in warning and "still pending" in warning
+        assert token["alias"] not in warning
+        [kept, _elsewhere] = sx.pending_revocations(root)
+        assert kept.batch == "b1" and kept.attempts == 1 and "500" in kept.last_error
+        assert token["alias"] not in kept.last_error
+        assert still_valid(emulator, token)
+
+        # XNAT answering "no such token" (or, as the emulator does, OK for an unknown alias) is done.
+        emulator.app.faults.clear()
+        emulator.app.faults.add(Fault(route=INVALIDATE, kind="status", status=404, times=1))
+        assert [p.batch for p in sx.retry_revocations(root, client)] == ["b1"]
+    assert [p.batch for p in sx.pending_revocations(root)] == ["b2"]  # another XNAT's token is left alone
