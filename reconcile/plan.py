@@ -59,7 +59,7 @@ class Reason:
 _NEW = (Reason("new", "new in XNAT"),)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Change:
     action: Action
     key: SessionKey
@@ -68,6 +68,16 @@ class Change:
     before: SessionRecord | None = None  # the lock entry (for a replacement: the replaced one)
     after: Experiment | None = None  # the XNAT listing row; None for orphans
     scans: tuple[Scan, ...] | None = None  # deep details when planned with --deep
+
+    def __init__(
+        self, action: Action, key: SessionKey, address: BidsAddress, reasons: tuple[Reason, ...],
+        before: SessionRecord | None = None, after: Experiment | None = None, scans: tuple[Scan, ...] | None = None,
+    ) -> None:
+        # As Experiment's: one dict update instead of an object.__setattr__ per field (one change per
+        # listed session in a first plan).
+        self.__dict__.update(
+            action=action, key=key, address=address, reasons=reasons, before=before, after=after, scans=scans
+        )
 
 
 @dataclass(frozen=True)

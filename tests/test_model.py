@@ -1,0 +1,50 @@
+"""The plain data types: values that compare, hash and refuse changes like frozen dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from datetime import datetime
+
+import pytest
+
+from reconcile.model import BidsAddress, Experiment, FileStat, SessionKey
+from reconcile.plan import Action, Change, Reason
+
+
+@pytest.mark.parametrize("cls", [Experiment, Change])
+def test_hand_written_init_takes_exactly_the_fields_with_their_defaults(cls):
+    # These classes fill their instance dict in one step instead of the generated __init__;
+    # a field added to the class must be added to __init__ too.
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    fields = dataclasses.fields(cls)
+    assert [p.name for p in params] == [f.name for f in fields]
+    assert [p.default for p in params] == [
+        inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default for f in fields
+    ]
+
+
+def test_experiment_is_a_frozen_hashable_value():
+    stamp = datetime(2024, 1, 10, 14, 22, 5)
+    a = Experiment("XNAT_E1", "S1_MR1", "P", "XNAT_S1", "S1", "2024-01-10", stamp, stamp)
+    b = Experiment(id="XNAT_E1", label="S1_MR1", project="P", subject_id="XNAT_S1", subject_label="S1",
+                   date="2024-01-10", insert_date=stamp, last_modified=stamp, xsi_type="xnat:mrSessionData")
+    assert a == b and hash(a) == hash(b) and a.key == SessionKey("P", "XNAT_E1")
+    assert dataclasses.replace(a, label="S1_MR2").label == "S1_MR2" and a.label == "S1_MR1"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.label = "other"  # type: ignore[misc]
+
+
+def test_change_is_a_frozen_value():
+    change = Change(Action.CREATE, SessionKey("P", "E1"), BidsAddress("S1", "MR1"), (Reason("new", "new in XNAT"),))
+    assert change == Change(action=Action.CREATE, key=SessionKey("P", "E1"), address=BidsAddress("S1", "MR1"),
+                            reasons=(Reason("new", "new in XNAT"),), before=None, after=None, scans=None)
+    assert hash(change) == hash(dataclasses.replace(change))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        change.action = Action.UPDATE  # type: ignore[misc]
+
+
+def test_keys_addresses_and_stats_are_tuples_that_print_as_paths():
+    assert str(SessionKey("P", "E1")) == "P/E1" and f"{BidsAddress('01', 'a')}" == "sub-01/ses-a"
+    assert sorted([BidsAddress("02", "a"), BidsAddress("01", "b")])[0].subject == "01"
+    assert FileStat(size=3, mtime_ns=4).size == 3
