@@ -561,8 +561,10 @@ class XnatClient:
         return [self._experiment(project, i, row) for i, row in enumerate(rows)]
 
     def _experiment(self, project: str, index: int, row: dict[str, Any]) -> Experiment:
-        # Runs once per listed session (10,000s per plan): no per-row closures, error text only on error.
-        ident, label = _text(row.get("ID")), _text(row.get("label"))
+        # Runs once per listed session (10,000s per plan): no per-row closures, error text only on
+        # error, Experiment's fields by position (keywords cost a tenth of the row).
+        get = row.get
+        ident, label = _text(get("ID")), _text(get("label"))
         if not ident or not label:
             raise RemoteError(
                 f"XNAT listed an experiment of project {project} without ID or label",
@@ -570,16 +572,15 @@ class XnatClient:
             )
         try:
             return Experiment(
-                id=ident,
-                label=label,
-                # The session is addressed through the project we listed, also when it is shared in.
-                project=project,
-                subject_id=_text(row.get("subject_ID")),
-                subject_label=_text(row.get("subject_label")),
-                date=parse_date(_text(row.get("date"))),
-                insert_date=parse_timestamp(_text(row.get("insert_date"))),
-                last_modified=parse_timestamp(_text(row.get("last_modified"))),
-                xsi_type=_text(row.get("xsiType")) or "xnat:mrSessionData",
+                ident,
+                label,
+                project,  # the session is addressed through the project we listed, also when shared in
+                _text(get("subject_ID")),
+                _text(get("subject_label")),
+                parse_date(_text(get("date"))),
+                parse_timestamp(_text(get("insert_date"))),
+                parse_timestamp(_text(get("last_modified"))),
+                _text(get("xsiType")) or "xnat:mrSessionData",
             )
         except ValueError as exc:
             raise RemoteError(
