@@ -29,6 +29,9 @@ LANES_MIN = 3
 # The files of one batch are mapped into memory together, so the batch's size bounds what that
 # adds to the process's resident memory; a file bigger than this is hashed alone, in chunks.
 BATCH_BYTES = 32 << 20
+# Smaller files are read rather than mapped: a mapping costs more than copying a few pages.
+MAP_MIN = 256 << 10
+
 
 def lanes_available() -> bool:
     return md5_many is not None
@@ -81,8 +84,9 @@ def _map(path: Path, size: int, stack: contextlib.ExitStack) -> mmap.mmap | byte
         st = os.fstat(handle.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_size != size:
             return None
-        if size == 0:
-            return b""
+        if size < MAP_MIN:
+            content = handle.read(size + 1)  # one more byte shows a file that grew
+            return content if len(content) == size else None
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         return stack.enter_context(mmap.mmap(handle.fileno(), size, flags=flags, prot=mmap.PROT_READ))
     except (OSError, ValueError):

@@ -58,6 +58,7 @@ def test_md5_files_matches_hashlib_and_reports_unreadable_or_resized_files(tmp_p
     elif not digest.lanes_available():
         pytest.skip("reconcile._md5lanes was not built")
     monkeypatch.setattr(digest, "BATCH_BYTES", 1 << 16)  # several batches, and files bigger than one
+    monkeypatch.setattr(digest, "MAP_MIN", 1 << 12)  # files from 4 KiB are mapped, smaller ones read
     rng = random.Random(3)
     paths, sizes, expected = [], [], []
     for i, n in enumerate([0, 10, 5000, 70_000, 30_000, 30_000, 30_000, 1, 65_536, 200_000]):
@@ -71,11 +72,14 @@ def test_md5_files_matches_hashlib_and_reports_unreadable_or_resized_files(tmp_p
 
     paths[2].unlink()
     paths[4].write_bytes(b"short")
+    paths[6].write_bytes(paths[6].read_bytes() + b"grown")  # mapped size would match, file is longer
+    paths[1].write_bytes(paths[1].read_bytes() + b"+")  # a small file that grew
     (tmp_path / "dir").mkdir()
     paths[5] = tmp_path / "dir"
     got = digest.md5_files(paths, sizes)
-    assert got[2] is None and got[4] is None and got[5] is None
-    assert [g for i, g in enumerate(got) if i not in (2, 4, 5)] == [e for i, e in enumerate(expected) if i not in (2, 4, 5)]
+    changed = (1, 2, 4, 5, 6)
+    assert [got[i] for i in changed] == [None] * len(changed)
+    assert [g for i, g in enumerate(got) if i not in changed] == [e for i, e in enumerate(expected) if i not in changed]
 
 
 def test_batches_stay_within_the_budget_and_keep_the_order(monkeypatch):

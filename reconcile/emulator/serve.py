@@ -6,6 +6,7 @@ for `xnat2bids emulator serve`); it adds no routes of its own.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ from .archive import Archive, Experiment
 SESSION_TYPE_BY_MODALITY = {"MR": "xnat:mrSessionData", "CT": "xnat:ctSessionData", "PT": "xnat:petSessionData"}
 # Worker threads: enough for a client's full connection pool plus a few stragglers.
 THREADS = 32
+# File ranges at least this big go out with sendfile(2); smaller ones are copied and gathered.
+SENDFILE_MIN = 256 << 10
 
 
 class _Gateway(wsgi.Gateway_10):
@@ -65,24 +68,36 @@ class _Gateway(wsgi.Gateway_10):
         return type(self.req.conn.socket) is socket.socket
 
     def _send_pieces(self, body: PiecesBody) -> None:
-        """Send each piece, framed as one chunk when the response is chunked (cheroot sends the
-        last, empty chunk after `respond`)."""
+        """Send the pieces, framed as chunks when the response is chunked (cheroot sends the last,
+        empty chunk after `respond`). Small pieces (a zip's headers, small files) are gathered
+        into one send: the socket has TCP_NODELAY, so each send would be a packet of its own."""
         sock = self.req.conn.socket
         chunked = self.req.chunked_write
+        pending = bytearray()
+
+        def flush() -> None:
+            if pending:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(pending), pending) if chunked else pending)
+                pending.clear()
+
         for piece in body.pieces():
-            count = len(piece) if isinstance(piece, bytes) else piece[2]
-            if not count:
-                continue
-            if chunked:
-                sock.sendall(b"%x\r\n" % count)
             if isinstance(piece, bytes):
-                sock.sendall(piece)
+                pending += piece
+            elif piece[2] < SENDFILE_MIN:
+                fd, offset, count = piece
+                pending += os.pread(fd, count, offset)
             else:
-                fd, offset, _ = piece
+                flush()
+                fd, offset, count = piece
+                if chunked:
+                    sock.sendall(b"%x\r\n" % count)
                 with open(fd, "rb", closefd=False) as handle:  # socket.sendfile wants a file object
                     sock.sendfile(handle, offset, count)
-            if chunked:
-                sock.sendall(b"\r\n")
+                if chunked:
+                    sock.sendall(b"\r\n")
+            if len(pending) >= SENDFILE_MIN:
+                flush()
+        flush()
 
 
 def _server(app: EmulatorApp, host: str, port: int) -> wsgi.Server:
