@@ -35,19 +35,23 @@ def worker(spec: dict) -> dict:
     tool_versions()  # cached per process; the first call runs `dcm2niix --version`
     tools_s = time.perf_counter() - t0
     best = None
+    run = text = None
     for _ in range(spec["repeat"]):
         urls: list[str] = []
         client = _bench.client(spec["url"], on_request=lambda m, u: urls.append(u), max_connections=spec["concurrency"])
+        run = text = None  # the previous run's plan and lock are freed here, not in the timed part
         t0, cpu0 = time.perf_counter(), time.process_time()
         run = make_plan(client, root, Config(), Selection(projects=(PROJECT,)), deep=spec["deep"],
                         concurrency=spec["concurrency"])
         text = render_text(run.plan)
         dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        client.close()
+        plan_requests = len(urls)
+        client.close()  # ends the server-side session: one more request, after the timed part
         if best is None or dt < best["seconds"]:
             best = {
                 "seconds": dt,
                 "cpu": cpu,
+                "plan_requests": plan_requests,
                 "requests": len(urls),
                 "listing_requests": sum(1 for u in urls if u.endswith(f"/projects/{PROJECT}/experiments")),
                 "changes": len(run.plan.changes),
@@ -180,18 +184,19 @@ def listing_benchmark(args: argparse.Namespace, n: int, rep: int, rows: list, no
                      ratio(emu_alone, curl_s), "—", "—"])
         rows.append(["curl -u of the listing URL", ms(curl_s), "1", "1.00×", "—", "—"])
         rows.append([f"plan, empty BIDS root ({new['changes']:,} create), in-process",
-                     ms(new["seconds"]), f"{new['requests']} ({new['listing_requests']} listing)",
+                     ms(new["seconds"]), f"{new['plan_requests']} ({new['listing_requests']} listing) + logout",
                      ratio(new["seconds"], curl_s), _bench.mib(rss_new),
                      verdict(new["seconds"] <= 1 and new["seconds"] <= 1.5 * curl_s and new["listing_requests"] == 1)])
         rows.append([f"plan, lock with {n:,} sessions × {args.outputs} outputs on disk "
                      f"({same['unchanged']:,} unchanged), in-process",
-                     ms(same["seconds"]), f"{same['requests']} ({same['listing_requests']} listing)",
+                     ms(same["seconds"]), f"{same['plan_requests']} ({same['listing_requests']} listing) + logout",
                      ratio(same["seconds"], curl_s), _bench.mib(rss_same),
                      verdict(same["seconds"] <= 1 and same["seconds"] <= 1.5 * curl_s)])
-        rows.append(["`xnat2bids plan` CLI, empty root, fresh interpreter", ms(cli_s), "2", ratio(cli_s, curl_s),
+        rows.append(["`xnat2bids plan` CLI, empty root, fresh interpreter", ms(cli_s), "2 + logout", ratio(cli_s, curl_s),
                      _bench.mib(cli_rss), "—"])
         notes.append(f"Target: plan ≤ 1 s and ≤ 1.5× curl, one listing request per project. Best of {rep}. "
-                     f"Plan requests = login + listing; curl sends Basic auth with its single request. "
+                     f"Plan requests = login + listing; the client's close() then ends the server session "
+                     f"(DELETE /data/JSESSION, not timed); curl sends Basic auth with its single request. "
                      f"`tool_versions()` (runs `dcm2niix --version`, once per process) took "
                      f"{ms(new['tool_versions_seconds'])} and is outside the in-process time.")
         _bench.report(f"plan, listing mode, {n:,} sessions in one project",
