@@ -159,7 +159,7 @@ class Scan:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ScanRecord:
     """What the lock keeps of a scan: enough to notice added, removed or changed files."""
 
@@ -170,8 +170,14 @@ class ScanRecord:
     total_size: int
     digest: str
 
+    def __init__(self, id: str, type: str, series_description: str, file_count: int, total_size: int,
+                 digest: str) -> None:
+        # As Experiment's; the lock decodes the records of every recorded session for a plan.
+        self.__dict__.update(id=id, type=type, series_description=series_description, file_count=file_count,
+                             total_size=total_size, digest=digest)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, init=False)
 class OutputRecord:
     """A file apply wrote, relative to the BIDS root."""
 
@@ -180,8 +186,11 @@ class OutputRecord:
     sha256: str
     mtime_ns: int
 
+    def __init__(self, path: str, size: int, sha256: str, mtime_ns: int) -> None:
+        self.__dict__.update(path=path, size=size, sha256=sha256, mtime_ns=mtime_ns)  # as Experiment's
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, init=False)
 class SessionRecord:
     """The lock's entry for one exported session."""
 
@@ -202,6 +211,23 @@ class SessionRecord:
     tools: dict[str, str] = field(default_factory=dict)  # xnat2bids / heudiconv / dcm2niix versions
     scans: tuple[ScanRecord, ...] = ()
     outputs: tuple[OutputRecord, ...] = ()
+
+    def __init__(
+        self, experiment_id: str, project: str, subject_id: str, subject_label: str, session_label: str,
+        bids_subject: str, bids_session: str, date: str | None, insert_date: str, last_modified: str,
+        xsi_type: str, exported_at: str, config_fingerprint: str, config_digests: dict[str, str] | None = None,
+        tools: dict[str, str] | None = None, scans: tuple[ScanRecord, ...] = (), outputs: tuple[OutputRecord, ...] = (),
+    ) -> None:
+        # As Experiment's: the generated __init__ of these 17 fields was most of decoding a lock entry.
+        self.__dict__.update(
+            experiment_id=experiment_id, project=project, subject_id=subject_id, subject_label=subject_label,
+            session_label=session_label, bids_subject=bids_subject, bids_session=bids_session, date=date,
+            insert_date=insert_date, last_modified=last_modified, xsi_type=xsi_type, exported_at=exported_at,
+            config_fingerprint=config_fingerprint,
+            config_digests={} if config_digests is None else config_digests,
+            tools={} if tools is None else tools,
+            scans=scans, outputs=outputs,
+        )
 
     @property
     def key(self) -> SessionKey:

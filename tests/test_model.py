@@ -8,20 +8,41 @@ from datetime import datetime
 
 import pytest
 
-from reconcile.model import BidsAddress, Experiment, FileStat, SessionKey
+from reconcile.model import (
+    BidsAddress,
+    Experiment,
+    FileStat,
+    OutputRecord,
+    ScanRecord,
+    SessionKey,
+    SessionRecord,
+)
 from reconcile.plan import Action, Change, Reason
 
+FAST_INIT = [Experiment, Change, SessionRecord, OutputRecord, ScanRecord]
 
-@pytest.mark.parametrize("cls", [Experiment, Change])
+
+@pytest.mark.parametrize("cls", FAST_INIT)
 def test_hand_written_init_takes_exactly_the_fields_with_their_defaults(cls):
     # These classes fill their instance dict in one step instead of the generated __init__;
     # a field added to the class must be added to __init__ too.
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]
     fields = dataclasses.fields(cls)
     assert [p.name for p in params] == [f.name for f in fields]
-    assert [p.default for p in params] == [
-        inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default for f in fields
-    ]
+    required = {p.name: f"<{p.name}>" for p in params if p.default is inspect.Parameter.empty}
+    made = cls(**required)
+    for f in fields:
+        if f.name in required:
+            assert getattr(made, f.name) == required[f.name]
+        else:
+            expected = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            assert getattr(made, f.name) == expected, f.name
+    assert {f.name for f in fields} == set(vars(made))
+
+
+def test_a_default_dict_is_not_shared_between_records():
+    a, b = (SessionRecord(*"abcdefghijklm") for _ in range(2))
+    assert a.tools == {} and a.tools is not b.tools and a.config_digests is not b.config_digests
 
 
 def test_experiment_is_a_frozen_hashable_value():
@@ -46,5 +67,6 @@ def test_change_is_a_frozen_value():
 
 def test_keys_addresses_and_stats_are_tuples_that_print_as_paths():
     assert str(SessionKey("P", "E1")) == "P/E1" and f"{BidsAddress('01', 'a')}" == "sub-01/ses-a"
-    assert sorted([BidsAddress("02", "a"), BidsAddress("01", "b")])[0].subject == "01"
+    assert sorted([BidsAddress("02", "a"), BidsAddress("01", "b"), BidsAddress("01", "a")]) == [
+        BidsAddress("01", "a"), BidsAddress("01", "b"), BidsAddress("02", "a")]
     assert FileStat(size=3, mtime_ns=4).size == 3
