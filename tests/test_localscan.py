@@ -1,0 +1,46 @@
+"""The local scan: what the disk holds of the outputs a lock records."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from reconcile.localscan import stat_outputs
+from reconcile.lock import Lock
+from reconcile.model import FileStat, OutputRecord, SessionRecord
+
+
+def lock_recording(*paths: str) -> Lock:
+    outputs = tuple(OutputRecord(p, 1, "0" * 64, 1) for p in paths)
+    record = SessionRecord("E1", "P", "S1", "SUBJ01", "SUBJ01_MR1", "SUBJ01", "MR1", None, "", "", "xnat:mrSessionData",
+                           "2024-01-01T00:00:00Z", "f", outputs=outputs)
+    return Lock.new().with_session(record)
+
+
+def _open_fds() -> int | None:
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+
+
+@pytest.fixture(params=["relative to the root's descriptor", "by full path"])
+def stat_way(request, monkeypatch):
+    if request.param == "by full path":  # as on systems without dir_fd support
+        monkeypatch.setattr(os, "supports_dir_fd", set())
+
+
+def test_scan_sees_recorded_files_and_leaves_out_missing_ones_and_directories(tmp_path, stat_way):
+    session = tmp_path / "sub-SUBJ01" / "ses-MR1" / "anat"
+    session.mkdir(parents=True)
+    (session / "a.nii.gz").write_bytes(b"12345")
+    (session / "dir.json").mkdir()
+    lock = lock_recording("sub-SUBJ01/ses-MR1/anat/a.nii.gz", "sub-SUBJ01/ses-MR1/anat/gone.json",
+                          "sub-SUBJ01/ses-MR1/anat/dir.json")
+    open_before = _open_fds()
+    files = stat_outputs(tmp_path, lock).files
+    assert _open_fds() == open_before
+    st = (session / "a.nii.gz").stat()
+    assert files == {"sub-SUBJ01/ses-MR1/anat/a.nii.gz": FileStat(5, st.st_mtime_ns)}
+
+
+def test_scan_of_a_missing_root_sees_nothing(tmp_path, stat_way):
+    assert stat_outputs(tmp_path / "nowhere", lock_recording("sub-SUBJ01/a.json")).files == {}
