@@ -105,12 +105,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In an emulator child before exec: SIGTERM it when the benchmark dies (Linux), so a killed
+    benchmark leaves no emulator behind to load the machine for the next one."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 @contextlib.contextmanager
 def emulator_process(*args: str, timeout: float = 600) -> Iterator[str]:
     """`xnat2bids emulator serve` in its own process (its own GIL); yields the base URL."""
     port = free_port()
     cmd = [*XNAT2BIDS, "emulator", "serve", "--port", str(port), "--user", USER, "--password", PASSWORD, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            preexec_fn=_die_with_parent)
     try:
         _wait_ready(proc, timeout)
         yield f"http://127.0.0.1:{port}"
@@ -207,7 +219,8 @@ def emulator_child(
     port = free_port()
     spec = dict(user=USER, password=PASSWORD, project=project, sessions=sessions, scans=scans, files=files,
                 size=size, latency=latency, port=port, md5=precompute_md5)
-    proc = subprocess.Popen([sys.executable, "-c", _EMULATOR_CHILD, json.dumps(spec)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", _EMULATOR_CHILD, json.dumps(spec)], preexec_fn=_die_with_parent,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
