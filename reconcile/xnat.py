@@ -26,6 +26,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.cookies import create_cookie
 
+from reconcile import keepalive
 from reconcile.credentials import Credentials
 from reconcile.errors import (
     AuthError,
@@ -124,19 +125,37 @@ class _NoAuth(requests.auth.AuthBase):
 class StreamResponse:
     """A streaming download: `.status_code`, `.headers`, `.url`, `.readinto(buffer)`.
 
-    Wraps `requests.Response` so that errors while reading the body come out as RemoteError.
+    Wraps a `requests.Response` or a keep-alive `http.client` answer, so that errors while reading
+    the body come out as RemoteError.
     """
 
-    def __init__(self, response: requests.Response):
+    def __init__(
+        self,
+        url: str,
+        status_code: int,
+        headers: Any,
+        direct: http.client.HTTPResponse | None,
+        response: requests.Response | None = None,
+    ):
+        self.url = url
+        self.status_code = status_code
+        self.headers = headers  # case-insensitive `.get` in both kinds
+        self._direct = direct
         self._response = response
-        self.status_code: int = response.status_code
-        self.headers = response.headers
-        self.url: str = response.url
+
+    @classmethod
+    def of_requests(cls, response: requests.Response) -> StreamResponse:
         fp = getattr(response.raw, "_fp", None)
         # Straight from http.client into the caller's buffer when the body is not content-encoded:
         # urllib3's read() allocates a fresh 1 MiB object per chunk, which cost about 10 % of a
         # 1 GiB download's CPU (page faults and the copy).
-        self._direct = fp if isinstance(fp, http.client.HTTPResponse) and not self.headers.get("Content-Encoding") else None
+        plain = isinstance(fp, http.client.HTTPResponse) and not response.headers.get("Content-Encoding")
+        return cls(response.url, response.status_code, response.headers, fp if plain else None, response)
+
+    @classmethod
+    def of_answer(cls, answer: keepalive.Answer, url: str) -> StreamResponse:
+        r = answer.response
+        return cls(url, r.status, r.headers, r)
 
     def readinto(self, buffer: memoryview | bytearray) -> int:
         """Fill `buffer` with the next body bytes; returns how many, 0 once the body is complete.
@@ -145,6 +164,7 @@ class StreamResponse:
         """
         try:
             if self._direct is None:
+                assert self._response is not None
                 data = self._response.raw.read(len(buffer), decode_content=True)
                 buffer[: len(data)] = data
                 return len(data)
@@ -154,8 +174,9 @@ class StreamResponse:
         if n == 0 and len(buffer):
             if self._direct.length:  # http.client returns 0 when the server closes early
                 raise self._cut(f"connection closed {self._direct.length} bytes before the end")
-            self._response._content_consumed = True  # complete: the connection may serve the next request
-            self._response.raw.release_conn()
+            if self._response is not None:
+                self._response._content_consumed = True  # complete: the connection may serve the next request
+                self._response.raw.release_conn()
         return n
 
     def _cut(self, detail: str) -> RemoteError:
@@ -241,6 +262,12 @@ class XnatClient:
         self._http.mount("http://", adapter)
         self._http.mount("https://", adapter)
         self._slots = threading.BoundedSemaphore(self.max_connections)
+        # File GETs go through http.client when no proxy is in the way (see reconcile/keepalive.py).
+        self._keepalive = (
+            None if self._proxies else
+            keepalive.KeepAlivePool(self._origin, verify=self._verify, timeout=timeout, max_idle=self.max_connections)
+        )
+        self._cookie_header: tuple[int, str] | None = None  # (login generation, Cookie header)
         self._count_lock = threading.Lock()
         self._auth_lock = threading.Lock()
         self._generation = 0  # bumped at every login, so concurrent 401s re-login only once
@@ -273,6 +300,8 @@ class XnatClient:
             except requests.RequestException:
                 pass
             self._logged_in = False
+        if self._keepalive is not None:
+            self._keepalive.close()
         self._http.close()
 
     # -- authentication --------------------------------------------------------------------
@@ -718,6 +747,14 @@ class XnatClient:
         RemoteError from `readinto`. Range requests are the caller's: pass `headers`.
         """
         what = f"the download of {_strip_query(uri)}"
+        answer = self._keepalive_get(uri, headers)
+        if answer is not None:
+            try:
+                yield StreamResponse.of_answer(*answer)
+            finally:
+                answer[0].close()
+                self._slots.release()
+            return
         resp = self._request("GET", uri, headers=headers, stream=True, what=what)
         try:
             # 416 tells a resuming caller its Range is past the end; it decides what that means.
@@ -727,7 +764,40 @@ class XnatClient:
                 except _TRANSIENT:
                     pass
                 self._raise_for_status(resp, what=what)
-            yield StreamResponse(resp)
+            yield StreamResponse.of_requests(resp)
         finally:
             resp.close()
             self._slots.release()
+
+    def _keepalive_get(self, uri: str, headers: dict[str, str] | None) -> tuple[keepalive.Answer, str] | None:
+        """The GET through the keep-alive lane, holding a slot; None (slot released) when the lane
+        is off or the answer is one that `_request` must handle (401, redirects, 5xx, errors)."""
+        if self._keepalive is None:
+            return None
+        if self._closed:
+            raise RemoteError("the XNAT client is closed")
+        self.login()
+        url = self._url(uri)
+        parts = urlsplit(requests.utils.requote_uri(url))  # the encoding requests would send
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        sent = {"User-Agent": "xnat2bids", "Accept-Encoding": "identity", "Cookie": self._session_cookies()}
+        sent.update(headers or {})
+        self._slots.acquire()
+        try:
+            self._count("GET", url)
+            answer = self._keepalive.get(target, sent)
+        except BaseException:
+            self._slots.release()
+            raise
+        if answer is None:
+            self._slots.release()
+            return None
+        return answer, url
+
+    def _session_cookies(self) -> str:
+        """The Cookie header requests would send, worked out once per login."""
+        cached = self._cookie_header
+        if cached is None or cached[0] != self._generation:
+            probe = requests.Request("GET", self.url + "/").prepare()
+            cached = self._cookie_header = (self._generation, requests.cookies.get_cookie_header(self._http.cookies, probe) or "")
+        return cached[1]

@@ -1,0 +1,130 @@
+"""The keep-alive lane of `XnatClient.stream` (reconcile/keepalive.py): file GETs through
+http.client on kept connections, and every answer it does not serve handed back to requests."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import socket
+import ssl
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests.utils
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from reconcile.credentials import Credentials
+from reconcile.emulator.serve import serve_in_thread
+from reconcile.keepalive import ssl_context
+from reconcile.xnat import XnatClient
+
+from test_xnat_client import Site, emu_client, make_client, populate, read_body
+
+
+@pytest.fixture
+def cheroot_emulator(emulator: Any) -> Iterator[Any]:
+    """The same emulator served by cheroot (as `demo` and the benchmarks serve it), which keeps
+    HTTP/1.1 connections open; pytest-httpserver closes each one."""
+    with serve_in_thread(emulator.app) as url:
+        yield dataclasses.replace(emulator, url=url)
+
+
+def kept_ports(client: XnatClient) -> list[int]:
+    """Local ports of the connections the lane keeps for the next GET."""
+    assert client._keepalive is not None
+    return [conn.sock.getsockname()[1] for conn in client._keepalive._idle if conn.sock is not None]
+
+
+def test_file_gets_share_one_kept_connection(cheroot_emulator: Any) -> None:
+    emulator = cheroot_emulator
+    (exp,) = populate(emulator.archive, 1)
+    with emu_client(emulator) as c:
+        scan = c.list_scans(c.list_experiments("PROJ")[0])[0]
+        ports = []
+        for f in scan.files * 3:
+            with c.stream(f.uri) as resp:
+                assert resp.status_code == 200
+                assert read_body(resp, 7) == {"1.dcm": b"a", "2.dcm": b"bb"}[f.name]
+            ports.append(kept_ports(c))
+    assert len({tuple(p) for p in ports}) == 1 and len(ports[0]) == 1
+
+
+def test_a_kept_connection_closed_meanwhile_is_replaced(cheroot_emulator: Any) -> None:
+    emulator = cheroot_emulator
+    (exp,) = populate(emulator.archive, 1)
+    with emu_client(emulator) as c:
+        scan = c.list_scans(c.list_experiments("PROJ")[0])[1]
+        with c.stream(scan.files[0].uri) as resp:
+            read_body(resp, 64)
+        assert c._keepalive is not None
+        (stale,) = c._keepalive._idle
+        stale.sock.shutdown(socket.SHUT_RDWR)  # as when the server drops an idle connection
+        emulator.app.reset_requests()
+        with c.stream(scan.files[0].uri) as resp:
+            assert read_body(resp, 64) == b"t1"
+        assert len(c._keepalive._idle) == 1 and stale not in c._keepalive._idle  # replaced in the lane
+    assert [r[1] for r in emulator.app.requests if r[0] == "GET"] == [scan.files[0].uri]
+
+
+def test_an_expired_session_is_handed_to_requests_which_logs_in_again(emulator: Any) -> None:
+    (exp,) = populate(emulator.archive, 1)
+    with emu_client(emulator) as c:
+        scan = c.list_scans(c.list_experiments("PROJ")[0])[1]
+        real_clock = emulator.app.wall_clock
+        emulator.app.wall_clock = lambda: real_clock() + 24 * 3600  # every session is now idle too long
+        with c.stream(scan.files[0].uri) as resp:
+            assert read_body(resp, 64) == b"t1"
+    logins = [r for r in emulator.app.requests if r[1].endswith("/services/auth")]
+    assert len(logins) == 2
+
+
+@pytest.mark.parametrize("name", ["with space.dcm", "ünïcöde.dcm"])
+def test_names_that_need_quoting_are_fetched(emulator: Any, name: str) -> None:
+    (exp,) = populate(emulator.archive, 1)
+    emulator.archive.upload_file(exp.id, "2", "DICOM", name, name.encode())
+    with emu_client(emulator) as c:
+        scan = c.list_scans(c.list_experiments("PROJ")[0])[1]
+        (f,) = [f for f in scan.files if f.name == name]
+        with c.stream(f.uri) as resp:
+            assert resp.status_code == 200 and read_body(resp, 64) == name.encode()
+
+
+def test_a_compressed_answer_is_decoded_through_requests(httpserver: HTTPServer) -> None:
+    site = Site(httpserver)
+    payload = b"dicom bytes " * 1000
+    uri = "/data/experiments/E/scans/1/resources/1/files/a.dcm"
+
+    def handler(request: Request) -> Response:
+        return Response(gzip.compress(payload), headers={"Content-Encoding": "gzip"},
+                        content_type="application/octet-stream")
+
+    site.server.expect_request(uri).respond_with_handler(site.authed(handler))
+    with make_client(site.url) as c:
+        with c.stream(uri) as resp:
+            assert read_body(resp, 4096) == payload
+    assert len(site.requests_to(uri)) == 2  # the lane's GET, then requests' own
+
+
+def test_the_lane_is_off_behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.org:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    c = XnatClient("https://xnat.example.org", Credentials("alice", "secret", "env"))
+    assert c._keepalive is None
+    monkeypatch.setenv("NO_PROXY", "xnat.example.org")
+    assert XnatClient("https://xnat.example.org", Credentials("alice", "secret", "env"))._keepalive is not None
+
+
+def test_tls_contexts_follow_requests_verify_values(tmp_path: Any) -> None:
+    default = ssl_context(True)
+    assert default.verify_mode == ssl.CERT_REQUIRED and default.check_hostname
+    assert default.cert_store_stats()["x509_ca"] > 0  # certifi's bundle, as requests uses
+    off = ssl_context(False)
+    assert off.verify_mode == ssl.CERT_NONE and not off.check_hostname
+    bundle = ssl_context(requests.utils.DEFAULT_CA_BUNDLE_PATH)
+    assert bundle.cert_store_stats()["x509_ca"] == default.cert_store_stats()["x509_ca"]
+    assert ssl_context(str(tmp_path)).verify_mode == ssl.CERT_REQUIRED  # a CA folder
+    with pytest.raises(OSError):
+        ssl_context(str(tmp_path / "missing.pem"))
