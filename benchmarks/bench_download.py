@@ -21,7 +21,7 @@ import _bench
 from _bench import verdict
 
 PROJECT = "BENCH"
-TOOLS = ("curl", "curl+verify", "files", "files-hashlib", "zip", "xnatpy")
+TOOLS = ("curl", "curl+verify", "files", "files-hashlib", "zip", "xnatpy", "xnatpy+extract")
 VARIANTS = {"big": (4, 64, 4 << 20), "small": (4, 1024, 32 << 10)}
 WORKER = r"""
 import json, resource, sys, time
@@ -64,6 +64,16 @@ def run_tool(tool: str, url: str, dest: Path) -> tuple[float, int, float]:
     _, rss, out = _bench.python_child(code, json.dumps(spec))
     result = json.loads(out.strip().splitlines()[-1])
     return result["seconds"], rss, result["cpu"]
+
+
+def run_xnatpy_extracted(url: str, dest: Path, parallel: int) -> tuple[float, int, float]:
+    """xnatpy's zips, then what it takes to have export_session's result: unzip each (in parallel)
+    and the MD5 of every file."""
+    dt, rss, cpu = run_tool("xnatpy", url, dest)
+    t0 = time.perf_counter()
+    _bench.child(["sh", "-c", f"cd {dest} && ls *.zip | xargs -I{{}} -P {parallel} unzip -qo {{}} -d {{}}.d && rm *.zip && "
+                  f"find . -type f -print0 | xargs -0 -n 16 -P {parallel} md5sum >/dev/null"])
+    return dt + time.perf_counter() - t0, rss, cpu + _bench.last_cpu
 
 
 def run_curl_verified(url: str, dest: Path, parallel: int) -> tuple[float, int, float]:
@@ -129,12 +139,15 @@ def bench_variant(name: str, repeat: int, parallel: int) -> None:
                 for tool in TOOLS:
                     dest = Path(tmp, tool)
                     dest.mkdir()
+                    _bench.recycle_pages(Path(tmp), total + (total >> 2))
                     served = _bench.process_cpu(emulator)
                     try:
                         if tool == "curl":
                             dt, rss, cpu = run_curl(url, dest, parallel)
                         elif tool == "curl+verify":
                             dt, rss, cpu = run_curl_verified(url, dest, parallel)
+                        elif tool == "xnatpy+extract":
+                            dt, rss, cpu = run_xnatpy_extracted(url, dest, parallel)
                         else:
                             dt, rss, cpu = run_tool(tool, url, dest)
                     finally:
@@ -150,6 +163,7 @@ def bench_variant(name: str, repeat: int, parallel: int) -> None:
         "files-hashlib": "export_session method=files, without `_md5lanes` (hashlib in-stream)",
         "zip": "export_session method=zip",
         "xnatpy": "xnatpy scan.download (zip per scan, not extracted)",
+        "xnatpy+extract": "the same xnatpy, then unzip -P and md5sum -P (export's result and check)",
     }
     rows = []
     for tool in TOOLS:
@@ -158,8 +172,8 @@ def bench_variant(name: str, repeat: int, parallel: int) -> None:
         rows.append([
             names[tool], f"{dt:.2f} s", f"{mbps[tool]:.0f} MB/s", f"{mbps[tool] / mbps['curl']:.2f}×",
             f"{mbps[tool] / mbps['xnatpy']:.2f}×", _bench.mib(rss), f"{cpu:.2f} s", f"{served:.2f} s",
-            verdict(mbps[tool] >= 0.9 * mbps["curl"] and mbps[tool] >= mbps["xnatpy"] and rss < 150 << 20)
-            if ours else "—",
+            verdict(mbps[tool] >= 0.9 * mbps["curl"] and rss < 150 << 20) if ours else "—",
+            verdict(mbps[tool] >= mbps["xnatpy"]) if ours else "—",
         ])
     scalar, lanes = md5_rates()
     lanes_note = f"; `_md5lanes` hashes 8 files at {lanes / 1e6:.0f} MB/s per core" if lanes else \
@@ -167,8 +181,10 @@ def bench_variant(name: str, repeat: int, parallel: int) -> None:
     _bench.report(
         f"download of one session, {scans} scans × {files:,} files × {size >> 10:,} KiB = {_bench.mib(total)}",
         ["downloader", "time", "throughput", "× curl", "× xnatpy", "peak RSS", "CPU", "emulator CPU",
-         "target met"], rows,
-        [f"Targets: ≥ 0.9× curl, ≥ 1× xnatpy, peak RSS < 150 MB. Best of {repeat}, interleaved. "
+         "≥ 0.9× curl, < 150 MB", "≥ 1× xnatpy"], rows,
+        [f"Targets: ≥ 0.9× curl with peak RSS < 150 MB (issues 4 and 7), ≥ 1× xnatpy (issue 7). "
+         f"Best of {repeat}, interleaved; before each run the same amount of memory is written and "
+         "freed, so every downloader starts from the same page state (`_bench.recycle_pages`). "
          "CPU: user + system seconds of the downloader during the download (for curl+verify, curl's "
          "and md5sum's); emulator CPU: what the emulator process spent serving that run, which "
          "stays well below its wall time, so it is not the bottleneck. "

@@ -17,8 +17,6 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
 from reconcile.errors import ConfigError
 from reconcile.schema import load_schema
 
@@ -183,6 +181,8 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
             detail="\n".join(unknown[1:]) or None,
             hint="see xnat2bids.toml.example for every key",
         )
+    import jsonschema  # here, not at the top: ~80 ms that a run without a config file never needs
+
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
     if errors:
         e = errors[0]

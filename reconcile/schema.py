@@ -7,8 +7,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
 
@@ -19,6 +17,7 @@ def load_schema(name: str) -> dict[str, Any]:
 
 def schema_errors(name: str, document: Any) -> list[str]:
     """Human-readable schema violations, sorted by location; empty when valid."""
+    import jsonschema  # here, not at the top: ~80 ms that a plan without a config file never needs
     validator = jsonschema.Draft202012Validator(load_schema(name))
     out = []
     for err in sorted(validator.iter_errors(document), key=lambda e: [str(p) for p in e.absolute_path]):
