@@ -13,10 +13,7 @@ import queue
 import re
 import shutil
 import stat
-import tempfile
 import threading
-import zipfile
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -35,6 +32,7 @@ from reconcile.errors import (
 from reconcile.failpoints import hit
 from reconcile.model import Experiment, RemoteFile, Scan
 from reconcile.xnat import StreamResponse, XnatClient, check_relpath
+from reconcile.zipread import Unstreamable, ZipFormatError, ZipStream
 
 METHODS = ("auto", "files", "zip")
 CHUNK_SIZE = 1 << 20
@@ -56,7 +54,6 @@ SYNC_WORKERS = 4
 AUTO_ZIP_MIN_FILES = 8
 AUTO_ZIP_MAX_MEAN_SIZE = 2 << 20
 PART_SUFFIX = ".part"
-_ZIP_TMP_PREFIX = ".xnat2bids-zip-"
 _RETRY_HINT = "run again; verified files are kept and partial ones resumed"
 
 
@@ -537,7 +534,10 @@ class _Exporter:
 
     # -- one scan as a zip -----------------------------------------------------------------
     def fetch_zip(self, scan: Scan, jobs: list[_Job]) -> None:
-        """GET a scan's resource as one zip (to a temp file), check every entry, extract the listed ones."""
+        """GET a scan's resource as one zip, written entry by entry to the listed files' `.part`s
+        as it arrives (`_stream_zip`); one retry of the whole zip when it is cut short or damaged.
+        Entries that do not match the listing, and every file of a zip this reader cannot stream,
+        are then fetched one by one."""
         self.check_cancel()
         url = (
             f"{self.client.experiment_path(self.exp)}/scans/{quote(scan.id, safe='')}"
@@ -545,73 +545,111 @@ class _Exporter:
         )
         retry: list[_Job] = []
         for attempt in (1, 2):
-            fd, tmp_name = tempfile.mkstemp(prefix=_ZIP_TMP_PREFIX, suffix=".zip", dir=self.root)
-            tmp = Path(tmp_name)
             try:
-                try:
-                    with os.fdopen(fd, "wb") as out, self.client.stream(url) as resp:
-                        buffer = self._buffer()
-                        try:
-                            while n := resp.readinto(buffer):
-                                self.check_cancel()
-                                out.write(buffer[:n])
-                                self.progress(n)
-                        except RemoteError as exc:
-                            raise _CutShort(out.tell(), exc) from exc
-                    archive = zipfile.ZipFile(tmp)
-                except (_CutShort, zipfile.BadZipFile) as exc:
-                    if attempt == 1:
-                        continue
-                    raise VerificationError(
-                        f"XNAT sent an incomplete or unreadable zip for scan {scan.id} of session {self.exp.label}",
-                        detail=f"{exc} (from {url}, {attempt} attempts)",
-                        hint=_RETRY_HINT,
-                    ) from exc
-                with archive:
-                    retry = self._extract(archive, scan, jobs)
+                retry = self._stream_zip(url, scan, jobs)
                 break
-            finally:
-                tmp.unlink(missing_ok=True)
-        # Entries that did not match the listing get the per-file path and its own retry.
+            except Unstreamable:
+                retry = jobs
+                break
+            except (_CutShort, ZipFormatError) as exc:
+                if attempt == 1:
+                    continue
+                raise VerificationError(
+                    f"XNAT sent an incomplete or unreadable zip for scan {scan.id} of session {self.exp.label}",
+                    detail=f"{exc} (from {url}, {attempt} attempts)",
+                    hint=_RETRY_HINT,
+                ) from exc
         for job in retry:
             self.fetch_file(job)
 
-    def _extract(self, archive: zipfile.ZipFile, scan: Scan, jobs: list[_Job]) -> list[_Job]:
+    def _stream_zip(self, url: str, scan: Scan, jobs: list[_Job]) -> list[_Job]:
+        """Write the wanted entries of the scan's zip to their `.part`s; returns the jobs whose entry
+        did not match the listing. Every entry name is checked before its data is written, and the
+        central directory (symbolic links, names) once the data is in; on any error every `.part`
+        this zip wrote is removed."""
         prefix = zip_prefix(self.exp, scan, self.resource)
+        where = f"the zip of scan {scan.id} of session {self.exp.label}"
         wanted = {j.file.name: j for j in jobs}
-        listed = {f.name for f in scan.files if f.resource == self.resource}
-        members: dict[str, zipfile.ZipInfo] = {}
-        # Every entry is checked before the first byte is extracted.
-        for info in archive.infolist():
-            name = _zip_member(info, prefix, where=f"the zip of scan {scan.id} of session {self.exp.label}")
-            if name is None:
-                continue
-            if name in members:
-                raise VerificationError(f"the zip of scan {scan.id} has two entries for {name}")
-            # Entries XNAT did not list (added after the listing) are ignored, not extracted: the
-            # staging folder holds exactly the listing, and the next plan will see the new files.
-            if name in listed:
-                members[name] = info
-        missing = sorted(n for n in wanted if n not in members)
-        if missing:
-            raise VerificationError(
-                f"the zip of scan {scan.id} of session {self.exp.label} lacks {len(missing)} listed file(s)",
-                detail="missing: " + ", ".join(missing[:10]) + (" …" if len(missing) > 10 else ""),
-                hint="the scan may have changed on XNAT since the listing; plan again",
-            )
-        retry: list[_Job] = []
-        for name, job in sorted(wanted.items()):
+        listed = {f.name: f.size for f in scan.files if f.resource == self.resource}
+        check_later = self._to_check is not None
+        local: list[str] = []
+        good: list[_Job] = []
+        bad: list[_Job] = []
+
+        def receive(buffer: memoryview) -> int:
             self.check_cancel()
-            info = members[name]
-            self._make_dir(job.target.parent)
-            try:
-                self._extract_one(archive, info, job)
-            except _Mismatch:
-                job.part.unlink(missing_ok=True)
-                retry.append(job)
-                continue
-            self._commit_soon(job)
-        return retry
+            n = resp.readinto(buffer)
+            self.progress(n)
+            return n
+
+        try:
+            with self.client.stream(url) as resp:
+                z = ZipStream(receive, self._buffer())
+                try:
+                    while (entry := z.next_entry()) is not None:
+                        local.append(entry.name)
+                        name = _zip_member(entry.name, prefix, where=where)
+                        job = wanted.pop(name, None) if name is not None else None
+                        hint = listed.get(name) if name is not None else None
+                        if job is None:
+                            # Not wanted: already present, a folder, or not in the listing (added
+                            # since; the next plan sees it). A second entry of a wanted name lands
+                            # here too and is caught below, as the directory has it twice.
+                            z.skip(entry, size_hint=hint)
+                            continue
+                        self._make_dir(job.target.parent)
+                        h = hashlib.md5() if job.file.digest and not check_later else None
+                        with open(job.part, "wb") as out:
+                            write = out.write if h is None else lambda piece: (out.write(piece), h.update(piece))
+                            size, crc_ok = z.copy(entry, write, size_hint=hint, limit=job.file.size)
+                        try:
+                            if not crc_ok:
+                                raise _Mismatch("CRC-32", "the zip's", "another")
+                            self._verify(h, size, job.file)
+                            good.append(job)
+                        except _Mismatch:
+                            bad.append(job)
+                    central = z.central_directory()
+                except RemoteError as exc:
+                    raise _CutShort(z.received, exc) from exc
+            if [r.name for r in central] != local:
+                raise ZipFormatError("the zip's directory does not name the entries it holds")
+            for record in central:
+                _zip_member(record.name, prefix, where=where, symlink=stat.S_ISLNK(record.external_attr >> 16))
+            if len(set(local)) != len(local):
+                twice = sorted({n for n in local if local.count(n) > 1})
+                raise VerificationError(f"{where} has two entries for {twice[0][len(prefix):]}")
+            if wanted:
+                missing = sorted(wanted)
+                raise VerificationError(
+                    f"{where} lacks {len(missing)} listed file(s)",
+                    detail="missing: " + ", ".join(missing[:10]) + (" …" if len(missing) > 10 else ""),
+                    hint="the scan may have changed on XNAT since the listing; plan again",
+                )
+        except BaseException:
+            self._discard(good + bad)
+            raise
+        for job in bad:
+            job.part.unlink(missing_ok=True)
+        for job in good:
+            if check_later and job.file.digest:
+                self._check_soon(job)
+            else:
+                self._commit_soon(job)
+        return bad
+
+    def _discard(self, jobs: list[_Job]) -> None:
+        """Remove the `.part`s of `jobs`, and their folders when that leaves them empty."""
+        for job in jobs:
+            job.part.unlink(missing_ok=True)
+        for folder in sorted({j.target.parent for j in jobs}, key=lambda p: len(p.parts), reverse=True):
+            while folder != self.root and self.root in folder.parents:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                self._dirs.discard(folder)
+                folder = folder.parent
 
     def _commit_soon(self, job: _Job) -> None:
         """Rename a verified `.part` into place; one that needs an fsync first goes to a commit
@@ -640,34 +678,12 @@ class _Exporter:
         hit("export-before-rename")
         os.replace(job.part, job.target)
 
-    def _extract_one(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, job: _Job) -> None:
-        f = job.file
-        if info.file_size != f.size:
-            raise _Mismatch("size", str(f.size), str(info.file_size))
-        h = hashlib.md5()
-        size = 0
-        with open(job.part, "wb") as out:
-            try:
-                with archive.open(info) as src:
-                    for chunk in iter(lambda: src.read(CHUNK_SIZE), b""):
-                        self.check_cancel()
-                        out.write(chunk)
-                        h.update(chunk)
-                        size += len(chunk)
-                        if size > f.size:
-                            break
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-                # A damaged entry (bad header, CRC) is a mismatch: the caller refetches the file alone.
-                raise _Mismatch("content", "a readable zip entry", f"{type(exc).__name__}: {exc}") from exc
-            self._verify(h, size, f)
 
-
-def _zip_member(info: zipfile.ZipInfo, prefix: str, *, where: str) -> str | None:
+def _zip_member(raw: str, prefix: str, *, where: str, symlink: bool = False) -> str | None:
     """The relpath below `files/` of a zip entry, None for directory entries; UnsafePathError otherwise."""
-    raw = info.orig_filename  # ZipInfo.filename is cut at a NUL; the original is not
-    if stat.S_ISLNK(info.external_attr >> 16):
+    if symlink:
         raise UnsafePathError(f"{where} holds a symbolic link, {raw!r}", hint="refusing to extract it")
-    name = info.filename
+    name = raw
     if "\x00" in raw or "\\" in raw:
         raise UnsafePathError(f"{where} holds an unsafe entry name {raw!r}")
     is_dir = name.endswith("/")

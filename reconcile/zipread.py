@@ -188,9 +188,9 @@ class ZipStream:
         expected = self._end_of_entry(entry, size)
         return size, (limit is None or size <= limit) and crc == expected
 
-    def skip(self, entry: Entry) -> None:
+    def skip(self, entry: Entry, *, size_hint: int | None = None) -> None:
         """Read past an entry that is not wanted."""
-        self.copy(entry, lambda piece: None, limit=0)
+        self.copy(entry, lambda piece: None, size_hint=size_hint, limit=0)
 
     def _end_of_entry(self, entry: Entry, size: int) -> int:
         """Read the data descriptor if there is one; the entry's CRC-32 as the zip gives it."""

@@ -127,7 +127,7 @@ def test_export_is_byte_identical_to_the_archive(emulator, client, session, tmp_
     assert result.files == 33
     assert result.bytes == sum(len(b) for b in expected.values())
     assert result.downloaded == sum(seen) >= result.bytes
-    assert not list(dest.rglob("*.part")) and not list(dest.glob(".xnat2bids-zip-*"))
+    assert not list(dest.rglob("*.part"))
 
 
 def test_auto_uses_one_zip_for_a_scan_with_many_files_and_per_file_gets_otherwise(
@@ -349,7 +349,7 @@ def test_a_bad_zip_is_retried_and_then_reported(emulator, client, session, tmp_p
     emulator.app.faults.add(Fault(route=ZIP_ROUTE, kind="truncate"))
     with pytest.raises(VerificationError, match="scan 2"):
         export_session(client, exp, scans, dest, method="zip")
-    assert not any((dest / "2").iterdir()) and not list(dest.glob(".xnat2bids-zip-*"))
+    assert not list((dest / "2").glob("*"))
 
 
 def test_a_missing_file_is_a_remote_error(emulator, client, session, tmp_path) -> None:  # noqa: ANN001
@@ -470,6 +470,75 @@ def test_a_well_formed_zip_from_a_bare_site_is_extracted(httpserver: HTTPServer,
     assert on_disk(tmp_path / "dicom") == {"1/1.dcm": b"good"}
 
 
+def streamed_zip(entries: dict[str, bytes], method: int) -> bytes:
+    """A zip as a streaming server (Java's ZipOutputStream, XNAT) writes it: data descriptors
+    after each entry, as zipfile writes to a stream it cannot seek."""
+
+    class Sink(io.RawIOBase):
+        data = bytearray()
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:  # noqa: ANN001
+            self.data += b
+            return len(b)
+
+    sink = Sink()
+    sink.data = bytearray()
+    with zipfile.ZipFile(sink, "w", compression=method) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return bytes(sink.data)
+
+
+def zip_scan(files: dict[str, bytes]) -> tuple[Experiment, Scan, str]:
+    exp = bare_experiment()
+    listed = tuple(RemoteFile(n, len(d), hashlib.md5(d).hexdigest(), f"{ZipSite.ZIP_PATH}/{n}") for n, d in files.items())
+    scan = Scan("1", "T1w", "T1w", listed)
+    return exp, scan, zip_prefix(exp, scan, "DICOM")
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED], ids=["deflated", "stored"])
+def test_a_zip_with_data_descriptors_is_extracted_as_it_streams(httpserver: HTTPServer, tmp_path, method) -> None:  # noqa: ANN001
+    files = {"1.dcm": blob("one", 70_000), "sub/2.dcm": b"two" * 999, "3.dcm": b""}
+    exp, scan, prefix = zip_scan(files)
+    extra = {prefix + "late.dcm": b"added after the listing"} if method == zipfile.ZIP_DEFLATED else {}
+    ZipSite(httpserver, streamed_zip({prefix + n: d for n, d in files.items()} | extra, method))
+    with XnatClient(httpserver.url_for("/"), Credentials("u", "p", "env"), retries=0) as c:
+        export_session(c, exp, [scan], tmp_path / "dicom", method="zip")
+    assert on_disk(tmp_path / "dicom") == {f"1/{n}": d for n, d in files.items()}
+
+
+def test_an_unlisted_entry_a_stream_cannot_skip_sends_the_scan_to_per_file_gets(httpserver: HTTPServer, tmp_path) -> None:  # noqa: ANN001
+    files = {"1.dcm": b"one", "2.dcm": b"two"}
+    exp, scan, prefix = zip_scan(files)
+    # STORED with its size only in the data descriptor, and not in the listing: unreadable front to back.
+    ZipSite(httpserver, streamed_zip({prefix + "x.dcm": b"?", **{prefix + n: d for n, d in files.items()}},
+                                     zipfile.ZIP_STORED))
+    for name, data in files.items():
+        httpserver.expect_request(f"{ZipSite.ZIP_PATH}/{name}").respond_with_data(data)
+    with XnatClient(httpserver.url_for("/"), Credentials("u", "p", "env"), retries=0) as c:
+        export_session(c, exp, [scan], tmp_path / "dicom", method="zip")
+    assert on_disk(tmp_path / "dicom") == {"1/1.dcm": b"one", "1/2.dcm": b"two"}
+    assert sorted(r.path for r, _ in httpserver.log if r.path.endswith(".dcm")) == [
+        f"{ZipSite.ZIP_PATH}/1.dcm", f"{ZipSite.ZIP_PATH}/2.dcm"]
+
+
+def test_a_zip_whose_directory_disagrees_with_its_entries_is_refused(httpserver: HTTPServer, tmp_path) -> None:  # noqa: ANN001
+    files = {"1.dcm": b"good"}
+    exp, scan, prefix = zip_scan(files)
+    payload = bytearray(streamed_zip({prefix + "1.dcm": b"good"}, zipfile.ZIP_DEFLATED))
+    central = payload.rindex(b"PK\x01\x02")
+    at = payload.index(b"1.dcm", central)
+    payload[at:at + 5] = b"9.dcm"  # the directory names another file than the entry before it
+    ZipSite(httpserver, bytes(payload))
+    with XnatClient(httpserver.url_for("/"), Credentials("u", "p", "env"), retries=0) as c:
+        with pytest.raises(VerificationError, match="unreadable zip"):
+            export_session(c, exp, [scan], tmp_path / "dicom", method="zip")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["dicom"]
+
+
 # -- cancel -----------------------------------------------------------------------------------------
 
 
@@ -495,7 +564,6 @@ def test_cancel_stops_the_export_and_leaves_no_partial_file_at_a_final_name(emul
     assert len(finals) < len(expected)
     for name, data in finals.items():
         assert data == expected[name]
-    assert not list(dest.glob(".xnat2bids-zip-*"))
 
     # A second run picks up where the first stopped.
     result = export_session(client, exp, scans, dest, method=method)
