@@ -20,9 +20,6 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-import pydicom
-from pydicom.errors import InvalidDicomError
-
 from reconcile import preload
 from reconcile.config import ConversionSettings
 from reconcile.errors import ConversionError
@@ -185,6 +182,11 @@ def _dicom_files(path: Path) -> Iterator[Path]:
 
 
 def _series_description(path: Path) -> str | None:
+    # Imported here: pydicom (with numpy) takes ~0.4 s to import, which every `plan` paid for
+    # `converter_env` alone.
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     for candidate in _dicom_files(path):
         try:
             ds = pydicom.dcmread(candidate, stop_before_pixels=True,
