@@ -601,7 +601,8 @@ class _Exporter:
                         h = hashlib.md5() if job.file.digest and not check_later else None
                         with open(job.part, "wb") as out:
                             write = out.write if h is None else lambda piece, out=out, h=h: (out.write(piece), h.update(piece))
-                            size, crc_ok = z.copy(entry, write, size_hint=hint, limit=job.file.size)
+                            size, crc_ok = z.copy(entry, write, size_hint=hint, limit=job.file.size,
+                                                  check_crc=not job.file.digest)  # an MD5 says more
                         try:
                             if not crc_ok:
                                 raise _Mismatch("CRC-32", "the zip's", "another")

@@ -148,18 +148,20 @@ class ZipStream:
         return Entry(name, flags, method, 0 if later else crc, size, zip64)
 
     def copy(self, entry: Entry, write: Callable[[memoryview], object], *, size_hint: int | None = None,
-             limit: int | None = None) -> tuple[int, bool]:
+             limit: int | None = None, check_crc: bool = True) -> tuple[int, bool]:
         """Pass the entry's data to `write` piece by piece; returns its size and whether its CRC-32
-        is the one the zip gives. `size_hint` stands in for a STORED size the header leaves to the
-        data descriptor. Beyond `limit` bytes nothing more is written (the data is still read), so
-        an entry larger than listed cannot fill the disk; the CRC is then not checked."""
+        is the one the zip gives (True without `check_crc`: a caller that checks an MD5 anyway
+        saves ~0.5 CPU-s per GiB). `size_hint` stands in for a STORED size the header leaves to
+        the data descriptor. Beyond `limit` bytes nothing more is written (the data is still
+        read), so an entry larger than listed cannot fill the disk; the CRC then does not match."""
         size = crc = 0
 
         def emit(piece: memoryview) -> None:
             nonlocal size, crc
             if limit is None or size + len(piece) <= limit:
                 write(piece)
-                crc = zlib.crc32(piece, crc)
+                if check_crc:
+                    crc = zlib.crc32(piece, crc)
             size += len(piece)
 
         if entry.method == STORED:
@@ -186,11 +188,11 @@ class ZipStream:
                 if out:
                     emit(memoryview(out))
         expected = self._end_of_entry(entry, size)
-        return size, (limit is None or size <= limit) and crc == expected
+        return size, (limit is None or size <= limit) and (not check_crc or crc == expected)
 
     def skip(self, entry: Entry, *, size_hint: int | None = None) -> None:
         """Read past an entry that is not wanted."""
-        self.copy(entry, lambda piece: None, size_hint=size_hint, limit=0)
+        self.copy(entry, lambda piece: None, size_hint=size_hint, limit=0, check_crc=False)
 
     def _end_of_entry(self, entry: Entry, size: int) -> int:
         """Read the data descriptor if there is one; the entry's CRC-32 as the zip gives it."""

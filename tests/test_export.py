@@ -525,6 +525,23 @@ def test_an_unlisted_entry_a_stream_cannot_skip_sends_the_scan_to_per_file_gets(
         f"{ZipSite.ZIP_PATH}/1.dcm", f"{ZipSite.ZIP_PATH}/2.dcm"]
 
 
+def test_without_an_md5_a_damaged_stored_entry_is_fetched_again_alone(httpserver: HTTPServer, tmp_path) -> None:  # noqa: ANN001
+    good = blob("one", 5000)
+    exp = bare_experiment()
+    scan = Scan("1", "T1w", "T1w", (RemoteFile("1.dcm", len(good), "", f"{ZipSite.ZIP_PATH}/1.dcm"),))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(zip_prefix(exp, scan, "DICOM") + "1.dcm", good)
+    payload = bytearray(buf.getvalue())
+    payload[payload.index(good[:64]) + 100] ^= 0x01
+    ZipSite(httpserver, bytes(payload))
+    httpserver.expect_request(f"{ZipSite.ZIP_PATH}/1.dcm").respond_with_data(good)
+    with XnatClient(httpserver.url_for("/"), Credentials("u", "p", "env"), retries=0) as c:
+        export_session(c, exp, [scan], tmp_path / "dicom", method="zip")
+    assert on_disk(tmp_path / "dicom") == {"1/1.dcm": good}
+    assert [r.path for r, _ in httpserver.log].count(f"{ZipSite.ZIP_PATH}/1.dcm") == 1
+
+
 def test_a_zip_whose_directory_disagrees_with_its_entries_is_refused(httpserver: HTTPServer, tmp_path) -> None:  # noqa: ANN001
     files = {"1.dcm": b"good"}
     exp, scan, prefix = zip_scan(files)

@@ -131,6 +131,18 @@ def test_a_flipped_byte_fails_the_crc() -> None:
     assert z.copy(entry, lambda p: None) == (3000, False)
 
 
+def test_without_check_crc_a_flipped_byte_passes_to_the_callers_own_check() -> None:
+    payload = os.urandom(3000)
+    data = bytearray(make_zip({"a": payload}))
+    data[data.index(payload[:64]) + 10] ^= 0xFF
+    z = ZipStream(reader(bytes(data), 4096), memoryview(bytearray(8192)))
+    entry = z.next_entry()
+    assert entry is not None
+    out: list[bytes] = []
+    assert z.copy(entry, lambda p: out.append(bytes(p)), check_crc=False) == (3000, True)
+    assert b"".join(out) != payload and len(b"".join(out)) == 3000
+
+
 def test_a_damaged_deflate_stream_is_never_accepted() -> None:
     for at in range(60, 400, 37):
         data = bytearray(make_zip({"a": os.urandom(2000) * 4}, method=zipfile.ZIP_DEFLATED))
