@@ -606,16 +606,23 @@ def status(
     root = cfg.resolve_bids_root(bids_root)
     holder = statelock.read_holder(root) if root.is_dir() else None
     batches = sx.list_batches(root)
+    pending = sx.pending_revocations(root)
     current = next((b for b in batches if holder is not None and b.id == holder.id), batches[-1] if batches else None)
     if current is None:
         if holder is not None:
             echo(f"{root} is locked: {holder.describe()}")
         else:
             echo(f"No SLURM batch in {root}.")
+        _echo_revocations(pending)
         raise typer.Exit(EXIT_OK)
     st = sx.batch_status(current, query=shutil.which("scontrol") is not None)
     if as_json:
-        echo(json.dumps(st.to_dict(), indent=2, sort_keys=True))
+        data = st.to_dict()
+        data["pending_revocations"] = [
+            {"batch": p.batch, "since": p.since, "attempts": p.attempts, "last_error": p.last_error, "xnat_url": p.xnat_url}
+            for p in pending
+        ]
+        echo(json.dumps(data, indent=2, sort_keys=True))
         raise typer.Exit(EXIT_OK)
     b = st.batch
     echo(f"Batch {b.id} of {root}, submitted {b.created_at} by {b.user}@{b.host}")
@@ -637,7 +644,19 @@ def status(
         echo(line)
         if s.log and s.state not in ("done", "pending"):
             echo(f"       log: {s.log}")
+    _echo_revocations(pending)
     raise typer.Exit(EXIT_OK)
+
+
+def _echo_revocations(pending) -> None:  # noqa: ANN001 - list of slurm.PendingRevocation
+    """Alias tokens of finished batches that XNAT has not invalidated yet (never the alias itself)."""
+    if not pending:
+        return
+    echo(f"Token revocations pending: {len(pending)} (retried by the next apply, submit or finalize "
+         "with XNAT credentials)")
+    for p in pending:
+        tried = f", {p.attempts} attempt(s), last: {p.last_error}" if p.attempts else ""
+        echo(f"  batch {p.batch} on {p.xnat_url}, since {p.since}{tried}")
 
 
 @app.command()

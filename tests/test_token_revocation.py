@@ -129,6 +129,12 @@ def test_finalize_keeps_a_failed_revocation_pending_and_the_next_finalize_retrie
     record = the_pending_record(root)
     assert record.batch == first.id and record.alias == token["alias"]
     assert_holds_no_secret(record.path, token)
+    code, out, err = cli("status", str(root))
+    assert code == 0 and "Token revocations pending: 1" in out and f"batch {first.id} on {emulator.url}" in out
+    assert "1 attempt(s)" in out and token["alias"] not in out + err and token["secret"] not in out + err
+    code, out, _ = cli("status", str(root), "--json")
+    [listed] = json.loads(out)["pending_revocations"]
+    assert listed["batch"] == first.id and listed["attempts"] == 1 and token["alias"] not in out
 
     # The next submission's retry is refused: still pending, and the new batch goes ahead.
     emulator.app.faults.clear()
@@ -145,6 +151,8 @@ def test_finalize_keeps_a_failed_revocation_pending_and_the_next_finalize_retrie
     assert "Finalize complete" in out and "still pending" not in err, out + err
     assert len(issued) == 2 and not any(still_valid(emulator, t) for t in issued)
     assert sx.pending_revocations(root) == []
+    code, out, _ = cli("status", str(root))
+    assert code == 0 and "Token revocations pending" not in out
 
 
 def test_retry_keeps_the_record_while_xnat_fails_and_drops_it_once_xnat_has_no_such_token(emulator, tmp_path):
