@@ -70,7 +70,9 @@ class KeepAlivePool:
         parts = urlsplit(origin)
         self._host = parts.hostname or ""
         self._port = parts.port
-        self._context = ssl_context(verify) if parts.scheme == "https" else None
+        self._https = parts.scheme == "https"
+        self._verify = verify
+        self._context: ssl.SSLContext | None = None  # made at the first connection: plans never need it
         self._timeout = timeout
         self._max_idle = max_idle
         self._idle: list[http.client.HTTPConnection] = []
@@ -78,9 +80,11 @@ class KeepAlivePool:
         self._closed = False
 
     def _connect(self) -> http.client.HTTPConnection:
-        if self._context is not None:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout, context=self._context)
-        return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        if not self._https:
+            return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        if self._context is None:
+            self._context = ssl_context(self._verify)  # OSError for a missing CA file: requests words it
+        return http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout, context=self._context)
 
     def put_back(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -100,17 +104,19 @@ class KeepAlivePool:
         with self._lock:
             conn = self._idle.pop() if self._idle else None
         for fresh in ((False, True) if conn is not None else (True,)):
-            if fresh:
-                conn = self._connect()
-            assert conn is not None
             try:
+                if fresh:
+                    conn = self._connect()
+                assert conn is not None
                 conn.request("GET", target, headers=headers)
                 response = conn.getresponse()
             except _CLOSED_WHILE_IDLE:
-                conn.close()
+                if conn is not None:
+                    conn.close()
                 continue
             except (OSError, http.client.HTTPException):
-                conn.close()
+                if conn is not None:
+                    conn.close()
                 return None
             if response.status in SERVED and response.getheader("Content-Encoding", "identity").lower() == "identity":
                 return Answer(self, conn, response)

@@ -128,3 +128,10 @@ def test_tls_contexts_follow_requests_verify_values(tmp_path: Any) -> None:
     assert ssl_context(str(tmp_path)).verify_mode == ssl.CERT_REQUIRED  # a CA folder
     with pytest.raises(OSError):
         ssl_context(str(tmp_path / "missing.pem"))
+
+
+def test_a_missing_ca_file_is_left_to_requests_to_report(tmp_path: Any) -> None:
+    # The lane's TLS context is made at its first connection, so building a client never fails on it.
+    c = XnatClient("https://xnat.example.org", Credentials("alice", "secret", "env"), verify=str(tmp_path / "none.pem"))
+    assert c._keepalive is not None
+    assert c._keepalive.get("/data/x", {}) is None  # no context, no connection: the caller asks requests
