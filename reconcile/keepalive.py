@@ -1,12 +1,12 @@
-"""Keep-alive GETs over `http.client` for file downloads: the fast lane of `XnatClient.stream`.
+"""Keep-alive GETs over `http.client`: the lane `XnatClient._send` takes for a logged-in GET.
 
-An export makes one GET per file. Through requests and urllib3 each GET cost ~1.1 ms of CPU in
-the client (the URL is parsed and re-encoded twice, settings and cookies are merged, protocol
-`isinstance` checks); through `http.client` it costs ~0.1 ms. For a session of 4,096 DICOM files
-that is 4 s of CPU. Only the plain case takes this lane: no proxy, and an answer of 200, 206 or
-416. Anything else (a refused login, a redirect, a 5xx, a connection that fails before the
-answer) is handed back to the caller, which makes the request again through requests with its
-retries, re-login and error messages.
+Through requests and urllib3 each GET cost ~1.1 ms of CPU in the client (the URL is parsed and
+re-encoded twice, settings and cookies are merged, protocol `isinstance` checks); through
+`http.client` it costs ~0.3 ms. An export makes one GET per file (4,096 files: 4 s of CPU) and
+`plan --deep` two per session. Only plain GETs take this lane, with no proxy set. An `Answer`
+looks to the client like a `requests.Response` (status, headers, text), so retries, re-login
+and error messages stay in one place. A redirect, a content-encoded body or a connection that
+fails before the answer gives None: the client then sends that attempt through requests.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import ssl
 import threading
 from urllib.parse import urlsplit
 
+import requests.exceptions
 import requests.utils
 
-# Answers this lane serves; for anything else the caller goes through requests.
-SERVED = frozenset({200, 206, 416})
 # How a kept connection that the server has closed meanwhile fails.
 _CLOSED_WHILE_IDLE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
@@ -41,16 +40,42 @@ def ssl_context(verify: bool | str) -> ssl.SSLContext:
 
 
 class Answer:
-    """A response whose status line and headers have been read; the body is read by the caller.
+    """A response whose status line and headers have been read, with what the client uses of a
+    `requests.Response`: `status_code`, `headers`, `url`, `content`, `text`, `close()`. The body
+    is read through `response` (streams) or all at once by `content`.
 
     `close()` puts the connection back for the next GET when the body was read to its end,
     otherwise closes it.
     """
 
-    def __init__(self, pool: KeepAlivePool, conn: http.client.HTTPConnection, response: http.client.HTTPResponse):
+    def __init__(self, pool: KeepAlivePool, conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
+                 url: str):
         self._pool = pool
-        self._conn = conn
+        self._conn: http.client.HTTPConnection | None = conn
         self.response = response
+        self.url = url
+        self.status_code = response.status
+        self.headers = response.headers  # case-insensitive `.get`, like requests'
+        self._content: bytes | None = None
+
+    @property
+    def content(self) -> bytes:
+        """The whole body; a body cut short raises requests' ChunkedEncodingError, as requests would."""
+        if self._content is None:
+            try:
+                self._content = self.response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise requests.exceptions.ChunkedEncodingError(f"{type(exc).__name__}: {exc}") from exc
+        return self._content
+
+    @property
+    def text(self) -> str:
+        charset = self.response.headers.get_content_charset() or "utf-8"
+        try:
+            return self.content.decode(charset, errors="replace")
+        except LookupError:  # a charset Python does not know
+            return self.content.decode("utf-8", errors="replace")
 
     def close(self) -> None:
         if self._conn is None:
@@ -93,13 +118,14 @@ class KeepAlivePool:
                 return
         conn.close()
 
-    def get(self, target: str, headers: dict[str, str]) -> Answer | None:
-        """GET `target` (path and query); the Answer when the status is one of SERVED, else None
-        (the connection is then closed and the caller asks again through requests).
+    def get(self, target: str, headers: dict[str, str], url: str) -> Answer | None:
+        """GET `target` (path and query; `url` is the whole URL, for messages). None, with the
+        connection closed, for a redirect, a content-encoded body or a connection that failed
+        before the answer: the caller then asks through requests.
 
         A reused connection that the server closed while idle fails before the answer; it is
         dropped and the GET is sent once more on a new connection. Other failures (timeouts,
-        refused connections, TLS) return None at once.
+        refused connections, TLS) give None at once.
         """
         with self._lock:
             conn = self._idle.pop() if self._idle else None
@@ -118,11 +144,12 @@ class KeepAlivePool:
                 if conn is not None:
                     conn.close()
                 return None
-            if response.status in SERVED and response.getheader("Content-Encoding", "identity").lower() == "identity":
-                return Answer(self, conn, response)
-            response.close()
-            conn.close()
-            return None
+            encoded = response.getheader("Content-Encoding", "identity").lower() != "identity"
+            if 300 <= response.status < 400 or encoded:
+                response.close()
+                conn.close()
+                return None
+            return Answer(self, conn, response, url)
         return None
 
     def close(self) -> None:

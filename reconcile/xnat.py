@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import requests
 import urllib3
@@ -153,9 +153,8 @@ class StreamResponse:
         return cls(response.url, response.status_code, response.headers, fp if plain else None, response)
 
     @classmethod
-    def of_answer(cls, answer: keepalive.Answer, url: str) -> StreamResponse:
-        r = answer.response
-        return cls(url, r.status, r.headers, r)
+    def of_answer(cls, answer: keepalive.Answer) -> StreamResponse:
+        return cls(answer.url, answer.status_code, answer.headers, answer.response)
 
     def readinto(self, buffer: memoryview | bytearray) -> int:
         """Fill `buffer` with the next body bytes; returns how many, 0 once the body is complete.
@@ -200,7 +199,7 @@ def _strip_query(url: str) -> str:
     return url.split("?", 1)[0]
 
 
-def _error_text(resp: requests.Response) -> str:
+def _error_text(resp: requests.Response | keepalive.Answer) -> str:
     """The server's reason for an error status: an HTML page's <h3>, or a short plain-text body."""
     try:
         body = resp.text
@@ -395,7 +394,7 @@ class XnatClient:
         if self.on_request is not None:
             self.on_request(method, url)
 
-    def _sleep(self, attempt: int, resp: requests.Response | None) -> None:
+    def _sleep(self, attempt: int, resp: requests.Response | keepalive.Answer | None) -> None:
         delay = self.backoff * (2**attempt)
         delay += random.uniform(0, delay / 2)  # jitter: parallel workers must not retry in lockstep
         if resp is not None:
@@ -416,17 +415,18 @@ class XnatClient:
         auth: tuple[str, str] | None = None,
         stream: bool = False,
         what: str = "",
-    ) -> requests.Response:
+    ) -> requests.Response | keepalive.Answer:
         """One logical request with retries on transient failures. Raises RemoteError when they run out.
 
         A streamed response is returned with its semaphore slot still held (see `stream`).
         """
         for attempt in range(self.retries + 1):
-            resp: requests.Response | None = None
+            resp: requests.Response | keepalive.Answer | None = None
             self._slots.acquire()
             try:
                 self._count(method, url)
-                resp = self._http.request(
+                lane = self._lane(method, url, params, data, headers, auth, stream)
+                resp = lane if lane is not None else self._http.request(
                     method,
                     url,
                     params=params,
@@ -485,7 +485,7 @@ class XnatClient:
         headers: dict[str, str] | None = None,
         stream: bool = False,
         what: str = "",
-    ) -> requests.Response:
+    ) -> requests.Response | keepalive.Answer:
         """An authenticated request: logs in first if needed, re-logs in once after a 401."""
         if self._closed:
             raise RemoteError("the XNAT client is closed")
@@ -509,7 +509,8 @@ class XnatClient:
         )
 
     def _raise_for_status(
-        self, resp: requests.Response, *, what: str, not_found: str | None = None, forbidden: str | None = None
+        self, resp: requests.Response | keepalive.Answer, *, what: str, not_found: str | None = None,
+        forbidden: str | None = None,
     ) -> None:
         code = resp.status_code
         if 200 <= code < 300:
@@ -534,7 +535,7 @@ class XnatClient:
             )
         raise RemoteError(f"XNAT at {self.url} refused {what}", detail=detail)
 
-    def _json(self, resp: requests.Response, *, what: str) -> Any:
+    def _json(self, resp: requests.Response | keepalive.Answer, *, what: str) -> Any:
         try:
             body = resp.text
         except _TRANSIENT as exc:  # pragma: no cover - bodies are read in _send for non-streams
@@ -747,14 +748,6 @@ class XnatClient:
         RemoteError from `readinto`. Range requests are the caller's: pass `headers`.
         """
         what = f"the download of {_strip_query(uri)}"
-        answer = self._keepalive_get(uri, headers)
-        if answer is not None:
-            try:
-                yield StreamResponse.of_answer(*answer)
-            finally:
-                answer[0].close()
-                self._slots.release()
-            return
         resp = self._request("GET", uri, headers=headers, stream=True, what=what)
         try:
             # 416 tells a resuming caller its Range is past the end; it decides what that means.
@@ -764,35 +757,31 @@ class XnatClient:
                 except _TRANSIENT:
                     pass
                 self._raise_for_status(resp, what=what)
-            yield StreamResponse.of_requests(resp)
+            yield StreamResponse.of_answer(resp) if isinstance(resp, keepalive.Answer) else StreamResponse.of_requests(resp)
         finally:
             resp.close()
             self._slots.release()
 
-    def _keepalive_get(self, uri: str, headers: dict[str, str] | None) -> tuple[keepalive.Answer, str] | None:
-        """The GET through the keep-alive lane, holding a slot; None (slot released) when the lane
-        is off or the answer is one that `_request` must handle (401, redirects, 5xx, errors)."""
-        if self._keepalive is None:
+    def _lane(
+        self, method: str, url: str, params: dict[str, Any] | None, data: Any, headers: dict[str, str] | None,
+        auth: Any, stream: bool,
+    ) -> keepalive.Answer | None:
+        """One attempt of a logged-in GET through the keep-alive lane (reconcile/keepalive.py);
+        None when the lane is off or passes (the attempt then goes through requests). The body of
+        a non-streamed answer is read here, as requests would; a cut body is a transient error."""
+        if self._keepalive is None or method != "GET" or data is not None or auth is not None or not self._logged_in:
             return None
-        if self._closed:
-            raise RemoteError("the XNAT client is closed")
-        self.login()
-        url = self._url(uri)
+        if params:
+            url += ("&" if "?" in url else "?") + urlencode(params, doseq=True)
         parts = urlsplit(requests.utils.requote_uri(url))  # the encoding requests would send
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         sent = {"User-Agent": "xnat2bids", "Accept-Encoding": "identity", "Cookie": self._session_cookies()}
         sent.update(headers or {})
-        self._slots.acquire()
-        try:
-            self._count("GET", url)
-            answer = self._keepalive.get(target, sent)
-        except BaseException:
-            self._slots.release()
-            raise
-        if answer is None:
-            self._slots.release()
-            return None
-        return answer, url
+        answer = self._keepalive.get(target, sent, url)
+        if answer is not None and not stream:
+            answer.content  # noqa: B018 - read now; raises ChunkedEncodingError when cut short
+            answer.close()
+        return answer
 
     def _session_cookies(self) -> str:
         """The Cookie header requests would send, worked out once per login."""

@@ -51,6 +51,18 @@ def test_file_gets_share_one_kept_connection(cheroot_emulator: Any) -> None:
     assert len({tuple(p) for p in ports}) == 1 and len(ports[0]) == 1
 
 
+def test_listings_take_the_kept_connection_too(cheroot_emulator: Any) -> None:
+    emulator = cheroot_emulator
+    populate(emulator.archive, 2)
+    with emu_client(emulator) as c:
+        c.login()
+        exps = c.list_experiments("PROJ")
+        first = kept_ports(c)
+        details = c.deep_details(exps, concurrency=1)
+        assert kept_ports(c) == first and len(first) == 1
+    assert all(len(scans) == 2 for scans in details.values())
+
+
 def test_a_kept_connection_closed_meanwhile_is_replaced(cheroot_emulator: Any) -> None:
     emulator = cheroot_emulator
     (exp,) = populate(emulator.archive, 1)
@@ -134,4 +146,4 @@ def test_a_missing_ca_file_is_left_to_requests_to_report(tmp_path: Any) -> None:
     # The lane's TLS context is made at its first connection, so building a client never fails on it.
     c = XnatClient("https://xnat.example.org", Credentials("alice", "secret", "env"), verify=str(tmp_path / "none.pem"))
     assert c._keepalive is not None
-    assert c._keepalive.get("/data/x", {}) is None  # no context, no connection: the caller asks requests
+    assert c._keepalive.get("/data/x", {}, "https://xnat.example.org/data/x") is None  # the caller asks requests
