@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=10_000)
     ap.add_argument("--deep-sessions", type=int, default=1_000)
     ap.add_argument("--latency", type=float, default=0.02)
-    ap.add_argument("--concurrency", type=int, default=8, help="deep plan concurrency (the CLI default is 8)")
+    ap.add_argument("--concurrency", type=int, default=16, help="deep plan concurrency (the CLI's: reconcile.xnat.CONNECTIONS)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--outputs", type=int, default=4, help="outputs per session in the up-to-date lock")
     ap.add_argument("--skip-deep", action="store_true")
