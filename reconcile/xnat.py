@@ -261,7 +261,7 @@ class XnatClient:
         self._http.mount("http://", adapter)
         self._http.mount("https://", adapter)
         self._slots = threading.BoundedSemaphore(self.max_connections)
-        # File GETs go through http.client when no proxy is in the way (see reconcile/keepalive.py).
+        # Logged-in GETs go through http.client when no proxy is in the way (see reconcile/keepalive.py).
         self._keepalive = (
             None if self._proxies else
             keepalive.KeepAlivePool(self._origin, verify=self._verify, timeout=timeout, max_idle=self.max_connections)
