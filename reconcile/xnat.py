@@ -775,7 +775,7 @@ class XnatClient:
             url += ("&" if "?" in url else "?") + urlencode(params, doseq=True)
         parts = urlsplit(requests.utils.requote_uri(url))  # the encoding requests would send
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        sent = {"User-Agent": "xnat2bids", "Accept-Encoding": "identity", "Cookie": self._session_cookies()}
+        sent = {"User-Agent": "xnat2bids", "Accept": "*/*", "Accept-Encoding": "identity", "Cookie": self._session_cookies()}
         sent.update(headers or {})
         answer = self._keepalive.get(target, sent, url)
         if answer is not None and not stream:
