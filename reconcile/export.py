@@ -600,7 +600,9 @@ class _Exporter:
                         self._make_dir(job.target.parent)
                         h = hashlib.md5() if job.file.digest and not check_later else None
                         with open(job.part, "wb") as out:
-                            write = out.write if h is None else lambda piece, out=out, h=h: (out.write(piece), h.update(piece))
+                            write = out.write if h is None else (
+                                lambda piece, out=out, h=h: (out.write(piece), h.update(piece))
+                            )
                             size, crc_ok = z.copy(entry, write, size_hint=hint, limit=job.file.size,
                                                   check_crc=not job.file.digest)  # an MD5 says more
                         try:

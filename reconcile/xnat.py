@@ -757,7 +757,8 @@ class XnatClient:
                 except _TRANSIENT:
                     pass
                 self._raise_for_status(resp, what=what)
-            yield StreamResponse.of_answer(resp) if isinstance(resp, keepalive.Answer) else StreamResponse.of_requests(resp)
+            lane = isinstance(resp, keepalive.Answer)
+            yield StreamResponse.of_answer(resp) if lane else StreamResponse.of_requests(resp)
         finally:
             resp.close()
             self._slots.release()
@@ -775,7 +776,10 @@ class XnatClient:
             url += ("&" if "?" in url else "?") + urlencode(params, doseq=True)
         parts = urlsplit(requests.utils.requote_uri(url))  # the encoding requests would send
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        sent = {"User-Agent": "xnat2bids", "Accept": "*/*", "Accept-Encoding": "identity", "Cookie": self._session_cookies()}
+        sent = {
+            "User-Agent": "xnat2bids", "Accept": "*/*", "Accept-Encoding": "identity",
+            "Cookie": self._session_cookies(),
+        }
         sent.update(headers or {})
         answer = self._keepalive.get(target, sent, url)
         if answer is not None and not stream:
@@ -788,5 +792,6 @@ class XnatClient:
         cached = self._cookie_header
         if cached is None or cached[0] != self._generation:
             probe = requests.Request("GET", self.url + "/").prepare()
-            cached = self._cookie_header = (self._generation, requests.cookies.get_cookie_header(self._http.cookies, probe) or "")
+            header = requests.cookies.get_cookie_header(self._http.cookies, probe) or ""
+            cached = self._cookie_header = (self._generation, header)
         return cached[1]

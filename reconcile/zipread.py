@@ -213,7 +213,8 @@ class ZipStream:
         records: list[CentralRecord] = []
         while self._peek_signature() == _CENTRAL:
             fields = struct.unpack("<IHHHHHHIIIHHHHHII", self._take(46))
-            flags, name_len, extra_len, comment_len, external = fields[3], fields[10], fields[11], fields[12], fields[15]
+            flags, external = fields[3], fields[15]
+            name_len, extra_len, comment_len = fields[10], fields[11], fields[12]
             name = _decode(self._take(name_len), flags)
             self._take(extra_len + comment_len)
             records.append(CentralRecord(name, external))
