@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from pytest_httpserver import HTTPServer
+from test_zipread import make_zip  # zips as a streaming server writes them
 from werkzeug import Request, Response
 
 import reconcile.export as export_mod
@@ -470,28 +471,6 @@ def test_a_well_formed_zip_from_a_bare_site_is_extracted(httpserver: HTTPServer,
     assert on_disk(tmp_path / "dicom") == {"1/1.dcm": b"good"}
 
 
-def streamed_zip(entries: dict[str, bytes], method: int) -> bytes:
-    """A zip as a streaming server (Java's ZipOutputStream, XNAT) writes it: data descriptors
-    after each entry, as zipfile writes to a stream it cannot seek."""
-
-    class Sink(io.RawIOBase):
-        data = bytearray()
-
-        def writable(self) -> bool:
-            return True
-
-        def write(self, b) -> int:  # noqa: ANN001
-            self.data += b
-            return len(b)
-
-    sink = Sink()
-    sink.data = bytearray()
-    with zipfile.ZipFile(sink, "w", compression=method) as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-    return bytes(sink.data)
-
-
 def zip_scan(files: dict[str, bytes]) -> tuple[Experiment, Scan, str]:
     exp = bare_experiment()
     listed = tuple(RemoteFile(n, len(d), hashlib.md5(d).hexdigest(), f"{ZipSite.ZIP_PATH}/{n}") for n, d in files.items())
@@ -504,7 +483,7 @@ def test_a_zip_with_data_descriptors_is_extracted_as_it_streams(httpserver: HTTP
     files = {"1.dcm": blob("one", 70_000), "sub/2.dcm": b"two" * 999, "3.dcm": b""}
     exp, scan, prefix = zip_scan(files)
     extra = {prefix + "late.dcm": b"added after the listing"} if method == zipfile.ZIP_DEFLATED else {}
-    ZipSite(httpserver, streamed_zip({prefix + n: d for n, d in files.items()} | extra, method))
+    ZipSite(httpserver, make_zip({prefix + n: d for n, d in files.items()} | extra, method=method, streamed=True))
     with XnatClient(httpserver.url_for("/"), Credentials("u", "p", "env"), retries=0) as c:
         export_session(c, exp, [scan], tmp_path / "dicom", method="zip")
     assert on_disk(tmp_path / "dicom") == {f"1/{n}": d for n, d in files.items()}
@@ -514,8 +493,8 @@ def test_an_unlisted_entry_a_stream_cannot_skip_sends_the_scan_to_per_file_gets(
     files = {"1.dcm": b"one", "2.dcm": b"two"}
     exp, scan, prefix = zip_scan(files)
     # STORED with its size only in the data descriptor, and not in the listing: unreadable front to back.
-    ZipSite(httpserver, streamed_zip({prefix + "x.dcm": b"?", **{prefix + n: d for n, d in files.items()}},
-                                     zipfile.ZIP_STORED))
+    ZipSite(httpserver, make_zip({prefix + "x.dcm": b"?", **{prefix + n: d for n, d in files.items()}},
+                                 method=zipfile.ZIP_STORED, streamed=True))
     for name, data in files.items():
         httpserver.expect_request(f"{ZipSite.ZIP_PATH}/{name}").respond_with_data(data)
     with XnatClient(httpserver.url_for("/"), Credentials("u", "p", "env"), retries=0) as c:
@@ -545,7 +524,7 @@ def test_without_an_md5_a_damaged_stored_entry_is_fetched_again_alone(httpserver
 def test_a_zip_whose_directory_disagrees_with_its_entries_is_refused(httpserver: HTTPServer, tmp_path) -> None:  # noqa: ANN001
     files = {"1.dcm": b"good"}
     exp, scan, prefix = zip_scan(files)
-    payload = bytearray(streamed_zip({prefix + "1.dcm": b"good"}, zipfile.ZIP_DEFLATED))
+    payload = bytearray(make_zip({prefix + "1.dcm": b"good"}, method=zipfile.ZIP_DEFLATED, streamed=True))
     central = payload.rindex(b"PK\x01\x02")
     at = payload.index(b"1.dcm", central)
     payload[at:at + 5] = b"9.dcm"  # the directory names another file than the entry before it
