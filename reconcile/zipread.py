@@ -101,25 +101,13 @@ class ZipStream:
                 return None if self._end == self._start else -1
         return struct.unpack_from("<I", self._buf, self._start)[0]
 
-    def _chunks(self, count: int) -> Callable[[], memoryview]:
-        """A function giving the next piece of the following `count` bytes (empty when done)."""
-        left = count
-
-        def piece() -> memoryview:
-            nonlocal left
-            if left == 0:
-                return memoryview(b"")
-            if self._start == self._end:
-                self._start = self._end = 0
-                if not self._fill():
-                    raise ZipFormatError("the zip ends in the middle of an entry")
-            n = min(left, self._end - self._start)
-            out = self._buf[self._start:self._start + n]
-            self._start += n
-            left -= n
-            return out
-
-        return piece
+    def _unread(self, entry: Entry) -> memoryview:
+        """The bytes received and not yet consumed, reading more when there are none."""
+        if self._start == self._end:
+            self._start = self._end = 0
+            if not self._fill():
+                raise ZipFormatError(f"the zip ends inside entry {entry.name!r}")
+        return self._buf[self._start:self._end]
 
     # -- entries --------------------------------------------------------------------------------
     def next_entry(self) -> Entry | None:
@@ -168,17 +156,15 @@ class ZipStream:
             count = entry.size if entry.size is not None else size_hint
             if count is None:
                 raise Unstreamable(f"stored entry {entry.name!r} gives its size only after its data")
-            nxt = self._chunks(count)
-            while piece := nxt():
+            while count:
+                piece = self._unread(entry)[:count]
+                self._start += len(piece)
+                count -= len(piece)
                 emit(piece)
         else:
             inflate = zlib.decompressobj(-15)
             while not inflate.eof:
-                if self._start == self._end:
-                    self._start = self._end = 0
-                    if not self._fill():
-                        raise ZipFormatError(f"the zip ends inside entry {entry.name!r}")
-                data = self._buf[self._start:self._end]
+                data = self._unread(entry)
                 try:
                     out = inflate.decompress(data, 1 << 20)
                 except zlib.error as exc:
