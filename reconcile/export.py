@@ -603,15 +603,13 @@ class _Exporter:
                             write = out.write if h is None else (
                                 lambda piece, out=out, h=h: (out.write(piece), h.update(piece))
                             )
-                            size, crc_ok = z.copy(entry, write, size_hint=hint, limit=job.file.size,
+                            size, intact = z.copy(entry, write, size_hint=hint, limit=job.file.size,
                                                   check_crc=not job.file.digest)  # an MD5 says more
                         try:
-                            if not crc_ok:
-                                raise _Mismatch("CRC-32", "the zip's", "another")
                             self._verify(h, size, job.file)
-                            good.append(job)
                         except _Mismatch:
-                            bad.append(job)
+                            intact = False
+                        (good if intact else bad).append(job)
                     central = z.central_directory()
                 except RemoteError as exc:
                     raise _CutShort(z.received, exc) from exc
