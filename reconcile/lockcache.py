@@ -19,7 +19,7 @@ from typing import Any
 
 from reconcile.errors import LockfileError
 from reconcile.lockdoc import _HEADER_FIELDS, _canonical_session
-from reconcile.lockparse import _parse, gc_paused
+from reconcile.lockparse import _parse_bytes, gc_paused
 
 # What is known about a lock file is a `_Snapshot`, keyed by the SHA-256 of its exact bytes:
 # kept in memory for the files this process read or wrote, and for large locks also saved in a
@@ -36,13 +36,19 @@ class _Snapshot:
     header: dict[str, Any]  # as `lock._header` returns it
     blobs: dict[str, bytes]  # session key -> its canonical document, marshalled, in key order
     sums: dict[str, bytes]  # session key -> SHA-256 of its blob, to check the blob in a cache file
-    # Session key -> (start, end) of its TOML fragment in the file; None when the file may not be
-    # byte-for-byte what `write_lock` writes (parsed from text, e.g. edited by hand).
+    # Session key -> (start, end) of its TOML fragment in the file; None when the file is not laid
+    # out fragment by fragment (see `lockparse._by_session`).
     spans: dict[str, tuple[int, int]] | None
     pieces: list[Any]
     fragments: dict[str, Any] | None = None  # with spans: session key -> those bytes, in `pieces`
     identity: tuple[int, ...] | None = None  # `_identity` of the file as read or written; None: unknown
     known_digest: bytes | None = None  # SHA-256 of the bytes, once computed
+
+    def locate(self, spans: dict[str, tuple[int, int]]) -> None:
+        """Note where each session's fragment lies in the file's bytes, held in one piece."""
+        view = memoryview(self.pieces[0])
+        self.spans = spans
+        self.fragments = {key: view[start:end] for key, (start, end) in spans.items()}
 
     @property
     def digest(self) -> bytes:
@@ -151,9 +157,7 @@ def _load_cache(path: Path, data: bytes, digest: bytes) -> _Snapshot | None:
             at += length
         snapshot = _Snapshot(header, blobs, blob_sums, None, [data], known_digest=digest)
         if spans is not None:
-            view = memoryview(data)
-            snapshot.spans = {k: (spans[2 * i], spans[2 * i + 1]) for i, k in enumerate(keys)}
-            snapshot.fragments = {k: view[start:end] for k, (start, end) in snapshot.spans.items()}
+            snapshot.locate({k: (spans[2 * i], spans[2 * i + 1]) for i, k in enumerate(keys)})
         return snapshot
     except Exception:  # anything unexpected in a cache means: not usable
         return None
@@ -261,13 +265,12 @@ def _snapshot_of(path: Path, data: bytes) -> _Snapshot:
 
 def _parse_file(path: Path, data: bytes, digest: bytes) -> _Snapshot:
     """The slow path: parse and validate the TOML."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise LockfileError(f"{path}: not valid TOML: not UTF-8 text (byte {exc.start})") from exc
     with gc_paused():
-        doc = _parse(text, str(path))
+        doc, spans = _parse_bytes(data, str(path))
         sessions = doc["sessions"]
         blobs = {key: marshal.dumps(_canonical_session(sessions[key])) for key in sorted(sessions)}
     sums = {key: hashlib.sha256(blob).digest() for key, blob in blobs.items()}
-    return _Snapshot({key: doc[key] for key in _HEADER_FIELDS}, blobs, sums, None, [data], known_digest=digest)
+    snapshot = _Snapshot({key: doc[key] for key in _HEADER_FIELDS}, blobs, sums, None, [data], known_digest=digest)
+    if spans is not None:
+        snapshot.locate(spans)
+    return snapshot

@@ -7,6 +7,7 @@ import hashlib
 import os
 import pickle
 import random
+import re
 import stat
 import time
 import uuid
@@ -628,10 +629,10 @@ def forget() -> None:
 
 
 def no_toml(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(text: str, source: str) -> None:
+    def refuse(data: bytes, source: str) -> None:
         raise AssertionError("the TOML was parsed")
 
-    monkeypatch.setattr(lockcache, "_parse", refuse)  # as the file reader calls it
+    monkeypatch.setattr(lockcache, "_parse_bytes", refuse)  # as the file reader calls it
 
 
 @given(_locks, st.data())
@@ -661,10 +662,21 @@ def secrets_token() -> str:
     return os.urandom(6).hex()
 
 
-def test_a_write_after_a_read_reserializes_only_the_changed_session(root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("read_from", ["cache", "TOML"])
+def test_a_write_after_a_read_reserializes_only_the_changed_session(
+    root: Path, read_from: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if read_from == "cache":
+        request.getfixturevalue("cached")
+    else:  # a lock this small gets no cache file: the read parses the TOML
+        monkeypatch.setenv("XNAT2BIDS_CACHE_DIR", str(root / "cache"))
     write_lock(root, lock_with(*(record(n) for n in range(1, 6))))
     forget()
+    parsed: list[str] = []
+    real_parse = lockcache._parse_bytes
+    monkeypatch.setattr(lockcache, "_parse_bytes", lambda data, source: parsed.append(source) or real_parse(data, source))
     lock = read_lock(root)
+    assert len(parsed) == (read_from == "TOML")
     serialized: list[str] = []
     real = lock_module.tomli_w.dumps
     monkeypatch.setattr(lock_module.tomli_w, "dumps", lambda doc: serialized.append(next(iter(doc))) or real(doc))
@@ -673,6 +685,83 @@ def test_a_write_after_a_read_reserializes_only_the_changed_session(root: Path, 
     monkeypatch.undo()
     assert lock_path(root).read_text() == dumps_lock(written)
     assert read_lock(root).sessions["XNAT_E00003"].exported_at == "2027-01-01T00:00:00Z"
+
+
+def _fragment_of(text: str, key: str) -> tuple[int, int]:
+    """Where session `key`'s text starts and ends in a lock written by `write_lock`."""
+    start = text.index(f"[sessions.{key}]\n")
+    following = re.compile(r"^\[sessions\.[A-Za-z0-9_-]+\]$", re.MULTILINE).search(text, start + 1)
+    return start, len(text) if following is None else following.start() - 1  # before the blank line
+
+
+def test_a_hand_formatted_session_keeps_its_form_until_it_changes(root: Path) -> None:
+    write_lock(root, lock_with(record(1), record(2), record(3)))
+    text = lock_path(root).read_text()
+    start, end = _fragment_of(text, "XNAT_E00002")
+    mine = text[start:end].replace("]\n", "]\n# checked by hand\n", 1).replace("size = 1001\n", "size   =   1001\n")
+    lock_path(root).write_text(text[:start] + mine + text[end:])
+    forget()
+    read = read_lock(root)
+    assert read.sessions == lock_with(record(1), record(2), record(3)).sessions
+
+    written = write_lock(root, read.with_session(replace(record(3), exported_at="2027-01-01T00:00:00Z")), expected_serial=1)
+    canonical = dumps_lock(written)
+    start, end = _fragment_of(canonical, "XNAT_E00002")
+    assert lock_path(root).read_text() == canonical[:start] + mine + canonical[end:]  # session 2 as edited
+    forget()
+    assert read_lock(root) == written
+
+    again = write_lock(root, written.with_session(replace(record(2), exported_at="2027-01-02T00:00:00Z")), expected_serial=2)
+    assert lock_path(root).read_text() == dumps_lock(again)  # a changed session is written anew
+
+
+def _move_tools_of_2_to_the_end(text: str) -> str:
+    block = text[text.index("[sessions.XNAT_E00002.tools]"):]
+    block = block[: block.index("\n\n") + 2]
+    return text.replace(block, "") + "\n" + block
+
+
+def _swap_1_and_2(text: str) -> str:
+    (a, b), (c, d) = _fragment_of(text, "XNAT_E00001"), _fragment_of(text, "XNAT_E00002")
+    return text[:a] + text[c:d] + text[b:c] + text[a:b] + text[d:]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(_swap_1_and_2, id="sessions out of order"),
+        pytest.param(_move_tools_of_2_to_the_end, id="a session's table in another's fragment"),
+        pytest.param(lambda t: t.replace("[sessions.XNAT_E00002]", "[ sessions.XNAT_E00002 ]"), id="a spaced table name"),
+        pytest.param(lambda t: t.replace("\n", "\r\n"), id="CRLF line ends"),
+        pytest.param(lambda t: t.replace('series_description = "t1_mprage"', 'series_description = """\n[sessions.XNAT_E00009]\n"""', 1),
+                     id="a fragment's first line inside a multi-line string"),
+        pytest.param(lambda t: t.replace("[sessions.XNAT_E00001]", "[sessions]\n[sessions.XNAT_E00001]"), id="a sessions table"),
+    ],
+)
+def test_a_lock_laid_out_otherwise_is_read_whole_and_written_anew(root: Path, edit: Callable[[str], str]) -> None:
+    write_lock(root, lock_with(record(1), record(2), record(3)))
+    text = edit(lock_path(root).read_text())
+    lock_path(root).write_bytes(text.encode())
+    assert lockparse._by_session(text.encode()) is None
+    forget()
+    read = read_lock(root)
+    assert read == loads_lock(text) and _document(read) == lockparse.tomllib.loads(text)
+    written = write_lock(root, read.with_session(record(4)), expected_serial=1)
+    assert lock_path(root).read_text() == dumps_lock(written)
+
+
+@given(_locks)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.skipif(lockparse.toml_rs is None, reason="toml-rs is not installed (Python 3.10)")
+def test_a_written_lock_is_read_fragment_by_fragment(lock: Lock) -> None:
+    data = dumps_lock(lock).encode()
+    doc, spans = lockparse._parse_bytes(data, "lock")
+    assert doc == lockparse.tomllib.loads(data.decode())
+    if lock.sessions:
+        assert spans is not None and list(spans) == sorted(lock.sessions)
+        header = {key: doc[key] for key in lockdoc._HEADER_FIELDS}
+        pieces, where = lock_module._assemble(header, [data[start:end] for start, end in spans.values()])
+        assert b"".join(pieces) == data and where == list(spans.values())
 
 
 def test_a_dict_changed_inside_a_read_record_is_written(root: Path) -> None:
@@ -792,7 +881,7 @@ def test_a_cache_written_by_someone_else_is_not_trusted(root: Path, cached: Path
     forget()
     monkeypatch.setattr(os, "getuid", lambda: os.stat(root).st_uid + 1)
     parsed: list[str] = []
-    real = lockcache._parse
-    monkeypatch.setattr(lockcache, "_parse", lambda text, source: parsed.append(source) or real(text, source))
+    real = lockcache._parse_bytes
+    monkeypatch.setattr(lockcache, "_parse_bytes", lambda data, source: parsed.append(source) or real(data, source))
     read_lock(root)
     assert parsed == [str(lock_path(root))]
