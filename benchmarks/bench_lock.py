@@ -101,7 +101,7 @@ def bench(n: int, loop: int, cold: bool) -> list[list[str]]:
         dt, got = timed(lambda: lockmod.read_lock(root))
         row("read, cold (parse TOML, validate; saves the cache)", dt)
         dt, written = timed(lambda: lockmod.write_lock(root, got, expected_serial=got.serial))
-        row("write after a cold read (full: file may not be canonical)", dt)
+        row("write after a cold read (sessions' text copied from the file)", dt)
     best = float("inf")
     for _ in range(3):
         new_process()
