@@ -304,7 +304,11 @@ def write_lock(root: Path, lock: Lock, *, expected_serial: int | None = None) ->
         if problems:
             _raise_invalid(f"refusing to write an invalid lock to {path}", problems)
         for i, key, doc, blob in changed:
-            fragments[i] = tomli_w.dumps({"sessions": {key: doc}}).encode()
+            try:
+                fragments[i] = tomli_w.dumps({"sessions": {key: doc}}).encode()
+            except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a file name that is not UTF-8
+                _raise_invalid(f"refusing to write an invalid lock to {path}",
+                               [f"sessions/{key}: {exc.object[exc.start:exc.end]!r} is not Unicode text"])
             blobs[key] = blob if blob is not None else marshal.dumps(doc)
             sums[key] = hashlib.sha256(blobs[key]).digest()
         pieces, spans = _assemble(header, fragments)

@@ -131,8 +131,10 @@ def _by_session(data: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, int]]
             end = starts[i + 1][0] if i + 1 < len(starts) else len(data)
             if end < len(data) and data[end - 2:end] == b"\n\n":
                 end -= 1  # the blank line between two fragments is the writer's separator
-            fragment = toml_rs.loads(data[start:end].decode(), toml_version="1.0.0")
-            if len(fragment) != 1 or len(tables := fragment.get("sessions") or ()) != 1 or key not in tables:
+            # After a `[sessions]` line: a fragment declaring that table too (allowed once per file,
+            # so maybe in each fragment alone) fails here as the whole file would.
+            fragment = toml_rs.loads("[sessions]\n" + data[start:end].decode(), toml_version="1.0.0")
+            if len(fragment) != 1 or len(tables := fragment["sessions"]) != 1 or key not in tables:
                 return None
             sessions[key] = tables[key]
             spans[key] = (start, end)

@@ -726,6 +726,31 @@ def _swap_1_and_2(text: str) -> str:
     return text[:a] + text[c:d] + text[b:c] + text[a:b] + text[d:]
 
 
+@pytest.mark.parametrize("spelling", ["[sessions]", '["sessions"]', "[ sessions ]"])
+def test_a_sessions_table_declared_in_two_fragments_is_refused(root: Path, spelling: str) -> None:
+    write_lock(root, lock_with(record(1), record(2), record(3)))
+    text = lock_path(root).read_text()
+    for key in ("XNAT_E00002", "XNAT_E00003"):
+        text = text.replace(f"\n\n[sessions.{key}]", f"\n{spelling}\n\n[sessions.{key}]")
+    lock_path(root).write_text(text)
+    forget()
+    with pytest.raises(LockfileError, match=r"not valid TOML: Cannot declare \('sessions',\) twice"):
+        read_lock(root)
+    with pytest.raises(LockfileError, match="twice"):
+        write_lock(root, lock_with(record(4)))
+    assert lock_path(root).read_text() == text
+
+
+def test_a_name_that_is_not_unicode_text_is_refused_before_writing(root: Path) -> None:
+    lock = write_lock(root, lock_with(record(1)))
+    before = lock_path(root).read_bytes()
+    undecodable = os.fsdecode(b"sub-SUBJ02/ses-MR1/anat/f\xe9.nii.gz")  # as os.walk names a Latin-1 file
+    bad = replace(record(2), outputs=(OutputRecord(undecodable, 1, sha("x"), 0),))
+    with pytest.raises(LockfileError, match=r"refusing to write an invalid lock.*sessions/XNAT_E00002: '\\udce9' is not Unicode"):
+        write_lock(root, lock.with_session(bad), expected_serial=1)
+    assert lock_path(root).read_bytes() == before
+
+
 @pytest.mark.parametrize(
     "edit",
     [
@@ -736,6 +761,8 @@ def _swap_1_and_2(text: str) -> str:
         pytest.param(lambda t: t.replace('series_description = "t1_mprage"', 'series_description = """\n[sessions.XNAT_E00009]\n"""', 1),
                      id="a fragment's first line inside a multi-line string"),
         pytest.param(lambda t: t.replace("[sessions.XNAT_E00001]", "[sessions]\n[sessions.XNAT_E00001]"), id="a sessions table"),
+        pytest.param(lambda t: t.replace("[sessions.XNAT_E00002]", "[sessions]\n[sessions.XNAT_E00002]"),
+                     id="a sessions table in a fragment"),
     ],
 )
 def test_a_lock_laid_out_otherwise_is_read_whole_and_written_anew(root: Path, edit: Callable[[str], str]) -> None:
