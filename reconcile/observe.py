@@ -6,6 +6,7 @@ All the I/O that `plan` needs happens here, so that `plan.compute_plan` stays pu
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from reconcile.config import Config
 from reconcile.errors import ConfigError, RemoteError, XnatBidsError
 from reconcile.localscan import stat_outputs
 from reconcile.lock import Lock, gc_paused, load_or_new
-from reconcile.model import Experiment
+from reconcile.model import BidsAddress, Experiment
 from reconcile.naming import address_for
 from reconcile.plan import (
     SESSION_TYPES_SUFFIX,
@@ -29,6 +30,8 @@ from reconcile.plan import (
     RemoteState,
     Selection,
     compute_plan,
+    moves_in,
+    refuse_occupied,
 )
 from reconcile.xnat import CONNECTIONS, XnatClient
 
@@ -155,8 +158,26 @@ def make_plan(
             lock, remote, local, config, selection=selection, tools=tool_versions(),
             reconvert_outdated=reconvert_outdated,
         )
+        plan = refuse_occupied(plan, occupied_folders(root, plan, lock))
         _promote_survivors()
     return PlanRun(root, lock, plan)
+
+
+def occupied_folders(root: Path, plan: Plan, lock: Lock) -> set[BidsAddress]:
+    """The session folders that `plan` would move into and that exist on disk, though the lock
+    records no session at them. One listing of the root; a folder is looked for only when its
+    subject's folder exists (an empty root: no more system calls)."""
+    try:
+        with os.scandir(root) as entries:
+            subjects = {e.name for e in entries}
+    except OSError:  # no root yet (or unreadable: apply will say so)
+        return set()
+    recorded = {r.address for r in lock.sessions.values()}
+    return {
+        c.address for c in plan.changes
+        if moves_in(c) and f"sub-{c.address.subject}" in subjects and c.address not in recorded
+        and os.path.lexists(os.path.join(root, c.address.path))
+    }
 
 
 def _promote_survivors() -> None:

@@ -8,8 +8,8 @@ scan fingerprints, config digests, file stats).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
 
@@ -464,3 +464,32 @@ def compute_plan(
         deep=deep,
         projects=listed_projects,
     )
+
+
+def moves_in(change: Change) -> bool:
+    """Whether apply would write `change`'s session into a folder no lock entry holds for it: a
+    create, or an update to a new address (a rename). Apply refuses such a folder if it exists."""
+    return change.action is Action.CREATE or (
+        change.action is Action.UPDATE and change.before is not None and change.before.address != change.address
+    )
+
+
+def refuse_occupied(plan: Plan, occupied: Collection[BidsAddress]) -> Plan:
+    """`plan` with each change that moves into an `occupied` folder (on disk, recorded for no
+    session: another tool's export, a forgotten session) made a problem. Apply would refuse it
+    only after downloading and converting, on every run."""
+    refused = [c for c in plan.changes if c.address in occupied and moves_in(c)]
+    if not refused:
+        return plan
+    problems = [
+        Problem(
+            f"{c.address.path} exists but the lock records no session there; session {c.key.experiment_id} "
+            f"({c.key.project}/{c.after.label if c.after else c.key.experiment_id}) would be written into it",
+            c.key.project,
+            c.key.experiment_id,
+            hint="move that folder out of the BIDS root (its files are never replaced), then plan again",
+        )
+        for c in refused
+    ]
+    return replace(plan, changes=tuple(c for c in plan.changes if c not in refused),
+                   problems=plan.problems + tuple(problems))

@@ -25,6 +25,7 @@ from reconcile.plan import (
     RemoteState,
     Selection,
     compute_plan,
+    refuse_occupied,
 )
 
 T0 = datetime(2024, 1, 10, 14, 22, 5, 352000)
@@ -185,6 +186,25 @@ def test_rearchived_session_is_one_update_not_orphan_plus_create():  # row 9
     assert len(plan.changes) == 1
     assert change.reasons[0].message == "replaced in XNAT: XNAT_E00001 → XNAT_E00099"
     assert change.before.experiment_id == "XNAT_E00001" and change.key.experiment_id == "XNAT_E00099"
+
+
+def test_a_change_into_an_occupied_folder_becomes_a_problem_and_the_others_stay():
+    renamed_from, rearchived_from = exp(3), exp(4)
+    lock = lock_of(record(renamed_from, bids_session="SUBJ03MR1"), record(rearchived_from, bids_session="SUBJ04MR1"))
+    new, other = exp(1), exp(2)
+    renamed = replace(renamed_from, label="SUBJ03_MR2", last_modified=T0 + timedelta(minutes=1))
+    rearchived = replace(rearchived_from, id="XNAT_E00099")
+    plan = plan_of(lock, [new, other, renamed, rearchived])
+    occupied = {c.address for c in plan.changes}  # every target folder exists on disk
+    kept = refuse_occupied(plan, occupied)
+    assert [c.key.experiment_id for c in kept.changes] == ["XNAT_E00099"]  # its folder is the one it replaces
+    assert [(p.experiment_id, p.message) for p in kept.problems] == [
+        (e.id, f"{address} exists but the lock records no session there; session {e.id} (PROJ/{e.label}) "
+               "would be written into it")
+        for e, address in [(new, "sub-SUBJ01/ses-SUBJ01MR1"), (other, "sub-SUBJ02/ses-SUBJ02MR1"),
+                           (renamed, "sub-SUBJ03/ses-SUBJ03MR2")]
+    ]
+    assert refuse_occupied(plan, set()) is plan
 
 
 def test_session_moved_to_another_project_is_reported_under_its_new_project():  # row 10

@@ -1,0 +1,44 @@
+"""A session folder on disk that the lock records for no session (another tool's export, a
+forgotten session) is never written into: plan reports it before anything is downloaded."""
+
+from __future__ import annotations
+
+from worlds import add_sessions, exported_root, tree
+
+from reconcile.lock import read_lock
+
+
+def test_a_forgotten_session_still_in_xnat_is_a_problem_not_a_create(cli, emulator, tmp_path):
+    kept, forgotten = add_sessions(emulator.archive, 2)
+    root = exported_root(emulator.archive, tmp_path, [kept, forgotten])
+    assert cli("forget", forgotten.id, str(root))[0] == 0
+    before = tree(root, "sub-SUBJ02")
+
+    code, out, err = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 1, out + err
+    assert "create" not in out and "No changes. 1 session up to date." in out
+    assert (f"sub-SUBJ02/ses-SUBJ02MR1 exists but the lock records no session there; session {forgotten.id} "
+            f"(PROJ/SUBJ02_MR1) would be written into it") in out
+    assert "move that folder out of the BIDS root" in out
+
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1, out + err
+    assert tree(root, "sub-SUBJ02") == before
+    assert sorted(read_lock(root).sessions) == [kept.id]
+
+
+def test_another_tools_export_is_left_alone_until_moved_away(cli, emulator, tmp_path):
+    [session] = add_sessions(emulator.archive, 1)
+    root = tmp_path / "bids"
+    theirs = root / "sub-SUBJ01" / "ses-SUBJ01MR1" / "anat" / "sub-SUBJ01_ses-SUBJ01MR1_T1w.nii.gz"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"exported by the old script")
+
+    code, out, err = cli("plan", str(root), "-p", "PROJ", "--json")
+    assert code == 1, err
+    assert f"session {session.id} (PROJ/SUBJ01_MR1) would be written into it" in out
+    assert '"changes": []' in out
+
+    (root / "sub-SUBJ01").rename(tmp_path / "old-export")
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 2 and "+ create  sub-SUBJ01/ses-SUBJ01MR1" in out
