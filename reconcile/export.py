@@ -14,6 +14,7 @@ import re
 import shutil
 import stat
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -129,7 +130,8 @@ def export_session(
     """Make `dest` hold exactly the `resource` files of `scans`, verified against their listing.
 
     `scans` is the listing to trust (from `client.list_scans` just before). Files already present
-    with the listed size and MD5 are kept; a leftover `.part` is resumed with a Range request.
+    with the listed size and MD5 are kept; a leftover `.part` of a file with a listed MD5 is
+    resumed with a Range request.
     Anything else below `dest` (files of an older listing, stray `.part`s, symlinks) is removed,
     because `dest` is the staging folder the converter reads in full.
 
@@ -410,7 +412,8 @@ class _Exporter:
                         hint="the file may have changed on XNAT since the listing; plan again",
                     ) from None
             except _CutShort as cut:
-                # The .part is kept: the retry (or a later run) resumes it with a Range request.
+                # The .part is kept: the retry (or a later run) resumes it with a Range request
+                # when an MD5 can check the whole file (`_fetch_file_once`).
                 if attempt == 2:
                     raise VerificationError(
                         f"{job.label} of session {self.exp.label} does not match XNAT's listing: "
@@ -426,8 +429,10 @@ class _Exporter:
             # Complete and verified, but a crash or a cancel came before the rename.
             self._commit_soon(job)
             return
-        if have >= f.size:
-            job.part.unlink(missing_ok=True)  # nothing to resume (or already too long): start over
+        if have >= f.size or not f.digest:
+            # Nothing to resume (or already too long): start over. So too without an MD5: the file
+            # is then checked by its size alone, which says nothing of a prefix left by another run.
+            job.part.unlink(missing_ok=True)
             have = 0
         headers = {"Range": f"bytes={have}-"} if have else None
         with self.client.stream(f.uri, headers=headers) as resp:
@@ -573,6 +578,7 @@ class _Exporter:
         listed = {f.name: f.size for f in scan.files if f.resource == self.resource}
         check_later = self._to_check is not None
         local: list[str] = []
+        written: list[_Job] = []  # every job whose .part this zip opened, the one being written too
         good: list[_Job] = []
         bad: list[_Job] = []
 
@@ -597,6 +603,7 @@ class _Exporter:
                             # here too and is caught below, as the directory has it twice.
                             z.skip(entry, size_hint=hint)
                             continue
+                        written.append(job)
                         self._make_dir(job.target.parent)
                         h = hashlib.md5() if job.file.digest and not check_later else None
                         with open(job.part, "wb") as out:
@@ -617,8 +624,8 @@ class _Exporter:
                 raise ZipFormatError("the zip's directory does not name the entries it holds")
             for record in central:
                 _zip_member(record.name, prefix, where=where, symlink=stat.S_ISLNK(record.external_attr >> 16))
-            if len(set(local)) != len(local):
-                twice = sorted({n for n in local if local.count(n) > 1})
+            twice = sorted(n for n, count in Counter(local).items() if count > 1)
+            if twice:
                 raise VerificationError(f"{where} has two entries for {twice[0][len(prefix):]}")
             if wanted:
                 missing = sorted(wanted)
@@ -628,7 +635,7 @@ class _Exporter:
                     hint="the scan may have changed on XNAT since the listing; plan again",
                 )
         except BaseException:
-            self._discard(good + bad)
+            self._discard(written)
             raise
         for job in bad:
             job.part.unlink(missing_ok=True)

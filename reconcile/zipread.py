@@ -24,6 +24,10 @@ _CENTRAL = 0x02014B50
 _DESCRIPTOR = 0x08074B50
 _END, _END64, _LOCATOR64 = 0x06054B50, 0x06064B50, 0x07064B50
 _MAX32 = 0xFFFFFFFF
+# Java's ZipOutputStream (XNAT's zips) streams an entry with zeros in its local header and no ZIP64
+# extra field, then writes 8-byte sizes in its data descriptor once either size reaches this
+# (OpenJDK's writeEXT; Go's archive/zip does the same).
+_WIDE_DESCRIPTOR = _MAX32
 _ENCRYPTED = 0x0001
 _HAS_DESCRIPTOR = 0x0008
 _UTF8 = 0x0800
@@ -56,7 +60,12 @@ class CentralRecord:
 
 
 def _decode(raw: bytes, flags: int) -> str:
-    return raw.decode("utf-8") if flags & _UTF8 else raw.decode("cp437")
+    if not flags & _UTF8:
+        return raw.decode("cp437")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ZipFormatError(f"an entry name is not valid UTF-8: {raw!r}") from None
 
 
 class ZipStream:
@@ -113,7 +122,7 @@ class ZipStream:
     def next_entry(self) -> Entry | None:
         """The next entry's local header, or None where the central directory begins."""
         sig = self._peek_signature()
-        if sig == _CENTRAL:
+        if sig in (_CENTRAL, _END, _END64):  # an empty zip is its end record(s) alone
             return None
         if sig is None:
             raise ZipFormatError("the zip ends before its central directory")
@@ -143,6 +152,7 @@ class ZipStream:
         the data descriptor. Beyond `limit` bytes nothing more is written (the data is still
         read), so an entry larger than listed cannot fill the disk; the CRC then does not match."""
         size = crc = 0
+        consumed = 0  # compressed bytes read
 
         def emit(piece: memoryview) -> None:
             nonlocal size, crc
@@ -161,6 +171,7 @@ class ZipStream:
                 self._start += len(piece)
                 count -= len(piece)
                 emit(piece)
+            consumed = size
         else:
             inflate = zlib.decompressobj(-15)
             while not inflate.eof:
@@ -170,27 +181,30 @@ class ZipStream:
                 except zlib.error as exc:
                     raise ZipFormatError(f"entry {entry.name!r} does not inflate: {exc}") from None
                 # Left in the buffer: input held back at the output limit, or bytes after the stream.
-                self._start += len(data) - len(inflate.unconsumed_tail) - len(inflate.unused_data)
+                taken = len(data) - len(inflate.unconsumed_tail) - len(inflate.unused_data)
+                self._start += taken
+                consumed += taken
                 if out:
                     emit(memoryview(out))
-        expected = self._end_of_entry(entry, size)
+        expected = self._end_of_entry(entry, size, consumed)
         return size, (limit is None or size <= limit) and (not check_crc or crc == expected)
 
     def skip(self, entry: Entry, *, size_hint: int | None = None) -> None:
         """Read past an entry that is not wanted."""
         self.copy(entry, lambda piece: None, size_hint=size_hint, limit=0, check_crc=False)
 
-    def _end_of_entry(self, entry: Entry, size: int) -> int:
-        """Read the data descriptor if there is one; the entry's CRC-32 as the zip gives it."""
+    def _end_of_entry(self, entry: Entry, size: int, consumed: int) -> int:
+        """Read the data descriptor if there is one; the entry's CRC-32 as the zip gives it. `size`
+        and `consumed` are the uncompressed and compressed sizes as read."""
         if not entry.flags & _HAS_DESCRIPTOR:
             if entry.size != size:
                 raise ZipFormatError(f"entry {entry.name!r} is not the size its zip says")
             return entry.crc
         if self._peek_signature() == _DESCRIPTOR:
             self._take(4)
-        wide = entry.zip64
-        crc, _, d_size = struct.unpack("<IQQ" if wide else "<III", self._take(20 if wide else 12))
-        if d_size != size or (entry.size is not None and entry.size != size):
+        wide = entry.zip64 or max(size, consumed) >= _WIDE_DESCRIPTOR
+        crc, d_csize, d_size = struct.unpack("<IQQ" if wide else "<III", self._take(20 if wide else 12))
+        if d_size != size or d_csize != consumed or (entry.size is not None and entry.size != size):
             raise ZipFormatError(f"entry {entry.name!r} is not the size its zip says")
         return crc
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import struct
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reconcile import zipread
 from reconcile.zipread import Unstreamable, ZipFormatError, ZipStream
 
 
@@ -174,3 +176,115 @@ def test_compression_methods_other_than_deflate_are_unstreamable() -> None:
     with pytest.raises(Unstreamable):
         read_all(data)
     assert zlib  # deflate is what XNAT uses
+
+
+@pytest.mark.parametrize("where", ["local header", "central directory"])
+def test_an_entry_name_flagged_utf8_that_is_not_is_a_format_error(where: str) -> None:
+    data = bytearray(make_zip({"P/ü.dcm": b"x"}))  # zipfile sets the UTF-8 flag for this name
+    find = data.index if where == "local header" else data.rindex
+    data[find("ü".encode())] = 0xFF
+    with pytest.raises(ZipFormatError, match="an entry name is not valid UTF-8"):
+        read_all(bytes(data))
+
+
+_MAX = 0xFFFFFFFF
+
+
+def java_zip(name: str, deflated: list[bytes], crc: int, size: int, *, wide: bool,
+             csize: int | None = None) -> list[bytes]:
+    """A zip of one DEFLATED entry in pieces, as Java's ZipOutputStream streams it (XNAT's zips):
+    flag 8, zeros in the local header and no ZIP64 extra field, then a data descriptor with 8-byte
+    sizes when `wide` (OpenJDK's writeEXT: when either size is 0xFFFFFFFF or more)."""
+    raw = name.encode()
+    csize = sum(map(len, deflated)) if csize is None else csize
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0x0808, 8, 0, 0, 0, 0, 0, len(raw), 0) + raw
+    descriptor = struct.pack("<IIQQ" if wide else "<IIII", 0x08074B50, crc, csize, size)
+    extra = struct.pack("<HHQQ", 1, 16, size, csize) if wide else b""
+    central = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0x0808, 8, 0, 0, crc,
+                          *((_MAX, _MAX) if wide else (csize, size)), len(raw), len(extra), 0, 0, 0, 0, 0) + raw + extra
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central), _MAX if wide else 0, 0)
+    return [local, *deflated, descriptor, central, end]
+
+
+def piece_reader(pieces: list[bytes]) -> Callable[[memoryview], int]:
+    """`reader` over pieces, for a zip too large to hold in memory."""
+    chunks = (p[i:i + (1 << 16)] for p in pieces for i in range(0, len(p), 1 << 16))
+    pending = b""
+
+    def readinto(buf: memoryview) -> int:
+        nonlocal pending
+        pending = pending or next(chunks, b"")
+        n = min(len(buf), len(pending))
+        buf[:n] = pending[:n]
+        pending = pending[n:]
+        return n
+
+    return readinto
+
+
+def deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush()
+
+
+@pytest.mark.parametrize(("data", "wide"), [
+    (bytes(4095), False),
+    (bytes(4096), True),  # the uncompressed size reaches the threshold
+    (os.urandom(4091), True),  # only the compressed size does (a stored block: 5 bytes more)
+], ids=["below", "size-at-threshold", "compressed-size-at-threshold"])
+def test_javas_descriptor_widens_once_a_size_reaches_4_gib(monkeypatch, data: bytes, wide: bool) -> None:  # noqa: ANN001
+    monkeypatch.setattr(zipread, "_WIDE_DESCRIPTOR", 4096)  # in place of 0xFFFFFFFF: the same decision
+    deflated = deflate(data)
+    assert wide == (max(len(data), len(deflated)) >= 4096)
+    z = ZipStream(piece_reader(java_zip("P/a.dcm", [deflated], zlib.crc32(data), len(data), wide=wide)),
+                  memoryview(bytearray(4096)))
+    entry = z.next_entry()
+    assert entry is not None and not entry.zip64 and entry.size is None
+    out: list[bytes] = []
+    assert z.copy(entry, lambda p: out.append(bytes(p))) == (len(data), True)
+    assert b"".join(out) == data
+    assert [r.name for r in z.central_directory()] == ["P/a.dcm"]
+
+
+def test_a_descriptor_whose_compressed_size_is_not_the_bytes_read_is_a_format_error() -> None:
+    data = b"abc" * 1000
+    deflated = deflate(data)
+    pieces = java_zip("P/a.dcm", [deflated], zlib.crc32(data), len(data), wide=False, csize=len(deflated) + 1)
+    with pytest.raises(ZipFormatError, match="not the size its zip says"):
+        read_all(b"".join(pieces))
+
+
+@pytest.mark.slow  # about 12 s: 4 GiB through inflate
+def test_a_4_gib_entry_streamed_by_java_reads_through() -> None:
+    size = _MAX  # exactly the size from which Java writes 8-byte sizes
+    chunk = bytes(16 << 20)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = c.compress(chunk) + c.flush(zlib.Z_FULL_FLUSH)
+    middle = c.compress(chunk) + c.flush(zlib.Z_FULL_FLUSH)  # every later full chunk deflates the same
+    tail = c.compress(chunk[:size % len(chunk)]) + c.flush()
+    count = size // len(chunk)
+    crc = 0
+    for _ in range(count):
+        crc = zlib.crc32(chunk, crc)
+    crc = zlib.crc32(chunk[:size % len(chunk)], crc)
+    pieces = java_zip("P/big.dcm", [first, *[middle] * (count - 1), tail], crc, size, wide=True)
+    z = ZipStream(piece_reader(pieces), memoryview(bytearray(256 << 10)))
+    entry = z.next_entry()
+    assert entry is not None and not entry.zip64
+    assert z.copy(entry, lambda p: None) == (size, True)
+    assert [r.name for r in z.central_directory()] == ["P/big.dcm"]
+
+
+def test_an_empty_zip_has_no_entries() -> None:
+    buf = io.BytesIO()
+    zipfile.ZipFile(buf, "w").close()  # the end record alone
+    assert read_all(buf.getvalue()) == ({}, [])
+
+
+def test_an_empty_zip64_zip_has_no_entries() -> None:
+    end64 = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, 0, 0, 0, 0)
+    locator = struct.pack("<IIQI", 0x07064B50, 0, 0, 1)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, _MAX, _MAX, 0)
+    assert read_all(end64 + locator + end) == ({}, [])
+    with zipfile.ZipFile(io.BytesIO(end64 + locator + end)) as zf:  # a zip by zipfile's reading too
+        assert zf.namelist() == []

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pydicom
@@ -186,12 +185,9 @@ def test_write_session_lays_out_scan_folders(tmp_path: Path) -> None:
             assert (tmp_path / scan.scan_id / rel).read_bytes() == data
 
 
-def test_session_is_small_and_quick_to_generate() -> None:
-    started = time.perf_counter()
+def test_session_is_small() -> None:
     scans = session_scans("01", "01")
-    elapsed = time.perf_counter() - started
     assert sum(len(d) for s in scans for d in s.files.values()) < 1_000_000
-    assert elapsed < 2.0  # generous: typically a fraction of that
 
 
 # --------------------------------------------------------------------------------------
