@@ -38,6 +38,20 @@ class Credentials:
     user: str
     password: str = field(repr=False)
     source: str  # "netrc" | "env" | "prompt" | "token-file"
+    where: str = ""  # the netrc entry or token file they came from, for hints; never a secret
+
+    def rejected_hint(self) -> str:
+        """What to fix when XNAT rejects these credentials: it depends on where they came from."""
+        if self.source == "env":
+            return f"check {ENV_USER}/{ENV_PASS}"
+        if self.source == "netrc":
+            return f"check {self.where or 'the ~/.netrc entry for this host'}"
+        if self.source == "token-file":
+            where = f" in {self.where}" if self.where else ""
+            return f"the alias token{where} may have expired or been revoked; issue a new one"
+        if self.source == "prompt":
+            return "the user name or password typed at the prompt was wrong; run again and retype them"
+        return "check the XNAT user name and password"
 
 
 def default_url(env: Mapping[str, str] = os.environ) -> str | None:
@@ -84,7 +98,7 @@ def _from_token_file(env: Mapping[str, str]) -> Credentials | None:
         ) from None  # the secret may be in the parse error, so no chaining
     if not isinstance(alias, str) or not isinstance(secret, str) or not alias or not secret:
         raise AuthError(f"the XNAT token file {path} has an empty alias or secret")
-    return Credentials(alias, secret, "token-file")
+    return Credentials(alias, secret, "token-file", where=str(path))
 
 
 def _netrc_file(env: Mapping[str, str], netrc_path: Path | None) -> Path:
@@ -115,12 +129,23 @@ def _from_netrc(
             hint="fix the file or remove the entry for this host",
         ) from None  # NetrcParseError messages can quote the offending token, i.e. a password
     hostname, netloc = _host_of(url)
-    for key in dict.fromkeys((netloc, hostname)):
-        if key and key in parsed.hosts:
-            login, _account, password = parsed.hosts[key]
-            if login and password:
-                return Credentials(login, password, "netrc")
+    machines = [key for key in dict.fromkeys((netloc, hostname)) if key and key in parsed.hosts]
+    for key in machines:
+        login, _account, password = parsed.hosts[key]
+        if login and password:
+            return Credentials(login, password, "netrc", where=f"the 'machine {key}' entry in {path}")
+    if machines:
+        return None
+    # As curl and requests do: a 'default' entry serves every host without a 'machine' line.
+    entry = parsed.authenticators(hostname)
+    if entry is not None and entry[0] and entry[2]:
+        return Credentials(entry[0], entry[2], "netrc", where=f"the 'default' entry in {path}")
     return None
+
+
+def _getpass(text: str) -> str:
+    """`getpass.getpass` with the ": " that typer.prompt adds (getpass shows the text as it is)."""
+    return getpass.getpass(f"{text}: ")
 
 
 def resolve_credentials(
@@ -135,16 +160,17 @@ def resolve_credentials(
     """Find credentials for `url`: env XNAT_USER/XNAT_PASS (or XNAT_TOKEN_FILE), netrc, then a prompt.
 
     `prompt` asks for the user name; the password is read with `password_prompt`
-    (default `getpass.getpass`) so it is never echoed. Without a prompt, a miss raises AuthError.
+    (default `getpass.getpass`) so it is never echoed. Both get a text without the trailing
+    ": ", which they add themselves, as `typer.prompt` does. Without a prompt, a miss raises AuthError.
     """
     found = _from_env(env, warn) or _from_token_file(env) or _from_netrc(url, env, netrc_path, warn)
     if found is not None:
         return found
     hostname, _ = _host_of(url)
     if prompt is not None:
-        user = prompt(f"XNAT user for {hostname}: ").strip()
-        ask_password = password_prompt or getpass.getpass
-        password = ask_password(f"Password for {user}@{hostname}: ")
+        user = prompt(f"XNAT user for {hostname}").strip()
+        ask_password = password_prompt or _getpass
+        password = ask_password(f"Password for {user}@{hostname}")
         if not user or not password:
             raise AuthError("no XNAT user name or password given", hint=_HINT.format(host=hostname))
         return Credentials(user, password, "prompt")

@@ -18,9 +18,15 @@ _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Everything check_safe refuses, but for emptiness, "." and length: one search for the usual label.
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]|\.\.")
+_XNAT_HINT = "rename it in XNAT or map it in [naming] of the config"
 
 
-def check_safe(label: str, what: str) -> None:
+def _map_hint(table: str, key: str) -> str:
+    """The hint for a bad label that came from the config's map, not from XNAT: the map is what to fix."""
+    return f"fix the value for {key!r} in [naming] {table} of the config (a BIDS label is letters and digits)"
+
+
+def check_safe(label: str, what: str, *, hint: str = _XNAT_HINT) -> None:
     """Refuse labels that are unsafe as path components, whatever the sanitiser would make of them."""
     if label and label != "." and len(label) <= MAX_LABEL and not _UNSAFE.search(label):
         return
@@ -38,36 +44,43 @@ def check_safe(label: str, what: str) -> None:
     if problem:
         raise UnsafePathError(
             f"{what} label {label!r} {problem}; refusing to use it as a path",
-            hint="rename it in XNAT or map it in [naming] of the config",
+            hint=hint,
         )
 
 
-def bids_label(label: str, what: str) -> str:
-    """XNAT label → BIDS label: unsafe labels raise, others keep only [A-Za-z0-9]."""
+def bids_label(label: str, what: str, *, hint: str | None = None) -> str:
+    """XNAT label → BIDS label: unsafe labels raise, others keep only [A-Za-z0-9].
+
+    `hint` replaces the advice to rename or map the label, for labels that come from elsewhere.
+    """
     if label.isascii() and label.isalnum() and len(label) <= MAX_LABEL:
         return label  # safe, and a BIDS label already
-    check_safe(label, what)
-    return _letters_and_digits(label, what)
+    check_safe(label, what, hint=hint or _XNAT_HINT)
+    return _letters_and_digits(label, what, hint=hint)
 
 
-def _letters_and_digits(label: str, what: str) -> str:
+def _letters_and_digits(label: str, what: str, *, hint: str | None = None) -> str:
     """The BIDS label made of a safe label: its ASCII letters and digits, which must exist."""
     cleaned = _NOT_ALNUM.sub("", label)
     if not cleaned:
         raise UnsafePathError(
             f"{what} label {label!r} has no letters or digits to make a BIDS label from",
-            hint="map it in [naming] of the config",
+            hint=hint or "map it in [naming] of the config",
         )
     return cleaned
 
 
 def address_for(exp: Experiment, naming: NamingSettings) -> BidsAddress:
     """The BIDS address of a session, honouring overrides and the label convention."""
-    subject = naming.subjects.get(exp.subject_label)
-    subject = bids_label(subject if subject is not None else exp.subject_label, "subject")
-    override = naming.sessions.get(exp.id, naming.sessions.get(exp.label))
+    mapped = naming.subjects.get(exp.subject_label)
+    if mapped is not None:
+        subject = bids_label(mapped, "subject", hint=_map_hint("subjects", exp.subject_label))
+    else:
+        subject = bids_label(exp.subject_label, "subject")
+    key = exp.id if exp.id in naming.sessions else exp.label
+    override = naming.sessions.get(key)
     if override is not None:
-        return BidsAddress(subject, bids_label(override, "session"))
+        return BidsAddress(subject, bids_label(override, "session", hint=_map_hint("sessions", key)))
     label = exp.label
     check_safe(label, "session")
     if naming.session_label == "strip-subject":

@@ -13,13 +13,14 @@ import json
 import os
 import random
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import quote, unquote, urlencode, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlencode, urlsplit
 
 import requests
 import urllib3
@@ -56,6 +57,8 @@ _FILE_URI = re.compile(r"/scans/([^/]+)/resources/([^/]+)/files/(.*)$", re.S)
 _H3 = re.compile(r"<h3[^>]*>(.*?)</h3>", re.I | re.S)
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.I | re.S)
 _TAG = re.compile(r"<[^>]+>")
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+_URL_HINT = "give the site's base URL, e.g. https://xnat.example.org; credentials never go into it"
 _MAX_SLEEP = 30.0
 # 5xx is transient on a busy Tomcat; 429 is a proxy asking us to slow down.
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -180,7 +183,7 @@ class StreamResponse:
 
     def _cut(self, detail: str) -> RemoteError:
         return RemoteError(
-            f"download of {_strip_query(self.url)} was cut short",
+            f"download of {_shown_url(self.url)} was cut short",
             detail=detail,
             hint="run again; completed files are kept",
         )
@@ -195,8 +198,70 @@ def _row_name(index: int, ident: str) -> str:
     return f"row {index}" + (f" (ID {ident!r})" if ident else "")
 
 
-def _strip_query(url: str) -> str:
-    return url.split("?", 1)[0]
+def _shown_url(url: str) -> str:
+    """A URL as messages show it: without its query and without a user:password@ before the host."""
+    return _USERINFO.sub(r"\1", url.split("?", 1)[0])
+
+
+def _shown_given_url(url: str) -> str:
+    """The URL a user gave, for messages: all before its last '@' may be user:password (urlsplit
+    even takes a password with a '/' in it for the path), so only the rest is shown."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    return scheme + sep + rest.rsplit("@", 1)[-1]
+
+
+def _base_url(url: str) -> tuple[str, str]:
+    """(origin, path prefix) of XNAT's base URL, without any user:password@ in it.
+
+    ConfigError when `url` is not one; the message never quotes the user:password@ part.
+    """
+    url = url.strip()
+    shown = _shown_given_url(url)
+    # The ValueErrors are dropped, not chained (not even as __context__): they may quote part of a password.
+    parts: SplitResult | None
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed or malformed [IPv6] host
+        parts = None
+    if parts is None:
+        raise ConfigError(f"not an XNAT URL: {shown!r}", detail="malformed [IPv6] host", hint=_URL_HINT)
+    try:
+        port = parts.port
+    except ValueError:  # out of range or not a number
+        port = 0  # as unusable as the port 0 itself
+    problem = None
+    if port == 0:
+        problem = "the port must be a number from 1 to 65535"
+    elif parts.scheme not in ("http", "https"):
+        problem = "the scheme must be http or https"
+    elif not parts.hostname:
+        problem = "no host"
+    elif "@" in parts.path + parts.query + parts.fragment:
+        problem = "an '@' after the host (a user:password@ with '/', '?' or '#' in it?)"
+    if problem:
+        raise ConfigError(f"not an XNAT URL: {shown!r}", detail=problem, hint=_URL_HINT)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address keeps its brackets
+    return f"{parts.scheme}://{host}" + (f":{port}" if port else ""), parts.path.rstrip("/")
+
+
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The `ssl` error under requests' and urllib3's wrappers (arguments, `reason`, causes), if any."""
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while todo:
+        err = todo.pop()
+        if isinstance(err, ssl.SSLError):
+            return err
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        linked = (*err.args, getattr(err, "reason", None), err.__cause__, err.__context__)
+        todo.extend(e for e in linked if isinstance(e, BaseException))
+    return None
 
 
 def _error_text(resp: requests.Response | keepalive.Answer) -> str:
@@ -227,15 +292,8 @@ class XnatClient:
         max_connections: int = CONNECTIONS,
         on_request: OnRequest | None = None,
     ):
-        parts = urlsplit(url.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(
-                f"not an XNAT URL: {url!r}", hint="give the site's base URL, e.g. https://xnat.example.org"
-            )
         # Never keep user:password@ from a URL; credentials come from `credentials` only.
-        host = parts.hostname + (f":{parts.port}" if parts.port else "")
-        self._origin = f"{parts.scheme}://{host}"
-        self._prefix = parts.path.rstrip("/")
+        self._origin, self._prefix = _base_url(url)
         self.url: str = self._origin + self._prefix
         self.credentials = credentials
         self.verify = verify
@@ -331,18 +389,14 @@ class XnatClient:
                 what="the login",
             )
         if resp.status_code in (401, 403):
-            raise AuthError(
-                f"XNAT rejected the credentials for user {user} at {self.url}",
-                hint=(
-                    "the alias token may have expired; issue a new one"
-                    if is_alias_token(user)
-                    else "check XNAT_USER/XNAT_PASS or the ~/.netrc entry for this host"
-                ),
-            )
+            hint = self.credentials.rejected_hint()
+            if is_alias_token(user) and self.credentials.source != "token-file":
+                hint = f"the alias token may have expired (issue a new one); otherwise {hint}"
+            raise AuthError(f"XNAT rejected the credentials for user {user} at {self.url}", hint=hint)
         if resp.status_code in (404, 405):
             raise RemoteError(
                 f"no XNAT login service at {self.url}",
-                detail=f"HTTP {resp.status_code} for {_strip_query(resp.url)}",
+                detail=f"HTTP {resp.status_code} for {_shown_url(resp.url)}",
                 hint="give the XNAT base URL, e.g. https://xnat.example.org or https://host/xnat",
             )
         self._raise_for_status(resp, what="the login")
@@ -380,7 +434,7 @@ class XnatClient:
         if "://" in path:
             parts = urlsplit(path)
             if f"{parts.scheme}://{parts.netloc}".lower() != self._origin.lower():
-                raise RemoteError(f"refusing to follow a URI to another server: {_strip_query(path)}")
+                raise RemoteError(f"refusing to follow a URI to another server: {_shown_url(path)}")
             return path
         if not path.startswith("/"):
             path = "/" + path
@@ -441,20 +495,15 @@ class XnatClient:
                 )
             except requests.exceptions.SSLError as exc:
                 self._slots.release()
-                raise RemoteError(
-                    f"TLS verification failed for {self._origin}",
-                    detail=type(exc).__name__,
-                    hint="fix the server certificate or point REQUESTS_CA_BUNDLE at your CA; "
-                    "--insecure turns verification off",
-                ) from exc
+                raise self._tls_error(exc) from exc
             except requests.exceptions.InvalidURL as exc:
                 self._slots.release()
-                raise RemoteError(f"invalid URL {_strip_query(url)}") from exc
+                raise RemoteError(f"invalid URL {_shown_url(url)}") from exc
             except _TRANSIENT as exc:
                 self._slots.release()
                 if attempt == self.retries:
                     raise RemoteError(
-                        f"cannot reach XNAT at {self.url} for {what or _strip_query(url)}",
+                        f"cannot reach XNAT at {self.url} for {what or _shown_url(url)}",
                         detail=f"{type(exc).__name__} after {attempt + 1} attempt(s)",
                         hint="check the URL and the network; run again later",
                     ) from exc
@@ -462,7 +511,7 @@ class XnatClient:
                 continue
             except requests.RequestException as exc:
                 self._slots.release()
-                raise RemoteError(f"request to {_strip_query(url)} failed", detail=type(exc).__name__) from exc
+                raise RemoteError(f"request to {_shown_url(url)} failed", detail=type(exc).__name__) from exc
             except BaseException:
                 self._slots.release()
                 raise
@@ -475,6 +524,24 @@ class XnatClient:
                 self._slots.release()
             return resp
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _tls_error(self, exc: requests.exceptions.SSLError) -> RemoteError:
+        cause = _ssl_error(exc)
+        # Only a certificate we checked can fail verification. With verification off, or a plain-HTTP
+        # port answering the TLS hello (WRONG_VERSION_NUMBER), the handshake itself failed.
+        if self.verify and isinstance(cause, ssl.SSLCertVerificationError):
+            return RemoteError(
+                f"TLS verification failed for {self._origin}",
+                detail=cause.verify_message or type(exc).__name__,
+                hint="fix the server certificate or point REQUESTS_CA_BUNDLE at your CA; "
+                "--insecure turns verification off",
+            )
+        return RemoteError(
+            f"TLS handshake with {self._origin} failed",
+            detail=(cause.reason if cause is not None else None) or type(exc).__name__,
+            hint="the server may not speak https at this address and port; "
+            "check the URL's scheme (http:// for a plain-HTTP server) and port",
+        )
 
     def _request(
         self,
@@ -505,7 +572,7 @@ class XnatClient:
             self._relogin(generation)
         raise AuthError(
             f"XNAT rejected the credentials for user {self.credentials.user} at {self.url}",
-            detail=f"401 for {what or _strip_query(url)} even after logging in again",
+            detail=f"401 for {what or _shown_url(url)} even after logging in again",
         )
 
     def _raise_for_status(
@@ -554,7 +621,7 @@ class XnatClient:
     def get_json(self, path: str, **params: Any) -> Any:
         """GET `path` (relative to the base URL) with format=json; return the decoded JSON."""
         params.setdefault("format", "json")
-        what = _strip_query(path)
+        what = _shown_url(path)
         resp = self._request("GET", path, params=params, what=what)
         self._raise_for_status(resp, what=what)
         return self._json(resp, what=what)
@@ -747,7 +814,7 @@ class XnatClient:
         Connect errors and 5xx are retried before the body starts; a failure mid-body raises
         RemoteError from `readinto`. Range requests are the caller's: pass `headers`.
         """
-        what = f"the download of {_strip_query(uri)}"
+        what = f"the download of {_shown_url(uri)}"
         resp = self._request("GET", uri, headers=headers, stream=True, what=what)
         try:
             # 416 tells a resuming caller its Range is past the end; it decides what that means.

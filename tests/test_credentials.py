@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 from pathlib import Path
 
 import pytest
+import typer
+from click.testing import CliRunner
 
 from reconcile.credentials import Credentials, default_url, resolve_credentials
 from reconcile.errors import AuthError
@@ -50,6 +53,35 @@ def test_netrc_entry_with_port_matches_host_and_port(tmp_path: Path) -> None:
     assert resolve_credentials("http://localhost:9090", env={}, netrc_path=netrc).user == "plain"
 
 
+def test_netrc_default_entry_serves_a_host_without_a_machine_line(tmp_path: Path) -> None:
+    netrc = write_netrc(
+        tmp_path / "netrc", f"machine other.org login ouser password opass\ndefault login alice password {SENTINEL}\n"
+    )
+    creds = resolve_credentials("http://127.0.0.1:18090", env={}, netrc_path=netrc, prompt=no_prompt)
+    assert (creds.user, creds.password, creds.source) == ("alice", SENTINEL, "netrc")
+    assert creds.where == f"the 'default' entry in {netrc}"
+
+
+def test_netrc_machine_line_beats_the_default_entry(tmp_path: Path) -> None:
+    netrc = write_netrc(
+        tmp_path / "netrc",
+        "default login duser password dpass\nmachine localhost login plain password p1\n"
+        "machine localhost:8080 login ported password p2\n",
+    )
+    assert resolve_credentials("http://localhost:8080", env={}, netrc_path=netrc).user == "ported"
+    assert resolve_credentials("http://localhost:9090", env={}, netrc_path=netrc).user == "plain"
+    assert resolve_credentials("http://127.0.0.1:9090", env={}, netrc_path=netrc).user == "duser"
+
+
+def test_netrc_default_entry_comes_after_env_and_token_file(tmp_path: Path) -> None:
+    netrc = write_netrc(tmp_path / "netrc", "default login duser password dpass\n")
+    token = tmp_path / "token.json"
+    token.write_text(json.dumps({"alias": "0b5c2f4e-1a2b-4c3d-8e9f-0123456789ab", "secret": "x" * 64}))
+    env = {"XNAT_USER": "euser", "XNAT_PASS": "epass"}
+    assert resolve_credentials(URL, env=env, netrc_path=netrc).source == "env"
+    assert resolve_credentials(URL, env={"XNAT_TOKEN_FILE": str(token)}, netrc_path=netrc).source == "token-file"
+
+
 def test_netrc_env_variable_points_at_the_file(tmp_path: Path) -> None:
     netrc = write_netrc(tmp_path / "elsewhere", "machine xnat.example.org login nuser password npass\n")
     creds = resolve_credentials(URL, env={"NETRC": str(netrc)})
@@ -84,6 +116,28 @@ def test_netrc_without_the_host_falls_through_to_prompt(tmp_path: Path) -> None:
     )
     assert (creds.user, creds.password, creds.source) == ("puser", "ppass", "prompt")
     assert asked and "xnat.example.org" in asked[0]
+
+
+@pytest.mark.filterwarnings("ignore::getpass.GetPassWarning")  # no terminal under the test runner
+def test_prompts_show_one_colon_with_typer(tmp_path: Path) -> None:
+    # typer.prompt adds ": " to the text it is given, as the getpass default does here.
+    with CliRunner().isolation(input="alice\npw\n") as streams:  # stdout first, in every click version
+        creds = resolve_credentials(
+            "http://127.0.0.1:18090", env={}, netrc_path=tmp_path / "none", prompt=typer.prompt,
+            password_prompt=lambda text: typer.prompt(text, hide_input=True),
+        )
+        shown = streams[0].getvalue().decode()
+    assert (creds.user, creds.password, creds.source) == ("alice", "pw", "prompt")
+    assert shown.startswith("XNAT user for 127.0.0.1: ") and "Password for alice@127.0.0.1:" in shown
+    assert "::" not in shown and ": :" not in shown
+
+
+def test_default_password_prompt_ends_in_one_colon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+    monkeypatch.setattr(getpass, "getpass", lambda text: asked.append(text) or "pw")
+    creds = resolve_credentials(URL, env={}, netrc_path=tmp_path / "none", prompt=lambda text: "alice")
+    assert creds.password == "pw"
+    assert asked == ["Password for alice@xnat.example.org: "]
 
 
 def test_nothing_found_raises_auth_error_with_the_three_ways(tmp_path: Path) -> None:

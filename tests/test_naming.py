@@ -105,3 +105,27 @@ def test_session_label_is_checked_before_and_after_stripping_the_subject(naming,
     else:
         with pytest.raises(UnsafePathError, match=re.escape(reason)):
             address_for(_exp(label), naming)
+
+
+@pytest.mark.parametrize(
+    ("naming", "reason", "hint"),
+    [
+        (NamingSettings(subjects={"SUBJ01": "a/b"}), "contains a path separator", "'SUBJ01' in [naming] subjects"),
+        (NamingSettings(subjects={"SUBJ01": "-_-"}), "has no letters or digits", "'SUBJ01' in [naming] subjects"),
+        (NamingSettings(sessions={"XNAT_E00001": ".."}), "contains '..'", "'XNAT_E00001' in [naming] sessions"),
+        (NamingSettings(sessions={"SUBJ01_MR1": ""}), "is empty", "'SUBJ01_MR1' in [naming] sessions"),
+    ],
+)
+def test_bad_label_from_the_config_map_says_to_fix_the_map(naming, reason, hint):
+    with pytest.raises(UnsafePathError) as info:
+        address_for(_exp("SUBJ01_MR1"), naming)
+    assert reason in info.value.summary
+    assert info.value.hint is not None and info.value.hint.startswith("fix the value for ") and hint in info.value.hint
+    assert "rename it in XNAT" not in info.value.hint
+
+
+@pytest.mark.parametrize(("subject", "hint"), [("a/b", "rename it in XNAT"), ("-_-", "map it in [naming]")])
+def test_bad_label_from_xnat_says_to_rename_or_map_it(subject, hint):
+    with pytest.raises(UnsafePathError) as info:
+        address_for(_exp("MR1", subject=subject), NamingSettings())
+    assert info.value.hint is not None and hint in info.value.hint

@@ -4,20 +4,25 @@ resets and truncation, and (when present) the project's emulator."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from reconcile.credentials import Credentials
+from reconcile.credentials import Credentials, resolve_credentials
 from reconcile.errors import (
     AuthError,
+    ConfigError,
     NotFoundError,
     RemoteError,
     UnsafePathError,
@@ -214,6 +219,51 @@ def test_wrong_password_is_an_auth_error_without_the_password(site: Site) -> Non
     assert SENTINEL not in str(info.value)
     assert_no_secret(info.value)
     assert site.logins == 1  # a 401 on login is not retried
+
+
+def _rejected_credentials(source: str, tmp_path: Path) -> Credentials:
+    """Wrong credentials, found the way resolve_credentials finds them from `source`."""
+    wrong = SENTINEL + "x"
+    netrc = tmp_path / "netrc"
+    token = tmp_path / "token.json"
+    env: dict[str, str] = {}
+    prompt = password_prompt = None
+    if source == "env":
+        env = {"XNAT_USER": USER, "XNAT_PASS": wrong}
+    elif source == "netrc":
+        netrc.write_text(f"default login {USER} password {wrong}\n")
+        netrc.chmod(0o600)
+    elif source == "token-file":
+        token.write_text(json.dumps({"alias": TOKEN_ALIAS, "secret": wrong}))
+        env = {"XNAT_TOKEN_FILE": str(token)}
+    else:
+        prompt, password_prompt = (lambda text: USER), (lambda text: wrong)
+    creds = resolve_credentials("http://127.0.0.1", env=env, netrc_path=netrc, prompt=prompt,
+                                password_prompt=password_prompt)
+    assert creds.source == source
+    return creds
+
+
+@pytest.mark.parametrize(
+    ("source", "expected", "unexpected"),
+    [
+        ("env", "check XNAT_USER/XNAT_PASS", ".netrc"),
+        ("netrc", "check the 'default' entry in {tmp}/netrc", "XNAT_USER"),
+        ("token-file", "the alias token in {tmp}/token.json may have expired", "XNAT_USER"),
+        ("prompt", "typed at the prompt", "XNAT_USER"),
+    ],
+)
+def test_rejected_login_hint_names_where_the_credentials_came_from(
+    site: Site, tmp_path: Path, source: str, expected: str, unexpected: str
+) -> None:
+    site.server.expect_request("/data/JSESSION", method="GET").respond_with_data("", status=401)  # the alias login
+    creds = _rejected_credentials(source, tmp_path)
+    with XnatClient(site.url, creds, backoff=0) as c, pytest.raises(AuthError) as info:
+        c.login()
+    assert "rejected the credentials" in info.value.summary
+    assert info.value.hint is not None
+    assert expected.format(tmp=tmp_path) in info.value.hint and unexpected not in info.value.hint
+    assert_no_secret(info.value)
 
 
 def test_expired_session_triggers_one_relogin(site: Site, client: XnatClient) -> None:
@@ -849,6 +899,94 @@ def test_secret_never_in_client_repr_or_errors(site: Site) -> None:
 def test_url_credentials_are_dropped() -> None:
     c = XnatClient(f"https://bob:{SENTINEL}@xnat.example.org/xnat/", Credentials(USER, "p", "env"))
     assert c.url == "https://xnat.example.org/xnat" and SENTINEL not in repr(c)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "detail"),
+    [
+        (f"https://alice:{SENTINEL}@:8443/xnat", "https://:8443/xnat", "no host"),
+        (f"https://alice:{SENTINEL}@xnat.example.org:99999", "https://xnat.example.org:99999", "port"),
+        (f"https://alice:{SENTINEL}@xnat.example.org:0", "https://xnat.example.org:0", "port"),
+        (f"https://alice:pa/{SENTINEL}@xnat.example.org", "https://xnat.example.org", "port"),  # port 'pa'
+        (f"https://alice:12/{SENTINEL}@xnat.example.org", "https://xnat.example.org", "'@' after the host"),
+        (f"alice:{SENTINEL}@xnat.example.org", "xnat.example.org", "scheme"),
+        (f"https://alice:{SENTINEL}@[::1/xnat", "https://[::1/xnat", "IPv6"),
+    ],
+    ids=["no-host", "port-too-big", "port-0", "slash-in-password", "digits-slash-password", "no-scheme", "ipv6"],
+)
+def test_bad_url_is_a_config_error_that_never_shows_the_password(url: str, shown: str, detail: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        XnatClient(url, Credentials(USER, "p", "env"))
+    assert info.value.summary == f"not an XNAT URL: {shown!r}"
+    assert detail in (info.value.detail or "")
+    assert info.value.hint is not None and "base URL" in info.value.hint
+    assert_no_secret(info.value)
+
+
+def test_ipv6_host_keeps_its_brackets() -> None:
+    with XnatClient("http://[::1]:8080/xnat/", Credentials(USER, "p", "env")) as c:
+        assert c.url == "http://[::1]:8080/xnat"
+
+
+def test_refused_uri_to_another_server_does_not_show_its_password(client: XnatClient) -> None:
+    with pytest.raises(RemoteError) as info, client.stream(f"https://bob:{SENTINEL}@evil.example.org/data/x?token=1"):
+        pass
+    assert info.value.summary == "refusing to follow a URI to another server: https://evil.example.org/data/x"
+    assert_no_secret(info.value)
+
+
+# ---------------------------------------------------------------------------- TLS
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "insecure"])
+def test_https_to_a_plain_http_port_is_a_handshake_failure(site: Site, verify: bool) -> None:
+    url = site.url.replace("http://", "https://", 1)
+    with make_client(url, verify=verify) as c, pytest.raises(RemoteError) as info:
+        c.login()
+    err = info.value
+    assert err.summary == f"TLS handshake with {url} failed"
+    assert err.hint is not None and "may not speak https" in err.hint and "http://" in err.hint
+    assert "verification" not in str(err) and "--insecure" not in str(err)
+    assert site.logins == 0
+
+
+@pytest.fixture
+def tls_site(tmp_path: Path) -> Iterator[Site]:
+    """Site over https with a self-signed certificate for localhost (made by the openssl command)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = HTTPServer(host="localhost", port=0, ssl_context=context)
+    server.start()
+    try:
+        yield Site(server)
+    finally:
+        server.clear()
+        server.stop()
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_untrusted_certificate_blames_verification_only_while_it_is_on(
+    tls_site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    with make_client(tls_site.url) as c, pytest.raises(RemoteError) as info:
+        c.login()
+    assert info.value.summary == f"TLS verification failed for {tls_site.url}"
+    assert "self-signed" in (info.value.detail or "")
+    assert info.value.hint is not None and "--insecure" in info.value.hint
+    with make_client(tls_site.url, verify=False) as c:
+        c.login()
+    assert tls_site.logins == 1
 
 
 # ---------------------------------------------------------------------------- against the emulator
