@@ -1,4 +1,4 @@
-"""Where the XNAT user name and password come from: environment, netrc, token file or a prompt.
+"""Where the XNAT user name and password come from: environment, token file, netrc or a prompt.
 
 Owns the lookup order and the warnings about it; never reads secrets from the command line
 and never puts a password into a repr, log line or error message.
