@@ -418,8 +418,39 @@ def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list
     return handled
 
 
-def check_plan_fresh(plan: Plan, root: Path) -> None:
-    """A saved plan applies only to the lock it was computed against (lineage and serial)."""
+def _same_root(planned: Path, root: Path) -> bool:
+    if planned == root:
+        return True
+    try:
+        return planned.exists() and root.exists() and os.path.samefile(planned, root)
+    except OSError:
+        return False
+
+
+def check_plan_fresh(
+    plan: Plan, root: Path, config: Config, *, planned_root: str, planned_config: str | None
+) -> None:
+    """A saved plan applies only to what it was computed for: its BIDS root, its config (naming
+    and conversion decide every address and output) and its lock (lineage and serial).
+
+    `planned_root` and `planned_config` are the plan file's `bids_root` and `config_fingerprint`
+    (`planned_config` is None in format 1 plans, which did not record it).
+    """
+    if planned_config is None:
+        raise StalePlanError(
+            "plan was saved by an older xnat2bids (plan format 1), which did not record the config it was made with",
+            hint="run plan again",
+        )
+    if not _same_root(Path(planned_root), root):
+        raise StalePlanError(
+            f"plan is for another BIDS root: it was made for {planned_root}, not {root}",
+            hint=f"apply it to {planned_root}, or run plan again for {root}",
+        )
+    if planned_config != config.fingerprint():
+        raise StalePlanError(
+            "plan is stale: it was made with a different config (naming, conversion or project settings differ)",
+            hint="apply with the config used for planning, or run plan again with this one",
+        )
     lock = read_lock(root)
     if lock is None:
         if plan.serial != 0:
@@ -579,14 +610,43 @@ def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: st
     return entry
 
 
-def read_history(root: Path) -> list[dict]:
+# What an entry must have to be shown: the fields `append_history` writes that readers use.
+_HISTORY_FIELDS = {"time": str, "operation": str, "user": str, "host": str, "xnat2bids": str,
+                   "summary": dict, "lock_serial": dict, "sessions": list}
+_HISTORY_SESSION_FIELDS = {"experiment_id": str, "project": str, "address": str, "action": str,
+                           "result": str, "date": dict}
+
+
+def _is_history_entry(entry: object) -> bool:
+    if not isinstance(entry, dict) or any(not isinstance(entry.get(k), t) for k, t in _HISTORY_FIELDS.items()):
+        return False
+    if not {"before", "after"} <= entry["lock_serial"].keys():
+        return False
+    return all(
+        isinstance(row, dict)
+        and all(isinstance(row.get(k), t) for k, t in _HISTORY_SESSION_FIELDS.items())
+        and {"before", "after"} <= row["date"].keys()
+        for row in entry["sessions"]
+    )
+
+
+def read_history(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list[dict]:
+    """The history's entries in order; lines that are not a complete entry are skipped with a warning."""
     path = WorkArea(root).history
     if not path.exists():
         return []
     entries = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except ValueError:
-            continue  # a line torn by a crash during its append
+            # Usually a line torn by a crash during its append (the next append starts a new line).
+            warn(f"{path}: line {number} is not valid JSON; skipped")
+            continue
+        if not _is_history_entry(entry):
+            warn(f"{path}: line {number} is not a complete history entry; skipped")
+            continue
+        entries.append(entry)
     return entries

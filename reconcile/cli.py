@@ -15,22 +15,40 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 try:  # recent typer vendors click; older releases use the click package
-    from typer._click.exceptions import ClickException
+    from typer._click.exceptions import ClickException, UsageError
     from typer.exceptions import Abort
 except ImportError:  # pragma: no cover
-    from click.exceptions import Abort, ClickException
+    from click.exceptions import Abort, ClickException, UsageError
 
 from reconcile import __version__
 from reconcile.config import Config, load_config
 from reconcile.errors import ConfigError, XnatBidsError
+from reconcile.lock import Lock
 from reconcile.plan import Selection
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
+
+class _Interrupted(Exception):
+    """Ctrl-C inside a command, carried past typer to `main`."""
+
+
+class _Commands(TyperGroup):
+    def invoke(self, ctx):  # noqa: ANN001, ANN201 - click's signature
+        # typer turns KeyboardInterrupt into a silent exit 130 before `main` sees it; README
+        # promises 1 for any error, and a cancelled apply exits 1 too.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Interrupted() from exc
+
+
 app = typer.Typer(
     name="xnat2bids",
+    cls=_Commands,
     help="Keep a local BIDS dataset in sync with an XNAT archive: plan, apply, check.",
     add_completion=False,
     no_args_is_help=False,
@@ -105,10 +123,11 @@ def run_plan(
     run = make_plan(client, root, config, selection, deep=deep, reconvert_outdated=reconvert_outdated)
     plan = run.plan
     created = _now()
+    doc = render_json(plan, bids_root=str(root), config_fingerprint=config.fingerprint(), created_at=created)
     if out is not None:
-        out.write_text(render_json(plan, bids_root=str(root), created_at=created))
+        out.write_text(doc)
     if as_json:
-        sys.stdout.write(render_json(plan, bids_root=str(root), created_at=created))
+        sys.stdout.write(doc)
     else:
         echo(f"xnat2bids plan for {root} (lock serial {plan.serial})")
         echo()
@@ -339,6 +358,7 @@ def run_apply(
 
 @app.command()
 def apply(
+    ctx: typer.Context,
     bids_root: Optional[Path] = RootArg,
     config: Optional[Path] = ConfigOpt,
     project: Optional[list[str]] = ProjectOpt,
@@ -366,6 +386,12 @@ def apply(
     Example: xnat2bids apply ~/bids-export --project PROJ --yes --jobs 4
     Example: xnat2bids apply ~/bids-export --executor slurm --yes --wait
     """
+    if plan_file is not None:
+        planning = [flag for flag, given in (("--project", project), ("--subject", subject), ("--session", session),
+                                             ("--deep", deep), ("--reconvert-outdated", reconvert_outdated)) if given]
+        if planning:  # they shape a plan; a saved one is carried out as it was made
+            raise UsageError(f"{', '.join(planning)} cannot be combined with --plan: a saved plan is applied as planned; "
+                             f"pass {planning[0]} to `xnat2bids plan --out FILE` instead", ctx)
     cfg = _tls(load_config(config), insecure)
     if plan_file is not None and cfg.layout == "pi-study":
         raise ConfigError("--plan applies to one dataset; pass the study's bids folder with layout = \"flat\"")
@@ -397,8 +423,8 @@ def _load_or_make_plan(
         raise ConfigError(f"cannot read plan {plan_file}: {exc}") from exc
     from reconcile.lock import read_lock
 
-    plan, _ = plan_from_dict(data, str(plan_file), read_lock(root))
-    check_plan_fresh(plan, root)
+    plan, saved = plan_from_dict(data, str(plan_file), read_lock(root))
+    check_plan_fresh(plan, root, cfg, planned_root=saved["bids_root"], planned_config=saved.get("config_fingerprint"))
     return plan
 
 
@@ -524,7 +550,8 @@ def run_slurm_apply(
                 kind, f"an alias token written to {batch.credentials_path} (mode 0600)")
             echo(f"\n# The jobs log in to {batch.xnat_url} with {how}.")
             return EXIT_OK
-        sx.write_batch(batch, render_json(plan, bids_root=str(root), created_at=_now()), settings, (array, finalize_job))
+        plan_json = render_json(plan, bids_root=str(root), config_fingerprint=cfg.fingerprint(), created_at=_now())
+        sx.write_batch(batch, plan_json, settings, (array, finalize_job))
         if token_file is not None:
             written = sx.write_job_credentials(client, token_file)
             if written == "password-file":
@@ -598,6 +625,7 @@ def status(
     Example: xnat2bids status ~/bids-export
     """
     import shutil
+    from dataclasses import asdict
 
     from reconcile import statelock
     from reconcile.executors import slurm as sx
@@ -608,6 +636,20 @@ def status(
     batches = sx.list_batches(root)
     pending = sx.pending_revocations(root)
     current = next((b for b in batches if holder is not None and b.id == holder.id), batches[-1] if batches else None)
+    if as_json:
+        if current is not None:
+            data = sx.batch_status(current, query=shutil.which("scontrol") is not None).to_dict()
+        else:  # the same keys, so scripts need not special-case an empty root
+            data = {"format_version": sx.BATCH_FORMAT_VERSION, "batch": None, "bids_root": str(root),
+                    "created_at": None, "submitted_by": None, "array_job": None, "finalize_job": None,
+                    "finalize_state": None, "holds_state_lock": False, "finalized": None, "sessions": []}
+        data["holder"] = asdict(holder) if holder is not None else None
+        data["pending_revocations"] = [
+            {"batch": p.batch, "since": p.since, "attempts": p.attempts, "last_error": p.last_error, "xnat_url": p.xnat_url}
+            for p in pending
+        ]
+        echo(json.dumps(data, indent=2, sort_keys=True))
+        raise typer.Exit(EXIT_OK)
     if current is None:
         if holder is not None:
             echo(f"{root} is locked: {holder.describe()}")
@@ -616,14 +658,6 @@ def status(
         _echo_revocations(pending)
         raise typer.Exit(EXIT_OK)
     st = sx.batch_status(current, query=shutil.which("scontrol") is not None)
-    if as_json:
-        data = st.to_dict()
-        data["pending_revocations"] = [
-            {"batch": p.batch, "since": p.since, "attempts": p.attempts, "last_error": p.last_error, "xnat_url": p.xnat_url}
-            for p in pending
-        ]
-        echo(json.dumps(data, indent=2, sort_keys=True))
-        raise typer.Exit(EXIT_OK)
     b = st.batch
     echo(f"Batch {b.id} of {root}, submitted {b.created_at} by {b.user}@{b.host}")
     echo(f"  array job {b.array_job} ({len(b.sessions)} tasks, at most {b.max_parallel} at once), "
@@ -739,7 +773,7 @@ def history(
     from reconcile.apply import read_history
 
     cfg = load_config(config)
-    entries = read_history(cfg.resolve_bids_root(bids_root))
+    entries = read_history(cfg.resolve_bids_root(bids_root), warn=lambda m: echo(f"warning: {m}", err=True))
     if not entries:
         echo("No history yet.")
     for e in entries:
@@ -806,7 +840,6 @@ def check(
 
     Example: xnat2bids check ~/bids-export --full
     """
-    from reconcile.check import check_outputs
     from reconcile.lock import lock_path, read_lock
 
     cfg = load_config(config)
@@ -814,6 +847,13 @@ def check(
     lock = read_lock(root)
     if lock is None:
         raise ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")
+    raise typer.Exit(run_check(root, lock, full=full))
+
+
+def run_check(root: Path, lock: Lock, *, full: bool) -> int:
+    """Check the lock's outputs on disk, print the verdict and return the exit code."""
+    from reconcile.check import check_outputs
+
     report = check_outputs(root, lock, full=full)
     for note in report.pending:
         echo(f"pending: {note}")
@@ -822,9 +862,9 @@ def check(
     mode = "size and sha256" if full else "size"
     if report.ok:
         echo(f"OK: lock serial {lock.serial}, {report.sessions} sessions, {report.outputs} outputs verified ({mode}).")
-        raise typer.Exit(EXIT_OK)
+        return EXIT_OK
     echo(f"FAILED: {len(report.problems)} problem(s) in {report.sessions} sessions, {report.outputs} outputs ({mode}).")
-    raise typer.Exit(EXIT_ERROR)
+    return EXIT_ERROR
 
 
 @app.command()
@@ -931,7 +971,10 @@ def _render_error(exc: XnatBidsError) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point; never lets click turn a usage error into exit status 2."""
+    """Console entry point: any failure (usage error, Ctrl-C, bug) is exit 1 and a short message.
+
+    click would exit 2 on a usage error (read as "changes pending") and typer 130 on Ctrl-C.
+    """
     try:
         code = app(args=argv, prog_name="xnat2bids", standalone_mode=False)
     except ClickException as exc:  # usage errors and bad parameters
@@ -951,9 +994,19 @@ def main(argv: list[str] | None = None) -> None:
         where = f": {exc.filename}" if exc.filename else ""
         echo(f"error: {exc.strerror or exc}{where}", err=True)
         code = EXIT_ERROR
-    except KeyboardInterrupt:
+    except (_Interrupted, KeyboardInterrupt):  # as a cancelled apply does: exit 1, not 130
+        if _debug:
+            traceback.print_exc()
         echo("Interrupted.", err=True)
-        code = 130
+        code = EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback only when asked for
+        if _debug:
+            traceback.print_exc()
+        lines = str(exc).strip().splitlines()
+        echo(f"error: internal error: {type(exc).__name__}" + (f": {lines[0]}" if lines else ""), err=True)
+        if not _debug:
+            echo("hint: run again with --debug for the traceback", err=True)
+        code = EXIT_ERROR
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 

@@ -36,8 +36,7 @@ def populate(archive: Archive, project: str = DEMO_PROJECT, sessions=DEMO_SESSIO
 
 
 def run_demo(workdir: Path | None, echo: Callable[[str], None]) -> int:
-    from reconcile.check import check_outputs
-    from reconcile.cli import run_apply, run_plan
+    from reconcile.cli import run_apply, run_check, run_plan
     from reconcile.config import parse_config
     from reconcile.credentials import Credentials
     from reconcile.lock import read_lock
@@ -79,13 +78,8 @@ def run_demo(workdir: Path | None, echo: Callable[[str], None]) -> int:
             if run_apply(config, root, Selection(), yes=True, client=client) != 0:
                 return 1
             step("6. xnat2bids check --full")
-            lock = read_lock(root)
-            report = check_outputs(root, lock, full=True)
-            for problem in report.problems:
-                echo(f"problem: {problem}")
-            if not report.ok:
+            if run_check(root, read_lock(root), full=True) != 0:
                 return 1
-            echo(f"OK: lock serial {lock.serial}, {report.sessions} sessions, {report.outputs} outputs verified.")
             step("7. xnat2bids plan (nothing left to do)")
             code = run_plan(client, root, config, Selection(), detailed_exitcode=True)
     echo(f"\nThe demo dataset stays in {root}")

@@ -7,6 +7,7 @@ Computing lives in plan.py; this module only formats and parses. The JSON form f
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from reconcile import __version__
@@ -22,7 +23,8 @@ from reconcile.model import (
 from reconcile.plan import Action, Change, Plan, Problem, Reason
 from reconcile.schema import schema_errors
 
-PLAN_FORMAT_VERSION = 1
+# 2: records the config fingerprint, so that apply can refuse a plan made with another config.
+PLAN_FORMAT_VERSION = 2
 SYMBOLS = {Action.CREATE: "+", Action.UPDATE: "~", Action.DRIFT: "!", Action.ORPHAN: "-"}
 MAX_REASONS_SHOWN = 3
 _LEADS = {a: f"{symbol} {a.value:<6}" for a, symbol in SYMBOLS.items()}  # "+ create", "~ update", …
@@ -107,12 +109,14 @@ def _change_dict(change: Change) -> dict[str, Any]:
     }
 
 
-def plan_to_dict(plan: Plan, *, bids_root: str, created_at: str) -> dict[str, Any]:
+def plan_to_dict(plan: Plan, *, bids_root: str, config_fingerprint: str, created_at: str) -> dict[str, Any]:
+    """The plan with what it was made for (BIDS root, config, lock), so a saved one applies only there."""
     return {
         "format_version": PLAN_FORMAT_VERSION,
         "generator": f"xnat2bids {__version__}",
         "created_at": created_at,
-        "bids_root": bids_root,
+        "bids_root": os.path.abspath(bids_root),
+        "config_fingerprint": config_fingerprint,
         "lock": {"lineage": plan.lineage, "serial": plan.serial},
         "deep": plan.deep,
         "projects": list(plan.projects),
@@ -126,17 +130,24 @@ def plan_to_dict(plan: Plan, *, bids_root: str, created_at: str) -> dict[str, An
     }
 
 
-def render_json(plan: Plan, *, bids_root: str, created_at: str) -> str:
-    return json.dumps(plan_to_dict(plan, bids_root=bids_root, created_at=created_at), indent=2, sort_keys=True) + "\n"
+def render_json(plan: Plan, *, bids_root: str, config_fingerprint: str, created_at: str) -> str:
+    doc = plan_to_dict(plan, bids_root=bids_root, config_fingerprint=config_fingerprint, created_at=created_at)
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
 def plan_from_dict(data: Any, source: str = "plan", lock: Lock | None = None) -> tuple[Plan, dict[str, Any]]:
-    """Rebuild a saved plan for apply; the `before` records are taken from `lock` when given."""
+    """Rebuild a saved plan for apply; the `before` records are taken from `lock` when given.
+
+    Format 1 plans (no config fingerprint) still load, for SLURM batches submitted before an
+    upgrade; `apply.check_plan_fresh` refuses them as saved plans.
+    """
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and version > PLAN_FORMAT_VERSION:  # before the schema, which may not know its fields
+        raise StalePlanError(f"{source} was written by a newer xnat2bids (format {version})",
+                             hint="upgrade xnat2bids, or run plan again with this one")
     problems = schema_errors("plan", data)
     if problems:
         raise StalePlanError(f"{source} is not a valid xnat2bids plan: {problems[0]}")
-    if data["format_version"] > PLAN_FORMAT_VERSION:
-        raise StalePlanError(f"{source} was written by a newer xnat2bids (format {data['format_version']})")
     changes = []
     for c in data["changes"]:
         after = c["after"]

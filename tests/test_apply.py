@@ -224,10 +224,15 @@ def test_drift_is_repaired_only_when_asked(cli, emulator, tmp_path):
 def test_an_existing_unrecorded_folder_is_never_replaced(cli, emulator, tmp_path):
     add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
     root = tmp_path / "bids"
+    saved = tmp_path / "plan.json"
+    assert cli("plan", str(root), "-p", "PROJ", "--out", str(saved))[0] == 0  # before the folder appears
     theirs = root / "sub-01/ses-01MR1/anat/from-the-old-script.nii.gz"
     theirs.parent.mkdir(parents=True)
     theirs.write_bytes(b"old export")
-    code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes")
+    code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes")  # plan refuses it before any download
+    assert code == 1
+    assert "error: sub-01/ses-01MR1 exists but the lock records no session there" in out and "Nothing to apply." in out
+    code, out, _ = cli("apply", str(root), "--plan", str(saved), "--yes")  # planned earlier: apply's own guard
     assert code == 1
     assert "already exists but the lock does not record it" in out
     assert theirs.read_bytes() == b"old export"

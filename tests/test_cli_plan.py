@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
 import requests
 from worlds import add_sessions, exported_root, write_config
 
+from reconcile.config import Config, load_config
 from reconcile.lock import lock_path, write_lock
 from reconcile.schema import load_schema
 
@@ -177,3 +179,78 @@ def test_os_errors_are_one_line_errors_not_tracebacks(cli, emulator, tmp_path):
     assert "error: No such file or directory: " in err and "Traceback" not in err
     code, _, err = cli("forget", "XNAT_E00001", str(tmp_path / "missing"))
     assert code == 1 and "Traceback" not in err
+
+
+def saved_plan(cli, root, tmp_path, *args: str) -> tuple[Path, dict]:
+    saved = tmp_path / "plan.json"
+    code, out, err = cli("plan", str(root), "-p", "PROJ", "--out", str(saved), *args)
+    assert code == 0, out + err
+    return saved, json.loads(saved.read_text())
+
+
+def test_saved_plan_records_its_bids_root_and_config(cli, emulator, tmp_path, monkeypatch):
+    add_sessions(emulator.archive, 1)
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path, '[naming]\nsession_label = "strip-subject"')
+    _, doc = saved_plan(cli, "bids", tmp_path, "-c", str(cfg))
+    assert doc["format_version"] == 2
+    assert doc["bids_root"] == str(tmp_path / "bids")
+    assert doc["config_fingerprint"] == load_config(cfg).fingerprint() != Config().fingerprint()
+
+
+def test_saved_plan_for_another_root_is_refused(cli, emulator, tmp_path):
+    add_sessions(emulator.archive, 1)
+    root_a, root_b = tmp_path / "a", tmp_path / "b"
+    saved, _ = saved_plan(cli, root_a, tmp_path)
+    code, out, err = cli("apply", str(root_b), "--plan", str(saved), "--yes")
+    assert code == 1
+    assert f"error: plan is for another BIDS root: it was made for {root_a}, not {root_b}" in err
+    assert f"hint: apply it to {root_a}, or run plan again for {root_b}" in err
+    assert "create" not in out and not lock_path(root_b).exists() and not list(root_b.glob("sub-*"))
+
+
+def test_saved_plan_applies_to_its_root_under_another_spelling(cli, emulator, tmp_path):
+    root = exported_root(emulator.archive, tmp_path, add_sessions(emulator.archive, 1))
+    saved, _ = saved_plan(cli, root, tmp_path)
+    (tmp_path / "link").symlink_to(root)
+    code, out, err = cli("apply", str(tmp_path / "link"), "--plan", str(saved), "--yes")
+    assert code == 0, out + err
+    assert "Nothing to apply." in out
+
+
+def test_saved_plan_made_with_another_config_is_refused(cli, emulator, tmp_path):
+    add_sessions(emulator.archive, 1)
+    root = tmp_path / "bids"
+    x, y = tmp_path / "x.toml", tmp_path / "y.toml"
+    x.write_text('[naming]\nsession_label = "strip-subject"\n')
+    y.write_text('[naming]\nsession_label = "label"\n')
+    saved, _ = saved_plan(cli, root, tmp_path, "-c", str(x))
+    code, out, err = cli("apply", str(root), "-c", str(y), "--plan", str(saved), "--yes")
+    assert code == 1 and "create" not in out
+    assert "error: plan is stale: it was made with a different config" in err and "hint: " in err
+    assert not lock_path(root).exists() and not list(root.glob("sub-*"))
+    code, _, err = cli("apply", str(root), "--plan", str(saved), "--yes")  # no -c: the default config
+    assert code == 1 and "made with a different config" in err
+
+
+def test_saved_plan_of_the_older_format_is_refused(cli, emulator, tmp_path):
+    add_sessions(emulator.archive, 1)
+    root = tmp_path / "bids"
+    saved, doc = saved_plan(cli, root, tmp_path)
+    del doc["config_fingerprint"]
+    saved.write_text(json.dumps({**doc, "format_version": 1}))
+    code, _, err = cli("apply", str(root), "--plan", str(saved), "--yes")
+    assert code == 1
+    assert "error: plan was saved by an older xnat2bids (plan format 1)" in err and "hint: run plan again" in err
+    assert not lock_path(root).exists()
+
+
+def test_selection_with_a_saved_plan_is_a_usage_error(cli, emulator, tmp_path):
+    add_sessions(emulator.archive, 1)
+    root = tmp_path / "bids"
+    saved, _ = saved_plan(cli, root, tmp_path)
+    code, _, err = cli("apply", str(root), "--plan", str(saved), "-p", "PROJ", "--session", "*", "--yes")
+    assert code == 1
+    assert "Usage: xnat2bids apply" in err
+    assert "--project, --session cannot be combined with --plan" in err
+    assert not root.exists()

@@ -1,10 +1,14 @@
-"""The text form of a plan: one aligned line per change, further reasons below the first."""
+"""The text form of a plan (one aligned line per change, further reasons below the first) and its JSON."""
 
 from __future__ import annotations
 
+import pytest
+
+from reconcile.errors import StalePlanError
 from reconcile.model import BidsAddress, SessionKey
 from reconcile.plan import Action, Change, Plan, Problem, Reason
-from reconcile.render import render_text
+from reconcile.render import plan_from_dict, plan_to_dict, render_text
+from reconcile.schema import schema_errors
 
 
 def change(action: Action, n: int, subject: str, *messages: str) -> Change:
@@ -47,3 +51,24 @@ def test_text_plan_aligns_addresses_and_lists_at_most_three_reasons():
 def test_text_of_a_plan_without_changes_is_its_summary():
     plan = Plan(changes=(), unchanged=1, problems=(), notes=(), lineage="l", serial=1, deep=False)
     assert render_text(plan) == "No changes. 1 session up to date."
+
+
+def test_plan_json_records_the_absolute_bids_root_and_config_fingerprint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = Plan(changes=(change(Action.CREATE, 1, "01", "new in XNAT"),), unchanged=0, problems=(), notes=(),
+                lineage="l", serial=0, deep=False)
+    doc = plan_to_dict(plan, bids_root="bids", config_fingerprint="c5c3219356d33c3b", created_at="t")
+    assert doc["format_version"] == 2 and schema_errors("plan", doc) == []
+    assert (doc["bids_root"], doc["config_fingerprint"]) == (str(tmp_path / "bids"), "c5c3219356d33c3b")
+    del doc["config_fingerprint"]
+    assert schema_errors("plan", doc) == ["(top level): 'config_fingerprint' is a required property"]
+    # Format 1 (no fingerprint) still loads: SLURM batches submitted before an upgrade read theirs.
+    loaded, _ = plan_from_dict({**doc, "format_version": 1})
+    assert loaded.changes[0].key == plan.changes[0].key
+
+
+def test_plan_from_a_newer_xnat2bids_is_refused_as_newer_not_invalid():
+    plan = Plan(changes=(), unchanged=0, problems=(), notes=(), lineage="l", serial=0, deep=False)
+    doc = {**plan_to_dict(plan, bids_root="/b", config_fingerprint="f", created_at="t"), "format_version": 3, "new": 1}
+    with pytest.raises(StalePlanError, match=r"saved.json was written by a newer xnat2bids \(format 3\)"):
+        plan_from_dict(doc, "saved.json")

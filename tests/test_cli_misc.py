@@ -1,0 +1,123 @@
+"""The CLI's behaviour around its commands: Ctrl-C, unexpected errors, `history`, `status --json`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import reconcile
+from reconcile.apply import ApplyReport, append_history
+from reconcile.config import Config
+from reconcile.lock import Lock
+from reconcile.plan import LocalState, RemoteState, compute_plan
+
+STATUS_KEYS = {
+    "format_version", "batch", "bids_root", "created_at", "submitted_by", "array_job", "finalize_job",
+    "finalize_state", "holds_state_lock", "finalized", "sessions", "holder", "pending_revocations",
+}
+
+
+def test_ctrl_c_during_plan_prints_one_line_and_exits_1(tmp_path):
+    # A server that accepts the connection and never answers: plan blocks in its first request.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.settimeout(60)
+        env = {**os.environ, "XNAT_HOST": f"http://127.0.0.1:{server.getsockname()[1]}", "XNAT_USER": "u",
+               "XNAT_PASS": "p", "HOME": str(tmp_path), "XNAT2BIDS_CACHE_DIR": str(tmp_path / "cache"),
+               "PYTHONPATH": str(Path(reconcile.__file__).parent.parent)}  # the code under test
+        proc = subprocess.Popen([sys.executable, "-m", "reconcile", "plan", str(tmp_path / "bids"), "-p", "PROJ"],
+                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            conn, _ = server.accept()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+            conn.close()
+        finally:
+            proc.kill()
+    assert proc.returncode == 1, err
+    assert err == "Interrupted.\n" and out == ""
+
+
+def test_interrupt_inside_a_command_exits_1_not_130(cli, emulator, monkeypatch, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("reconcile.observe.make_plan", interrupted)
+    code, _, err = cli("plan", str(tmp_path), "-p", "PROJ")
+    assert (code, err) == (1, "Interrupted.\n")
+
+
+def test_unexpected_exception_is_one_line_unless_debug(cli, emulator, monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr("reconcile.observe.make_plan", broken)
+    code, _, err = cli("plan", str(tmp_path), "-p", "PROJ")
+    assert code == 1
+    assert err.splitlines() == ["error: internal error: RuntimeError: boom",
+                                "hint: run again with --debug for the traceback"]
+    code, _, err = cli("--debug", "plan", str(tmp_path), "-p", "PROJ")
+    assert code == 1
+    assert err.startswith("Traceback (most recent call last):") and "RuntimeError: boom" in err
+    assert err.splitlines()[-1] == "error: internal error: RuntimeError: boom"
+
+
+def test_history_skips_lines_that_are_not_entries_with_a_warning_each(cli, tmp_path):
+    root = tmp_path / "bids"
+    plan = compute_plan(Lock.new(), RemoteState((), None), LocalState({}), Config())
+    first = append_history(root, plan, ApplyReport(lock=Lock.new()))
+    history = root / ".xnat2bids/history.jsonl"
+    with open(history, "a") as fh:
+        fh.write('{"time": "2024-01-01T00:00:00Z"}\n')  # valid JSON, not an entry (no summary)
+        fh.write("[1, 2]\n")
+        fh.write(json.dumps({**first, "sessions": [{"action": "create"}]}) + "\n")
+        fh.write("{not json\n")
+    append_history(root, plan, ApplyReport(lock=Lock.new()))
+    code, out, err = cli("history", str(root))
+    assert code == 0, err
+    assert out.count(" apply by ") == 2 and "Traceback" not in out + err
+    assert err.splitlines() == [
+        f"warning: {history}: line 2 is not a complete history entry; skipped",
+        f"warning: {history}: line 3 is not a complete history entry; skipped",
+        f"warning: {history}: line 4 is not a complete history entry; skipped",
+        f"warning: {history}: line 5 is not valid JSON; skipped",
+    ]
+    code, out, _ = cli("history", str(root), "--json")
+    assert code == 0 and [json.loads(line)["operation"] for line in out.splitlines()] == ["apply", "apply"]
+
+
+def test_status_json_without_a_batch_is_json(cli, tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    code, out, _ = cli("status", str(root), "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert set(doc) == STATUS_KEYS
+    assert doc["batch"] is None and doc["holder"] is None and doc["pending_revocations"] == []
+    assert doc["bids_root"] == str(root) and doc["sessions"] == []
+    code, out, _ = cli("status", str(root))
+    assert code == 0 and out == f"No SLURM batch in {root}.\n"
+
+
+def test_status_json_of_a_root_locked_by_another_apply_names_the_holder(cli, tmp_path):
+    from reconcile import statelock
+
+    root = tmp_path / "bids"
+    root.mkdir()
+    holder = statelock.acquire(root, "apply")
+    try:
+        code, out, _ = cli("status", str(root), "--json")
+    finally:
+        statelock.release(root, holder)
+    assert code == 0
+    doc = json.loads(out)
+    assert set(doc) == STATUS_KEYS and doc["batch"] is None
+    assert doc["holder"]["id"] == holder.id and doc["holder"]["pid"] == os.getpid()
+    assert doc["holder"]["operation"] == "apply"
+
