@@ -428,13 +428,15 @@ def _same_root(planned: Path, root: Path) -> bool:
 
 
 def check_plan_fresh(
-    plan: Plan, root: Path, config: Config, *, planned_root: str, planned_config: str | None
+    plan: Plan, root: Path, config: Config, *, planned_root: str, planned_config: str | None,
+    planned_url: str | None, url: str,
 ) -> None:
     """A saved plan applies only to what it was computed for: its BIDS root, its config (naming
-    and conversion decide every address and output) and its lock (lineage and serial).
+    and conversion decide every address and output), its XNAT and its lock (lineage and serial).
 
-    `planned_root` and `planned_config` are the plan file's `bids_root` and `config_fingerprint`
-    (`planned_config` is None in format 1 plans, which did not record it).
+    `planned_root`, `planned_config` and `planned_url` are the plan file's `bids_root`,
+    `config_fingerprint` and `xnat_url` (the last two None in format 1 plans, which lack them);
+    `url` is the XNAT this apply talks to.
     """
     if planned_config is None:
         raise StalePlanError(
@@ -445,6 +447,11 @@ def check_plan_fresh(
         raise StalePlanError(
             f"plan is for another BIDS root: it was made for {planned_root}, not {root}",
             hint=f"apply it to {planned_root}, or run plan again for {root}",
+        )
+    if planned_url is not None and planned_url.rstrip("/") != url.rstrip("/"):
+        raise StalePlanError(
+            f"plan is for another XNAT: it was made against {planned_url}, not {url}",
+            hint="apply it with the XNAT it was made against, or run plan again",
         )
     if planned_config != config.fingerprint():
         raise StalePlanError(

@@ -123,7 +123,8 @@ def run_plan(
     run = make_plan(client, root, config, selection, deep=deep, reconvert_outdated=reconvert_outdated)
     plan = run.plan
     created = _now()
-    doc = render_json(plan, bids_root=str(root), config_fingerprint=config.fingerprint(), created_at=created)
+    doc = render_json(plan, bids_root=str(root), config_fingerprint=config.fingerprint(), xnat_url=client.url,
+                      created_at=created)
     if out is not None:
         out.write_text(doc)
     if as_json:
@@ -424,7 +425,8 @@ def _load_or_make_plan(
     from reconcile.lock import read_lock
 
     plan, saved = plan_from_dict(data, str(plan_file), read_lock(root))
-    check_plan_fresh(plan, root, cfg, planned_root=saved["bids_root"], planned_config=saved.get("config_fingerprint"))
+    check_plan_fresh(plan, root, cfg, planned_root=saved["bids_root"], planned_config=saved.get("config_fingerprint"),
+                     planned_url=saved.get("xnat_url"), url=client.url)
     return plan
 
 
@@ -550,7 +552,8 @@ def run_slurm_apply(
                 kind, f"an alias token written to {batch.credentials_path} (mode 0600)")
             echo(f"\n# The jobs log in to {batch.xnat_url} with {how}.")
             return EXIT_OK
-        plan_json = render_json(plan, bids_root=str(root), config_fingerprint=cfg.fingerprint(), created_at=_now())
+        plan_json = render_json(plan, bids_root=str(root), config_fingerprint=cfg.fingerprint(), xnat_url=client.url,
+                                created_at=_now())
         sx.write_batch(batch, plan_json, settings, (array, finalize_job))
         if token_file is not None:
             written = sx.write_job_credentials(client, token_file)

@@ -109,14 +109,17 @@ def _change_dict(change: Change) -> dict[str, Any]:
     }
 
 
-def plan_to_dict(plan: Plan, *, bids_root: str, config_fingerprint: str, created_at: str) -> dict[str, Any]:
-    """The plan with what it was made for (BIDS root, config, lock), so a saved one applies only there."""
+def plan_to_dict(
+    plan: Plan, *, bids_root: str, config_fingerprint: str, xnat_url: str, created_at: str
+) -> dict[str, Any]:
+    """The plan with what it was made for (BIDS root, config, XNAT, lock), so a saved one applies only there."""
     return {
         "format_version": PLAN_FORMAT_VERSION,
         "generator": f"xnat2bids {__version__}",
         "created_at": created_at,
         "bids_root": os.path.abspath(bids_root),
         "config_fingerprint": config_fingerprint,
+        "xnat_url": xnat_url,
         "lock": {"lineage": plan.lineage, "serial": plan.serial},
         "deep": plan.deep,
         "projects": list(plan.projects),
@@ -130,8 +133,9 @@ def plan_to_dict(plan: Plan, *, bids_root: str, config_fingerprint: str, created
     }
 
 
-def render_json(plan: Plan, *, bids_root: str, config_fingerprint: str, created_at: str) -> str:
-    doc = plan_to_dict(plan, bids_root=bids_root, config_fingerprint=config_fingerprint, created_at=created_at)
+def render_json(plan: Plan, *, bids_root: str, config_fingerprint: str, xnat_url: str, created_at: str) -> str:
+    doc = plan_to_dict(plan, bids_root=bids_root, config_fingerprint=config_fingerprint, xnat_url=xnat_url,
+                       created_at=created_at)
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 

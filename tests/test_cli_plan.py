@@ -233,11 +233,23 @@ def test_saved_plan_made_with_another_config_is_refused(cli, emulator, tmp_path)
     assert code == 1 and "made with a different config" in err
 
 
+def test_saved_plan_made_against_another_xnat_is_refused(cli, emulator, tmp_path):
+    add_sessions(emulator.archive, 1)
+    root = tmp_path / "bids"
+    saved, doc = saved_plan(cli, root, tmp_path)
+    assert doc["xnat_url"] == emulator.url
+    saved.write_text(json.dumps({**doc, "xnat_url": "https://xnat.example.org"}))
+    code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes")
+    assert code == 1 and "create" not in out
+    assert f"error: plan is for another XNAT: it was made against https://xnat.example.org, not {emulator.url}" in err
+    assert not lock_path(root).exists()
+
+
 def test_saved_plan_of_the_older_format_is_refused(cli, emulator, tmp_path):
     add_sessions(emulator.archive, 1)
     root = tmp_path / "bids"
     saved, doc = saved_plan(cli, root, tmp_path)
-    del doc["config_fingerprint"]
+    del doc["config_fingerprint"], doc["xnat_url"]
     saved.write_text(json.dumps({**doc, "format_version": 1}))
     code, _, err = cli("apply", str(root), "--plan", str(saved), "--yes")
     assert code == 1

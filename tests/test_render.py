@@ -53,15 +53,19 @@ def test_text_of_a_plan_without_changes_is_its_summary():
     assert render_text(plan) == "No changes. 1 session up to date."
 
 
-def test_plan_json_records_the_absolute_bids_root_and_config_fingerprint(tmp_path, monkeypatch):
+def test_plan_json_records_the_absolute_bids_root_config_fingerprint_and_xnat(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     plan = Plan(changes=(change(Action.CREATE, 1, "01", "new in XNAT"),), unchanged=0, problems=(), notes=(),
                 lineage="l", serial=0, deep=False)
-    doc = plan_to_dict(plan, bids_root="bids", config_fingerprint="c5c3219356d33c3b", created_at="t")
+    doc = plan_to_dict(plan, bids_root="bids", config_fingerprint="c5c3219356d33c3b", xnat_url="https://x.org/xnat",
+                       created_at="t")
     assert doc["format_version"] == 2 and schema_errors("plan", doc) == []
-    assert (doc["bids_root"], doc["config_fingerprint"]) == (str(tmp_path / "bids"), "c5c3219356d33c3b")
-    del doc["config_fingerprint"]
-    assert schema_errors("plan", doc) == ["(top level): 'config_fingerprint' is a required property"]
+    assert (doc["bids_root"], doc["config_fingerprint"], doc["xnat_url"]) == (
+        str(tmp_path / "bids"), "c5c3219356d33c3b", "https://x.org/xnat")
+    for key in ("config_fingerprint", "xnat_url"):
+        assert schema_errors("plan", {k: v for k, v in doc.items() if k != key}) == [
+            f"(top level): '{key}' is a required property"]
+    del doc["config_fingerprint"], doc["xnat_url"]
     # Format 1 (no fingerprint) still loads: SLURM batches submitted before an upgrade read theirs.
     loaded, _ = plan_from_dict({**doc, "format_version": 1})
     assert loaded.changes[0].key == plan.changes[0].key
@@ -69,6 +73,7 @@ def test_plan_json_records_the_absolute_bids_root_and_config_fingerprint(tmp_pat
 
 def test_plan_from_a_newer_xnat2bids_is_refused_as_newer_not_invalid():
     plan = Plan(changes=(), unchanged=0, problems=(), notes=(), lineage="l", serial=0, deep=False)
-    doc = {**plan_to_dict(plan, bids_root="/b", config_fingerprint="f", created_at="t"), "format_version": 3, "new": 1}
+    doc = {**plan_to_dict(plan, bids_root="/b", config_fingerprint="f", xnat_url="http://x", created_at="t"),
+           "format_version": 3, "new": 1}
     with pytest.raises(StalePlanError, match=r"saved.json was written by a newer xnat2bids \(format 3\)"):
         plan_from_dict(doc, "saved.json")
