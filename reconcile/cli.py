@@ -642,10 +642,8 @@ def status(
     if as_json:
         if current is not None:
             data = sx.batch_status(current, query=shutil.which("scontrol") is not None).to_dict()
-        else:  # the same keys, so scripts need not special-case an empty root
-            data = {"format_version": sx.BATCH_FORMAT_VERSION, "batch": None, "bids_root": str(root),
-                    "created_at": None, "submitted_by": None, "array_job": None, "finalize_job": None,
-                    "finalize_state": None, "holds_state_lock": False, "finalized": None, "sessions": []}
+        else:
+            data = sx.no_batch_status(root)
         data["holder"] = asdict(holder) if holder is not None else None
         data["pending_revocations"] = [
             {"batch": p.batch, "since": p.since, "attempts": p.attempts, "last_error": p.last_error, "xnat_url": p.xnat_url}

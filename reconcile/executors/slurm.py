@@ -1051,6 +1051,15 @@ class BatchStatus:
         }
 
 
+def no_batch_status(root: Path) -> dict[str, Any]:
+    """`BatchStatus.to_dict`'s keys for a BIDS root without a batch, so scripts need no special case."""
+    return {
+        "format_version": BATCH_FORMAT_VERSION, "batch": None, "bids_root": str(root), "created_at": None,
+        "submitted_by": None, "array_job": None, "finalize_job": None, "finalize_state": None,
+        "holds_state_lock": False, "finalized": None, "sessions": [],
+    }
+
+
 def batch_status(batch: Batch, *, query: bool = True) -> BatchStatus:
     """Per-session state from the result records, else from scontrol (when `query`)."""
     tasks = array_task_states(batch.array_job) if query and batch.array_job else {}
