@@ -399,6 +399,19 @@ def compute_plan(
         scans = deep_scans.get(exp_id) if deep else None
         rec = sessions.get(exp_id)
         holder = holder_of.get(address)
+        if holder is not None and holder.experiment_id != exp_id and holder.project not in listed_ok:
+            # The folder's owner is in a project not listed this run (not selected, or its listing
+            # failed): as good as present, so this is a collision (row 17), not a free address.
+            out.problems.append(
+                Problem(
+                    f"session {exp_id} ({exp.project}/{exp.label}) maps to {address.path}, which the lock records "
+                    f"for {holder.experiment_id} of project {holder.project}",
+                    exp.project,
+                    exp_id,
+                    hint=f'give one a distinct label in [naming.sessions], e.g. "{exp_id}" = "{address.session}b"',
+                )
+            )
+            continue
         if holder is not None and holder.experiment_id != exp_id and holder.experiment_id in present_ids:
             # Another recorded session still owns that folder (e.g. two labels swapped):
             # converting now would overwrite it.

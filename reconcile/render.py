@@ -33,7 +33,11 @@ _LEADS = {a: f"{symbol} {a.value:<6}" for a, symbol in SYMBOLS.items()}  # "+ cr
 def summary_line(plan: Plan) -> str:
     if not plan.changes:
         n = plan.unchanged
-        return f"No changes. {n} session{'s' if n != 1 else ''} up to date."
+        up_to_date = f"{n} session{'s' if n != 1 else ''} up to date"
+        if plan.problems:  # not "No changes.": what the problems hide was not compared
+            k = len(plan.problems)
+            return f"No changes planned; {up_to_date}, {k} problem{'s' if k != 1 else ''} below."
+        return f"No changes. {up_to_date}."
     return (
         f"Plan: {plan.count(Action.CREATE)} to create, {plan.count(Action.UPDATE)} to update, "
         f"{plan.count(Action.DRIFT)} drifted, {plan.count(Action.ORPHAN)} orphaned, "

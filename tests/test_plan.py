@@ -304,6 +304,21 @@ def test_two_sessions_at_one_bids_address_is_an_error_naming_both():  # row 17
     assert [c.key.experiment_id for c in plan.changes] == ["XNAT_E00003"]
 
 
+@pytest.mark.parametrize("owner_listing", ["not selected", "failed"])
+def test_a_session_at_the_address_of_one_in_an_unlisted_project_is_a_collision(owner_listing):  # row 17
+    owner = exp(1)
+    lock = lock_of(record(owner, bids_session="SUBJ01MR1"))
+    newcomer = exp(2, subject="SUBJ01", label="SUBJ01_MR1", project="OTHER")
+    listings = [listing(newcomer, project="OTHER")]
+    if owner_listing == "failed":
+        listings.append(ProjectListing("PROJ", None, "HTTP 503"))
+    plan = compute_plan(lock, RemoteState(tuple(listings)), on_disk(*lock.sessions.values()), CONFIG, tools=TOOLS)
+    assert plan.changes == () and plan.unchanged == 0
+    messages = [p.message for p in plan.problems if p.experiment_id == newcomer.id]
+    assert messages == [f"session {newcomer.id} (OTHER/SUBJ01_MR1) maps to sub-SUBJ01/ses-SUBJ01MR1, which the lock "
+                        f"records for {owner.id} of project PROJ"]
+
+
 @pytest.mark.parametrize("label", ["../evil", "a/b", "x\x00y", "..", "tab\there", "A" * 200])
 def test_unsafe_label_is_an_error_for_that_session_only(label):  # row 18
     bad = exp(1, label=label)

@@ -51,6 +51,10 @@ def test_text_plan_aligns_addresses_and_lists_at_most_three_reasons():
 def test_text_of_a_plan_without_changes_is_its_summary():
     plan = Plan(changes=(), unchanged=1, problems=(), notes=(), lineage="l", serial=1, deep=False)
     assert render_text(plan) == "No changes. 1 session up to date."
+    blocked = Plan(changes=(), unchanged=0, problems=(Problem("listing of project P failed"),), notes=(), lineage="l",
+                   serial=1, deep=False)
+    assert render_text(blocked).splitlines() == ["No changes planned; 0 sessions up to date, 1 problem below.",
+                                                "error: listing of project P failed"]
 
 
 def test_plan_json_records_the_absolute_bids_root_config_fingerprint_and_xnat(tmp_path, monkeypatch):
