@@ -9,6 +9,8 @@ source of truth.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import marshal
 import os
@@ -258,6 +260,47 @@ def write_lock(root: Path, lock: Lock, *, expected_serial: int | None = None) ->
     when `expected_serial` is given, to write over a lock whose serial (or lineage) differs from
     what the caller read. A missing file counts as serial 0.
     """
+    with _writers_excluded(lock_path(root)):
+        return _write_lock(root, lock, expected_serial)
+
+
+@contextlib.contextmanager
+def _writers_excluded(path: Path) -> Iterator[None]:
+    """An exclusive flock on the lock file, held from reading it to renaming the new one over it,
+    so that checking `expected_serial` and replacing the file are one step: a writer that read an
+    older lock fails instead of overwriting a newer one. The state lock already keeps applies
+    apart; this covers what it cannot (a finalize racing the merge of its batch, a holder taken
+    over while alive). The file is replaced on every write, so the lock counts only once the
+    flocked file is still the one at `path`. Best effort: none before the first write, nor where
+    the file system has no flock (some NFS, Lustre mounts)."""
+    for _ in range(10):
+        try:
+            fd = _open_for_flock(path)
+        except OSError:  # no lock yet, or unreadable (the write itself reports that)
+            break
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                current = os.path.samestat(os.fstat(fd), os.stat(path))
+            except OSError:
+                break
+            if current:
+                yield
+                return
+        finally:
+            os.close(fd)  # releases the flock
+    yield
+
+
+def _open_for_flock(path: Path) -> int:
+    flags = getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, os.O_RDWR | flags)  # NFS grants exclusive locks to writable opens only
+    except PermissionError:
+        return os.open(path, os.O_RDONLY | flags)
+
+
+def _write_lock(root: Path, lock: Lock, expected_serial: int | None) -> Lock:
     path = lock_path(root)
     on_disk = _current(path)  # raises on an invalid file: look at it, never overwrite it
     if expected_serial is not None:

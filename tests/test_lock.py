@@ -9,6 +9,7 @@ import pickle
 import random
 import re
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -426,6 +427,39 @@ def test_a_failed_rename_keeps_the_old_lock_and_removes_the_temp_file(root: Path
         write_lock(root, lock.with_session(record(2)), expected_serial=1)
     assert lock_path(root).read_bytes() == before
     assert sorted(p.name for p in root.iterdir()) == [LOCK_NAME]
+
+
+def test_a_writer_that_read_an_older_lock_fails_instead_of_overwriting_a_newer_one(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = write_lock(root, lock_with(record(1)))
+    paused, resume = threading.Event(), threading.Event()
+
+    def hit(name: str) -> None:  # the slow writer stops between its serial check and its rename
+        if name == "lock-temp-written" and threading.current_thread().name == "slow":
+            paused.set()
+            resume.wait(30)
+
+    monkeypatch.setattr(lock_module, "hit", hit)
+    outcome: dict[str, object] = {}
+
+    def write(name: str, n: int) -> None:
+        try:
+            outcome[name] = write_lock(root, first.with_session(record(n)), expected_serial=1)
+        except LockfileError as exc:
+            outcome[name] = exc
+
+    slow = threading.Thread(target=write, args=("slow", 2), name="slow")
+    slow.start()
+    assert paused.wait(30)
+    fast = threading.Thread(target=write, args=("fast", 3))
+    fast.start()  # read serial 1 too: it must wait for the slow writer, then see serial 2
+    resume.set()
+    slow.join(30)
+    fast.join(30)
+    assert isinstance(outcome["fast"], LockfileError) and "(serial 1 → 2)" in str(outcome["fast"])
+    forget()
+    assert read_lock(root) == outcome["slow"] and sorted(read_lock(root).sessions) == ["XNAT_E00001", "XNAT_E00002"]
 
 
 def test_write_keeps_the_file_mode(root: Path) -> None:
