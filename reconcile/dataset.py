@@ -20,6 +20,7 @@ __all__ = [
     "BIDS_VERSION",
     "BIDSIGNORE_PATTERNS",
     "SESSION_COLUMNS",
+    "check_dataset_files",
     "ensure_bidsignore",
     "ensure_dataset_description",
     "ensure_participant",
@@ -52,6 +53,23 @@ class DatasetFileError(XnatBidsError):
     """A dataset-level BIDS file exists but cannot be read or safely updated."""
 
 
+def check_dataset_files(root: Path, bids_subject: str, *, previous_subject: str | None = None) -> None:
+    """Read, writing nothing, each dataset file a commit of sub-X will update; raise what the update would.
+
+    apply calls this before moving a converted session into place: a file that only fails once the
+    session is in place leaves a half-done commit. `previous_subject` is the subject whose sessions
+    file loses a row when the session moved there from another subject. Missing files are fine.
+    """
+    root = Path(root)
+    _read_description(root / "dataset_description.json")
+    _read_participants(root / "participants.tsv")
+    _read_sessions(_sessions_path(root, bids_subject))
+    if (root / "sessions.json").exists():
+        _read_json_object(root / "sessions.json")
+    if previous_subject is not None and _sessions_path(root, previous_subject).exists():
+        _Tsv.read(_sessions_path(root, previous_subject))
+
+
 def ensure_dataset_description(root: Path, *, name: str, tools: Mapping[str, str]) -> None:
     """Create dataset_description.json, or add/refresh our GeneratedBy entries in it.
 
@@ -69,12 +87,8 @@ def ensure_dataset_description(root: Path, *, name: str, tools: Mapping[str, str
         }
         write_atomic(path, _json_text(data))
         return
-    data = _read_json_object(path)
-    generated = data.get("GeneratedBy", [])
-    if not isinstance(generated, list):
-        raise DatasetFileError(f"{path}: GeneratedBy is not a list",
-                               hint="fix or remove the GeneratedBy key; xnat2bids appends its tools there")
-    merged = list(generated)
+    data, bom = _read_description(path)
+    merged = list(data.get("GeneratedBy", []))
     for entry in ours:
         index = next((i for i, e in enumerate(merged) if isinstance(e, dict) and e.get("Name") == entry["Name"]), None)
         if index is None:
@@ -86,7 +100,18 @@ def ensure_dataset_description(root: Path, *, name: str, tools: Mapping[str, str
     updated.setdefault("Name", name)
     updated.setdefault("BIDSVersion", BIDS_VERSION)
     if updated != data:
-        write_atomic(path, _json_text(updated))
+        write_atomic(path, _json_text(updated, bom=bom))
+
+
+def _read_description(path: Path) -> tuple[dict[str, Any], bool]:
+    """dataset_description.json as (data, had a BOM); ({}, False) when missing."""
+    if not path.exists():
+        return {}, False
+    data, bom = _read_json_object(path)
+    if not isinstance(data.get("GeneratedBy", []), list):
+        raise DatasetFileError(f"{path}: GeneratedBy is not a list",
+                               hint="fix or remove the GeneratedBy key; xnat2bids appends its tools there")
+    return data, bom
 
 
 def update_sessions_tsv(root: Path, bids_subject: str, bids_session: str, *, acq_time: str,
@@ -96,18 +121,14 @@ def update_sessions_tsv(root: Path, bids_subject: str, bids_session: str, *, acq
     Other rows, user columns and their order are kept; our columns missing from a user's
     file are appended (n/a in existing rows). Nothing is written when nothing changes.
     """
-    path = Path(root) / f"sub-{bids_subject}" / f"sub-{bids_subject}_sessions.tsv"
+    path = _sessions_path(Path(root), bids_subject)
     ours = {
         "session_id": f"ses-{bids_session}",
         "acq_time": acq_time or NA,
         "xnat_experiment_id": xnat_experiment_id or NA,
         "xnat_insert_date": xnat_insert_date or NA,
     }
-    table = _Tsv.read(path) if path.exists() else _Tsv([], [])
-    if not table.header:
-        table = _Tsv(list(SESSION_COLUMNS), [])
-    if "session_id" not in table.header:
-        raise DatasetFileError(f"{path}: no session_id column", hint="the first column of a sessions file is session_id")
+    table = _read_sessions(path)
     missing = [c for c in SESSION_COLUMNS if c not in table.header]
     changed = bool(missing) or not path.exists()
     for column in missing:
@@ -124,13 +145,27 @@ def update_sessions_tsv(root: Path, bids_subject: str, bids_session: str, *, acq
     _ensure_json_keys(Path(root) / "sessions.json", SESSION_COLUMN_DESCRIPTIONS)
 
 
+def _sessions_path(root: Path, bids_subject: str) -> Path:
+    return root / f"sub-{bids_subject}" / f"sub-{bids_subject}_sessions.tsv"
+
+
+def _read_sessions(path: Path) -> _Tsv:
+    """A sessions file, or an empty one with our columns when missing or blank."""
+    table = _Tsv.read(path) if path.exists() else _Tsv([], [])
+    if not table.header:
+        return _Tsv(list(SESSION_COLUMNS), [])
+    if "session_id" not in table.header:
+        raise DatasetFileError(f"{path}: no session_id column", hint="the first column of a sessions file is session_id")
+    return table
+
+
 def remove_session_row(root: Path, bids_subject: str, bids_session: str, *, xnat_experiment_id: str) -> None:
     """Drop ses-Y's row from sub-X/sub-X_sessions.tsv after the session moved elsewhere.
 
     Only a row that names this experiment is ours to remove; a file left with nothing but our
     own header goes too. Other rows are written back unchanged.
     """
-    path = Path(root) / f"sub-{bids_subject}" / f"sub-{bids_subject}_sessions.tsv"
+    path = _sessions_path(Path(root), bids_subject)
     if not path.exists():
         return
     table = _Tsv.read(path)
@@ -149,27 +184,33 @@ def remove_session_row(root: Path, bids_subject: str, bids_session: str, *, xnat
 
 def _ensure_json_keys(path: Path, entries: Mapping[str, Any]) -> None:
     """Add missing top-level keys to a JSON sidecar; keys already there are the user's to keep."""
-    data = _read_json_object(path) if path.exists() else {}
+    data, bom = _read_json_object(path) if path.exists() else ({}, False)
     missing = {k: v for k, v in entries.items() if k not in data}
     if missing:
-        write_atomic(path, _json_text({**data, **missing}))
+        write_atomic(path, _json_text({**data, **missing}, bom=bom))
 
 
 def ensure_participant(root: Path, bids_subject: str) -> None:
     """Append sub-X to participants.tsv when missing; existing rows and columns are never rewritten."""
     path = Path(root) / "participants.tsv"
     participant = f"sub-{bids_subject}"
-    table = _Tsv.read(path) if path.exists() else _Tsv([], [])
+    table = _read_participants(path)
     if not table.header:
         write_atomic(path, _Tsv(["participant_id"], [[participant]]).text())
         return
-    if "participant_id" not in table.header:
-        raise DatasetFileError(f"{path}: no participant_id column",
-                               hint="the first column of participants.tsv is participant_id")
     if table.find("participant_id", participant) is not None:
         return
     table.insert_sorted("participant_id", {"participant_id": participant})
     write_atomic(path, table.text())
+
+
+def _read_participants(path: Path) -> _Tsv:
+    """participants.tsv; a table without header when missing or blank."""
+    table = _Tsv.read(path) if path.exists() else _Tsv([], [])
+    if table.header and "participant_id" not in table.header:
+        raise DatasetFileError(f"{path}: no participant_id column",
+                               hint="the first column of participants.tsv is participant_id")
+    return table
 
 
 def ensure_bidsignore(root: Path, patterns: Iterable[str] = BIDSIGNORE_PATTERNS) -> None:
@@ -189,25 +230,26 @@ class _Tsv:
     """A BIDS TSV that remembers each line's text, so lines we do not touch are written back unchanged."""
 
     def __init__(self, header: list[str], rows: list[list[str]], newline: str = "\n",
-                 raw: list[str | None] | None = None):
+                 raw: list[str | None] | None = None, *, bom: bool = False):
         self.header = header
         self.rows = rows
         self.newline = newline
+        self.bom = bom
         # raw[0] is the header line, raw[i + 1] row i; None once a line was changed.
         self.raw: list[str | None] = raw if raw is not None else [None] * (len(rows) + 1)
 
     @classmethod
     def read(cls, path: Path) -> _Tsv:
-        try:
-            text = path.read_bytes().decode("utf-8")  # bytes: read_text would hide CRLF
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DatasetFileError(f"cannot read {path}: {exc}") from exc
+        text, bom = _read_text(path)
         newline = "\r\n" if "\r\n" in text else "\n"
+        # Only \n ends a row: str.splitlines() would also split a user's cell at \x0b, \x0c, \x1c-\x1e,
+        # \x85, \u2028 or \u2029 and write one row back as two.
+        lines = [line.removesuffix("\r") for line in text.split("\n")]
         # Blank lines are not valid BIDS TSV rows; dropping them is the only normalisation.
-        lines = [line for line in text.splitlines() if line.strip()]
+        lines = [line for line in lines if line.strip()]
         if not lines:
-            return cls([], [], newline)
-        return cls(lines[0].split("\t"), [line.split("\t") for line in lines[1:]], newline, list(lines))
+            return cls([], [], newline, bom=bom)
+        return cls(lines[0].split("\t"), [line.split("\t") for line in lines[1:]], newline, list(lines), bom=bom)
 
     def add_column(self, column: str) -> None:
         self.header.append(column)
@@ -250,8 +292,9 @@ class _Tsv:
 
     def text(self) -> str:
         lines = [self.header, *self.rows]
-        return "".join((raw if raw is not None else "\t".join(cells)) + self.newline
+        body = "".join((raw if raw is not None else "\t".join(cells)) + self.newline
                        for raw, cells in zip(self.raw, lines))
+        return ("\ufeff" if self.bom else "") + body
 
 
 def _tool_order(tools: Mapping[str, str]) -> list[str]:
@@ -259,15 +302,38 @@ def _tool_order(tools: Mapping[str, str]) -> list[str]:
     return known + sorted(t for t in tools if t not in TOOL_ORDER)
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
+def _read_text(path: Path) -> tuple[str, bool]:
+    """A user's file as (text without BOM, had a BOM): UTF-8 only, with the BOM Excel and Notepad write.
+
+    Other encodings are refused, not guessed: a wrong guess would be written back as mojibake.
+    """
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = path.read_bytes()  # bytes: read_text would hide CRLF
+    except OSError as exc:
+        raise DatasetFileError(f"cannot read {path}: {exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DatasetFileError(
+            f"{path} is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line})",
+            hint="save the file as UTF-8 (Excel: 'CSV UTF-8'; a text editor: encoding UTF-8), then run apply again",
+        ) from exc
+    bom = text.startswith("\ufeff")
+    return text.removeprefix("\ufeff"), bom
+
+
+def _read_json_object(path: Path) -> tuple[dict[str, Any], bool]:
+    """A JSON object file as (data, had a BOM)."""
+    text, bom = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise DatasetFileError(f"cannot read {path}: {exc}", hint="fix the JSON; xnat2bids will not overwrite it") from exc
     if not isinstance(data, dict):
         raise DatasetFileError(f"{path} is not a JSON object")
-    return data
+    return data, bom
 
 
-def _json_text(data: Mapping[str, Any]) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+def _json_text(data: Mapping[str, Any], *, bom: bool = False) -> str:
+    return ("\ufeff" if bom else "") + json.dumps(data, indent=2, ensure_ascii=False) + "\n"

@@ -11,6 +11,7 @@ import pytest
 from reconcile.dataset import (
     BIDS_VERSION,
     DatasetFileError,
+    check_dataset_files,
     ensure_bidsignore,
     ensure_dataset_description,
     ensure_participant,
@@ -172,6 +173,167 @@ def test_participants_without_participant_id_column_is_an_error(tmp_path: Path) 
     (tmp_path / "participants.tsv").write_text("subject\tage\nsub-01\t3\n")
     with pytest.raises(DatasetFileError):
         ensure_participant(tmp_path, "02")
+
+
+# --- characters and encodings users' editors leave in these files ----------------------
+
+# Characters str.splitlines() treats as line breaks although a TSV row ends only at \n.
+SPLITLINES_ONLY = "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+BOM = b"\xef\xbb\xbf"
+
+
+def test_a_participant_cell_with_unicode_line_separators_stays_one_row(tmp_path: Path) -> None:
+    path = tmp_path / "participants.tsv"
+    user = f"participant_id\tnote\nsub-01\tlikes{SPLITLINES_ONLY}cats\n".encode()
+    path.write_bytes(user)
+    ensure_participant(tmp_path, "01")
+    assert path.read_bytes() == user
+    ensure_participant(tmp_path, "02")
+    assert path.read_bytes() == user + b"sub-02\tn/a\n"
+
+
+def test_a_session_cell_with_unicode_line_separators_is_not_taken_for_a_session_row(tmp_path: Path) -> None:
+    (tmp_path / "sub-01").mkdir()
+    path = tmp_path / "sub-01" / "sub-01_sessions.tsv"
+    user = (f"session_id\tacq_time\txnat_experiment_id\txnat_insert_date\tnotes\r\n"
+            f"ses-pilot\tn/a\tn/a\tn/a\tsee\u2028ses-b{SPLITLINES_ONLY}\r\n").encode()
+    path.write_bytes(user)
+    _update(tmp_path, "a")
+    assert path.read_bytes() == user + b"ses-a\t2024-01-10T00:00:00\tXNAT_E00001\t2024-01-11 10:00:00.0\tn/a\r\n"
+
+
+def test_participants_with_a_byte_order_mark_gets_the_row_and_keeps_the_mark(tmp_path: Path) -> None:
+    path = tmp_path / "participants.tsv"
+    path.write_bytes(BOM + b"participant_id\tage\r\nsub-01\t42\r\n")
+    ensure_participant(tmp_path, "01")
+    ensure_participant(tmp_path, "02")
+    assert path.read_bytes() == BOM + b"participant_id\tage\r\nsub-01\t42\r\nsub-02\tn/a\r\n"
+
+
+def test_sessions_file_with_a_byte_order_mark_gets_the_row_and_keeps_the_mark(tmp_path: Path) -> None:
+    (tmp_path / "sub-01").mkdir()
+    path = tmp_path / "sub-01" / "sub-01_sessions.tsv"
+    path.write_bytes(BOM + b"session_id\tgroup\nses-x\tcontrol\n")
+    _update(tmp_path, "a")
+    assert path.read_bytes() == BOM + (
+        b"session_id\tgroup\tacq_time\txnat_experiment_id\txnat_insert_date\n"
+        b"ses-x\tcontrol\tn/a\tn/a\tn/a\n"
+        b"ses-a\tn/a\t2024-01-10T00:00:00\tXNAT_E00001\t2024-01-11 10:00:00.0\n"
+    )
+
+
+def test_dataset_description_with_a_byte_order_mark_is_updated_and_keeps_the_mark(tmp_path: Path) -> None:
+    path = tmp_path / "dataset_description.json"
+    path.write_bytes(BOM + json.dumps({"Name": "Mine", "BIDSVersion": "1.9.0"}).encode())
+    ensure_dataset_description(tmp_path, name="PROJ", tools=TOOLS)
+    written = path.read_bytes()
+    assert written.startswith(BOM) and not written.startswith(BOM * 2)
+    data = json.loads(written[len(BOM):])
+    assert data["Name"] == "Mine" and [e["Name"] for e in data["GeneratedBy"]] == ["xnat2bids", "heudiconv", "dcm2niix"]
+
+
+def test_sessions_sidecar_with_a_byte_order_mark_keeps_the_mark(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.json"
+    path.write_bytes(BOM + b'{"pain_score": {"Description": "0-10"}}')
+    _update(tmp_path, "a")
+    written = path.read_bytes()
+    assert written.startswith(BOM) and not written.startswith(BOM * 2)
+    assert set(json.loads(written[len(BOM):])) == {"pain_score", "xnat_experiment_id", "xnat_insert_date"}
+
+
+def test_latin1_participants_is_refused_with_the_offset_and_a_hint_not_guessed(tmp_path: Path) -> None:
+    path = tmp_path / "participants.tsv"
+    user = "participant_id\tname\nsub-01\tM\xfcller\n".encode("latin-1")
+    path.write_bytes(user)
+    with pytest.raises(DatasetFileError) as raised:
+        ensure_participant(tmp_path, "02")
+    assert str(path) in raised.value.summary
+    assert "offset 28 (line 2)" in raised.value.summary
+    assert "UTF-8" in raised.value.hint
+    assert path.read_bytes() == user
+
+
+def test_non_utf8_dataset_description_is_refused_with_the_offset_and_a_hint(tmp_path: Path) -> None:
+    path = tmp_path / "dataset_description.json"
+    user = '{"Name": "Caf\xe9"}'.encode("cp1252")
+    path.write_bytes(user)
+    with pytest.raises(DatasetFileError) as raised:
+        ensure_dataset_description(tmp_path, name="PROJ", tools=TOOLS)
+    assert str(path) in raised.value.summary and "offset 13 (line 1)" in raised.value.summary
+    assert "UTF-8" in raised.value.hint
+    assert path.read_bytes() == user
+
+
+# --- checking the files before a commit ----------------------------------------------
+
+
+def _files(root: Path) -> dict[str, bytes | None]:
+    """Every path below root with its bytes (None for a folder): what a check must leave alone."""
+    return {p.relative_to(root).as_posix(): None if p.is_dir() else p.read_bytes() for p in root.rglob("*")}
+
+
+def _commit(root: Path) -> None:
+    """The dataset-file updates apply makes for a commit of sub-01's ses-a."""
+    ensure_dataset_description(root, name="PROJ", tools=TOOLS)
+    ensure_participant(root, "01")
+    _update(root, "a")
+
+
+MALFORMED = {
+    "participants not UTF-8": ("participants.tsv", "participant_id\nsub-01\tM\xfcller\n".encode("latin-1")),
+    "participants without participant_id": ("participants.tsv", b"subject\tage\nsub-01\t3\n"),
+    "sessions not UTF-8": ("sub-01/sub-01_sessions.tsv", b"session_id\tnote\nses-x\t\xe9\n"),
+    "sessions without session_id": ("sub-01/sub-01_sessions.tsv", b"visit\tgroup\nx\tcontrol\n"),
+    "description not JSON": ("dataset_description.json", b"{not json"),
+    "description GeneratedBy not a list": ("dataset_description.json", b'{"GeneratedBy": {"Name": "me"}}'),
+    "description not an object": ("dataset_description.json", b"[]"),
+    "sessions sidecar not JSON": ("sessions.json", b"{,}"),
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_check_raises_what_the_commit_would_raise_and_writes_nothing(tmp_path: Path, name: str) -> None:
+    relative, content = MALFORMED[name]
+    (tmp_path / "sub-01").mkdir()
+    (tmp_path / relative).write_bytes(content)
+    before = _files(tmp_path)
+    with pytest.raises(DatasetFileError) as checked:
+        check_dataset_files(tmp_path, "01")
+    assert _files(tmp_path) == before
+    with pytest.raises(DatasetFileError) as committed:
+        _commit(tmp_path)
+    assert type(checked.value) is type(committed.value)
+    assert str(checked.value) == str(committed.value)
+    assert (tmp_path / relative).read_bytes() == content
+
+
+def test_check_covers_the_sessions_file_of_the_subject_a_session_moved_from(tmp_path: Path) -> None:
+    (tmp_path / "sub-07").mkdir()
+    path = tmp_path / "sub-07" / "sub-07_sessions.tsv"
+    path.write_bytes(b"session_id\tnote\nses-x\t\xe9\n")
+    check_dataset_files(tmp_path, "01")
+    with pytest.raises(DatasetFileError, match="offset 22"):
+        check_dataset_files(tmp_path, "01", previous_subject="07")
+    assert _files(tmp_path) == {"sub-07": None, "sub-07/sub-07_sessions.tsv": b"session_id\tnote\nses-x\t\xe9\n"}
+
+
+def test_check_passes_on_good_or_missing_files_and_changes_nothing(tmp_path: Path) -> None:
+    check_dataset_files(tmp_path, "01", previous_subject="07")
+    assert _files(tmp_path) == {}
+    (tmp_path / "dataset_description.json").write_bytes(BOM + b'{"Name": "Mine", "GeneratedBy": []}')
+    participants = f"participant_id\tnote\r\nsub-02\ta{SPLITLINES_ONLY}\r\n".encode()
+    (tmp_path / "participants.tsv").write_bytes(BOM + participants)
+    (tmp_path / "sub-01").mkdir()
+    (tmp_path / "sub-01" / "sub-01_sessions.tsv").write_bytes(b"session_id\nses-x")
+    (tmp_path / "sessions.json").write_bytes(b"{}")
+    before = _files(tmp_path)
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    check_dataset_files(tmp_path, "01")
+    assert _files(tmp_path) == before
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == mtimes
+    _commit(tmp_path)  # and the commit the check vouched for goes through
+    assert (tmp_path / "participants.tsv").read_bytes() == BOM + (
+        f"participant_id\tnote\r\nsub-01\tn/a\r\nsub-02\ta{SPLITLINES_ONLY}\r\n".encode())
 
 
 # --- .bidsignore ----------------------------------------------------------------------
