@@ -24,6 +24,7 @@ from pathlib import Path
 from reconcile.config import Config, ConversionSettings
 from reconcile.convert import convert_session
 from reconcile.dataset import (
+    check_dataset_files,
     ensure_dataset_description,
     ensure_participant,
     remove_session_row,
@@ -129,6 +130,10 @@ class WorkArea:
     def journal(self, exp_id: str) -> Path:
         return self.base / "journal" / f"{_safe_id(exp_id)}.json"
 
+    def kept(self, exp_id: str) -> Path:
+        """Where a commit keeps the user's edits it would otherwise replace (one folder per commit)."""
+        return self.base / "replaced" / _safe_id(exp_id) / _now().replace(":", "")
+
     @property
     def history(self) -> Path:
         return self.base / "history.jsonl"
@@ -209,23 +214,52 @@ def stage_session(
     )
 
 
-def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Path) -> None:
-    """Files a user added inside a session folder survive its re-conversion."""
+def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Path, kept: Path) -> list[str]:
+    """Files, links and empty folders a user added inside a session folder survive its
+    re-conversion. One at a path the conversion now writes is kept under `kept` instead.
+    Returns the paths kept there."""
     if not old_dir.is_dir():
-        return
-    for dirpath, _dirs, files in os.walk(old_dir):
-        for name in files:
-            path = Path(dirpath) / name
+        return []
+    moved_aside = []
+    for dirpath, dirs, files in os.walk(old_dir):
+        here = Path(dirpath)
+        links = [d for d in dirs if (here / d).is_symlink()]  # os.walk lists them, never enters them
+        empty = [d for d in dirs if d not in links and not any((here / d).iterdir())]
+        for name in [*files, *links, *empty]:
+            path = here / name
             rel = path.relative_to(root).as_posix()
             if rel in recorded:
                 continue
             dest = new_dir / path.relative_to(old_dir)
-            if not dest.exists():
-                dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists() or dest.is_symlink():
+                dest, moved_aside = kept / rel, [*moved_aside, rel]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if name in empty:
+                dest.mkdir(exist_ok=True)
+            else:
                 shutil.copy2(path, dest, follow_symlinks=False)
                 if not dest.is_symlink():
                     fsync_file(dest)  # the original goes to the trash once the session is swapped
-                fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
+    return moved_aside
+
+
+def _keep_edited(root: Path, previous: SessionRecord, kept: Path) -> list[str]:
+    """Copy each output of `previous` that was changed on disk since it was recorded (a filled-in
+    events.tsv, say) under `kept`, before the commit replaces or removes it. Returns their paths."""
+    edited = []
+    for out in previous.outputs:
+        try:
+            st = os.stat(root / out.path, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if (st.st_size, st.st_mtime_ns) != (out.size, out.mtime_ns):
+            dest = kept / out.path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / out.path, dest, follow_symlinks=False)
+            fsync_file(dest)
+            edited.append(out.path)
+    return edited
 
 
 def _remove_recorded(root: Path, record: SessionRecord, keep: set[str]) -> None:
@@ -314,9 +348,17 @@ def commit_session(
             f"{address.path} already exists but the lock does not record it for {exp.id}; refusing to replace it",
             hint="move that folder away (or `xnat2bids forget` the session it belongs to) and apply again",
         )
+    # Before anything moves: a dataset file the commit cannot update fails this session alone.
+    moved = previous is not None and previous.address != address
+    check_dataset_files(root, address.subject, previous_subject=previous.bids_subject if moved else None)
+    kept = area.kept(exp.id)
+    aside = _keep_edited(root, previous, kept) if previous is not None else []
     if previous is not None and previous.address == address:
         # After fingerprinting: the user's files are carried over but never recorded as outputs.
-        _copy_user_files(target, staged.session_dir, {o.path for o in previous.outputs}, root)
+        aside += _copy_user_files(target, staged.session_dir, {o.path for o in previous.outputs}, root, kept)
+    if aside:
+        fsync_tree(kept)
+        _log(staged.log_path, f"kept what the new conversion replaces, in {kept.relative_to(root)}: {', '.join(aside)}")
     if keep_dicom:
         fsync_tree(staged.dicom_dir)  # export leaves MD5-verified files unsynced (re-verified on reuse)
     journal = {

@@ -143,9 +143,18 @@ class Plan:
         return sum(1 for c in self.changes if c.action is action)
 
     def actionable(self, *, repair_drift: bool = False) -> tuple[Change, ...]:
-        """The changes apply carries out: create and update, plus drift when asked."""
+        """The changes apply carries out: create and update, plus drift when asked. An update
+        that would replace outputs changed on disk is drift too: only when asked."""
         wanted = {Action.CREATE, Action.UPDATE} | ({Action.DRIFT} if repair_drift else set())
-        return tuple(c for c in self.changes if c.action in wanted)
+        return tuple(
+            c for c in self.changes
+            if c.action in wanted and (repair_drift or c.action is not Action.UPDATE or not replaces_edits(c))
+        )
+
+
+def replaces_edits(change: Change) -> bool:
+    """Whether applying `change` replaces recorded outputs that were changed on disk."""
+    return any(r.code == "changed" for r in change.reasons)
 
 
 @dataclass
@@ -270,6 +279,11 @@ def _compare(
                 msg = f"converted with {tool} {old or '(unknown)'}, now {new}"
                 reasons.append(Reason("outdated", msg, tool, old, new))
     return reasons
+
+
+def _edited(rec: SessionRecord, local: LocalState) -> list[Reason]:
+    """The outputs of `rec` changed on disk: what an update of it would replace."""
+    return [r for r in _drift(rec, local) if r.code == "changed"]
 
 
 def _drift(rec: SessionRecord, local: LocalState) -> list[Reason]:
@@ -431,12 +445,14 @@ def compute_plan(
                 used_as_replaced.add(replaced.experiment_id)
                 reason = Reason("replaced", f"replaced in XNAT: {replaced.experiment_id} → {exp_id}",
                                 "experiment_id", replaced.experiment_id, exp_id)
-                out.changes.append(Change(Action.UPDATE, exp.key, address, (reason,), replaced, exp, scans))
+                reasons = [reason, *_edited(replaced, local)]
+                out.changes.append(Change(Action.UPDATE, exp.key, address, tuple(reasons), replaced, exp, scans))
             else:
                 out.changes.append(Change(Action.CREATE, exp.key, address, _NEW, None, exp, scans))
             continue
         reasons = _compare(rec, exp, address, conversion(exp.project, exp.label), scans, tools, reconvert_outdated)
         if reasons:
+            reasons += _edited(rec, local)
             out.changes.append(Change(Action.UPDATE, exp.key, address, tuple(reasons), rec, exp, scans))
             continue
         drift = _drift(rec, local)
@@ -456,6 +472,13 @@ def compute_plan(
         reason = Reason("gone", f"no longer in XNAT project {rec.project}", "experiment_id", rec.experiment_id, None)
         out.changes.append(Change(Action.ORPHAN, rec.key, rec.address, (reason,), rec, None, None))
 
+    edits = sum(1 for c in out.changes if c.action is Action.UPDATE and replaces_edits(c))
+    if edits:
+        out.notes.append(
+            f"{edits} update{'s' if edits != 1 else ''} would replace outputs changed on disk; apply carries "
+            f"{'them' if edits != 1 else 'it'} out only with --repair-drift, keeping a copy of each changed file "
+            "in .xnat2bids/replaced/"
+        )
     if outdated:
         out.notes.append(
             f"{outdated} session{'s' if outdated != 1 else ''} converted with older tools; "

@@ -1,0 +1,84 @@
+"""What users change inside an exported session survives its re-conversion: outputs they edited
+(a filled-in events.tsv) are replaced only with --repair-drift, and a copy is kept; files, links
+and empty folders they added are carried over, or kept aside where the conversion now writes."""
+
+from __future__ import annotations
+
+import os
+
+from worlds import SMALL, add, redate, write_config
+
+from reconcile.lock import read_lock
+
+FILLED = b"onset\tduration\ttrial_type\n0\t10\trest\n"
+
+
+def _kept(root, exp_id: str, rel: str) -> bytes:
+    [copy] = (root / ".xnat2bids" / "replaced" / exp_id).glob(f"*/{rel}")
+    return copy.read_bytes()
+
+
+def test_an_update_replaces_an_edited_output_only_with_repair_drift_and_keeps_a_copy(cli, emulator, tmp_path):
+    exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    [events] = (root / "sub-01/ses-01MR1/func").glob("*_events.tsv")
+    rel = events.relative_to(root).as_posix()
+    events.write_bytes(FILLED)
+    session = root / "sub-01/ses-01MR1"
+    (session / "notes.txt").write_text("motion in run 2\n")
+    (session / "physio").mkdir()
+    os.symlink(tmp_path, session / "linked")
+    redate(emulator, exp, "2024-02-01")
+
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 2
+    assert f"changed: {rel} (size " in out
+    assert "1 update would replace outputs changed on disk; apply carries it out only with --repair-drift" in out
+
+    code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0 and "Nothing to apply." in out
+    assert events.read_bytes() == FILLED and read_lock(root).serial == 1
+
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--repair-drift")
+    assert code == 0, out + err
+    lock = read_lock(root)
+    assert lock.serial == 2 and lock.sessions[exp.id].date == "2024-02-01"
+    assert events.read_bytes() != FILLED  # the new conversion's, as recorded
+    assert _kept(root, exp.id, rel) == FILLED
+    assert (session / "notes.txt").read_text() == "motion in run 2\n"
+    assert (session / "physio").is_dir() and os.readlink(session / "linked") == str(tmp_path)
+    assert cli("check", str(root), "--full")[0] == 0
+
+
+def test_a_user_file_where_the_conversion_now_writes_is_kept_aside(cli, emulator, tmp_path, monkeypatch):
+    exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    root = tmp_path / "bids"
+    skipping = write_config(tmp_path, '[conversion]\nskip = ["func-*"]')
+    assert cli("apply", str(root), "-p", "PROJ", "--yes", "-c", str(skipping))[0] == 0
+    assert not (root / "sub-01/ses-01MR1/func").exists()
+    mine = root / "sub-01/ses-01MR1/func/sub-01_ses-01MR1_task-rest_events.tsv"
+    mine.parent.mkdir()
+    mine.write_bytes(FILLED)
+
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")  # default config: func converted now
+    assert code == 0 and "config changed" in out, out + err
+    rel = mine.relative_to(root).as_posix()
+    assert rel in {o.path for o in read_lock(root).sessions[exp.id].outputs}
+    assert mine.read_bytes() != FILLED
+    assert _kept(root, exp.id, rel) == FILLED
+
+
+def test_a_dataset_file_apply_cannot_update_fails_the_session_before_anything_moves(cli, emulator, tmp_path):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "dataset_description.json").write_text('{"Name": "x",')
+    code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1 and "dataset_description.json" in out
+    assert not (root / "sub-01").exists() and not list((root / ".xnat2bids").glob("journal/*.json"))
+    assert read_lock(root) is None
+
+    (root / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.9.0"}')
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    assert (root / "sub-01/ses-01MR1").is_dir() and read_lock(root).serial == 1
