@@ -154,10 +154,43 @@ def for_each_study(cfg: Config, root: Path, selection: Selection, run) -> int:
     from reconcile.layout import studies
 
     codes = []
-    for study in studies(root, selection.projects or cfg.projects):
+    for study in studies(root, selection.projects or cfg.projects, known=cfg.projects):
         echo(f"=== {study.project}: {study.root}")
         codes.append(run(study.root, _replace(selection, projects=(study.project,))))
         echo()
+    return _worst(codes)
+
+
+def for_each_dataset(cfg: Config, root: Path, run, *, none) -> int:
+    """Run `run(root)` once (flat layout) or per `<pi>/study-<study>/bids` dataset found under
+    `root`, and `none()` when there is none: the read-only commands' `for_each_study`.
+
+    Nothing is written, so an error in one dataset is reported and the next one still looked at;
+    the combined exit code is the worst one, as for plan.
+    """
+    if cfg.layout != "pi-study":
+        return run(root)
+    from reconcile.layout import discover
+
+    datasets: dict[Path, list[str]] = {}
+    for study in discover(root):
+        datasets.setdefault(study.root, []).append(study.project)
+    if not datasets:
+        return none()
+    codes = []
+    for where, projects in datasets.items():
+        echo(f"=== {', '.join(projects)}: {where}")
+        try:
+            codes.append(run(where))
+        except XnatBidsError as exc:
+            _render_error(exc)
+            codes.append(EXIT_ERROR)
+        echo()
+    return _worst(codes)
+
+
+def _worst(codes: list[int]) -> int:
+    """Error (1) over changes (2) over none (0)."""
     return EXIT_ERROR if EXIT_ERROR in codes else max(codes, default=EXIT_OK)
 
 
@@ -841,14 +874,22 @@ def check(
 
     Example: xnat2bids check ~/bids-export --full
     """
-    from reconcile.lock import lock_path, read_lock
-
     cfg = load_config(config)
     root = cfg.resolve_bids_root(bids_root)
+
+    def none() -> int:
+        raise ConfigError(f"no <pi>/study-<study>/bids datasets under {root}", hint="run `xnat2bids apply` first")
+
+    raise typer.Exit(for_each_dataset(cfg, root, lambda where: _check_dataset(where, full=full), none=none))
+
+
+def _check_dataset(root: Path, *, full: bool) -> int:
+    from reconcile.lock import lock_path, read_lock
+
     lock = read_lock(root)
     if lock is None:
         raise ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")
-    raise typer.Exit(run_check(root, lock, full=full))
+    return run_check(root, lock, full=full)
 
 
 def run_check(root: Path, lock: Lock, *, full: bool) -> int:
@@ -878,14 +919,26 @@ def show(
 
     Example: xnat2bids show ~/bids-export
     """
+    cfg = load_config(config)
+    if cfg.layout == "pi-study" and as_json:
+        raise ConfigError("--json needs one dataset; with layout = \"pi-study\" pass the study's bids folder "
+                          "and set layout = \"flat\"")
+    root = cfg.resolve_bids_root(bids_root)
+
+    def none() -> int:
+        echo(f"No <pi>/study-<study>/bids datasets under {root}: nothing exported yet.")
+        return EXIT_OK
+
+    raise typer.Exit(for_each_dataset(cfg, root, lambda where: _show_dataset(where, as_json=as_json), none=none))
+
+
+def _show_dataset(root: Path, *, as_json: bool) -> int:
     from reconcile.lock import lock_path, read_lock
 
-    cfg = load_config(config)
-    root = cfg.resolve_bids_root(bids_root)
     lock = read_lock(root)
     if lock is None:
         echo(f"No lock at {lock_path(root)}: nothing exported yet.")
-        raise typer.Exit(EXIT_OK)
+        return EXIT_OK
     rows = sorted(lock.sessions.values(), key=lambda r: (r.address, r.experiment_id))
     if as_json:
         doc = {
@@ -905,10 +958,11 @@ def show(
             ],
         }
         echo(json.dumps(doc, indent=2, sort_keys=True))
-        raise typer.Exit(EXIT_OK)
+        return EXIT_OK
     echo(f"{lock_path(root)}: lineage {lock.lineage}, serial {lock.serial}, {len(rows)} sessions")
     for r in rows:
         echo(f"  {r.address.path:<28} {r.project}/{r.experiment_id:<16} date {r.date or '-':<10}  {len(r.outputs):>4} files  exported {r.exported_at}")
+    return EXIT_OK
 
 
 @app.command()

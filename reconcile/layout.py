@@ -1,17 +1,28 @@
 """Where each project's BIDS dataset lives: one root ("flat"), or the seed tool's
 `<root>/<pi>/study-<study>/bids` trees for XNAT projects named `PI_STUDY` ("pi-study").
 
-Only path arithmetic and directory listing; nothing is created here.
+Only path arithmetic and directory listing; nothing is created here, and a glob never names a
+folder: it selects among projects that are known.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from reconcile.errors import ConfigError
 from reconcile.lock import read_lock
 from reconcile.naming import check_safe
+
+# fnmatch's metacharacters: XNAT project IDs never contain them, globs such as SMITH_* do.
+_GLOB = re.compile(r"[*?\[]")
+
+
+def is_pattern(name: str) -> bool:
+    """True for a glob (`*`, `?`, `[…]`), which selects projects instead of naming one."""
+    return _GLOB.search(name) is not None
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,11 @@ def _find_child(parent: Path, name: str) -> Path:
 
 
 def study_root(root: Path, project: str) -> Path:
+    if is_pattern(project):
+        raise ConfigError(
+            f"{project!r} is a pattern, not a project; refusing to make a study folder for it",
+            hint="select the project by its ID (PI_STUDY), or by a glob that matches known projects",
+        )
     pi, sep, study = project.partition("_")
     if not sep or not pi or not study:
         raise ConfigError(
@@ -42,29 +58,55 @@ def study_root(root: Path, project: str) -> Path:
 
 
 def discover(root: Path) -> list[Study]:
-    """Existing `<pi>/study-<study>/bids` datasets; the project comes from the lock when there is one."""
+    """Existing `<pi>/study-<study>/bids` datasets; the project comes from the lock when there is one.
+
+    Folders whose names no project could have made (a glob such as `study-*`, an empty study) are
+    skipped: they were never datasets of this tool, and planning them would ask XNAT for a project
+    that cannot exist.
+    """
     found = []
     for bids in sorted(root.glob("*/study-*/bids")):
-        if not bids.is_dir():
+        pi, study = bids.parent.parent.name, bids.parent.name.removeprefix("study-")
+        if not bids.is_dir() or not study or is_pattern(pi) or is_pattern(study):
             continue
         lock = read_lock(bids)
         recorded = sorted({r.project for r in lock.sessions.values()}) if lock else []
         if recorded:
             found += [Study(p, bids) for p in recorded]
         else:
-            pi, study = bids.parent.parent.name, bids.parent.name.removeprefix("study-")
             found.append(Study(f"{pi}_{study}".upper(), bids))
     return found
 
 
-def studies(root: Path, projects: tuple[str, ...]) -> list[Study]:
-    """The (project, BIDS root) pairs a pi-study tree holds or should hold."""
-    if projects:
-        return [Study(p, study_root(root, p)) for p in projects]
-    found = discover(root)
-    if not found:
-        raise ConfigError(
-            f"no <pi>/study-<study>/bids datasets under {root} and no project selected",
-            hint="pass --project PI_STUDY or set projects in the config",
-        )
-    return found
+def studies(root: Path, projects: tuple[str, ...], *, known: tuple[str, ...] = ()) -> list[Study]:
+    """The (project, BIDS root) pairs a pi-study tree holds or should hold.
+
+    A project ID names its study folder, existing or not. A glob is matched against the known
+    projects: the IDs in `projects` and `known` (the config's) and the studies under `root`; one
+    that matches none is an error, so that no folder is ever named after a pattern.
+    """
+    if not projects:
+        found = discover(root)
+        if not found:
+            raise ConfigError(
+                f"no <pi>/study-<study>/bids datasets under {root} and no project selected",
+                hint="pass --project PI_STUDY or set projects in the config",
+            )
+        return found
+    existing = {s.project: s.root for s in discover(root)} if any(map(is_pattern, projects)) else {}
+    candidates = sorted({p for p in (*projects, *known) if not is_pattern(p)} | set(existing))
+    chosen: dict[str, Path] = {}
+    for wanted in projects:
+        if not is_pattern(wanted):
+            chosen.setdefault(wanted, study_root(root, wanted))
+            continue
+        matches = [p for p in candidates if fnmatchcase(p, wanted)]
+        if not matches:
+            raise ConfigError(
+                f"project pattern {wanted!r} matches no project in the config or under {root}",
+                hint="a glob selects among the configured projects and the studies already exported; "
+                "name a new project by its ID (PI_STUDY)",
+            )
+        for project in matches:
+            chosen.setdefault(project, existing.get(project) or study_root(root, project))
+    return [Study(p, r) for p, r in chosen.items()]

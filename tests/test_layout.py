@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import replace
+
 import pytest
-from worlds import SMALL, write_config
+from worlds import SMALL, record_as_exported, write_config
 
 from reconcile.demo import populate
+from reconcile.errors import ConfigError
 from reconcile.layout import discover, study_root
-from reconcile.lock import read_lock
+from reconcile.lock import Lock, read_lock, write_lock
+from reconcile.model import OutputRecord
+
+PI_STUDY = 'layout = "pi-study"'
 
 
 def test_study_root_reuses_existing_folders_case_insensitively(tmp_path):
@@ -15,6 +22,99 @@ def test_study_root_reuses_existing_folders_case_insensitively(tmp_path):
     assert study_root(tmp_path, "SMITH_MEMORY") == tmp_path / "Smith/study-Memory/bids"
     assert study_root(tmp_path, "JONES_VISION") == tmp_path / "jones/study-vision/bids"
     assert [s.project for s in discover(tmp_path)] == ["SMITH_MEMORY"]
+
+
+def test_study_root_refuses_a_pattern(tmp_path):
+    with pytest.raises(ConfigError, match="'SMITH_\\*' is a pattern"):
+        study_root(tmp_path, "SMITH_*")
+
+
+def test_discover_skips_folders_named_by_a_pattern(tmp_path):
+    for folder in ("smith/study-*/bids", "smith/study-[ab]/bids", "smith/study-/bids", "smith/study-memory/bids"):
+        (tmp_path / folder).mkdir(parents=True)
+    assert [s.project for s in discover(tmp_path)] == ["SMITH_MEMORY"]
+
+
+def test_project_glob_matching_no_known_project_is_an_error_and_makes_no_folder(cli, tmp_path):
+    root = tmp_path / "export"
+    cfg = write_config(tmp_path, PI_STUDY)
+    for command in (("plan",), ("apply", "--yes")):
+        code, out, err = cli(*command, str(root), "--config", str(cfg), "--project", "SMITH_*")
+        assert code == 1, out + err
+        assert "project pattern 'SMITH_*' matches no project" in err
+        assert "===" not in out
+    assert not root.exists()
+    code, _, err = cli("plan", str(root), "--config", str(cfg))
+    assert code == 1 and "no <pi>/study-<study>/bids datasets" in err
+
+
+def test_project_glob_plans_each_matching_configured_or_exported_study(cli, emulator, tmp_path):
+    for project in ("SMITH_MEMORY", "SMITH_AGING", "JONES_VISION"):
+        emulator.archive.add_project(project)
+        emulator.archive.add_session(project, "01", "01_MR1", date="2024-01-10")
+    root = tmp_path / "export"
+    (root / "Smith" / "study-Aging" / "bids").mkdir(parents=True)  # exported before, not configured
+    cfg = write_config(tmp_path, PI_STUDY + '\nprojects = ["SMITH_MEMORY", "JONES_VISION"]')
+    code, out, err = cli("plan", str(root), "--config", str(cfg), "--project", "SMITH_*", "--project", "SMITH_MEMORY")
+    assert code == 0, out + err
+    headers = [line for line in out.splitlines() if line.startswith("===")]
+    assert headers == [  # the existing PI folder is shared, whatever its case
+        f"=== SMITH_AGING: {root}/Smith/study-Aging/bids", f"=== SMITH_MEMORY: {root}/Smith/study-memory/bids",
+    ]
+    assert out.count("+ create") == 2 and "JONES" not in out
+    assert not [p for p in root.rglob("*") if "*" in p.name]
+
+
+def _export_study(archive, root, folder: str, project: str):
+    """A study dataset as apply leaves it: one output file and a lock recording it."""
+    bids = root / folder
+    bids.mkdir(parents=True)
+    archive.add_project(project)
+    exp = archive.add_session(project, "01", "01_MR1", date="2024-01-10")
+    rec = record_as_exported(archive, exp, bids)
+    out = rec.outputs[0]
+    data = (bids / out.path).read_bytes()
+    output = OutputRecord(out.path, len(data), hashlib.sha256(data).hexdigest(), out.mtime_ns)
+    write_lock(bids, Lock.new().with_session(replace(rec, project=project, outputs=(output,))))
+    return bids / out.path
+
+
+def test_check_walks_every_study_and_the_worst_result_wins(cli, emulator, tmp_path):
+    root = tmp_path / "export"
+    cfg = write_config(tmp_path, PI_STUDY)
+    code, out, err = cli("check", str(root), "--config", str(cfg))
+    assert code == 1 and f"error: no <pi>/study-<study>/bids datasets under {root}" in err
+    _export_study(emulator.archive, root, "smith/study-memory/bids", "SMITH_MEMORY")
+    nifti = _export_study(emulator.archive, root, "jones/study-vision/bids", "JONES_VISION")
+    code, out, err = cli("check", str(root), "--config", str(cfg), "--full")
+    assert code == 0, out + err
+    assert f"=== JONES_VISION: {root}/jones/study-vision/bids" in out
+    assert f"=== SMITH_MEMORY: {root}/smith/study-memory/bids" in out
+    assert out.count("OK: lock serial 1, 1 sessions, 1 outputs verified (size and sha256).") == 2
+    nifti.unlink()
+    (root / "lee" / "study-pilot" / "bids").mkdir(parents=True)  # an apply that never got to write its lock
+    code, out, err = cli("check", str(root), "--config", str(cfg))
+    assert code == 1
+    assert out.count("OK: lock serial 1") == 1 and out.count("FAILED: 1 problem(s)") == 1
+    assert "=== LEE_PILOT" in out and f"error: no lock at {root}/lee/study-pilot/bids/.xnat2bids.lock" in err
+
+
+def test_show_walks_every_study(cli, emulator, tmp_path):
+    root = tmp_path / "export"
+    cfg = write_config(tmp_path, PI_STUDY)
+    code, out, _ = cli("show", str(root), "--config", str(cfg))
+    assert code == 0 and f"No <pi>/study-<study>/bids datasets under {root}: nothing exported yet." in out
+    _export_study(emulator.archive, root, "smith/study-memory/bids", "SMITH_MEMORY")
+    _export_study(emulator.archive, root, "jones/study-vision/bids", "JONES_VISION")
+    code, out, err = cli("show", str(root), "--config", str(cfg))
+    assert code == 0, out + err
+    assert "nothing exported" not in out
+    for folder, project in (("jones/study-vision/bids", "JONES_VISION"), ("smith/study-memory/bids", "SMITH_MEMORY")):
+        assert f"=== {project}: {root}/{folder}" in out
+        assert f"{root}/{folder}/.xnat2bids.lock: lineage" in out
+        assert f" {project}/" in out
+    code, _, err = cli("show", str(root), "--config", str(cfg), "--json")
+    assert code == 1 and "--json needs one dataset" in err
 
 
 @pytest.mark.slow
