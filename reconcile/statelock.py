@@ -1,8 +1,10 @@
 """The state lock: one apply per BIDS root at a time.
 
-A JSON file next to the lockfile records who holds it (user, host, pid), what for and since
-when; it appears complete or not at all (written to a temp file, then hard-linked into place,
-which fails if the lock is held). A holder that died on this host is taken over with a warning.
+A JSON file next to the lockfile records who holds it (user, host, pid and, on Linux, what tells
+its process apart from a later one with the same pid), what for and since when; it appears
+complete or not at all (written to a temp file, then hard-linked into place, which fails if the
+lock is held). A holder that is certainly dead is taken over with a warning; one that may be
+running, or whose fate cannot be told from here, is left to `force-unlock`.
 Whoever removes or rewrites the file holds `flock` on it and checks that it is still the file
 at that path, so a check-and-remove never removes a lock taken meanwhile by someone else.
 """
@@ -16,12 +18,14 @@ import json
 import os
 import secrets
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 
 from reconcile.durable import fsync_dir
@@ -44,6 +48,13 @@ class Holder:
     since: str
     operation: str
     jobs: tuple[str, ...] = field(default=())  # SLURM job IDs when a batch holds the lock
+    # What names the process beyond host and pid (Linux; None where it could not be read, and
+    # absent from records written elsewhere or by older versions): a pid is only meaningful in
+    # its boot and PID namespace, and a start time only in its boot and time namespace.
+    boot_id: str | None = None  # /proc/sys/kernel/random/boot_id
+    pidns: int | None = None  # inode of /proc/self/ns/pid
+    timens: int | None = None  # inode of /proc/self/ns/time; None also before Linux 5.6
+    start_time: int | None = None  # field 22 of /proc/PID/stat: clock ticks after boot
 
     def describe(self) -> str:
         if self.id == UNREADABLE:
@@ -52,6 +63,10 @@ class Holder:
         if self.jobs:
             text += f", SLURM jobs {', '.join(self.jobs)}"
         return text
+
+
+_TYPES = {"boot_id": str, "pidns": int, "timens": int, "start_time": int}  # the Linux fields of a Holder
+_IDENTITY = tuple(_TYPES)
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,119 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _started(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot; None if /proc cannot tell (or it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+        # The command name (field 2) is in parentheses and may itself contain ") ".
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _ns_inode(kind: str) -> int | None:
+    try:
+        return os.stat(f"/proc/self/ns/{kind}").st_ino
+    except OSError:
+        return None
+
+
+def _identity() -> dict[str, str | int | None]:
+    """This process's boot, PID and time namespaces and start time, as a holder records them."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot_id: str | None = fh.read().strip() or None
+    except OSError:
+        boot_id = None
+    try:
+        # A /proc mounted for another PID namespace (`unshare --pid` without --mount-proc, some
+        # containers) shows other processes under those numbers: no pid can be looked up in it.
+        proc_is_ours = int(os.readlink("/proc/self")) == os.getpid()
+    except (OSError, ValueError):
+        proc_is_ours = False
+    if not proc_is_ours:
+        return {"boot_id": boot_id}
+    return {"boot_id": boot_id, "pidns": _ns_inode("pid"), "timens": _ns_inode("time"), "start_time": _started(os.getpid())}
+
+
+def _booted_at() -> float | None:
+    try:
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):
+        return None
+
+
+def _since(holder: Holder) -> float | None:
+    try:
+        return datetime.strptime(holder.since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+class _Fate(Enum):
+    GONE = "gone"  # certainly dead: its lock may be taken over
+    RUNNING = "running"  # provably the very process that took the lock, still running here
+    UNKNOWN = "unknown"  # on another host, held by SLURM jobs, or cannot be told from here
+
+
+def _fate(holder: Holder, me: Holder) -> tuple[_Fate, str]:
+    """Whether the process that took the lock is gone, running, or neither; and why, for the user.
+
+    Only a holder on this host (and, on Linux, this boot and PID namespace) can be looked up.
+    Records without the Linux fields (older versions, other systems) get the old rule: gone
+    when the pid is; a live pid then proves nothing, as it may have been reused.
+    """
+    if holder.jobs or holder.host != me.host:
+        return _Fate.UNKNOWN, ""
+    pid = holder.pid
+    if all(getattr(holder, name) is None for name in _IDENTITY):
+        if not _alive(pid):
+            return _Fate.GONE, f"pid {pid} is gone"
+        return _Fate.UNKNOWN, ""
+    if holder.boot_id is not None and me.boot_id is not None and holder.boot_id != me.boot_id:
+        booted, since = _booted_at(), _since(holder)
+        if booted is not None and since is not None and since < booted:
+            return _Fate.GONE, "this machine has restarted since"
+        return _Fate.UNKNOWN, (
+            f"xnat2bids cannot tell whether it still runs: it names host {holder.host} but another boot "
+            f"(boot ID {holder.boot_id}), and took the lock after this machine started, so it may be "
+            f"another machine with the same hostname"
+        )
+    unread = [what for name, what in (("boot_id", "boot ID"), ("pidns", "PID namespace"))
+              if getattr(holder, name) is None or getattr(me, name) is None]
+    if unread:
+        return _Fate.UNKNOWN, (
+            f"xnat2bids cannot tell whether it still runs: the {' and '.join(unread)} of the holder or of "
+            f"this process could not be read, and pid {pid} alone may name another process"
+        )
+    if holder.pidns != me.pidns:
+        return _Fate.UNKNOWN, (
+            f"xnat2bids cannot tell whether it still runs: it runs in another PID namespace on this host "
+            f"(another container, or `unshare --pid`), where pid {pid} cannot be looked up from here"
+        )
+    started = _started(pid)
+    if started is None:
+        if not _alive(pid):
+            return _Fate.GONE, f"pid {pid} is gone"
+        return _Fate.UNKNOWN, (
+            f"xnat2bids cannot tell whether it still runs: pid {pid} exists but /proc/{pid}/stat cannot be "
+            f"read (/proc mounted with hidepid?), so it cannot be told from a later process with that pid"
+        )
+    if holder.start_time is None or holder.timens != me.timens:
+        # A start time is shown shifted by the reader's time namespace: compare only within one.
+        return _Fate.UNKNOWN, (
+            f"xnat2bids cannot tell whether it still runs: pid {pid} exists but its start time "
+            + ("was not recorded" if holder.start_time is None else "was recorded in another time namespace")
+            + ", so it cannot be told from a later process with that pid"
+        )
+    if started != holder.start_time:
+        return _Fate.GONE, f"pid {pid} now belongs to another process"
+    return _Fate.RUNNING, ""
+
+
 def _parse(fd: int) -> _Seen:
     st = os.fstat(fd)
     os.lseek(fd, 0, os.SEEK_SET)
@@ -91,6 +219,10 @@ def _parse(fd: int) -> _Seen:
         holder = Holder(**data)
         if not isinstance(holder.id, str) or not holder.id or type(holder.pid) is not int:
             raise ValueError(f"lock ID {holder.id!r} or pid {holder.pid!r} is not valid")
+        for name, kind in _TYPES.items():
+            value = getattr(holder, name)
+            if value is not None and type(value) is not kind:
+                raise ValueError(f"{name} {value!r} is not valid")
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         return _Seen(None, str(exc) if content else "the file is empty", st.st_mtime)
     return _Seen(holder, None, st.st_mtime)
@@ -176,12 +308,21 @@ def _pinned(root: Path) -> Iterator[_Seen | None]:
 
 
 
+def _record(holder: Holder) -> dict:
+    """The holder as JSON; fields that could not be read are left out, as older versions did."""
+    data = asdict(holder)
+    for name in _IDENTITY:
+        if data[name] is None:
+            del data[name]
+    return data
+
+
 def _temp_with(path: Path, holder: Holder) -> Path:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(asdict(holder), fh, indent=2, sort_keys=True)
+            json.dump(_record(holder), fh, indent=2, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
@@ -214,22 +355,27 @@ def _create_in_place(path: Path, holder: Holder) -> bool:
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as fh:
-        json.dump(asdict(holder), fh, indent=2, sort_keys=True)
+        json.dump(_record(holder), fh, indent=2, sort_keys=True)
         fh.flush()
         os.fsync(fh.fileno())
     return True
 
 
-def acquire(root: Path, operation: str, *, warn: Callable[[str], None] = lambda m: None) -> Holder:
-    path = state_lock_path(root)
-    me = Holder(
+def _me(operation: str) -> Holder:
+    return Holder(
         id=uuid.uuid4().hex[:12],
         user=getpass.getuser(),
         host=socket.gethostname(),
         pid=os.getpid(),
         since=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         operation=operation,
+        **_identity(),
     )
+
+
+def acquire(root: Path, operation: str, *, warn: Callable[[str], None] = lambda m: None) -> Holder:
+    path = state_lock_path(root)
+    me = _me(operation)
     for _ in range(_ATTEMPTS):
         if _create(path, me):
             return me
@@ -239,12 +385,14 @@ def acquire(root: Path, operation: str, *, warn: Callable[[str], None] = lambda 
         if seen.holder is None:
             raise _unreadable_error(root, seen)
         holder = seen.holder
-        if holder.host == me.host and not holder.jobs and not _alive(holder.pid):
+        fate, why = _fate(holder, me)
+        if fate is _Fate.GONE:
             if _remove_if(root, lambda s, dead=holder: s.holder == dead):
-                warn(f"taking over the state lock left by a process that no longer exists: {holder.describe()}")
+                warn(f"taking over the state lock left by a process that no longer exists ({why}): {holder.describe()}")
             continue  # removed by us or by another process taking it over: try to create ours
         raise LockHeldError(
             f"another xnat2bids holds {root}: {holder.describe()}",
+            detail=why or None,
             hint=f"wait for it to finish; if it is gone for good, run `xnat2bids force-unlock {holder.id} {root}`",
         )
     raise LockHeldError(f"could not take the state lock of {root}: it kept changing hands", hint="try again")
@@ -288,7 +436,9 @@ def force_unlock(root: Path, lock_id: str) -> Holder:
     """Remove the state lock whose ID is `lock_id`; `UNREADABLE` removes a lock file nobody can read.
 
     An unreadable file (a crash while writing it) has no ID to name, so only the word
-    `unreadable` removes it, and that word removes nothing else.
+    `unreadable` removes it, and that word removes nothing else. A holder this process can see
+    still running (same host, boot and PID namespace, same pid and start time) is not removed:
+    stopping it releases the lock, or leaves one the next apply takes over.
     """
     with _pinned(root) as seen:
         if seen is None:
@@ -304,6 +454,12 @@ def force_unlock(root: Path, lock_id: str) -> Holder:
             )
         else:
             holder = seen.holder
+            if _fate(holder, _me("force-unlock"))[0] is _Fate.RUNNING:
+                raise LockHeldError(
+                    f"the state lock of {root} is held by a process that is still running: {holder.describe()}",
+                    hint=f"stop it (`kill {holder.pid}` on {holder.host}): it releases the lock as it ends, and if it "
+                         f"is killed before it can, the next apply takes the lock over; no force-unlock is needed",
+                )
         os.unlink(state_lock_path(root))
         return holder
 

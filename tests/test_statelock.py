@@ -12,8 +12,11 @@ import multiprocessing
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -46,10 +49,11 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _holder_json(lock_id: str, pid: int, *, jobs=()) -> str:
+def _holder_json(lock_id: str, pid: int, *, jobs=(), since="2024-01-01T00:00:00Z", **identity) -> str:
+    """A holder record on this host; `identity` adds the fields newer versions record (boot_id, pidns, ...)."""
     return json.dumps({
         "id": lock_id, "user": "someone", "host": socket.gethostname(), "pid": pid,
-        "since": "2024-01-01T00:00:00Z", "operation": "apply", "jobs": list(jobs),
+        "since": since, "operation": "apply", "jobs": list(jobs), **identity,
     })
 
 
@@ -134,11 +138,21 @@ def test_release_never_removes_a_lock_taken_while_it_was_removing_its_own(tmp_pa
     assert not state_lock_path(root).exists()
 
 
+def _force_unlocked_as_if_held_on_another_node(root: Path, holder) -> None:
+    """`force-unlock` run on a login node while the holder runs on a compute node (a shared filesystem).
+
+    On this host `force_unlock` refuses a holder it can see running, and this test process is it.
+    """
+    path = state_lock_path(root)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "host": "compute-node-7"}))
+    statelock.force_unlock(root, holder.id)
+
+
 def test_release_leaves_another_holders_lock_alone(tmp_path):
     root = tmp_path / "bids"
     root.mkdir()
     old = statelock.acquire(root, "apply")
-    statelock.force_unlock(root, old.id)
+    _force_unlocked_as_if_held_on_another_node(root, old)
     new = statelock.acquire(root, "apply")
     statelock.release(root, old)
     assert statelock.read_holder(root) == new
@@ -150,7 +164,7 @@ def test_record_jobs_refuses_once_the_lock_belongs_to_someone_else(tmp_path):
     root = tmp_path / "bids"
     root.mkdir()
     batch = statelock.acquire(root, "apply --executor slurm")
-    statelock.force_unlock(root, batch.id)
+    _force_unlocked_as_if_held_on_another_node(root, batch)
     other = statelock.acquire(root, "apply")
     with pytest.raises(LockHeldError) as exc:
         statelock.record_jobs(root, batch, ("11", "12"))
@@ -303,3 +317,255 @@ def test_read_holder_of_a_lock_file_with_json_that_is_not_a_holder_is_unreadable
         with pytest.raises(LockHeldError) as exc:
             statelock.read_holder(root)
         assert "unreadable" in exc.value.summary
+
+
+# -- who is the holder: pid namespaces, pid reuse, reboots --------------------------------------
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def _ns_inode(kind: str) -> int | None:
+    try:
+        return os.stat(f"/proc/self/ns/{kind}").st_ino
+    except FileNotFoundError:  # no time namespaces before Linux 5.6
+        return None
+
+
+def _start_time(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(stat[stat.rindex(b")") + 2:].split()[19])  # field 22, after the two of "pid (comm)"
+
+
+def _our_identity(pid: int) -> dict:
+    """What a holder running as `pid` in this process's boot and namespaces records, read straight from /proc."""
+    return {
+        "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        "pidns": _ns_inode("pid"),
+        "timens": _ns_inode("time"),
+        "start_time": _start_time(pid),
+    }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.fixture
+def other_process():
+    """A live process that is not the holder (it may have inherited a dead holder's pid)."""
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@linux_only
+def test_holder_in_another_pid_namespace_is_not_taken_over_even_if_its_pid_does_not_exist_here(tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    dead = _dead_pid()
+    identity = {**_our_identity(os.getpid()), "pidns": _ns_inode("pid") + 1, "start_time": 12345}  # a container's
+    record = _holder_json("0ther0ns0000", dead, **identity)
+    state_lock_path(root).write_text(record)
+    with pytest.raises(LockHeldError) as exc:
+        statelock.acquire(root, "apply")
+    assert "another xnat2bids holds" in exc.value.summary and f"pid {dead}" in exc.value.summary
+    assert "PID namespace" in exc.value.detail
+    assert f"`xnat2bids force-unlock 0ther0ns0000 {root}`" in exc.value.hint
+    assert state_lock_path(root).read_text() == record
+
+
+@linux_only
+def test_holder_whose_pid_now_belongs_to_another_process_is_taken_over(tmp_path, other_process):
+    root = tmp_path / "bids"
+    root.mkdir()
+    identity = _our_identity(other_process.pid)
+    identity["start_time"] -= 1  # the holder started earlier, died, and its pid went to `other_process`
+    state_lock_path(root).write_text(_holder_json("reused0pid00", other_process.pid, **identity))
+    warnings: list[str] = []
+    holder = statelock.acquire(root, "apply", warn=warnings.append)
+    assert statelock.read_holder(root) == holder
+    assert len(warnings) == 1 and "reused0pid00" in warnings[0] and "another process" in warnings[0]
+    statelock.release(root, holder)
+
+
+@linux_only
+def test_holder_from_before_a_reboot_is_taken_over_even_if_its_pid_is_in_use(tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    identity = {**_our_identity(os.getpid()), "boot_id": str(uuid.uuid4())}
+    state_lock_path(root).write_text(_holder_json("b4reboot0000", os.getpid(), **identity))
+    warnings: list[str] = []
+    holder = statelock.acquire(root, "apply", warn=warnings.append)
+    assert statelock.read_holder(root) == holder
+    assert len(warnings) == 1 and "b4reboot0000" in warnings[0] and "restarted" in warnings[0]
+    statelock.release(root, holder)
+
+
+@linux_only
+def test_holder_with_another_boot_id_that_locked_after_this_machine_booted_is_not_taken_over(tmp_path):
+    # Not a reboot: another machine with the same hostname (containers with a fixed --hostname).
+    root = tmp_path / "bids"
+    root.mkdir()
+    identity = {**_our_identity(os.getpid()), "boot_id": str(uuid.uuid4())}
+    record = _holder_json("samename0000", _dead_pid(), since=_now(), **identity)
+    state_lock_path(root).write_text(record)
+    with pytest.raises(LockHeldError) as exc:
+        statelock.acquire(root, "apply")
+    assert "another machine" in exc.value.detail
+    assert state_lock_path(root).read_text() == record
+
+
+@linux_only
+def test_holder_whose_identity_was_only_partly_recorded_is_not_taken_over(tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    identity = _our_identity(os.getpid())
+    del identity["boot_id"]  # /proc/sys/kernel/random/boot_id was unreadable where it ran
+    record = _holder_json("n0b00tid0000", _dead_pid(), **identity)
+    state_lock_path(root).write_text(record)
+    with pytest.raises(LockHeldError) as exc:
+        statelock.acquire(root, "apply")
+    assert "boot ID" in exc.value.detail
+    assert state_lock_path(root).read_text() == record
+
+
+def test_lock_written_by_an_older_xnat2bids_is_taken_over_only_when_its_pid_is_gone(tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    record = _holder_json("0ldl1ve00000", os.getpid())  # no boot_id, pidns, timens, start_time
+    state_lock_path(root).write_text(record)
+    with pytest.raises(LockHeldError):
+        statelock.acquire(root, "apply")
+    assert state_lock_path(root).read_text() == record
+    state_lock_path(root).write_text(_holder_json("0ldd3ad00000", _dead_pid()))
+    warnings: list[str] = []
+    holder = statelock.acquire(root, "apply", warn=warnings.append)
+    assert len(warnings) == 1 and "0ldd3ad00000" in warnings[0]
+    statelock.release(root, holder)
+
+
+@linux_only
+def test_lock_file_records_the_holders_boot_namespaces_and_start_time(tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    holder = statelock.acquire(root, "apply")
+    record = json.loads(state_lock_path(root).read_text())
+    assert {k: record.get(k) for k in ("boot_id", "pidns", "timens", "start_time")} == _our_identity(os.getpid())
+    assert record["pid"] == os.getpid() and statelock.read_holder(root) == holder
+    statelock.release(root, holder)
+
+
+@linux_only
+def test_holder_still_running_here_is_not_taken_over(tmp_path, other_process):
+    root = tmp_path / "bids"
+    root.mkdir()
+    record = _holder_json("runn1ng00000", other_process.pid, **_our_identity(other_process.pid))
+    state_lock_path(root).write_text(record)
+    with pytest.raises(LockHeldError) as exc:
+        statelock.acquire(root, "apply")
+    assert f"pid {other_process.pid}" in exc.value.summary and exc.value.detail is None
+    assert state_lock_path(root).read_text() == record
+
+
+@linux_only
+def test_force_unlock_refuses_a_holder_still_running_on_this_host(cli, tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    holder = statelock.acquire(root, "apply")  # this test process holds it, and is running
+    with pytest.raises(LockHeldError) as exc:
+        statelock.force_unlock(root, holder.id)
+    assert "still running" in exc.value.summary and f"pid {os.getpid()}" in exc.value.summary
+    code, out, err = cli("force-unlock", holder.id, str(root))
+    assert code == 1 and "still running" in err, out + err
+    assert statelock.read_holder(root) == holder
+    statelock.release(root, holder)
+
+
+@linux_only
+def test_force_unlock_removes_a_holder_it_cannot_see_running(tmp_path):
+    # In another PID namespace its pid means nothing here: the user's word is all there is.
+    root = tmp_path / "bids"
+    root.mkdir()
+    identity = {**_our_identity(os.getpid()), "pidns": _ns_inode("pid") + 1}
+    state_lock_path(root).write_text(_holder_json("c0nta1ner000", os.getpid(), **identity))
+    assert statelock.force_unlock(root, "c0nta1ner000").id == "c0nta1ner000"
+    assert not state_lock_path(root).exists()
+
+
+# Real namespaces (root, or unprivileged user namespaces, and util-linux `unshare`).
+
+_TRY_TO_ACQUIRE = """
+import sys
+from pathlib import Path
+from reconcile import statelock
+from reconcile.errors import LockHeldError
+try:
+    statelock.acquire(Path(sys.argv[1]), "apply")
+except LockHeldError as exc:
+    print("refused:", exc.detail)
+else:
+    print("took it")
+"""
+
+_HOLD_UNTIL_STDIN_CLOSES = """
+import sys
+from pathlib import Path
+from reconcile import statelock
+holder = statelock.acquire(Path(sys.argv[1]), "apply")
+print(holder.id, flush=True)
+sys.stdin.read()
+statelock.release(Path(sys.argv[1]), holder)
+"""
+
+
+def _unshare(*args: str) -> list[str]:
+    command = ["unshare", *args, "--fork"]
+    try:
+        probe = subprocess.run([*command, "true"], capture_output=True, timeout=30)
+    except FileNotFoundError:
+        pytest.skip("no unshare")
+    if probe.returncode != 0:
+        pytest.skip(f"cannot {' '.join(command)}: {probe.stderr.decode().strip()}")
+    return command
+
+
+def _python(code: str, *args: str) -> list[str]:
+    return [sys.executable, "-c", code, *args]
+
+
+@linux_only
+def test_live_holder_is_not_taken_over_from_a_new_pid_namespace_on_the_same_host(tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    holder = statelock.acquire(root, "apply")
+    try:
+        rival = subprocess.run(
+            [*_unshare("--pid", "--mount-proc"), *_python(_TRY_TO_ACQUIRE, str(root))],
+            capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent,
+        )
+        assert rival.returncode == 0, rival.stderr
+        assert rival.stdout.startswith("refused:") and "PID namespace" in rival.stdout, rival.stdout
+        assert statelock.read_holder(root) == holder
+    finally:
+        statelock.release(root, holder)
+
+
+@linux_only
+def test_live_holder_in_another_time_namespace_is_not_mistaken_for_a_reused_pid(tmp_path):
+    # /proc/PID/stat shows start times shifted by the reader's time namespace boot-time offset.
+    root = tmp_path / "bids"
+    root.mkdir()
+    command = [*_unshare("--time", "--boottime", "100000"), *_python(_HOLD_UNTIL_STDIN_CLOSES, str(root))]
+    holder = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parent.parent)
+    try:
+        lock_id = holder.stdout.readline().strip()
+        assert lock_id and statelock.read_holder(root).id == lock_id
+        with pytest.raises(LockHeldError) as exc:
+            statelock.acquire(root, "apply")
+        assert lock_id in exc.value.summary and "time namespace" in exc.value.detail
+    finally:
+        holder.stdin.close()
+        assert holder.wait(60) == 0
+    assert not state_lock_path(root).exists()
