@@ -1,13 +1,16 @@
 """Convert one exported session's DICOM into a fresh BIDS staging dataset with heudiconv.
 
 Owns the heudiconv command line, scan selection, the generated wrapper heuristic (bidsmap,
-session naming) and turning failures into `ConversionError`. It only writes inside its own
-work directory and the log file: moving the session into the real BIDS root is apply's job.
+session naming), checking what heudiconv made of the selected scans, and turning failures into
+`ConversionError`. It only writes inside its own work directory and appends to the log file:
+moving the session into the real BIDS root is apply's job.
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
+import json
 import os
 import shutil
 import signal
@@ -17,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -26,12 +30,13 @@ from reconcile.errors import ConversionError
 from reconcile.failpoints import hit
 from reconcile.model import BidsAddress
 
-__all__ = ["ConversionResult", "convert_session", "converter_env", "bidsmap_target"]
+__all__ = ["ConversionResult", "convert_session", "converter_env", "bidsmap_target", "nothing_selected"]
 
 WRAPPER_NAME = "xnat2bids_heuristic.py"
 LOG_TAIL_LINES = 25
 KILL_GRACE_S = 5.0
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DUP_MARK = "__dup-"  # ReproIn's suffix for all but the last of series that get the same BIDS name
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class ConversionResult:
     outputs: tuple[str, ...]  # files under session_dir, relative to staging_root, sorted
     log_path: Path
     seconds: float
+    # One line each, also in the log: selected scans that heudiconv converted to nothing.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,14 @@ class _ScanDir:
     scan_id: str
     path: Path
     description: str | None  # the first readable DICOM's SeriesDescription
+
+
+@dataclass(frozen=True)
+class _Table:
+    """What heudiconv's conversion table says it did with each series, by heudiconv series ID."""
+
+    names: dict[str, tuple[str, ...]]  # series → BIDS name templates it was converted to
+    scans: dict[str, tuple[str, ...]]  # series → IDs of the scan folders its DICOM came from
 
 
 def converter_env() -> dict[str, str]:
@@ -117,12 +132,15 @@ def convert_session(
     if needs_description:
         scans = [_ScanDir(s.scan_id, s.path, _series_description(s.path)) for s in scans]
     selected = [s for s in scans if not needs_description or settings.selects(s.scan_id, s.description or "")]
+    if scans and not selected:
+        raise nothing_selected(address, [(s.scan_id, s.description) for s in scans], settings)
     if not selected:
-        raise ConversionError(
-            f"{address}: no scans to convert in {dicom_dir}",
-            detail=f"{len(scans)} scan folder(s) found, none selected by include/skip" if scans else None,
-            hint="check [conversion] include/skip" if scans else "the export left no DICOM behind",
-        )
+        hint = "the export left no DICOM behind"
+        if settings.include or settings.skip:
+            # apply exports only the scans include/skip select, so none selected looks like this here.
+            hint += ("; if [conversion] include/skip select none of the session's scans, nothing is "
+                     "exported: check them for this session")
+        raise ConversionError(f"{address}: no scans to convert in {dicom_dir}", hint=hint)
     renames = _resolve_bidsmap(selected, settings.bidsmap, address)
     heuristic = _write_wrapper(work_dir, _resolve_heuristic(settings.heuristic, address), renames, settings.bidsmap)
 
@@ -139,21 +157,168 @@ def convert_session(
         "-g", "all",
         "--minmeta",
     ]
-    _run(args, work_dir, log_path, cancel, timeout, address)
+    # The log is the session's, shared with apply and earlier attempts: read only this attempt's part.
+    attempt = log_path.stat().st_size if log_path.exists() else 0
+    _run(args, work_dir, log_path, cancel, timeout, address, attempt)
 
     session_dir = staging_root / f"sub-{address.subject}" / f"ses-{address.session}"
     files = sorted(p for p in session_dir.rglob("*") if p.is_file()) if session_dir.is_dir() else []
     if not any(p.name.endswith(NIFTI_SUFFIXES) for p in files):
-        raise ConversionError(f"{address}: heudiconv produced no NIfTI", detail=_tail(log_path),
-                              hint=f"{hint}; {_no_output_reason(log_path)}")
+        raise ConversionError(f"{address}: heudiconv produced no NIfTI", detail=_tail(log_path, attempt),
+                              hint=f"{hint}; {_no_output_reason(log_path, attempt)}")
     outputs = tuple(sorted(p.relative_to(staging_root).as_posix() for p in files))
+    table = _read_table(staging_root, address, selected)
+    _check_no_dups(outputs, table, selected, renames, address)
+    warnings = _unconverted(selected, table)
+    if warnings:
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.writelines(f"{_now()} warning: {w}\n" for w in warnings)
     return ConversionResult(
         staging_root=staging_root,
         session_dir=session_dir,
         outputs=outputs,
         log_path=log_path,
         seconds=time.monotonic() - started,
+        warnings=warnings,
     )
+
+
+def nothing_selected(address: BidsAddress, scans: Sequence[tuple[str, str | None]],
+                     settings: ConversionSettings) -> ConversionError:
+    """The error for a session whose (scan ID, series description) pairs include/skip all leave out.
+
+    apply can raise it before exporting anything; `convert_session` raises it for its scan folders.
+    """
+    if not scans:
+        return ConversionError(f"{address}: the session has no scans to convert",
+                               hint="XNAT lists no scans for it: check the session in XNAT")
+    listed = "\n".join(f"  scan {scan_id} {_quoted(description)}" for scan_id, description in scans)
+    return ConversionError(
+        f"{address}: [conversion] include/skip select none of the session's {_count(len(scans), 'scan')}",
+        detail=f"include = {list(settings.include)}, skip = {list(settings.skip)}; the session's scans:\n{listed}",
+        hint="change include/skip in [conversion], or for this session alone in a "
+             "[project.<project>.sessions.<session label>] table (its keys replace those above it); "
+             "until then, leave the session out by selecting the others with --subject/--session",
+    )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _quoted(description: str | None) -> str:
+    return repr(description) if description else "(no series description)"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _read_table(staging_root: Path, address: BidsAddress, scans: Sequence[_ScanDir]) -> _Table | None:
+    """heudiconv's conversion table and file groups for the session; None if they cannot be read.
+
+    The table is a Python literal (heudiconv pformats a dict of tuples) written before converting.
+    """
+    info = staging_root / ".heudiconv" / address.subject / f"ses-{address.session}" / "info"
+    try:
+        table = ast.literal_eval((info / f"{address.subject}_ses-{address.session}.edit.txt")
+                                 .read_text(encoding="utf-8"))
+        filegroup = json.loads((info / f"filegroup_ses-{address.session}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    if not isinstance(table, dict) or not isinstance(filegroup, dict):
+        return None
+    names: dict[str, list[str]] = {}
+    for key, items in table.items():
+        template = key[0] if isinstance(key, tuple) and key else key
+        # An item is a series ID or a dict with it under "item"; a list of them is one output group.
+        for group in items if isinstance(items, list) else [items]:
+            for item in group if isinstance(group, list) else [group]:
+                series = item.get("item") if isinstance(item, dict) else item
+                names.setdefault(str(series), []).append(str(template))
+    folders = {os.path.abspath(s.path): s.scan_id for s in scans}
+    scan_ids: dict[str, tuple[str, ...]] = {}
+    for series, paths in filegroup.items():
+        found: set[str] = set()
+        for path in paths if isinstance(paths, list) else []:
+            path = os.path.abspath(str(path))
+            for folder in (path, *(str(p) for p in Path(path).parents)):
+                if folder in folders:
+                    found.add(folders[folder])
+                    break
+        scan_ids[str(series)] = tuple(sorted(found, key=_natural_key))
+    return _Table({k: tuple(v) for k, v in names.items()}, scan_ids)
+
+
+def _check_no_dups(outputs: Sequence[str], table: _Table | None, scans: Sequence[_ScanDir],
+                   renames: dict[str, str], address: BidsAddress) -> None:
+    """Refuse ReproIn's `__dup-NN` files: the BIDS validator rejects them (NOT_INCLUDED)."""
+    dups = [o for o in outputs if DUP_MARK in o.rsplit("/", 1)[-1]]
+    if not dups:
+        return
+    by_id = {s.scan_id: s for s in scans}
+    prefix = f"sub-{address.subject}_ses-{address.session}"
+    groups: dict[str, list[str]] = {}  # BIDS name (without __dup-NN) → IDs of the scans given it
+    earlier: list[str] = []  # the scans heudiconv renamed __dup-NN (it keeps the last the plain name)
+    for series, templates in table.names.items() if table is not None else ():
+        scan_ids = table.scans.get(series, ()) if table is not None else ()
+        for template in templates:
+            base = template.split(DUP_MARK, 1)[0]
+            name = base.rsplit("/", 1)[-1].replace("{bids_subject_session_prefix}", prefix)
+            groups.setdefault(name, []).extend(scan_ids)
+            if DUP_MARK in template:
+                earlier += scan_ids
+    lines = []
+    all_scans: list[str] = []
+    examples: list[str] = []
+    for name, ids in sorted(groups.items()):
+        ids = sorted(set(ids), key=_natural_key)
+        if not set(ids) & set(earlier):
+            continue
+        all_scans += ids
+        descriptions = sorted({by_id[i].description or _series_description(by_id[i].path) or "" for i in ids})
+        lines.append(f"scans {', '.join(ids)} ({', '.join(_quoted(d) for d in descriptions)}) all become {name}")
+        for description in descriptions:
+            target = renames.get(description, description)
+            if description and "_run" not in target:
+                examples.append(f'"{description}" = "{target}_run+"')
+    which = f"scans {', '.join(sorted(set(all_scans), key=_natural_key))}" if all_scans else "repeated series"
+    skip = ", ".join(f'"{i}"' for i in sorted(set(earlier), key=_natural_key)) or '"<scan ID>"'
+    example = f", e.g. {'; '.join(examples)}" if examples else ""
+    raise ConversionError(
+        f"{address}: {which} convert to the same BIDS name; heudiconv wrote '{DUP_MARK}' files, "
+        "which are not valid BIDS",
+        detail="\n".join([*lines, "heudiconv kept the last under the plain name and wrote:",
+                          *(f"  {d}" for d in dups)]),
+        hint=f"if the earlier scans were repeated (e.g. cancelled) attempts, leave them out with skip = [{skip}] "
+             "in [project.<project>.sessions.<session label>]; if all are wanted, give them run numbers by "
+             f"ending their ReproIn name with _run+ (on the scanner, or with [conversion] bidsmap{example})",
+    )
+
+
+def _unconverted(scans: Sequence[_ScanDir], table: _Table | None) -> tuple[str, ...]:
+    """A warning for each selected scan none of whose series heudiconv converted to anything."""
+    if table is None:
+        return ()
+    series_of: dict[str, list[str]] = {}
+    for series, scan_ids in table.scans.items():
+        for scan_id in scan_ids:
+            series_of.setdefault(scan_id, []).append(series)
+    warnings = []
+    for scan in scans:
+        series = series_of.get(scan.scan_id, [])
+        if series and any(table.names.get(s) for s in series):
+            continue
+        description = scan.description or _series_description(scan.path)
+        what = f"scan {scan.scan_id} {_quoted(description)} was selected but converted to nothing"
+        if not series:
+            warnings.append(f"{what}: heudiconv read no DICOM series from it (see the heudiconv log)")
+            continue
+        example = f', e.g. "{description}" = "anat-T1w"' if description else ""
+        warnings.append(f"{what}: the heuristic did not recognise it; name the series by ReproIn conventions "
+                        f"(e.g. anat-T1w_acq-mprage) or map it with [conversion] bidsmap{example}, "
+                        "or leave it out with [conversion] skip")
+    return tuple(warnings)
 
 
 def _scan_dirs(dicom_dir: Path) -> list[_ScanDir]:
@@ -301,12 +466,17 @@ def _write_wrapper(work_dir: Path, base: str, renames: dict[str, str],
 
 
 def _run(args: list[str], work_dir: Path, log_path: Path, cancel: threading.Event | None,
-         timeout: float, address: BidsAddress) -> None:
-    """Run heudiconv with `args` (its arguments) in `work_dir`, its output appended to the log."""
+         timeout: float, address: BidsAddress, attempt: int) -> None:
+    """Run heudiconv with `args` (its arguments) in `work_dir`, its output appended to the log.
+
+    `attempt`: the log's size before this attempt, so errors quote only this attempt's lines.
+    """
     hint = f"see the heudiconv log: {log_path}"
     command = [sys.executable, "-m", "heudiconv.cli.run", *args]
     deadline = time.monotonic() + timeout
-    with open(log_path, "wb") as log:
+    # Appended: apply's lines for this attempt (the export) come before it, earlier attempts above.
+    with open(log_path, "ab") as log:
+        log.write(f"{_now()} convert {address} with heudiconv\n".encode())
         log.write(("$ " + subprocess.list2cmdline(command) + "\n").encode())
     try:
         # A fork of a process that has heudiconv imported already: saves ~1 s per session.
@@ -322,7 +492,7 @@ def _run(args: list[str], work_dir: Path, log_path: Path, cancel: threading.Even
             if time.monotonic() > deadline:
                 proc.kill()
                 raise ConversionError(f"{address}: heudiconv timed out after {timeout:g} s",
-                                      detail=_tail(log_path), hint=hint)
+                                      detail=_tail(log_path, attempt), hint=hint)
     except BaseException:
         proc.kill()  # e.g. KeyboardInterrupt: never leave a converter running
         raise
@@ -332,10 +502,10 @@ def _run(args: list[str], work_dir: Path, log_path: Path, cancel: threading.Even
         if returncode == -signal.SIGKILL:
             hint += "; SIGKILL usually comes from the kernel's out-of-memory killer (see dmesg)"
         raise ConversionError(f"{address}: heudiconv was killed by {_signal_name(-returncode)}",
-                              detail=_tail(log_path), hint=hint)
+                              detail=_tail(log_path, attempt), hint=hint)
     if returncode != 0:
         raise ConversionError(f"{address}: heudiconv failed (exit status {returncode})",
-                              detail=_tail(log_path), hint=hint)
+                              detail=_tail(log_path, attempt), hint=hint)
 
 
 def _signal_name(number: int) -> str:
@@ -453,11 +623,8 @@ def _start_process(command: list[str], work_dir: Path, log_path: Path, address: 
     return _Spawned(proc)
 
 
-def _no_output_reason(log_path: Path) -> str:
-    try:
-        text = log_path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
+def _no_output_reason(log_path: Path, attempt: int = 0) -> str:
+    text = _log_text(log_path, attempt)
     if "Generated sequence info with 0 entries" in text:
         return "heudiconv found no readable DICOM series in the export"
     if "Could not figure out where to stick" in text:
@@ -466,9 +633,15 @@ def _no_output_reason(log_path: Path) -> str:
     return "the heuristic selected no series for conversion"
 
 
-def _tail(log_path: Path, lines: int = LOG_TAIL_LINES) -> str:
+def _tail(log_path: Path, attempt: int = 0, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(_log_text(log_path, attempt).rstrip().splitlines()[-lines:])
+
+
+def _log_text(log_path: Path, attempt: int = 0) -> str:
+    """The log from byte offset `attempt` (where this attempt's lines start) to its end."""
     try:
-        text = log_path.read_text(encoding="utf-8", errors="replace")
+        with open(log_path, "rb") as log:
+            log.seek(attempt)
+            return log.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])

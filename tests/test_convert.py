@@ -27,6 +27,7 @@ from reconcile.convert import (
     bidsmap_target,
     convert_session,
     converter_env,
+    nothing_selected,
 )
 from reconcile.dataset import (
     ensure_bidsignore,
@@ -99,6 +100,18 @@ EXPECTED_B = {
     "dwi/sub-02_ses-b_acq-b1500_dir-ap_dwi.bvec",
 }
 
+# The operator repeated the resting-state run under the same name (no `_run+`), and one series
+# is named neither by ReproIn nor by a bidsmap.
+REPEATED_SERIES = (
+    SeriesSpec("anat-T1w_acq-memprage", "anat", n_slices=4),
+    SeriesSpec("func-bold_task-rest", "func", n_volumes=3),
+    SeriesSpec("func-bold_task-rest", "func", n_volumes=3),
+)
+UNNAMED_SERIES = (
+    SeriesSpec("anat-T1w_acq-memprage", "anat", n_slices=4),
+    SeriesSpec("T1 MPRAGE (sag) ü", "anat", n_slices=4),
+)
+
 
 def _convert(dicom: Path, where: Path, address: BidsAddress = A,
              settings: ConversionSettings = REPROIN, **kwargs: object) -> ConversionResult:
@@ -169,10 +182,38 @@ def test_ambiguous_bidsmap_fails_before_heudiconv_runs(tmp_path: Path) -> None:
     assert not (tmp_path / "convert.log").exists()
 
 
-def test_selecting_no_scan_is_an_error(tmp_path: Path) -> None:
-    write_session(tmp_path / "dicom", "02", "b", series=SITE_SERIES[1:2])
-    with pytest.raises(ConversionError, match="no scans to convert"):
-        _convert(tmp_path / "dicom", tmp_path, B, ConversionSettings(skip=("MPRAGE",)))
+def test_selecting_no_scan_is_an_error_that_names_the_selection_and_the_scans(tmp_path: Path) -> None:
+    write_session(tmp_path / "dicom", "02", "b", series=SITE_SERIES[1:3])
+    settings = ConversionSettings(include=("DTI_*",), skip=("MPRAGE",))
+    with pytest.raises(ConversionError) as info:
+        _convert(tmp_path / "dicom", tmp_path, B, settings)
+    error = info.value
+    assert error.summary == "sub-02/ses-b: [conversion] include/skip select none of the session's 2 scans"
+    assert "scan 1 'MPRAGE'" in (error.detail or "") and "scan 2 'rest_fMRI'" in (error.detail or "")
+    assert "include = ['DTI_*']" in (error.detail or "") and "skip = ['MPRAGE']" in (error.detail or "")
+    assert "[project.<project>.sessions.<session label>]" in (error.hint or "")
+    assert "export left no DICOM" not in str(error)
+    assert not (tmp_path / "convert.log").exists()
+
+
+def test_nothing_selected_describes_the_sessions_scans_for_a_check_before_export() -> None:
+    error = nothing_selected(A, [("1", "anat-T1w"), ("2", None), ("3", "func-bold_task-rest")],
+                             ConversionSettings(skip=("anat-*", "func-*")))
+    assert isinstance(error, ConversionError)
+    assert error.summary == "sub-01/ses-a: [conversion] include/skip select none of the session's 3 scans"
+    assert "scan 2 (no series description)" in (error.detail or "")
+    assert "skip = ['anat-*', 'func-*']" in (error.detail or "")
+    assert nothing_selected(A, [], ConversionSettings()).summary == "sub-01/ses-a: the session has no scans to convert"
+
+
+def test_empty_export_with_include_or_skip_set_points_at_the_selection(tmp_path: Path) -> None:
+    (tmp_path / "dicom").mkdir()
+    with pytest.raises(ConversionError, match="no scans to convert") as info:
+        _convert(tmp_path / "dicom", tmp_path, B, ConversionSettings(skip=("anat-*",)))
+    assert "include/skip" in (info.value.hint or "")
+    with pytest.raises(ConversionError, match="no scans to convert") as info:
+        _convert(tmp_path / "dicom", tmp_path, B)
+    assert info.value.hint == "the export left no DICOM behind"
 
 
 def test_missing_custom_heuristic_file_is_an_error(tmp_path: Path) -> None:
@@ -287,6 +328,84 @@ def test_custom_heuristic_file_is_used(site_dicom: Path, tmp_path: Path) -> None
     )
     result = _convert(site_dicom, tmp_path, B, ConversionSettings(heuristic=str(heuristic)))
     assert {f for f in result.outputs if f.endswith(".nii.gz")} == {"sub-02/ses-b/anat/sub-02_ses-b_T1w.nii.gz"}
+
+
+@pytest.mark.slow
+def test_recognised_series_give_no_warnings(converted: ConversionResult, converted_site: ConversionResult) -> None:
+    # The scout (localizer) is in ReproIn's conversion table, kept as sourcedata only: not a warning.
+    assert converted.warnings == ()
+    assert converted_site.warnings == ()
+
+
+@pytest.mark.slow
+def test_repeated_series_without_run_plus_fail_naming_the_dup_files_and_scans(tmp_path: Path) -> None:
+    # ReproIn names all but the last of same-named series `__dup-NN`: the BIDS validator rejects them.
+    write_session(tmp_path / "dicom", "01", "a", series=REPEATED_SERIES)
+    with pytest.raises(ConversionError) as info:
+        _convert(tmp_path / "dicom", tmp_path)
+    error = info.value
+    assert error.summary == ("sub-01/ses-a: scans 2, 3 convert to the same BIDS name; "
+                             "heudiconv wrote '__dup-' files, which are not valid BIDS")
+    detail = error.detail or ""
+    assert "sub-01/ses-a/func/sub-01_ses-a_task-rest_bold__dup-01.nii.gz" in detail
+    assert "scans 2, 3 ('func-bold_task-rest') all become sub-01_ses-a_task-rest_bold" in detail
+    hint = error.hint or ""
+    assert 'skip = ["2"]' in hint
+    assert '"func-bold_task-rest" = "func-bold_task-rest_run+"' in hint
+    assert "warning" not in (tmp_path / "convert.log").read_text()
+
+
+@pytest.mark.slow
+def test_the_bidsmap_the_dup_error_suggests_numbers_the_runs(tmp_path: Path) -> None:
+    write_session(tmp_path / "dicom", "01", "a", series=REPEATED_SERIES)
+    settings = ConversionSettings(bidsmap=(("func-bold_task-rest", "func-bold_task-rest_run+"),))
+    result = _convert(tmp_path / "dicom", tmp_path, settings=settings)
+    assert {f for f in _session_files(result) if f.endswith(".nii.gz")} == {
+        "anat/sub-01_ses-a_acq-memprage_T1w.nii.gz",
+        "func/sub-01_ses-a_task-rest_run-01_bold.nii.gz",
+        "func/sub-01_ses-a_task-rest_run-02_bold.nii.gz",
+    }
+    assert result.warnings == ()
+
+
+@pytest.mark.slow
+def test_selected_scan_the_heuristic_does_not_recognise_is_a_warning(tmp_path: Path) -> None:
+    write_session(tmp_path / "dicom", "01", "a", series=UNNAMED_SERIES)
+    result = _convert(tmp_path / "dicom", tmp_path)
+    assert result.outputs == ("sub-01/ses-a/anat/sub-01_ses-a_acq-memprage_T1w.json",
+                              "sub-01/ses-a/anat/sub-01_ses-a_acq-memprage_T1w.nii.gz",
+                              "sub-01/ses-a/sub-01_ses-a_scans.tsv")
+    assert len(result.warnings) == 1
+    warning = result.warnings[0]
+    assert warning.startswith("scan 2 'T1 MPRAGE (sag) ü' was selected but converted to nothing")
+    assert "ReproIn" in warning and '"T1 MPRAGE (sag) ü" = "anat-T1w"' in warning
+    log = (tmp_path / "convert.log").read_text(encoding="utf-8")
+    assert log.rstrip().splitlines()[-1].endswith(f"warning: {warning}")
+
+
+@pytest.mark.slow
+def test_conversion_appends_to_the_session_log_and_marks_where_it_starts(
+        reproin_dicom: Path, tmp_path: Path) -> None:
+    log = tmp_path / "convert.log"
+    log.write_text("2024-01-10T09:00:00Z export PROJ/XNAT_E00001 (a): 8 of 8 scans selected\n")
+    _convert(reproin_dicom, tmp_path)
+    _convert(reproin_dicom, tmp_path)
+    lines = log.read_text().splitlines()
+    assert lines[0] == "2024-01-10T09:00:00Z export PROJ/XNAT_E00001 (a): 8 of 8 scans selected"
+    starts = [i for i, line in enumerate(lines) if line.endswith(" convert sub-01/ses-a with heudiconv")]
+    assert len(starts) == 2 and starts[0] == 1
+    assert all(lines[i + 1].startswith("$ ") and "heudiconv" in lines[i + 1] for i in starts)
+    assert sum("PROCESSING DONE" in line for line in lines) == 2
+
+
+@pytest.mark.slow
+def test_failure_reason_comes_from_this_attempt_not_an_earlier_one_in_the_log(
+        site_dicom: Path, tmp_path: Path) -> None:
+    (tmp_path / "convert.log").write_text("INFO: Generated sequence info with 0 entries\n")
+    with pytest.raises(ConversionError, match="no NIfTI") as info:
+        _convert(site_dicom, tmp_path, B)
+    assert "did not recognise" in (info.value.hint or "")
+    assert "0 entries" not in (info.value.detail or "")
 
 
 @pytest.mark.slow
