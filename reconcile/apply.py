@@ -22,7 +22,7 @@ from enum import Enum
 from pathlib import Path
 
 from reconcile.config import Config, ConversionSettings
-from reconcile.convert import convert_session
+from reconcile.convert import convert_session, nothing_selected
 from reconcile.dataset import (
     check_dataset_files,
     ensure_dataset_description,
@@ -71,6 +71,8 @@ class Outcome:
     log_path: Path | None = None
     seconds: float = 0.0
     record: SessionRecord | None = None
+    warnings: tuple[str, ...] = ()
+    hint: str | None = None  # of a failure: what to do about it
 
 
 Event = Callable[[str, Change, "Outcome | None"], None]
@@ -155,6 +157,7 @@ class StagedSession:
     # Fingerprints taken by the worker that converted the session, so commits (one at a time)
     # do not hash; None: the commit hashes them itself.
     outputs: tuple[OutputRecord, ...] | None = None
+    warnings: tuple[str, ...] = ()  # from the conversion, e.g. a selected scan that gave no file
 
 
 def _now() -> str:
@@ -198,7 +201,10 @@ def stage_session(
     listed = client.list_scans(exp)
     scans = tuple(s for s in listed if settings.selects(s.id, s.series_description))
     with open(log_path, "a") as log:
-        log.write(f"{_now()} export {exp.project}/{exp.id} ({exp.label}): {len(scans)} of {len(listed)} scans selected\n")
+        log.write(f"{_now()} apply {change.action.value} {exp.project}/{exp.id} ({exp.label}): "
+                  f"{len(scans)} of {len(listed)} scans selected\n")
+    if not scans:  # before downloading anything
+        raise nothing_selected(change.address, [(s.id, s.series_description) for s in listed], settings)
     export_session(client, exp, scans, staging / "dicom", method=export_method, cancel=cancel)
     hit("apply-exported")
     result = convert_session(
@@ -210,7 +216,8 @@ def stage_session(
     # parallel workers, rather than in the one-at-a-time commit).
     fsync_tree(result.session_dir)
     return StagedSession(
-        change, exp, change.address, scans, result.session_dir, staging / "dicom", log_path, tools, settings, outputs
+        change, exp, change.address, scans, result.session_dir, staging / "dicom", log_path, tools, settings, outputs,
+        result.warnings,
     )
 
 
@@ -602,10 +609,11 @@ def _settle(
         text = exc.summary if isinstance(exc, XnatBidsError) else f"{type(exc).__name__}: {exc}"
         if WorkArea(root).journal(change.key.experiment_id).exists():
             text += " (the new session is in place; the next apply completes its commit)"
-        _log(log_path, f"failed: {exc!r}")
-        return Outcome(change, Status.FAILED, text, log_path, time.monotonic() - t0)
+        _log(log_path, f"failed: {exc}")  # an XnatBidsError's str has its detail and hint too
+        hint = exc.hint if isinstance(exc, XnatBidsError) else None
+        return Outcome(change, Status.FAILED, text, log_path, time.monotonic() - t0, hint=hint)
     record = report.lock.sessions.get(change.key.experiment_id)
-    return Outcome(change, Status.DONE, "", log_path, time.monotonic() - t0, record)
+    return Outcome(change, Status.DONE, "", log_path, time.monotonic() - t0, record, warnings=staged.warnings)
 
 
 def _log(path: Path, text: str) -> None:

@@ -59,8 +59,12 @@ class Reporter:
         if outcome.status is Status.DONE:
             files = len(outcome.record.outputs) if outcome.record else 0
             self._line(f"{n} ✓ {change.action.value:<6} {where}: {files} files in {outcome.seconds:.1f} s")
+            for warning in outcome.warnings:
+                self._line(f"      warning: {warning}")
         elif outcome.status is Status.FAILED:
             self._line(f"{n} ✗ {change.action.value:<6} {where}: {outcome.message}")
+            if outcome.hint:
+                self._line(f"      hint: {outcome.hint}")
             if outcome.log_path:
                 self._line(f"      log: {outcome.log_path}")
         else:

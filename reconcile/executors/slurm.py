@@ -650,11 +650,12 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
                         "skip": list(staged.settings.skip), "bidsmap": [list(p) for p in staged.settings.bidsmap],
                         "heuristic_sha": staged.settings.heuristic_sha},
             outputs=_outputs(staged.session_dir),
+            warnings=list(staged.warnings),
         )
     except XnatBidsError as exc:
         why = "cancelled (scancel or the time limit)" if cancel is not None and cancel.is_set() else exc.summary
         _log(log_path, f"failed: {exc}")
-        record.update(status=Status.FAILED.value, message=why)
+        record.update(status=Status.FAILED.value, message=why, hint=exc.hint)
     except Exception as exc:  # a bug or an OS error still leaves a record for finalize to report
         _log(log_path, f"failed: {exc!r}")
         record.update(status=Status.FAILED.value, message=f"{type(exc).__name__}: {exc}")
@@ -720,7 +721,8 @@ def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyR
     log_path = root / result.get("log", "")
     seconds = float(result.get("seconds", 0.0))
     if result.get("status") != Status.DONE.value:
-        return Outcome(change, Status.FAILED, result.get("message") or "failed", log_path, seconds)
+        return Outcome(change, Status.FAILED, result.get("message") or "failed", log_path, seconds,
+                       hint=result.get("hint"))
     staged = _staged_from(root, change, result)
     if not staged.session_dir.is_dir():
         committed = report.lock.sessions.get(entry.experiment_id) if report.lock else None
@@ -743,7 +745,8 @@ def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyR
     except OSError as exc:
         _log(log_path, f"commit failed: {exc!r}")
         return Outcome(change, Status.FAILED, f"commit failed: {exc}", log_path, seconds)
-    return Outcome(change, Status.DONE, "", log_path, seconds, report.lock.sessions.get(entry.experiment_id))
+    return Outcome(change, Status.DONE, "", log_path, seconds, report.lock.sessions.get(entry.experiment_id),
+                   warnings=tuple(result.get("warnings", ())))
 
 
 def finalize_batch(
