@@ -674,6 +674,12 @@ class EmulatorApp:
             return self._files(ctx, experiment, self._select_scans(experiment, scan_key), "ALL", tail[3:])
         if len(tail) == 2 and method == "PUT":
             return self._put_scan(ctx, experiment, scan_key)
+        if len(tail) >= 5 and tail[2] == "resources" and tail[4] == "files" and method not in ("PUT", "POST"):
+            # As in scans/{key}/files, the scan segment may be an ID, a scan type, a comma list or ALL.
+            scans = self._select_scans(experiment, scan_key)
+            if not scans:
+                raise HttpError(404, f"Unable to find scan {scan_key}")
+            return self._files(ctx, experiment, scans, tail[3], tail[5:])
         scan = experiment.scans.get(scan_key)
         if scan is None:
             raise HttpError(404, f"Unable to find scan {scan_key}")
@@ -701,9 +707,9 @@ class EmulatorApp:
             return self._single(ctx, "xnat:resourceCatalog", fields, experiment.last_modified, [])
         if tail[4] != "files":
             raise HttpError(404, "The server has not found anything matching the request URI")
-        if method in ("PUT", "POST") and len(tail) > 5:
+        if len(tail) > 5:
             return self._upload(ctx, experiment, scan, res_key, "/".join(tail[5:]))
-        return self._files(ctx, experiment, [scan], res_key, tail[5:])
+        raise HttpError(405, "Method Not Allowed")
 
     def _experiment_single(self, ctx: Ctx, experiment: Experiment) -> Response:
         scan_items = [self._scan_item(experiment, s) for s in list(experiment.scans.values())]

@@ -196,6 +196,13 @@ def test_files_of_several_scans_by_id_type_and_all(emulator, http, world):
     assert len(result(http.get(f"{base}/ALL/files?format=json"))) == 3
     assert len(result(http.get(f"{base}/1,func-bold/files?format=json"))) == 3
     assert [r["Name"] for r in result(http.get(f"{base}/func-bold/files?format=json"))] == ["1.dcm"]
+    # The same scan segments under resources/{label}/files, as pyxnat's scans().download uses them.
+    assert len(result(http.get(f"{base}/ALL/resources/DICOM/files?format=json"))) == 3
+    assert len(result(http.get(f"{base}/1,func-bold/resources/DICOM/files?format=json"))) == 3
+    assert [r["Name"] for r in result(http.get(f"{base}/func-bold/resources/DICOM/files?format=json"))] == ["1.dcm"]
+    zipped = http.get(f"{base}/func-bold/resources/DICOM/files?format=zip")
+    assert zipped.status_code == 200 and zipped.content[:4] == b"PK\x03\x04"
+    assert http.get(f"{base}/nope/resources/DICOM/files?format=json").status_code == 404
 
 
 def test_file_bytes_and_missing_file_page(emulator, http, world):
