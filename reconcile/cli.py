@@ -70,7 +70,7 @@ def _now() -> str:
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default: ./xnat2bids.toml if present).")
-ProjectOpt = typer.Option(None, "--project", "-p", help="XNAT project ID (repeatable).")
+ProjectOpt = typer.Option(None, "--project", "-p", help="XNAT project ID, or a glob over the projects of the config and the lock (repeatable).")
 SubjectOpt = typer.Option(None, "--subject", help="Subject label glob (repeatable).")
 SessionOpt = typer.Option(None, "--session", help="Session label / experiment ID glob (repeatable).")
 InsecureOpt = typer.Option(False, "--insecure", help="Do not verify the XNAT server's TLS certificate (verify_tls = false).")

@@ -266,3 +266,13 @@ def test_selection_with_a_saved_plan_is_a_usage_error(cli, emulator, tmp_path):
     assert "Usage: xnat2bids apply" in err
     assert "--project, --session cannot be combined with --plan" in err
     assert not root.exists()
+
+
+def test_a_project_glob_selects_among_the_projects_of_the_config_and_the_lock(cli, emulator, tmp_path):
+    root = exported_root(emulator.archive, tmp_path, add_sessions(emulator.archive, 2))
+    code, out, err = cli("plan", str(root), "-p", "PR*", "--detailed-exitcode")
+    assert code == 0, out + err
+    assert "No changes. 2 sessions up to date." in out
+    code, _, err = cli("plan", str(root), "-p", "X*")
+    assert code == 1
+    assert "error: project pattern 'X*' matches no project in the config or the lock" in err
