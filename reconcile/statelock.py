@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -430,6 +430,41 @@ def record_jobs(root: Path, holder: Holder, jobs: tuple[str, ...]) -> Holder:
             raise
     fsync_dir(root)
     return updated
+
+
+FINALIZE, FINALIZE_JOB = "finalize", "finalize-job"  # the operations of a batch's claimed lock
+
+
+def claim(root: Path, lock_id: str, operation: str) -> Holder:
+    """Make this process the holder of the lock `lock_id` (a SLURM batch's), keeping its ID and
+    jobs, so that one process at a time finalizes the batch: its finalize job (`FINALIZE_JOB`),
+    or after it `xnat2bids finalize` or an apply merging it (`FINALIZE`). An earlier `FINALIZE`
+    claim stands while its process may still run; a `FINALIZE_JOB` claim is over, as callers
+    claim only once the batch's jobs have ended."""
+    path = state_lock_path(root)
+    me = _me(operation)
+    with _pinned(root) as seen:
+        holder = seen.holder if seen is not None else None
+        if holder is None or holder.id != lock_id:
+            now = "nobody" if seen is None else holder.describe() if holder else "an unreadable lock file"
+            raise LockHeldError(f"the state lock of {root} is no longer batch {lock_id}'s; it is held by {now}")
+        if holder.operation == FINALIZE:
+            fate, why = _fate(replace(holder, jobs=()), me)  # its batch's jobs have ended: only its process counts
+            if fate is not _Fate.GONE:
+                raise LockHeldError(
+                    f"batch {lock_id} of {root} is being finalized by {holder.describe()}",
+                    detail=why or None,
+                    hint=f"wait for it to finish; if it is gone for good, run `xnat2bids force-unlock {lock_id} {root}`",
+                )
+        claimed = replace(me, id=holder.id, jobs=holder.jobs)
+        tmp = _temp_with(path, claimed)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    fsync_dir(root)
+    return claimed
 
 
 def force_unlock(root: Path, lock_id: str) -> Holder:

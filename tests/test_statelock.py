@@ -569,3 +569,42 @@ def test_live_holder_in_another_time_namespace_is_not_mistaken_for_a_reused_pid(
         holder.stdin.close()
         assert holder.wait(60) == 0
     assert not state_lock_path(root).exists()
+
+
+# -- one finalizer per batch ----------------------------------------------------------------------
+
+
+def _batch_lock(root: Path) -> statelock.Holder:
+    root.mkdir()
+    return statelock.record_jobs(root, statelock.acquire(root, "apply --executor slurm"), ("11", "12"))
+
+
+def test_a_batch_is_claimed_by_one_finalizer_at_a_time(tmp_path):
+    root = tmp_path / "bids"
+    batch = _batch_lock(root)
+    mine = statelock.claim(root, batch.id, statelock.FINALIZE)
+    assert (mine.id, mine.jobs, mine.pid, mine.operation) == (batch.id, ("11", "12"), os.getpid(), "finalize")
+    assert statelock.read_holder(root) == mine
+    with pytest.raises(LockHeldError, match=rf"batch {batch.id} of .* is being finalized by finalize by .* pid {os.getpid()}"):
+        statelock.claim(root, batch.id, statelock.FINALIZE)  # this process is still running
+    statelock.release(root, mine)
+    assert not state_lock_path(root).exists()
+
+
+def test_a_finalizer_that_died_or_the_finalize_job_leave_the_batch_to_the_next(tmp_path):
+    root = tmp_path / "bids"
+    batch = _batch_lock(root)
+    for operation, pid in ((statelock.FINALIZE, _dead_pid()), (statelock.FINALIZE_JOB, os.getpid())):
+        record = json.loads(_holder_json(batch.id, pid, jobs=batch.jobs))
+        state_lock_path(root).write_text(json.dumps({**record, "operation": operation}))
+        claimed = statelock.claim(root, batch.id, statelock.FINALIZE)
+        assert (claimed.id, claimed.pid) == (batch.id, os.getpid())
+
+
+def test_a_lock_that_is_no_longer_the_batchs_cannot_be_claimed(tmp_path):
+    root = tmp_path / "bids"
+    batch = _batch_lock(root)
+    statelock.release(root, batch)
+    with pytest.raises(LockHeldError, match="no longer batch"):
+        statelock.claim(root, batch.id, statelock.FINALIZE)
+    assert not state_lock_path(root).exists()

@@ -765,12 +765,14 @@ def finalize_batch(
     check_batch_idle(batch, own_job=own_job)
     holder = statelock.read_holder(root)
     if holder is None:
-        holder = statelock.acquire(root, "finalize", warn=warn)
+        holder = statelock.acquire(root, statelock.FINALIZE, warn=warn)
     elif holder.id != batch.id:
         raise LockHeldError(
             f"cannot finalize batch {batch.id}: another xnat2bids holds {root}: {holder.describe()}",
             hint="finalize again once it is done",
         )
+    else:  # one finalizer at a time: the finalize job, or after it `finalize` or an apply's merge
+        holder = statelock.claim(root, batch.id, statelock.FINALIZE_JOB if own_job else statelock.FINALIZE)
     for exp_id in recover(root, warn=warn):
         warn(f"recovered the interrupted commit of {exp_id}")
     _retry_with_batch_credentials(batch, warn=warn)
