@@ -411,6 +411,16 @@ def release(root: Path, holder: Holder) -> None:
     _remove_if(root, lambda s: s.holder is not None and s.holder.id == holder.id)
 
 
+def _rewrite(path: Path, holder: Holder) -> None:
+    """Replace the lock file with `holder`'s record; the caller holds `_pinned`."""
+    tmp = _temp_with(path, holder)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def record_jobs(root: Path, holder: Holder, jobs: tuple[str, ...]) -> Holder:
     """Hand the lock to a SLURM batch: the finalize job releases it."""
     path = state_lock_path(root)
@@ -422,12 +432,7 @@ def record_jobs(root: Path, holder: Holder, jobs: tuple[str, ...]) -> Holder:
                 f"the state lock of {root} is no longer ours (lock ID {holder.id}); it is held by {now}",
                 hint="someone ran `xnat2bids force-unlock`; the SLURM jobs were not handed the lock",
             )
-        tmp = _temp_with(path, updated)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        _rewrite(path, updated)
     fsync_dir(root)
     return updated
 
@@ -457,12 +462,7 @@ def claim(root: Path, lock_id: str, operation: str) -> Holder:
                     hint=f"wait for it to finish; if it is gone for good, run `xnat2bids force-unlock {lock_id} {root}`",
                 )
         claimed = replace(me, id=holder.id, jobs=holder.jobs)
-        tmp = _temp_with(path, claimed)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        _rewrite(path, claimed)
     fsync_dir(root)
     return claimed
 

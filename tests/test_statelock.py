@@ -346,6 +346,16 @@ def _our_identity(pid: int) -> dict:
     }
 
 
+def _is_taken_over(root: Path, record: str, lock_id: str, why: str) -> None:
+    """`acquire` takes over the lock file `record`, warning with the lock ID and `why`."""
+    state_lock_path(root).write_text(record)
+    warnings: list[str] = []
+    holder = statelock.acquire(root, "apply", warn=warnings.append)
+    assert statelock.read_holder(root) == holder
+    assert len(warnings) == 1 and lock_id in warnings[0] and why in warnings[0]
+    statelock.release(root, holder)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -381,12 +391,7 @@ def test_holder_whose_pid_now_belongs_to_another_process_is_taken_over(tmp_path,
     root.mkdir()
     identity = _our_identity(other_process.pid)
     identity["start_time"] -= 1  # the holder started earlier, died, and its pid went to `other_process`
-    state_lock_path(root).write_text(_holder_json("reused0pid00", other_process.pid, **identity))
-    warnings: list[str] = []
-    holder = statelock.acquire(root, "apply", warn=warnings.append)
-    assert statelock.read_holder(root) == holder
-    assert len(warnings) == 1 and "reused0pid00" in warnings[0] and "another process" in warnings[0]
-    statelock.release(root, holder)
+    _is_taken_over(root, _holder_json("reused0pid00", other_process.pid, **identity), "reused0pid00", "another process")
 
 
 @linux_only
@@ -394,12 +399,7 @@ def test_holder_from_before_a_reboot_is_taken_over_even_if_its_pid_is_in_use(tmp
     root = tmp_path / "bids"
     root.mkdir()
     identity = {**_our_identity(os.getpid()), "boot_id": str(uuid.uuid4())}
-    state_lock_path(root).write_text(_holder_json("b4reboot0000", os.getpid(), **identity))
-    warnings: list[str] = []
-    holder = statelock.acquire(root, "apply", warn=warnings.append)
-    assert statelock.read_holder(root) == holder
-    assert len(warnings) == 1 and "b4reboot0000" in warnings[0] and "restarted" in warnings[0]
-    statelock.release(root, holder)
+    _is_taken_over(root, _holder_json("b4reboot0000", os.getpid(), **identity), "b4reboot0000", "restarted")
 
 
 @linux_only
