@@ -238,8 +238,11 @@ def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Pat
             if rel in recorded:
                 continue
             dest = new_dir / path.relative_to(old_dir)
+            if name in empty and dest.is_dir() and not dest.is_symlink():
+                continue  # the conversion made that folder: nothing of the user's is replaced
             if dest.exists() or dest.is_symlink():
-                dest, moved_aside = kept / rel, [*moved_aside, rel]
+                dest = kept / rel
+                moved_aside.append(rel)
             dest.parent.mkdir(parents=True, exist_ok=True)
             if name in empty:
                 dest.mkdir(exist_ok=True)
@@ -468,7 +471,8 @@ def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list
 
 
 def _same_root(planned: Path, root: Path) -> bool:
-    if planned == root:
+    """The same folder, whatever the spelling (`..`, symlinks), also before it exists."""
+    if os.path.realpath(planned) == os.path.realpath(root):
         return True
     try:
         return planned.exists() and root.exists() and os.path.samefile(planned, root)
@@ -497,7 +501,7 @@ def check_plan_fresh(
             f"plan is for another BIDS root: it was made for {planned_root}, not {root}",
             hint=f"apply it to {planned_root}, or run plan again for {root}",
         )
-    if planned_url is not None and planned_url.rstrip("/") != url.rstrip("/"):
+    if (planned_url or "").rstrip("/") != url.rstrip("/"):
         raise StalePlanError(
             f"plan is for another XNAT: it was made against {planned_url}, not {url}",
             hint="apply it with the XNAT it was made against, or run plan again",
@@ -604,13 +608,15 @@ def _settle(
         return Outcome(change, Status.SKIPPED, "not started")
     except AuthError as exc:
         auth_failed.set()
-        return Outcome(change, Status.FAILED, exc.summary, log_path, time.monotonic() - t0)
+        _log(log_path, f"failed: {exc}")
+        return Outcome(change, Status.FAILED, exc.summary, log_path, time.monotonic() - t0, hint=exc.hint)
     except Exception as exc:  # one session's failure, a bug or an OS error, must not stop the others
         text = exc.summary if isinstance(exc, XnatBidsError) else f"{type(exc).__name__}: {exc}"
         if WorkArea(root).journal(change.key.experiment_id).exists():
             text += " (the new session is in place; the next apply completes its commit)"
-        _log(log_path, f"failed: {exc}")  # an XnatBidsError's str has its detail and hint too
-        hint = exc.hint if isinstance(exc, XnatBidsError) else None
+        known = isinstance(exc, XnatBidsError)
+        _log(log_path, f"failed: {exc}" if known else f"failed: {exc!r}")  # ours: with detail and hint
+        hint = exc.hint if known else None
         return Outcome(change, Status.FAILED, text, log_path, time.monotonic() - t0, hint=hint)
     record = report.lock.sessions.get(change.key.experiment_id)
     return Outcome(change, Status.DONE, "", log_path, time.monotonic() - t0, record, warnings=staged.warnings)

@@ -217,13 +217,13 @@ def ensure_bidsignore(root: Path, patterns: Iterable[str] = BIDSIGNORE_PATTERNS)
     """Make sure `.bidsignore` lists `patterns`; appends only missing lines, never creates an empty file."""
     path = Path(root) / ".bidsignore"
     wanted = list(dict.fromkeys(p.strip() for p in patterns if p.strip()))
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
-    present = {line.strip() for line in existing.splitlines()}
+    existing, bom = _read_text(path) if path.exists() else ("", False)
+    present = {line.strip() for line in existing.split("\n")}
     missing = [p for p in wanted if p not in present]
     if not missing:
         return
     prefix = existing if not existing or existing.endswith("\n") else existing + "\n"
-    write_atomic(path, prefix + "".join(f"{p}\n" for p in missing))
+    write_atomic(path, ("\ufeff" if bom else "") + prefix + "".join(f"{p}\n" for p in missing))
 
 
 class _Tsv:

@@ -68,15 +68,19 @@ class Change:
     before: SessionRecord | None = None  # the lock entry (for a replacement: the replaced one)
     after: Experiment | None = None  # the XNAT listing row; None for orphans
     scans: tuple[Scan, ...] | None = None  # deep details when planned with --deep
+    # Recorded outputs changed on disk that applying this update replaces: it is drift too.
+    edited: tuple[str, ...] = ()
 
     def __init__(
         self, action: Action, key: SessionKey, address: BidsAddress, reasons: tuple[Reason, ...],
         before: SessionRecord | None = None, after: Experiment | None = None, scans: tuple[Scan, ...] | None = None,
+        edited: tuple[str, ...] = (),
     ) -> None:
         # As Experiment's: one dict update instead of an object.__setattr__ per field (one change per
         # listed session in a first plan).
         self.__dict__.update(
-            action=action, key=key, address=address, reasons=reasons, before=before, after=after, scans=scans
+            action=action, key=key, address=address, reasons=reasons, before=before, after=after, scans=scans,
+            edited=edited,
         )
 
 
@@ -146,15 +150,7 @@ class Plan:
         """The changes apply carries out: create and update, plus drift when asked. An update
         that would replace outputs changed on disk is drift too: only when asked."""
         wanted = {Action.CREATE, Action.UPDATE} | ({Action.DRIFT} if repair_drift else set())
-        return tuple(
-            c for c in self.changes
-            if c.action in wanted and (repair_drift or c.action is not Action.UPDATE or not replaces_edits(c))
-        )
-
-
-def replaces_edits(change: Change) -> bool:
-    """Whether applying `change` replaces recorded outputs that were changed on disk."""
-    return any(r.code == "changed" for r in change.reasons)
+        return tuple(c for c in self.changes if c.action in wanted and (repair_drift or not c.edited))
 
 
 @dataclass
@@ -445,15 +441,17 @@ def compute_plan(
                 used_as_replaced.add(replaced.experiment_id)
                 reason = Reason("replaced", f"replaced in XNAT: {replaced.experiment_id} → {exp_id}",
                                 "experiment_id", replaced.experiment_id, exp_id)
-                reasons = [reason, *_edited(replaced, local)]
-                out.changes.append(Change(Action.UPDATE, exp.key, address, tuple(reasons), replaced, exp, scans))
+                edited = _edited(replaced, local)
+                out.changes.append(Change(Action.UPDATE, exp.key, address, (reason, *edited), replaced, exp, scans,
+                                          tuple(r.field for r in edited)))
             else:
                 out.changes.append(Change(Action.CREATE, exp.key, address, _NEW, None, exp, scans))
             continue
         reasons = _compare(rec, exp, address, conversion(exp.project, exp.label), scans, tools, reconvert_outdated)
         if reasons:
-            reasons += _edited(rec, local)
-            out.changes.append(Change(Action.UPDATE, exp.key, address, tuple(reasons), rec, exp, scans))
+            edited = _edited(rec, local)
+            out.changes.append(Change(Action.UPDATE, exp.key, address, (*reasons, *edited), rec, exp, scans,
+                                      tuple(r.field for r in edited)))
             continue
         drift = _drift(rec, local)
         if drift:
@@ -472,7 +470,7 @@ def compute_plan(
         reason = Reason("gone", f"no longer in XNAT project {rec.project}", "experiment_id", rec.experiment_id, None)
         out.changes.append(Change(Action.ORPHAN, rec.key, rec.address, (reason,), rec, None, None))
 
-    edits = sum(1 for c in out.changes if c.action is Action.UPDATE and replaces_edits(c))
+    edits = sum(1 for c in out.changes if c.edited)
     if edits:
         out.notes.append(
             f"{edits} update{'s' if edits != 1 else ''} would replace outputs changed on disk; apply carries "

@@ -110,6 +110,7 @@ def _change_dict(change: Change) -> dict[str, Any]:
         ],
         "before": before,
         "after": _experiment_dict(change.after) if change.after else None,
+        "edited": list(change.edited),
     }
 
 
@@ -180,6 +181,7 @@ def plan_from_dict(data: Any, source: str = "plan", lock: Lock | None = None) ->
                 reasons=tuple(Reason(**r) for r in c["reasons"]),
                 before=lock.sessions.get(c["before"]["experiment_id"]) if lock and c["before"] else None,
                 after=exp,
+                edited=tuple(c.get("edited", ())),
             )
         )
     plan = Plan(

@@ -51,7 +51,7 @@ def test_an_update_replaces_an_edited_output_only_with_repair_drift_and_keeps_a_
     assert cli("check", str(root), "--full")[0] == 0
 
 
-def test_a_user_file_where_the_conversion_now_writes_is_kept_aside(cli, emulator, tmp_path, monkeypatch):
+def test_a_user_file_where_the_conversion_now_writes_is_kept_aside(cli, emulator, tmp_path):
     exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
     root = tmp_path / "bids"
     skipping = write_config(tmp_path, '[conversion]\nskip = ["func-*"]')

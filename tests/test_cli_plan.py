@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jsonschema
 import requests
-from worlds import add_sessions, exported_root, write_config
+from worlds import SMALL, add, add_sessions, exported_root, write_config
 
 from reconcile.config import Config, load_config
 from reconcile.lock import lock_path, write_lock
@@ -216,6 +216,15 @@ def test_saved_plan_applies_to_its_root_under_another_spelling(cli, emulator, tm
     code, out, err = cli("apply", str(tmp_path / "link"), "--plan", str(saved), "--yes")
     assert code == 0, out + err
     assert "Nothing to apply." in out
+
+
+def test_saved_plan_for_a_new_root_spelled_with_dot_dot_applies_there(cli, emulator, tmp_path):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "elsewhere" / ".." / "bids"  # no folder yet: only the spelling can tell
+    saved, _ = saved_plan(cli, root, tmp_path)
+    code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes")
+    assert code == 0, out + err
+    assert (tmp_path / "bids" / ".xnat2bids.lock").is_file()
 
 
 def test_saved_plan_made_with_another_config_is_refused(cli, emulator, tmp_path):

@@ -785,6 +785,7 @@ def test_a_name_that_is_not_unicode_text_is_refused_before_writing(root: Path) -
     assert lock_path(root).read_bytes() == before
 
 
+@pytest.mark.skipif(lockparse.toml_rs is None, reason="toml-rs is not installed (Python 3.10)")
 @pytest.mark.parametrize(
     "edit",
     [
