@@ -11,7 +11,9 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -267,6 +269,34 @@ def _heuristics_relative_to(config: Config, base: Path) -> Config:
         for name, table in config.project_tables.items()
     }
     return replace(config, conversion=conversion, project_tables=projects)
+
+
+# fnmatch's metacharacters: XNAT project IDs never contain them, globs such as SMITH_* do.
+_GLOB = re.compile(r"[*?\[]")
+
+
+def is_pattern(name: str) -> bool:
+    """True for a glob (`*`, `?`, `[…]`), which selects projects instead of naming one."""
+    return _GLOB.search(name) is not None
+
+
+def expand_projects(wanted: Sequence[str], known: Sequence[str], *, where: str) -> tuple[str, ...]:
+    """--project values as project IDs: an ID stands for itself, a glob for the `known` projects
+    it matches. XNAT is never asked for a pattern, nor a folder named after one, so a glob that
+    matches none of them (known `where`) is an error."""
+    chosen: dict[str, None] = {}
+    for value in wanted:
+        if not is_pattern(value):
+            chosen[value] = None
+            continue
+        matches = [p for p in known if fnmatchcase(p, value)]
+        if not matches:
+            raise ConfigError(
+                f"project pattern {value!r} matches no project {where}",
+                hint="a glob selects among the projects already known; name a new project by its XNAT ID",
+            )
+        chosen.update(dict.fromkeys(matches))
+    return tuple(chosen)
 
 
 def select(patterns: tuple[str, ...], *values: str) -> bool:

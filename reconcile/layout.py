@@ -7,23 +7,13 @@ folder: it selects among projects that are known.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from pathlib import Path
 
+from reconcile.config import expand_projects, is_pattern
 from reconcile.errors import ConfigError
 from reconcile.lock import read_lock
 from reconcile.naming import check_safe
-
-# fnmatch's metacharacters: XNAT project IDs never contain them, globs such as SMITH_* do.
-_GLOB = re.compile(r"[*?\[]")
-
-
-def is_pattern(name: str) -> bool:
-    """True for a glob (`*`, `?`, `[…]`), which selects projects instead of naming one."""
-    return _GLOB.search(name) is not None
-
 
 @dataclass(frozen=True)
 class Study:
@@ -95,18 +85,5 @@ def studies(root: Path, projects: tuple[str, ...], *, known: tuple[str, ...] = (
         return found
     existing = {s.project: s.root for s in discover(root)} if any(map(is_pattern, projects)) else {}
     candidates = sorted({p for p in (*projects, *known) if not is_pattern(p)} | set(existing))
-    chosen: dict[str, Path] = {}
-    for wanted in projects:
-        if not is_pattern(wanted):
-            chosen.setdefault(wanted, study_root(root, wanted))
-            continue
-        matches = [p for p in candidates if fnmatchcase(p, wanted)]
-        if not matches:
-            raise ConfigError(
-                f"project pattern {wanted!r} matches no project in the config or under {root}",
-                hint="a glob selects among the configured projects and the studies already exported; "
-                "name a new project by its ID (PI_STUDY)",
-            )
-        for project in matches:
-            chosen.setdefault(project, existing.get(project) or study_root(root, project))
-    return [Study(p, r) for p, r in chosen.items()]
+    chosen = expand_projects(projects, candidates, where=f"in the config or under {root}")
+    return [Study(p, existing.get(p) or study_root(root, p)) for p in chosen]

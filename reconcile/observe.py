@@ -13,15 +13,13 @@ import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from fnmatch import fnmatchcase
 from functools import cache
 from pathlib import Path
 
 from reconcile import __version__
-from reconcile.config import Config
+from reconcile.config import Config, expand_projects
 from reconcile.errors import ConfigError, RemoteError, XnatBidsError
 from reconcile.localscan import stat_outputs
-from reconcile.layout import is_pattern
 from reconcile.lock import Lock, gc_paused, load_or_new
 from reconcile.model import BidsAddress, Experiment
 from reconcile.naming import address_for
@@ -51,19 +49,7 @@ def choose_projects(selection: Selection, config: Config, lock: Lock) -> tuple[s
             )
         return tuple(projects)
     known = tuple(dict.fromkeys((*config.projects, *recorded)))
-    chosen: dict[str, None] = {}
-    for wanted in selection.projects:
-        if not is_pattern(wanted):
-            chosen[wanted] = None
-            continue
-        matches = [p for p in known if fnmatchcase(p, wanted)]
-        if not matches:
-            raise ConfigError(
-                f"project pattern {wanted!r} matches no project in the config or the lock",
-                hint="name the XNAT project ID, or list it in projects = [...] of the config",
-            )
-        chosen.update(dict.fromkeys(matches))
-    return tuple(chosen)
+    return expand_projects(selection.projects, known, where="in the config or the lock")
 
 
 def observe_remote(
