@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from reconcile.model import (
     Scan,
     SessionRecord,
     format_timestamp,
+    utc_now,
 )
 from reconcile.naming import check_safe
 from reconcile.plan import Change, Plan
@@ -134,7 +134,7 @@ class WorkArea:
 
     def kept(self, exp_id: str) -> Path:
         """Where a commit keeps the user's edits it would otherwise replace (one folder per commit)."""
-        return self.base / "replaced" / _safe_id(exp_id) / _now().replace(":", "")
+        return self.base / "replaced" / _safe_id(exp_id) / utc_now().replace(":", "")
 
     @property
     def history(self) -> Path:
@@ -158,10 +158,6 @@ class StagedSession:
     # do not hash; None: the commit hashes them itself.
     outputs: tuple[OutputRecord, ...] | None = None
     warnings: tuple[str, ...] = ()  # from the conversion, e.g. a selected scan that gave no file
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _previous(change: Change, lock: Lock) -> SessionRecord | None:
@@ -201,7 +197,7 @@ def stage_session(
     listed = client.list_scans(exp)
     scans = tuple(s for s in listed if settings.selects(s.id, s.series_description))
     with open(log_path, "a") as log:
-        log.write(f"{_now()} apply {change.action.value} {exp.project}/{exp.id} ({exp.label}): "
+        log.write(f"{utc_now()} apply {change.action.value} {exp.project}/{exp.id} ({exp.label}): "
                   f"{len(scans)} of {len(listed)} scans selected\n")
     if not scans:  # before downloading anything
         raise nothing_selected(change.address, [(s.id, s.series_description) for s in listed], settings)
@@ -344,7 +340,7 @@ def commit_session(
         insert_date=format_timestamp(exp.insert_date),
         last_modified=format_timestamp(exp.last_modified),
         xsi_type=exp.xsi_type,
-        exported_at=_now(),
+        exported_at=utc_now(),
         config_fingerprint=staged.settings.fingerprint(),
         config_digests=staged.settings.digests(),
         tools=dict(staged.tools),
@@ -625,7 +621,7 @@ def _settle(
 def _log(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
-        fh.write(f"{_now()} {text}\n")
+        fh.write(f"{utc_now()} {text}\n")
 
 
 def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: str = "apply") -> dict:
@@ -636,7 +632,7 @@ def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: st
     from reconcile import __version__
 
     entry = {
-        "time": _now(),
+        "time": utc_now(),
         "operation": operation,
         "user": getpass.getuser(),
         "host": socket.gethostname(),

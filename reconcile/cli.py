@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +26,7 @@ from reconcile import __version__
 from reconcile.config import Config, load_config
 from reconcile.errors import ConfigError, XnatBidsError
 from reconcile.lock import Lock
+from reconcile.model import utc_now
 from reconcile.plan import Selection
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
@@ -63,10 +63,6 @@ _debug = False
 
 def echo(text: str = "", *, err: bool = False) -> None:
     typer.echo(text, err=err)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default: ./xnat2bids.toml if present).")
@@ -122,7 +118,7 @@ def run_plan(
 
     run = make_plan(client, root, config, selection, deep=deep, reconvert_outdated=reconvert_outdated)
     plan = run.plan
-    created = _now()
+    created = utc_now()
     # Only when asked for: the JSON of 10,000 changes costs ~0.35 s and 50 MB.
     doc = render_json(plan, bids_root=str(root), config_fingerprint=config.fingerprint(), xnat_url=client.url,
                       created_at=created) if out is not None or as_json else ""
@@ -587,7 +583,7 @@ def run_slurm_apply(
             echo(f"\n# The jobs log in to {batch.xnat_url} with {how}.")
             return EXIT_OK
         plan_json = render_json(plan, bids_root=str(root), config_fingerprint=cfg.fingerprint(), xnat_url=client.url,
-                                created_at=_now())
+                                created_at=utc_now())
         sx.write_batch(batch, plan_json, settings, (array, finalize_job))
         if token_file is not None:
             written = sx.write_job_credentials(client, token_file)

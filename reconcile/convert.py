@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from reconcile import preload
 from reconcile.config import ConversionSettings
 from reconcile.errors import ConversionError
 from reconcile.failpoints import hit
-from reconcile.model import BidsAddress
+from reconcile.model import BidsAddress, utc_now
 
 __all__ = ["ConversionResult", "convert_session", "converter_env", "bidsmap_target", "nothing_selected"]
 
@@ -134,13 +133,9 @@ def convert_session(
     selected = [s for s in scans if not needs_description or settings.selects(s.scan_id, s.description or "")]
     if scans and not selected:
         raise nothing_selected(address, [(s.scan_id, s.description) for s in scans], settings)
-    if not selected:
-        hint = "the export left no DICOM behind"
-        if settings.include or settings.skip:
-            # apply exports only the scans include/skip select, so none selected looks like this here.
-            hint += ("; if [conversion] include/skip select none of the session's scans, nothing is "
-                     "exported: check them for this session")
-        raise ConversionError(f"{address}: no scans to convert in {dicom_dir}", hint=hint)
+    if not selected:  # apply stops a session whose selection is empty before exporting it
+        raise ConversionError(f"{address}: no scans to convert in {dicom_dir}",
+                              hint="the export left no DICOM behind: the selected scans have no files on XNAT")
     renames = _resolve_bidsmap(selected, settings.bidsmap, address)
     heuristic = _write_wrapper(work_dir, _resolve_heuristic(settings.heuristic, address), renames, settings.bidsmap)
 
@@ -172,7 +167,7 @@ def convert_session(
     warnings = _unconverted(selected, table)
     if warnings:
         with open(log_path, "a", encoding="utf-8") as log:
-            log.writelines(f"{_now()} warning: {w}\n" for w in warnings)
+            log.writelines(f"{utc_now()} warning: {w}\n" for w in warnings)
     return ConversionResult(
         staging_root=staging_root,
         session_dir=session_dir,
@@ -200,10 +195,6 @@ def nothing_selected(address: BidsAddress, scans: Sequence[tuple[str, str | None
              "[project.<project>.sessions.<session label>] table (its keys replace those above it); "
              "until then, leave the session out by selecting the others with --subject/--session",
     )
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _quoted(description: str | None) -> str:
@@ -261,7 +252,7 @@ def _check_no_dups(outputs: Sequence[str], table: _Table | None, scans: Sequence
     groups: dict[str, list[str]] = {}  # BIDS name (without __dup-NN) → IDs of the scans given it
     earlier: list[str] = []  # the scans heudiconv renamed __dup-NN (it keeps the last the plain name)
     for series, templates in table.names.items() if table is not None else ():
-        scan_ids = table.scans.get(series, ()) if table is not None else ()
+        scan_ids = table.scans.get(series, ())
         for template in templates:
             base = template.split(DUP_MARK, 1)[0]
             name = base.rsplit("/", 1)[-1].replace("{bids_subject_session_prefix}", prefix)
@@ -476,7 +467,7 @@ def _run(args: list[str], work_dir: Path, log_path: Path, cancel: threading.Even
     deadline = time.monotonic() + timeout
     # Appended: apply's lines for this attempt (the export) come before it, earlier attempts above.
     with open(log_path, "ab") as log:
-        log.write(f"{_now()} convert {address} with heudiconv\n".encode())
+        log.write(f"{utc_now()} convert {address} with heudiconv\n".encode())
         log.write(("$ " + subprocess.list2cmdline(command) + "\n").encode())
     try:
         # A fork of a process that has heudiconv imported already: saves ~1 s per session.

@@ -9,7 +9,7 @@ import hashlib
 import re
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import NamedTuple
 
 # XNAT's Timestamp.toString(): "2023-09-27 17:31:21.352" (1-9 fraction digits, trailing zeros cut).
@@ -35,6 +35,11 @@ def parse_timestamp(text: str | None) -> datetime | None:
     day, clock, frac = m.groups()
     micros = int((frac or "0")[:6].ljust(6, "0"))
     return datetime.fromisoformat(f"{day} {clock}").replace(microsecond=micros)
+
+
+def utc_now() -> str:
+    """Now, as the lock, the history and the logs write times: 2026-11-25T17:09:36Z."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def format_timestamp(value: datetime | None) -> str:

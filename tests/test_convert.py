@@ -206,14 +206,11 @@ def test_nothing_selected_describes_the_sessions_scans_for_a_check_before_export
     assert nothing_selected(A, [], ConversionSettings()).summary == "sub-01/ses-a: the session has no scans to convert"
 
 
-def test_empty_export_with_include_or_skip_set_points_at_the_selection(tmp_path: Path) -> None:
+def test_an_empty_export_is_an_error_naming_the_folder(tmp_path: Path) -> None:
     (tmp_path / "dicom").mkdir()
     with pytest.raises(ConversionError, match="no scans to convert") as info:
-        _convert(tmp_path / "dicom", tmp_path, B, ConversionSettings(skip=("anat-*",)))
-    assert "include/skip" in (info.value.hint or "")
-    with pytest.raises(ConversionError, match="no scans to convert") as info:
         _convert(tmp_path / "dicom", tmp_path, B)
-    assert info.value.hint == "the export left no DICOM behind"
+    assert info.value.hint == "the export left no DICOM behind: the selected scans have no files on XNAT"
 
 
 def test_missing_custom_heuristic_file_is_an_error(tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -48,7 +47,7 @@ from reconcile.config import Config, ConversionSettings, SlurmSettings, load_con
 from reconcile.durable import write_atomic
 from reconcile.errors import LockHeldError, RemoteError, SlurmError, XnatBidsError
 from reconcile.localscan import sha256_file
-from reconcile.model import RemoteFile, Scan
+from reconcile.model import RemoteFile, Scan, utc_now
 from reconcile.plan import Change, Plan
 
 BATCH_FORMAT_VERSION = 1
@@ -70,10 +69,6 @@ _ACTIVE = {
     "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
     "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "SPECIAL_EXIT",
 }
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -355,7 +350,7 @@ def new_batch(
     return Batch(
         root=root,
         id=batch_id,
-        created_at=_now(),
+        created_at=utc_now(),
         user=getpass.getuser(),
         host=socket.gethostname(),
         xnat_url=xnat_url,
@@ -626,7 +621,7 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
         "address": entry.address,
         "job": f"{os.environ.get('SLURM_ARRAY_JOB_ID', '?')}_{os.environ.get('SLURM_ARRAY_TASK_ID', index)}",
         "host": socket.gethostname(),
-        "started_at": _now(),
+        "started_at": utc_now(),
         "log": os.path.relpath(log_path, root),
     }
     t0 = time.monotonic()
@@ -663,7 +658,7 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
         if own_client and client is not None:
             client.close()
     record["seconds"] = round(time.monotonic() - t0, 3)
-    record["finished_at"] = _now()
+    record["finished_at"] = utc_now()
     _write_json(batch.result_path(index), record)
     return record
 
@@ -671,7 +666,7 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
 def _log(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
-        fh.write(f"{_now()} {text}\n")
+        fh.write(f"{utc_now()} {text}\n")
 
 
 # -- finalize: the single writer ----------------------------------------------------------------
@@ -810,7 +805,7 @@ def finalize_batch(
     _write_json(batch.finalized_path, {
         "format_version": BATCH_FORMAT_VERSION,
         "batch": batch.id,
-        "finished_at": _now(),
+        "finished_at": utc_now(),
         "by_job": own_job,
         "ok": result.ok,
         "summary": {s.value: report.count(s) for s in Status},
@@ -846,7 +841,7 @@ def revoke_job_token(batch: Batch, *, warn: Callable[[str], None] = lambda m: No
         warn(f"could not read the alias token of SLURM batch {batch.id} ({type(exc).__name__}) to invalidate it "
              "on XNAT; it stays valid until XNAT expires it")
         return False
-    pending = PendingRevocation(batch.root, batch.id, alias, batch.xnat_url, _now())
+    pending = PendingRevocation(batch.root, batch.id, alias, batch.xnat_url, utc_now())
     try:
         _write_revocation(pending)
     except OSError as exc:
