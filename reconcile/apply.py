@@ -236,7 +236,7 @@ def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Pat
             dest = new_dir / path.relative_to(old_dir)
             if name in empty and dest.is_dir() and not dest.is_symlink():
                 continue  # the conversion made that folder: nothing of the user's is replaced
-            if dest.exists() or dest.is_symlink():
+            if dest.exists() or dest.is_symlink() or _file_on_the_way(dest, new_dir):
                 dest = kept / rel
                 moved_aside.append(rel)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -250,9 +250,14 @@ def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Pat
     return moved_aside
 
 
-def _keep_edited(root: Path, previous: SessionRecord, kept: Path) -> list[str]:
-    """Copy each output of `previous` that was changed on disk since it was recorded (a filled-in
-    events.tsv, say) under `kept`, before the commit replaces or removes it. Returns their paths."""
+def _file_on_the_way(dest: Path, top: Path) -> bool:
+    """Whether a folder between `top` and `dest` is a file (or a link) in the new tree."""
+    return any(p.is_symlink() or (p.exists() and not p.is_dir()) for p in dest.parents if p != top and top in p.parents)
+
+
+def _edited(root: Path, previous: SessionRecord) -> list[str]:
+    """The outputs of `previous` changed on disk since they were recorded (a filled-in
+    events.tsv, say): checked again at commit, as they may have changed since planning."""
     edited = []
     for out in previous.outputs:
         try:
@@ -260,12 +265,17 @@ def _keep_edited(root: Path, previous: SessionRecord, kept: Path) -> list[str]:
         except FileNotFoundError:
             continue
         if (st.st_size, st.st_mtime_ns) != (out.size, out.mtime_ns):
-            dest = kept / out.path
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / out.path, dest, follow_symlinks=False)
-            fsync_file(dest)
             edited.append(out.path)
     return edited
+
+
+def _keep(root: Path, paths: list[str], kept: Path) -> None:
+    """Copy these files, relative to `root`, under `kept` before the commit replaces them."""
+    for rel in paths:
+        dest = kept / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, dest, follow_symlinks=False)
+        fsync_file(dest)
 
 
 def _remove_recorded(root: Path, record: SessionRecord, keep: set[str]) -> None:
@@ -314,7 +324,8 @@ def _staged_outputs(staging_root: Path, session_dir: Path) -> tuple[OutputRecord
 
 
 def commit_session(
-    staged: StagedSession, root: Path, lock: Lock, *, keep_dicom: bool = False, save: bool = True
+    staged: StagedSession, root: Path, lock: Lock, *, keep_dicom: bool = False, save: bool = True,
+    repair_drift: bool = False,
 ) -> Lock:
     """Move a staged session into place and record it in the lock; returns the lock as written.
 
@@ -357,8 +368,16 @@ def commit_session(
     # Before anything moves: a dataset file the commit cannot update fails this session alone.
     moved = previous is not None and previous.address != address
     check_dataset_files(root, address.subject, previous_subject=previous.bids_subject if moved else None)
+    target.parent.mkdir(parents=True, exist_ok=True)  # a file in its way fails here, before the journal
+    edited = _edited(root, previous) if previous is not None else []
+    if edited and not repair_drift:
+        raise XnatBidsError(
+            f"{address.path}: outputs changed on disk since they were recorded: {', '.join(edited)}",
+            hint="apply with --repair-drift to replace them (a copy of each is kept), or plan again",
+        )
     kept = area.kept(exp.id)
-    aside = _keep_edited(root, previous, kept) if previous is not None else []
+    _keep(root, edited, kept)
+    aside = list(edited)
     if previous is not None and previous.address == address:
         # After fingerprinting: the user's files are carried over but never recorded as outputs.
         aside += _copy_user_files(target, staged.session_dir, {o.path for o in previous.outputs}, root, kept)
@@ -599,7 +618,8 @@ def _settle(
     log_path = WorkArea(root).log(change.key.experiment_id)
     try:
         staged = fut.result()
-        report.lock = commit_session(staged, root, report.lock, keep_dicom=options.keep_dicom)
+        report.lock = commit_session(staged, root, report.lock, keep_dicom=options.keep_dicom,
+                                     repair_drift=options.repair_drift)
     except _NotStarted:
         return Outcome(change, Status.SKIPPED, "not started")
     except AuthError as exc:

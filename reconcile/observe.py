@@ -176,14 +176,15 @@ def occupied_folders(root: Path, plan: Plan, lock: Lock) -> set[BidsAddress]:
     subject's folder exists (an empty root: no more system calls)."""
     try:
         with os.scandir(root) as entries:
-            subjects = {e.name for e in entries}
+            subjects = {e.name: e.is_dir() for e in entries}
     except OSError:  # no root yet (or unreadable: apply will say so)
         return set()
     recorded = {r.address for r in lock.sessions.values()}
     return {
         c.address for c in plan.changes
         if moves_in(c) and f"sub-{c.address.subject}" in subjects and c.address not in recorded
-        and os.path.lexists(os.path.join(root, c.address.path))
+        and (not subjects[f"sub-{c.address.subject}"]  # a file (or a broken link) where its folder goes
+             or os.path.lexists(os.path.join(root, c.address.path)))
     }
 
 

@@ -435,6 +435,20 @@ def compute_plan(
                 )
             )
             continue
+        if holder is not None and holder.experiment_id != exp_id and rec is not None:
+            # A recorded session renamed onto the folder of one gone from XNAT (an orphan): that
+            # folder is still the orphan's until `forget` drops it.
+            out.problems.append(
+                Problem(
+                    f"session {exp_id} ({exp.project}/{exp.label}) was renamed to {address.path}, which the lock "
+                    f"records for {holder.experiment_id}, no longer in XNAT",
+                    exp.project,
+                    exp_id,
+                    hint=f"move {address.path} out of the BIDS root and run `xnat2bids forget {holder.experiment_id}`, "
+                         "then plan again",
+                )
+            )
+            continue
         if rec is None:
             replaced = vanished_by_address.get(address)
             if replaced is not None:

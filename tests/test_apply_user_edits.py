@@ -60,6 +60,9 @@ def test_a_user_file_where_the_conversion_now_writes_is_kept_aside(cli, emulator
     mine = root / "sub-01/ses-01MR1/func/sub-01_ses-01MR1_task-rest_events.tsv"
     mine.parent.mkdir()
     mine.write_bytes(FILLED)
+    deep = root / "sub-01/ses-01MR1/func/sub-01_ses-01MR1_task-rest_bold.json/x.txt"  # a folder where a file goes
+    deep.parent.mkdir()
+    deep.write_text("deep")
 
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")  # default config: func converted now
     assert code == 0 and "config changed" in out, out + err
@@ -67,6 +70,8 @@ def test_a_user_file_where_the_conversion_now_writes_is_kept_aside(cli, emulator
     assert rel in {o.path for o in read_lock(root).sessions[exp.id].outputs}
     assert mine.read_bytes() != FILLED
     assert _kept(root, exp.id, rel) == FILLED
+    assert _kept(root, exp.id, deep.relative_to(root).as_posix()) == b"deep"
+    assert (root / "sub-01/ses-01MR1/func/sub-01_ses-01MR1_task-rest_bold.json").is_file()
 
 
 def test_a_dataset_file_apply_cannot_update_fails_the_session_before_anything_moves(cli, emulator, tmp_path):
@@ -82,3 +87,25 @@ def test_a_dataset_file_apply_cannot_update_fails_the_session_before_anything_mo
     (root / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.9.0"}')
     assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
     assert (root / "sub-01/ses-01MR1").is_dir() and read_lock(root).serial == 1
+
+
+def test_outputs_edited_after_planning_are_replaced_only_with_repair_drift(cli, emulator, tmp_path):
+    exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    redate(emulator, exp, "2024-02-01")
+    saved = tmp_path / "plan.json"
+    assert cli("plan", str(root), "-p", "PROJ", "--out", str(saved))[0] == 0
+    [events] = (root / "sub-01/ses-01MR1/func").glob("*_events.tsv")
+    events.write_bytes(FILLED)  # after planning: the saved plan cannot know
+
+    code, out, _ = cli("apply", str(root), "--plan", str(saved), "--yes")
+    assert code == 1
+    assert f"outputs changed on disk since they were recorded: {events.relative_to(root).as_posix()}" in out
+    assert "hint: apply with --repair-drift" in out
+    assert events.read_bytes() == FILLED and read_lock(root).serial == 1
+
+    code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes", "--repair-drift")
+    assert code == 0, out + err
+    assert read_lock(root).sessions[exp.id].date == "2024-02-01"
+    assert _kept(root, exp.id, events.relative_to(root).as_posix()) == FILLED

@@ -304,6 +304,18 @@ def test_two_sessions_at_one_bids_address_is_an_error_naming_both():  # row 17
     assert [c.key.experiment_id for c in plan.changes] == ["XNAT_E00003"]
 
 
+def test_a_session_renamed_onto_an_orphans_folder_is_a_problem_not_an_update():
+    kept, gone = exp(1, label="SUBJ01_MR1"), exp(2, subject="SUBJ01", label="SUBJ01_MR2")
+    lock = lock_of(record(kept, bids_session="SUBJ01MR1"), record(gone, bids_session="SUBJ01MR2"))
+    renamed = replace(kept, label="SUBJ01_MR2", last_modified=T0 + timedelta(minutes=1))
+    plan = plan_of(lock, [renamed])
+    assert [c.action for c in plan.changes] == [Action.ORPHAN]  # the gone session, still reported
+    assert [p.message for p in plan.problems] == [
+        "session XNAT_E00001 (PROJ/SUBJ01_MR2) was renamed to sub-SUBJ01/ses-SUBJ01MR2, which the lock records "
+        "for XNAT_E00002, no longer in XNAT"
+    ]
+
+
 @pytest.mark.parametrize("owner_listing", ["not selected", "failed"])
 def test_a_session_at_the_address_of_one_in_an_unlisted_project_is_a_collision(owner_listing):  # row 17
     owner = exp(1)

@@ -42,3 +42,13 @@ def test_another_tools_export_is_left_alone_until_moved_away(cli, emulator, tmp_
     (root / "sub-SUBJ01").rename(tmp_path / "old-export")
     code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
     assert code == 2 and "+ create  sub-SUBJ01/ses-SUBJ01MR1" in out
+
+
+def test_a_file_where_a_subject_folder_goes_is_a_problem_before_anything_is_downloaded(cli, emulator, tmp_path):
+    [session] = add_sessions(emulator.archive, 1)
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "sub-SUBJ01").write_text("not a folder")
+    code, out, _ = cli("plan", str(root), "-p", "PROJ")
+    assert code == 1
+    assert f"sub-SUBJ01/ses-SUBJ01MR1 exists but the lock records no session there; session {session.id}" in out

@@ -732,7 +732,8 @@ def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyR
             return Outcome(change, Status.FAILED, f"staged file {out['path']} changed after its task ended",
                            log_path, seconds)
     try:
-        report.lock = commit_session(staged, root, report.lock, keep_dicom=batch.options.keep_dicom, save=False)
+        report.lock = commit_session(staged, root, report.lock, keep_dicom=batch.options.keep_dicom, save=False,
+                                     repair_drift=batch.options.repair_drift)
         pending.append(entry.experiment_id)
     except XnatBidsError as exc:
         _log(log_path, f"commit failed: {exc}")
