@@ -378,9 +378,11 @@ def commit_session(
     kept = area.kept(exp.id)
     _keep(root, edited, kept)
     aside = list(edited)
-    if previous is not None and previous.address == address:
+    if previous is not None:
         # After fingerprinting: the user's files are carried over but never recorded as outputs.
-        aside += _copy_user_files(target, staged.session_dir, {o.path for o in previous.outputs}, root, kept)
+        # After a rename they are copies: the originals stay in the old folder, which is theirs.
+        old_dir = _target(root, previous.address)
+        aside += _copy_user_files(old_dir, staged.session_dir, {o.path for o in previous.outputs}, root, kept)
     if aside:
         fsync_tree(kept)
         _log(staged.log_path, f"kept what the new conversion replaces, in {kept.relative_to(root)}: {', '.join(aside)}")

@@ -182,6 +182,7 @@ def test_renamed_session_moves_to_the_new_address_and_old_outputs_go(cli, emulat
     assert sorted(p.relative_to(root).as_posix() for p in (root / "sub-01/ses-01MR1").rglob("*")) == [
         "sub-01/ses-01MR1/mine.txt"
     ]  # only the user's file is left at the old address
+    assert (root / "sub-01/ses-01MR2/mine.txt").read_text() == "user file"  # and a copy goes with the session
     assert "ses-01MR1" not in (root / "sub-01/sub-01_sessions.tsv").read_text()
 
 
