@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import stat
 import struct
 import zipfile
@@ -17,6 +18,8 @@ from hypothesis import strategies as st
 
 from reconcile import zipread
 from reconcile.zipread import Unstreamable, ZipFormatError, ZipStream
+
+_RANDOM = random.Random(0)  # incompressible bytes, the same on every run
 
 
 class Unseekable(io.RawIOBase):
@@ -71,7 +74,7 @@ def read_all(data: bytes, step: int = 1 << 20, buffer: int = 4096, hints: dict[s
     return got, z.central_directory()
 
 
-FILES = {"S/scans/1-T1w/resources/DICOM/files/1.dcm": os.urandom(5000),
+FILES = {"S/scans/1-T1w/resources/DICOM/files/1.dcm": _RANDOM.randbytes(5000),
          "S/scans/1-T1w/resources/DICOM/files/sub/2.dcm": b"abc" * 3000,
          "S/scans/1-T1w/resources/DICOM/files/empty.dcm": b"",
          "S/scans/1-T1w/resources/DICOM/files/ünï.dcm": b"x"}
@@ -100,7 +103,7 @@ def test_the_emulators_zips_read_back(archive) -> None:  # noqa: ANN001
     from reconcile.emulator.zipstream import zip_pieces
 
     exp = archive.add_session("PROJ", "S1", "S1_MR1")
-    archive.add_scan(exp.id, "1", type="T1w", files={"1.dcm": b"one", "2.dcm": os.urandom(70000)})
+    archive.add_scan(exp.id, "1", type="T1w", files={"1.dcm": b"one", "2.dcm": _RANDOM.randbytes(70000)})
     files = archive.get_scan(exp.id, "1").resources["DICOM"].files
     pieces = zip_pieces([(f"x/{n}", e) for n, e in files.items()], (2024, 1, 1, 0, 0, 0))
     blob = b"".join(p if isinstance(p, bytes) else os.pread(p[0], p[2], p[1]) for p in pieces)
@@ -125,7 +128,7 @@ def test_a_zip_cut_anywhere_is_a_format_error() -> None:
 
 @pytest.mark.parametrize("check_crc", [True, False])
 def test_a_flipped_byte_fails_the_crc_unless_the_caller_checks_its_own(check_crc: bool) -> None:
-    payload = os.urandom(3000)
+    payload = _RANDOM.randbytes(3000)
     data = bytearray(make_zip({"a": payload}))
     data[data.index(payload[:64]) + 10] ^= 0xFF
     z = ZipStream(reader(bytes(data), 4096), memoryview(bytearray(8192)))
@@ -138,7 +141,7 @@ def test_a_flipped_byte_fails_the_crc_unless_the_caller_checks_its_own(check_crc
 
 def test_a_damaged_deflate_stream_is_never_accepted() -> None:
     for at in range(60, 400, 37):
-        data = bytearray(make_zip({"a": os.urandom(2000) * 4}, method=zipfile.ZIP_DEFLATED))
+        data = bytearray(make_zip({"a": _RANDOM.randbytes(2000) * 4}, method=zipfile.ZIP_DEFLATED))
         data[at:at + 4] = b"\xff\x00\xff\x00"
         z = ZipStream(reader(bytes(data), 4096), memoryview(bytearray(8192)))
         try:
@@ -230,7 +233,7 @@ def deflate(data: bytes) -> bytes:
 @pytest.mark.parametrize(("data", "wide"), [
     (bytes(4095), False),
     (bytes(4096), True),  # the uncompressed size reaches the threshold
-    (os.urandom(4091), True),  # only the compressed size does (a stored block: 5 bytes more)
+    (_RANDOM.randbytes(4091), True),  # only the compressed size does (a stored block: 5 bytes more)
 ], ids=["below", "size-at-threshold", "compressed-size-at-threshold"])
 def test_javas_descriptor_widens_once_a_size_reaches_4_gib(monkeypatch, data: bytes, wide: bool) -> None:  # noqa: ANN001
     monkeypatch.setattr(zipread, "_WIDE_DESCRIPTOR", 4096)  # in place of 0xFFFFFFFF: the same decision
