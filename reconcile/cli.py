@@ -801,10 +801,16 @@ def history(
 
     Example: xnat2bids history ~/bids-export
     """
+    cfg = load_config(config)
+    root = cfg.resolve_bids_root(bids_root)
+    raise typer.Exit(for_each_dataset(cfg, root, lambda where: _print_history(where, as_json=as_json),
+                                      none=lambda: _print_history(root, as_json=as_json)))
+
+
+def _print_history(root: Path, *, as_json: bool) -> int:
     from reconcile.apply import read_history
 
-    cfg = load_config(config)
-    entries = read_history(cfg.resolve_bids_root(bids_root), warn=lambda m: echo(f"warning: {m}", err=True))
+    entries = read_history(root, warn=lambda m: echo(f"warning: {m}", err=True))
     if not entries:
         echo("No history yet.")
     for e in entries:
@@ -819,6 +825,7 @@ def history(
             dates = row["date"]
             moved = f" date {dates['before']} → {dates['after']}" if dates["before"] != dates["after"] and dates["before"] else ""
             echo(f"    {row['result']:<7} {row['action']:<6} {row['address']} ({row['project']}/{row['experiment_id']}){moved}")
+    return EXIT_OK
 
 
 @app.command("force-unlock")
@@ -852,13 +859,28 @@ def forget(
     from reconcile.lock import read_lock, write_lock
 
     cfg = load_config(config)
-    root = cfg.resolve_bids_root(bids_root)
+    root = _dataset_of(cfg, cfg.resolve_bids_root(bids_root), experiment_id)
     with statelock.held(root, "forget"):
         lock = read_lock(root)
         if lock is None or experiment_id not in lock.sessions:
             raise ConfigError(f"{experiment_id} is not in the lock of {root}")
         written = write_lock(root, lock.without_session(experiment_id), expected_serial=lock.serial)
     echo(f"Forgot {experiment_id}; its files were left on disk. Lock serial {written.serial}.")
+
+
+def _dataset_of(cfg: Config, root: Path, experiment_id: str) -> Path:
+    """The BIDS dataset whose lock records `experiment_id`: `root` itself in the flat layout, the
+    study under it that does in the pi-study one."""
+    if cfg.layout != "pi-study":
+        return root
+    from reconcile.layout import discover
+    from reconcile.lock import read_lock
+
+    for where in dict.fromkeys(s.root for s in discover(root)):
+        lock = read_lock(where)
+        if lock is not None and experiment_id in lock.sessions:
+            return where
+    raise ConfigError(f"{experiment_id} is in no lock of the <pi>/study-<study>/bids datasets under {root}")
 
 
 @app.command()

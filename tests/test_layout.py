@@ -135,3 +135,21 @@ def test_diff_and_update_walk_every_study(cli, emulator, tmp_path):
         assert [r.project for r in lock.sessions.values()] == [project]
     code, out, _ = cli("--diff", str(root), "--config", str(cfg))
     assert code == 0 and out.count("No changes. 1 session up to date.") == 2
+
+
+def test_forget_finds_the_study_whose_lock_records_the_session_and_history_walks_them(cli, emulator, tmp_path):
+    root = tmp_path / "export"
+    cfg = write_config(tmp_path, PI_STUDY)
+    _export_study(emulator.archive, root, "smith/study-memory/bids", "SMITH_MEMORY")
+    _export_study(emulator.archive, root, "jones/study-vision/bids", "JONES_VISION")
+    [jones] = [e for e in emulator.archive.sessions("JONES_VISION")]
+    code, out, err = cli("forget", jones.id, str(root), "--config", str(cfg))
+    assert code == 0, out + err
+    assert read_lock(root / "jones/study-vision/bids").sessions == {}
+    assert len(read_lock(root / "smith/study-memory/bids").sessions) == 1
+    code, _, err = cli("forget", "XNAT_E99999", str(root), "--config", str(cfg))
+    assert code == 1 and "XNAT_E99999 is in no lock of the <pi>/study-<study>/bids datasets under" in err
+
+    code, out, _ = cli("history", str(root), "--config", str(cfg))
+    assert code == 0
+    assert f"=== JONES_VISION: {root}/jones/study-vision/bids" in out and out.count("No history yet.") == 2
