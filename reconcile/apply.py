@@ -33,7 +33,7 @@ from reconcile.durable import fsync_dir, fsync_file, fsync_tree, write_atomic
 from reconcile.errors import AuthError, StalePlanError, UnsafePathError, XnatBidsError
 from reconcile.export import export_session
 from reconcile.failpoints import hit
-from reconcile.localscan import sha256_file
+from reconcile.localscan import sha256_file, stat_records
 from reconcile.lock import (
     Lock,
     dumps_lock,
@@ -53,6 +53,7 @@ from reconcile.model import (
 )
 from reconcile.naming import check_safe
 from reconcile.plan import Change, Plan
+from reconcile.plan import edited as plan_edited
 
 WORK_DIR = ".xnat2bids"
 
@@ -255,20 +256,6 @@ def _file_on_the_way(dest: Path, top: Path) -> bool:
     return any(p.is_symlink() or (p.exists() and not p.is_dir()) for p in dest.parents if p != top and top in p.parents)
 
 
-def _edited(root: Path, previous: SessionRecord) -> list[str]:
-    """The outputs of `previous` changed on disk since they were recorded (a filled-in
-    events.tsv, say): checked again at commit, as they may have changed since planning."""
-    edited = []
-    for out in previous.outputs:
-        try:
-            st = os.stat(root / out.path, follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        if (st.st_size, st.st_mtime_ns) != (out.size, out.mtime_ns):
-            edited.append(out.path)
-    return edited
-
-
 def _keep(root: Path, paths: list[str], kept: Path) -> None:
     """Copy these files, relative to `root`, under `kept` before the commit replaces them."""
     for rel in paths:
@@ -369,7 +356,8 @@ def commit_session(
     moved = previous is not None and previous.address != address
     check_dataset_files(root, address.subject, previous_subject=previous.bids_subject if moved else None)
     target.parent.mkdir(parents=True, exist_ok=True)  # a file in its way fails here, before the journal
-    edited = _edited(root, previous) if previous is not None else []
+    # As the planner judges it, and again now: outputs may have changed since planning.
+    edited = [r.field for r in plan_edited(previous, stat_records(root, [previous]))] if previous is not None else []
     if edited and not repair_drift:
         raise XnatBidsError(
             f"{address.path}: outputs changed on disk since they were recorded: {', '.join(edited)}",

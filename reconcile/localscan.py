@@ -13,7 +13,7 @@ from pathlib import Path
 from stat import S_ISREG
 
 from reconcile.lock import Lock
-from reconcile.model import FileStat
+from reconcile.model import FileStat, SessionRecord
 from reconcile.plan import LocalState
 
 HASH_CHUNK = 1 << 20
@@ -21,13 +21,18 @@ HASH_CHUNK = 1 << 20
 
 def stat_outputs(root: Path, lock: Lock) -> LocalState:
     """Stat every recorded output; paths that do not exist (or are not files) are left out."""
+    return stat_records(root, lock.sessions.values())
+
+
+def stat_records(root: Path, records: Iterable[SessionRecord]) -> LocalState:
+    """`stat_outputs` for the outputs of these records only."""
     files: dict[str, FileStat] = {}
     base = os.fspath(root)
     # Relative to a descriptor of the root where the OS allows, the kernel walks a shorter path:
     # a quarter less CPU for 40,000 outputs than with each path joined to the root's.
     root_fd = _open_dir(base) if os.stat in os.supports_dir_fd else None
     try:
-        for rec in lock.sessions.values():
+        for rec in records:
             for out in rec.outputs:
                 try:
                     if root_fd is None:

@@ -277,8 +277,9 @@ def _compare(
     return reasons
 
 
-def _edited(rec: SessionRecord, local: LocalState) -> list[Reason]:
-    """The outputs of `rec` changed on disk: what an update of it would replace."""
+def edited(rec: SessionRecord, local: LocalState) -> list[Reason]:
+    """The outputs of `rec` changed on disk: what an update of it would replace (its reasons'
+    `field` is the output's path)."""
     return [r for r in _drift(rec, local) if r.code == "changed"]
 
 
@@ -455,17 +456,17 @@ def compute_plan(
                 used_as_replaced.add(replaced.experiment_id)
                 reason = Reason("replaced", f"replaced in XNAT: {replaced.experiment_id} → {exp_id}",
                                 "experiment_id", replaced.experiment_id, exp_id)
-                edited = _edited(replaced, local)
-                out.changes.append(Change(Action.UPDATE, exp.key, address, (reason, *edited), replaced, exp, scans,
-                                          tuple(r.field for r in edited)))
+                changed = edited(replaced, local)
+                out.changes.append(Change(Action.UPDATE, exp.key, address, (reason, *changed), replaced, exp, scans,
+                                          tuple(r.field for r in changed)))
             else:
                 out.changes.append(Change(Action.CREATE, exp.key, address, _NEW, None, exp, scans))
             continue
         reasons = _compare(rec, exp, address, conversion(exp.project, exp.label), scans, tools, reconvert_outdated)
         if reasons:
-            edited = _edited(rec, local)
-            out.changes.append(Change(Action.UPDATE, exp.key, address, (*reasons, *edited), rec, exp, scans,
-                                      tuple(r.field for r in edited)))
+            changed = edited(rec, local)
+            out.changes.append(Change(Action.UPDATE, exp.key, address, (*reasons, *changed), rec, exp, scans,
+                                      tuple(r.field for r in changed)))
             continue
         drift = _drift(rec, local)
         if drift:
@@ -539,5 +540,6 @@ def refuse_occupied(plan: Plan, occupied: Collection[BidsAddress]) -> Plan:
         )
         for c in refused
     ]
-    return replace(plan, changes=tuple(c for c in plan.changes if c not in refused),
+    gone = {id(c) for c in refused}
+    return replace(plan, changes=tuple(c for c in plan.changes if id(c) not in gone),
                    problems=plan.problems + tuple(problems))
