@@ -158,14 +158,29 @@ def for_each_study(cfg: Config, root: Path, selection: Selection, run) -> int:
     return _worst(codes)
 
 
-def for_each_dataset(cfg: Config, root: Path, run, *, none) -> int:
-    """Run `run(root)` once (flat layout) or per `<pi>/study-<study>/bids` dataset found under
-    `root`, and `none()` when there is none: the read-only commands' `for_each_study`.
+def one_dataset(cfg: Config, root: Path) -> bool:
+    """True when `root` is a single dataset: the flat layout, or in pi-study one study's `bids`
+    folder given directly (it holds a lock or xnat2bids' state, as a SLURM finalize job's does)."""
+    from reconcile.lock import lock_path
 
-    Nothing is written, so an error in one dataset is reported and the next one still looked at;
-    the combined exit code is the worst one, as for plan.
+    return cfg.layout != "pi-study" or lock_path(root).is_file() or (root / ".xnat2bids").is_dir()
+
+
+def need_one_dataset(cfg: Config, root: Path, what: str) -> None:
+    if not one_dataset(cfg, root):
+        raise ConfigError(f"{what} one dataset; with layout = \"pi-study\" pass a study's bids folder "
+                          f"({root}/<pi>/study-<study>/bids)")
+
+
+def for_each_dataset(cfg: Config, root: Path, run, *, none) -> int:
+    """Run `run(root)` once (one dataset) or per `<pi>/study-<study>/bids` dataset found under
+    `root`, and `none()` when there is none: the commands' `for_each_study` that ask nothing of
+    XNAT.
+
+    An error in one dataset is reported and the next one still looked at; the combined exit code
+    is the worst one, as for plan.
     """
-    if cfg.layout != "pi-study":
+    if one_dataset(cfg, root):
         return run(root)
     from reconcile.layout import discover
 
@@ -657,14 +672,25 @@ def status(
 
     Example: xnat2bids status ~/bids-export
     """
+    cfg = load_config(config)
+    root = cfg.resolve_bids_root(bids_root)
+    if as_json:
+        need_one_dataset(cfg, root, "--json needs")
+
+    def none() -> int:
+        echo(f"No <pi>/study-<study>/bids datasets under {root}: no SLURM batch.")
+        return EXIT_OK
+
+    raise typer.Exit(for_each_dataset(cfg, root, lambda where: _dataset_status(where, as_json=as_json), none=none))
+
+
+def _dataset_status(root: Path, *, as_json: bool) -> int:
     import shutil
     from dataclasses import asdict
 
     from reconcile import statelock
     from reconcile.executors import slurm as sx
 
-    cfg = load_config(config)
-    root = cfg.resolve_bids_root(bids_root)
     holder = statelock.read_holder(root) if root.is_dir() else None
     batches = sx.list_batches(root)
     pending = sx.pending_revocations(root)
@@ -680,14 +706,14 @@ def status(
             for p in pending
         ]
         echo(json.dumps(data, indent=2, sort_keys=True))
-        raise typer.Exit(EXIT_OK)
+        return EXIT_OK
     if current is None:
         if holder is not None:
             echo(f"{root} is locked: {holder.describe()}")
         else:
             echo(f"No SLURM batch in {root}.")
         _echo_revocations(pending)
-        raise typer.Exit(EXIT_OK)
+        return EXIT_OK
     st = sx.batch_status(current, query=shutil.which("scontrol") is not None)
     b = st.batch
     echo(f"Batch {b.id} of {root}, submitted {b.created_at} by {b.user}@{b.host}")
@@ -710,7 +736,7 @@ def status(
         if s.log and s.state not in ("done", "pending"):
             echo(f"       log: {s.log}")
     _echo_revocations(pending)
-    raise typer.Exit(EXIT_OK)
+    return EXIT_OK
 
 
 def _echo_revocations(pending) -> None:  # noqa: ANN001 - list of slurm.PendingRevocation
@@ -735,12 +761,32 @@ def finalize(
     The batch's finalize job runs this; run it yourself when that job was cancelled or died.
     Example: xnat2bids finalize ~/bids-export
     """
+    from reconcile.executors import slurm as sx
+
+    cfg = load_config(config)
+    root = cfg.resolve_bids_root(bids_root)
+    if batch_id is not None and not one_dataset(cfg, root):
+        from reconcile.layout import discover
+
+        # Batch IDs are unique: finalize it in whichever study submitted it.
+        holders = {s.root for s in discover(root) if any(b.id == batch_id for b in sx.list_batches(s.root))}
+        if not holders:
+            raise ConfigError(f"no batch {batch_id} in the <pi>/study-<study>/bids datasets under {root}",
+                              hint=f"`xnat2bids status {root}` lists each study's batch")
+        raise typer.Exit(_finalize_dataset(holders.pop(), batch_id))
+
+    def none() -> int:
+        echo(f"Nothing to finalize in {root}: no <pi>/study-<study>/bids datasets.")
+        return EXIT_OK
+
+    raise typer.Exit(for_each_dataset(cfg, root, lambda where: _finalize_dataset(where, batch_id), none=none))
+
+
+def _finalize_dataset(root: Path, batch_id: str | None) -> int:
     from reconcile import statelock
     from reconcile.executors import slurm as sx
     from reconcile.progress import Reporter
 
-    cfg = load_config(config)
-    root = cfg.resolve_bids_root(bids_root)
     warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
     if batch_id is not None:
         batch = sx.read_batch(root, batch_id)
@@ -752,14 +798,14 @@ def finalize(
             for left in sx.unfinalized_batches(root):
                 echo(f"note: batch {left.id} ({left.created_at}) was never finalized; "
                      f"`xnat2bids finalize {root} --batch {left.id}` merges it")
-            raise typer.Exit(EXIT_OK)
+            return EXIT_OK
     done = sx.read_finalized(batch)
     if done is not None:
         holder = statelock.read_holder(root)
         if holder is not None and holder.id == batch.id:
             statelock.release(root, holder)  # finalize died between its last write and the release
         echo(f"Batch {batch.id} was already finalized at {done['finished_at']}.")
-        raise typer.Exit(EXIT_OK if done["ok"] else EXIT_ERROR)
+        return EXIT_OK if done["ok"] else EXIT_ERROR
     echo(f"Finalizing batch {batch.id} of {root} ({len(batch.sessions)} sessions)")
     reporter = Reporter(len(batch.sessions))
     try:
@@ -767,7 +813,7 @@ def finalize(
     finally:
         reporter.close()
     echo(f"\nFinalize complete: {_finalize_summary(result)}")
-    raise typer.Exit(EXIT_OK if result.ok else EXIT_ERROR)
+    return EXIT_OK if result.ok else EXIT_ERROR
 
 
 @app.command("slurm-task", hidden=True)
@@ -841,8 +887,33 @@ def force_unlock(
     from reconcile import statelock
 
     cfg = load_config(config)
-    holder = statelock.force_unlock(cfg.resolve_bids_root(bids_root), lock_id)
-    echo(f"Removed the state lock held by {holder.describe()}")
+    root = cfg.resolve_bids_root(bids_root)
+    if not one_dataset(cfg, root):
+        root = _locked_study(root, lock_id)
+    holder = statelock.force_unlock(root, lock_id)
+    echo(f"Removed the state lock of {root} held by {holder.describe()}")
+
+
+def _locked_study(root: Path, lock_id: str) -> Path:
+    """The pi-study dataset under `root` whose state lock has ID `lock_id` (or is unreadable)."""
+    from reconcile import statelock
+    from reconcile.layout import discover
+
+    found = []
+    for where in dict.fromkeys(s.root for s in discover(root)):
+        try:
+            holder = statelock.read_holder(where)
+        except XnatBidsError:  # unreadable: only the word `unreadable` names it
+            if lock_id == statelock.UNREADABLE:
+                found.append(where)
+            continue
+        if holder is not None and holder.id == lock_id:
+            found.append(where)
+    if len(found) != 1:
+        what = "no" if not found else "more than one"
+        raise ConfigError(f"{what} <pi>/study-<study>/bids dataset under {root} has a state lock {lock_id}",
+                          hint="pass the study's bids folder" if found else f"`xnat2bids status {root}` shows each study's")
+    return found[0]
 
 
 @app.command()
@@ -939,10 +1010,9 @@ def show(
     Example: xnat2bids show ~/bids-export
     """
     cfg = load_config(config)
-    if cfg.layout == "pi-study" and as_json:
-        raise ConfigError("--json needs one dataset; with layout = \"pi-study\" pass the study's bids folder "
-                          "and set layout = \"flat\"")
     root = cfg.resolve_bids_root(bids_root)
+    if as_json:
+        need_one_dataset(cfg, root, "--json needs")
 
     def none() -> int:
         echo(f"No <pi>/study-<study>/bids datasets under {root}: nothing exported yet.")

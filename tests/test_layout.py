@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import replace
 
 import pytest
+from test_statelock import _holder_json, _ns_inode, _our_identity
 from worlds import SMALL, record_as_exported, write_config
 
 from reconcile.demo import populate
@@ -13,6 +16,7 @@ from reconcile.errors import ConfigError
 from reconcile.layout import discover, study_root
 from reconcile.lock import Lock, read_lock, write_lock
 from reconcile.model import OutputRecord
+from reconcile.statelock import state_lock_path
 
 PI_STUDY = 'layout = "pi-study"'
 
@@ -153,3 +157,48 @@ def test_forget_finds_the_study_whose_lock_records_the_session_and_history_walks
     code, out, _ = cli("history", str(root), "--config", str(cfg))
     assert code == 0
     assert f"=== JONES_VISION: {root}/jones/study-vision/bids" in out and out.count("No history yet.") == 2
+
+
+def test_a_study_folder_given_directly_is_one_dataset(cli, emulator, tmp_path):
+    root = tmp_path / "export"
+    cfg = write_config(tmp_path, PI_STUDY)
+    study = _export_study(emulator.archive, root, "smith/study-memory/bids", "SMITH_MEMORY").parents[3]
+    assert study == root / "smith/study-memory/bids"
+    code, out, err = cli("show", str(study), "--config", str(cfg), "--json")
+    assert code == 0, out + err
+    assert [s["project"] for s in json.loads(out)["sessions"]] == ["SMITH_MEMORY"]
+    code, out, err = cli("check", str(study), "--config", str(cfg))
+    assert code == 0 and "===" not in out and "OK: lock serial 1, 1 sessions" in out
+    code, out, err = cli("status", str(study), "--config", str(cfg), "--json")
+    assert code == 0, out + err
+    assert json.loads(out)["holder"] is None
+    code, _, err = cli("status", str(root), "--config", str(cfg), "--json")
+    assert code == 1 and f"pass a study's bids folder ({root}/<pi>/study-<study>/bids)" in err
+
+
+def test_status_finalize_and_force_unlock_walk_every_study(cli, emulator, tmp_path):
+    root = tmp_path / "export"
+    cfg = write_config(tmp_path, PI_STUDY)
+    _export_study(emulator.archive, root, "smith/study-memory/bids", "SMITH_MEMORY")
+    jones = _export_study(emulator.archive, root, "jones/study-vision/bids", "JONES_VISION").parents[3]
+    # A lock left by an apply in another PID namespace (a container): only the user can release it.
+    identity = {**_our_identity(os.getpid()), "pidns": _ns_inode("pid") + 1}
+    state_lock_path(jones).write_text(_holder_json("c0nta1ner000", os.getpid(), **identity))
+
+    code, out, err = cli("status", str(root), "--config", str(cfg))
+    assert code == 0, out + err
+    assert f"=== JONES_VISION: {jones}\n{jones} is locked: " in out
+    assert f"No SLURM batch in {root}/smith/study-memory/bids." in out
+    code, out, err = cli("finalize", str(root), "--config", str(cfg))
+    assert code == 0, out + err
+    assert out.count("Nothing to finalize in") == 2
+    code, _, err = cli("finalize", str(root), "--config", str(cfg), "--batch", "b0000000")
+    assert code == 1 and f"no batch b0000000 in the <pi>/study-<study>/bids datasets under {root}" in err
+
+    code, _, err = cli("force-unlock", "0ther0ns0000", str(root), "--config", str(cfg))
+    assert code == 1 and "no <pi>/study-<study>/bids dataset under" in err
+    assert state_lock_path(jones).exists()
+    code, out, err = cli("force-unlock", "c0nta1ner000", str(root), "--config", str(cfg))
+    assert code == 0, out + err
+    assert f"Removed the state lock of {jones}" in out
+    assert not state_lock_path(jones).exists()
