@@ -51,6 +51,7 @@ class Entry:
     crc: int  # from the local header; 0 when a data descriptor follows
     size: int | None  # uncompressed size, None when only the data descriptor has it
     zip64: bool
+    csize: int | None = None  # compressed size, None when only the data descriptor has it
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class ZipStream:
         size = None if later and usize == 0 and csize == 0 else usize
         if method == STORED and size is not None and csize != size:
             raise ZipFormatError(f"stored entry {name!r} has two sizes")
-        return Entry(name, flags, method, 0 if later else crc, size, zip64)
+        return Entry(name, flags, method, 0 if later else crc, size, zip64, None if size is None else csize)
 
     def copy(self, entry: Entry, write: Callable[[memoryview], object], *, size_hint: int | None = None,
              limit: int | None = None, check_crc: bool = True) -> tuple[int, bool]:
@@ -197,7 +198,7 @@ class ZipStream:
         """Read the data descriptor if there is one; the entry's CRC-32 as the zip gives it. `size`
         and `consumed` are the uncompressed and compressed sizes as read."""
         if not entry.flags & _HAS_DESCRIPTOR:
-            if entry.size != size:
+            if entry.size != size or entry.csize != consumed:
                 raise ZipFormatError(f"entry {entry.name!r} is not the size its zip says")
             return entry.crc
         if self._peek_signature() == _DESCRIPTOR:

@@ -291,3 +291,12 @@ def test_an_empty_zip64_zip_has_no_entries() -> None:
     assert read_all(end64 + locator + end) == ({}, [])
     with zipfile.ZipFile(io.BytesIO(end64 + locator + end)) as zf:  # a zip by zipfile's reading too
         assert zf.namelist() == []
+
+
+def test_a_local_header_whose_compressed_size_is_not_the_bytes_read_is_a_format_error() -> None:
+    data = make_zip({"P/a.dcm": b"abc" * 1000}, method=zipfile.ZIP_DEFLATED)
+    (_, _, _, _, _, _, _, csize, _, _, _) = struct.unpack("<IHHHHHIIIHH", data[:30])
+    # The entry's deflate stream ends where it should; only the header's compressed size is off by one.
+    bad = data[:18] + struct.pack("<I", csize + 1) + data[22:]
+    with pytest.raises(ZipFormatError, match="not the size its zip says"):
+        read_all(bad)
