@@ -59,6 +59,7 @@ emulator_app = typer.Typer(help="The built-in XNAT emulator (for demos, tests an
 app.add_typer(emulator_app, name="emulator")
 
 _debug = False
+_root_config: Optional[Path] = None  # `xnat2bids --config FILE <command>`
 
 
 def echo(text: str = "", *, err: bool = False) -> None:
@@ -71,6 +72,16 @@ SubjectOpt = typer.Option(None, "--subject", help="Subject label glob (repeatabl
 SessionOpt = typer.Option(None, "--session", help="Session label / experiment ID glob (repeatable).")
 InsecureOpt = typer.Option(False, "--insecure", help="Do not verify the XNAT server's TLS certificate (verify_tls = false).")
 RootArg = typer.Argument(None, help="BIDS root (default: bids_root from the config, else ~/bids-export).")
+
+
+def _load_config(config: Optional[Path]) -> Config:
+    """The config a command's `--config` names, else the one given before the command
+    (`xnat2bids -c FILE plan`), else the default. Two different files are an error."""
+    given = _root_config
+    if given is not None and config is not None and Path(given).absolute() != Path(config).absolute():
+        raise ConfigError(f"two config files given: --config {given} before the command and --config {config} after it",
+                          hint="give one")
+    return load_config(config if config is not None else given)
 
 
 def _tls(cfg: Config, insecure: bool) -> Config:
@@ -215,15 +226,15 @@ def root_callback(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit."),
 ) -> None:
-    global _debug
-    _debug = debug
+    global _debug, _root_config
+    _debug, _root_config = debug, config
     if version:
         echo(f"xnat2bids {__version__}")
         raise typer.Exit(EXIT_OK)
     if ctx.invoked_subcommand is not None:
         return
     if diff is not None:
-        cfg = load_config(config)
+        cfg = _load_config(config)
         with connect(cfg) as client:
             code = for_each_study(
                 cfg, cfg.resolve_bids_root(diff), Selection(),
@@ -231,7 +242,7 @@ def root_callback(
             )
         raise typer.Exit(code)
     if update is not None:
-        cfg = load_config(config)
+        cfg = _load_config(config)
         raise typer.Exit(for_each_study(
             cfg, cfg.resolve_bids_root(update), Selection(),
             lambda root, sel: run_apply(cfg, root, sel, yes=not sys.stdin.isatty()),
@@ -258,7 +269,7 @@ def plan(
 
     Example: xnat2bids plan ~/bids-export --project PROJ --detailed-exitcode
     """
-    cfg = _tls(load_config(config), insecure)
+    cfg = _tls(_load_config(config), insecure)
     if cfg.layout == "pi-study" and (as_json or out):
         raise ConfigError("--json and --out need one dataset; with layout = \"pi-study\" pass the study's bids folder and set layout = \"flat\"")
     with connect(cfg) as client:
@@ -438,7 +449,7 @@ def apply(
         if planning:  # they shape a plan; a saved one is carried out as it was made
             raise UsageError(f"{', '.join(planning)} cannot be combined with --plan: a saved plan is applied as planned; "
                              f"pass {planning[0]} to `xnat2bids plan --out FILE` instead", ctx)
-    cfg = _tls(load_config(config), insecure)
+    cfg = _tls(_load_config(config), insecure)
     if plan_file is not None and cfg.layout == "pi-study":
         raise ConfigError("--plan applies to one dataset; pass the study's bids folder with layout = \"flat\"")
     code = for_each_study(
@@ -672,7 +683,7 @@ def status(
 
     Example: xnat2bids status ~/bids-export
     """
-    cfg = load_config(config)
+    cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
     if as_json:
         need_one_dataset(cfg, root, "--json needs")
@@ -763,7 +774,7 @@ def finalize(
     """
     from reconcile.executors import slurm as sx
 
-    cfg = load_config(config)
+    cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
     if batch_id is not None and not one_dataset(cfg, root):
         from reconcile.layout import discover
@@ -847,7 +858,7 @@ def history(
 
     Example: xnat2bids history ~/bids-export
     """
-    cfg = load_config(config)
+    cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
     raise typer.Exit(for_each_dataset(cfg, root, lambda where: _print_history(where, as_json=as_json),
                                       none=lambda: _print_history(root, as_json=as_json)))
@@ -886,7 +897,7 @@ def force_unlock(
     """
     from reconcile import statelock
 
-    cfg = load_config(config)
+    cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
     if not one_dataset(cfg, root):
         root = _locked_study(root, lock_id)
@@ -929,7 +940,7 @@ def forget(
     from reconcile import statelock
     from reconcile.lock import read_lock, write_lock
 
-    cfg = load_config(config)
+    cfg = _load_config(config)
     root = _dataset_of(cfg, cfg.resolve_bids_root(bids_root), experiment_id)
     with statelock.held(root, "forget"):
         lock = read_lock(root)
@@ -964,7 +975,7 @@ def check(
 
     Example: xnat2bids check ~/bids-export --full
     """
-    cfg = load_config(config)
+    cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
 
     def none() -> int:
@@ -1009,7 +1020,7 @@ def show(
 
     Example: xnat2bids show ~/bids-export
     """
-    cfg = load_config(config)
+    cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
     if as_json:
         need_one_dataset(cfg, root, "--json needs")

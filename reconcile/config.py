@@ -75,8 +75,9 @@ def _conversion_digests(settings: ConversionSettings) -> dict[str, str]:
         "heuristic": _digest([Path(settings.heuristic).name, settings.heuristic_sha])
         if settings.heuristic_sha
         else _digest(settings.heuristic),
-        "include": _digest(list(settings.include)),
-        "skip": _digest(list(settings.skip)),
+        # Either list selects by any of its patterns: order and repeats change nothing.
+        "include": _digest(sorted(set(settings.include))),
+        "skip": _digest(sorted(set(settings.skip))),
         "bidsmap": _digest([list(p) for p in settings.bidsmap]),
     }
 
@@ -183,6 +184,18 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
             detail="\n".join(unknown[1:]) or None,
             hint="see xnat2bids.toml.example for every key",
         )
+    url = data.get("xnat_url")
+    if isinstance(url, str) and "@" in url:  # never quoted: it may hold a password
+        raise ConfigError(
+            f"{where}: xnat_url holds a user name or password (an '@')",
+            hint="credentials never go in the config: use ~/.netrc, XNAT_USER/XNAT_PASS or the prompt",
+        )
+    bad_target = _unsafe_bidsmap_target(data)
+    if bad_target:
+        raise ConfigError(
+            f"{where}: bidsmap target {bad_target[1]!r} for {bad_target[0]!r} is not a ReproIn series name",
+            hint="a ReproIn name such as \"anat-T1w_acq-mprage\": no '/', '\\', '..', spaces or control characters",
+        )
     import jsonschema  # here, not at the top: ~80 ms that a run without a config file never needs
 
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
@@ -213,6 +226,24 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
     )
 
 
+_UNSAFE_TARGET = re.compile(r"[/\\\s\x00-\x1f\x7f]|\.\.")
+
+
+def _unsafe_bidsmap_target(data: dict[str, Any]) -> tuple[str, str] | None:
+    """(key, target) of a bidsmap target that would put a path into heudiconv's output names."""
+    tables = [data.get("conversion")]
+    for project in (data.get("project") or {}).values():
+        if isinstance(project, dict):
+            tables.append(project.get("conversion"))
+            tables += list((project.get("sessions") or {}).values())
+    for table in tables:
+        bidsmap = table.get("bidsmap") if isinstance(table, dict) else None
+        for key, target in (bidsmap.items() if isinstance(bidsmap, dict) else ()):
+            if isinstance(target, str) and _UNSAFE_TARGET.search(target):
+                return key, target
+    return None
+
+
 def load_config(path: str | os.PathLike[str] | None) -> Config:
     """Load the config file; with no path, `./xnat2bids.toml` if present, else defaults."""
     if path is None:
@@ -230,22 +261,32 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     config = _heuristics_relative_to(parse_config(data, source=str(path)), path.parent)
-    return replace(config, heuristic_shas=_heuristic_shas(config))
+    if config.bids_root and not os.path.isabs(os.path.expanduser(config.bids_root)):
+        # Like a heuristic's path, relative to the config file: the same dataset from any cwd.
+        config = replace(config, bids_root=str(path.parent.absolute() / config.bids_root))
+    return replace(config, heuristic_shas=_heuristic_shas(config, str(path)))
 
 
-def _heuristic_shas(config: Config) -> dict[str, str]:
-    """sha256 of every custom heuristic file the config names (missing files: conversion will say)."""
+def _heuristic_shas(config: Config, source: str) -> dict[str, str]:
+    """sha256 of every custom heuristic file the config names; a file that cannot be read is a
+    config error now, not a failed conversion after the download."""
     names = {config.conversion.heuristic}
     for table in config.project_tables.values():
         names.add(table.get("conversion", {}).get("heuristic", "reproin"))
         names.update(t.get("heuristic", "reproin") for t in table.get("sessions", {}).values())
     shas = {}
     for name in names - {"reproin"}:
+        if not _is_heuristic_file(name):
+            continue  # one of heudiconv's own heuristics, by name
         try:
             shas[name] = hashlib.sha256(Path(name).read_bytes()).hexdigest()
-        except OSError:
-            continue
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read heuristic {name}: {exc.strerror or exc}") from exc
     return shas
+
+
+def _is_heuristic_file(name: str) -> bool:
+    return "/" in name or name.endswith(".py")
 
 
 def _heuristics_relative_to(config: Config, base: Path) -> Config:
@@ -253,12 +294,13 @@ def _heuristics_relative_to(config: Config, base: Path) -> Config:
 
     def fix(table: dict[str, Any]) -> dict[str, Any]:
         h = table.get("heuristic")
-        if h and h != "reproin" and not Path(h).is_absolute() and ("/" in h or h.endswith(".py")):
-            return {**table, "heuristic": str((base / h).resolve())}
+        if h and h != "reproin" and _is_heuristic_file(h):
+            h = os.path.expanduser(h)
+            return {**table, "heuristic": h if Path(h).is_absolute() else str((base / h).resolve())}
         return table
 
     conversion = config.conversion
-    if conversion.heuristic != "reproin" and not Path(conversion.heuristic).is_absolute():
+    if conversion.heuristic != "reproin":
         conversion = conversion.merged(fix({"heuristic": conversion.heuristic}))
     projects = {
         name: {

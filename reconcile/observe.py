@@ -37,25 +37,24 @@ from reconcile.xnat import CONNECTIONS, XnatClient
 
 
 def choose_projects(selection: Selection, config: Config, lock: Lock) -> tuple[str, ...]:
-    """--project > `projects` in the config > the projects the lock already knows. A --project
-    glob selects among the latter two: XNAT is asked for project IDs, never for patterns."""
-    if selection.projects and not any(is_pattern(p) for p in selection.projects):
+    """--project > `projects` in the config > the projects the lock already knows. A glob, on the
+    command line or in the config, selects among the config's IDs and the lock's projects: XNAT
+    is asked for project IDs, never for patterns."""
+    wanted = selection.projects or config.projects
+    if wanted and not any(is_pattern(p) for p in wanted):
         # IDs only: the lock's records stay undecoded here, so the local scan decodes them while
         # XNAT builds the listing (10,000 recorded sessions: ~0.25 s off an unchanged plan).
-        return tuple(dict.fromkeys(selection.projects))
-    if not selection.projects and config.projects:
-        return tuple(config.projects)
+        return tuple(dict.fromkeys(wanted))
     recorded = tuple(sorted({r.project for r in lock.sessions.values()}))
-    if not selection.projects:
-        projects = recorded
-        if not projects:
+    if not wanted:
+        if not recorded:
             raise ConfigError(
                 "no XNAT project selected",
                 hint="pass --project P, or set projects = [\"P\"] in xnat2bids.toml",
             )
-        return tuple(projects)
-    known = tuple(dict.fromkeys((*config.projects, *recorded)))
-    return expand_projects(selection.projects, known, where="in the config or the lock")
+        return recorded
+    known = tuple(dict.fromkeys((*(p for p in config.projects if not is_pattern(p)), *recorded)))
+    return expand_projects(wanted, known, where="in the config or the lock")
 
 
 def observe_remote(

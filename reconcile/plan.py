@@ -381,14 +381,13 @@ def compute_plan(
         colliding.update(e.id for e in exps)
         if any(wanted(e, address) for e in exps):
             names = " and ".join(f"{e.id} ({e.project}/{e.subject_label}/{e.label})" for e in exps)
-            out.problems.append(
-                Problem(
-                    f"{names} both map to {address.path}",
-                    exps[0].project,
-                    exps[0].id,
-                    hint=f'give one a distinct label in [naming.sessions], e.g. "{exps[1].id}" = "{address.session}b"',
-                )
-            )
+            mapped = [e.subject_label for e in exps if e.subject_label in config.naming.subjects]
+            if len({e.subject_label for e in exps}) > 1 and mapped:  # two XNAT subjects made one
+                hint = (f'[naming.subjects] maps "{mapped[0]}" to "{address.subject}", where another XNAT '
+                        f"subject's sessions already go: map it to a label of its own")
+            else:
+                hint = f'give one a distinct label in [naming.sessions], e.g. "{exps[1].id}" = "{address.session}b"'
+            out.problems.append(Problem(f"{names} both map to {address.path}", exps[0].project, exps[0].id, hint=hint))
 
     # 3. Match remote sessions with lock entries: by ID, then by address (re-archived).
     listed_ok = {p.project for p in remote.listings} - blocked

@@ -121,3 +121,27 @@ def test_status_json_of_a_root_locked_by_another_apply_names_the_holder(cli, tmp
     assert doc["holder"]["id"] == holder.id and doc["holder"]["pid"] == os.getpid()
     assert doc["holder"]["operation"] == "apply"
 
+
+
+def test_config_given_before_the_command_is_the_one_used(cli, emulator, tmp_path):
+    emulator.archive.add_session("PROJ", "01", "01_MR1", date="2024-01-10")
+    config = tmp_path / "lab.toml"
+    config.write_text(f'bids_root = "{tmp_path / "from-config"}"\nprojects = ["PROJ"]\n'
+                      '[naming]\nsession_label = "strip-subject"\n')
+    code, out, err = cli("--config", str(config), "plan")
+    assert code == 0, out + err
+    assert f"xnat2bids plan for {tmp_path / 'from-config'}" in out and "sub-01/ses-MR1" in out
+    code, out, err = cli("-c", str(config), "plan", "-c", str(config))
+    assert code == 0, out + err
+    code, _, err = cli("-c", str(config), "plan", "-c", str(tmp_path / "other.toml"))
+    assert code == 1 and "two config files given" in err
+    code, _, err = cli("-c", str(tmp_path / "missing.toml"), "show")
+    assert code == 1 and f"cannot read config {tmp_path / 'missing.toml'}" in err
+
+
+def test_a_glob_in_the_configs_projects_selects_among_the_lock_and_config_ids(cli, emulator, tmp_path):
+    config = tmp_path / "lab.toml"
+    config.write_text('projects = ["DEM*"]\n')
+    code, _, err = cli("plan", str(tmp_path / "bids"), "-c", str(config))
+    assert code == 1 and "project pattern 'DEM*' matches no project in the config or the lock" in err
+    assert not [p for m, p, _ in emulator.app.requests if "DEM*" in p or "DEM%2A" in p]

@@ -64,7 +64,9 @@ def test_bids_root_precedence(tmp_path, monkeypatch):
 
 
 def test_relative_custom_heuristic_is_relative_to_the_config_file(tmp_path, monkeypatch):
-    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "heuristics").mkdir(parents=True)
+    for name in ("heuristics/lab.py", "other.py"):
+        (tmp_path / "cfg" / name).write_text("def infotodict(seqinfo):\n    return {}\n")
     path = tmp_path / "cfg" / "x.toml"
     path.write_text('[conversion]\nheuristic = "heuristics/lab.py"\n[project.P.conversion]\nheuristic = "other.py"\n')
     monkeypatch.chdir(tmp_path)
@@ -84,3 +86,47 @@ def test_editing_a_custom_heuristic_changes_its_digest_moving_the_config_does_no
     assert a == b
     (tmp_path / "a/lab.py").write_text("def infotodict(seqinfo):\n    return {'changed': 1}\n")
     assert load_config(tmp_path / "a/x.toml").conversion_for("P", "S").digests()["heuristic"] != a
+
+
+def test_bids_root_and_heuristic_paths_are_relative_to_the_config_file_and_expand_tilde(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "heur").mkdir(parents=True)
+    (home / "heur" / "mine.py").write_text("def infotodict(seqinfo):\n    return {}\n")
+    monkeypatch.setenv("HOME", str(home))
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "x.toml"
+    path.write_text('bids_root = "data/bids"\n[conversion]\nheuristic = "~/heur/mine.py"\n')
+    monkeypatch.chdir(tmp_path)  # anywhere but the config's folder
+    config = load_config(Path("cfg/x.toml"))
+    assert config.resolve_bids_root(None) == tmp_path / "cfg/data/bids"
+    assert config.conversion.heuristic == str(home / "heur/mine.py")
+    assert config.conversion_for("P", "S").heuristic_sha
+
+
+def test_a_heuristic_file_that_cannot_be_read_is_a_config_error(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text('[project.P.sessions.S1]\nheuristic = "gone.py"\n')
+    with pytest.raises(ConfigError, match=f"cannot read heuristic {tmp_path}/gone.py"):
+        load_config(path)
+    path.write_text('[conversion]\nheuristic = "convertall"\n')  # one of heudiconv's own, by name
+    assert load_config(path).conversion.heuristic == "convertall"
+
+
+@pytest.mark.parametrize("url", ["https://alice:S3cret@xnat.example.org", "htps://alice:S3cret@xnat.example.org",
+                                 " https://alice:a/b@xnat.example.org"])
+def test_credentials_in_xnat_url_are_refused_without_being_shown(tmp_path, url):
+    path = tmp_path / "x.toml"
+    path.write_text(f'xnat_url = "{url}"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    shown = f"{exc.value.summary} {exc.value.detail} {exc.value.hint}"
+    assert "xnat_url holds a user name or password" in shown and "S3cret" not in shown and "a/b" not in shown
+
+
+@pytest.mark.parametrize("where", ["[conversion]", "[project.P.conversion]", "[project.P.sessions.S1]"])
+@pytest.mark.parametrize("target", ["anat-T1w_acq-../../x", "anat/T1w", "anat-T1w acq", "func\\\\bold"])
+def test_a_bidsmap_target_that_is_not_a_reprOin_name_is_refused(tmp_path, where, target):
+    path = tmp_path / "x.toml"
+    path.write_text(f'{where}\nbidsmap = {{ "MPRAGE*" = "{target}" }}\n')
+    with pytest.raises(ConfigError, match="is not a ReproIn series name"):
+        load_config(path)

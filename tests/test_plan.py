@@ -283,6 +283,17 @@ def test_project_conversion_change_updates_only_that_projects_sessions():  # row
     assert plan.unchanged == 1
 
 
+def test_reordering_or_repeating_include_and_skip_patterns_changes_nothing():  # row 15
+    e = exp(1)
+    before = parse_config({"conversion": {"skip": ["*localizer*", "*scout*"], "include": ["1-4,6", "7"]}})
+    lock = lock_of(record(e, bids_session="SUBJ01MR1", config=before))
+    after = parse_config({"conversion": {"skip": ["*scout*", "*localizer*", "*scout*"], "include": ["7", "1-4,6"]}})
+    plan = plan_of(lock, [e], config=after)
+    assert not plan.changes and plan.unchanged == 1
+    widened = parse_config({"conversion": {"skip": ["*scout*"], "include": ["7", "1-4,6"]}})
+    assert only(plan_of(lock, [e], config=widened), Action.UPDATE).reasons[0].message == "config changed: skip"
+
+
 def test_newer_converter_is_a_note_unless_reconvert_outdated():  # row 16
     e = exp(1)
     lock = lock_of(record(e, bids_session="SUBJ01MR1", tools={**TOOLS, "heudiconv": "1.4.0"}))
@@ -302,6 +313,15 @@ def test_two_sessions_at_one_bids_address_is_an_error_naming_both():  # row 17
     assert "XNAT_E00001" in message and "XNAT_E00002" in message and "sub-SUBJ01/ses-SUBJ01MR1" in message
     assert "[naming.sessions]" in plan.problems[0].hint
     assert [c.key.experiment_id for c in plan.changes] == ["XNAT_E00003"]
+
+
+def test_two_subjects_mapped_to_one_label_name_the_subject_map_in_the_hint():  # row 17
+    a, b = exp(1, subject="SUBJ01"), exp(2, subject="SUBJ02")
+    config = parse_config({"naming": {"subjects": {"SUBJ02": "SUBJ01"}, "session_label": "strip-subject"}})
+    plan = plan_of(Lock.new(), [a, b], config=config)
+    [problem] = plan.problems
+    assert "both map to sub-SUBJ01/ses-MR1" in problem.message
+    assert problem.hint.startswith('[naming.subjects] maps "SUBJ02" to "SUBJ01"')
 
 
 def test_a_session_renamed_onto_an_orphans_folder_is_a_problem_not_an_update():

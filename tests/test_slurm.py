@@ -394,3 +394,23 @@ def test_generated_script_keeps_its_structure_whatever_the_setup_snippet_says(tm
     assert finalize.command("7")[-2:] == ["--dependency=afterany:7", str(batch.finalize_script)]
     assert sx.job_environment({"XNAT_PASS": "x", "XNAT_USER": "u", "XNAT_TOKEN_FILE": "/t", "GITHUB_TOKEN": "y",
                                "PATH": "/bin", "NETRC": "/n"}) == {"XNAT_TOKEN_FILE": "/t", "PATH": "/bin", "NETRC": "/n"}
+
+
+def test_a_task_refuses_a_config_edited_after_the_batch_was_submitted(slurm_cli, emulator, tmp_path):
+    add(emulator.archive, sessions(1))
+    root = tmp_path / "bids"
+    queued = '[slurm]\nextra_args = ["--begin=now+3600"]\n'  # the jobs wait in the queue, as on a busy cluster
+    config = write_config(tmp_path, queued)
+    code, out, err = slurm_cli("apply", str(root), "-c", str(config), "-p", "PROJ", "--yes", "--executor", "slurm")
+    assert code == 0, out + err
+    batch = current_batch(root)
+    config.write_text(queued + '[conversion]\nskip = ["*bold*"]\n')  # edited while the batch waits
+    for job in batch.jobs:
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    wait_gone(*batch.jobs)
+    result = sx.read_result(batch, 0)
+    assert result["status"] == "failed", result
+    assert result["message"] == f"the config changed since batch {batch.id} was submitted ({config})"
+    assert sx.read_finalized(batch)["ok"] is False
+    assert not (root / "sub-01").exists()
+    assert read_lock(root) is None or read_lock(root).sessions == {}

@@ -45,7 +45,13 @@ from reconcile.apply import (
 )
 from reconcile.config import Config, ConversionSettings, SlurmSettings, load_config
 from reconcile.durable import write_atomic
-from reconcile.errors import LockHeldError, RemoteError, SlurmError, XnatBidsError
+from reconcile.errors import (
+    ConfigError,
+    LockHeldError,
+    RemoteError,
+    SlurmError,
+    XnatBidsError,
+)
 from reconcile.localscan import sha256_file
 from reconcile.model import RemoteFile, Scan, utc_now
 from reconcile.plan import Change, Plan
@@ -590,11 +596,29 @@ def _actionable_change(plan: Plan, batch: Batch, entry: BatchSession) -> Change:
 
 
 def load_plan(batch: Batch) -> Plan:
+    return _load_plan(batch)[0]
+
+
+def _load_plan(batch: Batch) -> tuple[Plan, dict[str, Any]]:
+    """The batch's plan and its file's header (`config_fingerprint`, …)."""
     from reconcile.lock import read_lock
     from reconcile.render import plan_from_dict
 
-    plan, _ = plan_from_dict(json.loads(batch.plan_path.read_text()), str(batch.plan_path), read_lock(batch.root))
-    return plan
+    return plan_from_dict(json.loads(batch.plan_path.read_text()), str(batch.plan_path), read_lock(batch.root))
+
+
+def _config_as_submitted(batch: Batch, planned: str | None) -> Config:
+    """The config the batch was planned with, read again by a task that may start hours later:
+    an edit since the submission (naming, conversion, a heuristic file) fails the task instead of
+    converting with settings nobody confirmed."""
+    config = load_config(batch.config_path) if batch.config_path else Config()
+    if planned is not None and config.fingerprint() != planned:
+        raise ConfigError(
+            f"the config changed since batch {batch.id} was submitted"
+            + (f" ({batch.config_path})" if batch.config_path else ""),
+            hint="restore it and re-run the task, or let the batch finish and run plan/apply again",
+        )
+    return config
 
 
 def run_task(directory: Path, index: int, *, cancel: threading.Event | None = None, client=None) -> dict[str, Any]:
@@ -627,8 +651,9 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
     t0 = time.monotonic()
     own_client = client is None
     try:
-        change = _actionable_change(load_plan(batch), batch, entry)
-        config = load_config(batch.config_path) if batch.config_path else Config()
+        plan, header = _load_plan(batch)
+        change = _actionable_change(plan, batch, entry)
+        config = _config_as_submitted(batch, header.get("config_fingerprint"))
         if client is None:
             creds = resolve_credentials(batch.xnat_url, warn=lambda m: _log(log_path, f"warning: {m}"))
             client = XnatClient(batch.xnat_url, creds, verify=batch.verify_tls)
