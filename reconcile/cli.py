@@ -97,6 +97,22 @@ def _selection(project: Optional[list[str]], subject: Optional[list[str]], sessi
     return Selection(tuple(project or ()), tuple(subject or ()), tuple(session or ()))
 
 
+def stdin_is_terminal() -> bool:
+    """False also when stdin is closed (`<&-`: sys.stdin is None), as under some schedulers."""
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def _ask(text: str) -> str:
+    """A line typed at the terminal, asked on stderr as getpass asks for the password: stdout
+    may be a redirected `plan --json` (click's prompt puts its last space there)."""
+    sys.stderr.write(f"{text}: ")
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise typer.Abort()
+    return line.rstrip("\n")
+
+
 def connect(config: Config, *, interactive: bool | None = None):
     """Build the XNAT client: URL from the config or $XNAT_HOST, credentials never from argv."""
     from reconcile.credentials import default_url, resolve_credentials
@@ -106,8 +122,8 @@ def connect(config: Config, *, interactive: bool | None = None):
     if not url:
         raise ConfigError("no XNAT server configured", hint="set xnat_url in xnat2bids.toml or export XNAT_HOST")
     if interactive is None:
-        interactive = sys.stdin.isatty()
-    prompt = typer.prompt if interactive else None  # the user name; the password goes through getpass
+        interactive = stdin_is_terminal()
+    prompt = _ask if interactive else None  # the user name; the password goes through getpass
     creds = resolve_credentials(url, prompt=prompt, warn=lambda m: echo(f"warning: {m}", err=True))
     return XnatClient(url, creds, verify=config.verify_tls)
 
@@ -245,7 +261,7 @@ def root_callback(
         cfg = _load_config(config)
         raise typer.Exit(for_each_study(
             cfg, cfg.resolve_bids_root(update), Selection(),
-            lambda root, sel: run_apply(cfg, root, sel, yes=not sys.stdin.isatty()),
+            lambda root, sel: run_apply(cfg, root, sel, yes=not stdin_is_terminal()),
         ))
     echo(ctx.get_help())
     raise typer.Exit(EXIT_OK)
@@ -351,7 +367,7 @@ def run_apply(
                 echo("Nothing to apply.")
                 return EXIT_ERROR if plan.problems else EXIT_OK
             if not yes:
-                if not sys.stdin.isatty():
+                if not stdin_is_terminal():
                     raise ConfigError("apply needs confirmation; without a terminal pass --yes")
                 if not typer.confirm(f"Apply {len(todo)} change(s) to {root}?", default=False):
                     echo("Cancelled; nothing changed.")
@@ -581,7 +597,7 @@ def run_slurm_apply(
             echo("Nothing to apply.")
             return EXIT_ERROR if plan.problems else EXIT_OK
         if not yes and not dry_run:
-            if not sys.stdin.isatty():
+            if not stdin_is_terminal():
                 raise ConfigError("apply needs confirmation; without a terminal pass --yes")
             if not typer.confirm(f"Submit {len(todo)} session(s) of {root} to SLURM?", default=False):
                 echo("Cancelled; nothing submitted.")

@@ -25,7 +25,8 @@ ENV_HOST = "XNAT_HOST"
 ENV_TOKEN_FILE = "XNAT_TOKEN_FILE"
 
 _HINT = (
-    "give credentials in one of three ways: export XNAT_USER and XNAT_PASS; "
+    "give credentials in one of four ways: export XNAT_USER and XNAT_PASS; "
+    "point $XNAT_TOKEN_FILE at an alias token's JSON (from /data/services/tokens/issue); "
     "add a 'machine {host} login USER password PASS' line to ~/.netrc (mode 0600, or point $NETRC at it); "
     "or run interactively to be prompted"
 )

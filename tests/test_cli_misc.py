@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import reconcile
@@ -145,3 +147,56 @@ def test_a_glob_in_the_configs_projects_selects_among_the_lock_and_config_ids(cl
     code, _, err = cli("plan", str(tmp_path / "bids"), "-c", str(config))
     assert code == 1 and "project pattern 'DEM*' matches no project in the config or the lock" in err
     assert not [p for m, p, _ in emulator.app.requests if "DEM*" in p or "DEM%2A" in p]
+
+
+def _cli_process(args: list[str], emulator, tmp_path, *, credentials: bool = True, **popen) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XNAT_", "NETRC"))}
+    env.update(XNAT_HOST=emulator.url, HOME=str(tmp_path), XNAT2BIDS_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=str(Path(reconcile.__file__).parent.parent))
+    if credentials:
+        env.update(XNAT_USER=emulator.user, XNAT_PASS=emulator.password)
+    return subprocess.Popen([sys.executable, "-m", "reconcile", *args], env=env, cwd=tmp_path, text=True, **popen)
+
+
+def test_commands_run_with_stdin_closed(emulator, tmp_path):
+    emulator.archive.add_session("PROJ", "01", "01_MR1", date="2024-01-10")
+    proc = _cli_process(["plan", str(tmp_path / "bids"), "-p", "PROJ", "--detailed-exitcode"], emulator, tmp_path,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: os.close(0))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out + err
+    assert "+ create  sub-01/ses-01MR1" in out and "error" not in err
+
+
+def test_the_credential_prompts_stay_off_stdout(emulator, tmp_path):
+    import fcntl
+    import pty
+    import termios
+
+    emulator.archive.add_session("PROJ", "01", "01_MR1", date="2024-01-10")
+    master, slave = pty.openpty()
+
+    def on_the_terminal() -> None:  # the pty becomes the child's controlling terminal, as a login's would
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    proc = _cli_process(["plan", str(tmp_path / "bids"), "-p", "PROJ", "--json"], emulator, tmp_path,
+                        credentials=False, stdin=slave, stderr=slave, stdout=subprocess.PIPE,
+                        preexec_fn=on_the_terminal)
+    os.close(slave)
+    seen = b""
+    try:
+        for answer, prompt in ((emulator.user, b"XNAT user for 127.0.0.1: "), (emulator.password, b"Password for ")):
+            deadline = time.monotonic() + 60
+            while prompt not in seen:
+                assert time.monotonic() < deadline, f"no {prompt!r} on the terminal; it shows {seen!r}"
+                if select.select([master], [], [], 1)[0]:
+                    seen += os.read(master, 1024)
+            seen = seen.split(prompt, 1)[1]
+            os.write(master, answer.encode() + b"\n")
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert proc.returncode == 0
+    assert [c["address"] for c in json.loads(out)["changes"]] == ["sub-01/ses-01MR1"]
