@@ -33,12 +33,12 @@ from reconcile.durable import fsync_dir, fsync_file, fsync_tree, write_atomic
 from reconcile.errors import AuthError, StalePlanError, UnsafePathError, XnatBidsError
 from reconcile.export import export_session
 from reconcile.failpoints import hit
+from reconcile.journal import read_journal
 from reconcile.localscan import sha256_file, stat_records
 from reconcile.lock import (
     Lock,
     dumps_lock,
     load_or_new,
-    loads_lock,
     read_lock,
     write_lock,
 )
@@ -392,8 +392,7 @@ def commit_session(
 def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bool = True) -> Lock:
     """Finish a commit whose folders are in place: provenance, lock, clean-up. Idempotent."""
     area = WorkArea(root)
-    journal = json.loads(area.journal(exp_id).read_text())
-    record = loads_lock(journal["record"], source=str(area.journal(exp_id))).sessions[exp_id]
+    journal, record = read_journal(area.journal(exp_id))
     lock = lock if lock is not None else load_or_new(root)
     previous = lock.sessions.get(journal["previous"]) if journal["previous"] else None
     if previous is not None and previous.address != record.address:
@@ -457,11 +456,10 @@ def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list
     handled = []
     for path in journals:
         exp_id = path.stem
-        journal = json.loads(path.read_text())
+        journal, record = read_journal(path)
         staged = root / journal["staged"]
         if staged.is_dir():
             # The swap never completed: put the old session back, drop the journal, retry later.
-            record = loads_lock(journal["record"]).sessions[exp_id]
             target = root / record.address.path
             trash = area.trash(exp_id)
             if trash.is_dir() and not target.exists():

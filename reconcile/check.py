@@ -6,14 +6,14 @@ interrupted (a journal in the work area) is judged as the next apply's recovery 
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconcile.journal import read_journal
 from reconcile.localscan import hash_files
-from reconcile.lock import Lock, loads_lock
+from reconcile.lock import Lock
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,7 @@ def _as_recovered(root: Path, lock: Lock) -> tuple[Lock, dict[str, tuple[str, Pa
     notes: list[str] = []
     for path in sorted(journal_dir.glob("*.json")) if journal_dir.is_dir() else []:
         exp_id = path.stem
-        journal = json.loads(path.read_text())
-        record = loads_lock(journal["record"], source=str(path)).sessions[exp_id]
+        journal, record = read_journal(path)
         if (root / journal["staged"]).is_dir():  # the swap never happened: recover rolls back
             trash = root / ".xnat2bids" / "trash" / exp_id
             if trash.is_dir() and not (root / record.address.path).exists():

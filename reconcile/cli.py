@@ -207,6 +207,8 @@ def for_each_dataset(cfg: Config, root: Path, run, *, none) -> int:
     An error in one dataset is reported and the next one still looked at; the combined exit code
     is the worst one, as for plan.
     """
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"BIDS root {root} is not a folder", hint="pass the dataset's folder, or set bids_root in the config")
     if one_dataset(cfg, root):
         return run(root)
     from reconcile.layout import discover
@@ -921,6 +923,13 @@ def force_unlock(
     echo(f"Removed the state lock of {root} held by {holder.describe()}")
 
 
+def _need_dataset_folder(root: Path) -> None:
+    """Commands that write into a dataset refuse a root that is missing or not a folder."""
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise ConfigError(f"BIDS root {root} {what}", hint="pass the dataset's folder, or set bids_root in the config")
+
+
 def _locked_study(root: Path, lock_id: str) -> Path:
     """The pi-study dataset under `root` whose state lock has ID `lock_id` (or is unreadable)."""
     from reconcile import statelock
@@ -954,11 +963,18 @@ def forget(
     Example: xnat2bids forget XNAT_E00042 ~/bids-export
     """
     from reconcile import statelock
+    from reconcile.apply import recover
     from reconcile.lock import read_lock, write_lock
 
     cfg = _load_config(config)
     root = _dataset_of(cfg, cfg.resolve_bids_root(bids_root), experiment_id)
-    with statelock.held(root, "forget"):
+    _need_dataset_folder(root)
+    warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
+    with statelock.held(root, "forget", warn=warn):
+        # A commit a crash interrupted is settled first, as apply would, or it would bring the
+        # forgotten session back.
+        for exp_id in recover(root, warn=warn):
+            echo(f"recovered the interrupted commit of {exp_id}")
         lock = read_lock(root)
         if lock is None or experiment_id not in lock.sessions:
             raise ConfigError(f"{experiment_id} is not in the lock of {root}")

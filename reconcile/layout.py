@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reconcile.config import expand_projects, is_pattern
-from reconcile.errors import ConfigError
+from reconcile.errors import ConfigError, LockfileError
 from reconcile.lock import read_lock
 from reconcile.naming import check_safe
 
@@ -59,7 +59,10 @@ def discover(root: Path) -> list[Study]:
         pi, study = bids.parent.parent.name, bids.parent.name.removeprefix("study-")
         if not bids.is_dir() or not study or is_pattern(pi) or is_pattern(study):
             continue
-        lock = read_lock(bids)
+        try:
+            lock = read_lock(bids)
+        except LockfileError:  # named by the folder; the command run on this dataset reports it
+            lock = None
         recorded = sorted({r.project for r in lock.sessions.values()}) if lock else []
         if recorded:
             found += [Study(p, bids) for p in recorded]

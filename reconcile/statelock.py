@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import socket
+import stat
 import sys
 import time
 import uuid
@@ -249,12 +250,19 @@ def _unreadable_error(root: Path, seen: _Seen) -> LockHeldError:
     )
 
 
+def _not_a_folder(fd: int, path: Path) -> None:
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        raise LockHeldError(f"{path} is a folder, not xnat2bids' state lock",
+                            hint="nothing of xnat2bids makes it: move it out of the dataset")
+
+
 def _look(root: Path) -> _Seen | None:
     try:
         fd = os.open(state_lock_path(root), os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
+        _not_a_folder(fd, state_lock_path(root))
         return _settled(fd)
     finally:
         os.close(fd)
@@ -293,7 +301,10 @@ def _pinned(root: Path) -> Iterator[_Seen | None]:
         except FileNotFoundError:
             yield None
             return
+        except IsADirectoryError:
+            fd = os.open(path, os.O_RDONLY)
         try:
+            _not_a_folder(fd, path)
             fcntl.flock(fd, fcntl.LOCK_EX)
             mine = os.fstat(fd)
             try:

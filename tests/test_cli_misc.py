@@ -200,3 +200,39 @@ def test_the_credential_prompts_stay_off_stdout(emulator, tmp_path):
         os.close(master)
     assert proc.returncode == 0
     assert [c["address"] for c in json.loads(out)["changes"]] == ["sub-01/ses-01MR1"]
+
+
+def test_a_root_that_is_missing_or_a_file_is_a_clear_error(cli, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for command in (("history",), ("status",), ("finalize",), ("check",), ("show",), ("forget", "XNAT_E00001")):
+        code, _, err = cli(*command, str(afile))
+        assert code == 1, command
+        assert f"error: BIDS root {afile} is not a folder" in err or f"cannot read {afile}" in err, (command, err)
+    code, _, err = cli("forget", "XNAT_E00001", str(tmp_path / "missing"))
+    assert code == 1 and f"error: BIDS root {tmp_path / 'missing'} does not exist" in err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_folder_where_the_state_lock_goes_is_named(cli, tmp_path):
+    from reconcile.statelock import state_lock_path
+
+    root = tmp_path / "bids"
+    state_lock_path(root).mkdir(parents=True)
+    for command in (("status", str(root)), ("forget", "XNAT_E00001", str(root)), ("force-unlock", "abc", str(root))):
+        code, _, err = cli(*command)
+        assert code == 1, command
+        assert f"error: {state_lock_path(root)} is a folder, not xnat2bids' state lock" in err, (command, err)
+
+
+def test_damaged_batch_manifests_are_skipped(cli, tmp_path):
+    root = tmp_path / "bids"
+    for name, content in (("list", "[]"), ("text", "not json"), ("partial", '{"id": "partial"}')):
+        (root / ".xnat2bids/batches" / name).mkdir(parents=True)
+        (root / ".xnat2bids/batches" / name / "manifest.json").write_text(content)
+    code, out, err = cli("status", str(root))
+    assert (code, out) == (0, f"No SLURM batch in {root}.\n"), err
+    code, out, err = cli("finalize", str(root))
+    assert code == 0 and out.startswith(f"Nothing to finalize in {root}."), err
+    code, _, err = cli("finalize", str(root), "--batch", "list")
+    assert code == 1 and "the manifest" in err and "is unreadable" in err

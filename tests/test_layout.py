@@ -202,3 +202,19 @@ def test_status_finalize_and_force_unlock_walk_every_study(cli, emulator, tmp_pa
     assert code == 0, out + err
     assert f"Removed the state lock of {jones}" in out
     assert not state_lock_path(jones).exists()
+
+
+def test_an_invalid_lock_in_one_study_leaves_the_others_checked(cli, emulator, tmp_path):
+    root = tmp_path / "export"
+    cfg = write_config(tmp_path, PI_STUDY)
+    _export_study(emulator.archive, root, "smith/study-memory/bids", "SMITH_MEMORY")
+    jones = _export_study(emulator.archive, root, "jones/study-vision/bids", "JONES_VISION").parents[3]
+    broken = (jones / ".xnat2bids.lock").read_bytes() + b"x = = \n"
+    (jones / ".xnat2bids.lock").write_bytes(broken)
+    for command in ("check", "show", "history", "status"):
+        code, out, err = cli(command, str(root), "--config", str(cfg))
+        assert code == (1 if command in ("check", "show") else 0), out + err
+        assert f"=== SMITH_MEMORY: {root}/smith/study-memory/bids" in out
+    code, out, err = cli("check", str(root), "--config", str(cfg))
+    assert "OK: lock serial 1, 1 sessions" in out and f"{jones}/.xnat2bids.lock: not valid TOML" in err
+    assert (jones / ".xnat2bids.lock").read_bytes() == broken

@@ -414,3 +414,25 @@ def test_a_task_refuses_a_config_edited_after_the_batch_was_submitted(slurm_cli,
     assert sx.read_finalized(batch)["ok"] is False
     assert not (root / "sub-01").exists()
     assert read_lock(root) is None or read_lock(root).sessions == {}
+
+
+def test_finalizing_a_copied_dataset_writes_into_the_copy_only(slurm_cli, emulator, tmp_path):
+    add(emulator.archive, sessions(1))
+    root = tmp_path / "bids"
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
+    assert code == 0, out + err
+    batch = current_batch(root)
+    subprocess.run(["scancel", batch.finalize_job], check=True)
+    wait_gone(*batch.jobs)
+    assert sx.read_result(batch, 0)["status"] == "done" and read_lock(root) is None
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, symlinks=True)
+    code, out, err = slurm_cli("status", str(copy))
+    assert f"Batch {batch.id} of {copy}" in out and str(root) + "/" not in out
+    code, out, err = slurm_cli("finalize", str(copy))
+    assert code == 0, out + err
+    assert f"Finalizing batch {batch.id} of {copy} (1 sessions)" in out
+    assert list(read_lock(copy).sessions) == [batch.sessions[0].experiment_id]
+    assert (copy / batch.sessions[0].address).is_dir() and statelock.read_holder(copy) is None
+    assert read_lock(root) is None and not (root / batch.sessions[0].address).exists()
+    assert statelock.read_holder(root).id == batch.id  # the original still waits for its own finalize

@@ -205,13 +205,23 @@ def batch_dir(root: Path, batch_id: str) -> Path:
     return batches_dir(root) / batch_id
 
 
+def _from_manifest(path: Path, root: Path) -> Batch:
+    """The batch of a manifest found in the dataset at `root`. Its `root` is that dataset, not the
+    one it was submitted from: finalizing a copied or moved dataset must never write into the
+    original."""
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return replace(Batch.from_dict(data), root=root.absolute())
+
+
 def read_batch(root: Path, batch_id: str) -> Batch:
     path = batch_dir(root, batch_id) / "manifest.json"
     try:
-        return Batch.from_dict(json.loads(path.read_text()))
+        return _from_manifest(path, root)
     except FileNotFoundError:
         raise SlurmError(f"no SLURM batch {batch_id} in {root}") from None
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise SlurmError(f"the manifest {path} is unreadable: {exc}") from exc
 
 
@@ -223,8 +233,8 @@ def list_batches(root: Path) -> list[Batch]:
     batches = []
     for manifest in base.glob("*/manifest.json"):
         try:
-            batches.append(Batch.from_dict(json.loads(manifest.read_text())))
-        except (ValueError, TypeError, KeyError, SlurmError):
+            batches.append(_from_manifest(manifest, root))
+        except (ValueError, TypeError, KeyError, AttributeError, SlurmError):
             continue  # a half-written batch of a failed submission; nothing to merge from it
     return sorted(batches, key=lambda b: (b.created_at, b.id))
 

@@ -1,0 +1,60 @@
+"""What the commands other than apply do with a commit a crash interrupted: `forget` settles it
+before dropping the session, and a damaged journal is an error naming it, never skipped."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from relworld import kill_leftovers, served_world, xnat2bids
+
+from reconcile.lock import read_lock
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def interrupted(tmp_path):
+    """A root whose session was re-dated in XNAT and whose re-export was killed with the new
+    folder in place and the lock not yet written."""
+    with served_world() as world:
+        root = tmp_path / "bids"
+        first = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
+        assert first.returncode == 0, first.stdout + first.stderr
+        [exp] = world.archive.sessions("PROJ")
+        world.archive.set_fields(exp.id, date="2024-02-02")
+        killed = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path,
+                           XNAT2BIDS_FAILPOINT="commit-moved")
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+        kill_leftovers(root)
+        assert (root / ".xnat2bids/journal" / f"{exp.id}.json").is_file()
+        assert read_lock(root).sessions[exp.id].date == "2024-01-10"
+        yield world, root, exp
+
+
+def test_forget_completes_an_interrupted_commit_before_dropping_the_session(interrupted, tmp_path):
+    world, root, exp = interrupted
+    done = xnat2bids("forget", exp.id, str(root), url=world.url, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"recovered the interrupted commit of {exp.id}" in done.stdout
+    assert f"Forgot {exp.id}; its files were left on disk." in done.stdout
+    assert read_lock(root).sessions == {}
+    assert not list((root / ".xnat2bids/journal").glob("*"))
+    assert (root / "sub-01/ses-01MR1").is_dir()  # the files stay, as forget promises
+    # Nothing brings it back: the next apply finds a folder the lock records for no session.
+    again = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
+    assert again.returncode == 1 and "exists but the lock records no session there" in again.stdout + again.stderr
+    assert read_lock(root).sessions == {}
+
+
+@pytest.mark.parametrize("content", [b'{"record": ', b"{}", b"[]", b"\xff\xfe"])
+def test_a_damaged_journal_is_an_error_naming_it(interrupted, tmp_path, content):
+    world, root, exp = interrupted
+    journal = root / ".xnat2bids/journal" / f"{exp.id}.json"
+    journal.write_bytes(content)
+    for command in (("check", str(root)), ("apply", str(root), "-p", "PROJ", "--yes"), ("forget", exp.id, str(root))):
+        result = xnat2bids(*command, url=world.url, cwd=tmp_path)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"error: the journal of an interrupted commit cannot be read: {journal}" in result.stderr
+        assert "internal error" not in result.stderr
+    assert journal.read_bytes() == content and read_lock(root).sessions[exp.id].date == "2024-01-10"
