@@ -697,6 +697,10 @@ def _is_history_entry(entry: object) -> bool:
     )
 
 
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: never written, so never passed on
+
+
 def read_history(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list[dict]:
     """The history's entries in order; lines that are not a complete entry are skipped with a warning."""
     path = WorkArea(root).history
@@ -707,7 +711,7 @@ def read_history(root: Path, *, warn: Callable[[str], None] = lambda m: None) ->
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)
+            entry = json.loads(line, parse_constant=_no_constant)
         except ValueError:
             # Usually a line torn by a crash during its append (the next append starts a new line).
             warn(f"{path}: line {number} is not valid JSON; skipped")

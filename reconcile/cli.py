@@ -878,6 +878,8 @@ def history(
     """
     cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
+    if as_json:
+        need_one_dataset(cfg, root, "--json needs")
     raise typer.Exit(for_each_dataset(cfg, root, lambda where: _print_history(where, as_json=as_json),
                                       none=lambda: _print_history(root, as_json=as_json)))
 
@@ -886,7 +888,7 @@ def _print_history(root: Path, *, as_json: bool) -> int:
     from reconcile.apply import read_history
 
     entries = read_history(root, warn=lambda m: echo(f"warning: {m}", err=True))
-    if not entries:
+    if not entries and not as_json:  # JSON lines: none
         echo("No history yet.")
     for e in entries:
         if as_json:
@@ -1068,15 +1070,15 @@ def _show_dataset(root: Path, *, as_json: bool) -> int:
     from reconcile.lock import lock_path, read_lock
 
     lock = read_lock(root)
-    if lock is None:
+    if lock is None and not as_json:
         echo(f"No lock at {lock_path(root)}: nothing exported yet.")
         return EXIT_OK
-    rows = sorted(lock.sessions.values(), key=lambda r: (r.address, r.experiment_id))
+    rows = sorted(lock.sessions.values(), key=lambda r: (r.address, r.experiment_id)) if lock else []
     if as_json:
-        doc = {
+        doc = {  # without a lock: no lineage yet, serial 0, no sessions
             "format_version": 1,
-            "lineage": lock.lineage,
-            "serial": lock.serial,
+            "lineage": lock.lineage if lock else None,
+            "serial": lock.serial if lock else 0,
             "sessions": [
                 {
                     "experiment_id": r.experiment_id,

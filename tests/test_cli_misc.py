@@ -80,6 +80,7 @@ def test_history_skips_lines_that_are_not_entries_with_a_warning_each(cli, tmp_p
         fh.write("[1, 2]\n")
         fh.write(json.dumps({**first, "sessions": [{"action": "create"}]}) + "\n")
         fh.write("{not json\n")
+        fh.write(json.dumps({**first, "lock_serial": {"before": 0, "after": float("nan")}}) + "\n")
     append_history(root, plan, ApplyReport(lock=Lock.new()))
     code, out, err = cli("history", str(root))
     assert code == 0, err
@@ -89,9 +90,18 @@ def test_history_skips_lines_that_are_not_entries_with_a_warning_each(cli, tmp_p
         f"warning: {history}: line 3 is not a complete history entry; skipped",
         f"warning: {history}: line 4 is not a complete history entry; skipped",
         f"warning: {history}: line 5 is not valid JSON; skipped",
+        f"warning: {history}: line 6 is not valid JSON; skipped",
     ]
     code, out, _ = cli("history", str(root), "--json")
     assert code == 0 and [json.loads(line)["operation"] for line in out.splitlines()] == ["apply", "apply"]
+
+
+def test_json_outputs_of_a_dataset_with_nothing_yet_are_json(cli, tmp_path):
+    root = tmp_path / "bids"
+    code, out, _ = cli("show", str(root), "--json")
+    assert code == 0 and json.loads(out) == {"format_version": 1, "lineage": None, "serial": 0, "sessions": []}
+    code, out, _ = cli("history", str(root), "--json")
+    assert (code, out) == (0, "")
 
 
 def test_status_json_without_a_batch_is_json(cli, tmp_path):

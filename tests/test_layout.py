@@ -172,8 +172,10 @@ def test_a_study_folder_given_directly_is_one_dataset(cli, emulator, tmp_path):
     code, out, err = cli("status", str(study), "--config", str(cfg), "--json")
     assert code == 0, out + err
     assert json.loads(out)["holder"] is None
-    code, _, err = cli("status", str(root), "--config", str(cfg), "--json")
-    assert code == 1 and f"pass a study's bids folder ({root}/<pi>/study-<study>/bids)" in err
+    for command in ("status", "history", "show"):
+        code, out, err = cli(command, str(root), "--config", str(cfg), "--json")
+        assert code == 1 and f"pass a study's bids folder ({root}/<pi>/study-<study>/bids)" in err
+        assert out == ""
 
 
 def test_status_finalize_and_force_unlock_walk_every_study(cli, emulator, tmp_path):
