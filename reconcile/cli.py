@@ -66,7 +66,7 @@ def echo(text: str = "", *, err: bool = False) -> None:
     typer.echo(text, err=err)
 
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default: ./xnat2bids.toml if present).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default: $XNAT2BIDS_CONFIG, ./xnat2bids.toml, ~/.config/xnat2bids/xnat2bids.toml).")
 ProjectOpt = typer.Option(None, "--project", "-p", help="XNAT project ID, or a glob over the projects of the config and the lock (repeatable).")
 SubjectOpt = typer.Option(None, "--subject", help="Subject label glob (repeatable).")
 SessionOpt = typer.Option(None, "--session", help="Session label / experiment ID glob (repeatable).")
@@ -145,6 +145,9 @@ def run_plan(
 
     run = make_plan(client, root, config, selection, deep=deep, reconvert_outdated=reconvert_outdated)
     plan = run.plan
+    unconfigured = _no_config_but_lock_had_one(config, run.lock, root)
+    if unconfigured:
+        echo(f"warning: {unconfigured}; the changes below may come from that (apply refuses to run so)", err=True)
     created = utc_now()
     # Only when asked for: the JSON of 10,000 changes costs ~0.35 s and 50 MB.
     doc = render_json(plan, bids_root=str(root), config_fingerprint=config.fingerprint(), xnat_url=client.url,
@@ -164,6 +167,18 @@ def run_plan(
     if detailed_exitcode and plan.has_changes:
         return EXIT_CHANGES
     return EXIT_OK
+
+
+def _no_config_but_lock_had_one(cfg: Config, lock: Lock, root: Path) -> str | None:
+    """What is wrong when no config file was found, but the lock's sessions were exported with
+    settings other than the defaults (the file is elsewhere: another working directory)."""
+    from reconcile.config import config_candidates
+    from reconcile.lock import lock_path
+
+    if cfg.source is not None or not lock.sessions or lock.config_fingerprint in ("", cfg.fingerprint()):
+        return None
+    looked = ", ".join(str(p) for p in config_candidates())
+    return f"no config file found (looked for {looked}), but {lock_path(root)} was written with one"
 
 
 def for_each_study(cfg: Config, root: Path, selection: Selection, run) -> int:
@@ -491,7 +506,12 @@ def _load_or_make_plan(
     from reconcile.render import plan_from_dict
 
     if plan_file is None:
-        return make_plan(client, root, cfg, selection, deep=deep, reconvert_outdated=reconvert_outdated).plan
+        run = make_plan(client, root, cfg, selection, deep=deep, reconvert_outdated=reconvert_outdated)
+        unconfigured = _no_config_but_lock_had_one(cfg, run.lock, root)
+        if unconfigured:
+            # Unattended (cron, --update), this would rename or re-convert every session.
+            raise ConfigError(unconfigured, hint="pass --config FILE (or set $XNAT2BIDS_CONFIG) with the lab's config; an empty file goes back to the defaults")
+        return run.plan
     try:
         data = json.loads(plan_file.read_text())
     except (OSError, ValueError) as exc:

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -244,13 +244,26 @@ def _unsafe_bidsmap_target(data: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+ENV_CONFIG = "XNAT2BIDS_CONFIG"
+
+
+def config_candidates(env: Mapping[str, str] = os.environ) -> list[Path]:
+    """Where a config is looked for when none is given: $XNAT2BIDS_CONFIG, ./xnat2bids.toml,
+    then the user's ($XDG_CONFIG_HOME or ~/.config)/xnat2bids/xnat2bids.toml, so that cron jobs
+    and SLURM tasks started elsewhere find the same one."""
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return [Path(CONFIG_NAME), Path(base) / "xnat2bids" / CONFIG_NAME]
+
+
 def load_config(path: str | os.PathLike[str] | None) -> Config:
-    """Load the config file; with no path, `./xnat2bids.toml` if present, else defaults."""
+    """Load the config file; with no path, the first of `config_candidates` that exists, else
+    the defaults (`Config.source` None)."""
     if path is None:
-        candidate = Path(CONFIG_NAME)
-        if not candidate.is_file():
+        path = os.environ.get(ENV_CONFIG) or None  # set, it must name a readable file
+    if path is None:
+        path = next((c for c in config_candidates() if c.is_file()), None)
+        if path is None:
             return Config()
-        path = candidate
     path = Path(path)
     try:
         raw = path.read_bytes()

@@ -15,7 +15,7 @@ from pathlib import Path
 import reconcile
 from reconcile.apply import ApplyReport, append_history
 from reconcile.config import Config
-from reconcile.lock import Lock
+from reconcile.lock import Lock, read_lock
 from reconcile.plan import LocalState, RemoteState, compute_plan
 
 STATUS_KEYS = {
@@ -246,3 +246,40 @@ def test_damaged_batch_manifests_are_skipped(cli, tmp_path):
     assert code == 0 and out.startswith(f"Nothing to finalize in {root}."), err
     code, _, err = cli("finalize", str(root), "--batch", "list")
     assert code == 1 and "the manifest" in err and "is unreadable" in err
+
+
+def test_without_its_config_file_apply_refuses_to_reshape_a_dataset(cli, emulator, tmp_path, monkeypatch):
+    from worlds import SMALL
+
+    from reconcile.demo import populate
+
+    populate(emulator.archive, "PROJ", [("001", "001_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    lab = tmp_path / "lab" / "xnat2bids.toml"
+    lab.parent.mkdir()
+    lab.write_text('[naming]\nsession_label = "strip-subject"\n')
+    code, out, err = cli("apply", str(root), "-c", str(lab), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    serial = read_lock(root).serial
+
+    # A cron job started elsewhere: no ./xnat2bids.toml, none in ~/.config.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    code, out, err = cli("--update", str(root))
+    assert code == 1
+    assert "error: no config file found (looked for xnat2bids.toml, " in err
+    assert f"but {root}/.xnat2bids.lock was written with one" in err
+    assert read_lock(root).serial == serial and (root / "sub-001/ses-MR1").is_dir()
+    code, out, err = cli("plan", str(root), "-p", "PROJ")
+    assert code == 0 and "warning: no config file found" in err and "renamed ses-MR1 → ses-001MR1" in out
+
+    # Found through $XNAT2BIDS_CONFIG, or the user's config folder: nothing to do.
+    monkeypatch.setenv("XNAT2BIDS_CONFIG", str(lab))
+    code, out, err = cli("--update", str(root))
+    assert (code, err) == (0, "") and "Nothing to apply." in out
+    monkeypatch.delenv("XNAT2BIDS_CONFIG")
+    user_config = tmp_path / "home/.config/xnat2bids/xnat2bids.toml"
+    user_config.parent.mkdir(parents=True)
+    user_config.write_bytes(lab.read_bytes())
+    code, out, err = cli("--update", str(root))
+    assert (code, err) == (0, "") and "Nothing to apply." in out
