@@ -491,6 +491,19 @@ def compute_plan(
             f"{'them' if edits != 1 else 'it'} out only with --repair-drift, keeping a copy of each changed file "
             "in .xnat2bids/replaced/"
         )
+    drifted = sum(1 for c in out.changes if c.action is Action.DRIFT)
+    if drifted:
+        out.notes.append(
+            f"{drifted} session{'s' if drifted != 1 else ''} changed on disk; apply leaves "
+            f"{'them' if drifted != 1 else 'it'} as {'they are' if drifted != 1 else 'it is'} unless given "
+            "--repair-drift, which exports and converts again"
+        )
+    orphans = [c.key.experiment_id for c in out.changes if c.action is Action.ORPHAN]
+    if orphans:
+        out.notes.append(
+            f"{len(orphans)} orphan{'s' if len(orphans) != 1 else ''}: nothing is deleted; "
+            f"`xnat2bids forget {orphans[0]}` drops one from the lock and leaves its files"
+        )
     if outdated:
         out.notes.append(
             f"{outdated} session{'s' if outdated != 1 else ''} converted with older tools; "

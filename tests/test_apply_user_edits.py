@@ -64,7 +64,9 @@ def test_a_user_file_where_the_conversion_now_writes_is_kept_aside(cli, emulator
     deep.parent.mkdir()
     deep.write_text("deep")
 
-    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")  # default config: func converted now
+    defaults = tmp_path / "defaults.toml"
+    defaults.write_text("")  # back to the default config: func converted now
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c", str(defaults))
     assert code == 0 and "config changed" in out, out + err
     rel = mine.relative_to(root).as_posix()
     assert rel in {o.path for o in read_lock(root).sessions[exp.id].outputs}

@@ -172,9 +172,12 @@ def test_renamed_subject_updates_each_of_its_sessions():  # row 7
 def test_deleted_session_is_orphan_and_never_more():  # row 8
     e1, e2 = exp(1), exp(2)
     lock = lock_of(record(e1, bids_session="SUBJ01MR1"), record(e2, bids_session="SUBJ02MR1"))
-    change = only(plan_of(lock, [e1]), Action.ORPHAN)
+    plan = plan_of(lock, [e1])
+    change = only(plan, Action.ORPHAN)
     assert change.key.experiment_id == e2.id and change.after is None
     assert change.reasons[0].message == "no longer in XNAT project PROJ"
+    assert f"1 orphan: nothing is deleted; `xnat2bids forget {e2.id}` drops one from the lock and leaves its files" \
+        in plan.notes
 
 
 def test_rearchived_session_is_one_update_not_orphan_plus_create():  # row 9
@@ -237,8 +240,11 @@ def test_empty_listing_without_recorded_sessions_is_fine():
 def test_deleted_output_is_drift_naming_the_file():  # row 12
     e = exp(1)
     rec = record(e, bids_session="SUBJ01MR1")
-    change = only(plan_of(lock_of(rec), [e], LocalState({})), Action.DRIFT)
+    plan = plan_of(lock_of(rec), [e], LocalState({}))
+    change = only(plan, Action.DRIFT)
     assert change.reasons[0].message == f"missing: {rec.outputs[0].path}"
+    assert "1 session changed on disk; apply leaves it as it is unless given --repair-drift, which exports and " \
+        "converts again" in plan.notes
 
 
 def test_edited_output_is_drift():  # row 13
@@ -436,3 +442,22 @@ def test_swapped_labels_are_refused_instead_of_overwriting_each_other():
     plan = plan_of(lock, swapped)
     assert not plan.changes
     assert len(plan.problems) == 2 and all("which the lock still records for" in p.message for p in plan.problems)
+
+
+@pytest.mark.parametrize("recorded_in", ["PROJ", "OTHER"])
+def test_session_shared_into_another_project_stays_under_the_recorded_one(recorded_in):  # row 10
+    # XNAT lists a shared experiment in both projects, same ID; it is planned once, where the lock has it.
+    home = exp(1, project=recorded_in)
+    shared = replace(home, project="PROJ" if recorded_in == "OTHER" else "OTHER")
+    lock = lock_of(record(home, bids_session="SUBJ01MR1"))
+    plan = plan_of(lock, [home, shared], projects=("PROJ", "OTHER"))
+    assert not plan.changes and not plan.problems  # no "project A → B" update, no duplicate
+    assert plan.unchanged == 1
+
+
+def test_new_session_shared_into_a_second_project_is_one_create():  # row 10
+    e = exp(1)
+    plan = plan_of(Lock.new(), [e, replace(e, project="OTHER")], projects=("PROJ", "OTHER"))
+    change = only(plan, Action.CREATE)
+    assert len(plan.changes) == 1 and not plan.problems  # never a silent duplicate, nor a collision with itself
+    assert change.key.experiment_id == e.id
