@@ -21,7 +21,7 @@ from enum import Enum
 from pathlib import Path
 
 from reconcile.config import Config, ConversionSettings
-from reconcile.convert import convert_session, nothing_selected
+from reconcile.convert import ConversionCancelled, convert_session, nothing_selected
 from reconcile.dataset import (
     check_dataset_files,
     ensure_dataset_description,
@@ -31,7 +31,7 @@ from reconcile.dataset import (
 )
 from reconcile.durable import fsync_dir, fsync_file, fsync_tree, write_atomic
 from reconcile.errors import AuthError, StalePlanError, UnsafePathError, XnatBidsError
-from reconcile.export import export_session
+from reconcile.export import ExportCancelled, export_session
 from reconcile.failpoints import hit
 from reconcile.journal import read_journal
 from reconcile.localscan import sha256_file, stat_records
@@ -483,6 +483,14 @@ def _same_root(planned: Path, root: Path) -> bool:
         return False
 
 
+def check_plan_root(planned_root: str, root: Path) -> None:
+    if not _same_root(Path(planned_root), root):
+        raise StalePlanError(
+            f"plan is for another BIDS root: it was made for {planned_root}, not {root}",
+            hint=f"apply it to {planned_root}, or run plan again for {root}",
+        )
+
+
 def check_plan_fresh(
     plan: Plan, root: Path, config: Config, *, planned_root: str, planned_config: str | None,
     planned_url: str | None, url: str,
@@ -499,11 +507,7 @@ def check_plan_fresh(
             "plan was saved by an older xnat2bids (plan format 1), which did not record the config it was made with",
             hint="run plan again",
         )
-    if not _same_root(Path(planned_root), root):
-        raise StalePlanError(
-            f"plan is for another BIDS root: it was made for {planned_root}, not {root}",
-            hint=f"apply it to {planned_root}, or run plan again for {root}",
-        )
+    check_plan_root(planned_root, root)
     if (planned_url or "").rstrip("/") != url.rstrip("/"):
         raise StalePlanError(
             f"plan is for another XNAT: it was made against {planned_url}, not {url}",
@@ -614,6 +618,9 @@ def _settle(
         auth_failed.set()
         _log(log_path, f"failed: {exc}")
         return Outcome(change, Status.FAILED, exc.summary, log_path, time.monotonic() - t0, hint=exc.hint)
+    except (ExportCancelled, ConversionCancelled):  # stopped part-way by the user: not a failure
+        _log(log_path, "cancelled; nothing of it was committed")
+        return Outcome(change, Status.SKIPPED, "cancelled part-way; nothing of it was committed")
     except Exception as exc:  # one session's failure, a bug or an OS error, must not stop the others
         text = exc.summary if isinstance(exc, XnatBidsError) else f"{type(exc).__name__}: {exc}"
         if WorkArea(root).journal(change.key.experiment_id).exists():

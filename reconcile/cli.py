@@ -265,6 +265,9 @@ def root_callback(
         echo(f"xnat2bids {__version__}")
         raise typer.Exit(EXIT_OK)
     if ctx.invoked_subcommand is not None:
+        if diff is not None or update is not None:
+            raise UsageError(f"--{'diff' if diff is not None else 'update'} is a command of its own; "
+                             f"it cannot be combined with `{ctx.invoked_subcommand}`", ctx)
         return
     if diff is not None:
         cfg = _load_config(config)
@@ -350,6 +353,10 @@ def run_apply(
 
     if root.exists() and not root.is_dir():
         raise ConfigError(f"BIDS root {root} exists but is not a directory")
+    if plan_file is not None:  # a plan for another root must not leave an empty one behind
+        from reconcile.apply import check_plan_root
+
+        check_plan_root(_read_plan_file(plan_file).get("bids_root", ""), root)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -473,7 +480,9 @@ def apply(
     """Export and convert what plan reports (create / update), updating the lock per session.
 
     With --executor slurm (or executor = "slurm"), --jobs is the array's limit of tasks at once.
+
     Example: xnat2bids apply ~/bids-export --project PROJ --yes --jobs 4
+
     Example: xnat2bids apply ~/bids-export --executor slurm --yes --wait
     """
     if plan_file is not None:
@@ -512,16 +521,23 @@ def _load_or_make_plan(
             # Unattended (cron, --update), this would rename or re-convert every session.
             raise ConfigError(unconfigured, hint="pass --config FILE (or set $XNAT2BIDS_CONFIG) with the lab's config; an empty file goes back to the defaults")
         return run.plan
-    try:
-        data = json.loads(plan_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read plan {plan_file}: {exc}") from exc
+    data = _read_plan_file(plan_file)
     from reconcile.lock import read_lock
 
     plan, saved = plan_from_dict(data, str(plan_file), read_lock(root))
     check_plan_fresh(plan, root, cfg, planned_root=saved["bids_root"], planned_config=saved.get("config_fingerprint"),
                      planned_url=saved.get("xnat_url"), url=client.url)
     return plan
+
+
+def _read_plan_file(plan_file: Path) -> dict:
+    try:
+        data = json.loads(plan_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read plan {plan_file}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{plan_file} is not an xnat2bids plan")
+    return data
 
 
 def _settle_slurm_batch(root: Path, warn) -> None:
@@ -766,7 +782,7 @@ def _dataset_status(root: Path, *, as_json: bool) -> int:
     st = sx.batch_status(current, query=shutil.which("scontrol") is not None)
     b = st.batch
     echo(f"Batch {b.id} of {root}, submitted {b.created_at} by {b.user}@{b.host}")
-    echo(f"  array job {b.array_job} ({len(b.sessions)} tasks, at most {b.max_parallel} at once), "
+    echo(f"  array job {b.array_job} ({len(b.sessions)} tasks, at most {min(b.max_parallel, len(b.sessions))} at once), "
          f"finalize job {b.finalize_job}: {st.finalize.describe() if st.finalize else 'no longer known to SLURM'}")
     if st.finalized is not None:
         s = st.finalized["summary"]
@@ -915,7 +931,8 @@ def _print_history(root: Path, *, as_json: bool) -> int:
             echo(json.dumps(e, sort_keys=True))
             continue
         s = e["summary"]
-        echo(f"{e['time']}  {e['operation']} by {e['user']}@{e['host']} (xnat2bids {e['xnat2bids']}): "
+        echo(f"{e['time']}  {e['operation']} by {e['user']}@{e['host']} (xnat2bids {e['xnat2bids']})"
+             f"{' (cancelled)' if e.get('cancelled') else ''}: "
              f"{s.get('done', 0)} done, {s.get('failed', 0)} failed, {s.get('skipped', 0)} skipped; "
              f"serial {e['lock_serial']['before']} → {e['lock_serial']['after']}")
         for row in e["sessions"]:
@@ -1139,15 +1156,16 @@ def emulator_serve(
     data: Optional[Path] = typer.Option(None, "--data", help="Load DICOM laid out PROJECT/SUBJECT/SESSION/SCANID/*.dcm."),
     user: str = typer.Option("admin", "--user", help="Login of the emulated user."),
     password: str = typer.Option("admin", "--password", help="Password of the emulated user (a test fixture, not a real secret)."),
-    project: str = typer.Option("PROJ", "--project", help="Project for --synthetic-sessions."),
-    synthetic_sessions: int = typer.Option(0, "--synthetic-sessions", help="Add N synthetic sessions (benchmarks)."),
+    project: str = typer.Option("PROJ", "--project", help="Project for --demo-sessions and --synthetic-sessions."),
+    demo_sessions: int = typer.Option(0, "--demo-sessions", help="Add N sessions of small real DICOM that convert (subjects 001, 002, …; sessions 001_MR1, …), as `xnat2bids demo` serves."),
+    synthetic_sessions: int = typer.Option(0, "--synthetic-sessions", help="Add N sessions of deterministic bytes, not DICOM (benchmarks)."),
     scans_per_session: int = typer.Option(2, "--scans-per-session"),
     files_per_scan: int = typer.Option(3, "--files-per-scan"),
     file_size: int = typer.Option(1024, "--file-size"),
 ) -> None:
     """Serve an emulated XNAT until interrupted.
 
-    Example: xnat2bids emulator serve --port 8080 --data ./dicom --user admin --password admin
+    Example: xnat2bids emulator serve --port 8080 --demo-sessions 2 --project LAB_STUDY
     """
     from reconcile.emulator import Archive, load_dicom_dir
     from reconcile.emulator.serve import serve_forever
@@ -1156,6 +1174,14 @@ def emulator_serve(
     archive.add_user(user, password)
     if data is not None:
         load_dicom_dir(archive, data)
+    if demo_sessions:
+        from datetime import date, timedelta
+
+        from reconcile.demo import populate
+
+        first = date(2024, 1, 10)
+        populate(archive, project, [(f"{i:03d}", f"{i:03d}_MR1", (first + timedelta(days=i - 1)).isoformat())
+                                    for i in range(1, demo_sessions + 1)])
     if synthetic_sessions:
         if project not in archive.projects:
             archive.add_project(project)

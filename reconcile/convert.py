@@ -38,6 +38,10 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DUP_MARK = "__dup-"  # ReproIn's suffix for all but the last of series that get the same BIDS name
 
 
+class ConversionCancelled(ConversionError):
+    """The run was cancelled (Ctrl-C, scancel) while this conversion waited or ran."""
+
+
 @dataclass(frozen=True)
 class ConversionResult:
     staging_root: Path  # a BIDS dataset made by heudiconv in the work dir
@@ -119,7 +123,7 @@ def convert_session(
     log_path = Path(log_path).absolute()
     hint = f"see the heudiconv log: {log_path}"
     if cancel is not None and cancel.is_set():
-        raise ConversionError("cancelled", detail=f"conversion of {address} was cancelled before it started")
+        raise ConversionCancelled("cancelled", detail=f"conversion of {address} was cancelled before it started")
     if work_dir.exists():
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)
@@ -479,7 +483,7 @@ def _run(args: list[str], work_dir: Path, log_path: Path, cancel: threading.Even
         while (returncode := proc.wait(0.1)) is None:
             if cancel is not None and cancel.is_set():
                 proc.kill()
-                raise ConversionError("cancelled", detail=f"conversion of {address} was cancelled", hint=hint)
+                raise ConversionCancelled("cancelled", detail=f"conversion of {address} was cancelled")
             if time.monotonic() > deadline:
                 proc.kill()
                 raise ConversionError(f"{address}: heudiconv timed out after {timeout:g} s",

@@ -50,7 +50,7 @@ def choose_projects(selection: Selection, config: Config, lock: Lock) -> tuple[s
         if not recorded:
             raise ConfigError(
                 "no XNAT project selected",
-                hint="pass --project P, or set projects = [\"P\"] in xnat2bids.toml",
+                hint="set projects = [\"P\"] in the config, or pass --project P to plan or apply",
             )
         return recorded
     known = tuple(dict.fromkeys((*(p for p in config.projects if not is_pattern(p)), *recorded)))

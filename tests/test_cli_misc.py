@@ -283,3 +283,27 @@ def test_without_its_config_file_apply_refuses_to_reshape_a_dataset(cli, emulato
     user_config.write_bytes(lab.read_bytes())
     code, out, err = cli("--update", str(root))
     assert (code, err) == (0, "") and "Nothing to apply." in out
+
+
+def test_the_seed_flags_are_commands_of_their_own(cli, tmp_path):
+    code, out, err = cli("--diff", str(tmp_path / "bids"), "plan")
+    assert code == 1 and "--diff is a command of its own; it cannot be combined with `plan`" in out + err
+    code, out, err = cli("--diff", str(tmp_path / "bids"))
+    assert code == 1 and 'set projects = ["P"] in the config, or pass --project P to plan or apply' in err
+
+
+def test_ctrl_c_while_the_cli_is_still_importing_is_one_line_and_exit_1(monkeypatch, capsys):
+    import types
+
+    import pytest
+
+    from reconcile.__main__ import run
+
+    class Interrupted(types.ModuleType):
+        def __getattr__(self, name: str):  # the import is under way when Ctrl-C arrives
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "reconcile.cli", Interrupted("reconcile.cli"))
+    with pytest.raises(SystemExit) as exc:
+        run()
+    assert exc.value.code == 1 and capsys.readouterr().err == "Interrupted.\n"

@@ -89,7 +89,7 @@ executor = "slurm"
 partition = "debug"
 time = "00:20:00"
 cpus_per_task = 1
-max_parallel = 3
+max_parallel = 8  # more than the sessions: they say 3 at once
 setup = """
 echo "setup ran for job $SLURM_JOB_ID: it's <<EOF fine" >&2
 """
@@ -103,7 +103,7 @@ echo "setup ran for job $SLURM_JOB_ID: it's <<EOF fine" >&2
     assert holder is not None and holder.id == batch.id and holder.jobs == (batch.array_job, batch.finalize_job)
 
     code, out, _ = slurm_cli("status", str(root))
-    assert code == 0 and f"Batch {batch.id}" in out and f"array job {batch.array_job}" in out
+    assert code == 0 and f"Batch {batch.id}" in out and f"array job {batch.array_job} (3 tasks, at most 3 at once)" in out
     assert f"finalize job {batch.finalize_job}" in out
 
     wait_gone(batch.array_job)

@@ -6,7 +6,9 @@ for a guessed duration.
 
 from __future__ import annotations
 
+import re
 import signal
+import threading
 import time
 
 import pytest
@@ -40,11 +42,14 @@ def test_sigint_during_download_stops_cleanly_releases_the_lock_and_a_rerun_comp
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 1, out + err
         assert "Stopping: the sessions under way are abandoned cleanly" in err
-        assert "Apply cancelled: 0 done, 1 failed, 0 skipped" in out
-        assert "cancelled" in out.split("Apply cancelled")[0]  # the session line says why it stopped
+        assert "Apply cancelled: 0 done, 0 failed, 1 skipped" in out  # stopped by the user: not a failure
+        assert "cancelled part-way; nothing of it was committed" in out.split("Apply cancelled")[0]
+        assert "see the heudiconv log" not in out
         assert not state_lock_path(root).exists()
         assert read_lock(root) is None
         assert not list(root.glob("sub-*"))
+        history = xnat2bids("history", str(root), url=world.url, cwd=tmp_path)
+        assert "(cancelled): 0 done, 0 failed, 1 skipped" in history.stdout
         world.app.faults.clear()
         rerun = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -53,13 +58,25 @@ def test_sigint_during_download_stops_cleanly_releases_the_lock_and_a_rerun_comp
 
 def test_second_apply_on_the_same_root_fails_at_once_naming_the_holder(tmp_path):
     with served_world() as world:
-        slow = world.app.faults.add(Fault(route=FILE_GET, kind="latency", seconds=1.0, times=4))
+        # The first apply's first file download is held until the second apply has finished.
+        reached, release = threading.Event(), threading.Event()
+        serve = world.app.handle
+
+        def handle(request):
+            if re.search(FILE_GET, request.path) and not release.is_set():
+                reached.set()
+                release.wait(120)  # a guard against hanging, not a bound on speed
+            return serve(request)
+
+        world.app.handle = handle
         root = tmp_path / "bids"
         first = start_xnat2bids("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1", url=world.url, cwd=tmp_path)
-        wait_for(lambda: slow.seen >= 1, "the first apply's download")
-        t0 = time.monotonic()
-        second = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
-        assert time.monotonic() - t0 < 10
+        try:
+            wait_for(reached.is_set, "the first apply's download")
+            second = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
+            assert first.poll() is None  # the second did not wait for the first to end
+        finally:
+            release.set()
         assert second.returncode == 1
         assert f"another xnat2bids holds {root}: apply by" in second.stderr
         assert f"pid {first.pid}" in second.stderr
