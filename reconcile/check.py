@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reconcile.journal import read_journal
-from reconcile.localscan import hash_files
+from reconcile.localscan import Beneath, hash_files
 from reconcile.lock import Lock
 
 
@@ -63,13 +63,20 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
     problems: list[str] = []
     to_hash: dict[str, tuple[str, str, str]] = {}
     total = 0
+    beneath = Beneath(root)
     for exp_id in sorted(lock.sessions):
         rec = lock.sessions[exp_id]
         for out in rec.outputs:
             total += 1
             where = _located(root, out.path, moved)
             try:
-                st = os.stat(where)
+                st = os.lstat(where)
+                outside = beneath.escapes(out.path, st) if where == os.path.join(beneath.root, out.path) else None
+                if outside is not None:
+                    problems.append(f"{exp_id} {rec.address}: {out.path} is a link out of the BIDS root, to {outside}")
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    st = os.stat(where)
             except OSError:
                 st = None
             if st is None or not stat.S_ISREG(st.st_mode):

@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from stat import S_ISREG
+from stat import S_ISLNK, S_ISREG
 
 from reconcile.lock import Lock
 from reconcile.model import FileStat, SessionRecord
@@ -47,6 +47,36 @@ def stat_records(root: Path, records: Iterable[SessionRecord]) -> LocalState:
         if root_fd is not None:
             os.close(root_fd)
     return LocalState(files)
+
+
+class Beneath:
+    """Tells whether a path under `root` stays inside it: a link anywhere along it (a linked
+    session folder, a linked file) must resolve inside the root, as git-annex's do. Folders are
+    looked at once each (lstat), so a tree without links costs one lstat per folder."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.fspath(root)
+        self._real_root = os.path.realpath(self.root)
+        self._linked_dirs: dict[str, bool] = {}
+
+    def escapes(self, rel: str, st: os.stat_result) -> str | None:
+        """Where `rel` (whose lstat is `st`) really is when that is outside the root, else None."""
+        linked = S_ISLNK(st.st_mode)
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            folder = "/".join(parts[:i])
+            known = self._linked_dirs.get(folder)
+            if known is None:
+                try:
+                    known = S_ISLNK(os.lstat(os.path.join(self.root, folder)).st_mode)
+                except OSError:
+                    known = False
+                self._linked_dirs[folder] = known
+            linked = linked or known
+        if not linked:
+            return None
+        real = os.path.realpath(os.path.join(self.root, rel))
+        return None if real.startswith(self._real_root + os.sep) else real
 
 
 def _open_dir(path: str) -> int | None:

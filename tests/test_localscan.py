@@ -44,3 +44,35 @@ def test_scan_sees_recorded_files_and_leaves_out_missing_ones_and_directories(tm
 
 def test_scan_of_a_missing_root_sees_nothing(tmp_path, stat_way):
     assert stat_outputs(tmp_path / "nowhere", lock_recording("sub-SUBJ01/a.json")).files == {}
+
+
+def test_check_refuses_outputs_that_are_links_out_of_the_root_and_keeps_links_inside(tmp_path):
+    import hashlib
+
+    from reconcile.check import check_outputs
+
+    root, elsewhere = tmp_path / "bids", tmp_path / "elsewhere"
+    data = b"{}\n"
+    paths = ("sub-01/ses-1/anat/a.json", "sub-02/ses-1/anat/b.json", "sub-03/ses-1/anat/c.json")
+    for rel in paths:
+        (root / rel).parent.mkdir(parents=True)
+    elsewhere.mkdir()
+    (elsewhere / "a.json").write_bytes(data)
+    os.symlink(elsewhere / "a.json", root / paths[0])  # a linked file
+    (elsewhere / "ses-1" / "anat").mkdir(parents=True)
+    (elsewhere / "ses-1" / "anat" / "b.json").write_bytes(data)
+    (root / "sub-02" / "ses-1" / "anat").rmdir()
+    (root / "sub-02" / "ses-1").rmdir()
+    os.symlink(elsewhere / "ses-1", root / "sub-02" / "ses-1")  # a linked session folder
+    annexed = root / ".git/annex/objects/c.json"  # git-annex: a link to a file inside the root
+    annexed.parent.mkdir(parents=True)
+    annexed.write_bytes(data)
+    os.symlink(os.path.relpath(annexed, (root / paths[2]).parent), root / paths[2])
+    outputs = tuple(OutputRecord(p, len(data), hashlib.sha256(data).hexdigest(), 1) for p in paths)
+    record = SessionRecord("E1", "P", "S1", "SUBJ01", "SUBJ01_MR1", "SUBJ01", "MR1", None, "", "", "xnat:mrSessionData",
+                           "2024-01-01T00:00:00Z", "f", outputs=outputs)
+    report = check_outputs(root, Lock.new().with_session(record), full=True)
+    assert report.problems == (
+        f"E1 sub-SUBJ01/ses-MR1: {paths[0]} is a link out of the BIDS root, to {elsewhere / 'a.json'}",
+        f"E1 sub-SUBJ01/ses-MR1: {paths[1]} is a link out of the BIDS root, to {elsewhere / 'ses-1/anat/b.json'}",
+    )
