@@ -194,7 +194,7 @@ def stage_session(
     staging = area.staging(exp.id)
     log_path = area.log(exp.id)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    settings = config.conversion_for(exp.project, exp.label)
+    settings = config.conversion_for(exp.project, exp.label, exp.id)
     listed = client.list_scans(exp)
     scans = tuple(s for s in listed if settings.selects(s.id, s.series_description))
     with open(log_path, "a") as log:

@@ -139,12 +139,22 @@ class Config:
                   "sessions": self.naming.sessions}
         return _digest({"conversion": self.conversion.digests(), "naming": naming, "projects": self.project_tables})
 
-    def conversion_for(self, project: str, session_label: str) -> ConversionSettings:
+    def conversion_for(self, project: str, session_label: str, experiment_id: str = "") -> ConversionSettings:
         settings = self.conversion
         table = self.project_tables.get(project, {})
         settings = settings.merged(table.get("conversion", {}))
-        settings = settings.merged(table.get("sessions", {}).get(session_label, {}))
+        own = self.session_table_key(project, session_label, experiment_id)
+        if own is not None:
+            settings = settings.merged(table["sessions"][own])
         return replace(settings, heuristic_sha=self.heuristic_shas.get(settings.heuristic, ""))
+
+    def session_table_key(self, project: str, session_label: str, experiment_id: str = "") -> str | None:
+        """The key of a session's own table in [project.P.sessions]: its experiment ID or its
+        label, the ID first, as in [naming.sessions]; None when it has none."""
+        sessions = self.project_tables.get(project, {}).get("sessions", {})
+        if experiment_id and experiment_id in sessions:
+            return experiment_id
+        return session_label if session_label in sessions else None
 
     def resolve_bids_root(self, argument: str | os.PathLike[str] | None) -> Path:
         """BIDS root: command-line argument > `bids_root` in the config > ~/bids-export."""

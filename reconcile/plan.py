@@ -8,7 +8,7 @@ scan fingerprints, config digests, file stats).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
@@ -198,18 +198,17 @@ def _scan_reasons(recorded: tuple[ScanRecord, ...], remote: tuple[Scan, ...]) ->
 _Conversion = tuple[ConversionSettings, dict[str, str]]
 
 
-def _conversion_lookup(config: Config) -> Callable[[str, str], _Conversion]:
+def _conversion_lookup(config: Config) -> Callable[[str, str, str], _Conversion]:
     """`config.conversion_for` and its digests, computed once per project: only the sessions that
     a project's `sessions` table names have settings of their own (about 10 µs a call, once per
     listed session otherwise)."""
     known: dict[tuple[str, str | None], _Conversion] = {}
 
-    def conversion(project: str, label: str) -> _Conversion:
-        own = label in config.project_tables.get(project, {}).get("sessions", {})
-        key = (project, label if own else None)
+    def conversion(project: str, label: str, experiment_id: str) -> _Conversion:
+        key = (project, config.session_table_key(project, label, experiment_id))
         found = known.get(key)
         if found is None:
-            settings = config.conversion_for(project, label)
+            settings = config.conversion_for(project, label, experiment_id)
             found = known[key] = (settings, settings.digests())
         return found
 
@@ -294,6 +293,25 @@ def _drift(rec: SessionRecord, local: LocalState) -> list[Reason]:
         elif seen.mtime_ns != out.mtime_ns:
             reasons.append(Reason("changed", f"changed: {out.path} (modified on disk)", out.path))
     return reasons
+
+
+def _unused_tables(config: Config, remote: RemoteState, records: Iterable[SessionRecord]) -> list[str]:
+    """Config tables that select nothing, said aloud: a typo in a project's name or a session's
+    key would otherwise silently convert with the defaults."""
+    notes = []
+    known = {*config.projects, *(r.project for r in records), *(p.project for p in remote.listings)}
+    for project in sorted(set(config.project_tables) - known):
+        notes.append(f"[project.{project}] names a project that is neither configured, exported nor listed")
+    for listing in remote.listings:
+        own = config.project_tables.get(listing.project, {}).get("sessions", {})
+        if not own or listing.experiments is None:
+            continue
+        names = {e.id for e in listing.experiments} | {e.label for e in listing.experiments}
+        unused = sorted(k for k in own if k not in names)
+        if unused:
+            notes.append(f"[project.{listing.project}.sessions] names no session of {listing.project} in XNAT "
+                         f"(by label or experiment ID): {', '.join(unused)}")
+    return notes
 
 
 def compute_plan(
@@ -461,7 +479,7 @@ def compute_plan(
             else:
                 out.changes.append(Change(Action.CREATE, exp.key, address, _NEW, None, exp, scans))
             continue
-        reasons = _compare(rec, exp, address, conversion(exp.project, exp.label), scans, tools, reconvert_outdated)
+        reasons = _compare(rec, exp, address, conversion(exp.project, exp.label, exp.id), scans, tools, reconvert_outdated)
         if reasons:
             changed = edited(rec, local)
             out.changes.append(Change(Action.UPDATE, exp.key, address, (*reasons, *changed), rec, exp, scans,
@@ -504,6 +522,7 @@ def compute_plan(
             f"{len(orphans)} orphan{'s' if len(orphans) != 1 else ''}: nothing is deleted; "
             f"`xnat2bids forget {orphans[0]}` drops one from the lock and leaves its files"
         )
+    out.notes += _unused_tables(config, remote, records)
     if outdated:
         out.notes.append(
             f"{outdated} session{'s' if outdated != 1 else ''} converted with older tools; "

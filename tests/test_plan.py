@@ -300,6 +300,21 @@ def test_reordering_or_repeating_include_and_skip_patterns_changes_nothing():  #
     assert only(plan_of(lock, [e], config=widened), Action.UPDATE).reasons[0].message == "config changed: skip"
 
 
+def test_a_session_table_keyed_by_experiment_id_applies_and_tables_that_select_nothing_are_noted():  # row 15
+    e1, e2 = exp(1), exp(2)
+    lock = lock_of(record(e1, bids_session="SUBJ01MR1"), record(e2, bids_session="SUBJ02MR1"))
+    config = parse_config({"project": {
+        "PROJ": {"sessions": {e2.id: {"skip": ["1"]}, "SUBJ09_MR1": {"skip": ["2"]}}},
+        "PORJ": {"conversion": {"skip": ["*"]}},
+    }})
+    plan = plan_of(lock, [e1, e2], config=config)
+    change = only(plan, Action.UPDATE)
+    assert change.key.experiment_id == e2.id and change.reasons[0].message == "config changed: skip"
+    assert "[project.PORJ] names a project that is neither configured, exported nor listed" in plan.notes
+    assert "[project.PROJ.sessions] names no session of PROJ in XNAT (by label or experiment ID): SUBJ09_MR1" \
+        in plan.notes
+
+
 def test_newer_converter_is_a_note_unless_reconvert_outdated():  # row 16
     e = exp(1)
     lock = lock_of(record(e, bids_session="SUBJ01MR1", tools={**TOOLS, "heudiconv": "1.4.0"}))
