@@ -120,7 +120,12 @@ def connect(config: Config, *, interactive: bool | None = None):
 
     url = config.xnat_url or default_url(os.environ)
     if not url:
-        raise ConfigError("no XNAT server configured", hint="set xnat_url in xnat2bids.toml or export XNAT_HOST")
+        from reconcile.config import config_candidates
+
+        where = (f"{config.source} has no xnat_url" if config.source is not None else
+                 "no config file found (looked for " + ", ".join(map(str, config_candidates())) + ")")
+        raise ConfigError(f"no XNAT server configured: {where}",
+                          hint="set xnat_url in the config (or pass --config FILE), or export XNAT_HOST")
     if interactive is None:
         interactive = stdin_is_terminal()
     prompt = _ask if interactive else None  # the user name; the password goes through getpass

@@ -307,3 +307,17 @@ def test_ctrl_c_while_the_cli_is_still_importing_is_one_line_and_exit_1(monkeypa
     with pytest.raises(SystemExit) as exc:
         run()
     assert exc.value.code == 1 and capsys.readouterr().err == "Interrupted.\n"
+
+
+def test_no_server_configured_says_where_the_config_was_looked_for(cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("XNAT_HOST")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    code, _, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ")
+    assert code == 1
+    assert (f"error: no XNAT server configured: no config file found (looked for xnat2bids.toml, "
+            f"{tmp_path}/home/.config/xnat2bids/xnat2bids.toml)") in err
+    config = tmp_path / "lab.toml"
+    config.write_text('projects = ["PROJ"]\n')
+    code, _, err = cli("plan", str(tmp_path / "bids"), "-c", str(config))
+    assert code == 1 and f"error: no XNAT server configured: {config} has no xnat_url" in err
