@@ -36,6 +36,20 @@ class _QuickStopHTTPServer(HTTPServer):
         self.server.serve_forever(poll_interval=0.02)
 
 
+# NO_PROXY goes too: with no proxy set it is not needed, and while it is set xnat2bids turns its
+# keep-alive lane off (see test_keepalive.py), which would hide that lane from every other test.
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    """Every test talks to 127.0.0.1 directly, whatever proxy the machine's environment names
+    (common on campus and HPC hosts). A test about proxies sets its own variables."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
 @pytest.fixture(autouse=True)
 def _private_lock_cache(tmp_path_factory, monkeypatch):
     """Lock read caches go to a per-test folder, never the user's ~/.cache."""

@@ -6,6 +6,7 @@ and finish with the BIDS validator on a dataset assembled the way apply assemble
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from reconcile import convert as convert_module
 from reconcile import preload
 from reconcile.config import ConversionSettings
 from reconcile.convert import (
@@ -35,7 +37,7 @@ from reconcile.dataset import (
     ensure_participant,
     update_sessions_tsv,
 )
-from reconcile.emulator.dicomgen import SeriesSpec, write_session
+from reconcile.emulator.dicomgen import SeriesSpec, session_scans, write_session
 from reconcile.errors import ConversionError
 from reconcile.model import BidsAddress
 
@@ -263,9 +265,13 @@ def test_reconverting_into_a_stale_work_dir_starts_fresh_and_gives_the_same_file
 
 @pytest.mark.slow
 def test_dicom_dir_is_not_modified(reproin_dicom: Path, converted: ConversionResult) -> None:
-    names = sorted(p.relative_to(reproin_dicom).as_posix() for p in reproin_dicom.rglob("*"))
-    assert names[0] == "1" and all(not n.startswith(".") for n in names)
-    assert {p.parent.name for p in reproin_dicom.rglob("*.dcm")} == {str(i) for i in range(1, 9)}
+    # What the fixture wrote (the generator is deterministic), against what is there after converting.
+    written = {f"{scan.scan_id}/{rel}": hashlib.sha256(data).hexdigest()
+               for scan in session_scans("01", "a") for rel, data in scan.files.items()}
+    after = {p.relative_to(reproin_dicom).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in reproin_dicom.rglob("*") if p.is_file()}
+    assert after == written  # same files, same bytes: nothing added, removed or changed
+    assert sorted(p.name for p in reproin_dicom.iterdir()) == sorted({k.split("/")[0] for k in written})
 
 
 @pytest.mark.slow
@@ -428,22 +434,39 @@ def test_heudiconv_crash_is_reported_with_its_exit_status(reproin_dicom: Path, t
     assert "heuristic exploded" in (info.value.detail or "")
 
 
+def _endless_dicom(tmp_path: Path) -> Path:
+    """A DICOM folder whose one file is a FIFO: heudiconv blocks reading it and never ends by itself."""
+    (tmp_path / "dicom" / "1").mkdir(parents=True)
+    os.mkfifo(tmp_path / "dicom" / "1" / "1.dcm")
+    return tmp_path / "dicom"
+
+
 @pytest.mark.slow
-def test_cancel_kills_heudiconv_promptly(reproin_dicom: Path, tmp_path: Path) -> None:
+def test_cancel_kills_a_running_heudiconv(tmp_path: Path) -> None:
+    dicom = _endless_dicom(tmp_path)
     cancel = threading.Event()
-    threading.Timer(0.5, cancel.set).start()
-    started = time.monotonic()
-    with pytest.raises(ConversionError) as info:
-        _convert(reproin_dicom, tmp_path, cancel=cancel)
+
+    def cancel_once_heudiconv_runs() -> None:
+        deadline = time.monotonic() + 120  # a guard against hanging, not a bound on speed
+        while not _session_leaders_in(tmp_path / "work") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cancel.set()
+
+    canceller = threading.Thread(target=cancel_once_heudiconv_runs)
+    canceller.start()
+    try:
+        with pytest.raises(ConversionError) as info:
+            _convert(dicom, tmp_path, cancel=cancel, timeout=600)  # only the cancel can end it
+    finally:
+        canceller.join()
     assert info.value.summary == "cancelled"
-    assert time.monotonic() - started < 6
     assert not _running_converters(tmp_path)
 
 
 @pytest.mark.slow
-def test_timeout_kills_heudiconv(reproin_dicom: Path, tmp_path: Path) -> None:
+def test_timeout_kills_heudiconv(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="timed out"):
-        _convert(reproin_dicom, tmp_path, timeout=0.3)
+        _convert(_endless_dicom(tmp_path), tmp_path, timeout=0.3)
     assert not _running_converters(tmp_path)
 
 
@@ -496,16 +519,26 @@ def test_kill_after_heudiconv_was_reaped_signals_nothing(
         assert time.monotonic() < deadline, f"{child.pid} was not reaped"
         time.sleep(0.02)
     sent: list[tuple[str, int, int]] = []
+    slept: list[float] = []
+
+    class RecordingClock:  # convert's `time`, with its sleeps recorded (and still taken)
+        def __getattr__(self, name: str) -> object:
+            return getattr(time, name)
+
+        def sleep(self, seconds: float) -> None:
+            slept.append(seconds)
+            time.sleep(seconds)
+
     with monkeypatch.context() as m:
         m.setattr(os, "killpg", lambda pgid, sig: sent.append(("killpg", pgid, sig)))
         m.setattr(os, "kill", lambda pid, sig: sent.append(("kill", pid, sig)))
         m.setattr(signal, "pidfd_send_signal", lambda fd, sig, *a: sent.append(("pidfd", fd, sig)), raising=False)
-        started = time.monotonic()
+        m.setattr(convert_module, "time", RecordingClock())
         child.kill()
         child.kill()
     child.close()
     assert sent == []
-    assert time.monotonic() - started < 1  # no grace period spent on a process that is gone
+    assert slept == []  # no grace period spent waiting for a process that is gone
 
 
 # A stand-in for dcm2niix that outlives heudiconv's SIGTERM: only the group's SIGKILL ends it.

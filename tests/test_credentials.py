@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -164,12 +163,19 @@ def test_token_file_gives_alias_and_secret(tmp_path: Path) -> None:
 
 
 def test_malformed_netrc_error_does_not_quote_the_password(tmp_path: Path) -> None:
+    import netrc as stdlib_netrc
+
     netrc = write_netrc(tmp_path / "netrc", f"machine xnat.example.org login nuser password {SENTINEL} bogus\n")
     try:
+        stdlib_netrc.netrc(str(netrc))
+    except stdlib_netrc.NetrcParseError:
+        pass
+    else:
+        pytest.skip("this Python's netrc module accepts the line, so there is no parse error to report")
+    with pytest.raises(AuthError) as info:
         resolve_credentials(URL, env={}, netrc_path=netrc)
-    except AuthError as exc:
-        assert SENTINEL not in str(exc) and exc.__cause__ is None
-    # (Python versions that accept the line are fine too: nothing was raised.)
+    assert str(netrc) in str(info.value)
+    assert SENTINEL not in str(info.value) and info.value.__cause__ is None
 
 
 def test_password_is_not_in_repr() -> None:
@@ -187,5 +193,5 @@ def test_default_url_comes_from_xnat_host() -> None:
 def test_real_environment_is_the_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XNAT_USER", "envuser")
     monkeypatch.setenv("XNAT_PASS", "envpass")
-    assert resolve_credentials(URL, netrc_path=tmp_path / "none").user == "envuser"
-    assert os.environ["XNAT_USER"] == "envuser"
+    creds = resolve_credentials(URL, netrc_path=tmp_path / "none", prompt=no_prompt)
+    assert (creds.user, creds.password, creds.source) == ("envuser", "envpass", "env")

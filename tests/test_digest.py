@@ -19,7 +19,7 @@ needs_lanes = pytest.mark.skipif(
 )
 
 
-@needs_lanes
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="only CI promises a C compiler to build it")
 def test_the_extension_is_built_where_ci_runs():
     assert digest.lanes_available()
 

@@ -339,16 +339,18 @@ def test_a_persistently_bad_download_raises_verification_error_and_leaves_no_fin
 def test_a_bad_zip_is_retried_and_then_reported(emulator, client, session, tmp_path, kind) -> None:  # noqa: ANN001
     exp, scans = session
     dest = tmp_path / "dicom"
-    emulator.app.faults.add(Fault(route=ZIP_ROUTE, kind=kind, times=1))
+    once = emulator.app.faults.add(Fault(route=ZIP_ROUTE, kind=kind, times=1))
     export_session(client, exp, scans, dest, method="zip")
+    assert once.fired == 1
     assert on_disk(dest) == archived(emulator, exp)
 
     emulator.app.faults.clear()
     for p in (dest / "2").iterdir():
         p.unlink()
-    emulator.app.faults.add(Fault(route=ZIP_ROUTE, kind="truncate"))
+    always = emulator.app.faults.add(Fault(route=ZIP_ROUTE, kind="truncate"))
     with pytest.raises(VerificationError, match="scan 2"):
         export_session(client, exp, scans, dest, method="zip")
+    assert always.fired == 2  # the zip and its one retry
     assert not list((dest / "2").glob("*"))
 
 

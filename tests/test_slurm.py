@@ -372,7 +372,7 @@ setup = "module load dcm2niix\\nexit 0'\\"\\nEOF"
     assert "export XNAT_TOKEN_FILE=" in out and SENTINEL not in out
     assert not root.exists() or not any(root.iterdir())
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
-    assert not Path("/tmp/x2b-pwned").exists()
+    assert not (pwned := Path("/tmp/x2b-pwned")).exists() or pwned.stat().st_mtime_ns < config.stat().st_mtime_ns
 
 
 def test_generated_script_keeps_its_structure_whatever_the_setup_snippet_says(tmp_path):

@@ -463,13 +463,26 @@ def test_retries_exhausted_is_a_remote_error(site: Site) -> None:
     assert_no_secret(info.value)
 
 
-def test_backoff_grows_between_attempts(site: Site) -> None:
+def test_backoff_grows_between_attempts(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    import reconcile.xnat
+
+    slept: list[float] = []
+
+    class RecordingClock:  # the client's `time`, with its sleeps recorded instead of taken
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+        def sleep(self, seconds: float) -> None:
+            slept.append(seconds)
+
+    monkeypatch.setattr(reconcile.xnat, "time", RecordingClock())
     site.server.expect_request(EXPERIMENTS_PATH).respond_with_data("busy", status=503)
     with make_client(site.url, retries=2, backoff=0.05) as c:
-        start = time.monotonic()
         with pytest.raises(RemoteError):
             c.list_experiments("PROJ")
-    assert time.monotonic() - start >= 0.05 + 0.1
+    assert len(slept) == 2  # between the 3 attempts
+    # backoff * 2**attempt, plus up to half of that as jitter
+    assert 0.05 <= slept[0] <= 0.075 and 0.1 <= slept[1] <= 0.15
 
 
 def test_404_is_not_retried(site: Site, client: XnatClient) -> None:
@@ -691,9 +704,15 @@ def experiments(n: int) -> list[Experiment]:
     ]
 
 
-def serve_many(site: Site, exps: list[Experiment], delay: float = 0.0) -> dict[str, int]:
+def serve_many(site: Site, exps: list[Experiment], delay: float = 0.0, hold_until: int = 0) -> dict[str, int]:
+    """Serve the scans and file listings of `exps`; the returned counts say how many requests were
+    in flight at most. With `hold_until`, the first requests wait (up to 30 s) until that many are
+    in flight at once, so the count does not depend on how the threads happen to overlap."""
     live = {"now": 0, "max": 0}
     lock = threading.Lock()
+    enough = threading.Event()
+    if not hold_until:
+        enough.set()
 
     for i, exp in enumerate(exps):
         base = f"/data/projects/PROJ/subjects/{exp.subject_id}/experiments/{exp.id}"
@@ -708,6 +727,9 @@ def serve_many(site: Site, exps: list[Experiment], delay: float = 0.0) -> dict[s
                 with lock:
                     live["now"] += 1
                     live["max"] = max(live["max"], live["now"])
+                    if live["now"] >= hold_until:
+                        enough.set()
+                enough.wait(30)  # a guard against hanging, not a bound on speed
                 time.sleep(delay)
                 with lock:
                     live["now"] -= 1
@@ -763,10 +785,10 @@ def test_concurrent_401s_after_expiry_relogin_once(threaded_site: Site) -> None:
 def test_max_connections_caps_concurrent_requests(threaded_site: Site) -> None:
     site = threaded_site
     exps = experiments(10)
-    live = serve_many(site, exps, delay=0.05)
+    live = serve_many(site, exps, delay=0.05, hold_until=3)
     with make_client(site.url, max_connections=3) as c:
         c.deep_details(exps, concurrency=10)
-    assert 1 < live["max"] <= 3
+    assert live["max"] == 3  # three at once were reached, and never more
 
 
 def test_deep_details_raises_the_first_failure(site: Site, client: XnatClient) -> None:
@@ -1108,11 +1130,12 @@ def test_emulator_credentials_revoked_is_an_auth_error(emulator: Any) -> None:
 )
 def test_emulator_transient_faults_are_retried(emulator: Any, kind: str, extra: dict[str, Any]) -> None:
     populate(emulator.archive, 2)
-    emulator.app.faults.add(_emulator_fault(r"/experiments$", kind, times=2, **extra))
-    emulator.app.faults.add(_emulator_fault(r"/scans/ALL/files$", kind, times=2, **extra))
+    listing = emulator.app.faults.add(_emulator_fault(r"/experiments$", kind, times=2, **extra))
+    files = emulator.app.faults.add(_emulator_fault(r"/scans/ALL/files$", kind, times=2, **extra))
     with emu_client(emulator) as c:
         exps = c.list_experiments("PROJ")
         details = c.deep_details(exps, concurrency=2)
+    assert (listing.fired, files.fired) == (2, 2)  # the faults did hit, and were retried through
     assert len(exps) == 2 and all(len(scans) == 2 for scans in details.values())
 
 
@@ -1151,6 +1174,7 @@ def test_emulator_stream_download(emulator: Any) -> None:
         scan = c.list_scans(listed)[1]
         with c.stream(scan.files[0].uri) as resp:
             assert resp.status_code == 200 and read_body(resp, 1024) == b"t1"
-        emulator.app.faults.add(_emulator_fault(r"/files/", "status", status=503, times=1))
+        busy = emulator.app.faults.add(_emulator_fault(r"/files/", "status", status=503, times=1))
         with c.stream(scan.files[0].uri) as resp:
             assert read_body(resp, 1024) == b"t1"
+        assert busy.fired == 1  # the 503 came, and the download was retried past it

@@ -47,18 +47,35 @@ def test_method_restricts_a_fault(emulator, http):
     assert http.put(f"{emulator.url}/data/projects/NEWP").status_code == 500
 
 
-def test_unmatched_routes_are_untouched_and_faults_can_be_cleared(emulator, http):
-    emulator.app.faults.add(Fault(route=r"/files/", kind="status", status=500))
+def test_unmatched_routes_are_untouched_and_faults_can_be_cleared(emulator, http, file_url):
+    fault = emulator.app.faults.add(Fault(route=r"/files/", kind="status", status=500))
     assert http.get(f"{emulator.url}/data/projects?format=json").status_code == 200
+    assert http.get(file_url).status_code == 500
+    assert fault.fired == 1  # only the matching request
     emulator.app.faults.clear()
-    assert len(emulator.app.faults) == 0
+    answer = http.get(file_url)
+    assert answer.status_code == 200 and answer.content == PAYLOAD
+    assert fault.fired == 1 and len(emulator.app.faults) == 0
 
 
-def test_latency_delays_each_matching_request(emulator, http):
-    emulator.app.faults.add(Fault(route=r"/projects", kind="latency", seconds=0.3, times=1))
-    started = time.monotonic()
-    assert http.get(f"{emulator.url}/data/projects?format=json").status_code == 200
-    assert time.monotonic() - started >= 0.3
+def test_latency_delays_each_matching_request(emulator, http, monkeypatch):
+    import reconcile.emulator.app as app_module
+
+    slept: list[float] = []
+
+    class RecordingClock:  # the emulator's `time`, with its sleeps recorded (and still taken)
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def sleep(self, seconds: float) -> None:
+            slept.append(seconds)
+            time.sleep(seconds)
+
+    monkeypatch.setattr(app_module, "time", RecordingClock())
+    emulator.app.faults.add(Fault(route=r"/projects", kind="latency", seconds=0.3, times=2))
+    codes = [http.get(f"{emulator.url}/data/projects?format=json").status_code for _ in range(3)]
+    assert codes == [200, 200, 200]  # delayed, not failed
+    assert slept == [0.3, 0.3]  # once per firing, for the given time
 
 
 def test_truncate_announces_the_full_length_but_sends_less(emulator, http, file_url):

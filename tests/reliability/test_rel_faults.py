@@ -8,6 +8,7 @@ CLI runs in-process (the `cli` fixture) against it over real HTTP.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from relworld import ONE_SERIES
@@ -67,12 +68,16 @@ def test_failed_or_empty_listing_with_sessions_in_the_lock_refuses_and_orphans_n
     if how == "failing":
         add(emulator.archive, 1)
         emulator.app.faults.add(Fault(route=LISTING, kind="status", status=502))
+    refused = {"failing": "listing of project PROJ failed",
+               "empty": "XNAT listed no sessions for project PROJ, but the lock records 3"}[how]
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
     assert code == 1
+    assert refused in out
     assert "orphan" not in out.replace("0 orphaned", "")
     assert lock_path(root).read_bytes() == before
-    code, out, _ = cli("plan", str(root), "-p", "PROJ")
-    assert code == 1 and "orphan" not in out.replace("0 orphaned", "")
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 1 and refused in out
+    assert "orphan" not in out.replace("0 orphaned", "")
 
 
 @pytest.mark.slow
@@ -93,34 +98,66 @@ def test_file_faults_are_retried_or_isolate_one_session_while_the_other_complete
 
 
 @pytest.mark.parametrize("kind", ["truncate", "corrupt"])
-def test_bad_bytes_are_detected_and_never_converted(cli, emulator, tmp_path, kind):
+def test_bad_bytes_are_detected_and_never_converted(cli, emulator, tmp_path, monkeypatch, kind):
     (exp,) = add(emulator.archive, 1)
-    emulator.app.faults.add(Fault(route=FILES, kind=kind))
+    listed = emulator.archive.get_scan(exp.id, "1").find_resource("DICOM").files
     root = tmp_path / "bids"
+    dicom = root / ".xnat2bids/staging" / exp.id / "dicom"
+
+    def finals() -> dict[str, Path]:
+        return {p.name: p for p in dicom.rglob("*.dcm") if p.is_file()} if dicom.exists() else {}
+
+    # One file is always damaged, and XNAT answers for it only once the others are verified and
+    # renamed: the check below then has intact files to look at, whatever the download order.
+    damaged = emulator.app.faults.add(Fault(route=r"/resources/[^/]+/files/1\.dcm$", kind=kind))
+    serve = emulator.app.handle
+
+    def handle(request):
+        if request.path.endswith("/files/1.dcm"):
+            deadline = time.monotonic() + 60  # a guard against hanging, not a bound on speed
+            while len(finals()) < len(listed) - 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return serve(request)
+
+    monkeypatch.setattr(emulator.app, "handle", handle)
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
     assert code == 1
-    assert "does not match XNAT's listing" in out
+    assert damaged.fired == 2  # the first download and its one retry
+    assert "scan 1 file 1.dcm of session 01_MR1 does not match XNAT's listing" in out
     log = (root / ".xnat2bids/logs" / f"{exp.id}.log").read_text()
     assert "heudiconv" not in log  # conversion never started
     assert not (root / ".xnat2bids/staging" / exp.id / "convert").exists()
-    dicom = root / ".xnat2bids/staging" / exp.id / "dicom"
-    finals = [p for p in dicom.rglob("*") if p.is_file() and not p.name.endswith(".part")] if dicom.exists() else []
-    listed = emulator.archive.get_scan(exp.id, "1").find_resource("DICOM").files
-    for p in finals:  # whatever reached a final name is verified content
-        assert p.read_bytes() == listed[p.name].read()
+    reached = finals()
+    assert sorted(reached) == sorted(n for n in listed if n != "1.dcm")  # never the damaged file
+    for name, p in reached.items():  # what reached a final name is verified content
+        assert p.read_bytes() == listed[name].read()
     assert read_lock(root) is None and not list(root.glob("sub-*"))
 
 
 def test_a_slow_server_hits_a_bounded_timeout_with_a_clear_error(emulator):
     add(emulator.archive, 1)
-    emulator.app.faults.add(Fault(route=LISTING, kind="latency", seconds=1.0))
+    # Each answer comes after 1 s: without the 0.2 s timeout the listing would simply succeed.
+    slow = emulator.app.faults.add(Fault(route=LISTING, kind="latency", seconds=1.0))
     creds = Credentials(emulator.user, emulator.password, "env")
-    t0 = time.monotonic()
     with XnatClient(emulator.url, creds, timeout=0.2, retries=2) as client:
         with pytest.raises(RemoteError) as info:
             client.list_experiments("PROJ")
-    assert time.monotonic() - t0 < 5
+    assert slow.fired >= 3  # every attempt reached the server and was given up on
     assert "cannot reach XNAT" in info.value.summary and "3 attempt(s)" in (info.value.detail or "")
+
+
+@pytest.mark.xfail(strict=True, reason="product bug: a GET that times out on the keep-alive lane "
+                                       "(KeepAlivePool.get returns None) is sent once more through requests in the "
+                                       "same attempt (XnatClient._send), so a slow server gets each request twice "
+                                       "and an attempt can wait twice the timeout")
+def test_a_request_that_times_out_is_sent_once_per_attempt(emulator):
+    add(emulator.archive, 1)
+    slow = emulator.app.faults.add(Fault(route=LISTING, kind="latency", seconds=1.0))
+    creds = Credentials(emulator.user, emulator.password, "env")
+    with XnatClient(emulator.url, creds, timeout=0.2, retries=2) as client:
+        with pytest.raises(RemoteError):
+            client.list_experiments("PROJ")
+    assert slow.fired == 3
 
 
 @pytest.mark.slow

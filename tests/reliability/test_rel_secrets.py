@@ -12,7 +12,6 @@ import pytest
 from relworld import SENTINEL, served_world, start_xnat2bids, xnat2bids
 
 from reconcile.config import Config
-from reconcile.credentials import Credentials
 
 
 def _ppid(pid: str) -> int | None:
@@ -111,11 +110,6 @@ def test_converter_environment_carries_no_credentials(monkeypatch):
     env = converter_env()
     assert SENTINEL not in "".join(env.values())
     assert "XNAT_USER" not in env and "XNAT_TOKEN_FILE" not in env
-
-
-def test_credentials_repr_hides_the_password():
-    creds = Credentials("admin", SENTINEL, "env")
-    assert SENTINEL not in repr(creds) and SENTINEL not in str(creds)
 
 
 def test_netrc_wider_than_0600_gets_a_warning(cli, emulator, tmp_path, monkeypatch):
