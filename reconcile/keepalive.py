@@ -124,8 +124,10 @@ class KeepAlivePool:
         before the answer: the caller then asks through requests.
 
         A reused connection that the server closed while idle fails before the answer; it is
-        dropped and the GET is sent once more on a new connection. Other failures (timeouts,
-        refused connections, TLS) give None at once.
+        dropped and the GET is sent once more on a new connection. A timeout is the attempt's:
+        it raises requests' ReadTimeout (or ConnectTimeout), so the caller's retries count it
+        and a slow server is not sent the GET a second time. Other failures (refused
+        connections, TLS) give None at once.
         """
         with self._lock:
             conn = self._idle.pop() if self._idle else None
@@ -140,6 +142,12 @@ class KeepAlivePool:
                 if conn is not None:
                     conn.close()
                 continue
+            except TimeoutError as exc:  # socket.timeout: connecting, sending or waiting for the answer
+                connected = conn is not None and conn.sock is not None
+                if conn is not None:
+                    conn.close()
+                timeout = requests.exceptions.ReadTimeout if connected else requests.exceptions.ConnectTimeout
+                raise timeout(f"{url}: no answer within {self._timeout} s") from exc
             except (OSError, http.client.HTTPException):
                 if conn is not None:
                     conn.close()

@@ -320,8 +320,8 @@ class XnatClient:
         self._http.mount("https://", adapter)
         self._slots = threading.BoundedSemaphore(self.max_connections)
         # Logged-in GETs go through http.client when no proxy is in the way (see reconcile/keepalive.py).
-        self._keepalive = (
-            None if self._proxies else
+        self._keepalive = (  # (the proxies may hold just a NO_PROXY list: {"no": ...})
+            None if requests.utils.select_proxy(self._origin, self._proxies) else
             keepalive.KeepAlivePool(self._origin, verify=self._verify, timeout=timeout, max_idle=self.max_connections)
         )
         self._cookie_header: tuple[int, str] | None = None  # (login generation, Cookie header)

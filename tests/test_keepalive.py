@@ -129,9 +129,6 @@ def test_the_lane_is_off_behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None
     assert XnatClient("https://xnat.example.org", Credentials("alice", "secret", "env"))._keepalive is not None
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: requests.utils.get_environ_proxies returns {'no': ...} when "
-                                       "only NO_PROXY is set, and XnatClient reads any non-empty result as a proxy "
-                                       "in the way, so the lane is off on hosts that set NO_PROXY without a proxy")
 def test_the_lane_stays_on_when_no_proxy_is_set_without_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")  # as many hosts set it; the XNAT host is not in it
     assert XnatClient("https://xnat.example.org", Credentials("alice", "secret", "env"))._keepalive is not None

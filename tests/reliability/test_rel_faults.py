@@ -146,10 +146,6 @@ def test_a_slow_server_hits_a_bounded_timeout_with_a_clear_error(emulator):
     assert "cannot reach XNAT" in info.value.summary and "3 attempt(s)" in (info.value.detail or "")
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: a GET that times out on the keep-alive lane "
-                                       "(KeepAlivePool.get returns None) is sent once more through requests in the "
-                                       "same attempt (XnatClient._send), so a slow server gets each request twice "
-                                       "and an attempt can wait twice the timeout")
 def test_a_request_that_times_out_is_sent_once_per_attempt(emulator):
     add(emulator.archive, 1)
     slow = emulator.app.faults.add(Fault(route=LISTING, kind="latency", seconds=1.0))
