@@ -1029,16 +1029,23 @@ def forget(
 def _dataset_of(cfg: Config, root: Path, experiment_id: str) -> Path:
     """The BIDS dataset whose lock records `experiment_id`: `root` itself in the flat layout, the
     study under it that does in the pi-study one."""
-    if cfg.layout != "pi-study":
+    if one_dataset(cfg, root):
         return root
+    from reconcile.errors import LockfileError
     from reconcile.layout import discover
     from reconcile.lock import read_lock
 
+    unreadable = []
     for where in dict.fromkeys(s.root for s in discover(root)):
-        lock = read_lock(where)
+        try:
+            lock = read_lock(where)
+        except LockfileError:  # another study's damage: reported if the session is not found elsewhere
+            unreadable.append(str(where))
+            continue
         if lock is not None and experiment_id in lock.sessions:
             return where
-    raise ConfigError(f"{experiment_id} is in no lock of the <pi>/study-<study>/bids datasets under {root}")
+    raise ConfigError(f"{experiment_id} is in no lock of the <pi>/study-<study>/bids datasets under {root}",
+                      detail=f"unreadable locks: {', '.join(unreadable)}" if unreadable else None)
 
 
 @app.command()

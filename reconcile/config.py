@@ -60,6 +60,11 @@ class ConversionSettings:
     def fingerprint(self) -> str:
         return _digest(self.digests())
 
+    def legacy_digests(self) -> dict[str, str]:
+        """The include/skip digests of the lists as written, which locks written before the
+        digests ignored order and repeats hold: equal to them, nothing changed."""
+        return {"include": _digest(list(self.include)), "skip": _digest(list(self.skip))}
+
     def selects(self, scan_id: str, series_description: str) -> bool:
         """Include/skip by scan ID, ID ranges ('1-4,6') or series-description globs."""
         if self.include and not any(_matches(p, scan_id, series_description) for p in self.include):
@@ -195,16 +200,12 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
             hint="see xnat2bids.toml.example for every key",
         )
     url = data.get("xnat_url")
-    if isinstance(url, str) and "@" in url:  # never quoted: it may hold a password
+    if "xnat_url" in data and not isinstance(url, str):  # never quoted: it may hold a password
+        raise ConfigError(f"{where}: invalid value for 'xnat_url': not a string", hint='xnat_url = "https://xnat.example.org"')
+    if isinstance(url, str) and "@" in url:
         raise ConfigError(
             f"{where}: xnat_url holds a user name or password (an '@')",
             hint="credentials never go in the config: use ~/.netrc, XNAT_USER/XNAT_PASS or the prompt",
-        )
-    bad_target = _unsafe_bidsmap_target(data)
-    if bad_target:
-        raise ConfigError(
-            f"{where}: bidsmap target {bad_target[1]!r} for {bad_target[0]!r} is not a ReproIn series name",
-            hint="a ReproIn name such as \"anat-T1w_acq-mprage\": no '/', '\\', '..', spaces or control characters",
         )
     import jsonschema  # here, not at the top: ~80 ms that a run without a config file never needs
 
@@ -213,6 +214,12 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
         e = errors[0]
         path = ".".join(str(p) for p in e.absolute_path) or "(top level)"
         raise ConfigError(f"{where}: invalid value for '{path}': {e.message}")
+    bad_target = _unsafe_bidsmap_target(data)  # after the schema: the tables have their shapes
+    if bad_target:
+        raise ConfigError(
+            f"{where}: bidsmap target {bad_target[1]!r} for {bad_target[0]!r} is not a ReproIn series name",
+            hint="a ReproIn name such as \"anat-T1w_acq-mprage\": no '/', '\\', '..', spaces or control characters",
+        )
     naming = data.get("naming", {})
     slurm = data.get("slurm", {})
     return Config(
@@ -283,10 +290,12 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    config = _heuristics_relative_to(parse_config(data, source=str(path)), path.parent)
+    # Relative paths in it are relative to the file's own folder (through any link to it, as a
+    # lab's shared config linked into ~/.config), the same from any working directory.
+    base = path.resolve().parent
+    config = _heuristics_relative_to(parse_config(data, source=str(path)), base)
     if config.bids_root and not os.path.isabs(os.path.expanduser(config.bids_root)):
-        # Like a heuristic's path, relative to the config file: the same dataset from any cwd.
-        config = replace(config, bids_root=str(path.parent.absolute() / config.bids_root))
+        config = replace(config, bids_root=str(base / config.bids_root))
     return replace(config, heuristic_shas=_heuristic_shas(config, str(path)))
 
 

@@ -124,10 +124,11 @@ class KeepAlivePool:
         before the answer: the caller then asks through requests.
 
         A reused connection that the server closed while idle fails before the answer; it is
-        dropped and the GET is sent once more on a new connection. A timeout is the attempt's:
-        it raises requests' ReadTimeout (or ConnectTimeout), so the caller's retries count it
-        and a slow server is not sent the GET a second time. Other failures (refused
-        connections, TLS) give None at once.
+        dropped and the GET is sent once more on a new connection; so is one that timed out (a
+        firewall may have dropped it silently), after the other kept ones are dropped too. A
+        timeout on a new connection is the attempt's: it raises requests' ReadTimeout (or
+        ConnectTimeout), so the caller's retries count it and the GET is not sent again through
+        requests. Other failures (refused connections, TLS) give None at once.
         """
         with self._lock:
             conn = self._idle.pop() if self._idle else None
@@ -146,6 +147,11 @@ class KeepAlivePool:
                 connected = conn is not None and conn.sock is not None
                 if conn is not None:
                     conn.close()
+                if not fresh:
+                    # A kept connection that a firewall or NAT dropped silently looks like this too,
+                    # and so would the others kept as long: drop them all, ask once on a new one.
+                    self._drop_idle()
+                    continue
                 timeout = requests.exceptions.ReadTimeout if connected else requests.exceptions.ConnectTimeout
                 raise timeout(f"{url}: no answer within {self._timeout} s") from exc
             except (OSError, http.client.HTTPException):
@@ -160,9 +166,13 @@ class KeepAlivePool:
             return Answer(self, conn, response, url)
         return None
 
-    def close(self) -> None:
+    def _drop_idle(self) -> None:
         with self._lock:
-            self._closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._drop_idle()

@@ -264,7 +264,8 @@ def _compare(
         if modified and not scan_reasons:
             reasons.append(Reason("no_content_change", "deep comparison found no content change"))
     if rec.config_digests != digests:
-        changed = sorted(k for k in digests if rec.config_digests.get(k) != digests[k])
+        legacy = settings.legacy_digests()
+        changed = sorted(k for k in digests if rec.config_digests.get(k) not in (digests[k], legacy.get(k)))
         if changed:
             reasons.append(Reason("config", f"config changed: {', '.join(changed)}", "config", None, ",".join(changed)))
     if reconvert_outdated:
@@ -300,7 +301,8 @@ def _unused_tables(config: Config, remote: RemoteState, records: Iterable[Sessio
     key would otherwise silently convert with the defaults."""
     notes = []
     known = {*config.projects, *(r.project for r in records), *(p.project for p in remote.listings)}
-    for project in sorted(set(config.project_tables) - known):
+    # In pi-study each dataset sees its own project only: the others' tables are not for it.
+    for project in sorted(set(config.project_tables) - known) if config.layout != "pi-study" else ():
         notes.append(f"[project.{project}] names a project that is neither configured, exported nor listed")
     for listing in remote.listings:
         own = config.project_tables.get(listing.project, {}).get("sessions", {})

@@ -36,8 +36,8 @@ class _QuickStopHTTPServer(HTTPServer):
         self.server.serve_forever(poll_interval=0.02)
 
 
-# NO_PROXY goes too: with no proxy set it is not needed, and while it is set xnat2bids turns its
-# keep-alive lane off (see test_keepalive.py), which would hide that lane from every other test.
+# The machine's proxies would send the tests' requests to 127.0.0.1 elsewhere; NO_PROXY goes too,
+# as it means nothing without them (test_keepalive.py sets the ones it is about).
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
 
 

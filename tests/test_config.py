@@ -130,3 +130,26 @@ def test_a_bidsmap_target_that_is_not_a_reprOin_name_is_refused(tmp_path, where,
     path.write_text(f'{where}\nbidsmap = {{ "MPRAGE*" = "{target}" }}\n')
     with pytest.raises(ConfigError, match="is not a ReproIn series name"):
         load_config(path)
+
+
+@pytest.mark.parametrize("text", ["project = 5", 'project = ["LAB"]', '[project.LAB]\nsessions = "x"',
+                                  'xnat_url = ["https://bob:S3cret@xnat.example.org"]',
+                                  'xnat_url = { url = "https://bob:S3cret@xnat.example.org" }'])
+def test_values_of_the_wrong_shape_are_config_errors_that_never_echo_a_url(tmp_path, text):
+    path = tmp_path / "x.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert "invalid value for" in exc.value.summary and "S3cret" not in str(exc.value)
+
+
+def test_a_config_reached_through_a_link_resolves_paths_from_its_own_folder(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "lab.py").write_text("def infotodict(seqinfo):\n    return {}\n")
+    (tmp_path / "shared" / "lab.toml").write_text('bids_root = "bids"\n[conversion]\nheuristic = "lab.py"\n')
+    (tmp_path / "me").mkdir()
+    (tmp_path / "me" / "lab.toml").symlink_to(tmp_path / "shared" / "lab.toml")
+    linked, real = load_config(tmp_path / "me" / "lab.toml"), load_config(tmp_path / "shared" / "lab.toml")
+    assert linked.conversion.heuristic == real.conversion.heuristic == str(tmp_path / "shared" / "lab.py")
+    assert linked.resolve_bids_root(None) == tmp_path / "shared" / "bids"
+    assert linked.fingerprint() == real.fingerprint()

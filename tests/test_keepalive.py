@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import http.client
 import socket
 import ssl
 from collections.abc import Iterator
@@ -77,6 +78,28 @@ def test_a_kept_connection_closed_meanwhile_is_replaced(cheroot_emulator: Any) -
         with c.stream(scan.files[0].uri) as resp:
             assert read_body(resp, 64) == b"t1"
         assert len(c._keepalive._idle) == 1 and stale not in c._keepalive._idle  # replaced in the lane
+    assert [r[1] for r in emulator.app.requests if r[0] == "GET"] == [scan.files[0].uri]
+
+
+def test_kept_connections_a_firewall_dropped_silently_are_replaced_not_retried_until_failure(
+    cheroot_emulator: Any,
+) -> None:
+    emulator = cheroot_emulator
+    (exp,) = populate(emulator.archive, 1)
+    with socket.socket() as black_hole:  # accepts and never answers, as a dropped connection's far end
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(8)
+        with emu_client(emulator) as c:
+            scan = c.list_scans(c.list_experiments("PROJ")[0])[1]
+            c.retries = 1
+            assert c._keepalive is not None and len(c._keepalive._idle) == 1
+            for _ in range(4):  # more dead kept connections than the client has attempts
+                dead = http.client.HTTPConnection("127.0.0.1", emulator.url.rsplit(":", 1)[1], timeout=0.5)
+                dead.sock = socket.create_connection(black_hole.getsockname(), timeout=0.5)
+                c._keepalive._idle.append(dead)
+            emulator.app.reset_requests()
+            with c.stream(scan.files[0].uri) as resp:
+                assert read_body(resp, 64) == b"t1"
     assert [r[1] for r in emulator.app.requests if r[0] == "GET"] == [scan.files[0].uri]
 
 

@@ -220,3 +220,22 @@ def test_an_invalid_lock_in_one_study_leaves_the_others_checked(cli, emulator, t
     code, out, err = cli("check", str(root), "--config", str(cfg))
     assert "OK: lock serial 1, 1 sessions" in out and f"{jones}/.xnat2bids.lock: not valid TOML" in err
     assert (jones / ".xnat2bids.lock").read_bytes() == broken
+
+
+def test_forget_walks_past_an_invalid_lock_and_takes_a_study_folder_directly(cli, emulator, tmp_path):
+    root = tmp_path / "export"
+    cfg = write_config(tmp_path, PI_STUDY)
+    smith = _export_study(emulator.archive, root, "smith/study-memory/bids", "SMITH_MEMORY").parents[3]
+    jones = _export_study(emulator.archive, root, "jones/study-vision/bids", "JONES_VISION").parents[3]
+    (jones / ".xnat2bids.lock").write_bytes((jones / ".xnat2bids.lock").read_bytes() + b"x = = \n")
+    [s1] = emulator.archive.sessions("SMITH_MEMORY")
+    code, out, err = cli("forget", s1.id, str(root), "--config", str(cfg))
+    assert code == 0, out + err
+    assert read_lock(smith).sessions == {}
+    code, _, err = cli("forget", "XNAT_E99999", str(root), "--config", str(cfg))
+    assert code == 1 and f"unreadable locks: {jones}" in err
+    _export_study(emulator.archive, root, "lee/study-pilot/bids", "LEE_PILOT")
+    [s3] = emulator.archive.sessions("LEE_PILOT")
+    code, out, err = cli("forget", s3.id, str(root / "lee/study-pilot/bids"), "--config", str(cfg))
+    assert code == 0, out + err
+    assert read_lock(root / "lee/study-pilot/bids").sessions == {}

@@ -300,6 +300,20 @@ def test_reordering_or_repeating_include_and_skip_patterns_changes_nothing():  #
     assert only(plan_of(lock, [e], config=widened), Action.UPDATE).reasons[0].message == "config changed: skip"
 
 
+def test_a_lock_written_before_include_and_skip_digests_were_normalised_is_unchanged():  # row 15
+    e = exp(1)
+    config = parse_config({"conversion": {"skip": ["*scout*", "*localizer*"], "include": ["7", "1-4,6"]}})
+    rec = record(e, bids_session="SUBJ01MR1", config=config)
+    settings = config.conversion_for(e.project, e.label)
+    # What the previous version recorded: the digests of the lists as written.
+    old = replace(rec, config_digests={**rec.config_digests, **settings.legacy_digests()})
+    assert old.config_digests != rec.config_digests
+    plan = plan_of(lock_of(old), [e], config=config)
+    assert not plan.changes and plan.unchanged == 1
+    other = parse_config({"conversion": {"skip": ["*scout*"], "include": ["7", "1-4,6"]}})
+    assert only(plan_of(lock_of(old), [e], config=other), Action.UPDATE).reasons[0].message == "config changed: skip"
+
+
 def test_a_session_table_keyed_by_experiment_id_applies_and_tables_that_select_nothing_are_noted():  # row 15
     e1, e2 = exp(1), exp(2)
     lock = lock_of(record(e1, bids_session="SUBJ01MR1"), record(e2, bids_session="SUBJ02MR1"))
@@ -313,6 +327,9 @@ def test_a_session_table_keyed_by_experiment_id_applies_and_tables_that_select_n
     assert "[project.PORJ] names a project that is neither configured, exported nor listed" in plan.notes
     assert "[project.PROJ.sessions] names no session of PROJ in XNAT (by label or experiment ID): SUBJ09_MR1" \
         in plan.notes
+    # pi-study: each dataset is planned for its own project; the other studies' tables are not its own.
+    studies = parse_config({"layout": "pi-study", "project": {"PORJ": {"conversion": {"skip": ["*"]}}}})
+    assert not [n for n in plan_of(lock, [e1, e2], config=studies).notes if "PORJ" in n]
 
 
 def test_newer_converter_is_a_note_unless_reconvert_outdated():  # row 16

@@ -19,6 +19,7 @@ import requests
 from worlds import add
 
 from reconcile import statelock
+from reconcile.config import load_config
 from reconcile.executors import slurm as sx
 from reconcile.lock import lock_path, read_lock
 
@@ -116,6 +117,7 @@ echo "setup ran for job $SLURM_JOB_ID: it's <<EOF fine" >&2
     lock = read_lock(root)
     assert sorted(lock.sessions) == sorted(e.id for e in exps.values())
     assert lock.serial == 1  # the finalize job writes the lock once for the whole batch
+    assert lock.config_fingerprint == load_config(config).fingerprint()  # as a local apply records it
     results = [sx.read_result(batch, i) for i in range(3)]
     assert {r["job"] for r in results} == {f"{batch.array_job}_{i}" for i in range(3)}
     assert all(r["status"] == "done" and r["outputs"] for r in results)
@@ -367,7 +369,7 @@ setup = "module load dcm2niix\\nexit 0'\\"\\nEOF"
                  "--mail-type=FAIL", "'--dependency=afterany:<array job ID>'", "--export=ALL"):
         assert flag in out, out
     assert '-m reconcile slurm-task' in out and '--index "$SLURM_ARRAY_TASK_ID"' in out
-    assert "-m reconcile finalize" in out
+    assert f"-m reconcile finalize {root}" in out and f"--config {config.resolve()}" in out  # not the job's lookup
     assert "module load dcm2niix" in out and "setup.sh (the [slurm] setup snippet" in out
     assert "export XNAT_TOKEN_FILE=" in out and SENTINEL not in out
     assert not root.exists() or not any(root.iterdir())
@@ -436,3 +438,9 @@ def test_finalizing_a_copied_dataset_writes_into_the_copy_only(slurm_cli, emulat
     assert (copy / batch.sessions[0].address).is_dir() and statelock.read_holder(copy) is None
     assert read_lock(root) is None and not (root / batch.sessions[0].address).exists()
     assert statelock.read_holder(root).id == batch.id  # the original still waits for its own finalize
+
+
+def test_the_jobs_get_an_absolute_config_path_and_no_credentials(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = sx.job_environment({"XNAT2BIDS_CONFIG": "lab.toml", "XNAT_PASS": SENTINEL, "PATH": "/bin"})
+    assert env == {"XNAT2BIDS_CONFIG": str(tmp_path / "lab.toml"), "PATH": "/bin"}

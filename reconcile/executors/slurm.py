@@ -335,7 +335,10 @@ def build_jobs(
         _SCRIPT.format(kind="array", batch_id=batch.id, setup=q(str(batch.setup_path)), credentials=credentials,
                        command=task_cmd),
     )
-    finalize_cmd = f"{q(python)} -m reconcile finalize {q(str(batch.root))} --batch {q(batch.id)}"
+    # The batch's own config (finalize reads only its layout): not whatever the job's environment
+    # would find, which may be a relative $XNAT2BIDS_CONFIG or a broken default.
+    config = f" --config {q(batch.config_path)}" if batch.config_path else ""
+    finalize_cmd = f"{q(python)} -m reconcile finalize {q(str(batch.root))} --batch {q(batch.id)}{config}"
     finalize = JobSpec(
         "finalize",
         (
@@ -408,8 +411,14 @@ def write_job_credentials(client, path: Path) -> str:
 
 
 def job_environment(env: Mapping[str, str]) -> dict[str, str]:
-    """The submitting environment without anything that looks like a credential."""
-    return {k: v for k, v in env.items() if k in _PATH_ENV or not _SECRET_ENV.search(k)}
+    """The submitting environment without anything that looks like a credential. The jobs run in
+    the batch's folder: a relative $XNAT2BIDS_CONFIG is made absolute for them."""
+    from reconcile.config import ENV_CONFIG
+
+    kept = {k: v for k, v in env.items() if k in _PATH_ENV or not _SECRET_ENV.search(k)}
+    if kept.get(ENV_CONFIG):
+        kept[ENV_CONFIG] = os.path.abspath(os.path.expanduser(kept[ENV_CONFIG]))
+    return kept
 
 
 def write_batch(batch: Batch, plan_json: str, settings: SlurmSettings, jobs: Sequence[JobSpec]) -> None:
@@ -807,8 +816,10 @@ def finalize_batch(
     for exp_id in recover(root, warn=warn):
         warn(f"recovered the interrupted commit of {exp_id}")
     _retry_with_batch_credentials(batch, warn=warn)
-    plan = load_plan(batch)
-    report = ApplyReport(lock=lock_for(plan, root))
+    plan, header = _load_plan(batch)
+    lock = lock_for(plan, root)
+    # The config the batch was planned with, recorded as a local apply records its own.
+    report = ApplyReport(lock=replace(lock, config_fingerprint=header.get("config_fingerprint") or lock.config_fingerprint))
     pending: list[str] = []  # committed sessions whose lock entries are written together
     for entry in batch.sessions:
         change = _actionable_change(plan, batch, entry)
