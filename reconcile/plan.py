@@ -313,6 +313,12 @@ def _unused_tables(config: Config, remote: RemoteState, records: Iterable[Sessio
         if unused:
             notes.append(f"[project.{listing.project}.sessions] names no session of {listing.project} in XNAT "
                          f"(by label or experiment ID): {', '.join(unused)}")
+    renames = config.naming.sessions
+    for listing in remote.listings if renames else ():
+        for e in listing.experiments or ():
+            if e.id in renames and e.label in renames and renames[e.id] != renames[e.label]:
+                notes.append(f'[naming.sessions] names session {e.id} twice, "{e.id}" = "{renames[e.id]}" and '
+                             f'"{e.label}" = "{renames[e.label]}": the experiment ID\'s is used')
     return notes
 
 

@@ -327,6 +327,9 @@ def test_a_session_table_keyed_by_experiment_id_applies_and_tables_that_select_n
     assert "[project.PORJ] names a project that is neither configured, exported nor listed" in plan.notes
     assert "[project.PROJ.sessions] names no session of PROJ in XNAT (by label or experiment ID): SUBJ09_MR1" \
         in plan.notes
+    both = parse_config({"naming": {"sessions": {e1.id: "A", e1.label: "B"}}})
+    assert (f'[naming.sessions] names session {e1.id} twice, "{e1.id}" = "A" and "{e1.label}" = "B": '
+            "the experiment ID's is used") in plan_of(Lock.new(), [e1, e2], config=both).notes
     # pi-study: each dataset is planned for its own project; the other studies' tables are not its own.
     studies = parse_config({"layout": "pi-study", "project": {"PORJ": {"conversion": {"skip": ["*"]}}}})
     assert not [n for n in plan_of(lock, [e1, e2], config=studies).notes if "PORJ" in n]
