@@ -64,14 +64,15 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
     to_hash: dict[str, tuple[str, str, str]] = {}
     total = 0
     beneath = Beneath(root)
+    base = beneath.root
     for exp_id in sorted(lock.sessions):
         rec = lock.sessions[exp_id]
         for out in rec.outputs:
             total += 1
-            where = _located(root, out.path, moved)
+            where = _located(root, out.path, moved) if moved else os.path.join(base, out.path)
             try:
                 st = os.lstat(where)
-                outside = beneath.escapes(out.path, st) if where == os.path.join(beneath.root, out.path) else None
+                outside = beneath.escapes(out.path, st) if not moved or where == os.path.join(base, out.path) else None
                 if outside is not None:
                     problems.append(f"{exp_id} {rec.address}: {out.path} is a link out of the BIDS root, to {outside}")
                     continue

@@ -61,22 +61,23 @@ class Beneath:
 
     def escapes(self, rel: str, st: os.stat_result) -> str | None:
         """Where `rel` (whose lstat is `st`) really is when that is outside the root, else None."""
-        linked = S_ISLNK(st.st_mode)
-        parts = rel.split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            folder = "/".join(parts[:i])
-            known = self._linked_dirs.get(folder)
-            if known is None:
-                try:
-                    known = S_ISLNK(os.lstat(os.path.join(self.root, folder)).st_mode)
-                except OSError:
-                    known = False
-                self._linked_dirs[folder] = known
-            linked = linked or known
-        if not linked:
+        if not (S_ISLNK(st.st_mode) or self._linked(rel.rpartition("/")[0])):
             return None
         real = os.path.realpath(os.path.join(self.root, rel))
         return None if real.startswith(self._real_root + os.sep) else real
+
+    def _linked(self, folder: str) -> bool:
+        """Whether `folder` (relative to the root) or a folder above it is a link."""
+        known = self._linked_dirs.get(folder)
+        if known is None:
+            if not folder:
+                return False
+            try:
+                known = S_ISLNK(os.lstat(os.path.join(self.root, folder)).st_mode)
+            except OSError:
+                known = False
+            known = self._linked_dirs[folder] = known or self._linked(folder.rpartition("/")[0])
+        return known
 
 
 def _open_dir(path: str) -> int | None:
