@@ -69,10 +69,11 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
         rec = lock.sessions[exp_id]
         for out in rec.outputs:
             total += 1
-            where = _located(root, out.path, moved) if moved else os.path.join(base, out.path)
+            direct = os.path.join(base, out.path)
+            where = _located(root, out.path, moved) if moved else direct
             try:
                 st = os.lstat(where)
-                outside = beneath.escapes(out.path, st) if not moved or where == os.path.join(base, out.path) else None
+                outside = beneath.escapes(out.path, st) if where == direct else None  # not for rolled-back ones
                 if outside is not None:
                     problems.append(f"{exp_id} {rec.address}: {out.path} is a link out of the BIDS root, to {outside}")
                     continue

@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -120,10 +120,7 @@ def connect(config: Config, *, interactive: bool | None = None):
 
     url = config.xnat_url or default_url(os.environ)
     if not url:
-        from reconcile.config import config_candidates
-
-        where = (f"{config.source} has no xnat_url" if config.source is not None else
-                 "no config file found (looked for " + ", ".join(map(str, config_candidates())) + ")")
+        where = f"{config.source} has no xnat_url" if config.source is not None else _no_config_file()
         raise ConfigError(f"no XNAT server configured: {where}",
                           hint="set xnat_url in the config (or pass --config FILE), or export XNAT_HOST")
     if interactive is None:
@@ -177,13 +174,17 @@ def run_plan(
 def _no_config_but_lock_had_one(cfg: Config, lock: Lock, root: Path) -> str | None:
     """What is wrong when no config file was found, but the lock's sessions were exported with
     settings other than the defaults (the file is elsewhere: another working directory)."""
-    from reconcile.config import config_candidates
     from reconcile.lock import lock_path
 
     if cfg.source is not None or not lock.sessions or lock.config_fingerprint in ("", cfg.fingerprint()):
         return None
-    looked = ", ".join(str(p) for p in config_candidates())
-    return f"no config file found (looked for {looked}), but {lock_path(root)} was written with one"
+    return f"{_no_config_file()}, but {lock_path(root)} was written with one"
+
+
+def _no_config_file() -> str:
+    from reconcile.config import config_candidates
+
+    return f"no config file found (looked for {', '.join(map(str, config_candidates()))})"
 
 
 def for_each_study(cfg: Config, root: Path, selection: Selection, run) -> int:
@@ -213,10 +214,18 @@ def one_dataset(cfg: Config, root: Path) -> bool:
     return cfg.layout != "pi-study" or lock_path(root).is_file() or (root / ".xnat2bids").is_dir()
 
 
-def need_one_dataset(cfg: Config, root: Path, what: str) -> None:
+def need_one_dataset(cfg: Config, root: Path) -> None:
+    """--json prints one document: one dataset."""
     if not one_dataset(cfg, root):
-        raise ConfigError(f"{what} one dataset; with layout = \"pi-study\" pass a study's bids folder "
+        raise ConfigError("--json needs one dataset; with layout = \"pi-study\" pass a study's bids folder "
                           f"({root}/<pi>/study-<study>/bids)")
+
+
+def _need_dataset_folder(root: Path) -> None:
+    """Commands that write into a dataset refuse a root that is missing or not a folder."""
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise ConfigError(f"BIDS root {root} {what}", hint="pass the dataset's folder, or set bids_root in the config")
 
 
 def for_each_dataset(cfg: Config, root: Path, run, *, none) -> int:
@@ -227,8 +236,8 @@ def for_each_dataset(cfg: Config, root: Path, run, *, none) -> int:
     An error in one dataset is reported and the next one still looked at; the combined exit code
     is the worst one, as for plan.
     """
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"BIDS root {root} is not a folder", hint="pass the dataset's folder, or set bids_root in the config")
+    if root.exists():
+        _need_dataset_folder(root)
     if one_dataset(cfg, root):
         return run(root)
     from reconcile.layout import discover
@@ -358,10 +367,11 @@ def run_apply(
 
     if root.exists() and not root.is_dir():
         raise ConfigError(f"BIDS root {root} exists but is not a directory")
-    if plan_file is not None:  # a plan for another root must not leave an empty one behind
+    saved = _SavedPlan(plan_file, _read_plan_file(plan_file)) if plan_file is not None else None
+    if saved is not None:  # a plan for another root must not leave an empty one behind
         from reconcile.apply import check_plan_root
 
-        check_plan_root(_read_plan_file(plan_file).get("bids_root", ""), root)
+        check_plan_root(saved.data.get("bids_root", ""), root)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -376,7 +386,7 @@ def run_apply(
             raise ConfigError(f"unknown executor {executor!r}", hint="use --executor local or --executor slurm")
         if (executor or cfg.executor) == "slurm":
             return run_slurm_apply(
-                cfg, root, selection, client, plan_file=plan_file, yes=yes, jobs=jobs, deep=deep,
+                cfg, root, selection, client, saved=saved, yes=yes, jobs=jobs, deep=deep,
                 repair_drift=repair_drift, keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
                 reconvert_outdated=reconvert_outdated, dry_run=dry_run, wait=wait,
             )
@@ -388,7 +398,7 @@ def run_apply(
             for exp_id in recover(root, warn=warn):
                 echo(f"recovered the interrupted commit of {exp_id}")
             _retry_token_revocations(root, client, warn)
-            plan = _load_or_make_plan(client, root, cfg, selection, plan_file=plan_file, deep=deep,
+            plan = _load_or_make_plan(client, root, cfg, selection, saved=saved, deep=deep,
                                       reconvert_outdated=reconvert_outdated)
             echo(render_text(plan))
             todo = plan.actionable(repair_drift=repair_drift)
@@ -510,8 +520,15 @@ def apply(
     raise typer.Exit(code)
 
 
+class _SavedPlan(NamedTuple):
+    """A plan file given with `apply --plan`, read once."""
+
+    path: Path
+    data: dict
+
+
 def _load_or_make_plan(
-    client, root: Path, cfg: Config, selection: Selection, *, plan_file: Path | None, deep: bool,
+    client, root: Path, cfg: Config, selection: Selection, *, saved: _SavedPlan | None, deep: bool,
     reconvert_outdated: bool,
 ):
     """A saved plan (checked against the lock) or a fresh one."""
@@ -519,19 +536,18 @@ def _load_or_make_plan(
     from reconcile.observe import make_plan
     from reconcile.render import plan_from_dict
 
-    if plan_file is None:
+    if saved is None:
         run = make_plan(client, root, cfg, selection, deep=deep, reconvert_outdated=reconvert_outdated)
         unconfigured = _no_config_but_lock_had_one(cfg, run.lock, root)
         if unconfigured:
             # Unattended (cron, --update), this would rename or re-convert every session.
             raise ConfigError(unconfigured, hint="pass --config FILE (or set $XNAT2BIDS_CONFIG) with the lab's config; an empty file goes back to the defaults")
         return run.plan
-    data = _read_plan_file(plan_file)
     from reconcile.lock import read_lock
 
-    plan, saved = plan_from_dict(data, str(plan_file), read_lock(root))
-    check_plan_fresh(plan, root, cfg, planned_root=saved["bids_root"], planned_config=saved.get("config_fingerprint"),
-                     planned_url=saved.get("xnat_url"), url=client.url)
+    plan, header = plan_from_dict(saved.data, str(saved.path), read_lock(root))
+    check_plan_fresh(plan, root, cfg, planned_root=header["bids_root"], planned_config=header.get("config_fingerprint"),
+                     planned_url=header.get("xnat_url"), url=client.url)
     return plan
 
 
@@ -595,7 +611,7 @@ def run_slurm_apply(
     selection: Selection,
     client,
     *,
-    plan_file: Path | None = None,
+    saved: _SavedPlan | None = None,
     yes: bool = False,
     jobs: int | None = None,
     deep: bool = False,
@@ -632,7 +648,7 @@ def run_slurm_apply(
             for exp_id in recover(root, warn=warn):
                 echo(f"recovered the interrupted commit of {exp_id}")
             _retry_token_revocations(root, client, warn)
-        plan = _load_or_make_plan(client, root, cfg, selection, plan_file=plan_file, deep=deep,
+        plan = _load_or_make_plan(client, root, cfg, selection, saved=saved, deep=deep,
                                   reconvert_outdated=reconvert_outdated)
         echo(render_text(plan))
         todo = plan.actionable(repair_drift=repair_drift)
@@ -745,7 +761,7 @@ def status(
     cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
     if as_json:
-        need_one_dataset(cfg, root, "--json needs")
+        need_one_dataset(cfg, root)
 
     def none() -> int:
         echo(f"No <pi>/study-<study>/bids datasets under {root}: no SLURM batch.")
@@ -836,10 +852,10 @@ def finalize(
     cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
     if batch_id is not None and not one_dataset(cfg, root):
-        from reconcile.layout import discover
+        from reconcile.layout import dataset_roots
 
         # Batch IDs are unique: finalize it in whichever study submitted it.
-        holders = {s.root for s in discover(root) if any(b.id == batch_id for b in sx.list_batches(s.root))}
+        holders = {where for where in dataset_roots(root) if any(b.id == batch_id for b in sx.list_batches(where))}
         if not holders:
             raise ConfigError(f"no batch {batch_id} in the <pi>/study-<study>/bids datasets under {root}",
                               hint=f"`xnat2bids status {root}` lists each study's batch")
@@ -920,7 +936,7 @@ def history(
     cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
     if as_json:
-        need_one_dataset(cfg, root, "--json needs")
+        need_one_dataset(cfg, root)
     raise typer.Exit(for_each_dataset(cfg, root, lambda where: _print_history(where, as_json=as_json),
                                       none=lambda: _print_history(root, as_json=as_json)))
 
@@ -967,20 +983,13 @@ def force_unlock(
     echo(f"Removed the state lock of {root} held by {holder.describe()}")
 
 
-def _need_dataset_folder(root: Path) -> None:
-    """Commands that write into a dataset refuse a root that is missing or not a folder."""
-    if not root.is_dir():
-        what = "is not a folder" if root.exists() else "does not exist"
-        raise ConfigError(f"BIDS root {root} {what}", hint="pass the dataset's folder, or set bids_root in the config")
-
-
 def _locked_study(root: Path, lock_id: str) -> Path:
     """The pi-study dataset under `root` whose state lock has ID `lock_id` (or is unreadable)."""
     from reconcile import statelock
-    from reconcile.layout import discover
+    from reconcile.layout import dataset_roots
 
     found = []
-    for where in dict.fromkeys(s.root for s in discover(root)):
+    for where in dataset_roots(root):
         try:
             holder = statelock.read_holder(where)
         except XnatBidsError:  # unreadable: only the word `unreadable` names it
@@ -1032,11 +1041,11 @@ def _dataset_of(cfg: Config, root: Path, experiment_id: str) -> Path:
     if one_dataset(cfg, root):
         return root
     from reconcile.errors import LockfileError
-    from reconcile.layout import discover
+    from reconcile.layout import dataset_roots
     from reconcile.lock import read_lock
 
     unreadable = []
-    for where in dict.fromkeys(s.root for s in discover(root)):
+    for where in dataset_roots(root):
         try:
             lock = read_lock(where)
         except LockfileError:  # another study's damage: reported if the session is not found elsewhere
@@ -1106,7 +1115,7 @@ def show(
     cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
     if as_json:
-        need_one_dataset(cfg, root, "--json needs")
+        need_one_dataset(cfg, root)
 
     def none() -> int:
         echo(f"No <pi>/study-<study>/bids datasets under {root}: nothing exported yet.")

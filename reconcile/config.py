@@ -63,7 +63,7 @@ class ConversionSettings:
     def legacy_digests(self) -> dict[str, str]:
         """The include/skip digests of the lists as written, which locks written before the
         digests ignored order and repeats hold: equal to them, nothing changed."""
-        return {"include": _digest(list(self.include)), "skip": _digest(list(self.skip))}
+        return _legacy_digests(self)  # shared, as `digests()` copies: callers only compare
 
     def selects(self, scan_id: str, series_description: str) -> bool:
         """Include/skip by scan ID, ID ranges ('1-4,6') or series-description globs."""
@@ -85,6 +85,11 @@ def _conversion_digests(settings: ConversionSettings) -> dict[str, str]:
         "skip": _digest(sorted(set(settings.skip))),
         "bidsmap": _digest([list(p) for p in settings.bidsmap]),
     }
+
+
+@functools.cache  # asked per session whose recorded digests differ: every one of an older lock
+def _legacy_digests(settings: ConversionSettings) -> dict[str, str]:
+    return {"include": _digest(list(settings.include)), "skip": _digest(list(settings.skip))}
 
 
 def _matches(pattern: str, scan_id: str, description: str) -> bool:

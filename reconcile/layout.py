@@ -47,6 +47,17 @@ def study_root(root: Path, project: str) -> Path:
     return _find_child(_find_child(root, pi), f"study-{study}") / "bids"
 
 
+def dataset_roots(root: Path) -> list[Path]:
+    """The `<pi>/study-<study>/bids` folders under `root` that a project could have made (no
+    lock is read)."""
+    roots = []
+    for bids in sorted(root.glob("*/study-*/bids")):
+        pi, study = bids.parent.parent.name, bids.parent.name.removeprefix("study-")
+        if bids.is_dir() and study and not is_pattern(pi) and not is_pattern(study):
+            roots.append(bids)
+    return roots
+
+
 def discover(root: Path) -> list[Study]:
     """Existing `<pi>/study-<study>/bids` datasets; the project comes from the lock when there is one.
 
@@ -55,10 +66,8 @@ def discover(root: Path) -> list[Study]:
     that cannot exist.
     """
     found = []
-    for bids in sorted(root.glob("*/study-*/bids")):
+    for bids in dataset_roots(root):
         pi, study = bids.parent.parent.name, bids.parent.name.removeprefix("study-")
-        if not bids.is_dir() or not study or is_pattern(pi) or is_pattern(study):
-            continue
         try:
             lock = read_lock(bids)
         except LockfileError:  # named by the folder; the command run on this dataset reports it

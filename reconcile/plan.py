@@ -425,7 +425,7 @@ def compute_plan(
         if r.experiment_id not in present_ids and r.project in listed_ok:
             vanished_by_address[address] = r
     used_as_replaced: set[str] = set()
-    outdated = 0
+    outdated = drifted = 0
     deep_scans = remote.deep or {}
     conversion = _conversion_lookup(config)
     converters = {t: tools[t] for t in CONVERTER_TOOLS if tools.get(t)}
@@ -496,17 +496,19 @@ def compute_plan(
         drift = _drift(rec, local)
         if drift:
             out.changes.append(Change(Action.DRIFT, exp.key, address, tuple(drift), rec, exp, scans))
+            drifted += 1
             continue
         out.unchanged += 1
         outdated += any(rec.tools.get(t) != version for t, version in converters.items())
 
     # 4. Lock entries gone from a successfully listed project are orphans (never deleted).
-    gone = [
-        r for r in records
-        if r.experiment_id not in present_ids and r.experiment_id not in used_as_replaced
-        and r.project in listed_ok and in_selection(r)
-    ]
-    for rec in sorted(gone, key=lambda r: r.address):
+    gone = sorted(
+        (r for r in records
+         if r.experiment_id not in present_ids and r.experiment_id not in used_as_replaced
+         and r.project in listed_ok and in_selection(r)),
+        key=lambda r: r.address,
+    )
+    for rec in gone:
         reason = Reason("gone", f"no longer in XNAT project {rec.project}", "experiment_id", rec.experiment_id, None)
         out.changes.append(Change(Action.ORPHAN, rec.key, rec.address, (reason,), rec, None, None))
 
@@ -517,18 +519,16 @@ def compute_plan(
             f"{'them' if edits != 1 else 'it'} out only with --repair-drift, keeping a copy of each changed file "
             "in .xnat2bids/replaced/"
         )
-    drifted = sum(1 for c in out.changes if c.action is Action.DRIFT)
     if drifted:
         out.notes.append(
             f"{drifted} session{'s' if drifted != 1 else ''} changed on disk; apply leaves "
             f"{'them' if drifted != 1 else 'it'} as {'they are' if drifted != 1 else 'it is'} unless given "
             "--repair-drift, which exports and converts again"
         )
-    orphans = [c.key.experiment_id for c in out.changes if c.action is Action.ORPHAN]
-    if orphans:
+    if gone:
         out.notes.append(
-            f"{len(orphans)} orphan{'s' if len(orphans) != 1 else ''}: nothing is deleted; "
-            f"`xnat2bids forget {orphans[0]}` drops one from the lock and leaves its files"
+            f"{len(gone)} orphan{'s' if len(gone) != 1 else ''}: nothing is deleted; "
+            f"`xnat2bids forget {gone[0].experiment_id}` drops one from the lock and leaves its files"
         )
     out.notes += _unused_tables(config, remote, records)
     if outdated:

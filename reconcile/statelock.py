@@ -250,10 +250,14 @@ def _unreadable_error(root: Path, seen: _Seen) -> LockHeldError:
     )
 
 
+def _folder_error(path: Path) -> LockHeldError:
+    return LockHeldError(f"{path} is a folder, not xnat2bids' state lock",
+                         hint="nothing of xnat2bids makes it: move it out of the dataset")
+
+
 def _not_a_folder(fd: int, path: Path) -> None:
-    if stat.S_ISDIR(os.fstat(fd).st_mode):
-        raise LockHeldError(f"{path} is a folder, not xnat2bids' state lock",
-                            hint="nothing of xnat2bids makes it: move it out of the dataset")
+    if stat.S_ISDIR(os.fstat(fd).st_mode):  # opened read-only, a folder opens
+        raise _folder_error(path)
 
 
 def _look(root: Path) -> _Seen | None:
@@ -302,9 +306,8 @@ def _pinned(root: Path) -> Iterator[_Seen | None]:
             yield None
             return
         except IsADirectoryError:
-            fd = os.open(path, os.O_RDONLY)
+            raise _folder_error(path) from None
         try:
-            _not_a_folder(fd, path)
             fcntl.flock(fd, fcntl.LOCK_EX)
             mine = os.fstat(fd)
             try:

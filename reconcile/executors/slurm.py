@@ -614,11 +614,7 @@ def _actionable_change(plan: Plan, batch: Batch, entry: BatchSession) -> Change:
     return changes[entry.index]
 
 
-def load_plan(batch: Batch) -> Plan:
-    return _load_plan(batch)[0]
-
-
-def _load_plan(batch: Batch) -> tuple[Plan, dict[str, Any]]:
+def load_plan(batch: Batch) -> tuple[Plan, dict[str, Any]]:
     """The batch's plan and its file's header (`config_fingerprint`, …)."""
     from reconcile.lock import read_lock
     from reconcile.render import plan_from_dict
@@ -670,7 +666,7 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
     t0 = time.monotonic()
     own_client = client is None
     try:
-        plan, header = _load_plan(batch)
+        plan, header = load_plan(batch)
         change = _actionable_change(plan, batch, entry)
         config = _config_as_submitted(batch, header.get("config_fingerprint"))
         if client is None:
@@ -816,7 +812,7 @@ def finalize_batch(
     for exp_id in recover(root, warn=warn):
         warn(f"recovered the interrupted commit of {exp_id}")
     _retry_with_batch_credentials(batch, warn=warn)
-    plan, header = _load_plan(batch)
+    plan, header = load_plan(batch)
     lock = lock_for(plan, root)
     # The config the batch was planned with, recorded as a local apply records its own.
     report = ApplyReport(lock=replace(lock, config_fingerprint=header.get("config_fingerprint") or lock.config_fingerprint))
