@@ -228,14 +228,16 @@ def _need_dataset_folder(root: Path) -> None:
         raise ConfigError(f"BIDS root {root} {what}", hint="pass the dataset's folder, or set bids_root in the config")
 
 
-def for_each_dataset(cfg: Config, root: Path, run, *, none) -> int:
+def for_each_dataset(cfg: Config, root: Path, run, *, none, as_json: bool = False) -> int:
     """Run `run(root)` once (one dataset) or per `<pi>/study-<study>/bids` dataset found under
     `root`, and `none()` when there is none: the commands' `for_each_study` that ask nothing of
-    XNAT.
+    XNAT. With `as_json` there must be one dataset (one JSON document).
 
     An error in one dataset is reported and the next one still looked at; the combined exit code
     is the worst one, as for plan.
     """
+    if as_json:
+        need_one_dataset(cfg, root)
     if root.exists():
         _need_dataset_folder(root)
     if one_dataset(cfg, root):
@@ -760,14 +762,12 @@ def status(
     """
     cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
-    if as_json:
-        need_one_dataset(cfg, root)
-
     def none() -> int:
         echo(f"No <pi>/study-<study>/bids datasets under {root}: no SLURM batch.")
         return EXIT_OK
 
-    raise typer.Exit(for_each_dataset(cfg, root, lambda where: _dataset_status(where, as_json=as_json), none=none))
+    raise typer.Exit(for_each_dataset(cfg, root, lambda where: _dataset_status(where, as_json=as_json), none=none,
+                                      as_json=as_json))
 
 
 def _dataset_status(root: Path, *, as_json: bool) -> int:
@@ -935,10 +935,8 @@ def history(
     """
     cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
-    if as_json:
-        need_one_dataset(cfg, root)
     raise typer.Exit(for_each_dataset(cfg, root, lambda where: _print_history(where, as_json=as_json),
-                                      none=lambda: _print_history(root, as_json=as_json)))
+                                      none=lambda: _print_history(root, as_json=as_json), as_json=as_json))
 
 
 def _print_history(root: Path, *, as_json: bool) -> int:
@@ -1114,14 +1112,12 @@ def show(
     """
     cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
-    if as_json:
-        need_one_dataset(cfg, root)
-
     def none() -> int:
         echo(f"No <pi>/study-<study>/bids datasets under {root}: nothing exported yet.")
         return EXIT_OK
 
-    raise typer.Exit(for_each_dataset(cfg, root, lambda where: _show_dataset(where, as_json=as_json), none=none))
+    raise typer.Exit(for_each_dataset(cfg, root, lambda where: _show_dataset(where, as_json=as_json), none=none,
+                                      as_json=as_json))
 
 
 def _show_dataset(root: Path, *, as_json: bool) -> int:
