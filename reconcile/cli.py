@@ -27,7 +27,7 @@ from reconcile.config import Config, load_config
 from reconcile.errors import ConfigError, XnatBidsError
 from reconcile.lock import Lock
 from reconcile.model import utc_now
-from reconcile.plan import Selection
+from reconcile.plan import Action, Change, Plan, Selection
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
@@ -60,6 +60,7 @@ app.add_typer(emulator_app, name="emulator")
 
 _debug = False
 _root_config: Optional[Path] = None  # `xnat2bids --config FILE <command>`
+_json_errors = False  # the command was given --json: a fatal error is a JSON document on stdout too
 
 
 def echo(text: str = "", *, err: bool = False) -> None:
@@ -275,8 +276,8 @@ def root_callback(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit."),
 ) -> None:
-    global _debug, _root_config
-    _debug, _root_config = debug, config
+    global _debug, _root_config, _json_errors
+    _debug, _root_config, _json_errors = debug, config, False
     if version:
         echo(f"xnat2bids {__version__}")
         raise typer.Exit(EXIT_OK)
@@ -321,6 +322,7 @@ def plan(
 
     Example: xnat2bids plan ~/bids-export --project PROJ --detailed-exitcode
     """
+    _errors_as_json(as_json)
     cfg = _tls(_load_config(config), insecure)
     if cfg.layout == "pi-study" and (as_json or out):
         raise ConfigError("--json and --out need one dataset; with layout = \"pi-study\" pass the study's bids folder and set layout = \"flat\"")
@@ -404,8 +406,9 @@ def run_apply(
                                       reconvert_outdated=reconvert_outdated)
             echo(render_text(plan))
             todo = plan.actionable(repair_drift=repair_drift)
+            untouched = _left_alone(plan, todo)
             if not todo:
-                echo("Nothing to apply.")
+                echo(f"Nothing to apply.{untouched}")
                 return EXIT_ERROR if plan.problems else EXIT_OK
             if not yes:
                 if not stdin_is_terminal():
@@ -441,7 +444,7 @@ def run_apply(
             echo(
                 f"\nApply {'cancelled' if report.cancelled else 'complete'}: {report.count(Status.DONE)} done, "
                 f"{report.count(Status.FAILED)} failed, {report.count(Status.SKIPPED)} skipped; "
-                f"lock serial {report.lock.serial if report.lock else plan.serial}."
+                f"lock serial {report.lock.serial if report.lock else plan.serial}.{untouched}"
             )
             code = EXIT_OK if report.ok and not plan.problems else EXIT_ERROR
             if run_validator:
@@ -527,6 +530,20 @@ class _SavedPlan(NamedTuple):
 
     path: Path
     data: dict
+
+
+def _left_alone(plan: Plan, todo: tuple[Change, ...]) -> str:
+    """What apply leaves as it is by design (drift unless --repair-drift, orphans), for its summary:
+    " Left as they are: 1 drifted, 2 orphaned (see the plan's notes)." or ""."""
+    chosen = set(map(id, todo))
+    counts: dict[str, int] = {}
+    for change in plan.changes:
+        if id(change) not in chosen:
+            word = "orphaned" if change.action is Action.ORPHAN else "drifted"  # or an update over edits
+            counts[word] = counts.get(word, 0) + 1
+    if not counts:
+        return ""
+    return " Left as they are: " + ", ".join(f"{n} {word}" for word, n in sorted(counts.items())) + " (see the plan's notes)."
 
 
 def _load_or_make_plan(
@@ -760,6 +777,7 @@ def status(
 
     Example: xnat2bids status ~/bids-export
     """
+    _errors_as_json(as_json)
     cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
     def none() -> int:
@@ -933,6 +951,7 @@ def history(
 
     Example: xnat2bids history ~/bids-export
     """
+    _errors_as_json(as_json)
     cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
     raise typer.Exit(for_each_dataset(cfg, root, lambda where: _print_history(where, as_json=as_json),
@@ -1110,6 +1129,7 @@ def show(
 
     Example: xnat2bids show ~/bids-export
     """
+    _errors_as_json(as_json)
     cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
     def none() -> int:
@@ -1213,6 +1233,12 @@ def emulator_serve(
     )
 
 
+def _errors_as_json(as_json: bool) -> None:
+    """A script reading `--json` output gets a document on a fatal error too, not an empty stdout."""
+    global _json_errors
+    _json_errors = as_json
+
+
 def _render_error(exc: XnatBidsError) -> None:
     echo(f"error: {exc.summary}", err=True)
     if exc.detail:
@@ -1220,6 +1246,14 @@ def _render_error(exc: XnatBidsError) -> None:
             echo(f"  {line}", err=True)
     if exc.hint:
         echo(f"hint: {exc.hint}", err=True)
+    _error_json(exc.kind, exc.summary, exc.detail, exc.hint)
+
+
+def _error_json(kind: str, message: str, detail: str | None = None, hint: str | None = None) -> None:
+    """The error as schemas/error.schema.json, on stdout, when the command was given --json."""
+    if _json_errors:
+        error = {"kind": kind, "message": message, "detail": detail, "hint": hint}
+        echo(json.dumps({"format_version": 1, "error": error}, sort_keys=True))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1245,17 +1279,21 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         where = f": {exc.filename}" if exc.filename else ""
         echo(f"error: {exc.strerror or exc}{where}", err=True)
+        _error_json("os", f"{exc.strerror or exc}{where}")
         code = EXIT_ERROR
     except (_Interrupted, KeyboardInterrupt):  # as a cancelled apply does: exit 1, not 130
         if _debug:
             traceback.print_exc()
         echo("Interrupted.", err=True)
+        _error_json("interrupted", "Interrupted.")
         code = EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback only when asked for
         if _debug:
             traceback.print_exc()
         lines = str(exc).strip().splitlines()
-        echo(f"error: internal error: {type(exc).__name__}" + (f": {lines[0]}" if lines else ""), err=True)
+        message = f"internal error: {type(exc).__name__}" + (f": {lines[0]}" if lines else "")
+        echo(f"error: {message}", err=True)
+        _error_json("internal", message)
         if not _debug:
             echo("hint: run again with --debug for the traceback", err=True)
         code = EXIT_ERROR

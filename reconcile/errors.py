@@ -5,6 +5,8 @@ Everything below the CLI raises these; only `cli.py` turns them into text and ex
 
 from __future__ import annotations
 
+import re
+
 
 class XnatBidsError(Exception):
     """Root error: a one-line `summary`, optional `detail` and a `hint` for what to do."""
@@ -14,6 +16,12 @@ class XnatBidsError(Exception):
         self.summary = summary
         self.detail = detail
         self.hint = hint
+
+    @property
+    def kind(self) -> str:
+        """The error's class as a stable word for `--json` output: `LockHeldError` → "lock_held"."""
+        name = type(self).__name__.removesuffix("Error")
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower() if name != "XnatBids" else "error"
 
     def __str__(self) -> str:
         parts = [self.summary]

@@ -198,6 +198,7 @@ def test_rearchived_session_is_rekeyed_and_orphans_are_kept_until_forgotten(cli,
     assert code == 0, out + err
     assert f"replaced in XNAT: {old.id} → {again.id}" in out
     assert "- orphan  sub-02/ses-02MR1" in out
+    assert "; lock serial 3. Left as they are: 1 orphaned (see the plan's notes)." in out
     lock = read_lock(root)
     assert sorted(lock.sessions) == sorted([again.id, exps["02_MR1"].id])
     assert (root / "sub-02/ses-02MR1").is_dir()  # orphans are never deleted
@@ -215,7 +216,8 @@ def test_drift_is_repaired_only_when_asked(cli, emulator, tmp_path):
     original = lost.read_bytes()
     lost.unlink()
     code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes")
-    assert code == 0 and "Nothing to apply." in out and not lost.exists()
+    assert code == 0 and "Nothing to apply. Left as they are: 1 drifted (see the plan's notes)." in out
+    assert not lost.exists()
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--repair-drift")
     assert code == 0, out + err
     assert lost.read_bytes() == original

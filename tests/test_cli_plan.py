@@ -274,3 +274,49 @@ def test_a_project_glob_selects_among_the_projects_of_the_config_and_the_lock(cl
     code, _, err = cli("plan", str(root), "-p", "X*")
     assert code == 1
     assert "error: project pattern 'X*' matches no project in the config or the lock" in err
+
+
+def _error_document(out: str) -> dict:
+    doc = json.loads(out)
+    jsonschema.validate(doc, load_schema("error"))
+    return doc["error"]
+
+
+def test_json_plan_that_cannot_log_in_prints_an_error_document(cli, emulator, tmp_path, monkeypatch):
+    monkeypatch.setenv("XNAT_PASS", "not-the-password")
+    code, out, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ", "--json")
+    assert code == 1
+    error = _error_document(out)
+    assert error["kind"] == "auth"
+    assert error["message"] in err and "not-the-password" not in out + err
+    code, out, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ")
+    assert code == 1 and out == "" and "error:" in err  # without --json stdout stays empty
+
+
+def test_json_commands_print_an_error_document_for_a_damaged_lock(cli, emulator, tmp_path):
+    lock_path(tmp_path).write_text("format_version = [\n")
+    for command in ("show", "plan"):
+        args = (command, str(tmp_path), "--json") + (("-p", "PROJ") if command == "plan" else ())
+        code, out, err = cli(*args)
+        assert code == 1, (command, out, err)
+        error = _error_document(out)
+        assert error["kind"] == "lockfile", command
+        assert error["message"] in err
+
+
+def test_json_error_document_for_a_bad_config(cli, emulator, tmp_path):
+    config = write_config(tmp_path, "projectz = [\"PROJ\"]")
+    code, out, err = cli("plan", str(tmp_path / "bids"), "--config", str(config), "--json")
+    assert code == 1
+    error = _error_document(out)
+    assert error["kind"] == "config" and "unknown key 'projectz'" in error["message"]
+    assert error["message"] in err
+
+
+def test_json_status_and_history_print_an_error_document_for_a_root_that_is_a_file(cli, emulator, tmp_path):
+    root = tmp_path / "bids"
+    root.write_text("not a folder\n")
+    for command in ("status", "history"):
+        code, out, err = cli(command, str(root), "--json")
+        assert code == 1, (command, out, err)
+        assert _error_document(out)["message"] in err

@@ -175,7 +175,7 @@ def test_a_study_folder_given_directly_is_one_dataset(cli, emulator, tmp_path):
     for command in ("status", "history", "show"):
         code, out, err = cli(command, str(root), "--config", str(cfg), "--json")
         assert code == 1 and f"pass a study's bids folder ({root}/<pi>/study-<study>/bids)" in err
-        assert out == ""
+        assert json.loads(out)["error"]["kind"] == "config"  # a document for scripts, not several
 
 
 def test_status_finalize_and_force_unlock_walk_every_study(cli, emulator, tmp_path):
