@@ -57,6 +57,11 @@ def _located(root: Path, rel: str, moved: dict[str, tuple[str, Path]]) -> str:
     return os.path.join(root, rel)
 
 
+def _named(lock: Lock, exp_id: str) -> str:
+    """A session as check's messages name it; its record is decoded only for these."""
+    return f"{exp_id} {lock.sessions[exp_id].address}"
+
+
 def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
     """Every recorded output must exist with its size (and, with `full`, its sha256)."""
     lock, moved, notes = _as_recovered(root, lock)
@@ -66,30 +71,29 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
     beneath = Beneath(root)
     base = beneath.root
     for exp_id in sorted(lock.sessions):
-        rec = lock.sessions[exp_id]
-        for out in rec.outputs:
+        for path, size, sha256 in lock.recorded_outputs(exp_id):
             total += 1
-            direct = os.path.join(base, out.path)
-            where = _located(root, out.path, moved) if moved else direct
+            direct = os.path.join(base, path)
+            where = _located(root, path, moved) if moved else direct
             try:
                 st = os.lstat(where)
-                outside = beneath.escapes(out.path, st) if where == direct else None  # not for rolled-back ones
+                outside = beneath.escapes(path, st) if where == direct else None  # not for rolled-back ones
                 if outside is not None:
-                    problems.append(f"{exp_id} {rec.address}: {out.path} is a link out of the BIDS root, to {outside}")
+                    problems.append(f"{_named(lock, exp_id)}: {path} is a link out of the BIDS root, to {outside}")
                     continue
                 if stat.S_ISLNK(st.st_mode):
                     st = os.stat(where)
             except OSError:
                 st = None
             if st is None or not stat.S_ISREG(st.st_mode):
-                problems.append(f"{exp_id} {rec.address}: missing {out.path}")
-            elif st.st_size != out.size:
-                problems.append(f"{exp_id} {rec.address}: size of {out.path} is {st.st_size}, lock says {out.size}")
+                problems.append(f"{_named(lock, exp_id)}: missing {path}")
+            elif st.st_size != size:
+                problems.append(f"{_named(lock, exp_id)}: size of {path} is {st.st_size}, lock says {size}")
             elif full:
-                to_hash[where] = (f"{exp_id} {rec.address}", out.path, out.sha256)
+                to_hash[where] = (exp_id, path, sha256)
     if to_hash:
         for path, digest in sorted(hash_files(to_hash).items()):
-            where, rel, expected = to_hash[path]
+            exp_id, rel, expected = to_hash[path]
             if digest != expected:
-                problems.append(f"{where}: content of {rel} differs from the lock (sha256)")
+                problems.append(f"{_named(lock, exp_id)}: content of {rel} differs from the lock (sha256)")
     return CheckReport(len(lock.sessions), total, tuple(problems), tuple(notes))

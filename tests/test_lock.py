@@ -9,6 +9,7 @@ import pickle
 import random
 import re
 import stat
+import tempfile
 import threading
 import time
 import uuid
@@ -947,3 +948,18 @@ def test_a_cache_written_by_someone_else_is_not_trusted(root: Path, cached: Path
     monkeypatch.setattr(lockcache, "_parse_bytes", lambda data, source: parsed.append(source) or real(data, source))
     read_lock(root)
     assert parsed == [str(lock_path(root))]
+
+
+@given(_locks)
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_recorded_outputs_read_undecoded_give_the_records_outputs(lock: Lock) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        write_lock(Path(tmp), lock)
+        lockcache._snapshots.clear()  # read as a new process would: every session undecoded
+        read = read_lock(Path(tmp))
+        for key, rec in lock.sessions.items():
+            assert read.sessions.blob(key) is not None and key not in read.sessions._origin  # undecoded
+            assert read.recorded_outputs(key) == [(o.path, o.size, o.sha256) for o in rec.outputs]
+            assert read.recorded_outputs(key) == [(o.path, o.size, o.sha256) for o in read.sessions[key].outputs]
+        for key, rec in lock.sessions.items():  # records, not documents: read from the records
+            assert lock.recorded_outputs(key) == [(o.path, o.size, o.sha256) for o in rec.outputs]
