@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reconcile.journal import read_journal
-from reconcile.localscan import Beneath, hash_files
+from reconcile.localscan import Beneath, hash_files, open_dir
 from reconcile.lock import Lock
 
 
@@ -50,11 +50,12 @@ def _as_recovered(root: Path, lock: Lock) -> tuple[Lock, dict[str, tuple[str, Pa
     return lock, moved, notes
 
 
-def _located(root: Path, rel: str, moved: dict[str, tuple[str, Path]]) -> str:
+def _located(rel: str, moved: dict[str, tuple[str, Path]]) -> str | None:
+    """Where a rolled-back session's output sits meanwhile; None for one at its place in the root."""
     for prefix, (_, trash) in moved.items():
         if rel.startswith(prefix + "/"):
             return os.path.join(trash, rel[len(prefix) + 1:])
-    return os.path.join(root, rel)
+    return None
 
 
 def _named(lock: Lock, exp_id: str) -> str:
@@ -69,28 +70,44 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
     to_hash: dict[str, tuple[str, str, str]] = {}
     total = 0
     beneath = Beneath(root)
-    base = beneath.root
-    for exp_id in sorted(lock.sessions):
-        for path, size, sha256 in lock.recorded_outputs(exp_id):
-            total += 1
-            direct = os.path.join(base, path)
-            where = _located(root, path, moved) if moved else direct
-            try:
-                st = os.lstat(where)
-                outside = beneath.escapes(path, st) if where == direct else None  # not for rolled-back ones
-                if outside is not None:
-                    problems.append(f"{_named(lock, exp_id)}: {path} is a link out of the BIDS root, to {outside}")
-                    continue
-                if stat.S_ISLNK(st.st_mode):
-                    st = os.stat(where)
-            except OSError:
-                st = None
-            if st is None or not stat.S_ISREG(st.st_mode):
-                problems.append(f"{_named(lock, exp_id)}: missing {path}")
-            elif st.st_size != size:
-                problems.append(f"{_named(lock, exp_id)}: size of {path} is {st.st_size}, lock says {size}")
-            elif full:
-                to_hash[where] = (exp_id, path, sha256)
+    base = beneath.root + os.sep
+    # Each output is looked at relative to a descriptor of the root (a shorter walk for the kernel),
+    # and its folder once for links: outputs come in path order, so a folder's come together.
+    root_fd = open_dir(beneath.root)
+    folder, linked = None, False
+    try:
+        for exp_id in sorted(lock.sessions):
+            for path, size, sha256 in lock.recorded_outputs(exp_id):
+                total += 1
+                where = _located(path, moved) if moved else None
+                try:
+                    if where is not None:  # rolled back: judged where it waits, links and all
+                        st = os.stat(where)
+                    else:
+                        if root_fd is None:
+                            st = os.lstat(base + path)
+                        else:
+                            st = os.stat(path, dir_fd=root_fd, follow_symlinks=False)
+                        here = path.rpartition("/")[0]
+                        if here != folder:
+                            folder, linked = here, beneath.linked(here)
+                        if linked or stat.S_ISLNK(st.st_mode):
+                            outside = beneath.outside(path)
+                            if outside is not None:
+                                problems.append(f"{_named(lock, exp_id)}: {path} is a link out of the BIDS root, to {outside}")
+                                continue
+                            st = os.stat(base + path)
+                except OSError:
+                    st = None
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    problems.append(f"{_named(lock, exp_id)}: missing {path}")
+                elif st.st_size != size:
+                    problems.append(f"{_named(lock, exp_id)}: size of {path} is {st.st_size}, lock says {size}")
+                elif full:
+                    to_hash[where or base + path] = (exp_id, path, sha256)
+    finally:
+        if root_fd is not None:
+            os.close(root_fd)
     if to_hash:
         for path, digest in sorted(hash_files(to_hash).items()):
             exp_id, rel, expected = to_hash[path]
