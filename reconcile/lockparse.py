@@ -28,8 +28,8 @@ except ImportError:  # pragma: no cover
     toml_rs = None
 
 _DUPLICATE_SESSION = re.compile(r"Cannot declare \('sessions', '([^']*)'\) twice")
-# Where a session's fragment starts in a file laid out as `write_lock` writes it.
-_SESSION_START = re.compile(rb"^\[sessions\.([A-Za-z0-9_-]+)\]$", re.MULTILINE)
+# Where a session's fragment starts in a file laid out as `write_lock` writes it: a line of its own.
+_SESSION_START = re.compile(rb"\[sessions\.([A-Za-z0-9_-]+)\]$", re.MULTILINE)
 
 
 @contextlib.contextmanager
@@ -100,6 +100,17 @@ def _parse_bytes(data: bytes, source: str) -> tuple[dict[str, Any], dict[str, tu
     return _parse(text, source), None
 
 
+def _session_starts(data: bytes) -> Iterator[tuple[int, str]]:
+    """Offset and key of each `[sessions.<key>]` line. bytes.find jumps from one candidate line to
+    the next; a `^` pattern would be tried at every byte (0.65 s of a 74 MB lock's cold read)."""
+    at = 0 if data.startswith(b"[sessions.") else data.find(b"\n[sessions.") + 1 or -1
+    while at >= 0:
+        m = _SESSION_START.match(data, at)
+        if m:
+            yield at, m.group(1).decode()
+        at = data.find(b"\n[sessions.", at) + 1 or -1
+
+
 def _by_session(data: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, int]]] | None:
     """A valid lock laid out as a header, then one self-contained fragment per session in key
     order (a `[sessions.<key>]` line, up to the next one), parsed fragment by fragment with
@@ -114,7 +125,7 @@ def _by_session(data: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, int]]
     """
     if toml_rs is None or data.startswith(b"\xef\xbb\xbf"):  # a byte order mark: tomllib refuses it
         return None
-    starts = [(m.start(), m.group(1).decode()) for m in _SESSION_START.finditer(data)]
+    starts = list(_session_starts(data))
     if not starts:
         return None
     sessions: dict[str, Any] = {}

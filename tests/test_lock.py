@@ -963,3 +963,14 @@ def test_recorded_outputs_read_undecoded_give_the_records_outputs(lock: Lock) ->
             assert read.recorded_outputs(key) == [(o.path, o.size, o.sha256) for o in read.sessions[key].outputs]
         for key, rec in lock.sessions.items():  # records, not documents: read from the records
             assert lock.recorded_outputs(key) == [(o.path, o.size, o.sha256) for o in rec.outputs]
+
+
+_LINE_BITS = st.sampled_from([b"[sessions.", b"[[sessions.", b"a", b"X_1-", b"]", b"\n", b"\r", b" ", b".", b"="])
+
+
+@given(st.lists(_LINE_BITS, max_size=40).map(b"".join))
+@settings(max_examples=300, deadline=None)
+def test_session_starts_are_the_lines_a_multiline_pattern_finds(data: bytes) -> None:
+    lines = re.compile(rb"^\[sessions\.([A-Za-z0-9_-]+)\]$", re.MULTILINE)
+    expected = [(m.start(), m.group(1).decode()) for m in lines.finditer(data)]
+    assert list(lockparse._session_starts(data)) == expected
