@@ -1,20 +1,24 @@
 """A SLURM batch's alias token is invalidated on XNAT even when XNAT cannot be reached at first.
 
-No cluster needed: `sbatch`, `scontrol` and `squeue` are small stand-in scripts on PATH, so a
-submission fails or "queues" jobs that never run, and `finalize` is run by hand. The real
-cluster's finalize job is covered in test_slurm.py.
+On the real single-node cluster (`.ci/slurm/start-slurm.sh`): a submission to a partition that
+does not exist is refused by sbatch itself; jobs told to begin in an hour are cancelled before
+they run, and `finalize` is run by hand. The finalize job's own revocation is covered in
+test_slurm.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import requests
-from worlds import add
+from worlds import add, write_config
 
 from reconcile.credentials import Credentials
 from reconcile.emulator import Fault
@@ -43,26 +47,20 @@ def issued(emulator, monkeypatch) -> list[dict]:
     return tokens
 
 
-def fake_slurm(tmp_path: Path, monkeypatch, *, sbatch_fails: bool) -> None:
-    """sbatch/scontrol/squeue stand-ins first on PATH: jobs are numbered but never run."""
-    bindir = tmp_path / "fake-slurm"
-    bindir.mkdir()
-    counter = bindir / "next-job-id"
-    counter.write_text("100\n")
-    scripts = {
-        "sbatch": (
-            'echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2\nexit 1\n'
-            if sbatch_fails else
-            f'n=$(cat "{counter}")\necho $((n + 1)) > "{counter}"\necho "$n"\n'
-        ),
-        "scontrol": "exit 0\n",
-        "squeue": "exit 0\n",  # nothing queued: every job has ended
-    }
-    for name, body in scripts.items():
-        path = bindir / name
-        path.write_text("#!/bin/sh\n" + body)
-        path.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+needs_slurm = pytest.mark.skipif(
+    shutil.which("sbatch") is None and os.environ.get("CI") != "true",
+    reason="no sbatch on PATH: start a cluster with `.ci/slurm/start-slurm.sh` (as root) to run the SLURM tests",
+)
+# Jobs that wait an hour to begin: a test cancels them before they could run.
+LATER = '[slurm]\nextra_args = ["--begin=now+3600"]\n'
+
+
+def cancel_and_wait(batch: sx.Batch, timeout: float = 120.0) -> None:
+    subprocess.run(["scancel", *batch.jobs], check=True)
+    deadline = time.monotonic() + timeout
+    while sx.active_jobs(batch.jobs):
+        assert time.monotonic() < deadline, f"SLURM jobs {batch.jobs} still queued after scancel"
+        time.sleep(0.3)
 
 
 def still_valid(emulator, token: dict) -> bool:
@@ -83,16 +81,18 @@ def assert_holds_no_secret(path: Path, token: dict) -> None:
     assert "secret" not in json.loads(text)
 
 
+@pytest.mark.slurm
+@needs_slurm
 @pytest.mark.parametrize("outage", sorted(OUTAGES))
 def test_failed_revocation_of_a_refused_submission_is_retried_by_the_next_apply(
-        cli, emulator, issued, tmp_path, monkeypatch, outage):
+        cli, emulator, issued, tmp_path, outage):
     add(emulator.archive, [("01", "01_MR1", "2024-01-11")])
     root = tmp_path / "bids"
-    fake_slurm(tmp_path, monkeypatch, sbatch_fails=True)
+    nowhere = write_config(tmp_path, '[slurm]\npartition = "no-such-partition"\n')
     emulator.app.faults.add(Fault(route=INVALIDATE, **OUTAGES[outage]))
 
-    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
-    assert code == 1 and "sbatch refused the job" in err, out + err
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm", "-c", str(nowhere))
+    assert code == 1 and "sbatch refused the job" in err and "partition" in err.lower(), out + err
     [token] = issued
     assert still_valid(emulator, token)  # XNAT never got to invalidate it
     record = the_pending_record(root)
@@ -103,24 +103,27 @@ def test_failed_revocation_of_a_refused_submission_is_retried_by_the_next_apply(
     assert token["alias"] not in out + err and token["secret"] not in out + err
 
     emulator.app.faults.clear()
-    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c", str(nowhere))  # a local apply
     assert code == 0, out + err
     assert f"Invalidated the alias token of SLURM batch {record.batch} on XNAT" in out
     assert not still_valid(emulator, token)
     assert sx.pending_revocations(root) == [] and not record.path.exists()
 
 
+@pytest.mark.slurm
+@needs_slurm
 def test_finalize_keeps_a_failed_revocation_pending_and_the_next_finalize_retries_it(
-        cli, emulator, issued, tmp_path, monkeypatch):
+        cli, emulator, issued, tmp_path):
     add(emulator.archive, [("01", "01_MR1", "2024-01-11")])
     root = tmp_path / "bids"
-    fake_slurm(tmp_path, monkeypatch, sbatch_fails=False)
+    later = write_config(tmp_path, LATER)
 
-    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm", "-c", str(later))
     assert code == 0 and "Submitted batch" in out, out + err
     first = sx.list_batches(root)[-1]
+    cancel_and_wait(first)
     emulator.app.faults.add(Fault(route=INVALIDATE, kind="status", status=502))
-    code, out, err = cli("finalize", str(root))  # its jobs "ended" without staging anything
+    code, out, err = cli("finalize", str(root))  # its jobs ended without staging anything
     assert "Finalize complete: 0 done, 0 failed, 1 skipped" in out, out + err
     assert f"alias token of SLURM batch {first.id}" in err and "still pending" in err
     assert not first.credentials_path.exists()  # the token file goes; the alias stays in the record
@@ -139,11 +142,12 @@ def test_finalize_keeps_a_failed_revocation_pending_and_the_next_finalize_retrie
     # The next submission's retry is refused: still pending, and the new batch goes ahead.
     emulator.app.faults.clear()
     emulator.app.faults.add(Fault(route=INVALIDATE, kind="status", status=403))
-    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm", "-c", str(later))
     assert code == 0 and "Submitted batch" in out, out + err
     assert f"alias token of SLURM batch {first.id}" in err and "still pending" in err
     second = sx.list_batches(root)[-1]
     assert second.id != first.id and still_valid(emulator, token)
+    cancel_and_wait(second)
 
     # That batch's finalize retries with the batch's own token, then revokes that one too.
     emulator.app.faults.clear()
