@@ -8,6 +8,7 @@ nothing; it reports through `on_event`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from reconcile.config import Config, ConversionSettings
 from reconcile.convert import ConversionCancelled, convert_session, nothing_selected
 from reconcile.dataset import (
     check_dataset_files,
+    drop_participant,
     ensure_dataset_description,
     ensure_participant,
     remove_session_row,
@@ -280,6 +282,11 @@ def _remove_recorded(root: Path, record: SessionRecord, keep: set[str]) -> None:
             d = d.parent
 
 
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty (a user's file, another session), or gone
+        folder.rmdir()
+
+
 def _move_replacing(src: Path, dest: Path, trash: Path) -> None:
     if dest.exists():
         trash.parent.mkdir(parents=True, exist_ok=True)
@@ -395,16 +402,23 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
     journal, record = read_journal(area.journal(exp_id))
     lock = lock if lock is not None else load_or_new(root)
     previous = lock.sessions.get(journal["previous"]) if journal["previous"] else None
-    if previous is not None and previous.address != record.address:
+    moved = previous is not None and previous.address != record.address
+    if moved:
         others = {o.path for r in lock.sessions.values() if r.experiment_id != previous.experiment_id for o in r.outputs}
         _remove_recorded(root, previous, others | {o.path for o in record.outputs})
         remove_session_row(root, previous.bids_subject, previous.bids_session,
                            xnat_experiment_id=previous.experiment_id)
+    left_subject = moved and previous.bids_subject != record.bids_subject
+    # The same XNAT subject under a new label: its participants.tsv row goes with it.
+    renamed = previous.bids_subject if left_subject and previous.subject_id == record.subject_id != "" else None
     if journal["dicom"] and (root / journal["dicom"]).is_dir():
         dest = root / "sourcedata" / f"sub-{record.bids_subject}" / f"ses-{record.bids_session}" / "dicom"
         _move_replacing(root / journal["dicom"], dest, area.trash(exp_id + ".dicom"))
     ensure_dataset_description(root, name=record.project, tools=record.tools)
-    ensure_participant(root, record.bids_subject)
+    ensure_participant(root, record.bids_subject, renamed_from=renamed)
+    if left_subject:
+        _remove_if_empty(root / f"sub-{previous.bids_subject}")  # its last session moved out
+        drop_participant(root, previous.bids_subject, renamed_to=record.bids_subject if renamed else None)
     update_sessions_tsv(
         root,
         record.bids_subject,

@@ -9,6 +9,7 @@ and replaces files atomically (temp file, fsync, rename).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -190,8 +191,13 @@ def _ensure_json_keys(path: Path, entries: Mapping[str, Any]) -> None:
         write_atomic(path, _json_text({**data, **missing}, bom=bom))
 
 
-def ensure_participant(root: Path, bids_subject: str) -> None:
-    """Append sub-X to participants.tsv when missing; existing rows and columns are never rewritten."""
+def ensure_participant(root: Path, bids_subject: str, *, renamed_from: str | None = None) -> None:
+    """Append sub-X to participants.tsv when missing; existing rows and columns are never rewritten.
+
+    `renamed_from`: the subject's label before XNAT renamed it (the same XNAT subject). The new
+    row then takes that row's values (age, group...), which `drop_participant` lets go of once
+    the old label's folder is gone.
+    """
     path = Path(root) / "participants.tsv"
     participant = f"sub-{bids_subject}"
     table = _read_participants(path)
@@ -200,8 +206,39 @@ def ensure_participant(root: Path, bids_subject: str) -> None:
         return
     if table.find("participant_id", participant) is not None:
         return
-    table.insert_sorted("participant_id", {"participant_id": participant})
+    old = table.find("participant_id", f"sub-{renamed_from}") if renamed_from is not None else None
+    values = dict(zip(table.header, table.rows[old])) if old is not None else {}
+    table.insert_sorted("participant_id", {**values, "participant_id": participant})
     write_atomic(path, table.text())
+
+
+def drop_participant(root: Path, bids_subject: str, *, renamed_to: str | None = None) -> None:
+    """Remove sub-X's row from participants.tsv once no sub-X folder is left (its last session moved
+    to another subject), so the table names the subjects there are. Only a row that holds nothing
+    but n/a goes, or (`renamed_to`: the same XNAT subject's new label) nothing but what that
+    subject's row holds too; a row with values of its own stays, for the user to move."""
+    root = Path(root)
+    path = root / "participants.tsv"
+    if os.path.lexists(root / f"sub-{bids_subject}") or not path.exists():
+        return
+    table = _read_participants(path)
+    at = table.find("participant_id", f"sub-{bids_subject}") if table.header else None
+    if at is None:
+        return
+    values = _values(table, at)
+    if any(v not in (NA, "") for v in values.values()):
+        new = table.find("participant_id", f"sub-{renamed_to}") if renamed_to is not None else None
+        if new is None or _values(table, new) != values:
+            return
+    del table.rows[at]
+    del table.raw[at + 1]
+    write_atomic(path, table.text())
+
+
+def _values(table: _Tsv, index: int) -> dict[str, str]:
+    """A participants.tsv row's cells other than participant_id (a short row's missing ones n/a)."""
+    row = table.rows[index]
+    return {c: row[i] if i < len(row) else NA for i, c in enumerate(table.header) if c != "participant_id"}
 
 
 def _read_participants(path: Path) -> _Tsv:

@@ -12,6 +12,7 @@ from reconcile.dataset import (
     BIDS_VERSION,
     DatasetFileError,
     check_dataset_files,
+    drop_participant,
     ensure_bidsignore,
     ensure_dataset_description,
     ensure_participant,
@@ -167,6 +168,30 @@ def test_new_participant_keeps_user_columns_and_rows(tmp_path: Path) -> None:
     assert path.read_text() == user + "\nsub-03\tn/a\tn/a\tn/a\n"
     assert path.stat().st_mode & 0o777 == 0o640
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_renamed_subject_takes_its_row_and_the_old_row_goes_with_its_folder(tmp_path: Path) -> None:
+    path = tmp_path / "participants.tsv"
+    path.write_text("participant_id\tage\tgroup\nsub-01\t34\tpatient\nsub-09\t51\n")  # a short row
+    (tmp_path / "sub-01").mkdir()
+    ensure_participant(tmp_path, "P01", renamed_from="01")
+    assert path.read_text() == "participant_id\tage\tgroup\nsub-01\t34\tpatient\nsub-09\t51\nsub-P01\t34\tpatient\n"
+    drop_participant(tmp_path, "01", renamed_to="P01")  # sub-01 still has a folder: its row stays
+    assert "sub-01\t34" in path.read_text()
+    (tmp_path / "sub-01").rmdir()
+    drop_participant(tmp_path, "01", renamed_to="P01")
+    assert path.read_text() == "participant_id\tage\tgroup\nsub-09\t51\nsub-P01\t34\tpatient\n"
+
+
+def test_a_row_with_values_of_its_own_is_never_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "participants.tsv"
+    user = "participant_id\tage\nsub-01\t34\nsub-02\tn/a\nsub-P01\t35\n"
+    path.write_text(user)
+    drop_participant(tmp_path, "01")  # a session moved to another XNAT subject: not the same person
+    drop_participant(tmp_path, "01", renamed_to="P01")  # the new row says otherwise: the user decides
+    assert path.read_text() == user
+    drop_participant(tmp_path, "02")  # nothing but n/a: ours to drop
+    assert path.read_text() == "participant_id\tage\nsub-01\t34\nsub-P01\t35\n"
 
 
 def test_participants_without_participant_id_column_is_an_error(tmp_path: Path) -> None:

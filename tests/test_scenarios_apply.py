@@ -171,6 +171,8 @@ def test_renamed_subject_moves_its_sessions_to_the_new_subject_folder(cli, emula
     before = read_lock(root)
     assert (root / "sub-01/sub-01_sessions.tsv").is_file()
 
+    participants = root / "participants.tsv"
+    participants.write_text("participant_id\tage\tgroup\nsub-01\t34\tpatient\n")  # the lab's own columns
     emulator.archive.rename_subject(exps["01_MR1"].subject_id, "P01")
     code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
     assert code == 2, out
@@ -187,6 +189,7 @@ def test_renamed_subject_moves_its_sessions_to_the_new_subject_folder(cli, emula
         assert all(o.path.startswith(f"sub-P01/ses-{ses}/") and (root / o.path).is_file() for o in rec.outputs)
         assert (root / f"sub-P01/ses-{ses}" / T1W_FILE.format(s="P01", ses=ses)).stat().st_size > 0
     assert files_under(root, "sub-01") == []  # the old outputs and the old sessions.tsv are gone
+    assert not (root / "sub-01").exists()  # and the folder they left empty
 
     rows = (root / "sub-P01/sub-P01_sessions.tsv").read_text().splitlines()
     header = rows[0].split("\t")
@@ -194,7 +197,8 @@ def test_renamed_subject_moves_its_sessions_to_the_new_subject_folder(cli, emula
     assert sorted(by_session) == ["ses-01MR1", "ses-01MR2"]
     assert {s: row["xnat_experiment_id"] for s, row in by_session.items()} == {
         "ses-01MR1": exps["01_MR1"].id, "ses-01MR2": exps["01_MR2"].id}
-    assert "sub-P01" in (root / "participants.tsv").read_text().splitlines()
+    # The renamed subject's row keeps the lab's values, and no row names a subject that is gone.
+    assert participants.read_text() == "participant_id\tage\tgroup\nsub-P01\t34\tpatient\n"
 
     code, out, _ = cli("check", str(root), "--full")
     assert code == 0, out
