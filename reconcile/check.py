@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from reconcile.journal import read_journal
@@ -74,6 +75,8 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
     # Each output is looked at relative to a descriptor of the root (a shorter walk for the kernel),
     # and its folder once for links: outputs come in path order, so a folder's come together.
     root_fd = open_dir(beneath.root)
+    lstat = partial(os.stat, dir_fd=root_fd, follow_symlinks=False) if root_fd is not None else \
+        (lambda rel: os.lstat(base + rel))
     folder, linked = None, False
     try:
         for exp_id in sorted(lock.sessions):
@@ -84,10 +87,7 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
                     if where is not None:  # rolled back: judged where it waits, links and all
                         st = os.stat(where)
                     else:
-                        if root_fd is None:
-                            st = os.lstat(base + path)
-                        else:
-                            st = os.stat(path, dir_fd=root_fd, follow_symlinks=False)
+                        st = lstat(path)
                         here = path.rpartition("/")[0]
                         if here != folder:
                             folder, linked = here, beneath.linked(here)
