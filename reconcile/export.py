@@ -112,8 +112,25 @@ def zip_type(scan_type: str) -> str:
 
 
 def zip_prefix(exp: Experiment, scan: Scan, resource: str) -> str:
-    """The entry prefix of a scan-resource zip: `{label}/scans/{id}-{type}/resources/{res}/files/`."""
-    return f"{exp.label}/scans/{scan.id}-{zip_type(scan.type)}/resources/{resource}/files/"
+    """The entry prefix of a scan-resource zip: `{label}/scans/{id}-{type}/resources/{res}/files/`,
+    `{id}` alone for a scan without a type."""
+    folder = f"{scan.id}-{zip_type(scan.type)}" if scan.type else scan.id
+    return f"{exp.label}/scans/{folder}/resources/{resource}/files/"
+
+
+def zip_entry_name(exp: Experiment, scan: Scan, file: RemoteFile) -> str:
+    """The name XNAT gives `file` in the zip of its scan's resource. XNAT makes it from the file's
+    URI by plain string replacement (RestFileUtils.buildRelativePath): from the session's ID on,
+    that ID replaced by the label wherever it appears (file names too), `/{resource id}/files/` by
+    the resource's label, then every `/{scan id}/` (folders below files/ too) by
+    `/{scan id}-{type}/` when the scan has a type."""
+    name = f"{exp.id}/scans/{scan.id}/resources/{file.resource_id or file.resource}/files/{file.name}"
+    name = name.replace(exp.id, exp.label)
+    if file.resource_id:
+        name = name.replace(f"/{file.resource_id}/files/", f"/{file.resource}/files/")
+    if scan.type:
+        name = name.replace(f"/{scan.id}/", f"/{scan.id}-{zip_type(scan.type)}/")
+    return name
 
 
 def export_session(
@@ -575,7 +592,9 @@ class _Exporter:
         prefix = zip_prefix(self.exp, scan, self.resource)
         where = f"the zip of scan {scan.id} of session {self.exp.label}"
         wanted = {j.file.name: j for j in jobs}
-        listed = {f.name: f.size for f in scan.files if f.resource == self.resource}
+        files = [f for f in scan.files if f.resource == self.resource]
+        listed = {f.name: f.size for f in files}
+        named = {zip_entry_name(self.exp, scan, f): f.name for f in files}  # entry name -> listed name
         check_later = self._to_check is not None
         local: list[str] = []
         written: list[_Job] = []  # every job whose .part this zip opened, the one being written too
@@ -595,6 +614,7 @@ class _Exporter:
                     while (entry := z.next_entry()) is not None:
                         local.append(entry.name)
                         name = _zip_member(entry.name, prefix, where=where)
+                        name = named.get(entry.name, name) if name is not None else None
                         job = wanted.pop(name, None) if name is not None else None
                         hint = listed.get(name) if name is not None else None
                         if job is None:

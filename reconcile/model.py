@@ -127,6 +127,7 @@ class RemoteFile:
     digest: str  # MD5 hex, or "" when XNAT has none
     uri: str
     resource: str = "DICOM"
+    resource_id: str = ""  # the numeric ID in `uri`, which XNAT's zips replace by `resource`
 
 
 @dataclass(frozen=True)

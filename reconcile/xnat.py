@@ -754,6 +754,7 @@ class XnatClient:
             digest=str(row.get("digest") or "").strip().lower(),
             uri=uri,
             resource=str(row.get("collection") or rid),
+            resource_id=rid,
         )
 
     def deep_details(

@@ -130,6 +130,24 @@ def test_export_is_byte_identical_to_the_archive(emulator, client, session, tmp_
     assert not list(dest.rglob("*.part"))
 
 
+@pytest.mark.parametrize("method", ["files", "zip"])
+def test_zip_entries_named_by_xnats_replacements_land_at_their_listed_names(emulator, client, tmp_path, method) -> None:  # noqa: ANN001
+    """An untyped scan's zip folder is its bare ID; a folder named like the scan's ID and a file
+    name holding the session's ID are renamed in the zip, and still land where the listing says."""
+    archive = emulator.archive
+    exp = archive.add_session("PROJ", "SUBJ07", "SUBJ07_MR1", date="2024-01-10")
+    archive.add_scan(exp.id, "3", type="", files={f"{i}.dcm": blob(f"u/{i}", 300 + i) for i in range(4)})
+    archive.add_scan(exp.id, "4", type="T1w", files={"4/x.dcm": blob("x", 500), f"{exp.id}_a.dcm": blob("a", 400)})
+    exp, scans = _listed(client, exp.id)
+    dest = tmp_path / "dicom"
+    result = export_session(client, exp, scans, dest, method=method)
+    assert on_disk(dest) == archived(emulator, exp)
+    assert "4/4/x.dcm" in on_disk(dest) and f"4/{exp.id}_a.dcm" in on_disk(dest)
+    assert result.files == 6
+    zips = [p for p, q in downloads(emulator) if "format=zip" in q]
+    assert len(zips) == (2 if method == "zip" else 0)
+
+
 def test_auto_uses_one_zip_for_a_scan_with_many_files_and_per_file_gets_otherwise(
     emulator, client, session, tmp_path  # noqa: ANN001
 ) -> None:

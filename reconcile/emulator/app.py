@@ -1095,23 +1095,39 @@ class PiecesBody:
                 offset += len(chunk)
 
 
-def _zip_entry_name(experiment: Experiment, scan: Scan, res: Resource, relpath: str, structure: str) -> str:
-    safe_type = re.sub(r"\W", "_", scan.type, flags=re.ASCII)  # Java's \W is ASCII-only
+def _zip_entry_name(experiment: Experiment, scan: Scan, res: Resource, relpath: str, structure: str,
+                    typed: dict[str, str] | None = None) -> str:
+    """An entry's name in a zip of files. The default structure is made as XNAT makes it
+    (RestFileUtils.buildRelativePath), by plain string replacement on the file's URI: cut at the
+    session's ID, that ID replaced by the label everywhere, `/{resource id}/files/` by the label,
+    then every `/{scan id}/` by `/{scan id}-{type}/` for each typed scan in the request (`typed`)."""
+    safe_type = _zip_type(scan.type)
     scan_dir = f"{scan.id}-{safe_type}"
+    if structure not in ("simplified", "improved", "legacy"):
+        uri = f"/data/experiments/{experiment.id}/scans/{scan.id}/resources/{res.id}/files/{relpath}"
+        name = uri[uri.index(f"/{experiment.id}/") + 1:].replace(experiment.id, experiment.label)
+        name = name.replace(f"/{res.id}/files/", f"/{res.label}/files/")
+        for scan_id, folder in (typed or {}).items():
+            name = name.replace(f"/{scan_id}/", f"/{folder}/")
+        return name
     if structure == "simplified":
         return f"{experiment.label}/scans/{scan_dir}/{res.label}/{relpath}"
     if structure == "improved":
         return f"{experiment.label}/scans/{scan.id}_{safe_type}/{res.label}/{relpath}"
-    if structure == "legacy":
-        return f"data/xnat/archive/{experiment.project}/arc001/{experiment.label}/SCANS/{scan.id}/{res.label}/{relpath}"
-    return f"{experiment.label}/scans/{scan_dir}/resources/{res.label}/files/{relpath}"
+    # legacy
+    return f"data/xnat/archive/{experiment.project}/arc001/{experiment.label}/SCANS/{scan.id}/{res.label}/{relpath}"
+
+
+def _zip_type(scan_type: str) -> str:
+    return re.sub(r"\W", "_", scan_type, flags=re.ASCII)  # Java's \W is ASCII-only
 
 
 def _zip_response(experiment: Experiment, selected: list[tuple[Scan, Resource]], structure: str) -> Response:
     stamp = experiment.last_modified.timetuple()[:6]
 
+    typed = {scan.id: f"{scan.id}-{_zip_type(scan.type)}" for scan, _ in selected if scan.type}  # getReMaps
     entries = [
-        (_zip_entry_name(experiment, scan, res, entry.path, structure), entry)
+        (_zip_entry_name(experiment, scan, res, entry.path, structure, typed), entry)
         for scan, res in selected
         for entry in list(res.files.values())
     ]

@@ -228,6 +228,27 @@ def test_zip_of_a_resource_and_its_headers(emulator, http, world):
         }
 
 
+def test_zip_entry_names_are_made_by_xnats_string_replacements(emulator, http):
+    """XNAT builds entry names from each file's URI by plain replacement (RestFileUtils): an untyped
+    scan keeps its bare ID, a folder named like a typed scan's ID gets the type too, and the
+    session's ID becomes its label wherever it appears, file names included."""
+    archive = emulator.archive
+    exp = archive.add_session("PROJ", "SUBJ09", "SUBJ09_MR1")
+    archive.add_scan(exp.id, "3", type="", files={"a.dcm": b"a"})
+    archive.add_scan(exp.id, "4", type="T1w MPRAGE", files={"4/x.dcm": b"x", f"{exp.id}_note.txt": b"n"})
+    names = {}
+    for scan in ("3", "4", "ALL"):
+        response = http.get(f"{emulator.url}/data/experiments/{exp.id}/scans/{scan}/files?format=zip")
+        with zipfile.ZipFile(io.BytesIO(response.content)) as zipped:
+            names[scan] = sorted(zipped.namelist())
+    assert names["3"] == ["SUBJ09_MR1/scans/3/resources/DICOM/files/a.dcm"]
+    assert names["4"] == [
+        "SUBJ09_MR1/scans/4-T1w_MPRAGE/resources/DICOM/files/4-T1w_MPRAGE/x.dcm",
+        "SUBJ09_MR1/scans/4-T1w_MPRAGE/resources/DICOM/files/SUBJ09_MR1_note.txt",
+    ]
+    assert names["ALL"] == sorted(names["3"] + names["4"])
+
+
 def test_zip_with_nothing_to_send(emulator, http, world):
     _, second = world
     url = f"{emulator.url}/data/experiments/{second.id}/scans/ALL/files?format=zip"
