@@ -32,6 +32,7 @@ from reconcile.model import BidsAddress, utc_now
 __all__ = ["ConversionResult", "convert_session", "converter_env", "bidsmap_target", "nothing_selected"]
 
 WRAPPER_NAME = "xnat2bids_heuristic.py"
+DICOM_ONLY_NAME = "xnat2bids-dicom-only.txt"  # the wrapper notes here the templates kept as DICOM only
 LOG_TAIL_LINES = 25
 KILL_GRACE_S = 5.0
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -164,7 +165,7 @@ def convert_session(
     files = sorted(p for p in session_dir.rglob("*") if p.is_file()) if session_dir.is_dir() else []
     if not any(p.name.endswith(NIFTI_SUFFIXES) for p in files):
         raise ConversionError(f"{address}: heudiconv produced no NIfTI", detail=_tail(log_path, attempt),
-                              hint=f"{hint}; {_no_output_reason(log_path, attempt)}")
+                              hint=f"{hint}; {_no_output_reason(log_path, attempt, work_dir / DICOM_ONLY_NAME)}")
     outputs = tuple(sorted(p.relative_to(staging_root).as_posix() for p in files))
     table = _read_table(staging_root, address, selected)
     _check_no_dups(outputs, table, selected, renames, address)
@@ -439,7 +440,25 @@ def infotodict(seqinfo, *args, **kwargs):
         if target is not None:
             s = s._replace(series_description=target, protocol_name=target)
         fixed.append(s)
-    return _base.infotodict(fixed, *args, **kwargs)
+    return _without_dicom(_base.infotodict(fixed, *args, **kwargs))
+
+
+def _without_dicom(info):
+    # Output type "dicom" makes heudiconv tar and gzip (-9) each series into sourcedata/, which
+    # apply never keeps (it moves the session folder; --keep-dicom keeps the export itself): a
+    # third of a conversion's time. Keys left with no output type (ReproIn's scouts) stay, so the
+    # series still count as recognised; their templates are noted for the "no NIfTI" message.
+    out, dicom_only = {{}}, []
+    for key, series in info.items():
+        if isinstance(key, tuple) and len(key) >= 2 and "dicom" in tuple(key[1] or ()):
+            kept = tuple(t for t in key[1] if t != "dicom")
+            if not kept:
+                dicom_only.append(str(key[0]))
+            key = (key[0], kept, *key[2:])
+        out.setdefault(key, []).extend(series)
+    with open({dicom_only_path!r}, "w", encoding="utf-8") as note:
+        note.write("".join(t + "\\n" for t in sorted(set(dicom_only))))
+    return out
 
 
 def infotoids(seqinfos, outdir):
@@ -456,6 +475,7 @@ def _write_wrapper(work_dir: Path, base: str, renames: dict[str, str],
         renames=dict(sorted(renames.items())),
         bidsmap=[tuple(p) for p in bidsmap],
         target_source=inspect.getsource(bidsmap_target),
+        dicom_only_path=str(work_dir / DICOM_ONLY_NAME),
     ), encoding="utf-8")
     return path
 
@@ -618,7 +638,14 @@ def _start_process(command: list[str], work_dir: Path, log_path: Path, address: 
     return _Spawned(proc)
 
 
-def _no_output_reason(log_path: Path, attempt: int = 0) -> str:
+def _no_output_reason(log_path: Path, attempt: int = 0, dicom_only: Path | None = None) -> str:
+    try:
+        kept_as_dicom = dicom_only.read_text(encoding="utf-8").splitlines() if dicom_only is not None else []
+    except OSError:
+        kept_as_dicom = []
+    if kept_as_dicom:
+        return (f"the heuristic keeps this session's series as DICOM only ({', '.join(kept_as_dicom)}: "
+                "scouts and localizers in ReproIn), which gives no BIDS files; --keep-dicom keeps the export")
     text = _log_text(log_path, attempt)
     if "Generated sequence info with 0 entries" in text:
         return "heudiconv found no readable DICOM series in the export"

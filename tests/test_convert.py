@@ -228,8 +228,11 @@ def test_missing_custom_heuristic_file_is_an_error(tmp_path: Path) -> None:
 def test_reproin_session_converts_to_the_expected_bids_files(converted: ConversionResult) -> None:
     assert converted.session_dir == converted.staging_root / "sub-01" / "ses-a"
     assert _session_files(converted) == EXPECTED_A
-    # The scout is kept only as sourcedata by ReproIn, never in the session.
+    # The scout is kept only as sourcedata by ReproIn, never in the session; and no series is
+    # tarred into sourcedata at all (apply would throw the tarballs away).
     assert not any("scout" in p for p in converted.outputs)
+    assert not list(converted.staging_root.rglob("*.dicom.tgz"))
+    assert not list(converted.staging_root.rglob("sourcedata"))
     assert converted.log_path.is_file() and "PROCESSING DONE" in converted.log_path.read_text()
     assert converted.seconds > 0
     bvals = (converted.session_dir / "dwi" / "sub-01_ses-a_acq-b1500_dir-ap_dwi.bval").read_text().split()
@@ -237,6 +240,16 @@ def test_reproin_session_converts_to_the_expected_bids_files(converted: Conversi
     phasediff = json.loads((converted.session_dir / "fmap" / "sub-01_ses-a_acq-boldGRE_phasediff.json").read_text())
     assert phasediff["EchoTime1"] < phasediff["EchoTime2"]
     assert "ses-a/func/sub-01_ses-a_task-rest_bold.nii.gz" in phasediff["IntendedFor"]
+
+
+@pytest.mark.slow
+def test_a_session_of_scouts_only_says_the_heuristic_keeps_them_as_dicom(tmp_path: Path) -> None:
+    dicom = tmp_path / "dicom"
+    write_session(dicom, "01", "a", series=(SeriesSpec("anat-scout_acq-localizer", "scout", n_slices=3),))
+    with pytest.raises(ConversionError) as exc:
+        _convert(dicom, tmp_path)
+    assert "heudiconv produced no NIfTI" in exc.value.summary
+    assert "keeps this session's series as DICOM only" in exc.value.hint and "scout" in exc.value.hint
 
 
 @pytest.mark.slow
