@@ -395,9 +395,12 @@ command line (xnat2bids' naming), not to session markers in series names.
 """
 from __future__ import annotations
 
+import glob as _glob
 import importlib.util as _ilu
+import json as _json
 import os as _os
 import sys as _sys
+from collections.abc import Mapping as _Mapping
 from importlib.machinery import SourceFileLoader as _SourceFileLoader
 from fnmatch import fnmatchcase
 
@@ -418,6 +421,54 @@ else:
     _base = _load_heuristic(_BASE_NAME)
 
 globals().update({{k: v for k, v in vars(_base).items() if not k.startswith("__")}})
+
+
+class _IntendedForOpts(_Mapping):
+    """The base heuristic's POPULATE_INTENDED_FOR_OPTS, read when heudiconv unpacks them, after the
+    conversion. Matching field maps by "Shims" needs ShimSetting in every sidecar, and dcm2niix
+    writes it only when the scanner recorded shim offsets (de-identification may strip them):
+    heudiconv would raise KeyError and fail the session. Then matching goes without it."""
+
+    def _opts(self):
+        opts = dict(_BASE_INTENDED_FOR)
+        params = list(opts.get("matching_parameters") or ())
+        if "Shims" in params:
+            unshimmed = _without_shims()
+            if unshimmed:
+                params.remove("Shims")
+                opts["matching_parameters"] = params or ["ImagingVolume"]
+                print(f"xnat2bids: {{unshimmed}} has no ShimSetting; field maps are matched by "
+                      f"{{', '.join(opts['matching_parameters'])}} only", flush=True)
+        return opts
+
+    def __getitem__(self, key):
+        return self._opts()[key]
+
+    def __iter__(self):
+        return iter(self._opts())
+
+    def __len__(self):
+        return len(self._opts())
+
+
+def _without_shims():
+    """A converted sidecar that heudiconv's shim matching would read and that has no ShimSetting."""
+    for path in sorted(_glob.glob(_os.path.join({staging!r}, "sub-*", "**", "*.json"), recursive=True)):
+        if _os.path.basename(_os.path.dirname(path)) not in ("fmap", "func", "dwi", "anat", "perf"):
+            continue
+        try:
+            with open(path, encoding="utf-8") as sidecar:
+                data = _json.load(sidecar)
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "ShimSetting" not in data:
+            return _os.path.relpath(path, {staging!r})
+    return None
+
+
+_BASE_INTENDED_FOR = globals().pop("POPULATE_INTENDED_FOR_OPTS", None)
+if _BASE_INTENDED_FOR is not None:
+    POPULATE_INTENDED_FOR_OPTS = _IntendedForOpts()
 
 RENAMES = {renames!r}
 BIDSMAP = {bidsmap!r}
@@ -476,6 +527,7 @@ def _write_wrapper(work_dir: Path, base: str, renames: dict[str, str],
         bidsmap=[tuple(p) for p in bidsmap],
         target_source=inspect.getsource(bidsmap_target),
         dicom_only_path=str(work_dir / DICOM_ONLY_NAME),
+        staging=str(work_dir / "bids"),
     ), encoding="utf-8")
     return path
 

@@ -243,6 +243,24 @@ def test_reproin_session_converts_to_the_expected_bids_files(converted: Conversi
 
 
 @pytest.mark.slow
+def test_field_maps_without_shim_settings_are_matched_by_imaging_volume(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A scanner that recorded no shim offsets (or de-identification that stripped them): dcm2niix
+    writes no ShimSetting, and ReproIn's shim matching would fail the whole session."""
+    from reconcile.emulator import dicomgen
+
+    shimmed = dicomgen._session_shim
+    monkeypatch.setattr(dicomgen, "_session_shim", lambda ctx: (0, 0, 0) + shimmed(ctx)[3:])
+    dicom = tmp_path / "dicom"
+    write_session(dicom, "01", "a")
+    result = _convert(dicom, tmp_path)
+    phasediff = json.loads((result.session_dir / "fmap" / "sub-01_ses-a_acq-boldGRE_phasediff.json").read_text())
+    assert "ShimSetting" not in phasediff
+    assert "ses-a/func/sub-01_ses-a_task-rest_bold.nii.gz" in phasediff["IntendedFor"]
+    assert _session_files(result) == EXPECTED_A
+    assert "has no ShimSetting; field maps are matched by ImagingVolume only" in result.log_path.read_text()
+
+
+@pytest.mark.slow
 def test_a_session_of_scouts_only_says_the_heuristic_keeps_them_as_dicom(tmp_path: Path) -> None:
     dicom = tmp_path / "dicom"
     write_session(dicom, "01", "a", series=(SeriesSpec("anat-scout_acq-localizer", "scout", n_slices=3),))

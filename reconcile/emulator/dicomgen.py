@@ -494,8 +494,8 @@ def _phase_bandwidth(spec: SeriesSpec) -> float:
 
 
 def _session_shim(ctx: _Session) -> tuple[int, ...]:
-    # One shim per session: dcm2niix only writes ShimSetting when lOffsetX != 0, and
-    # ReproIn matches field maps to runs by it (KeyError without it).
+    # One shim per session: dcm2niix only writes ShimSetting when lOffsetX != 0, and ReproIn
+    # matches field maps to runs by it (without it, xnat2bids' wrapper matches by volume only).
     rng = _rng(ctx.seed, ctx.subject, ctx.session, "shim")
     offsets = tuple(rng.choice((-1, 1)) * rng.randrange(500, 5000) for _ in range(3))
     currents = tuple(rng.randrange(-800, 800) or 1 for _ in range(5))
