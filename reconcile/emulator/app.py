@@ -202,11 +202,8 @@ class EmulatorApp:
                 return Response('{"ResultSet":{"Result":[{"ID":', status=200, mimetype="application/json")
         try:
             response = self._dispatch(request)
-        except HttpError as exc:
-            response = status_page(exc.status, exc.message)
-            response.headers.update(exc.headers)
-        except ArchiveError as exc:
-            response = status_page(exc.status, exc.message)
+        except (HttpError, ArchiveError) as exc:
+            response = _error_page(exc)
         for fault in firing:
             if fault.kind == "corrupt":
                 response = _corrupt(response)
@@ -322,10 +319,10 @@ class EmulatorApp:
             raise HttpError(401, "Login required or credentials invalid", {"WWW-Authenticate": 'Basic realm="XNAT"'})
         fmt = (request.args.get("format") or "").lower()
         ctx = Ctx(request, user, session_id, segments, fmt)
-        if api == "xapi":
-            response = self._xapi(ctx)
-        else:
-            response = self._data(ctx)
+        try:
+            response = self._xapi(ctx) if api == "xapi" else self._data(ctx)
+        except (HttpError, ArchiveError) as exc:  # valid Basic credentials opened a session all the same
+            response = _error_page(exc)
         if new_session and session_id is not None:
             response.set_cookie(SESSION_COOKIE, session_id, path="/", httponly=True)
         return response
@@ -1013,9 +1010,10 @@ def _value_matches(value: str, pattern: str, column: str) -> bool:
 
 def _row_matches(row: dict[str, str], args: Any, available: Sequence[str]) -> bool:
     for key, value in args.items(multi=True):
-        if key.lower() in RESERVED_QUERY and key != "xsiType":
+        is_type = key.lower() == "xsitype"  # a filter key, matched without case as the others are
+        if key.lower() in RESERVED_QUERY and not is_type:
             continue
-        if key == "xsiType" and "xsiType" in row:
+        if is_type and "xsiType" in row:
             types = (row["xsiType"],) + SUPERTYPES.get(row["xsiType"], ())
             if not any(_value_matches(t, p, "xsiType") for p in value.split(",") for t in types):
                 return False
@@ -1093,6 +1091,13 @@ class PiecesBody:
                     raise OSError(f"file behind descriptor {fd} ended {end - offset} bytes early")
                 yield chunk
                 offset += len(chunk)
+
+
+def _error_page(exc: HttpError | ArchiveError) -> Response:
+    response = status_page(exc.status, exc.message)
+    if isinstance(exc, HttpError):
+        response.headers.update(exc.headers)
+    return response
 
 
 def _zip_entry_name(experiment: Experiment, scan: Scan, res: Resource, relpath: str, structure: str,

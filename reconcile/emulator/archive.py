@@ -466,6 +466,9 @@ class Archive:
         quality: str = "usable",
     ) -> Scan:
         """Add a scan (replacing one with the same ID). Does not re-save the session row."""
+        if xsi_type is not None and xsi_type not in SCAN_TYPE_BY_SESSION_TYPE.values():
+            # Only types the served XSD defines: xnatpy raises KeyError on any other.
+            raise ArchiveError(f"Unsupported scan type {xsi_type}", 400)
         with self._lock:
             experiment = self.get_session(experiment_id)
             self._scan_seq += 1

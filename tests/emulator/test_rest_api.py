@@ -87,6 +87,7 @@ def test_filters_with_wildcards_comma_or_and_date_ranges(emulator, http, world):
     assert len(result(http.get(base + "&label=SUBJ01_MR1,SUBJ02_MR1"))) == 2
     assert [r["label"] for r in result(http.get(base + "&date=2024-01-01-2024-03-01"))] == ["SUBJ01_MR1"]
     assert [r["label"] for r in result(http.get(base + "&xsiType=xnat:ctSessionData"))] == ["SUBJ02_MR1"]
+    assert [r["label"] for r in result(http.get(base + "&XSITYPE=xnat:ctSessionData"))] == ["SUBJ02_MR1"]
 
 
 def test_site_wide_experiments_filter_by_base_type_for_pyxnat(emulator, http, world):
@@ -294,6 +295,17 @@ def test_basic_auth_on_any_url_opens_a_session(emulator):
     assert again.text == "User 'admin' is logged in"
 
 
+def test_basic_auth_that_ends_in_an_error_still_gets_its_session_cookie(emulator):
+    """Valid credentials open a session on any URL: a 404 or 400 answer names it too, or a
+    Basic-only client would leave one session behind on the server per failed call."""
+    for url in ("/data/projects/NOPE/experiments?format=json", "/data/projects?format=bogus"):
+        response = requests.get(f"{emulator.url}{url}", auth=("admin", "secret"))
+        assert response.status_code in (400, 404), url
+        session_id = response.cookies["JSESSIONID"]
+        again = requests.get(f"{emulator.url}/data/auth", cookies={"JSESSIONID": session_id})
+        assert again.text == "User 'admin' is logged in"
+
+
 def test_basic_auth_with_a_live_cookie_reuses_the_session(emulator):
     client = requests.Session()
     client.auth = ("admin", "secret")
@@ -386,6 +398,16 @@ def test_every_served_xsi_type_is_defined_in_the_xsd(emulator, http):
     served = set(MODALITY_BY_SESSION_TYPE) | set(SCAN_TYPE_BY_SESSION_TYPE.values())
     served |= {"xnat:projectData", "xnat:subjectData", "xnat:resourceCatalog"}
     assert served <= defined
+
+
+def test_a_scan_type_the_xsd_does_not_define_is_refused(emulator, http, world):
+    first, _ = world
+    base = f"{emulator.url}/data/experiments/{first.id}/scans"
+    for bogus in ("xnat:otherDicomScanData", "bogus"):
+        response = http.put(f"{base}/9", params={"xsiType": bogus})
+        assert response.status_code == 400 and bogus in response.text
+    assert "9" not in emulator.archive.get_session(first.id).scans
+    assert http.put(f"{base}/9", params={"xsiType": "xnat:mrScanData"}).status_code == 201
 
 
 def test_put_edits_bump_last_modified_only(emulator, http, world):
