@@ -131,6 +131,23 @@ def test_export_is_byte_identical_to_the_archive(emulator, client, session, tmp_
 
 
 @pytest.mark.parametrize("method", ["files", "zip"])
+def test_a_site_without_checksums_is_verified_by_size_and_crc(emulator, client, session, tmp_path, method) -> None:  # noqa: ANN001
+    """XNAT with checksums off lists every digest as "": files are checked by size (and a zip's
+    by CRC-32), and each is fsynced before its final name, as only its size vouches for it later."""
+    emulator.archive.checksums = False
+    exp, scans = _listed(client, session[0].id)
+    assert all(f.digest == "" for scan in scans for f in scan.files)
+    dest = tmp_path / "dicom"
+    synced: list[str] = []
+    real_fsync = export_mod.fsync_file
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export_mod, "fsync_file", lambda path: (synced.append(Path(path).name), real_fsync(path)))
+        export_session(client, exp, scans, dest, method=method)
+    assert on_disk(dest) == archived(emulator, exp)
+    assert sorted(synced) == sorted(f"{Path(k).name}.part" for k in archived(emulator, exp))
+
+
+@pytest.mark.parametrize("method", ["files", "zip"])
 def test_zip_entries_named_by_xnats_replacements_land_at_their_listed_names(emulator, client, tmp_path, method) -> None:  # noqa: ANN001
     """An untyped scan's zip folder is its bare ID; a folder named like the scan's ID and a file
     name holding the session's ID are renamed in the zip, and still land where the listing says."""

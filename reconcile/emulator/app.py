@@ -861,7 +861,7 @@ class EmulatorApp:
                         "file_format": res.format,
                         "file_content": res.content,
                         "cat_ID": res.id,
-                        "digest": entry.md5,
+                        "digest": entry.md5 if self.archive.checksums else "",
                     }
                 )
         return self._listing(ctx, rows, FILE_COLUMNS, None, uri=False, title="Files", file_listing=True)

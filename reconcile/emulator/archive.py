@@ -270,6 +270,8 @@ class Archive:
     def __init__(self, site: str = "XNAT", clock: Callable[[], datetime] | None = None):
         self.site = site
         self.clock: Callable[[], datetime] = clock or _default_clock
+        # XNAT's site setting "checksums": off, its catalogs hold no MD5 and listings say "".
+        self.checksums = True
         self.users: dict[str, User] = {}
         self.projects: dict[str, Project] = {}
         self.subjects: dict[str, Subject] = {}
