@@ -44,6 +44,18 @@ SESSION_COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
         "Description": "When the session was archived in XNAT, as XNAT reports it",
     },
 }
+# The same for the columns heudiconv adds to every sub-X_ses-Y_scans.tsv beyond BIDS' own
+# (its top-level scans.json stays in the conversion's staging folder).
+SCANS_COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
+    "operator": {
+        "LongName": "Operator",
+        "Description": "Who ran the scanner: the DICOM PerformingPhysicianName, as heudiconv records it",
+    },
+    "randstr": {
+        "LongName": "Random string",
+        "Description": "The first 8 hex digits of an MD5 of the series' DICOM UIDs, as heudiconv records it",
+    },
+}
 # bids-validator 3.x ignores every dot-file and dot-folder at any depth, and our work area
 # (.xnat2bids/), lockfile (.xnat2bids.lock) and state lock (.xnat2bids.lock.info) are all
 # dot-named, so nothing needs ignoring today. Kept as the single place to add a pattern.
@@ -65,8 +77,9 @@ def check_dataset_files(root: Path, bids_subject: str, *, previous_subject: str 
     _read_description(root / "dataset_description.json")
     _read_participants(root / "participants.tsv")
     _read_sessions(_sessions_path(root, bids_subject))
-    if (root / "sessions.json").exists():
-        _read_json_object(root / "sessions.json")
+    for sidecar in ("sessions.json", "scans.json"):
+        if (root / sidecar).exists():
+            _read_json_object(root / sidecar)
     if previous_subject is not None and _sessions_path(root, previous_subject).exists():
         _Tsv.read(_sessions_path(root, previous_subject))
 
@@ -144,6 +157,7 @@ def update_sessions_tsv(root: Path, bids_subject: str, bids_session: str, *, acq
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, table.text())
     _ensure_json_keys(Path(root) / "sessions.json", SESSION_COLUMN_DESCRIPTIONS)
+    _ensure_json_keys(Path(root) / "scans.json", SCANS_COLUMN_DESCRIPTIONS)
 
 
 def _sessions_path(root: Path, bids_subject: str) -> Path:

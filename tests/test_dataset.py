@@ -313,6 +313,7 @@ MALFORMED = {
     "description GeneratedBy not a list": ("dataset_description.json", b'{"GeneratedBy": {"Name": "me"}}'),
     "description not an object": ("dataset_description.json", b"[]"),
     "sessions sidecar not JSON": ("sessions.json", b"{,}"),
+    "scans sidecar not JSON": ("scans.json", b"{,}"),
 }
 
 
