@@ -208,6 +208,24 @@ def test_rearchived_session_is_rekeyed_and_orphans_are_kept_until_forgotten(cli,
     assert (root / "sub-02/ses-02MR1").is_dir()
 
 
+def test_microsecond_timestamps_survive_the_lock_and_a_redate_is_still_seen(cli, emulator, tmp_path):
+    """XNAT on PostgreSQL lists insert_date/last_modified to the microsecond: what the lock keeps
+    must compare equal on the next plan, and a later re-save must still show."""
+    emulator.archive.stamp_digits = 6
+    exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])["01_MR1"]
+    listed = emulator.archive.get_session(exp.id).insert_date
+    assert listed.microsecond % 1000  # finer than milliseconds
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    recorded = read_lock(root).sessions[exp.id]
+    assert recorded.insert_date.endswith(f"{listed.microsecond:06d}".rstrip("0"))
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 0 and "No changes. 1 session up to date." in out, out
+    redate(emulator, exp, "2024-02-01")
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 2 and "date 2024-01-10 → 2024-02-01 (re-dated in XNAT)" in out, out
+
+
 def test_drift_is_repaired_only_when_asked(cli, emulator, tmp_path):
     add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
     root = tmp_path / "bids"

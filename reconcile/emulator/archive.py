@@ -272,6 +272,9 @@ class Archive:
         self.clock: Callable[[], datetime] = clock or _default_clock
         # XNAT's site setting "checksums": off, its catalogs hold no MD5 and listings say "".
         self.checksums = True
+        # Fraction digits of insert_date/last_modified: XNAT shows what its database keeps,
+        # milliseconds here by default, up to microseconds (6) on PostgreSQL.
+        self.stamp_digits = 3
         self.users: dict[str, User] = {}
         self.projects: dict[str, Project] = {}
         self.subjects: dict[str, Subject] = {}
@@ -295,15 +298,17 @@ class Archive:
         return moment
 
     def _stamp(self, previous: datetime | None = None) -> datetime:
-        """Now, in milliseconds; for a re-save strictly after the row's `previous` stamp.
+        """Now, to `stamp_digits` fraction digits; for a re-save strictly after the row's
+        `previous` stamp.
 
-        Two saves within one millisecond (or under a frozen test clock) still yield distinct
+        Two saves within one unit (or under a frozen test clock) still yield distinct
         `last_modified` values, so "the session changed" is always observable.
         """
+        unit = 10 ** (6 - self.stamp_digits)
         moment = self.now()
-        moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+        moment = moment.replace(microsecond=moment.microsecond // unit * unit)
         if previous is not None and moment <= previous:
-            moment = previous + timedelta(milliseconds=1)
+            moment = previous + timedelta(microseconds=unit)
         return moment
 
     # -- users and projects -----------------------------------------------------------------
