@@ -367,6 +367,30 @@ def test_alias_token_issue_validate_use_and_invalidate(emulator, http, world):
     assert requests.get(f"{emulator.url}/data/auth", auth=(token["alias"], token["secret"])).status_code == 401
 
 
+def test_alias_tokens_last_two_days_and_a_single_use_one_works_once(emulator, monkeypatch):
+    now = [1_800_000_000.0]
+    monkeypatch.setattr(emulator.app, "wall_clock", lambda: now[0])
+    token = emulator.app.issue_token("admin")
+    assert token["estimatedExpirationTime"] == int((now[0] + 2 * 24 * 3600) * 1000)
+    creds = (token["alias"], token["secret"])
+    assert requests.get(f"{emulator.url}/data/auth", auth=creds).status_code == 200
+    now[0] += 2 * 24 * 3600  # expired
+    assert requests.get(f"{emulator.url}/data/auth", auth=creds).status_code == 401
+    once = emulator.app.issue_token("admin", single_use=True)
+    once_creds = (once["alias"], once["secret"])
+    assert requests.get(f"{emulator.url}/data/auth", auth=once_creds).text == "User 'admin' is logged in"
+    assert requests.get(f"{emulator.url}/data/auth", auth=once_creds).status_code == 401
+
+
+def test_login_by_post_to_services_auth(emulator):
+    response = requests.post(f"{emulator.url}/data/services/auth", data={"username": "admin", "password": "secret"})
+    assert response.status_code == 200 and response.cookies["JSESSIONID"] == response.text
+    again = requests.get(f"{emulator.url}/data/auth", cookies={"JSESSIONID": response.text})
+    assert again.text == "User 'admin' is logged in"
+    refused = requests.post(f"{emulator.url}/data/services/auth", data={"username": "admin", "password": "nope"})
+    assert refused.status_code == 401
+
+
 def test_tokens_for_other_users_need_an_admin(emulator, world):
     assert requests.get(f"{emulator.url}/data/services/tokens/issue/user/admin", auth=("bob", "pw")).status_code == 403
     issued = requests.get(f"{emulator.url}/data/services/tokens/issue/user/bob", auth=("admin", "secret"))
