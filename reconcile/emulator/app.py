@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources as importlib_resources
 from typing import Any
+from xml.etree import ElementTree
 
 from werkzeug.wrappers import Request, Response
 
@@ -653,7 +654,10 @@ class EmulatorApp:
                 return Response("", mimetype="text/plain")
             if method == "PUT":
                 edits = _field_edits(ctx.request.args)
-                if edits:
+                body = ctx.request.get_data()
+                if body.strip():  # an XML re-upload: a re-save, with the document's fields
+                    self.archive.set_fields(experiment.id, **{**_xml_fields(body), **edits})
+                elif edits:
                     self.archive.set_fields(experiment.id, **edits)
                 return Response(experiment.id, mimetype="text/plain")
             if method not in ("GET", "HEAD"):
@@ -1024,6 +1028,21 @@ def _row_matches(row: dict[str, str], args: Any, available: Sequence[str]) -> bo
         if not any(_value_matches(row[column], p, column) for p in value.split(",")):
             return False
     return True
+
+
+def _xml_fields(body: bytes) -> dict[str, str]:
+    """The session fields a re-uploaded XML document sets: its `label` attribute and its
+    date/time/note elements (any namespace prefix)."""
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError as exc:
+        raise HttpError(400, f"Unable to parse the XML document: {exc}") from None
+    fields = {"label": root.get("label")} if root.get("label") else {}
+    for child in root:
+        name = child.tag.rpartition("}")[2]
+        if name in ("date", "time", "note") and child.text is not None:
+            fields[name] = child.text.strip()
+    return fields
 
 
 def _typed_arg(args: Any, name: str) -> str | None:

@@ -434,6 +434,20 @@ def test_a_scan_type_the_xsd_does_not_define_is_refused(emulator, http, world):
     assert http.put(f"{base}/9", params={"xsiType": "xnat:mrScanData"}).status_code == 201
 
 
+def test_an_xml_reupload_is_a_resave_with_the_documents_fields(emulator, http, world):
+    first, _ = world
+    url = f"{emulator.url}/data/projects/PROJ/subjects/{first.subject_id}/experiments/{first.id}"
+    before = emulator.archive.get_session(first.id).last_modified
+    emulator.archive.clock = lambda: dt.datetime(2024, 5, 1, 10, 0, 0)
+    document = (b'<xnat:MRSession xmlns:xnat="http://nrg.wustl.edu/xnat" label="SUBJ01_MR1">'
+                b"<xnat:date>2024-02-02</xnat:date></xnat:MRSession>")
+    response = http.put(url, params={"inbody": "true"}, data=document, headers={"Content-Type": "text/xml"})
+    assert response.status_code == 200 and response.text == first.id
+    after = emulator.archive.get_session(first.id)
+    assert after.date == "2024-02-02" and after.last_modified > before
+    assert http.put(url, data=b"<not xml", headers={"Content-Type": "text/xml"}).status_code == 400
+
+
 def test_put_edits_bump_last_modified_only(emulator, http, world):
     first, _ = world
     emulator.archive.clock = lambda: dt.datetime(2024, 5, 1, 10, 0, 0)
