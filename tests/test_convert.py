@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from reconcile import convert as convert_module
@@ -37,7 +38,12 @@ from reconcile.dataset import (
     ensure_participant,
     update_sessions_tsv,
 )
-from reconcile.emulator.dicomgen import SeriesSpec, session_scans, write_session
+from reconcile.emulator.dicomgen import (
+    DEFAULT_SERIES,
+    SeriesSpec,
+    session_scans,
+    write_session,
+)
 from reconcile.errors import ConversionError
 from reconcile.model import BidsAddress
 
@@ -258,6 +264,38 @@ def test_field_maps_without_shim_settings_are_matched_by_imaging_volume(tmp_path
     assert "ses-a/func/sub-01_ses-a_task-rest_bold.nii.gz" in phasediff["IntendedFor"]
     assert _session_files(result) == EXPECTED_A
     assert "has no ShimSetting; field maps are matched by ImagingVolume only" in result.log_path.read_text()
+
+
+@pytest.mark.slow
+def test_a_session_the_scanner_split_into_two_studies_is_one_bids_session(tmp_path: Path) -> None:
+    """One XNAT experiment can hold two StudyInstanceUIDs (a patient taken out and back in):
+    heudiconv groups them all (`-g all`) into the one session."""
+    parts = [(tmp_path / "p1", "a", DEFAULT_SERIES[1:3], 0), (tmp_path / "p2", "a-part2", DEFAULT_SERIES[7:8], 10)]
+    dicom = tmp_path / "dicom"
+    dicom.mkdir()
+    for where, session, series, offset in parts:
+        write_session(where, "01", session, series=series)
+        for folder in where.iterdir():
+            folder.rename(dicom / str(int(folder.name) + offset))
+    uids = {pydicom.dcmread(next(p.iterdir()), stop_before_pixels=True).StudyInstanceUID for p in dicom.iterdir()}
+    assert len(uids) == 2
+    result = _convert(dicom, tmp_path)
+    assert {p.split("/")[1] for p in result.outputs} == {"ses-a"}
+    assert any("/func/" in p for p in result.outputs) and any("/dwi/" in p for p in result.outputs)
+
+
+@pytest.mark.slow
+def test_heudiconv_as_a_plain_process_converts_the_same(reproin_dicom: Path, converted: ConversionResult,
+                                                        tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """Where the preloaded helper cannot run (XNAT2BIDS_PRELOAD=0, no fork), heudiconv is started
+    as a process of its own, with the same result."""
+    monkeypatch.setenv("XNAT2BIDS_PRELOAD", "0")
+    started: list[list[str]] = []
+    spawn = convert_module._start_process
+    monkeypatch.setattr(convert_module, "_start_process", lambda command, *a: (started.append(command), spawn(command, *a))[1])
+    again = _convert(reproin_dicom, tmp_path)
+    assert len(started) == 1 and started[0][1:3] == ["-m", "heudiconv.cli.run"]
+    assert again.outputs == converted.outputs
 
 
 @pytest.mark.slow
