@@ -142,7 +142,8 @@ def convert_session(
         raise ConversionError(f"{address}: no scans to convert in {dicom_dir}",
                               hint="the export left no DICOM behind: the selected scans have no files on XNAT")
     renames = _resolve_bidsmap(selected, settings.bidsmap, address)
-    heuristic = _write_wrapper(work_dir, _resolve_heuristic(settings.heuristic, address), renames, settings.bidsmap)
+    heuristic = _write_wrapper(work_dir, staging_root, _resolve_heuristic(settings.heuristic, address), renames,
+                               settings.bidsmap)
 
     args = [
         "--files", *(str(s.path) for s in selected),
@@ -427,18 +428,24 @@ class _IntendedForOpts(_Mapping):
     """The base heuristic's POPULATE_INTENDED_FOR_OPTS, read when heudiconv unpacks them, after the
     conversion. Matching field maps by "Shims" needs ShimSetting in every sidecar, and dcm2niix
     writes it only when the scanner recorded shim offsets (de-identification may strip them):
-    heudiconv would raise KeyError and fail the session. Then matching goes without it."""
+    heudiconv would raise KeyError and fail the session. Then matching goes without it. Worked out
+    once (`**` asks for every key), and only when there are field maps to match."""
+
+    _known = None
 
     def _opts(self):
+        if self._known is not None:
+            return self._known
         opts = dict(_BASE_INTENDED_FOR)
         params = list(opts.get("matching_parameters") or ())
-        if "Shims" in params:
-            unshimmed = _without_shims()
-            if unshimmed:
-                params.remove("Shims")
-                opts["matching_parameters"] = params or ["ImagingVolume"]
-                print(f"xnat2bids: {{unshimmed}} has no ShimSetting; field maps are matched by "
-                      f"{{', '.join(opts['matching_parameters'])}} only", flush=True)
+        fmaps = _glob.glob(_os.path.join({staging!r}, "sub-*", "**", "fmap"), recursive=True)
+        unshimmed = _without_shims() if fmaps and "Shims" in params else None
+        if unshimmed:
+            params.remove("Shims")
+            opts["matching_parameters"] = params or ["ImagingVolume"]
+            print(f"xnat2bids: {{unshimmed}} has no ShimSetting; field maps are matched by "
+                  f"{{', '.join(opts['matching_parameters'])}} only", flush=True)
+        self._known = opts
         return opts
 
     def __getitem__(self, key):
@@ -507,8 +514,9 @@ def _without_dicom(info):
                 dicom_only.append(str(key[0]))
             key = (key[0], kept, *key[2:])
         out.setdefault(key, []).extend(series)
-    with open({dicom_only_path!r}, "w", encoding="utf-8") as note:
-        note.write("".join(t + "\\n" for t in sorted(set(dicom_only))))
+    converted = any(key[1] for key in out if isinstance(key, tuple) and len(key) >= 2)
+    with open({dicom_only_path!r}, "w", encoding="utf-8") as note:  # why nothing became NIfTI, if so
+        note.write("" if converted else "".join(t + "\\n" for t in sorted(set(dicom_only))))
     return out
 
 
@@ -518,7 +526,7 @@ def infotoids(seqinfos, outdir):
 '''
 
 
-def _write_wrapper(work_dir: Path, base: str, renames: dict[str, str],
+def _write_wrapper(work_dir: Path, staging_root: Path, base: str, renames: dict[str, str],
                    bidsmap: Sequence[tuple[str, str]]) -> Path:
     path = work_dir / WRAPPER_NAME
     path.write_text(_WRAPPER.format(
@@ -527,7 +535,7 @@ def _write_wrapper(work_dir: Path, base: str, renames: dict[str, str],
         bidsmap=[tuple(p) for p in bidsmap],
         target_source=inspect.getsource(bidsmap_target),
         dicom_only_path=str(work_dir / DICOM_ONLY_NAME),
-        staging=str(work_dir / "bids"),
+        staging=str(staging_root),
     ), encoding="utf-8")
     return path
 

@@ -263,7 +263,7 @@ def test_field_maps_without_shim_settings_are_matched_by_imaging_volume(tmp_path
     assert "ShimSetting" not in phasediff
     assert "ses-a/func/sub-01_ses-a_task-rest_bold.nii.gz" in phasediff["IntendedFor"]
     assert _session_files(result) == EXPECTED_A
-    assert "has no ShimSetting; field maps are matched by ImagingVolume only" in result.log_path.read_text()
+    assert result.log_path.read_text().count("has no ShimSetting; field maps are matched by ImagingVolume only") == 1
 
 
 @pytest.mark.slow
@@ -296,6 +296,22 @@ def test_heudiconv_as_a_plain_process_converts_the_same(reproin_dicom: Path, con
     again = _convert(reproin_dicom, tmp_path)
     assert len(started) == 1 and started[0][1:3] == ["-m", "heudiconv.cli.run"]
     assert again.outputs == converted.outputs
+
+
+def test_the_dicom_only_note_names_scouts_only_when_nothing_else_is_converted(tmp_path: Path) -> None:
+    import importlib.util
+
+    wrapper = convert_module._write_wrapper(tmp_path, tmp_path / "bids", "reproin", {}, [])
+    spec = importlib.util.spec_from_file_location("xnat2bids_wrapper_under_test", wrapper)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    note = tmp_path / convert_module.DICOM_ONLY_NAME
+    scout, t1 = ("{bids_subject_session_dir}/anat/scout", ("dicom",), None), ("t1", ("nii.gz", "dicom"), None)
+    assert module._without_dicom({scout: ["1"], t1: ["2"]}) == {scout[:1] + ((),) + scout[2:]: ["1"],
+                                                              ("t1", ("nii.gz",), None): ["2"]}
+    assert note.read_text() == ""  # the T1 was meant to convert: not the scouts' doing if it did not
+    module._without_dicom({scout: ["1"]})
+    assert note.read_text() == "{bids_subject_session_dir}/anat/scout\n"
 
 
 @pytest.mark.slow
