@@ -8,7 +8,6 @@ nothing; it reports through `on_event`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -282,11 +281,6 @@ def _remove_recorded(root: Path, record: SessionRecord, keep: set[str]) -> None:
             d = d.parent
 
 
-def _remove_if_empty(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not empty (a user's file, another session), or gone
-        folder.rmdir()
-
-
 def _move_replacing(src: Path, dest: Path, trash: Path) -> None:
     if dest.exists():
         trash.parent.mkdir(parents=True, exist_ok=True)
@@ -404,10 +398,12 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
     previous = lock.sessions.get(journal["previous"]) if journal["previous"] else None
     moved = previous is not None and previous.address != record.address
     if moved:
-        others = {o.path for r in lock.sessions.values() if r.experiment_id != previous.experiment_id for o in r.outputs}
-        _remove_recorded(root, previous, others | {o.path for o in record.outputs})
+        # The row first: a sessions file left with no row goes, so the walk up from the removed
+        # outputs also takes a subject folder the move left empty.
         remove_session_row(root, previous.bids_subject, previous.bids_session,
                            xnat_experiment_id=previous.experiment_id)
+        others = {o.path for r in lock.sessions.values() if r.experiment_id != previous.experiment_id for o in r.outputs}
+        _remove_recorded(root, previous, others | {o.path for o in record.outputs})
     left_subject = moved and previous.bids_subject != record.bids_subject
     # The same XNAT subject under a new label: its participants.tsv row goes with it.
     renamed = previous.bids_subject if left_subject and previous.subject_id == record.subject_id != "" else None
@@ -417,7 +413,6 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
     ensure_dataset_description(root, name=record.project, tools=record.tools)
     ensure_participant(root, record.bids_subject, renamed_from=renamed)
     if left_subject:
-        _remove_if_empty(root / f"sub-{previous.bids_subject}")  # its last session moved out
         drop_participant(root, previous.bids_subject, renamed_to=record.bids_subject if renamed else None)
     update_sessions_tsv(
         root,
