@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from reconcile.journal import read_journal
-from reconcile.localscan import Beneath, hash_files, open_dir
+from reconcile.localscan import Beneath, hash_files, root_stat
 from reconcile.lock import Lock
 
 
@@ -72,13 +71,10 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
     total = 0
     beneath = Beneath(root)
     base = beneath.root + os.sep
-    # Each output is looked at relative to a descriptor of the root (a shorter walk for the kernel),
-    # and its folder once for links: outputs come in path order, so a folder's come together.
-    root_fd = open_dir(beneath.root)
-    lstat = partial(os.stat, dir_fd=root_fd, follow_symlinks=False) if root_fd is not None else \
-        (lambda rel: os.lstat(base + rel))
+    # Outputs come in path order, so a folder's come together: each folder is asked once whether
+    # it is a link (one lookup per folder instead of a call per output).
     folder, linked = None, False
-    try:
+    with root_stat(beneath.root, follow_symlinks=False) as lstat:
         for exp_id in sorted(lock.sessions):
             for path, size, sha256 in lock.recorded_outputs(exp_id):
                 total += 1
@@ -105,9 +101,6 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
                     problems.append(f"{_named(lock, exp_id)}: size of {path} is {st.st_size}, lock says {size}")
                 elif full:
                     to_hash[where or base + path] = (exp_id, path, sha256)
-    finally:
-        if root_fd is not None:
-            os.close(root_fd)
     if to_hash:
         for path, digest in sorted(hash_files(to_hash).items()):
             exp_id, rel, expected = to_hash[path]

@@ -5,10 +5,12 @@ This is the planner's "actual" input and `check`'s evidence; it reads the disk a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from stat import S_ISLNK, S_ISREG
 
@@ -27,26 +29,33 @@ def stat_outputs(root: Path, lock: Lock) -> LocalState:
 def stat_records(root: Path, records: Iterable[SessionRecord]) -> LocalState:
     """`stat_outputs` for the outputs of these records only."""
     files: dict[str, FileStat] = {}
-    base = os.fspath(root)
-    # Relative to a descriptor of the root where the OS allows, the kernel walks a shorter path:
-    # a quarter less CPU for 40,000 outputs than with each path joined to the root's.
-    root_fd = open_dir(base) if os.stat in os.supports_dir_fd else None
-    try:
+    with root_stat(root) as stat:
         for rec in records:
             for out in rec.outputs:
                 try:
-                    if root_fd is None:
-                        st = os.stat(os.path.join(base, out.path))
-                    else:
-                        st = os.stat(out.path, dir_fd=root_fd)
+                    st = stat(out.path)
                 except OSError:
                     continue
                 if S_ISREG(st.st_mode):
                     files[out.path] = FileStat(st.st_size, st.st_mtime_ns)
-    finally:
-        if root_fd is not None:
-            os.close(root_fd)
     return LocalState(files)
+
+
+@contextlib.contextmanager
+def root_stat(root: str | os.PathLike[str], *, follow_symlinks: bool = True) -> Iterator[Callable[[str], os.stat_result]]:
+    """os.stat of paths relative to `root`. Relative to a descriptor of the root where the OS
+    allows, the kernel walks a shorter path: a quarter less CPU for 40,000 outputs than with
+    each path joined to the root's."""
+    base = os.fspath(root)
+    fd = _open_dir(base) if os.stat in os.supports_dir_fd else None
+    try:
+        if fd is not None:
+            yield partial(os.stat, dir_fd=fd, follow_symlinks=follow_symlinks)
+        else:
+            yield lambda rel: os.stat(os.path.join(base, rel), follow_symlinks=follow_symlinks)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 class Beneath:
@@ -79,7 +88,7 @@ class Beneath:
         return known
 
 
-def open_dir(path: str) -> int | None:
+def _open_dir(path: str) -> int | None:
     """A descriptor of the directory at `path`, or None (missing, unreadable: use full paths)."""
     try:
         return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
