@@ -535,15 +535,10 @@ class _SavedPlan(NamedTuple):
 def _left_alone(plan: Plan, todo: tuple[Change, ...]) -> str:
     """What apply leaves as it is by design (drift unless --repair-drift, orphans), for its summary:
     " Left as they are: 1 drifted, 2 orphaned (see the plan's notes)." or ""."""
-    chosen = set(map(id, todo))
-    counts: dict[str, int] = {}
-    for change in plan.changes:
-        if id(change) not in chosen:
-            word = "orphaned" if change.action is Action.ORPHAN else "drifted"  # or an update over edits
-            counts[word] = counts.get(word, 0) + 1
-    if not counts:
-        return ""
-    return " Left as they are: " + ", ".join(f"{n} {word}" for word, n in sorted(counts.items())) + " (see the plan's notes)."
+    orphaned = plan.count(Action.ORPHAN)  # never carried out; everything else left is drift
+    counts = (("drifted", len(plan.changes) - len(todo) - orphaned), ("orphaned", orphaned))
+    parts = [f"{n} {word}" for word, n in counts if n]
+    return f" Left as they are: {', '.join(parts)} (see the plan's notes)." if parts else ""
 
 
 def _load_or_make_plan(

@@ -189,8 +189,7 @@ def remove_session_row(root: Path, bids_subject: str, bids_session: str, *, xnat
     index = table.find("session_id", f"ses-{bids_session}")
     if index is None or table.rows[index][table.header.index("xnat_experiment_id")] != xnat_experiment_id:
         return
-    del table.rows[index]
-    del table.raw[index + 1]
+    table.remove(index)
     if not table.rows and table.header == list(SESSION_COLUMNS):
         path.unlink()
     else:
@@ -221,7 +220,7 @@ def ensure_participant(root: Path, bids_subject: str, *, renamed_from: str | Non
     if table.find("participant_id", participant) is not None:
         return
     old = table.find("participant_id", f"sub-{renamed_from}") if renamed_from is not None else None
-    values = dict(zip(table.header, table.rows[old])) if old is not None else {}
+    values = table.row(old) if old is not None else {}
     table.insert_sorted("participant_id", {**values, "participant_id": participant})
     write_atomic(path, table.text())
 
@@ -239,20 +238,13 @@ def drop_participant(root: Path, bids_subject: str, *, renamed_to: str | None = 
     at = table.find("participant_id", f"sub-{bids_subject}") if table.header else None
     if at is None:
         return
-    values = _values(table, at)
-    if any(v not in (NA, "") for v in values.values()):
+    values = table.row(at)
+    if any(v not in (NA, "") for c, v in values.items() if c != "participant_id"):
         new = table.find("participant_id", f"sub-{renamed_to}") if renamed_to is not None else None
-        if new is None or _values(table, new) != values:
+        if new is None or {**table.row(new), "participant_id": ""} != {**values, "participant_id": ""}:
             return
-    del table.rows[at]
-    del table.raw[at + 1]
+    table.remove(at)
     write_atomic(path, table.text())
-
-
-def _values(table: _Tsv, index: int) -> dict[str, str]:
-    """A participants.tsv row's cells other than participant_id (a short row's missing ones n/a)."""
-    row = table.rows[index]
-    return {c: row[i] if i < len(row) else NA for i, c in enumerate(table.header) if c != "participant_id"}
 
 
 def _read_participants(path: Path) -> _Tsv:
@@ -311,6 +303,15 @@ class _Tsv:
     def find(self, column: str, value: str) -> int | None:
         at = self.header.index(column)
         return next((i for i, row in enumerate(self.rows) if len(row) > at and row[at] == value), None)
+
+    def row(self, index: int) -> dict[str, str]:
+        """Row `index` by column (a short row's missing cells n/a)."""
+        cells = self.rows[index]
+        return {c: cells[i] if i < len(cells) else NA for i, c in enumerate(self.header)}
+
+    def remove(self, index: int) -> None:
+        del self.rows[index]
+        del self.raw[index + 1]
 
     def append(self, values: Mapping[str, str]) -> None:
         self.rows.append([values.get(column, NA) for column in self.header])

@@ -28,8 +28,11 @@ except ImportError:  # pragma: no cover
     toml_rs = None
 
 _DUPLICATE_SESSION = re.compile(r"Cannot declare \('sessions', '([^']*)'\) twice")
-# Where a session's fragment starts in a file laid out as `write_lock` writes it: a line of its own.
+# Where a session's fragment starts in a file laid out as `write_lock` writes it: a line of its
+# own. Searched for from the newline before it: a pattern led by `^` is tried at every byte
+# (0.56-0.88 s of a cold read of 74 MB), one led by a literal jumps from candidate to candidate.
 _SESSION_START = re.compile(rb"\[sessions\.([A-Za-z0-9_-]+)\]$", re.MULTILINE)
+_SESSION_LINE = re.compile(rb"\n\[sessions\.([A-Za-z0-9_-]+)\]$", re.MULTILINE)
 
 
 @contextlib.contextmanager
@@ -101,14 +104,12 @@ def _parse_bytes(data: bytes, source: str) -> tuple[dict[str, Any], dict[str, tu
 
 
 def _session_starts(data: bytes) -> Iterator[tuple[int, str]]:
-    """Offset and key of each `[sessions.<key>]` line. bytes.find jumps from one candidate line to
-    the next; a `^` pattern would be tried at every byte (0.65 s of a 74 MB lock's cold read)."""
-    at = 0 if data.startswith(b"[sessions.") else data.find(b"\n[sessions.") + 1 or -1
-    while at >= 0:
-        m = _SESSION_START.match(data, at)
-        if m:
-            yield at, m.group(1).decode()
-        at = data.find(b"\n[sessions.", at) + 1 or -1
+    """Offset and key of each `[sessions.<key>]` line."""
+    first = _SESSION_START.match(data)
+    if first:
+        yield 0, first.group(1).decode()
+    for m in _SESSION_LINE.finditer(data):
+        yield m.start() + 1, m.group(1).decode()
 
 
 def _by_session(data: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, int]]] | None:

@@ -654,11 +654,9 @@ class EmulatorApp:
                 return Response("", mimetype="text/plain")
             if method == "PUT":
                 edits = _field_edits(ctx.request.args)
-                body = ctx.request.get_data()
-                if body.strip():  # an XML re-upload: a re-save, with the document's fields
-                    self.archive.set_fields(experiment.id, **{**_xml_fields(body), **edits})
-                elif edits:
-                    self.archive.set_fields(experiment.id, **edits)
+                body = ctx.request.get_data().strip()  # an XML re-upload: a re-save with its fields
+                if body or edits:
+                    self.archive.set_fields(experiment.id, **{**(_xml_fields(body) if body else {}), **edits})
                 return Response(experiment.id, mimetype="text/plain")
             if method not in ("GET", "HEAD"):
                 raise HttpError(405, "Method Not Allowed")
@@ -1125,17 +1123,16 @@ def _zip_entry_name(experiment: Experiment, scan: Scan, res: Resource, relpath: 
     (RestFileUtils.buildRelativePath), by plain string replacement on the file's URI: cut at the
     session's ID, that ID replaced by the label everywhere, `/{resource id}/files/` by the label,
     then every `/{scan id}/` by `/{scan id}-{type}/` for each typed scan in the request (`typed`)."""
-    safe_type = _zip_type(scan.type)
-    scan_dir = f"{scan.id}-{safe_type}"
     if structure not in ("simplified", "improved", "legacy"):
-        uri = f"/data/experiments/{experiment.id}/scans/{scan.id}/resources/{res.id}/files/{relpath}"
-        name = uri[uri.index(f"/{experiment.id}/") + 1:].replace(experiment.id, experiment.label)
-        name = name.replace(f"/{res.id}/files/", f"/{res.label}/files/")
+        # The URI from the session's ID on, as XNAT cuts it.
+        name = f"{experiment.id}/scans/{scan.id}/resources/{res.id}/files/{relpath}"
+        name = name.replace(experiment.id, experiment.label).replace(f"/{res.id}/files/", f"/{res.label}/files/")
         for scan_id, folder in (typed or {}).items():
             name = name.replace(f"/{scan_id}/", f"/{folder}/")
         return name
+    safe_type = _zip_type(scan.type)
     if structure == "simplified":
-        return f"{experiment.label}/scans/{scan_dir}/{res.label}/{relpath}"
+        return f"{experiment.label}/scans/{scan.id}-{safe_type}/{res.label}/{relpath}"
     if structure == "improved":
         return f"{experiment.label}/scans/{scan.id}_{safe_type}/{res.label}/{relpath}"
     # legacy
