@@ -243,6 +243,15 @@ def test_reproin_session_converts_to_the_expected_bids_files(converted: Conversi
     assert converted.seconds > 0
     bvals = (converted.session_dir / "dwi" / "sub-01_ses-a_acq-b1500_dir-ap_dwi.bval").read_text().split()
     assert bvals == ["0", "1500", "1500", "1500"]
+    # The gradient directions were read from the DICOM: a zero b0 column, then orthogonal unit vectors.
+    bvec = (converted.session_dir / "dwi" / "sub-01_ses-a_acq-b1500_dir-ap_dwi.bvec").read_text().split("\n")
+    columns = list(zip(*([float(v) for v in line.split()] for line in bvec if line.strip())))
+    assert len(columns) == len(bvals) and all(len(c) == 3 for c in columns)
+    assert columns[0] == (0.0, 0.0, 0.0)
+    assert all(abs(sum(x * x for x in c) - 1) < 1e-3 for c in columns[1:])
+    assert all(abs(sum(x * y for x, y in zip(a, b))) < 1e-3 for i, a in enumerate(columns[1:]) for b in columns[i + 2:])
+    for sidecar in ("dwi/sub-01_ses-a_acq-b1500_dir-ap_dwi.json", "fmap/sub-01_ses-a_acq-boldGRE_phasediff.json"):
+        assert json.loads((converted.session_dir / sidecar).read_text())["PhaseEncodingDirection"] == "j-", sidecar
     phasediff = json.loads((converted.session_dir / "fmap" / "sub-01_ses-a_acq-boldGRE_phasediff.json").read_text())
     assert phasediff["EchoTime1"] < phasediff["EchoTime2"]
     assert "ses-a/func/sub-01_ses-a_task-rest_bold.nii.gz" in phasediff["IntendedFor"]
