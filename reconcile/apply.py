@@ -238,6 +238,8 @@ def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Pat
             dest = new_dir / path.relative_to(old_dir)
             if name in empty and dest.is_dir() and not dest.is_symlink():
                 continue  # the conversion made that folder: nothing of the user's is replaced
+            if _is_events_stub(dest):
+                dest.unlink()  # the lab's events (filled in or not) over heudiconv's new stub
             if dest.exists() or dest.is_symlink() or _file_on_the_way(dest, new_dir):
                 dest = kept / rel
                 moved_aside.append(rel)
@@ -267,12 +269,12 @@ def _keep(root: Path, paths: list[str], kept: Path) -> None:
 
 
 def _remove_recorded(root: Path, record: SessionRecord, keep: set[str]) -> None:
-    """Remove only the files the lock says apply wrote, then folders left empty."""
+    """Remove only the files the lock says apply wrote, and event stubs nobody filled in (the move
+    copied them along), then folders left empty."""
     dirs = set()
-    for out in record.outputs:
-        if out.path in keep:
-            continue
-        path = root / out.path
+    session_dir = root / record.address.path
+    stubs = [p for p in session_dir.glob("*/*_events.tsv") if _is_events_stub(p)] if session_dir.is_dir() else []
+    for path in [*(root / o.path for o in record.outputs if o.path not in keep), *stubs]:
         path.unlink(missing_ok=True)
         dirs.add(path.parent)
     for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
@@ -299,12 +301,25 @@ def _write_json(path: Path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
+def _is_events_stub(path: Path) -> bool:
+    """heudiconv's `*_events.tsv` for a task run: a header (with a TODO column) and no rows, for
+    the lab to fill in. It is theirs from the start: never recorded as an output (filling it in is
+    no drift), and a filled-in one is kept over a new stub."""
+    if not path.name.endswith("_events.tsv") or path.is_symlink() or not path.is_file():
+        return False
+    with open(path, "rb") as stub:
+        return len([line for line in stub.read(64 * 1024).splitlines() if line.strip()]) <= 1
+
+
 def _staged_outputs(staging_root: Path, session_dir: Path) -> tuple[OutputRecord, ...]:
-    """Fingerprint the converted files before the move; a rename keeps size and mtime."""
+    """Fingerprint the converted files before the move; a rename keeps size and mtime. Task event
+    stubs are left out (`_is_events_stub`)."""
     records = []
     for dirpath, _dirs, files in os.walk(session_dir):
         for name in files:
             path = Path(dirpath) / name
+            if _is_events_stub(path):
+                continue
             st = path.stat()
             rel = path.relative_to(staging_root).as_posix()
             records.append(OutputRecord(rel, st.st_size, sha256_file(path), st.st_mtime_ns))

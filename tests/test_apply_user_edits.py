@@ -1,6 +1,7 @@
 """What users change inside an exported session survives its re-conversion: outputs they edited
-(a filled-in events.tsv) are replaced only with --repair-drift, and a copy is kept; files, links
-and empty folders they added are carried over, or kept aside where the conversion now writes."""
+(a sidecar) are replaced only with --repair-drift, and a copy is kept; files, links and empty
+folders they added are carried over, or kept aside where the conversion now writes; task events
+they fill in are theirs from the start and kept over heudiconv's new stub."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from worlds import SMALL, add, redate, write_config
 from reconcile.lock import read_lock
 
 FILLED = b"onset\tduration\ttrial_type\n0\t10\trest\n"
+EDITED = b'{"TaskName": "rest", "SliceTiming": [0.0, 0.5]}\n'  # a sidecar the lab corrected
 
 
 def _kept(root, exp_id: str, rel: str) -> bytes:
@@ -22,9 +24,9 @@ def test_an_update_replaces_an_edited_output_only_with_repair_drift_and_keeps_a_
     exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
     root = tmp_path / "bids"
     assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
-    [events] = (root / "sub-01/ses-01MR1/func").glob("*_events.tsv")
-    rel = events.relative_to(root).as_posix()
-    events.write_bytes(FILLED)
+    [sidecar] = (root / "sub-01/ses-01MR1/func").glob("*_bold.json")
+    rel = sidecar.relative_to(root).as_posix()
+    sidecar.write_bytes(EDITED)
     session = root / "sub-01/ses-01MR1"
     (session / "notes.txt").write_text("motion in run 2\n")
     (session / "physio").mkdir()
@@ -38,14 +40,14 @@ def test_an_update_replaces_an_edited_output_only_with_repair_drift_and_keeps_a_
 
     code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes")
     assert code == 0 and "Nothing to apply." in out
-    assert events.read_bytes() == FILLED and read_lock(root).serial == 1
+    assert sidecar.read_bytes() == EDITED and read_lock(root).serial == 1
 
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--repair-drift")
     assert code == 0, out + err
     lock = read_lock(root)
     assert lock.serial == 2 and lock.sessions[exp.id].date == "2024-02-01"
-    assert events.read_bytes() != FILLED  # the new conversion's, as recorded
-    assert _kept(root, exp.id, rel) == FILLED
+    assert sidecar.read_bytes() != EDITED  # the new conversion's, as recorded
+    assert _kept(root, exp.id, rel) == EDITED
     assert (session / "notes.txt").read_text() == "motion in run 2\n"
     assert (session / "physio").is_dir() and os.readlink(session / "linked") == str(tmp_path)
     assert cli("check", str(root), "--full")[0] == 0
@@ -57,7 +59,7 @@ def test_a_user_file_where_the_conversion_now_writes_is_kept_aside(cli, emulator
     skipping = write_config(tmp_path, '[conversion]\nskip = ["func-*"]')
     assert cli("apply", str(root), "-p", "PROJ", "--yes", "-c", str(skipping))[0] == 0
     assert not (root / "sub-01/ses-01MR1/func").exists()
-    mine = root / "sub-01/ses-01MR1/func/sub-01_ses-01MR1_task-rest_events.tsv"
+    mine = root / "sub-01/ses-01MR1/func/sub-01_ses-01MR1_task-rest_bold.nii.gz"
     mine.parent.mkdir()
     mine.write_bytes(FILLED)
     deep = root / "sub-01/ses-01MR1/func/sub-01_ses-01MR1_task-rest_bold.json/x.txt"  # a folder where a file goes
@@ -98,16 +100,38 @@ def test_outputs_edited_after_planning_are_replaced_only_with_repair_drift(cli, 
     redate(emulator, exp, "2024-02-01")
     saved = tmp_path / "plan.json"
     assert cli("plan", str(root), "-p", "PROJ", "--out", str(saved))[0] == 0
-    [events] = (root / "sub-01/ses-01MR1/func").glob("*_events.tsv")
-    events.write_bytes(FILLED)  # after planning: the saved plan cannot know
+    [sidecar] = (root / "sub-01/ses-01MR1/func").glob("*_bold.json")
+    sidecar.write_bytes(EDITED)  # after planning: the saved plan cannot know
 
     code, out, _ = cli("apply", str(root), "--plan", str(saved), "--yes")
     assert code == 1
-    assert f"outputs changed on disk since they were recorded: {events.relative_to(root).as_posix()}" in out
+    assert f"outputs changed on disk since they were recorded: {sidecar.relative_to(root).as_posix()}" in out
     assert "hint: apply with --repair-drift" in out
-    assert events.read_bytes() == FILLED and read_lock(root).serial == 1
+    assert sidecar.read_bytes() == EDITED and read_lock(root).serial == 1
 
     code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes", "--repair-drift")
     assert code == 0, out + err
     assert read_lock(root).sessions[exp.id].date == "2024-02-01"
-    assert _kept(root, exp.id, events.relative_to(root).as_posix()) == FILLED
+    assert _kept(root, exp.id, sidecar.relative_to(root).as_posix()) == EDITED
+
+
+def test_task_events_are_the_labs_to_fill_in_and_survive_a_reconversion(cli, emulator, tmp_path):
+    exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    [events] = (root / "sub-01/ses-01MR1/func").glob("*_events.tsv")
+    stub = events.read_bytes()
+    assert b"\n" not in stub.strip() and b"TODO" in stub  # heudiconv's header alone, for the lab to fill in
+    rel = events.relative_to(root).as_posix()
+    assert rel not in {o.path for o in read_lock(root).sessions[exp.id].outputs}
+    events.write_bytes(FILLED)
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 0 and "drift" not in out.split("Plan:")[0]  # filling it in is no drift
+
+    redate(emulator, exp, "2024-02-01")
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")  # no --repair-drift needed
+    assert code == 0 and "1 done" in out, out + err
+    assert read_lock(root).sessions[exp.id].date == "2024-02-01"
+    assert events.read_bytes() == FILLED  # kept over the new stub, not set aside
+    assert not (root / ".xnat2bids" / "replaced").exists()
+    assert cli("check", str(root), "--full")[0] == 0
