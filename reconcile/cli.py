@@ -1074,34 +1074,44 @@ def check(
     bids_root: Optional[Path] = RootArg,
     config: Optional[Path] = ConfigOpt,
     full: bool = typer.Option(False, "--full", help="Also compare sha256 of every output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON (schemas/check.schema.json)."),
 ) -> None:
     """Verify offline that every output the lock records is on disk (for CI).
 
     Example: xnat2bids check ~/bids-export --full
     """
+    _errors_as_json(as_json)
     cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
 
     def none() -> int:
         raise ConfigError(f"no <pi>/study-<study>/bids datasets under {root}", hint="run `xnat2bids apply` first")
 
-    raise typer.Exit(for_each_dataset(cfg, root, lambda where: _check_dataset(where, full=full), none=none))
+    raise typer.Exit(for_each_dataset(cfg, root, lambda where: _check_dataset(where, full=full, as_json=as_json),
+                                      none=none, as_json=as_json))
 
 
-def _check_dataset(root: Path, *, full: bool) -> int:
+def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
     from reconcile.lock import lock_path, read_lock
 
     lock = read_lock(root)
     if lock is None:
         raise ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")
-    return run_check(root, lock, full=full)
+    return run_check(root, lock, full=full, as_json=as_json)
 
 
-def run_check(root: Path, lock: Lock, *, full: bool) -> int:
+def run_check(root: Path, lock: Lock, *, full: bool, as_json: bool = False) -> int:
     """Check the lock's outputs on disk, print the verdict and return the exit code."""
     from reconcile.check import check_outputs
 
     report = check_outputs(root, lock, full=full)
+    if as_json:
+        echo(json.dumps({
+            "format_version": 1, "bids_root": str(root), "lock_serial": lock.serial,
+            "mode": "sha256" if full else "size", "ok": report.ok, "sessions": report.sessions,
+            "outputs": report.outputs, "problems": list(report.problems), "pending": list(report.pending),
+        }, indent=2, sort_keys=True))
+        return EXIT_OK if report.ok else EXIT_ERROR
     for note in report.pending:
         echo(f"pending: {note}")
     for problem in report.problems:

@@ -10,7 +10,7 @@ import requests
 from worlds import SMALL, add, add_sessions, exported_root, write_config
 
 from reconcile.config import Config, load_config
-from reconcile.lock import lock_path, write_lock
+from reconcile.lock import lock_path, read_lock, write_lock
 from reconcile.schema import load_schema
 
 
@@ -320,3 +320,27 @@ def test_json_status_and_history_print_an_error_document_for_a_root_that_is_a_fi
         code, out, err = cli(command, str(root), "--json")
         assert code == 1, (command, out, err)
         assert _error_document(out)["message"] in err
+
+
+def test_check_json_gives_the_verdict_for_ci(cli, emulator, tmp_path):
+    exps = add_sessions(emulator.archive, 2)
+    root = exported_root(emulator.archive, tmp_path, exps)  # its lock records made-up sha256s
+    code, out, _ = cli("check", str(root), "--json")
+    assert code == 0, out
+    doc = json.loads(out)
+    jsonschema.validate(doc, load_schema("check"))
+    assert (doc["ok"], doc["mode"], doc["sessions"], doc["problems"]) == (True, "size", 2, [])
+    assert doc["outputs"] == sum(len(r.outputs) for r in read_lock(root).sessions.values()) > 0
+    code, out, _ = cli("check", str(root), "--json", "--full")
+    assert code == 1
+    doc = json.loads(out)
+    jsonschema.validate(doc, load_schema("check"))
+    assert doc["ok"] is False and doc["mode"] == "sha256"
+    assert [p.endswith("differs from the lock (sha256)") for p in doc["problems"]] == [True, True]
+    (root / "sub-SUBJ02/ses-SUBJ02MR1/anat/t1.nii.gz").unlink()
+    code, out, _ = cli("check", str(root), "--json")
+    assert code == 1
+    doc = json.loads(out)
+    assert doc["problems"] == [f"{exps[1].id} sub-SUBJ02/ses-SUBJ02MR1: missing sub-SUBJ02/ses-SUBJ02MR1/anat/t1.nii.gz"]
+    code, out, _ = cli("check", str(tmp_path / "nowhere"), "--json")
+    assert code == 1 and _error_document(out)["kind"] in ("config", "os")
