@@ -55,6 +55,13 @@ def current_batch(root: Path) -> sx.Batch:
     return batches[-1]
 
 
+def submit(slurm_cli, root: Path) -> sx.Batch:  # noqa: ANN001
+    """`apply --executor slurm` of the PROJ sessions into `root`; the batch it submitted."""
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
+    assert code == 0, out + err
+    return current_batch(root)
+
+
 def wait_gone(*job_ids: str, timeout: float = JOB_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while sx.active_jobs(job_ids):
@@ -144,9 +151,7 @@ echo "setup ran for job $SLURM_JOB_ID: it's <<EOF fine" >&2
 def test_second_apply_is_refused_while_a_batch_is_queued(slurm_cli, emulator, tmp_path):
     add(emulator.archive, sessions(2))
     root = tmp_path / "bids"
-    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
-    assert code == 0, out + err
-    batch = current_batch(root)
+    batch = submit(slurm_cli, root)
     try:
         for executor in ("local", "slurm"):
             code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", executor)
@@ -202,9 +207,7 @@ def test_failing_task_does_not_block_the_others_and_finalize_still_runs(slurm_cl
 def test_cancelled_finalize_is_merged_by_the_next_apply(slurm_cli, emulator, tmp_path):
     exps = add(emulator.archive, sessions(2))
     root = tmp_path / "bids"
-    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
-    assert code == 0, out + err
-    batch = current_batch(root)
+    batch = submit(slurm_cli, root)
     subprocess.run(["scancel", batch.finalize_job], check=True)
     wait_gone(*batch.jobs)
     assert sx.read_finalized(batch) is None and read_lock(root) is None
@@ -318,9 +321,7 @@ def test_token_the_finalize_job_cannot_revoke_stays_pending_until_the_next_apply
     add(emulator.archive, sessions(1))
     root = tmp_path / "bids"
     emulator.app.faults.add(Fault(route=r"/data/services/tokens/invalidate/", kind="status", status=503))
-    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
-    assert code == 0, out + err
-    batch = current_batch(root)
+    batch = submit(slurm_cli, root)
     token = json.loads(batch.credentials_path.read_text())
     validate = f"{emulator.url}/data/services/tokens/validate/{token['alias']}/{token['secret']}"
     wait_gone(*batch.jobs)
@@ -419,9 +420,7 @@ def test_a_task_refuses_a_config_edited_after_the_batch_was_submitted(slurm_cli,
 def test_finalizing_a_copied_dataset_writes_into_the_copy_only(slurm_cli, emulator, tmp_path):
     add(emulator.archive, sessions(1))
     root = tmp_path / "bids"
-    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
-    assert code == 0, out + err
-    batch = current_batch(root)
+    batch = submit(slurm_cli, root)
     subprocess.run(["scancel", batch.finalize_job], check=True)
     wait_gone(*batch.jobs)
     assert sx.read_result(batch, 0)["status"] == "done" and read_lock(root) is None
