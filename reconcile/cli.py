@@ -270,8 +270,10 @@ def _worst(codes: list[int]) -> int:
 @app.callback(invoke_without_command=True)
 def root_callback(
     ctx: typer.Context,
-    diff: Optional[Path] = typer.Option(None, "--diff", help="Seed-compatible: same as `plan --detailed-exitcode ROOT`."),
-    update: Optional[Path] = typer.Option(None, "--update", help="Seed-compatible: same as `apply ROOT`."),
+    diff: Optional[str] = typer.Option(None, "--diff", metavar="[ROOT]",
+                                       help="Seed-compatible: same as `plan --detailed-exitcode [ROOT]`."),
+    update: Optional[str] = typer.Option(None, "--update", metavar="[ROOT]",
+                                         help="Seed-compatible: same as `apply [ROOT]`."),
     config: Optional[Path] = ConfigOpt,
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit."),
@@ -290,14 +292,14 @@ def root_callback(
         cfg = _load_config(config)
         with connect(cfg) as client:
             code = for_each_study(
-                cfg, cfg.resolve_bids_root(diff), Selection(),
+                cfg, cfg.resolve_bids_root(diff or None), Selection(),
                 lambda root, sel: run_plan(client, root, cfg, sel, detailed_exitcode=True),
             )
         raise typer.Exit(code)
     if update is not None:
         cfg = _load_config(config)
         raise typer.Exit(for_each_study(
-            cfg, cfg.resolve_bids_root(update), Selection(),
+            cfg, cfg.resolve_bids_root(update or None), Selection(),
             lambda root, sel: run_apply(cfg, root, sel, yes=not stdin_is_terminal()),
         ))
     echo(ctx.get_help())
@@ -1261,13 +1263,29 @@ def _error_json(kind: str, message: str, detail: str | None = None, hint: str | 
         echo(json.dumps({"format_version": 1, "error": error}, sort_keys=True))
 
 
+def _seed_root_optional(argv: list[str]) -> list[str]:
+    """`--diff`/`--update` without a ROOT mean the configured root, as in the seed tool.
+
+    click cannot give an option an optional value, so a bare one (last, or before another
+    option) becomes `--diff=`, which the callback reads as "no ROOT given".
+    """
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if arg in ("--diff", "--update") and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out[i] = arg + "="
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: any failure (usage error, Ctrl-C, bug) is exit 1 and a short message.
 
     click would exit 2 on a usage error (read as "changes pending") and typer 130 on Ctrl-C.
     """
     try:
-        code = app(args=argv, prog_name="xnat2bids", standalone_mode=False)
+        code = app(args=_seed_root_optional(sys.argv[1:] if argv is None else argv),
+                   prog_name="xnat2bids", standalone_mode=False)
     except ClickException as exc:  # usage errors and bad parameters
         exc.show()
         code = EXIT_ERROR

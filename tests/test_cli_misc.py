@@ -292,6 +292,25 @@ def test_the_seed_flags_are_commands_of_their_own(cli, tmp_path):
     assert code == 1 and 'set projects = ["P"] in the config, or pass --project P to plan or apply' in err
 
 
+def test_the_seed_flags_without_a_root_use_the_configured_one(cli, emulator, tmp_path):
+    from worlds import SMALL
+
+    from reconcile.demo import populate
+
+    populate(emulator.archive, "PROJ", [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "from-config"
+    config = tmp_path / "lab.toml"
+    config.write_text(f'bids_root = "{root}"\nprojects = ["PROJ"]\n')
+    code, out, err = cli("--diff", "--config", str(config))
+    assert code == 2, out + err
+    assert f"xnat2bids plan for {root}" in out and "+ create  sub-01/ses-01MR1" in out
+    code, out, err = cli("-c", str(config), "--update")
+    assert code == 0, out + err
+    assert (root / "sub-01/ses-01MR1").is_dir() and (root / ".xnat2bids.lock").is_file()
+    code, out, err = cli("-c", str(config), "--diff")
+    assert code == 0 and "No changes. 1 session up to date." in out
+
+
 def test_ctrl_c_while_the_cli_is_still_importing_is_one_line_and_exit_1(monkeypatch, capsys):
     import types
 
