@@ -10,8 +10,9 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple, NoReturn, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -227,6 +228,21 @@ def _need_dataset_folder(root: Path) -> None:
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise ConfigError(f"BIDS root {root} {what}", hint="pass the dataset's folder, or set bids_root in the config")
+
+
+def _offline_command(config: Optional[Path], bids_root: Optional[Path], as_json: bool,
+                     run: Callable[[Path], int], *, none: Callable[[Path], int]) -> NoReturn:
+    """The body of the commands that only read the dataset (status, show, history, check):
+    `run` per dataset, `none(root)` when a pi-study root holds none; exits with the worst code."""
+    _errors_as_json(as_json)
+    cfg = _load_config(config)
+    root = cfg.resolve_bids_root(bids_root)
+    raise typer.Exit(for_each_dataset(cfg, root, run, none=lambda: none(root), as_json=as_json))
+
+
+def _no_datasets(root: Path, meaning: str) -> int:
+    echo(f"No <pi>/study-<study>/bids datasets under {root}: {meaning}.")
+    return EXIT_OK
 
 
 def for_each_dataset(cfg: Config, root: Path, run, *, none, as_json: bool = False) -> int:
@@ -774,15 +790,8 @@ def status(
 
     Example: xnat2bids status ~/bids-export
     """
-    _errors_as_json(as_json)
-    cfg = _load_config(config)
-    root = cfg.resolve_bids_root(bids_root)
-    def none() -> int:
-        echo(f"No <pi>/study-<study>/bids datasets under {root}: no SLURM batch.")
-        return EXIT_OK
-
-    raise typer.Exit(for_each_dataset(cfg, root, lambda where: _dataset_status(where, as_json=as_json), none=none,
-                                      as_json=as_json))
+    _offline_command(config, bids_root, as_json, lambda where: _dataset_status(where, as_json=as_json),
+                     none=lambda root: _no_datasets(root, "no SLURM batch"))
 
 
 def _dataset_status(root: Path, *, as_json: bool) -> int:
@@ -948,11 +957,8 @@ def history(
 
     Example: xnat2bids history ~/bids-export
     """
-    _errors_as_json(as_json)
-    cfg = _load_config(config)
-    root = cfg.resolve_bids_root(bids_root)
-    raise typer.Exit(for_each_dataset(cfg, root, lambda where: _print_history(where, as_json=as_json),
-                                      none=lambda: _print_history(root, as_json=as_json), as_json=as_json))
+    _offline_command(config, bids_root, as_json, lambda where: _print_history(where, as_json=as_json),
+                     none=lambda root: _print_history(root, as_json=as_json))
 
 
 def _print_history(root: Path, *, as_json: bool) -> int:
@@ -1082,15 +1088,11 @@ def check(
 
     Example: xnat2bids check ~/bids-export --full
     """
-    _errors_as_json(as_json)
-    cfg = _load_config(config)
-    root = cfg.resolve_bids_root(bids_root)
-
-    def none() -> int:
+    def none(root: Path) -> int:
         raise ConfigError(f"no <pi>/study-<study>/bids datasets under {root}", hint="run `xnat2bids apply` first")
 
-    raise typer.Exit(for_each_dataset(cfg, root, lambda where: _check_dataset(where, full=full, as_json=as_json),
-                                      none=none, as_json=as_json))
+    _offline_command(config, bids_root, as_json, lambda where: _check_dataset(where, full=full, as_json=as_json),
+                     none=none)
 
 
 def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
@@ -1136,15 +1138,8 @@ def show(
 
     Example: xnat2bids show ~/bids-export
     """
-    _errors_as_json(as_json)
-    cfg = _load_config(config)
-    root = cfg.resolve_bids_root(bids_root)
-    def none() -> int:
-        echo(f"No <pi>/study-<study>/bids datasets under {root}: nothing exported yet.")
-        return EXIT_OK
-
-    raise typer.Exit(for_each_dataset(cfg, root, lambda where: _show_dataset(where, as_json=as_json), none=none,
-                                      as_json=as_json))
+    _offline_command(config, bids_root, as_json, lambda where: _show_dataset(where, as_json=as_json),
+                     none=lambda root: _no_datasets(root, "nothing exported yet"))
 
 
 def _show_dataset(root: Path, *, as_json: bool) -> int:

@@ -108,6 +108,8 @@ def test_show_walks_every_study(cli, emulator, tmp_path):
     cfg = write_config(tmp_path, PI_STUDY)
     code, out, _ = cli("show", str(root), "--config", str(cfg))
     assert code == 0 and f"No <pi>/study-<study>/bids datasets under {root}: nothing exported yet." in out
+    code, out, _ = cli("status", str(root), "--config", str(cfg))
+    assert code == 0 and f"No <pi>/study-<study>/bids datasets under {root}: no SLURM batch." in out
     _export_study(emulator.archive, root, "smith/study-memory/bids", "SMITH_MEMORY")
     _export_study(emulator.archive, root, "jones/study-vision/bids", "JONES_VISION")
     code, out, err = cli("show", str(root), "--config", str(cfg))
