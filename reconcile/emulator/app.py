@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import resources as importlib_resources
 from typing import Any
 from xml.etree import ElementTree
 
@@ -31,6 +30,7 @@ from werkzeug.wrappers import Request, Response
 
 from .archive import CHUNK_SIZE, Archive, ArchiveError, Experiment, FileEntry, Resource, Scan, User
 from .faults import Fault, FaultSet
+from .xmldoc import item_document, xsd_text
 from .zipstream import zip_pieces
 
 XNAT_VERSION = "1.8.10"
@@ -370,7 +370,7 @@ class EmulatorApp:
             return _json(["xdat", "xnat"])
         if len(segs) == 2 and segs[0] == "schemas":
             if segs[1] == "xnat":
-                return Response(_xnat_xsd(), mimetype="application/xml")
+                return Response(xsd_text(), mimetype="application/xml")
             if segs[1] == "xdat":
                 return Response(XDAT_XSD, mimetype="application/xml")
             raise HttpError(404, f"Unable to find schema {segs[1]}")
@@ -702,8 +702,8 @@ class EmulatorApp:
             res = scan.find_resource(res_key)
             if res is None:
                 raise HttpError(404, f"Unable to find resource {res_key}")
-            fields = _resource_row(scan, res)
-            return self._single(ctx, "xnat:resourceCatalog", fields, experiment.last_modified, [])
+            item = self._resource_item(experiment, scan, res)
+            return self._single(ctx, "xnat:resourceCatalog", item["data_fields"], experiment.last_modified, [])
         if tail[4] != "files":
             raise HttpError(404, "The server has not found anything matching the request URI")
         if len(tail) > 5:
@@ -761,22 +761,7 @@ class EmulatorApp:
         }
 
     def _scan_item(self, experiment: Experiment, scan: Scan) -> dict[str, Any]:
-        resources = [
-            {
-                "meta": {"isHistory": False, "xsi:type": "xnat:resourceCatalog"},
-                "data_fields": {
-                    "xnat_abstractresource_id": int(r.id),
-                    "label": r.label,
-                    "format": r.format,
-                    "content": r.content,
-                    "file_count": len(r.files),
-                    "file_size": r.file_size,
-                    "URI": f"/data/xnat/archive/{experiment.project}/arc001/{experiment.label}/SCANS/{scan.id}/{r.label}/scan_{scan.id}_catalog.xml",
-                },
-                "children": [],
-            }
-            for r in list(scan.resources.values())
-        ]
+        resources = [self._resource_item(experiment, scan, r) for r in list(scan.resources.values())]
         fields: dict[str, Any] = {
             "ID": scan.id,
             "type": scan.type,
@@ -794,10 +779,26 @@ class EmulatorApp:
             "children": [{"field": "file", "items": resources}] if resources else [],
         }
 
+    def _resource_item(self, experiment: Experiment, scan: Scan, res: Resource) -> dict[str, Any]:
+        catalog = f"/data/xnat/archive/{experiment.project}/arc001/{experiment.label}/SCANS/{scan.id}/{res.label}"
+        return {
+            "meta": {"isHistory": False, "xsi:type": "xnat:resourceCatalog"},
+            "data_fields": {
+                "xnat_abstractresource_id": int(res.id),
+                "label": res.label,
+                "format": res.format,
+                "content": res.content,
+                "file_count": len(res.files),
+                "file_size": res.file_size,
+                "URI": f"{catalog}/scan_{scan.id}_catalog.xml",
+            },
+            "children": [],
+        }
+
     def _scan_single(self, ctx: Ctx, experiment: Experiment, scan: Scan) -> Response:
-        if ctx.fmt not in ("", "json"):
-            raise HttpError(400, f"Unsupported format {ctx.fmt}")
-        return _json({"items": [self._scan_item(experiment, scan)]})
+        item = self._scan_item(experiment, scan)
+        return self._single(ctx, item["meta"]["xsi:type"], item["data_fields"], experiment.last_modified,
+                            item["children"])
 
     def _select_scans(self, experiment: Experiment, key: str) -> list[Scan]:
         """A scans segment: `ALL`, an ID, a scan type, or a comma list of those."""
@@ -887,6 +888,8 @@ class EmulatorApp:
     def _single(
         self, ctx: Ctx, xsi_type: str, fields: dict[str, Any], modified: datetime | None, children: list[Any]
     ) -> Response:
+        if ctx.fmt == "xml":
+            return Response(item_document(xsi_type, fields, children), mimetype="text/xml")
         if ctx.fmt not in ("", "json"):
             raise HttpError(400, f"Unsupported format {ctx.fmt}")
         meta: dict[str, Any] = {"isHistory": False, "xsi:type": xsi_type}
@@ -956,15 +959,6 @@ class EmulatorApp:
 
 def _json(payload: Any) -> Response:
     return Response(json.dumps(payload), mimetype="application/json")
-
-
-_XSD_CACHE: list[str] = []
-
-
-def _xnat_xsd() -> str:
-    if not _XSD_CACHE:
-        _XSD_CACHE.append(importlib_resources.files(__package__).joinpath("xnat.xsd").read_text(encoding="utf-8"))
-    return _XSD_CACHE[0]
 
 
 XDAT_XSD = (

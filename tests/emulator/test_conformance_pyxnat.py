@@ -6,11 +6,13 @@ import datetime as dt
 import zipfile
 
 import pytest
+from lxml import etree
 from pyxnat import Interface
 from pyxnat.core.errors import DatabaseError
 
 T1_FILES = {"1.dcm": b"DICM-t1-a" * 50, "sub/2.dcm": b"DICM-t1-b" * 70}
 BOLD_FILES = {"1.dcm": b"DICM-bold" * 40}
+XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
 
 
 @pytest.fixture
@@ -122,3 +124,43 @@ def test_project_without_access_lists_nothing(emulator, session):
         assert intf.select.project("PROJ").experiments().get() == [session.id]
     finally:
         intf.disconnect()
+
+
+def test_get_and_xpath_read_the_xml_documents(interface, session, emulator):
+    experiment = interface.select.project("PROJ").subject("SUBJ01").experiment("SUBJ01_MR1")
+    root = etree.fromstring(experiment.get())
+    assert root.tag == "{http://nrg.wustl.edu/xnat}MRSession"
+    assert (root.get("ID"), root.get("project"), root.get("label")) == (session.id, "PROJ", "SUBJ01_MR1")
+    assert experiment.xpath("xnat:date/text()") == ["2024-01-10"]
+    assert experiment.xpath("xnat:subject_ID/text()") == [session.subject_id]
+    scans = experiment.xpath("xnat:scans/xnat:scan")
+    assert [(s.get("ID"), s.get("type"), s.get(XSI_TYPE)) for s in scans] == [
+        ("1", "anat-T1w", "xnat:mrScanData"), ("2", "func-bold", "xnat:mrScanData")]
+    (t1_dicom,) = experiment.xpath("xnat:scans/xnat:scan[@ID='1']/xnat:file")
+    assert (t1_dicom.get("label"), t1_dicom.get("file_count"), t1_dicom.get(XSI_TYPE)) == (
+        "DICOM", "2", "xnat:resourceCatalog")
+    assert int(t1_dicom.get("file_size")) == sum(map(len, T1_FILES.values()))
+    scan = experiment.scan("2")
+    assert scan.xpath("/xnat:MRScan/@type") == ["func-bold"]
+    assert interface.select.project("PROJ").xpath("/xnat:Project/@ID") == ["PROJ"]
+    # A re-dated session's document says the new date.
+    experiment.attrs.set("xnat:mrSessionData/date", "2024-02-01")
+    assert experiment.xpath("xnat:date/text()") == ["2024-02-01"]
+
+
+def test_the_xml_documents_are_valid_by_the_emulators_schema(emulator, session):
+    from requests import Session
+
+    from reconcile.emulator.xmldoc import xsd_text
+
+    schema = etree.XMLSchema(etree.fromstring(xsd_text().encode()))
+    http = Session()
+    http.auth = (emulator.user, emulator.password)
+    base = f"{emulator.url}/data/projects/PROJ/subjects/{session.subject_id}"
+    for path in ("", f"/experiments/{session.id}", f"/experiments/{session.id}/scans/1",
+                 f"/experiments/{session.id}/scans/1/resources/DICOM"):
+        response = http.get(base + path, params={"format": "xml"}, timeout=10)
+        assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/xml"), path
+        schema.assertValid(etree.fromstring(response.content))
+    response = http.get(f"{emulator.url}/data/projects/PROJ", params={"format": "xml"}, timeout=10)
+    schema.assertValid(etree.fromstring(response.content))
