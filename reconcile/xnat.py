@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import SplitResult, quote, unquote, urlencode, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlencode, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -388,6 +388,13 @@ class XnatClient:
                 data={"username": user, "password": self.credentials.password},
                 what="the login",
             )
+        if resp.is_redirect:
+            where = _shown_url(urljoin(resp.url, resp.headers.get("Location", "")))
+            raise RemoteError(
+                f"XNAT at {self.url} redirected the login to {where}; the credentials were not sent there",
+                detail=f"HTTP {resp.status_code}",
+                hint="set xnat_url (or $XNAT_HOST) to the address XNAT answers at, if that is it",
+            )
         if resp.status_code in (401, 403):
             hint = self.credentials.rejected_hint()
             if is_alias_token(user) and self.credentials.source != "token-file":
@@ -491,7 +498,9 @@ class XnatClient:
                     verify=self._verify,
                     proxies=self._proxies,
                     stream=stream,
-                    allow_redirects=True,
+                    # requests re-sends a 307/308's body to wherever it points, other hosts and
+                    # plain http included: a request carrying credentials is never redirected.
+                    allow_redirects=data is None and auth is None,
                 )
             except requests.exceptions.SSLError as exc:
                 self._slots.release()

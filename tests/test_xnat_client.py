@@ -221,6 +221,33 @@ def test_wrong_password_is_an_auth_error_without_the_password(site: Site) -> Non
     assert site.logins == 1  # a 401 on login is not retried
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+@pytest.mark.parametrize("token", [False, True], ids=["password", "alias-token"])
+def test_a_redirected_login_sends_the_credentials_nowhere_else(httpserver: HTTPServer, status: int,
+                                                                token: bool) -> None:
+    elsewhere = HTTPServer()
+    elsewhere.start()
+    try:
+        elsewhere.expect_request("/data/services/auth").respond_with_data("ELSEWHERE-SESSION")
+        elsewhere.expect_request("/data/JSESSION").respond_with_data("ELSEWHERE-SESSION")
+        for path in ("/data/services/auth", "/data/JSESSION"):
+            httpserver.expect_request(path).respond_with_response(
+                Response("", status=status, headers={"Location": elsewhere.url_for(path)}))
+        user = TOKEN_ALIAS if token else USER
+        with XnatClient(httpserver.url_for("/"), Credentials(user, SENTINEL, "env"), backoff=0) as c, \
+                pytest.raises(RemoteError) as info:
+            c.login()
+        assert info.value.summary == (f"XNAT at {httpserver.url_for('/').rstrip('/')} redirected the login to "
+                                   f"{elsewhere.url_for('/data/services/auth' if not token else '/data/JSESSION')}; "
+                                   "the credentials were not sent there")
+        assert "set xnat_url" in (info.value.hint or "")
+        assert elsewhere.log == []
+        assert len(httpserver.log) == 1  # not retried either
+    finally:
+        elsewhere.clear()
+        elsewhere.stop()
+
+
 def _rejected_credentials(source: str, tmp_path: Path) -> Credentials:
     """Wrong credentials, found the way resolve_credentials finds them from `source`."""
     wrong = SENTINEL + "x"
