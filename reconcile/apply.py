@@ -102,14 +102,33 @@ class ApplyReport:
         return not self.cancelled and all(o.status is Status.DONE for o in self.outcomes)
 
 
-_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+_ID = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def _safe_id(exp_id: str) -> str:
     """XNAT accession IDs name folders in the work area; refuse anything that is not one."""
-    if not _ID.match(exp_id) or exp_id.strip(".") == "":
+    if not _ID.fullmatch(exp_id) or exp_id.strip(".") == "":
         raise UnsafePathError(f"experiment ID {exp_id!r} is not a plain XNAT accession ID; refusing to use it as a path")
     return exp_id
+
+
+def work_path(root: Path, *parts: str) -> Path:
+    """`root/.xnat2bids/<parts>`, refused when a symbolic link stands anywhere on the way.
+
+    apply empties staging folders and appends to logs there: through a link it would delete or
+    write files outside the dataset. The root itself may be a link (a dataset on other storage).
+    """
+    path = root
+    for part in (WORK_DIR, *parts):
+        path = path / part
+        if path.is_symlink():
+            raise UnsafePathError(
+                f"{path} is a symbolic link; xnat2bids keeps its work area in real folders",
+                hint="remove the link (apply would otherwise write, and empty folders, where it points)",
+            )
+        if not path.exists():
+            break
+    return root.joinpath(WORK_DIR, *parts)
 
 
 @dataclass(frozen=True)
@@ -120,27 +139,27 @@ class WorkArea:
 
     @property
     def base(self) -> Path:
-        return self.root / WORK_DIR
+        return work_path(self.root)
 
     def staging(self, exp_id: str) -> Path:
-        return self.base / "staging" / _safe_id(exp_id)
+        return work_path(self.root, "staging", _safe_id(exp_id))
 
     def log(self, exp_id: str) -> Path:
-        return self.base / "logs" / f"{_safe_id(exp_id)}.log"
+        return work_path(self.root, "logs", f"{_safe_id(exp_id)}.log")
 
     def trash(self, exp_id: str) -> Path:
-        return self.base / "trash" / _safe_id(exp_id)
+        return work_path(self.root, "trash", _safe_id(exp_id))
 
     def journal(self, exp_id: str) -> Path:
-        return self.base / "journal" / f"{_safe_id(exp_id)}.json"
+        return work_path(self.root, "journal", f"{_safe_id(exp_id)}.json")
 
     def kept(self, exp_id: str) -> Path:
         """Where a commit keeps the user's edits it would otherwise replace (one folder per commit)."""
-        return self.base / "replaced" / _safe_id(exp_id) / utc_now().replace(":", "")
+        return work_path(self.root, "replaced", _safe_id(exp_id), utc_now().replace(":", ""))
 
     @property
     def history(self) -> Path:
-        return self.base / "history.jsonl"
+        return work_path(self.root, "history.jsonl")
 
 
 @dataclass(frozen=True)

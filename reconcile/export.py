@@ -161,6 +161,9 @@ def export_session(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    if Path(dest).is_symlink():  # what it points at would be emptied of all XNAT does not list
+        raise UnsafePathError(f"{dest} is a symbolic link; refusing to export into it",
+                              hint="remove the link; the export folder is emptied of files XNAT does not list")
     root = Path(dest).resolve()
     jobs = _plan_jobs(root, exp, scans, resource)  # every name checked before the disk is touched
     exporter = _Exporter(client, exp, root, resource, cancel, on_progress)

@@ -29,7 +29,6 @@ from urllib.parse import quote
 
 from reconcile import statelock
 from reconcile.apply import (
-    WORK_DIR,
     ApplyReport,
     Event,
     Outcome,
@@ -42,6 +41,7 @@ from reconcile.apply import (
     recover,
     save_commits,
     stage_session,
+    work_path,
 )
 from reconcile.config import Config, ConversionSettings, SlurmSettings, load_config
 from reconcile.durable import write_atomic
@@ -198,7 +198,7 @@ class Batch:
 
 
 def batches_dir(root: Path) -> Path:
-    return root / WORK_DIR / "batches"
+    return work_path(root, "batches")
 
 
 def batch_dir(root: Path, batch_id: str) -> Path:
@@ -922,7 +922,7 @@ class PendingRevocation:
 
 
 def revocations_dir(root: Path) -> Path:
-    return root / WORK_DIR / "revocations"
+    return work_path(root, "revocations")
 
 
 def _write_revocation(pending: PendingRevocation) -> None:

@@ -244,3 +244,40 @@ def test_read_only_bids_root_is_a_clear_error(cli, dataset):
         dataset.chmod(0o755)
     assert code == 1 and "Traceback" not in err and str(dataset) in err, out + err
     assert tree(dataset) == before
+
+
+WORK_AREA_LINKS = {
+    # where the link stands (relative to the root; {id} is the session's), what apply says
+    "export folder": ("staging/{id}/dicom", "is a symbolic link; refusing to export into it"),
+    "staging folder": ("staging/{id}", "xnat2bids keeps its work area in real folders"),
+    "staging": ("staging", "xnat2bids keeps its work area in real folders"),
+    "session log": ("logs/{id}.log", "xnat2bids keeps its work area in real folders"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WORK_AREA_LINKS))
+def test_a_link_in_the_work_area_is_refused_and_where_it_points_is_untouched(cli, emulator, tmp_path, case):
+    where, message = WORK_AREA_LINKS[case]
+    exp = emulator.archive.add_session("PROJ", "S1", "S1_MR1", date="2024-01-10")
+    emulator.archive.add_scan(exp.id, "1", type="anat-T1w", series_description="anat-T1w", files={"1.dcm": b"x"})
+    outside = tmp_path / "outside"
+    (outside / "code").mkdir(parents=True)
+    (outside / "thesis.txt").write_text("draft\n")
+    (outside / "code/analysis.py").write_text("print(1)\n")
+    before = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    link = tmp_path / "bids/.xnat2bids" / where.format(id=exp.id)
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside / "thesis.txt" if where.endswith(".log") else outside)
+    code, out, err = cli("apply", str(tmp_path / "bids"), "-p", "PROJ", "--yes")
+    assert code == 1 and message in out + err, out + err
+    assert {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
+    assert not lock_path(tmp_path / "bids").exists()
+
+
+@pytest.mark.parametrize("exp_id", ["XNAT_E00001\n", "../XNAT_E00001", "..", "XNAT E1", ""])
+def test_an_experiment_id_that_is_not_an_accession_id_names_no_work_folder(tmp_path, exp_id):
+    from reconcile.apply import WorkArea
+    from reconcile.errors import UnsafePathError
+
+    with pytest.raises(UnsafePathError, match="is not a plain XNAT accession ID"):
+        WorkArea(tmp_path).staging(exp_id)
