@@ -120,7 +120,8 @@ def connect(config: Config, *, interactive: bool | None = None):
     from reconcile.credentials import default_url, resolve_credentials
     from reconcile.xnat import XnatClient
 
-    url = config.xnat_url or default_url(os.environ)
+    from_env = default_url(os.environ)  # checked also when the config names the server
+    url = config.xnat_url or from_env
     if not url:
         where = f"{config.source} has no xnat_url" if config.source is not None else _no_config_file()
         raise ConfigError(f"no XNAT server configured: {where}",

@@ -74,11 +74,12 @@ def converter_env() -> dict[str, str]:
 
     The dcm2niix wheel puts its console script next to the interpreter, which is not on PATH
     when a venv is used without activating it. NO_ET stops heudiconv's online version check.
-    The XNAT credentials are left out: a converter needs none, and /proc/PID/environ shows them.
+    The XNAT server and credentials are left out: a converter needs none, and /proc/PID/environ
+    shows them.
     """
-    from reconcile.credentials import ENV_PASS, ENV_TOKEN_FILE, ENV_USER
+    from reconcile.credentials import ENV_HOST, ENV_PASS, ENV_TOKEN_FILE, ENV_USER
 
-    env = {k: v for k, v in os.environ.items() if k not in (ENV_PASS, ENV_USER, ENV_TOKEN_FILE)}
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_PASS, ENV_USER, ENV_TOKEN_FILE, ENV_HOST)}
     bindir = str(Path(sys.executable).parent)
     rest = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir]
     env["PATH"] = os.pathsep.join([bindir, *rest])

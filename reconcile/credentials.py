@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from reconcile.errors import AuthError
+from reconcile.errors import AuthError, ConfigError
 
 ENV_USER = "XNAT_USER"
 ENV_PASS = "XNAT_PASS"
@@ -56,10 +56,17 @@ class Credentials:
 
 
 def default_url(env: Mapping[str, str] = os.environ) -> str | None:
-    """The XNAT URL from $XNAT_HOST, if set (a bare host name gets https://)."""
+    """The XNAT URL from $XNAT_HOST, if set (a bare host name gets https://).
+
+    One holding a user name or password (`https://user:pw@host`) is refused, as in the config:
+    the variable would travel on to SLURM jobs and converters."""
     host = env.get(ENV_HOST, "").strip()
     if not host:
         return None
+    if "@" in host:
+        raise ConfigError(f"${ENV_HOST} holds a user name or password (an '@')",
+                          hint=f"set {ENV_HOST} to the bare URL; credentials go in ~/.netrc, "
+                               f"{ENV_USER}/{ENV_PASS} or the prompt")
     if "://" not in host:
         host = f"https://{host}"
     return host.rstrip("/")

@@ -167,6 +167,15 @@ def test_converter_env_puts_the_interpreters_bin_first_and_silences_the_version_
     assert shutil.which("dcm2niix", path=env["PATH"]) is not None
 
 
+def test_converter_env_holds_no_xnat_server_or_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("XNAT_HOST", "XNAT_USER", "XNAT_PASS", "XNAT_TOKEN_FILE"):
+        monkeypatch.setenv(name, "value")
+    monkeypatch.setenv("XNAT2BIDS_PRELOAD", "0")
+    env = converter_env()
+    assert not {"XNAT_HOST", "XNAT_USER", "XNAT_PASS", "XNAT_TOKEN_FILE"} & set(env)
+    assert env["XNAT2BIDS_PRELOAD"] == "0"
+
+
 def test_bidsmap_exact_name_beats_globs() -> None:
     bidsmap = (("MPRAGE*", "anat-T2w"), ("MPRAGE", "anat-T1w"))
     assert bidsmap_target("MPRAGE", bidsmap) == "anat-T1w"

@@ -11,7 +11,7 @@ import typer
 from click.testing import CliRunner
 
 from reconcile.credentials import Credentials, default_url, resolve_credentials
-from reconcile.errors import AuthError
+from reconcile.errors import AuthError, ConfigError
 
 URL = "https://xnat.example.org/xnat"
 SENTINEL = "S3NT1NEL-pw-%$"
@@ -188,6 +188,19 @@ def test_default_url_comes_from_xnat_host() -> None:
     assert default_url({"XNAT_HOST": "https://xnat.example.org/"}) == "https://xnat.example.org"
     assert default_url({"XNAT_HOST": "xnat.example.org"}) == "https://xnat.example.org"
     assert default_url({}) is None
+
+
+def test_xnat_host_with_a_user_or_password_is_refused_without_showing_them(cli, tmp_path, monkeypatch) -> None:
+    with pytest.raises(ConfigError) as info:
+        default_url({"XNAT_HOST": f"https://alice:{SENTINEL}@xnat.example.org"})
+    assert "$XNAT_HOST holds a user name or password" in str(info.value) and SENTINEL not in str(info.value)
+    # Refused also when the config names the server: the variable would travel on to jobs.
+    config = tmp_path / "lab.toml"
+    config.write_text('xnat_url = "http://127.0.0.1:9"\nprojects = ["P"]\n')
+    monkeypatch.setenv("XNAT_HOST", f"https://alice:{SENTINEL}@xnat.example.org")
+    code, out, err = cli("plan", str(tmp_path / "bids"), "-c", str(config))
+    assert code == 1 and "error: $XNAT_HOST holds a user name or password (an '@')" in err
+    assert SENTINEL not in out + err
 
 
 def test_real_environment_is_the_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
