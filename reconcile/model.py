@@ -15,6 +15,8 @@ from typing import NamedTuple
 # XNAT's Timestamp.toString(): "2023-09-27 17:31:21.352" (1-9 fraction digits, trailing zeros cut).
 _TIMESTAMP = re.compile(r"^(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# Characters no name from XNAT may bring into a path: NUL, newlines, terminal escapes.
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 # What the pattern admits, fromisoformat reads as meant from Python 3.11 on: fractions of 1-9 digits
 # cut (not rounded) to microseconds. A third of the cost of the general path in parse_timestamp.
 _FROMISOFORMAT_READS_XNAT = sys.version_info >= (3, 11)

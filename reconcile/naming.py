@@ -10,12 +10,10 @@ import re
 
 from reconcile.config import NamingSettings
 from reconcile.errors import UnsafePathError
-from reconcile.model import BidsAddress, Experiment
+from reconcile.model import CONTROL_CHARS, BidsAddress, Experiment
 
 MAX_LABEL = 128
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
-# One regex search instead of ord() per character: plan calls this twice per listed session.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Everything check_safe refuses, but for emptiness, "." and length: one search for the usual label.
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]|\.\.")
 _XNAT_HINT = "rename it in XNAT or map it in [naming] of the config"
@@ -33,7 +31,7 @@ def check_safe(label: str, what: str, *, hint: str = _XNAT_HINT) -> None:
     problem = None
     if label == "":
         problem = "is empty"
-    elif _CONTROL.search(label):
+    elif CONTROL_CHARS.search(label):
         problem = "contains control characters"
     elif "/" in label or "\\" in label:
         problem = "contains a path separator"

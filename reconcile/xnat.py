@@ -36,7 +36,14 @@ from reconcile.errors import (
     RemoteError,
     UnsafePathError,
 )
-from reconcile.model import Experiment, RemoteFile, Scan, parse_date, parse_timestamp
+from reconcile.model import (
+    CONTROL_CHARS,
+    Experiment,
+    RemoteFile,
+    Scan,
+    parse_date,
+    parse_timestamp,
+)
 
 EXPERIMENT_COLUMNS = (
     "ID",
@@ -102,14 +109,15 @@ def check_relpath(name: str, *, where: str = "") -> str:
         not name
         or name.startswith("/")
         or "\\" in name
-        or "\x00" in name
+        or CONTROL_CHARS.search(name) is not None
         or re.match(r"^[A-Za-z]:", name) is not None
         or any(seg in ("..", ".", "") for seg in name.split("/"))
     )
     if bad:
         raise UnsafePathError(
             f"XNAT lists an unsafe file name {name!r}" + (f" in {where}" if where else ""),
-            hint="file names must be relative paths without '..', '.', empty segments, backslashes or NUL",
+            hint="file names must be relative paths without '..', '.', empty segments, backslashes or "
+                 "control characters",
         )
     return name
 

@@ -146,7 +146,8 @@ def test_non_ascii_labels_are_sanitised_not_refused(cli, emulator, tmp_path):
     assert code == 2 and "sub-Jrgen/ses-JrgenMR1" in out
 
 
-@pytest.mark.parametrize("name", ["../../escape.dcm", "/etc/passwd", "a/../../x.dcm", "sub/./../../y.dcm"])
+@pytest.mark.parametrize("name", ["../../escape.dcm", "/etc/passwd", "a/../../x.dcm", "sub/./../../y.dcm",
+                                  "x\x1b[2J\r1.dcm", "a\nb.dcm"])
 def test_listed_file_names_escaping_the_folder_are_refused(cli, emulator, tmp_path, name):
     exp = emulator.archive.add_session("PROJ", "S1", "S1_MR1", date="2024-01-10")
     emulator.archive.add_scan(exp.id, "1", type="anat-T1w", series_description="anat-T1w")
@@ -281,3 +282,14 @@ def test_an_experiment_id_that_is_not_an_accession_id_names_no_work_folder(tmp_p
 
     with pytest.raises(UnsafePathError, match="is not a plain XNAT accession ID"):
         WorkArea(tmp_path).staging(exp_id)
+
+
+def test_a_scan_id_with_control_characters_is_refused(cli, emulator, tmp_path):
+    exp = emulator.archive.add_session("PROJ", "S1", "S1_MR1", date="2024-01-10")
+    emulator.archive.add_scan(exp.id, "2\x1b[31mRED\x1b[0m\n", type="anat-T1w", series_description="anat-T1w",
+                              files={"1.dcm": b"x"})
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--keep-dicom")
+    assert code == 1 and "1 failed" in out
+    assert "XNAT lists an unsafe file name '2\\x1b[31mRED\\x1b[0m\\n'" in out + err, out + err
+    assert tree(root) == {}
