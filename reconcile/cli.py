@@ -552,11 +552,17 @@ class _SavedPlan(NamedTuple):
 
 
 def _left_alone(plan: Plan, todo: tuple[Change, ...]) -> str:
-    """What apply leaves as it is by design (drift unless --repair-drift, orphans), for its summary:
-    " Left as they are: 1 drifted, 2 orphaned (see the plan's notes)." or ""."""
-    orphaned = plan.count(Action.ORPHAN)  # never carried out; everything else left is drift
-    counts = (("drifted", len(plan.changes) - len(todo) - orphaned), ("orphaned", orphaned))
-    parts = [f"{n} {word}" for word, n in counts if n]
+    """What apply leaves as it is by design (drift and updates over edited outputs unless
+    --repair-drift, orphans), for its summary:
+    " Left as they are: 1 drifted, 1 update held back, 2 orphaned (see the plan's notes)." or ""."""
+    carried = set(map(id, todo))
+    left = [c.action for c in plan.changes if id(c) not in carried]
+    held = left.count(Action.UPDATE) + left.count(Action.CREATE)
+    parts = [f"{n} {word}" for n, word in (
+        (left.count(Action.DRIFT), "drifted"),
+        (held, "update held back" if held == 1 else "updates held back"),
+        (left.count(Action.ORPHAN), "orphaned"),
+    ) if n]
     return f" Left as they are: {', '.join(parts)} (see the plan's notes)." if parts else ""
 
 

@@ -39,7 +39,7 @@ def test_an_update_replaces_an_edited_output_only_with_repair_drift_and_keeps_a_
     assert "1 update would replace outputs changed on disk; apply carries it out only with --repair-drift" in out
 
     code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes")
-    assert code == 0 and "Nothing to apply." in out
+    assert code == 0 and "Nothing to apply. Left as they are: 1 update held back (see the plan's notes)." in out
     assert sidecar.read_bytes() == EDITED and read_lock(root).serial == 1
 
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--repair-drift")
