@@ -251,8 +251,10 @@ def _compare(
         after = format_timestamp(exp.insert_date)
         msg = f"insert_date {rec.insert_date} → {after} (re-archived in XNAT)"
         reasons.append(Reason("reinserted", msg, "insert_date", rec.insert_date, after))
-    modified = not _same_time(rec.last_modified, exp.last_modified)
-    if modified and not reasons:
+    # Re-saved and nothing else to say (a re-date moves last_modified too): the deep pass then says
+    # whether the content changed.
+    resaved = not reasons and not _same_time(rec.last_modified, exp.last_modified)
+    if resaved:
         after = format_timestamp(exp.last_modified)
         reasons.append(Reason("modified", f"modified in XNAT at {after}", "last_modified", rec.last_modified, after))
     settings, digests = conversion
@@ -261,7 +263,7 @@ def _compare(
         selected = tuple(s for s in scans if settings.selects(s.id, s.series_description))
         scan_reasons = _scan_reasons(rec.scans, selected)
         reasons += scan_reasons
-        if modified and not scan_reasons:
+        if resaved and not scan_reasons:
             reasons.append(Reason("no_content_change", "deep comparison found no content change"))
     if rec.config_digests != digests:
         legacy = settings.legacy_digests()

@@ -111,6 +111,8 @@ def test_redated_session_is_planned_as_update_with_reason():  # row 2
     assert [r.code for r in change.reasons] == ["redated"]
     assert change.reasons[0].message == "date 2024-01-10 → 2024-02-01 (re-dated in XNAT)"
     assert (change.reasons[0].before, change.reasons[0].after) == ("2024-01-10", "2024-02-01")
+    deep = only(plan_of(lock, [redated], deep={e.id: scans_for()}), Action.UPDATE)
+    assert deep.reasons == change.reasons  # "same": the moved last_modified is the re-date's
 
 
 def test_resaved_session_is_update_modified_and_deep_says_no_content_change():  # row 3
