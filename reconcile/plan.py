@@ -171,7 +171,8 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _scan_reasons(recorded: tuple[ScanRecord, ...], remote: tuple[Scan, ...]) -> list[Reason]:
+def _scan_reasons(recorded: tuple[ScanRecord, ...], remote: tuple[Scan, ...], listed: set[str]) -> list[Reason]:
+    """Recorded scans against the selected ones XNAT lists (`listed`: the IDs of all it lists)."""
     before = {s.id: s for s in recorded}
     after = {s.id: s.record() for s in remote}
     reasons = []
@@ -179,6 +180,9 @@ def _scan_reasons(recorded: tuple[ScanRecord, ...], remote: tuple[Scan, ...]) ->
         old, new = before.get(sid), after.get(sid)
         if old is None:
             reasons.append(Reason("scan_added", f"scan {sid} added", f"scan:{sid}", None, new.series_description))
+        elif new is None and sid in listed:  # still in XNAT: the selection changed, not the session
+            reasons.append(Reason("scan_deselected", f"scan {sid} no longer selected by the config", f"scan:{sid}",
+                                  old.series_description, None))
         elif new is None:
             reasons.append(Reason("scan_removed", f"scan {sid} removed", f"scan:{sid}", old.series_description, None))
         elif old.digest != new.digest:
@@ -226,6 +230,12 @@ def _same_time(a: str | None, b: datetime | None) -> bool:
         return False
 
 
+def _renamed(old: str, new: str, field: str, *, by_xnat: bool) -> Reason:
+    """A new BIDS label: XNAT's label changed, or (same label) the config's [naming] did."""
+    message = f"renamed {old} → {new}" if by_xnat else f"config changed: naming ({old} → {new})"
+    return Reason("renamed", message, field, old, new)
+
+
 def _compare(
     rec: SessionRecord,
     exp: Experiment,
@@ -240,10 +250,10 @@ def _compare(
         reasons.append(Reason("moved", f"project {rec.project} → {exp.project}", "project", rec.project, exp.project))
     if rec.bids_subject != address.subject:
         old, new = f"sub-{rec.bids_subject}", f"sub-{address.subject}"
-        reasons.append(Reason("renamed", f"renamed {old} → {new}", "subject", old, new))
+        reasons.append(_renamed(old, new, "subject", by_xnat=rec.subject_label != exp.subject_label))
     if rec.bids_session != address.session:
         old, new = f"ses-{rec.bids_session}", f"ses-{address.session}"
-        reasons.append(Reason("renamed", f"renamed {old} → {new}", "session", old, new))
+        reasons.append(_renamed(old, new, "session", by_xnat=rec.session_label != exp.label))
     if rec.date != exp.date:
         msg = f"date {rec.date or '(none)'} → {exp.date or '(none)'} (re-dated in XNAT)"
         reasons.append(Reason("redated", msg, "date", rec.date, exp.date))
@@ -261,7 +271,7 @@ def _compare(
     if scans is not None:
         # The lock records only the scans the config selects; compare like with like.
         selected = tuple(s for s in scans if settings.selects(s.id, s.series_description))
-        scan_reasons = _scan_reasons(rec.scans, selected)
+        scan_reasons = _scan_reasons(rec.scans, selected, {s.id for s in scans})
         reasons += scan_reasons
         if resaved and not scan_reasons:
             reasons.append(Reason("no_content_change", "deep comparison found no content change"))

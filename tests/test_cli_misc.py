@@ -271,7 +271,7 @@ def test_without_its_config_file_apply_refuses_to_reshape_a_dataset(cli, emulato
     assert f"but {root}/.xnat2bids.lock was written with one" in err
     assert read_lock(root).serial == serial and (root / "sub-001/ses-MR1").is_dir()
     code, out, err = cli("plan", str(root), "-p", "PROJ")
-    assert code == 0 and "warning: no config file found" in err and "renamed ses-MR1 → ses-001MR1" in out
+    assert code == 0 and "warning: no config file found" in err and "config changed: naming (ses-MR1 → ses-001MR1)" in out
 
     # Found through $XNAT2BIDS_CONFIG, or the user's config folder: nothing to do.
     monkeypatch.setenv("XNAT2BIDS_CONFIG", str(lab))

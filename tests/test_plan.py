@@ -278,6 +278,29 @@ def test_conversion_config_change_updates_the_sessions_it_affects():  # row 15
     assert plan.unchanged == 1
 
 
+def test_a_naming_override_is_a_config_change_not_an_xnat_rename():  # row 15
+    e1, e2 = exp(1), exp(2)
+    lock = lock_of(record(e1, bids_session="SUBJ01MR1"), record(e2, bids_session="SUBJ02MR1"))
+    config = parse_config({"naming": {"subjects": {"SUBJ02": "B02"}}})
+    change = only(plan_of(lock, [e1, e2], config=config), Action.UPDATE)
+    assert change.key.experiment_id == e2.id and change.address.path == "sub-B02/ses-SUBJ02MR1"
+    assert [(r.code, r.message) for r in change.reasons] == [
+        ("renamed", "config changed: naming (sub-SUBJ02 → sub-B02)")]
+    renamed_in_xnat = replace(e2, subject_label="B02", last_modified=T0 + timedelta(minutes=1))
+    change = only(plan_of(lock, [e1, renamed_in_xnat]), Action.UPDATE)
+    assert change.reasons[0].message == "renamed sub-SUBJ02 → sub-B02"
+
+
+def test_deep_plan_says_a_newly_skipped_scan_is_deselected_not_removed():  # row 15, deep
+    e = exp(1)
+    lock = lock_of(record(e, bids_session="SUBJ01MR1"))
+    config = parse_config({"conversion": {"skip": ["2"]}})
+    change = only(plan_of(lock, [e], config=config, deep={e.id: scans_for()}), Action.UPDATE)
+    assert [r.message for r in change.reasons] == ["scan 2 no longer selected by the config", "config changed: skip"]
+    gone = only(plan_of(lock, [e], config=config, deep={e.id: scans_for()[:1]}), Action.UPDATE)
+    assert [r.message for r in gone.reasons] == ["scan 2 removed", "config changed: skip"]
+
+
 def test_project_conversion_change_updates_only_that_projects_sessions():  # row 15
     # Settings are worked out once per project (and per session that has a table of its own).
     a1, a2 = exp(1), exp(2)
