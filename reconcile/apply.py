@@ -14,11 +14,12 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from reconcile.config import Config, ConversionSettings
 from reconcile.convert import ConversionCancelled, convert_session, nothing_selected
@@ -513,6 +514,7 @@ def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list
             _roll_forward(root, exp_id)
             warn(f"{exp_id}: an interrupted commit was completed")
         handled.append(exp_id)
+    _note_unrecorded(root)
     return handled
 
 
@@ -677,28 +679,43 @@ def _settle(
 
 
 def _log(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fh.write(f"{utc_now()} {text}\n")
+    """Best effort: the outcome is reported on the console anyway, and a full disk must not stop
+    the run that is reporting it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(f"{utc_now()} {text}\n")
+    except OSError:
+        pass
 
 
-def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: str = "apply") -> dict:
-    """One JSON line per apply in the dataset's work area; never rewritten."""
+def _history_entry(operation: str, serial_before: int, serial_after: int, summary: dict[str, int],
+                   sessions: list[dict], **extra: Any) -> dict:
     import getpass
     import socket
 
     from reconcile import __version__
 
-    entry = {
+    return {
         "time": utc_now(),
         "operation": operation,
         "user": getpass.getuser(),
         "host": socket.gethostname(),
         "xnat2bids": __version__,
-        "lock_serial": {"before": plan.serial, "after": report.lock.serial if report.lock else plan.serial},
-        "summary": {s.value: report.count(s) for s in Status},
-        "cancelled": report.cancelled,
-        "sessions": [
+        "lock_serial": {"before": serial_before, "after": serial_after},
+        "summary": summary,
+        **extra,
+        "sessions": sessions,
+    }
+
+
+def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: str = "apply") -> dict:
+    """One JSON line per apply in the dataset's work area; never rewritten."""
+    entry = _history_entry(
+        operation, plan.serial, report.lock.serial if report.lock else plan.serial,
+        {s.value: report.count(s) for s in Status},
+        cancelled=report.cancelled,
+        sessions=[
             {
                 "experiment_id": o.change.key.experiment_id,
                 "project": o.change.key.project,
@@ -714,17 +731,51 @@ def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: st
             }
             for o in report.outcomes
         ],
-    }
+    )
+    _append_entry(root, entry)
+    return entry
+
+
+def append_lock_change(root: Path, operation: str, before: Lock | None, after: Lock,
+                       records: Iterable[SessionRecord], *, action: str, reason: str) -> dict:
+    """A history entry for a lock change that is not an apply: `forget`, or commits no entry
+    told of (see `_note_unrecorded`)."""
+    rows = [
+        {"experiment_id": r.experiment_id, "project": r.project, "address": r.address.path, "action": action,
+         "result": "done", "reasons": [reason], "date": {"before": None, "after": r.date}}
+        for r in sorted(records, key=lambda r: (r.address, r.experiment_id))
+    ]
+    entry = _history_entry(operation, before.serial if before else 0, after.serial,
+                           {"done": len(rows), "failed": 0, "skipped": 0}, rows)
+    _append_entry(root, entry)
+    return entry
+
+
+def _append_entry(root: Path, entry: dict) -> None:
     path = WorkArea(root).history
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A crash mid-append leaves a torn last line; start on a fresh line so this entry stays readable.
-    torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    with open(path, "a") as fh:
+    with open(path, "a+b") as fh:  # readable too: the last byte is looked at
+        # A crash mid-append leaves a torn last line; start on a fresh line so this entry stays readable.
+        torn = fh.tell() > 0 and os.pread(fh.fileno(), 1, fh.tell() - 1) != b"\n"
         hit("history-append")
-        fh.write(("\n" if torn else "") + json.dumps(entry, sort_keys=True) + "\n")
+        fh.write((("\n" if torn else "") + json.dumps(entry, sort_keys=True) + "\n").encode())
         fh.flush()
         os.fsync(fh.fileno())
-    return entry
+
+
+def _note_unrecorded(root: Path) -> None:
+    """Commits the history does not tell of get an entry of their own: an apply killed after some
+    commits (its entry is written at its end), or a commit `recover` just completed. The lock's
+    serial then is past the last entry's; the sessions exported since that entry are named."""
+    lock = read_lock(root)
+    entries = read_history(root)
+    last = entries[-1]["lock_serial"]["after"] if entries else 0
+    if lock is None or lock.serial <= last:
+        return
+    since = entries[-1]["time"] if entries else ""
+    records = [r for r in lock.sessions.values() if r.exported_at >= since]
+    append_lock_change(root, "unrecorded", replace(lock, serial=last), lock, records, action="commit",
+                       reason="committed by an apply that stopped before writing its history entry")
 
 
 # What an entry must have to be shown: the fields `append_history` writes that readers use.

@@ -457,7 +457,11 @@ def run_apply(
                 reporter.close()
                 if previous_handler is not None:
                     signal.signal(signal.SIGINT, previous_handler)
-            append_history(root, plan, report)
+            try:
+                append_history(root, plan, report)
+            except OSError as exc:  # a full disk: the summary below still says what was done
+                warn(f"could not append this apply to the history ({exc.strerror or exc}): {exc.filename or root}; "
+                     "the next apply records its commits")
             from reconcile.apply import Status
 
             echo(
@@ -1043,7 +1047,7 @@ def forget(
     Example: xnat2bids forget XNAT_E00042 ~/bids-export
     """
     from reconcile import statelock
-    from reconcile.apply import recover
+    from reconcile.apply import append_lock_change, recover
     from reconcile.lock import read_lock, write_lock
 
     cfg = _load_config(config)
@@ -1059,6 +1063,8 @@ def forget(
         if lock is None or experiment_id not in lock.sessions:
             raise ConfigError(f"{experiment_id} is not in the lock of {root}")
         written = write_lock(root, lock.without_session(experiment_id), expected_serial=lock.serial)
+        append_lock_change(root, "forget", lock, written, [lock.sessions[experiment_id]], action="forget",
+                           reason="dropped from the lock by `xnat2bids forget`; its files were left on disk")
     echo(f"Forgot {experiment_id}; its files were left on disk. Lock serial {written.serial}.")
 
 

@@ -20,6 +20,7 @@ import pytest
 import requests
 from relworld import SENTINEL, USER, kill_leftovers, served_world, snapshot, xnat2bids
 
+from reconcile.apply import read_history
 from reconcile.cli import main
 from reconcile.lock import loads_lock, read_lock
 
@@ -104,6 +105,14 @@ def crash_and_recover(world, root: Path, point: str, cwd: Path, reference) -> No
     work = root / ".xnat2bids"
     for sub in ("journal", "staging", "trash"):
         assert not any((work / sub).glob("*")), f"{sub} not cleaned up"
+    # The history tells of every commit, also of those the killed run made: its serials chain up
+    # to the lock's, and each session the lock records is named in an entry.
+    history, lock = read_history(root), read_lock(root)
+    serials = [(e["lock_serial"]["before"], e["lock_serial"]["after"]) for e in history]
+    assert serials and serials[0][0] == 0 and serials[-1][1] == lock.serial, serials
+    assert all(a[1] == b[0] for a, b in zip(serials, serials[1:])), serials
+    named = {row["experiment_id"] for e in history for row in e["sessions"] if row["result"] == "done"}
+    assert named >= set(lock.sessions), (named, set(lock.sessions))
 
 
 @pytest.fixture(scope="module")

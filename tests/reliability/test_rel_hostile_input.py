@@ -293,3 +293,28 @@ def test_a_scan_id_with_control_characters_is_refused(cli, emulator, tmp_path):
     assert code == 1 and "1 failed" in out
     assert "XNAT lists an unsafe file name '2\\x1b[31mRED\\x1b[0m\\n'" in out + err, out + err
     assert tree(root) == {}
+
+
+def test_a_session_log_that_cannot_be_written_fails_that_session_only(cli, emulator, tmp_path):
+    # As a full disk would: writing the failure to the log fails too, and the run still goes on.
+    from worlds import SMALL
+
+    from reconcile.demo import populate
+
+    populate(emulator.archive, "PROJ", [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-10")],
+             series=SMALL[:1])
+    first = emulator.archive.sessions("PROJ")[0]
+    root = tmp_path / "bids"
+    (root / ".xnat2bids/logs" / f"{first.id}.log").mkdir(parents=True)  # open(…, "a") fails
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1")
+    assert code == 1, out + err
+    assert "Apply complete: 1 done, 1 failed, 0 skipped; lock serial 1." in out
+    assert sorted(read_lock_ids(root)) == [s.id for s in emulator.archive.sessions("PROJ")[1:]]
+    code, out, _ = cli("history", str(root))
+    assert "1 done, 1 failed, 0 skipped; serial 0 → 1" in out
+
+
+def read_lock_ids(root: Path) -> list[str]:
+    from reconcile.lock import read_lock
+
+    return list(read_lock(root).sessions)
