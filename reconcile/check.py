@@ -74,10 +74,17 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
     # Outputs come in path order, so a folder's come together: each folder is asked once whether
     # it is a link (one lookup per folder instead of a call per output).
     folder, linked = None, False
+    at: dict[str, str] = {}  # session folder → the session recorded there
     with root_stat(beneath.root, follow_symlinks=False) as lstat:
         for exp_id in sorted(lock.sessions):
-            for path, size, sha256 in lock.recorded_outputs(exp_id):
+            session_folder, outputs = lock.recorded_outputs(exp_id)
+            if session_folder in at:  # a hand-edited lock: plan and apply refuse it too
+                problems.append(f"{at[session_folder]} and {exp_id} are both recorded at {session_folder}")
+            at[session_folder] = exp_id
+            for path, size, sha256 in outputs:
                 total += 1
+                if not path.startswith(session_folder + "/"):
+                    problems.append(f"{_named(lock, exp_id)}: output {path} lies outside its session folder")
                 where = _located(path, moved) if moved else None
                 try:
                     if where is not None:  # rolled back: judged where it waits, links and all

@@ -37,7 +37,7 @@ from reconcile.lockdoc import (
     scan_sort_key,
 )
 from reconcile.lockparse import _parse, gc_paused
-from reconcile.model import SessionRecord
+from reconcile.model import BidsAddress, SessionRecord
 
 __all__ = [
     "FORMAT_VERSION",
@@ -86,15 +86,19 @@ class Lock:
     def without_session(self, experiment_id: str) -> Lock:
         return replace(self, sessions=_Sessions.of(self.sessions).updated(experiment_id, None))
 
-    def recorded_outputs(self, experiment_id: str) -> list[tuple[str, int, str]]:
-        """(path, size, sha256) of each output of a session, in path order, read from its
-        marshalled document where one is known: `check` reads 200,000 outputs and no other field,
-        a fifth of the cost of decoding every record (10,000 sessions: 0.2 s instead of 1.1 s)."""
+    def recorded_outputs(self, experiment_id: str) -> tuple[str, list[tuple[str, int, str]]]:
+        """A session's folder (`sub-X/ses-Y`) and the (path, size, sha256) of each of its outputs,
+        in path order, read from its marshalled document where one is known: `check` reads 200,000
+        outputs and no other field, a fifth of the cost of decoding every record (10,000 sessions:
+        0.2 s instead of 1.1 s)."""
         sessions = self.sessions
         blob = sessions.blob(experiment_id) if isinstance(sessions, _Sessions) else None
         if blob is not None:
-            return [(o["path"], o["size"], o["sha256"]) for o in marshal.loads(blob)["outputs"]]
-        return [(o.path, o.size, o.sha256) for o in sessions[experiment_id].outputs]
+            doc = marshal.loads(blob)
+            folder = BidsAddress(doc["bids_subject"], doc["bids_session"]).path
+            return folder, [(o["path"], o["size"], o["sha256"]) for o in doc["outputs"]]
+        rec = sessions[experiment_id]
+        return rec.address.path, [(o.path, o.size, o.sha256) for o in rec.outputs]
 
 
 # What a session was decoded from or last written as: (record, its marshalled canonical document,

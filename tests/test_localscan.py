@@ -68,11 +68,33 @@ def test_check_refuses_outputs_that_are_links_out_of_the_root_and_keeps_links_in
     annexed.parent.mkdir(parents=True)
     annexed.write_bytes(data)
     os.symlink(os.path.relpath(annexed, (root / paths[2]).parent), root / paths[2])
-    outputs = tuple(OutputRecord(p, len(data), hashlib.sha256(data).hexdigest(), 1) for p in paths)
-    record = SessionRecord("E1", "P", "S1", "SUBJ01", "SUBJ01_MR1", "SUBJ01", "MR1", None, "", "", "xnat:mrSessionData",
-                           "2024-01-01T00:00:00Z", "f", outputs=outputs)
-    report = check_outputs(root, Lock.new().with_session(record), full=True)
+    lock = Lock.new()
+    for n, path in enumerate(paths, start=1):
+        output = OutputRecord(path, len(data), hashlib.sha256(data).hexdigest(), 1)
+        lock = lock.with_session(SessionRecord(
+            f"E{n}", "P", f"S{n}", f"0{n}", f"0{n}_1", f"0{n}", "1", None, "", "", "xnat:mrSessionData",
+            "2024-01-01T00:00:00Z", "f", outputs=(output,)))
+    report = check_outputs(root, lock, full=True)
     assert report.problems == (
-        f"E1 sub-SUBJ01/ses-MR1: {paths[0]} is a link out of the BIDS root, to {elsewhere / 'a.json'}",
-        f"E1 sub-SUBJ01/ses-MR1: {paths[1]} is a link out of the BIDS root, to {elsewhere / 'ses-1/anat/b.json'}",
+        f"E1 sub-01/ses-1: {paths[0]} is a link out of the BIDS root, to {elsewhere / 'a.json'}",
+        f"E2 sub-02/ses-1: {paths[1]} is a link out of the BIDS root, to {elsewhere / 'ses-1/anat/b.json'}",
+    )
+
+
+def test_check_names_two_sessions_at_one_folder_and_outputs_outside_their_session(tmp_path):
+    from reconcile.check import check_outputs
+
+    def session(n: int, subject: str, path: str) -> SessionRecord:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(b"x")
+        return SessionRecord(f"E{n}", "P", f"S{n}", subject, f"{subject}_1", subject, "1", None, "", "",
+                             "xnat:mrSessionData", "2024-01-01T00:00:00Z", "f",
+                             outputs=(OutputRecord(path, 1, "0" * 64, 1),))
+
+    lock = Lock.new().with_session(session(1, "01", "sub-01/ses-1/anat/a.json"))
+    lock = lock.with_session(session(2, "01", "sub-02/ses-1/anat/b.json"))  # hand-edited: sub-02 → 01
+    report = check_outputs(tmp_path, lock)
+    assert report.problems == (
+        "E1 and E2 are both recorded at sub-01/ses-1",
+        "E2 sub-01/ses-1: output sub-02/ses-1/anat/b.json lies outside its session folder",
     )

@@ -959,10 +959,12 @@ def test_recorded_outputs_read_undecoded_give_the_records_outputs(lock: Lock) ->
         read = read_lock(Path(tmp))
         for key, rec in lock.sessions.items():
             assert read.sessions.blob(key) is not None and key not in read.sessions._origin  # undecoded
-            assert read.recorded_outputs(key) == [(o.path, o.size, o.sha256) for o in rec.outputs]
-            assert read.recorded_outputs(key) == [(o.path, o.size, o.sha256) for o in read.sessions[key].outputs]
+            expected = (rec.address.path, [(o.path, o.size, o.sha256) for o in rec.outputs])
+            assert read.recorded_outputs(key) == expected
+            decoded = read.sessions[key]
+            assert read.recorded_outputs(key) == (decoded.address.path, [(o.path, o.size, o.sha256) for o in decoded.outputs])
         for key, rec in lock.sessions.items():  # records, not documents: read from the records
-            assert lock.recorded_outputs(key) == [(o.path, o.size, o.sha256) for o in rec.outputs]
+            assert lock.recorded_outputs(key) == (rec.address.path, [(o.path, o.size, o.sha256) for o in rec.outputs])
 
 
 _LINE_BITS = st.sampled_from([b"[sessions.", b"[[sessions.", b"a", b"X_1-", b"]", b"\n", b"\r", b" ", b".", b"="])
