@@ -158,7 +158,10 @@ def test_forget_finds_the_study_whose_lock_records_the_session_and_history_walks
 
     code, out, _ = cli("history", str(root), "--config", str(cfg))
     assert code == 0
-    assert f"=== JONES_VISION: {root}/jones/study-vision/bids" in out and out.count("No history yet.") == 2
+    assert f"=== JONES_VISION: {root}/jones/study-vision/bids" in out and out.count("No history yet.") == 1
+    jones_history = out.split("=== ")[1]  # the lock written without an apply, then the forget
+    assert "unrecorded by " in jones_history and "serial 0 → 1" in jones_history
+    assert "forget by " in jones_history and "serial 1 → 2" in jones_history
 
 
 def test_a_study_folder_given_directly_is_one_dataset(cli, emulator, tmp_path):
