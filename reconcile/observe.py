@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import cache
@@ -84,8 +84,23 @@ def observe_remote(
             e for lst in listings if lst.experiments for e in lst.experiments
             if e.xsi_type.endswith(SESSION_TYPES_SUFFIX) and wanted(e)
         ]
-        details = client.deep_details(sessions, concurrency=concurrency)
+        failures: dict[str, RemoteError] = {}
+        details = client.deep_details(sessions, concurrency=concurrency, failures=failures)
+        # A session whose scans could not be listed: its project is planned as a failed listing
+        # would be (nothing planned for it), the other projects as usual.
+        listings = [_deep_failed(lst, failures) for lst in listings]
     return RemoteState(tuple(listings), details)
+
+
+def _deep_failed(listing: ProjectListing, failures: Mapping[str, RemoteError]) -> ProjectListing:
+    failed = next((e for e in listing.experiments or () if e.id in failures), None)
+    if failed is None:
+        return listing
+    error = failures[failed.id]
+    more = sum(1 for e in listing.experiments or () if e.id in failures) - 1
+    also = f" (and {more} more session{'s' if more != 1 else ''})" if more else ""
+    return ProjectListing(listing.project, None,
+                          f"the scans of session {failed.label} ({failed.id}){also}: {error.summary}")
 
 
 @cache

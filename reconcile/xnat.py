@@ -780,21 +780,35 @@ class XnatClient:
         *,
         concurrency: int = CONNECTIONS,
         on_progress: OnProgress | None = None,
+        failures: dict[str, RemoteError] | None = None,
     ) -> dict[str, tuple[Scan, ...]]:
         """`list_scans` for many sessions at once, keyed by experiment ID in input order.
 
         At most `concurrency` sessions are in flight (and never more than `max_connections`
         requests). `on_progress(exp, done, total)` is called from the calling thread. The first
-        failure cancels what has not started and is raised.
+        failure cancels what has not started and is raised; with `failures`, a session's
+        RemoteError (rejected credentials aside) is put there instead and the others go on.
         """
         total = len(experiments)
         results: dict[str, tuple[Scan, ...]] = {}
         if total == 0:
             return results
+
+        def failed(exp: Experiment, exc: BaseException) -> bool:
+            """Whether `exc` is noted in `failures` (else the caller raises it)."""
+            if failures is None or not isinstance(exc, RemoteError) or isinstance(exc, AuthError):
+                return False
+            failures[exp.id] = exc
+            return True
+
         workers = max(1, min(concurrency, total))
         if workers == 1:
             for done, exp in enumerate(experiments, 1):
-                results[exp.id] = tuple(self.list_scans(exp))
+                try:
+                    results[exp.id] = tuple(self.list_scans(exp))
+                except RemoteError as exc:
+                    if not failed(exp, exc):
+                        raise
                 if on_progress is not None:
                     on_progress(exp, done, total)
             return results
@@ -810,18 +824,19 @@ class XnatClient:
                 finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 for fut in finished:
                     exc = fut.exception()
-                    if exc is not None:
+                    if exc is not None and not failed(futures[fut], exc):
                         for other in pending:
                             other.cancel()
                         raise exc
                     done_count += 1
                     if on_progress is not None:
                         on_progress(futures[fut], done_count, total)
-            by_id = {futures[f].id: tuple(f.result()) for f in futures}
+            by_id = {futures[f].id: tuple(f.result()) for f in futures if f.exception() is None}
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         for exp in experiments:
-            results[exp.id] = by_id[exp.id]
+            if exp.id in by_id:
+                results[exp.id] = by_id[exp.id]
         return results
 
     # -- downloads -------------------------------------------------------------------------

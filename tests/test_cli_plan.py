@@ -101,6 +101,22 @@ def test_file_added_without_redate_needs_deep(cli, emulator, tmp_path):
     assert "scan 1: 1 file added (+2.0 kB)" in out
 
 
+def test_a_deep_listing_that_fails_for_one_session_stops_only_its_project(cli, emulator, tmp_path):  # row 11
+    from reconcile.emulator import Fault
+
+    bad, good = add_sessions(emulator.archive, 2)
+    emulator.archive.add_project("OTHER")
+    other = emulator.archive.add_session("OTHER", "O1", "O1_MR1", date="2024-01-10")
+    emulator.app.faults.add(Fault(route=rf"/experiments/{bad.id}/scans", kind="status", status=503))
+    code, out, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ", "-p", "OTHER", "--deep",
+                         "--detailed-exitcode")
+    assert code == 1, out + err
+    assert (f"listing of project PROJ failed: the scans of session {bad.label} ({bad.id}): "
+            f"XNAT at {emulator.url} kept failing") in out + err
+    assert f"+ create  sub-O1/ses-O1MR1  OTHER/{other.id}" in out
+    assert good.id not in out  # nothing planned for PROJ
+
+
 def test_unknown_project_is_an_error_exit_1(cli, emulator, tmp_path):
     code, out, err = cli("plan", str(tmp_path), "-p", "NOPE", "--detailed-exitcode")
     assert code == 1
