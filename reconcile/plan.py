@@ -230,6 +230,18 @@ def _same_time(a: str | None, b: datetime | None) -> bool:
         return False
 
 
+def _subject_leaving(label: str, rec: SessionRecord, by_subject: Mapping[str, list[SessionRecord]],
+                     seen: Mapping[str, tuple[Experiment, BidsAddress]]) -> SessionRecord | None:
+    """A session of another XNAT subject that the lock records at BIDS subject `label` and that
+    this plan moves to another subject label: `label` is being handed over (a chain of renames)."""
+    for other in by_subject.get(label, ()):
+        if other.subject_id != rec.subject_id:
+            now = seen.get(other.experiment_id)
+            if now is not None and now[1].subject != label:
+                return other
+    return None
+
+
 def _renamed(old: str, new: str, field: str, *, by_xnat: bool) -> Reason:
     """A new BIDS label: XNAT's label changed, or (same label) the config's [naming] did."""
     message = f"renamed {old} → {new}" if by_xnat else f"config changed: naming ({old} → {new})"
@@ -437,6 +449,7 @@ def compute_plan(
         if r.experiment_id not in present_ids and r.project in listed_ok:
             vanished_by_address[address] = r
     used_as_replaced: set[str] = set()
+    by_subject: dict[str, list[SessionRecord]] | None = None
     outdated = drifted = 0
     deep_scans = remote.deep or {}
     conversion = _conversion_lookup(config)
@@ -487,6 +500,27 @@ def compute_plan(
                 )
             )
             continue
+        if rec is not None and rec.bids_subject != address.subject:
+            if by_subject is None:  # built for the first renamed subject only
+                by_subject = {}
+                for r in records:
+                    by_subject.setdefault(r.bids_subject, []).append(r)
+            leaving = _subject_leaving(address.subject, rec, by_subject, seen_ids)
+            if leaving is not None:
+                # Its participants.tsv row is the other subject's until that one has moved: taking
+                # the label in the same run would give this subject the other's row.
+                out.problems.append(
+                    Problem(
+                        f"session {exp_id} ({exp.project}/{exp.label}) moves to sub-{address.subject}, which the "
+                        f"lock still records for XNAT subject {leaving.subject_id} ({leaving.subject_label}), itself "
+                        f"being renamed",
+                        exp.project,
+                        exp_id,
+                        hint=f"apply moves {leaving.subject_label}'s sessions out of sub-{address.subject} first; "
+                             "apply again afterwards for this one",
+                    )
+                )
+                continue
         if rec is None:
             replaced = vanished_by_address.get(address)
             if replaced is not None:

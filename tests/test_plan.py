@@ -171,6 +171,28 @@ def test_renamed_subject_updates_each_of_its_sessions():  # row 7
     assert all(c.reasons[0].message == "renamed sub-SUBJ01 → sub-P001" for c in plan.changes)
 
 
+def test_a_subject_label_handed_on_in_one_run_waits_for_the_subject_leaving_it():  # row 7, a chain
+    # XNAT: SUBJ02 renamed P02, then SUBJ01 renamed SUBJ02. participants.tsv's sub-SUBJ02 row is
+    # SUBJ02's until its sessions have moved; the next run takes SUBJ01 there.
+    e1, e2 = exp(1), exp(2)
+    lock = lock_of(record(e1, bids_session="SUBJ01MR1"), record(e2, bids_session="SUBJ02MR1"))
+    later = T0 + timedelta(minutes=1)
+    now = [replace(e1, subject_label="SUBJ02", last_modified=later), replace(e2, subject_label="P02", last_modified=later)]
+    plan = plan_of(lock, now)
+    change = only(plan, Action.UPDATE)
+    assert change.key.experiment_id == e2.id and change.reasons[0].message == "renamed sub-SUBJ02 → sub-P02"
+    [problem] = plan.problems
+    assert problem.message == (f"session {e1.id} (PROJ/SUBJ01_MR1) moves to sub-SUBJ02, which the lock still records "
+                               f"for XNAT subject {e2.subject_id} (SUBJ02), itself being renamed")
+    moved = lock.with_session(replace(lock.sessions[e2.id], bids_subject="P02", subject_label="P02"))
+    next_run = plan_of(moved, now)
+    assert e1.id in {c.key.experiment_id for c in next_run.changes} and not next_run.problems
+    # Another XNAT subject that stays at the label (a merge the config asked for) does not wait.
+    stays = [replace(e1, subject_label="SUBJ02", last_modified=later), e2]
+    change = only(plan_of(lock, stays), Action.UPDATE)
+    assert change.key.experiment_id == e1.id and not plan_of(lock, stays).problems
+
+
 def test_deleted_session_is_orphan_and_never_more():  # row 8
     e1, e2 = exp(1), exp(2)
     lock = lock_of(record(e1, bids_session="SUBJ01MR1"), record(e2, bids_session="SUBJ02MR1"))
