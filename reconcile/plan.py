@@ -455,8 +455,14 @@ def compute_plan(
     conversion = _conversion_lookup(config)
     converters = {t: tools[t] for t in CONVERTER_TOOLS if tools.get(t)}
     for exp_id, (exp, address) in sorted(seen_ids.items()):
-        if exp_id in colliding or not wanted(exp, address):
+        if exp_id in colliding:
             continue
+        if not wanted(exp, address):
+            # Selected by the ID of the session it replaces (re-archived): planned with it, or the
+            # old one would read as deleted and the new one as taking its folder.
+            replaced = None if exp_id in sessions else vanished_by_address.get(address)
+            if replaced is None or not in_selection(replaced):
+                continue
         scans = deep_scans.get(exp_id) if deep else None
         rec = sessions.get(exp_id)
         holder = holder_of.get(address)

@@ -213,6 +213,10 @@ def test_rearchived_session_is_one_update_not_orphan_plus_create():  # row 9
     assert len(plan.changes) == 1
     assert change.reasons[0].message == "replaced in XNAT: XNAT_E00001 → XNAT_E00099"
     assert change.before.experiment_id == "XNAT_E00001" and change.key.experiment_id == "XNAT_E00099"
+    # Selected by the old ID, the replacement is planned with it: not an orphan to forget.
+    for selection in (Selection(sessions=("XNAT_E00001",)), Selection(sessions=("XNAT_E00099",))):
+        selected = plan_of(lock, [e2, exp(2)], selection=selection)
+        assert [(c.action, c.key.experiment_id) for c in selected.changes] == [(Action.UPDATE, "XNAT_E00099")]
 
 
 def test_a_change_into_an_occupied_folder_becomes_a_problem_and_the_others_stay():
