@@ -20,17 +20,19 @@ from reconcile import __version__
 from reconcile.config import Config, expand_projects, is_pattern
 from reconcile.errors import ConfigError, RemoteError, XnatBidsError
 from reconcile.localscan import stat_outputs
-from reconcile.lock import Lock, gc_paused, load_or_new
+from reconcile.lock import Lock, gc_paused, load_or_new, read_lock
 from reconcile.model import BidsAddress, Experiment
 from reconcile.naming import address_for
 from reconcile.plan import (
     SESSION_TYPES_SUFFIX,
+    Action,
     Plan,
     ProjectListing,
     RemoteState,
     Selection,
     compute_plan,
     moves_in,
+    note_moved_in,
     refuse_occupied,
 )
 from reconcile.xnat import CONNECTIONS, XnatClient
@@ -186,8 +188,32 @@ def make_plan(
             reconvert_outdated=reconvert_outdated,
         )
         plan = refuse_occupied(plan, occupied_folders(root, plan, lock))
+        if config.layout == "pi-study":
+            plan = note_moved_in(plan, _recorded_in_other_studies(root, plan))
         _promote_survivors()
     return PlanRun(root, lock, plan)
+
+
+def _recorded_in_other_studies(root: Path, plan: Plan) -> dict[str, tuple[str, str]]:
+    """The sessions `plan` creates that another study's lock of the same pi-study tree records:
+    experiment ID → (recorded project, that study's folder). Only those records are decoded."""
+    from reconcile.layout import dataset_roots
+
+    creates = {c.key.experiment_id for c in plan.changes if c.action is Action.CREATE}
+    found: dict[str, tuple[str, str]] = {}
+    if not creates:
+        return found
+    here = os.path.realpath(root)
+    for other in dataset_roots(root.parent.parent.parent):  # <base>/<pi>/study-<study>/bids
+        if os.path.realpath(other) == here:
+            continue
+        try:
+            lock = read_lock(other)
+        except XnatBidsError:  # planning that study reports it
+            continue
+        for exp_id in creates & set(lock.sessions) if lock else ():
+            found[exp_id] = (lock.sessions[exp_id].project, str(other))
+    return found
 
 
 def occupied_folders(root: Path, plan: Plan, lock: Lock) -> set[BidsAddress]:

@@ -634,3 +634,18 @@ def refuse_occupied(plan: Plan, occupied: Collection[BidsAddress]) -> Plan:
     gone = {id(c) for c in refused}
     return replace(plan, changes=tuple(c for c in plan.changes if id(c) not in gone),
                    problems=plan.problems + tuple(problems))
+
+
+def note_moved_in(plan: Plan, recorded_elsewhere: Mapping[str, tuple[str, str]]) -> Plan:
+    """`plan` with each create of a session that another dataset's lock records (pi-study
+    layout: a session moved between projects, so between studies) saying so instead of "new in
+    XNAT". `recorded_elsewhere`: experiment ID → (its recorded project, that dataset's folder)."""
+    def moved(c: Change) -> Change:
+        project, where = recorded_elsewhere[c.key.experiment_id]
+        reason = Reason("moved", f"project {project} → {c.key.project} (moved in XNAT; the copy in {where} "
+                        f"stays until `xnat2bids forget {c.key.experiment_id}` there)", "project", project, c.key.project)
+        return replace(c, reasons=(reason,))
+
+    changes = tuple(moved(c) if c.action is Action.CREATE and c.key.experiment_id in recorded_elsewhere else c
+                    for c in plan.changes)
+    return replace(plan, changes=changes)

@@ -244,3 +244,21 @@ def test_forget_walks_past_an_invalid_lock_and_takes_a_study_folder_directly(cli
     code, out, err = cli("forget", s3.id, str(root / "lee/study-pilot/bids"), "--config", str(cfg))
     assert code == 0, out + err
     assert read_lock(root / "lee/study-pilot/bids").sessions == {}
+
+
+def test_a_session_moved_between_studies_says_so_in_the_study_it_moved_to(cli, emulator, tmp_path):  # row 10
+    root = tmp_path / "export"
+    cfg = write_config(tmp_path, PI_STUDY + '\nprojects = ["SMITH_MEMORY", "JONES_VISION"]')
+    _export_study(emulator.archive, root, "smith/study-memory/bids", "SMITH_MEMORY")
+    _export_study(emulator.archive, root, "jones/study-vision/bids", "JONES_VISION")
+    [moved] = emulator.archive.sessions("SMITH_MEMORY")
+    emulator.archive.add_session("SMITH_MEMORY", "02", "02_MR1", date="2024-01-11")
+    moved.project, moved.label = "JONES_VISION", "01_MR2"  # moved in XNAT (no REST route for it here)
+    code, out, err = cli("plan", str(root), "--config", str(cfg))
+    assert code == 0, out + err
+    sections = {part.split(":")[0]: part for part in out.split("=== ")[1:]}
+    smith, jones = sections["SMITH_MEMORY"], sections["JONES_VISION"]
+    assert f"- orphan  sub-01/ses-01MR1  SMITH_MEMORY/{moved.id}  no longer in XNAT project SMITH_MEMORY" in smith
+    assert (f"+ create  sub-01/ses-01MR2  JONES_VISION/{moved.id}  project SMITH_MEMORY → JONES_VISION (moved in XNAT; the copy in "
+            f"{root}/smith/study-memory/bids stays until `xnat2bids forget {moved.id}` there)") in jones
+    assert "new in XNAT" not in jones
