@@ -69,6 +69,10 @@ class _Table:
     scans: dict[str, tuple[str, ...]]  # series → IDs of the scan folders its DICOM came from
 
 
+# Below this much free space a converter's failure is put down to the full disk.
+DISK_FULL_BYTES = 1 << 20
+
+
 def converter_env() -> dict[str, str]:
     """The environment heudiconv runs in.
 
@@ -574,6 +578,11 @@ def _run(args: list[str], work_dir: Path, log_path: Path, cancel: threading.Even
         raise
     finally:
         proc.close()
+    if returncode < 0 and _disk_full(work_dir):
+        # With no space left, the preload server cannot write how heudiconv ended either: what
+        # would read as a SIGKILL (the out-of-memory killer) is the full disk.
+        raise ConversionError(f"{address}: heudiconv stopped: no space left on the disk holding {work_dir}",
+                              detail=_tail(log_path, attempt), hint="free space there, then apply again")
     if returncode < 0:  # both _Forked and _Spawned say -N for signal N, as subprocess does
         if returncode == -signal.SIGKILL:
             hint += "; SIGKILL usually comes from the kernel's out-of-memory killer (see dmesg)"
@@ -582,6 +591,15 @@ def _run(args: list[str], work_dir: Path, log_path: Path, cancel: threading.Even
     if returncode != 0:
         raise ConversionError(f"{address}: heudiconv failed (exit status {returncode})",
                               detail=_tail(log_path, attempt), hint=hint)
+
+
+def _disk_full(path: Path) -> bool:
+    """Whether the file system holding `path` has (next to) no space left for an unprivileged writer."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < DISK_FULL_BYTES
 
 
 def _signal_name(number: int) -> str:

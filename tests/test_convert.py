@@ -574,11 +574,15 @@ def test_timeout_kills_heudiconv(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("preloaded", "sig"), [(True, signal.SIGSEGV), (False, signal.SIGSEGV), (True, signal.SIGKILL)],
-                         ids=["preloaded-SIGSEGV", "plain-SIGSEGV", "preloaded-SIGKILL"])
+@pytest.mark.parametrize(("preloaded", "sig", "disk_full"),
+                         [(True, signal.SIGSEGV, False), (False, signal.SIGSEGV, False), (True, signal.SIGKILL, False),
+                          (True, signal.SIGKILL, True)],
+                         ids=["preloaded-SIGSEGV", "plain-SIGSEGV", "preloaded-SIGKILL", "disk-full"])
 def test_heudiconv_killed_by_a_signal_is_reported_with_the_signal_name(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preloaded: bool, sig: signal.Signals) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preloaded: bool, sig: signal.Signals, disk_full: bool) -> None:
     monkeypatch.setenv("XNAT2BIDS_PRELOAD", "1" if preloaded else "0")
+    if disk_full:  # as if no space were left where it converts
+        monkeypatch.setattr("reconcile.convert.DISK_FULL_BYTES", 1 << 62)
     (tmp_path / "dicom" / "1").mkdir(parents=True)
     os.mkfifo(tmp_path / "dicom" / "1" / "1.dcm")  # heudiconv blocks reading it until killed
 
@@ -596,6 +600,10 @@ def test_heudiconv_killed_by_a_signal_is_reported_with_the_signal_name(
             _convert(tmp_path / "dicom", tmp_path, timeout=180)
     finally:
         killer.join()
+    if disk_full:
+        assert info.value.summary == f"{A}: heudiconv stopped: no space left on the disk holding {tmp_path / 'work'}"
+        assert info.value.hint == "free space there, then apply again"
+        return
     assert info.value.summary == f"{A}: heudiconv was killed by {sig.name} (signal {sig.value})"
     assert str(tmp_path / "convert.log") in (info.value.hint or "")
     assert ("out-of-memory" in (info.value.hint or "")) == (sig == signal.SIGKILL)
