@@ -130,7 +130,32 @@ def connect(config: Config, *, interactive: bool | None = None):
         interactive = stdin_is_terminal()
     prompt = _ask if interactive else None  # the user name; the password goes through getpass
     creds = resolve_credentials(url, prompt=prompt, warn=lambda m: echo(f"warning: {m}", err=True))
+    if _cleartext(url):
+        echo(f"warning: {_shown_host(url)} is reached over plain http: the password (or token) travels "
+             "unencrypted; use an https:// URL", err=True)
     return XnatClient(url, creds, verify=config.verify_tls)
+
+
+def _cleartext(url: str) -> bool:
+    """An http:// URL to another machine (this one's loopback, as for the emulator, is fine)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "http":
+        return False
+    host = parts.hostname or ""
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() != "localhost"
+
+
+def _shown_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
 def run_plan(

@@ -208,3 +208,14 @@ def test_real_environment_is_the_default(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setenv("XNAT_PASS", "envpass")
     creds = resolve_credentials(URL, netrc_path=tmp_path / "none", prompt=no_prompt)
     assert (creds.user, creds.password, creds.source) == ("envuser", "envpass", "env")
+
+
+@pytest.mark.parametrize(("url", "warned"), [
+    ("http://xnat.example.org", True), ("http://10.0.0.5:8080/xnat", True), ("HTTP://Xnat.Example.org", True),
+    ("https://xnat.example.org", False), ("http://127.0.0.1:8080", False), ("http://localhost:8080", False),
+    ("http://[::1]:8080", False),
+])
+def test_a_plain_http_url_to_another_machine_is_warned_about(url: str, warned: bool) -> None:
+    from reconcile.cli import _cleartext
+
+    assert _cleartext(url) is warned
