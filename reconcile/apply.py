@@ -32,7 +32,13 @@ from reconcile.dataset import (
     update_sessions_tsv,
 )
 from reconcile.durable import fsync_dir, fsync_file, fsync_tree, write_atomic
-from reconcile.errors import AuthError, StalePlanError, UnsafePathError, XnatBidsError
+from reconcile.errors import (
+    AuthError,
+    LockConflictError,
+    StalePlanError,
+    UnsafePathError,
+    XnatBidsError,
+)
 from reconcile.export import ExportCancelled, export_session
 from reconcile.failpoints import hit
 from reconcile.journal import read_journal
@@ -612,18 +618,18 @@ def apply_plan(
     tools = tools or {}
     report = ApplyReport(lock=replace(lock_for(plan, root), config_fingerprint=config.fingerprint()))
     changes = list(plan.actionable(repair_drift=options.repair_drift))
-    auth_failed = threading.Event()
+    halted: list[str] = []  # why no new session starts: rejected credentials, a lock changed under us
     started: dict[Future, tuple[Change, float]] = {}
     pending = list(changes)
 
     def stage(change: Change) -> StagedSession:
-        if cancel.is_set() or auth_failed.is_set():
+        if cancel.is_set() or halted:
             raise _NotStarted()
         return stage_session(change, root, client, config, tools=tools, export_method=options.export_method, cancel=cancel)
 
     with ThreadPoolExecutor(max_workers=max(1, options.jobs), thread_name_prefix="xnat2bids-session") as pool:
         while pending or started:
-            while pending and len(started) < max(1, options.jobs) and not (cancel.is_set() or auth_failed.is_set()):
+            while pending and len(started) < max(1, options.jobs) and not (cancel.is_set() or halted):
                 change = pending.pop(0)
                 on_event("start", change, None)
                 started[pool.submit(stage, change)] = (change, time.monotonic())
@@ -632,11 +638,11 @@ def apply_plan(
             done, _ = wait(list(started), return_when=FIRST_COMPLETED, timeout=0.5)
             for fut in done:
                 change, t0 = started.pop(fut)
-                outcome = _settle(fut, change, t0, root, report, options, auth_failed)
+                outcome = _settle(fut, change, t0, root, report, options, halted)
                 report.outcomes.append(outcome)
                 on_event(outcome.status.value, change, outcome)
         for change in pending:
-            why = "credentials rejected earlier in this run" if auth_failed.is_set() else "cancelled"
+            why = halted[0] if halted else "cancelled"
             outcome = Outcome(change, Status.SKIPPED, why)
             report.outcomes.append(outcome)
             on_event(outcome.status.value, change, outcome)
@@ -650,7 +656,7 @@ class _NotStarted(Exception):
 
 def _settle(
     fut: Future, change: Change, t0: float, root: Path, report: ApplyReport, options: ApplyOptions,
-    auth_failed: threading.Event,
+    halted: list[str],
 ) -> Outcome:
     log_path = WorkArea(root).log(change.key.experiment_id)
     try:
@@ -660,7 +666,7 @@ def _settle(
     except _NotStarted:
         return Outcome(change, Status.SKIPPED, "not started")
     except AuthError as exc:
-        auth_failed.set()
+        halted.append("credentials rejected earlier in this run")
         _log(log_path, f"failed: {exc}")
         return Outcome(change, Status.FAILED, exc.summary, log_path, time.monotonic() - t0, hint=exc.hint)
     except (ExportCancelled, ConversionCancelled):  # stopped part-way by the user: not a failure
@@ -671,6 +677,8 @@ def _settle(
         if WorkArea(root).journal(change.key.experiment_id).exists():
             text += " (the new session is in place; the next apply completes its commit)"
         known = isinstance(exc, XnatBidsError)
+        if isinstance(exc, LockConflictError):  # every later commit would meet the same lock
+            halted.append("the lock changed on disk during this run; run plan again")
         _log(log_path, f"failed: {exc}" if known else f"failed: {exc!r}")  # ours: with detail and hint
         hint = exc.hint if known else None
         return Outcome(change, Status.FAILED, text, log_path, time.monotonic() - t0, hint=hint)

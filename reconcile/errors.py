@@ -40,6 +40,10 @@ class LockfileError(XnatBidsError):
     """The lockfile is malformed, fails its schema, or cannot be written."""
 
 
+class LockConflictError(LockfileError):
+    """The lock on disk is not the one a write started from: another run wrote or replaced it."""
+
+
 class LockHeldError(XnatBidsError):
     """Another apply holds the state lock of this BIDS root."""
 

@@ -25,7 +25,7 @@ import tomli_w
 
 from reconcile import __version__
 from reconcile.durable import fsync_dir
-from reconcile.errors import LockfileError
+from reconcile.errors import LockConflictError, LockfileError
 from reconcile.failpoints import hit
 from reconcile.lockcache import _current, _identity, _remember_written, _Snapshot
 from reconcile.lockcheck import _consistency_problems, _raise_invalid, _schema_problems
@@ -320,12 +320,12 @@ def _write_lock(root: Path, lock: Lock, expected_serial: int | None) -> Lock:
     if expected_serial is not None:
         found = on_disk.header["serial"] if on_disk is not None else 0
         if found != expected_serial:
-            raise LockfileError(
+            raise LockConflictError(
                 f"the lock changed on disk since it was read (serial {expected_serial} → {found})",
                 hint="another run wrote it; run plan again",
             )
         if on_disk is not None and on_disk.header["lineage"] != lock.lineage:
-            raise LockfileError(
+            raise LockConflictError(
                 f"the lock on disk is a different lock (lineage {on_disk.header['lineage']}, not {lock.lineage})",
                 hint="another run replaced it; run plan again",
             )

@@ -262,3 +262,27 @@ def test_an_existing_unrecorded_folder_is_never_replaced(cli, emulator, tmp_path
     assert theirs.read_bytes() == b"old export"
     assert sorted(p.name for p in (root / "sub-01/ses-01MR1").rglob("*")) == ["anat", "from-the-old-script.nii.gz"]
     assert read_lock(root) is None or not read_lock(root).sessions
+
+
+def test_apply_starts_no_more_sessions_once_the_lock_changed_under_it(cli, emulator, tmp_path, monkeypatch):
+    from reconcile import apply as apply_module
+    from reconcile.lock import write_lock
+
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-10"),
+                           ("03", "03_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    real_commit = apply_module.commit_session
+
+    def commit_then_another_run_writes(staged, where, lock, **kw):
+        written = real_commit(staged, where, lock, **kw)
+        if written.serial == 1:
+            write_lock(where, written, expected_serial=1)  # as another run would: serial 2 on disk
+        return written
+
+    monkeypatch.setattr(apply_module, "commit_session", commit_then_another_run_writes)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1")
+    assert code == 1, out + err
+    assert "the lock changed on disk since it was read (serial 1 → 2)" in out
+    assert "Apply complete: 1 done, 1 failed, 1 skipped" in out
+    assert "the lock changed on disk during this run; run plan again" in out
+    assert not (root / "sub-03").exists()  # never started
