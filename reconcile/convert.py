@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from functools import cache
 from pathlib import Path
 
 from reconcile import preload
@@ -106,6 +107,13 @@ def bidsmap_target(description: str, bidsmap: Sequence[tuple[str, str]]) -> str 
         raise ValueError(f"series {description!r} matches bidsmap patterns with different names: "
                          f"{', '.join(sorted(targets))}")
     return targets.pop() if targets else None
+
+
+@cache
+def _bidsmap_target_source() -> str:
+    """Read once per process: read per heuristic, a file replaced meanwhile (an upgrade during a
+    long apply) would give other lines than this function's."""
+    return inspect.getsource(bidsmap_target)
 
 
 def convert_session(
@@ -409,6 +417,7 @@ import sys as _sys
 from collections.abc import Mapping as _Mapping
 from importlib.machinery import SourceFileLoader as _SourceFileLoader
 from fnmatch import fnmatchcase
+from functools import cache
 
 from heudiconv.utils import load_heuristic as _load_heuristic
 
@@ -538,7 +547,7 @@ def _write_wrapper(work_dir: Path, staging_root: Path, base: str, renames: dict[
         base=base,
         renames=dict(sorted(renames.items())),
         bidsmap=[tuple(p) for p in bidsmap],
-        target_source=inspect.getsource(bidsmap_target),
+        target_source=_bidsmap_target_source(),
         dicom_only_path=str(work_dir / DICOM_ONLY_NAME),
         staging=str(staging_root),
     ), encoding="utf-8")
