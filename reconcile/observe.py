@@ -216,22 +216,27 @@ def _recorded_in_other_studies(root: Path, plan: Plan) -> dict[str, tuple[str, s
     return found
 
 
-def occupied_folders(root: Path, plan: Plan, lock: Lock) -> set[BidsAddress]:
+def occupied_folders(root: Path, plan: Plan, lock: Lock) -> dict[BidsAddress, str | None]:
     """The session folders that `plan` would move into and that exist on disk, though the lock
-    records no session at them. One listing of the root; a folder is looked for only when its
-    subject's folder exists (an empty root: no more system calls)."""
+    records no session at them; each with the file in the way of its subject folder, if that is
+    what is there. One listing of the root; a folder is looked for only when its subject's folder
+    exists (an empty root: no more system calls)."""
     try:
         with os.scandir(root) as entries:
             subjects = {e.name: e.is_dir() for e in entries}
     except OSError:  # no root yet (or unreadable: apply will say so)
-        return set()
+        return {}
     recorded = {r.address for r in lock.sessions.values()}
-    return {
-        c.address for c in plan.changes
-        if moves_in(c) and f"sub-{c.address.subject}" in subjects and c.address not in recorded
-        and (not subjects[f"sub-{c.address.subject}"]  # a file (or a broken link) where its folder goes
-             or os.path.lexists(os.path.join(root, c.address.path)))
-    }
+    occupied: dict[BidsAddress, str | None] = {}
+    for c in plan.changes:
+        subject = f"sub-{c.address.subject}"
+        if not moves_in(c) or subject not in subjects or c.address in recorded:
+            continue
+        if not subjects[subject]:  # a file (or a broken link) where its folder goes
+            occupied[c.address] = subject
+        elif os.path.lexists(os.path.join(root, c.address.path)):
+            occupied[c.address] = None
+    return occupied
 
 
 def _promote_survivors() -> None:

@@ -8,7 +8,7 @@ scan fingerprints, config digests, file stats).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
@@ -614,23 +614,29 @@ def moves_in(change: Change) -> bool:
     )
 
 
-def refuse_occupied(plan: Plan, occupied: Collection[BidsAddress]) -> Plan:
+def refuse_occupied(plan: Plan, occupied: Mapping[BidsAddress, str | None]) -> Plan:
     """`plan` with each change that moves into an `occupied` folder (on disk, recorded for no
     session: another tool's export, a forgotten session) made a problem. Apply would refuse it
-    only after downloading and converting, on every run."""
+    only after downloading and converting, on every run. `occupied` names, per folder, the file
+    that stands where its subject folder goes, if that is what is there."""
     refused = [c for c in plan.changes if c.address in occupied and moves_in(c)]
     if not refused:
         return plan
-    problems = [
-        Problem(
-            f"{c.address.path} exists but the lock records no session there; session {c.key.experiment_id} "
-            f"({c.key.project}/{c.after.label if c.after else c.key.experiment_id}) would be written into it",
+
+    def problem(c: Change) -> Problem:
+        session = f"session {c.key.experiment_id} ({c.key.project}/{c.after.label if c.after else c.key.experiment_id})"
+        in_the_way = occupied[c.address]
+        if in_the_way is not None:
+            return Problem(f"{in_the_way} is a file, where the subject folder of {session} goes", c.key.project,
+                           c.key.experiment_id, hint="move that file out of the BIDS root, then plan again")
+        return Problem(
+            f"{c.address.path} exists but the lock records no session there; {session} would be written into it",
             c.key.project,
             c.key.experiment_id,
             hint="move that folder out of the BIDS root (its files are never replaced), then plan again",
         )
-        for c in refused
-    ]
+
+    problems = [problem(c) for c in refused]
     gone = {id(c) for c in refused}
     return replace(plan, changes=tuple(c for c in plan.changes if id(c) not in gone),
                    problems=plan.problems + tuple(problems))

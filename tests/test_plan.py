@@ -226,7 +226,7 @@ def test_a_change_into_an_occupied_folder_becomes_a_problem_and_the_others_stay(
     renamed = replace(renamed_from, label="SUBJ03_MR2", last_modified=T0 + timedelta(minutes=1))
     rearchived = replace(rearchived_from, id="XNAT_E00099")
     plan = plan_of(lock, [new, other, renamed, rearchived])
-    occupied = {c.address for c in plan.changes}  # every target folder exists on disk
+    occupied = dict.fromkeys(c.address for c in plan.changes)  # every target folder exists on disk
     kept = refuse_occupied(plan, occupied)
     assert [c.key.experiment_id for c in kept.changes] == ["XNAT_E00099"]  # its folder is the one it replaces
     assert [(p.experiment_id, p.message) for p in kept.problems] == [
@@ -235,7 +235,11 @@ def test_a_change_into_an_occupied_folder_becomes_a_problem_and_the_others_stay(
         for e, address in [(new, "sub-SUBJ01/ses-SUBJ01MR1"), (other, "sub-SUBJ02/ses-SUBJ02MR1"),
                            (renamed, "sub-SUBJ03/ses-SUBJ03MR2")]
     ]
-    assert refuse_occupied(plan, set()) is plan
+    assert refuse_occupied(plan, {}) is plan
+    [new_address] = [c.address for c in plan.changes if c.key.experiment_id == new.id]
+    in_the_way = refuse_occupied(plan, {new_address: "sub-SUBJ01"})
+    assert in_the_way.problems[-1].message == (f"sub-SUBJ01 is a file, where the subject folder of session {new.id} "
+                                               f"(PROJ/{new.label}) goes")
 
 
 def test_session_moved_to_another_project_is_reported_under_its_new_project():  # row 10

@@ -51,4 +51,5 @@ def test_a_file_where_a_subject_folder_goes_is_a_problem_before_anything_is_down
     (root / "sub-SUBJ01").write_text("not a folder")
     code, out, _ = cli("plan", str(root), "-p", "PROJ")
     assert code == 1
-    assert f"sub-SUBJ01/ses-SUBJ01MR1 exists but the lock records no session there; session {session.id}" in out
+    assert f"error: sub-SUBJ01 is a file, where the subject folder of session {session.id} (PROJ/{session.label}) goes" in out
+    assert "hint: move that file out of the BIDS root, then plan again" in out
