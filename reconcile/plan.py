@@ -230,16 +230,26 @@ def _same_time(a: str | None, b: datetime | None) -> bool:
         return False
 
 
-def _subject_leaving(label: str, rec: SessionRecord, by_subject: Mapping[str, list[SessionRecord]],
-                     seen: Mapping[str, tuple[Experiment, BidsAddress]]) -> SessionRecord | None:
+def _handover(label: str, subject_id: str, own_label: str | None, by_subject: Mapping[str, list[SessionRecord]],
+              seen: Mapping[str, tuple[Experiment, BidsAddress]]) -> tuple[SessionRecord, bool] | None:
     """A session of another XNAT subject that the lock records at BIDS subject `label` and that
-    this plan moves to another subject label: `label` is being handed over (a chain of renames)."""
-    for other in by_subject.get(label, ()):
-        if other.subject_id != rec.subject_id:
-            now = seen.get(other.experiment_id)
-            if now is not None and now[1].subject != label:
-                return other
-    return None
+    this plan moves to another label (`label` is being handed over, a chain of renames), and
+    whether that chain comes round (a swap: no run frees the label). None when nobody leaves it.
+    `own_label`: the label the subject moving in leaves (None for a new session)."""
+    first: SessionRecord | None = None
+    labels = {label}
+    current, mover = label, subject_id
+    while True:
+        holder = next((o for o in by_subject.get(current, ())
+                       if o.subject_id != mover and o.experiment_id in seen
+                       and seen[o.experiment_id][1].subject != current), None)
+        if holder is None:
+            return None if first is None else (first, False)
+        first = first or holder
+        current, mover = seen[holder.experiment_id][1].subject, holder.subject_id
+        if current == own_label or current in labels:
+            return first, True
+        labels.add(current)
 
 
 def _renamed(old: str, new: str, field: str, *, by_xnat: bool) -> Reason:
@@ -506,24 +516,32 @@ def compute_plan(
                 )
             )
             continue
-        if rec is not None and rec.bids_subject != address.subject:
-            if by_subject is None:  # built for the first renamed subject only
+        if rec is None or rec.bids_subject != address.subject:
+            if by_subject is None:  # built for the first session new at its subject label only
                 by_subject = {}
                 for r in records:
                     by_subject.setdefault(r.bids_subject, []).append(r)
-            leaving = _subject_leaving(address.subject, rec, by_subject, seen_ids)
-            if leaving is not None:
+            handover = _handover(address.subject, exp.subject_id, rec.bids_subject if rec else None, by_subject,
+                                 seen_ids)
+            if handover is not None:
                 # Its participants.tsv row is the other subject's until that one has moved: taking
                 # the label in the same run would give this subject the other's row.
+                leaving, swap = handover
+                if swap:
+                    hint = (f'the subjects swap labels: map one to a temporary label in [naming.subjects] (e.g. '
+                            f'"{leaving.subject_label}" = "{leaving.subject_label}tmp"), apply, then remove it and '
+                            "apply again")
+                else:
+                    hint = (f"apply moves {leaving.subject_label}'s sessions out of sub-{address.subject} first; "
+                            "apply again afterwards for this one")
                 out.problems.append(
                     Problem(
-                        f"session {exp_id} ({exp.project}/{exp.label}) moves to sub-{address.subject}, which the "
+                        f"session {exp_id} ({exp.project}/{exp.label}) goes to sub-{address.subject}, which the "
                         f"lock still records for XNAT subject {leaving.subject_id} ({leaving.subject_label}), itself "
                         f"being renamed",
                         exp.project,
                         exp_id,
-                        hint=f"apply moves {leaving.subject_label}'s sessions out of sub-{address.subject} first; "
-                             "apply again afterwards for this one",
+                        hint=hint,
                     )
                 )
                 continue
@@ -644,12 +662,13 @@ def refuse_occupied(plan: Plan, occupied: Mapping[BidsAddress, str | None]) -> P
 
 def note_moved_in(plan: Plan, recorded_elsewhere: Mapping[str, tuple[str, str]]) -> Plan:
     """`plan` with each create of a session that another dataset's lock records (pi-study
-    layout: a session moved between projects, so between studies) saying so instead of "new in
-    XNAT". `recorded_elsewhere`: experiment ID → (its recorded project, that dataset's folder)."""
+    layout: a session moved or shared between projects, so between studies) saying so instead of
+    "new in XNAT". `recorded_elsewhere`: experiment ID → (its recorded project, that dataset's folder)."""
     def moved(c: Change) -> Change:
         project, where = recorded_elsewhere[c.key.experiment_id]
-        reason = Reason("moved", f"project {project} → {c.key.project} (moved in XNAT; the copy in {where} "
-                        f"stays until `xnat2bids forget {c.key.experiment_id}` there)", "project", project, c.key.project)
+        # Moved, or shared into this project: that study's own plan tells (an orphan there, or not).
+        reason = Reason("moved", f"project {project} → {c.key.project} (also recorded in {where}: moved or shared "
+                        "in XNAT)", "project", project, c.key.project)
         return replace(c, reasons=(reason,))
 
     changes = tuple(moved(c) if c.action is Action.CREATE and c.key.experiment_id in recorded_elsewhere else c

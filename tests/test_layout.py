@@ -259,6 +259,6 @@ def test_a_session_moved_between_studies_says_so_in_the_study_it_moved_to(cli, e
     sections = {part.split(":")[0]: part for part in out.split("=== ")[1:]}
     smith, jones = sections["SMITH_MEMORY"], sections["JONES_VISION"]
     assert f"- orphan  sub-01/ses-01MR1  SMITH_MEMORY/{moved.id}  no longer in XNAT project SMITH_MEMORY" in smith
-    assert (f"+ create  sub-01/ses-01MR2  JONES_VISION/{moved.id}  project SMITH_MEMORY → JONES_VISION (moved in XNAT; the copy in "
-            f"{root}/smith/study-memory/bids stays until `xnat2bids forget {moved.id}` there)") in jones
+    assert (f"+ create  sub-01/ses-01MR2  JONES_VISION/{moved.id}  project SMITH_MEMORY → JONES_VISION (also recorded "
+            f"in {root}/smith/study-memory/bids: moved or shared in XNAT)") in jones
     assert "new in XNAT" not in jones

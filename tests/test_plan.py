@@ -182,11 +182,27 @@ def test_a_subject_label_handed_on_in_one_run_waits_for_the_subject_leaving_it()
     change = only(plan, Action.UPDATE)
     assert change.key.experiment_id == e2.id and change.reasons[0].message == "renamed sub-SUBJ02 → sub-P02"
     [problem] = plan.problems
-    assert problem.message == (f"session {e1.id} (PROJ/SUBJ01_MR1) moves to sub-SUBJ02, which the lock still records "
+    assert problem.message == (f"session {e1.id} (PROJ/SUBJ01_MR1) goes to sub-SUBJ02, which the lock still records "
                                f"for XNAT subject {e2.subject_id} (SUBJ02), itself being renamed")
+    assert problem.hint == "apply moves SUBJ02's sessions out of sub-SUBJ02 first; apply again afterwards for this one"
     moved = lock.with_session(replace(lock.sessions[e2.id], bids_subject="P02", subject_label="P02"))
     next_run = plan_of(moved, now)
     assert e1.id in {c.key.experiment_id for c in next_run.changes} and not next_run.problems
+    # A new subject given the label that is being handed over waits too.
+    newcomer = exp(3, subject="SUBJ02")
+    waits = plan_of(lock, [e1, replace(e2, subject_label="P02", last_modified=later), newcomer])
+    assert [p.experiment_id for p in waits.problems] == [newcomer.id]
+    assert newcomer.id not in {c.key.experiment_id for c in waits.changes}
+    # Two subjects swapping labels never free one for the other: said, with the way out.
+    swapped = [replace(e1, subject_label="SUBJ02", last_modified=later),
+               replace(e2, subject_label="SUBJ01", last_modified=later)]
+    swap = plan_of(lock, swapped)
+    assert not swap.changes and len(swap.problems) == 2
+    assert all(p.hint.startswith("the subjects swap labels: map one to a temporary label in [naming.subjects]")
+               for p in swap.problems)
+    way_out = plan_of(lock, swapped, config=parse_config({"naming": {"subjects": {"SUBJ02": "SUBJ02tmp"}}}))
+    assert [(c.key.experiment_id, c.address.subject) for c in way_out.changes] == [(e1.id, "SUBJ02tmp")]
+    assert [p.experiment_id for p in way_out.problems] == [e2.id]  # the next run takes sub-SUBJ01
     # Another XNAT subject that stays at the label (a merge the config asked for) does not wait.
     stays = [replace(e1, subject_label="SUBJ02", last_modified=later), e2]
     change = only(plan_of(lock, stays), Action.UPDATE)
