@@ -787,23 +787,30 @@ class XnatClient:
         At most `concurrency` sessions are in flight (and never more than `max_connections`
         requests). `on_progress(exp, done, total)` is called from the calling thread. The first
         failure cancels what has not started and is raised; with `failures`, a session's
-        RemoteError (rejected credentials aside) is put there instead and the others go on.
+        RemoteError (rejected credentials aside) is put there instead, what has not started of its
+        project is left out (that project is not planned: an outage costs one session's retries per
+        project, not every session's), and the other projects go on.
         """
         total = len(experiments)
         results: dict[str, tuple[Scan, ...]] = {}
         if total == 0:
             return results
 
+        failed_projects: set[str] = set()
+
         def failed(exp: Experiment, exc: BaseException) -> bool:
             """Whether `exc` is noted in `failures` (else the caller raises it)."""
             if failures is None or not isinstance(exc, RemoteError) or isinstance(exc, AuthError):
                 return False
             failures[exp.id] = exc
+            failed_projects.add(exp.project)
             return True
 
         workers = max(1, min(concurrency, total))
         if workers == 1:
             for done, exp in enumerate(experiments, 1):
+                if exp.project in failed_projects:
+                    continue
                 try:
                     results[exp.id] = tuple(self.list_scans(exp))
                 except RemoteError as exc:
@@ -823,15 +830,22 @@ class XnatClient:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 for fut in finished:
+                    if fut.cancelled():  # left out: its project failed
+                        continue
                     exc = fut.exception()
                     if exc is not None and not failed(futures[fut], exc):
                         for other in pending:
                             other.cancel()
                         raise exc
+                    if exc is not None:
+                        for other in pending:
+                            if futures[other].project in failed_projects:
+                                other.cancel()
                     done_count += 1
                     if on_progress is not None:
                         on_progress(futures[fut], done_count, total)
-            by_id = {futures[f].id: tuple(f.result()) for f in futures if f.exception() is None}
+            by_id = {futures[f].id: tuple(f.result()) for f in futures
+                     if not f.cancelled() and f.exception() is None}
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         for exp in experiments:

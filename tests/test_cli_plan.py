@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import jsonschema
+import pytest
 import requests
 from worlds import SMALL, add, add_sessions, exported_root, write_config
 
@@ -101,6 +102,7 @@ def test_file_added_without_redate_needs_deep(cli, emulator, tmp_path):
     assert "scan 1: 1 file added (+2.0 kB)" in out
 
 
+@pytest.mark.slow  # the client's retries with backoff: ~30 s
 def test_a_deep_listing_that_fails_for_one_session_stops_only_its_project(cli, emulator, tmp_path):  # row 11
     from reconcile.emulator import Fault
 
@@ -115,6 +117,17 @@ def test_a_deep_listing_that_fails_for_one_session_stops_only_its_project(cli, e
             f"XNAT at {emulator.url} kept failing") in out + err
     assert f"+ create  sub-O1/ses-O1MR1  OTHER/{other.id}" in out
     assert good.id not in out  # nothing planned for PROJ
+
+    # A project whose every session fails (an outage): the sessions not yet asked are left out,
+    # so it costs the retries of those in flight, not of every session.
+    many = [emulator.archive.add_session("PROJ", f"M{i:02d}", f"M{i:02d}_MR1", date="2024-01-10") for i in range(60)]
+    emulator.app.faults.add(Fault(route=r"/projects/PROJ/subjects/[^/]+/experiments/[^/]+/scans", kind="status",
+                                  status=503))
+    emulator.app.reset_requests()
+    code, out, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ", "--deep")
+    assert code == 1 and "listing of project PROJ failed: the scans of session" in out + err
+    asked = {p.split("/experiments/")[1].split("/")[0] for _, p, _ in emulator.app.requests if p.endswith("/scans")}
+    assert 0 < len(asked) < len(many)
 
 
 def test_unknown_project_is_an_error_exit_1(cli, emulator, tmp_path):
