@@ -500,9 +500,10 @@ def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list
     """Finish or undo commits that a crash interrupted; returns the experiment IDs handled."""
     area = WorkArea(root)
     # Temp files of a lock or journal write killed before its rename; the caller holds the state lock.
-    for stale in [*root.glob(".xnat2bids.lock.*.tmp"), *(area.base / "journal").glob("*.tmp")]:
+    journal_dir = work_path(root, "journal")
+    for stale in [*root.glob(".xnat2bids.lock.*.tmp"), *journal_dir.glob("*.tmp")]:
         stale.unlink(missing_ok=True)
-    journals = sorted((area.base / "journal").glob("*.json")) if (area.base / "journal").is_dir() else []
+    journals = sorted(journal_dir.glob("*.json")) if journal_dir.is_dir() else []
     handled = []
     for path in journals:
         exp_id = path.stem
@@ -520,7 +521,10 @@ def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list
             _roll_forward(root, exp_id)
             warn(f"{exp_id}: an interrupted commit was completed")
         handled.append(exp_id)
-    _note_unrecorded(root)
+    try:
+        _note_unrecorded(root)
+    except OSError as exc:  # a full disk: the lock is right; the next run tries again
+        warn(f"could not add the commits without a history entry to the history ({exc.strerror or exc})")
     return handled
 
 
@@ -719,8 +723,15 @@ def _history_entry(operation: str, serial_before: int, serial_after: int, summar
 
 def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: str = "apply") -> dict:
     """One JSON line per apply in the dataset's work area; never rewritten."""
+    after = report.lock.serial if report.lock else plan.serial
+    last = last_history_entry(root)
+    # Commits of this plan that `recover` already put in an entry (a finalize run again after it
+    # was stopped part-way): this entry starts where that one ended, so the serials chain up.
+    before = plan.serial
+    if last is not None and plan.serial < last["lock_serial"]["after"] <= after:
+        before = last["lock_serial"]["after"]
     entry = _history_entry(
-        operation, plan.serial, report.lock.serial if report.lock else plan.serial,
+        operation, before, after,
         {s.value: report.count(s) for s in Status},
         cancelled=report.cancelled,
         sessions=[
@@ -744,17 +755,17 @@ def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: st
     return entry
 
 
-def append_lock_change(root: Path, operation: str, before: Lock | None, after: Lock,
-                       records: Iterable[SessionRecord], *, action: str, reason: str) -> dict:
-    """A history entry for a lock change that is not an apply: `forget`, or commits no entry
-    told of (see `_note_unrecorded`)."""
+def append_lock_change(root: Path, operation: str, serials: tuple[int, int], records: Iterable[SessionRecord],
+                       *, action: str, reason: str, dropped: bool = False) -> dict:
+    """A history entry for a lock change that is not an apply: `forget` (`dropped` records), or
+    commits no entry told of (see `_note_unrecorded`). `serials`: the lock's before and after."""
     rows = [
         {"experiment_id": r.experiment_id, "project": r.project, "address": r.address.path, "action": action,
-         "result": "done", "reasons": [reason], "date": {"before": None, "after": r.date}}
+         "result": "done", "reasons": [reason],
+         "date": {"before": r.date, "after": None} if dropped else {"before": None, "after": r.date}}
         for r in sorted(records, key=lambda r: (r.address, r.experiment_id))
     ]
-    entry = _history_entry(operation, before.serial if before else 0, after.serial,
-                           {"done": len(rows), "failed": 0, "skipped": 0}, rows)
+    entry = _history_entry(operation, *serials, {"done": len(rows), "failed": 0, "skipped": 0}, rows)
     _append_entry(root, entry)
     return entry
 
@@ -776,14 +787,55 @@ def _note_unrecorded(root: Path) -> None:
     commits (its entry is written at its end), or a commit `recover` just completed. The lock's
     serial then is past the last entry's; the sessions exported since that entry are named."""
     lock = read_lock(root)
-    entries = read_history(root)
-    last = entries[-1]["lock_serial"]["after"] if entries else 0
-    if lock is None or lock.serial <= last:
+    last = last_history_entry(root)
+    after = last["lock_serial"]["after"] if last else 0
+    if lock is None or lock.serial <= after:
         return
-    since = entries[-1]["time"] if entries else ""
-    records = [r for r in lock.sessions.values() if r.exported_at >= since]
-    append_lock_change(root, "unrecorded", replace(lock, serial=last), lock, records, action="commit",
-                       reason="committed by an apply that stopped before writing its history entry")
+    since = last["time"] if last else ""
+    # Times are to the second: one exported in the entry's second is new unless the entry names it.
+    named = {row["experiment_id"] for row in last["sessions"]} if last else set()
+    records = [r for r in lock.sessions.values()
+               if r.exported_at > since or (r.exported_at == since and r.experiment_id not in named)]
+    append_lock_change(root, "unrecorded", (after, lock.serial), records, action="commit",
+                       reason="in the lock without a history entry (an apply stopped before writing "
+                              "its entry, or a history kept elsewhere)")
+
+
+def last_history_entry(root: Path) -> dict | None:
+    """The history's last complete entry, read from the end of the file (an entry of a large
+    apply is megabytes; the history holds many)."""
+    path = WorkArea(root).history
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    with fh:
+        end = fh.seek(0, os.SEEK_END)
+        tail = b""
+        while end > 0:
+            start = max(0, end - (1 << 20))
+            fh.seek(start)
+            tail = fh.read(end - start) + tail
+            end = start
+            lines = tail.split(b"\n")
+            # Every line but the first is whole (the first may go on before `start`).
+            for line in reversed(lines if start == 0 else lines[1:]):
+                entry, _ = _history_line(line)
+                if entry is not None:
+                    return entry
+            tail = lines[0] if start > 0 else b""
+    return None
+
+
+def _history_line(line: str | bytes) -> tuple[dict | None, str | None]:
+    """(the entry, None), or (None, what is wrong with the line); (None, None) for a blank one."""
+    if not line.strip():
+        return None, None
+    try:
+        entry = json.loads(line, parse_constant=_no_constant)
+    except ValueError:  # usually a line torn by a crash during its append (the next starts anew)
+        return None, "is not valid JSON"
+    return (entry, None) if _is_history_entry(entry) else (None, "is not a complete history entry")
 
 
 # What an entry must have to be shown: the fields `append_history` writes that readers use.
@@ -817,16 +869,9 @@ def read_history(root: Path, *, warn: Callable[[str], None] = lambda m: None) ->
         return []
     entries = []
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line, parse_constant=_no_constant)
-        except ValueError:
-            # Usually a line torn by a crash during its append (the next append starts a new line).
-            warn(f"{path}: line {number} is not valid JSON; skipped")
-            continue
-        if not _is_history_entry(entry):
-            warn(f"{path}: line {number} is not a complete history entry; skipped")
-            continue
-        entries.append(entry)
+        entry, problem = _history_line(line)
+        if problem is not None:
+            warn(f"{path}: line {number} {problem}; skipped")
+        elif entry is not None:
+            entries.append(entry)
     return entries

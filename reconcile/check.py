@@ -78,7 +78,7 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
     with root_stat(beneath.root, follow_symlinks=False) as lstat:
         for exp_id in sorted(lock.sessions):
             session_folder, outputs = lock.recorded_outputs(exp_id)
-            if session_folder in at:  # a hand-edited lock: plan and apply refuse it too
+            if session_folder in at:  # only a hand-edited lock has this
                 problems.append(f"{at[session_folder]} and {exp_id} are both recorded at {session_folder}")
             at[session_folder] = exp_id
             for path, size, sha256 in outputs:

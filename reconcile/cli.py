@@ -118,7 +118,7 @@ def _ask(text: str) -> str:
 def connect(config: Config, *, interactive: bool | None = None):
     """Build the XNAT client: URL from the config or $XNAT_HOST, credentials never from argv."""
     from reconcile.credentials import default_url, resolve_credentials
-    from reconcile.xnat import XnatClient
+    from reconcile.xnat import XnatClient, _shown_url
 
     from_env = default_url(os.environ)  # checked also when the config names the server
     url = config.xnat_url or from_env
@@ -131,7 +131,7 @@ def connect(config: Config, *, interactive: bool | None = None):
     prompt = _ask if interactive else None  # the user name; the password goes through getpass
     creds = resolve_credentials(url, prompt=prompt, warn=lambda m: echo(f"warning: {m}", err=True))
     if _cleartext(url):
-        echo(f"warning: {_shown_host(url)} is reached over plain http: the password (or token) travels "
+        echo(f"warning: {_shown_url(url)} is reached over plain http: the password (or token) travels "
              "unencrypted; use an https:// URL", err=True)
     return XnatClient(url, creds, verify=config.verify_tls)
 
@@ -150,12 +150,6 @@ def _cleartext(url: str) -> bool:
     except ValueError:
         return host.lower() != "localhost"
 
-
-def _shown_host(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
 def run_plan(
@@ -1088,8 +1082,12 @@ def forget(
         if lock is None or experiment_id not in lock.sessions:
             raise ConfigError(f"{experiment_id} is not in the lock of {root}")
         written = write_lock(root, lock.without_session(experiment_id), expected_serial=lock.serial)
-        append_lock_change(root, "forget", lock, written, [lock.sessions[experiment_id]], action="forget",
-                           reason="dropped from the lock by `xnat2bids forget`; its files were left on disk")
+        try:
+            append_lock_change(root, "forget", (lock.serial, written.serial), [lock.sessions[experiment_id]],
+                               action="forget", dropped=True,
+                               reason="dropped from the lock by `xnat2bids forget`; its files were left on disk")
+        except OSError as exc:  # the lock is written: say so rather than fail (the next run records it)
+            warn(f"could not add the forget to the history ({exc.strerror or exc})")
     echo(f"Forgot {experiment_id}; its files were left on disk. Lock serial {written.serial}.")
 
 

@@ -219,3 +219,18 @@ def test_a_plain_http_url_to_another_machine_is_warned_about(url: str, warned: b
     from reconcile.cli import _cleartext
 
     assert _cleartext(url) is warned
+
+
+def test_connecting_over_plain_http_to_another_machine_warns(monkeypatch, capsys) -> None:
+    from reconcile.cli import connect
+    from reconcile.config import Config
+
+    monkeypatch.setenv("XNAT_USER", "alice")
+    monkeypatch.setenv("XNAT_PASS", SENTINEL)
+    for url, warned in (("http://xnat.example.org/xnat", True), ("https://xnat.example.org", False)):
+        with connect(Config(xnat_url=url), interactive=False):
+            pass  # no request is made before the first call
+        err = capsys.readouterr().err
+        assert ("warning: http://xnat.example.org/xnat is reached over plain http: the password (or token) "
+                "travels unencrypted; use an https:// URL" in err) is warned
+        assert SENTINEL not in err

@@ -113,6 +113,9 @@ def crash_and_recover(world, root: Path, point: str, cwd: Path, reference) -> No
     assert all(a[1] == b[0] for a, b in zip(serials, serials[1:])), serials
     named = {row["experiment_id"] for e in history for row in e["sessions"] if row["result"] == "done"}
     assert named >= set(lock.sessions), (named, set(lock.sessions))
+    for e in history:  # each commit moves the serial by one: an entry names exactly its commits
+        done = [row["experiment_id"] for row in e["sessions"] if row["result"] == "done"]
+        assert len(done) == e["lock_serial"]["after"] - e["lock_serial"]["before"], e
 
 
 @pytest.fixture(scope="module")

@@ -318,3 +318,18 @@ def read_lock_ids(root: Path) -> list[str]:
     from reconcile.lock import read_lock
 
     return list(read_lock(root).sessions)
+
+
+def test_a_history_that_cannot_be_appended_to_is_a_warning_after_the_summary(cli, emulator, tmp_path):
+    from worlds import SMALL
+
+    from reconcile.demo import populate
+
+    populate(emulator.archive, "PROJ", [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    (root / ".xnat2bids/history.jsonl").mkdir(parents=True)  # as a full disk would refuse the append
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    assert "Apply complete: 1 done, 0 failed, 0 skipped; lock serial 1." in out
+    assert "warning: could not append this apply to the history" in err
+    assert read_lock_ids(root) == [emulator.archive.sessions("PROJ")[0].id]
