@@ -81,9 +81,10 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
             if session_folder in at:  # only a hand-edited lock has this
                 problems.append(f"{at[session_folder]} and {exp_id} are both recorded at {session_folder}")
             at[session_folder] = exp_id
+            inside = session_folder + "/"
             for path, size, sha256 in outputs:
                 total += 1
-                if not path.startswith(session_folder + "/"):
+                if not path.startswith(inside):
                     problems.append(f"{_named(lock, exp_id)}: output {path} lies outside its session folder")
                 where = _located(path, moved) if moved else None
                 try:

@@ -117,7 +117,7 @@ def _ask(text: str) -> str:
 
 def connect(config: Config, *, interactive: bool | None = None):
     """Build the XNAT client: URL from the config or $XNAT_HOST, credentials never from argv."""
-    from reconcile.credentials import default_url, resolve_credentials
+    from reconcile.credentials import cleartext, default_url, resolve_credentials
     from reconcile.xnat import XnatClient, _shown_url
 
     from_env = default_url(os.environ)  # checked also when the config names the server
@@ -130,25 +130,10 @@ def connect(config: Config, *, interactive: bool | None = None):
         interactive = stdin_is_terminal()
     prompt = _ask if interactive else None  # the user name; the password goes through getpass
     creds = resolve_credentials(url, prompt=prompt, warn=lambda m: echo(f"warning: {m}", err=True))
-    if _cleartext(url):
+    if cleartext(url):
         echo(f"warning: {_shown_url(url)} is reached over plain http: the password (or token) travels "
              "unencrypted; use an https:// URL", err=True)
     return XnatClient(url, creds, verify=config.verify_tls)
-
-
-def _cleartext(url: str) -> bool:
-    """An http:// URL to another machine (this one's loopback, as for the emulator, is fine)."""
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.scheme.lower() != "http":
-        return False
-    host = parts.hostname or ""
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host.lower() != "localhost"
 
 
 

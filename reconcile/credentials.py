@@ -72,6 +72,20 @@ def default_url(env: Mapping[str, str] = os.environ) -> str | None:
     return host.rstrip("/")
 
 
+def cleartext(url: str) -> bool:
+    """An http:// URL to another machine (this one's loopback, as for the emulator, is fine)."""
+    import ipaddress
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "http":
+        return False
+    host = parts.hostname or ""
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() != "localhost"
+
+
 def _host_of(url: str) -> tuple[str, str]:
     """(hostname, host:port) of a URL; a bare host name is accepted too."""
     parts = urlsplit(url if "://" in url else f"https://{url}")

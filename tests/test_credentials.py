@@ -216,9 +216,9 @@ def test_real_environment_is_the_default(monkeypatch: pytest.MonkeyPatch, tmp_pa
     ("http://[::1]:8080", False),
 ])
 def test_a_plain_http_url_to_another_machine_is_warned_about(url: str, warned: bool) -> None:
-    from reconcile.cli import _cleartext
+    from reconcile.credentials import cleartext
 
-    assert _cleartext(url) is warned
+    assert cleartext(url) is warned
 
 
 def test_connecting_over_plain_http_to_another_machine_warns(monkeypatch, capsys) -> None:
