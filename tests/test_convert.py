@@ -786,3 +786,31 @@ def test_cancelled_before_start_does_not_run_heudiconv(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="cancelled"):
         _convert(tmp_path / "dicom", tmp_path, cancel=cancel)
     assert not (tmp_path / "convert.log").exists()
+
+
+@pytest.mark.slow
+def test_a_siemens_mosaic_bold_run_converts_as_its_slice_files_do(tmp_path: Path) -> None:
+    """Siemens scanners before XA write EPI as mosaics (one file per volume, slices tiled): heudiconv
+    and dcm2niix must give the same run, voxel for voxel, as from one file per slice."""
+    import nibabel
+
+    runs = {}
+    for mosaic in (False, True):
+        dicom = tmp_path / f"dicom-{mosaic}"
+        series = [SeriesSpec("func-bold_task-rest", "func", n_volumes=3, n_slices=5, mosaic=mosaic)]
+        scans = write_session(dicom, "01", "a", series=series)
+        assert len(scans[0].files) == (3 if mosaic else 15)
+        result = _convert(dicom, tmp_path / f"work-{mosaic}")
+        [bold] = result.session_dir.glob("func/*_bold.nii.gz")
+        runs[mosaic] = (bold.name, nibabel.load(bold), json.loads(bold.with_name(
+            bold.name.replace(".nii.gz", ".json")).read_text()))
+    (name, slices, sidecar), (mosaic_name, mosaic, mosaic_sidecar) = runs[False], runs[True]
+    assert mosaic_name == name == "sub-01_ses-a_task-rest_bold.nii.gz"
+    assert mosaic.shape == slices.shape == (16, 16, 5, 3)
+    assert (mosaic.affine == slices.affine).all()
+    assert (mosaic.get_fdata() == slices.get_fdata()).all()
+    assert mosaic_sidecar["SliceTiming"] == pytest.approx(sidecar["SliceTiming"], abs=0.01)
+    assert mosaic_sidecar["SliceTiming"] == pytest.approx([0, 0.4, 0.8, 1.2, 1.6])
+    assert mosaic_sidecar["PhaseEncodingDirection"] == "j-"
+    with pytest.raises(ValueError, match="mosaic applies to single-echo func series"):
+        SeriesSpec("dwi_acq-b1500_dir-ap", "dwi", n_volumes=2, mosaic=True)

@@ -42,6 +42,8 @@ class SeriesSpec:
 
     `kind` picks the sequence recipe; `None` timing fields take the kind's default.
     For "dwi", volume 0 is b=0 and the others are b=`b_value` along successive axes.
+    `mosaic` (func only): one file per volume with its slices tiled, as Siemens scanners before
+    XA write EPI.
     """
 
     description: str
@@ -54,6 +56,7 @@ class SeriesSpec:
     repetition_time_ms: float | None = None
     echo_times_ms: tuple[float, ...] | None = None
     b_value: int = 1500
+    mosaic: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -62,6 +65,8 @@ class SeriesSpec:
             raise ValueError("n_slices, n_volumes, n_echoes and matrix must be >= 1")
         if self.kind == "dwi" and self.n_volumes < 2:
             raise ValueError("a dwi series needs a b=0 volume and at least one direction")
+        if self.mosaic and (self.kind != "func" or self.n_echoes != 1):
+            raise ValueError("mosaic applies to single-echo func series")
 
 
 DEFAULT_SERIES: tuple[SeriesSpec, ...] = (
@@ -227,6 +232,9 @@ def _series_files(ctx: _Session, spec: SeriesSpec, number: int, start_s: float) 
         file_echoes = tuple(range(min(spec.n_echoes, len(echo_times))))
     shim = _session_shim(ctx)
     ds = _series_template(ctx, spec, recipe, number, tr_ms, echo_times, start_s, shim)
+    if spec.mosaic:
+        yield from _mosaic_files(ctx, spec, recipe, ds, tr_ms, start_s)
+        return
     encoder = _SeriesEncoder(ds)
     series_uid = ds.SeriesInstanceUID
     n_dirs = len(_DWI_DIRECTIONS)
@@ -263,6 +271,48 @@ def _series_files(ctx: _Session, spec: SeriesSpec, number: int, start_s: float) 
                                                             bvalue, direction))
                 ds.PixelData = _pixels(ctx, spec, series_uid, volume, echo, slice_)
                 yield f"{instance}.dcm", encoder.encode()
+
+
+def _mosaic_files(ctx: _Session, spec: SeriesSpec, recipe: _Recipe, ds: Dataset, tr_ms: float,
+                  start_s: float) -> Iterator[tuple[str, bytes]]:
+    """One file per volume, its slices tiled row by row in a square grid (empty tiles black).
+
+    The position is that of the whole mosaic's first voxel, as if it were one large image;
+    readers move it to the first slice's with the mosaic and slice sizes."""
+    n, grid = spec.matrix, math.ceil(math.sqrt(spec.n_slices))
+    size = grid * n
+    row, col = _orientation(spec.kind)
+    normal = _cross(row, col)
+    first = _slice_position(spec, row, col, 0)
+    shift = (size - n) / 2 * spec.voxel_mm
+    position = tuple(p - shift * r - shift * c for p, r, c in zip(first, row, col))
+    slice_ms = [k * tr_ms / spec.n_slices for k in range(spec.n_slices)]  # ascending, as _acquisition_offset_s
+    ds.ImageType = [*ds.ImageType, "MOSAIC"]
+    ds.Rows = ds.Columns = size
+    ds.ImageOrientationPatient = [_ds(v) for v in (*row, *col)]
+    ds.ImagePositionPatient = [_ds(v) for v in position]
+    ds.SliceLocation = _ds(_dot(first, normal))
+    mr = ds.private_block(0x0019, "SIEMENS MR HEADER")
+    mr.add_new(0x0A, "US", spec.n_slices)  # NumberOfImagesInMosaic
+    mr.add_new(0x29, "FD", slice_ms)  # MosaicRefAcqTimes
+    encoder = _SeriesEncoder(ds)
+    blank = bytes(2 * n)
+    for volume in range(spec.n_volumes):
+        slices = [_pixels(ctx, spec, ds.SeriesInstanceUID, volume, 0, k) for k in range(spec.n_slices)]
+        rows = []
+        for tile_row in range(grid):
+            for y in range(n):
+                for tile_col in range(grid):
+                    k = tile_row * grid + tile_col
+                    rows.append(slices[k][2 * n * y:2 * n * (y + 1)] if k < spec.n_slices else blank)
+        t_s = start_s + volume * tr_ms / 1000.0
+        ds.SOPInstanceUID = ctx.uid("sop", ds.SeriesInstanceUID, volume + 1)
+        ds.InstanceNumber = ds.AcquisitionNumber = volume + 1
+        ds.AcquisitionTime = ds.ContentTime = _tm(t_s)
+        ds[0x0029, 0x1010].value = _csa2(_image_csa(spec, recipe, ds, normal, 0, t_s - start_s, 0, None,
+                                                    mosaic=slice_ms))
+        ds.PixelData = b"".join(rows)
+        yield f"{volume + 1}.dcm", encoder.encode()
 
 
 def _series_template(ctx: _Session, spec: SeriesSpec, recipe: _Recipe, number: int, tr_ms: float,
@@ -532,7 +582,8 @@ def _csa_float(value: float) -> str:
 
 
 def _image_csa(spec: SeriesSpec, recipe: _Recipe, ds: Dataset, normal: Sequence[float], slice_: int,
-               time_after_start_s: float, bvalue: int, direction: Sequence[float] | None) -> list[CsaElement]:
+               time_after_start_s: float, bvalue: int, direction: Sequence[float] | None,
+               *, mosaic: Sequence[float] = ()) -> list[CsaElement]:
     # A subset of the ~100 elements a scanner writes: the ones dcm2niix and nibabel read,
     # plus a few for realism (every valued element costs ~150 bytes per file).
     values: dict[str, tuple[str, list[str]]] = {
@@ -542,7 +593,7 @@ def _image_csa(spec: SeriesSpec, recipe: _Recipe, ds: Dataset, normal: Sequence[
         "SliceMeasurementDuration": ("DS", [_csa_float(_slice_duration_ms(spec, recipe, float(ds.RepetitionTime)))]),
         "AcquisitionMatrixText": ("SH", [f"{spec.matrix}p*{spec.matrix}"]),
         "PhaseEncodingDirectionPositive": ("IS", ["1"]),
-        "NumberOfImagesInMosaic": ("US", []),
+        "NumberOfImagesInMosaic": ("US", [str(len(mosaic))] if mosaic else []),
         "DiffusionGradientDirection": ("FD", [_csa_float(v) for v in direction] if direction else []),
         "SliceNormalVector": ("FD", [_csa_float(v) for v in normal]),
         "DiffusionDirectionality": ("CS", ["DIRECTIONAL" if direction else "NONE"] if spec.kind == "dwi" else []),
@@ -550,6 +601,8 @@ def _image_csa(spec: SeriesSpec, recipe: _Recipe, ds: Dataset, normal: Sequence[
         "BandwidthPerPixelPhaseEncode": ("FD", [_csa_float(_phase_bandwidth(spec))] if recipe.epi else []),
         "ImaCoilString": ("LO", ["HC1-7"]),
     }
+    if mosaic:
+        values["MosaicRefAcqTimes"] = ("FD", [_csa_float(t) for t in mosaic])
     if spec.kind == "dwi" and direction:
         g = direction
         matrix = (g[0] * g[0], g[0] * g[1], g[0] * g[2], g[1] * g[1], g[1] * g[2], g[2] * g[2])
