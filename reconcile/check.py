@@ -47,6 +47,8 @@ def _as_recovered(root: Path, lock: Lock) -> tuple[Lock, dict[str, tuple[str, Pa
                 lock = lock.without_session(previous) if previous in lock.sessions else lock
             lock = lock.with_session(record)
             notes.append(f"{exp_id}: an interrupted commit of {record.address} will be completed by the next apply")
+    for temp in sorted(root.glob(".xnat2bids.lock.*.tmp")):  # the lock itself is whole: replaced by rename
+        notes.append(f"{temp.name}: left by an interrupted lock write; the next apply removes it")
     return lock, moved, notes
 
 

@@ -84,6 +84,8 @@ def assert_consistent_after_kill(root: Path, url: str, cwd: Path) -> None:
     if lock is not None:
         code, out = check_in_process(root)
         assert code == 0 and "OK:" in out, out
+        for temp in root.glob(".xnat2bids.lock.*.tmp"):  # a kill between writing and renaming
+            assert f"pending: {temp.name}: left by an interrupted lock write; the next apply removes it" in out
 
 
 def crash_and_recover(world, root: Path, point: str, cwd: Path, reference) -> None:
