@@ -286,7 +286,7 @@ def _mosaic_files(ctx: _Session, spec: SeriesSpec, recipe: _Recipe, ds: Dataset,
     first = _slice_position(spec, row, col, 0)
     shift = (size - n) / 2 * spec.voxel_mm
     position = tuple(p - shift * r - shift * c for p, r, c in zip(first, row, col))
-    slice_ms = [k * tr_ms / spec.n_slices for k in range(spec.n_slices)]  # ascending, as _acquisition_offset_s
+    slice_ms = [1000.0 * _acquisition_offset_s(spec, recipe, tr_ms, 0, k) for k in range(spec.n_slices)]
     ds.ImageType = [*ds.ImageType, "MOSAIC"]
     ds.Rows = ds.Columns = size
     ds.ImageOrientationPatient = [_ds(v) for v in (*row, *col)]
