@@ -48,6 +48,7 @@ from reconcile.lock import (
     dumps_lock,
     load_or_new,
     read_lock,
+    stale_temp_files,
     write_lock,
 )
 from reconcile.model import (
@@ -501,7 +502,7 @@ def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list
     area = WorkArea(root)
     # Temp files of a lock or journal write killed before its rename; the caller holds the state lock.
     journal_dir = work_path(root, "journal")
-    for stale in [*root.glob(".xnat2bids.lock.*.tmp"), *journal_dir.glob("*.tmp")]:
+    for stale in [*stale_temp_files(root), *journal_dir.glob("*.tmp")]:
         stale.unlink(missing_ok=True)
     journals = sorted(journal_dir.glob("*.json")) if journal_dir.is_dir() else []
     handled = []

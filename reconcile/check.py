@@ -13,7 +13,7 @@ from pathlib import Path
 
 from reconcile.journal import read_journal
 from reconcile.localscan import Beneath, hash_files, root_stat
-from reconcile.lock import Lock
+from reconcile.lock import Lock, stale_temp_files
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def _as_recovered(root: Path, lock: Lock) -> tuple[Lock, dict[str, tuple[str, Pa
                 lock = lock.without_session(previous) if previous in lock.sessions else lock
             lock = lock.with_session(record)
             notes.append(f"{exp_id}: an interrupted commit of {record.address} will be completed by the next apply")
-    for temp in sorted(root.glob(".xnat2bids.lock.*.tmp")):  # the lock itself is whole: replaced by rename
+    for temp in stale_temp_files(root):  # the lock itself is whole: replaced by rename
         notes.append(f"{temp.name}: left by an interrupted lock write; the next apply removes it")
     return lock, moved, notes
 

@@ -172,6 +172,11 @@ def lock_path(root: Path) -> Path:
     return Path(root) / LOCK_NAME
 
 
+def stale_temp_files(root: Path) -> list[Path]:
+    """Temporary files of lock writes killed before their rename (`_atomic_write` names them)."""
+    return sorted(Path(root).glob(f"{LOCK_NAME}.*.tmp"))
+
+
 # --- document <-> Lock -------------------------------------------------------------------------
 
 
