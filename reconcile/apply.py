@@ -61,7 +61,7 @@ from reconcile.model import (
     utc_now,
 )
 from reconcile.naming import check_safe
-from reconcile.plan import Change, Plan
+from reconcile.plan import Change, Plan, recorded_scans
 from reconcile.plan import edited as plan_edited
 
 WORK_DIR = ".xnat2bids"
@@ -187,6 +187,9 @@ class StagedSession:
     # do not hash; None: the commit hashes them itself.
     outputs: tuple[OutputRecord, ...] | None = None
     warnings: tuple[str, ...] = ()  # from the conversion, e.g. a selected scan that gave no file
+    # The listed scans include/skip left out; None when not known (a SLURM result from an older
+    # version), which the lock records as format 1 did.
+    unselected: tuple[Scan, ...] | None = ()
 
 
 def _previous(change: Change, lock: Lock) -> SessionRecord | None:
@@ -242,7 +245,7 @@ def stage_session(
     fsync_tree(result.session_dir)
     return StagedSession(
         change, exp, change.address, scans, result.session_dir, staging / "dicom", log_path, tools, settings, outputs,
-        result.warnings,
+        result.warnings, tuple(s for s in listed if not settings.selects(s.id, s.series_description)),
     )
 
 
@@ -369,6 +372,7 @@ def commit_session(
     previous = _previous(staged.change, lock)
     target = _target(root, address)
     staging_root = staged.session_dir.parent.parent
+    scan_records, unselected = recorded_scans((*staged.scans, *(staged.unselected or ())), staged.settings)
     record = SessionRecord(
         experiment_id=exp.id,
         project=exp.project,
@@ -385,8 +389,9 @@ def commit_session(
         config_fingerprint=staged.settings.fingerprint(),
         config_digests=staged.settings.digests(),
         tools=dict(staged.tools),
-        scans=tuple(s.record() for s in staged.scans),
+        scans=scan_records,
         outputs=staged.outputs if staged.outputs is not None else _staged_outputs(staging_root, staged.session_dir),
+        unselected_scans=None if staged.unselected is None else unselected,
     )
     if target.exists() and (previous is None or previous.address != address):
         # Not ours to replace: a folder from another tool, a forgotten session, or one another

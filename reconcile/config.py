@@ -71,6 +71,33 @@ class ConversionSettings:
             return False
         return not any(_matches(p, scan_id, series_description) for p in self.skip)
 
+    def scan_name(self, series_description: str) -> str | None:
+        """The ReproIn name the bidsmap gives a series; None when no entry matches, or when
+        entries that disagree match (the conversion refuses such a session)."""
+        if not self.bidsmap:
+            return None
+        try:
+            return bidsmap_target(series_description, self.bidsmap)
+        except ValueError:
+            return None
+
+
+def bidsmap_target(description: str, bidsmap: Sequence[tuple[str, str]]) -> str | None:
+    """The ReproIn name a bidsmap gives a series description, or None when nothing matches.
+
+    An exact name beats globs; several globs may match only when they agree. Raises
+    ValueError on a conflict. The generated heuristic embeds this function's source, so it
+    may use nothing but `fnmatchcase`.
+    """
+    for pattern, target in bidsmap:
+        if pattern == description:
+            return target
+    targets = {target for pattern, target in bidsmap if fnmatchcase(description, pattern)}
+    if len(targets) > 1:
+        raise ValueError(f"series {description!r} matches bidsmap patterns with different names: "
+                         f"{', '.join(sorted(targets))}")
+    return targets.pop() if targets else None
+
 
 @functools.cache  # planning asks once per session (10,000s of times) about a handful of settings
 def _conversion_digests(settings: ConversionSettings) -> dict[str, str]:

@@ -20,12 +20,11 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from functools import cache
 from pathlib import Path
 
 from reconcile import preload
-from reconcile.config import ConversionSettings
+from reconcile.config import ConversionSettings, bidsmap_target
 from reconcile.errors import ConversionError
 from reconcile.failpoints import hit
 from reconcile.model import BidsAddress, utc_now
@@ -90,23 +89,6 @@ def converter_env() -> dict[str, str]:
     env["PATH"] = os.pathsep.join([bindir, *rest])
     env["NO_ET"] = "1"
     return env
-
-
-def bidsmap_target(description: str, bidsmap: Sequence[tuple[str, str]]) -> str | None:
-    """The ReproIn name a bidsmap gives a series description, or None when nothing matches.
-
-    An exact name beats globs; several globs may match only when they agree. Raises
-    ValueError on a conflict. The generated heuristic embeds this function's source, so it
-    may use nothing but `fnmatchcase`.
-    """
-    for pattern, target in bidsmap:
-        if pattern == description:
-            return target
-    targets = {target for pattern, target in bidsmap if fnmatchcase(description, pattern)}
-    if len(targets) > 1:
-        raise ValueError(f"series {description!r} matches bidsmap patterns with different names: "
-                         f"{', '.join(sorted(targets))}")
-    return targets.pop() if targets else None
 
 
 @cache

@@ -10,9 +10,11 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from reconcile.model import OutputRecord, ScanRecord, SessionRecord
+from reconcile.model import OutputRecord, ScanRecord, SessionRecord, UnselectedScan
 
-FORMAT_VERSION = 1
+# 2: sessions record the scans include/skip left out, and scans the name bidsmap gave them.
+# Format 1 files are read as they are (their sessions lack both) and written as format 2.
+FORMAT_VERSION = 2
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -32,6 +34,8 @@ def _normalized(record: SessionRecord) -> SessionRecord:
         tools=dict(sorted(record.tools.items())),
         scans=tuple(sorted(record.scans, key=lambda s: scan_sort_key(s.id))),
         outputs=tuple(sorted(record.outputs, key=lambda o: o.path)),
+        unselected_scans=None if record.unselected_scans is None
+        else tuple(sorted(record.unselected_scans, key=lambda s: scan_sort_key(s.id))),
     )
 
 
@@ -56,22 +60,31 @@ def _session_document(record: SessionRecord) -> dict[str, Any]:
         config_fingerprint=record.config_fingerprint,
         config_digests=dict(sorted(record.config_digests.items())),
         tools=dict(sorted(record.tools.items())),
-        scans=[
-            {
-                "id": s.id,
-                "type": s.type,
-                "series_description": s.series_description,
-                "file_count": s.file_count,
-                "total_size": s.total_size,
-                "digest": s.digest,
-            }
-            for s in sorted(record.scans, key=lambda s: scan_sort_key(s.id))
-        ],
-        outputs=[
-            {"path": o.path, "size": o.size, "sha256": o.sha256, "mtime_ns": o.mtime_ns}
-            for o in sorted(record.outputs, key=lambda o: o.path)
-        ],
+        scans=[_scan_document(s) for s in sorted(record.scans, key=lambda s: scan_sort_key(s.id))],
     )
+    if record.unselected_scans is not None:
+        doc["unselected_scans"] = [
+            {"id": s.id, "type": s.type, "series_description": s.series_description}
+            for s in sorted(record.unselected_scans, key=lambda s: scan_sort_key(s.id))
+        ]
+    doc["outputs"] = [
+        {"path": o.path, "size": o.size, "sha256": o.sha256, "mtime_ns": o.mtime_ns}
+        for o in sorted(record.outputs, key=lambda o: o.path)
+    ]
+    return doc
+
+
+def _scan_document(s: ScanRecord) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": s.id,
+        "type": s.type,
+        "series_description": s.series_description,
+        "file_count": s.file_count,
+        "total_size": s.total_size,
+        "digest": s.digest,
+    }
+    if s.bidsmap_target is not None:
+        doc["bidsmap_target"] = s.bidsmap_target
     return doc
 
 
@@ -80,7 +93,8 @@ _SESSION_FIELDS = (
     "experiment_id", "project", "subject_id", "subject_label", "session_label", "bids_subject", "bids_session",
     "date", "insert_date", "last_modified", "xsi_type", "exported_at", "config_fingerprint",
 )
-_SCAN_FIELDS = ("id", "type", "series_description", "file_count", "total_size", "digest")
+_SCAN_FIELDS = ("id", "type", "series_description", "file_count", "total_size", "digest", "bidsmap_target")
+_UNSELECTED_FIELDS = ("id", "type", "series_description")
 _OUTPUT_FIELDS = ("path", "size", "sha256", "mtime_ns")
 
 
@@ -90,7 +104,10 @@ def _canonical_session(doc: Mapping[str, Any]) -> dict[str, Any]:
     out["config_digests"] = dict(sorted(doc["config_digests"].items()))
     out["tools"] = dict(sorted(doc["tools"].items()))
     scans = sorted(doc["scans"], key=lambda s: scan_sort_key(s["id"]))
-    out["scans"] = [{key: s[key] for key in _SCAN_FIELDS} for s in scans]
+    out["scans"] = [{key: s[key] for key in _SCAN_FIELDS if key in s} for s in scans]
+    if "unselected_scans" in doc:
+        unselected = sorted(doc["unselected_scans"], key=lambda s: scan_sort_key(s["id"]))
+        out["unselected_scans"] = [{key: s[key] for key in _UNSELECTED_FIELDS} for s in unselected]
     out["outputs"] = [{key: o[key] for key in _OUTPUT_FIELDS} for o in sorted(doc["outputs"], key=lambda o: o["path"])]
     return out
 
@@ -98,10 +115,14 @@ def _canonical_session(doc: Mapping[str, Any]) -> dict[str, Any]:
 def _record(doc: Mapping[str, Any], *, canonical: bool = False) -> SessionRecord:
     scans = [ScanRecord(**s) for s in doc["scans"]]
     outputs = [OutputRecord(**o) for o in doc["outputs"]]
+    listed = doc.get("unselected_scans")
+    unselected = None if listed is None else [UnselectedScan(**s) for s in listed]
     digests, tools = doc["config_digests"], doc["tools"]
     if not canonical:  # a document this module built is already sorted, and its dicts are ours to keep
         scans.sort(key=lambda s: scan_sort_key(s.id))
         outputs.sort(key=lambda o: o.path)
+        if unselected is not None:
+            unselected.sort(key=lambda s: scan_sort_key(s.id))
         digests, tools = dict(sorted(digests.items())), dict(sorted(tools.items()))
     return SessionRecord(
         experiment_id=doc["experiment_id"],
@@ -121,4 +142,5 @@ def _record(doc: Mapping[str, Any], *, canonical: bool = False) -> SessionRecord
         tools=tools,
         scans=tuple(scans),
         outputs=tuple(outputs),
+        unselected_scans=None if unselected is None else tuple(unselected),
     )

@@ -157,7 +157,7 @@ class Scan:
             h.update(f"{f.resource}/{f.name}\t{f.size}\t{f.digest}\n".encode())
         return h.hexdigest()
 
-    def record(self) -> ScanRecord:
+    def record(self, bidsmap_target: str | None = None) -> ScanRecord:
         return ScanRecord(
             id=self.id,
             type=self.type,
@@ -165,12 +165,15 @@ class Scan:
             file_count=self.file_count,
             total_size=self.total_size,
             digest=self.listing_digest,
+            bidsmap_target=bidsmap_target,
         )
 
 
 @dataclass(frozen=True, init=False)
 class ScanRecord:
-    """What the lock keeps of a scan: enough to notice added, removed or changed files."""
+    """What the lock keeps of a scan: enough to notice added, removed or changed files, and the
+    ReproIn name the config's bidsmap gave it (None: no bidsmap entry matched it, or a lock
+    written before these were recorded; the session's `unselected_scans` tells which)."""
 
     id: str
     type: str
@@ -178,12 +181,23 @@ class ScanRecord:
     file_count: int
     total_size: int
     digest: str
+    bidsmap_target: str | None = None
 
     def __init__(self, id: str, type: str, series_description: str, file_count: int, total_size: int,
-                 digest: str) -> None:
+                 digest: str, bidsmap_target: str | None = None) -> None:
         # As Experiment's; the lock decodes the records of every recorded session for a plan.
         self.__dict__.update(id=id, type=type, series_description=series_description, file_count=file_count,
-                             total_size=total_size, digest=digest)
+                             total_size=total_size, digest=digest, bidsmap_target=bidsmap_target)
+
+
+@dataclass(frozen=True)
+class UnselectedScan:
+    """A scan of an exported session that the config's include/skip left out: with the recorded
+    scans, what plan needs to tell which sessions a change of those lists affects."""
+
+    id: str
+    type: str
+    series_description: str
 
 
 @dataclass(frozen=True, init=False)
@@ -220,12 +234,16 @@ class SessionRecord:
     tools: dict[str, str] = field(default_factory=dict)  # xnat2bids / heudiconv / dcm2niix versions
     scans: tuple[ScanRecord, ...] = ()
     outputs: tuple[OutputRecord, ...] = ()
+    # The listed scans the config did not select; None for a session exported before xnat2bids
+    # recorded them (format 1), whose scans then carry no bidsmap targets either.
+    unselected_scans: tuple[UnselectedScan, ...] | None = None
 
     def __init__(
         self, experiment_id: str, project: str, subject_id: str, subject_label: str, session_label: str,
         bids_subject: str, bids_session: str, date: str | None, insert_date: str, last_modified: str,
         xsi_type: str, exported_at: str, config_fingerprint: str, config_digests: dict[str, str] | None = None,
         tools: dict[str, str] | None = None, scans: tuple[ScanRecord, ...] = (), outputs: tuple[OutputRecord, ...] = (),
+        unselected_scans: tuple[UnselectedScan, ...] | None = None,
     ) -> None:
         # As Experiment's: with its outputs, a fifth less CPU to decode a lock entry.
         self.__dict__.update(
@@ -235,7 +253,7 @@ class SessionRecord:
             config_fingerprint=config_fingerprint,
             config_digests={} if config_digests is None else config_digests,
             tools={} if tools is None else tools,
-            scans=scans, outputs=outputs,
+            scans=scans, outputs=outputs, unselected_scans=unselected_scans,
         )
 
     @property

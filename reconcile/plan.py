@@ -24,6 +24,7 @@ from reconcile.model import (
     ScanRecord,
     SessionKey,
     SessionRecord,
+    UnselectedScan,
     format_timestamp,
     parse_timestamp,
 )
@@ -171,14 +172,69 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _scan_reasons(recorded: tuple[ScanRecord, ...], remote: tuple[Scan, ...], listed: set[str]) -> list[Reason]:
-    """Recorded scans against the selected ones XNAT lists (`listed`: the IDs of all it lists)."""
+def recorded_scans(listed: Iterable[Scan], settings: ConversionSettings
+                   ) -> tuple[tuple[ScanRecord, ...], tuple[UnselectedScan, ...]]:
+    """What the lock keeps of a session's listed scans: the selected ones with the name the
+    bidsmap gives each, and the ones include/skip leave out."""
+    selected, unselected = [], []
+    for s in listed:
+        if settings.selects(s.id, s.series_description):
+            selected.append(s.record(settings.scan_name(s.series_description)))
+        else:
+            unselected.append(UnselectedScan(s.id, s.type, s.series_description))
+    return tuple(selected), tuple(unselected)
+
+
+def _rule_changes(rec: SessionRecord, settings: ConversionSettings, changed: list[str]) -> tuple[list[str], str]:
+    """Of the conversion settings that `changed` since `rec` was exported, those that change its
+    conversion, and what they change. include/skip and bidsmap act on scan IDs and series
+    descriptions, which the record keeps (exported by format 1: not the unselected scans, so
+    every change counts); a heuristic is code and always counts."""
+    if rec.unselected_scans is None:
+        return changed, ""
+    effects: list[str] = []
+    affecting = [k for k in changed if k not in ("include", "skip", "bidsmap")]
+    selected = [s for s in rec.scans if settings.selects(s.id, s.series_description)]
+    if "include" in changed or "skip" in changed:
+        dropped = [s for s in rec.scans if s not in selected]
+        added = [s for s in rec.unselected_scans if settings.selects(s.id, s.series_description)]
+        effects += [f"scan {s.id} ({s.series_description}) left out" for s in dropped]
+        effects += [f"scan {s.id} ({s.series_description}) now selected" for s in added]
+        if dropped or added:
+            affecting += [k for k in changed if k in ("include", "skip")]
+    if "bidsmap" in changed:
+        renamed = [(s, settings.scan_name(s.series_description)) for s in selected]
+        renamed = [(s, name) for s, name in renamed if name != s.bidsmap_target]
+        effects += [_renaming(s, name) for s, name in renamed]
+        if renamed:
+            affecting.append("bidsmap")
+    shown = "; ".join(effects[:3]) + (f"; {len(effects) - 3} more" if len(effects) > 3 else "")
+    return sorted(affecting), shown
+
+
+def _renaming(scan: ScanRecord, name: str | None) -> str:
+    what = f"scan {scan.id} ({scan.series_description})"
+    if scan.bidsmap_target is None:
+        return f"{what} now named {name}"
+    if name is None:
+        return f"{what} no longer named {scan.bidsmap_target}"
+    return f"{what} named {scan.bidsmap_target} → {name}"
+
+
+def _scan_reasons(recorded: tuple[ScanRecord, ...], remote: tuple[Scan, ...], listed: set[str],
+                  unselected: Iterable[UnselectedScan] = ()) -> list[Reason]:
+    """Recorded scans against the selected ones XNAT lists (`listed`: the IDs of all it lists;
+    `unselected`: the scans the record says the config left out)."""
     before = {s.id: s for s in recorded}
     after = {s.id: s.record() for s in remote}
+    left_out = {s.id for s in unselected}
     reasons = []
     for sid in sorted(set(before) | set(after), key=_natural):
         old, new = before.get(sid), after.get(sid)
-        if old is None:
+        if old is None and sid in left_out:  # there before: the selection changed, not the session
+            reasons.append(Reason("scan_selected", f"scan {sid} now selected by the config", f"scan:{sid}", None,
+                                  new.series_description))
+        elif old is None:
             reasons.append(Reason("scan_added", f"scan {sid} added", f"scan:{sid}", None, new.series_description))
         elif new is None and sid in listed:  # still in XNAT: the selection changed, not the session
             reasons.append(Reason("scan_deselected", f"scan {sid} no longer selected by the config", f"scan:{sid}",
@@ -293,15 +349,17 @@ def _compare(
     if scans is not None:
         # The lock records only the scans the config selects; compare like with like.
         selected = tuple(s for s in scans if settings.selects(s.id, s.series_description))
-        scan_reasons = _scan_reasons(rec.scans, selected, {s.id for s in scans})
+        scan_reasons = _scan_reasons(rec.scans, selected, {s.id for s in scans}, rec.unselected_scans or ())
         reasons += scan_reasons
         if resaved and not scan_reasons:
             reasons.append(Reason("no_content_change", "deep comparison found no content change"))
     if rec.config_digests != digests:
         legacy = settings.legacy_digests()
         changed = sorted(k for k in digests if rec.config_digests.get(k) not in (digests[k], legacy.get(k)))
+        changed, effects = _rule_changes(rec, settings, changed) if changed else (changed, "")
         if changed:
-            reasons.append(Reason("config", f"config changed: {', '.join(changed)}", "config", None, ",".join(changed)))
+            msg = f"config changed: {', '.join(changed)}" + (f" ({effects})" if effects else "")
+            reasons.append(Reason("config", msg, "config", None, ",".join(changed)))
     if reconvert_outdated:
         for tool in CONVERTER_TOOLS:
             old, new = rec.tools.get(tool), tools.get(tool)

@@ -680,6 +680,8 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
             staged={"session_dir": os.path.relpath(staged.session_dir, root),
                     "dicom_dir": os.path.relpath(staged.dicom_dir, root)},
             scans=[_scan_dict(s) for s in staged.scans],
+            # Their files are not needed: the lock keeps ID, type and description.
+            unselected_scans=[{**_scan_dict(s), "files": []} for s in staged.unselected or ()],
             tools=dict(staged.tools),
             conversion={"heuristic": staged.settings.heuristic, "include": list(staged.settings.include),
                         "skip": list(staged.settings.skip), "bidsmap": [list(p) for p in staged.settings.bidsmap],
@@ -744,6 +746,7 @@ def _staged_from(root: Path, change: Change, result: Mapping[str, Any]) -> Stage
         log_path=root / result["log"],
         tools=dict(result["tools"]),
         settings=settings,
+        unselected=tuple(_scan_from(s) for s in result["unselected_scans"]) if "unselected_scans" in result else None,
     )
 
 
