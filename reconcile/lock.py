@@ -185,9 +185,10 @@ def _document(lock: Lock) -> dict[str, Any]:
 
 
 def _header(lock: Lock) -> dict[str, Any]:
-    """The document without its sessions, in the order `_document` writes it."""
+    """The document without its sessions, in the order `_document` writes it: always in the
+    current format (sessions read from an older one are valid in it)."""
     return {
-        "format_version": lock.format_version,
+        "format_version": FORMAT_VERSION,
         "lineage": lock.lineage,
         "serial": lock.serial,
         "generator": lock.generator,

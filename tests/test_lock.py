@@ -39,7 +39,7 @@ from reconcile.lock import (
     scan_sort_key,
     write_lock,
 )
-from reconcile.model import OutputRecord, ScanRecord, SessionRecord
+from reconcile.model import OutputRecord, ScanRecord, SessionRecord, UnselectedScan
 from reconcile.schema import load_schema
 
 
@@ -195,6 +195,32 @@ mtime_ns = 1764086400000000000
     assert lock.sessions["XNAT_E00001"].outputs[0].size == 123
 
 
+def test_a_format_1_lock_is_read_as_it_is_and_written_as_format_2() -> None:
+    # Format 1 sessions lack unselected_scans: None, so that plan knows it cannot tell which
+    # sessions an include/skip/bidsmap change affects, unlike an empty list.
+    old = loads_lock(dumps_lock(lock_with(record(1))).replace("format_version = 2", "format_version = 1"))
+    assert old.format_version == 1 and old.sessions["XNAT_E00001"].unselected_scans is None
+    text = dumps_lock(old.with_session(replace(record(2), unselected_scans=())))
+    assert text.splitlines()[1] == "format_version = 2"
+    again = loads_lock(text)
+    assert again.sessions["XNAT_E00001"].unselected_scans is None
+    assert again.sessions["XNAT_E00002"].unselected_scans == ()
+    assert "unselected_scans = []" in text and text.count("unselected_scans") == 1
+
+
+def test_unselected_scans_and_bidsmap_names_are_kept_in_scan_order() -> None:
+    scans = (ScanRecord("10", "MR", "t1", 1, 1, sha("a"), bidsmap_target="anat-T1w"),
+             ScanRecord("2", "MR", "bold", 1, 1, sha("b")))
+    left_out = (UnselectedScan("11", "MR", "localizer"), UnselectedScan("1", "MR", "scout"))
+    text = dumps_lock(lock_with(replace(record(1), scans=scans, unselected_scans=left_out)))
+    rec = loads_lock(text).sessions["XNAT_E00001"]
+    assert [s.id for s in rec.unselected_scans] == ["1", "11"]
+    assert [(s.id, s.bidsmap_target) for s in rec.scans] == [("2", None), ("10", "anat-T1w")]
+    assert text.count("bidsmap_target") == 1
+    assert ('unselected_scans = [\n    { id = "1", type = "MR", series_description = "scout" },\n'
+            '    { id = "11", type = "MR", series_description = "localizer" },\n]\n') in text  # a line each
+
+
 # --- property: any lock survives the round trip -------------------------------------------------
 
 _label = st.text(min_size=1, max_size=12)
@@ -209,7 +235,9 @@ _segment = st.text(
     max_size=10,
 ).filter(lambda s: s not in (".", ".."))
 _path = st.lists(_segment, min_size=1, max_size=4).map("/".join)
-_scan = st.builds(ScanRecord, id=_label, type=_free, series_description=_free, file_count=_count, total_size=_count, digest=_hex64)
+_scan = st.builds(ScanRecord, id=_label, type=_free, series_description=_free, file_count=_count, total_size=_count,
+                  digest=_hex64, bidsmap_target=st.none() | _label)
+_unselected = st.builds(UnselectedScan, id=_label, type=_free, series_description=_free)
 _output = st.builds(OutputRecord, path=_path, size=_count, sha256=_hex64, mtime_ns=_count)
 _session = st.builds(
     SessionRecord,
@@ -230,6 +258,7 @@ _session = st.builds(
     tools=st.dictionaries(_ident, _free, max_size=3),
     scans=st.lists(_scan, max_size=4, unique_by=lambda s: s.id).map(tuple),
     outputs=st.lists(_output, max_size=4, unique_by=lambda o: o.path).map(tuple),
+    unselected_scans=st.none() | st.lists(_unselected, max_size=3, unique_by=lambda s: s.id).map(tuple),
 )
 _locks = st.builds(
     lambda sessions, serial, fingerprint: replace(lock_with(*sessions), serial=serial, config_fingerprint=fingerprint),

@@ -25,6 +25,7 @@ from reconcile.plan import (
     RemoteState,
     Selection,
     compute_plan,
+    recorded_scans,
     refuse_occupied,
 )
 
@@ -383,6 +384,110 @@ def test_a_lock_written_before_include_and_skip_digests_were_normalised_is_uncha
     assert not plan.changes and plan.unchanged == 1
     other = parse_config({"conversion": {"skip": ["*scout*"], "include": ["7", "1-4,6"]}})
     assert only(plan_of(lock_of(old), [e], config=other), Action.UPDATE).reasons[0].message == "config changed: skip"
+
+
+LOCALIZER = Scan("3", "MR", "anat-scout_acq-localizer", scans_for()[0].files)
+
+
+def exported(e: Experiment, config: Config, listed: tuple[Scan, ...]) -> SessionRecord:
+    """The record apply writes (format 2): the scans `config` selected, with their bidsmap names,
+    and the ones it left out."""
+    selected, unselected = recorded_scans(listed, config.conversion_for(e.project, e.label))
+    return replace(record(e, config=config, bids_session=f"{e.subject_label}MR1"), scans=selected,
+                   unselected_scans=unselected)
+
+
+def test_a_skip_change_updates_only_the_sessions_whose_scans_it_selects_differently():  # row 15
+    e1, e2 = exp(1), exp(2)
+    before = parse_config({"conversion": {"skip": ["*localizer*"]}})
+    lock = lock_of(exported(e1, before, scans_for()), exported(e2, before, (*scans_for(), LOCALIZER)))
+    assert [s.id for s in lock.sessions[e2.id].unselected_scans] == ["3"]
+    # A pattern no recorded scan matches: no session's conversion changes.
+    wider = parse_config({"conversion": {"skip": ["*localizer*", "*scout*"]}})
+    plan = plan_of(lock, [e1, e2], config=wider)
+    assert not plan.changes and plan.unchanged == 2
+    # Without the skip, e2's localizer is converted too; e1 has none.
+    plan = plan_of(lock, [e1, e2], config=Config())
+    change = only(plan, Action.UPDATE)
+    assert change.key.experiment_id == e2.id and plan.unchanged == 1
+    assert [r.message for r in change.reasons] == [
+        "config changed: skip (scan 3 (anat-scout_acq-localizer) now selected)"]
+    # Skipping a scan both have updates both, each saying which of its scans is left out.
+    bold = parse_config({"conversion": {"skip": ["*localizer*", "func-*"]}})
+    plan = plan_of(lock, [e1, e2], config=bold)
+    assert {c.reasons[0].message for c in plan.changes} == {
+        "config changed: skip (scan 2 (func-bold_task-rest) left out)"}
+    assert plan.count(Action.UPDATE) == 2
+
+
+def test_an_include_change_is_judged_on_the_recorded_scans_too():  # row 15
+    e1, e2 = exp(1), exp(2)
+    only_anat = parse_config({"conversion": {"include": ["anat-*"]}})
+    lock = lock_of(exported(e1, only_anat, scans_for()), exported(e2, only_anat, (*scans_for(), LOCALIZER)))
+    # Still the same scans for e1 (anat-T1w); e2's localizer is anat-* too and stays selected.
+    same = parse_config({"conversion": {"include": ["anat-T1w*", "anat-scout*"]}})
+    assert not plan_of(lock, [e1, e2], config=same).changes
+    narrower = parse_config({"conversion": {"include": ["anat-T1w*"]}})
+    change = only(plan_of(lock, [e1, e2], config=narrower), Action.UPDATE)
+    assert change.key.experiment_id == e2.id
+    assert change.reasons[0].message == "config changed: include (scan 3 (anat-scout_acq-localizer) left out)"
+
+
+def test_a_bidsmap_change_updates_only_the_sessions_with_a_series_it_names_differently():  # row 15
+    e1, e2 = exp(1), exp(2)
+    before = parse_config({"conversion": {"skip": ["*localizer*"], "bidsmap": {"anat-T1w": "anat-T1w_acq-mp"}}})
+    lock = lock_of(exported(e1, before, scans_for()), exported(e2, before, (*scans_for(), LOCALIZER)))
+    assert [s.bidsmap_target for s in lock.sessions[e1.id].scans] == ["anat-T1w_acq-mp", None]
+    # An entry for a series that is skipped (e2's localizer) or that no session has changes nothing.
+    unused = parse_config({"conversion": {"skip": ["*localizer*"], "bidsmap": {
+        "anat-T1w": "anat-T1w_acq-mp", "anat-scout*": "anat-scout_acq-loc", "dwi*": "dwi_acq-x"}}})
+    plan = plan_of(lock, [e1, e2], config=unused)
+    assert not plan.changes and plan.unchanged == 2
+    cases = {
+        "anat-T1w_acq-mprage": "scan 1 (anat-T1w) named anat-T1w_acq-mp → anat-T1w_acq-mprage",
+        None: "scan 1 (anat-T1w) no longer named anat-T1w_acq-mp",
+    }
+    for name, effect in cases.items():
+        bidsmap = {"anat-T1w": name} if name else {}
+        config = parse_config({"conversion": {"skip": ["*localizer*"], "bidsmap": bidsmap}})
+        plan = plan_of(lock, [e1, e2], config=config)
+        assert {c.reasons[0].message for c in plan.changes} == {f"config changed: bidsmap ({effect})"}
+        assert plan.count(Action.UPDATE) == 2
+    bold = parse_config({"conversion": {"skip": ["*localizer*"], "bidsmap": {
+        "anat-T1w": "anat-T1w_acq-mp", "func-bold*": "func-bold_task-resting"}}})
+    messages = {c.reasons[0].message for c in plan_of(lock, [e1, e2], config=bold).changes}
+    assert messages == {"config changed: bidsmap (scan 2 (func-bold_task-rest) now named func-bold_task-resting)"}
+
+
+def test_sessions_exported_before_scans_were_recorded_take_any_rule_change():  # row 15, format 1
+    e1, e2 = exp(1), exp(2)
+    before = parse_config({"conversion": {"skip": ["*localizer*"]}})
+    old = [replace(exported(e, before, scans_for()), unselected_scans=None) for e in (e1, e2)]
+    wider = parse_config({"conversion": {"skip": ["*localizer*", "*scout*"]}})
+    plan = plan_of(lock_of(*old), [e1, e2], config=wider)
+    assert {c.reasons[0].message for c in plan.changes} == {"config changed: skip"}
+    assert plan.count(Action.UPDATE) == 2
+
+
+def test_a_heuristic_change_updates_every_session_it_applies_to():  # row 15
+    e1, e2 = exp(1), exp(2)
+    lock = lock_of(exported(e1, CONFIG, scans_for()), exported(e2, CONFIG, scans_for()))
+    config = parse_config({"conversion": {"heuristic": "convertall"}})
+    plan = plan_of(lock, [e1, e2], config=config)
+    assert {c.reasons[0].message for c in plan.changes} == {"config changed: heuristic"}
+    assert plan.count(Action.UPDATE) == 2
+
+
+def test_deep_plan_says_a_scan_the_config_now_selects_was_there_before():  # row 15, deep
+    e = exp(1)
+    before = parse_config({"conversion": {"skip": ["*localizer*"]}})
+    lock = lock_of(exported(e, before, (*scans_for(), LOCALIZER)))
+    change = only(plan_of(lock, [e], config=Config(), deep={e.id: (*scans_for(), LOCALIZER)}), Action.UPDATE)
+    assert [r.message for r in change.reasons] == [
+        "scan 3 now selected by the config", "config changed: skip (scan 3 (anat-scout_acq-localizer) now selected)"]
+    new_scan = only(plan_of(lock_of(exported(e, before, scans_for())), [e], config=Config(),
+                            deep={e.id: (*scans_for(), LOCALIZER)}), Action.UPDATE)
+    assert [r.message for r in new_scan.reasons] == ["scan 3 added"]
 
 
 def test_a_session_table_keyed_by_experiment_id_applies_and_tables_that_select_nothing_are_noted():  # row 15

@@ -1,0 +1,76 @@
+"""Row 15 end to end: apply records the scans include/skip left out and the name bidsmap gave each
+scan, so that a later change of those rules updates only the sessions whose conversion it changes
+(a lab adding a skip pattern should not re-export every session of the dataset)."""
+
+from __future__ import annotations
+
+import json
+
+from worlds import SMALL, add, write_config
+
+from reconcile.emulator.dicomgen import DEFAULT_SERIES
+from reconcile.lock import read_lock
+
+LOCALIZER = DEFAULT_SERIES[0]
+RULES = '[conversion]\nskip = ["*localizer*"]\nbidsmap = { "anat-T1w_acq-memprage" = "anat-T1w_acq-mp" }'
+
+
+def _plan(cli, root, config) -> tuple[int, dict]:
+    code, out, err = cli("plan", str(root), "-p", "PROJ", "-c", str(config), "--json", "--detailed-exitcode")
+    assert code in (0, 2), out + err
+    return code, json.loads(out)
+
+
+def _reasons(doc: dict) -> dict[str, list[str]]:
+    return {c["experiment_id"]: [r["message"] for r in c["reasons"]] for c in doc["changes"]}
+
+
+def test_a_rule_change_updates_only_the_sessions_whose_scans_it_concerns(cli, emulator, tmp_path):
+    assert LOCALIZER.description == "anat-scout_acq-localizer"
+    plain = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    scouted = add(emulator.archive, [("02", "02_MR1", "2024-01-10")], series=(LOCALIZER, *SMALL))["02_MR1"]
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c", str(write_config(tmp_path, RULES)))
+    assert code == 0, out + err
+
+    lock = read_lock(root)
+    assert lock.format_version == 2
+    one, two = lock.sessions[plain.id], lock.sessions[scouted.id]
+    assert one.unselected_scans == ()
+    assert [(s.id, s.series_description) for s in two.unselected_scans] == [("1", "anat-scout_acq-localizer")]
+    assert [(s.series_description, s.bidsmap_target) for s in two.scans] == [
+        ("anat-T1w_acq-memprage", "anat-T1w_acq-mp"), ("func-bold_task-rest", None)]
+    assert (root / "sub-01/ses-01MR1/anat/sub-01_ses-01MR1_acq-mp_T1w.nii.gz").is_file()
+    text = (root / ".xnat2bids.lock").read_text()
+    assert 'bidsmap_target = "anat-T1w_acq-mp"' in text and "anat-scout_acq-localizer" in text
+
+    # Patterns for series neither session has: nothing to convert again.
+    unused = ('[conversion]\nskip = ["*localizer*", "dwi_*"]\n'
+              'bidsmap = { "anat-T1w_acq-memprage" = "anat-T1w_acq-mp", "fmap_*" = "fmap_acq-x" }')
+    code, doc = _plan(cli, root, write_config(tmp_path, unused))
+    assert (code, doc["changes"]) == (0, []), doc
+
+    # Without the skip, only the session with a localizer converts anything new.
+    code, doc = _plan(cli, root, write_config(tmp_path, RULES.replace('skip = ["*localizer*"]', "skip = []")))
+    assert code == 2
+    assert _reasons(doc) == {scouted.id: ["config changed: skip (scan 1 (anat-scout_acq-localizer) now selected)"]}
+
+    # A new name for a series both have: both, each saying what changes.
+    code, doc = _plan(cli, root, write_config(tmp_path, RULES.replace('"anat-T1w_acq-mp"', '"anat-T1w_acq-mprage"')))
+    effect = "config changed: bidsmap (scan {} (anat-T1w_acq-memprage) named anat-T1w_acq-mp → anat-T1w_acq-mprage)"
+    assert _reasons(doc) == {plain.id: [effect.format(1)], scouted.id: [effect.format(2)]}
+
+    # Rules by scan ID are judged by ID: scan 1 is the T1w in 01 and the localizer in 02. Applying
+    # converts 01 again, records its new selection, and leaves 02 as it was.
+    by_id = write_config(tmp_path, RULES.replace('"*localizer*"', '"1"'))
+    code, doc = _plan(cli, root, by_id)
+    assert _reasons(doc) == {plain.id: ["config changed: skip (scan 1 (anat-T1w_acq-memprage) left out)"]}
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c", str(by_id))
+    assert code == 0, out + err
+    after = read_lock(root)
+    assert after.sessions[scouted.id] == two
+    assert [s.id for s in after.sessions[plain.id].scans] == ["2"]
+    assert [s.series_description for s in after.sessions[plain.id].unselected_scans] == ["anat-T1w_acq-memprage"]
+    assert not (root / "sub-01/ses-01MR1/anat").exists()
+    code, doc = _plan(cli, root, by_id)
+    assert (code, doc["changes"]) == (0, [])
