@@ -101,6 +101,8 @@ max_parallel = 8  # more than the sessions: they say 3 at once
 setup = """
 echo "setup ran for job $SLURM_JOB_ID: it's <<EOF fine" >&2
 """
+[conversion]
+skip = ["func-*"]
 ''')
     code, out, err = slurm_cli("apply", str(root), "-c", str(config), "-p", "PROJ", "--yes")
     assert code == 0, out + err
@@ -123,6 +125,11 @@ echo "setup ran for job $SLURM_JOB_ID: it's <<EOF fine" >&2
     assert sorted(lock.sessions) == sorted(e.id for e in exps.values())
     assert lock.serial == 1  # the finalize job writes the lock once for the whole batch
     assert lock.config_fingerprint == load_config(config).fingerprint()  # as a local apply records it
+    # The tasks hand the scans skip left out to finalize, which records them as a local apply does.
+    assert {tuple(s.series_description for s in r.unselected_scans) for r in lock.sessions.values()} == {
+        ("func-bold_task-rest",)}
+    assert {tuple(s.series_description for s in r.scans) for r in lock.sessions.values()} == {
+        ("anat-T1w_acq-memprage",)}
     results = [sx.read_result(batch, i) for i in range(3)]
     assert {r["job"] for r in results} == {f"{batch.array_job}_{i}" for i in range(3)}
     assert all(r["status"] == "done" and r["outputs"] for r in results)
