@@ -14,7 +14,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -187,9 +187,11 @@ class StagedSession:
     # do not hash; None: the commit hashes them itself.
     outputs: tuple[OutputRecord, ...] | None = None
     warnings: tuple[str, ...] = ()  # from the conversion, e.g. a selected scan that gave no file
-    # The listed scans include/skip left out; None when not known (a SLURM result from an older
-    # version), which the lock records as format 1 did.
-    unselected: tuple[Scan, ...] | None = ()
+    # The listed scans include/skip left out, and the conversion's (SeriesDescription,
+    # ProtocolName) per scan; None when not known (a SLURM result from an older version): the
+    # lock then records no unselected scans, as format 1 did.
+    unselected: tuple[Scan, ...] | None = None
+    names: Mapping[str, tuple[str, str]] | None = None
 
 
 def _previous(change: Change, lock: Lock) -> SessionRecord | None:
@@ -245,7 +247,7 @@ def stage_session(
     fsync_tree(result.session_dir)
     return StagedSession(
         change, exp, change.address, scans, result.session_dir, staging / "dicom", log_path, tools, settings, outputs,
-        result.warnings, tuple(s for s in listed if not settings.selects(s.id, s.series_description)),
+        result.warnings, tuple(s for s in listed if not settings.selects(s.id, s.series_description)), result.names,
     )
 
 
@@ -372,7 +374,8 @@ def commit_session(
     previous = _previous(staged.change, lock)
     target = _target(root, address)
     staging_root = staged.session_dir.parent.parent
-    scan_records, unselected = recorded_scans((*staged.scans, *(staged.unselected or ())), staged.settings)
+    scan_records, unselected = recorded_scans((*staged.scans, *(staged.unselected or ())), staged.settings,
+                                              staged.names)
     record = SessionRecord(
         experiment_id=exp.id,
         project=exp.project,

@@ -46,6 +46,15 @@ class ConversionSettings:
     bidsmap: tuple[tuple[str, str], ...] = ()
     heuristic_sha: str = ""  # content of a custom heuristic file, read when the config is loaded
 
+    def __hash__(self) -> int:
+        # Cached: settings key the memos planning consults per recorded session and scan, and a
+        # tuple's hash is computed anew each time (the bidsmap's pairs too).
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.heuristic, self.include, self.skip, self.bidsmap, self.heuristic_sha))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     def merged(self, table: dict[str, Any]) -> ConversionSettings:
         return ConversionSettings(
             heuristic=table.get("heuristic", self.heuristic),
@@ -71,15 +80,22 @@ class ConversionSettings:
             return False
         return not any(_matches(p, scan_id, series_description) for p in self.skip)
 
-    def scan_name(self, series_description: str) -> str | None:
-        """The ReproIn name the bidsmap gives a series; None when no entry matches, or when
-        entries that disagree match (the conversion refuses such a session)."""
+    def scan_name(self, description: str, protocol_name: str) -> str | None:
+        """The ReproIn name the conversion gives a series by the bidsmap: by its SeriesDescription,
+        else by its ProtocolName, as the generated heuristic renames; None when no entry matches.
+        Raises ValueError, as the conversion refuses the session, when entries that disagree
+        match the name it selects by (the description, or the protocol name without one)."""
         if not self.bidsmap:
             return None
-        try:
-            return bidsmap_target(series_description, self.bidsmap)
-        except ValueError:
-            return None
+        bidsmap_target(description or protocol_name, self.bidsmap)
+        for name in (description, protocol_name):
+            try:
+                target = bidsmap_target(name, self.bidsmap)
+            except ValueError:  # the heuristic leaves such a name as it is
+                target = None
+            if target is not None:
+                return target
+        return None
 
 
 def bidsmap_target(description: str, bidsmap: Sequence[tuple[str, str]]) -> str | None:

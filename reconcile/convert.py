@@ -18,8 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -52,6 +52,9 @@ class ConversionResult:
     seconds: float
     # One line each, also in the log: selected scans that heudiconv converted to nothing.
     warnings: tuple[str, ...] = ()
+    # Scan ID → the first readable DICOM's (SeriesDescription, ProtocolName), "" where absent:
+    # what selection and the bidsmap were matched on, recorded so plan can judge rule changes.
+    names: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -127,9 +130,9 @@ def convert_session(
     staging_root = work_dir / "bids"
 
     scans = _scan_dirs(dicom_dir)
+    names = {s.scan_id: _scan_names(s.path) for s in scans}
+    scans = [_ScanDir(s.scan_id, s.path, names[s.scan_id][0] or names[s.scan_id][1] or None) for s in scans]
     needs_description = bool(settings.include or settings.skip or settings.bidsmap)
-    if needs_description:
-        scans = [_ScanDir(s.scan_id, s.path, _series_description(s.path)) for s in scans]
     selected = [s for s in scans if not needs_description or settings.selects(s.scan_id, s.description or "")]
     if scans and not selected:
         raise nothing_selected(address, [(s.scan_id, s.description) for s in scans], settings)
@@ -176,6 +179,7 @@ def convert_session(
         log_path=log_path,
         seconds=time.monotonic() - started,
         warnings=warnings,
+        names=names,
     )
 
 
@@ -268,7 +272,7 @@ def _check_no_dups(outputs: Sequence[str], table: _Table | None, scans: Sequence
         if not set(ids) & set(earlier):
             continue
         all_scans += ids
-        descriptions = sorted({by_id[i].description or _series_description(by_id[i].path) or "" for i in ids})
+        descriptions = sorted({by_id[i].description or "" for i in ids})
         lines.append(f"scans {', '.join(ids)} ({', '.join(_quoted(d) for d in descriptions)}) all become {name}")
         for description in descriptions:
             target = renames.get(description, description)
@@ -301,7 +305,7 @@ def _unconverted(scans: Sequence[_ScanDir], table: _Table | None) -> tuple[str, 
         series = series_of.get(scan.scan_id, [])
         if series and any(table.names.get(s) for s in series):
             continue
-        description = scan.description or _series_description(scan.path)
+        description = scan.description
         what = f"scan {scan.scan_id} {_quoted(description)} was selected but converted to nothing"
         if not series:
             warnings.append(f"{what}: heudiconv read no DICOM series from it (see the heudiconv log)")
@@ -329,16 +333,21 @@ def _natural_key(name: str) -> tuple[int, int | str]:
 
 
 def _dicom_files(path: Path) -> Iterator[Path]:
+    """The regular files at or under `path`: a FIFO or device there would block the reader."""
     if path.is_file():
         yield path
         return
     for root, dirs, names in os.walk(path):
         dirs.sort()
         for name in sorted(names):
-            yield Path(root) / name
+            candidate = Path(root) / name
+            if candidate.is_file():
+                yield candidate
 
 
-def _series_description(path: Path) -> str | None:
+def _scan_names(path: Path) -> tuple[str, str]:
+    """(SeriesDescription, ProtocolName) of the first readable DICOM under `path`, "" where absent:
+    heudiconv's seqinfo carries both, and the conversion selects and renames by them."""
     # Imported here: pydicom (with numpy) takes ~0.4 s to import, which every `plan` paid for
     # `converter_env` alone.
     import pydicom
@@ -350,9 +359,8 @@ def _series_description(path: Path) -> str | None:
                                  specific_tags=["SeriesDescription", "ProtocolName"])
         except (InvalidDicomError, OSError, ValueError, EOFError):
             continue
-        description = str(ds.get("SeriesDescription", "") or ds.get("ProtocolName", "") or "")
-        return description or None
-    return None
+        return str(ds.get("SeriesDescription", "") or ""), str(ds.get("ProtocolName", "") or "")
+    return "", ""
 
 
 def _resolve_bidsmap(scans: Sequence[_ScanDir], bidsmap: Sequence[tuple[str, str]],

@@ -335,7 +335,7 @@ def _write_lock(root: Path, lock: Lock, expected_serial: int | None) -> Lock:
                 f"the lock on disk is a different lock (lineage {on_disk.header['lineage']}, not {lock.lineage})",
                 hint="another run replaced it; run plan again",
             )
-    written = replace(lock, serial=lock.serial + 1, generator=GENERATOR)
+    written = replace(lock, serial=lock.serial + 1, generator=GENERATOR, format_version=FORMAT_VERSION)
     header = _header(written)
     sessions = _Sessions.of(lock.sessions)
     keys = sorted(sessions)

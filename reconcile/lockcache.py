@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from reconcile.errors import LockfileError
-from reconcile.lockdoc import _HEADER_FIELDS, _canonical_session
+from reconcile.lockdoc import _HEADER_FIELDS, FORMAT_VERSION, _canonical_session
 from reconcile.lockparse import _parse_bytes, gc_paused
 
 # What is known about a lock file is a `_Snapshot`, keyed by the SHA-256 of its exact bytes:
@@ -66,8 +66,10 @@ _snapshots_guard = threading.Lock()
 
 # Below this size the TOML parser takes milliseconds: no cache file (nor clutter) for small locks.
 _CACHE_MIN_BYTES = 1 << 20
-_CACHE_MAGIC = b"xnat2bids lock cache 1\n"
-_CACHE_FORMAT = 1
+# Bumped with the lock's format: a cache is read without the TOML parser's check of the lock's
+# format_version, so an older xnat2bids must not take the newer one's caches for its own.
+_CACHE_MAGIC = b"xnat2bids lock cache 2\n"
+_CACHE_FORMAT = 2
 _CACHE_MAX_AGE = 30 * 86400  # cache files of BIDS roots unused this long are deleted
 # Rewriting the cache costs about as much as the lock itself. apply writes the lock after every
 # session, so during a burst the cache is saved at most this often, and at exit; a process killed
@@ -143,6 +145,8 @@ def _load_cache(path: Path, data: bytes, digest: bytes) -> _Snapshot | None:
             return None
         if not isinstance(header, dict) or set(header) != set(_HEADER_FIELDS):
             return None
+        if not isinstance(header["format_version"], int) or header["format_version"] > FORMAT_VERSION:
+            return None  # written by a newer xnat2bids: the TOML parser says so
         if not len(keys) == len(lengths) == len(sums) // 32 or sum(lengths) != len(raw) - at:
             return None
         if spans is not None and len(spans) != 2 * len(keys):

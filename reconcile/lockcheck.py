@@ -236,12 +236,16 @@ def _consistency_problems(doc: Mapping[str, Any]) -> list[str]:
             out.append(
                 f"sessions/{key}/experiment_id: {session['experiment_id']!r} disagrees with its table key {key!r}"
             )
-        for kind, field_name in (("scans", "id"), ("outputs", "path")):
+        for kind, field_name in (("scans", "id"), ("outputs", "path"), ("unselected_scans", "id")):
             seen: set[str] = set()
-            for i, item in enumerate(session[kind]):
+            for i, item in enumerate(session.get(kind, ())):
                 if item[field_name] in seen:
                     out.append(f"sessions/{key}/{kind}/{i}/{field_name}: {item[field_name]!r} is listed twice")
                 seen.add(item[field_name])
+        selected = {scan["id"] for scan in session["scans"]}
+        for i, item in enumerate(session.get("unselected_scans", ())):
+            if item["id"] in selected:
+                out.append(f"sessions/{key}/unselected_scans/{i}/id: {item['id']!r} is among the session's scans too")
     return out
 
 

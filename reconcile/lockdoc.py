@@ -12,7 +12,8 @@ from typing import Any
 
 from reconcile.model import OutputRecord, ScanRecord, SessionRecord, UnselectedScan
 
-# 2: sessions record the scans include/skip left out, and scans the name bidsmap gave them.
+# 2: sessions record the scans include/skip left out, and scans the name bidsmap gave them and
+# their DICOM ProtocolName.
 # Format 1 files are read as they are (their sessions lack both) and written as format 2.
 FORMAT_VERSION = 2
 
@@ -85,6 +86,8 @@ def _scan_document(s: ScanRecord) -> dict[str, Any]:
     }
     if s.bidsmap_target is not None:
         doc["bidsmap_target"] = s.bidsmap_target
+    if s.protocol_name is not None:
+        doc["protocol_name"] = s.protocol_name
     return doc
 
 
@@ -93,7 +96,9 @@ _SESSION_FIELDS = (
     "experiment_id", "project", "subject_id", "subject_label", "session_label", "bids_subject", "bids_session",
     "date", "insert_date", "last_modified", "xsi_type", "exported_at", "config_fingerprint",
 )
-_SCAN_FIELDS = ("id", "type", "series_description", "file_count", "total_size", "digest", "bidsmap_target")
+_SCAN_FIELDS = (
+    "id", "type", "series_description", "file_count", "total_size", "digest", "bidsmap_target", "protocol_name",
+)
 _UNSELECTED_FIELDS = ("id", "type", "series_description")
 _OUTPUT_FIELDS = ("path", "size", "sha256", "mtime_ns")
 

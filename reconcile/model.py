@@ -157,7 +157,7 @@ class Scan:
             h.update(f"{f.resource}/{f.name}\t{f.size}\t{f.digest}\n".encode())
         return h.hexdigest()
 
-    def record(self, bidsmap_target: str | None = None) -> ScanRecord:
+    def record(self, bidsmap_target: str | None = None, protocol_name: str | None = None) -> ScanRecord:
         return ScanRecord(
             id=self.id,
             type=self.type,
@@ -166,14 +166,16 @@ class Scan:
             total_size=self.total_size,
             digest=self.listing_digest,
             bidsmap_target=bidsmap_target,
+            protocol_name=protocol_name,
         )
 
 
 @dataclass(frozen=True, init=False)
 class ScanRecord:
-    """What the lock keeps of a scan: enough to notice added, removed or changed files, and the
-    ReproIn name the config's bidsmap gave it (None: no bidsmap entry matched it, or a lock
-    written before these were recorded; the session's `unselected_scans` tells which)."""
+    """What the lock keeps of a scan: enough to notice added, removed or changed files; and for
+    judging rule changes, the ReproIn name the config's bidsmap gave it (None: no entry matched)
+    and its DICOM ProtocolName where that differs from the series description (None: the same,
+    or not recorded; the session's `unselected_scans` is None then)."""
 
     id: str
     type: str
@@ -182,12 +184,14 @@ class ScanRecord:
     total_size: int
     digest: str
     bidsmap_target: str | None = None
+    protocol_name: str | None = None
 
     def __init__(self, id: str, type: str, series_description: str, file_count: int, total_size: int,
-                 digest: str, bidsmap_target: str | None = None) -> None:
+                 digest: str, bidsmap_target: str | None = None, protocol_name: str | None = None) -> None:
         # As Experiment's; the lock decodes the records of every recorded session for a plan.
         self.__dict__.update(id=id, type=type, series_description=series_description, file_count=file_count,
-                             total_size=total_size, digest=digest, bidsmap_target=bidsmap_target)
+                             total_size=total_size, digest=digest, bidsmap_target=bidsmap_target,
+                             protocol_name=protocol_name)
 
 
 @dataclass(frozen=True)
@@ -234,8 +238,9 @@ class SessionRecord:
     tools: dict[str, str] = field(default_factory=dict)  # xnat2bids / heudiconv / dcm2niix versions
     scans: tuple[ScanRecord, ...] = ()
     outputs: tuple[OutputRecord, ...] = ()
-    # The listed scans the config did not select; None for a session exported before xnat2bids
-    # recorded them (format 1), whose scans then carry no bidsmap targets either.
+    # The listed scans the config did not select; None when plan cannot judge rule changes on
+    # the recorded scans: exported by format 1, or XNAT's series descriptions were not what the
+    # conversion matched on (an empty one, or one that differs from the DICOM's).
     unselected_scans: tuple[UnselectedScan, ...] | None = None
 
     def __init__(

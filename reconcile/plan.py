@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
+from functools import cache
 
 from reconcile.config import Config, ConversionSettings, select
 from reconcile.errors import UnsafePathError
@@ -172,38 +173,86 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def recorded_scans(listed: Iterable[Scan], settings: ConversionSettings
-                   ) -> tuple[tuple[ScanRecord, ...], tuple[UnselectedScan, ...]]:
-    """What the lock keeps of a session's listed scans: the selected ones with the name the
-    bidsmap gives each, and the ones include/skip leave out."""
+def recorded_scans(listed: Iterable[Scan], settings: ConversionSettings,
+                   names: Mapping[str, tuple[str, str]] | None
+                   ) -> tuple[tuple[ScanRecord, ...], tuple[UnselectedScan, ...] | None]:
+    """What the lock keeps of a session's listed scans: the selected ones, each with the name the
+    bidsmap gave it and its ProtocolName; and the ones include/skip left out, or None when rule
+    changes cannot be judged on XNAT's series descriptions. `names`: the conversion's
+    (SeriesDescription, ProtocolName) per exported scan (None: not known)."""
     selected, unselected = [], []
+    judged = names is not None
     for s in listed:
-        if settings.selects(s.id, s.series_description):
-            selected.append(s.record(settings.scan_name(s.series_description)))
-        else:
+        if not s.series_description:  # the conversion goes by the ProtocolName, which XNAT does not list
+            judged = False
+        if not settings.selects(s.id, s.series_description):
             unselected.append(UnselectedScan(s.id, s.type, s.series_description))
-    return tuple(selected), tuple(unselected)
+            continue
+        description, protocol = (names or {}).get(s.id, (s.series_description, s.series_description))
+        judged = judged and description == s.series_description
+        try:
+            name = settings.scan_name(description, protocol)
+        except ValueError:  # the conversion refused it; nothing was named
+            name = None
+        selected.append(s.record(name, protocol if protocol != description else None))
+    return tuple(selected), tuple(unselected) if judged else None
+
+
+_CONFLICT = "\0conflict"  # `_Judge.name`'s answer when bidsmap entries that disagree match
+
+
+class _Judge:
+    """One ConversionSettings' include/skip and bidsmap answers, memoised: a rule change that
+    affects no session is judged again on every plan, for every recorded scan (10,000 sessions ×
+    10 scans), and the sessions of a study share their series."""
+
+    def __init__(self, settings: ConversionSettings) -> None:
+        self.settings = settings
+        self._selected: dict[tuple[str, str], bool] = {}
+        self._names: dict[tuple[str, str], str | None] = {}
+
+    def selects(self, scan_id: str, description: str) -> bool:
+        found = self._selected.get((scan_id, description))
+        if found is None:
+            found = self._selected[scan_id, description] = self.settings.selects(scan_id, description)
+        return found
+
+    def name(self, description: str, protocol_name: str) -> str | None:
+        key = (description, protocol_name)
+        if key not in self._names:
+            try:
+                self._names[key] = self.settings.scan_name(description, protocol_name)
+            except ValueError:
+                self._names[key] = _CONFLICT
+        return self._names[key]
+
+
+@cache
+def _judge(settings: ConversionSettings) -> _Judge:
+    return _Judge(settings)
 
 
 def _rule_changes(rec: SessionRecord, settings: ConversionSettings, changed: list[str]) -> tuple[list[str], str]:
     """Of the conversion settings that `changed` since `rec` was exported, those that change its
-    conversion, and what they change. include/skip and bidsmap act on scan IDs and series
-    descriptions, which the record keeps (exported by format 1: not the unselected scans, so
-    every change counts); a heuristic is code and always counts."""
+    conversion, and what they change. include/skip and bidsmap act on scan IDs, series
+    descriptions and protocol names, which the record keeps (without its unselected scans, as
+    from format 1, every change counts); a heuristic is code and always counts."""
     if rec.unselected_scans is None:
         return changed, ""
     effects: list[str] = []
     affecting = [k for k in changed if k not in ("include", "skip", "bidsmap")]
-    selected = [s for s in rec.scans if settings.selects(s.id, s.series_description)]
+    judge = _judge(settings)
+    kept = [judge.selects(s.id, s.series_description) for s in rec.scans]
     if "include" in changed or "skip" in changed:
-        dropped = [s for s in rec.scans if s not in selected]
-        added = [s for s in rec.unselected_scans if settings.selects(s.id, s.series_description)]
+        dropped = [s for s, keep in zip(rec.scans, kept) if not keep]
+        added = [s for s in rec.unselected_scans if judge.selects(s.id, s.series_description)]
         effects += [f"scan {s.id} ({s.series_description}) left out" for s in dropped]
         effects += [f"scan {s.id} ({s.series_description}) now selected" for s in added]
         if dropped or added:
             affecting += [k for k in changed if k in ("include", "skip")]
     if "bidsmap" in changed:
-        renamed = [(s, settings.scan_name(s.series_description)) for s in selected]
+        renamed = [(s, judge.name(s.series_description, s.protocol_name or s.series_description))
+                   for s, keep in zip(rec.scans, kept) if keep]
         renamed = [(s, name) for s, name in renamed if name != s.bidsmap_target]
         effects += [_renaming(s, name) for s, name in renamed]
         if renamed:
@@ -214,6 +263,8 @@ def _rule_changes(rec: SessionRecord, settings: ConversionSettings, changed: lis
 
 def _renaming(scan: ScanRecord, name: str | None) -> str:
     what = f"scan {scan.id} ({scan.series_description})"
+    if name == _CONFLICT:
+        return f"{what} matches bidsmap entries that disagree"
     if scan.bidsmap_target is None:
         return f"{what} now named {name}"
     if name is None:

@@ -208,6 +208,18 @@ def test_a_format_1_lock_is_read_as_it_is_and_written_as_format_2() -> None:
     assert "unselected_scans = []" in text and text.count("unselected_scans") == 1
 
 
+@pytest.mark.parametrize("left_out, problem", [
+    (("3", "3"), r"unselected_scans/1/id: '3' is listed twice"),
+    (("2",), r"unselected_scans/0/id: '2' is among the session's scans too"),
+])
+def test_an_unselected_scan_listed_twice_or_also_selected_is_refused(left_out, problem) -> None:
+    rec = replace(record(1), unselected_scans=tuple(UnselectedScan(i, "MR", "x") for i in left_out))
+    text = dumps_lock(lock_with(replace(rec, unselected_scans=())))
+    listed = ", ".join(f'{{ id = "{i}", type = "MR", series_description = "x" }}' for i in left_out)
+    with pytest.raises(LockfileError, match=problem):
+        loads_lock(text.replace("unselected_scans = []", f"unselected_scans = [{listed}]"))
+
+
 def test_unselected_scans_and_bidsmap_names_are_kept_in_scan_order() -> None:
     scans = (ScanRecord("10", "MR", "t1", 1, 1, sha("a"), bidsmap_target="anat-T1w"),
              ScanRecord("2", "MR", "bold", 1, 1, sha("b")))
@@ -895,6 +907,18 @@ def test_a_large_lock_is_read_from_the_cache_without_parsing(root: Path, cached:
     no_toml(monkeypatch)
     assert read_lock(root) == written
     assert write_lock(root, read_lock(root).with_session(record(3)), expected_serial=written.serial).serial == 2
+
+
+def test_a_cache_of_a_lock_in_a_newer_format_is_not_read(root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cache skips the TOML parser and its format check: an xnat2bids that knows only an older
+    # format must still refuse the lock, not decode it from the cache (and drop what it cannot read).
+    write_lock(root, lock_with(record(1)))
+    assert len(list(cached.iterdir())) == 1
+    forget()
+    monkeypatch.setattr(lockcache, "FORMAT_VERSION", FORMAT_VERSION - 1)
+    no_toml(monkeypatch)
+    with pytest.raises(AssertionError, match="the TOML was parsed"):  # where the format is checked
+        read_lock(root)
 
 
 def test_small_locks_get_no_cache_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -392,7 +392,8 @@ LOCALIZER = Scan("3", "MR", "anat-scout_acq-localizer", scans_for()[0].files)
 def exported(e: Experiment, config: Config, listed: tuple[Scan, ...]) -> SessionRecord:
     """The record apply writes (format 2): the scans `config` selected, with their bidsmap names,
     and the ones it left out."""
-    selected, unselected = recorded_scans(listed, config.conversion_for(e.project, e.label))
+    names = {s.id: (s.series_description, s.series_description) for s in listed}  # DICOM agrees with XNAT
+    selected, unselected = recorded_scans(listed, config.conversion_for(e.project, e.label), names)
     return replace(record(e, config=config, bids_session=f"{e.subject_label}MR1"), scans=selected,
                    unselected_scans=unselected)
 
@@ -459,6 +460,40 @@ def test_a_bidsmap_change_updates_only_the_sessions_with_a_series_it_names_diffe
     assert messages == {"config changed: bidsmap (scan 2 (func-bold_task-rest) now named func-bold_task-resting)"}
 
 
+def test_bidsmap_names_are_judged_by_protocol_name_too_and_conflicts_count():  # row 15
+    e1, e2 = exp(1), exp(2)
+    listed = scans_for()
+    settings = CONFIG.conversion_for("PROJ", e1.label)
+    # The T1w's DICOM ProtocolName differs from its description (Philips, GE): kept for the bidsmap.
+    selected, unselected = recorded_scans(listed, settings, {"1": ("anat-T1w", "t1_tfe"), "2": ("func-bold_task-rest",) * 2})
+    assert [(s.protocol_name, s.bidsmap_target) for s in selected] == [("t1_tfe", None), (None, None)]
+    rec1 = replace(record(e1, bids_session="SUBJ01MR1"), scans=selected, unselected_scans=unselected)
+    rec2 = exported(e2, CONFIG, listed)
+    by_protocol = parse_config({"conversion": {"bidsmap": {"t1_tfe": "anat-T1w_acq-tfe"}}})
+    change = only(plan_of(lock_of(rec1, rec2), [e1, e2], config=by_protocol), Action.UPDATE)
+    assert change.key.experiment_id == e1.id
+    assert change.reasons[0].message == "config changed: bidsmap (scan 1 (anat-T1w) now named anat-T1w_acq-tfe)"
+    # Entries that disagree on a series: the conversion would refuse it, so it is a change to carry out.
+    clash = parse_config({"conversion": {"bidsmap": {"anat-*": "anat-T1w_acq-a", "*T1w": "anat-T1w_acq-b"}}})
+    plan = plan_of(lock_of(rec1, rec2), [e1, e2], config=clash)
+    assert {c.reasons[0].message for c in plan.changes} == {
+        "config changed: bidsmap (scan 1 (anat-T1w) matches bidsmap entries that disagree)"}
+    assert plan.count(Action.UPDATE) == 2
+
+
+def test_rule_changes_are_not_judged_where_xnat_did_not_list_what_the_conversion_matched():  # row 15
+    listed = scans_for()
+    settings = CONFIG.conversion_for("PROJ", "SUBJ01_MR1")
+    agreeing = {s.id: (s.series_description, s.series_description) for s in listed}
+    assert recorded_scans(listed, settings, agreeing)[1] == ()
+    assert recorded_scans(listed, settings, None)[1] is None  # the conversion's names not known
+    differing = {**agreeing, "2": ("func-bold_task-rest_run-1", "func-bold_task-rest_run-1")}
+    assert recorded_scans(listed, settings, differing)[1] is None
+    blank = (listed[0], replace(listed[1], series_description=""))  # the conversion went by ProtocolName
+    skip_blank = parse_config({"conversion": {"skip": ["2"]}}).conversion_for("PROJ", "SUBJ01_MR1")
+    assert recorded_scans(blank, skip_blank, agreeing)[1] is None
+
+
 def test_sessions_exported_before_scans_were_recorded_take_any_rule_change():  # row 15, format 1
     e1, e2 = exp(1), exp(2)
     before = parse_config({"conversion": {"skip": ["*localizer*"]}})
@@ -471,7 +506,7 @@ def test_sessions_exported_before_scans_were_recorded_take_any_rule_change():  #
 
 def test_a_heuristic_change_updates_every_session_it_applies_to():  # row 15
     e1, e2 = exp(1), exp(2)
-    lock = lock_of(exported(e1, CONFIG, scans_for()), exported(e2, CONFIG, scans_for()))
+    lock = lock_of(exported(e1, CONFIG, scans_for()[:1]), exported(e2, CONFIG, (*scans_for(), LOCALIZER)))
     config = parse_config({"conversion": {"heuristic": "convertall"}})
     plan = plan_of(lock, [e1, e2], config=config)
     assert {c.reasons[0].message for c in plan.changes} == {"config changed: heuristic"}

@@ -4,8 +4,10 @@ scan, so that a later change of those rules updates only the sessions whose conv
 
 from __future__ import annotations
 
+import io
 import json
 
+import pydicom
 from worlds import SMALL, add, write_config
 
 from reconcile.emulator.dicomgen import DEFAULT_SERIES
@@ -74,3 +76,58 @@ def test_a_rule_change_updates_only_the_sessions_whose_scans_it_concerns(cli, em
     assert not (root / "sub-01/ses-01MR1/anat").exists()
     code, doc = _plan(cli, root, by_id)
     assert (code, doc["changes"]) == (0, [])
+
+
+def _files(root) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.glob("sub-*/ses-*/*/*.nii.gz"))
+
+
+def test_a_session_whose_xnat_descriptions_are_not_what_the_conversion_matched_takes_any_rule_change(
+        cli, emulator, tmp_path):
+    # XNAT lists the BOLD without a description; its DICOM has one, which the conversion selects by.
+    e = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    emulator.archive.get_scan(e.id, "2").series_description = ""
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c",
+                         str(write_config(tmp_path, '[conversion]\nskip = ["func-*"]')))
+    assert code == 0, out + err
+    assert not any("/func/" in f for f in _files(root))  # the conversion skipped it by its DICOM description
+    assert read_lock(root).sessions[e.id].unselected_scans is None  # so plan cannot judge on XNAT's
+    code, doc = _plan(cli, root, write_config(tmp_path, ""))
+    assert (code, _reasons(doc)) == (2, {e.id: ["config changed: skip"]})
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c", str(write_config(tmp_path, "")))
+    assert code == 0, out + err
+    assert any("/func/" in f for f in _files(root))
+
+
+def _set_protocol_name(archive, exp_id: str, scan_id: str, protocol: str) -> None:
+    resource = archive.get_scan(exp_id, scan_id).resources["DICOM"]
+    for path, entry in list(resource.files.items()):
+        ds = pydicom.dcmread(io.BytesIO(entry.read()))
+        ds.ProtocolName = protocol
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        archive.upload_file(exp_id, scan_id, "DICOM", path, buffer.getvalue())
+
+
+def test_a_bidsmap_entry_for_a_protocol_name_is_recorded_and_judged(cli, emulator, tmp_path):
+    # Philips and GE name series by protocol: the conversion renames by SeriesDescription, else by
+    # ProtocolName, and so must plan.
+    e = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    _set_protocol_name(emulator.archive, e.id, "1", "t1_mprage_proto")
+    root = tmp_path / "bids"
+    mapped = write_config(tmp_path, '[conversion]\nbidsmap = { "t1_mprage_proto" = "anat-T1w_acq-proto" }')
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c", str(mapped))
+    assert code == 0, out + err
+    assert "sub-01/ses-01MR1/anat/sub-01_ses-01MR1_acq-proto_T1w.nii.gz" in _files(root)
+    rec = read_lock(root).sessions[e.id]
+    assert [(s.id, s.bidsmap_target, s.protocol_name) for s in rec.scans] == [
+        ("1", "anat-T1w_acq-proto", "t1_mprage_proto"), ("2", None, None)]
+    assert rec.unselected_scans == ()
+
+    code, doc = _plan(cli, root, write_config(tmp_path, ""))
+    assert _reasons(doc) == {e.id: [
+        "config changed: bidsmap (scan 1 (anat-T1w_acq-memprage) no longer named anat-T1w_acq-proto)"]}
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c", str(write_config(tmp_path, "")))
+    assert code == 0, out + err
+    assert "sub-01/ses-01MR1/anat/sub-01_ses-01MR1_acq-memprage_T1w.nii.gz" in _files(root)

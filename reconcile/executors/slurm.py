@@ -682,6 +682,7 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
             scans=[_scan_dict(s) for s in staged.scans],
             # Their files are not needed: the lock keeps ID, type and description.
             unselected_scans=[{**_scan_dict(s), "files": []} for s in staged.unselected or ()],
+            scan_names={scan_id: list(pair) for scan_id, pair in (staged.names or {}).items()},
             tools=dict(staged.tools),
             conversion={"heuristic": staged.settings.heuristic, "include": list(staged.settings.include),
                         "skip": list(staged.settings.skip), "bidsmap": [list(p) for p in staged.settings.bidsmap],
@@ -747,6 +748,7 @@ def _staged_from(root: Path, change: Change, result: Mapping[str, Any]) -> Stage
         tools=dict(result["tools"]),
         settings=settings,
         unselected=tuple(_scan_from(s) for s in result["unselected_scans"]) if "unselected_scans" in result else None,
+        names={k: (v[0], v[1]) for k, v in result["scan_names"].items()} if "scan_names" in result else None,
     )
 
 
