@@ -189,7 +189,7 @@ def recorded_scans(listed: Iterable[Scan], settings: ConversionSettings,
             unselected.append(UnselectedScan(s.id, s.type, s.series_description))
             continue
         description, protocol = (names or {}).get(s.id, (s.series_description, s.series_description))
-        judged = judged and description == s.series_description
+        judged = judged and s.id in names and description == s.series_description
         try:
             name = settings.scan_name(description, protocol)
         except ValueError:  # the conversion refused it; nothing was named
@@ -569,7 +569,7 @@ def compute_plan(
             vanished_by_address[address] = r
     used_as_replaced: set[str] = set()
     by_subject: dict[str, list[SessionRecord]] | None = None
-    outdated = drifted = 0
+    outdated = drifted = unaffected = 0
     deep_scans = remote.deep or {}
     conversion = _conversion_lookup(config)
     converters = {t: tools[t] for t in CONVERTER_TOOLS if tools.get(t)}
@@ -679,6 +679,8 @@ def compute_plan(
             continue
         out.unchanged += 1
         outdated += any(rec.tools.get(t) != version for t, version in converters.items())
+        # Exported under other settings, judged to convert the same (or equal older digests).
+        unaffected += rec.config_digests != conversion(exp.project, exp.label, exp.id)[1]
 
     # 4. Lock entries gone from a successfully listed project are orphans (never deleted).
     gone = sorted(
@@ -710,6 +712,12 @@ def compute_plan(
             f"`xnat2bids forget {gone[0].experiment_id}` drops one from the lock and leaves its files"
         )
     out.notes += _unused_tables(config, remote, records)
+    if unaffected:
+        out.notes.append(
+            f"{unaffected} session{'s' if unaffected != 1 else ''} exported with other conversion settings "
+            f"convert{'s' if unaffected == 1 else ''} the same under these (the same scans selected and named): "
+            f"left as exported"
+        )
     if outdated:
         out.notes.append(
             f"{outdated} session{'s' if outdated != 1 else ''} converted with older tools; "

@@ -407,10 +407,14 @@ def test_a_skip_change_updates_only_the_sessions_whose_scans_it_selects_differen
     wider = parse_config({"conversion": {"skip": ["*localizer*", "*scout*"]}})
     plan = plan_of(lock, [e1, e2], config=wider)
     assert not plan.changes and plan.unchanged == 2
+    assert ("2 sessions exported with other conversion settings convert the same under these (the same scans "
+            "selected and named): left as exported") in plan.notes
     # Without the skip, e2's localizer is converted too; e1 has none.
     plan = plan_of(lock, [e1, e2], config=Config())
     change = only(plan, Action.UPDATE)
     assert change.key.experiment_id == e2.id and plan.unchanged == 1
+    assert any(n.startswith("1 session exported with other conversion settings converts the same") for n in plan.notes)
+    assert not any("exported with other conversion settings" in n for n in plan_of(lock, [e1, e2], config=before).notes)
     assert [r.message for r in change.reasons] == [
         "config changed: skip (scan 3 (anat-scout_acq-localizer) now selected)"]
     # Skipping a scan both have updates both, each saying which of its scans is left out.
@@ -489,6 +493,7 @@ def test_rule_changes_are_not_judged_where_xnat_did_not_list_what_the_conversion
     assert recorded_scans(listed, settings, None)[1] is None  # the conversion's names not known
     differing = {**agreeing, "2": ("func-bold_task-rest_run-1", "func-bold_task-rest_run-1")}
     assert recorded_scans(listed, settings, differing)[1] is None
+    assert recorded_scans(listed, settings, {"1": agreeing["1"]})[1] is None  # scan 2 gave the conversion nothing
     blank = (listed[0], replace(listed[1], series_description=""))  # the conversion went by ProtocolName
     skip_blank = parse_config({"conversion": {"skip": ["2"]}}).conversion_for("PROJ", "SUBJ01_MR1")
     assert recorded_scans(blank, skip_blank, agreeing)[1] is None
