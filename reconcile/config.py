@@ -55,6 +55,10 @@ class ConversionSettings:
             object.__setattr__(self, "_hash", cached)
         return cached
 
+    def __getstate__(self) -> dict[str, Any]:
+        # str hashes differ between processes: a copy elsewhere computes its own.
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
     def merged(self, table: dict[str, Any]) -> ConversionSettings:
         return ConversionSettings(
             heuristic=table.get("heuristic", self.heuristic),

@@ -189,7 +189,8 @@ def recorded_scans(listed: Iterable[Scan], settings: ConversionSettings,
             unselected.append(UnselectedScan(s.id, s.type, s.series_description))
             continue
         description, protocol = (names or {}).get(s.id, (s.series_description, s.series_description))
-        judged = judged and s.id in names and description == s.series_description
+        # Without a ProtocolName heudiconv takes Siemens' private (CSA) one, unseen here.
+        judged = judged and s.id in names and description == s.series_description and protocol != ""
         try:
             name = settings.scan_name(description, protocol)
         except ValueError:  # the conversion refused it; nothing was named

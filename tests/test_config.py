@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from reconcile.config import DEFAULT_BIDS_ROOT, Config, load_config, parse_config
+from reconcile.config import (
+    DEFAULT_BIDS_ROOT,
+    Config,
+    ConversionSettings,
+    load_config,
+    parse_config,
+)
 from reconcile.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "xnat2bids.toml.example"
@@ -153,3 +162,13 @@ def test_a_config_reached_through_a_link_resolves_paths_from_its_own_folder(tmp_
     assert linked.conversion.heuristic == real.conversion.heuristic == str(tmp_path / "shared" / "lab.py")
     assert linked.resolve_bids_root(None) == tmp_path / "shared" / "bids"
     assert linked.fingerprint() == real.fingerprint()
+
+
+def test_conversion_settings_hash_as_they_compare_also_after_a_copy() -> None:
+    # The hash is cached on first use; a copy (pickled for another process) must not carry it.
+    a = ConversionSettings(skip=("*scout*",), bidsmap=(("t1", "anat-T1w"),))
+    b = ConversionSettings(skip=("*scout*",), bidsmap=(("t1", "anat-T1w"),))
+    assert hash(a) == hash(b) and a == b and a != replace(a, skip=())
+    copied = pickle.loads(pickle.dumps(a))
+    assert "_hash" not in copied.__dict__ and copied == a and hash(copied) == hash(a)
+    assert copy.copy(a) == a and {a: 1}[b] == 1

@@ -494,6 +494,8 @@ def test_rule_changes_are_not_judged_where_xnat_did_not_list_what_the_conversion
     differing = {**agreeing, "2": ("func-bold_task-rest_run-1", "func-bold_task-rest_run-1")}
     assert recorded_scans(listed, settings, differing)[1] is None
     assert recorded_scans(listed, settings, {"1": agreeing["1"]})[1] is None  # scan 2 gave the conversion nothing
+    # No ProtocolName: heudiconv takes the one in Siemens' private header, which apply does not read.
+    assert recorded_scans(listed, settings, {**agreeing, "1": ("anat-T1w", "")})[1] is None
     blank = (listed[0], replace(listed[1], series_description=""))  # the conversion went by ProtocolName
     skip_blank = parse_config({"conversion": {"skip": ["2"]}}).conversion_for("PROJ", "SUBJ01_MR1")
     assert recorded_scans(blank, skip_blank, agreeing)[1] is None
