@@ -132,8 +132,7 @@ def convert_session(
     scans = _scan_dirs(dicom_dir)
     names = {s.scan_id: _scan_names(s.path) for s in scans}
     scans = [_ScanDir(s.scan_id, s.path, names[s.scan_id][0] or names[s.scan_id][1] or None) for s in scans]
-    needs_description = bool(settings.include or settings.skip or settings.bidsmap)
-    selected = [s for s in scans if not needs_description or settings.selects(s.scan_id, s.description or "")]
+    selected = [s for s in scans if settings.selects(s.scan_id, s.description or "")]
     if scans and not selected:
         raise nothing_selected(address, [(s.scan_id, s.description) for s in scans], settings)
     if not selected:  # apply stops a session whose selection is empty before exporting it

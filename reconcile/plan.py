@@ -667,7 +667,8 @@ def compute_plan(
             else:
                 out.changes.append(Change(Action.CREATE, exp.key, address, _NEW, None, exp, scans))
             continue
-        reasons = _compare(rec, exp, address, conversion(exp.project, exp.label, exp.id), scans, tools, reconvert_outdated)
+        converted_by = conversion(exp.project, exp.label, exp.id)
+        reasons = _compare(rec, exp, address, converted_by, scans, tools, reconvert_outdated)
         if reasons:
             changed = edited(rec, local)
             out.changes.append(Change(Action.UPDATE, exp.key, address, (*reasons, *changed), rec, exp, scans,
@@ -681,7 +682,7 @@ def compute_plan(
         out.unchanged += 1
         outdated += any(rec.tools.get(t) != version for t, version in converters.items())
         # Exported under other settings, judged to convert the same (or equal older digests).
-        unaffected += rec.config_digests != conversion(exp.project, exp.label, exp.id)[1]
+        unaffected += rec.config_digests != converted_by[1]
 
     # 4. Lock entries gone from a successfully listed project are orphans (never deleted).
     gone = sorted(

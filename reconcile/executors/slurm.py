@@ -681,7 +681,7 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
                     "dicom_dir": os.path.relpath(staged.dicom_dir, root)},
             scans=[_scan_dict(s) for s in staged.scans],
             # Their files are not needed: the lock keeps ID, type and description.
-            unselected_scans=[{**_scan_dict(s), "files": []} for s in staged.unselected or ()],
+            unselected_scans=[_scan_dict(replace(s, files=())) for s in staged.unselected or ()],
             scan_names={scan_id: list(pair) for scan_id, pair in (staged.names or {}).items()},
             tools=dict(staged.tools),
             conversion={"heuristic": staged.settings.heuristic, "include": list(staged.settings.include),
