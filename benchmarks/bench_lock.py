@@ -113,6 +113,17 @@ def bench(n: int, loop: int, cold: bool) -> list[list[str]]:
     dt, _ = timed(lambda: lockmod.read_lock(root))
     row("read again in the same process", dt)
 
+    # Another writer (a colleague's apply on a shared root, a pull, a hand edit) changed one
+    # session: the cache is of the version before, and only the changed fragment is parsed.
+    path = lockmod.lock_path(root)
+    data = path.read_bytes()
+    at = data.index(b'exported_at = "', data.index(b"[sessions.XNAT_E00007]"))
+    path.write_bytes(data[:at] + data[at:].replace(b'exported_at = "2026', b'exported_at = "2027', 1))
+    new_process()
+    dt, got = timed(lambda: lockmod.read_lock(root))
+    assert got.sessions["XNAT_E00007"].exported_at.startswith("2027")
+    row("read after another writer changed one session", dt, "cache of the version before")
+
     new_process()
     got = lockmod.read_lock(root)
     dt, written = timed(lambda: lockmod.write_lock(root, got.with_session(record(1, exported_at="2027-01-01T00:00:00Z")),

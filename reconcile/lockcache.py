@@ -43,12 +43,35 @@ class _Snapshot:
     fragments: dict[str, Any] | None = None  # with spans: session key -> those bytes, in `pieces`
     identity: tuple[int, ...] | None = None  # `_identity` of the file as read or written; None: unknown
     known_digest: bytes | None = None  # SHA-256 of the bytes, once computed
+    # With spans: session key -> SHA-256 of its fragment, once computed (`fragment_digests`).
+    fragment_sums: dict[str, bytes] | None = None
 
     def locate(self, spans: dict[str, tuple[int, int]]) -> None:
         """Note where each session's fragment lies in the file's bytes, held in one piece."""
         view = memoryview(self.pieces[0])
         self.spans = spans
         self.fragments = {key: view[start:end] for key, (start, end) in spans.items()}
+
+    def fragment_digests(self) -> dict[str, bytes] | None:
+        """Session key -> SHA-256 of its fragment; None when the file is not laid out by session."""
+        sums = self.fragment_sums if self.fragment_sums is not None else {}
+        if self.spans is not None and len(sums) == len(self.spans):
+            return sums
+        if self.fragments is None:
+            return None
+        if len(sums) != len(self.fragments):
+            sha256 = hashlib.sha256
+            sums = {key: sums.get(key) or sha256(fragment).digest() for key, fragment in self.fragments.items()}
+            self.fragment_sums = sums
+        return sums
+
+    def sessions_known(self) -> dict[str, tuple[bytes, bytes, bytes]]:
+        """Session key -> (SHA-256 of its fragment, its blob, SHA-256 of the blob): what a reader
+        of a newer version of this file may take over for each fragment whose bytes are the same."""
+        sums = self.fragment_digests()
+        if sums is None:
+            return {}
+        return {key: (sums[key], self.blobs[key], self.sums[key]) for key in sums}
 
     @property
     def digest(self) -> bytes:
@@ -66,10 +89,11 @@ _snapshots_guard = threading.Lock()
 
 # Below this size the TOML parser takes milliseconds: no cache file (nor clutter) for small locks.
 _CACHE_MIN_BYTES = 1 << 20
-# Bumped with the lock's format: a cache is read without the TOML parser's check of the lock's
-# format_version, so an older xnat2bids must not take the newer one's caches for its own.
-_CACHE_MAGIC = b"xnat2bids lock cache 2\n"
-_CACHE_FORMAT = 2
+# Bumped with the lock's format (a cache is read without the TOML parser's check of the lock's
+# format_version, so an older xnat2bids must not take the newer one's caches for its own), and
+# with the cache file's own layout.
+_CACHE_MAGIC = b"xnat2bids lock cache 3\n"
+_CACHE_FORMAT = 3
 _CACHE_MAX_AGE = 30 * 86400  # cache files of BIDS roots unused this long are deleted
 # Rewriting the cache costs about as much as the lock itself. apply writes the lock after every
 # session, so during a burst the cache is saved at most this often, and at exit; a process killed
@@ -114,8 +138,10 @@ def _cache_file(path: Path) -> Path | None:
     return None if directory is None else directory / f"{name}.bin"
 
 
-def _load_cache(path: Path, data: bytes, digest: bytes) -> _Snapshot | None:
-    """The cached snapshot of the lock whose bytes have `digest`, or None: never an error.
+def _read_cache(path: Path) -> _Snapshot | None:
+    """The snapshot in the cache file of the lock at `path`, or None: never an error. It may be of
+    an older version of the file (see its digest): then it holds no bytes, only what the file's
+    sessions were, for `sessions_known`.
 
     Layout: magic, SHA-256 of the index, index length (8 bytes), index (marshalled), then the
     blobs back to back, each checked against its SHA-256 in the index.
@@ -140,16 +166,16 @@ def _load_cache(path: Path, data: bytes, digest: bytes) -> _Snapshot | None:
         return None
     at += size
     try:
-        version, cached_digest, header, keys, lengths, sums, spans = marshal.loads(index)
-        if version != _CACHE_FORMAT or cached_digest != digest:
-            return None
-        if not isinstance(header, dict) or set(header) != set(_HEADER_FIELDS):
+        version, digest, header, keys, lengths, sums, spans, fragment_sums = marshal.loads(index)
+        if version != _CACHE_FORMAT or not isinstance(header, dict) or set(header) != set(_HEADER_FIELDS):
             return None
         if not isinstance(header["format_version"], int) or header["format_version"] > FORMAT_VERSION:
             return None  # written by a newer xnat2bids: the TOML parser says so
         if not len(keys) == len(lengths) == len(sums) // 32 or sum(lengths) != len(raw) - at:
             return None
-        if spans is not None and len(spans) != 2 * len(keys):
+        if (spans is None) != (fragment_sums is None):
+            return None
+        if spans is not None and (len(spans) != 2 * len(keys) or len(fragment_sums) != 32 * len(keys)):
             return None
         blobs, blob_sums = {}, {}
         sha256 = hashlib.sha256
@@ -159,9 +185,10 @@ def _load_cache(path: Path, data: bytes, digest: bytes) -> _Snapshot | None:
                 return None
             blobs[key], blob_sums[key] = blob, expected
             at += length
-        snapshot = _Snapshot(header, blobs, blob_sums, None, [data], known_digest=digest)
+        snapshot = _Snapshot(header, blobs, blob_sums, None, [], known_digest=digest)
         if spans is not None:
-            snapshot.locate({k: (spans[2 * i], spans[2 * i + 1]) for i, k in enumerate(keys)})
+            snapshot.spans = {k: (spans[2 * i], spans[2 * i + 1]) for i, k in enumerate(keys)}
+            snapshot.fragment_sums = {k: fragment_sums[32 * i:32 * i + 32] for i, k in enumerate(keys)}
         return snapshot
     except Exception:  # anything unexpected in a cache means: not usable
         return None
@@ -199,9 +226,11 @@ def _save_cache(path: Path, snapshot: _Snapshot) -> None:
     keys = tuple(snapshot.blobs)
     blobs = [snapshot.blobs[k] for k in keys]
     spans = None if snapshot.spans is None else tuple(n for k in keys for n in snapshot.spans[k])
+    fragment_sums = snapshot.fragment_digests()
     index = marshal.dumps(
         (_CACHE_FORMAT, snapshot.digest, snapshot.header, keys, tuple(map(len, blobs)),
-         b"".join(snapshot.sums[k] for k in keys), spans)
+         b"".join(snapshot.sums[k] for k in keys), spans,
+         None if fragment_sums is None else b"".join(fragment_sums[k] for k in keys))
     )
     tmp = file.with_name(f"{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -253,9 +282,17 @@ def _snapshot_of(path: Path, data: bytes) -> _Snapshot:
     known = _snapshots.get(os.path.abspath(path))
     if known is not None and known.digest == digest:
         return known
-    snapshot = _load_cache(path, data, digest) if len(data) >= _CACHE_MIN_BYTES else None
-    if snapshot is None:
-        snapshot = _parse_file(path, data, digest)
+    cached = _read_cache(path) if len(data) >= _CACHE_MIN_BYTES else None
+    if cached is not None and cached.digest == digest:
+        snapshot = cached
+        snapshot.pieces = [data]
+        if snapshot.spans is not None:
+            snapshot.locate(snapshot.spans)
+    else:
+        # Another writer changed the file (a colleague's apply, a hand edit, a pull): the sessions
+        # whose fragments kept their bytes are taken from what was known of the file before.
+        before = known if known is not None and known.fragments is not None else cached
+        snapshot = _parse_file(path, data, digest, before.sessions_known() if before is not None else None)
         if len(data) >= _CACHE_MIN_BYTES:
             with _snapshots_guard:  # a cache pending from an earlier write of ours is older
                 _unsaved.pop(os.path.abspath(path), None)
@@ -267,14 +304,24 @@ def _snapshot_of(path: Path, data: bytes) -> _Snapshot:
     return snapshot
 
 
-def _parse_file(path: Path, data: bytes, digest: bytes) -> _Snapshot:
-    """The slow path: parse and validate the TOML."""
+def _parse_file(
+    path: Path, data: bytes, digest: bytes, before: dict[str, tuple[bytes, bytes, bytes]] | None = None
+) -> _Snapshot:
+    """The slow path: parse and validate the TOML; of the sessions in `before` (see
+    `_Snapshot.sessions_known`), only those whose fragment's bytes changed."""
     with gc_paused():
-        doc, spans = _parse_bytes(data, str(path))
+        doc, spans, fragment_sums = _parse_bytes(data, str(path), {k: v[0] for k, v in before.items()} if before else None)
         sessions = doc["sessions"]
-        blobs = {key: marshal.dumps(_canonical_session(sessions[key])) for key in sorted(sessions)}
-    sums = {key: hashlib.sha256(blob).digest() for key, blob in blobs.items()}
-    snapshot = _Snapshot({key: doc[key] for key in _HEADER_FIELDS}, blobs, sums, None, [data], known_digest=digest)
+        blobs, sums = {}, {}
+        sha256 = hashlib.sha256
+        for key in sorted(spans if spans is not None else sessions):
+            if key in sessions:
+                blobs[key] = blob = marshal.dumps(_canonical_session(sessions[key]))
+                sums[key] = sha256(blob).digest()
+            else:  # left out by `_parse_bytes`: the same bytes as before
+                _, blobs[key], sums[key] = before[key]  # type: ignore[index]
+    snapshot = _Snapshot({key: doc[key] for key in _HEADER_FIELDS}, blobs, sums, None, [data], known_digest=digest,
+                         fragment_sums=fragment_sums)
     if spans is not None:
         snapshot.locate(spans)
     return snapshot

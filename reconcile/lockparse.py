@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from reconcile.errors import LockfileError
@@ -90,17 +91,27 @@ def _parse(text: str, source: str) -> dict[str, Any]:
     return doc
 
 
-def _parse_bytes(data: bytes, source: str) -> tuple[dict[str, Any], dict[str, tuple[int, int]] | None]:
-    """The validated document of a lock file's bytes, and where each session's fragment lies in
-    them (None when the file is not laid out fragment by fragment). LockfileError when invalid."""
-    laid_out = _by_session(data)
+_Spans = dict[str, tuple[int, int]]
+
+
+def _parse_bytes(
+    data: bytes, source: str, known: Mapping[str, bytes] | None = None
+) -> tuple[dict[str, Any], _Spans | None, dict[str, bytes] | None]:
+    """The validated document of a lock file's bytes, where each session's fragment lies in them
+    (None when the file is not laid out fragment by fragment), and, given `known`, each fragment's
+    SHA-256. LockfileError when invalid.
+
+    `known`: session key -> SHA-256 of that session's fragment in a file read before (valid then).
+    A fragment with the same bytes means the same session: it is neither parsed nor validated
+    again, and its session is left out of the document (the caller has it)."""
+    laid_out = _by_session(data, known)
     if laid_out is not None:
         return laid_out
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise LockfileError(f"{source}: not valid TOML: not UTF-8 text (byte {exc.start})") from exc
-    return _parse(text, source), None
+    return _parse(text, source), None, None
 
 
 def _session_starts(data: bytes) -> Iterator[tuple[int, str]]:
@@ -112,7 +123,9 @@ def _session_starts(data: bytes) -> Iterator[tuple[int, str]]:
         yield m.start() + 1, m.group(1).decode()
 
 
-def _by_session(data: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, int]]] | None:
+def _by_session(
+    data: bytes, known: Mapping[str, bytes] | None = None
+) -> tuple[dict[str, Any], _Spans, dict[str, bytes] | None] | None:
     """A valid lock laid out as a header, then one self-contained fragment per session in key
     order (a `[sessions.<key>]` line, up to the next one), parsed fragment by fragment with
     toml-rs: its document and each fragment's span. None for any other file, valid or not.
@@ -123,6 +136,7 @@ def _by_session(data: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, int]]
     session), also after a read that found no cache. A fragment edited by hand keeps its form
     until its session changes. A line that looks like a session's start inside a multi-line
     string cuts that string, so its fragment fails to parse and the whole file goes to `_parse`.
+    With `known` (see `_parse_bytes`), the fragments it knows are skipped.
     """
     if toml_rs is None or data.startswith(b"\xef\xbb\xbf"):  # a byte order mark: tomllib refuses it
         return None
@@ -130,7 +144,9 @@ def _by_session(data: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, int]]
     if not starts:
         return None
     sessions: dict[str, Any] = {}
-    spans: dict[str, tuple[int, int]] = {}
+    spans: _Spans = {}
+    digests: dict[str, bytes] | None = None if known is None else {}
+    view, sha256 = memoryview(data), hashlib.sha256
     try:
         doc = toml_rs.loads(data[: starts[0][0]].decode(), toml_version="1.0.0")
         if "sessions" in doc:
@@ -143,16 +159,21 @@ def _by_session(data: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, int]]
             end = starts[i + 1][0] if i + 1 < len(starts) else len(data)
             if end < len(data) and data[end - 2:end] == b"\n\n":
                 end -= 1  # the blank line between two fragments is the writer's separator
+            spans[key] = (start, end)
+            if digests is not None:
+                digest = digests[key] = sha256(view[start:end]).digest()
+                if known.get(key) == digest:  # type: ignore[union-attr]
+                    continue  # parsed alone to its own session when it was read before
             # After a `[sessions]` line: a fragment declaring that table too (allowed once per file,
             # so maybe in each fragment alone) fails here as the whole file would.
             fragment = toml_rs.loads("[sessions]\n" + data[start:end].decode(), toml_version="1.0.0")
             if len(fragment) != 1 or len(tables := fragment["sessions"]) != 1 or key not in tables:
                 return None
             sessions[key] = tables[key]
-            spans[key] = (start, end)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException:  # invalid UTF-8 or TOML, also a Rust panic: `_parse` decides and words it
         return None
     doc["sessions"] = sessions
-    return None if _problems(doc) else (doc, spans)
+    # The schema has no rule across sessions: the header and the sessions parsed here are checked.
+    return None if _problems(doc) else (doc, spans, digests)

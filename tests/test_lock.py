@@ -271,7 +271,7 @@ _session = st.builds(
     scans=st.lists(_scan, max_size=4, unique_by=lambda s: s.id).map(tuple),
     outputs=st.lists(_output, max_size=4, unique_by=lambda o: o.path).map(tuple),
     unselected_scans=st.none() | st.lists(_unselected, max_size=3, unique_by=lambda s: s.id).map(tuple),
-)
+).filter(lambda s: not {u.id for u in s.unselected_scans or ()} & {x.id for x in s.scans})  # valid: no scan both
 _locks = st.builds(
     lambda sessions, serial, fingerprint: replace(lock_with(*sessions), serial=serial, config_fingerprint=fingerprint),
     st.lists(_session, max_size=4, unique_by=lambda s: s.experiment_id),
@@ -705,7 +705,7 @@ def forget() -> None:
 
 
 def no_toml(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(data: bytes, source: str) -> None:
+    def refuse(data: bytes, source: str, known: object = None) -> None:
         raise AssertionError("the TOML was parsed")
 
     monkeypatch.setattr(lockcache, "_parse_bytes", refuse)  # as the file reader calls it
@@ -750,7 +750,7 @@ def test_a_write_after_a_read_reserializes_only_the_changed_session(
     forget()
     parsed: list[str] = []
     real_parse = lockcache._parse_bytes
-    monkeypatch.setattr(lockcache, "_parse_bytes", lambda data, source: parsed.append(source) or real_parse(data, source))
+    monkeypatch.setattr(lockcache, "_parse_bytes", lambda data, source, known=None: parsed.append(source) or real_parse(data, source, known))
     lock = read_lock(root)
     assert len(parsed) == (read_from == "TOML")
     serialized: list[str] = []
@@ -859,7 +859,7 @@ def test_a_lock_laid_out_otherwise_is_read_whole_and_written_anew(root: Path, ed
 @pytest.mark.skipif(lockparse.toml_rs is None, reason="toml-rs is not installed (Python 3.10)")
 def test_a_written_lock_is_read_fragment_by_fragment(lock: Lock) -> None:
     data = dumps_lock(lock).encode()
-    doc, spans = lockparse._parse_bytes(data, "lock")
+    doc, spans, _ = lockparse._parse_bytes(data, "lock")
     assert doc == lockparse.tomllib.loads(data.decode())
     if lock.sessions:
         assert spans is not None and list(spans) == sorted(lock.sessions)
@@ -992,13 +992,80 @@ def test_an_invalid_lock_is_never_overwritten_with_the_cache_on(root: Path, cach
     assert lock_path(root).read_bytes() == data
 
 
+def count_toml_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The texts toml-rs is asked to parse from now on (the header, then one per session fragment)."""
+    parsed: list[str] = []
+    real = lockparse.toml_rs.loads
+    monkeypatch.setattr(lockparse.toml_rs, "loads", lambda text, **kw: parsed.append(text) or real(text, **kw))
+    return parsed
+
+
+@pytest.mark.skipif(lockparse.toml_rs is None, reason="toml-rs is not installed (Python 3.10)")
+@pytest.mark.parametrize("known_from", ["cache", "memory"])
+def test_after_another_writer_only_the_sessions_it_changed_are_parsed(
+    root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch, known_from: str
+) -> None:
+    # A colleague's apply on a shared root, a pull, a hand edit: the cache (or this process's own
+    # reading) is of the file before. Fragments with the same bytes are taken from it.
+    mine = write_lock(root, lock_with(*(record(n) for n in range(1, 6))))
+    theirs = replace(mine.without_session("XNAT_E00002").with_session(replace(record(3), exported_at="2027-01-01T00:00:00Z"))
+                     .with_session(record(7)), serial=mine.serial + 1)
+    if known_from == "cache":
+        forget()
+    else:
+        read_lock(root)
+    text = dumps_lock(theirs)
+    lock_path(root).write_text(text)  # written by another process: a new inode, other bytes
+    parsed = count_toml_parses(monkeypatch)
+    read = read_lock(root)
+    assert [t.split("\n", 2)[1] for t in parsed[1:]] == ["[sessions.XNAT_E00003]", "[sessions.XNAT_E00007]"]
+    assert read == theirs == loads_lock(text)
+    assert read.sessions["XNAT_E00003"].exported_at == "2027-01-01T00:00:00Z"
+    # What the read saved is complete: a new process reads it back without the parser.
+    forget()
+    parsed.clear()
+    assert read_lock(root) == theirs and parsed == []
+    # ...and a write copies every unchanged fragment from the file.
+    written = write_lock(root, read.with_session(replace(record(4), exported_at="2027-02-02T00:00:00Z")),
+                         expected_serial=theirs.serial)
+    assert lock_path(root).read_text() == dumps_lock(written)
+
+
+@pytest.mark.skipif(lockparse.toml_rs is None, reason="toml-rs is not installed (Python 3.10)")
+def test_a_session_broken_by_another_writer_is_refused_though_the_rest_is_known(root: Path, cached: Path) -> None:
+    write_lock(root, lock_with(record(1), record(2)))
+    forget()
+    broken = lock_path(root).read_bytes().replace(b'bids_subject = "SUBJ02"', b'bids_subject = "../x"')
+    lock_path(root).write_bytes(broken)
+    with pytest.raises(LockfileError, match=r"sessions/XNAT_E00002/bids_subject: '\.\./x' is not a BIDS label"):
+        read_lock(root)
+    assert lock_path(root).read_bytes() == broken
+
+
+@given(_locks, _locks)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_reading_a_changed_lock_with_the_old_one_known_gives_what_a_fresh_read_gives(before: Lock, after: Lock) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        sessions = dict(before.sessions)  # kept, and every other one replaced by a session of `after`
+        for key, rec in zip(sorted(before.sessions)[::2], after.sessions.values()):
+            sessions[key] = replace(rec, experiment_id=key)
+        mixed = replace(after, sessions={**dict(after.sessions), **sessions})
+        write_lock(root, before)
+        lock_path(root).write_text(dumps_lock(mixed))
+        again = read_lock(root)  # with `before` known in memory
+        lockcache._snapshots.clear()
+        assert again == read_lock(root) == loads_lock(dumps_lock(mixed))
+        lockcache._snapshots.clear()
+
+
 def test_a_cache_written_by_someone_else_is_not_trusted(root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_lock(root, lock_with(record(1)))
     forget()
     monkeypatch.setattr(os, "getuid", lambda: os.stat(root).st_uid + 1)
     parsed: list[str] = []
     real = lockcache._parse_bytes
-    monkeypatch.setattr(lockcache, "_parse_bytes", lambda data, source: parsed.append(source) or real(data, source))
+    monkeypatch.setattr(lockcache, "_parse_bytes", lambda data, source, known=None: parsed.append(source) or real(data, source, known))
     read_lock(root)
     assert parsed == [str(lock_path(root))]
 
