@@ -9,6 +9,7 @@ moving the session into the real BIDS root is apply's job.
 from __future__ import annotations
 
 import ast
+import csv
 import inspect
 import json
 import os
@@ -166,6 +167,7 @@ def convert_session(
                               hint=f"{hint}; {_no_output_reason(log_path, attempt, work_dir / DICOM_ONLY_NAME)}")
     outputs = tuple(sorted(p.relative_to(staging_root).as_posix() for p in files))
     table = _read_table(staging_root, address, selected)
+    names = _as_converted(names, selected, table, _series_names(staging_root, address))
     _check_no_dups(outputs, table, selected, renames, address)
     warnings = _unconverted(selected, table)
     if warnings:
@@ -243,6 +245,40 @@ def _read_table(staging_root: Path, address: BidsAddress, scans: Sequence[_ScanD
                     break
         scan_ids[str(series)] = tuple(sorted(found, key=_natural_key))
     return _Table({k: tuple(v) for k, v in names.items()}, scan_ids)
+
+
+def _series_names(staging_root: Path, address: BidsAddress) -> dict[str, tuple[str, str]] | None:
+    """(SeriesDescription, ProtocolName) of each series as heudiconv's heuristic saw it, by
+    heudiconv series ID, from its dicominfo table; None if that cannot be read."""
+    info = staging_root / ".heudiconv" / address.subject / f"ses-{address.session}" / "info"
+    try:
+        with open(info / f"dicominfo_ses-{address.session}.tsv", encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    except (OSError, ValueError, csv.Error):
+        return None
+    try:
+        return {row["series_id"]: (row["series_description"] or "", row["protocol_name"] or "") for row in rows}
+    except KeyError:
+        return None
+
+
+def _as_converted(names: Mapping[str, tuple[str, str]], scans: Sequence[_ScanDir], table: _Table | None,
+                  series_names: Mapping[str, tuple[str, str]] | None) -> dict[str, tuple[str, str]]:
+    """`names` (read from each scan's first DICOM), with each selected scan named as heudiconv's
+    heuristic saw its series (a ProtocolName heudiconv took from a Siemens CSA header too), and
+    without the scans it cannot be said of: a scan folder holding series of different names, or
+    any scan when heudiconv's tables cannot be read. Plan does not judge rule changes for a
+    session with a scan left out, so a bidsmap entry only another series of a scan matches is
+    not missed."""
+    out = dict(names)
+    for scan in scans:
+        seen = set() if table is None or series_names is None else {
+            series_names.get(series) for series, ids in table.scans.items() if scan.scan_id in ids}
+        if len(seen) == 1 and None not in seen:
+            out[scan.scan_id] = seen.pop()
+        elif seen or table is None or series_names is None:  # several, or one missing from dicominfo
+            out.pop(scan.scan_id, None)
+    return out
 
 
 def _check_no_dups(outputs: Sequence[str], table: _Table | None, scans: Sequence[_ScanDir],

@@ -814,3 +814,23 @@ def test_a_siemens_mosaic_bold_run_converts_as_its_slice_files_do(tmp_path: Path
     assert mosaic_sidecar["PhaseEncodingDirection"] == "j-"
     with pytest.raises(ValueError, match="mosaic applies to single-echo func series"):
         SeriesSpec("dwi_acq-b1500_dir-ap", "dwi", n_volumes=2, mosaic=True)
+
+
+def test_scans_are_named_as_heudiconv_saw_their_series_or_left_out() -> None:
+    scans = [convert_module._ScanDir(i, Path(i), None) for i in ("1", "2", "3", "4")]
+    first_dicom = {"1": ("t1", "t1"), "2": ("bold", ""), "3": ("mixed", "mixed"), "4": ("nothing", "nothing"),
+                   "5": ("scout", "scout")}  # 5 was left out by the config: not converted
+    table = convert_module._Table({}, {"1-t1": ("1",), "2-bold": ("2",), "3-a": ("3",), "3-b": ("3",)})
+    heudiconv = {"1-t1": ("t1", "t1"), "2-bold": ("bold", "ep2d_bold_csa"), "3-a": ("mixed", "mixed"),
+                 "3-b": ("other", "other")}
+    assert convert_module._as_converted(first_dicom, scans, table, heudiconv) == {
+        "1": ("t1", "t1"),
+        "2": ("bold", "ep2d_bold_csa"),  # the ProtocolName heudiconv read from the Siemens CSA header
+        # 3: two series of different names in one folder; 4: no series read from it, kept as read
+        "4": ("nothing", "nothing"),
+        "5": ("scout", "scout"),
+    }
+    del heudiconv["1-t1"]  # a series missing from dicominfo
+    assert "1" not in convert_module._as_converted(first_dicom, scans, table, heudiconv)
+    assert convert_module._as_converted(first_dicom, scans, None, heudiconv) == {"5": ("scout", "scout")}
+    assert convert_module._as_converted(first_dicom, scans, table, None) == {"5": ("scout", "scout")}

@@ -131,3 +131,43 @@ def test_a_bidsmap_entry_for_a_protocol_name_is_recorded_and_judged(cli, emulato
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c", str(write_config(tmp_path, "")))
     assert code == 0, out + err
     assert "sub-01/ses-01MR1/anat/sub-01_ses-01MR1_acq-memprage_T1w.nii.gz" in _files(root)
+
+
+def test_a_scan_folder_holding_two_series_is_not_judged_on_its_first_alone(cli, emulator, tmp_path):
+    # The BOLD's files were archived into scan 1 too (a scan XNAT did not split by series): the
+    # conversion names both of scan 1's series, so a bidsmap entry for the second one concerns it.
+    e = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    for path, entry in list(emulator.archive.get_scan(e.id, "2").resources["DICOM"].files.items()):
+        emulator.archive.upload_file(e.id, "1", "DICOM", f"zz_{path}", entry.read())
+    root = tmp_path / "bids"
+    only_scan_1 = '[conversion]\nskip = ["2"]'
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c", str(write_config(tmp_path, only_scan_1)))
+    assert code == 0, out + err
+    assert "sub-01/ses-01MR1/func/sub-01_ses-01MR1_task-rest_bold.nii.gz" in _files(root)
+    assert read_lock(root).sessions[e.id].unselected_scans is None
+
+    renamed = write_config(tmp_path, only_scan_1 + '\nbidsmap = { "func-bold_task-rest" = "func-bold_task-other" }')
+    code, doc = _plan(cli, root, renamed)
+    assert (code, _reasons(doc)) == (2, {e.id: ["config changed: bidsmap"]})
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c", str(renamed))
+    assert code == 0, out + err
+    assert "sub-01/ses-01MR1/func/sub-01_ses-01MR1_task-other_bold.nii.gz" in _files(root)
+
+
+def test_a_protocol_name_heudiconv_reads_from_the_siemens_header_is_judged(cli, emulator, tmp_path):
+    e = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    resource = emulator.archive.get_scan(e.id, "1").resources["DICOM"]
+    for path, entry in list(resource.files.items()):
+        ds = pydicom.dcmread(io.BytesIO(entry.read()))
+        del ds.ProtocolName  # heudiconv then takes tProtocolName from the CSA series header
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        emulator.archive.upload_file(e.id, "1", "DICOM", path, buffer.getvalue())
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c", str(write_config(tmp_path, RULES)))
+    assert code == 0, out + err
+    rec = read_lock(root).sessions[e.id]
+    assert rec.unselected_scans == () and rec.scans[0].bidsmap_target == "anat-T1w_acq-mp"
+    code, doc = _plan(cli, root, write_config(tmp_path, RULES.replace('"anat-T1w_acq-mp"', '"anat-T1w_acq-x"')))
+    assert _reasons(doc) == {e.id: [
+        "config changed: bidsmap (scan 1 (anat-T1w_acq-memprage) named anat-T1w_acq-mp → anat-T1w_acq-x)"]}
