@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import replace
+from functools import lru_cache
 from typing import Any
 
 from reconcile.model import OutputRecord, ScanRecord, SessionRecord, UnselectedScan
@@ -20,6 +21,7 @@ FORMAT_VERSION = 2
 _DIGITS = re.compile(r"(\d+)")
 
 
+@lru_cache(maxsize=1 << 14)  # a lock's sessions share their few scan IDs ("1".."12"): ~0.15 s of a cold read
 def scan_sort_key(scan_id: str) -> tuple[tuple[str | int, ...], str]:
     """Numeric-aware order for XNAT scan IDs: '2' < '10' < '10a' < 'SR1'."""
     # re.split with a capture group alternates text and digits, so positions never mix str and int.
