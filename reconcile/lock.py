@@ -342,6 +342,7 @@ def _write_lock(root: Path, lock: Lock, expected_serial: int | None) -> Lock:
     blobs: dict[str, bytes] = {}
     sums: dict[str, bytes] = {}
     fragments: list[Any] = [None] * len(keys)
+    fragment_sums: dict[str, bytes] = {}  # of the fragments copied, where known: for the cache
     changed: list[tuple[int, str, dict[str, Any], bytes | None]] = []  # (position, key, document, blob)
     unchecked: list[tuple[str, dict[str, Any]]] = []  # the changed documents not known valid
     with gc_paused():
@@ -351,6 +352,8 @@ def _write_lock(root: Path, lock: Lock, expected_serial: int | None) -> Lock:
             if on_file and on_disk.fragments is not None:  # type: ignore[union-attr]
                 fragments[i] = on_disk.fragments[key]  # type: ignore[union-attr]
                 blobs[key], sums[key] = blob, on_disk.sums[key]  # type: ignore[assignment,union-attr]
+                if on_disk.fragment_sums is not None and key in on_disk.fragment_sums:  # type: ignore[union-attr]
+                    fragment_sums[key] = on_disk.fragment_sums[key]  # type: ignore[union-attr]
                 continue
             # A blob is a canonical document: no need to build the record to get it back.
             doc = marshal.loads(blob) if blob is not None else _session_document(sessions[key])
@@ -377,7 +380,7 @@ def _write_lock(root: Path, lock: Lock, expected_serial: int | None) -> Lock:
         pieces, spans = _assemble(header, fragments)
     identity = _atomic_write(path, pieces)
     snapshot = _Snapshot(header, {k: blobs[k] for k in keys}, sums, dict(zip(keys, spans)), pieces,
-                         dict(zip(keys, fragments)), identity)
+                         dict(zip(keys, fragments)), identity, fragment_sums=fragment_sums)
     _remember_written(path, snapshot, spans[-1][1] if spans else 0)
     # The returned lock knows which document each of its records is, for the next write.
     items, origin = dict(sessions._items), dict(sessions._origin)

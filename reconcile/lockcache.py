@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reconcile import __version__
 from reconcile.errors import LockfileError
 from reconcile.lockdoc import _HEADER_FIELDS, FORMAT_VERSION, _canonical_session
 from reconcile.lockparse import _parse_bytes, gc_paused
@@ -25,8 +26,9 @@ from reconcile.lockparse import _parse_bytes, gc_paused
 # kept in memory for the files this process read or wrote, and for large locks also saved in a
 # cache file so the next process skips the TOML parser (seconds per thousand sessions). Nothing
 # in a snapshot is believed unless its digest matches the file's bytes now, or the file is still
-# the very one this process read or wrote (`_current`); a cache file that is damaged, foreign or
-# stale is ignored and the lock parsed and validated again.
+# the very one this process read or wrote (`_current`); a cache file that is damaged or foreign
+# is ignored and the lock parsed and validated again. One of an older version of the file (another
+# writer changed it) still vouches for each session whose fragment kept its exact bytes.
 
 
 @dataclass(eq=False)
@@ -91,13 +93,14 @@ _snapshots_guard = threading.Lock()
 _CACHE_MIN_BYTES = 1 << 20
 # Bumped with the lock's format (a cache is read without the TOML parser's check of the lock's
 # format_version, so an older xnat2bids must not take the newer one's caches for its own), and
-# with the cache file's own layout.
-_CACHE_MAGIC = b"xnat2bids lock cache 3\n"
+# with the cache file's own layout. The version is in it too: the sessions a cache vouches for
+# were validated by that release's rules.
+_CACHE_MAGIC = f"xnat2bids lock cache 3 {__version__}\n".encode()
 _CACHE_FORMAT = 3
 _CACHE_MAX_AGE = 30 * 86400  # cache files of BIDS roots unused this long are deleted
 # Rewriting the cache costs about as much as the lock itself. apply writes the lock after every
 # session, so during a burst the cache is saved at most this often, and at exit; a process killed
-# in between leaves a stale cache, which only makes the next reader parse the TOML.
+# in between leaves a stale cache, which only makes the next reader parse the sessions changed since.
 _CACHE_SAVE_INTERVAL = 10.0
 _unsaved: dict[str, tuple[Path, _Snapshot]] = {}
 _last_saved: dict[str, float] = {}
@@ -138,10 +141,10 @@ def _cache_file(path: Path) -> Path | None:
     return None if directory is None else directory / f"{name}.bin"
 
 
-def _read_cache(path: Path) -> _Snapshot | None:
-    """The snapshot in the cache file of the lock at `path`, or None: never an error. It may be of
-    an older version of the file (see its digest): then it holds no bytes, only what the file's
-    sessions were, for `sessions_known`.
+def _read_cache(path: Path, digest: bytes, *, older: bool) -> _Snapshot | None:
+    """The snapshot in the cache file of the lock at `path`, or None: never an error. With `older`,
+    also one of another version of the file (see its digest): that holds no bytes, only what the
+    file's sessions were, for `sessions_known`.
 
     Layout: magic, SHA-256 of the index, index length (8 bytes), index (marshalled), then the
     blobs back to back, each checked against its SHA-256 in the index.
@@ -166,7 +169,9 @@ def _read_cache(path: Path) -> _Snapshot | None:
         return None
     at += size
     try:
-        version, digest, header, keys, lengths, sums, spans, fragment_sums = marshal.loads(index)
+        version, cached_digest, header, keys, lengths, sums, spans, fragment_sums = marshal.loads(index)
+        if cached_digest != digest and not older:  # before the blobs are checked: most of the work
+            return None
         if version != _CACHE_FORMAT or not isinstance(header, dict) or set(header) != set(_HEADER_FIELDS):
             return None
         if not isinstance(header["format_version"], int) or header["format_version"] > FORMAT_VERSION:
@@ -185,7 +190,7 @@ def _read_cache(path: Path) -> _Snapshot | None:
                 return None
             blobs[key], blob_sums[key] = blob, expected
             at += length
-        snapshot = _Snapshot(header, blobs, blob_sums, None, [], known_digest=digest)
+        snapshot = _Snapshot(header, blobs, blob_sums, None, [], known_digest=cached_digest)
         if spans is not None:
             snapshot.spans = {k: (spans[2 * i], spans[2 * i + 1]) for i, k in enumerate(keys)}
             snapshot.fragment_sums = {k: fragment_sums[32 * i:32 * i + 32] for i, k in enumerate(keys)}
@@ -282,7 +287,8 @@ def _snapshot_of(path: Path, data: bytes) -> _Snapshot:
     known = _snapshots.get(os.path.abspath(path))
     if known is not None and known.digest == digest:
         return known
-    cached = _read_cache(path) if len(data) >= _CACHE_MIN_BYTES else None
+    in_memory = known is not None and known.fragments is not None
+    cached = _read_cache(path, digest, older=not in_memory) if len(data) >= _CACHE_MIN_BYTES else None
     if cached is not None and cached.digest == digest:
         snapshot = cached
         snapshot.pieces = [data]
@@ -291,7 +297,7 @@ def _snapshot_of(path: Path, data: bytes) -> _Snapshot:
     else:
         # Another writer changed the file (a colleague's apply, a hand edit, a pull): the sessions
         # whose fragments kept their bytes are taken from what was known of the file before.
-        before = known if known is not None and known.fragments is not None else cached
+        before = known if in_memory else cached
         snapshot = _parse_file(path, data, digest, before.sessions_known() if before is not None else None)
         if len(data) >= _CACHE_MIN_BYTES:
             with _snapshots_guard:  # a cache pending from an earlier write of ours is older

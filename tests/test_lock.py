@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import stat
 import tempfile
 import threading
@@ -16,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import jsonschema
 import pytest
@@ -1000,8 +1002,25 @@ def count_toml_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return parsed
 
 
+def as_another_writer(root: Path, data: bytes) -> None:
+    """Replace the lock as another process does (`write_lock`, an editor, a pull): a new file renamed
+    over it, so it is a new inode whatever the file system's timestamp resolution."""
+    tmp = lock_path(root).with_name("other-writer.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, lock_path(root))
+
+
+def _known_from(source: str, root: Path) -> None:
+    """Leave what is known of the lock at `root` in one place: the cache file only, or this
+    process's snapshot of the file it wrote, or of the file it read."""
+    if source in ("cache", "read"):
+        forget()
+    if source == "read":
+        read_lock(root)
+
+
 @pytest.mark.skipif(lockparse.toml_rs is None, reason="toml-rs is not installed (Python 3.10)")
-@pytest.mark.parametrize("known_from", ["cache", "memory"])
+@pytest.mark.parametrize("known_from", ["cache", "written", "read"])
 def test_after_another_writer_only_the_sessions_it_changed_are_parsed(
     root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch, known_from: str
 ) -> None:
@@ -1010,12 +1029,9 @@ def test_after_another_writer_only_the_sessions_it_changed_are_parsed(
     mine = write_lock(root, lock_with(*(record(n) for n in range(1, 6))))
     theirs = replace(mine.without_session("XNAT_E00002").with_session(replace(record(3), exported_at="2027-01-01T00:00:00Z"))
                      .with_session(record(7)), serial=mine.serial + 1)
-    if known_from == "cache":
-        forget()
-    else:
-        read_lock(root)
+    _known_from(known_from, root)
     text = dumps_lock(theirs)
-    lock_path(root).write_text(text)  # written by another process: a new inode, other bytes
+    as_another_writer(root, text.encode())
     parsed = count_toml_parses(monkeypatch)
     read = read_lock(root)
     assert [t.split("\n", 2)[1] for t in parsed[1:]] == ["[sessions.XNAT_E00003]", "[sessions.XNAT_E00007]"]
@@ -1025,36 +1041,79 @@ def test_after_another_writer_only_the_sessions_it_changed_are_parsed(
     forget()
     parsed.clear()
     assert read_lock(root) == theirs and parsed == []
-    # ...and a write copies every unchanged fragment from the file.
+    # ...and a write copies every unchanged fragment from the file: one session serialised.
+    serialized: list[str] = []
+    real = lock_module.tomli_w.dumps
+    monkeypatch.setattr(lock_module.tomli_w, "dumps", lambda doc: serialized.append(next(iter(doc))) or real(doc))
     written = write_lock(root, read.with_session(replace(record(4), exported_at="2027-02-02T00:00:00Z")),
                          expected_serial=theirs.serial)
+    assert serialized.count("sessions") == 1
+    monkeypatch.undo()
     assert lock_path(root).read_text() == dumps_lock(written)
 
 
 @pytest.mark.skipif(lockparse.toml_rs is None, reason="toml-rs is not installed (Python 3.10)")
-def test_a_session_broken_by_another_writer_is_refused_though_the_rest_is_known(root: Path, cached: Path) -> None:
-    write_lock(root, lock_with(record(1), record(2)))
-    forget()
-    broken = lock_path(root).read_bytes().replace(b'bids_subject = "SUBJ02"', b'bids_subject = "../x"')
-    lock_path(root).write_bytes(broken)
-    with pytest.raises(LockfileError, match=r"sessions/XNAT_E00002/bids_subject: '\.\./x' is not a BIDS label"):
+@pytest.mark.parametrize("known_from", ["cache", "written", "read"])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        pytest.param(lambda t: t.replace("format_version = 2", "format_version = 3"), "newer xnat2bids", id="newer format"),
+        pytest.param(lambda t: re.sub(r"serial = \d+", "serial = -1", t, count=1), "serial", id="header invalid"),
+        pytest.param(lambda t: t + "\n" + t[t.index("[sessions.XNAT_E00001]"):t.index("[sessions.XNAT_E00002]")],
+                     "appears twice", id="a known session twice"),
+        pytest.param(lambda t: t.replace('bids_subject = "SUBJ02"', 'bids_subject = "../x"'),
+                     r"sessions/XNAT_E00002/bids_subject: '\.\./x' is not a BIDS label", id="a changed session invalid"),
+    ],
+)
+def test_a_lock_another_writer_broke_is_refused_though_its_sessions_are_known(
+    root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch, known_from: str, edit: Callable[[str], str], message: str
+) -> None:
+    write_lock(root, lock_with(record(1), record(2), record(3)))
+    broken = edit(lock_path(root).read_text()).encode()
+    _known_from(known_from, root)
+    as_another_writer(root, broken)
+    parsed = count_toml_parses(monkeypatch)
+    with pytest.raises(LockfileError, match=message):
         read_lock(root)
+    if "XNAT_E00002/bids_subject" in message:  # found by parsing that session's fragment alone first
+        assert [t.split("\n", 2)[1] for t in parsed[1:2]] == ["[sessions.XNAT_E00002]"]
+    with pytest.raises(LockfileError, match=message):
+        write_lock(root, lock_with(record(4)))
     assert lock_path(root).read_bytes() == broken
 
 
-@given(_locks, _locks)
+@pytest.mark.skipif(lockparse.toml_rs is None, reason="toml-rs is not installed (Python 3.10)")
+def test_known_sessions_swapped_in_the_file_are_read_whole(root: Path, cached: Path) -> None:
+    written = write_lock(root, lock_with(record(1), record(2)))
+    text = lock_path(root).read_text()
+    one, two = _fragment_of(text, "XNAT_E00001"), _fragment_of(text, "XNAT_E00002")
+    swapped = text[:one[0]] + text[two[0]:two[1]] + "\n" + text[one[0]:one[1]] + "\n"
+    forget()
+    as_another_writer(root, swapped.encode())
+    assert lockparse._by_session(swapped.encode()) is None  # out of order: not laid out as written
+    assert read_lock(root) == replace(written) == loads_lock(swapped)
+
+
+@given(_locks, _locks, st.sampled_from(["cache", "written", "read"]))
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_reading_a_changed_lock_with_the_old_one_known_gives_what_a_fresh_read_gives(before: Lock, after: Lock) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+def test_reading_a_changed_lock_with_the_old_one_known_gives_what_a_fresh_read_gives(
+    before: Lock, after: Lock, known_from: str
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(lockcache, "_CACHE_MIN_BYTES", 0), \
+            mock.patch.dict(os.environ, {"XNAT2BIDS_CACHE_DIR": str(Path(tmp) / "cache")}):
+        root = Path(tmp) / "bids"
+        root.mkdir()
         sessions = dict(before.sessions)  # kept, and every other one replaced by a session of `after`
         for key, rec in zip(sorted(before.sessions)[::2], after.sessions.values()):
             sessions[key] = replace(rec, experiment_id=key)
         mixed = replace(after, sessions={**dict(after.sessions), **sessions})
         write_lock(root, before)
-        lock_path(root).write_text(dumps_lock(mixed))
-        again = read_lock(root)  # with `before` known in memory
+        lockcache._save_unsaved()
+        _known_from(known_from, root)
+        as_another_writer(root, dumps_lock(mixed).encode())
+        again = read_lock(root)
         lockcache._snapshots.clear()
+        shutil.rmtree(Path(tmp) / "cache")
         assert again == read_lock(root) == loads_lock(dumps_lock(mixed))
         lockcache._snapshots.clear()
 
