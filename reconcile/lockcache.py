@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import hashlib
 import marshal
 import os
@@ -95,8 +96,9 @@ _CACHE_MIN_BYTES = 1 << 20
 # format_version, so an older xnat2bids must not take the newer one's caches for its own), and
 # with the cache file's own layout. The version is in it too: the sessions a cache vouches for
 # were validated by that release's rules.
-_CACHE_MAGIC = f"xnat2bids lock cache 3 {__version__}\n".encode()
-_CACHE_FORMAT = 3
+_CACHE_MAGIC = f"xnat2bids lock cache 4 {__version__}\n".encode()
+_CACHE_FORMAT = 4
+_CACHE_SLACK = 1 << 20  # a cache file grown by this much beyond twice its live blobs is written anew
 _CACHE_MAX_AGE = 30 * 86400  # cache files of BIDS roots unused this long are deleted
 # Rewriting the cache costs about as much as the lock itself. apply writes the lock after every
 # session, so during a burst the cache is saved at most this often, and at exit; a process killed
@@ -104,6 +106,18 @@ _CACHE_MAX_AGE = 30 * 86400  # cache files of BIDS roots unused this long are de
 _CACHE_SAVE_INTERVAL = 10.0
 _unsaved: dict[str, tuple[Path, _Snapshot]] = {}
 _last_saved: dict[str, float] = {}
+
+
+@dataclass(frozen=True)
+class _CacheFile:
+    """A cache file as this process last read or wrote it: its `_identity`, and where each blob
+    in it lies, by the blob's SHA-256."""
+
+    identity: tuple[int, ...]
+    where: dict[bytes, tuple[int, int]]
+
+
+_cache_files: dict[str, _CacheFile] = {}  # by cache file path
 
 
 def _remember(path: Path, snapshot: _Snapshot) -> None:
@@ -146,57 +160,64 @@ def _read_cache(path: Path, digest: bytes, *, older: bool) -> _Snapshot | None:
     also one of another version of the file (see its digest): that holds no bytes, only what the
     file's sessions were, for `sessions_known`.
 
-    Layout: magic, SHA-256 of the index, index length (8 bytes), index (marshalled), then the
-    blobs back to back, each checked against its SHA-256 in the index.
+    Layout: magic, then blobs, then the index (marshalled) and a trailer: the index's length
+    (8 bytes) and SHA-256. Each blob is checked against its SHA-256 in the index. A save appends
+    the blobs it adds and a new index (`_append_cache`); what the last index does not name is
+    left over from earlier versions.
     """
     file = _cache_file(path)
     if file is None:
         return None
     try:
         with open(file, "rb") as f:
-            if os.name == "posix" and os.fstat(f.fileno()).st_uid != os.getuid():
+            st = os.fstat(f.fileno())
+            if os.name == "posix" and st.st_uid != os.getuid():
                 return None
             raw = f.read()
     except OSError:
         return None
-    at = len(_CACHE_MAGIC)
-    if raw[:at] != _CACHE_MAGIC or len(raw) < at + 40:
+    magic = len(_CACHE_MAGIC)
+    if raw[:magic] != _CACHE_MAGIC or len(raw) < magic + 40:
         return None
-    index_sum, size = raw[at:at + 32], int.from_bytes(raw[at + 32:at + 40], "big")
-    at += 40
-    index = raw[at:at + size]
-    if hashlib.sha256(index).digest() != index_sum:
+    size = int.from_bytes(raw[-40:-32], "big")
+    start = len(raw) - 40 - size
+    if start < magic:
         return None
-    at += size
+    index = raw[start:-40]
+    if hashlib.sha256(index).digest() != raw[-32:]:
+        return None
     try:
-        version, cached_digest, header, keys, lengths, sums, spans, fragment_sums = marshal.loads(index)
+        version, cached_digest, header, keys, offsets, lengths, sums, spans, fragment_sums = marshal.loads(index)
         if cached_digest != digest and not older:  # before the blobs are checked: most of the work
             return None
         if version != _CACHE_FORMAT or not isinstance(header, dict) or set(header) != set(_HEADER_FIELDS):
             return None
         if not isinstance(header["format_version"], int) or header["format_version"] > FORMAT_VERSION:
             return None  # written by a newer xnat2bids: the TOML parser says so
-        if not len(keys) == len(lengths) == len(sums) // 32 or sum(lengths) != len(raw) - at:
+        if not len(keys) == len(offsets) == len(lengths) == len(sums) // 32:
             return None
         if (spans is None) != (fragment_sums is None):
             return None
         if spans is not None and (len(spans) != 2 * len(keys) or len(fragment_sums) != 32 * len(keys)):
             return None
-        blobs, blob_sums = {}, {}
+        blobs, blob_sums, where = {}, {}, {}
         sha256 = hashlib.sha256
-        for i, (key, length) in enumerate(zip(keys, lengths)):
+        for i, (key, at, length) in enumerate(zip(keys, offsets, lengths)):
+            if at < magic or length < 0 or at + length > start:
+                return None
             blob, expected = raw[at:at + length], sums[32 * i:32 * i + 32]
             if sha256(blob).digest() != expected:
                 return None
-            blobs[key], blob_sums[key] = blob, expected
-            at += length
+            blobs[key], blob_sums[key], where[expected] = blob, expected, (at, length)
         snapshot = _Snapshot(header, blobs, blob_sums, None, [], known_digest=cached_digest)
         if spans is not None:
             snapshot.spans = {k: (spans[2 * i], spans[2 * i + 1]) for i, k in enumerate(keys)}
             snapshot.fragment_sums = {k: fragment_sums[32 * i:32 * i + 32] for i, k in enumerate(keys)}
-        return snapshot
     except Exception:  # anything unexpected in a cache means: not usable
         return None
+    with _snapshots_guard:
+        _cache_files[str(file)] = _CacheFile(_identity(st), where)
+    return snapshot
 
 
 def _cache_soon(path: Path, snapshot: _Snapshot) -> None:
@@ -228,22 +249,29 @@ def _save_cache(path: Path, snapshot: _Snapshot) -> None:
     file = _cache_file(path)
     if file is None:
         return
+    with _snapshots_guard:
+        known = _cache_files.pop(str(file), None)
+    if known is not None and _append_cache(file, snapshot, known):
+        return
     keys = tuple(snapshot.blobs)
     blobs = [snapshot.blobs[k] for k in keys]
-    spans = None if snapshot.spans is None else tuple(n for k in keys for n in snapshot.spans[k])
-    fragment_sums = snapshot.fragment_digests()
-    index = marshal.dumps(
-        (_CACHE_FORMAT, snapshot.digest, snapshot.header, keys, tuple(map(len, blobs)),
-         b"".join(snapshot.sums[k] for k in keys), spans,
-         None if fragment_sums is None else b"".join(fragment_sums[k] for k in keys))
-    )
+    offsets, at = [], len(_CACHE_MAGIC)
+    for blob in blobs:
+        offsets.append(at)
+        at += len(blob)
     tmp = file.with_name(f"{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(tmp, "xb") as f:
-            f.writelines([_CACHE_MAGIC, hashlib.sha256(index).digest(), len(index).to_bytes(8, "big"), index])
+            f.write(_CACHE_MAGIC)
             f.writelines(blobs)
-        os.replace(tmp, file)
+            f.writelines(_index(snapshot, keys, offsets))
+            f.flush()
+            os.replace(tmp, file)
+            identity = _identity(os.fstat(f.fileno()))  # after the rename, which sets its ctime
+        with _snapshots_guard:
+            _cache_files[str(file)] = _CacheFile(identity, {snapshot.sums[k]: (o, len(b)) for k, o, b in
+                                                            zip(keys, offsets, blobs)})
         now = time.time()
         for old in file.parent.iterdir():  # caches of BIDS roots gone or long unused
             if old != file and now - old.stat().st_mtime > _CACHE_MAX_AGE:
@@ -251,6 +279,60 @@ def _save_cache(path: Path, snapshot: _Snapshot) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _index(snapshot: _Snapshot, keys: tuple[str, ...], offsets: list[int]) -> list[bytes]:
+    """The index of `snapshot`'s blobs at `offsets`, and the trailer after it."""
+    spans = None if snapshot.spans is None else tuple(n for k in keys for n in snapshot.spans[k])
+    fragment_sums = snapshot.fragment_digests()
+    index = marshal.dumps(
+        (_CACHE_FORMAT, snapshot.digest, snapshot.header, keys, tuple(offsets),
+         tuple(len(snapshot.blobs[k]) for k in keys), b"".join(snapshot.sums[k] for k in keys), spans,
+         None if fragment_sums is None else b"".join(fragment_sums[k] for k in keys))
+    )
+    return [index, len(index).to_bytes(8, "big"), hashlib.sha256(index).digest()]
+
+
+def _append_cache(file: Path, snapshot: _Snapshot, known: _CacheFile) -> bool:
+    """Add to the cache file this process last read or wrote only the blobs it lacks, and a new
+    index: apply saves the cache of a 74 MB lock every few sessions, and a read after another
+    writer's change saves it too, each time for a session or two. False, having written nothing
+    usable, when the file is not that one any more, another process is appending, or more than
+    half of it would be left over: then it is written whole."""
+    keys = tuple(snapshot.blobs)
+    try:
+        fd = os.open(file, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    with os.fdopen(fd, "r+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st = os.fstat(f.fileno())
+        except OSError:
+            return False
+        if _identity(st) != known.identity:
+            return False
+        where = dict(known.where)
+        live = sum(len(snapshot.blobs[k]) for k in keys)
+        added = [k for k in keys if snapshot.sums[k] not in where]
+        if st.st_size + sum(len(snapshot.blobs[k]) for k in added) > 2 * live + _CACHE_SLACK:
+            return False
+        try:
+            f.seek(st.st_size)
+            at = st.st_size
+            for key in added:
+                blob = snapshot.blobs[key]
+                f.write(blob)
+                where[snapshot.sums[key]] = (at, len(blob))
+                at += len(blob)
+            f.writelines(_index(snapshot, keys, [where[snapshot.sums[k]][0] for k in keys]))
+            f.flush()
+            identity = _identity(os.fstat(f.fileno()))
+        except OSError:
+            return False  # its trailer is not an index now: the next reader ignores the file
+    with _snapshots_guard:
+        _cache_files[str(file)] = _CacheFile(identity, where)
+    return True
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:

@@ -934,7 +934,7 @@ def test_a_damaged_cache_is_ignored_and_the_lock_parsed(root: Path, cached: Path
     written = write_lock(root, lock_with(record(1), record(2)))
     [cache] = cached.iterdir()
     raw = bytearray(cache.read_bytes())
-    at = {"flipped byte in a session": len(raw) - 100, "flipped byte in the index": len(lockcache._CACHE_MAGIC) + 60}.get(damage)
+    at = {"flipped byte in a session": len(lockcache._CACHE_MAGIC) + 60, "flipped byte in the index": len(raw) - 100}.get(damage)
     if at is not None:
         raw[at] ^= 0x01
     elif damage == "truncated":
@@ -1116,6 +1116,61 @@ def test_reading_a_changed_lock_with_the_old_one_known_gives_what_a_fresh_read_g
         shutil.rmtree(Path(tmp) / "cache")
         assert again == read_lock(root) == loads_lock(dumps_lock(mixed))
         lockcache._snapshots.clear()
+
+
+def test_a_cache_save_appends_only_what_changed_and_is_rewritten_when_mostly_left_over(
+    root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written = write_lock(root, lock_with(*(record(n) for n in range(1, 9))))
+    [cache] = cached.iterdir()
+    first = cache.stat()
+    written = write_lock(root, written.with_session(replace(record(2), exported_at="2027-01-01T00:00:00Z")),
+                         expected_serial=written.serial)
+    second = cache.stat()
+    blob = len(lockcache._snapshots[os.path.abspath(lock_path(root))].blobs["XNAT_E00002"])
+    assert second.st_ino == first.st_ino and blob <= second.st_size - first.st_size < first.st_size  # appended
+    forget()
+    no_toml(monkeypatch)
+    assert read_lock(root) == written  # from the cache, as appended
+    monkeypatch.undo()
+    monkeypatch.setenv("XNAT2BIDS_CACHE_DIR", str(cached.parent))
+    monkeypatch.setattr(lockcache, "_CACHE_SAVE_INTERVAL", 0.0)
+    monkeypatch.setattr(lockcache, "_CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(lockcache, "_CACHE_SLACK", 0)
+    for n in range(3, 8):  # each append leaves an index and a blob over: soon more than the live blobs
+        written = write_lock(root, written.with_session(replace(record(n), exported_at="2027-01-01T00:00:00Z")),
+                             expected_serial=written.serial)
+    live = sum(map(len, lockcache._snapshots[os.path.abspath(lock_path(root))].blobs.values()))
+    assert cache.stat().st_ino != first.st_ino and cache.stat().st_size <= 2 * live + 4096  # written anew
+    forget()
+    no_toml(monkeypatch)
+    assert read_lock(root) == written
+
+
+@pytest.mark.parametrize("meddling", ["replaced by another process", "appended to by another process", "torn append"])
+def test_a_cache_changed_behind_this_process_is_written_whole_or_ignored(
+    root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch, meddling: str
+) -> None:
+    written = write_lock(root, lock_with(*(record(n) for n in range(1, 4))))
+    [cache] = cached.iterdir()
+    raw = cache.read_bytes()
+    if meddling == "replaced by another process":
+        other = cache.with_name("other.tmp")
+        other.write_bytes(raw)
+        os.replace(other, cache)
+    elif meddling == "appended to by another process":
+        with open(cache, "ab") as f:
+            f.write(raw[len(lockcache._CACHE_MAGIC):])  # another trailer: still a valid cache by itself
+    written = write_lock(root, written.with_session(replace(record(1), exported_at="2027-01-01T00:00:00Z")),
+                         expected_serial=written.serial)
+    if meddling == "torn append":  # killed while appending: a trailer that is not an index
+        cache.write_bytes(cache.read_bytes()[:-7])
+    forget()
+    parsed: list[str] = []
+    real = lockcache._parse_bytes
+    monkeypatch.setattr(lockcache, "_parse_bytes", lambda data, source, known=None: parsed.append(source) or real(data, source, known))
+    assert read_lock(root) == written
+    assert len(parsed) == (meddling == "torn append")
 
 
 def test_a_cache_written_by_someone_else_is_not_trusted(root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch) -> None:
