@@ -57,6 +57,7 @@ def new_process() -> None:
     lockcache._save_unsaved()
     lockcache._snapshots.clear()
     lockcache._last_saved.clear()
+    lockcache._cache_files.clear()
 
 
 def timed(fn):  # noqa: ANN001, ANN201

@@ -14,7 +14,7 @@ import os
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +96,9 @@ _CACHE_MIN_BYTES = 1 << 20
 # format_version, so an older xnat2bids must not take the newer one's caches for its own), and
 # with the cache file's own layout. The version is in it too: the sessions a cache vouches for
 # were validated by that release's rules.
-_CACHE_MAGIC = f"xnat2bids lock cache 4 {__version__}\n".encode()
-_CACHE_FORMAT = 4
+_CACHE_MAGIC = f"xnat2bids lock cache 5 {__version__}\n".encode()
+_CACHE_FORMAT = 5
+_NONCE_BYTES = 16
 _CACHE_SLACK = 1 << 20  # a cache file grown by this much beyond twice its live blobs is written anew
 _CACHE_MAX_AGE = 30 * 86400  # cache files of BIDS roots unused this long are deleted
 # Rewriting the cache costs about as much as the lock itself. apply writes the lock after every
@@ -110,10 +111,11 @@ _last_saved: dict[str, float] = {}
 
 @dataclass(frozen=True)
 class _CacheFile:
-    """A cache file as this process last read or wrote it: its `_identity`, and where each blob
-    in it lies, by the blob's SHA-256."""
+    """A cache file as this process last read or wrote it: its `_identity`, its nonce, and where
+    each blob in it lies, by the blob's SHA-256."""
 
     identity: tuple[int, ...]
+    nonce: bytes
     where: dict[bytes, tuple[int, int]]
 
 
@@ -160,31 +162,51 @@ def _read_cache(path: Path, digest: bytes, *, older: bool) -> _Snapshot | None:
     also one of another version of the file (see its digest): that holds no bytes, only what the
     file's sessions were, for `sessions_known`.
 
-    Layout: magic, then blobs, then the index (marshalled) and a trailer: the index's length
-    (8 bytes) and SHA-256. Each blob is checked against its SHA-256 in the index. A save appends
-    the blobs it adds and a new index (`_append_cache`); what the last index does not name is
-    left over from earlier versions.
+    Layout: magic, a random nonce of the file, blobs, then the index (marshalled) and a trailer:
+    the index's length (8 bytes) and the SHA-256 of nonce and index. Each blob is checked against
+    its SHA-256 in the index. A save appends the blobs it adds and a new index (`_append_cache`);
+    what the last index does not name is left over from earlier versions. The nonce keeps a
+    trailer-like run of bytes inside a blob (a lock's strings) from passing for the real one.
     """
     file = _cache_file(path)
     if file is None:
         return None
-    try:
-        with open(file, "rb") as f:
-            st = os.fstat(f.fileno())
-            if os.name == "posix" and st.st_uid != os.getuid():
+    for _ in range(3):  # read again a file that another process appended to meanwhile
+        try:
+            with open(file, "rb") as f:
+                st = os.fstat(f.fileno())
+                if os.name == "posix" and st.st_uid != os.getuid():
+                    return None
+                raw = f.read()
+        except OSError:
+            return None
+        found = _decoded_cache(raw, digest, older)
+        if found is not None:
+            snapshot, known = found
+            with _snapshots_guard:
+                _cache_files[str(file)] = replace(known, identity=_identity(st))
+            return snapshot
+        try:
+            if _identity(os.stat(file)) == _identity(st):
                 return None
-            raw = f.read()
-    except OSError:
-        return None
+        except OSError:
+            return None
+    return None
+
+
+def _decoded_cache(raw: bytes, digest: bytes, older: bool) -> tuple[_Snapshot, _CacheFile] | None:
+    """`_read_cache` of a cache file's bytes."""
     magic = len(_CACHE_MAGIC)
-    if raw[:magic] != _CACHE_MAGIC or len(raw) < magic + 40:
+    first = magic + _NONCE_BYTES
+    if raw[:magic] != _CACHE_MAGIC or len(raw) < first + 40:
         return None
+    nonce = raw[magic:first]
     size = int.from_bytes(raw[-40:-32], "big")
     start = len(raw) - 40 - size
-    if start < magic:
+    if start < first:
         return None
     index = raw[start:-40]
-    if hashlib.sha256(index).digest() != raw[-32:]:
+    if hashlib.sha256(nonce + index).digest() != raw[-32:]:
         return None
     try:
         version, cached_digest, header, keys, offsets, lengths, sums, spans, fragment_sums = marshal.loads(index)
@@ -203,7 +225,7 @@ def _read_cache(path: Path, digest: bytes, *, older: bool) -> _Snapshot | None:
         blobs, blob_sums, where = {}, {}, {}
         sha256 = hashlib.sha256
         for i, (key, at, length) in enumerate(zip(keys, offsets, lengths)):
-            if at < magic or length < 0 or at + length > start:
+            if at < first or length < 0 or at + length > start:
                 return None
             blob, expected = raw[at:at + length], sums[32 * i:32 * i + 32]
             if sha256(blob).digest() != expected:
@@ -215,9 +237,7 @@ def _read_cache(path: Path, digest: bytes, *, older: bool) -> _Snapshot | None:
             snapshot.fragment_sums = {k: fragment_sums[32 * i:32 * i + 32] for i, k in enumerate(keys)}
     except Exception:  # anything unexpected in a cache means: not usable
         return None
-    with _snapshots_guard:
-        _cache_files[str(file)] = _CacheFile(_identity(st), where)
-    return snapshot
+    return snapshot, _CacheFile((), nonce, where)
 
 
 def _cache_soon(path: Path, snapshot: _Snapshot) -> None:
@@ -255,23 +275,23 @@ def _save_cache(path: Path, snapshot: _Snapshot) -> None:
         return
     keys = tuple(snapshot.blobs)
     blobs = [snapshot.blobs[k] for k in keys]
-    offsets, at = [], len(_CACHE_MAGIC)
+    nonce = os.urandom(_NONCE_BYTES)
+    offsets, at = [], len(_CACHE_MAGIC) + len(nonce)
     for blob in blobs:
         offsets.append(at)
         at += len(blob)
+    index = _index(snapshot, keys, offsets, nonce)
     tmp = file.with_name(f"{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(tmp, "xb") as f:
-            f.write(_CACHE_MAGIC)
-            f.writelines(blobs)
-            f.writelines(_index(snapshot, keys, offsets))
+            f.writelines([_CACHE_MAGIC, nonce, *blobs, *index])
             f.flush()
             os.replace(tmp, file)
             identity = _identity(os.fstat(f.fileno()))  # after the rename, which sets its ctime
         with _snapshots_guard:
-            _cache_files[str(file)] = _CacheFile(identity, {snapshot.sums[k]: (o, len(b)) for k, o, b in
-                                                            zip(keys, offsets, blobs)})
+            _cache_files[str(file)] = _CacheFile(identity, nonce, {snapshot.sums[k]: (o, len(b)) for k, o, b in
+                                                                   zip(keys, offsets, blobs)})
         now = time.time()
         for old in file.parent.iterdir():  # caches of BIDS roots gone or long unused
             if old != file and now - old.stat().st_mtime > _CACHE_MAX_AGE:
@@ -281,7 +301,7 @@ def _save_cache(path: Path, snapshot: _Snapshot) -> None:
             tmp.unlink()
 
 
-def _index(snapshot: _Snapshot, keys: tuple[str, ...], offsets: list[int]) -> list[bytes]:
+def _index(snapshot: _Snapshot, keys: tuple[str, ...], offsets: list[int], nonce: bytes) -> list[bytes]:
     """The index of `snapshot`'s blobs at `offsets`, and the trailer after it."""
     spans = None if snapshot.spans is None else tuple(n for k in keys for n in snapshot.spans[k])
     fragment_sums = snapshot.fragment_digests()
@@ -290,48 +310,58 @@ def _index(snapshot: _Snapshot, keys: tuple[str, ...], offsets: list[int]) -> li
          tuple(len(snapshot.blobs[k]) for k in keys), b"".join(snapshot.sums[k] for k in keys), spans,
          None if fragment_sums is None else b"".join(fragment_sums[k] for k in keys))
     )
-    return [index, len(index).to_bytes(8, "big"), hashlib.sha256(index).digest()]
+    return [index, len(index).to_bytes(8, "big"), hashlib.sha256(nonce + index).digest()]
 
 
 def _append_cache(file: Path, snapshot: _Snapshot, known: _CacheFile) -> bool:
     """Add to the cache file this process last read or wrote only the blobs it lacks, and a new
     index: apply saves the cache of a 74 MB lock every few sessions, and a read after another
-    writer's change saves it too, each time for a session or two. False, having written nothing
-    usable, when the file is not that one any more, another process is appending, or more than
-    half of it would be left over: then it is written whole."""
+    writer's change saves it too, each time for a session or two. False, the file left as it
+    was, when it is not that one any more, another process is appending, more than half of it
+    would be left over, or the write fails (a full disk): then it is written whole, or not."""
     keys = tuple(snapshot.blobs)
     try:
         fd = os.open(file, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return False
-    with os.fdopen(fd, "r+b") as f:
+    try:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            st = os.fstat(f.fileno())
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st = os.fstat(fd)
         except OSError:
             return False
         if _identity(st) != known.identity:
             return False
         where = dict(known.where)
-        live = sum(len(snapshot.blobs[k]) for k in keys)
-        added = [k for k in keys if snapshot.sums[k] not in where]
-        if st.st_size + sum(len(snapshot.blobs[k]) for k in added) > 2 * live + _CACHE_SLACK:
-            return False
-        try:
-            f.seek(st.st_size)
-            at = st.st_size
-            for key in added:
+        pieces, at = [], st.st_size
+        for key in keys:
+            if snapshot.sums[key] not in where:
                 blob = snapshot.blobs[key]
-                f.write(blob)
+                pieces.append(blob)
                 where[snapshot.sums[key]] = (at, len(blob))
                 at += len(blob)
-            f.writelines(_index(snapshot, keys, [where[snapshot.sums[k]][0] for k in keys]))
-            f.flush()
-            identity = _identity(os.fstat(f.fileno()))
-        except OSError:
-            return False  # its trailer is not an index now: the next reader ignores the file
+        if at > 2 * sum(len(snapshot.blobs[k]) for k in keys) + _CACHE_SLACK:
+            return False
+        pieces += _index(snapshot, keys, [where[snapshot.sums[k]][0] for k in keys], known.nonce)
+        try:
+            at = st.st_size
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    written = os.pwrite(fd, view, at)
+                    view, at = view[written:], at + written
+            identity = _identity(os.fstat(fd))
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, st.st_size)  # the older version's cache again, not a torn one
+            if isinstance(exc, OSError):
+                return False
+            raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     with _snapshots_guard:
-        _cache_files[str(file)] = _CacheFile(identity, where)
+        _cache_files[str(file)] = _CacheFile(identity, known.nonce, where)
     return True
 
 

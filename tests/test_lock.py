@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import errno
+import fcntl
 import hashlib
+import marshal
 import os
 import pickle
 import random
@@ -17,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import jsonschema
@@ -704,6 +708,7 @@ def cached(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyP
 def forget() -> None:
     """As a new process would start: nothing known in memory."""
     lockcache._snapshots.clear()
+    lockcache._cache_files.clear()
 
 
 def no_toml(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1171,6 +1176,122 @@ def test_a_cache_changed_behind_this_process_is_written_whole_or_ignored(
     monkeypatch.setattr(lockcache, "_parse_bytes", lambda data, source, known=None: parsed.append(source) or real(data, source, known))
     assert read_lock(root) == written
     assert len(parsed) == (meddling == "torn append")
+
+
+def _counting_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    parsed: list[str] = []
+    real = lockcache._parse_bytes
+    monkeypatch.setattr(lockcache, "_parse_bytes", lambda data, source, known=None: parsed.append(source) or real(data, source, known))
+    return parsed
+
+
+def _relaid(raw: bytes, pad: int) -> bytes:
+    """The same cache with its blobs `pad` bytes further on: another process's rewrite, laid out
+    otherwise (other order, left-overs), seen by this one."""
+    first = len(lockcache._CACHE_MAGIC) + lockcache._NONCE_BYTES
+    nonce = raw[len(lockcache._CACHE_MAGIC):first]
+    start = len(raw) - 40 - int.from_bytes(raw[-40:-32], "big")
+    fields = list(marshal.loads(raw[start:-40]))
+    fields[4] = tuple(at + pad for at in fields[4])
+    index = marshal.dumps(tuple(fields))
+    return (raw[:first] + b"\0" * pad + raw[first:start] + index + len(index).to_bytes(8, "big")
+            + hashlib.sha256(nonce + index).digest())
+
+
+def test_a_cache_another_process_rewrote_otherwise_is_written_whole_not_appended_to(
+    root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written = write_lock(root, lock_with(*(record(n) for n in range(1, 5))))
+    [cache] = cached.iterdir()
+    other = cache.with_name("other.tmp")
+    other.write_bytes(_relaid(cache.read_bytes(), 4096))
+    os.replace(other, cache)
+    forget()
+    assert read_lock(root) == written  # the rewrite is a valid cache
+    lockcache._snapshots.clear()
+    written = write_lock(root, written.with_session(replace(record(1), exported_at="2027-01-01T00:00:00Z")),
+                         expected_serial=written.serial)
+    forget()
+    parsed = _counting_parses(monkeypatch)
+    assert read_lock(root) == written and parsed == []
+
+
+def test_a_cache_another_process_is_appending_to_is_written_whole(root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written = write_lock(root, lock_with(*(record(n) for n in range(1, 5))))
+    [cache] = cached.iterdir()
+    before = cache.stat()
+    with open(cache, "rb") as held:  # its own open file: as another process's append holds it
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        written = write_lock(root, written.with_session(replace(record(1), exported_at="2027-01-01T00:00:00Z")),
+                             expected_serial=written.serial)
+        assert os.fstat(held.fileno()).st_size == before.st_size  # not appended to under its flock
+    assert cache.stat().st_ino != before.st_ino
+    forget()
+    parsed = _counting_parses(monkeypatch)
+    assert read_lock(root) == written and parsed == []
+
+
+def test_consecutive_saves_append_only_their_session_and_an_index(root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written = write_lock(root, lock_with(*(record(n) for n in range(1, 9))))
+    [cache] = cached.iterdir()
+    first = cache.stat()
+    size = first.st_size
+    for n in (2, 3, 4):
+        written = write_lock(root, written.with_session(replace(record(n), exported_at="2027-01-01T00:00:00Z")),
+                             expected_serial=written.serial)
+        snapshot = lockcache._snapshots[os.path.abspath(lock_path(root))]
+        keys = tuple(snapshot.blobs)
+        index = sum(map(len, lockcache._index(snapshot, keys, [0] * len(keys), b"")))
+        now = cache.stat()
+        assert now.st_ino == first.st_ino
+        assert now.st_size - size <= len(snapshot.blobs[f"XNAT_E0000{n}"]) + index + 64  # that session only
+        size = now.st_size
+    forget()
+    no_toml(monkeypatch)
+    assert read_lock(root) == written
+
+
+def test_a_read_after_another_writer_appends_to_the_cache_it_read(root: Path, cached: Path) -> None:
+    mine = write_lock(root, lock_with(*(record(n) for n in range(1, 6))))
+    [cache] = cached.iterdir()
+    before = cache.stat()
+    forget()  # a new process: it knows the cache file only by reading it
+    theirs = replace(mine.with_session(replace(record(3), exported_at="2027-01-01T00:00:00Z")), serial=mine.serial + 1)
+    as_another_writer(root, dumps_lock(theirs).encode())
+    assert read_lock(root) == theirs
+    assert cache.stat().st_ino == before.st_ino and cache.stat().st_size > before.st_size
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_append_takes_itself_back_and_never_fails_the_lock_write(
+    root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    # A full home quota (where ~/.cache lives) must not fail a lock write that already happened.
+    written = write_lock(root, lock_with(*(record(n) for n in range(1, 5))))
+    [cache] = cached.iterdir()
+    before = cache.read_bytes()
+    real = os.pwrite
+
+    def fail_midway(fd: int, data: Any, at: int) -> int:
+        real(fd, bytes(data)[:10], at)
+        raise error
+
+    monkeypatch.setattr(lockcache.os, "pwrite", fail_midway)
+    changed = written.with_session(replace(record(1), exported_at="2027-01-01T00:00:00Z"))
+    snapshot = lockcache._snapshots[os.path.abspath(lock_path(root))]
+    known = lockcache._cache_files[str(cache)]
+    if isinstance(error, OSError):
+        assert lockcache._append_cache(cache, snapshot, known) is False
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            lockcache._append_cache(cache, snapshot, known)
+    assert cache.read_bytes() == before  # the torn append taken back: the older cache still serves
+    if isinstance(error, OSError):
+        written = write_lock(root, changed, expected_serial=written.serial)  # the save writes it whole
+        monkeypatch.setattr(lockcache.os, "pwrite", real)
+        forget()
+        no_toml(monkeypatch)
+        assert read_lock(root) == written
 
 
 def test_a_cache_written_by_someone_else_is_not_trusted(root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch) -> None:
