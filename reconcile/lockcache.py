@@ -57,16 +57,15 @@ class _Snapshot:
 
     def fragment_digests(self) -> dict[str, bytes] | None:
         """Session key -> SHA-256 of its fragment; None when the file is not laid out by session."""
-        sums = self.fragment_sums if self.fragment_sums is not None else {}
+        sums = self.fragment_sums or {}
         if self.spans is not None and len(sums) == len(self.spans):
             return sums
         if self.fragments is None:
             return None
-        if len(sums) != len(self.fragments):
-            sha256 = hashlib.sha256
-            sums = {key: sums.get(key) or sha256(fragment).digest() for key, fragment in self.fragments.items()}
-            self.fragment_sums = sums
-        return sums
+        sha256 = hashlib.sha256
+        self.fragment_sums = {key: sums.get(key) or sha256(fragment).digest()
+                              for key, fragment in self.fragments.items()}
+        return self.fragment_sums
 
     def sessions_known(self) -> dict[str, tuple[bytes, bytes, bytes]]:
         """Session key -> (SHA-256 of its fragment, its blob, SHA-256 of the blob): what a reader
@@ -428,7 +427,8 @@ def _parse_file(
     """The slow path: parse and validate the TOML; of the sessions in `before` (see
     `_Snapshot.sessions_known`), only those whose fragment's bytes changed."""
     with gc_paused():
-        doc, spans, fragment_sums = _parse_bytes(data, str(path), {k: v[0] for k, v in before.items()} if before else None)
+        known = {key: known[0] for key, known in before.items()} if before else None
+        doc, spans, fragment_sums = _parse_bytes(data, str(path), known)
         sessions = doc["sessions"]
         blobs, sums = {}, {}
         sha256 = hashlib.sha256
