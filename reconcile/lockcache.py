@@ -427,8 +427,8 @@ def _parse_file(
     """The slow path: parse and validate the TOML; of the sessions in `before` (see
     `_Snapshot.sessions_known`), only those whose fragment's bytes changed."""
     with gc_paused():
-        known = {key: known[0] for key, known in before.items()} if before else None
-        doc, spans, fragment_sums = _parse_bytes(data, str(path), known)
+        fragments_before = {key: entry[0] for key, entry in before.items()} if before else None
+        doc, spans, fragment_sums = _parse_bytes(data, str(path), fragments_before)
         sessions = doc["sessions"]
         blobs, sums = {}, {}
         sha256 = hashlib.sha256
