@@ -20,7 +20,7 @@ from typing import Any
 
 from reconcile import __version__
 from reconcile.errors import LockfileError
-from reconcile.lockdoc import _HEADER_FIELDS, FORMAT_VERSION, _canonical_session
+from reconcile.lockdoc import _HEADER_FIELDS, FORMAT_VERSION
 from reconcile.lockparse import _parse_bytes, gc_paused
 
 # What is known about a lock file is a `_Snapshot`, keyed by the SHA-256 of its exact bytes:
@@ -428,18 +428,16 @@ def _parse_file(
     `_Snapshot.sessions_known`), only those whose fragment's bytes changed."""
     with gc_paused():
         fragments_before = {key: entry[0] for key, entry in before.items()} if before else None
-        doc, spans, fragment_sums = _parse_bytes(data, str(path), fragments_before)
-        sessions = doc["sessions"]
+        header, parsed, spans, fragment_sums = _parse_bytes(data, str(path), fragments_before)
         blobs, sums = {}, {}
         sha256 = hashlib.sha256
-        for key in sorted(spans if spans is not None else sessions):
-            if key in sessions:
-                blobs[key] = blob = marshal.dumps(_canonical_session(sessions[key]))
-                sums[key] = sha256(blob).digest()
+        for key in spans if spans is not None else parsed:  # both in key order
+            blob = parsed.get(key)
+            if blob is not None:
+                blobs[key], sums[key] = blob, sha256(blob).digest()
             else:  # left out by `_parse_bytes`: the same bytes as before
                 _, blobs[key], sums[key] = before[key]  # type: ignore[index]
-    snapshot = _Snapshot({key: doc[key] for key in _HEADER_FIELDS}, blobs, sums, None, [data], known_digest=digest,
-                         fragment_sums=fragment_sums)
+    snapshot = _Snapshot(header, blobs, sums, None, [data], known_digest=digest, fragment_sums=fragment_sums)
     if spans is not None:
         snapshot.locate(spans)
     return snapshot

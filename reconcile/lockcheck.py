@@ -210,6 +210,21 @@ def _lock_check() -> tuple[_Valid, _Check]:
     return _compile_valid(schema, schema), _compile(schema, schema)
 
 
+@cache
+def _sessions_check() -> _Valid:
+    schema = load_schema("lock")
+    return _compile_valid(schema["properties"]["sessions"], schema)
+
+
+def _sessions_valid(sessions: Any) -> bool:
+    """Yes/no: would these sessions pass `_problems` as the `sessions` table of a lock? The schema
+    has no rule across sessions, so a lock's sessions can be checked a few at a time."""
+    try:
+        return bool(_sessions_check()(sessions)) and not _consistency_problems({"sessions": sessions})
+    except TypeError:
+        return False
+
+
 def _flatten(where: _Where) -> str:
     parts: list[str] = []
     while where:

@@ -1,0 +1,129 @@
+"""CPU-bound work over the parts of a list, spread over the cores by forking.
+
+Reading a large lock without its cache (a fresh clone in CI, a first read on a new machine) is
+pure Python work per session fragment: toml-rs, the schema, marshal. One core does ~5,000
+fragments a second. Forked children share the parent's memory, so the input costs nothing to
+hand over; each child sends back only its marshalled result through a pipe.
+
+Forking is safe only while this process has a single thread: a lock another thread held at the
+fork (a logger's, OpenSSL's, pyo3's) would stay held in the child forever. So with more threads,
+or where there is no fork, everything runs here, one part after another. A child that fails in
+any way only costs time: its part is done again here. Results never depend on the children.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+MAX_WORKERS = 8  # processes in all, the caller's included
+
+
+def cores() -> int:
+    """The cores this process may run on (a SLURM job's allocation, not the node's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def may_fork() -> bool:
+    return sys.platform.startswith("linux") and threading.active_count() == 1
+
+
+def split(items: Sequence[T], min_part: int) -> list[Sequence[T]]:
+    """`items` in contiguous parts of at least `min_part` items, at most one per core."""
+    n = max(1, min(cores(), MAX_WORKERS, len(items) // max(min_part, 1)))
+    size, extra = divmod(len(items), n)
+    parts, start = [], 0
+    for i in range(n):
+        end = start + size + (i < extra)
+        parts.append(items[start:end])
+        start = end
+    return parts
+
+
+def map_forked(fn: Callable[[Sequence[T]], Any], parts: Sequence[Sequence[T]]) -> list[Any]:
+    """`[fn(part) for part in parts]`, the first part here and each other in a forked child when
+    `may_fork()`. `fn`'s results must be marshallable (None, numbers, str, bytes, lists, dicts)."""
+    if len(parts) < 2 or not may_fork():
+        return [fn(part) for part in parts]
+    children: list[tuple[int, int] | None] = []  # (pid, read end) per part after the first
+    try:
+        for part in parts[1:]:
+            children.append(_fork(fn, part))
+        results = [fn(parts[0])]
+        for i, child in enumerate(children, start=1):
+            got = _FAILED
+            if child is not None:
+                children[i - 1] = None
+                got = _collect(*child)
+            results.append(fn(parts[i]) if got is _FAILED else got)
+        return results
+    finally:
+        for child in children:  # an error or Ctrl-C before they were collected
+            if child is not None:
+                os.close(child[1])
+                _kill(child[0])
+
+
+_FAILED = object()
+
+
+def _fork(fn: Callable[[Sequence[T]], Any], part: Sequence[T]) -> tuple[int, int] | None:
+    try:
+        read_end, write_end = os.pipe()
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:  # out of processes or memory: this part is done here
+        os.close(read_end)
+        os.close(write_end)
+        return None
+    if pid == 0:  # the child: never returns, never runs the parent's cleanup or atexit
+        code = 1
+        try:
+            os.close(read_end)
+            payload = marshal.dumps(fn(part))
+            with os.fdopen(write_end, "wb") as out:
+                out.write(payload)
+            code = 0
+        except BaseException:  # noqa: BLE001 - any failure: the parent does this part again
+            pass
+        finally:
+            os._exit(code)
+    os.close(write_end)  # so that the read end sees EOF once the child is done
+    return pid, read_end
+
+
+def _collect(pid: int, read_end: int) -> Any:
+    """The child's result, or _FAILED unless it exited cleanly with a whole result. Closes the
+    pipe and reaps the child whatever happens."""
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            payload = pipe.read()
+    except BaseException:
+        _kill(pid)
+        raise
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        return _FAILED
+    try:
+        return marshal.loads(payload)
+    except (EOFError, ValueError, TypeError):  # pragma: no cover - a whole payload was written
+        return _FAILED
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):  # pragma: no cover - already reaped
+        pass
