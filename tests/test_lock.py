@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconcile import __version__, lockcache, lockcheck, lockdoc, lockparse
+from reconcile import __version__, forked, lockcache, lockcheck, lockdoc, lockparse
 from reconcile import lock as lock_module
 from reconcile.errors import LockfileError
 from reconcile.lock import (
@@ -1331,3 +1331,65 @@ def test_session_starts_are_the_lines_a_multiline_pattern_finds(data: bytes) -> 
     lines = re.compile(rb"^\[sessions\.([A-Za-z0-9_-]+)\]$", re.MULTILINE)
     expected = [(m.start(), m.group(1).decode()) for m in lines.finditer(data)]
     assert list(lockparse._session_starts(data)) == expected
+
+
+# --- many fragments: forked children parse a part each ---------------------------------------
+
+
+@pytest.fixture
+def forking(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every fragment of a lock counts as many (a part per core from two fragments on), forking
+    allowed although pytest may hold threads (the parse takes no locks). The parts children got."""
+    monkeypatch.setattr(lockparse, "FORK_MIN_FRAGMENTS", 1)
+    monkeypatch.setattr(forked, "may_fork", lambda: True)
+    monkeypatch.setattr(forked, "cores", lambda: 3)
+    handed: list[int] = []
+    real = forked._fork
+    monkeypatch.setattr(forked, "_fork", lambda fn, part: handed.append(len(part)) or real(fn, part))
+    return handed
+
+
+@pytest.mark.skipif(lockparse.toml_rs is None or not hasattr(os, "fork"), reason="needs toml-rs and fork")
+def test_a_cold_read_of_many_sessions_gives_parts_to_children(root: Path, forking: list[int]) -> None:
+    written = write_lock(root, lock_with(*(record(n) for n in range(1, 8))))
+    forget()
+    assert read_lock(root) == written
+    assert forking == [2, 2]  # 7 fragments: 3 here, 2 and 2 in two children
+
+
+@pytest.mark.skipif(lockparse.toml_rs is None or not hasattr(os, "fork"), reason="needs toml-rs and fork")
+def test_an_invalid_session_in_a_childs_part_is_reported_as_without_children(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_lock(root, lock_with(*(record(n) for n in range(1, 8))))
+    lock_path(root).write_text(lock_path(root).read_text().replace('bids_session = "MR1"', 'bids_session = "M/R1"', 7)
+                               .replace('bids_session = "M/R1"', 'bids_session = "MR1"', 6))  # the 7th only
+    forget()
+    with pytest.raises(LockfileError) as alone:
+        read_lock(root)
+    monkeypatch.setattr(lockparse, "FORK_MIN_FRAGMENTS", 1)
+    monkeypatch.setattr(forked, "may_fork", lambda: True)
+    forget()
+    with pytest.raises(LockfileError) as parted:
+        read_lock(root)
+    assert "XNAT_E00007/bids_session" in str(alone.value) and str(parted.value) == str(alone.value)
+
+
+@pytest.mark.skipif(lockparse.toml_rs is None or not hasattr(os, "fork"), reason="needs toml-rs and fork")
+def test_a_child_that_dies_costs_time_not_sessions(root: Path, forking: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    written = write_lock(root, lock_with(*(record(n) for n in range(1, 8))))
+    parent, real = os.getpid(), lockparse._fragment_blobs
+    monkeypatch.setattr(lockparse, "_fragment_blobs",
+                        lambda data, todo: os._exit(3) if os.getpid() != parent else real(data, todo))
+    forget()
+    assert read_lock(root) == written and forking == [2, 2]
+
+
+@given(_locks)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.skipif(lockparse.toml_rs is None or not hasattr(os, "fork"), reason="needs toml-rs and fork")
+def test_parts_parsed_by_children_make_what_one_process_makes(lock: Lock) -> None:
+    data = dumps_lock(lock).encode()
+    alone = lockparse._parse_bytes(data, "lock")
+    with mock.patch.object(lockparse, "FORK_MIN_FRAGMENTS", 1), mock.patch.object(forked, "may_fork", lambda: True):
+        assert lockparse._parse_bytes(data, "lock") == alone
