@@ -17,30 +17,45 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not sys.platform.star
 
 
 @pytest.fixture
-def may_fork(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fork although the test runner may have threads of its own: the work here takes no locks."""
+def may_fork(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Fork although the test runner may have threads of its own: the work here takes no locks.
+    The children forked."""
     monkeypatch.setattr(forked, "may_fork", lambda: True)
+    pids: list[int] = []
+    real = forked._fork
+
+    def fork(fn, part):  # noqa: ANN001, ANN202
+        child = real(fn, part)
+        if child is not None:
+            pids.append(child[0])
+        return child
+
+    monkeypatch.setattr(forked, "_fork", fork)
+    return pids
 
 
 def pid_and_sum(part: Sequence[int]) -> list[int]:
     return [os.getpid(), sum(part)]
 
 
-def no_children_left() -> bool:
-    try:
-        os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return False
+def all_reaped(pids: list[int]) -> bool:
+    """Each of these children was waited for: none is left running or as a zombie."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        return False
+    return bool(pids)
 
 
-def test_each_part_after_the_first_runs_in_a_child_and_the_results_keep_their_order(may_fork: None) -> None:
+def test_each_part_after_the_first_runs_in_a_child_and_the_results_keep_their_order(may_fork: list[int]) -> None:
     parts = [range(0, 10), range(10, 20), range(20, 30)]
     results = forked.map_forked(pid_and_sum, [list(p) for p in parts])
     assert [r[1] for r in results] == [45, 145, 245]
     assert results[0][0] == os.getpid()
     assert {r[0] for r in results[1:]}.isdisjoint({os.getpid()}) and results[1][0] != results[2][0]
-    assert no_children_left()
+    assert all_reaped(may_fork)
 
 
 def test_with_other_threads_alive_nothing_forks() -> None:
@@ -56,7 +71,7 @@ def test_with_other_threads_alive_nothing_forks() -> None:
     assert results == [[os.getpid(), 1], [os.getpid(), 2], [os.getpid(), 3]]
 
 
-def test_a_failing_child_only_costs_time_its_part_is_done_here(may_fork: None) -> None:
+def test_a_failing_child_only_costs_time_its_part_is_done_here(may_fork: list[int]) -> None:
     parent = os.getpid()
 
     def fails_in_children(part: Sequence[int]) -> list[int]:
@@ -65,10 +80,10 @@ def test_a_failing_child_only_costs_time_its_part_is_done_here(may_fork: None) -
         return pid_and_sum(part)
 
     assert forked.map_forked(fails_in_children, [[1], [2], [3]])[1] == [parent, 2]
-    assert no_children_left()
+    assert all_reaped(may_fork)
 
 
-def test_a_killed_child_only_costs_time(may_fork: None) -> None:
+def test_a_killed_child_only_costs_time(may_fork: list[int]) -> None:
     parent = os.getpid()
 
     def killed_in_children(part: Sequence[int]) -> list[int]:
@@ -77,16 +92,16 @@ def test_a_killed_child_only_costs_time(may_fork: None) -> None:
         return pid_and_sum(part)
 
     assert forked.map_forked(killed_in_children, [[1], [2, 3]]) == [[parent, 1], [parent, 5]]
-    assert no_children_left()
+    assert all_reaped(may_fork)
 
 
-def test_a_result_that_cannot_cross_the_pipe_is_made_here(may_fork: None) -> None:
+def test_a_result_that_cannot_cross_the_pipe_is_made_here(may_fork: list[int]) -> None:
     parent = os.getpid()
     results = forked.map_forked(lambda part: object() if os.getpid() != parent else len(part), [[1], [2, 3]])
     assert results == [1, 2]
 
 
-def test_an_error_in_the_parents_part_leaves_no_child_behind(may_fork: None) -> None:
+def test_an_error_in_the_parents_part_leaves_no_child_behind(may_fork: list[int]) -> None:
     parent = os.getpid()
 
     def fails_here(part: Sequence[int]) -> int:
@@ -96,7 +111,7 @@ def test_an_error_in_the_parents_part_leaves_no_child_behind(may_fork: None) -> 
 
     with pytest.raises(ValueError, match="the parent's part"):
         forked.map_forked(fails_here, [[1], [2], [3]])
-    assert no_children_left()
+    assert all_reaped(may_fork)
 
 
 @pytest.mark.parametrize("items, min_part, cores, sizes", [
