@@ -1393,3 +1393,27 @@ def test_parts_parsed_by_children_make_what_one_process_makes(lock: Lock) -> Non
     alone = lockparse._parse_bytes(data, "lock")
     with mock.patch.object(lockparse, "FORK_MIN_FRAGMENTS", 1), mock.patch.object(forked, "may_fork", lambda: True):
         assert lockparse._parse_bytes(data, "lock") == alone
+
+
+def test_a_session_that_is_not_unicode_text_is_refused_by_name(root: Path) -> None:
+    bad = replace(record(2), outputs=(OutputRecord("sub-SUBJ02/ses-MR1/anat/\udcff.nii.gz", 1, sha("x"), 1),))
+    with pytest.raises(LockfileError, match=r"sessions/XNAT_E00002: '\\udcff' is not Unicode text"):
+        write_lock(root, lock_with(record(1), bad))
+    assert not lock_path(root).exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_many_sessions_are_serialized_in_parts_by_children(
+    root: Path, forking: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lock_module, "FORK_MIN_SERIALIZED", 1)
+    lock = lock_with(*(record(n) for n in range(1, 8)))
+    written = write_lock(root, lock)
+    assert forking == [2, 2]  # 7 sessions: 3 here, 2 and 2 in two children
+    assert lock_path(root).read_text() == dumps_lock(written)
+    bad = replace(record(7), outputs=(OutputRecord("sub-SUBJ07/ses-MR1/anat/\udcff.nii.gz", 1, sha("x"), 1),))
+    other = root / "other"
+    other.mkdir()
+    with pytest.raises(LockfileError, match=r"sessions/XNAT_E00007: '\\udcff' is not Unicode text"):
+        write_lock(other, lock.with_session(bad))  # in the last child's part
+    assert forking == [2, 2, 2, 2] and not lock_path(other).exists()
