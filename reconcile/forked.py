@@ -5,8 +5,9 @@ pure Python work per session fragment: toml-rs, the schema, marshal. One core do
 fragments a second. Forked children share the parent's memory, so the input costs nothing to
 hand over; each child sends back only its marshalled result through a pipe.
 
-Forking is safe only while this process has a single thread: a lock another thread held at the
-fork (a logger's, OpenSSL's, pyo3's) would stay held in the child forever. So with more threads,
+Forking is safe only while this process has a single thread (Python's or a C library's): a lock
+another thread held at the fork (a logger's, OpenSSL's, pyo3's) would stay held in the child
+forever. So with more threads,
 or where there is no fork, everything runs here, one part after another. A child that fails in
 any way only costs time: its part is done again here. Results never depend on the children.
 """
@@ -34,7 +35,15 @@ def cores() -> int:
 
 
 def may_fork() -> bool:
-    return sys.platform.startswith("linux") and threading.active_count() == 1
+    return sys.platform.startswith("linux") and threading.active_count() == 1 and _os_threads() == 1
+
+
+def _os_threads() -> int:
+    """The process's threads as the kernel counts them, also those that C libraries started."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # pragma: no cover - /proc not mounted: Python's own count has to do
+        return 1
 
 
 def split(items: Sequence[T], min_part: int) -> list[Sequence[T]]:

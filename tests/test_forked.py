@@ -129,3 +129,15 @@ def test_split_gives_contiguous_parts_one_per_core_at_most(
     parts = forked.split(list(range(items)), min_part)
     assert [len(p) for p in parts] == sizes
     assert [x for p in parts for x in p] == list(range(items))
+
+
+def test_a_thread_python_does_not_know_of_also_stops_forking(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forked.threading, "active_count", lambda: 1)  # as for a thread a C library started
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert forked._os_threads() >= 2 and not forked.may_fork()
+    finally:
+        stop.set()
+        thread.join()
