@@ -66,7 +66,13 @@ def map_forked(fn: Callable[[Sequence[T]], Any], parts: Sequence[Sequence[T]]) -
     children: list[tuple[int, int] | None] = []  # (pid, read end) per part after the first
     try:
         for part in parts[1:]:
-            children.append(_fork(fn, part))
+            # No Python signal handler may run between the fork and the child's try (it would
+            # raise out of _fork in the child), nor in the parent before the child is recorded.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            try:
+                children.append(_fork(fn, part))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         results = [fn(parts[0])]
         for i, child in enumerate(children, start=1):
             got = _FAILED
@@ -97,6 +103,8 @@ def _fork(fn: Callable[[Sequence[T]], Any], part: Sequence[T]) -> tuple[int, int
         os.close(write_end)
         return None
     if pid == 0:  # the child: never returns, never runs the parent's cleanup or atexit
+        # All signals stay blocked here (the parent blocked them for the fork): none of the
+        # parent's Python handlers runs in the child; the parent SIGKILLs it when it must stop.
         code = 1
         try:
             os.close(read_end)
@@ -121,7 +129,10 @@ def _collect(pid: int, read_end: int) -> Any:
     except BaseException:
         _kill(pid)
         raise
-    _, status = os.waitpid(pid, 0)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:  # SIGCHLD ignored (inherited so across exec): reaped by the kernel
+        return _FAILED
     if os.waitstatus_to_exitcode(status) != 0:
         return _FAILED
     try:
