@@ -1,14 +1,14 @@
 """CPU-bound work over the parts of a list, spread over the cores by forking.
 
 Reading a large lock without its cache (a fresh clone in CI, a first read on a new machine) is
-pure Python work per session fragment: toml-rs, the schema, marshal. One core does ~5,000
+pure Python work per session fragment: toml-rs, the schema, marshal. One core does 2,500-4,000
 fragments a second. Forked children share the parent's memory, so the input costs nothing to
 hand over; each child sends back only its marshalled result through a pipe.
 
 Forking is safe only while this process has a single thread (Python's or a C library's): a lock
 another thread held at the fork (a logger's, OpenSSL's, pyo3's) would stay held in the child
-forever. So with more threads,
-or where there is no fork, everything runs here, one part after another. A child that fails in
+forever. So with more threads, or where there is no fork, everything runs here, one part after
+another. A child that fails in
 any way only costs time: its part is done again here. Results never depend on the children.
 """
 
