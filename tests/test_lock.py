@@ -1358,20 +1358,18 @@ def test_a_cold_read_of_many_sessions_gives_parts_to_children(root: Path, forkin
 
 
 @pytest.mark.skipif(lockparse.toml_rs is None or not hasattr(os, "fork"), reason="needs toml-rs and fork")
-def test_an_invalid_session_in_a_childs_part_is_reported_as_without_children(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_invalid_session_in_a_childs_part_is_reported_as_without_children(root: Path, forking: list[int]) -> None:
     write_lock(root, lock_with(*(record(n) for n in range(1, 8))))
     lock_path(root).write_text(lock_path(root).read_text().replace('bids_session = "MR1"', 'bids_session = "M/R1"', 7)
                                .replace('bids_session = "M/R1"', 'bids_session = "MR1"', 6))  # the 7th only
     forget()
-    with pytest.raises(LockfileError) as alone:
+    with mock.patch.object(forked, "may_fork", lambda: False), pytest.raises(LockfileError) as alone:
         read_lock(root)
-    monkeypatch.setattr(lockparse, "FORK_MIN_FRAGMENTS", 1)
-    monkeypatch.setattr(forked, "may_fork", lambda: True)
+    assert forking == []
     forget()
     with pytest.raises(LockfileError) as parted:
         read_lock(root)
+    assert forking == [2, 2]
     assert "XNAT_E00007/bids_session" in str(alone.value) and str(parted.value) == str(alone.value)
 
 
@@ -1391,7 +1389,8 @@ def test_a_child_that_dies_costs_time_not_sessions(root: Path, forking: list[int
 def test_parts_parsed_by_children_make_what_one_process_makes(lock: Lock) -> None:
     data = dumps_lock(lock).encode()
     alone = lockparse._parse_bytes(data, "lock")
-    with mock.patch.object(lockparse, "FORK_MIN_FRAGMENTS", 1), mock.patch.object(forked, "may_fork", lambda: True):
+    with mock.patch.object(lockparse, "FORK_MIN_FRAGMENTS", 1), mock.patch.object(forked, "may_fork", lambda: True), \
+            mock.patch.object(forked, "cores", lambda: 3):
         assert lockparse._parse_bytes(data, "lock") == alone
 
 
