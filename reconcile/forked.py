@@ -8,30 +8,88 @@ hand over; each child sends back only its marshalled result through a pipe.
 Forking is safe only while this process has a single thread (Python's or a C library's): a lock
 another thread held at the fork (a logger's, OpenSSL's, pyo3's) would stay held in the child
 forever. So with more threads, or where there is no fork, everything runs here, one part after
-another. A child that fails in
-any way only costs time: its part is done again here. Results never depend on the children.
+another. A child that fails in any way, or takes far longer than the parent took for its own
+part, only costs time: its part is done again here. Results never depend on the children.
 """
 
 from __future__ import annotations
 
 import marshal
+import math
 import os
+import select
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 MAX_WORKERS = 8  # processes in all, the caller's included
+# A child is given the time the parent took for its own part, times this, and at least
+# CHILD_GRACE seconds more, before it is killed and its part done here (a child that hangs).
+CHILD_SLACK = 4
+CHILD_GRACE = 30.0
+CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 def cores() -> int:
-    """The cores this process may run on (a SLURM job's allocation, not the node's)."""
+    """The cores this process may run on: its CPU affinity (a SLURM job's allocation, not the
+    node's), and no more than a container's CPU quota (`docker --cpus`) lets it keep busy."""
     try:
-        return len(os.sched_getaffinity(0))
+        count = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        count = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(count, quota)) if quota else count
+
+
+def _cgroup_quota(proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """The fewest whole cores a CFS quota allows this process's cgroup or one above it, under
+    the usual mount points (cgroup v2's cpu.max, v1's cpu.cfs_quota_us); None if unlimited."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    fewest = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        names = controllers.split(",")
+        if controllers == "":
+            dirs = [CGROUP_ROOT, os.path.join(CGROUP_ROOT, "unified")]
+        elif "cpu" in names:
+            dirs = [os.path.join(CGROUP_ROOT, controllers), os.path.join(CGROUP_ROOT, "cpu")]
+        else:
+            continue
+        for top in dict.fromkeys(dirs):
+            here = path
+            while True:
+                allowed = _quota_at(os.path.join(top, here.lstrip("/")), v2=controllers == "")
+                if allowed is not None:
+                    fewest = allowed if fewest is None else min(fewest, allowed)
+                if here in ("/", ""):
+                    break
+                here = os.path.dirname(here)
+    return fewest
+
+
+def _quota_at(directory: str, v2: bool) -> int | None:
+    try:
+        if v2:
+            with open(os.path.join(directory, "cpu.max")) as f:
+                quota, period = f.read().split()[:2]
+        else:
+            with open(os.path.join(directory, "cpu.cfs_quota_us")) as f:
+                quota = f.read().strip()
+            with open(os.path.join(directory, "cpu.cfs_period_us")) as f:
+                period = f.read().strip()
+        if quota in ("max", "-1") or int(period) <= 0:
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        return None
 
 
 def may_fork() -> bool:
@@ -73,12 +131,14 @@ def map_forked(fn: Callable[[Sequence[T]], Any], parts: Sequence[Sequence[T]]) -
                 children.append(_fork(fn, part))
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        started = time.monotonic()
         results = [fn(parts[0])]
+        deadline = time.monotonic() + CHILD_GRACE + CHILD_SLACK * (time.monotonic() - started)
         for i, child in enumerate(children, start=1):
             got = _FAILED
             if child is not None:
                 children[i - 1] = None
-                got = _collect(*child)
+                got = _collect(*child, deadline)
             results.append(fn(parts[i]) if got is _FAILED else got)
         return results
     finally:
@@ -120,15 +180,28 @@ def _fork(fn: Callable[[Sequence[T]], Any], part: Sequence[T]) -> tuple[int, int
     return pid, read_end
 
 
-def _collect(pid: int, read_end: int) -> Any:
-    """The child's result, or _FAILED unless it exited cleanly with a whole result. Closes the
-    pipe and reaps the child whatever happens."""
+def _collect(pid: int, read_end: int, deadline: float) -> Any:
+    """The child's result, or _FAILED unless it exited cleanly with a whole result by `deadline`
+    (time.monotonic()). Closes the pipe and reaps the child whatever happens."""
+    chunks = []
+    poller = select.poll()
+    poller.register(read_end, select.POLLIN)
     try:
-        with os.fdopen(read_end, "rb") as pipe:
-            payload = pipe.read()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(math.ceil(left * 1000)):
+                _kill(pid)  # hung: its part is done here
+                return _FAILED
+            chunk = os.read(read_end, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
     except BaseException:
         _kill(pid)
         raise
+    finally:
+        os.close(read_end)
+    payload = b"".join(chunks)
     try:
         _, status = os.waitpid(pid, 0)
     except ChildProcessError:  # SIGCHLD ignored (inherited so across exec): reaped by the kernel

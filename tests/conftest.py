@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 from pytest_httpserver import HTTPServer
 
+from reconcile import forked
 from reconcile.cli import main
 from reconcile.emulator import Archive, EmulatorApp
 
@@ -54,6 +55,36 @@ def _no_proxy(monkeypatch):
 def _private_lock_cache(tmp_path_factory, monkeypatch):
     """Lock read caches go to a per-test folder, never the user's ~/.cache."""
     monkeypatch.setenv("XNAT2BIDS_CACHE_DIR", str(tmp_path_factory.mktemp("lock-cache")))
+
+
+class Forks(list):
+    """(pid, part size) of each child `reconcile.forked` forked, in order."""
+
+    @property
+    def pids(self) -> list[int]:
+        return [pid for pid, _ in self]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [size for _, size in self]
+
+
+@pytest.fixture
+def forks(monkeypatch) -> Forks:
+    """`reconcile.forked` forks although pytest may hold threads of its own (the work the tests
+    hand it takes no locks), and records each child it forked."""
+    monkeypatch.setattr(forked, "may_fork", lambda: True)
+    record = Forks()
+    real = forked._fork
+
+    def fork(fn, part):
+        child = real(fn, part)
+        if child is not None:
+            record.append((child[0], len(part)))
+        return child
+
+    monkeypatch.setattr(forked, "_fork", fork)
+    return record
 
 
 @pytest.fixture

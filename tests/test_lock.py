@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from unittest import mock
 
 import jsonschema
@@ -46,6 +46,9 @@ from reconcile.lock import (
     write_lock,
 )
 from reconcile.model import OutputRecord, ScanRecord, SessionRecord, UnselectedScan
+
+if TYPE_CHECKING:
+    from conftest import Forks
 from reconcile.schema import load_schema
 
 
@@ -584,6 +587,12 @@ INVALID = {
     "unsafe bids label": (_edit('bids_subject = "SUBJ01"', 'bids_subject = "../x"'), r"bids_subject: '\.\./x' is not a BIDS label"),
     "unsafe session key": (_edit("[sessions.XNAT_E00001]", '[sessions."../x"]'), r"sessions/\.\./x: '\.\./x' is not an XNAT experiment ID"),
     "mismatched experiment_id": (_edit('experiment_id = "XNAT_E00001"', 'experiment_id = "XNAT_E00002"'), r"sessions/XNAT_E00001/experiment_id: 'XNAT_E00002' disagrees with its table key 'XNAT_E00001'"),
+    "table after the sessions": (VALID + "\n[other]\nx = 1\n", r"\(top level\): unknown key 'other'"),
+    "array of tables after the sessions": (VALID + "\n[[other]]\nx = 1\n", r"\(top level\): unknown key 'other'"),
+    "number for a session's string": (
+        VALID.replace('config_fingerprint = "0123456789abcdef"', "config_fingerprint = 5", 1),
+        r"sessions/XNAT_E00001/config_fingerprint: 5 is not a string",
+    ),
     "duplicate session": (VALID + "\n[sessions.XNAT_E00001]\nproject = 'P'\n", r"session XNAT_E00001 appears twice \(at line \d+"),
     "duplicate output": (
         VALID.replace(
@@ -1337,50 +1346,46 @@ def test_session_starts_are_the_lines_a_multiline_pattern_finds(data: bytes) -> 
 
 
 @pytest.fixture
-def forking(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every fragment of a lock counts as many (a part per core from two fragments on), forking
-    allowed although pytest may hold threads (the parse takes no locks). The parts children got."""
+def forking(monkeypatch: pytest.MonkeyPatch, forks: Forks) -> Forks:
+    """Every fragment of a lock counts as many (a part per core from two fragments on), three
+    cores. The children forked, with the size of the part each got."""
     monkeypatch.setattr(lockparse, "FORK_MIN_FRAGMENTS", 1)
-    monkeypatch.setattr(forked, "may_fork", lambda: True)
     monkeypatch.setattr(forked, "cores", lambda: 3)
-    handed: list[int] = []
-    real = forked._fork
-    monkeypatch.setattr(forked, "_fork", lambda fn, part: handed.append(len(part)) or real(fn, part))
-    return handed
+    return forks
 
 
 @pytest.mark.skipif(lockparse.toml_rs is None or not hasattr(os, "fork"), reason="needs toml-rs and fork")
-def test_a_cold_read_of_many_sessions_gives_parts_to_children(root: Path, forking: list[int]) -> None:
+def test_a_cold_read_of_many_sessions_gives_parts_to_children(root: Path, forking: Forks) -> None:
     written = write_lock(root, lock_with(*(record(n) for n in range(1, 8))))
     forget()
     assert read_lock(root) == written
-    assert forking == [2, 2]  # 7 fragments: 3 here, 2 and 2 in two children
+    assert forking.sizes == [2, 2]  # 7 fragments: 3 here, 2 and 2 in two children
 
 
 @pytest.mark.skipif(lockparse.toml_rs is None or not hasattr(os, "fork"), reason="needs toml-rs and fork")
-def test_an_invalid_session_in_a_childs_part_is_reported_as_without_children(root: Path, forking: list[int]) -> None:
+def test_an_invalid_session_in_a_childs_part_is_reported_as_without_children(root: Path, forking: Forks) -> None:
     write_lock(root, lock_with(*(record(n) for n in range(1, 8))))
     lock_path(root).write_text(lock_path(root).read_text().replace('bids_session = "MR1"', 'bids_session = "M/R1"', 7)
                                .replace('bids_session = "M/R1"', 'bids_session = "MR1"', 6))  # the 7th only
     forget()
     with mock.patch.object(forked, "may_fork", lambda: False), pytest.raises(LockfileError) as alone:
         read_lock(root)
-    assert forking == []
+    assert forking.sizes == []
     forget()
     with pytest.raises(LockfileError) as parted:
         read_lock(root)
-    assert forking == [2, 2]
+    assert forking.sizes == [2, 2]
     assert "XNAT_E00007/bids_session" in str(alone.value) and str(parted.value) == str(alone.value)
 
 
 @pytest.mark.skipif(lockparse.toml_rs is None or not hasattr(os, "fork"), reason="needs toml-rs and fork")
-def test_a_child_that_dies_costs_time_not_sessions(root: Path, forking: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_child_that_dies_costs_time_not_sessions(root: Path, forking: Forks, monkeypatch: pytest.MonkeyPatch) -> None:
     written = write_lock(root, lock_with(*(record(n) for n in range(1, 8))))
     parent, real = os.getpid(), lockparse._fragment_blobs
     monkeypatch.setattr(lockparse, "_fragment_blobs",
                         lambda data, todo: os._exit(3) if os.getpid() != parent else real(data, todo))
     forget()
-    assert read_lock(root) == written and forking == [2, 2]
+    assert read_lock(root) == written and forking.sizes == [2, 2]
 
 
 @given(_locks)
@@ -1403,16 +1408,16 @@ def test_a_session_that_is_not_unicode_text_is_refused_by_name(root: Path) -> No
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_many_sessions_are_serialized_in_parts_by_children(
-    root: Path, forking: list[int], monkeypatch: pytest.MonkeyPatch
+    root: Path, forking: Forks, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(lock_module, "FORK_MIN_SERIALIZED", 1)
     lock = lock_with(*(record(n) for n in range(1, 8)))
     written = write_lock(root, lock)
-    assert forking == [2, 2]  # 7 sessions: 3 here, 2 and 2 in two children
+    assert forking.sizes == [2, 2]  # 7 sessions: 3 here, 2 and 2 in two children
     assert lock_path(root).read_text() == dumps_lock(written)
     bad = replace(record(7), outputs=(OutputRecord("sub-SUBJ07/ses-MR1/anat/\udcff.nii.gz", 1, sha("x"), 1),))
     other = root / "other"
     other.mkdir()
     with pytest.raises(LockfileError, match=r"sessions/XNAT_E00007: '\\udcff' is not Unicode text"):
         write_lock(other, lock.with_session(bad))  # in the last child's part
-    assert forking == [2, 2, 2, 2] and not lock_path(other).exists()
+    assert forking.sizes == [2, 2, 2, 2] and not lock_path(other).exists()
