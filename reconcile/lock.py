@@ -18,6 +18,7 @@ import secrets
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Union
 
@@ -29,7 +30,12 @@ from reconcile.errors import LockConflictError, LockfileError
 from reconcile.failpoints import hit
 from reconcile.forked import map_forked, split
 from reconcile.lockcache import _current, _identity, _remember_written, _Snapshot
-from reconcile.lockcheck import _consistency_problems, _raise_invalid, _schema_problems
+from reconcile.lockcheck import (
+    _consistency_problems,
+    _raise_invalid,
+    _schema_problems,
+    _sessions_valid,
+)
 from reconcile.lockdoc import (
     FORMAT_VERSION,
     _normalized,
@@ -363,16 +369,18 @@ def _write_lock(root: Path, lock: Lock, expected_serial: int | None) -> Lock:
             changed.append((i, key, doc, blob))
             if not on_file:  # what the file holds was valid when read or written
                 unchecked.append((key, doc))
-        # Validated exactly as the whole document would be: the header, then each other session.
+        # Each changed session is checked yes/no where it is serialized (in forked parts when
+        # there are many); only if one fails is everything checked again in the whole
+        # document's order (the header, then each session), for the messages.
         problems = _schema_problems({**header, "sessions": {}})
-        for key, doc in unchecked:
-            problems += [p for p in _schema_problems({**header, "sessions": {key: doc}}) if p.startswith("sessions/")]
-        if not problems:
-            for key, doc in unchecked:
-                problems += _consistency_problems({"sessions": {key: doc}})
-        if problems:
-            _raise_invalid(f"refusing to write an invalid lock to {path}", problems)
-        texts = _fragment_texts(path, [(key, doc) for _, key, doc, _ in changed])
+        items = [(key, doc) for _, key, doc, _ in changed]
+        texts = None if problems else _fragment_texts(path, items, check=True)
+        if texts is None:
+            problems += _session_problems(unchecked)
+            if problems:
+                _raise_invalid(f"refusing to write an invalid lock to {path}", problems)
+            texts = _fragment_texts(path, items, check=False)  # the yes/no check was stricter
+            assert texts is not None
         for (i, key, doc, blob), text in zip(changed, texts):
             fragments[i] = text
             blobs[key] = blob if blob is not None else marshal.dumps(doc)
@@ -391,23 +399,46 @@ def _write_lock(root: Path, lock: Lock, expected_serial: int | None) -> Lock:
     return replace(written, sessions=_Sessions(items, origin))
 
 
-def _fragments(items: Sequence[tuple[str, dict[str, Any]]]) -> list[bytes]:
-    return [tomli_w.dumps({"sessions": {key: doc}}).encode() for key, doc in items]
+def _session_problems(docs: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """What is wrong with these (key, session document), worded as for the whole lock."""
+    problems = []
+    for key, doc in docs:
+        problems += [p for p in _schema_problems({"sessions": {key: doc}}) if p.startswith("sessions/")]
+    if not problems:
+        for key, doc in docs:
+            problems += _consistency_problems({"sessions": {key: doc}})
+    return problems
 
 
-def _fragment_texts(path: Path, items: list[tuple[str, dict[str, Any]]]) -> list[bytes]:
-    """tomli-w's fragment of each (key, session document). Many sessions at once (a first write,
-    a SLURM batch's finalize) are serialized in forked parts, one per core (`forked`)."""
-    try:
-        return [text for part in map_forked(_fragments, split(items, FORK_MIN_SERIALIZED)) for text in part]
-    except UnicodeEncodeError:  # a lone surrogate, e.g. from a file name that is not UTF-8
-        for key, doc in items:  # which session it is in
+def _fragments(check: bool, items: Sequence[tuple[str, dict[str, Any]]]) -> list[bytes] | str | None:
+    """tomli-w's fragment of each (key, session document); None if `check` and one of them is
+    not a valid session; the key of one that is not Unicode text. Runs in forked children."""
+    if check and not _sessions_valid(dict(items)):
+        return None
+    texts = []
+    for key, doc in items:
+        try:
+            texts.append(tomli_w.dumps({"sessions": {key: doc}}).encode())
+        except UnicodeEncodeError:  # a lone surrogate, e.g. from a file name that is not UTF-8
+            return key
+    return texts
+
+
+def _fragment_texts(path: Path, items: list[tuple[str, dict[str, Any]]], check: bool) -> list[bytes] | None:
+    """The fragment of each (key, session document), or None if `check` and one is invalid.
+    Many sessions at once (a first write, a SLURM batch's finalize) are checked and serialized
+    in forked parts, one per core (`forked`)."""
+    parts = map_forked(partial(_fragments, check), split(items, FORK_MIN_SERIALIZED))
+    if any(part is None for part in parts):
+        return None
+    for part in parts:
+        if isinstance(part, str):
             try:
-                _fragments([(key, doc)])
+                tomli_w.dumps({"sessions": {part: dict(items)[part]}}).encode()
             except UnicodeEncodeError as exc:
                 _raise_invalid(f"refusing to write an invalid lock to {path}",
-                               [f"sessions/{key}: {exc.object[exc.start:exc.end]!r} is not Unicode text"])
-        raise
+                               [f"sessions/{part}: {exc.object[exc.start:exc.end]!r} is not Unicode text"])
+    return [text for part in parts for text in part]
 
 
 def _atomic_write(path: Path, pieces: list[Any]) -> tuple[int, ...]:

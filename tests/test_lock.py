@@ -1421,3 +1421,23 @@ def test_many_sessions_are_serialized_in_parts_by_children(
     with pytest.raises(LockfileError, match=r"sessions/XNAT_E00007: '\\udcff' is not Unicode text"):
         write_lock(other, lock.with_session(bad))  # in the last child's part
     assert forking.sizes == [2, 2, 2, 2] and not lock_path(other).exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_an_invalid_session_in_a_childs_part_is_refused_as_in_one_process(
+    root: Path, forking: Forks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Children check their sessions yes/no; the words come from checking the whole lock, and a
+    schema problem comes before a text that is not Unicode, wherever each is."""
+    monkeypatch.setattr(lock_module, "FORK_MIN_SERIALIZED", 1)
+    not_text = replace(record(2), outputs=(OutputRecord("sub-SUBJ02/ses-MR1/anat/\udcff.nii.gz", 1, sha("x"), 1),))
+    bad_label = replace(record(6), bids_session="M/R1")
+    lock = lock_with(*(record(n) for n in range(1, 8))).with_session(not_text).with_session(bad_label)
+    with mock.patch.object(forked, "may_fork", lambda: False), pytest.raises(LockfileError) as alone:
+        write_lock(root, lock)
+    assert forking.sizes == []
+    with pytest.raises(LockfileError) as parted:
+        write_lock(root, lock)
+    assert forking.sizes == [2, 2]  # XNAT_E00006 in the second child's part
+    assert "sessions/XNAT_E00006/bids_session" in str(parted.value) and str(parted.value) == str(alone.value)
+    assert "Unicode" not in str(parted.value) and not lock_path(root).exists()
