@@ -13,6 +13,8 @@ import random
 import re
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -1441,3 +1443,28 @@ def test_an_invalid_session_in_a_childs_part_is_refused_as_in_one_process(
     assert forking.sizes == [2, 2]  # XNAT_E00006 in the second child's part
     assert "sessions/XNAT_E00006/bids_session" in str(parted.value) and str(parted.value) == str(alone.value)
     assert "Unicode" not in str(parted.value) and not lock_path(root).exists()
+
+
+_FORKS_COUNTED = """
+import os, sys
+from pathlib import Path
+forks = []
+real = os.fork
+os.fork = lambda: forks.append(1) or real()
+from reconcile.lock import read_lock
+lock = read_lock(Path(sys.argv[1]))
+print(len(forks), len(lock.sessions))
+"""
+
+
+@pytest.mark.skipif(lockparse.toml_rs is None or not hasattr(os, "fork"), reason="needs toml-rs and fork")
+def test_a_fresh_process_reads_a_large_lock_in_parts_by_itself(root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Nothing patched: the process's own cores and threads, the real part size. A switch left
+    off (never forking, one core, a part size too large) shows here."""
+    if forked.cores() < 2:
+        pytest.skip("one core: nothing to fork for")
+    written = write_lock(root, lock_with(*(record(i, outputs=1, scans=()) for i in range(1, 2001))))
+    env = {**os.environ, "XNAT2BIDS_CACHE_DIR": str(tmp_path_factory.mktemp("fresh-cache"))}
+    out = subprocess.run([sys.executable, "-c", _FORKS_COUNTED, str(root)], capture_output=True, text=True,
+                         check=True, env=env)
+    assert out.stdout.split() == ["1", str(len(written.sessions))]
