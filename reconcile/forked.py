@@ -55,7 +55,10 @@ def _cgroup_quota(proc_cgroup: str = "/proc/self/cgroup") -> int | None:
         return None
     fewest = None
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
         names = controllers.split(",")
         if controllers == "":
             dirs = [CGROUP_ROOT, os.path.join(CGROUP_ROOT, "unified")]

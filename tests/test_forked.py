@@ -190,6 +190,7 @@ def _cgroup_files(root, files: dict[str, str]) -> None:  # noqa: ANN001
     ("3:memory:/x\n", {"memory/cpu.max": "100000 100000\n"}, None),  # not the cpu controller
     ("0::/\n", {"cpu.max": "garbage\n"}, None),
     ("0::/\n", {}, None),  # no cgroup files at all
+    ("garbage\n0::/\n", {"cpu.max": "100000 100000\n"}, 1),  # a line it cannot read is passed over
 ])
 def test_a_cpu_quota_caps_the_cores(tmp_path, monkeypatch: pytest.MonkeyPatch, proc: str,  # noqa: ANN001
                                     files: dict[str, str], quota: int | None) -> None:
