@@ -15,6 +15,7 @@ from reconcile.errors import ConfigError, LockfileError
 from reconcile.lock import read_lock
 from reconcile.naming import check_safe
 
+
 @dataclass(frozen=True)
 class Study:
     project: str

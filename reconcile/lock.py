@@ -38,6 +38,7 @@ from reconcile.lockcheck import (
 )
 from reconcile.lockdoc import (
     FORMAT_VERSION,
+    _decoded,
     _normalized,
     _record,
     _session_document,
@@ -145,7 +146,7 @@ class _Sessions(Mapping[str, SessionRecord]):
     def __getitem__(self, key: str) -> SessionRecord:
         value = self._items[key]
         if type(value) is bytes:
-            record = _record(marshal.loads(value), canonical=True)
+            record = _decoded(marshal.loads(value))
             self._origin[key] = (record, value, dict(record.config_digests), dict(record.tools))
             self._items[key] = record
             return record

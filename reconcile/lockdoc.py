@@ -119,6 +119,36 @@ def _canonical_session(doc: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_new = object.__new__
+_set_attr = object.__setattr__
+
+
+def _adopt(cls: type, fields: dict[str, Any]) -> Any:
+    """An instance of the frozen dataclass `cls` whose instance dict IS `fields` (no copy, no
+    keyword call): only for a dict nobody else holds, with exactly `cls`'s fields."""
+    obj = _new(cls)
+    _set_attr(obj, "__dict__", fields)
+    return obj
+
+
+def _decoded(doc: dict[str, Any]) -> SessionRecord:
+    """`_record(doc, canonical=True)` of a freshly unmarshalled canonical document, built in place:
+    its dicts become the records' instance dicts (a third of the cost of decoding a session).
+    `doc` must not be used afterwards."""
+    for s in doc["scans"]:
+        if "bidsmap_target" not in s:
+            s["bidsmap_target"] = None
+        if "protocol_name" not in s:
+            s["protocol_name"] = None
+    doc["scans"] = tuple([_adopt(ScanRecord, s) for s in doc["scans"]])
+    doc["outputs"] = tuple([_adopt(OutputRecord, o) for o in doc["outputs"]])
+    listed = doc.get("unselected_scans")
+    doc["unselected_scans"] = None if listed is None else tuple([_adopt(UnselectedScan, s) for s in listed])
+    if "date" not in doc:
+        doc["date"] = None
+    return _adopt(SessionRecord, doc)
+
+
 def _record(doc: Mapping[str, Any], *, canonical: bool = False) -> SessionRecord:
     scans = [ScanRecord(**s) for s in doc["scans"]]
     outputs = [OutputRecord(**o) for o in doc["outputs"]]

@@ -220,7 +220,10 @@ def occupied_folders(root: Path, plan: Plan, lock: Lock) -> dict[BidsAddress, st
     """The session folders that `plan` would move into and that exist on disk, though the lock
     records no session at them; each with the file in the way of its subject folder, if that is
     what is there. One listing of the root; a folder is looked for only when its subject's folder
-    exists (an empty root: no more system calls)."""
+    exists (an empty root: no more system calls). None of them when no change moves in (an
+    unchanged plan): no system call at all."""
+    if not any(moves_in(c) for c in plan.changes):
+        return {}
     try:
         with os.scandir(root) as entries:
             subjects = {e.name: e.is_dir() for e in entries}

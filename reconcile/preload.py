@@ -17,13 +17,13 @@ into the child's status file, then reaps it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import select
 import signal
 import subprocess
 import sys
-import itertools
 import threading
 import time
 from collections.abc import Mapping, Sequence

@@ -14,14 +14,13 @@ from typing import Any
 import pytest
 import requests.utils
 from pytest_httpserver import HTTPServer
+from test_xnat_client import Site, emu_client, make_client, populate, read_body
 from werkzeug import Request, Response
 
 from reconcile.credentials import Credentials
 from reconcile.emulator.serve import serve_in_thread
 from reconcile.keepalive import ssl_context
 from reconcile.xnat import XnatClient
-
-from test_xnat_client import Site, emu_client, make_client, populate, read_body
 
 
 @pytest.fixture

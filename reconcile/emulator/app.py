@@ -28,7 +28,16 @@ from xml.etree import ElementTree
 
 from werkzeug.wrappers import Request, Response
 
-from .archive import CHUNK_SIZE, Archive, ArchiveError, Experiment, FileEntry, Resource, Scan, User
+from .archive import (
+    CHUNK_SIZE,
+    Archive,
+    ArchiveError,
+    Experiment,
+    FileEntry,
+    Resource,
+    Scan,
+    User,
+)
 from .faults import Fault, FaultSet
 from .xmldoc import item_document, xsd_text
 from .zipstream import zip_pieces

@@ -20,7 +20,13 @@ import xnat
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from reconcile.emulator import Archive, EmulatorApp, Fault, load_dicom_dir, serve_in_thread
+from reconcile.emulator import (
+    Archive,
+    EmulatorApp,
+    Fault,
+    load_dicom_dir,
+    serve_in_thread,
+)
 from reconcile.emulator.archive import FileEntry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
