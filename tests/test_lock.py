@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from unittest import mock
@@ -342,6 +342,19 @@ def test_a_read_session_is_put_in_the_order_a_record_is_written_in(record: Sessi
     expected = lockdoc._session_document(record)
     # repr: equal with the same order of keys and items
     assert repr(lockdoc._canonical_session(_shuffled(expected, rnd))) == repr(expected)
+
+
+
+@given(_session)
+@settings(max_examples=100, deadline=None)
+def test_a_record_built_on_unmarshalled_dicts_is_the_record_the_document_gives(record: SessionRecord) -> None:
+    """The lock decodes a session by adopting the dicts marshal returns: the same record, with
+    every field set and no other attribute, in the session itself and in each scan and output."""
+    blob = marshal.dumps(lockdoc._session_document(record))
+    adopted, built = lockdoc._decoded(marshal.loads(blob)), lockdoc._record(marshal.loads(blob), canonical=True)
+    assert adopted == built and repr(adopted) == repr(built)
+    for obj in (adopted, *adopted.scans, *adopted.outputs, *(adopted.unselected_scans or ())):
+        assert set(vars(obj)) == {f.name for f in fields(obj)}
 
 
 # --- validation --------------------------------------------------------------------------------
