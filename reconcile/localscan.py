@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from stat import S_ISLNK, S_ISREG
+from typing import Any
 
 from reconcile.lock import Lock
-from reconcile.model import FileStat, SessionRecord
+from reconcile.lockcache import _cache_dir
+from reconcile.model import FileStat, OutputRecord, SessionRecord
 from reconcile.plan import LocalState
 
 HASH_CHUNK = 1 << 20
@@ -27,8 +30,11 @@ def stat_outputs(root: Path, lock: Lock) -> LocalState:
 
 
 def stat_records(root: Path, records: Iterable[SessionRecord]) -> LocalState:
-    """`stat_outputs` for the outputs of these records only."""
+    """`stat_outputs` for the outputs of these records only. An output with its recorded size but
+    another modification time is hashed, once per change of its stat (`Verified`), to tell a
+    copy or clone of the dataset from an edit."""
     files: dict[str, FileStat] = {}
+    touched: list[tuple[OutputRecord, os.stat_result]] = []
     with root_stat(root) as stat:
         for rec in records:
             for out in rec.outputs:
@@ -38,7 +44,66 @@ def stat_records(root: Path, records: Iterable[SessionRecord]) -> LocalState:
                     continue
                 if S_ISREG(st.st_mode):
                     files[out.path] = FileStat(st.st_size, st.st_mtime_ns)
-    return LocalState(files)
+                    if st.st_mtime_ns != out.mtime_ns and st.st_size == out.size:
+                        touched.append((out, st))
+    return LocalState(files, _same_content(root, touched) if touched else frozenset())
+
+
+def _same_content(root: Path, touched: list[tuple[OutputRecord, os.stat_result]]) -> frozenset[str]:
+    """The touched outputs whose sha256 is the recorded one."""
+    verified = Verified.of(root)
+    same = {out.path for out, st in touched if verified.vouches(out, st)}
+    to_hash = {os.path.join(root, out.path): (out, st) for out, st in touched if out.path not in same}
+    if to_hash:
+        for path, digest in hash_files(to_hash).items():
+            out, st = to_hash[path]
+            if digest == out.sha256:
+                same.add(out.path)
+                verified.add(out, st)
+        verified.save()
+    return frozenset(same)
+
+
+class Verified:
+    """Outputs whose content was found to be the recorded one though their time is not, with the
+    stat they had then (size, mtime, ctime, inode): git's index does the same for a clone. Kept per
+    user and BIDS root beside the lock cache; a damaged or missing file is only lost time."""
+
+    def __init__(self, path: Path | None, entries: dict[str, list[Any]]) -> None:
+        self.path, self.entries, self.changed = path, entries, False
+
+    @classmethod
+    def of(cls, root: Path) -> Verified:
+        directory = _cache_dir()
+        if directory is None:
+            return cls(None, {})
+        name = hashlib.sha256(os.path.abspath(root).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        path = directory.parent / "verified" / f"{name}.json"
+        try:
+            entries = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            entries = {}
+        return cls(path, entries if isinstance(entries, dict) else {})
+
+    @staticmethod
+    def _key(out: OutputRecord, st: os.stat_result) -> list[Any]:
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, out.sha256]
+
+    def vouches(self, out: OutputRecord, st: os.stat_result) -> bool:
+        return self.entries.get(out.path) == self._key(out, st)
+
+    def add(self, out: OutputRecord, st: os.stat_result) -> None:
+        self.entries[out.path] = self._key(out, st)
+        self.changed = True
+
+    def save(self) -> None:
+        if not self.changed or self.path is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            temp.write_text(json.dumps(self.entries, sort_keys=True))
+            os.replace(temp, self.path)
 
 
 @contextlib.contextmanager

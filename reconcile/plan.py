@@ -125,9 +125,12 @@ class RemoteState:
 
 @dataclass(frozen=True)
 class LocalState:
-    """Stat results for the lock's recorded outputs; a missing path is absent from `files`."""
+    """Stat results for the lock's recorded outputs; a missing path is absent from `files`.
+    `same_content`: outputs whose modification time changed but whose bytes are the recorded ones
+    (their sha256 was checked): a copy, a clone, a restore from backup. Not drift."""
 
     files: Mapping[str, FileStat]
+    same_content: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -435,7 +438,7 @@ def _drift(rec: SessionRecord, local: LocalState) -> list[Reason]:
             reasons.append(Reason("missing", f"missing: {out.path}", out.path))
         elif seen.size != out.size:
             reasons.append(Reason("changed", f"changed: {out.path} (size {out.size} → {seen.size})", out.path))
-        elif seen.mtime_ns != out.mtime_ns:
+        elif seen.mtime_ns != out.mtime_ns and out.path not in local.same_content:
             reasons.append(Reason("changed", f"changed: {out.path} (modified on disk)", out.path))
     return reasons
 
@@ -707,6 +710,12 @@ def compute_plan(
             f"{drifted} session{'s' if drifted != 1 else ''} changed on disk; apply leaves "
             f"{'them' if drifted != 1 else 'it'} as {'they are' if drifted != 1 else 'it is'} unless given "
             "--repair-drift, which exports and converts again"
+        )
+    if local.same_content:
+        n = len(local.same_content)
+        out.notes.append(
+            f"{n} output{'s' if n != 1 else ''} ha{'ve' if n != 1 else 's'} a new modification time but the "
+            f"recorded content (sha256 checked, e.g. after a copy or clone): not drift"
         )
     if gone:
         out.notes.append(

@@ -135,3 +135,25 @@ def test_task_events_are_the_labs_to_fill_in_and_survive_a_reconversion(cli, emu
     assert events.read_bytes() == FILLED  # kept over the new stub, not set aside
     assert not (root / ".xnat2bids" / "replaced").exists()
     assert cli("check", str(root), "--full")[0] == 0
+
+
+def test_a_copy_of_the_dataset_without_its_times_is_not_drift_and_takes_updates(cli, emulator, tmp_path):
+    """cp -r, git clone, rsync without -t: every output has a new time and its recorded bytes."""
+    import shutil
+
+    exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    root, copy = tmp_path / "bids", tmp_path / "copy"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    shutil.copytree(root, copy, copy_function=shutil.copy)  # contents and modes, not times
+    outputs = read_lock(copy).sessions[exp.id].outputs
+    assert all((copy / o.path).stat().st_mtime_ns != o.mtime_ns for o in outputs)
+
+    code, out, err = cli("plan", str(copy), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 0, out + err
+    assert f"{len(outputs)} outputs have a new modification time but the recorded content" in out
+
+    redate(emulator, exp, "2024-02-01")
+    code, out, err = cli("apply", str(copy), "-p", "PROJ", "--yes")
+    assert code == 0 and read_lock(copy).sessions[exp.id].date == "2024-02-01", out + err
+    assert not (copy / ".xnat2bids" / "replaced").exists()  # nothing was the user's to keep
+    assert cli("check", str(copy), "--full")[0] == 0

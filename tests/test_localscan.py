@@ -98,3 +98,48 @@ def test_check_names_two_sessions_at_one_folder_and_outputs_outside_their_sessio
         "E1 and E2 are both recorded at sub-01/ses-1",
         "E2 sub-01/ses-1: output sub-02/ses-1/anat/b.json lies outside its session folder",
     )
+
+
+def _recording(root, files: dict[str, bytes], mtime_ns: int = 1) -> Lock:
+    import hashlib
+
+    outputs = []
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        outputs.append(OutputRecord(rel, len(data), hashlib.sha256(data).hexdigest(), mtime_ns))
+    record = SessionRecord("E1", "P", "S1", "SUBJ01", "SUBJ01_MR1", "SUBJ01", "MR1", None, "", "", "xnat:mrSessionData",
+                           "2024-01-01T00:00:00Z", "f", outputs=tuple(outputs))
+    return Lock.new().with_session(record)
+
+
+def test_an_output_with_a_new_time_but_its_recorded_bytes_is_told_from_an_edit(tmp_path, monkeypatch):
+    from reconcile import localscan
+
+    lock = _recording(tmp_path, {"sub-SUBJ01/ses-MR1/anat/a.json": b"{}\n", "sub-SUBJ01/ses-MR1/anat/b.json": b"[1]\n"})
+    (tmp_path / "sub-SUBJ01/ses-MR1/anat/b.json").write_bytes(b"[2]\n")  # edited, same size
+    local = stat_outputs(tmp_path, lock)
+    assert local.same_content == {"sub-SUBJ01/ses-MR1/anat/a.json"}
+    assert set(local.files) == {"sub-SUBJ01/ses-MR1/anat/a.json", "sub-SUBJ01/ses-MR1/anat/b.json"}
+
+    hashed: list[str] = []
+    real = localscan.hash_files
+    monkeypatch.setattr(localscan, "hash_files", lambda paths: hashed.extend(paths) or real(paths))
+    assert stat_outputs(tmp_path, lock).same_content == {"sub-SUBJ01/ses-MR1/anat/a.json"}
+    assert hashed == [str(tmp_path / "sub-SUBJ01/ses-MR1/anat/b.json")]  # a.json vouched for by its stat
+
+    os.utime(tmp_path / "sub-SUBJ01/ses-MR1/anat/a.json", ns=(5, 5))  # touched again: hashed again
+    hashed.clear()
+    assert stat_outputs(tmp_path, lock).same_content == {"sub-SUBJ01/ses-MR1/anat/a.json"}
+    assert str(tmp_path / "sub-SUBJ01/ses-MR1/anat/a.json") in hashed
+
+
+def test_a_damaged_verified_file_only_costs_a_hash(tmp_path):
+    from reconcile.localscan import Verified
+
+    lock = _recording(tmp_path, {"sub-SUBJ01/ses-MR1/anat/a.json": b"{}\n"})
+    assert stat_outputs(tmp_path, lock).same_content == {"sub-SUBJ01/ses-MR1/anat/a.json"}
+    stored = Verified.of(tmp_path).path
+    assert stored is not None and stored.exists()
+    stored.write_text("not json")
+    assert stat_outputs(tmp_path, lock).same_content == {"sub-SUBJ01/ses-MR1/anat/a.json"}

@@ -304,6 +304,11 @@ def test_edited_output_is_drift():  # row 13
     assert "size" in only(plan_of(lock_of(rec), [e], resized), Action.DRIFT).reasons[0].message
     touched = LocalState({out.path: FileStat(out.size, out.mtime_ns + 5)})
     assert "modified on disk" in only(plan_of(lock_of(rec), [e], touched), Action.DRIFT).reasons[0].message
+    copied = LocalState({**on_disk(rec).files, out.path: FileStat(out.size, out.mtime_ns + 5)}, frozenset({out.path}))
+    plan = plan_of(lock_of(rec), [e], copied)  # the same bytes, checked: a copy or a clone, not an edit
+    assert not plan.changes and plan.unchanged == 1
+    assert "1 output has a new modification time but the recorded content (sha256 checked, e.g. after a copy " \
+        "or clone): not drift" in plan.notes
 
 
 def test_unrecorded_user_files_do_not_matter():  # row 14
