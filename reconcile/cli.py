@@ -406,6 +406,10 @@ def run_apply(
     if not os.access(root, os.W_OK | os.X_OK):
         raise ConfigError(f"BIDS root {root} is not writable by this user")
     warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
+    if git_commit and not dry_run:
+        from reconcile.vcs import check_can_commit
+
+        check_can_commit(root)  # before any work, not after it
     own_client = client is None
     client = client or connect(cfg)
     try:
@@ -483,16 +487,9 @@ def run_apply(
                 echo(f"BIDS validator: {len(result.errors)} errors, {result.warnings} warnings")
                 code = code or (EXIT_ERROR if result.errors else EXIT_OK)
             if git_commit:
-                from reconcile.vcs import commit_all
+                from reconcile.vcs import apply_message, apply_paths, commit_paths
 
-                message = (
-                    f"xnat2bids apply: {report.count(Status.DONE)} session(s) exported\n\n"
-                    + "\n".join(
-                        f"{o.change.action.value} {o.change.address.path} ({o.change.key}): {o.status.value}"
-                        for o in report.outcomes
-                    )
-                )
-                commit = commit_all(root, message)
+                commit = commit_paths(root, apply_message("xnat2bids apply", report), apply_paths(report))
                 echo(f"git commit {commit}" if commit else "git: nothing to commit")
             return code
     finally:

@@ -1,11 +1,32 @@
-"""Optional git commit of an apply's result (`--git-commit`), for git or DataLad datasets."""
+"""Optional git commit of an apply's result (`--git-commit`), for git or DataLad datasets.
+
+Only what the apply wrote is committed: the lock, the history, the dataset's own files and the
+folders of the subjects it exported. Never the state lock's `.info` file (held while the command
+runs), xnat2bids' logs and staging, or anything else the user has changed or staged.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reconcile.errors import XnatBidsError
+from reconcile.errors import ConfigError, XnatBidsError
+
+if TYPE_CHECKING:
+    from reconcile.apply import ApplyReport
+
+# Dataset-level files apply writes or updates, relative to the BIDS root.
+DATASET_FILES = (
+    ".xnat2bids.lock", ".xnat2bids/history.jsonl", ".xnat2bids/.gitignore", ".bidsignore",
+    "dataset_description.json", "participants.tsv", "participants.json", "sessions.json", "scans.json",
+)
+# xnat2bids' own working folders: logs, staging, kept copies; in the history's folder, never committed.
+GITIGNORE = "# Written by xnat2bids: its working folders stay out of the dataset's history.\n" + "".join(
+    f"/{name}/\n" for name in ("journal", "logs", "replaced", "staging", "trash")
+)
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -17,22 +38,71 @@ def is_repository(root: Path) -> bool:
     return out.returncode == 0 and Path(out.stdout.strip()).resolve() == root.resolve()
 
 
-def commit_all(root: Path, message: str) -> str | None:
-    """Commit everything changed in the dataset; returns the new commit ID, None when clean."""
+def check_can_commit(root: Path) -> None:
+    """Before an apply with --git-commit does any work: the root is a repository's top and git
+    knows who commits."""
+    if not is_repository(root):
+        raise ConfigError(f"--git-commit: {root} is not the top of a git repository", hint="run `git init` there first")
+    if (root / ".datalad").is_dir():
+        return  # datalad save reports its own problems
+    ident = _git(root, "var", "GIT_COMMITTER_IDENT")
+    if ident.returncode != 0:
+        raise ConfigError("--git-commit: git does not know who commits here",
+                          detail=ident.stderr.strip()[-500:] or None,
+                          hint='set it with `git config user.name "…"` and `git config user.email "…"`')
+
+
+def apply_paths(report: ApplyReport) -> list[str]:
+    """What an apply may have written: the dataset files, and the subject folders (the old and the
+    new one of a rename) and kept DICOM of each session it carried out."""
+    paths = set(DATASET_FILES)
+    for outcome in report.outcomes:
+        change = outcome.change
+        addresses = [change.address] + ([change.before.address] if change.before is not None else [])
+        for address in addresses:
+            paths.add(f"sub-{address.subject}")
+            paths.add(f"sourcedata/sub-{address.subject}/ses-{address.session}")
+    return sorted(paths)
+
+
+def apply_message(title: str, report: ApplyReport) -> str:
+    from reconcile.apply import Status
+
+    return f"{title}: {report.count(Status.DONE)} session(s) exported\n\n" + "\n".join(
+        f"{o.change.action.value} {o.change.address.path} ({o.change.key}): {o.status.value}" for o in report.outcomes
+    )
+
+
+def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:
+    """Commit the changes under `paths` (relative to `root`) and nothing else; returns the new
+    commit ID, None when they have none."""
     if not is_repository(root):
         raise XnatBidsError(f"--git-commit: {root} is not the top of a git repository", hint="run `git init` there first")
-    datalad = (root / ".datalad").is_dir()
-    if datalad:
-        out = subprocess.run(["datalad", "save", "-d", str(root), "-m", message], capture_output=True, text=True)
+    ignore = root / ".xnat2bids" / ".gitignore"
+    if ignore.parent.is_dir() and not ignore.exists():
+        ignore.write_text(GITIGNORE)
+    paths = sorted(set(paths))
+    tracked = set(_git(root, "ls-files", "-z", "--", *_literal(paths)).stdout.split("\0")) - {""}
+    present = [p for p in paths if os.path.lexists(root / p) or any(t == p or t.startswith(p + "/") for t in tracked)]
+    if not present:
+        return None
+    if (root / ".datalad").is_dir():
+        out = subprocess.run(["datalad", "save", "-d", str(root), "-m", message, "--", *present],
+                             capture_output=True, text=True, cwd=root)
         if out.returncode != 0:
             raise XnatBidsError("datalad save failed", detail=out.stderr.strip()[-2000:])
-    else:
-        add = _git(root, "add", "-A", ".")
-        if add.returncode != 0:
-            raise XnatBidsError("git add failed", detail=add.stderr.strip()[-2000:])
-        if _git(root, "diff", "--cached", "--quiet").returncode == 0:
-            return None
-        out = _git(root, "commit", "-q", "-m", message)
-        if out.returncode != 0:
-            raise XnatBidsError("git commit failed", detail=out.stderr.strip()[-2000:])
+        return _git(root, "rev-parse", "HEAD").stdout.strip()
+    add = _git(root, "add", "-A", "--", *_literal(present))
+    if add.returncode != 0:
+        raise XnatBidsError("git add failed", detail=add.stderr.strip()[-2000:])
+    if _git(root, "diff", "--cached", "--quiet", "--", *_literal(present)).returncode == 0:
+        return None
+    # --only: these paths alone, whatever else the user has staged.
+    out = _git(root, "commit", "-q", "--only", "-m", message, "--", *_literal(present))
+    if out.returncode != 0:
+        raise XnatBidsError("git commit failed", detail=out.stderr.strip()[-2000:])
     return _git(root, "rev-parse", "HEAD").stdout.strip()
+
+
+def _literal(paths: Iterable[str]) -> list[str]:
+    return [f":(literal){p}" for p in paths]

@@ -130,8 +130,20 @@ def test_keep_dicom_user_edits_and_git_commit(cli, emulator, tmp_path):
     subprocess.run(["git", "init", "-q", str(root)], check=True)
     subprocess.run(["git", "-C", str(root), "config", "user.email", "t@example.org"], check=True)
     subprocess.run(["git", "-C", str(root), "config", "user.name", "t"], check=True)
+    (root / "code").mkdir()
+    (root / "code/wip.txt").write_text("not ready")  # the user's, untracked
+    (root / "staged.txt").write_text("staged by the user")
+    subprocess.run(["git", "-C", str(root), "add", "staged.txt"], check=True)
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--keep-dicom", "--git-commit")
     assert code == 0, out + err
+    committed = subprocess.run(["git", "-C", str(root), "show", "--format=", "--name-only", "HEAD"],
+                               capture_output=True, text=True, check=True).stdout.split()
+    assert ".xnat2bids.lock" in committed and "participants.tsv" in committed
+    assert any(p.startswith("sub-01/ses-01MR1/anat/") for p in committed)
+    assert not [p for p in committed if p.startswith((".xnat2bids.lock.info", ".xnat2bids/logs", "code/", "staged"))]
+    status = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True).stdout
+    assert sorted(status.splitlines()) == ["?? code/", "A  staged.txt"]  # only what was not ours
+    assert ".xnat2bids/.gitignore" in committed  # xnat2bids' logs and staging stay out
     dicom = root / "sourcedata/sub-01/ses-01MR1/dicom"
     assert sorted(p.name for p in dicom.iterdir()) == ["1", "2"]
     assert (dicom / "1" / "1.dcm").read_bytes() == emulator.archive.get_scan(exps["01_MR1"].id, "1").find_resource("DICOM").files["1.dcm"].read()
@@ -286,3 +298,22 @@ def test_apply_starts_no_more_sessions_once_the_lock_changed_under_it(cli, emula
     assert "Apply complete: 1 done, 1 failed, 1 skipped" in out
     assert "the lock changed on disk during this run; run plan again" in out
     assert not (root / "sub-03").exists()  # never started
+
+
+def test_git_commit_without_a_repository_or_an_identity_fails_before_any_work(cli, emulator, tmp_path, monkeypatch):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
+    root = tmp_path / "bids"
+    root.mkdir()
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--git-commit")
+    assert code == 1 and "is not the top of a git repository" in err and "run `git init` there first" in err
+    assert not (root / ".xnat2bids.lock").exists() and not list(root.glob("sub-*"))
+
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    subprocess.run(["git", "-C", str(root), "config", "user.useConfigOnly", "true"], check=True)
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "no-gitconfig"))  # no user.email anywhere
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for name in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL", "EMAIL", "GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--git-commit")
+    assert code == 1 and "git does not know who commits here" in err and "git config user.email" in err
+    assert not (root / ".xnat2bids.lock").exists() and not list(root.glob("sub-*"))

@@ -841,13 +841,10 @@ def finalize_batch(
             result.problems.append(f"validator: {exc.summary}")
     if batch.options.git_commit:
         try:
-            from reconcile.vcs import commit_all
+            from reconcile.vcs import apply_message, apply_paths, commit_paths
 
-            message = f"xnat2bids apply (SLURM batch {batch.id}): {report.count(Status.DONE)} session(s) exported\n\n" + "\n".join(
-                f"{o.change.action.value} {o.change.address.path} ({o.change.key}): {o.status.value}"
-                for o in report.outcomes
-            )
-            result.git_commit = commit_all(root, message)
+            message = apply_message(f"xnat2bids apply (SLURM batch {batch.id})", report)
+            result.git_commit = commit_paths(root, message, apply_paths(report))
         except XnatBidsError as exc:
             result.problems.append(f"git: {exc.summary}")
     _write_json(batch.finalized_path, {
