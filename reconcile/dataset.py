@@ -206,6 +206,7 @@ def _ensure_json_keys(path: Path, entries: Mapping[str, Any]) -> None:
 
 def ensure_participant(root: Path, bids_subject: str, *, renamed_from: str | None = None) -> None:
     """Append sub-X to participants.tsv when missing; existing rows and columns are never rewritten.
+    A missing (or blank) participants.tsv is written with a row for every subject folder.
 
     `renamed_from`: the subject's label before XNAT renamed it (the same XNAT subject). The new
     row then takes that row's values (age, group...), which `drop_participant` lets go of once
@@ -214,8 +215,10 @@ def ensure_participant(root: Path, bids_subject: str, *, renamed_from: str | Non
     path = Path(root) / "participants.tsv"
     participant = f"sub-{bids_subject}"
     table = _read_participants(path)
-    if not table.header:
-        write_atomic(path, _Tsv(["participant_id"], [[participant]]).text())
+    if not table.header:  # new, or deleted: every subject folder there is gets its row again
+        with os.scandir(root) as entries:
+            there = {e.name for e in entries if e.name.startswith("sub-") and e.is_dir()}
+        write_atomic(path, _Tsv(["participant_id"], [[p] for p in sorted(there | {participant})]).text())
         return
     if table.find("participant_id", participant) is not None:
         return

@@ -157,6 +157,14 @@ def test_participants_tsv_is_created_with_participant_id_only(tmp_path: Path) ->
     assert (tmp_path / "participants.tsv").read_text() == "participant_id\nsub-01\nsub-02\n"
 
 
+def test_a_deleted_participants_tsv_comes_back_with_every_subject_folder(tmp_path: Path) -> None:
+    for sub in ("sub-02", "sub-10", "sub-01"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "sub-notes.txt").write_text("a file, not a subject")
+    ensure_participant(tmp_path, "03")  # its folder is not there yet: it is being committed
+    assert (tmp_path / "participants.tsv").read_text() == "participant_id\nsub-01\nsub-02\nsub-03\nsub-10\n"
+
+
 def test_new_participant_keeps_user_columns_and_rows(tmp_path: Path) -> None:
     path = tmp_path / "participants.tsv"
     user = "participant_id\tage\tsex\tgroup\nsub-02\t34\tF\tpatient\nsub-01\t28\tM\tcontrol"  # no final newline
