@@ -1140,9 +1140,11 @@ def run_check(root: Path, lock: Lock, *, full: bool, as_json: bool = False) -> i
         echo(f"problem: {problem}")
     mode = "size and sha256" if full else "size"
     if report.ok:
-        echo(f"OK: lock serial {lock.serial}, {report.sessions} sessions, {report.outputs} outputs verified ({mode}).")
+        echo(f"OK: lock serial {lock.serial}, {report.sessions} sessions, {report.outputs} outputs verified ({mode}) "
+             f"in {root}.")
         return EXIT_OK
-    echo(f"FAILED: {len(report.problems)} problem(s) in {report.sessions} sessions, {report.outputs} outputs ({mode}).")
+    echo(f"FAILED: {len(report.problems)} problem(s); {report.sessions} sessions, {report.outputs} outputs checked "
+         f"({mode}) in {root}.")
     return EXIT_ERROR
 
 

@@ -94,7 +94,7 @@ def test_check_walks_every_study_and_the_worst_result_wins(cli, emulator, tmp_pa
     assert code == 0, out + err
     assert f"=== JONES_VISION: {root}/jones/study-vision/bids" in out
     assert f"=== SMITH_MEMORY: {root}/smith/study-memory/bids" in out
-    assert out.count("OK: lock serial 1, 1 sessions, 1 outputs verified (size and sha256).") == 2
+    assert out.count("OK: lock serial 1, 1 sessions, 1 outputs verified (size and sha256) in ") == 2
     nifti.unlink()
     (root / "lee" / "study-pilot" / "bids").mkdir(parents=True)  # an apply that never got to write its lock
     code, out, err = cli("check", str(root), "--config", str(cfg))
