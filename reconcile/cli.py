@@ -602,6 +602,12 @@ def _read_plan_file(plan_file: Path) -> dict:
         raise ConfigError(f"cannot read plan {plan_file}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{plan_file} is not an xnat2bids plan")
+    from reconcile.schema import load_schema
+
+    missing = [key for key in load_schema("plan")["required"] if key not in data]
+    if missing:
+        raise ConfigError(f"{plan_file} is not an xnat2bids plan: it lacks {', '.join(missing)}",
+                          hint="save one with `xnat2bids plan --out FILE`")
     return data
 
 
@@ -990,7 +996,7 @@ def _print_history(root: Path, *, as_json: bool) -> int:
              f"serial {e['lock_serial']['before']} → {e['lock_serial']['after']}")
         for row in e["sessions"]:
             dates = row["date"]
-            moved = f" date {dates['before']} → {dates['after']}" if dates["before"] != dates["after"] and dates["before"] else ""
+            moved = f" date {dates['before']} → {dates['after']}" if dates["before"] != dates["after"] and dates["before"] and dates["after"] else ""
             echo(f"    {row['result']:<7} {row['action']:<6} {row['address']} ({row['project']}/{row['experiment_id']}){moved}")
     return EXIT_OK
 
@@ -1071,6 +1077,10 @@ def forget(
         except OSError as exc:  # the lock is written: say so rather than fail (the next run records it)
             warn(f"could not add the forget to the history ({exc.strerror or exc})")
     echo(f"Forgot {experiment_id}; its files were left on disk. Lock serial {written.serial}.")
+    folder = lock.sessions[experiment_id].address.path
+    if (root / folder).is_dir():  # forget works offline: it cannot tell an orphan from a live session
+        echo(f"note: if XNAT still has {experiment_id}, plan now finds {folder} in its way; to export it again, "
+             "move that folder out of the BIDS root first")
 
 
 def _dataset_of(cfg: Config, root: Path, experiment_id: str) -> Path:

@@ -216,11 +216,12 @@ def test_rearchived_session_is_rekeyed_and_orphans_are_kept_until_forgotten(cli,
     assert (root / "sub-02/ses-02MR1").is_dir()  # orphans are never deleted
     code, out, _ = cli("forget", exps["02_MR1"].id, str(root))
     assert code == 0
+    assert f"note: if XNAT still has {exps['02_MR1'].id}, plan now finds sub-02/ses-02MR1 in its way" in out
     assert sorted(read_lock(root).sessions) == [again.id]
     assert (root / "sub-02/ses-02MR1").is_dir()
     code, out, _ = cli("history", str(root))  # forget is in the history, with the serial it moved
     assert code == 0 and "forget by " in out and "serial 3 → 4" in out
-    assert f"    done    forget sub-02/ses-02MR1 (PROJ/{exps['02_MR1'].id})" in out
+    assert f"    done    forget sub-02/ses-02MR1 (PROJ/{exps['02_MR1'].id})\n" in out and "None" not in out
 
 
 def test_microsecond_timestamps_survive_the_lock_and_a_redate_is_still_seen(cli, emulator, tmp_path):

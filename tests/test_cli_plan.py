@@ -295,6 +295,15 @@ def test_selection_with_a_saved_plan_is_a_usage_error(cli, emulator, tmp_path):
     assert not root.exists()
 
 
+def test_a_file_that_is_not_a_saved_plan_is_refused_by_what_it_lacks(cli, tmp_path):
+    for text in ("{}", '{"format_version": 2, "bids_root": "/x"}'):
+        saved = tmp_path / "plan.json"
+        saved.write_text(text)
+        code, _, err = cli("apply", str(tmp_path / "bids"), "--plan", str(saved), "--yes")
+        assert code == 1 and f"{saved} is not an xnat2bids plan: it lacks " in err and "generator" in err
+        assert "made for , not" not in err and not (tmp_path / "bids").exists()
+
+
 def test_a_project_glob_selects_among_the_projects_of_the_config_and_the_lock(cli, emulator, tmp_path):
     root = exported_root(emulator.archive, tmp_path, add_sessions(emulator.archive, 2))
     code, out, err = cli("plan", str(root), "-p", "PR*", "--detailed-exitcode")
