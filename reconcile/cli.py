@@ -122,6 +122,9 @@ def connect(config: Config, *, interactive: bool | None = None):
 
     from_env = default_url(os.environ)  # checked also when the config names the server
     url = config.xnat_url or from_env
+    if config.xnat_url and from_env and from_env.rstrip("/") != config.xnat_url.rstrip("/"):
+        echo(f"warning: $XNAT_HOST ({_shown_url(from_env)}) is ignored: {config.source or 'the config'} names "
+             f"{_shown_url(config.xnat_url)}", err=True)
     if not url:
         where = f"{config.source} has no xnat_url" if config.source is not None else _no_config_file()
         raise ConfigError(f"no XNAT server configured: {where}",
@@ -1126,6 +1129,9 @@ def check(
 def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
     from reconcile.lock import lock_path, read_lock
 
+    if not root.is_dir():
+        raise ConfigError(f"BIDS root {root} is not a folder" if root.exists() else f"BIDS root {root} does not exist",
+                          hint="check the path (or bids_root in the config)")
     lock = read_lock(root)
     if lock is None:
         raise ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")

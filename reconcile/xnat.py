@@ -519,10 +519,13 @@ class XnatClient:
             except _TRANSIENT as exc:
                 self._slots.release()
                 if attempt == self.retries:
+                    unresolved = "NameResolutionError" in repr(exc) or "Name or service not known" in str(exc)
                     raise RemoteError(
-                        f"cannot reach XNAT at {self.url} for {what or _shown_url(url)}",
+                        f"cannot reach XNAT at {self.url} for {what or _shown_url(url)}"
+                        + (f": the name {urlsplit(self.url).hostname} does not resolve" if unresolved else ""),
                         detail=f"{type(exc).__name__} after {attempt + 1} attempt(s)",
-                        hint="check the URL and the network; run again later",
+                        hint="check the URL (a typo in the host name?)" if unresolved
+                        else "check the URL and the network; run again later",
                     ) from exc
                 self._sleep(attempt, None)
                 continue

@@ -340,3 +340,33 @@ def test_no_server_configured_says_where_the_config_was_looked_for(cli, tmp_path
     config.write_text('projects = ["PROJ"]\n')
     code, _, err = cli("plan", str(tmp_path / "bids"), "-c", str(config))
     assert code == 1 and f"error: no XNAT server configured: {config} has no xnat_url" in err
+
+
+def test_xnat_host_that_the_config_overrides_is_named_in_a_warning(cli, emulator, tmp_path, monkeypatch):
+    config = tmp_path / "lab.toml"
+    config.write_text(f'xnat_url = "{emulator.url}"\n')
+    monkeypatch.setenv("XNAT_HOST", "https://other.example.org")
+    code, _, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ", "-c", str(config))
+    assert code == 0
+    assert f"warning: $XNAT_HOST (https://other.example.org) is ignored: {config} names {emulator.url}" in err
+
+
+def test_check_of_a_root_that_does_not_exist_says_so(cli, tmp_path):
+    code, _, err = cli("check", str(tmp_path / "typo"))
+    assert code == 1 and f"BIDS root {tmp_path / 'typo'} does not exist" in err and "no lock at" not in err
+
+
+def test_a_host_name_that_does_not_resolve_is_named():
+    from reconcile.credentials import Credentials
+    from reconcile.errors import RemoteError
+    from reconcile.xnat import XnatClient
+
+    client = XnatClient("http://no-such-host.invalid", Credentials("u", "p", "test"), retries=0)  # RFC 6761
+    try:
+        client.login()
+    except RemoteError as exc:
+        assert "the name no-such-host.invalid does not resolve" in exc.summary and "typo" in (exc.hint or "")
+    else:
+        raise AssertionError("logged in to a host that cannot exist")
+    finally:
+        client.close()
