@@ -231,7 +231,7 @@ def test_bids_root_that_is_a_file_is_refused(cli, emulator, tmp_path):
 
 def test_missing_bids_root_is_refused_by_check(cli, tmp_path):
     code, out, err = cli("check", str(tmp_path / "nowhere"))
-    assert code == 1 and "no lock at" in err
+    assert code == 1 and f"BIDS root {tmp_path / 'nowhere'} does not exist" in err
     assert not (tmp_path / "nowhere").exists()
 
 
