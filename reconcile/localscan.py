@@ -32,21 +32,29 @@ def stat_outputs(root: Path, lock: Lock) -> LocalState:
 def stat_records(root: Path, records: Iterable[SessionRecord]) -> LocalState:
     """`stat_outputs` for the outputs of these records only. An output with its recorded size but
     another modification time is hashed, once per change of its stat (`Verified`), to tell a
-    copy or clone of the dataset from an edit."""
+    copy or clone of the dataset from an edit. An output that is a link is followed only when it
+    stays inside the root; linked folders above the outputs are `check`'s to find."""
     files: dict[str, FileStat] = {}
     touched: list[tuple[OutputRecord, os.stat_result]] = []
-    with root_stat(root) as stat:
+    outside: set[str] = set()
+    beneath = Beneath(root)
+    with root_stat(root, follow_symlinks=False) as lstat:
         for rec in records:
             for out in rec.outputs:
                 try:
-                    st = stat(out.path)
+                    st = lstat(out.path)
+                    if S_ISLNK(st.st_mode):  # judged by its target only inside the root (git-annex)
+                        if beneath.outside(out.path) is not None:
+                            outside.add(out.path)
+                            continue
+                        st = os.stat(os.path.join(beneath.root, out.path))
                 except OSError:
                     continue
                 if S_ISREG(st.st_mode):
                     files[out.path] = FileStat(st.st_size, st.st_mtime_ns)
                     if st.st_mtime_ns != out.mtime_ns and st.st_size == out.size:
                         touched.append((out, st))
-    return LocalState(files, _same_content(root, touched) if touched else frozenset())
+    return LocalState(files, _same_content(root, touched) if touched else frozenset(), frozenset(outside))
 
 
 def _same_content(root: Path, touched: list[tuple[OutputRecord, os.stat_result]]) -> frozenset[str]:

@@ -127,10 +127,12 @@ class RemoteState:
 class LocalState:
     """Stat results for the lock's recorded outputs; a missing path is absent from `files`.
     `same_content`: outputs whose modification time changed but whose bytes are the recorded ones
-    (their sha256 was checked): a copy, a clone, a restore from backup. Not drift."""
+    (their sha256 was checked): a copy, a clone, a restore from backup. Not drift. An output that
+    is a link out of the root (`outside`) is not judged by its target: it is drift, as for check."""
 
     files: Mapping[str, FileStat]
     same_content: frozenset[str] = frozenset()
+    outside: frozenset[str] = frozenset()  # outputs that are now links out of the BIDS root
 
 
 @dataclass(frozen=True)
@@ -434,7 +436,9 @@ def _drift(rec: SessionRecord, local: LocalState) -> list[Reason]:
     reasons = []
     for out in rec.outputs:
         seen = local.files.get(out.path)
-        if seen is None:
+        if out.path in local.outside:
+            reasons.append(Reason("changed", f"changed: {out.path} (now a link out of the BIDS root)", out.path))
+        elif seen is None:
             reasons.append(Reason("missing", f"missing: {out.path}", out.path))
         elif seen.size != out.size:
             reasons.append(Reason("changed", f"changed: {out.path} (size {out.size} → {seen.size})", out.path))

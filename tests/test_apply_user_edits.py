@@ -157,3 +157,28 @@ def test_a_copy_of_the_dataset_without_its_times_is_not_drift_and_takes_updates(
     assert code == 0 and read_lock(copy).sessions[exp.id].date == "2024-02-01", out + err
     assert not (copy / ".xnat2bids" / "replaced").exists()  # nothing was the user's to keep
     assert cli("check", str(copy), "--full")[0] == 0
+
+
+def test_an_output_replaced_by_a_link_out_of_the_root_is_drift_and_repaired_without_touching_the_target(
+    cli, emulator, tmp_path
+):
+    exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    [sidecar] = (root / "sub-01/ses-01MR1/func").glob("*_bold.json")
+    rel = sidecar.relative_to(root).as_posix()
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_bytes(sidecar.read_bytes())
+    sidecar.unlink()
+    sidecar.symlink_to(elsewhere)
+
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 2 and f"changed: {rel} (now a link out of the BIDS root)" in out
+    assert cli("check", str(root))[0] == 1  # plan and check agree
+
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--repair-drift")
+    assert code == 0, out + err
+    assert sidecar.is_file() and not sidecar.is_symlink() and elsewhere.read_bytes() == sidecar.read_bytes()
+    [kept] = (root / ".xnat2bids" / "replaced" / exp.id).glob(f"*/{rel}")
+    assert kept.is_symlink() and os.readlink(kept) == str(elsewhere)  # the link kept, its target untouched
+    assert cli("check", str(root), "--full")[0] == 0

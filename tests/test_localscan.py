@@ -143,3 +143,20 @@ def test_a_damaged_verified_file_only_costs_a_hash(tmp_path):
     assert stored is not None and stored.exists()
     stored.write_text("not json")
     assert stat_outputs(tmp_path, lock).same_content == {"sub-SUBJ01/ses-MR1/anat/a.json"}
+
+
+def test_an_output_linked_out_of_the_root_is_not_judged_by_its_target_one_linked_inside_is(tmp_path):
+    root = tmp_path / "bids"
+    lock = _recording(root, {"sub-SUBJ01/ses-MR1/anat/a.json": b"{}\n", "sub-SUBJ01/ses-MR1/anat/b.json": b"[1]\n"},
+                      mtime_ns=0)
+    out, annexed = root / "sub-SUBJ01/ses-MR1/anat/a.json", root / "sub-SUBJ01/ses-MR1/anat/b.json"
+    (tmp_path / "elsewhere.json").write_bytes(out.read_bytes())
+    out.unlink()
+    out.symlink_to(tmp_path / "elsewhere.json")
+    (root / ".git/annex").mkdir(parents=True)
+    annexed.rename(root / ".git/annex/b")
+    annexed.symlink_to("../../../.git/annex/b")  # as git-annex links its files: inside the root
+    local = stat_outputs(root, lock)
+    assert local.outside == {"sub-SUBJ01/ses-MR1/anat/a.json"}
+    assert set(local.files) == {"sub-SUBJ01/ses-MR1/anat/b.json"}
+    assert local.files["sub-SUBJ01/ses-MR1/anat/b.json"].size == 4

@@ -304,6 +304,9 @@ def test_edited_output_is_drift():  # row 13
     assert "size" in only(plan_of(lock_of(rec), [e], resized), Action.DRIFT).reasons[0].message
     touched = LocalState({out.path: FileStat(out.size, out.mtime_ns + 5)})
     assert "modified on disk" in only(plan_of(lock_of(rec), [e], touched), Action.DRIFT).reasons[0].message
+    linked_out = LocalState({}, outside=frozenset({out.path}))  # as check: its target is not the dataset's
+    assert only(plan_of(lock_of(rec), [e], linked_out), Action.DRIFT).reasons[0].message == \
+        f"changed: {out.path} (now a link out of the BIDS root)"
     copied = LocalState({**on_disk(rec).files, out.path: FileStat(out.size, out.mtime_ns + 5)}, frozenset({out.path}))
     plan = plan_of(lock_of(rec), [e], copied)  # the same bytes, checked: a copy or a clone, not an edit
     assert not plan.changes and plan.unchanged == 1
