@@ -711,9 +711,8 @@ def compute_plan(
         )
     if drifted:
         out.notes.append(
-            f"{drifted} session{'s' if drifted != 1 else ''} changed on disk; apply leaves "
-            f"{'them' if drifted != 1 else 'it'} as {'they are' if drifted != 1 else 'it is'} unless given "
-            "--repair-drift, which exports and converts again"
+            f"{drifted} session{'s' if drifted != 1 else ''} changed on disk; only apply --repair-drift repairs "
+            f"{'them' if drifted != 1 else 'it'} (exports and converts again)"
         )
     if local.same_content:
         n = len(local.same_content)

@@ -292,8 +292,7 @@ def test_deleted_output_is_drift_naming_the_file():  # row 12
     plan = plan_of(lock_of(rec), [e], LocalState({}))
     change = only(plan, Action.DRIFT)
     assert change.reasons[0].message == f"missing: {rec.outputs[0].path}"
-    assert "1 session changed on disk; apply leaves it as it is unless given --repair-drift, which exports and " \
-        "converts again" in plan.notes
+    assert "1 session changed on disk; only apply --repair-drift repairs it (exports and converts again)" in plan.notes
 
 
 def test_edited_output_is_drift():  # row 13
