@@ -249,7 +249,7 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
         raise ConfigError(
             f"{where}: {unknown[0]}",
             detail="\n".join(unknown[1:]) or None,
-            hint="see xnat2bids.toml.example for every key",
+            hint="see xnat2bids.toml.example, at the top of the xnat2bids source tree, for every key",
         )
     url = data.get("xnat_url")
     if "xnat_url" in data and not isinstance(url, str):  # never quoted: it may hold a password
