@@ -7,6 +7,7 @@ scan fingerprints, config digests, file stats).
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -332,6 +333,16 @@ def _conversion_lookup(config: Config) -> Callable[[str, str, str], _Conversion]
     return conversion
 
 
+def older(recorded: str | None, installed: str) -> bool:
+    """Whether a session converted with tool version `recorded` (None: not recorded) is outdated
+    by `installed`: numbers compared as numbers ("v1.0.20240202", "1.5.1"). A newer recorded
+    version (a colleague's install on a shared root) is not."""
+    if recorded is None:
+        return True
+    key = lambda v: [(0, int(p)) if p.isdigit() else (1, p) for p in re.findall(r"\d+|[^\d.\-_+]+", v)]  # noqa: E731
+    return key(recorded) < key(installed)
+
+
 def _natural(text: str) -> tuple[int, int | str]:
     return (0, int(text)) if text.isdigit() else (1, text)
 
@@ -420,7 +431,7 @@ def _compare(
     if reconvert_outdated:
         for tool in CONVERTER_TOOLS:
             old, new = rec.tools.get(tool), tools.get(tool)
-            if new and old != new:
+            if new and older(old, new):
                 msg = f"converted with {tool} {old or '(unknown)'}, now {new}"
                 reasons.append(Reason("outdated", msg, tool, old, new))
     return reasons
@@ -687,7 +698,7 @@ def compute_plan(
             drifted += 1
             continue
         out.unchanged += 1
-        outdated += any(rec.tools.get(t) != version for t, version in converters.items())
+        outdated += any(older(rec.tools.get(t), version) for t, version in converters.items())
         # Exported under other settings, judged to convert the same (or equal older digests).
         unaffected += rec.config_digests != converted_by[1]
 

@@ -25,6 +25,7 @@ from reconcile.plan import (
     RemoteState,
     Selection,
     compute_plan,
+    older,
     recorded_scans,
     refuse_occupied,
 )
@@ -568,6 +569,23 @@ def test_newer_converter_is_a_note_unless_reconvert_outdated():  # row 16
     assert any(n.startswith("1 session converted with older tools") for n in plan.notes)
     change = only(plan_of(lock, [e], reconvert_outdated=True), Action.UPDATE)
     assert change.reasons[0].message == "converted with heudiconv 1.4.0, now 1.5.1"
+
+
+def test_a_session_converted_with_newer_tools_is_not_outdated():  # a colleague's newer install on a shared root
+    e = exp(1)
+    lock = lock_of(record(e, bids_session="SUBJ01MR1", tools={**TOOLS, "heudiconv": "1.10.0"}))
+    for reconvert in (False, True):
+        plan = plan_of(lock, [e], reconvert_outdated=reconvert)
+        assert not plan.changes and plan.unchanged == 1
+        assert not any("older tools" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("recorded, installed, outdated", [
+    ("1.4.0", "1.5.1", True), ("1.10.0", "1.5.1", False), ("1.5.1", "1.5.1", False), (None, "1.5.1", True),
+    ("v1.0.20240202", "v1.0.20250506", True), ("v1.0.20250506", "v1.0.20240202", False), ("1.5.1", "1.5.1.post1", True),
+])
+def test_tool_versions_compare_as_numbers(recorded, installed, outdated):
+    assert older(recorded, installed) is outdated
 
 
 def test_two_sessions_at_one_bids_address_is_an_error_naming_both():  # row 17
