@@ -206,10 +206,20 @@ def for_each_study(cfg: Config, root: Path, selection: Selection, run) -> int:
         return run(root, selection)
     from dataclasses import replace as _replace
 
-    from reconcile.layout import studies
+    from reconcile.config import select
+    from reconcile.layout import studies, study_at
 
+    here = study_at(root, known=cfg.projects)
+    if here is not None:  # a study's own bids folder: that one dataset, never a tree inside it
+        chosen = [s for s in here if select(selection.projects, s.project)]
+        if not chosen:
+            raise ConfigError(f"{root} is the dataset of {', '.join(s.project for s in here)}, which "
+                              f"--project {' '.join(selection.projects)} does not select",
+                              hint="pass the top of the pi/study tree to reach other studies")
+    else:
+        chosen = studies(root, selection.projects or cfg.projects, known=cfg.projects)
     codes = []
-    for study in studies(root, selection.projects or cfg.projects, known=cfg.projects):
+    for study in chosen:
         echo(f"=== {study.project}: {study.root}")
         codes.append(run(study.root, _replace(selection, projects=(study.project,))))
         echo()

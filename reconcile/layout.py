@@ -81,6 +81,20 @@ def discover(root: Path) -> list[Study]:
     return found
 
 
+def study_at(root: Path, *, known: tuple[str, ...] = ()) -> list[Study] | None:
+    """The study (or studies) whose own dataset `root` is, when it is one: it holds a lock, or it
+    is a `<pi>/study-<study>/bids` folder. None for the top of a pi/study tree."""
+    lock = read_lock(root) if (root / ".xnat2bids.lock").is_file() else None
+    recorded = sorted({r.project for r in lock.sessions.values()}) if lock else []
+    if recorded:
+        return [Study(p, root) for p in recorded]
+    if root.name != "bids" or not root.parent.name.startswith("study-"):
+        return None
+    project = f"{root.parent.parent.name}_{root.parent.name.removeprefix('study-')}"
+    configured = [p for p in known if p.lower() == project.lower()]
+    return [Study(configured[0] if configured else project.upper(), root)]
+
+
 def studies(root: Path, projects: tuple[str, ...], *, known: tuple[str, ...] = ()) -> list[Study]:
     """The (project, BIDS root) pairs a pi-study tree holds or should hold.
 

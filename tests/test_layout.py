@@ -262,3 +262,23 @@ def test_a_session_moved_between_studies_says_so_in_the_study_it_moved_to(cli, e
     assert (f"+ create  sub-01/ses-01MR2  JONES_VISION/{moved.id}  project SMITH_MEMORY → JONES_VISION (also recorded "
             f"in {root}/smith/study-memory/bids: moved or shared in XNAT)") in jones
     assert "new in XNAT" not in jones
+
+
+def test_a_study_folder_given_to_plan_or_apply_is_that_one_dataset_not_a_tree_inside_it(cli, emulator, tmp_path):
+    for project in ("SMITH_MEMORY", "JONES_VISION"):
+        emulator.archive.add_project(project)
+        populate(emulator.archive, project, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "export"
+    cfg = write_config(tmp_path, 'layout = "pi-study"\nprojects = ["SMITH_MEMORY", "JONES_VISION"]')
+    study = root / "smith/study-memory/bids"
+    code, out, err = cli("apply", str(study), "--config", str(cfg), "--yes")  # before any export: by its path
+    assert code == 0, out + err
+    assert "=== SMITH_MEMORY: " in out and "JONES_VISION" not in out
+    assert (study / ".xnat2bids.lock").is_file() and not (study / "smith").exists()
+    assert [s.project for s in discover(root)] == ["SMITH_MEMORY"]
+
+    code, out, err = cli("plan", str(study), "--config", str(cfg), "--detailed-exitcode")  # by its lock
+    assert code == 0 and f"plan for {study} (lock serial" in out, out + err
+    code, _, err = cli("plan", str(study), "--config", str(cfg), "--project", "JONES_VISION")
+    assert code == 1 and "which --project JONES_VISION does not select" in err
+    assert not (study / "jones").exists()
