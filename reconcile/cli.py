@@ -207,7 +207,7 @@ def for_each_study(cfg: Config, root: Path, selection: Selection, run) -> int:
     from dataclasses import replace as _replace
 
     from reconcile.config import select
-    from reconcile.layout import studies, study_at
+    from reconcile.layout import discover, studies, study_at
 
     here = study_at(root, known=cfg.projects)
     if here is not None:  # a study's own bids folder: that one dataset, never a tree inside it
@@ -218,6 +218,11 @@ def for_each_study(cfg: Config, root: Path, selection: Selection, run) -> int:
                               hint="pass the top of the pi/study tree to reach other studies")
     else:
         chosen = studies(root, selection.projects or cfg.projects, known=cfg.projects)
+        # Each study's plan sees its own project only, so a table no study has (a misspelt
+        # project) is noted here, once for the tree.
+        known = {*cfg.projects, *(s.project for s in chosen), *(s.project for s in discover(root))}
+        for project in sorted(set(cfg.project_tables) - known):
+            echo(f"note: [project.{project}] names a project that is neither configured, exported nor selected")
     codes = []
     for study in chosen:
         echo(f"=== {study.project}: {study.root}")

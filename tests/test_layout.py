@@ -282,3 +282,16 @@ def test_a_study_folder_given_to_plan_or_apply_is_that_one_dataset_not_a_tree_in
     code, _, err = cli("plan", str(study), "--config", str(cfg), "--project", "JONES_VISION")
     assert code == 1 and "which --project JONES_VISION does not select" in err
     assert not (study / "jones").exists()
+
+
+def test_a_project_table_no_study_has_is_noted_once_for_the_tree(cli, emulator, tmp_path):
+    emulator.archive.add_project("SMITH_MEMORY")
+    populate(emulator.archive, "SMITH_MEMORY", [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    cfg = write_config(tmp_path, 'layout = "pi-study"\nprojects = ["SMITH_MEMORY"]\n'
+                                 '[project.SMITH_MEMRY.conversion]\nskip = ["func-*"]\n'
+                                 '[project.SMITH_MEMORY.conversion]\nskip = ["dwi*"]')
+    code, out, err = cli("plan", str(tmp_path / "export"), "--config", str(cfg))
+    assert code == 0, out + err
+    assert out.count("note: [project.SMITH_MEMRY] names a project that is neither configured, exported nor "
+                     "selected") == 1
+    assert "[project.SMITH_MEMORY]" not in out
