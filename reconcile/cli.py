@@ -1057,7 +1057,7 @@ def _locked_study(root: Path, lock_id: str) -> Path:
     if len(found) != 1:
         what = "no" if not found else "more than one"
         raise ConfigError(f"{what} <pi>/study-<study>/bids dataset under {root} has a state lock {lock_id}",
-                          hint="pass the study's bids folder" if found else f"`xnat2bids status {root}` shows each study's")
+                          hint="pass the study's bids folder" if found else f"`xnat2bids status {root}` shows each study's state lock and its ID")
     return found[0]
 
 

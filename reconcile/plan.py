@@ -528,7 +528,8 @@ def compute_plan(
                 Problem(
                     f"XNAT listed no sessions for project {listing.project}, but the lock records {len(recorded)}",
                     listing.project,
-                    hint="refusing to treat every session as deleted; check the project ID and your access rights",
+                    hint="refusing to treat every session as deleted; check the project ID and your access rights "
+                         "(if they really were deleted in XNAT, `xnat2bids forget ID` drops each from the lock)",
                 )
             )
             continue

@@ -880,9 +880,9 @@ class EmulatorApp:
 
     def _upload(self, ctx: Ctx, experiment: Experiment, scan: Scan, res_key: str, relpath: str) -> Response:
         request = ctx.request
-        if request.files:
-            data = next(iter(request.files.values())).read()
-        else:
+        if request.mimetype == "multipart/form-data":
+            data = next(iter(request.files.values())).read() if request.files else b""
+        else:  # the body as sent, whatever type it claims (curl --data-binary says a form's)
             data = request.get_data()
         res = scan.find_resource(res_key)
         label = res.label if res is not None else res_key

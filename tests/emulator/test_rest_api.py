@@ -471,11 +471,14 @@ def test_put_subject_session_scan_and_file_upload(emulator, http, world):
     assert http.put(f"{base}/experiments/NEW_MR1/scans/5?xsiType=xnat:mrScanData&xnat:mrScanData/type=dwi").status_code == 201
     upload = http.put(f"{base}/experiments/NEW_MR1/scans/5/resources/DICOM/files/a.dcm", data=b"new-bytes")
     assert upload.status_code == 201
+    as_curl = http.put(f"{base}/experiments/NEW_MR1/scans/5/resources/DICOM/files/c.dcm", data=b"c=1&d=2",
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})  # curl --data-binary's type
+    assert as_curl.status_code == 201
     multipart = http.post(f"{base}/experiments/NEW_MR1/scans/5/resources/DICOM/files/b.dcm", files={"file": ("b.dcm", b"multi")})
     assert multipart.status_code == 201
     scan = emulator.archive.get_scan(exp.id, "5")
     assert scan.type == "dwi"
-    assert {p: f.read() for p, f in scan.resources["DICOM"].files.items()} == {"a.dcm": b"new-bytes", "b.dcm": b"multi"}
+    assert {p: f.read() for p, f in scan.resources["DICOM"].files.items()} == {"a.dcm": b"new-bytes", "b.dcm": b"multi", "c.dcm": b"c=1&d=2"}
     assert (exp.insert_date, exp.last_modified) == stamps
     assert http.put(f"{base}/experiments/NEW_MR1/scans/5/resources/DICOM/files/a.dcm", data=b"x").status_code == 409
     assert http.put(f"{base}/experiments/NEW_MR1/scans/5/resources/DICOM/files/a.dcm?overwrite=true", data=b"x").status_code == 200
