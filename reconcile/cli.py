@@ -365,17 +365,33 @@ def plan(
     """
     _errors_as_json(as_json)
     cfg = _tls(_load_config(config), insecure)
-    if cfg.layout == "pi-study" and (as_json or out):
-        raise ConfigError("--json and --out need one dataset; with layout = \"pi-study\" pass the study's bids folder and set layout = \"flat\"")
+    root, selection = cfg.resolve_bids_root(bids_root), _selection(project, subject, session)
+    one = cfg.layout != "pi-study"
+    if not one and (as_json or out):  # one document: one study's own folder, planned as it alone
+        one, selection = True, _one_study(cfg, root, selection, "--json and --out need")
+
+    def run(where: Path, sel: Selection) -> int:
+        return run_plan(client, where, cfg, sel, deep=deep, as_json=as_json, out=out,
+                        detailed_exitcode=detailed_exitcode, reconvert_outdated=reconvert_outdated)
+
     with connect(cfg) as client:
-        code = for_each_study(
-            cfg, cfg.resolve_bids_root(bids_root), _selection(project, subject, session),
-            lambda root, sel: run_plan(
-                client, root, cfg, sel, deep=deep, as_json=as_json, out=out,
-                detailed_exitcode=detailed_exitcode, reconvert_outdated=reconvert_outdated,
-            ),
-        )
+        code = run(root, selection) if one else for_each_study(cfg, root, selection, run)
     raise typer.Exit(code)
+
+
+def _one_study(cfg: Config, root: Path, selection: Selection, needs: str) -> Selection:
+    """In the pi-study layout, `selection` for the one study whose own folder `root` is; an error
+    for the top of the tree (several studies) or a --project that study does not hold."""
+    from dataclasses import replace as _replace
+
+    from reconcile.config import select
+    from reconcile.layout import study_at
+
+    here = study_at(root, known=cfg.projects) or []
+    if len(here) != 1 or not select(selection.projects, here[0].project):
+        raise ConfigError(f"{needs} one dataset; with layout = \"pi-study\" pass a study's bids folder "
+                          f"({root}/<pi>/study-<study>/bids)")
+    return _replace(selection, projects=(here[0].project,))
 
 
 def run_apply(
@@ -554,17 +570,16 @@ def apply(
             raise UsageError(f"{', '.join(planning)} cannot be combined with --plan: a saved plan is applied as planned; "
                              f"pass {planning[0]} to `xnat2bids plan --out FILE` instead", ctx)
     cfg = _tls(_load_config(config), insecure)
-    if plan_file is not None and cfg.layout == "pi-study":
-        raise ConfigError("--plan applies to one dataset; pass the study's bids folder with layout = \"flat\"")
-    code = for_each_study(
-        cfg, cfg.resolve_bids_root(bids_root), _selection(project, subject, session),
-        lambda root, sel: run_apply(
-            cfg, root, sel, plan_file=plan_file, yes=yes, jobs=jobs, deep=deep, repair_drift=repair_drift,
-            keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
-            reconvert_outdated=reconvert_outdated, executor=executor, dry_run=dry_run, wait=wait,
-        ),
-    )
-    raise typer.Exit(code)
+    root, selection = cfg.resolve_bids_root(bids_root), _selection(project, subject, session)
+
+    def run(where: Path, sel: Selection) -> int:
+        return run_apply(cfg, where, sel, plan_file=plan_file, yes=yes, jobs=jobs, deep=deep, repair_drift=repair_drift,
+                         keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
+                         reconvert_outdated=reconvert_outdated, executor=executor, dry_run=dry_run, wait=wait)
+
+    if plan_file is not None and cfg.layout == "pi-study":  # a saved plan is one study's
+        raise typer.Exit(run(root, _one_study(cfg, root, selection, "--plan applies to")))
+    raise typer.Exit(for_each_study(cfg, root, selection, run))
 
 
 class _SavedPlan(NamedTuple):

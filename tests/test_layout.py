@@ -295,3 +295,27 @@ def test_a_project_table_no_study_has_is_noted_once_for_the_tree(cli, emulator, 
     assert out.count("note: [project.SMITH_MEMRY] names a project that is neither configured, exported nor "
                      "selected") == 1
     assert "[project.SMITH_MEMORY]" not in out
+
+
+def test_plan_json_and_a_saved_plan_work_on_a_study_folder_in_the_pi_study_layout(cli, emulator, tmp_path):
+    for project in ("SMITH_MEMORY", "JONES_VISION"):
+        emulator.archive.add_project(project)
+        populate(emulator.archive, project, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "export"
+    cfg = write_config(tmp_path, 'layout = "pi-study"\nprojects = ["SMITH_MEMORY", "JONES_VISION"]')
+    code, _, err = cli("plan", str(root), "--config", str(cfg), "--json")
+    assert code == 1 and "--json and --out need one dataset" in err  # the tree: several documents
+
+    study = root / "smith/study-memory/bids"
+    code, out, err = cli("plan", str(study), "--config", str(cfg), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["bids_root"] == str(study) and doc["projects"] == ["SMITH_MEMORY"]
+    assert [c["action"] for c in doc["changes"]] == ["create"]
+
+    saved = tmp_path / "plan.json"
+    assert cli("plan", str(study), "--config", str(cfg), "--out", str(saved))[0] == 0
+    code, out, err = cli("apply", str(study), "--config", str(cfg), "--plan", str(saved), "--yes")
+    assert code == 0, out + err
+    assert sorted(r.project for r in read_lock(study).sessions.values()) == ["SMITH_MEMORY"]
+    assert not (study / "smith").exists() and not (root / "jones").exists()
