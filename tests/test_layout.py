@@ -264,12 +264,17 @@ def test_a_session_moved_between_studies_says_so_in_the_study_it_moved_to(cli, e
     assert "new in XNAT" not in jones
 
 
-def test_a_study_folder_given_to_plan_or_apply_is_that_one_dataset_not_a_tree_inside_it(cli, emulator, tmp_path):
+def _two_studies(archive, tmp_path):
+    """Projects SMITH_MEMORY and JONES_VISION with a session each, a pi-study config naming both;
+    (the tree's top, the config)."""
     for project in ("SMITH_MEMORY", "JONES_VISION"):
-        emulator.archive.add_project(project)
-        populate(emulator.archive, project, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
-    root = tmp_path / "export"
-    cfg = write_config(tmp_path, 'layout = "pi-study"\nprojects = ["SMITH_MEMORY", "JONES_VISION"]')
+        archive.add_project(project)
+        populate(archive, project, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    return tmp_path / "export", write_config(tmp_path, 'layout = "pi-study"\nprojects = ["SMITH_MEMORY", "JONES_VISION"]')
+
+
+def test_a_study_folder_given_to_plan_or_apply_is_that_one_dataset_not_a_tree_inside_it(cli, emulator, tmp_path):
+    root, cfg = _two_studies(emulator.archive, tmp_path)
     study = root / "smith/study-memory/bids"
     code, out, err = cli("apply", str(study), "--config", str(cfg), "--yes")  # before any export: by its path
     assert code == 0, out + err
@@ -298,11 +303,7 @@ def test_a_project_table_no_study_has_is_noted_once_for_the_tree(cli, emulator, 
 
 
 def test_plan_json_and_a_saved_plan_work_on_a_study_folder_in_the_pi_study_layout(cli, emulator, tmp_path):
-    for project in ("SMITH_MEMORY", "JONES_VISION"):
-        emulator.archive.add_project(project)
-        populate(emulator.archive, project, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
-    root = tmp_path / "export"
-    cfg = write_config(tmp_path, 'layout = "pi-study"\nprojects = ["SMITH_MEMORY", "JONES_VISION"]')
+    root, cfg = _two_studies(emulator.archive, tmp_path)
     code, _, err = cli("plan", str(root), "--config", str(cfg), "--json")
     assert code == 1 and "--json and --out need one dataset" in err  # the tree: several documents
 
