@@ -749,6 +749,11 @@ def compute_plan(
             f"{outdated} session{'s' if outdated != 1 else ''} converted with older tools; "
             "use --reconvert-outdated to convert them again"
         )
+    if (selection.subjects or selection.sessions) and not out.changes and not out.unchanged and not out.problems:
+        given = [f"--subject {' '.join(selection.subjects)}"] * bool(selection.subjects) + \
+            [f"--session {' '.join(selection.sessions)}"] * bool(selection.sessions)
+        out.notes.append(f"{' '.join(given)} selects no session listed in XNAT or recorded in the lock "
+                         "(globs match XNAT labels, experiment IDs or BIDS labels without their sub-/ses- prefix)")
     if not deep:
         out.notes.append(
             "plain plan compares XNAT's session dates only; files added to a session without "

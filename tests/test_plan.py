@@ -664,6 +664,16 @@ def test_selection_limits_both_sides():
     lock = lock_of(record(e1, bids_session="SUBJ01MR1"))
     plan = plan_of(lock, [e2], selection=Selection(subjects=("SUBJ02",)))
     assert [c.action for c in plan.changes] == [Action.CREATE]  # e1 not orphaned: not selected
+    assert not [n for n in plan.notes if "selects no session" in n]
+
+
+def test_a_selection_that_matches_nothing_says_so_not_only_no_changes():
+    e1 = exp(1)
+    lock = lock_of(record(e1, bids_session="SUBJ01MR1"))
+    plan = plan_of(lock, [e1], selection=Selection(subjects=("zzz",), sessions=("ses-MR1",)))
+    assert not plan.changes and plan.unchanged == 0
+    assert any(n.startswith("--subject zzz --session ses-MR1 selects no session listed in XNAT or recorded in the "
+                            "lock") for n in plan.notes)
 
 
 def test_naming_overrides_and_strip_subject_convention():
