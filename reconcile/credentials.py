@@ -104,11 +104,12 @@ def _from_env(env: Mapping[str, str], warn: Callable[[str], None]) -> Credential
     return None
 
 
-def _from_token_file(env: Mapping[str, str]) -> Credentials | None:
+def _from_token_file(env: Mapping[str, str], warn: Callable[[str], None]) -> Credentials | None:
     name = env.get(ENV_TOKEN_FILE, "")
     if not name:
         return None
     path = Path(name).expanduser()
+    _warn_if_shared(path, warn)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         alias, secret = data["alias"], data["secret"]
@@ -123,6 +124,16 @@ def _from_token_file(env: Mapping[str, str]) -> Credentials | None:
     return Credentials(alias, secret, "token-file", where=str(path))
 
 
+def _warn_if_shared(path: Path, warn: Callable[[str], None]) -> None:
+    """A file of secrets others may read (a token file, .netrc) is used, with a warning."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if os.name == "posix" and mode & 0o077:
+        warn(f"{path} is readable by others (mode {mode:04o}); run: chmod 600 {path}")
+
+
 def _netrc_file(env: Mapping[str, str], netrc_path: Path | None) -> Path:
     if netrc_path is not None:
         return Path(netrc_path)
@@ -135,12 +146,9 @@ def _from_netrc(
     url: str, env: Mapping[str, str], netrc_path: Path | None, warn: Callable[[str], None]
 ) -> Credentials | None:
     path = _netrc_file(env, netrc_path)
-    try:
-        mode = path.stat().st_mode
-    except OSError:
+    if not path.exists():
         return None
-    if os.name == "posix" and stat.S_IMODE(mode) & 0o077:
-        warn(f"{path} is readable by others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
+    _warn_if_shared(path, warn)
     try:
         # An explicit file name skips the stdlib's own permission check (which raises); we warn instead.
         parsed = netrc.netrc(str(path))
@@ -185,7 +193,7 @@ def resolve_credentials(
     (default `getpass.getpass`) so it is never echoed. Both get a text without the trailing
     ": ", which they add themselves, as `typer.prompt` does. Without a prompt, a miss raises AuthError.
     """
-    found = _from_env(env, warn) or _from_token_file(env) or _from_netrc(url, env, netrc_path, warn)
+    found = _from_env(env, warn) or _from_token_file(env, warn) or _from_netrc(url, env, netrc_path, warn)
     if found is not None:
         return found
     hostname, _ = _host_of(url)

@@ -162,6 +162,21 @@ def test_token_file_gives_alias_and_secret(tmp_path: Path) -> None:
     assert creds.source == "token-file" and creds.user.startswith("0b5c2f4e") and creds.password == "x" * 64
 
 
+def test_a_token_file_others_can_read_is_used_with_a_warning(tmp_path: Path) -> None:
+    token = tmp_path / "token.json"
+    token.write_text(json.dumps({"alias": "a1", "secret": "s" * 64}))
+    token.chmod(0o644)
+    warnings: list[str] = []
+    creds = resolve_credentials(URL, env={"XNAT_TOKEN_FILE": str(token)}, netrc_path=tmp_path / "none",
+                                warn=warnings.append)
+    assert creds.source == "token-file"
+    assert warnings == [f"{token} is readable by others (mode 0644); run: chmod 600 {token}"]
+    token.chmod(0o600)
+    warnings.clear()
+    resolve_credentials(URL, env={"XNAT_TOKEN_FILE": str(token)}, netrc_path=tmp_path / "none", warn=warnings.append)
+    assert warnings == []
+
+
 def test_malformed_netrc_error_does_not_quote_the_password(tmp_path: Path) -> None:
     import netrc as stdlib_netrc
 
