@@ -206,17 +206,10 @@ def for_each_study(cfg: Config, root: Path, selection: Selection, run) -> int:
         return run(root, selection)
     from dataclasses import replace as _replace
 
-    from reconcile.config import select
-    from reconcile.layout import discover, studies, study_at
+    from reconcile.layout import discover, studies
 
-    here = study_at(root, known=cfg.projects)
-    if here is not None:  # a study's own bids folder: that one dataset, never a tree inside it
-        chosen = [s for s in here if select(selection.projects, s.project)]
-        if not chosen:
-            raise ConfigError(f"{root} is the dataset of {', '.join(s.project for s in here)}, which "
-                              f"--project {' '.join(selection.projects)} does not select",
-                              hint="pass the top of the pi/study tree to reach other studies")
-    else:
+    chosen = _studies_here(cfg, root, selection)  # a study's own bids folder: never a tree inside it
+    if chosen is None:
         chosen = studies(root, selection.projects or cfg.projects, known=cfg.projects)
         # Each study's plan sees its own project only, so a table no study has (a misspelt
         # project) is noted here, once for the tree.
@@ -379,16 +372,30 @@ def plan(
     raise typer.Exit(code)
 
 
-def _one_study(cfg: Config, root: Path, selection: Selection, needs: str) -> Selection:
-    """In the pi-study layout, `selection` for the one study whose own folder `root` is; an error
-    for the top of the tree (several studies) or a --project that study does not hold."""
-    from dataclasses import replace as _replace
-
+def _studies_here(cfg: Config, root: Path, selection: Selection):  # noqa: ANN202 - list[Study] | None
+    """In the pi-study layout, the studies whose own folder `root` is (by its lock or its path)
+    that `selection` selects: an error if it selects none of them; None at the top of a tree."""
     from reconcile.config import select
     from reconcile.layout import study_at
 
-    here = study_at(root, known=cfg.projects) or []
-    if len(here) != 1 or not select(selection.projects, here[0].project):
+    here = study_at(root, known=cfg.projects)
+    if here is None:
+        return None
+    chosen = [s for s in here if select(selection.projects, s.project)]
+    if not chosen:
+        raise ConfigError(f"{root} is the dataset of {', '.join(s.project for s in here)}, which "
+                          f"--project {' '.join(selection.projects)} does not select",
+                          hint="pass the top of the pi/study tree to reach other studies")
+    return chosen
+
+
+def _one_study(cfg: Config, root: Path, selection: Selection, needs: str) -> Selection:
+    """`selection` for the one study whose own folder `root` is; an error for the top of a
+    pi-study tree (several studies)."""
+    from dataclasses import replace as _replace
+
+    here = _studies_here(cfg, root, selection)
+    if here is None or len(here) != 1:
         raise ConfigError(f"{needs} one dataset; with layout = \"pi-study\" pass a study's bids folder "
                           f"({root}/<pi>/study-<study>/bids)")
     return _replace(selection, projects=(here[0].project,))
@@ -1159,9 +1166,7 @@ def check(
 def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
     from reconcile.lock import lock_path, read_lock
 
-    if not root.is_dir():
-        raise ConfigError(f"BIDS root {root} is not a folder" if root.exists() else f"BIDS root {root} does not exist",
-                          hint="check the path (or bids_root in the config)")
+    _need_dataset_folder(root)
     lock = read_lock(root)
     if lock is None:
         raise ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")
