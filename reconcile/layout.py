@@ -12,7 +12,7 @@ from pathlib import Path
 
 from reconcile.config import expand_projects, is_pattern
 from reconcile.errors import ConfigError, LockfileError
-from reconcile.lock import read_lock
+from reconcile.lock import lock_path, read_lock
 from reconcile.naming import check_safe
 
 
@@ -84,7 +84,7 @@ def discover(root: Path) -> list[Study]:
 def study_at(root: Path, *, known: tuple[str, ...] = ()) -> list[Study] | None:
     """The study (or studies) whose own dataset `root` is, when it is one: it holds a lock, or it
     is a `<pi>/study-<study>/bids` folder. None for the top of a pi/study tree."""
-    lock = read_lock(root) if (root / ".xnat2bids.lock").is_file() else None
+    lock = read_lock(root) if lock_path(root).is_file() else None
     recorded = sorted({r.project for r in lock.sessions.values()}) if lock else []
     if recorded:
         return [Study(p, root) for p in recorded]
