@@ -17,7 +17,7 @@ from stat import S_ISLNK, S_ISREG
 from typing import Any
 
 from reconcile.lock import Lock
-from reconcile.lockcache import _cache_dir
+from reconcile.lockcache import _cache_dir, _cache_key
 from reconcile.model import FileStat, OutputRecord, SessionRecord
 from reconcile.plan import LocalState
 
@@ -85,8 +85,7 @@ class Verified:
         directory = _cache_dir()
         if directory is None:
             return cls(None, {})
-        name = hashlib.sha256(os.path.abspath(root).encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        path = directory.parent / "verified" / f"{name}.json"
+        path = directory.parent / "verified" / f"{_cache_key(root)}.json"
         try:
             entries = json.loads(path.read_bytes())
         except (OSError, ValueError):

@@ -152,8 +152,12 @@ def _cache_dir() -> Path | None:
 
 def _cache_file(path: Path) -> Path | None:
     directory = _cache_dir()
-    name = hashlib.sha256(os.path.abspath(path).encode("utf-8", "surrogateescape")).hexdigest()[:32]
-    return None if directory is None else directory / f"{name}.bin"
+    return None if directory is None else directory / f"{_cache_key(path)}.bin"
+
+
+def _cache_key(path: Path) -> str:
+    """A file name for what is cached about `path` (its absolute form)."""
+    return hashlib.sha256(os.path.abspath(path).encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 def _read_cache(path: Path, digest: bytes, *, older: bool) -> _Snapshot | None:

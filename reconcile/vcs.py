@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reconcile.errors import ConfigError, XnatBidsError
+from reconcile.lock import LOCK_NAME
 
 if TYPE_CHECKING:
     from reconcile.apply import ApplyReport
 
 # Dataset-level files apply writes or updates, relative to the BIDS root.
 DATASET_FILES = (
-    ".xnat2bids.lock", ".xnat2bids/history.jsonl", ".xnat2bids/.gitignore", ".bidsignore",
+    LOCK_NAME, ".xnat2bids/history.jsonl", ".xnat2bids/.gitignore", ".bidsignore",
     "dataset_description.json", "participants.tsv", "participants.json", "sessions.json", "scans.json",
 )
 # xnat2bids' own working folders: logs, staging, kept copies; in the history's folder, never committed.
@@ -76,8 +77,7 @@ def apply_message(title: str, report: ApplyReport) -> str:
 def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:
     """Commit the changes under `paths` (relative to `root`) and nothing else; returns the new
     commit ID, None when they have none."""
-    if not is_repository(root):
-        raise XnatBidsError(f"--git-commit: {root} is not the top of a git repository", hint="run `git init` there first")
+    check_can_commit(root)  # again: a SLURM finalize commits long after the submission checked
     ignore = root / ".xnat2bids" / ".gitignore"
     if ignore.parent.is_dir() and not ignore.exists():
         ignore.write_text(GITIGNORE)
