@@ -1034,11 +1034,25 @@ def _print_history(root: Path, *, as_json: bool) -> int:
              f"{' (cancelled)' if e.get('cancelled') else ''}: "
              f"{s.get('done', 0)} done, {s.get('failed', 0)} failed, {s.get('skipped', 0)} skipped; "
              f"serial {e['lock_serial']['before']} → {e['lock_serial']['after']}")
-        for row in e["sessions"]:
-            dates = row["date"]
-            moved = f" date {dates['before']} → {dates['after']}" if dates["before"] != dates["after"] and dates["before"] and dates["after"] else ""
-            echo(f"    {row['result']:<7} {row['action']:<6} {row['address']} ({row['project']}/{row['experiment_id']}){moved}")
+        heads = [f"    {row['result']:<7} {row['action']:<6} {row['address']} ({row['project']}/{row['experiment_id']})"
+                 for row in e["sessions"]]
+        width = max(map(len, heads), default=0)
+        for head, row in zip(heads, e["sessions"]):
+            # Each row's reasons, as plan showed them (the first beside the row, the others below
+            # it); entries written before reasons were recorded show a date change instead.
+            details = list(row.get("reasons") or _date_moved(row))
+            if row.get("error"):
+                details.append(f"error: {row['error']}")
+            echo(f"{head:<{width}}  {details[0]}" if details else head)
+            for detail in details[1:]:
+                echo(" " * (width + 2) + detail)
     return EXIT_OK
+
+
+def _date_moved(row: dict) -> list[str]:
+    dates = row.get("date") or {}
+    before, after = dates.get("before"), dates.get("after")
+    return [f"date {before} → {after}"] if before and after and before != after else []
 
 
 @app.command("force-unlock")

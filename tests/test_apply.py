@@ -117,6 +117,12 @@ def test_failed_session_does_not_block_others_and_is_retried(cli, emulator, tmp_
     lock = read_lock(root)
     assert list(lock.sessions) == [exps["01_MR1"].id]
     assert not (root / "sub-02").exists()
+    code, out, _ = cli("history", str(root))  # the text history says why each ran and why one failed
+    assert code == 0
+    failed = [line for line in out.splitlines() if f"/{bad.id})" in line]
+    assert len(failed) == 1 and failed[0].startswith("    failed  create sub-02/ses-02MR1 ")
+    assert failed[0].endswith("  new in XNAT"), out
+    assert "error: " in out.split(failed[0], 1)[1].splitlines()[1]
     emulator.app.faults.clear()
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
     assert code == 0, out + err
@@ -221,7 +227,8 @@ def test_rearchived_session_is_rekeyed_and_orphans_are_kept_until_forgotten(cli,
     assert (root / "sub-02/ses-02MR1").is_dir()
     code, out, _ = cli("history", str(root))  # forget is in the history, with the serial it moved
     assert code == 0 and "forget by " in out and "serial 3 → 4" in out
-    assert f"    done    forget sub-02/ses-02MR1 (PROJ/{exps['02_MR1'].id})\n" in out and "None" not in out
+    assert (f"    done    forget sub-02/ses-02MR1 (PROJ/{exps['02_MR1'].id})  "
+            "dropped from the lock by `xnat2bids forget`; its files were left on disk\n") in out and "None" not in out
 
 
 def test_microsecond_timestamps_survive_the_lock_and_a_redate_is_still_seen(cli, emulator, tmp_path):
