@@ -10,7 +10,7 @@ import os
 import subprocess
 
 import pytest
-from worlds import SMALL, add, redate, tree
+from worlds import SMALL, add, assert_schema, redate, tree
 
 from reconcile.emulator.dicomgen import DEFAULT_SERIES
 from reconcile.lock import lock_path, read_lock
@@ -123,6 +123,10 @@ def test_failed_session_does_not_block_others_and_is_retried(cli, emulator, tmp_
     assert len(failed) == 1 and failed[0].startswith("    failed  create sub-02/ses-02MR1 ")
     assert failed[0].endswith("  new in XNAT"), out
     assert "error: " in out.split(failed[0], 1)[1].splitlines()[1]
+    code, out, _ = cli("history", str(root), "--json")
+    [entry] = [json.loads(line) for line in out.splitlines()]
+    assert_schema("history", entry)
+    assert {row["result"] for row in entry["sessions"]} == {"done", "failed"} and entry["summary"]["failed"] == 1
     emulator.app.faults.clear()
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
     assert code == 0, out + err
@@ -229,6 +233,14 @@ def test_rearchived_session_is_rekeyed_and_orphans_are_kept_until_forgotten(cli,
     assert code == 0 and "forget by " in out and "serial 3 → 4" in out
     assert (f"    done    forget sub-02/ses-02MR1 (PROJ/{exps['02_MR1'].id})  "
             "dropped from the lock by `xnat2bids forget`; its files were left on disk\n") in out and "None" not in out
+    code, out, _ = cli("history", str(root), "--json")
+    entries = [json.loads(line) for line in out.splitlines()]
+    assert [e["operation"] for e in entries][-1] == "forget"
+    for entry in entries:
+        assert_schema("history", entry)
+    code, out, _ = cli("show", str(root), "--json")
+    assert code == 0 and [s["experiment_id"] for s in json.loads(out)["sessions"]] == [again.id]
+    assert_schema("show", json.loads(out))
 
 
 def test_microsecond_timestamps_survive_the_lock_and_a_redate_is_still_seen(cli, emulator, tmp_path):

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from worlds import assert_schema
+
 import reconcile
 from reconcile.apply import ApplyReport, append_history
 from reconcile.config import Config
@@ -94,12 +96,15 @@ def test_history_skips_lines_that_are_not_entries_with_a_warning_each(cli, tmp_p
     ]
     code, out, _ = cli("history", str(root), "--json")
     assert code == 0 and [json.loads(line)["operation"] for line in out.splitlines()] == ["apply", "apply"]
+    for line in out.splitlines():
+        assert_schema("history", json.loads(line))
 
 
 def test_json_outputs_of_a_dataset_with_nothing_yet_are_json(cli, tmp_path):
     root = tmp_path / "bids"
     code, out, _ = cli("show", str(root), "--json")
     assert code == 0 and json.loads(out) == {"format_version": 1, "lineage": None, "serial": 0, "sessions": []}
+    assert_schema("show", json.loads(out))
     code, out, _ = cli("history", str(root), "--json")
     assert (code, out) == (0, "")
 
@@ -110,6 +115,7 @@ def test_status_json_without_a_batch_is_json(cli, tmp_path):
     code, out, _ = cli("status", str(root), "--json")
     assert code == 0
     doc = json.loads(out)
+    assert_schema("status", doc)
     assert set(doc) == STATUS_KEYS
     assert doc["batch"] is None and doc["holder"] is None and doc["pending_revocations"] == []
     assert doc["bids_root"] == str(root) and doc["sessions"] == []
@@ -129,6 +135,7 @@ def test_status_json_of_a_root_locked_by_another_apply_names_the_holder(cli, tmp
         statelock.release(root, holder)
     assert code == 0
     doc = json.loads(out)
+    assert_schema("status", doc)
     assert set(doc) == STATUS_KEYS and doc["batch"] is None
     assert doc["holder"]["id"] == holder.id and doc["holder"]["pid"] == os.getpid()
     assert doc["holder"]["operation"] == "apply"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from worlds import add
+from worlds import add, assert_schema
 
 from reconcile import statelock
 from reconcile.config import load_config
@@ -149,6 +149,8 @@ skip = ["func-*"]
     assert "finalized" in out and "3 done, 0 failed, 0 skipped; lock serial 1" in out
     code, out, _ = slurm_cli("status", str(root), "--json")
     doc = json.loads(out)
+    assert_schema("status", doc)
+    assert doc["finalized"]["summary"] == {"done": 3, "failed": 0, "skipped": 0}
     assert doc["format_version"] == 1 and doc["array_job"] == batch.array_job and not doc["holds_state_lock"]
     assert [s["state"] for s in doc["sessions"]] == ["done"] * 3
     code, out, _ = slurm_cli("apply", str(root), "-c", str(config), "-p", "PROJ", "--yes")

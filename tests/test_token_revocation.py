@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from worlds import add, write_config
+from worlds import add, assert_schema, write_config
 
 from reconcile.credentials import Credentials
 from reconcile.emulator import Fault
@@ -137,6 +137,7 @@ def test_finalize_keeps_a_failed_revocation_pending_and_the_next_finalize_retrie
     assert "1 attempt(s)" in out and token["alias"] not in out + err and token["secret"] not in out + err
     code, out, _ = cli("status", str(root), "--json")
     [listed] = json.loads(out)["pending_revocations"]
+    assert_schema("status", json.loads(out))
     assert listed["batch"] == first.id and listed["attempts"] == 1 and token["alias"] not in out
 
     # The next submission's retry is refused: still pending, and the new batch goes ahead.

@@ -75,3 +75,28 @@ def write_config(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "xnat2bids.toml"
     path.write_text(text + "\n")
     return path
+
+
+def _closed(schema):
+    """`schema` with every object that names its properties closed to others: what xnat2bids
+    writes must be described in full, even where the schema lets readers accept more."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def assert_schema(name: str, doc) -> None:
+    """`doc` follows schemas/<name>.schema.json, and names no key the schema does not describe."""
+    import jsonschema
+
+    from reconcile.schema import load_schema
+
+    schema = load_schema(name)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(doc, schema)
+    jsonschema.validate(doc, _closed(schema))
