@@ -525,7 +525,7 @@ def run_apply(
                 result = validate(root)
                 for err in result.errors:
                     echo(f"validator: {err}")
-                echo(f"BIDS validator: {len(result.errors)} errors, {result.warnings} warnings")
+                echo(result.summary())
                 code = code or (EXIT_ERROR if result.errors else EXIT_OK)
             if git_commit:
                 from reconcile.vcs import apply_message, apply_paths, commit_paths
@@ -686,8 +686,8 @@ def _finalize_summary(result) -> str:
     report = result.report
     text = (f"{report.count(Status.DONE)} done, {report.count(Status.FAILED)} failed, "
             f"{report.count(Status.SKIPPED)} skipped; lock serial {report.lock.serial if report.lock else result.plan.serial}")
-    if result.validator_errors is not None:
-        text += f"; BIDS validator: {len(result.validator_errors)} errors, {result.validator_warnings} warnings"
+    if result.validation is not None:
+        text += f"; {result.validation.summary()}"
     if result.git_commit:
         text += f"; git commit {result.git_commit}"
     for problem in result.problems:
@@ -980,6 +980,8 @@ def _finalize_dataset(root: Path, batch_id: str | None) -> int:
         result = sx.finalize_batch(batch, own_job=os.environ.get("SLURM_JOB_ID"), on_event=reporter, warn=warn)
     finally:
         reporter.close()
+    for err in result.validation.errors if result.validation else ():
+        echo(f"validator: {err}")
     echo(f"\nFinalize complete: {_finalize_summary(result)}")
     return EXIT_OK if result.ok else EXIT_ERROR
 

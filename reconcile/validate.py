@@ -7,16 +7,30 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from reconcile.errors import XnatBidsError
+
+REPORT_NAME = "bids-validator.json"  # in the work area's logs: the last --validate run's full report
 
 
 @dataclass(frozen=True)
 class ValidationResult:
     errors: tuple[str, ...]
     warnings: int
+    warning_codes: tuple[tuple[str, int], ...] = ()  # (code, how many), most frequent first
+    report: Path | None = None  # the validator's whole JSON output, where every warning is located
+
+    def summary(self) -> str:
+        """'BIDS validator: E errors, W warnings (CODE ×n, …); full report: PATH'."""
+        text = f"BIDS validator: {len(self.errors)} errors, {self.warnings} warnings"
+        if self.warning_codes:
+            text += " (" + ", ".join(f"{code} ×{n}" for code, n in self.warning_codes) + ")"
+        if self.report is not None and (self.warnings or self.errors):
+            text += f"; full report: {self.report}"
+        return text
 
 
 def _validator() -> str:
@@ -27,6 +41,10 @@ def _validator() -> str:
 
 
 def validate(root: Path) -> ValidationResult:
+    """Validate the dataset; the validator's JSON report is kept in the work area's logs."""
+    from reconcile.apply import work_path
+    from reconcile.durable import write_atomic
+
     out = subprocess.run([_validator(), str(root), "--format", "json"], capture_output=True, text=True, timeout=900)
     try:
         issues = json.loads(out.stdout)["issues"]["issues"]
@@ -37,5 +55,12 @@ def validate(root: Path) -> ValidationResult:
         for i in issues
         if i.get("severity") == "error"
     )
-    warnings = sum(1 for i in issues if i.get("severity") == "warning")
-    return ValidationResult(errors, warnings)
+    codes = Counter(str(i.get("code")) for i in issues if i.get("severity") == "warning")
+    report = work_path(root, "logs", REPORT_NAME)
+    try:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(report, out.stdout)
+    except OSError:
+        report = None  # the summary still names every code; only the locations are not kept
+    return ValidationResult(errors, sum(codes.values()), tuple(sorted(codes.items(), key=lambda c: (-c[1], c[0]))),
+                            report)

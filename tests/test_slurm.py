@@ -104,7 +104,7 @@ echo "setup ran for job $SLURM_JOB_ID: it's <<EOF fine" >&2
 [conversion]
 skip = ["func-*"]
 ''')
-    code, out, err = slurm_cli("apply", str(root), "-c", str(config), "-p", "PROJ", "--yes")
+    code, out, err = slurm_cli("apply", str(root), "-c", str(config), "-p", "PROJ", "--yes", "--validate")
     assert code == 0, out + err
     batch = current_batch(root)
     assert f"Submitted batch {batch.id}: array job {batch.array_job} (3 sessions, at most 3 at once)" in out
@@ -140,7 +140,9 @@ skip = ["func-*"]
     assert entry["operation"] == "slurm apply" and entry["summary"]["done"] == 3
     assert entry["lock_serial"] == {"before": 0, "after": 1}
     assert "setup ran for job" in (batch.logs_dir / "task-0.out").read_text()
-    assert "Finalize complete: 3 done, 0 failed, 0 skipped" in batch.finalize_output.read_text()
+    finalized = batch.finalize_output.read_text()
+    assert "Finalize complete: 3 done, 0 failed, 0 skipped; lock serial 1; BIDS validator: 0 errors" in finalized
+    assert done["validator_errors"] == 0 and (root / ".xnat2bids/logs/bids-validator.json").is_file()
     assert not (root / ".xnat2bids/staging").exists() or not any((root / ".xnat2bids/staging").iterdir())
     code, out, _ = slurm_cli("check", str(root), "--full")
     assert code == 0, out

@@ -55,6 +55,7 @@ from reconcile.errors import (
 from reconcile.localscan import sha256_file
 from reconcile.model import RemoteFile, Scan, utc_now
 from reconcile.plan import Change, Plan
+from reconcile.validate import ValidationResult
 
 BATCH_FORMAT_VERSION = 1
 RESULT_FORMAT_VERSION = 1
@@ -720,14 +721,13 @@ class FinalizeReport:
     batch: Batch
     plan: Plan
     report: ApplyReport
-    validator_errors: tuple[str, ...] | None = None
-    validator_warnings: int = 0
+    validation: ValidationResult | None = None  # with --validate, when the validator ran
     git_commit: str | None = None
     problems: list[str] = field(default_factory=list)  # validator / git failures, reported, not fatal
 
     @property
     def ok(self) -> bool:
-        return self.report.ok and not self.problems and not self.validator_errors
+        return self.report.ok and not self.problems and not (self.validation and self.validation.errors)
 
 
 def _staged_from(root: Path, change: Change, result: Mapping[str, Any]) -> StagedSession:
@@ -835,8 +835,7 @@ def finalize_batch(
         try:
             from reconcile.validate import validate
 
-            checked = validate(root)
-            result.validator_errors, result.validator_warnings = checked.errors, checked.warnings
+            result.validation = validate(root)
         except XnatBidsError as exc:
             result.problems.append(f"validator: {exc.summary}")
     if batch.options.git_commit:
@@ -855,7 +854,7 @@ def finalize_batch(
         "ok": result.ok,
         "summary": {s.value: report.count(s) for s in Status},
         "lock_serial": report.lock.serial if report.lock else plan.serial,
-        "validator_errors": len(result.validator_errors) if result.validator_errors is not None else None,
+        "validator_errors": len(result.validation.errors) if result.validation is not None else None,
         "git_commit": result.git_commit,
         "problems": result.problems,
     })
