@@ -25,7 +25,16 @@ except ImportError:  # pragma: no cover
 
 from reconcile import __version__
 from reconcile.config import Config, load_config
-from reconcile.errors import ConfigError, XnatBidsError
+from reconcile.errors import (
+    ConfigError,
+    LockfileError,
+    LockHeldError,
+    NotFoundError,
+    PlanError,
+    StalePlanError,
+    UnsafePathError,
+    XnatBidsError,
+)
 from reconcile.lock import Lock
 from reconcile.model import utc_now
 from reconcile.plan import Action, Change, Plan, Selection
@@ -219,9 +228,19 @@ def for_each_study(cfg: Config, root: Path, selection: Selection, run) -> int:
     codes = []
     for study in chosen:
         echo(f"=== {study.project}: {study.root}")
-        codes.append(run(study.root, _replace(selection, projects=(study.project,))))
+        try:
+            codes.append(run(study.root, _replace(selection, projects=(study.project,))))
+        except _STUDY_ERRORS as exc:
+            _render_error(exc)
+            codes.append(EXIT_ERROR)
         echo()
     return _worst(codes)
+
+
+# What stops one study but not the others: its lock (invalid, written meanwhile, held by another
+# apply), its folders, its project's listing. Errors of XNAT as a whole or of the config
+# (credentials, an unreachable host) would only repeat for every study: they end the walk.
+_STUDY_ERRORS = (LockfileError, LockHeldError, StalePlanError, UnsafePathError, PlanError, NotFoundError)
 
 
 def one_dataset(cfg: Config, root: Path) -> bool:

@@ -320,3 +320,26 @@ def test_plan_json_and_a_saved_plan_work_on_a_study_folder_in_the_pi_study_layou
     assert code == 0, out + err
     assert sorted(r.project for r in read_lock(study).sessions.values()) == ["SMITH_MEMORY"]
     assert not (study / "smith").exists() and not (root / "jones").exists()
+
+
+def test_a_study_held_by_another_apply_does_not_stop_the_others(cli, emulator, tmp_path):
+    from reconcile import statelock
+
+    root, cfg = _two_studies(emulator.archive, tmp_path)
+    smith = root / "smith/study-memory/bids"
+    smith.mkdir(parents=True)
+    holder = statelock.acquire(smith, "apply")  # another apply, still running there
+    try:
+        code, out, err = cli("apply", str(root), "--config", str(cfg), "--yes")
+    finally:
+        statelock.release(smith, holder)
+    assert code == 1, out + err
+    assert f"(lock ID {holder.id})" in err and "Traceback" not in err
+    headers = [line for line in out.splitlines() if line.startswith("===")]
+    assert headers == [f"=== SMITH_MEMORY: {smith}", f"=== JONES_VISION: {root}/jones/study-vision/bids"]  # config order
+    assert "Apply complete: 1 done" in out.split(headers[1])[1]
+    assert [r.project for r in read_lock(root / "jones/study-vision/bids").sessions.values()] == ["JONES_VISION"]
+    assert read_lock(smith) is None
+    code, out, err = cli("apply", str(root), "--config", str(cfg), "--yes")  # released: it goes ahead
+    assert code == 0, out + err
+    assert [r.project for r in read_lock(smith).sessions.values()] == ["SMITH_MEMORY"]
