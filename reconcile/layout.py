@@ -113,4 +113,5 @@ def studies(root: Path, projects: tuple[str, ...], *, known: tuple[str, ...] = (
     existing = {s.project: s.root for s in discover(root)} if any(map(is_pattern, projects)) else {}
     candidates = sorted({p for p in (*projects, *known) if not is_pattern(p)} | set(existing))
     chosen = expand_projects(projects, candidates, where=f"in the config or under {root}")
-    return [Study(p, existing.get(p) or study_root(root, p)) for p in chosen]
+    # In path order, as `discover` (and with it check, show, status and history) walks them.
+    return sorted((Study(p, existing.get(p) or study_root(root, p)) for p in chosen), key=lambda s: (s.root, s.project))

@@ -326,20 +326,22 @@ def test_a_study_held_by_another_apply_does_not_stop_the_others(cli, emulator, t
     from reconcile import statelock
 
     root, cfg = _two_studies(emulator.archive, tmp_path)
-    smith = root / "smith/study-memory/bids"
-    smith.mkdir(parents=True)
-    holder = statelock.acquire(smith, "apply")  # another apply, still running there
+    jones = root / "jones/study-vision/bids"
+    jones.mkdir(parents=True)
+    holder = statelock.acquire(jones, "apply")  # another apply, still running there
     try:
         code, out, err = cli("apply", str(root), "--config", str(cfg), "--yes")
     finally:
-        statelock.release(smith, holder)
+        statelock.release(jones, holder)
     assert code == 1, out + err
     assert f"(lock ID {holder.id})" in err and "Traceback" not in err
     headers = [line for line in out.splitlines() if line.startswith("===")]
-    assert headers == [f"=== SMITH_MEMORY: {smith}", f"=== JONES_VISION: {root}/jones/study-vision/bids"]  # config order
+    assert headers == [f"=== JONES_VISION: {jones}", f"=== SMITH_MEMORY: {root}/smith/study-memory/bids"]  # path order
     assert "Apply complete: 1 done" in out.split(headers[1])[1]
-    assert [r.project for r in read_lock(root / "jones/study-vision/bids").sessions.values()] == ["JONES_VISION"]
-    assert read_lock(smith) is None
+    assert [r.project for r in read_lock(root / "smith/study-memory/bids").sessions.values()] == ["SMITH_MEMORY"]
+    assert read_lock(jones) is None
     code, out, err = cli("apply", str(root), "--config", str(cfg), "--yes")  # released: it goes ahead
     assert code == 0, out + err
-    assert [r.project for r in read_lock(smith).sessions.values()] == ["SMITH_MEMORY"]
+    assert [r.project for r in read_lock(jones).sessions.values()] == ["JONES_VISION"]
+    code, out, _ = cli("check", str(root), "--config", str(cfg))  # the offline commands walk the same order
+    assert [line for line in out.splitlines() if line.startswith("===")] == headers
