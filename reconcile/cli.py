@@ -79,6 +79,7 @@ def echo(text: str = "", *, err: bool = False) -> None:
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default: $XNAT2BIDS_CONFIG, ./xnat2bids.toml, ~/.config/xnat2bids/xnat2bids.toml).")
 ProjectOpt = typer.Option(None, "--project", "-p", help="XNAT project ID, or a glob over the projects of the config and the lock (repeatable).")
+StudyOpt = typer.Option(None, "--project", "-p", help="layout = \"pi-study\": only the studies of these project IDs or globs (repeatable).")
 SubjectOpt = typer.Option(None, "--subject", help="Subject label glob (repeatable).")
 SessionOpt = typer.Option(None, "--session", help="Session label / experiment ID glob (repeatable).")
 InsecureOpt = typer.Option(False, "--insecure", help="Do not verify the XNAT server's TLS certificate (verify_tls = false).")
@@ -266,13 +267,16 @@ def _need_dataset_folder(root: Path) -> None:
 
 
 def _offline_command(config: Optional[Path], bids_root: Optional[Path], as_json: bool,
-                     run: Callable[[Path], int], *, none: Callable[[Path], int]) -> NoReturn:
+                     run: Callable[[Path], int], *, none: Callable[[Path], int],
+                     projects: Optional[list[str]] = None) -> NoReturn:
     """The body of the commands that only read the dataset (status, show, history, check):
-    `run` per dataset, `none(root)` when a pi-study root holds none; exits with the worst code."""
+    `run` per dataset (the studies `projects` selects), `none(root)` when a pi-study root holds
+    none; exits with the worst code."""
     _errors_as_json(as_json)
     cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
-    raise typer.Exit(for_each_dataset(cfg, root, run, none=lambda: none(root), as_json=as_json))
+    raise typer.Exit(for_each_dataset(cfg, root, run, none=lambda: none(root), as_json=as_json,
+                                      projects=tuple(projects or ())))
 
 
 def _no_datasets(root: Path, meaning: str) -> int:
@@ -280,10 +284,12 @@ def _no_datasets(root: Path, meaning: str) -> int:
     return EXIT_OK
 
 
-def for_each_dataset(cfg: Config, root: Path, run, *, none, as_json: bool = False) -> int:
+def for_each_dataset(cfg: Config, root: Path, run, *, none, as_json: bool = False,
+                     projects: tuple[str, ...] = ()) -> int:
     """Run `run(root)` once (one dataset) or per `<pi>/study-<study>/bids` dataset found under
-    `root`, and `none()` when there is none: the commands' `for_each_study` that ask nothing of
-    XNAT. With `as_json` there must be one dataset (one JSON document).
+    `root` (those of the `projects` IDs or globs, when given), and `none()` when there is none:
+    the commands' `for_each_study` that ask nothing of XNAT. With `as_json` there must be one
+    dataset (one JSON document).
 
     An error in one dataset is reported and the next one still looked at; the combined exit code
     is the worst one, as for plan.
@@ -292,12 +298,25 @@ def for_each_dataset(cfg: Config, root: Path, run, *, none, as_json: bool = Fals
         need_one_dataset(cfg, root)
     if root.exists():
         _need_dataset_folder(root)
+    if projects and cfg.layout != "pi-study":
+        raise ConfigError(f"--project selects studies of the pi-study layout; {root} is one dataset of every project",
+                          hint="leave --project out")
     if one_dataset(cfg, root):
+        if projects:
+            _studies_here(cfg, root, Selection(projects=projects))  # an error if it is not a selected study
         return run(root)
+    from reconcile.config import expand_projects
     from reconcile.layout import discover
 
+    found = discover(root)
+    if projects:
+        chosen = set(expand_projects(projects, [s.project for s in found], where=f"exported under {root}"))
+        if chosen - {s.project for s in found}:
+            raise ConfigError(f"no dataset of {', '.join(sorted(chosen - {s.project for s in found}))} "
+                              f"under {root}", hint="see the exported studies with `xnat2bids show`")
+        found = [s for s in found if s.project in chosen]
     datasets: dict[Path, list[str]] = {}
-    for study in discover(root):
+    for study in found:
         datasets.setdefault(study.root, []).append(study.project)
     if not datasets:
         return none()
@@ -862,13 +881,14 @@ def status(
     bids_root: Optional[Path] = RootArg,
     config: Optional[Path] = ConfigOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the batch state as JSON."),
+    project: Optional[list[str]] = StudyOpt,
 ) -> None:
     """Show the SLURM batch of a BIDS root: job IDs and per-session state.
 
     Example: xnat2bids status ~/bids-export
     """
     _offline_command(config, bids_root, as_json, lambda where: _dataset_status(where, as_json=as_json),
-                     none=lambda root: _no_datasets(root, "no SLURM batch"))
+                     none=lambda root: _no_datasets(root, "no SLURM batch"), projects=project)
 
 
 def _dataset_status(root: Path, *, as_json: bool) -> int:
@@ -1031,13 +1051,14 @@ def history(
     bids_root: Optional[Path] = RootArg,
     config: Optional[Path] = ConfigOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the raw JSON lines."),
+    project: Optional[list[str]] = StudyOpt,
 ) -> None:
     """Print the dataset's append-only apply history.
 
     Example: xnat2bids history ~/bids-export
     """
     _offline_command(config, bids_root, as_json, lambda where: _print_history(where, as_json=as_json),
-                     none=lambda root: _print_history(root, as_json=as_json))
+                     none=lambda root: _print_history(root, as_json=as_json), projects=project)
 
 
 def _print_history(root: Path, *, as_json: bool) -> int:
@@ -1186,6 +1207,7 @@ def check(
     config: Optional[Path] = ConfigOpt,
     full: bool = typer.Option(False, "--full", help="Also compare sha256 of every output."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON (schemas/check.schema.json)."),
+    project: Optional[list[str]] = StudyOpt,
 ) -> None:
     """Verify offline that every output the lock records is on disk (for CI).
 
@@ -1195,7 +1217,7 @@ def check(
         raise ConfigError(f"no <pi>/study-<study>/bids datasets under {root}", hint="run `xnat2bids apply` first")
 
     _offline_command(config, bids_root, as_json, lambda where: _check_dataset(where, full=full, as_json=as_json),
-                     none=none)
+                     none=none, projects=project)
 
 
 def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
@@ -1239,13 +1261,14 @@ def show(
     bids_root: Optional[Path] = RootArg,
     config: Optional[Path] = ConfigOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    project: Optional[list[str]] = StudyOpt,
 ) -> None:
     """Summarise the lock: lineage, serial and the sessions it records.
 
     Example: xnat2bids show ~/bids-export
     """
     _offline_command(config, bids_root, as_json, lambda where: _show_dataset(where, as_json=as_json),
-                     none=lambda root: _no_datasets(root, "nothing exported yet"))
+                     none=lambda root: _no_datasets(root, "nothing exported yet"), projects=project)
 
 
 def _show_dataset(root: Path, *, as_json: bool) -> int:

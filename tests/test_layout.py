@@ -345,3 +345,31 @@ def test_a_study_held_by_another_apply_does_not_stop_the_others(cli, emulator, t
     assert [r.project for r in read_lock(jones).sessions.values()] == ["JONES_VISION"]
     code, out, _ = cli("check", str(root), "--config", str(cfg))  # the offline commands walk the same order
     assert [line for line in out.splitlines() if line.startswith("===")] == headers
+
+
+def test_project_selects_the_studies_the_offline_commands_walk(cli, emulator, tmp_path):
+    root, cfg = _two_studies(emulator.archive, tmp_path)
+    assert cli("apply", str(root), "--config", str(cfg), "--yes")[0] == 0
+    smith, jones = root / "smith/study-memory/bids", root / "jones/study-vision/bids"
+    for command in (("check",), ("show",), ("history",), ("status",)):
+        code, out, err = cli(*command, str(root), "--config", str(cfg), "-p", "SMITH_*")
+        assert code == 0, out + err
+        assert [line for line in out.splitlines() if line.startswith("===")] == [f"=== SMITH_MEMORY: {smith}"]
+    code, out, _ = cli("check", str(root), "--config", str(cfg), "-p", "JONES_VISION", "-p", "SMITH_MEMORY")
+    assert code == 0 and out.count("===") == 2 and "OK: lock serial 1, 1 sessions" in out
+    code, out, err = cli("show", str(root), "--config", str(cfg), "-p", "DOE_*")
+    assert code == 1 and "project pattern 'DOE_*' matches no project exported under" in err and "===" not in out
+    code, out, err = cli("history", str(root), "--config", str(cfg), "-p", "DOE_SLEEP")
+    assert code == 1 and f"no dataset of DOE_SLEEP under {root}" in err and "===" not in out
+    # A study folder given directly: its own project selects it, another is an error.
+    code, out, err = cli("show", str(jones), "--config", str(cfg), "-p", "JONES_*", "--json")
+    assert code == 0 and [s["project"] for s in json.loads(out)["sessions"]] == ["JONES_VISION"]
+    code, out, err = cli("check", str(jones), "--config", str(cfg), "-p", "SMITH_MEMORY")
+    assert code == 1 and "which --project SMITH_MEMORY does not select" in err
+
+
+def test_project_on_an_offline_command_of_a_flat_dataset_is_refused(cli, tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    code, out, err = cli("check", str(root), "-p", "PROJ")
+    assert code == 1 and "--project selects studies of the pi-study layout" in err and "Traceback" not in err
