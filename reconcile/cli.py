@@ -184,6 +184,9 @@ def run_plan(
         echo(render_text(plan))
         if out is not None:
             echo(f"\nSaved plan to {out}; run `xnat2bids apply --plan {out}` to carry it out.")
+            if plan.problems:  # as apply without a saved plan: the rest goes ahead, each problem stays one
+                echo(f"It keeps the {len(plan.problems)} error(s) above: apply --plan carries out the other changes "
+                     "and reports them again (exit 1).")
     if plan.problems:
         return EXIT_ERROR
     if detailed_exitcode and plan.has_changes:

@@ -343,3 +343,19 @@ def test_git_commit_without_a_repository_or_an_identity_fails_before_any_work(cl
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--git-commit")
     assert code == 1 and "git does not know who commits here" in err and "git config user.email" in err
     assert not (root / ".xnat2bids.lock").exists() and not list(root.glob("sub-*"))
+
+
+def test_a_saved_plan_with_an_error_carries_out_the_rest_and_reports_it_again(cli, emulator, tmp_path):
+    exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    theirs = root / "sub-01/ses-01MR1/anat/from-the-old-script.nii.gz"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"old export")
+    saved = tmp_path / "plan.json"
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--out", str(saved))
+    assert code == 1 and "error: sub-01/ses-01MR1 exists but the lock records no session there" in out
+    assert "It keeps the 1 error(s) above: apply --plan carries out the other changes and reports them again" in out
+    code, out, _ = cli("apply", str(root), "--plan", str(saved), "--yes")
+    assert code == 1 and "error: sub-01/ses-01MR1 exists but the lock records no session there" in out
+    assert list(read_lock(root).sessions) == [exps["02_MR1"].id]
+    assert theirs.read_bytes() == b"old export"
