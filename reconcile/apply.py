@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ from reconcile.model import (
 from reconcile.naming import check_safe
 from reconcile.plan import Change, Plan, recorded_scans
 from reconcile.plan import edited as plan_edited
+from reconcile.schema import load_schema
 
 WORK_DIR = ".xnat2bids"
 
@@ -847,24 +849,32 @@ def _history_line(line: str | bytes) -> tuple[dict | None, str | None]:
     return (entry, None) if _is_history_entry(entry) else (None, "is not a complete history entry")
 
 
-# What an entry must have to be shown: the fields `append_history` writes that readers use.
-_HISTORY_FIELDS = {"time": str, "operation": str, "user": str, "host": str, "xnat2bids": str,
-                   "summary": dict, "lock_serial": dict, "sessions": list}
-_HISTORY_SESSION_FIELDS = {"experiment_id": str, "project": str, "address": str, "action": str,
-                           "result": str, "date": dict}
+_JSON_TYPES = {"string": str, "object": dict, "array": list}
+
+
+@cache
+def _required(*where: str) -> tuple[dict[str, type], dict[str, frozenset[str]]]:
+    """What schemas/history.schema.json requires of an entry (or, `where` "sessions", of a row):
+    each required field's type, and the keys each required table must have."""
+    schema = load_schema("history")
+    for name in where:
+        schema = schema["properties"][name]["items"]
+    props = schema["properties"]
+    types = {key: _JSON_TYPES[props[key]["type"]] for key in schema["required"]}
+    keys = {key: frozenset(props[key].get("required", ())) for key in types if types[key] is dict}
+    return types, keys
+
+
+def _has_required(doc: object, *where: str) -> bool:
+    types, keys = _required(*where)
+    return (isinstance(doc, dict) and all(isinstance(doc.get(k), t) for k, t in types.items())
+            and all(need <= doc[k].keys() for k, need in keys.items()))
 
 
 def _is_history_entry(entry: object) -> bool:
-    if not isinstance(entry, dict) or any(not isinstance(entry.get(k), t) for k, t in _HISTORY_FIELDS.items()):
-        return False
-    if not {"before", "after"} <= entry["lock_serial"].keys():
-        return False
-    return all(
-        isinstance(row, dict)
-        and all(isinstance(row.get(k), t) for k, t in _HISTORY_SESSION_FIELDS.items())
-        and {"before", "after"} <= row["date"].keys()
-        for row in entry["sessions"]
-    )
+    """Whether a history line has what readers use: the fields and tables the history schema
+    requires, checked by type only (a full validation of every line would cost seconds)."""
+    return _has_required(entry) and all(_has_required(row, "sessions") for row in entry["sessions"])
 
 
 def _no_constant(name: str) -> object:
