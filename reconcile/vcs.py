@@ -21,13 +21,16 @@ if TYPE_CHECKING:
 
 # Dataset-level files apply writes or updates, relative to the BIDS root.
 DATASET_FILES = (
-    LOCK_NAME, ".xnat2bids/history.jsonl", ".xnat2bids/.gitignore", ".bidsignore",
+    LOCK_NAME, ".xnat2bids/history.jsonl", ".xnat2bids/.gitignore", ".xnat2bids/.gitattributes", ".bidsignore",
     "dataset_description.json", "participants.tsv", "participants.json", "sessions.json", "scans.json",
 )
 # xnat2bids' own working folders: logs, staging, kept copies; in the history's folder, never committed.
 GITIGNORE = "# Written by xnat2bids: its working folders stay out of the dataset's history.\n" + "".join(
     f"/{name}/\n" for name in ("journal", "logs", "replaced", "staging", "trash")
 )
+# Two clones that each applied append to the history's end: a union merge keeps both sides'
+# entries instead of a conflict on every pull.
+GITATTRIBUTES = "# Written by xnat2bids: the history is append-only; a merge keeps both sides' lines.\nhistory.jsonl merge=union\n"
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -44,6 +47,11 @@ def check_can_commit(root: Path) -> None:
     knows who commits."""
     if not is_repository(root):
         raise ConfigError(f"--git-commit: {root} is not the top of a git repository", hint="run `git init` there first")
+    busy = _unfinished_operation(root)
+    if busy:
+        raise ConfigError(f"--git-commit: {root} is in the middle of {busy}",
+                          hint="finish it (resolve, then `git commit`, or `git merge --abort`) and run again; "
+                               "xnat2bids never commits on top of unresolved conflicts")
     if (root / ".datalad").is_dir():
         return  # datalad save reports its own problems
     ident = _git(root, "var", "GIT_COMMITTER_IDENT")
@@ -51,6 +59,24 @@ def check_can_commit(root: Path) -> None:
         raise ConfigError("--git-commit: git does not know who commits here",
                           detail=ident.stderr.strip()[-500:] or None,
                           hint='set it with `git config user.name "…"` and `git config user.email "…"`')
+
+
+def _unfinished_operation(root: Path) -> str | None:
+    """What git is in the middle of (a merge, rebase, cherry-pick, revert), or unmerged paths: a
+    commit then would either fail after all the work or mark the conflicts resolved."""
+    out = _git(root, "rev-parse", "--git-dir")
+    if out.returncode != 0:
+        return None
+    git_dir = root / out.stdout.strip()
+    for name, what in (("MERGE_HEAD", "a git merge"), ("rebase-merge", "a git rebase"), ("rebase-apply", "a git rebase"),
+                       ("CHERRY_PICK_HEAD", "a git cherry-pick"), ("REVERT_HEAD", "a git revert")):
+        if (git_dir / name).exists():
+            return what
+    unmerged = _git(root, "ls-files", "--unmerged")
+    if unmerged.returncode == 0 and unmerged.stdout.strip():
+        path = unmerged.stdout.split("\t", 1)[1].splitlines()[0]
+        return f"a conflict git has not seen resolved ({path})"
+    return None
 
 
 def apply_paths(report: ApplyReport) -> list[str]:
@@ -78,9 +104,10 @@ def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:
     """Commit the changes under `paths` (relative to `root`) and nothing else; returns the new
     commit ID, None when they have none."""
     check_can_commit(root)  # again: a SLURM finalize commits long after the submission checked
-    ignore = root / ".xnat2bids" / ".gitignore"
-    if ignore.parent.is_dir() and not ignore.exists():
-        ignore.write_text(GITIGNORE)
+    for name, text in ((".gitignore", GITIGNORE), (".gitattributes", GITATTRIBUTES)):
+        own = root / ".xnat2bids" / name
+        if own.parent.is_dir() and not own.exists():
+            own.write_text(text)
     paths = sorted(set(paths))
     tracked = set(_git(root, "ls-files", "-z", "--", *_literal(paths)).stdout.split("\0")) - {""}
     present = [p for p in paths if os.path.lexists(root / p) or any(t == p or t.startswith(p + "/") for t in tracked)]

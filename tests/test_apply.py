@@ -359,3 +359,61 @@ def test_a_saved_plan_with_an_error_carries_out_the_rest_and_reports_it_again(cl
     assert code == 1 and "error: sub-01/ses-01MR1 exists but the lock records no session there" in out
     assert list(read_lock(root).sessions) == [exps["02_MR1"].id]
     assert theirs.read_bytes() == b"old export"
+
+
+def test_git_commit_in_the_middle_of_a_merge_is_refused_before_any_work(cli, emulator, tmp_path):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    root.mkdir()
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@x", *args],
+                              capture_output=True, text=True)
+
+    git("init", "-q", "-b", "main")
+    (root / "notes.txt").write_text("base\n")
+    git("add", "notes.txt")
+    git("commit", "-qm", "base")
+    git("checkout", "-qb", "other")
+    (root / "notes.txt").write_text("theirs\n")
+    git("commit", "-qam", "theirs")
+    git("checkout", "-q", "main")
+    (root / "notes.txt").write_text("ours\n")
+    git("commit", "-qam", "ours")
+    assert git("merge", "other").returncode != 0  # a conflict, left for the user to resolve
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--git-commit")
+    assert code == 1 and f"{root} is in the middle of a git merge" in err and "git merge --abort" in err
+    assert not (root / ".xnat2bids.lock").exists() and not list(root.glob("sub-*"))
+    assert git("ls-files", "--unmerged").stdout.strip()  # the conflict is still git's to see
+
+    (root / ".git/MERGE_HEAD").unlink()  # the merge state gone, the unmerged index entries still there
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--git-commit")
+    assert code == 1 and "a conflict git has not seen resolved (notes.txt)" in err
+    assert not list(root.glob("sub-*"))
+
+
+def test_two_clones_histories_merge_without_a_conflict(cli, emulator, tmp_path):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11"),
+                           ("03", "03_MR1", "2024-01-12")], series=SMALL[:1])
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ident = ["-c", "user.name=t", "-c", "user.email=t@x"]
+
+    def git(where, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(where), *ident, *args], capture_output=True, text=True)
+
+    ours.mkdir()
+    git(ours, "init", "-q", "-b", "main")
+    for name, value in (("user.name", "t"), ("user.email", "t@x")):
+        git(ours, "config", name, value)
+    assert cli("apply", str(ours), "-p", "PROJ", "--session", "01_MR1", "--yes", "--git-commit")[0] == 0
+    assert ".xnat2bids/.gitattributes" in git(ours, "ls-files").stdout.split()
+    assert git(tmp_path, "clone", "-q", str(ours), str(theirs)).returncode == 0
+    git(theirs, "config", "user.name", "t")
+    git(theirs, "config", "user.email", "t@x")
+    assert cli("apply", str(ours), "-p", "PROJ", "--session", "02_MR1", "--yes", "--git-commit")[0] == 0
+    assert cli("apply", str(theirs), "-p", "PROJ", "--session", "03_MR1", "--yes", "--git-commit")[0] == 0
+    git(theirs, "pull", "-q", "--no-rebase", "origin", "main")  # the lock itself may conflict: both added a session
+    unmerged = {line.split("\t")[1] for line in git(theirs, "ls-files", "--unmerged").stdout.splitlines()}
+    assert ".xnat2bids/history.jsonl" not in unmerged
+    history = (theirs / ".xnat2bids/history.jsonl").read_text()
+    assert "<<<<<<<" not in history and history.count('"operation": "apply"') == 3
