@@ -796,7 +796,9 @@ def _append_entry(root: Path, entry: dict) -> None:
 def _note_unrecorded(root: Path) -> None:
     """Commits the history does not tell of get an entry of their own: an apply killed after some
     commits (its entry is written at its end), or a commit `recover` just completed. The lock's
-    serial then is past the last entry's; the sessions exported since that entry are named."""
+    serial then is past the last entry's; the sessions exported since that entry are named. A
+    serial that moved with no session exported since (a merge took the higher of two clones'
+    serials) has nothing to tell: no entry."""
     lock = read_lock(root)
     last = last_history_entry(root)
     after = last["lock_serial"]["after"] if last else 0
@@ -807,6 +809,8 @@ def _note_unrecorded(root: Path) -> None:
     named = {row["experiment_id"] for row in last["sessions"]} if last else set()
     records = [r for r in lock.sessions.values()
                if r.exported_at > since or (r.exported_at == since and r.experiment_id not in named)]
+    if not records:  # the serial moved without an export: a git merge of two clones' locks
+        return
     append_lock_change(root, "unrecorded", (after, lock.serial), records, action="commit",
                        reason="in the lock without a history entry (an apply stopped before writing "
                               "its entry, or a history kept elsewhere)")

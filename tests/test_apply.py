@@ -417,3 +417,18 @@ def test_two_clones_histories_merge_without_a_conflict(cli, emulator, tmp_path):
     assert ".xnat2bids/history.jsonl" not in unmerged
     history = (theirs / ".xnat2bids/history.jsonl").read_text()
     assert "<<<<<<<" not in history and history.count('"operation": "apply"') == 3
+
+
+def test_a_serial_moved_by_a_merge_with_nothing_exported_gets_no_history_entry(cli, emulator, tmp_path):
+    from reconcile.lock import write_lock
+
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--session", "01_MR1", "--yes")[0] == 0
+    lock = read_lock(root)
+    write_lock(root, lock)  # as a merge that took the other clone's higher serial leaves it: serial 1 → 2
+    assert read_lock(root).serial == 2
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    entries = [json.loads(line) for line in (root / ".xnat2bids/history.jsonl").read_text().splitlines()]
+    assert [(e["operation"], e["lock_serial"]) for e in entries] == [
+        ("apply", {"before": 0, "after": 1}), ("apply", {"before": 2, "after": 3})]
