@@ -559,14 +559,15 @@ def check_plan_root(planned_root: str, root: Path) -> None:
 
 def check_plan_fresh(
     plan: Plan, root: Path, config: Config, *, planned_root: str, planned_config: str | None,
-    planned_url: str | None, url: str,
+    planned_url: str | None, url: str, planned_changes: Iterable[Mapping[str, Any]] = (),
 ) -> None:
     """A saved plan applies only to what it was computed for: its BIDS root, its config (naming
-    and conversion decide every address and output), its XNAT and its lock (lineage and serial).
+    and conversion decide every address and output), its XNAT and its lock (lineage, serial, and
+    the record of each session it changes).
 
-    `planned_root`, `planned_config` and `planned_url` are the plan file's `bids_root`,
-    `config_fingerprint` and `xnat_url` (the last two None in format 1 plans, which lack them);
-    `url` is the XNAT this apply talks to.
+    `planned_root`, `planned_config`, `planned_url` and `planned_changes` are the plan file's
+    `bids_root`, `config_fingerprint`, `xnat_url` (the two None in format 1 plans, which lack
+    them) and `changes`; `url` is the XNAT this apply talks to.
     """
     if planned_config is None:
         raise StalePlanError(
@@ -602,6 +603,29 @@ def check_plan_fresh(
             f"plan is stale: the lock changed since planning (serial {plan.serial} → {lock.serial})",
             hint="run plan again",
         )
+    # Serials count one clone's writes: two clones that each applied once reach the same one, and
+    # a git merge of their locks keeps it. The sessions the plan changes must still be as it saw them.
+    for change in planned_changes:
+        moved = _recorded_since(change, lock)
+        if moved:
+            raise StalePlanError(f"plan is stale: the lock changed since planning ({moved}), though its serial "
+                                 f"is still {lock.serial} (a merge of another clone's lock?)", hint="run plan again")
+
+
+def _recorded_since(change: Mapping[str, Any], lock: Lock) -> str | None:
+    """How the lock's record of a planned change's session differs from the one the plan saw."""
+    seen = change["before"]
+    where = f"{change['address']} ({change['project']}/{change['experiment_id']})"
+    if seen is None:
+        return f"{where} is recorded now" if change["experiment_id"] in lock.sessions else None
+    now = lock.sessions.get(seen["experiment_id"])
+    if now is None:
+        return f"{where} is no longer recorded"
+    for name in ("address", "date", "insert_date", "last_modified"):
+        value = now.address.path if name == "address" else getattr(now, name)
+        if value != seen[name]:
+            return f"{where}: {name} {seen[name]} → {value}"
+    return None
 
 
 def lock_for(plan: Plan, root: Path) -> Lock:

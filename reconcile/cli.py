@@ -672,7 +672,7 @@ def _load_or_make_plan(
 
     plan, header = plan_from_dict(saved.data, str(saved.path), read_lock(root))
     check_plan_fresh(plan, root, cfg, planned_root=header["bids_root"], planned_config=header.get("config_fingerprint"),
-                     planned_url=header.get("xnat_url"), url=client.url)
+                     planned_url=header.get("xnat_url"), url=client.url, planned_changes=header["changes"])
     return plan
 
 

@@ -67,6 +67,42 @@ def test_saved_plan_is_refused_once_the_lock_changed(cli, emulator, tmp_path):
     assert read_lock(root).serial == 1
 
 
+def test_saved_plan_is_refused_after_a_merge_that_kept_the_serial(cli, emulator, tmp_path):
+    """Two clones that each applied once share a serial; a merge of their locks keeps it, so the
+    sessions a saved plan changes are compared with what it saw."""
+    from dataclasses import replace
+
+    from reconcile.lock import write_lock
+
+    exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--session", "01_MR1", "--yes")[0] == 0
+    redate(emulator, exps["01_MR1"], "2024-02-01")
+    saved = tmp_path / "plan.json"
+    assert cli("plan", str(root), "-p", "PROJ", "--out", str(saved))[0] == 0  # update 01, create 02; serial 1
+    lock = read_lock(root)
+
+    def merged(sessions) -> None:  # the lock a merge leaves: other content, the same serial
+        write_lock(root, replace(lock, serial=lock.serial - 1, sessions=sessions))
+        assert read_lock(root).serial == lock.serial
+
+    one = lock.sessions[exps["01_MR1"].id]
+    merged({one.experiment_id: replace(one, date="2024-02-01")})  # the other clone did the update
+    code, _, err = cli("apply", str(root), "--plan", str(saved), "--yes")
+    assert code == 1 and "plan is stale: the lock changed since planning (sub-01/ses-01MR1 (PROJ/" in err
+    assert "date 2024-01-10 → 2024-02-01), though its serial is still 1" in err
+
+    other = replace(one, experiment_id=exps["02_MR1"].id, session_label="02_MR1", subject_label="02")
+    merged({one.experiment_id: one, other.experiment_id: other})  # the other clone created 02
+    code, _, err = cli("apply", str(root), "--plan", str(saved), "--yes")
+    assert code == 1 and f"sub-02/ses-02MR1 (PROJ/{exps['02_MR1'].id}) is recorded now" in err
+
+    merged({one.experiment_id: one})  # as planned: applied
+    code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes")
+    assert code == 0, out + err
+    assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
+
+
 def test_second_apply_is_refused_while_the_state_lock_is_held(cli, emulator, tmp_path):
     from reconcile import statelock
 
