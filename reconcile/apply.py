@@ -362,14 +362,15 @@ def _staged_outputs(staging_root: Path, session_dir: Path) -> tuple[OutputRecord
 
 def commit_session(
     staged: StagedSession, root: Path, lock: Lock, *, keep_dicom: bool = False, save: bool = True,
-    repair_drift: bool = False,
+    repair_drift: bool = False, warnings: list[str] | None = None,
 ) -> Lock:
     """Move a staged session into place and record it in the lock; returns the lock as written.
 
     Order: journal (the complete new record) → swap folders → provenance → lock. A crash at
     any point is repaired by `recover`: before the swap it rolls back, after it rolls forward.
     With `save=False` the lock is only updated in memory and the journal kept, so that a batch
-    of commits can be saved with one write by `save_commits`.
+    of commits can be saved with one write by `save_commits`. What the user should know (files
+    set aside) is added to `warnings`.
     """
     area = WorkArea(root)
     exp, address = staged.experiment, staged.address
@@ -427,6 +428,9 @@ def commit_session(
     if aside:
         fsync_tree(kept)
         _log(staged.log_path, f"kept what the new conversion replaces, in {kept.relative_to(root)}: {', '.join(aside)}")
+        if warnings is not None:
+            warnings.append(f"{len(aside)} file(s) the new conversion replaces (edited outputs, or files the lock does "
+                            f"not record) were set aside in {kept.relative_to(root)}")
     if keep_dicom:
         fsync_tree(staged.dicom_dir)  # export leaves MD5-verified files unsynced (re-verified on reuse)
     journal = {
@@ -700,8 +704,9 @@ def _settle(
     log_path = WorkArea(root).log(change.key.experiment_id)
     try:
         staged = fut.result()
+        warnings = list(staged.warnings)
         report.lock = commit_session(staged, root, report.lock, keep_dicom=options.keep_dicom,
-                                     repair_drift=options.repair_drift)
+                                     repair_drift=options.repair_drift, warnings=warnings)
     except _NotStarted:
         return Outcome(change, Status.SKIPPED, "not started")
     except AuthError as exc:
@@ -722,7 +727,7 @@ def _settle(
         hint = exc.hint if known else None
         return Outcome(change, Status.FAILED, text, log_path, time.monotonic() - t0, hint=hint)
     record = report.lock.sessions.get(change.key.experiment_id)
-    return Outcome(change, Status.DONE, "", log_path, time.monotonic() - t0, record, warnings=staged.warnings)
+    return Outcome(change, Status.DONE, "", log_path, time.monotonic() - t0, record, warnings=tuple(warnings))
 
 
 def _log(path: Path, text: str) -> None:
@@ -782,6 +787,7 @@ def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: st
                     "after": o.change.after.date if o.change.after else None,
                 },
                 **({"error": o.message} if o.status is not Status.DONE else {}),
+                **({"warnings": list(o.warnings)} if o.warnings else {}),
             }
             for o in report.outcomes
         ],

@@ -1088,6 +1088,7 @@ def _print_history(root: Path, *, as_json: bool) -> int:
             details = list(row.get("reasons") or _date_moved(row))
             if row.get("error"):
                 details.append(f"error: {row['error']}")
+            details += [f"warning: {w}" for w in row.get("warnings", ())]
             echo(f"{head:<{width}}  {details[0]}" if details else head)
             for detail in details[1:]:
                 echo(" " * (width + 2) + detail)

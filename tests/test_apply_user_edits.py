@@ -44,6 +44,12 @@ def test_an_update_replaces_an_edited_output_only_with_repair_drift_and_keeps_a_
 
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--repair-drift")
     assert code == 0, out + err
+    [kept] = (root / ".xnat2bids/replaced" / exp.id).iterdir()
+    said = (f"warning: 1 file(s) the new conversion replaces (edited outputs, or files the lock does not record) "
+            f"were set aside in {kept.relative_to(root)}")
+    assert said in out  # on the console, and in the history
+    code, history, _ = cli("history", str(root))
+    assert said in history
     lock = read_lock(root)
     assert lock.serial == 2 and lock.sessions[exp.id].date == "2024-02-01"
     assert sidecar.read_bytes() != EDITED  # the new conversion's, as recorded

@@ -776,9 +776,10 @@ def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyR
         if not path.is_file() or path.stat().st_size != out["size"]:
             return Outcome(change, Status.FAILED, f"staged file {out['path']} changed after its task ended",
                            log_path, seconds)
+    warnings = list(result.get("warnings", ()))
     try:
         report.lock = commit_session(staged, root, report.lock, keep_dicom=batch.options.keep_dicom, save=False,
-                                     repair_drift=batch.options.repair_drift)
+                                     repair_drift=batch.options.repair_drift, warnings=warnings)
         pending.append(entry.experiment_id)
     except XnatBidsError as exc:
         _log(log_path, f"commit failed: {exc}")
@@ -787,7 +788,7 @@ def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyR
         _log(log_path, f"commit failed: {exc!r}")
         return Outcome(change, Status.FAILED, f"commit failed: {exc}", log_path, seconds)
     return Outcome(change, Status.DONE, "", log_path, seconds, report.lock.sessions.get(entry.experiment_id),
-                   warnings=tuple(result.get("warnings", ())))
+                   warnings=tuple(warnings))
 
 
 def finalize_batch(
