@@ -79,7 +79,7 @@ def observe_remote(
             rows = tuple(client.list_experiments(project))
             listings.append(ProjectListing(project, rows))
         except RemoteError as exc:
-            listings.append(ProjectListing(project, None, exc.summary))
+            listings.append(ProjectListing(project, None, _said(exc)))
     details = None
     if deep:
         sessions = [
@@ -102,7 +102,16 @@ def _deep_failed(listing: ProjectListing, failures: Mapping[str, RemoteError]) -
     more = sum(1 for e in listing.experiments or () if e.id in failures) - 1
     also = f" (and {more} more session{'s' if more != 1 else ''})" if more else ""
     return ProjectListing(listing.project, None,
-                          f"the scans of session {failed.label} ({failed.id}){also}: {error.summary}")
+                          f"the scans of session {failed.label} ({failed.id}){also}: {_said(error)}")
+
+
+def _said(exc: RemoteError) -> str:
+    """The error for a plan's problem line: its summary, and the first line of its detail (which
+    value was malformed, what the server answered), cut short."""
+    first = (exc.detail or "").strip().partition("\n")[0]
+    if not first:
+        return exc.summary
+    return f"{exc.summary} ({first[:197] + '...' if len(first) > 200 else first})"
 
 
 @cache

@@ -382,3 +382,12 @@ def test_check_json_gives_the_verdict_for_ci(cli, emulator, tmp_path):
     assert doc["problems"] == [f"{exps[1].id} sub-SUBJ02/ses-SUBJ02MR1: missing sub-SUBJ02/ses-SUBJ02MR1/anat/t1.nii.gz"]
     code, out, _ = cli("check", str(tmp_path / "nowhere"), "--json")
     assert code == 1 and _error_document(out)["kind"] in ("config", "os")
+
+
+def test_a_listing_with_a_malformed_value_names_the_value(cli, emulator, tmp_path):
+    [exp] = add_sessions(emulator.archive, 1)
+    emulator.archive.set_fields(exp.id, date="2024-03-001")  # XNAT keeps what a REST PUT sent
+    code, out, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ")
+    assert code == 1, out + err
+    assert (f"error: listing of project PROJ failed: XNAT listed experiment row 0 (ID '{exp.id}') of project PROJ "
+            "with a malformed value (not an XNAT date: '2024-03-001')") in out
