@@ -72,9 +72,23 @@ def _parse(text: str, source: str) -> dict[str, Any]:
     if doc is not None and not _problems(doc):
         return doc
     # Anything but a valid lock is parsed again by tomllib: its errors are the ones reported.
+    if not text.strip():
+        raise LockfileError(f"{source}: the file is empty (cut short by a full disk or a failed copy?)",
+                            hint="restore it (from git: `git checkout -- .xnat2bids.lock`, or a backup), "
+                                 "or move it away to start afresh")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
+        conflict = _CONFLICT_MARKER.search(text)
+        if conflict:
+            line = text.count("\n", 0, conflict.start()) + 1
+            raise LockfileError(f"{source}: unresolved git merge conflict (a conflict marker at line {line})",
+                                hint="keep each session whole (its [sessions.ID] table and the [[sessions.ID.…]] "
+                                     "tables after it) from one side or both, the higher serial, delete the marker "
+                                     "lines, then run `xnat2bids check`") from exc
+        if text.startswith("\ufeff"):
+            raise LockfileError(f"{source}: starts with a byte order mark, which TOML does not allow "
+                                "(an editor added it)", hint="save the file as UTF-8 without BOM") from exc
         duplicate = _DUPLICATE_SESSION.search(str(exc))
         if duplicate:
             raise LockfileError(
@@ -93,6 +107,8 @@ def _parse(text: str, source: str) -> dict[str, Any]:
         _raise_invalid(f"{source}: invalid lock", problems)
     return doc
 
+
+_CONFLICT_MARKER = re.compile(r"^(<{7}|={7}|>{7}|\|{7})(?: |$)", re.MULTILINE)
 
 _Spans = dict[str, tuple[int, int]]
 # Fewest fragments to parse for a forked child to pay off (`forked`): 0.25-0.4 s of work at

@@ -588,7 +588,14 @@ def _edit(old: str, new: str, count: int = 1) -> str:
 INVALID = {
     "not TOML": ("format_version = 1\nserial = = 3\n", r"not valid TOML: .*line 2"),
     "not UTF-8": (b"format_version = 1\n\xff\xfe", r"not valid TOML: not UTF-8"),
-    "empty": ("", r"invalid lock: \(top level\): missing required key 'format_version'"),
+    "empty": ("", r"the file is empty \(cut short by a full disk or a failed copy\?\)"),
+    "blank lines only": ("\n \n", r"the file is empty"),
+    "header only": (VALID.split("\n[sessions.")[0], r"invalid lock: \(top level\): missing required key 'sessions'"),
+    "byte order mark": ("\ufeff" + VALID, r"starts with a byte order mark, which TOML does not allow"),
+    "git merge conflict": (
+        _edit("serial = 4\n", "<<<<<<< HEAD\nserial = 4\n=======\nserial = 5\n>>>>>>> theirs\n"),
+        r"unresolved git merge conflict \(a conflict marker at line 4\)",
+    ),
     "schema failure": (_edit('serial = 4', 'serial = "four"'), r"invalid lock: serial: 'four' is not an integer"),
     "negative size": (_edit("size = 1000", "size = -1"), r"sessions/XNAT_E00001/outputs/0/size: -1 must be at least 0"),
     "bad sha256": (_edit(f'sha256 = "{sha("0")}"', 'sha256 = "abc"'), r"outputs/0/sha256: 'abc' is not a SHA-256 digest"),
