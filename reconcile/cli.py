@@ -335,6 +335,11 @@ def for_each_dataset(cfg: Config, root: Path, run, *, none, as_json: bool = Fals
     return _worst(codes)
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 session', '2 sessions'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _worst(codes: list[int]) -> int:
     """Error (1) over changes (2) over none (0)."""
     return EXIT_ERROR if EXIT_ERROR in codes else max(codes, default=EXIT_OK)
@@ -833,7 +838,7 @@ def run_slurm_apply(
                 sx.revoke_job_token(batch, warn=warn)  # issued for jobs that will never run
                 shutil.rmtree(batch.dir, ignore_errors=True)
             statelock.release(root, holder)
-    echo(f"\nSubmitted batch {batch.id}: array job {batch.array_job} ({len(batch.sessions)} sessions, "
+    echo(f"\nSubmitted batch {batch.id}: array job {batch.array_job} ({_count(len(batch.sessions), 'session')}, "
          f"at most {min(batch.max_parallel, len(batch.sessions))} at once), finalize job {batch.finalize_job} "
          f"(after the array, whatever happens).")
     echo(f"Follow it with `xnat2bids status {root}` or `squeue -j {batch.array_job},{batch.finalize_job}`; "
@@ -1016,7 +1021,7 @@ def _finalize_dataset(root: Path, batch_id: str | None) -> int:
             statelock.release(root, holder)  # finalize died between its last write and the release
         echo(f"Batch {batch.id} was already finalized at {done['finished_at']}.")
         return EXIT_OK if done["ok"] else EXIT_ERROR
-    echo(f"Finalizing batch {batch.id} of {root} ({len(batch.sessions)} sessions)")
+    echo(f"Finalizing batch {batch.id} of {root} ({_count(len(batch.sessions), 'session')})")
     reporter = Reporter(len(batch.sessions))
     try:
         result = sx.finalize_batch(batch, own_job=os.environ.get("SLURM_JOB_ID"), on_event=reporter, warn=warn)
@@ -1252,10 +1257,10 @@ def run_check(root: Path, lock: Lock, *, full: bool, as_json: bool = False) -> i
         echo(f"problem: {problem}")
     mode = "size and sha256" if full else "size"
     if report.ok:
-        echo(f"OK: lock serial {lock.serial}, {report.sessions} sessions, {report.outputs} outputs verified ({mode}) "
+        echo(f"OK: lock serial {lock.serial}, {_count(report.sessions, 'session')}, {_count(report.outputs, 'output')} verified ({mode}) "
              f"in {root}.")
         return EXIT_OK
-    echo(f"FAILED: {len(report.problems)} problem(s); {report.sessions} sessions, {report.outputs} outputs checked "
+    echo(f"FAILED: {len(report.problems)} problem(s); {_count(report.sessions, 'session')}, {_count(report.outputs, 'output')} checked "
          f"({mode}) in {root}.")
     return EXIT_ERROR
 
@@ -1302,7 +1307,7 @@ def _show_dataset(root: Path, *, as_json: bool) -> int:
         }
         echo(json.dumps(doc, indent=2, sort_keys=True))
         return EXIT_OK
-    echo(f"{lock_path(root)}: lineage {lock.lineage}, serial {lock.serial}, {len(rows)} sessions")
+    echo(f"{lock_path(root)}: lineage {lock.lineage}, serial {lock.serial}, {_count(len(rows), 'session')}")
     for r in rows:
         echo(f"  {r.address.path:<28} {r.project}/{r.experiment_id:<16} date {r.date or '-':<10}  {len(r.outputs):>4} files  exported {r.exported_at}")
     return EXIT_OK

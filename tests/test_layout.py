@@ -94,7 +94,7 @@ def test_check_walks_every_study_and_the_worst_result_wins(cli, emulator, tmp_pa
     assert code == 0, out + err
     assert f"=== JONES_VISION: {root}/jones/study-vision/bids" in out
     assert f"=== SMITH_MEMORY: {root}/smith/study-memory/bids" in out
-    assert out.count("OK: lock serial 1, 1 sessions, 1 outputs verified (size and sha256) in ") == 2
+    assert out.count("OK: lock serial 1, 1 session, 1 output verified (size and sha256) in ") == 2
     nifti.unlink()
     (root / "lee" / "study-pilot" / "bids").mkdir(parents=True)  # an apply that never got to write its lock
     code, out, err = cli("check", str(root), "--config", str(cfg))
@@ -173,7 +173,7 @@ def test_a_study_folder_given_directly_is_one_dataset(cli, emulator, tmp_path):
     assert code == 0, out + err
     assert [s["project"] for s in json.loads(out)["sessions"]] == ["SMITH_MEMORY"]
     code, out, err = cli("check", str(study), "--config", str(cfg))
-    assert code == 0 and "===" not in out and "OK: lock serial 1, 1 sessions" in out
+    assert code == 0 and "===" not in out and "OK: lock serial 1, 1 session" in out
     code, out, err = cli("status", str(study), "--config", str(cfg), "--json")
     assert code == 0, out + err
     assert json.loads(out)["holder"] is None
@@ -223,7 +223,7 @@ def test_an_invalid_lock_in_one_study_leaves_the_others_checked(cli, emulator, t
         assert code == (1 if command in ("check", "show") else 0), out + err
         assert f"=== SMITH_MEMORY: {root}/smith/study-memory/bids" in out
     code, out, err = cli("check", str(root), "--config", str(cfg))
-    assert "OK: lock serial 1, 1 sessions" in out and f"{jones}/.xnat2bids.lock: not valid TOML" in err
+    assert "OK: lock serial 1, 1 session" in out and f"{jones}/.xnat2bids.lock: not valid TOML" in err
     assert (jones / ".xnat2bids.lock").read_bytes() == broken
 
 
@@ -356,7 +356,7 @@ def test_project_selects_the_studies_the_offline_commands_walk(cli, emulator, tm
         assert code == 0, out + err
         assert [line for line in out.splitlines() if line.startswith("===")] == [f"=== SMITH_MEMORY: {smith}"]
     code, out, _ = cli("check", str(root), "--config", str(cfg), "-p", "JONES_VISION", "-p", "SMITH_MEMORY")
-    assert code == 0 and out.count("===") == 2 and "OK: lock serial 1, 1 sessions" in out
+    assert code == 0 and out.count("===") == 2 and "OK: lock serial 1, 1 session" in out
     code, out, err = cli("show", str(root), "--config", str(cfg), "-p", "DOE_*")
     assert code == 1 and "project pattern 'DOE_*' matches no project exported under" in err and "===" not in out
     code, out, err = cli("history", str(root), "--config", str(cfg), "-p", "DOE_SLEEP")

@@ -441,7 +441,7 @@ def test_finalizing_a_copied_dataset_writes_into_the_copy_only(slurm_cli, emulat
     assert f"Batch {batch.id} of {copy}" in out and str(root) + "/" not in out
     code, out, err = slurm_cli("finalize", str(copy))
     assert code == 0, out + err
-    assert f"Finalizing batch {batch.id} of {copy} (1 sessions)" in out
+    assert f"Finalizing batch {batch.id} of {copy} (1 session)" in out
     assert list(read_lock(copy).sessions) == [batch.sessions[0].experiment_id]
     assert (copy / batch.sessions[0].address).is_dir() and statelock.read_holder(copy) is None
     assert read_lock(root) is None and not (root / batch.sessions[0].address).exists()
