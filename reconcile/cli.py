@@ -1188,6 +1188,41 @@ def forget(
              "move that folder out of the BIDS root first")
 
 
+@app.command("merge-lock")
+def merge_lock(
+    base: Path = typer.Argument(..., help="The common ancestor's lock (git's %O; an empty file when there is none)."),
+    ours: Path = typer.Argument(..., help="This clone's lock (git's %A): replaced by the merge."),
+    theirs: Path = typer.Argument(..., help="The other clone's lock (git's %B)."),
+) -> None:
+    """Merge two clones' locks session by session: a git merge driver.
+
+    Set it up once per clone: `git config merge.xnat2bids.driver "xnat2bids merge-lock %O %A %B"`,
+    and in the dataset's .gitattributes: `.xnat2bids.lock merge=xnat2bids`. A session both clones
+    changed differently is a conflict: OURS is left as it was and the exit code is 1.
+    """
+    from reconcile.durable import write_atomic
+    from reconcile.lock import dumps_lock, loads_lock
+    from reconcile.lockmerge import merge_locks
+
+    def read(path: Path) -> str:
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+
+    ancestor = read(base)
+    merged = merge_locks(loads_lock(ancestor, str(base)) if ancestor.strip() else None,
+                         loads_lock(read(ours), str(ours)), loads_lock(read(theirs), str(theirs)))
+    if merged.lock is None:
+        for conflict in merged.conflicts:
+            echo(f"conflict: {conflict}", err=True)
+        echo(f"xnat2bids merge-lock: {len(merged.conflicts)} conflict(s); {ours} is left as this clone had it",
+             err=True)
+        raise typer.Exit(EXIT_ERROR)
+    write_atomic(ours, dumps_lock(merged.lock))
+    echo(f"xnat2bids merge-lock: {len(merged.lock.sessions)} sessions, serial {merged.lock.serial}", err=True)
+
+
 def _dataset_of(cfg: Config, root: Path, experiment_id: str) -> Path:
     """The BIDS dataset whose lock records `experiment_id`: `root` itself in the flat layout, the
     study under it that does in the pi-study one."""
