@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Mapping
+from datetime import date
 from functools import cache
 from typing import Any
 
@@ -257,11 +258,22 @@ def _consistency_problems(doc: Mapping[str, Any]) -> list[str]:
                 if item[field_name] in seen:
                     out.append(f"sessions/{key}/{kind}/{i}/{field_name}: {item[field_name]!r} is listed twice")
                 seen.add(item[field_name])
+        if "date" in session and not _is_calendar_date(session["date"]):
+            out.append(f"sessions/{key}/date: {session['date']!r} is not a date on the calendar")
         selected = {scan["id"] for scan in session["scans"]}
         for i, item in enumerate(session.get("unselected_scans", ())):
             if item["id"] in selected:
                 out.append(f"sessions/{key}/unselected_scans/{i}/id: {item['id']!r} is among the session's scans too")
     return out
+
+
+def _is_calendar_date(text: str) -> bool:
+    """The schema's pattern admits 2024-13-45; XNAT never lists one."""
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _problems(doc: Any) -> list[str]:
