@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import SplitResult, quote, unquote, urlencode, urljoin, urlsplit
+from urllib.parse import SplitResult, quote, urlencode, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -756,8 +756,9 @@ class XnatClient:
         m = _FILE_URI.search(uri)
         if not m:
             raise RemoteError(f"XNAT listed a file in {where} with an unexpected URI", detail=f"row {index}: {uri!r}")
-        scan_id, rid, raw_name = unquote(m.group(1)), unquote(m.group(2)), m.group(3)
-        name = unquote(raw_name)
+        # XNAT joins the URI from the catalog's names as they are, not percent-encoded: a file
+        # named `a%20b.dcm` is that, and `a#b.dcm` must be encoded to be asked for.
+        scan_id, rid, name = m.group(1), m.group(2), m.group(3)
         check_relpath(name, where=f"scan {scan_id} of {where}")
         size_text = str(row.get("Size", "")).strip()
         try:
@@ -772,7 +773,7 @@ class XnatClient:
             name=name,
             size=size,
             digest=str(row.get("digest") or "").strip().lower(),
-            uri=uri,
+            uri=uri[:m.start(3)] + quote(name, safe="/"),
             resource=str(row.get("collection") or rid),
             resource_id=rid,
         )

@@ -165,6 +165,22 @@ def test_zip_entries_named_by_xnats_replacements_land_at_their_listed_names(emul
     assert len(zips) == (2 if method == "zip" else 0)
 
 
+@pytest.mark.parametrize("method", ["files", "zip"])
+def test_file_names_with_url_characters_land_under_their_own_names(emulator, client, tmp_path, method) -> None:  # noqa: ANN001
+    """XNAT lists a file's URI with its name as it is, not percent-encoded: `a%20b.dcm` is its
+    own file beside `a b.dcm`, and `#`, `?`, `;` and `%` are encoded when the file is asked for."""
+    archive = emulator.archive
+    exp = archive.add_session("PROJ", "SUBJ08", "SUBJ08_MR1", date="2024-01-10")
+    names = ["a b.dcm", "a%20b.dcm", "a%41.dcm", "a#b.dcm", "a?b.dcm", "a;b.dcm", "a+b.dcm"]
+    archive.add_scan(exp.id, "3", type="T1w", files={name: blob(name, 300 + i) for i, name in enumerate(names)})
+    exp, scans = _listed(client, exp.id)
+    assert sorted(f.name for f in scans[0].files) == sorted(names)
+    dest = tmp_path / "dicom"
+    export_session(client, exp, scans, dest, method=method)
+    assert on_disk(dest) == archived(emulator, exp)
+    assert sorted(on_disk(dest)) == sorted(f"3/{name}" for name in names)
+
+
 def test_auto_uses_one_zip_for_a_scan_with_many_files_and_per_file_gets_otherwise(
     emulator, client, session, tmp_path  # noqa: ANN001
 ) -> None:
