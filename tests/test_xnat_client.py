@@ -708,12 +708,20 @@ def test_session_without_subject_uses_the_experiment_path(site: Site, client: Xn
 
 @pytest.mark.parametrize(
     "name",
-    ["../../etc/passwd", "a/../../b", "..", "a\\b.dcm", "a%00b", "%2Fetc%2Fpasswd", "a/./b", "a//b"],
+    ["../../etc/passwd", "a/../../b", "..", "a\\b.dcm", "a\x00b", "/etc/passwd", "a/./b", "a//b"],
 )
 def test_unsafe_file_names_are_refused(site: Site, client: XnatClient, name: str) -> None:
     serve_session(site, [file_row("2", "ok.dcm"), file_row("2", name)])
     with pytest.raises(UnsafePathError):
         client.list_scans(EXP)
+
+
+def test_percent_signs_in_a_listed_name_are_part_of_the_name(site: Site, client: XnatClient) -> None:
+    """XNAT does not percent-encode the names in its URIs: `%2F` is three characters of a name."""
+    serve_session(site, [file_row("2", "%2Fetc%2Fpasswd"), file_row("2", "a%00b")])
+    scan = next(s for s in client.list_scans(EXP) if s.id == "2")
+    assert sorted(f.name for f in scan.files) == ["%2Fetc%2Fpasswd", "a%00b"]
+    assert {f.uri.rpartition("/files/")[2] for f in scan.files} == {"%252Fetc%252Fpasswd", "a%2500b"}
 
 
 def test_malformed_size_is_a_remote_error(site: Site, client: XnatClient) -> None:
