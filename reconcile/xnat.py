@@ -336,6 +336,7 @@ class XnatClient:
         self._count_lock = threading.Lock()
         self._auth_lock = threading.Lock()
         self._generation = 0  # bumped at every login, so concurrent 401s re-login only once
+        self._refused: tuple[int, AuthError] | None = None  # the session generation whose re-login was refused
         self._logged_in = False
         self._closed = False
 
@@ -440,8 +441,17 @@ class XnatClient:
 
     def _relogin(self, seen_generation: int) -> None:
         with self._auth_lock:
+            refused = self._refused
+            if refused is not None and refused[0] == seen_generation:
+                # Another request's re-login was refused: XNAT locks an account after a number of
+                # failed logins (20 by default), so the credentials are not sent again.
+                raise AuthError(refused[1].summary, detail=refused[1].detail, hint=refused[1].hint)
             if self._generation == seen_generation:  # nobody re-logged in meanwhile
-                self._login_locked()
+                try:
+                    self._login_locked()
+                except AuthError as exc:
+                    self._refused = (seen_generation, exc)
+                    raise
 
     # -- transport -------------------------------------------------------------------------
     def _url(self, path: str) -> str:

@@ -95,6 +95,7 @@ class Site:
         self.sessions: set[str] = set()
         self.logins = 0
         self.basic_seen = 0
+        self.password = SENTINEL  # what the site accepts; a test may change it mid-run
         server.expect_request("/data/services/auth", method="PUT").respond_with_handler(self._auth)
         server.expect_request("/data/JSESSION", method="DELETE").respond_with_handler(self._logout)
 
@@ -104,7 +105,7 @@ class Site:
 
     def _auth(self, request: Request) -> Response:
         self.logins += 1
-        if request.form.get("username") != USER or request.form.get("password") != SENTINEL:
+        if request.form.get("username") != USER or request.form.get("password") != self.password:
             return Response("Authentication failed.", status=401, content_type="text/plain")
         sid = f"SID{self.logins:04d}"
         self.sessions.add(sid)
@@ -814,6 +815,24 @@ def test_concurrent_401s_after_expiry_relogin_once(threaded_site: Site) -> None:
         first = client.deep_details(exps, concurrency=6)
         site.expire_sessions()
         assert client.deep_details(exps, concurrency=6) == first
+    assert site.logins == 2
+
+
+def test_credentials_refused_at_a_relogin_are_sent_once_not_by_every_request_in_flight(threaded_site: Site) -> None:
+    """XNAT locks an account after 20 failed logins (maxFailedLogins): the requests in flight
+    when the password changed must not each try it again."""
+    site = threaded_site
+    exps = experiments(12)
+    serve_many(site, exps, delay=0.05)
+    with make_client(site.url, max_connections=6) as client:
+        client.deep_details(exps[:1])
+        assert site.logins == 1
+        site.password = "changed by the user on XNAT"
+        site.expire_sessions()
+        with pytest.raises(AuthError, match="rejected the credentials"):
+            client.deep_details(exps, concurrency=6)
+        with pytest.raises(AuthError):  # and later requests of this client do not try again either
+            client.list_scans(exps[0])
     assert site.logins == 2
 
 
