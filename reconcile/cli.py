@@ -146,7 +146,7 @@ def connect(config: Config, *, interactive: bool | None = None):
     if cleartext(url):
         echo(f"warning: {_shown_url(url)} is reached over plain http: the password (or token) travels "
              "unencrypted; use an https:// URL", err=True)
-    return XnatClient(url, creds, verify=config.verify_tls)
+    return XnatClient(url, creds, verify=config.verify_tls, timeout=config.timeout)
 
 
 

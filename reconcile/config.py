@@ -182,6 +182,7 @@ class Config:
     executor: str = "local"
     jobs: int | None = None
     verify_tls: bool = True
+    timeout: float = 30.0  # seconds XNAT may take to start answering a request
     keep_dicom: bool = False
     naming: NamingSettings = field(default_factory=NamingSettings)
     conversion: ConversionSettings = field(default_factory=ConversionSettings)
@@ -282,6 +283,7 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
         executor=data.get("executor", "local"),
         jobs=data.get("jobs"),
         verify_tls=data.get("verify_tls", True),
+        timeout=float(data.get("timeout", 30.0)),
         keep_dicom=data.get("keep_dicom", False),
         naming=NamingSettings(
             session_label=naming.get("session_label", "label"),

@@ -530,6 +530,13 @@ class XnatClient:
                 self._slots.release()
                 if attempt == self.retries:
                     unresolved = "NameResolutionError" in repr(exc) or "Name or service not known" in str(exc)
+                    if isinstance(exc, (requests.exceptions.ReadTimeout, TimeoutError)):
+                        raise RemoteError(
+                            f"XNAT at {self.url} did not answer within {self.timeout:g} s for {what or _shown_url(url)}",
+                            detail=f"{attempt + 1} attempt(s)",
+                            hint="XNAT builds a large session's file listing whole before answering: raise `timeout` "
+                                 "in the config (seconds), or run again when XNAT is less busy",
+                        ) from exc
                     raise RemoteError(
                         f"cannot reach XNAT at {self.url} for {what or _shown_url(url)}"
                         + (f": the name {urlsplit(self.url).hostname} does not resolve" if unresolved else ""),

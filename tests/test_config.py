@@ -46,6 +46,9 @@ def test_example_config_documents_every_key_and_parses():
         ('xnat_url = "xnat.example.org"', "invalid value for 'xnat_url'"),
         ("[naming]\nsubjects = { A = 3 }", "invalid value for 'naming.subjects.A'"),
         ("projects = [", "is not valid TOML"),
+        ("timeout = 0", "invalid value for 'timeout'"),
+        ('timeout = "slow"', "invalid value for 'timeout'"),
+        ("timout = 60", "unknown key 'timout' (did you mean 'timeout'?)"),
     ],
 )
 def test_config_mistakes_are_clear_errors(tmp_path, text, message):
@@ -54,6 +57,14 @@ def test_config_mistakes_are_clear_errors(tmp_path, text, message):
     with pytest.raises(ConfigError) as exc:
         load_config(path)
     assert message in str(exc.value)
+
+
+def test_timeout_is_read_and_does_not_change_the_fingerprint(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text("timeout = 120\n")
+    config = load_config(path)
+    assert config.timeout == 120.0 and Config().timeout == 30.0
+    assert config.fingerprint() == Config().fingerprint()  # how long to wait decides no output
 
 
 def test_unreadable_config_is_a_clear_error(tmp_path):

@@ -635,6 +635,19 @@ def test_transient_transport_faults_are_retried(fault: Any) -> None:
         server.close()
 
 
+def test_a_server_that_answers_too_slowly_is_named_with_the_timeout_to_raise() -> None:
+    server = flaky_server(("sleep", 1.0, b"{}"), times=100)
+    try:
+        with make_client(server.url, timeout=0.3, retries=1) as c:
+            with pytest.raises(RemoteError) as info:
+                c.list_experiments("PROJ")
+        assert info.value.summary == (f"XNAT at {server.url} did not answer within 0.3 s for the experiments "
+                                      "of project PROJ")
+        assert "raise `timeout` in the config" in info.value.hint and info.value.detail == "2 attempt(s)"
+    finally:
+        server.close()
+
+
 def test_persistent_resets_become_a_remote_error() -> None:
     server = flaky_server("reset", times=100)
     try:

@@ -128,6 +128,7 @@ class Batch:
     options: BatchOptions
     sessions: tuple[BatchSession, ...]
     max_parallel: int = 1
+    timeout: float = 30.0  # the config's, for the tasks' XNAT requests (absent from older batches)
     array_job: str | None = None
     finalize_job: str | None = None
 
@@ -375,6 +376,7 @@ def new_batch(
         host=socket.gethostname(),
         xnat_url=xnat_url,
         verify_tls=config.verify_tls,
+        timeout=config.timeout,
         config_path=str(Path(config.source).resolve()) if config.source else None,
         credentials=credentials,
         options=options,
@@ -672,7 +674,7 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
         config = _config_as_submitted(batch, header.get("config_fingerprint"))
         if client is None:
             creds = resolve_credentials(batch.xnat_url, warn=lambda m: _log(log_path, f"warning: {m}"))
-            client = XnatClient(batch.xnat_url, creds, verify=batch.verify_tls)
+            client = XnatClient(batch.xnat_url, creds, verify=batch.verify_tls, timeout=batch.timeout)
         staged = stage_session(change, root, client, config, tools=tool_versions(),
                                export_method=batch.options.export_method, cancel=cancel)
         record.update(
