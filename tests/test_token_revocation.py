@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from worlds import add, assert_schema, write_config
+from worlds import add, assert_schema, token_valid, write_config
 
 from reconcile.credentials import Credentials
 from reconcile.emulator import Fault
@@ -65,7 +65,7 @@ def cancel_and_wait(batch: sx.Batch, timeout: float = 120.0) -> None:
 
 def still_valid(emulator, token: dict) -> bool:
     url = f"{emulator.url}/data/services/tokens/validate/{token['alias']}/{token['secret']}"
-    return requests.get(url, auth=(emulator.user, emulator.password), timeout=10).json()["valid"]
+    return token_valid(requests.get(url, auth=(emulator.user, emulator.password), timeout=10))
 
 
 def the_pending_record(root: Path) -> sx.PendingRevocation:

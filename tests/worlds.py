@@ -100,3 +100,12 @@ def assert_schema(name: str, doc) -> None:
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.validate(doc, schema)
     jsonschema.validate(doc, _closed(schema))
+
+
+def token_valid(answer: requests.Response) -> bool:
+    """XNAT's answer to tokens/validate/ALIAS/SECRET: the token's user name when it is valid, null
+    when the secret is wrong or it expired, a 404 once the alias is gone (invalidated)."""
+    if answer.status_code == 404:
+        return False
+    assert answer.status_code == 200, answer.text
+    return isinstance(answer.json()["valid"], str)

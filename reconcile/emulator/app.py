@@ -425,19 +425,20 @@ class EmulatorApp:
                     raise HttpError(404, f"Unable to find user {segs[2]}")
                 login = segs[2]
             return _json(self.issue_token(login))
-        if len(segs) == 3 and segs[0] == "validate":
+        # As XNAT's AliasTokenRestlet: an alias it does not know is a 404 before any operation;
+        # validate answers the token's user name, or null.
+        if len(segs) in (2, 3) and segs[0] in ("validate", "invalidate"):
             with self._lock:
                 token = self._tokens.get(segs[1])
-            valid = (
-                token is not None
-                and secrets.compare_digest(token.secret, segs[2])
-                and token.expires > self.wall_clock()
-            )
-            return _json({"valid": valid, "xdatUserId": token.login if valid and token else None})
-        if len(segs) == 2 and segs[0] == "invalidate":
-            with self._lock:
-                self._tokens.pop(segs[1], None)
-            return _json({"result": "OK"})
+            if token is None:
+                raise HttpError(404, f"Can't find an alias token with the alias {segs[1]}")
+            if segs[0] == "invalidate" and len(segs) == 2:
+                with self._lock:
+                    self._tokens.pop(segs[1], None)
+                return _json({"result": "OK"})
+            if segs[0] == "validate" and len(segs) == 3:
+                valid = secrets.compare_digest(token.secret, segs[2]) and token.expires > self.wall_clock()
+                return _json({"valid": token.login if valid else None})
         raise HttpError(404, "The server has not found anything matching the request URI")
 
     def issue_token(self, login: str, single_use: bool = False) -> dict[str, Any]:

@@ -359,11 +359,14 @@ def test_alias_token_issue_validate_use_and_invalidate(emulator, http, world):
     assert token["xdatUserId"] == "admin" and token["singleUse"] is False
     assert token["estimatedExpirationTime"] > 1000 * dt.datetime.now().timestamp()
     validate = f"{emulator.url}/data/services/tokens/validate/{token['alias']}/{token['secret']}"
-    assert http.get(validate).json()["valid"] is True
+    assert http.get(validate).json() == {"valid": "admin"}  # XNAT answers the token's user, or null
+    assert http.get(validate[:-1] + "x").json() == {"valid": None}
     as_token = requests.get(f"{emulator.url}/data/auth", auth=(token["alias"], token["secret"]))
     assert as_token.text == "User 'admin' is logged in"
     assert http.get(f"{emulator.url}/data/services/tokens/invalidate/{token['alias']}").json() == {"result": "OK"}
-    assert http.get(validate).json()["valid"] is False
+    gone = http.get(validate)  # an alias XNAT does not know is a 404, whatever the operation
+    assert gone.status_code == 404 and f"Can&#x27;t find an alias token with the alias {token['alias']}" in gone.text  # a Restlet status page
+    assert http.get(f"{emulator.url}/data/services/tokens/invalidate/{token['alias']}").status_code == 404
     assert requests.get(f"{emulator.url}/data/auth", auth=(token["alias"], token["secret"])).status_code == 401
 
 
