@@ -35,6 +35,7 @@ from reconcile.dataset import (
 from reconcile.durable import fsync_dir, fsync_file, fsync_tree, write_atomic
 from reconcile.errors import (
     AuthError,
+    ForbiddenError,
     LockConflictError,
     StalePlanError,
     UnsafePathError,
@@ -710,7 +711,8 @@ def _settle(
     except _NotStarted:
         return Outcome(change, Status.SKIPPED, "not started")
     except AuthError as exc:
-        halted.append("credentials rejected earlier in this run")
+        if not isinstance(exc, ForbiddenError):  # a 403 is this session's; rejected credentials are everyone's
+            halted.append("credentials rejected earlier in this run")
         _log(log_path, f"failed: {exc}")
         return Outcome(change, Status.FAILED, exc.summary, log_path, time.monotonic() - t0, hint=exc.hint)
     except (ExportCancelled, ConversionCancelled):  # stopped part-way by the user: not a failure

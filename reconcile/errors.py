@@ -60,6 +60,11 @@ class AuthError(RemoteError):
     """XNAT rejected the credentials (401) or the user may not read an object (403)."""
 
 
+class ForbiddenError(AuthError):
+    """XNAT knows the user but lets them not read one object (403): that object's failure, not a
+    reason to stop everything, as rejected credentials are."""
+
+
 class NotFoundError(RemoteError):
     """XNAT says the object does not exist or is not visible to this user (404)."""
 

@@ -32,6 +32,7 @@ from reconcile.credentials import Credentials
 from reconcile.errors import (
     AuthError,
     ConfigError,
+    ForbiddenError,
     NotFoundError,
     RemoteError,
     UnsafePathError,
@@ -626,7 +627,7 @@ class XnatClient:
         if code == 404:
             raise NotFoundError(not_found or f"{what} not found on XNAT at {self.url}", detail=detail)
         if code == 403:
-            raise AuthError(
+            raise ForbiddenError(
                 forbidden or f"user {self.credentials.user} may not read {what} at {self.url}", detail=detail
             )
         if code == 401:
@@ -821,8 +822,10 @@ class XnatClient:
 
         def failed(exp: Experiment, exc: BaseException) -> bool:
             """Whether `exc` is noted in `failures` (else the caller raises it)."""
-            if failures is None or not isinstance(exc, RemoteError) or isinstance(exc, AuthError):
+            if failures is None or not isinstance(exc, RemoteError):
                 return False
+            if isinstance(exc, AuthError) and not isinstance(exc, ForbiddenError):
+                return False  # rejected credentials: every session would fail the same way
             failures[exp.id] = exc
             failed_projects.add(exp.project)
             return True

@@ -468,3 +468,15 @@ def test_a_serial_moved_by_a_merge_with_nothing_exported_gets_no_history_entry(c
     entries = [json.loads(line) for line in (root / ".xnat2bids/history.jsonl").read_text().splitlines()]
     assert [(e["operation"], e["lock_serial"]) for e in entries] == [
         ("apply", {"before": 0, "after": 1}), ("apply", {"before": 2, "after": 3})]
+
+
+def test_a_session_the_user_may_not_read_fails_alone(cli, emulator, tmp_path):
+    from reconcile.emulator import Fault
+
+    exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11")], series=SMALL[:1])
+    emulator.app.faults.add(Fault(route=rf"/experiments/{exps['01_MR1'].id}/scans.*files", kind="status", status=403))
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1")
+    assert code == 1, out + err
+    assert "1 done, 1 failed, 0 skipped" in out and "credentials rejected" not in out
+    assert list(read_lock(root).sessions) == [exps["02_MR1"].id]

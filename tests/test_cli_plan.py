@@ -391,3 +391,16 @@ def test_a_listing_with_a_malformed_value_names_the_value(cli, emulator, tmp_pat
     assert code == 1, out + err
     assert (f"error: listing of project PROJ failed: XNAT listed experiment row 0 (ID '{exp.id}') of project PROJ "
             "with a malformed value (not an XNAT date: '2024-03-001')") in out
+
+
+def test_a_session_the_user_may_not_read_stops_only_its_project_in_a_deep_plan(cli, emulator, tmp_path):
+    from reconcile.emulator import Fault
+
+    bad, good = add_sessions(emulator.archive, 2)
+    emulator.archive.add_project("OTHER")
+    other = emulator.archive.add_session("OTHER", "O1", "O1_MR1", date="2024-01-10")
+    emulator.app.faults.add(Fault(route=rf"/experiments/{bad.id}/scans", kind="status", status=403))
+    code, out, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ", "-p", "OTHER", "--deep")
+    assert code == 1, out + err
+    assert f"listing of project PROJ failed: the scans of session {bad.label} ({bad.id}): user " in out
+    assert f"+ create  sub-O1/ses-O1MR1  OTHER/{other.id}" in out and good.id not in out
