@@ -623,6 +623,8 @@ def apply(
             raise UsageError(f"{', '.join(planning)} cannot be combined with --plan: a saved plan is applied as planned; "
                              f"pass {planning[0]} to `xnat2bids plan --out FILE` instead", ctx)
     cfg = _tls(_load_config(config), insecure)
+    if plan_file is not None and bids_root is None:  # the root the plan was made for, not the config's
+        bids_root = Path(_read_plan_file(plan_file)["bids_root"])
     root, selection = cfg.resolve_bids_root(bids_root), _selection(project, subject, session)
 
     def run(where: Path, sel: Selection) -> int:

@@ -58,8 +58,9 @@ def test_saved_plan_is_refused_once_the_lock_changed(cli, emulator, tmp_path):
     root = tmp_path / "bids"
     saved = tmp_path / "plan.json"
     assert cli("plan", str(root), "-p", "PROJ", "--out", str(saved))[0] == 0
-    code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes")
+    code, out, err = cli("apply", "--plan", str(saved), "--yes")  # no root: the one the plan was made for
     assert code == 0, out + err
+    assert read_lock(root).serial == 1
     add(emulator.archive, [("02", "02_MR1", "2024-01-11")])
     code, _, err = cli("apply", str(root), "--plan", str(saved), "--yes")
     assert code == 1
