@@ -392,6 +392,7 @@ def acquire(root: Path, operation: str, *, warn: Callable[[str], None] = lambda 
     me = _me(operation)
     for _ in range(_ATTEMPTS):
         if _create(path, me):
+            _exclude_from_git(root)
             return me
         seen = _look(root)
         if seen is None:
@@ -410,6 +411,26 @@ def acquire(root: Path, operation: str, *, warn: Callable[[str], None] = lambda 
             hint=f"wait for it to finish; if it is gone for good, run `xnat2bids force-unlock {holder.id} {root}`",
         )
     raise LockHeldError(f"could not take the state lock of {root}: it kept changing hands", hint="try again")
+
+
+def _exclude_from_git(root: Path) -> None:
+    """Keep the state lock out of `git add -A` in a dataset that is a git repository: committed
+    after a crash and pulled elsewhere, it would hold every clone on other hosts until a
+    force-unlock. `.git/info/exclude` is the repository's own, never shared, list."""
+    if not (root / ".git").is_dir():
+        return
+    exclude = root / ".git" / "info" / "exclude"
+    line = f"/{STATE_LOCK_NAME}"
+    try:
+        text = exclude.read_text(errors="replace") if exclude.exists() else ""
+        if line in text.splitlines():
+            return
+        exclude.parent.mkdir(exist_ok=True)
+        with open(exclude, "a") as fh:
+            fh.write(("\n" if text and not text.endswith("\n") else "")
+                     + f"# xnat2bids' state lock: held while a command runs, never committed\n{line}\n")
+    except OSError:
+        pass  # best effort: --git-commit never commits it anyway
 
 
 def _remove_if(root: Path, still: Callable[[_Seen], bool]) -> bool:

@@ -608,3 +608,18 @@ def test_a_lock_that_is_no_longer_the_batchs_cannot_be_claimed(tmp_path):
     with pytest.raises(LockHeldError, match="no longer batch"):
         statelock.claim(root, batch.id, statelock.FINALIZE)
     assert not state_lock_path(root).exists()
+
+
+def test_the_state_lock_stays_out_of_a_git_repositorys_add(tmp_path):
+    root = tmp_path / "bids"
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    exclude = root / ".git/info/exclude"
+    exclude.write_text("*.swp")  # the user's, without a final newline
+    for _ in range(2):  # added once
+        holder = statelock.acquire(root, "apply")
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=all"],
+                                capture_output=True, text=True, check=True).stdout
+        assert statelock.STATE_LOCK_NAME not in status
+        statelock.release(root, holder)
+    lines = exclude.read_text().splitlines()
+    assert lines[0] == "*.swp" and lines.count(f"/{statelock.STATE_LOCK_NAME}") == 1
