@@ -54,13 +54,16 @@ def stat_records(root: Path, records: Iterable[SessionRecord]) -> LocalState:
                     files[out.path] = FileStat(st.st_size, st.st_mtime_ns)
                     if st.st_mtime_ns != out.mtime_ns and st.st_size == out.size:
                         touched.append((out, st))
-    return LocalState(files, _same_content(root, touched) if touched else frozenset(), frozenset(outside))
+    same, hashed = _same_content(root, touched) if touched else (frozenset(), 0)
+    return LocalState(files, same, frozenset(outside), hashed)
 
 
-def _same_content(root: Path, touched: list[tuple[OutputRecord, os.stat_result]]) -> frozenset[str]:
-    """The touched outputs whose sha256 is the recorded one."""
+def _same_content(root: Path, touched: list[tuple[OutputRecord, os.stat_result]]) -> tuple[frozenset[str], int]:
+    """The touched outputs whose sha256 is the recorded one, and how many of them were hashed
+    now (the others the verified-outputs store vouched for)."""
     verified = Verified.of(root)
     same = {out.path for out, st in touched if verified.vouches(out, st)}
+    vouched = len(same)
     to_hash = {os.path.join(root, out.path): (out, st) for out, st in touched if out.path not in same}
     if to_hash:
         for path, digest in hash_files(to_hash).items():
@@ -69,7 +72,7 @@ def _same_content(root: Path, touched: list[tuple[OutputRecord, os.stat_result]]
                 same.add(out.path)
                 verified.add(out, st)
         verified.save()
-    return frozenset(same)
+    return frozenset(same), len(same) - vouched
 
 
 class Verified:

@@ -129,11 +129,14 @@ class LocalState:
     """Stat results for the lock's recorded outputs; a missing path is absent from `files`.
     `same_content`: outputs whose modification time changed but whose bytes are the recorded ones
     (their sha256 was checked): a copy, a clone, a restore from backup. Not drift. An output that
-    is a link out of the root (`outside`) is not judged by its target: it is drift, as for check."""
+    is a link out of the root (`outside`) is not judged by its target: it is drift, as for check.
+    `hashed_now`: how many of `same_content` were hashed for this look (the others were vouched
+    for by an earlier one)."""
 
     files: Mapping[str, FileStat]
     same_content: frozenset[str] = frozenset()
     outside: frozenset[str] = frozenset()  # outputs that are now links out of the BIDS root
+    hashed_now: int = 0
 
 
 @dataclass(frozen=True)
@@ -726,8 +729,8 @@ def compute_plan(
             f"{drifted} session{'s' if drifted != 1 else ''} changed on disk; only apply --repair-drift repairs "
             f"{'them' if drifted != 1 else 'it'} (exports and converts again)"
         )
-    if local.same_content:
-        n = len(local.same_content)
+    if local.hashed_now:  # said once: later plans find them vouched for, and say nothing
+        n = local.hashed_now
         out.notes.append(
             f"{n} output{'s' if n != 1 else ''} ha{'ve' if n != 1 else 's'} a new modification time but the "
             f"recorded content (sha256 checked, e.g. after a copy or clone): not drift"
