@@ -38,6 +38,7 @@ from reconcile.lockcheck import (
 )
 from reconcile.lockdoc import (
     FORMAT_VERSION,
+    TRAILER_BLOCK,
     _decoded,
     _normalized,
     _record,
@@ -236,7 +237,7 @@ def _from_snapshot(snapshot: _Snapshot) -> Lock:
 def dumps_lock(lock: Lock) -> str:
     """Deterministic TOML: sessions by key, scans by numeric-aware ID, outputs by path."""
     with gc_paused():
-        return HEADER + tomli_w.dumps(_document(lock))
+        return HEADER + tomli_w.dumps(_document(lock)) + TRAILER_BLOCK.decode()
 
 
 def loads_lock(text: str, source: str = "lock") -> Lock:
@@ -257,7 +258,7 @@ def _assemble(header: dict[str, Any], fragments: list[Any]) -> tuple[list[Any], 
     """The lock's bytes, in pieces, from its header and its sessions' fragments (in key order),
     with where each fragment landed. Joined, equal to `dumps_lock` of the lock, byte for byte."""
     if not fragments:
-        return [(HEADER + tomli_w.dumps({**header, "sessions": {}})).encode()], []
+        return [(HEADER + tomli_w.dumps({**header, "sessions": {}})).encode(), TRAILER_BLOCK], []
     pieces: list[Any] = [(HEADER + tomli_w.dumps(header) + "\n").encode()]
     spans = []
     at = len(pieces[0])
@@ -268,6 +269,7 @@ def _assemble(header: dict[str, Any], fragments: list[Any]) -> tuple[list[Any], 
         pieces.append(fragment)
         spans.append((at, at + len(fragment)))
         at += len(fragment)
+    pieces.append(TRAILER_BLOCK)
     return pieces, spans
 
 

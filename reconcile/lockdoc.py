@@ -15,8 +15,13 @@ from reconcile.model import OutputRecord, ScanRecord, SessionRecord, UnselectedS
 
 # 2: sessions record the scans include/skip left out, and scans the name bidsmap gave them and
 # their DICOM ProtocolName.
-# Format 1 files are read as they are (their sessions lack both) and written as format 2.
-FORMAT_VERSION = 2
+# 3: the file ends with TRAILER, so that one cut short at the end of a line (a full disk, a
+# failed copy) is told from a whole one: TOML has no end of its own.
+# Format 1 and 2 files are read as they are and written as format 3.
+FORMAT_VERSION = 3
+TRAILER = "# End of the xnat2bids lock.\n"
+# What follows the last session's (or the header's) text: a blank line, then TRAILER.
+TRAILER_BLOCK = ("\n" + TRAILER).encode()
 
 _DIGITS = re.compile(r"(\d+)")
 

@@ -20,7 +20,13 @@ from typing import Any, NamedTuple
 from reconcile.errors import LockfileError
 from reconcile.forked import map_forked, split
 from reconcile.lockcheck import _problems, _raise_invalid, _sessions_valid
-from reconcile.lockdoc import _HEADER_FIELDS, FORMAT_VERSION, _canonical_session
+from reconcile.lockdoc import (
+    _HEADER_FIELDS,
+    FORMAT_VERSION,
+    TRAILER,
+    TRAILER_BLOCK,
+    _canonical_session,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -70,6 +76,7 @@ def _parse(text: str, source: str) -> dict[str, Any]:
     """The validated document of a lock's text; LockfileError when it is not a valid lock."""
     doc = _fast_document(text)
     if doc is not None and not _problems(doc):
+        _check_ended(doc, text.encode(), source)
         return doc
     # Anything but a valid lock is parsed again by tomllib: its errors are the ones reported.
     if not text.strip():
@@ -105,7 +112,28 @@ def _parse(text: str, source: str) -> dict[str, Any]:
     problems = _problems(doc)
     if problems:
         _raise_invalid(f"{source}: invalid lock", problems)
+    _check_ended(doc, text.encode(), source)
     return doc
+
+
+def _ends(data: bytes) -> int | None:
+    """Where the text before the trailer of a format 3 lock ends; None when it has none."""
+    for block in (TRAILER_BLOCK, TRAILER_BLOCK.rstrip(b"\n")):  # an editor may drop the final newline
+        if data.endswith(block):
+            return len(data) - len(block)
+    return None
+
+
+def _check_ended(header: Mapping[str, Any], data: bytes, source: str) -> None:
+    """A format 3 lock without its trailer as its last line was cut short: sessions, or outputs of
+    the last one, may be missing though what is left parses."""
+    if header["format_version"] >= 3 and not data.rstrip().endswith(b"\n" + TRAILER.strip().encode()):
+        raise LockfileError(
+            f"{source}: the file ends before its last line `{TRAILER.strip()}`: cut short (a full disk, "
+            "a failed copy?); sessions or outputs may be missing",
+            hint="restore it (from git: `git checkout -- .xnat2bids.lock`, or a backup); if you edited it by "
+                 "hand and it is whole, end it with that line again",
+        )
 
 
 _CONFLICT_MARKER = re.compile(r"^(<{7}|={7}|>{7}|\|{7})(?: |$)", re.MULTILINE)
@@ -131,8 +159,10 @@ def _parse_bytes(data: bytes, source: str, known: Mapping[str, bytes] | None = N
     `known`: session key -> SHA-256 of that session's fragment in a file read before (valid then).
     A fragment with the same bytes means the same session: it is neither parsed nor validated
     again, and its session has no blob (the caller has it)."""
-    laid_out = _by_session(data, known)
+    end = _ends(data)
+    laid_out = _by_session(data[:end] if end is not None else data, known)
     if laid_out is not None:
+        _check_ended(laid_out.header, data, source)
         return laid_out
     try:
         text = data.decode("utf-8")

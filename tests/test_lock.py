@@ -47,6 +47,7 @@ from reconcile.lock import (
     scan_sort_key,
     write_lock,
 )
+from reconcile.lockdoc import TRAILER
 from reconcile.model import OutputRecord, ScanRecord, SessionRecord, UnselectedScan
 
 if TYPE_CHECKING:
@@ -206,13 +207,13 @@ mtime_ns = 1764086400000000000
     assert lock.sessions["XNAT_E00001"].outputs[0].size == 123
 
 
-def test_a_format_1_lock_is_read_as_it_is_and_written_as_format_2() -> None:
+def test_a_format_1_lock_is_read_as_it_is_and_written_in_the_current_format() -> None:
     # Format 1 sessions lack unselected_scans: None, so that plan knows it cannot tell which
     # sessions an include/skip/bidsmap change affects, unlike an empty list.
-    old = loads_lock(dumps_lock(lock_with(record(1))).replace("format_version = 2", "format_version = 1"))
+    old = loads_lock(dumps_lock(lock_with(record(1))).replace(f"format_version = {FORMAT_VERSION}", "format_version = 1"))
     assert old.format_version == 1 and old.sessions["XNAT_E00001"].unselected_scans is None
     text = dumps_lock(old.with_session(replace(record(2), unselected_scans=())))
-    assert text.splitlines()[1] == "format_version = 2"
+    assert text.splitlines()[1] == f"format_version = {FORMAT_VERSION}"
     again = loads_lock(text)
     assert again.sessions["XNAT_E00001"].unselected_scans is None
     assert again.sessions["XNAT_E00002"].unselected_scans == ()
@@ -590,6 +591,9 @@ INVALID = {
     "empty": ("", r"the file is empty \(cut short by a full disk or a failed copy\?\)"),
     "blank lines only": ("\n \n", r"the file is empty"),
     "header only": (VALID.split("\n[sessions.")[0], r"invalid lock: \(top level\): missing required key 'sessions'"),
+    "cut at the end of a line": (VALID[:VALID.rindex("\n[[sessions.XNAT_E00002.outputs]]")] + "\n",
+                                 r"the file ends before its last line `# End of the xnat2bids lock.`: cut short"),
+    "last session cut off": (VALID[:VALID.index("[sessions.XNAT_E00002]")], r"the file ends before its last line"),
     "byte order mark": ("\ufeff" + VALID, r"starts with a byte order mark, which TOML does not allow"),
     "git merge conflict": (
         _edit("serial = 4\n", "<<<<<<< HEAD\nserial = 4\n=======\nserial = 5\n>>>>>>> theirs\n"),
@@ -602,8 +606,9 @@ INVALID = {
     "impossible date": (_edit('date = "2024-01-10"', 'date = "2024-13-45"'), r"sessions/XNAT_E00001/date: '2024-13-45' is not a date on the calendar"),
     "unknown key": (_edit('xsi_type = "', 'colour = "red"\nxsi_type = "'), r"sessions/XNAT_E00001: unknown key 'colour'"),
     "missing key": (_edit('xsi_type = "xnat:mrSessionData"\n', ""), r"sessions/XNAT_E00001: missing required key 'xsi_type'"),
-    "future format": (_edit("format_version = 2", "format_version = 3\nnew_thing = true"), r"written by a newer xnat2bids \(format 3\); upgrade"),
-    "old format": (_edit("format_version = 2", "format_version = 0"), r"format_version: 0 must be at least 1"),
+    "future format": (_edit(f"format_version = {FORMAT_VERSION}", f"format_version = {FORMAT_VERSION + 1}\nnew_thing = true"),
+                      rf"written by a newer xnat2bids \(format {FORMAT_VERSION + 1}\); upgrade"),
+    "old format": (_edit(f"format_version = {FORMAT_VERSION}", "format_version = 0"), r"format_version: 0 must be at least 1"),
     "path with ..": (_edit('path = "sub-SUBJ01/ses-MR1/anat/', 'path = "sub-SUBJ01/../../'), r"outputs/0/path: 'sub-SUBJ01/\.\./\.\./.*' is not a relative path inside the BIDS root"),
     "absolute path": (_edit('path = "sub-SUBJ01/', 'path = "/sub-SUBJ01/'), r"outputs/0/path: '/sub-SUBJ01/.*' is not a relative path"),
     "unsafe bids label": (_edit('bids_subject = "SUBJ01"', 'bids_subject = "../x"'), r"bids_subject: '\.\./x' is not a BIDS label"),
@@ -624,6 +629,17 @@ INVALID = {
         r"outputs/1/path: '.*' is listed twice",
     ),
 }
+
+
+def test_a_lock_ends_with_its_trailer_and_one_written_before_format_3_needs_none(root: Path) -> None:
+    text = dumps_lock(lock_with(record(1)))
+    assert text.endswith("\n\n# End of the xnat2bids lock.\n") and text.count("# End of") == 1
+    assert loads_lock(text.rstrip("\n")) == loads_lock(text)  # an editor dropped the final newline
+    older = text.replace(f"format_version = {FORMAT_VERSION}", "format_version = 2").removesuffix("\n" + TRAILER)
+    lock_path(root).write_text(older)
+    assert read_lock(root) == replace(loads_lock(text), format_version=2)
+    written = write_lock(root, read_lock(root))
+    assert lock_path(root).read_text().endswith(TRAILER) and written.format_version == FORMAT_VERSION
 
 
 @pytest.mark.parametrize("case", sorted(INVALID))
@@ -805,7 +821,7 @@ def _fragment_of(text: str, key: str) -> tuple[int, int]:
     """Where session `key`'s text starts and ends in a lock written by `write_lock`."""
     start = text.index(f"[sessions.{key}]\n")
     following = re.compile(r"^\[sessions\.[A-Za-z0-9_-]+\]$", re.MULTILINE).search(text, start + 1)
-    return start, len(text) if following is None else following.start() - 1  # before the blank line
+    return start, text.rindex("\n" + TRAILER) if following is None else following.start() - 1  # before the blank line
 
 
 def test_a_hand_formatted_session_keeps_its_form_until_it_changes(root: Path) -> None:
@@ -832,7 +848,8 @@ def test_a_hand_formatted_session_keeps_its_form_until_it_changes(root: Path) ->
 def _move_tools_of_2_to_the_end(text: str) -> str:
     block = text[text.index("[sessions.XNAT_E00002.tools]"):]
     block = block[: block.index("\n\n") + 2]
-    return text.replace(block, "") + "\n" + block
+    body = text.replace(block, "").removesuffix("\n" + TRAILER)
+    return body + "\n" + block + "\n" + TRAILER  # after the last session, before the trailer
 
 
 def _swap_1_and_2(text: str) -> str:
@@ -1093,7 +1110,8 @@ def test_after_another_writer_only_the_sessions_it_changed_are_parsed(
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        pytest.param(lambda t: t.replace("format_version = 2", "format_version = 3"), "newer xnat2bids", id="newer format"),
+        pytest.param(lambda t: t.replace(f"format_version = {FORMAT_VERSION}", f"format_version = {FORMAT_VERSION + 1}"),
+                     "newer xnat2bids", id="newer format"),
         pytest.param(lambda t: re.sub(r"serial = \d+", "serial = -1", t, count=1), "serial", id="header invalid"),
         pytest.param(lambda t: t + "\n" + t[t.index("[sessions.XNAT_E00001]"):t.index("[sessions.XNAT_E00002]")],
                      "appears twice", id="a known session twice"),
@@ -1123,7 +1141,7 @@ def test_known_sessions_swapped_in_the_file_are_read_whole(root: Path, cached: P
     written = write_lock(root, lock_with(record(1), record(2)))
     text = lock_path(root).read_text()
     one, two = _fragment_of(text, "XNAT_E00001"), _fragment_of(text, "XNAT_E00002")
-    swapped = text[:one[0]] + text[two[0]:two[1]] + "\n" + text[one[0]:one[1]] + "\n"
+    swapped = text[:one[0]] + text[two[0]:two[1]] + "\n" + text[one[0]:one[1]] + "\n" + TRAILER
     forget()
     as_another_writer(root, swapped.encode())
     assert lockparse._by_session(swapped.encode()) is None  # out of order: not laid out as written
