@@ -76,7 +76,7 @@ def _parse(text: str, source: str) -> dict[str, Any]:
     """The validated document of a lock's text; LockfileError when it is not a valid lock."""
     doc = _fast_document(text)
     if doc is not None and not _problems(doc):
-        _check_ended(doc, text.encode(), source)
+        _check_ended(doc, text[-_TAIL:].encode(), source)
         return doc
     # Anything but a valid lock is parsed again by tomllib: its errors are the ones reported.
     if not text.strip():
@@ -112,8 +112,11 @@ def _parse(text: str, source: str) -> dict[str, Any]:
     problems = _problems(doc)
     if problems:
         _raise_invalid(f"{source}: invalid lock", problems)
-    _check_ended(doc, text.encode(), source)
+    _check_ended(doc, text[-_TAIL:].encode(), source)
     return doc
+
+
+_TAIL = 4 * len(TRAILER_BLOCK)  # enough of the file's end to find its trailer, whitespace after it included
 
 
 def _ends(data: bytes) -> int | None:
@@ -124,10 +127,10 @@ def _ends(data: bytes) -> int | None:
     return None
 
 
-def _check_ended(header: Mapping[str, Any], data: bytes, source: str) -> None:
+def _check_ended(header: Mapping[str, Any], tail: bytes, source: str) -> None:
     """A format 3 lock without its trailer as its last line was cut short: sessions, or outputs of
-    the last one, may be missing though what is left parses."""
-    if header["format_version"] >= 3 and not data.rstrip().endswith(b"\n" + TRAILER.strip().encode()):
+    the last one, may be missing though what is left parses. `tail`: the file's last bytes."""
+    if header["format_version"] >= 3 and not tail.rstrip().endswith(b"\n" + TRAILER.strip().encode()):
         raise LockfileError(
             f"{source}: the file ends before its last line `{TRAILER.strip()}`: cut short (a full disk, "
             "a failed copy?); sessions or outputs may be missing",
@@ -160,9 +163,9 @@ def _parse_bytes(data: bytes, source: str, known: Mapping[str, bytes] | None = N
     A fragment with the same bytes means the same session: it is neither parsed nor validated
     again, and its session has no blob (the caller has it)."""
     end = _ends(data)
-    laid_out = _by_session(data[:end] if end is not None else data, known)
+    laid_out = _by_session(data, known, end)
     if laid_out is not None:
-        _check_ended(laid_out.header, data, source)
+        _check_ended(laid_out.header, data[-_TAIL:], source)
         return laid_out
     try:
         text = data.decode("utf-8")
@@ -183,7 +186,7 @@ def _session_starts(data: bytes) -> Iterator[tuple[int, str]]:
         yield m.start() + 1, m.group(1).decode()
 
 
-def _by_session(data: bytes, known: Mapping[str, bytes] | None = None) -> Parsed | None:
+def _by_session(data: bytes, known: Mapping[str, bytes] | None = None, stop: int | None = None) -> Parsed | None:
     """A valid lock laid out as a header, then one self-contained fragment per session in key
     order (a `[sessions.<key>]` line, up to the next one), parsed fragment by fragment with
     toml-rs. None for any other file, valid or not.
@@ -195,8 +198,10 @@ def _by_session(data: bytes, known: Mapping[str, bytes] | None = None) -> Parsed
     until its session changes. A line that looks like a session's start inside a multi-line
     string cuts that string, so its fragment fails to parse and the whole file goes to `_parse`.
     With `known` (see `_parse_bytes`), the fragments it knows are skipped. Many fragments are
-    parsed by forked children, a part each (`forked`).
+    parsed by forked children, a part each (`forked`). `stop`: where the sessions' text ends (the
+    trailer's start); the end of `data` if None.
     """
+    stop = len(data) if stop is None else stop
     if toml_rs is None or data.startswith(b"\xef\xbb\xbf"):  # a byte order mark: tomllib refuses it
         return None
     starts = list(_session_starts(data))
@@ -211,8 +216,8 @@ def _by_session(data: bytes, known: Mapping[str, bytes] | None = None) -> Parsed
         if key <= previous:  # out of order, or twice
             return None
         previous = key
-        end = starts[i + 1][0] if i + 1 < len(starts) else len(data)
-        if end < len(data) and data[end - 2:end] == b"\n\n":
+        end = starts[i + 1][0] if i + 1 < len(starts) else stop
+        if end < stop and data[end - 2:end] == b"\n\n":
             end -= 1  # the blank line between two fragments is the writer's separator
         spans[key] = (start, end)
         if digests is not None:
