@@ -11,7 +11,7 @@ import pydicom
 from worlds import SMALL, add, write_config
 
 from reconcile.emulator.dicomgen import DEFAULT_SERIES
-from reconcile.lock import read_lock
+from reconcile.lock import FORMAT_VERSION, read_lock
 
 LOCALIZER = DEFAULT_SERIES[0]
 RULES = '[conversion]\nskip = ["*localizer*"]\nbidsmap = { "anat-T1w_acq-memprage" = "anat-T1w_acq-mp" }'
@@ -36,7 +36,7 @@ def test_a_rule_change_updates_only_the_sessions_whose_scans_it_concerns(cli, em
     assert code == 0, out + err
 
     lock = read_lock(root)
-    assert lock.format_version == 2
+    assert lock.format_version == FORMAT_VERSION
     one, two = lock.sessions[plain.id], lock.sessions[scouted.id]
     assert one.unselected_scans == ()
     assert [(s.id, s.series_description) for s in two.unselected_scans] == [("1", "anat-scout_acq-localizer")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,7 @@ def _lock_text(root: Path) -> str:
 LOCK_CASES = {
     "not TOML": (lambda t: t + "\n[[[broken\n", "not valid TOML"),
     "serial is a string": (lambda t: t.replace("serial = 1", 'serial = "one"'), "serial"),
-    "future format_version": (lambda t: t.replace("format_version = 2", "format_version = 99"), "newer xnat2bids (format 99)"),
+    "future format_version": (lambda t: re.sub(r"^format_version = \d+$", "format_version = 99", t, count=1, flags=re.M), "newer xnat2bids (format 99)"),
     "duplicate session table": (lambda t: t + "\n" + t[t.index("[sessions."):],
                                 "session XNAT_E00001 appears twice"),
     "output path with ..": (lambda t: t.replace('path = "sub-S1/', 'path = "../../etc/', 1), "path"),
