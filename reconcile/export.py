@@ -32,7 +32,7 @@ from reconcile.errors import (
 )
 from reconcile.failpoints import hit
 from reconcile.model import Experiment, RemoteFile, Scan
-from reconcile.xnat import StreamResponse, XnatClient, check_relpath
+from reconcile.xnat import StreamResponse, XnatClient, check_relpath, refuse_html_page
 from reconcile.zipread import Unstreamable, ZipFormatError, ZipStream
 
 METHODS = ("auto", "files", "zip")
@@ -456,6 +456,8 @@ class _Exporter:
             have = 0
         headers = {"Range": f"bytes={have}-"} if have else None
         with self.client.stream(f.uri, headers=headers) as resp:
+            if not f.name.lower().endswith((".html", ".htm")):
+                refuse_html_page(resp, f"the download of {f.name}", server=self.client.url)
             start = 0
             if have:
                 if resp.status_code == 206 and _content_range_start(resp.headers.get("Content-Range", "")) == have:
@@ -612,6 +614,7 @@ class _Exporter:
 
         try:
             with self.client.stream(url) as resp:
+                refuse_html_page(resp, where, server=self.client.url)
                 z = ZipStream(receive, self._buffer())
                 try:
                     while (entry := z.next_entry()) is not None:

@@ -104,6 +104,21 @@ def html_message(body: str) -> str | None:
     return "an HTML page instead of data"
 
 
+def refuse_html_page(resp: StreamResponse, what: str, *, server: str) -> None:
+    """A download answered 200 with an HTML page (a single-sign-on proxy's login page, a
+    maintenance page) is an error saying so, not a file whose size or checksum is wrong."""
+    if not str(resp.headers.get("Content-Type", "")).lower().startswith("text/html"):
+        return
+    buffer = bytearray(1 << 16)
+    n = resp.readinto(memoryview(buffer))
+    message = html_message(bytes(buffer[:n]).decode("utf-8", "replace")) or "an HTML page instead of data"
+    raise RemoteError(
+        f"XNAT at {server} (or a proxy in front of it) answered {what} with an HTML page: {message}",
+        hint="a login page? check that xnat_url reaches XNAT itself and that the credentials work there; "
+             "otherwise run again later",
+    )
+
+
 def check_relpath(name: str, *, where: str = "") -> str:
     """Refuse file names that could escape their directory once written below a BIDS root."""
     bad = (

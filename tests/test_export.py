@@ -24,6 +24,7 @@ from reconcile.credentials import Credentials
 from reconcile.emulator import Fault
 from reconcile.errors import (
     NotFoundError,
+    RemoteError,
     UnsafePathError,
     VerificationError,
     XnatBidsError,
@@ -723,3 +724,15 @@ def test_a_name_twice_among_many_unlisted_entries_is_refused(httpserver: HTTPSer
         with pytest.raises(VerificationError, match="has two entries for x00007.dcm"):
             export_session(c, exp, [scan], tmp_path / "dicom", method="zip")
     assert not any(p.is_file() for p in (tmp_path / "dicom").rglob("*"))
+
+
+@pytest.mark.parametrize("method", ["files", "zip"])
+def test_an_html_page_instead_of_the_data_is_named_as_such(emulator, client, session, tmp_path, method) -> None:  # noqa: ANN001
+    """A single-sign-on proxy's login page, answered with 200: not a size or checksum mismatch."""
+    exp, scans = session
+    emulator.app.faults.add(Fault(route=r"/files", kind="html_200", message="Please log in"))
+    with pytest.raises(RemoteError) as info:
+        export_session(client, exp, scans, tmp_path / "dicom", method=method)
+    assert "(or a proxy in front of it) answered the " in info.value.summary
+    assert info.value.summary.endswith("with an HTML page: Please log in")
+    assert not isinstance(info.value, VerificationError) and "a login page?" in info.value.hint
