@@ -794,6 +794,9 @@ class XnatClient:
         scan_id, rid, name = m.group(1), m.group(2), m.group(3)
         check_relpath(name, where=f"scan {scan_id} of {where}")
         size_text = str(row.get("Size", "")).strip()
+        if not size_text:  # XNAT's catalog has the entry, but neither a size nor the file to stat
+            raise RemoteError(f"XNAT lists file {name} in {where} without a size: the file may be missing on the server",
+                              detail=f"row {index}: Size=''", hint="ask the XNAT administrator to check the scan's files")
         try:
             size = int(size_text)
             if size < 0:
