@@ -452,7 +452,7 @@ def run_apply(
     root: Path,
     selection: Selection,
     *,
-    plan_file: Path | None = None,
+    saved: _SavedPlan | None = None,
     yes: bool = False,
     jobs: int | None = None,
     deep: bool = False,
@@ -481,7 +481,6 @@ def run_apply(
 
     if root.exists() and not root.is_dir():
         raise ConfigError(f"BIDS root {root} exists but is not a directory")
-    saved = _SavedPlan(plan_file, _read_plan_file(plan_file)) if plan_file is not None else None
     if saved is not None:  # a plan for another root must not leave an empty one behind
         from reconcile.apply import check_plan_root
 
@@ -623,12 +622,13 @@ def apply(
             raise UsageError(f"{', '.join(planning)} cannot be combined with --plan: a saved plan is applied as planned; "
                              f"pass {planning[0]} to `xnat2bids plan --out FILE` instead", ctx)
     cfg = _tls(_load_config(config), insecure)
-    if plan_file is not None and bids_root is None:  # the root the plan was made for, not the config's
-        bids_root = Path(_read_plan_file(plan_file)["bids_root"])
+    saved = _SavedPlan(plan_file, _read_plan_file(plan_file)) if plan_file is not None else None
+    if saved is not None and bids_root is None:  # the root the plan was made for, not the config's
+        bids_root = Path(saved.data["bids_root"])
     root, selection = cfg.resolve_bids_root(bids_root), _selection(project, subject, session)
 
     def run(where: Path, sel: Selection) -> int:
-        return run_apply(cfg, where, sel, plan_file=plan_file, yes=yes, jobs=jobs, deep=deep, repair_drift=repair_drift,
+        return run_apply(cfg, where, sel, saved=saved, yes=yes, jobs=jobs, deep=deep, repair_drift=repair_drift,
                          keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
                          reconvert_outdated=reconvert_outdated, executor=executor, dry_run=dry_run, wait=wait)
 

@@ -73,10 +73,16 @@ def _fast_document(text: str) -> dict[str, Any] | None:
 
 
 def _parse(text: str, source: str) -> dict[str, Any]:
-    """The validated document of a lock's text; LockfileError when it is not a valid lock."""
+    """The validated document of a lock's text, ended by its trailer where its format has one;
+    LockfileError when it is not a valid lock."""
+    doc = _valid_document(text, source)
+    _check_ended(doc, text[-_TAIL:].encode(), source)
+    return doc
+
+
+def _valid_document(text: str, source: str) -> dict[str, Any]:
     doc = _fast_document(text)
     if doc is not None and not _problems(doc):
-        _check_ended(doc, text[-_TAIL:].encode(), source)
         return doc
     # Anything but a valid lock is parsed again by tomllib: its errors are the ones reported.
     if not text.strip():
@@ -112,7 +118,6 @@ def _parse(text: str, source: str) -> dict[str, Any]:
     problems = _problems(doc)
     if problems:
         _raise_invalid(f"{source}: invalid lock", problems)
-    _check_ended(doc, text[-_TAIL:].encode(), source)
     return doc
 
 
