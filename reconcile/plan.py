@@ -340,10 +340,12 @@ def older(recorded: str | None, installed: str) -> bool:
     """Whether a session converted with tool version `recorded` (None: not recorded) is outdated
     by `installed`: numbers compared as numbers ("v1.0.20240202", "1.5.1"). A newer recorded
     version (a colleague's install on a shared root) is not."""
-    if recorded is None:
-        return True
-    key = lambda v: [(0, int(p)) if p.isdigit() else (1, p) for p in re.findall(r"\d+|[^\d.\-_+]+", v)]  # noqa: E731
-    return key(recorded) < key(installed)
+    return recorded is None or _version_key(recorded) < _version_key(installed)
+
+
+@cache  # a handful of distinct versions, asked about for every unchanged session
+def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    return tuple(_natural(p) for p in re.findall(r"\d+|[^\d.\-_+]+", version))
 
 
 def _natural(text: str) -> tuple[int, int | str]:
