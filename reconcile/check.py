@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from reconcile.journal import read_journal
@@ -16,11 +17,33 @@ from reconcile.localscan import Beneath, hash_files, root_stat
 from reconcile.lock import Lock, stale_temp_files
 
 
+class CheckCode(Enum):
+    """What is wrong with a recorded output (`check --json` gives the value as `code`)."""
+
+    MISSING = "missing"
+    SIZE = "size"
+    CONTENT = "content"  # --full: its sha256 is not the recorded one
+    LINK_OUT = "link_outside_root"
+    OUTSIDE_SESSION = "outside_session_folder"  # the lock records it outside its session's folder
+    SHARED_FOLDER = "shared_session_folder"  # two sessions recorded at one folder (a hand edit)
+
+
+@dataclass(frozen=True)
+class CheckProblem:
+    code: CheckCode
+    experiment_id: str
+    path: str  # the output's path in the root; the folder for SHARED_FOLDER
+    message: str  # one line, as `check` prints it after "problem:"
+
+    def as_json(self) -> dict[str, str]:
+        return {"code": self.code.value, "session": self.experiment_id, "path": self.path, "message": self.message}
+
+
 @dataclass(frozen=True)
 class CheckReport:
     sessions: int
     outputs: int
-    problems: tuple[str, ...]
+    problems: tuple[CheckProblem, ...]
     pending: tuple[str, ...] = ()  # interrupted commits the next apply completes or rolls back
 
     @property
@@ -68,7 +91,11 @@ def _named(lock: Lock, exp_id: str) -> str:
 def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
     """Every recorded output must exist with its size (and, with `full`, its sha256)."""
     lock, moved, notes = _as_recovered(root, lock)
-    problems: list[str] = []
+    problems: list[CheckProblem] = []
+
+    def problem(code: CheckCode, exp_id: str, path: str, what: str) -> None:
+        problems.append(CheckProblem(code, exp_id, path, f"{_named(lock, exp_id)}: {what}"))
+
     to_hash: dict[str, tuple[str, str, str]] = {}
     total = 0
     beneath = Beneath(root)
@@ -81,13 +108,14 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
         for exp_id in sorted(lock.sessions):
             session_folder, outputs = lock.recorded_outputs(exp_id)
             if session_folder in at:  # only a hand-edited lock has this
-                problems.append(f"{at[session_folder]} and {exp_id} are both recorded at {session_folder}")
+                problems.append(CheckProblem(CheckCode.SHARED_FOLDER, exp_id, session_folder,
+                                        f"{at[session_folder]} and {exp_id} are both recorded at {session_folder}"))
             at[session_folder] = exp_id
             inside = session_folder + "/"
             for path, size, sha256 in outputs:
                 total += 1
                 if not path.startswith(inside):
-                    problems.append(f"{_named(lock, exp_id)}: output {path} lies outside its session folder")
+                    problem(CheckCode.OUTSIDE_SESSION, exp_id, path, f"output {path} lies outside its session folder")
                 where = _located(path, moved) if moved else None
                 try:
                     if where is not None:  # rolled back: judged where it waits, links and all
@@ -100,20 +128,20 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
                         if linked or stat.S_ISLNK(st.st_mode):
                             outside = beneath.outside(path)
                             if outside is not None:
-                                problems.append(f"{_named(lock, exp_id)}: {path} is a link out of the BIDS root, to {outside}")
+                                problem(CheckCode.LINK_OUT, exp_id, path, f"{path} is a link out of the BIDS root, to {outside}")
                                 continue
                             st = os.stat(base + path)
                 except OSError:
                     st = None
                 if st is None or not stat.S_ISREG(st.st_mode):
-                    problems.append(f"{_named(lock, exp_id)}: missing {path}")
+                    problem(CheckCode.MISSING, exp_id, path, f"missing {path}")
                 elif st.st_size != size:
-                    problems.append(f"{_named(lock, exp_id)}: size of {path} is {st.st_size}, lock says {size}")
+                    problem(CheckCode.SIZE, exp_id, path, f"size of {path} is {st.st_size}, lock says {size}")
                 elif full:
                     to_hash[where or base + path] = (exp_id, path, sha256)
     if to_hash:
         for path, digest in sorted(hash_files(to_hash).items()):
             exp_id, rel, expected = to_hash[path]
             if digest != expected:
-                problems.append(f"{_named(lock, exp_id)}: content of {rel} differs from the lock (sha256)")
+                problem(CheckCode.CONTENT, exp_id, rel, f"content of {rel} differs from the lock (sha256)")
     return CheckReport(len(lock.sessions), total, tuple(problems), tuple(notes))

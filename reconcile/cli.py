@@ -1283,15 +1283,16 @@ def run_check(root: Path, lock: Lock, *, full: bool, as_json: bool = False) -> i
     report = check_outputs(root, lock, full=full)
     if as_json:
         echo(json.dumps({
-            "format_version": 1, "bids_root": str(root), "lock_serial": lock.serial,
+            "format_version": 2, "bids_root": str(root), "lock_serial": lock.serial,
             "mode": "sha256" if full else "size", "ok": report.ok, "sessions": report.sessions,
-            "outputs": report.outputs, "problems": list(report.problems), "pending": list(report.pending),
+            "outputs": report.outputs, "problems": [p.as_json() for p in report.problems],
+            "pending": list(report.pending),
         }, indent=2, sort_keys=True))
         return EXIT_OK if report.ok else EXIT_ERROR
     for note in report.pending:
         echo(f"pending: {note}")
     for problem in report.problems:
-        echo(f"problem: {problem}")
+        echo(f"problem: {problem.message}")
     mode = "size and sha256" if full else "size"
     if report.ok:
         echo(f"OK: lock serial {lock.serial}, {_count(report.sessions, 'session')}, {_count(report.outputs, 'output')} verified ({mode}) "

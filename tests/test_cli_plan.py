@@ -374,12 +374,28 @@ def test_check_json_gives_the_verdict_for_ci(cli, emulator, tmp_path):
     doc = json.loads(out)
     jsonschema.validate(doc, load_schema("check"))
     assert doc["ok"] is False and doc["mode"] == "sha256"
-    assert [p.endswith("differs from the lock (sha256)") for p in doc["problems"]] == [True, True]
-    (root / "sub-SUBJ02/ses-SUBJ02MR1/anat/t1.nii.gz").unlink()
+    assert [(p["code"], p["message"].endswith("differs from the lock (sha256)")) for p in doc["problems"]] == [
+        ("content", True), ("content", True)]
+    assert {p["session"] for p in doc["problems"]} == {e.id for e in exps}
+    t1 = "sub-SUBJ02/ses-SUBJ02MR1/anat/t1.nii.gz"
+    (root / t1).unlink()
+    (root / t1.replace("SUBJ02", "SUBJ01")).write_bytes(b"another size")
     code, out, _ = cli("check", str(root), "--json")
     assert code == 1
+    text_code, text_out, _ = cli("check", str(root))
+    assert text_code == 1
     doc = json.loads(out)
-    assert doc["problems"] == [f"{exps[1].id} sub-SUBJ02/ses-SUBJ02MR1: missing sub-SUBJ02/ses-SUBJ02MR1/anat/t1.nii.gz"]
+    jsonschema.validate(doc, load_schema("check"))
+    recorded = {o.path: o.size for r in read_lock(root).sessions.values() for o in r.outputs}
+    assert doc["problems"] == [
+        {"code": "size", "session": exps[0].id, "path": t1.replace("SUBJ02", "SUBJ01"),
+         "message": f"{exps[0].id} sub-SUBJ01/ses-SUBJ01MR1: size of {t1.replace('SUBJ02', 'SUBJ01')} is 12, "
+                    f"lock says {recorded[t1.replace('SUBJ02', 'SUBJ01')]}"},
+        {"code": "missing", "session": exps[1].id, "path": t1,
+         "message": f"{exps[1].id} sub-SUBJ02/ses-SUBJ02MR1: missing {t1}"},
+    ]
+    assert [line[len("problem: "):] for line in text_out.splitlines() if line.startswith("problem: ")] == [
+        p["message"] for p in doc["problems"]]
     code, out, _ = cli("check", str(tmp_path / "nowhere"), "--json")
     assert code == 1 and _error_document(out)["kind"] in ("config", "os")
 

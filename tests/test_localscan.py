@@ -75,10 +75,12 @@ def test_check_refuses_outputs_that_are_links_out_of_the_root_and_keeps_links_in
             f"E{n}", "P", f"S{n}", f"0{n}", f"0{n}_1", f"0{n}", "1", None, "", "", "xnat:mrSessionData",
             "2024-01-01T00:00:00Z", "f", outputs=(output,)))
     report = check_outputs(root, lock, full=True)
-    assert report.problems == (
-        f"E1 sub-01/ses-1: {paths[0]} is a link out of the BIDS root, to {elsewhere / 'a.json'}",
-        f"E2 sub-02/ses-1: {paths[1]} is a link out of the BIDS root, to {elsewhere / 'ses-1/anat/b.json'}",
-    )
+    assert [(p.code.value, p.experiment_id, p.path, p.message) for p in report.problems] == [
+        ("link_outside_root", "E1", paths[0],
+         f"E1 sub-01/ses-1: {paths[0]} is a link out of the BIDS root, to {elsewhere / 'a.json'}"),
+        ("link_outside_root", "E2", paths[1],
+         f"E2 sub-02/ses-1: {paths[1]} is a link out of the BIDS root, to {elsewhere / 'ses-1/anat/b.json'}"),
+    ]
 
 
 def test_check_names_two_sessions_at_one_folder_and_outputs_outside_their_session(tmp_path):
@@ -94,10 +96,11 @@ def test_check_names_two_sessions_at_one_folder_and_outputs_outside_their_sessio
     lock = Lock.new().with_session(session(1, "01", "sub-01/ses-1/anat/a.json"))
     lock = lock.with_session(session(2, "01", "sub-02/ses-1/anat/b.json"))  # hand-edited: sub-02 → 01
     report = check_outputs(tmp_path, lock)
-    assert report.problems == (
-        "E1 and E2 are both recorded at sub-01/ses-1",
-        "E2 sub-01/ses-1: output sub-02/ses-1/anat/b.json lies outside its session folder",
-    )
+    assert [(p.code.value, p.experiment_id, p.path, p.message) for p in report.problems] == [
+        ("shared_session_folder", "E2", "sub-01/ses-1", "E1 and E2 are both recorded at sub-01/ses-1"),
+        ("outside_session_folder", "E2", "sub-02/ses-1/anat/b.json",
+         "E2 sub-01/ses-1: output sub-02/ses-1/anat/b.json lies outside its session folder"),
+    ]
 
 
 def _recording(root, files: dict[str, bytes], mtime_ns: int = 1) -> Lock:
