@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -470,9 +472,6 @@ def run_apply(
 
     With the SLURM executor the sessions are submitted instead (see `run_slurm_apply`).
     """
-    import signal
-    import threading
-
     from reconcile import statelock
     from reconcile.apply import ApplyOptions, append_history, apply_plan, recover
     from reconcile.observe import tool_versions
@@ -532,12 +531,14 @@ def run_apply(
             cancel = threading.Event()
             previous_handler = None
             if threading.current_thread() is threading.main_thread():
-                def on_sigint(signum, frame):  # first Ctrl-C: finish cleanly; second: hard stop
+                def on_sigint(signum, frame):  # first Ctrl-C or SIGTERM: finish cleanly; second: hard stop
                     if cancel.is_set():
                         raise KeyboardInterrupt
                     cancel.set()
-                    echo("\nStopping: the sessions under way are abandoned cleanly (Ctrl-C again to force).", err=True)
-                previous_handler = signal.signal(signal.SIGINT, on_sigint)
+                    again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
+                    echo(f"\nStopping: the sessions under way are abandoned cleanly ({again} to force).", err=True)
+                # SIGTERM is what `timeout`, systemd and a SLURM time limit send before SIGKILL.
+                previous_handler = (signal.signal(signal.SIGINT, on_sigint), signal.signal(signal.SIGTERM, on_sigint))
             reporter = Reporter(len(todo))
             try:
                 options = ApplyOptions(
@@ -550,7 +551,8 @@ def run_apply(
             finally:
                 reporter.close()
                 if previous_handler is not None:
-                    signal.signal(signal.SIGINT, previous_handler)
+                    signal.signal(signal.SIGINT, previous_handler[0])
+                    signal.signal(signal.SIGTERM, previous_handler[1])
             try:
                 append_history(root, plan, report)
             except OSError as exc:  # a full disk: the summary below still says what was done
@@ -1041,9 +1043,6 @@ def slurm_task(
     index: int = typer.Option(..., "--index", help="The array task index ($SLURM_ARRAY_TASK_ID)."),
 ) -> None:
     """One array task: stage one session of a SLURM batch and write its result record."""
-    import signal
-    import threading
-
     from reconcile.executors import slurm as sx
 
     cancel = threading.Event()
@@ -1454,6 +1453,19 @@ def main(argv: list[str] | None = None) -> None:
 
     click would exit 2 on a usage error (read as "changes pending") and typer 130 on Ctrl-C.
     """
+    # SIGTERM (`timeout`, systemd, a SLURM time limit, `kill`) stops a command as Ctrl-C does:
+    # state lock released, history written; apply turns both into a clean cancel.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None
+    try:
+        code = _run(argv)
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+    sys.exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         code = app(args=_seed_root_optional(sys.argv[1:] if argv is None else argv),
                    prog_name="xnat2bids", standalone_mode=False)
@@ -1491,7 +1503,7 @@ def main(argv: list[str] | None = None) -> None:
         if not _debug:
             echo("hint: run again with --debug for the traceback", err=True)
         code = EXIT_ERROR
-    sys.exit(code if isinstance(code, int) else EXIT_OK)
+    return code if isinstance(code, int) else EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,17 +31,20 @@ def wait_for(condition, what: str, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
-def test_sigint_during_download_stops_cleanly_releases_the_lock_and_a_rerun_completes(tmp_path):
+# SIGTERM is what `timeout`, systemd and a SLURM time limit send: it stops apply as Ctrl-C does.
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_signal_during_download_stops_cleanly_releases_the_lock_and_a_rerun_completes(tmp_path, signum):
     with served_world() as world:
         slow = world.app.faults.add(Fault(route=FILE_GET, kind="latency", seconds=1.5))
         root = tmp_path / "bids"
         proc = start_xnat2bids("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1", url=world.url, cwd=tmp_path)
         wait_for(lambda: slow.seen >= 1, "the first file download")
         assert state_lock_path(root).exists()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 1, out + err
-        assert "Stopping: the sessions under way are abandoned cleanly" in err
+        again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
+        assert f"Stopping: the sessions under way are abandoned cleanly ({again} to force)" in err
         assert "Apply cancelled: 0 done, 0 failed, 1 skipped" in out  # stopped by the user: not a failure
         assert "cancelled part-way; nothing of it was committed" in out.split("Apply cancelled")[0]
         assert "see the heudiconv log" not in out
@@ -54,6 +57,16 @@ def test_sigint_during_download_stops_cleanly_releases_the_lock_and_a_rerun_comp
         rerun = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
         assert "1 done, 0 failed" in rerun.stdout
+
+
+def test_sigterm_stops_plan_with_exit_1_and_one_line(tmp_path):
+    with served_world() as world:
+        slow = world.app.faults.add(Fault(route=r"/projects/PROJ/experiments$", kind="latency", seconds=5))
+        proc = start_xnat2bids("plan", str(tmp_path / "bids"), "-p", "PROJ", url=world.url, cwd=tmp_path)
+        wait_for(lambda: slow.seen >= 1, "the listing request")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert (proc.returncode, err.strip().splitlines()[-1]) == (1, "Interrupted."), out + err
 
 
 def test_second_apply_on_the_same_root_fails_at_once_naming_the_holder(tmp_path):
