@@ -14,7 +14,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -37,13 +37,14 @@ from reconcile.errors import (
     AuthError,
     ForbiddenError,
     LockConflictError,
+    LockfileError,
     StalePlanError,
     UnsafePathError,
     XnatBidsError,
 )
 from reconcile.export import ExportCancelled, export_session
 from reconcile.failpoints import hit
-from reconcile.journal import read_journal
+from reconcile.journal import read_journal, swapped
 from reconcile.localscan import sha256_file, stat_records
 from reconcile.lock import (
     Lock,
@@ -520,12 +521,11 @@ def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list
     for stale in [*stale_temp_files(root), *journal_dir.glob("*.tmp")]:
         stale.unlink(missing_ok=True)
     journals = sorted(journal_dir.glob("*.json")) if journal_dir.is_dir() else []
-    handled = []
+    handled, completed = [], []
     for path in journals:
         exp_id = path.stem
         journal, record = read_journal(path)
-        staged = root / journal["staged"]
-        if staged.is_dir():
+        if not swapped(root, journal):
             # The swap never completed: put the old session back, drop the journal, retry later.
             target = root / record.address.path
             trash = area.trash(exp_id)
@@ -535,10 +535,11 @@ def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list
             warn(f"{exp_id}: an interrupted commit was rolled back; the session will be applied again")
         else:
             _roll_forward(root, exp_id)
+            completed.append(exp_id)
             warn(f"{exp_id}: an interrupted commit was completed")
         handled.append(exp_id)
     try:
-        _note_unrecorded(root)
+        _note_unrecorded(root, completed)
     except OSError as exc:  # a full disk: the lock is right; the next run tries again
         warn(f"could not add the commits without a history entry to the history ({exc.strerror or exc})")
     return handled
@@ -698,6 +699,9 @@ class _NotStarted(Exception):
     pass
 
 
+_REJECTED = "credentials rejected earlier in this run"  # sessions staged before it may still commit
+
+
 def _settle(
     fut: Future, change: Change, t0: float, root: Path, report: ApplyReport, options: ApplyOptions,
     halted: list[str],
@@ -706,13 +710,16 @@ def _settle(
     try:
         staged = fut.result()
         warnings = list(staged.warnings)
+        stop = next((why for why in halted if why != _REJECTED), None)
+        if stop is not None:  # the lock cannot take another commit
+            return Outcome(change, Status.SKIPPED, f"not committed: {stop}")
         report.lock = commit_session(staged, root, report.lock, keep_dicom=options.keep_dicom,
                                      repair_drift=options.repair_drift, warnings=warnings)
     except _NotStarted:
         return Outcome(change, Status.SKIPPED, "not started")
     except AuthError as exc:
         if not isinstance(exc, ForbiddenError):  # a 403 is this session's; rejected credentials are everyone's
-            halted.append("credentials rejected earlier in this run")
+            halted.append(_REJECTED)
         _log(log_path, f"failed: {exc}")
         return Outcome(change, Status.FAILED, exc.summary, log_path, time.monotonic() - t0, hint=exc.hint)
     except (ExportCancelled, ConversionCancelled):  # stopped part-way by the user: not a failure
@@ -720,16 +727,33 @@ def _settle(
         return Outcome(change, Status.SKIPPED, "cancelled part-way; nothing of it was committed")
     except Exception as exc:  # one session's failure, a bug or an OS error, must not stop the others
         text = exc.summary if isinstance(exc, XnatBidsError) else f"{type(exc).__name__}: {exc}"
-        if WorkArea(root).journal(change.key.experiment_id).exists():
-            text += " (the new session is in place; the next apply completes its commit)"
         known = isinstance(exc, XnatBidsError)
         if isinstance(exc, LockConflictError):  # every later commit would meet the same lock
             halted.append("the lock changed on disk during this run; run plan again")
+        elif (half := _half_committed(root, change.key.experiment_id)) is not None:
+            text += f" ({half})"
+            # E.g. the lock cannot be written: every later commit would be left half-way too.
+            halted.append(f"the commit of {change.key.experiment_id} was left half-way")
         _log(log_path, f"failed: {exc}" if known else f"failed: {exc!r}")  # ours: with detail and hint
         hint = exc.hint if known else None
         return Outcome(change, Status.FAILED, text, log_path, time.monotonic() - t0, hint=hint)
     record = report.lock.sessions.get(change.key.experiment_id)
     return Outcome(change, Status.DONE, "", log_path, time.monotonic() - t0, record, warnings=tuple(warnings))
+
+
+def _half_committed(root: Path, exp_id: str) -> str | None:
+    """What the next apply does with a commit this run left half-way (its journal is still
+    there), as `check` says it; None when nothing of the commit was left."""
+    path = WorkArea(root).journal(exp_id)
+    if not path.exists():
+        return None
+    try:
+        journal, _ = read_journal(path)
+    except LockfileError:
+        return "its journal cannot be read; see `xnat2bids check`"
+    if swapped(root, journal):
+        return "the new session is in place; the next apply completes its commit"
+    return "the old session stays; the next apply puts it back and applies this one again"
 
 
 def _log(path: Path, text: str) -> None:
@@ -825,12 +849,13 @@ def _append_entry(root: Path, entry: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def _note_unrecorded(root: Path) -> None:
+def _note_unrecorded(root: Path, completed: Sequence[str] = ()) -> None:
     """Commits the history does not tell of get an entry of their own: an apply killed after some
-    commits (its entry is written at its end), or a commit `recover` just completed. The lock's
-    serial then is past the last entry's; the sessions exported since that entry are named. A
-    serial that moved with no session exported since (a merge took the higher of two clones'
-    serials) has nothing to tell: no entry."""
+    commits (its entry is written at its end), or a commit `recover` just completed (`completed`:
+    exported before the entry of the run that left it half-way, which told of it as failed). The
+    lock's serial then is past the last entry's; those sessions and the ones exported since that
+    entry are named. A serial that moved with no session exported since (a merge took the higher
+    of two clones' serials) has nothing to tell: no entry."""
     lock = read_lock(root)
     last = last_history_entry(root)
     after = last["lock_serial"]["after"] if last else 0
@@ -840,7 +865,8 @@ def _note_unrecorded(root: Path) -> None:
     # Times are to the second: one exported in the entry's second is new unless the entry names it.
     named = {row["experiment_id"] for row in last["sessions"]} if last else set()
     records = [r for r in lock.sessions.values()
-               if r.exported_at > since or (r.exported_at == since and r.experiment_id not in named)]
+               if r.exported_at > since or (r.exported_at == since and r.experiment_id not in named)
+               or r.experiment_id in completed]
     if not records:  # the serial moved without an export: a git merge of two clones' locks
         return
     append_lock_change(root, "unrecorded", (after, lock.serial), records, action="commit",

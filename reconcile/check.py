@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from reconcile.journal import read_journal
+from reconcile.journal import read_journal, swapped
 from reconcile.localscan import Beneath, hash_files, root_stat
 from reconcile.lock import Lock, stale_temp_files
 
@@ -59,7 +59,7 @@ def _as_recovered(root: Path, lock: Lock) -> tuple[Lock, dict[str, tuple[str, Pa
     for path in sorted(journal_dir.glob("*.json")) if journal_dir.is_dir() else []:
         exp_id = path.stem
         journal, record = read_journal(path)
-        if (root / journal["staged"]).is_dir():  # the swap never happened: recover rolls back
+        if not swapped(root, journal):  # recover rolls it back
             trash = root / ".xnat2bids" / "trash" / exp_id
             if trash.is_dir() and not (root / record.address.path).exists():
                 moved[record.address.path] = (record.address.path, trash)

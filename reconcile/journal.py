@@ -31,3 +31,9 @@ def read_journal(path: Path) -> tuple[dict[str, Any], SessionRecord]:
                  "then move the journal out of .xnat2bids/journal/ (the next plan shows what is left to do)",
         ) from exc
     return journal, record
+
+
+def swapped(root: Path, journal: dict[str, Any]) -> bool:
+    """Whether the commit's new folder is in place (recovery completes it) or still staged
+    (the swap never happened: recovery rolls it back)."""
+    return not (root / journal["staged"]).is_dir()

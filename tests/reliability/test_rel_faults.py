@@ -7,6 +7,7 @@ CLI runs in-process (the `cli` fixture) against it over real HTTP.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -171,3 +172,45 @@ def test_credentials_rejected_mid_run_stop_new_sessions_with_a_clear_message(cli
     assert list(read_lock(root).sessions) == [exps[0].id]
     assert not (root / "sub-02").exists() and not (root / "sub-03").exists()
     assert not (root / ".xnat2bids/staging" / exps[2].id).exists()  # never started
+
+
+def test_a_lock_that_cannot_be_written_stops_the_run_after_one_half_commit_and_the_history_tells_of_its_recovery(
+        cli, emulator, tmp_path, monkeypatch):
+    import errno
+
+    import reconcile.apply
+
+    exps = add(emulator.archive, 3)
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    for exp in exps:
+        emulator.archive.set_fields(exp.id, date="2024-03-01")  # re-dated: three updates
+
+    def refused(*args, **kwargs):  # what a read-only lock file or a full disk does to the write
+        raise OSError(errno.EROFS, "Read-only file system", str(lock_path(root)))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(reconcile.apply, "write_lock", refused)
+        code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1")
+    assert code == 1, out + err
+    assert f"Read-only file system: '{lock_path(root)}' (the new session is in place; the next apply completes " \
+           "its commit)" in out
+    assert out.count(f"the commit of {exps[0].id} was left half-way") == 2  # the other two never started
+    assert "0 done, 1 failed, 2 skipped" in out
+    assert [p.stem for p in (root / ".xnat2bids/journal").glob("*.json")] == [exps[0].id]
+    assert read_lock(root).serial == 3
+
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    assert f"recovered the interrupted commit of {exps[0].id}" in out
+    assert "2 done, 0 failed" in out
+    assert {r.date for r in read_lock(root).sessions.values()} == {"2024-03-01"}
+    code, out, err = cli("history", str(root), "--json")
+    entries = [json.loads(line) for line in out.splitlines()]
+    serials = [(e["lock_serial"]["before"], e["lock_serial"]["after"]) for e in entries]
+    assert serials == [(0, 3), (3, 3), (3, 4), (4, 6)], serials  # chained up to the lock's serial
+    recovered = entries[2]
+    assert (recovered["operation"], [s["experiment_id"] for s in recovered["sessions"]]) == ("unrecorded", [exps[0].id])
+    code, out, err = cli("check", str(root))
+    assert code == 0, out + err
