@@ -255,10 +255,14 @@ def stage_session(
     )
 
 
-def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Path, kept: Path) -> list[str]:
+def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Path, kept: Path, *,
+                     renamed: tuple[str, str] | None = None) -> list[str]:
     """Files, links and empty folders a user added inside a session folder survive its
     re-conversion. One at a path the conversion now writes is kept under `kept` instead.
-    Returns the paths kept there."""
+    Returns the paths kept there. When the session moved (`renamed`: the old and the new
+    `sub-X_ses-Y_` file-name prefixes), task events belong to runs that were renamed too: one
+    filled in is carried under the new name, a stub nobody filled in is left (the new conversion
+    wrote its own)."""
     if not old_dir.is_dir():
         return []
     moved_aside = []
@@ -272,6 +276,10 @@ def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Pat
             if rel in recorded:
                 continue
             dest = new_dir / path.relative_to(old_dir)
+            if renamed and name.endswith("_events.tsv") and name.startswith(renamed[0]):
+                if _is_events_stub(path):
+                    continue
+                dest = dest.with_name(renamed[1] + name[len(renamed[0]):])
             if name in empty and dest.is_dir() and not dest.is_symlink():
                 continue  # the conversion made that folder: nothing of the user's is replaced
             if _is_events_stub(dest):
@@ -288,6 +296,11 @@ def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Pat
                     fsync_file(dest)  # the original goes to the trash once the session is swapped
             fsync_dir(dest.parent)
     return moved_aside
+
+
+def _file_prefix(address: BidsAddress) -> str:
+    """How BIDS names begin in a session's folder: `sub-01_ses-MR1_`."""
+    return f"sub-{address.subject}_ses-{address.session}_"
 
 
 def _file_on_the_way(dest: Path, top: Path) -> bool:
@@ -426,7 +439,9 @@ def commit_session(
         # After fingerprinting: the user's files are carried over but never recorded as outputs.
         # After a rename they are copies: the originals stay in the old folder, which is theirs.
         old_dir = _target(root, previous.address)
-        aside += _copy_user_files(old_dir, staged.session_dir, {o.path for o in previous.outputs}, root, kept)
+        renamed = (_file_prefix(previous.address), _file_prefix(address)) if previous.address != address else None
+        aside += _copy_user_files(old_dir, staged.session_dir, {o.path for o in previous.outputs}, root, kept,
+                                  renamed=renamed)
     if aside:
         fsync_tree(kept)
         _log(staged.log_path, f"kept what the new conversion replaces, in {kept.relative_to(root)}: {', '.join(aside)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from worlds import SMALL, add, redate, write_config
 
 from reconcile.lock import read_lock
@@ -140,6 +141,25 @@ def test_task_events_are_the_labs_to_fill_in_and_survive_a_reconversion(cli, emu
     assert read_lock(root).sessions[exp.id].date == "2024-02-01"
     assert events.read_bytes() == FILLED  # kept over the new stub, not set aside
     assert not (root / ".xnat2bids" / "replaced").exists()
+    assert cli("check", str(root), "--full")[0] == 0
+
+
+@pytest.mark.parametrize("filled", [False, True], ids=["stub", "filled-in"])
+def test_task_events_move_with_a_renamed_subject_under_the_new_name_or_not_at_all(cli, emulator, tmp_path, filled):
+    exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    [events] = (root / "sub-01/ses-01MR1/func").glob("*_events.tsv")
+    if filled:
+        events.write_bytes(FILLED)
+    emulator.archive.rename_subject(exp.subject_id, "11")
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0 and "renamed sub-01 → sub-11" in out, out + err
+    func = root / "sub-11/ses-01MR1/func"
+    [moved] = func.glob("*_events.tsv")  # heudiconv's new stub, or the lab's events in its place
+    assert moved.name == events.name.replace("sub-01_", "sub-11_")
+    assert (moved.read_bytes() == FILLED) is filled
+    assert events.exists() is filled  # a filled-in original stays in the old folder, as other user files do
     assert cli("check", str(root), "--full")[0] == 0
 
 
