@@ -404,7 +404,13 @@ def _compare(
         reasons.append(_renamed(old, new, "subject", by_xnat=rec.subject_label != exp.subject_label))
     if rec.bids_session != address.session:
         old, new = f"ses-{rec.bids_session}", f"ses-{address.session}"
-        reasons.append(_renamed(old, new, "session", by_xnat=rec.session_label != exp.label))
+        if rec.session_label == exp.label and rec.subject_label != exp.subject_label:
+            # strip-subject: the session's label no longer starts with its subject's new one
+            msg = (f"renamed {old} → {new} (session label {exp.label} does not begin with the new subject label "
+                   f"{exp.subject_label}; [naming.sessions] can keep {old})")
+            reasons.append(Reason("renamed", msg, "session", old, new))
+        else:
+            reasons.append(_renamed(old, new, "session", by_xnat=rec.session_label != exp.label))
     if rec.date != exp.date:
         msg = f"date {rec.date or '(none)'} → {exp.date or '(none)'} (re-dated in XNAT)"
         reasons.append(Reason("redated", msg, "date", rec.date, exp.date))

@@ -685,6 +685,19 @@ def test_naming_overrides_and_strip_subject_convention():
     assert plan.changes[0].address.path == "sub-001/ses-MR1"
 
 
+def test_a_subject_renamed_under_strip_subject_names_the_session_label_not_the_config():
+    config = Config(naming=NamingSettings(session_label="strip-subject"))
+    e = exp(4, subject="004", label="004_MR1")
+    lock = lock_of(record(e, config=config, bids_subject="004", bids_session="MR1"))
+    renamed = replace(e, subject_label="104", last_modified=T0 + timedelta(minutes=1))
+    change = only(plan_of(lock, [renamed], config=config), Action.UPDATE)
+    assert [r.message for r in change.reasons] == [
+        "renamed sub-004 → sub-104",
+        "renamed ses-MR1 → ses-004MR1 (session label 004_MR1 does not begin with the new subject label 104; "
+        "[naming.sessions] can keep ses-MR1)",
+    ]
+
+
 def test_non_session_experiments_are_ignored():
     qc = replace(exp(2), xsi_type="xnat:qcAssessmentData")
     plan = plan_of(Lock.new(), [exp(1), qc])
