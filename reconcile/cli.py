@@ -163,11 +163,12 @@ def run_plan(
     out: Path | None = None,
     detailed_exitcode: bool = False,
     reconvert_outdated: bool = False,
+    full: bool = False,
 ) -> int:
     from reconcile.observe import make_plan
     from reconcile.render import render_json, render_text
 
-    run = make_plan(client, root, config, selection, deep=deep, reconvert_outdated=reconvert_outdated)
+    run = make_plan(client, root, config, selection, deep=deep, reconvert_outdated=reconvert_outdated, full=full)
     plan = run.plan
     unconfigured = _no_config_but_lock_had_one(config, run.lock, root)
     if unconfigured:
@@ -398,6 +399,7 @@ def plan(
     out: Optional[Path] = typer.Option(None, "--out", help="Save the plan for `apply --plan`."),
     detailed_exitcode: bool = typer.Option(False, "--detailed-exitcode", help="Exit 2 when there are changes."),
     reconvert_outdated: bool = typer.Option(False, "--reconvert-outdated", help="Plan sessions converted with older tools as updates."),
+    full: bool = typer.Option(False, "--full", help="Also compare the sha256 of every output, as check --full: content changed without a new size or time is drift."),
     insecure: bool = InsecureOpt,
 ) -> None:
     """Show what apply would change: create / update / drift / orphan.
@@ -413,7 +415,7 @@ def plan(
 
     def run(where: Path, sel: Selection) -> int:
         return run_plan(client, where, cfg, sel, deep=deep, as_json=as_json, out=out,
-                        detailed_exitcode=detailed_exitcode, reconvert_outdated=reconvert_outdated)
+                        detailed_exitcode=detailed_exitcode, reconvert_outdated=reconvert_outdated, full=full)
 
     with connect(cfg) as client:
         code = run(root, selection) if one else for_each_study(cfg, root, selection, run)
@@ -463,6 +465,7 @@ def run_apply(
     git_commit: bool = False,
     run_validator: bool = False,
     reconvert_outdated: bool = False,
+    full: bool = False,
     client=None,
     executor: str | None = None,
     dry_run: bool = False,
@@ -504,7 +507,7 @@ def run_apply(
             return run_slurm_apply(
                 cfg, root, selection, client, saved=saved, yes=yes, jobs=jobs, deep=deep,
                 repair_drift=repair_drift, keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
-                reconvert_outdated=reconvert_outdated, dry_run=dry_run, wait=wait,
+                reconvert_outdated=reconvert_outdated, full=full, dry_run=dry_run, wait=wait,
             )
         if dry_run:
             raise ConfigError("--dry-run prints the SLURM job scripts; it needs --executor slurm",
@@ -515,7 +518,7 @@ def run_apply(
                 echo(f"recovered the interrupted commit of {exp_id}")
             _retry_token_revocations(root, client, warn)
             plan = _load_or_make_plan(client, root, cfg, selection, saved=saved, deep=deep,
-                                      reconvert_outdated=reconvert_outdated)
+                                      reconvert_outdated=reconvert_outdated, full=full)
             echo(render_text(plan))
             todo = plan.actionable(repair_drift=repair_drift)
             untouched = _left_alone(plan, todo)
@@ -602,6 +605,7 @@ def apply(
     git_commit: bool = typer.Option(False, "--git-commit", help="Commit the result when the BIDS root is a git repository."),
     run_validator: bool = typer.Option(False, "--validate", help="Run the BIDS validator afterwards."),
     reconvert_outdated: bool = typer.Option(False, "--reconvert-outdated", help="Re-convert sessions made with older tools."),
+    full: bool = typer.Option(False, "--full", help="Also compare the sha256 of every output, as check --full: content changed without a new size or time is drift (--repair-drift replaces it)."),
     executor: Optional[str] = typer.Option(
         None, "--executor", metavar="[local|slurm]", help="Where sessions run: local (default) or slurm (overrides `executor` in the config).",
     ),
@@ -619,7 +623,8 @@ def apply(
     """
     if plan_file is not None:
         planning = [flag for flag, given in (("--project", project), ("--subject", subject), ("--session", session),
-                                             ("--deep", deep), ("--reconvert-outdated", reconvert_outdated)) if given]
+                                             ("--deep", deep), ("--reconvert-outdated", reconvert_outdated),
+                                             ("--full", full)) if given]
         if planning:  # they shape a plan; a saved one is carried out as it was made
             raise UsageError(f"{', '.join(planning)} cannot be combined with --plan: a saved plan is applied as planned; "
                              f"pass {planning[0]} to `xnat2bids plan --out FILE` instead", ctx)
@@ -632,7 +637,8 @@ def apply(
     def run(where: Path, sel: Selection) -> int:
         return run_apply(cfg, where, sel, saved=saved, yes=yes, jobs=jobs, deep=deep, repair_drift=repair_drift,
                          keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
-                         reconvert_outdated=reconvert_outdated, executor=executor, dry_run=dry_run, wait=wait)
+                         reconvert_outdated=reconvert_outdated, full=full, executor=executor, dry_run=dry_run,
+                         wait=wait)
 
     if plan_file is not None and cfg.layout == "pi-study":  # a saved plan is one study's
         raise typer.Exit(run(root, _one_study(cfg, root, selection, "--plan applies to")))
@@ -663,7 +669,7 @@ def _left_alone(plan: Plan, todo: tuple[Change, ...]) -> str:
 
 def _load_or_make_plan(
     client, root: Path, cfg: Config, selection: Selection, *, saved: _SavedPlan | None, deep: bool,
-    reconvert_outdated: bool,
+    reconvert_outdated: bool, full: bool,
 ):
     """A saved plan (checked against the lock) or a fresh one."""
     from reconcile.apply import check_plan_fresh
@@ -671,7 +677,7 @@ def _load_or_make_plan(
     from reconcile.render import plan_from_dict
 
     if saved is None:
-        run = make_plan(client, root, cfg, selection, deep=deep, reconvert_outdated=reconvert_outdated)
+        run = make_plan(client, root, cfg, selection, deep=deep, reconvert_outdated=reconvert_outdated, full=full)
         unconfigured = _no_config_but_lock_had_one(cfg, run.lock, root)
         if unconfigured:
             # Unattended (cron, --update), this would rename or re-convert every session.
@@ -760,6 +766,7 @@ def run_slurm_apply(
     git_commit: bool = False,
     run_validator: bool = False,
     reconvert_outdated: bool = False,
+    full: bool = False,
     dry_run: bool = False,
     wait: bool = False,
 ) -> int:
@@ -789,7 +796,7 @@ def run_slurm_apply(
                 echo(f"recovered the interrupted commit of {exp_id}")
             _retry_token_revocations(root, client, warn)
         plan = _load_or_make_plan(client, root, cfg, selection, saved=saved, deep=deep,
-                                  reconvert_outdated=reconvert_outdated)
+                                  reconvert_outdated=reconvert_outdated, full=full)
         echo(render_text(plan))
         todo = plan.actionable(repair_drift=repair_drift)
         if not todo:
@@ -1277,7 +1284,7 @@ def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
 
 def run_check(root: Path, lock: Lock, *, full: bool, as_json: bool = False) -> int:
     """Check the lock's outputs on disk, print the verdict and return the exit code."""
-    from reconcile.check import check_outputs
+    from reconcile.check import CheckCode, check_outputs
 
     report = check_outputs(root, lock, full=full)
     if as_json:
@@ -1299,6 +1306,9 @@ def run_check(root: Path, lock: Lock, *, full: bool, as_json: bool = False) -> i
         return EXIT_OK
     echo(f"FAILED: {len(report.problems)} problem(s); {_count(report.sessions, 'session')}, {_count(report.outputs, 'output')} checked "
          f"({mode}) in {root}.")
+    if any(p.code is CheckCode.CONTENT for p in report.problems):
+        echo("hint: `xnat2bids plan --full` shows the sessions with other content as drift; "
+             "`xnat2bids apply --full --repair-drift` exports them again")
     return EXIT_ERROR
 
 

@@ -24,18 +24,21 @@ from reconcile.plan import LocalState
 HASH_CHUNK = 1 << 20
 
 
-def stat_outputs(root: Path, lock: Lock) -> LocalState:
+def stat_outputs(root: Path, lock: Lock, *, full: bool = False) -> LocalState:
     """Stat every recorded output; paths that do not exist (or are not files) are left out."""
-    return stat_records(root, lock.sessions.values())
+    return stat_records(root, lock.sessions.values(), full=full)
 
 
-def stat_records(root: Path, records: Iterable[SessionRecord]) -> LocalState:
+def stat_records(root: Path, records: Iterable[SessionRecord], *, full: bool = False) -> LocalState:
     """`stat_outputs` for the outputs of these records only. An output with its recorded size but
     another modification time is hashed, once per change of its stat (`Verified`), to tell a
     copy or clone of the dataset from an edit. An output that is a link is followed only when it
-    stays inside the root; linked folders above the outputs are `check`'s to find."""
+    stays inside the root; linked folders above the outputs are `check`'s to find. With `full`,
+    the outputs whose stat is the recorded one are hashed too (`check --full`'s evidence: bit rot,
+    an edit that kept size and time)."""
     files: dict[str, FileStat] = {}
     touched: list[tuple[OutputRecord, os.stat_result]] = []
+    unchanged: dict[str, OutputRecord] = {}
     outside: set[str] = set()
     beneath = Beneath(root)
     with root_stat(root, follow_symlinks=False) as lstat:
@@ -54,8 +57,12 @@ def stat_records(root: Path, records: Iterable[SessionRecord]) -> LocalState:
                     files[out.path] = FileStat(st.st_size, st.st_mtime_ns)
                     if st.st_mtime_ns != out.mtime_ns and st.st_size == out.size:
                         touched.append((out, st))
+                    elif full and st.st_size == out.size:
+                        unchanged[os.path.join(root, out.path)] = out
     same, hashed = _same_content(root, touched) if touched else (frozenset(), 0)
-    return LocalState(files, same, frozenset(outside), hashed)
+    differs = frozenset(unchanged[p].path for p, digest in hash_files(unchanged).items()
+                        if digest != unchanged[p].sha256) if unchanged else frozenset()
+    return LocalState(files, same, frozenset(outside), hashed, differs)
 
 
 def _same_content(root: Path, touched: list[tuple[OutputRecord, os.stat_result]]) -> tuple[frozenset[str], int]:

@@ -179,6 +179,7 @@ def make_plan(
     deep: bool = False,
     reconvert_outdated: bool = False,
     concurrency: int = CONNECTIONS,
+    full: bool = False,
 ) -> PlanRun:
     with gc_paused():
         lock = load_or_new(root)
@@ -188,7 +189,7 @@ def make_plan(
         # The disk is looked at while XNAT answers: os.stat and the wait for the listing both
         # release the GIL (10,000 sessions × 4 outputs: about 0.3 s of the 1.4 s plan saved).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-scan") as pool:
-            scan = pool.submit(stat_outputs, root, lock)
+            scan = pool.submit(stat_outputs, root, lock, full=full)
             remote = observe_remote(client, projects, deep=deep, concurrency=concurrency,
                                     wanted=lambda e: _selected(e, config, selection))
             local = scan.result()

@@ -131,12 +131,14 @@ class LocalState:
     (their sha256 was checked): a copy, a clone, a restore from backup. Not drift. An output that
     is a link out of the root (`outside`) is not judged by its target: it is drift, as for check.
     `hashed_now`: how many of `same_content` were hashed for this look (the others were vouched
-    for by an earlier one)."""
+    for by an earlier one). `differs`: outputs with their recorded size and time but not their
+    recorded sha256 (looked for only when asked: `--full`)."""
 
     files: Mapping[str, FileStat]
     same_content: frozenset[str] = frozenset()
     outside: frozenset[str] = frozenset()  # outputs that are now links out of the BIDS root
     hashed_now: int = 0
+    differs: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -466,6 +468,8 @@ def _drift(rec: SessionRecord, local: LocalState) -> list[Reason]:
             reasons.append(Reason("changed", f"changed: {out.path} (size {out.size} → {seen.size})", out.path))
         elif seen.mtime_ns != out.mtime_ns and out.path not in local.same_content:
             reasons.append(Reason("changed", f"changed: {out.path} (modified on disk)", out.path))
+        elif out.path in local.differs:
+            reasons.append(Reason("changed", f"changed: {out.path} (its sha256 is not the recorded one)", out.path))
     return reasons
 
 

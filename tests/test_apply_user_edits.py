@@ -210,3 +210,30 @@ def test_an_output_replaced_by_a_link_out_of_the_root_is_drift_and_repaired_with
     [kept] = (root / ".xnat2bids" / "replaced" / exp.id).glob(f"*/{rel}")
     assert kept.is_symlink() and os.readlink(kept) == str(elsewhere)  # the link kept, its target untouched
     assert cli("check", str(root), "--full")[0] == 0
+
+
+def test_content_changed_with_its_size_and_time_kept_is_drift_with_full_and_repaired(cli, emulator, tmp_path):
+    """Bit rot, or an edit that restored the time: only hashing sees it (check --full, plan --full)."""
+    exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    [image] = (root / "sub-01/ses-01MR1/anat").glob("*_T1w.nii.gz")
+    good, st = image.read_bytes(), image.stat()
+    image.write_bytes(good[:100] + bytes([good[100] ^ 0xFF]) + good[101:])
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    rel = image.relative_to(root).as_posix()
+
+    code, out, _ = cli("check", str(root), "--full")
+    assert code == 1 and f"content of {rel} differs from the lock (sha256)" in out
+    assert "hint: `xnat2bids plan --full` shows the sessions with other content as drift" in out
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 0 and "No changes." in out  # size and time are the recorded ones
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode", "--full")
+    assert code == 2 and f"changed: {rel} (its sha256 is not the recorded one)" in out
+    assert "1 drifted" in out
+
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--full", "--repair-drift")
+    assert code == 0 and "1 done" in out, out + err
+    assert image.read_bytes() == good
+    assert cli("check", str(root), "--full")[0] == 0
+    assert read_lock(root).sessions[exp.id].date == "2024-01-10"
