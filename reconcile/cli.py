@@ -1204,7 +1204,7 @@ def merge_lock(
 ) -> None:
     """Merge two clones' locks session by session: a git merge driver.
 
-    Set it up once per clone: `git config merge.xnat2bids.driver "xnat2bids merge-lock %O %A %B"`,
+    Set it up once per clone: `git config merge.xnat2bids.driver "$(command -v xnat2bids) merge-lock %O %A %B"`,
     and in the dataset's .gitattributes: `.xnat2bids.lock merge=xnat2bids`. A session both clones
     changed differently is a conflict: OURS is left as it was and the exit code is 1.
     """

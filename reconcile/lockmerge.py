@@ -23,11 +23,17 @@ class Merged:
 
 def merge_locks(base: Lock | None, ours: Lock, theirs: Lock) -> Merged:
     """`ours` and `theirs` merged against their common ancestor `base` (None: none, as for two
-    clones that each wrote their first lock). The serial is past both sides', so a plan saved on
+    clones that each wrote their first lock, of two lineages: the result keeps the smaller one). The
+    serial is past both sides', so a plan saved on
     either side before the merge is stale after it."""
+    lineage = ours.lineage
     if ours.lineage != theirs.lineage:
-        return Merged(None, (f"the locks are of different lineages ({ours.lineage}, {theirs.lineage}): "
-                             "two datasets, not two clones of one",))
+        if base is not None:
+            return Merged(None, (f"the locks are of different lineages ({ours.lineage}, {theirs.lineage}): "
+                                 "two datasets, not two clones of one",))
+        # No lock in common: each clone made the dataset's first export, so each began a lineage.
+        # Both merge directions must agree on one.
+        lineage = min(ours.lineage, theirs.lineage)
     before: Mapping[str, SessionRecord] = base.sessions if base is not None and base.lineage == ours.lineage else {}
     sessions: dict[str, SessionRecord] = {}
     conflicts = []
@@ -46,7 +52,7 @@ def merge_locks(base: Lock | None, ours: Lock, theirs: Lock) -> Merged:
         return Merged(None, tuple(conflicts))
     base_fingerprint = base.config_fingerprint if base is not None else ours.config_fingerprint
     fingerprint = theirs.config_fingerprint if ours.config_fingerprint == base_fingerprint else ours.config_fingerprint
-    return Merged(replace(ours, serial=max(ours.serial, theirs.serial) + 1, generator=GENERATOR,
+    return Merged(replace(ours, lineage=lineage, serial=max(ours.serial, theirs.serial) + 1, generator=GENERATOR,
                           config_fingerprint=fingerprint, sessions=sessions))
 
 
