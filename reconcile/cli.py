@@ -487,12 +487,13 @@ def run_apply(
         from reconcile.apply import check_plan_root
 
         check_plan_root(saved.data.get("bids_root", ""), root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create BIDS root {root}: {exc.strerror or exc}") from exc
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise ConfigError(f"BIDS root {root} is not writable by this user")
+    if not dry_run:  # which writes nothing, the root included
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create BIDS root {root}: {exc.strerror or exc}") from exc
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise ConfigError(f"BIDS root {root} is not writable by this user")
     warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
     if git_commit and not dry_run:
         from reconcile.vcs import check_can_commit
