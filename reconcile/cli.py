@@ -39,7 +39,7 @@ from reconcile.errors import (
 )
 from reconcile.lock import Lock
 from reconcile.model import utc_now
-from reconcile.plan import Action, Change, Plan, Selection
+from reconcile.plan import Action, Change, Plan, Selection, repairing
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
@@ -520,7 +520,7 @@ def run_apply(
             _retry_token_revocations(root, client, warn)
             plan = _load_or_make_plan(client, root, cfg, selection, saved=saved, deep=deep,
                                       reconvert_outdated=reconvert_outdated, full=full)
-            echo(render_text(plan))
+            echo(render_text(repairing(plan) if repair_drift else plan))
             todo = plan.actionable(repair_drift=repair_drift)
             untouched = _left_alone(plan, todo)
             if not todo:
@@ -798,7 +798,7 @@ def run_slurm_apply(
             _retry_token_revocations(root, client, warn)
         plan = _load_or_make_plan(client, root, cfg, selection, saved=saved, deep=deep,
                                   reconvert_outdated=reconvert_outdated, full=full)
-        echo(render_text(plan))
+        echo(render_text(repairing(plan) if repair_drift else plan))
         todo = plan.actionable(repair_drift=repair_drift)
         if not todo:
             echo("Nothing to apply.")

@@ -731,16 +731,9 @@ def compute_plan(
 
     edits = sum(1 for c in out.changes if c.edited)
     if edits:
-        out.notes.append(
-            f"{edits} update{'s' if edits != 1 else ''} would replace outputs changed on disk; apply carries "
-            f"{'them' if edits != 1 else 'it'} out only with --repair-drift, keeping a copy of each changed file "
-            "in .xnat2bids/replaced/"
-        )
+        out.notes.append(_edits_note(edits))
     if drifted:
-        out.notes.append(
-            f"{drifted} session{'s' if drifted != 1 else ''} changed on disk; only apply --repair-drift repairs "
-            f"{'them' if drifted != 1 else 'it'} (exports and converts again)"
-        )
+        out.notes.append(_drift_note(drifted))
     if local.hashed_now:  # said once: later plans find them vouched for, and say nothing
         n = local.hashed_now
         out.notes.append(
@@ -793,6 +786,31 @@ def moves_in(change: Change) -> bool:
     return change.action is Action.CREATE or (
         change.action is Action.UPDATE and change.before is not None and change.before.address != change.address
     )
+
+
+def _edits_note(n: int, *, repairing: bool = False) -> str:
+    them = "them" if n != 1 else "it"
+    if repairing:
+        return (f"{n} update{'s' if n != 1 else ''} replace{'' if n != 1 else 's'} outputs changed on disk "
+                f"(--repair-drift), keeping a copy of each changed file in .xnat2bids/replaced/")
+    return (f"{n} update{'s' if n != 1 else ''} would replace outputs changed on disk; apply carries {them} out "
+            "only with --repair-drift, keeping a copy of each changed file in .xnat2bids/replaced/")
+
+
+def _drift_note(n: int, *, repairing: bool = False) -> str:
+    them = "them" if n != 1 else "it"
+    if repairing:
+        return f"{n} session{'s' if n != 1 else ''} changed on disk: --repair-drift exports and converts {them} again"
+    return f"{n} session{'s' if n != 1 else ''} changed on disk; only apply --repair-drift repairs {them} (exports " \
+           "and converts again)"
+
+
+def repairing(plan: Plan) -> Plan:
+    """`plan` as apply --repair-drift carries it out: its notes say the drift is repaired, not
+    that it needs the flag."""
+    edits, drifted = sum(1 for c in plan.changes if c.edited), plan.count(Action.DRIFT)
+    now = {_edits_note(edits): _edits_note(edits, repairing=True), _drift_note(drifted): _drift_note(drifted, repairing=True)}
+    return replace(plan, notes=tuple(now.get(n, n) for n in plan.notes))
 
 
 def refuse_occupied(plan: Plan, occupied: Mapping[BidsAddress, str | None]) -> Plan:

@@ -45,6 +45,9 @@ def test_an_update_replaces_an_edited_output_only_with_repair_drift_and_keeps_a_
 
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--repair-drift")
     assert code == 0, out + err
+    assert ("note: 1 update replaces outputs changed on disk (--repair-drift), keeping a copy of each changed file "
+            "in .xnat2bids/replaced/") in out
+    assert "only with --repair-drift" not in out
     [kept] = (root / ".xnat2bids/replaced" / exp.id).iterdir()
     said = (f"warning: 1 file(s) the new conversion replaces (edited outputs, or files the lock does not record) "
             f"were set aside in {kept.relative_to(root)}")

@@ -28,6 +28,7 @@ from reconcile.plan import (
     older,
     recorded_scans,
     refuse_occupied,
+    repairing,
 )
 
 T0 = datetime(2024, 1, 10, 14, 22, 5, 352000)
@@ -294,6 +295,9 @@ def test_deleted_output_is_drift_naming_the_file():  # row 12
     change = only(plan, Action.DRIFT)
     assert change.reasons[0].message == f"missing: {rec.outputs[0].path}"
     assert "1 session changed on disk; only apply --repair-drift repairs it (exports and converts again)" in plan.notes
+    repaired = repairing(plan)  # as apply --repair-drift shows it: the same changes, the note says what it does
+    assert repaired.changes == plan.changes and len(repaired.notes) == len(plan.notes)
+    assert "1 session changed on disk: --repair-drift exports and converts it again" in repaired.notes
 
 
 def test_edited_output_is_drift():  # row 13
