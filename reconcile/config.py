@@ -242,6 +242,32 @@ def _unknown_keys(data: Any, schema: dict[str, Any], root: dict[str, Any], where
     return problems
 
 
+# Installed with the package (a link to the one at the top of the source tree).
+EXAMPLE = Path(__file__).resolve().parent / "xnat2bids.toml.example"
+
+_TYPES = {"integer": "a whole number", "number": "a number", "string": "a string", "boolean": "true or false",
+          "array": "a list", "object": "a table"}
+
+
+def _said(error: Any) -> str:
+    """A schema violation in a config's words: what the value must be."""
+    bound = error.validator_value
+    if error.validator == "type":
+        kinds = bound if isinstance(bound, list) else [bound]
+        return f"must be {' or '.join(_TYPES.get(k, k) for k in kinds)}, not {error.instance!r}"
+    if error.validator == "minimum":
+        return f"must be at least {bound}, not {error.instance!r}"
+    if error.validator == "exclusiveMinimum":
+        return f"must be greater than {bound}, not {error.instance!r}"
+    if error.validator == "maximum":
+        return f"must be at most {bound}, not {error.instance!r}"
+    if error.validator == "enum":
+        return f"must be one of {', '.join(repr(v) for v in bound)}, not {error.instance!r}"
+    if error.validator == "minLength" and bound == 1:
+        return "must not be empty"
+    return error.message
+
+
 def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
     schema = load_schema("config")
     where = source or "config"
@@ -250,7 +276,7 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
         raise ConfigError(
             f"{where}: {unknown[0]}",
             detail="\n".join(unknown[1:]) or None,
-            hint="see xnat2bids.toml.example, at the top of the xnat2bids source tree, for every key",
+            hint=f"every key is in {EXAMPLE}",
         )
     url = data.get("xnat_url")
     if "xnat_url" in data and not isinstance(url, str):  # never quoted: it may hold a password
@@ -266,7 +292,7 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
     if errors:
         e = errors[0]
         path = ".".join(str(p) for p in e.absolute_path) or "(top level)"
-        raise ConfigError(f"{where}: invalid value for '{path}': {e.message}")
+        raise ConfigError(f"{where}: invalid value for '{path}': {_said(e)}", hint=f"every key is in {EXAMPLE}")
     bad_target = _unsafe_bidsmap_target(data)  # after the schema: the tables have their shapes
     if bad_target:
         raise ConfigError(

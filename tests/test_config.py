@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import reconcile.config as config_module
 from reconcile.config import (
     DEFAULT_BIDS_ROOT,
     Config,
@@ -40,14 +41,14 @@ def test_example_config_documents_every_key_and_parses():
         ("[conversion]\nskp = []", "unknown key 'conversion.skp' (did you mean 'skip'?)"),
         ("[slurm]\nmax_paralel = 2", "unknown key 'slurm.max_paralel' (did you mean 'max_parallel'?)"),
         ("[project.P.conversion]\nincude = []", "unknown key 'project.P.conversion.incude' (did you mean 'include'?)"),
-        ('jobs = "four"', "invalid value for 'jobs'"),
-        ("jobs = 0", "invalid value for 'jobs'"),
-        ('layout = "nested"', "invalid value for 'layout'"),
+        ('jobs = "four"', "invalid value for 'jobs': must be a whole number, not 'four'"),
+        ("jobs = 0", "invalid value for 'jobs': must be at least 1, not 0"),
+        ('layout = "nested"', "invalid value for 'layout': must be one of 'flat', 'pi-study', not 'nested'"),
         ('xnat_url = "xnat.example.org"', "invalid value for 'xnat_url'"),
-        ("[naming]\nsubjects = { A = 3 }", "invalid value for 'naming.subjects.A'"),
+        ("[naming]\nsubjects = { A = 3 }", "invalid value for 'naming.subjects.A': must be a string, not 3"),
         ("projects = [", "is not valid TOML"),
-        ("timeout = 0", "invalid value for 'timeout'"),
-        ('timeout = "slow"', "invalid value for 'timeout'"),
+        ("timeout = 0", "invalid value for 'timeout': must be greater than 0, not 0"),
+        ('timeout = "slow"', "invalid value for 'timeout': must be a number, not 'slow'"),
         ("timout = 60", "unknown key 'timout' (did you mean 'timeout'?)"),
     ],
 )
@@ -57,6 +58,8 @@ def test_config_mistakes_are_clear_errors(tmp_path, text, message):
     with pytest.raises(ConfigError) as exc:
         load_config(path)
     assert message in str(exc.value)
+    assert exc.value.hint == f"every key is in {config_module.EXAMPLE}" or "TOML" in message  # the installed one
+    assert config_module.EXAMPLE.read_text() == EXAMPLE.read_text()
 
 
 def test_timeout_is_read_and_does_not_change_the_fingerprint(tmp_path):
