@@ -434,7 +434,9 @@ def is_pattern(name: str) -> bool:
     return _GLOB.search(name) is not None
 
 
-def expand_projects(wanted: Sequence[str], known: Sequence[str], *, where: str) -> tuple[str, ...]:
+def expand_projects(wanted: Sequence[str], known: Sequence[str], *, where: str,
+                    hint: str = "a glob selects among the projects already known; name a new project by its XNAT ID",
+                    ) -> tuple[str, ...]:
     """--project values as project IDs: an ID stands for itself, a glob for the `known` projects
     it matches. XNAT is never asked for a pattern, nor a folder named after one, so a glob that
     matches none of them (known `where`) is an error."""
@@ -447,7 +449,7 @@ def expand_projects(wanted: Sequence[str], known: Sequence[str], *, where: str) 
         if not matches:
             raise ConfigError(
                 f"project pattern {value!r} matches no project {where}",
-                hint="a glob selects among the projects already known; name a new project by its XNAT ID",
+                hint=hint,
             )
         chosen.update(dict.fromkeys(matches))
     return tuple(chosen)

@@ -56,7 +56,11 @@ def choose_projects(selection: Selection, config: Config, lock: Lock) -> tuple[s
             )
         return recorded
     known = tuple(dict.fromkeys((*(p for p in config.projects if not is_pattern(p)), *recorded)))
-    return expand_projects(wanted, known, where="in the config or the lock")
+    if selection.projects:
+        return expand_projects(wanted, known, where="in the config or the lock")
+    return expand_projects(wanted, known, where="exported to this BIDS root (the config's `projects` is a glob)",
+                           hint="a glob in `projects` selects among the projects already exported here; "
+                                "list a project not exported yet by its XNAT ID")
 
 
 def observe_remote(

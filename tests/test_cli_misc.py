@@ -162,7 +162,9 @@ def test_a_glob_in_the_configs_projects_selects_among_the_lock_and_config_ids(cl
     config = tmp_path / "lab.toml"
     config.write_text('projects = ["DEM*"]\n')
     code, _, err = cli("plan", str(tmp_path / "bids"), "-c", str(config))
-    assert code == 1 and "project pattern 'DEM*' matches no project in the config or the lock" in err
+    assert code == 1 and ("project pattern 'DEM*' matches no project exported to this BIDS root (the config's "
+                          "`projects` is a glob)") in err
+    assert "hint: a glob in `projects` selects among the projects already exported here" in err
     assert not [p for m, p, _ in emulator.app.requests if "DEM*" in p or "DEM%2A" in p]
 
 
