@@ -116,12 +116,23 @@ def _from_token_file(env: Mapping[str, str], warn: Callable[[str], None]) -> Cre
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise AuthError(
             f"cannot read the XNAT token file {path}",
-            detail=type(exc).__name__,
+            detail=_token_file_fault(exc),
             hint='the file must hold JSON with "alias" and "secret" (from /data/services/tokens/issue)',
         ) from None  # the secret may be in the parse error, so no chaining
     if not isinstance(alias, str) or not isinstance(secret, str) or not alias or not secret:
         raise AuthError(f"the XNAT token file {path} has an empty alias or secret")
     return Credentials(alias, secret, "token-file", where=str(path))
+
+
+def _token_file_fault(exc: Exception) -> str:
+    """What is wrong with a token file, without any of its content (a parse error quotes it)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    if isinstance(exc, KeyError):
+        return f"no {exc.args[0]!r} in it"
+    if isinstance(exc, TypeError):
+        return "not a JSON object"
+    return "not valid JSON"
 
 
 def _warn_if_shared(path: Path, warn: Callable[[str], None]) -> None:

@@ -162,6 +162,22 @@ def test_token_file_gives_alias_and_secret(tmp_path: Path) -> None:
     assert creds.source == "token-file" and creds.user.startswith("0b5c2f4e") and creds.password == "x" * 64
 
 
+@pytest.mark.parametrize("content, fault", [
+    ('{"alias": "a1"}', "no 'secret' in it"),
+    (f'{{"alias": "a1", "secret": "{SENTINEL}"', "not valid JSON"),  # cut short: the secret is not quoted
+    ('["a1"]', "not a JSON object"),
+    (None, "No such file or directory"),
+])
+def test_a_bad_token_file_says_what_is_wrong_and_never_quotes_it(tmp_path: Path, content, fault) -> None:
+    token = tmp_path / "token.json"
+    if content is not None:
+        token.write_text(content)
+    with pytest.raises(AuthError) as exc:
+        resolve_credentials(URL, env={"XNAT_TOKEN_FILE": str(token)}, netrc_path=tmp_path / "none")
+    assert (exc.value.summary, exc.value.detail) == (f"cannot read the XNAT token file {token}", fault)
+    assert SENTINEL not in str(exc.value)
+
+
 def test_a_token_file_others_can_read_is_used_with_a_warning(tmp_path: Path) -> None:
     token = tmp_path / "token.json"
     token.write_text(json.dumps({"alias": "a1", "secret": "s" * 64}))
