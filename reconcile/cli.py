@@ -369,6 +369,10 @@ def root_callback(
             raise UsageError(f"--{'diff' if diff is not None else 'update'} is a command of its own; "
                              f"it cannot be combined with `{ctx.invoked_subcommand}`", ctx)
         return
+    named = diff or update
+    if named and named in ctx.command.commands and not Path(named).exists():  # `--diff plan`
+        flag = "--diff" if diff is not None else "--update"
+        raise UsageError(f"{flag} takes a BIDS root, and {named!r} is a command: run `xnat2bids {named} …`", ctx)
     if diff is not None:
         cfg = _load_config(config)
         with connect(cfg) as client:
@@ -1444,13 +1448,17 @@ def _error_json(kind: str, message: str, detail: str | None = None, hint: str | 
         echo(json.dumps({"format_version": 1, "error": error}, sort_keys=True))
 
 
-def _seed_root_optional(argv: list[str]) -> list[str]:
-    """`--diff`/`--update` without a ROOT mean the configured root, as in the seed tool.
+def _argv(argv: list[str]) -> list[str]:
+    """The command line as click is to read it.
 
-    click cannot give an option an optional value, so a bare one (last, or before another
-    option) becomes `--diff=`, which the callback reads as "no ROOT given".
+    `--diff`/`--update` without a ROOT mean the configured root, as in the seed tool: click
+    cannot give an option an optional value, so a bare one (last, or before another option)
+    becomes `--diff=`, which the callback reads as "no ROOT given". `--debug` is the whole
+    program's option, but it is as often typed after the command (`plan --debug`): moved first.
     """
-    out = list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    out = [arg for arg in argv[:end] if arg != "--debug"]
+    out = (["--debug"] if len(out) < end else []) + out + argv[end:]
     for i, arg in enumerate(out):
         if arg == "--":
             break
@@ -1477,11 +1485,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(argv: list[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        code = app(args=_seed_root_optional(sys.argv[1:] if argv is None else argv),
-                   prog_name="xnat2bids", standalone_mode=False)
+        code = app(args=_argv(argv), prog_name="xnat2bids", standalone_mode=False)
     except ClickException as exc:  # usage errors and bad parameters
         exc.show()
+        seed = next((a for a in argv if a.split("=")[0] in ("--diff", "--update")), None)
+        if seed is not None and isinstance(exc, UsageError):
+            command = "plan --detailed-exitcode" if seed.startswith("--diff") else "apply"
+            echo(f"hint: {seed.split('=')[0]} takes a ROOT and nothing else; for other options use "
+                 f"`xnat2bids {command} [ROOT] …`", err=True)
         code = EXIT_ERROR
     except Abort:
         echo("Aborted.", err=True)

@@ -66,10 +66,11 @@ def test_unexpected_exception_is_one_line_unless_debug(cli, emulator, monkeypatc
     assert code == 1
     assert err.splitlines() == ["error: internal error: RuntimeError: boom",
                                 "hint: run again with --debug for the traceback"]
-    code, _, err = cli("--debug", "plan", str(tmp_path), "-p", "PROJ")
-    assert code == 1
-    assert err.startswith("Traceback (most recent call last):") and "RuntimeError: boom" in err
-    assert err.splitlines()[-1] == "error: internal error: RuntimeError: boom"
+    for argv in (("--debug", "plan", str(tmp_path), "-p", "PROJ"), ("plan", str(tmp_path), "-p", "PROJ", "--debug")):
+        code, _, err = cli(*argv)
+        assert code == 1
+        assert err.startswith("Traceback (most recent call last):") and "RuntimeError: boom" in err
+        assert err.splitlines()[-1] == "error: internal error: RuntimeError: boom"
 
 
 def test_history_skips_lines_that_are_not_entries_with_a_warning_each(cli, tmp_path):
@@ -299,6 +300,13 @@ def test_the_seed_flags_are_commands_of_their_own(cli, tmp_path):
     assert code == 1 and "--diff is a command of its own; it cannot be combined with `plan`" in out + err
     code, out, err = cli("--diff", str(tmp_path / "bids"))
     assert code == 1 and 'set projects = ["P"] in the config, or pass --project P to plan or apply' in err
+    code, out, err = cli("--diff", "plan")  # click reads `plan` as the ROOT
+    assert code == 1 and "--diff takes a BIDS root, and 'plan' is a command: run `xnat2bids plan …`" in err
+    assert not Path("plan").exists()
+    code, out, err = cli("--diff", str(tmp_path / "bids"), "--project", "PROJ")
+    assert code == 1 and "No such option: --project" in err
+    assert ("hint: --diff takes a ROOT and nothing else; for other options use "
+            "`xnat2bids plan --detailed-exitcode [ROOT] …`") in err
 
 
 def test_the_seed_flags_without_a_root_use_the_configured_one(cli, emulator, tmp_path):
