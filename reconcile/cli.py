@@ -1166,10 +1166,11 @@ def forget(
     experiment_id: str = typer.Argument(..., help="XNAT experiment ID to drop from the lock (an orphan)."),
     bids_root: Optional[Path] = RootArg,
     config: Optional[Path] = ConfigOpt,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     """Drop a session from the lock (files stay on disk); for orphans you have dealt with.
 
-    Example: xnat2bids forget XNAT_E00042 ~/bids-export
+    Example: xnat2bids forget XNAT_E00042 ~/bids-export --yes
     """
     from reconcile import statelock
     from reconcile.apply import append_lock_change, recover
@@ -1187,6 +1188,17 @@ def forget(
         lock = read_lock(root)
         if lock is None or experiment_id not in lock.sessions:
             raise ConfigError(f"{experiment_id} is not in the lock of {root}")
+        record = lock.sessions[experiment_id]
+        # Offline, forget cannot tell an orphan from a session still in XNAT (a mistyped ID): the
+        # session is named before it goes, and the way back is a new export.
+        what = f"{experiment_id} ({record.project}/{record.session_label}, {record.address.path})"
+        if not yes:
+            if not stdin_is_terminal():
+                raise ConfigError(f"forget needs confirmation to drop {what}; without a terminal pass --yes")
+            if not typer.confirm(f"Forget {what}? Its files stay; exporting it again means moving them out first",
+                                 default=False):
+                echo("Cancelled; nothing changed.")
+                raise typer.Exit(EXIT_ERROR)
         written = write_lock(root, lock.without_session(experiment_id), expected_serial=lock.serial)
         try:
             append_lock_change(root, "forget", (lock.serial, written.serial), [lock.sessions[experiment_id]],

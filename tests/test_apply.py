@@ -267,7 +267,11 @@ def test_rearchived_session_is_rekeyed_and_orphans_are_kept_until_forgotten(cli,
     lock = read_lock(root)
     assert sorted(lock.sessions) == sorted([again.id, exps["02_MR1"].id])
     assert (root / "sub-02/ses-02MR1").is_dir()  # orphans are never deleted
-    code, out, _ = cli("forget", exps["02_MR1"].id, str(root))
+    code, out, err = cli("forget", exps["02_MR1"].id, str(root))  # no terminal here to ask on
+    assert code == 1 and (f"error: forget needs confirmation to drop {exps['02_MR1'].id} (PROJ/02_MR1, "
+                          "sub-02/ses-02MR1); without a terminal pass --yes") in err
+    assert read_lock(root).serial == 3
+    code, out, _ = cli("forget", "--yes", exps["02_MR1"].id, str(root))
     assert code == 0
     assert f"note: if XNAT still has {exps['02_MR1'].id}, plan now finds sub-02/ses-02MR1 in its way" in out
     assert sorted(read_lock(root).sessions) == [again.id]

@@ -149,7 +149,7 @@ def test_forget_finds_the_study_whose_lock_records_the_session_and_history_walks
     _export_study(emulator.archive, root, "smith/study-memory/bids", "SMITH_MEMORY")
     _export_study(emulator.archive, root, "jones/study-vision/bids", "JONES_VISION")
     [jones] = [e for e in emulator.archive.sessions("JONES_VISION")]
-    code, out, err = cli("forget", jones.id, str(root), "--config", str(cfg))
+    code, out, err = cli("forget", "--yes", jones.id, str(root), "--config", str(cfg))
     assert code == 0, out + err
     assert read_lock(root / "jones/study-vision/bids").sessions == {}
     assert len(read_lock(root / "smith/study-memory/bids").sessions) == 1
@@ -234,14 +234,14 @@ def test_forget_walks_past_an_invalid_lock_and_takes_a_study_folder_directly(cli
     jones = _export_study(emulator.archive, root, "jones/study-vision/bids", "JONES_VISION").parents[3]
     (jones / ".xnat2bids.lock").write_bytes((jones / ".xnat2bids.lock").read_bytes() + b"x = = \n")
     [s1] = emulator.archive.sessions("SMITH_MEMORY")
-    code, out, err = cli("forget", s1.id, str(root), "--config", str(cfg))
+    code, out, err = cli("forget", "--yes", s1.id, str(root), "--config", str(cfg))
     assert code == 0, out + err
     assert read_lock(smith).sessions == {}
     code, _, err = cli("forget", "XNAT_E99999", str(root), "--config", str(cfg))
     assert code == 1 and f"unreadable locks: {jones}" in err
     _export_study(emulator.archive, root, "lee/study-pilot/bids", "LEE_PILOT")
     [s3] = emulator.archive.sessions("LEE_PILOT")
-    code, out, err = cli("forget", s3.id, str(root / "lee/study-pilot/bids"), "--config", str(cfg))
+    code, out, err = cli("forget", "--yes", s3.id, str(root / "lee/study-pilot/bids"), "--config", str(cfg))
     assert code == 0, out + err
     assert read_lock(root / "lee/study-pilot/bids").sessions == {}
 

@@ -11,7 +11,7 @@ from reconcile.lock import read_lock
 def test_a_forgotten_session_still_in_xnat_is_a_problem_not_a_create(cli, emulator, tmp_path):
     kept, forgotten = add_sessions(emulator.archive, 2)
     root = exported_root(emulator.archive, tmp_path, [kept, forgotten])
-    assert cli("forget", forgotten.id, str(root))[0] == 0
+    assert cli("forget", "--yes", forgotten.id, str(root))[0] == 0
     before = tree(root, "sub-SUBJ02")
 
     code, out, err = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")

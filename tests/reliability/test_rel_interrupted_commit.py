@@ -34,7 +34,7 @@ def interrupted(tmp_path):
 
 def test_forget_completes_an_interrupted_commit_before_dropping_the_session(interrupted, tmp_path):
     world, root, exp = interrupted
-    done = xnat2bids("forget", exp.id, str(root), url=world.url, cwd=tmp_path)
+    done = xnat2bids("forget", "--yes", exp.id, str(root), url=world.url, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"recovered the interrupted commit of {exp.id}" in done.stdout
     assert f"Forgot {exp.id}; its files were left on disk." in done.stdout
