@@ -553,11 +553,22 @@ def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list
             completed.append(exp_id)
             warn(f"{exp_id}: an interrupted commit was completed")
         handled.append(exp_id)
+    _empty_trash(root, warn)
     try:
         _note_unrecorded(root, completed)
     except OSError as exc:  # a full disk: the lock is right; the next run tries again
         warn(f"could not add the commits without a history entry to the history ({exc.strerror or exc})")
     return handled
+
+
+def _empty_trash(root: Path, warn: Callable[[str], None]) -> None:
+    """Old session folders a commit could not remove (a file the user may not delete, an NFS
+    hiccup) are removed by the next run; what still cannot be is named."""
+    trash = work_path(root, "trash")
+    for leftover in sorted(trash.iterdir()) if trash.is_dir() else []:
+        shutil.rmtree(leftover, ignore_errors=True)
+        if leftover.exists():
+            warn(f"cannot remove {leftover.relative_to(root)}, the old files of a replaced session; remove it by hand")
 
 
 def _same_root(planned: Path, root: Path) -> bool:

@@ -72,6 +72,12 @@ def _as_recovered(root: Path, lock: Lock) -> tuple[Lock, dict[str, tuple[str, Pa
             notes.append(f"{exp_id}: an interrupted commit of {record.address} will be completed by the next apply")
     for temp in stale_temp_files(root):  # the lock itself is whole: replaced by rename
         notes.append(f"{temp.name}: left by an interrupted lock write; the next apply removes it")
+    trash = root / ".xnat2bids" / "trash"
+    journalled = {path.stem for path in journal_dir.glob("*.json")} if journal_dir.is_dir() else set()
+    for leftover in sorted(trash.iterdir()) if trash.is_dir() else []:
+        if leftover.name.removesuffix(".dicom") not in journalled:
+            notes.append(f".xnat2bids/trash/{leftover.name}: the old files of a replaced session, which could not "
+                         "be removed then; the next apply removes them")
     return lock, moved, notes
 
 

@@ -170,6 +170,7 @@ def run_plan(
 
     run = make_plan(client, root, config, selection, deep=deep, reconvert_outdated=reconvert_outdated, full=full)
     plan = run.plan
+    _say_if_busy(root)
     unconfigured = _no_config_but_lock_had_one(config, run.lock, root)
     if unconfigured:
         echo(f"warning: {unconfigured}; the changes below may come from that (apply refuses to run so)", err=True)
@@ -195,6 +196,16 @@ def run_plan(
     if detailed_exitcode and plan.has_changes:
         return EXIT_CHANGES
     return EXIT_OK
+
+
+def _say_if_busy(root: Path) -> None:
+    """plan and check read a root another command may be changing: say so."""
+    from reconcile.statelock import working_holder
+
+    holder = working_holder(root)
+    if holder is not None:
+        echo(f"warning: {holder.describe()} is at work on this root; what it changes may not be seen here yet",
+             err=True)
 
 
 def _no_config_but_lock_had_one(cfg: Config, lock: Lock, root: Path) -> str | None:
@@ -1293,6 +1304,7 @@ def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
     from reconcile.lock import lock_path, read_lock
 
     _need_dataset_folder(root)
+    _say_if_busy(root)
     lock = read_lock(root)
     if lock is None:
         raise ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")

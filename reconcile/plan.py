@@ -456,6 +456,10 @@ def edited(rec: SessionRecord, local: LocalState) -> list[Reason]:
     return [r for r in _drift(rec, local) if r.code == "changed"]
 
 
+def _edited_paths(drift: list[Reason]) -> tuple[str, ...]:
+    return tuple(r.field for r in drift if r.code == "changed")
+
+
 def _drift(rec: SessionRecord, local: LocalState) -> list[Reason]:
     reasons = []
     for out in rec.outputs:
@@ -695,18 +699,20 @@ def compute_plan(
                 used_as_replaced.add(replaced.experiment_id)
                 reason = Reason("replaced", f"replaced in XNAT: {replaced.experiment_id} → {exp_id}",
                                 "experiment_id", replaced.experiment_id, exp_id)
-                changed = edited(replaced, local)
-                out.changes.append(Change(Action.UPDATE, exp.key, address, (reason, *changed), replaced, exp, scans,
-                                          tuple(r.field for r in changed)))
+                drift = _drift(replaced, local)
+                out.changes.append(Change(Action.UPDATE, exp.key, address, (reason, *drift), replaced, exp, scans,
+                                          _edited_paths(drift)))
             else:
                 out.changes.append(Change(Action.CREATE, exp.key, address, _NEW, None, exp, scans))
             continue
         converted_by = conversion(exp.project, exp.label, exp.id)
         reasons = _compare(rec, exp, address, converted_by, scans, tools, reconvert_outdated)
         if reasons:
-            changed = edited(rec, local)
-            out.changes.append(Change(Action.UPDATE, exp.key, address, (*reasons, *changed), rec, exp, scans,
-                                      tuple(r.field for r in changed)))
+            # What changed on disk is named too; an edited output holds the update back, a missing
+            # one the update simply writes again.
+            drift = _drift(rec, local)
+            out.changes.append(Change(Action.UPDATE, exp.key, address, (*reasons, *drift), rec, exp, scans,
+                                      _edited_paths(drift)))
             continue
         drift = _drift(rec, local)
         if drift:

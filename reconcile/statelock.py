@@ -30,7 +30,7 @@ from enum import Enum
 from pathlib import Path
 
 from reconcile.durable import fsync_dir
-from reconcile.errors import LockHeldError
+from reconcile.errors import LockHeldError, XnatBidsError
 
 STATE_LOCK_NAME = ".xnat2bids.lock.info"
 UNREADABLE = "unreadable"  # the lock ID `force-unlock` takes to remove a lock file nobody can read
@@ -279,6 +279,18 @@ def read_holder(root: Path) -> Holder | None:
     if seen.holder is None:
         raise _unreadable_error(root, seen)
     return seen.holder
+
+
+def working_holder(root: Path) -> Holder | None:
+    """Who holds the root's state lock, unless that process is certainly gone; for the read-only
+    commands to say that what they show may change under them. Never raises."""
+    try:
+        seen = _look(root)
+    except (OSError, XnatBidsError):
+        return None
+    if seen is None or seen.holder is None:
+        return None
+    return None if _fate(seen.holder, _me("look"))[0] is _Fate.GONE else seen.holder
 
 
 def _open_for_flock(path: Path) -> int:

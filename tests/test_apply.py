@@ -485,3 +485,20 @@ def test_a_session_the_user_may_not_read_fails_alone(cli, emulator, tmp_path):
     assert code == 1, out + err
     assert "1 done, 1 failed, 0 skipped" in out and "credentials rejected" not in out
     assert list(read_lock(root).sessions) == [exps["02_MR1"].id]
+
+
+def test_old_files_a_commit_could_not_remove_are_named_by_check_and_removed_by_the_next_apply(cli, emulator, tmp_path):
+    exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])["01_MR1"]
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    # What a replaced session's old folder leaves when one of its files could not be deleted then.
+    left = root / ".xnat2bids/trash" / exp.id / "anat/old.nii.gz"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"old")
+    code, out, _ = cli("check", str(root))
+    assert code == 0 and (f"pending: .xnat2bids/trash/{exp.id}: the old files of a replaced session, which could "
+                          "not be removed then; the next apply removes them") in out
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0 and "Nothing to apply." in out, out + err
+    assert not (root / ".xnat2bids/trash" / exp.id).exists()
+    assert "pending" not in cli("check", str(root))[1]

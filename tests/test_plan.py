@@ -321,6 +321,25 @@ def test_edited_output_is_drift():  # row 13
     assert not vouched.changes and not [n for n in vouched.notes if "modification time" in n]
 
 
+def test_an_update_names_outputs_missing_or_edited_on_disk_and_only_edits_hold_it_back():
+    e = exp(1)
+    rec = record(e, bids_session="SUBJ01MR1")
+    gone = rec.outputs[0]
+    edited_out = replace(gone, path=gone.path.replace("_T1w", "_T2w"))
+    rec = replace(rec, outputs=(gone, edited_out))
+    files = {**on_disk(rec).files, edited_out.path: FileStat(edited_out.size + 1, edited_out.mtime_ns)}
+    del files[gone.path]
+    redated = replace(e, date="2024-02-01", last_modified=T0 + timedelta(minutes=1))
+    change = only(plan_of(lock_of(rec), [redated], LocalState(files)), Action.UPDATE)
+    assert [r.message for r in change.reasons][1:] == [f"missing: {gone.path}",
+                                                       f"changed: {edited_out.path} (size {edited_out.size} → "
+                                                       f"{edited_out.size + 1})"]
+    assert change.edited == (edited_out.path,)  # the missing one is simply written again
+    del files[edited_out.path]
+    change = only(plan_of(lock_of(rec), [redated], LocalState(files)), Action.UPDATE)
+    assert not change.edited and change.reasons[-1].message == f"missing: {edited_out.path}"
+
+
 def test_unrecorded_user_files_do_not_matter():  # row 14
     e = exp(1)
     rec = record(e, bids_session="SUBJ01MR1")

@@ -87,12 +87,18 @@ def test_second_apply_on_the_same_root_fails_at_once_naming_the_holder(tmp_path)
         try:
             wait_for(reached.is_set, "the first apply's download")
             second = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
+            # plan and check read on, and say that the root is being changed
+            looks = [xnat2bids(*command, str(root), url=world.url, cwd=tmp_path)
+                     for command in (("plan", "-p", "PROJ"), ("check",))]
             assert first.poll() is None  # the second did not wait for the first to end
         finally:
             release.set()
         assert second.returncode == 1
         assert f"another xnat2bids holds {root}: apply by" in second.stderr
         assert f"pid {first.pid}" in second.stderr
+        for look in looks:
+            assert f"pid {first.pid} since" in look.stderr and "is at work on this root" in look.stderr, look.stderr
+        assert looks[0].returncode == 0 and "+ create" in looks[0].stdout
         out, err = first.communicate(timeout=120)
         assert first.returncode == 0, out + err
         assert "1 done" in out
