@@ -39,10 +39,16 @@ def run_demo(workdir: Path | None, echo: Callable[[str], None]) -> int:
     from reconcile.cli import run_apply, run_check, run_plan
     from reconcile.config import parse_config
     from reconcile.credentials import Credentials
+    from reconcile.errors import ConfigError
     from reconcile.lock import read_lock
     from reconcile.plan import Selection
     from reconcile.xnat import XnatClient
 
+    if workdir is not None and (Path(workdir) / "bids").exists():
+        # Each demo starts its own XNAT, whose sessions are new: a dataset of an earlier demo
+        # would see them all as re-archived, and the demo's story would not be told.
+        raise ConfigError(f"{Path(workdir) / 'bids'} exists (an earlier demo?)",
+                          hint="give the demo a --workdir of its own, or none for a temporary one")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log lines in the demo
     archive = Archive(site="DEMO")
     archive.add_user(DEMO_USER, DEMO_PASSWORD)

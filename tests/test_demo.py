@@ -22,3 +22,9 @@ def test_demo_runs_plan_apply_redate_plan_apply_check(tmp_path, capsys, monkeypa
     assert out.split("7. xnat2bids plan")[1].count("No changes. 3 sessions up to date.") == 1
     lock = read_lock(tmp_path / "bids")
     assert lock.sessions["DEMO_E00002"].date == "2024-02-01"
+    before = (tmp_path / "bids" / ".xnat2bids.lock").read_bytes()
+    with pytest.raises(SystemExit) as exc:  # again in the same folder: its new XNAT would re-archive all
+        main(["demo", "--workdir", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert exc.value.code == 1 and f"error: {tmp_path / 'bids'} exists (an earlier demo?)" in captured.err
+    assert (tmp_path / "bids" / ".xnat2bids.lock").read_bytes() == before
