@@ -192,7 +192,7 @@ def main() -> None:
          "Writes fsync the lock; the floor row is that I/O alone. Cold reads parse with toml-rs (tomllib",
          "without it: ~25 s), in forked parts of at least "
          f"{lockparse.FORK_MIN_FRAGMENTS:,} sessions, one per core; full writes are tomli-w's speed (pure",
-         "Python, ~1 µs per character)."],
+         "Python: 74 MB of 10,000 sessions take ~7 s)."],
     )
 
 
