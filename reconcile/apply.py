@@ -757,9 +757,9 @@ def _settle(
         if isinstance(exc, LockConflictError):  # every later commit would meet the same lock
             halted.append("the lock changed on disk during this run; run plan again")
         elif (half := _half_committed(root, change.key.experiment_id)) is not None:
-            text += f" ({half})"
-            # E.g. the lock cannot be written: every later commit would be left half-way too.
-            halted.append(f"the commit of {change.key.experiment_id} was left half-way")
+            text += f" ({half[1]})"
+            if half[0]:  # on disk ahead of the lock (it cannot be written?): so would every later commit be
+                halted.append(f"the commit of {change.key.experiment_id} was left half-way")
         _log(log_path, f"failed: {exc}" if known else f"failed: {exc!r}")  # ours: with detail and hint
         hint = exc.hint if known else None
         return Outcome(change, Status.FAILED, text, log_path, time.monotonic() - t0, hint=hint)
@@ -767,19 +767,20 @@ def _settle(
     return Outcome(change, Status.DONE, "", log_path, time.monotonic() - t0, record, warnings=tuple(warnings))
 
 
-def _half_committed(root: Path, exp_id: str) -> str | None:
-    """What the next apply does with a commit this run left half-way (its journal is still
-    there), as `check` says it; None when nothing of the commit was left."""
+def _half_committed(root: Path, exp_id: str) -> tuple[bool, str] | None:
+    """A commit this run left half-way (its journal is still there): whether its new folder is in
+    place ahead of the lock, and what the next apply does with it, as `check` says it; None when
+    nothing of the commit was left."""
     path = WorkArea(root).journal(exp_id)
     if not path.exists():
         return None
     try:
         journal, _ = read_journal(path)
     except LockfileError:
-        return "its journal cannot be read; see `xnat2bids check`"
+        return True, "its journal cannot be read; see `xnat2bids check`"
     if swapped(root, journal):
-        return "the new session is in place; the next apply completes its commit"
-    return "the old session stays; the next apply puts it back and applies this one again"
+        return True, "the new session is in place; the next apply completes its commit"
+    return False, "the old session is kept; the next apply tries this one again"
 
 
 def _log(path: Path, text: str) -> None:
