@@ -214,3 +214,35 @@ def test_a_lock_that_cannot_be_written_stops_the_run_after_one_half_commit_and_t
     assert (recovered["operation"], [s["experiment_id"] for s in recovered["sessions"]]) == ("unrecorded", [exps[0].id])
     code, out, err = cli("check", str(root))
     assert code == 0, out + err
+
+
+def test_a_session_folder_that_cannot_be_moved_fails_that_session_only(cli, emulator, tmp_path, monkeypatch):
+    import errno
+
+    import reconcile.apply
+
+    exps = add(emulator.archive, 2)
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    for exp in exps:
+        emulator.archive.set_fields(exp.id, date="2024-03-01")
+    move = reconcile.apply._move_replacing
+    stuck = root / "sub-01"
+
+    def refused(src, dest, trash):  # what an immutable or foreign-owned folder does to the rename
+        if stuck in dest.parents:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(dest))
+        return move(src, dest, trash)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(reconcile.apply, "_move_replacing", refused)
+        code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1")
+    assert code == 1, out + err
+    assert "(the old session is kept; the next apply tries this one again)" in out
+    assert "1 done, 1 failed, 0 skipped" in out  # the other session went ahead
+    lock = read_lock(root)
+    assert [lock.sessions[e.id].date for e in exps] == ["2024-01-11", "2024-03-01"]
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0 and "1 done, 0 failed" in out, out + err
+    assert {r.date for r in read_lock(root).sessions.values()} == {"2024-03-01"}
+    assert cli("check", str(root))[0] == 0
