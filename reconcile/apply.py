@@ -425,8 +425,13 @@ def commit_session(
     moved = previous is not None and previous.address != address
     check_dataset_files(root, address.subject, previous_subject=previous.bids_subject if moved else None)
     target.parent.mkdir(parents=True, exist_ok=True)  # a file in its way fails here, before the journal
-    # As the planner judges it, and again now: outputs may have changed since planning.
-    edited = [r.field for r in plan_edited(previous, stat_records(root, [previous]))] if previous is not None else []
+    # As the planner judged it (with --full, by content: the stat alone cannot tell), and again
+    # now: outputs may have changed since planning.
+    edited = []
+    if previous is not None:
+        now = {r.field for r in plan_edited(previous, stat_records(root, [previous]))}
+        planned = {r.field for r in staged.change.reasons if r.code == "changed"} & {o.path for o in previous.outputs}
+        edited = sorted(now | {p for p in planned if (root / p).is_file()})
     if edited and not repair_drift:
         raise XnatBidsError(
             f"{address.path}: outputs changed on disk since they were recorded: {', '.join(edited)}",
@@ -754,12 +759,13 @@ def _settle(
     except Exception as exc:  # one session's failure, a bug or an OS error, must not stop the others
         text = exc.summary if isinstance(exc, XnatBidsError) else f"{type(exc).__name__}: {exc}"
         known = isinstance(exc, XnatBidsError)
+        half = _half_committed(root, change.key.experiment_id)
+        if half is not None:
+            text += f" ({half[1]})"
         if isinstance(exc, LockConflictError):  # every later commit would meet the same lock
             halted.append("the lock changed on disk during this run; run plan again")
-        elif (half := _half_committed(root, change.key.experiment_id)) is not None:
-            text += f" ({half[1]})"
-            if half[0]:  # on disk ahead of the lock (it cannot be written?): so would every later commit be
-                halted.append(f"the commit of {change.key.experiment_id} was left half-way")
+        elif half is not None and half[0]:  # on disk ahead of the lock (it cannot be written?): so would
+            halted.append(f"the commit of {change.key.experiment_id} was left half-way")  # every later one be
         _log(log_path, f"failed: {exc}" if known else f"failed: {exc!r}")  # ours: with detail and hint
         hint = exc.hint if known else None
         return Outcome(change, Status.FAILED, text, log_path, time.monotonic() - t0, hint=hint)
@@ -775,11 +781,15 @@ def _half_committed(root: Path, exp_id: str) -> tuple[bool, str] | None:
     if not path.exists():
         return None
     try:
-        journal, _ = read_journal(path)
+        journal, record = read_journal(path)
     except LockfileError:
         return True, "its journal cannot be read; see `xnat2bids check`"
     if swapped(root, journal):
         return True, "the new session is in place; the next apply completes its commit"
+    trash = WorkArea(root).trash(exp_id)
+    if trash.is_dir() and not (root / record.address.path).exists():  # moved aside, the new one not in
+        return False, (f"the old session waits in {trash.relative_to(root)}; the next apply puts it back and tries "
+                       "this one again")
     return False, "the old session is kept; the next apply tries this one again"
 
 

@@ -44,7 +44,7 @@ class CheckReport:
     sessions: int
     outputs: int
     problems: tuple[CheckProblem, ...]
-    pending: tuple[str, ...] = ()  # interrupted commits the next apply completes or rolls back
+    pending: tuple[str, ...] = ()  # what the next apply settles: interrupted commits, leftovers
 
     @property
     def ok(self) -> bool:

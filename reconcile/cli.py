@@ -71,6 +71,7 @@ emulator_app = typer.Typer(help="The built-in XNAT emulator (for demos, tests an
 app.add_typer(emulator_app, name="emulator")
 
 _debug = False
+_stopping = False  # a signal cancelled an apply: no further study starts
 _root_config: Optional[Path] = None  # `xnat2bids --config FILE <command>`
 _json_errors = False  # the command was given --json: a fatal error is a JSON document on stdout too
 
@@ -245,6 +246,10 @@ def for_each_study(cfg: Config, root: Path, selection: Selection, run) -> int:
             echo(f"note: [project.{project}] names a project that is neither configured, exported nor selected")
     codes = []
     for study in chosen:
+        if _stopping:  # Ctrl-C or SIGTERM cancelled a study's apply: the others do not start
+            echo(f"Stopped before {study.project}: the remaining studies were not started.")
+            codes.append(EXIT_ERROR)
+            break
         echo(f"=== {study.project}: {study.root}")
         try:
             codes.append(run(study.root, _replace(selection, projects=(study.project,))))
@@ -370,8 +375,8 @@ def root_callback(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit."),
 ) -> None:
-    global _debug, _root_config, _json_errors
-    _debug, _root_config, _json_errors = debug, config, False
+    global _debug, _root_config, _json_errors, _stopping
+    _debug, _root_config, _json_errors, _stopping = debug, config, False, False
     if version:
         echo(f"xnat2bids {__version__}")
         raise typer.Exit(EXIT_OK)
@@ -551,9 +556,11 @@ def run_apply(
             previous_handler = None
             if threading.current_thread() is threading.main_thread():
                 def on_sigint(signum, frame):  # first Ctrl-C or SIGTERM: finish cleanly; second: hard stop
+                    global _stopping
                     if cancel.is_set():
                         raise KeyboardInterrupt
                     cancel.set()
+                    _stopping = True
                     again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
                     echo(f"\nStopping: the sessions under way are abandoned cleanly ({again} to force).", err=True)
                 # SIGTERM is what `timeout`, systemd and a SLURM time limit send before SIGKILL.
@@ -1517,7 +1524,7 @@ def _run(argv: list[str] | None) -> int:
         seed = next((a for a in argv if a.split("=")[0] in ("--diff", "--update")), None)
         if seed is not None and isinstance(exc, UsageError):
             command = "plan --detailed-exitcode" if seed.startswith("--diff") else "apply"
-            echo(f"hint: {seed.split('=')[0]} takes a ROOT and nothing else; for other options use "
+            echo(f"hint: {seed.split('=')[0]} takes a ROOT (and --config) only; for other options use "
                  f"`xnat2bids {command} [ROOT] …`", err=True)
         code = EXIT_ERROR
     except Abort:

@@ -252,17 +252,18 @@ _TYPES = {"integer": "a whole number", "number": "a number", "string": "a string
 def _said(error: Any) -> str:
     """A schema violation in a config's words: what the value must be."""
     bound = error.validator_value
+    value = json.dumps(error.instance)  # as the file spells it: "four", true
     if error.validator == "type":
         kinds = bound if isinstance(bound, list) else [bound]
-        return f"must be {' or '.join(_TYPES.get(k, k) for k in kinds)}, not {error.instance!r}"
+        return f"must be {' or '.join(_TYPES.get(k, k) for k in kinds)}, not {value}"
     if error.validator == "minimum":
-        return f"must be at least {bound}, not {error.instance!r}"
+        return f"must be at least {bound}, not {value}"
     if error.validator == "exclusiveMinimum":
-        return f"must be greater than {bound}, not {error.instance!r}"
+        return f"must be greater than {bound}, not {value}"
     if error.validator == "maximum":
-        return f"must be at most {bound}, not {error.instance!r}"
+        return f"must be at most {bound}, not {value}"
     if error.validator == "enum":
-        return f"must be one of {', '.join(repr(v) for v in bound)}, not {error.instance!r}"
+        return f"must be one of {', '.join(json.dumps(v) for v in bound)}, not {value}"
     if error.validator == "minLength" and bound == 1:
         return "must not be empty"
     return error.message

@@ -24,25 +24,30 @@ from reconcile.plan import LocalState
 HASH_CHUNK = 1 << 20
 
 
-def stat_outputs(root: Path, lock: Lock, *, full: bool = False) -> LocalState:
+Hashed = Callable[[SessionRecord], bool]  # whose outputs --full hashes
+
+
+def stat_outputs(root: Path, lock: Lock, *, full: bool | Hashed = False) -> LocalState:
     """Stat every recorded output; paths that do not exist (or are not files) are left out."""
     return stat_records(root, lock.sessions.values(), full=full)
 
 
-def stat_records(root: Path, records: Iterable[SessionRecord], *, full: bool = False) -> LocalState:
+def stat_records(root: Path, records: Iterable[SessionRecord], *, full: bool | Hashed = False) -> LocalState:
     """`stat_outputs` for the outputs of these records only. An output with its recorded size but
     another modification time is hashed, once per change of its stat (`Verified`), to tell a
     copy or clone of the dataset from an edit. An output that is a link is followed only when it
-    stays inside the root; linked folders above the outputs are `check`'s to find. With `full`,
-    the outputs whose stat is the recorded one are hashed too (`check --full`'s evidence: bit rot,
-    an edit that kept size and time)."""
+    stays inside the root; linked folders above the outputs are `check`'s to find. With `full`
+    (for every record, or those it is true for), the outputs whose stat is the recorded one are
+    hashed too, and no stat vouches for one (`check --full`'s evidence: bit rot, an edit that kept
+    size and time)."""
     files: dict[str, FileStat] = {}
-    touched: list[tuple[OutputRecord, os.stat_result]] = []
+    touched: list[tuple[OutputRecord, os.stat_result, bool]] = []
     unchanged: dict[str, OutputRecord] = {}
     outside: set[str] = set()
     beneath = Beneath(root)
     with root_stat(root, follow_symlinks=False) as lstat:
         for rec in records:
+            hashed = full(rec) if callable(full) else full
             for out in rec.outputs:
                 try:
                     st = lstat(out.path)
@@ -56,22 +61,23 @@ def stat_records(root: Path, records: Iterable[SessionRecord], *, full: bool = F
                 if S_ISREG(st.st_mode):
                     files[out.path] = FileStat(st.st_size, st.st_mtime_ns)
                     if st.st_mtime_ns != out.mtime_ns and st.st_size == out.size:
-                        touched.append((out, st))
-                    elif full and st.st_size == out.size:
+                        touched.append((out, st, hashed))
+                    elif hashed and st.st_size == out.size:
                         unchanged[os.path.join(root, out.path)] = out
-    same, hashed = _same_content(root, touched) if touched else (frozenset(), 0)
+    same, hashed_now = _same_content(root, touched) if touched else (frozenset(), 0)
     differs = frozenset(unchanged[p].path for p, digest in hash_files(unchanged).items()
                         if digest != unchanged[p].sha256) if unchanged else frozenset()
-    return LocalState(files, same, frozenset(outside), hashed, differs)
+    return LocalState(files, same, frozenset(outside), hashed_now, differs)
 
 
-def _same_content(root: Path, touched: list[tuple[OutputRecord, os.stat_result]]) -> tuple[frozenset[str], int]:
+def _same_content(root: Path, touched: list[tuple[OutputRecord, os.stat_result, bool]]) -> tuple[frozenset[str], int]:
     """The touched outputs whose sha256 is the recorded one, and how many of them were hashed
-    now (the others the verified-outputs store vouched for)."""
+    now (the others the verified-outputs store vouched for; not for those asked to be hashed in
+    full, as bit rot changes nothing the store keys on)."""
     verified = Verified.of(root)
-    same = {out.path for out, st in touched if verified.vouches(out, st)}
+    same = {out.path for out, st, full in touched if not full and verified.vouches(out, st)}
     vouched = len(same)
-    to_hash = {os.path.join(root, out.path): (out, st) for out, st in touched if out.path not in same}
+    to_hash = {os.path.join(root, out.path): (out, st) for out, st, _ in touched if out.path not in same}
     if to_hash:
         for path, digest in hash_files(to_hash).items():
             out, st = to_hash[path]

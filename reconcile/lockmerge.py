@@ -50,8 +50,12 @@ def merge_locks(base: Lock | None, ours: Lock, theirs: Lock) -> Merged:
             sessions[key] = pick
     if conflicts:
         return Merged(None, tuple(conflicts))
-    base_fingerprint = base.config_fingerprint if base is not None else ours.config_fingerprint
-    fingerprint = theirs.config_fingerprint if ours.config_fingerprint == base_fingerprint else ours.config_fingerprint
+    if base is None and ours.lineage != theirs.lineage:  # the side whose lineage is kept: either way the same
+        fingerprint = (ours if ours.lineage == lineage else theirs).config_fingerprint
+    else:
+        base_fingerprint = base.config_fingerprint if base is not None else ours.config_fingerprint
+        fingerprint = theirs.config_fingerprint if ours.config_fingerprint == base_fingerprint \
+            else ours.config_fingerprint
     return Merged(replace(ours, lineage=lineage, serial=max(ours.serial, theirs.serial) + 1, generator=GENERATOR,
                           config_fingerprint=fingerprint, sessions=sessions))
 

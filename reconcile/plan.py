@@ -15,7 +15,7 @@ from datetime import datetime
 from enum import Enum
 from functools import cache
 
-from reconcile.config import Config, ConversionSettings, select
+from reconcile.config import Config, ConversionSettings, NamingSettings, select
 from reconcile.errors import UnsafePathError
 from reconcile.lock import Lock
 from reconcile.model import (
@@ -393,6 +393,7 @@ def _compare(
     rec: SessionRecord,
     exp: Experiment,
     address: BidsAddress,
+    naming: NamingSettings,
     conversion: _Conversion,
     scans: tuple[Scan, ...] | None,
     tools: Mapping[str, str],
@@ -406,11 +407,16 @@ def _compare(
         reasons.append(_renamed(old, new, "subject", by_xnat=rec.subject_label != exp.subject_label))
     if rec.bids_session != address.session:
         old, new = f"ses-{rec.bids_session}", f"ses-{address.session}"
-        if rec.session_label == exp.label and rec.subject_label != exp.subject_label:
-            # strip-subject: the session's label no longer starts with its subject's new one
-            msg = (f"renamed {old} → {new} (session label {exp.label} does not begin with the new subject label "
-                   f"{exp.subject_label}; [naming.sessions] can keep {old})")
-            reasons.append(Reason("renamed", msg, "session", old, new))
+        strips = naming.session_label == "strip-subject" and exp.id not in naming.sessions \
+            and exp.label not in naming.sessions
+        if strips and rec.session_label == exp.label and rec.subject_label != exp.subject_label:
+            # The session's label is read with its subject's, which XNAT renamed.
+            if exp.label.startswith(exp.subject_label + "_"):
+                why = f"session label {exp.label} now begins with the new subject label {exp.subject_label}"
+            else:
+                why = (f"session label {exp.label} does not begin with the new subject label {exp.subject_label}; "
+                       f"[naming.sessions] can keep {old}")
+            reasons.append(Reason("renamed", f"renamed {old} → {new} ({why})", "session", old, new))
         else:
             reasons.append(_renamed(old, new, "session", by_xnat=rec.session_label != exp.label))
     if rec.date != exp.date:
@@ -706,7 +712,7 @@ def compute_plan(
                 out.changes.append(Change(Action.CREATE, exp.key, address, _NEW, None, exp, scans))
             continue
         converted_by = conversion(exp.project, exp.label, exp.id)
-        reasons = _compare(rec, exp, address, converted_by, scans, tools, reconvert_outdated)
+        reasons = _compare(rec, exp, address, config.naming, converted_by, scans, tools, reconvert_outdated)
         if reasons:
             # What changed on disk is named too; an edited output holds the update back, a missing
             # one the update simply writes again.

@@ -286,11 +286,11 @@ def working_holder(root: Path) -> Holder | None:
     commands to say that what they show may change under them. Never raises."""
     try:
         seen = _look(root)
-    except (OSError, XnatBidsError):
+        if seen is None or seen.holder is None:
+            return None
+        return None if _fate(seen.holder, _me("look"))[0] is _Fate.GONE else seen.holder
+    except (OSError, KeyError, XnatBidsError):  # KeyError: getpass without a passwd entry (a container)
         return None
-    if seen is None or seen.holder is None:
-        return None
-    return None if _fate(seen.holder, _me("look"))[0] is _Fate.GONE else seen.holder
 
 
 def _open_for_flock(path: Path) -> int:

@@ -235,8 +235,10 @@ def test_content_changed_with_its_size_and_time_kept_is_drift_with_full_and_repa
     assert code == 2 and f"changed: {rel} (its sha256 is not the recorded one)" in out
     assert "1 drifted" in out
 
+    changed = image.read_bytes()
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--full", "--repair-drift")
     assert code == 0 and "1 done" in out, out + err
     assert image.read_bytes() == good
+    assert _kept(root, exp.id, rel) == changed  # replaced as any edit is: a copy kept
     assert cli("check", str(root), "--full")[0] == 0
     assert read_lock(root).sessions[exp.id].date == "2024-01-10"

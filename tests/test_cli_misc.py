@@ -305,7 +305,7 @@ def test_the_seed_flags_are_commands_of_their_own(cli, tmp_path):
     assert not Path("plan").exists()
     code, out, err = cli("--diff", str(tmp_path / "bids"), "--project", "PROJ")
     assert code == 1 and "No such option: --project" in err
-    assert ("hint: --diff takes a ROOT and nothing else; for other options use "
+    assert ("hint: --diff takes a ROOT (and --config) only; for other options use "
             "`xnat2bids plan --detailed-exitcode [ROOT] …`") in err
 
 

@@ -11,11 +11,13 @@ import pytest
 from test_statelock import _holder_json, _ns_inode, _our_identity
 from worlds import SMALL, record_as_exported, write_config
 
+from reconcile.config import parse_config
 from reconcile.demo import populate
 from reconcile.errors import ConfigError
 from reconcile.layout import discover, study_root
 from reconcile.lock import Lock, read_lock, write_lock
 from reconcile.model import OutputRecord
+from reconcile.plan import Selection
 from reconcile.statelock import state_lock_path
 
 PI_STUDY = 'layout = "pi-study"'
@@ -373,3 +375,20 @@ def test_project_on_an_offline_command_of_a_flat_dataset_is_refused(cli, tmp_pat
     root.mkdir()
     code, out, err = cli("check", str(root), "-p", "PROJ")
     assert code == 1 and "--project selects studies of the pi-study layout" in err and "Traceback" not in err
+
+
+def test_a_signal_that_cancels_one_studys_apply_starts_no_other_study(tmp_path, monkeypatch, capsys):
+    import reconcile.cli as cli
+
+    cfg = parse_config({"layout": "pi-study", "projects": ["SMITH_ALPHA", "SMITH_BETA"]})
+    monkeypatch.setattr(cli, "_stopping", False)
+    started = []
+
+    def cancelled(where, selection):  # what run_apply's Ctrl-C / SIGTERM handler leaves behind
+        started.append(selection.projects)
+        cli._stopping = True
+        return 1
+
+    assert cli.for_each_study(cfg, tmp_path, Selection(), cancelled) == 1
+    assert started == [("SMITH_ALPHA",)]
+    assert "Stopped before SMITH_BETA: the remaining studies were not started." in capsys.readouterr().out

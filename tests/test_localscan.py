@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -163,3 +164,32 @@ def test_an_output_linked_out_of_the_root_is_not_judged_by_its_target_one_linked
     assert local.outside == {"sub-SUBJ01/ses-MR1/anat/a.json"}
     assert set(local.files) == {"sub-SUBJ01/ses-MR1/anat/b.json"}
     assert local.files["sub-SUBJ01/ses-MR1/anat/b.json"].size == 4
+
+
+def test_full_hashes_every_output_even_those_the_verified_store_vouches_for(tmp_path):
+    from reconcile.localscan import Verified
+
+    a, b = "sub-SUBJ01/ses-MR1/anat/a.json", "sub-SUBJ01/ses-MR1/anat/b.json"
+    lock = _recording(tmp_path, {a: b"{}\n", b: b"[1]\n"})  # recorded times differ from the files'
+    assert stat_outputs(tmp_path, lock).same_content == {a, b}  # hashed once, then vouched for by stat
+    (tmp_path / b).write_bytes(b"[9]\n")
+    verified = Verified.of(tmp_path)  # bit rot: the content changes, nothing the store keys on does
+    out = next(o for o in lock.sessions["E1"].outputs if o.path == b)
+    verified.add(out, (tmp_path / b).stat())
+    verified.save()
+    assert stat_outputs(tmp_path, lock).same_content == {a, b}  # the store's word, without --full
+    full = stat_outputs(tmp_path, lock, full=True)
+    assert full.same_content == {a} and full.differs == frozenset()  # touched and other bytes: an edit
+    assert full.hashed_now == 1
+
+
+def test_full_hashes_only_the_sessions_it_is_asked_for(tmp_path):
+    a = "sub-SUBJ01/ses-MR1/anat/a.json"
+    lock = _recording(tmp_path, {a: b"{}\n"})
+    out = lock.sessions["E1"].outputs[0]
+    st = (tmp_path / a).stat()
+    (tmp_path / a).write_bytes(b"[]\n")
+    os.utime(tmp_path / a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    lock = lock.with_session(replace(lock.sessions["E1"], outputs=(replace(out, mtime_ns=st.st_mtime_ns),)))
+    assert stat_outputs(tmp_path, lock, full=lambda rec: rec.experiment_id == "E2").differs == frozenset()
+    assert stat_outputs(tmp_path, lock, full=lambda rec: rec.experiment_id == "E1").differs == {a}

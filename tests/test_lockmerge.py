@@ -58,10 +58,13 @@ def test_the_same_export_in_both_clones_is_no_conflict_but_other_bytes_are():
 
 def test_two_first_exports_merge_into_one_lineage_but_locks_of_two_datasets_do_not():
     # Cloned before any export: each clone's first apply began a lineage, and git has no base lock.
-    ours, theirs = lock_with(record(1)), replace(lock_with(record(2)), serial=4)
+    ours = replace(lock_with(record(1)), config_fingerprint="a" * 16)
+    theirs = replace(lock_with(record(2)), serial=4, config_fingerprint="b" * 16)
     merged, reverse = merge_locks(None, ours, theirs), merge_locks(None, theirs, ours)
     assert merged.conflicts == () and sorted(merged.lock.sessions) == ["XNAT_E00001", "XNAT_E00002"]
-    assert merged.lock.lineage == reverse.lock.lineage == min(ours.lineage, theirs.lineage)
+    kept = min((ours, theirs), key=lambda lock: lock.lineage)
+    assert (merged.lock.lineage, merged.lock.config_fingerprint) == (kept.lineage, kept.config_fingerprint)
+    assert (reverse.lock.lineage, reverse.lock.config_fingerprint) == (kept.lineage, kept.config_fingerprint)
     assert merged.lock.serial == 5
     merged = merge_locks(ours, ours, theirs)  # a common lock of one lineage, the other side another
     assert merged.lock is None and "different lineages" in merged.conflicts[0]

@@ -719,6 +719,16 @@ def test_a_subject_renamed_under_strip_subject_names_the_session_label_not_the_c
         "renamed ses-MR1 → ses-004MR1 (session label 004_MR1 does not begin with the new subject label 104; "
         "[naming.sessions] can keep ses-MR1)",
     ]
+    fixed = replace(e, subject_label="04", label="004_MR1")  # a subject label corrected to match
+    lock = lock_of(record(fixed, config=config, bids_subject="04", bids_session="004MR1"))
+    change = only(plan_of(lock, [replace(fixed, subject_label="004", last_modified=T0 + timedelta(minutes=1))],
+                          config=config), Action.UPDATE)
+    assert change.reasons[1].message == ("renamed ses-004MR1 → ses-MR1 (session label 004_MR1 now begins with the "
+                                         "new subject label 004)")
+    kept = Config(naming=NamingSettings(session_label="strip-subject", sessions={e.id: "MR2"}))
+    lock = lock_of(record(e, config=kept, bids_subject="004", bids_session="MR1"))
+    change = only(plan_of(lock, [renamed], config=kept), Action.UPDATE)
+    assert change.reasons[1].message == "config changed: naming (ses-MR1 → ses-MR2)"  # the override's doing
 
 
 def test_non_session_experiments_are_ignored():

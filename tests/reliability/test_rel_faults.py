@@ -246,3 +246,34 @@ def test_a_session_folder_that_cannot_be_moved_fails_that_session_only(cli, emul
     assert code == 0 and "1 done, 0 failed" in out, out + err
     assert {r.date for r in read_lock(root).sessions.values()} == {"2024-03-01"}
     assert cli("check", str(root))[0] == 0
+
+
+def test_a_new_folder_that_cannot_be_moved_in_leaves_the_old_one_aside_and_says_so(cli, emulator, tmp_path,
+                                                                                     monkeypatch):
+    import errno
+
+    import reconcile.apply
+
+    [exp] = add(emulator.archive, 1)
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    emulator.archive.set_fields(exp.id, date="2024-03-01")
+    real_hit = reconcile.apply.hit
+
+    def between_renames(name):  # the old folder is in the trash; the new one's rename fails
+        if name == "commit-between-renames":
+            raise PermissionError(errno.EACCES, "Permission denied", str(root / "sub-01"))
+        real_hit(name)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(reconcile.apply, "hit", between_renames)
+        code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1, out + err
+    assert (f"(the old session waits in .xnat2bids/trash/{exp.id}; the next apply puts it back and tries this one "
+            "again)") in out
+    assert not (root / "sub-01/ses-01MR1").exists()
+    code, out, _ = cli("check", str(root))
+    assert f"pending: {exp.id}: an interrupted commit of sub-01/ses-01MR1 will be rolled back by the next apply" in out
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0 and "1 done" in out, out + err
+    assert read_lock(root).sessions[exp.id].date == "2024-03-01" and cli("check", str(root))[0] == 0
