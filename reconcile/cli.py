@@ -1219,13 +1219,13 @@ def forget(
                 raise typer.Exit(EXIT_ERROR)
         written = write_lock(root, lock.without_session(experiment_id), expected_serial=lock.serial)
         try:
-            append_lock_change(root, "forget", (lock.serial, written.serial), [lock.sessions[experiment_id]],
+            append_lock_change(root, "forget", (lock.serial, written.serial), [record],
                                action="forget", dropped=True,
                                reason="dropped from the lock by `xnat2bids forget`; its files were left on disk")
         except OSError as exc:  # the lock is written: say so rather than fail (the next run records it)
             warn(f"could not add the forget to the history ({exc.strerror or exc})")
     echo(f"Forgot {experiment_id}; its files were left on disk. Lock serial {written.serial}.")
-    folder = lock.sessions[experiment_id].address.path
+    folder = record.address.path
     if (root / folder).is_dir():  # forget works offline: it cannot tell an orphan from a live session
         echo(f"note: if XNAT still has {experiment_id}, plan now finds {folder} in its way; to export it again, "
              "move that folder out of the BIDS root first")

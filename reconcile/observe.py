@@ -193,10 +193,9 @@ def make_plan(
         # The disk is looked at while XNAT answers: os.stat and the wait for the listing both
         # release the GIL (10,000 sessions × 4 outputs: about 0.3 s of the 1.4 s plan saved).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-scan") as pool:
-            # --full hashes only the selected sessions' outputs: one session need not cost the dataset.
-            hashed = (lambda rec: rec.project in projects and selection.wants(
-                rec.subject_label, rec.bids_subject, rec.session_label, rec.experiment_id, rec.bids_session)) \
-                if full else False
+            # --full hashes the selected sessions' outputs only (of the projects planned): one
+            # session need not cost the whole dataset.
+            hashed = replace(selection, projects=projects).holds if full else False
             scan = pool.submit(stat_outputs, root, lock, full=hashed)
             remote = observe_remote(client, projects, deep=deep, concurrency=concurrency,
                                     wanted=lambda e: _selected(e, config, selection))

@@ -108,6 +108,12 @@ class Selection:
             self.sessions, session_label, exp_id, bids_session
         )
 
+    def holds(self, rec: SessionRecord) -> bool:
+        """A recorded session is selected: its project, subject and session."""
+        return (not self.projects or rec.project in self.projects) and self.wants(
+            rec.subject_label, rec.bids_subject, rec.session_label, rec.experiment_id, rec.bids_session
+        )
+
 
 @dataclass(frozen=True)
 class ProjectListing:
@@ -525,11 +531,6 @@ def compute_plan(
     deep = remote.deep is not None
     listed_projects = tuple(sorted(p.project for p in remote.listings))
 
-    def in_selection(rec: SessionRecord) -> bool:
-        return (not selection.projects or rec.project in selection.projects) and selection.wants(
-            rec.subject_label, rec.bids_subject, rec.session_label, rec.experiment_id, rec.bids_session
-        )
-
     # The lock's records, decoded once: every step below looks at all of them.
     sessions = dict(lock.sessions.items())
     records = sessions.values()
@@ -546,7 +547,7 @@ def compute_plan(
             )
             continue
         listed = [e for e in listing.experiments if e.xsi_type.endswith(SESSION_TYPES_SUFFIX)]
-        recorded = [] if listed else [r for r in records if r.project == listing.project and in_selection(r)]
+        recorded = [] if listed else [r for r in records if r.project == listing.project and selection.holds(r)]
         if recorded:
             blocked.add(listing.project)
             out.problems.append(
@@ -625,7 +626,7 @@ def compute_plan(
             # Selected by the ID of the session it replaces (re-archived): planned with it, or the
             # old one would read as deleted and the new one as taking its folder.
             replaced = None if exp_id in sessions else vanished_by_address.get(address)
-            if replaced is None or not in_selection(replaced):
+            if replaced is None or not selection.holds(replaced):
                 continue
         scans = deep_scans.get(exp_id) if deep else None
         rec = sessions.get(exp_id)
@@ -734,7 +735,7 @@ def compute_plan(
     gone = sorted(
         (r for r in records
          if r.experiment_id not in present_ids and r.experiment_id not in used_as_replaced
-         and r.project in listed_ok and in_selection(r)),
+         and r.project in listed_ok and selection.holds(r)),
         key=lambda r: r.address,
     )
     for rec in gone:
