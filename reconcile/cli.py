@@ -1452,7 +1452,7 @@ def emulator_serve(
     sessions = len(archive.sessions())
     serve_forever(
         archive, host, port,
-        on_ready=lambda url: echo(f"XNAT emulator on {url} ({sessions} sessions, user {user}); Ctrl-C to stop"),
+        on_ready=lambda url: echo(f"XNAT emulator on {url} ({_count(sessions, 'session')}, user {user}); Ctrl-C to stop"),
     )
 
 
