@@ -259,10 +259,10 @@ def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Pat
                      renamed: tuple[str, str] | None = None) -> list[str]:
     """Files, links and empty folders a user added inside a session folder survive its
     re-conversion. One at a path the conversion now writes is kept under `kept` instead.
-    Returns the paths kept there. When the session moved (`renamed`: the old and the new
-    `sub-X_ses-Y_` file-name prefixes), task events belong to runs that were renamed too: one
-    filled in is carried under the new name, a stub nobody filled in is left (the new conversion
-    wrote its own)."""
+    Returns the paths kept there. A task events stub nobody filled in is not carried: the new
+    conversion wrote its own for each run it still has. When the session moved (`renamed`: the
+    old and the new `sub-X_ses-Y_` file-name prefixes), task events belong to runs that were
+    renamed too: one filled in is carried under the new name."""
     if not old_dir.is_dir():
         return []
     moved_aside = []
@@ -275,10 +275,10 @@ def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Pat
             rel = path.relative_to(root).as_posix()
             if rel in recorded:
                 continue
+            if _is_events_stub(path):
+                continue  # heudiconv's, unfilled: the new conversion writes its own where the run remains
             dest = new_dir / path.relative_to(old_dir)
             if renamed and name.endswith("_events.tsv") and name.startswith(renamed[0]):
-                if _is_events_stub(path):
-                    continue
                 dest = dest.with_name(renamed[1] + name[len(renamed[0]):])
             if name in empty and dest.is_dir() and not dest.is_symlink():
                 continue  # the conversion made that folder: nothing of the user's is replaced
@@ -425,11 +425,12 @@ def commit_session(
     moved = previous is not None and previous.address != address
     check_dataset_files(root, address.subject, previous_subject=previous.bids_subject if moved else None)
     target.parent.mkdir(parents=True, exist_ok=True)  # a file in its way fails here, before the journal
-    # As the planner judged it (with --full, by content: the stat alone cannot tell), and again
-    # now: outputs may have changed since planning.
+    # As the planner judged it, and again now, by content: outputs may have changed since
+    # planning, and an edit that kept size and time shows only in a hash. Those bytes are about
+    # to be replaced: reading them once more is what keeping every edit costs.
     edited = []
     if previous is not None:
-        now = {r.field for r in plan_edited(previous, stat_records(root, [previous]))}
+        now = {r.field for r in plan_edited(previous, stat_records(root, [previous], full=True))}
         planned = {r.field for r in staged.change.reasons if r.code == "changed"} & {o.path for o in previous.outputs}
         edited = sorted(now | {p for p in planned if (root / p).is_file()})
     if edited and not repair_drift:

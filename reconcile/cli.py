@@ -682,12 +682,15 @@ def _left_alone(plan: Plan, todo: tuple[Change, ...]) -> str:
     carried = set(map(id, todo))
     left = [c.action for c in plan.changes if id(c) not in carried]
     held = left.count(Action.UPDATE) + left.count(Action.CREATE)
+    stopped = sum(1 for p in plan.problems if p.experiment_id)  # a collision, an unsafe label: sessions left out
     parts = [f"{n} {word}" for n, word in (
         (left.count(Action.DRIFT), "drifted"),
         (held, "update held back" if held == 1 else "updates held back"),
         (left.count(Action.ORPHAN), "orphaned"),
+        (stopped, "session error" if stopped == 1 else "session errors"),
     ) if n]
-    return f" Left as they are: {', '.join(parts)} (see the plan's notes)." if parts else ""
+    see = "the plan's errors and notes" if stopped else "the plan's notes"
+    return f" Left as they are: {', '.join(parts)} (see {see})." if parts else ""
 
 
 def _load_or_make_plan(

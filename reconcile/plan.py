@@ -634,15 +634,18 @@ def compute_plan(
         if holder is not None and holder.experiment_id != exp_id and holder.project not in listed_ok:
             # The folder's owner is in a project not listed this run (not selected, or its listing
             # failed): as good as present, so this is a collision (row 17), not a free address.
-            out.problems.append(
-                Problem(
-                    f"session {exp_id} ({exp.project}/{exp.label}) maps to {address.path}, which the lock records "
-                    f"for {holder.experiment_id} of project {holder.project}",
-                    exp.project,
-                    exp_id,
-                    hint=f'give one a distinct label in [naming.sessions], e.g. "{exp_id}" = "{address.session}b"',
-                )
-            )
+            # Unless its listing failed: then it may be this very session, moved, and a new label
+            # would make it a second copy.
+            if holder.project in blocked:
+                msg = (f"session {exp_id} ({exp.project}/{exp.label}) maps to {address.path}, which the lock records "
+                       f"for {holder.experiment_id} of project {holder.project}, whose listing is in error above")
+                hint = (f"plan again once project {holder.project} lists; if {holder.experiment_id} was moved to "
+                        f"{exp.project} in XNAT, this is its new ID and plan then replaces it")
+            else:
+                msg = (f"session {exp_id} ({exp.project}/{exp.label}) maps to {address.path}, which the lock records "
+                       f"for {holder.experiment_id} of project {holder.project}")
+                hint = f'give one a distinct label in [naming.sessions], e.g. "{exp_id}" = "{address.session}b"'
+            out.problems.append(Problem(msg, exp.project, exp_id, hint=hint))
             continue
         if holder is not None and holder.experiment_id != exp_id and holder.experiment_id in present_ids:
             # Another recorded session still owns that folder (e.g. two labels swapped):
@@ -704,10 +707,13 @@ def compute_plan(
             replaced = vanished_by_address.get(address)
             if replaced is not None:
                 used_as_replaced.add(replaced.experiment_id)
-                reason = Reason("replaced", f"replaced in XNAT: {replaced.experiment_id} → {exp_id}",
-                                "experiment_id", replaced.experiment_id, exp_id)
+                reasons = [Reason("replaced", f"replaced in XNAT: {replaced.experiment_id} → {exp_id}",
+                                  "experiment_id", replaced.experiment_id, exp_id)]
+                if replaced.project != exp.project:  # deleted in one project, archived again in another
+                    reasons.append(Reason("moved", f"project {replaced.project} → {exp.project}", "project",
+                                          replaced.project, exp.project))
                 drift = _drift(replaced, local)
-                out.changes.append(Change(Action.UPDATE, exp.key, address, (reason, *drift), replaced, exp, scans,
+                out.changes.append(Change(Action.UPDATE, exp.key, address, (*reasons, *drift), replaced, exp, scans,
                                           _edited_paths(drift)))
             else:
                 out.changes.append(Change(Action.CREATE, exp.key, address, _NEW, None, exp, scans))
@@ -768,7 +774,7 @@ def compute_plan(
     if outdated:
         out.notes.append(
             f"{outdated} session{'s' if outdated != 1 else ''} converted with older tools; "
-            "use --reconvert-outdated to convert them again"
+            f"use --reconvert-outdated to convert {'them' if outdated != 1 else 'it'} again"
         )
     if (selection.subjects or selection.sessions) and not out.changes and not out.unchanged and not out.problems:
         given = [f"--subject {' '.join(selection.subjects)}"] * bool(selection.subjects) + \

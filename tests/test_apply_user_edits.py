@@ -242,3 +242,49 @@ def test_content_changed_with_its_size_and_time_kept_is_drift_with_full_and_repa
     assert _kept(root, exp.id, rel) == changed  # replaced as any edit is: a copy kept
     assert cli("check", str(root), "--full")[0] == 0
     assert read_lock(root).sessions[exp.id].date == "2024-01-10"
+
+
+def test_an_unfilled_events_stub_goes_with_its_run_a_filled_in_one_stays(cli, emulator, tmp_path):
+    import requests
+
+    exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    [events] = (root / "sub-01/ses-01MR1/func").glob("*_events.tsv")
+    [bold] = [s for s in emulator.archive.get_session(exp.id).scans.values() if "bold" in s.series_description]
+    gone = requests.delete(f"{emulator.url}/data/experiments/{exp.id}/scans/{bold.id}",
+                           auth=(emulator.user, emulator.password), timeout=10)
+    assert gone.status_code == 200
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--deep")
+    assert code == 0 and f"scan {bold.id} removed" in out, out + err
+    assert not events.exists() and not list((root / "sub-01/ses-01MR1").glob("func/*"))  # heudiconv's stub went too
+
+    add(emulator.archive, [("02", "02_MR1", "2024-01-11")], series=SMALL)
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    [events] = (root / "sub-02/ses-02MR1/func").glob("*_events.tsv")
+    events.write_bytes(FILLED)  # the lab's events stay, also when their run is gone
+    exp2 = next(e for e in emulator.archive.sessions("PROJ") if e.label == "02_MR1")
+    [bold] = [s for s in emulator.archive.get_session(exp2.id).scans.values() if "bold" in s.series_description]
+    requests.delete(f"{emulator.url}/data/experiments/{exp2.id}/scans/{bold.id}",
+                    auth=(emulator.user, emulator.password), timeout=10)
+    assert cli("apply", str(root), "-p", "PROJ", "--yes", "--deep")[0] == 0
+    assert events.read_bytes() == FILLED
+
+
+def test_an_update_keeps_an_edit_only_a_hash_shows_even_without_full(cli, emulator, tmp_path):
+    exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    [image] = (root / "sub-01/ses-01MR1/anat").glob("*_T1w.nii.gz")
+    good, st = image.read_bytes(), image.stat()
+    edited = good[:100] + bytes([good[100] ^ 0xFF]) + good[101:]
+    image.write_bytes(edited)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and time as recorded
+    redate(emulator, exp, "2024-02-01")
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")  # the commit hashes what it replaces
+    assert code == 1 and "outputs changed on disk since they were recorded" in out, out + err
+    assert image.read_bytes() == edited and read_lock(root).sessions[exp.id].date == "2024-01-10"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--repair-drift")
+    assert code == 0 and "1 done" in out, out + err
+    assert _kept(root, exp.id, image.relative_to(root).as_posix()) == edited
+    assert image.read_bytes() == good and read_lock(root).sessions[exp.id].date == "2024-02-01"

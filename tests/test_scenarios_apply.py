@@ -60,7 +60,8 @@ def test_apply_converts_the_good_session_and_refuses_only_the_bad_ones(cli, emul
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
     assert code == 1, out + err  # the refusals make the run an error...
     assert message in out and all(e.id in out for e in exps.values())
-    assert "Apply complete: 1 done, 0 failed, 0 skipped; lock serial 1." in out  # ...yet the good one is done
+    assert ("Apply complete: 1 done, 0 failed, 0 skipped; lock serial 1. Left as they are: 1 session error (see the "
+            "plan's errors and notes).") in out  # ...yet the good one is done, and the summary says what was left
 
     lock = read_lock(root)
     assert list(lock.sessions) == [good.id]
@@ -141,7 +142,7 @@ def test_sessions_converted_with_older_tools_are_reconverted_only_with_reconvert
     code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
     assert code == 0, out
     assert "No changes. 1 session up to date." in out
-    assert "note: 1 session converted with older tools; use --reconvert-outdated to convert them again" in out
+    assert "note: 1 session converted with older tools; use --reconvert-outdated to convert it again" in out
     code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes")
     assert code == 0 and "Nothing to apply." in out
     assert lock_path(root).read_bytes() == older  # not without being asked
