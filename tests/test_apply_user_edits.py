@@ -215,8 +215,9 @@ def test_an_output_replaced_by_a_link_out_of_the_root_is_drift_and_repaired_with
     assert cli("check", str(root), "--full")[0] == 0
 
 
-def test_content_changed_with_its_size_and_time_kept_is_drift_with_full_and_repaired(cli, emulator, tmp_path):
-    """Bit rot, or an edit that restored the time: only hashing sees it (check --full, plan --full)."""
+def _exported_then_edited_in_place(cli, emulator, tmp_path):
+    """A session exported, then one byte of its T1w changed with the file's size and time kept
+    (bit rot, or an edit that restored the time): only a hash shows it."""
     exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
     root = tmp_path / "bids"
     assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
@@ -224,6 +225,11 @@ def test_content_changed_with_its_size_and_time_kept_is_drift_with_full_and_repa
     good, st = image.read_bytes(), image.stat()
     image.write_bytes(good[:100] + bytes([good[100] ^ 0xFF]) + good[101:])
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return exp, root, image, good
+
+
+def test_content_changed_with_its_size_and_time_kept_is_drift_with_full_and_repaired(cli, emulator, tmp_path):
+    exp, root, image, good = _exported_then_edited_in_place(cli, emulator, tmp_path)
     rel = image.relative_to(root).as_posix()
 
     code, out, _ = cli("check", str(root), "--full")
@@ -272,14 +278,8 @@ def test_an_unfilled_events_stub_goes_with_its_run_a_filled_in_one_stays(cli, em
 
 
 def test_an_update_keeps_an_edit_only_a_hash_shows_even_without_full(cli, emulator, tmp_path):
-    exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
-    root = tmp_path / "bids"
-    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
-    [image] = (root / "sub-01/ses-01MR1/anat").glob("*_T1w.nii.gz")
-    good, st = image.read_bytes(), image.stat()
-    edited = good[:100] + bytes([good[100] ^ 0xFF]) + good[101:]
-    image.write_bytes(edited)
-    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and time as recorded
+    exp, root, image, good = _exported_then_edited_in_place(cli, emulator, tmp_path)
+    edited = image.read_bytes()
     redate(emulator, exp, "2024-02-01")
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")  # the commit hashes what it replaces
     assert code == 1 and "outputs changed on disk since they were recorded" in out, out + err
