@@ -156,7 +156,7 @@ def test_serve_forever_runs_until_interrupted(tmp_path):
         rows = requests.get(f"{url}/data/projects?format=json", auth=("admin", "secret"), timeout=5).json()
         assert [r["ID"] for r in rows["ResultSet"]["Result"]] == ["PROJ"]
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=10) == 0
+        assert process.wait(timeout=60) == 0  # a guard against a hang, not a bound on speed (a loaded CI)
         assert process.stdout.read().strip() == "stopped"
     finally:
         if process.poll() is None:
