@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,15 +139,16 @@ def serve_forever(
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve `archive` until KeyboardInterrupt; `on_ready` gets the base URL once listening."""
-    server = _server(app or EmulatorApp(archive), host, port)
-    if on_ready is not None:
-        on_ready(_url(server, host))
-    try:
-        server.serve()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    with serve_in_thread(app or EmulatorApp(archive), host, port) as url:
+        if on_ready is not None:
+            on_ready(url)
+        # The server runs in a thread, so Ctrl-C (or SIGTERM as the CLI turns it into one) lands
+        # here, never in the middle of cheroot's own locks, whose stop() could then wait forever.
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
 
 
 def load_dicom_dir(archive: Archive, path: str | Path) -> list[Experiment]:
