@@ -1266,7 +1266,7 @@ def merge_lock(
              err=True)
         raise typer.Exit(EXIT_ERROR)
     write_atomic(ours, dumps_lock(merged.lock))
-    echo(f"xnat2bids merge-lock: {len(merged.lock.sessions)} sessions, serial {merged.lock.serial}", err=True)
+    echo(f"xnat2bids merge-lock: {_count(len(merged.lock.sessions), 'session')}, serial {merged.lock.serial}", err=True)
 
 
 def _dataset_of(cfg: Config, root: Path, experiment_id: str) -> Path:
