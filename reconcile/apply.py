@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import threading
 import time
@@ -63,7 +62,7 @@ from reconcile.model import (
     format_timestamp,
     utc_now,
 )
-from reconcile.naming import check_safe
+from reconcile.naming import check_accession_id, check_safe
 from reconcile.plan import Change, Plan, recorded_scans
 from reconcile.plan import edited as plan_edited
 from reconcile.schema import load_schema
@@ -114,14 +113,7 @@ class ApplyReport:
         return not self.cancelled and all(o.status is Status.DONE for o in self.outcomes)
 
 
-_ID = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-def _safe_id(exp_id: str) -> str:
-    """XNAT accession IDs name folders in the work area; refuse anything that is not one."""
-    if not _ID.fullmatch(exp_id) or exp_id.strip(".") == "":
-        raise UnsafePathError(f"experiment ID {exp_id!r} is not a plain XNAT accession ID; refusing to use it as a path")
-    return exp_id
+_safe_id = check_accession_id
 
 
 def work_path(root: Path, *parts: str) -> Path:

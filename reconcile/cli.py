@@ -38,7 +38,7 @@ from reconcile.errors import (
     XnatBidsError,
 )
 from reconcile.lock import Lock
-from reconcile.model import utc_now
+from reconcile.model import printable, utc_now
 from reconcile.plan import Action, Change, Plan, Selection, repairing
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
@@ -77,7 +77,7 @@ _json_errors = False  # the command was given --json: a fatal error is a JSON do
 
 
 def echo(text: str = "", *, err: bool = False) -> None:
-    typer.echo(text, err=err)
+    typer.echo(printable(text), err=err)
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default: $XNAT2BIDS_CONFIG, ./xnat2bids.toml, ~/.config/xnat2bids/xnat2bids.toml).")

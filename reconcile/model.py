@@ -17,6 +17,17 @@ _TIMESTAMP = re.compile(r"^(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}:\d{2})(?:\.(\d{1,
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # Characters no name from XNAT may bring into a path: NUL, newlines, terminal escapes.
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# What a terminal may act on in text shown to people: C0 but for tab and newline, DEL, and C1
+# (\x9b is an escape sequence's start on some terminals).
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character written out as Python would (`\x1b`, `\r`): names and
+    messages that come from XNAT must not clear or rewrite the terminal or a log."""
+    if _UNPRINTABLE.search(text) is None:
+        return text
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
 # What the pattern admits, fromisoformat reads as meant from Python 3.11 on: fractions of 1-9 digits
 # cut (not rounded) to microseconds. A third of the cost of the general path in parse_timestamp.
 _FROMISOFORMAT_READS_XNAT = sys.version_info >= (3, 11)

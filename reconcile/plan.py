@@ -30,7 +30,7 @@ from reconcile.model import (
     format_timestamp,
     parse_timestamp,
 )
-from reconcile.naming import address_for
+from reconcile.naming import address_for, check_accession_id
 
 CONVERTER_TOOLS = ("heudiconv", "dcm2niix")
 # Image sessions are what gets converted; subject assessors such as QC or FreeSurfer runs are not.
@@ -575,6 +575,7 @@ def compute_plan(
     seen_ids: dict[str, tuple[Experiment, BidsAddress]] = {}
     for exp in sorted(remote_rows, key=lambda e: (e.project, e.id)):
         try:
+            check_accession_id(exp.id)  # it names the session's files in the work area
             address = address_for(exp, config.naming)
         except UnsafePathError as exc:
             if wanted(exp):

@@ -9,6 +9,7 @@ import sys
 from typing import TextIO
 
 from reconcile.apply import Outcome, Status
+from reconcile.model import printable
 from reconcile.plan import Change
 
 
@@ -38,16 +39,19 @@ class Reporter:
             self._progress.start()
 
     def _line(self, text: str) -> None:
+        text = printable(text)
         if self._progress is not None:
             self._progress.console.print(text, markup=False, highlight=False)
         else:
             print(text, file=self.stream, flush=True)
 
     def __call__(self, kind: str, change: Change, outcome: Outcome | None) -> None:
-        where = f"{change.address.path} ({change.key})"
+        where = printable(f"{change.address.path} ({change.key})")
         if kind == "start":
             if self._progress is not None:
-                self._progress.update(self._task, description=where)
+                from rich.markup import escape
+
+                self._progress.update(self._task, description=escape(where))  # a label's "[" is not markup
             else:
                 self._line(f"  … {change.action.value:<6} {where}")
             return

@@ -420,3 +420,13 @@ def test_a_session_the_user_may_not_read_stops_only_its_project_in_a_deep_plan(c
     assert code == 1, out + err
     assert f"listing of project PROJ failed: the scans of session {bad.label} ({bad.id}): user " in out
     assert f"+ create  sub-O1/ses-O1MR1  OTHER/{other.id}" in out and good.id not in out
+
+
+def test_terminal_controls_in_names_are_written_out_not_sent_to_the_terminal(cli, emulator, tmp_path):
+    # A name from XNAT or the command line must not clear the screen or rewrite the line a user confirms.
+    add_sessions(emulator.archive, 1)
+    code, out, err = cli("plan", str(tmp_path / "bids"), "--project", "PROJ", "--project", "NO\x1b7\rPE\x9b1m")
+    assert code == 1
+    assert "NO\\x1b7\\rPE\\x9b1m" in out + err
+    assert not any(c in out + err for c in "\x1b\r\x9b")
+    assert "+ create  sub-SUBJ01/ses-SUBJ01MR1" in out, err  # the other project is planned as usual
