@@ -43,7 +43,7 @@ from reconcile.errors import (
 )
 from reconcile.export import ExportCancelled, export_session
 from reconcile.failpoints import hit
-from reconcile.journal import read_journal, swapped
+from reconcile.journal import Settle, pending_commits, read_journal, swapped
 from reconcile.localscan import sha256_file, stat_records
 from reconcile.lock import (
     Lock,
@@ -533,24 +533,32 @@ def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list
     journal_dir = work_path(root, "journal")
     for stale in [*stale_temp_files(root), *journal_dir.glob("*.tmp")]:
         stale.unlink(missing_ok=True)
-    journals = sorted(journal_dir.glob("*.json")) if journal_dir.is_dir() else []
     handled, completed = [], []
-    for path in journals:
-        exp_id = path.stem
-        journal, record = read_journal(path)
-        if not swapped(root, journal):
-            # The swap never completed: put the old session back, drop the journal, retry later.
-            target = root / record.address.path
-            trash = area.trash(exp_id)
+    for p in pending_commits(root):
+        if p.settle is Settle.COMPLETE:
+            _roll_forward(root, p.exp_id)
+            completed.append(p.exp_id)
+            warn(f"{p.exp_id}: an interrupted commit was completed")
+        else:
+            # Never swapped, or its new folder is gone since (moved away by hand): put the old
+            # session folder back, drop the journal; the session is applied again.
+            target = root / p.record.address.path
+            trash = area.trash(p.exp_id)
             if trash.is_dir() and not target.exists():
                 os.rename(trash, target)
-            path.unlink()
-            warn(f"{exp_id}: an interrupted commit was rolled back; the session will be applied again")
-        else:
-            _roll_forward(root, exp_id)
-            completed.append(exp_id)
-            warn(f"{exp_id}: an interrupted commit was completed")
-        handled.append(exp_id)
+            elif trash.is_dir():  # something else stands there now: keep the old files aside
+                aside = area.replaced(p.exp_id)
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(trash, aside)
+                warn(f"{p.exp_id}: the files {p.record.address} held before the interrupted commit are kept in "
+                     f"{aside.relative_to(root)}")
+            p.path.unlink()
+            if p.settle is Settle.ROLL_BACK:
+                warn(f"{p.exp_id}: an interrupted commit was rolled back; the session will be applied again")
+            else:
+                warn(f"{p.exp_id}: an interrupted commit was dropped: {len(p.missing)} of the files it records are "
+                     f"not in {p.record.address} (e.g. {p.missing[0]}); the session will be applied again")
+        handled.append(p.exp_id)
     _empty_trash(root, warn)
     try:
         _note_unrecorded(root, completed)

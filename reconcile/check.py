@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from reconcile.journal import read_journal, swapped
+from reconcile.journal import as_recovered
 from reconcile.localscan import Beneath, hash_files, root_stat
-from reconcile.lock import Lock, stale_temp_files
+from reconcile.lock import Lock
 
 
 class CheckCode(Enum):
@@ -51,36 +51,6 @@ class CheckReport:
         return not self.problems
 
 
-def _as_recovered(root: Path, lock: Lock) -> tuple[Lock, dict[str, tuple[str, Path]], list[str]]:
-    """The lock as `apply.recover` will leave it, where rolled-back folders sit meanwhile, and notes."""
-    journal_dir = root / ".xnat2bids" / "journal"
-    moved: dict[str, tuple[str, Path]] = {}
-    notes: list[str] = []
-    for path in sorted(journal_dir.glob("*.json")) if journal_dir.is_dir() else []:
-        exp_id = path.stem
-        journal, record = read_journal(path)
-        if not swapped(root, journal):  # recover rolls it back
-            trash = root / ".xnat2bids" / "trash" / exp_id
-            if trash.is_dir() and not (root / record.address.path).exists():
-                moved[record.address.path] = (record.address.path, trash)
-            notes.append(f"{exp_id}: an interrupted commit of {record.address} will be rolled back by the next apply")
-        else:  # the new folder is in place: recover rolls forward
-            previous = journal.get("previous")
-            if previous and previous != exp_id:
-                lock = lock.without_session(previous) if previous in lock.sessions else lock
-            lock = lock.with_session(record)
-            notes.append(f"{exp_id}: an interrupted commit of {record.address} will be completed by the next apply")
-    for temp in stale_temp_files(root):  # the lock itself is whole: replaced by rename
-        notes.append(f"{temp.name}: left by an interrupted lock write; the next apply removes it")
-    trash = root / ".xnat2bids" / "trash"
-    journalled = {path.stem for path in journal_dir.glob("*.json")} if journal_dir.is_dir() else set()
-    for leftover in sorted(trash.iterdir()) if trash.is_dir() else []:
-        if leftover.name.removesuffix(".dicom") not in journalled:
-            notes.append(f".xnat2bids/trash/{leftover.name}: the old files of a replaced session, which could not "
-                         "be removed then; the next apply removes them")
-    return lock, moved, notes
-
-
 def _located(rel: str, moved: dict[str, tuple[str, Path]]) -> str | None:
     """Where a rolled-back session's output sits meanwhile; None for one at its place in the root."""
     for prefix, (_, trash) in moved.items():
@@ -96,7 +66,7 @@ def _named(lock: Lock, exp_id: str) -> str:
 
 def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
     """Every recorded output must exist with its size (and, with `full`, its sha256)."""
-    lock, moved, notes = _as_recovered(root, lock)
+    lock, moved, notes = as_recovered(root, lock)
     problems: list[CheckProblem] = []
 
     def problem(code: CheckCode, exp_id: str, path: str, what: str) -> None:

@@ -1,14 +1,18 @@
 """The journal of a commit: written by apply before it swaps a session's folders, read by the
-recovery that finishes or undoes a commit a crash interrupted, and by `check`."""
+recovery that finishes or undoes a commit a crash interrupted, and by `check` and `plan`, which
+judge the dataset as that recovery will leave it."""
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from reconcile.errors import LockfileError
-from reconcile.lock import loads_lock
+from reconcile.lock import Lock, loads_lock, stale_temp_files
 from reconcile.model import SessionRecord
 
 
@@ -37,3 +41,86 @@ def swapped(root: Path, journal: dict[str, Any]) -> bool:
     """Whether the commit's new folder is in place (recovery completes it) or still staged
     (the swap never happened: recovery rolls it back)."""
     return not (root / journal["staged"]).is_dir()
+
+
+class Settle(Enum):
+    """What the next apply's recovery does with an interrupted commit."""
+
+    ROLL_BACK = "roll back"  # the swap never happened: the old folder goes back, the session is applied again
+    COMPLETE = "complete"  # the new folder is in place: the lock records it
+    ABANDON = "abandon"  # swapped, but files it records are gone since (moved away by hand): applied again
+
+
+@dataclass(frozen=True)
+class Pending:
+    exp_id: str
+    path: Path  # the journal
+    journal: dict[str, Any]
+    record: SessionRecord
+    settle: Settle
+    missing: tuple[str, ...] = ()  # ABANDON: the recorded outputs not there with their size
+
+    def note(self) -> str:
+        """What `check` and `plan` say of it."""
+        where = f"{self.exp_id}: an interrupted commit of {self.record.address}"
+        if self.settle is Settle.COMPLETE:
+            return f"{where} will be completed by the next apply"
+        if self.settle is Settle.ROLL_BACK:
+            return f"{where} will be rolled back by the next apply"
+        return (f"{where} cannot be completed ({_files(self.missing)} not in place, e.g. {self.missing[0]}); "
+                "the next apply drops it and applies the session again")
+
+
+def _files(paths: tuple[str, ...]) -> str:
+    return f"{len(paths)} of its files" if len(paths) != 1 else "1 of its files"
+
+
+def pending_commits(root: Path) -> list[Pending]:
+    """The interrupted commits in the work area, each with what recovery will do with it. A commit
+    is completed only when every output it records is in place with its recorded size: one whose
+    folder was moved away meanwhile must not enter the lock."""
+    journal_dir = root / ".xnat2bids" / "journal"
+    found = []
+    for path in sorted(journal_dir.glob("*.json")) if journal_dir.is_dir() else []:
+        journal, record = read_journal(path)
+        if not swapped(root, journal):
+            found.append(Pending(path.stem, path, journal, record, Settle.ROLL_BACK))
+            continue
+        missing = tuple(o.path for o in record.outputs if not _in_place(root / o.path, o.size))
+        found.append(Pending(path.stem, path, journal, record, Settle.ABANDON if missing else Settle.COMPLETE, missing))
+    return found
+
+
+def _in_place(path: Path, size: int) -> bool:
+    try:
+        return os.stat(path).st_size == size
+    except OSError:
+        return False
+
+
+def as_recovered(root: Path, lock: Lock) -> tuple[Lock, dict[str, tuple[str, Path]], list[str]]:
+    """The lock as the next apply's recovery will leave it, where rolled-back session folders sit
+    meanwhile (address → (address, trash folder)), and a note per thing that recovery settles."""
+    moved: dict[str, tuple[str, Path]] = {}
+    notes: list[str] = []
+    pending = pending_commits(root)
+    for p in pending:
+        if p.settle is Settle.COMPLETE:
+            previous = p.journal.get("previous")
+            if previous and previous != p.exp_id and previous in lock.sessions:
+                lock = lock.without_session(previous)
+            lock = lock.with_session(p.record)
+        else:  # the old folder, if any, goes back from the trash
+            trash = root / ".xnat2bids" / "trash" / p.exp_id
+            if trash.is_dir() and not (root / p.record.address.path).exists():
+                moved[p.record.address.path] = (p.record.address.path, trash)
+        notes.append(p.note())
+    for temp in stale_temp_files(root):  # the lock itself is whole: replaced by rename
+        notes.append(f"{temp.name}: left by an interrupted lock write; the next apply removes it")
+    trash = root / ".xnat2bids" / "trash"
+    journalled = {p.exp_id for p in pending}
+    for leftover in sorted(trash.iterdir()) if trash.is_dir() else []:
+        if leftover.name.removesuffix(".dicom") not in journalled:
+            notes.append(f".xnat2bids/trash/{leftover.name}: the old files of a replaced session, which could not "
+                         "be removed then; the next apply removes them")
+    return lock, moved, notes

@@ -19,6 +19,7 @@ from pathlib import Path
 from reconcile import __version__
 from reconcile.config import Config, expand_projects, is_pattern
 from reconcile.errors import ConfigError, RemoteError, XnatBidsError
+from reconcile.journal import as_recovered
 from reconcile.localscan import stat_outputs
 from reconcile.lock import Lock, gc_paused, load_or_new, read_lock
 from reconcile.model import BidsAddress, Experiment
@@ -186,7 +187,9 @@ def make_plan(
     full: bool = False,
 ) -> PlanRun:
     with gc_paused():
-        lock = load_or_new(root)
+        # Planned as the next apply's recovery leaves it: a commit a crash interrupted with its
+        # folder in place is recorded, not a foreign folder in the way.
+        lock, _, pending = as_recovered(root, load_or_new(root))
         projects = choose_projects(selection, config, lock)
         if selection.projects:  # globs expanded: the planner compares project IDs
             selection = replace(selection, projects=projects)
@@ -207,6 +210,8 @@ def make_plan(
         plan = refuse_occupied(plan, occupied_folders(root, plan, lock))
         if config.layout == "pi-study":
             plan = note_moved_in(plan, _recorded_in_other_studies(root, plan))
+        if pending:
+            plan = replace(plan, notes=(*pending, *plan.notes))
         _promote_survivors()
     return PlanRun(root, lock, plan)
 

@@ -47,12 +47,42 @@ def test_forget_completes_an_interrupted_commit_before_dropping_the_session(inte
     assert read_lock(root).sessions == {}
 
 
+def test_plan_judges_the_root_as_the_next_apply_leaves_it(interrupted, tmp_path):
+    # The new folder is in place, the lock is behind: not a foreign folder in the way.
+    world, root, exp = interrupted
+    lock_before = (root / ".xnat2bids.lock").read_bytes()
+    planned = xnat2bids("plan", str(root), "-p", "PROJ", "--detailed-exitcode", url=world.url, cwd=tmp_path)
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    assert "No changes. 1 session up to date." in planned.stdout
+    assert (f"note: {exp.id}: an interrupted commit of sub-01/ses-01MR1 will be completed by the next apply"
+            in planned.stdout)
+    assert "exists but the lock records no session there" not in planned.stdout + planned.stderr
+    assert (root / ".xnat2bids.lock").read_bytes() == lock_before  # planning settles nothing
+
+
+def test_a_commit_whose_folder_was_moved_away_is_dropped_not_recorded(interrupted, tmp_path):
+    world, root, exp = interrupted
+    (root / "sub-01/ses-01MR1").rename(tmp_path / "moved-away")  # the new files, out of the root by hand
+    checked = xnat2bids("check", str(root), url=world.url, cwd=tmp_path)
+    assert f"pending: {exp.id}: an interrupted commit of sub-01/ses-01MR1 cannot be completed (" in checked.stdout
+    assert checked.returncode == 0, checked.stdout + checked.stderr  # judged as recovery leaves it: the old folder back
+
+    done = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{exp.id}: an interrupted commit was dropped: " in done.stderr
+    assert "date 2024-01-10 → 2024-02-02 (re-dated in XNAT)" in done.stdout  # the old record, the old folder back
+    assert "Apply complete: 1 done, 0 failed, 0 skipped" in done.stdout
+    assert read_lock(root).sessions[exp.id].date == "2024-02-02"
+    assert xnat2bids("check", str(root), "--full", url=world.url, cwd=tmp_path).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "moved-away").rglob("*.nii.gz"))  # what was moved is left alone
+
+
 @pytest.mark.parametrize("content", [b'{"record": ', b"{}", b"[]", b"\xff\xfe"])
 def test_a_damaged_journal_is_an_error_naming_it(interrupted, tmp_path, content):
     world, root, exp = interrupted
     journal = root / ".xnat2bids/journal" / f"{exp.id}.json"
     journal.write_bytes(content)
-    for command in (("check", str(root)), ("apply", str(root), "-p", "PROJ", "--yes"), ("forget", exp.id, str(root))):
+    for command in (("check", str(root)), ("plan", str(root), "-p", "PROJ"), ("apply", str(root), "-p", "PROJ", "--yes"), ("forget", exp.id, str(root))):
         result = xnat2bids(*command, url=world.url, cwd=tmp_path)
         assert result.returncode == 1, result.stdout + result.stderr
         assert f"error: the journal of an interrupted commit cannot be read: {journal}" in result.stderr
