@@ -545,6 +545,10 @@ def run_apply(
             untouched = _left_alone(plan, todo)
             if not todo:
                 echo(f"Nothing to apply.{untouched}")
+                if git_commit:  # what recovery completed, or a run killed before its commit, is committed still
+                    from reconcile.apply import ApplyReport
+
+                    _git_commit(root, ApplyReport(), say_none=False)
                 return EXIT_ERROR if plan.problems else EXIT_OK
             if not yes:
                 if not stdin_is_terminal():
@@ -601,10 +605,7 @@ def run_apply(
                 echo(result.summary())
                 code = code or (EXIT_ERROR if result.errors else EXIT_OK)
             if git_commit:
-                from reconcile.vcs import apply_message, apply_paths, commit_paths
-
-                commit = commit_paths(root, apply_message("xnat2bids apply", report), apply_paths(report))
-                echo(f"git commit {commit}" if commit else "git: nothing to commit")
+                _git_commit(root, report)
             return code
     finally:
         if own_client:
@@ -673,6 +674,14 @@ class _SavedPlan(NamedTuple):
 
     path: Path
     data: dict
+
+
+def _git_commit(root: Path, report, *, say_none: bool = True) -> None:
+    from reconcile.vcs import apply_message, apply_paths, commit_paths
+
+    commit = commit_paths(root, apply_message("xnat2bids apply", report), apply_paths(report, root))
+    if commit or say_none:
+        echo(f"git commit {commit}" if commit else "git: nothing to commit")
 
 
 def _left_alone(plan: Plan, todo: tuple[Change, ...]) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reconcile.errors import ConfigError, XnatBidsError
-from reconcile.lock import LOCK_NAME
+from reconcile.lock import LOCK_NAME, loads_lock, read_lock
+from reconcile.model import BidsAddress
 
 if TYPE_CHECKING:
     from reconcile.apply import ApplyReport
@@ -79,17 +80,37 @@ def _unfinished_operation(root: Path) -> str | None:
     return None
 
 
-def apply_paths(report: ApplyReport) -> list[str]:
+def apply_paths(report: ApplyReport, root: Path) -> list[str]:
     """What an apply may have written: the dataset files, and the subject folders (the old and the
-    new one of a rename) and kept DICOM of each session it carried out."""
-    paths = set(DATASET_FILES)
+    new one of a rename) and kept DICOM of each session it carried out, or that the lock records
+    otherwise than the last commit's lock does (a commit that recovery completed, a run killed
+    before its git commit): every commit is then a dataset that passes `check` once cloned."""
+    addresses = set(_recorded_since_last_commit(root))
     for outcome in report.outcomes:
         change = outcome.change
-        addresses = [change.address] + ([change.before.address] if change.before is not None else [])
-        for address in addresses:
-            paths.add(f"sub-{address.subject}")
-            paths.add(f"sourcedata/sub-{address.subject}/ses-{address.session}")
+        addresses.update([change.address] + ([change.before.address] if change.before is not None else []))
+    paths = set(DATASET_FILES)
+    for address in addresses:
+        paths.add(f"sub-{address.subject}")
+        paths.add(f"sourcedata/sub-{address.subject}/ses-{address.session}")
     return sorted(paths)
+
+
+def _recorded_since_last_commit(root: Path) -> set[BidsAddress]:
+    """The addresses (old and new) of the sessions whose record differs from HEAD's lock."""
+    current = read_lock(root)
+    shown = _git(root, "show", f"HEAD:./{LOCK_NAME}")
+    try:
+        committed = loads_lock(shown.stdout, source=f"HEAD:{LOCK_NAME}").sessions if shown.returncode == 0 else {}
+    except XnatBidsError:  # a lock committed by hand that does not validate: compare with none
+        committed = {}
+    now = current.sessions if current is not None else {}
+    addresses = set()
+    for exp_id in set(committed) | set(now):
+        old, new = committed.get(exp_id), now.get(exp_id)
+        if old != new:
+            addresses.update(r.address for r in (old, new) if r is not None)
+    return addresses
 
 
 def apply_message(title: str, report: ApplyReport) -> str:

@@ -460,6 +460,37 @@ def test_two_clones_histories_merge_without_a_conflict(cli, emulator, tmp_path):
     assert "<<<<<<<" not in history and history.count('"operation": "apply"') == 3
 
 
+def test_git_commit_takes_in_what_the_lock_records_since_the_last_commit(cli, emulator, tmp_path):
+    # A run killed before its git commit (here: one run without --git-commit), or a commit that
+    # recovery completed, leaves the lock ahead of the repository: the next --git-commit commits
+    # that session's folder with the lock, even when nothing is left to apply.
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    root.mkdir()
+
+    def git(where, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(where), "-c", "user.name=t", "-c", "user.email=t@x", *args],
+                              capture_output=True, text=True)
+
+    git(root, "init", "-q", "-b", "main")
+    for name, value in (("user.name", "t"), ("user.email", "t@x")):
+        git(root, "config", name, value)
+    assert cli("apply", str(root), "-p", "PROJ", "--session", "01_MR1", "--yes", "--git-commit")[0] == 0
+    assert cli("apply", str(root), "-p", "PROJ", "--session", "02_MR1", "--yes")[0] == 0
+    assert "?? sub-02/" in git(root, "status", "--porcelain").stdout
+
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--git-commit")
+    assert code == 0, out + err
+    assert "Nothing to apply." in out and "git commit " in out
+    assert "sub-02" not in git(root, "status", "--porcelain").stdout
+    clone = tmp_path / "clone"
+    assert git(tmp_path, "clone", "-q", str(root), str(clone)).returncode == 0
+    code, out, err = cli("check", str(clone))
+    assert code == 0 and "OK: lock serial 2, 2 sessions" in out, out + err
+    code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes", "--git-commit")
+    assert code == 0 and "git commit" not in out  # nothing new: no empty commit, no message
+
+
 def test_a_serial_moved_by_a_merge_with_nothing_exported_gets_no_history_entry(cli, emulator, tmp_path):
     from reconcile.lock import write_lock
 

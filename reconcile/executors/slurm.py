@@ -846,7 +846,7 @@ def finalize_batch(
             from reconcile.vcs import apply_message, apply_paths, commit_paths
 
             message = apply_message(f"xnat2bids apply (SLURM batch {batch.id})", report)
-            result.git_commit = commit_paths(root, message, apply_paths(report))
+            result.git_commit = commit_paths(root, message, apply_paths(report, root))
         except XnatBidsError as exc:
             result.problems.append(f"git: {exc.summary}")
     _write_json(batch.finalized_path, {
