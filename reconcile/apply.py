@@ -905,11 +905,30 @@ def _note_unrecorded(root: Path, completed: Sequence[str] = ()) -> None:
     records = [r for r in lock.sessions.values()
                if r.exported_at > since or (r.exported_at == since and r.experiment_id not in named)
                or r.experiment_id in completed]
+    if records and last is not None:
+        # A git merge of two clones' histories (a union) leaves the other clone's entries before
+        # this one's last line: a session one of them tells of as exported since is not unrecorded.
+        entries = read_history(root)
+        after = max([after, *(e["lock_serial"]["after"] for e in entries if e["lock_serial"]["after"] < lock.serial)])
+        told = _told_of(entries)
+        records = [r for r in records if r.experiment_id in completed or told.get(r.experiment_id, "") < r.exported_at]
     if not records:  # the serial moved without an export: a git merge of two clones' locks
         return
     append_lock_change(root, "unrecorded", (after, lock.serial), records, action="commit",
                        reason="in the lock without a history entry (an apply stopped before writing "
                               "its entry, or a history kept elsewhere)")
+
+
+def _told_of(entries: Iterable[dict]) -> dict[str, str]:
+    """Experiment ID → the time of the latest entry that tells of it as exported (an apply's
+    entry is written after its exports)."""
+    told: dict[str, str] = {}
+    for entry in entries:
+        for row in entry["sessions"]:
+            if row.get("result") == "done" and row.get("action") != "forget" and entry["time"] > told.get(
+                    row["experiment_id"], ""):
+                told[row["experiment_id"]] = entry["time"]
+    return told
 
 
 def last_history_entry(root: Path) -> dict | None:

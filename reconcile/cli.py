@@ -1118,6 +1118,8 @@ def _print_history(root: Path, *, as_json: bool) -> int:
     entries = read_history(root, warn=lambda m: echo(f"warning: {m}", err=True))
     if not entries and not as_json:  # JSON lines: none
         echo("No history yet.")
+    if not as_json:  # a git merge of two clones' histories (a union) interleaves them; people read by time
+        entries.sort(key=lambda e: e["time"])
     for e in entries:
         if as_json:
             echo(json.dumps(e, sort_keys=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -97,3 +98,8 @@ def test_git_merges_two_clones_locks_with_the_driver(cli, emulator, tmp_path):
     assert lock.serial == 3  # past both clones' 2
     code, out, err = cli("check", str(theirs), "--full")
     assert code == 0, out + err
+    # The merged history holds both clones' entries, the other clone's last: the next apply finds
+    # every recorded session told of, and writes no "unrecorded" entry for this clone's export.
+    assert cli("apply", str(theirs), "-p", "PROJ", "--yes")[0] == 0
+    history = [json.loads(line) for line in (theirs / ".xnat2bids/history.jsonl").read_text().splitlines()]
+    assert [e["operation"] for e in history] == ["apply", "apply", "apply"]
