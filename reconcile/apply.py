@@ -151,8 +151,9 @@ class WorkArea:
     def log(self, exp_id: str) -> Path:
         return work_path(self.root, "logs", f"{_safe_id(exp_id)}.log")
 
-    def trash(self, exp_id: str) -> Path:
-        return work_path(self.root, "trash", _safe_id(exp_id))
+    def trash(self, exp_id: str, *, dicom: bool = False) -> Path:
+        """Where a commit puts the session folder (or, `dicom`, the kept DICOM) it replaces."""
+        return work_path(self.root, "trash", _safe_id(exp_id) + (".dicom" if dicom else ""))
 
     def journal(self, exp_id: str) -> Path:
         return work_path(self.root, "journal", f"{_safe_id(exp_id)}.json")
@@ -480,7 +481,7 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
     renamed = previous.bids_subject if left_subject and previous.subject_id == record.subject_id != "" else None
     if journal["dicom"] and (root / journal["dicom"]).is_dir():
         dest = root / "sourcedata" / f"sub-{record.bids_subject}" / f"ses-{record.bids_session}" / "dicom"
-        _move_replacing(root / journal["dicom"], dest, area.trash(exp_id + ".dicom"))
+        _move_replacing(root / journal["dicom"], dest, area.trash(exp_id, dicom=True))
     ensure_dataset_description(root, name=record.project, tools=record.tools)
     ensure_participant(root, record.bids_subject, renamed_from=renamed)
     if left_subject:
@@ -507,7 +508,7 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
 
 
 def _clean_up(area: WorkArea, exp_id: str) -> None:
-    for leftover in (area.trash(exp_id), area.trash(exp_id + ".dicom"), area.staging(exp_id)):
+    for leftover in (area.trash(exp_id), area.trash(exp_id, dicom=True), area.staging(exp_id)):
         shutil.rmtree(leftover, ignore_errors=True)
     area.journal(exp_id).unlink(missing_ok=True)
 
@@ -547,7 +548,7 @@ def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list
             if trash.is_dir() and not target.exists():
                 os.rename(trash, target)
             elif trash.is_dir():  # something else stands there now: keep the old files aside
-                aside = area.replaced(p.exp_id)
+                aside = area.kept(p.exp_id)
                 aside.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(trash, aside)
                 warn(f"{p.exp_id}: the files {p.record.address} held before the interrupted commit are kept in "
@@ -556,7 +557,8 @@ def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list
             if p.settle is Settle.ROLL_BACK:
                 warn(f"{p.exp_id}: an interrupted commit was rolled back; the session will be applied again")
             else:
-                warn(f"{p.exp_id}: an interrupted commit was dropped: {len(p.missing)} of the files it records are "
+                are = "is" if len(p.missing) == 1 else "are"
+                warn(f"{p.exp_id}: an interrupted commit was dropped: {len(p.missing)} of the files it records {are} "
                      f"not in {p.record.address} (e.g. {p.missing[0]}); the session will be applied again")
         handled.append(p.exp_id)
     _empty_trash(root, warn)

@@ -17,7 +17,7 @@ _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 # Everything check_safe refuses, but for emptiness, "." and length: one search for the usual label.
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]|\.\.")
 _XNAT_HINT = "rename it in XNAT or map it in [naming] of the config"
-_ACCESSION_ID = re.compile(r"[A-Za-z0-9_.-]+")
+_ACCESSION_ID = re.compile(r"[A-Za-z0-9_-]+")  # the lock schema's rule for experiment IDs
 
 
 def _map_hint(table: str, key: str) -> str:
@@ -27,9 +27,9 @@ def _map_hint(table: str, key: str) -> str:
 
 def check_accession_id(exp_id: str) -> str:
     """XNAT accession IDs name the work area's folders and files; refuse anything that is not one."""
-    if not _ACCESSION_ID.fullmatch(exp_id) or exp_id.strip(".") == "":
+    if not _ACCESSION_ID.fullmatch(exp_id):
         raise UnsafePathError(f"experiment ID {exp_id!r} is not a plain XNAT accession ID; refusing to use it as a path",
-                              hint="an XNAT accession ID is letters, digits, '_', '-' and '.'; ask the XNAT admin")
+                              hint="an XNAT accession ID is letters, digits, '_' and '-'; ask the XNAT admin")
     return exp_id
 
 

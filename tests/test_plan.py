@@ -680,9 +680,10 @@ def test_unsafe_label_is_an_error_for_that_session_only(label):  # row 18
     assert [c.key.experiment_id for c in plan.changes] == ["XNAT_E00002"]
 
 
-@pytest.mark.parametrize("eid", ["XNAT_E00001/../x", "E1\x1b[2J", "..", "E 1"])
+@pytest.mark.parametrize("eid", ["XNAT_E00001/../x", "E1\x1b[2J", "..", "E 1", "XNAT_E00001.v2"])
 def test_an_experiment_id_unsafe_as_a_path_is_an_error_for_that_session_only(eid):
-    # The ID names the session's staging folder, log and journal: apply would stop on it half-way.
+    # The ID names the session's staging folder, log and journal: apply would stop on it half-way;
+    # the lock's schema admits letters, digits, '_' and '-' (a dot once wedged a commit's journal).
     plan = plan_of(Lock.new(), [exp(1, eid=eid), exp(2)])
     [problem] = plan.problems
     assert problem.experiment_id == eid and f"experiment ID {eid!r} is not a plain XNAT accession ID" in problem.message

@@ -77,6 +77,20 @@ def test_a_commit_whose_folder_was_moved_away_is_dropped_not_recorded(interrupte
     assert sorted(p.name for p in (tmp_path / "moved-away").rglob("*.nii.gz"))  # what was moved is left alone
 
 
+def test_a_commit_missing_one_file_keeps_the_old_folder_aside_and_records_nothing_missing(interrupted, tmp_path):
+    world, root, exp = interrupted
+    gone = sorted((root / "sub-01/ses-01MR1").rglob("*.nii.gz"))[0]
+    gone.unlink()
+    done = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
+    assert f"{exp.id}: an interrupted commit was dropped: 1 of the files it records is not in sub-01/ses-01MR1" \
+        in done.stderr
+    [aside] = (root / ".xnat2bids/replaced" / exp.id).iterdir()  # the folder the commit replaced, kept whole
+    assert (aside / "anat").is_dir() and f"are kept in .xnat2bids/replaced/{exp.id}/" in done.stderr
+    assert "Apply complete: 1 done, 0 failed, 0 skipped; lock serial 2." in done.stdout  # applied again, whole
+    assert read_lock(root).sessions[exp.id].date == "2024-02-02"
+    assert xnat2bids("check", str(root), "--full", url=world.url, cwd=tmp_path).returncode == 0
+
+
 @pytest.mark.parametrize("content", [b'{"record": ', b"{}", b"[]", b"\xff\xfe"])
 def test_a_damaged_journal_is_an_error_naming_it(interrupted, tmp_path, content):
     world, root, exp = interrupted
