@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import SplitResult, quote, urlencode, urljoin, urlsplit
+from urllib.parse import SplitResult, quote, quote_plus, urlencode, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -436,7 +436,7 @@ class XnatClient:
         if html_message(body) is not None:
             raise RemoteError(
                 f"XNAT at {self.url} answered the login with an HTML page",
-                detail=html_message(body),
+                detail=self._without_secret(html_message(body) or ""),
                 hint="is the URL the XNAT base URL (without /app/...)?",
             )
         if "JSESSIONID" not in self._http.cookies:
@@ -628,6 +628,14 @@ class XnatClient:
             detail=f"401 for {what or _shown_url(url)} even after logging in again",
         )
 
+    def _without_secret(self, text: str) -> str:
+        """A server's answer as messages quote it: a proxy or error page that echoes the login's
+        form (`username=…&password=…`) must not put the password on a terminal or in --json."""
+        secret = self.credentials.password
+        for form in {secret, quote_plus(secret), quote(secret, safe="")} if secret else ():
+            text = text.replace(form, "***")
+        return text
+
     def _raise_for_status(
         self, resp: requests.Response | keepalive.Answer, *, what: str, not_found: str | None = None,
         forbidden: str | None = None,
@@ -636,7 +644,7 @@ class XnatClient:
         if 200 <= code < 300:
             return
         detail = f"HTTP {code}"
-        message = _error_text(resp)
+        message = self._without_secret(_error_text(resp))
         if message:
             detail += f": {message}"
         if code == 404:
@@ -662,11 +670,11 @@ class XnatClient:
             raise RemoteError(f"reading {what} from {self.url} failed", detail=type(exc).__name__) from exc
         message = html_message(body)
         if message is not None:
-            raise RemoteError(f"XNAT at {self.url} sent an HTML page for {what}", detail=message)
+            raise RemoteError(f"XNAT at {self.url} sent an HTML page for {what}", detail=self._without_secret(message))
         try:
             return json.loads(body)
         except ValueError as exc:
-            snippet = " ".join(body[:80].split())
+            snippet = self._without_secret(" ".join(body[:80].split()))
             raise RemoteError(
                 f"XNAT at {self.url} sent invalid JSON for {what}", detail=f"{exc}; body starts {snippet!r}"
             ) from exc

@@ -222,6 +222,27 @@ def test_wrong_password_is_an_auth_error_without_the_password(site: Site) -> Non
     assert site.logins == 1  # a 401 on login is not retried
 
 
+@pytest.mark.parametrize("answer", [
+    (400, "text/plain", "Request rejected by WAF: {body}"),
+    (200, "text/html", "<html><title>Bad form {body}</title><body>Error</body></html>"),
+    (500, "text/plain", "java.lang.IllegalStateException at {body}"),
+], ids=["refused", "html", "failing"])
+def test_an_answer_that_echoes_the_login_form_is_quoted_without_the_password(httpserver: HTTPServer, answer) -> None:
+    status, kind, text = answer
+    secret = SENTINEL + " &+/é"  # also URL-encoded in the echoed form
+
+    def echo(request):
+        return Response(text.format(body=request.get_data(as_text=True)), status=status, content_type=kind)
+
+    httpserver.expect_request("/data/services/auth").respond_with_handler(echo)
+    with XnatClient(httpserver.url_for("/"), Credentials(USER, secret, "env"), backoff=0, retries=0) as c, \
+            pytest.raises(RemoteError) as info:
+        c.login()
+    said = f"{info.value.summary} {info.value.detail} {info.value.hint}"
+    assert "username=alice&password=***" in said
+    assert SENTINEL not in said and "S3NT1NEL" not in said
+
+
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
 @pytest.mark.parametrize("token", [False, True], ids=["password", "alias-token"])
 def test_a_redirected_login_sends_the_credentials_nowhere_else(httpserver: HTTPServer, status: int,
