@@ -703,6 +703,13 @@ class XnatClient:
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise RemoteError(f"XNAT at {self.url} sent an unexpected document for {what}",
                               detail="ResultSet.Result is not a list of rows")
+        # XNAT counts a listing's rows (the file listing excepted). Fewer rows than counted is an
+        # answer cut short (a proxy, a hostile server): scans missing from it would read as removed.
+        total = doc["ResultSet"].get("totalRecords") if isinstance(doc["ResultSet"], dict) else None
+        if isinstance(total, (str, int)) and str(total).isdigit() and int(total) != len(rows):
+            raise RemoteError(f"XNAT at {self.url} sent an incomplete listing of {what}",
+                              detail=f"{len(rows)} rows where it counts {total} (totalRecords)",
+                              hint="run again; if it persists, a proxy may be cutting XNAT's answers")
         return rows
 
     # -- typed listings --------------------------------------------------------------------

@@ -735,6 +735,20 @@ def test_list_scans_groups_one_file_listing_by_scan(site: Site, client: XnatClie
     assert req.args["columns"].split(",") == ["ID", "type", "series_description", "xsiType"]
 
 
+@pytest.mark.parametrize("listing", ["scans", "experiments"])
+def test_a_listing_with_fewer_rows_than_it_counts_is_an_error_not_removals(site: Site, client: XnatClient,
+                                                                           listing: str) -> None:
+    # A cut answer would read as scans removed (apply --deep would convert without them).
+    rows = scan_rows()[:2] if listing == "scans" else [{"ID": "SITE_E00001", "label": "S_MR1"}]
+    path = f"{EXPT_PATH}/scans" if listing == "scans" else "/data/projects/PROJ/experiments"
+    site.json(path, {"ResultSet": {"Result": rows, "totalRecords": "8"}})
+    site.json(f"{EXPT_PATH}/scans/ALL/files", {"ResultSet": {"Result": [], "title": "Files"}})
+    with pytest.raises(RemoteError) as info:
+        client.list_scans(EXP) if listing == "scans" else client.list_experiments("PROJ")
+    assert info.value.summary.startswith(f"XNAT at {site.url} sent an incomplete listing of the {listing} of ")
+    assert info.value.detail == f"{len(rows)} rows where it counts 8 (totalRecords)"
+
+
 def test_session_without_subject_uses_the_experiment_path(site: Site, client: XnatClient) -> None:
     site.json("/data/experiments/SITE_E00001/scans", result_set([]))
     exp = Experiment("SITE_E00001", "X", "PROJ", "", "", None, None, None)
