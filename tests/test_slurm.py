@@ -466,3 +466,25 @@ def test_the_jobs_get_an_absolute_config_path_and_no_credentials(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     env = sx.job_environment({"XNAT2BIDS_CONFIG": "lab.toml", "XNAT_PASS": SENTINEL, "PATH": "/bin"})
     assert env == {"XNAT2BIDS_CONFIG": str(tmp_path / "lab.toml"), "PATH": "/bin"}
+
+
+@pytest.mark.parametrize("status", [404, 405, 403, 503])
+def test_the_jobs_get_the_password_only_where_xnat_has_no_token_service(emulator, tmp_path, status):
+    # A token service that failed now (a 503) is no reason to leave the password on the cluster's disk.
+    from reconcile.credentials import Credentials
+    from reconcile.emulator import Fault
+    from reconcile.errors import RemoteError
+    from reconcile.xnat import XnatClient
+
+    emulator.archive.add_user("labuser", SENTINEL)
+    emulator.app.faults.add(Fault(route=r"/data/services/tokens/issue", kind="status", status=status))
+    path = tmp_path / "batch" / "credentials.json"
+    with XnatClient(emulator.url, Credentials("labuser", SENTINEL, "env"), backoff=0, retries=0) as client:
+        if status == 503:
+            with pytest.raises(RemoteError, match="XNAT could not issue an alias token for the jobs"):
+                sx.write_job_credentials(client, path)
+            assert not path.exists()
+        else:
+            assert sx.write_job_credentials(client, path) == "password-file"
+            assert json.loads(path.read_text()) == {"alias": "labuser", "secret": SENTINEL}
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -47,7 +47,9 @@ from reconcile.config import Config, ConversionSettings, SlurmSettings, load_con
 from reconcile.durable import write_atomic
 from reconcile.errors import (
     ConfigError,
+    ForbiddenError,
     LockHeldError,
+    NotFoundError,
     RemoteError,
     SlurmError,
     XnatBidsError,
@@ -403,8 +405,14 @@ def write_job_credentials(client, path: Path) -> str:
     try:
         issued = client.get_json("/data/services/tokens/issue")
         alias, secret, kind = str(issued["alias"]), str(issued["secret"]), "alias-token"
-    except (RemoteError, KeyError, TypeError):
+    except (NotFoundError, ForbiddenError, KeyError, TypeError):
         # No token service (or not allowed): the password itself, readable only by this user.
+        alias, secret, kind = client.credentials.user, client.credentials.password, "password-file"
+    except RemoteError as exc:
+        if not (exc.detail or "").startswith("HTTP 405"):  # a service that failed now: not a reason to write the password
+            raise RemoteError(f"XNAT could not issue an alias token for the jobs: {exc.summary}", detail=exc.detail,
+                              hint="run again later; the jobs are given a token, not your password, where XNAT "
+                                   "issues one") from exc
         alias, secret, kind = client.credentials.user, client.credentials.password, "password-file"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
