@@ -142,6 +142,18 @@ def _natural(scan_id: str) -> tuple[Any, ...]:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", scan_id))
 
 
+class _Session(requests.Session):
+    """requests' session, but a redirect from https to plain http is not followed: requests would
+    send the session cookie along (a cookie without Secure goes to the same host whatever the
+    scheme), unencrypted. The 3xx answer is then the request's error."""
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        target = super().get_redirect_target(resp)
+        if target and urlsplit(resp.url).scheme == "https" and urlsplit(urljoin(resp.url, target)).scheme != "https":
+            return None
+        return target
+
+
 class _NoAuth(requests.auth.AuthBase):
     """Stops requests from adding Basic auth from ~/.netrc on every call (one server session each)."""
 
@@ -328,7 +340,7 @@ class XnatClient:
         self.on_request = on_request
         self.request_count = 0
 
-        self._http = requests.Session()
+        self._http = _Session()
         self._http.auth = _NoAuth()
         # requests reads the environment (proxies, CA bundle) again on every call, scanning all of
         # os.environ twice: about 0.9 of the 2.6 ms of CPU a listing request cost. Every URL is on
@@ -655,6 +667,11 @@ class XnatClient:
             )
         if code == 401:
             raise AuthError(f"XNAT rejected the credentials for user {self.credentials.user} at {self.url}")
+        if 300 <= code < 400 and isinstance(resp, requests.Response):
+            where = _shown_url(urljoin(resp.url, resp.headers.get("Location", "")))
+            raise RemoteError(f"XNAT at {self.url} redirected {what} to {where}; not followed", detail=f"HTTP {code}",
+                              hint="an https XNAT must not send requests on to plain http, where the session cookie "
+                                   "would travel unencrypted: check the server's or its proxy's configuration")
         if code in _RETRY_STATUS:
             raise RemoteError(
                 f"XNAT at {self.url} kept failing for {what}",

@@ -4,6 +4,7 @@ resets and truncation, and (when present) the project's emulator."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import ssl
@@ -1115,6 +1116,26 @@ def test_untrusted_certificate_blames_verification_only_while_it_is_on(
     with make_client(tls_site.url, verify=False) as c:
         c.login()
     assert tls_site.logins == 1
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_an_https_xnat_redirecting_to_plain_http_is_not_followed(tls_site: Site, httpserver: HTTPServer) -> None:
+    # requests would send the session cookie along, unencrypted: the answer is an error instead.
+    httpserver.expect_request(re.compile(".*")).respond_with_data("PLAIN")
+    plain = httpserver.url_for("/data/x").replace("localhost", "127.0.0.1")
+    for path in ("/data/projects", "/data/files/1.dcm"):
+        tls_site.server.expect_request(path).respond_with_handler(tls_site.authed(
+            lambda r: Response("", status=302, headers={"Location": plain})))
+    with make_client(tls_site.url, verify=False) as c:
+        c.login()
+        with pytest.raises(RemoteError) as info:
+            c.get_json("/data/projects")
+        assert info.value.summary == f"XNAT at {tls_site.url} redirected /data/projects to {plain}; not followed"
+        assert "session cookie" in (info.value.hint or "")
+        with pytest.raises(RemoteError, match="redirected the download of /data/files/1.dcm to .*; not followed"):
+            with c.stream("/data/files/1.dcm"):
+                pass
+    assert httpserver.log == []  # nothing, cookie or not, went over plain http
 
 
 # ---------------------------------------------------------------------------- against the emulator
