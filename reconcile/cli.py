@@ -562,7 +562,11 @@ def run_apply(
                 def on_sigint(signum, frame):  # first Ctrl-C or SIGTERM: finish cleanly; second: hard stop
                     global _stopping
                     if cancel.is_set():
-                        raise KeyboardInterrupt
+                        # A download that trickles, or a converter, can hold a worker for hours, and
+                        # the thread pool waits for its workers however the main thread exits. Every
+                        # step is crash-safe: what was under way is settled by the next apply.
+                        echo("Forced stop: the next apply settles what was under way.", err=True)
+                        os._exit(130 if signum == signal.SIGINT else 143)
                     cancel.set()
                     _stopping = True
                     again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"

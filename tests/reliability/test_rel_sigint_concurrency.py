@@ -59,6 +59,25 @@ def test_a_signal_during_download_stops_cleanly_releases_the_lock_and_a_rerun_co
         assert "1 done, 0 failed" in rerun.stdout
 
 
+def test_a_second_ctrl_c_forces_the_stop_of_a_download_that_does_not_end(tmp_path):
+    with served_world() as world:
+        # Stuck for far longer than the stop takes (the served emulator waits for it at the end).
+        slow = world.app.faults.add(Fault(route=FILE_GET, kind="latency", seconds=15))
+        root = tmp_path / "bids"
+        proc = start_xnat2bids("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1", url=world.url, cwd=tmp_path)
+        wait_for(lambda: slow.seen >= 1, "the first file download")
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out + err
+        assert "Forced stop: the next apply settles what was under way." in err
+        world.app.faults.clear()
+        rerun = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
+        assert rerun.returncode == 0 and "1 done, 0 failed" in rerun.stdout, rerun.stdout + rerun.stderr
+        assert "taking over the state lock left by a process that no longer exists" in rerun.stderr
+
+
 def test_sigterm_stops_plan_with_exit_1_and_one_line(tmp_path):
     with served_world() as world:
         slow = world.app.faults.add(Fault(route=r"/projects/PROJ/experiments$", kind="latency", seconds=5))
