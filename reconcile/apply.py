@@ -429,7 +429,8 @@ def commit_session(
     if edited and not repair_drift:
         raise XnatBidsError(
             f"{address.path}: outputs changed on disk since they were recorded: {', '.join(edited)}",
-            hint="apply with --repair-drift to replace them (a copy of each is kept), or plan again",
+            hint="apply with --repair-drift to replace them (a copy of each is kept); `xnat2bids plan --full` shows "
+                 "them as drift (an edit that kept a file's size and time is found by its sha256 only)",
         )
     kept = area.kept(exp.id)
     _keep(root, edited, kept)

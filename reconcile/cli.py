@@ -1262,7 +1262,7 @@ def merge_lock(
     changed differently is a conflict: OURS is left as it was and the exit code is 1.
     """
     from reconcile.durable import write_atomic
-    from reconcile.lock import dumps_lock, loads_lock
+    from reconcile.lock import LOCK_NAME, dumps_lock, loads_lock
     from reconcile.lockmerge import merge_locks
 
     def read(path: Path) -> str:
@@ -1277,8 +1277,12 @@ def merge_lock(
     if merged.lock is None:
         for conflict in merged.conflicts:
             echo(f"conflict: {conflict}", err=True)
-        echo(f"xnat2bids merge-lock: {len(merged.conflicts)} conflict(s); {ours} is left as this clone had it",
-             err=True)
+        # `ours` is git's temporary copy (.merge_file_XXXX): the user knows the lock by its name.
+        echo(f"xnat2bids merge-lock: {len(merged.conflicts)} conflict(s); the lock ({LOCK_NAME}) is left as this "
+             "clone had it", err=True)
+        echo("hint: keep one clone's side of each session named, for its lock and its folders alike (e.g. "
+             f"`git checkout --ours -- {LOCK_NAME} sub-…` then `git add`), or `git merge --abort`; then "
+             "`xnat2bids plan` shows what is left to export again", err=True)
         raise typer.Exit(EXIT_ERROR)
     write_atomic(ours, dumps_lock(merged.lock))
     echo(f"xnat2bids merge-lock: {_count(len(merged.lock.sessions), 'session')}, serial {merged.lock.serial}", err=True)

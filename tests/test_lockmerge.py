@@ -46,6 +46,20 @@ def test_a_session_both_sides_changed_differently_is_a_conflict():
     assert gone.lock is None and "forgotten in the other clone" in gone.conflicts[0]
 
 
+def test_the_driver_names_the_lock_not_gits_temporary_file_and_says_the_way_out(cli, tmp_path):
+    base = lock_with(record(1))
+    files = {name: tmp_path / f".merge_file_{name}" for name in ("base", "ours", "theirs")}
+    files["base"].write_text(dumps_lock(base))
+    files["ours"].write_text(dumps_lock(_clone(base, replace(record(1), date="2024-02-01"))))
+    files["theirs"].write_text(dumps_lock(_clone(base, replace(record(1), date="2024-03-01"))))
+    before = files["ours"].read_bytes()
+    code, out, err = cli("merge-lock", *(str(files[n]) for n in ("base", "ours", "theirs")))
+    assert code == 1
+    assert "xnat2bids merge-lock: 1 conflict(s); the lock (.xnat2bids.lock) is left as this clone had it" in err
+    assert ".merge_file_" not in err and "git merge --abort" in err
+    assert files["ours"].read_bytes() == before
+
+
 def test_the_same_export_in_both_clones_is_no_conflict_but_other_bytes_are():
     base = lock_with(record(1))
     mine = record(2)
