@@ -44,7 +44,7 @@ from reconcile.errors import (
 from reconcile.export import ExportCancelled, export_session
 from reconcile.failpoints import hit
 from reconcile.journal import Settle, pending_commits, read_journal, swapped
-from reconcile.localscan import sha256_file, stat_records
+from reconcile.localscan import Beneath, sha256_file, stat_records
 from reconcile.lock import (
     Lock,
     dumps_lock,
@@ -201,8 +201,17 @@ def _previous(change: Change, lock: Lock) -> SessionRecord | None:
 
 
 def _target(root: Path, address: BidsAddress) -> Path:
+    """A session's folder in the root, refused when a link takes it out of the root: a commit
+    would replace a folder elsewhere (a mistaken `ln -s`, another project's data)."""
     check_safe(address.subject, "subject")
     check_safe(address.session, "session")
+    beneath = Beneath(root)
+    if beneath.linked(address.path):
+        elsewhere = beneath.outside(address.path)
+        if elsewhere is not None:
+            raise UnsafePathError(f"{address.path} leads out of the BIDS root, to {elsewhere}, through a link; "
+                                  "refusing to write through it",
+                                  hint="replace the link by the folder itself, or remove it")
     return root / f"sub-{address.subject}" / f"ses-{address.session}"
 
 

@@ -36,7 +36,7 @@ def stat_records(root: Path, records: Iterable[SessionRecord], *, full: bool | H
     """`stat_outputs` for the outputs of these records only. An output with its recorded size but
     another modification time is hashed, once per change of its stat (`Verified`), to tell a
     copy or clone of the dataset from an edit. An output that is a link is followed only when it
-    stays inside the root; linked folders above the outputs are `check`'s to find. With `full`
+    stays inside the root, and so does one below a linked folder, as `check` judges them. With `full`
     (for every record, or those it is true for), the outputs whose stat is the recorded one are
     hashed too, and no stat vouches for one (`check --full`'s evidence: bit rot, an edit that kept
     size and time)."""
@@ -45,13 +45,17 @@ def stat_records(root: Path, records: Iterable[SessionRecord], *, full: bool | H
     unchanged: dict[str, OutputRecord] = {}
     outside: set[str] = set()
     beneath = Beneath(root)
+    folder, linked = None, False
     with root_stat(root, follow_symlinks=False) as lstat:
         for rec in records:
             hashed = full(rec) if callable(full) else full
             for out in rec.outputs:
                 try:
                     st = lstat(out.path)
-                    if S_ISLNK(st.st_mode):  # judged by its target only inside the root (git-annex)
+                    here = out.path.rpartition("/")[0]
+                    if here != folder:  # outputs come in path order: each folder is asked once
+                        folder, linked = here, beneath.linked(here)
+                    if linked or S_ISLNK(st.st_mode):  # judged by its target only inside the root (git-annex)
                         if beneath.outside(out.path) is not None:
                             outside.add(out.path)
                             continue

@@ -215,6 +215,28 @@ def test_an_output_replaced_by_a_link_out_of_the_root_is_drift_and_repaired_with
     assert cli("check", str(root), "--full")[0] == 0
 
 
+def test_a_subject_folder_linked_out_of_the_root_is_drift_and_never_written_through(cli, emulator, tmp_path):
+    exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    outside = tmp_path / "another-project"
+    (root / "sub-01").rename(outside)
+    (root / "sub-01").symlink_to(outside)
+    before = {p: p.stat().st_mtime_ns for p in outside.rglob("*")}
+
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 2 and "! drift   sub-01/ses-01MR1" in out and "(now a link out of the BIDS root)" in out
+    assert cli("check", str(root))[0] == 1  # plan and check agree
+
+    redate(emulator, exp, "2024-02-01")
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--repair-drift")
+    assert code == 1
+    assert (f"sub-01/ses-01MR1 leads out of the BIDS root, to {outside / 'ses-01MR1'}, through a link; refusing to "
+            "write through it") in out + err
+    assert {p: p.stat().st_mtime_ns for p in outside.rglob("*")} == before  # nothing outside was touched
+    assert read_lock(root).sessions[exp.id].date == "2024-01-10"
+
+
 def _exported_then_edited_in_place(cli, emulator, tmp_path):
     """A session exported, then one byte of its T1w changed with the file's size and time kept
     (bit rot, or an edit that restored the time): only a hash shows it."""
