@@ -469,10 +469,11 @@ def commit_session(
     hit("commit-journaled")
     _move_replacing(staged.session_dir, target, area.trash(exp.id))
     hit("commit-moved")
-    return _roll_forward(root, exp.id, lock, save=save)
+    return _roll_forward(root, exp.id, lock, save=save, warnings=warnings)
 
 
-def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bool = True) -> Lock:
+def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bool = True,
+                  warnings: list[str] | None = None) -> Lock:
     """Finish a commit whose folders are in place: provenance, lock, clean-up. Idempotent."""
     area = WorkArea(root)
     journal, record = read_journal(area.journal(exp_id))
@@ -491,6 +492,16 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
     renamed = previous.bids_subject if left_subject and previous.subject_id == record.subject_id != "" else None
     if journal["dicom"] and (root / journal["dicom"]).is_dir():
         dest = root / "sourcedata" / f"sub-{record.bids_subject}" / f"ses-{record.bids_session}" / "dicom"
+        if dest.exists() and (previous is None or previous.address != record.address):
+            # Kept DICOM of a session that was at this address before (renamed since): not this
+            # session's to replace. Set aside whole, as the user's edits are.
+            aside = area.kept(exp_id) / dest.relative_to(root)
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(dest, aside)
+            said = f"{dest.relative_to(root)} held DICOM kept for another session; set aside in {aside.relative_to(root)}"
+            _log(area.log(exp_id), said)
+            if warnings is not None:
+                warnings.append(said)
         _move_replacing(root / journal["dicom"], dest, area.trash(exp_id, dicom=True))
     ensure_dataset_description(root, name=record.project, tools=record.tools)
     ensure_participant(root, record.bids_subject, renamed_from=renamed)

@@ -170,6 +170,28 @@ def test_failed_session_does_not_block_others_and_is_retried(cli, emulator, tmp_
     assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
 
 
+def test_kept_dicom_of_another_session_at_the_address_is_set_aside_not_replaced(cli, emulator, tmp_path):
+    # Subject 01 is relabelled 11 (its kept DICOM stays at the old label, as the user's); a new
+    # subject then takes label 01: its DICOM must not silently replace the first one's.
+    first = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])["01_MR1"]
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes", "--keep-dicom")[0] == 0
+    kept = root / "sourcedata/sub-01/ses-01MR1/dicom"
+    old = {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()}
+    emulator.archive.rename_subject(first.subject_id, "11")
+    assert cli("apply", str(root), "-p", "PROJ", "--yes", "--keep-dicom")[0] == 0
+    add(emulator.archive, [("01", "01-MR1", "2024-03-10")], series=SMALL[:1])  # at sub-01/ses-01MR1 too
+    [second] = [e for e in emulator.archive.sessions("PROJ") if e.id != first.id]
+    assert second.subject_id != first.subject_id
+
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--keep-dicom")
+    assert code == 0, out + err
+    said = "sourcedata/sub-01/ses-01MR1/dicom held DICOM kept for another session; set aside in .xnat2bids/replaced/"
+    assert said in out
+    [aside] = (root / ".xnat2bids/replaced" / second.id).glob("*/sourcedata/sub-01/ses-01MR1/dicom")
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == old
+
+
 def test_keep_dicom_user_edits_and_git_commit(cli, emulator, tmp_path):
     exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
     root = tmp_path / "bids"
