@@ -9,7 +9,7 @@ import hashlib
 import re
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import NamedTuple
 
 # XNAT's Timestamp.toString(): "2023-09-27 17:31:21.352" (1-9 fraction digits, trailing zeros cut).
@@ -71,6 +71,10 @@ def parse_date(text: str | None) -> str | None:
     text = text.strip()
     if not _DATE.match(text):
         raise ValueError(f"not an XNAT date: {text!r}")
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"not a date on the calendar: {text!r}") from None
     return text
 
 
@@ -98,6 +102,18 @@ class BidsAddress(NamedTuple):
 
     def __str__(self) -> str:
         return self.path
+
+
+@dataclass(frozen=True)
+class MalformedRow:
+    """A row of a project's experiment listing with a value that does not parse: a problem for
+    that session alone (it is still in XNAT: never an orphan)."""
+
+    id: str
+    label: str
+    subject_label: str
+    xsi_type: str
+    message: str
 
 
 @dataclass(frozen=True, init=False)

@@ -22,7 +22,7 @@ from reconcile.errors import ConfigError, RemoteError, XnatBidsError
 from reconcile.journal import as_recovered
 from reconcile.localscan import stat_outputs
 from reconcile.lock import Lock, gc_paused, load_or_new, read_lock
-from reconcile.model import BidsAddress, Experiment
+from reconcile.model import BidsAddress, Experiment, MalformedRow
 from reconcile.naming import address_for
 from reconcile.plan import (
     SESSION_TYPES_SUFFIX,
@@ -81,8 +81,9 @@ def observe_remote(
     listings = []
     for project in projects:
         try:
-            rows = tuple(client.list_experiments(project))
-            listings.append(ProjectListing(project, rows))
+            malformed: list[MalformedRow] = []
+            rows = tuple(client.list_experiments(project, malformed))
+            listings.append(ProjectListing(project, rows, malformed=tuple(malformed)))
         except RemoteError as exc:
             listings.append(ProjectListing(project, None, _said(exc)))
     details = None

@@ -22,6 +22,7 @@ from reconcile.model import (
     BidsAddress,
     Experiment,
     FileStat,
+    MalformedRow,
     Scan,
     ScanRecord,
     SessionKey,
@@ -122,6 +123,7 @@ class ProjectListing:
     project: str
     experiments: tuple[Experiment, ...] | None
     error: str | None = None
+    malformed: tuple[MalformedRow, ...] = ()  # rows left out of `experiments`: each its session's problem
 
 
 @dataclass(frozen=True)
@@ -538,6 +540,8 @@ def compute_plan(
     # 1. Listings: a failed or suspiciously empty listing blocks its project, never orphans it.
     blocked: set[str] = set()
     remote_rows: list[Experiment] = []
+    malformed_ids: set[str] = set()
+    selects_all = not selection.subjects and not selection.sessions
     for listing in sorted(remote.listings, key=lambda p: p.project):
         if listing.experiments is None:
             blocked.add(listing.project)
@@ -547,7 +551,15 @@ def compute_plan(
             )
             continue
         listed = [e for e in listing.experiments if e.xsi_type.endswith(SESSION_TYPES_SUFFIX)]
-        recorded = [] if listed else [r for r in records if r.project == listing.project and selection.holds(r)]
+        for bad in listing.malformed:
+            if bad.xsi_type.endswith(SESSION_TYPES_SUFFIX):
+                malformed_ids.add(bad.id)
+                if selects_all or selection.wants(bad.subject_label, "", bad.label, bad.id, ""):
+                    out.problems.append(Problem(
+                        f"session {bad.id} ({listing.project}/{bad.label}): XNAT lists it with a malformed value "
+                        f"({bad.message})", listing.project, bad.id,
+                        hint="nothing was planned for this session; correct the value in XNAT"))
+        recorded = [] if listed or malformed_ids else [r for r in records if r.project == listing.project and selection.holds(r)]
         if recorded:
             blocked.add(listing.project)
             out.problems.append(
@@ -570,8 +582,7 @@ def compute_plan(
         ses = address.session if address else exp.label
         return selection.wants(exp.subject_label, sub, exp.label, exp.id, ses)
 
-    selects_all = not selection.subjects and not selection.sessions
-    present_ids = {e.id for e in remote_rows}  # unsafe ones too: they are not gone from XNAT
+    present_ids = {e.id for e in remote_rows} | malformed_ids  # unsafe ones too: they are not gone from XNAT
     seen_ids: dict[str, tuple[Experiment, BidsAddress]] = {}
     for exp in sorted(remote_rows, key=lambda e: (e.project, e.id)):
         try:

@@ -40,6 +40,7 @@ from reconcile.errors import (
 from reconcile.model import (
     CONTROL_CHARS,
     Experiment,
+    MalformedRow,
     RemoteFile,
     Scan,
     parse_date,
@@ -730,8 +731,9 @@ class XnatClient:
         return rows
 
     # -- typed listings --------------------------------------------------------------------
-    def list_experiments(self, project: str) -> list[Experiment]:
-        """All experiments of `project` (every xsiType) with dates, in one request."""
+    def list_experiments(self, project: str, malformed: list[MalformedRow] | None = None) -> list[Experiment]:
+        """All experiments of `project` (every xsiType) with dates, in one request. A row with a
+        value that does not parse is an error, or, given `malformed`, is put there and left out."""
         what = f"the experiments of project {project}"
         rows = self._result_rows(
             f"/data/projects/{quote(project, safe='')}/experiments",
@@ -740,7 +742,20 @@ class XnatClient:
             not_found=f"project {project} not found on XNAT or not visible to user {self.credentials.user}",
             forbidden=f"user {self.credentials.user} may not read the experiments of project {project}",
         )
-        return [self._experiment(project, i, row) for i, row in enumerate(rows)]
+        if malformed is None:
+            return [self._experiment(project, i, row) for i, row in enumerate(rows)]
+        listed = []
+        for i, row in enumerate(rows):
+            try:
+                listed.append(self._experiment(project, i, row))
+            except RemoteError as exc:
+                get = row.get
+                ident, label = _text(get("ID")), _text(get("label"))
+                if not ident or not label:  # nothing to name it by: the whole listing is in doubt
+                    raise
+                malformed.append(MalformedRow(ident, label, _text(get("subject_label")),
+                                              _text(get("xsiType")) or "xnat:mrSessionData", exc.detail or exc.summary))
+        return listed
 
     def _experiment(self, project: str, index: int, row: dict[str, Any]) -> Experiment:
         # Runs once per listed session (10,000s per plan): no per-row closures, error text only on

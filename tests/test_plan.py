@@ -690,6 +690,20 @@ def test_an_experiment_id_unsafe_as_a_path_is_an_error_for_that_session_only(eid
     assert [c.key.experiment_id for c in plan.changes] == ["XNAT_E00002"]
 
 
+def test_a_row_with_a_malformed_value_is_a_problem_for_its_session_only_never_an_orphan():
+    from reconcile.model import MalformedRow
+
+    e1, e2 = exp(1), exp(2)
+    lock = lock_of(record(e1, bids_session="SUBJ01MR1"))
+    bad = MalformedRow(e1.id, e1.label, e1.subject_label, "xnat:mrSessionData", "not an XNAT date: 'garbage'")
+    remote = RemoteState((ProjectListing("PROJ", (e2,), malformed=(bad,)),))
+    plan = compute_plan(lock, remote, on_disk(*lock.sessions.values()), CONFIG, tools=TOOLS)
+    [problem] = plan.problems
+    assert problem.experiment_id == e1.id and problem.message == (
+        f"session {e1.id} (PROJ/{e1.label}): XNAT lists it with a malformed value (not an XNAT date: 'garbage')")
+    assert [(c.action, c.key.experiment_id) for c in plan.changes] == [(Action.CREATE, e2.id)]  # no orphan
+
+
 def test_nothing_changed_is_empty_plan():  # row 19
     e1, e2 = exp(1), exp(2)
     lock = lock_of(record(e1, bids_session="SUBJ01MR1"), record(e2, bids_session="SUBJ02MR1"))

@@ -750,6 +750,19 @@ def test_a_listing_with_fewer_rows_than_it_counts_is_an_error_not_removals(site:
     assert info.value.detail == f"{len(rows)} rows where it counts 8 (totalRecords)"
 
 
+def test_rows_with_malformed_values_can_be_set_aside_one_by_one(site: Site, client: XnatClient) -> None:
+    rows = [{"ID": f"SITE_E0000{i}", "label": f"S{i}_MR1", "subject_label": f"S{i}", "date": date,
+             "xsiType": "xnat:mrSessionData"} for i, date in enumerate(("2024-01-10", "garbage", "2024-02-30"))]
+    site.json("/data/projects/PROJ/experiments", result_set(rows))
+    with pytest.raises(RemoteError, match="with a malformed value"):
+        client.list_experiments("PROJ")  # as one listing: its error
+    malformed: list = []
+    assert [e.id for e in client.list_experiments("PROJ", malformed)] == ["SITE_E00000"]
+    assert [(m.id, m.label, m.message) for m in malformed] == [
+        ("SITE_E00001", "S1_MR1", "not an XNAT date: 'garbage'"),
+        ("SITE_E00002", "S2_MR1", "not a date on the calendar: '2024-02-30'")]
+
+
 def test_session_without_subject_uses_the_experiment_path(site: Site, client: XnatClient) -> None:
     site.json("/data/experiments/SITE_E00001/scans", result_set([]))
     exp = Experiment("SITE_E00001", "X", "PROJ", "", "", None, None, None)
