@@ -604,6 +604,20 @@ def compute_plan(
     for exp, address in seen_ids.values():
         at_address[address].append(exp)
     colliding = set()
+    # Addresses that differ only in case are one folder on a case-insensitive file system (macOS,
+    # SMB shares): the second commit would replace the first session's files.
+    folded: dict[str, list[BidsAddress]] = defaultdict(list)
+    for address in at_address:
+        folded[address.path.casefold()].append(address)
+    for addresses in (sorted(a) for a in folded.values() if len(a) > 1):
+        exps = [e for a in addresses for e in at_address[a]]
+        colliding.update(e.id for e in exps)
+        if any(wanted(e, a) for a in addresses for e in at_address[a]):
+            names = " and ".join(f"{e.id} ({e.project}/{e.subject_label}/{e.label}) at {a.path}"
+                                 for a in addresses for e in at_address[a])
+            out.problems.append(Problem(
+                f"{names} differ only in case: one folder where the file system ignores case", exps[0].project,
+                exps[0].id, hint="give one a label of its own in [naming.subjects] or [naming.sessions]"))
     for address, exps in sorted((a, exps) for a, exps in at_address.items() if len(exps) > 1):
         colliding.update(e.id for e in exps)
         if any(wanted(e, address) for e in exps):

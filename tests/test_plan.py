@@ -704,6 +704,16 @@ def test_a_row_with_a_malformed_value_is_a_problem_for_its_session_only_never_an
     assert [(c.action, c.key.experiment_id) for c in plan.changes] == [(Action.CREATE, e2.id)]  # no orphan
 
 
+def test_addresses_that_differ_only_in_case_collide():
+    # One folder on macOS or an SMB share: the second commit would replace the first's files.
+    upper, lower, other = exp(1, subject="ABC", label="MR1"), exp(2, subject="abc", label="MR1"), exp(3)
+    plan = plan_of(Lock.new(), [upper, lower, other])
+    [problem] = plan.problems
+    assert problem.message == (f"{upper.id} (PROJ/ABC/MR1) at sub-ABC/ses-MR1 and {lower.id} (PROJ/abc/MR1) at "
+                               "sub-abc/ses-MR1 differ only in case: one folder where the file system ignores case")
+    assert [c.key.experiment_id for c in plan.changes] == [other.id]
+
+
 def test_nothing_changed_is_empty_plan():  # row 19
     e1, e2 = exp(1), exp(2)
     lock = lock_of(record(e1, bids_session="SUBJ01MR1"), record(e2, bids_session="SUBJ02MR1"))
