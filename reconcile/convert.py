@@ -166,6 +166,12 @@ def convert_session(
         raise ConversionError(f"{address}: heudiconv produced no NIfTI", detail=_tail(log_path, attempt),
                               hint=f"{hint}; {_no_output_reason(log_path, attempt, work_dir / DICOM_ONLY_NAME)}")
     outputs = tuple(sorted(p.relative_to(staging_root).as_posix() for p in files))
+    nested = [p.relative_to(staging_root).as_posix() for p in files if len(p.relative_to(session_dir).parts) > 2]
+    if nested:  # BIDS puts files in <datatype>/ of the session, or beside it: a '/' in a series name
+        raise ConversionError(f"{address}: the conversion wrote {nested[0]}, below a folder of its own, which BIDS "
+                              "has no place for" + (f" (and {len(nested) - 1} more)" if len(nested) > 1 else ""),
+                              hint="a '/' in the scan's SeriesDescription or ProtocolName names a folder; map the "
+                                   "scan in [conversion.bidsmap]")
     table = _read_table(staging_root, address, selected)
     names = _as_converted(names, selected, table, _series_names(staging_root, address))
     _check_no_dups(outputs, table, selected, renames, address)

@@ -834,3 +834,14 @@ def test_scans_are_named_as_heudiconv_saw_their_series_or_left_out() -> None:
     assert "1" not in convert_module._as_converted(first_dicom, scans, table, heudiconv)
     assert convert_module._as_converted(first_dicom, scans, None, heudiconv) == {"5": ("scout", "scout")}
     assert convert_module._as_converted(first_dicom, scans, table, None) == {"5": ("scout", "scout")}
+
+
+def test_a_series_name_with_a_slash_fails_the_session_instead_of_nesting_folders(tmp_path: Path) -> None:
+    # ReproIn reads the name from the DICOM; heudiconv keeps a '/' in it as a folder of its own.
+    dicom = tmp_path / "dicom"
+    write_session(dicom, "01", "a", series=(SeriesSpec("anat-T1w_acq-x/../../y/z", "anat"),))
+    with pytest.raises(ConversionError) as info:
+        _convert(dicom, tmp_path)
+    assert "below a folder of its own, which BIDS has no place for" in info.value.summary
+    assert "[conversion.bidsmap]" in (info.value.hint or "")
+    assert not list(tmp_path.glob("**/tmp/y")) and not (tmp_path / "y").exists()
