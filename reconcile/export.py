@@ -236,6 +236,12 @@ def _plan_jobs(root: Path, exp: Experiment, scans: Sequence[Scan], resource: str
                 raise VerificationError(f"XNAT lists file {f.name} twice in scan {scan.id} of {where}")
             seen.add((scan.id, f.name))
             jobs.append(_Job(scan, f, root / scan.id / f.name))
+    # "1.dcm" and "1.dcm/2.dcm": one path cannot be a file and a folder.
+    folders = {(scan_id, "/".join(parts[:i])) for scan_id, name in seen
+               for parts in [name.split("/")] for i in range(1, len(parts))}
+    for scan_id, name in sorted(seen & folders):
+        raise VerificationError(f"XNAT lists {name} both as a file and as a folder in scan {scan_id} of session "
+                                f"{exp.label} ({exp.id})", hint="rename one of them on XNAT")
     return jobs
 
 

@@ -167,6 +167,19 @@ def test_zip_entries_named_by_xnats_replacements_land_at_their_listed_names(emul
 
 
 @pytest.mark.parametrize("method", ["files", "zip"])
+def test_a_name_listed_as_a_file_and_as_a_folder_is_refused_before_any_download(emulator, client, tmp_path,
+                                                                                method) -> None:  # noqa: ANN001
+    archive = emulator.archive
+    exp = archive.add_session("PROJ", "SUBJ08", "SUBJ08_MR1", date="2024-01-10")
+    archive.add_scan(exp.id, "2", type="T1w", files={"1.dcm": blob("1", 300), "1.dcm/2.dcm": blob("2", 300)})
+    exp, scans = _listed(client, exp.id)
+    with pytest.raises(VerificationError) as info:
+        export_session(client, exp, scans, tmp_path / "dicom", method=method)
+    assert info.value.summary == f"XNAT lists 1.dcm both as a file and as a folder in scan 2 of session SUBJ08_MR1 ({exp.id})"
+    assert downloads(emulator) == []
+
+
+@pytest.mark.parametrize("method", ["files", "zip"])
 def test_file_names_with_url_characters_land_under_their_own_names(emulator, client, tmp_path, method) -> None:  # noqa: ANN001
     """XNAT lists a file's URI with its name as it is, not percent-encoded: `a%20b.dcm` is its
     own file beside `a b.dcm`, and `#`, `?`, `;` and `%` are encoded when the file is asked for."""
