@@ -583,6 +583,19 @@ def compute_plan(
         return selection.wants(exp.subject_label, sub, exp.label, exp.id, ses)
 
     present_ids = {e.id for e in remote_rows} | malformed_ids  # unsafe ones too: they are not gone from XNAT
+    # One project's listing naming a session twice, with other values: which row is XNAT's is
+    # unknown (taking the first would flip label or date with the rows' order).
+    rows_of: dict[tuple[str, str], set[Experiment]] = defaultdict(set)
+    for exp in remote_rows:
+        rows_of[exp.project, exp.id].add(exp)
+    for (project, exp_id), rows in sorted((k, v) for k, v in rows_of.items() if len(v) > 1):
+        first = min(rows, key=lambda e: e.label)
+        if wanted(first):
+            labels = ", ".join(sorted({f"{e.subject_label}/{e.label} dated {e.date or '(none)'}" for e in rows}))
+            out.problems.append(Problem(f"session {exp_id} ({project}): XNAT lists it {len(rows)} times, with other "
+                                        f"values ({labels})", project, exp_id,
+                                        hint="nothing was planned for this session; plan again, or ask the XNAT admin"))
+    remote_rows = [e for e in remote_rows if len(rows_of[e.project, e.id]) == 1]
     seen_ids: dict[str, tuple[Experiment, BidsAddress]] = {}
     for exp in sorted(remote_rows, key=lambda e: (e.project, e.id)):
         try:

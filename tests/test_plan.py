@@ -714,6 +714,19 @@ def test_addresses_that_differ_only_in_case_collide():
     assert [c.key.experiment_id for c in plan.changes] == [other.id]
 
 
+def test_a_session_listed_twice_with_other_values_is_a_problem_not_the_first_rows_plan():
+    e1 = exp(1)
+    lock = lock_of(record(e1, bids_session="SUBJ01MR1"))
+    other = replace(e1, label="SUBJ01_MR9", date="2025-01-01")
+    for rows in ([e1, other, exp(2)], [other, e1, exp(2)]):  # whatever the order
+        plan = plan_of(lock, rows)
+        [problem] = plan.problems
+        assert problem.message == (f"session {e1.id} (PROJ): XNAT lists it 2 times, with other values "
+                                   "(SUBJ01/SUBJ01_MR1 dated 2024-01-10, SUBJ01/SUBJ01_MR9 dated 2025-01-01)")
+        assert [(c.action, c.key.experiment_id) for c in plan.changes] == [(Action.CREATE, "XNAT_E00002")]
+    assert not plan_of(lock, [e1, e1]).problems  # the same row twice says nothing new
+
+
 def test_nothing_changed_is_empty_plan():  # row 19
     e1, e2 = exp(1), exp(2)
     lock = lock_of(record(e1, bids_session="SUBJ01MR1"), record(e2, bids_session="SUBJ02MR1"))
