@@ -8,6 +8,7 @@ nothing; it reports through `on_event`.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -258,7 +259,7 @@ def stage_session(
 
 
 def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Path, kept: Path, *,
-                     renamed: tuple[str, str] | None = None) -> list[str]:
+                     renamed: tuple[str, str] | None = None, notes: list[str] | None = None) -> list[str]:
     """Files, links and empty folders a user added inside a session folder survive its
     re-conversion. One at a path the conversion now writes is kept under `kept` instead.
     Returns the paths kept there. A task events stub nobody filled in is not carried: the new
@@ -284,11 +285,21 @@ def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Pat
                 dest = dest.with_name(renamed[1] + name[len(renamed[0]):])
             if name in empty and dest.is_dir() and not dest.is_symlink():
                 continue  # the conversion made that folder: nothing of the user's is replaced
-            if _is_events_stub(dest):
+            # Filled-in events describe one acquisition: when the run's name now belongs to another
+            # series (a run deleted in XNAT renumbers the rest), they do not go on beside that
+            # other run's data. (Their run gone with no other in its place: they stay, the lab's.)
+            orphaned = False
+            if name.endswith("_events.tsv"):
+                ran, now = _run_of(path), _run_of(dest)
+                orphaned = None not in (ran, now) and ran != now
+            if _is_events_stub(dest) and not orphaned:
                 dest.unlink()  # the lab's events (filled in or not) over heudiconv's new stub
-            if dest.exists() or dest.is_symlink() or _file_on_the_way(dest, new_dir):
+            if orphaned or dest.exists() or dest.is_symlink() or _file_on_the_way(dest, new_dir):
                 dest = kept / rel
                 moved_aside.append(rel)
+                if orphaned and notes is not None:
+                    notes.append(f"{rel}: its run's name is another series' now (a run deleted in XNAT renumbers "
+                                 f"the rest); not carried over, kept in {kept.relative_to(root)}")
             dest.parent.mkdir(parents=True, exist_ok=True)
             if name in empty:
                 dest.mkdir(exist_ok=True)
@@ -298,6 +309,21 @@ def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Pat
                     fsync_file(dest)  # the original goes to the trash once the session is swapped
             fsync_dir(dest.parent)
     return moved_aside
+
+
+def _run_of(events: Path) -> tuple[Any, Any] | None:
+    """The acquisition a task events file belongs to: SeriesNumber and AcquisitionTime from the
+    sidecar of its run's BOLD image beside it (multi-echo: the first echo's). None: none to read."""
+    stem = events.name[: -len("_events.tsv")]
+    echoes = sorted(events.parent.glob(f"{glob.escape(stem)}_echo-*_bold.json"))
+    for sidecar in [events.with_name(f"{stem}_bold.json"), *echoes]:
+        try:
+            meta = json.loads(sidecar.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict):
+            return meta.get("SeriesNumber"), meta.get("AcquisitionTime")
+    return None
 
 
 def _file_prefix(address: BidsAddress) -> str:
@@ -444,19 +470,21 @@ def commit_session(
     kept = area.kept(exp.id)
     _keep(root, edited, kept)
     aside = list(edited)
+    events_notes: list[str] = []
     if previous is not None:
         # After fingerprinting: the user's files are carried over but never recorded as outputs.
         # After a rename they are copies: the originals stay in the old folder, which is theirs.
         old_dir = _target(root, previous.address)
         renamed = (_file_prefix(previous.address), _file_prefix(address)) if previous.address != address else None
         aside += _copy_user_files(old_dir, staged.session_dir, {o.path for o in previous.outputs}, root, kept,
-                                  renamed=renamed)
+                                  renamed=renamed, notes=events_notes)
     if aside:
         fsync_tree(kept)
         _log(staged.log_path, f"kept what the new conversion replaces, in {kept.relative_to(root)}: {', '.join(aside)}")
         if warnings is not None:
             warnings.append(f"{len(aside)} file(s) the new conversion replaces (edited outputs, or files the lock does "
                             f"not record) were set aside in {kept.relative_to(root)}")
+            warnings.extend(events_notes)
     if keep_dicom:
         fsync_tree(staged.dicom_dir)  # export leaves MD5-verified files unsynced (re-verified on reuse)
     journal = {

@@ -147,6 +147,35 @@ def test_task_events_are_the_labs_to_fill_in_and_survive_a_reconversion(cli, emu
     assert cli("check", str(root), "--full")[0] == 0
 
 
+def test_filled_in_events_of_a_run_deleted_in_xnat_are_set_aside_not_paired_with_the_next_run(
+        cli, emulator, tmp_path):
+    import requests
+
+    from reconcile.emulator.dicomgen import DEFAULT_SERIES
+
+    checks = tuple(s for s in DEFAULT_SERIES if s.description == "func-bold_task-checks_run+")
+    assert len(checks) == 2
+    exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=checks)["01_MR1"]
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    func = root / "sub-01/ses-01MR1/func"
+    run1 = func / "sub-01_ses-01MR1_task-checks_run-01_events.tsv"
+    run1.write_bytes(FILLED)  # the lab's events for the first run (scan 1)
+    first = sorted(emulator.archive.get_session(exp.id).scans)[0]
+    gone = requests.delete(f"{emulator.url}/data/experiments/{exp.id}/scans/{first}",
+                           auth=(emulator.user, emulator.password), timeout=10)
+    assert gone.status_code == 200
+
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--deep")
+    assert code == 0 and f"scan {first} removed" in out, out + err
+    rel = run1.relative_to(root).as_posix()
+    assert f"{rel}: its run's name is another series' now" in out
+    assert run1.read_bytes() != FILLED and b"TODO" in run1.read_bytes()  # heudiconv's stub for the new run-01
+    assert not (func / "sub-01_ses-01MR1_task-checks_run-02_bold.nii.gz").exists()
+    [kept] = (root / ".xnat2bids/replaced" / exp.id).glob(f"*/{rel}")
+    assert kept.read_bytes() == FILLED
+
+
 @pytest.mark.parametrize("filled", [False, True], ids=["stub", "filled-in"])
 def test_task_events_move_with_a_renamed_subject_under_the_new_name_or_not_at_all(cli, emulator, tmp_path, filled):
     exp = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
