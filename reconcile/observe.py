@@ -208,7 +208,8 @@ def make_plan(
             lock, remote, local, config, selection=selection, tools=tool_versions(),
             reconvert_outdated=reconvert_outdated,
         )
-        plan = refuse_occupied(plan, occupied_folders(root, plan, lock))
+        occupied = occupied_folders(root, plan, lock)
+        plan = refuse_occupied(plan, occupied, {a: _holding(root / a.path) for a, f in occupied.items() if f is None})
         if config.layout == "pi-study":
             plan = note_moved_in(plan, _recorded_in_other_studies(root, plan))
         if pending:
@@ -237,6 +238,15 @@ def _recorded_in_other_studies(root: Path, plan: Plan) -> dict[str, tuple[str, s
         for exp_id in creates & set(lock.sessions) if lock else ():
             found[exp_id] = (lock.sessions[exp_id].project, str(other))
     return found
+
+
+def _holding(folder: Path, shown: int = 3) -> tuple[int, tuple[str, ...]]:
+    """How many files are below `folder`, and the first few (relative to it, in name order)."""
+    found: list[str] = []
+    for dirpath, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += (os.path.relpath(os.path.join(dirpath, f), folder) for f in sorted(files))
+    return len(found), tuple(found[:shown])
 
 
 def occupied_folders(root: Path, plan: Plan, lock: Lock) -> dict[BidsAddress, str | None]:

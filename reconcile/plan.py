@@ -871,11 +871,13 @@ def repairing(plan: Plan) -> Plan:
     return replace(plan, notes=tuple(now.get(n, n) for n in plan.notes))
 
 
-def refuse_occupied(plan: Plan, occupied: Mapping[BidsAddress, str | None]) -> Plan:
+def refuse_occupied(plan: Plan, occupied: Mapping[BidsAddress, str | None],
+                    holding: Mapping[BidsAddress, tuple[int, tuple[str, ...]]] | None = None) -> Plan:
     """`plan` with each change that moves into an `occupied` folder (on disk, recorded for no
     session: another tool's export, a forgotten session) made a problem. Apply would refuse it
     only after downloading and converting, on every run. `occupied` names, per folder, the file
-    that stands where its subject folder goes, if that is what is there."""
+    that stands where its subject folder goes, if that is what is there; `holding`, per folder,
+    how many files it holds and the first few (what is in the way may be the user's own copies)."""
     refused = [c for c in plan.changes if c.address in occupied and moves_in(c)]
     if not refused:
         return plan
@@ -886,8 +888,13 @@ def refuse_occupied(plan: Plan, occupied: Mapping[BidsAddress, str | None]) -> P
         if in_the_way is not None:
             return Problem(f"{in_the_way} is a file, where the subject folder of {session} goes", c.key.project,
                            c.key.experiment_id, hint="move that file out of the BIDS root, then plan again")
+        count, names = (holding or {}).get(c.address, (0, ()))
+        held = ""
+        if names:
+            more = f" and {count - len(names)} more" if count > len(names) else ""
+            held = f" (it holds {count} file{'s' if count != 1 else ''}: {', '.join(names)}{more})"
         return Problem(
-            f"{c.address.path} exists but the lock records no session there; {session} would be written into it",
+            f"{c.address.path} exists but the lock records no session there{held}; {session} would be written into it",
             c.key.project,
             c.key.experiment_id,
             hint="move that folder out of the BIDS root (its files are never replaced), then plan again",

@@ -17,8 +17,8 @@ def test_a_forgotten_session_still_in_xnat_is_a_problem_not_a_create(cli, emulat
     code, out, err = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
     assert code == 1, out + err
     assert "create" not in out and "No changes planned; 1 session up to date, 1 problem below." in out
-    assert (f"sub-SUBJ02/ses-SUBJ02MR1 exists but the lock records no session there; session {forgotten.id} "
-            f"(PROJ/SUBJ02_MR1) would be written into it") in out
+    assert (f"sub-SUBJ02/ses-SUBJ02MR1 exists but the lock records no session there (it holds 1 file: "
+            f"anat/t1.nii.gz); session {forgotten.id} (PROJ/SUBJ02_MR1) would be written into it") in out
     assert "move that folder out of the BIDS root" in out
 
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
@@ -37,6 +37,7 @@ def test_another_tools_export_is_left_alone_until_moved_away(cli, emulator, tmp_
     code, out, err = cli("plan", str(root), "-p", "PROJ", "--json")
     assert code == 1, err
     assert f"session {session.id} (PROJ/SUBJ01_MR1) would be written into it" in out
+    assert "(it holds 1 file: anat/sub-SUBJ01_ses-SUBJ01MR1_T1w.nii.gz)" in out  # what is in the way
     assert '"changes": []' in out
 
     (root / "sub-SUBJ01").rename(tmp_path / "old-export")
