@@ -171,7 +171,11 @@ class Plan:
         """The changes apply carries out: create and update, plus drift when asked. An update
         that would replace outputs changed on disk is drift too: only when asked."""
         wanted = {Action.CREATE, Action.UPDATE} | ({Action.DRIFT} if repair_drift else set())
-        return tuple(c for c in self.changes if c.action in wanted and (repair_drift or not c.edited))
+        chosen = tuple(c for c in self.changes if c.action in wanted and (repair_drift or not c.edited))
+        # A subject renamed moves with all of its sessions or with none: one held back would
+        # leave the same person under two labels (two participants) until it is repaired.
+        waiting = set() if repair_drift else {m for c in self.changes if c.edited and (m := subject_move(c))}
+        return tuple(c for c in chosen if subject_move(c) not in waiting) if waiting else chosen
 
 
 @dataclass
@@ -790,6 +794,13 @@ def compute_plan(
     edits = sum(1 for c in out.changes if c.edited)
     if edits:
         out.notes.append(_edits_note(edits))
+    for move in sorted({m for c in out.changes if c.edited and (m := subject_move(c))}):
+        waiting = sum(1 for c in out.changes if subject_move(c) == move and not c.edited)
+        if waiting:
+            out.notes.append(
+                f"sub-{move[1]} → sub-{move[2]}: {waiting} more session{'s' if waiting != 1 else ''} of that subject "
+                f"wait{'' if waiting != 1 else 's'} with the one that would replace outputs changed on disk, so "
+                "one person is never under two labels")
     if drifted:
         out.notes.append(_drift_note(drifted))
     if local.hashed_now:  # said once: later plans find them vouched for, and say nothing
@@ -836,6 +847,14 @@ def compute_plan(
         deep=deep,
         projects=listed_projects,
     )
+
+
+def subject_move(change: Change) -> tuple[str, str, str] | None:
+    """The subject rename an update is part of: (XNAT subject ID, old BIDS label, new one)."""
+    before = change.before
+    if change.action is Action.UPDATE and before is not None and before.bids_subject != change.address.subject:
+        return before.subject_id, before.bids_subject, change.address.subject
+    return None
 
 
 def moves_in(change: Change) -> bool:

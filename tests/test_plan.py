@@ -727,6 +727,24 @@ def test_a_session_listed_twice_with_other_values_is_a_problem_not_the_first_row
     assert not plan_of(lock, [e1, e1]).problems  # the same row twice says nothing new
 
 
+def test_a_subject_rename_waits_for_all_its_sessions_while_one_is_held_back():
+    # One session held back by an edit, the other moved: one person under two labels.
+    mr1, mr2, other = exp(1, label="SUBJ01_MR1"), replace(exp(1, label="SUBJ01_MR2"), id="XNAT_E00009"), exp(2)
+    recs = [record(mr1, bids_session="MR1"), record(mr2, bids_session="MR2"), record(other, bids_session="MR1")]
+    lock = lock_of(*recs)
+    edited_out = recs[0].outputs[0]
+    local = LocalState({**on_disk(*recs).files, edited_out.path: FileStat(edited_out.size + 1, edited_out.mtime_ns)})
+    renamed = [replace(e, subject_label="SUBJ11") for e in (mr1, mr2)]
+    plan = plan_of(lock, [*renamed, replace(other, date="2025-01-01")], local,
+                   config=Config(naming=NamingSettings(session_label="strip-subject")))
+    updates = {c.key.experiment_id: c for c in plan.changes if c.action is Action.UPDATE}
+    assert updates[mr1.id].edited and not updates[mr2.id].edited
+    assert [c.key.experiment_id for c in plan.actionable()] == [other.id]  # the rename waits whole
+    assert {c.key.experiment_id for c in plan.actionable(repair_drift=True)} == {mr1.id, mr2.id, other.id}
+    assert ("sub-SUBJ01 → sub-SUBJ11: 1 more session of that subject waits with the one that would replace "
+            "outputs changed on disk, so one person is never under two labels") in plan.notes
+
+
 def test_nothing_changed_is_empty_plan():  # row 19
     e1, e2 = exp(1), exp(2)
     lock = lock_of(record(e1, bids_session="SUBJ01MR1"), record(e2, bids_session="SUBJ02MR1"))
