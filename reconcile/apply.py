@@ -532,7 +532,11 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
                 warnings.append(said)
         _move_replacing(root / journal["dicom"], dest, area.trash(exp_id, dicom=True))
     ensure_dataset_description(root, name=record.project, tools=record.tools)
-    ensure_participant(root, record.bids_subject, renamed_from=renamed)
+    said = ensure_participant(root, record.bids_subject, renamed_from=renamed)
+    if said is not None:
+        _log(area.log(exp_id), said)
+        if warnings is not None:
+            warnings.append(said)
     if left_subject:
         drop_participant(root, previous.bids_subject, renamed_to=record.bids_subject if renamed else None)
     update_sessions_tsv(

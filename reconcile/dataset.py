@@ -204,13 +204,14 @@ def _ensure_json_keys(path: Path, entries: Mapping[str, Any]) -> None:
         write_atomic(path, _json_text({**data, **missing}, bom=bom))
 
 
-def ensure_participant(root: Path, bids_subject: str, *, renamed_from: str | None = None) -> None:
+def ensure_participant(root: Path, bids_subject: str, *, renamed_from: str | None = None) -> str | None:
     """Append sub-X to participants.tsv when missing; existing rows and columns are never rewritten.
     A missing (or blank) participants.tsv is written with a row for every subject folder.
 
     `renamed_from`: the subject's label before XNAT renamed it (the same XNAT subject). The new
     row then takes that row's values (age, group...), which `drop_participant` lets go of once
-    the old label's folder is gone.
+    the old label's folder is gone. Returns a warning when the new label's row was there already
+    with other values: both are kept, for the user to reconcile.
     """
     path = Path(root) / "participants.tsv"
     participant = f"sub-{bids_subject}"
@@ -219,13 +220,18 @@ def ensure_participant(root: Path, bids_subject: str, *, renamed_from: str | Non
         with os.scandir(root) as entries:
             there = {e.name for e in entries if e.name.startswith("sub-") and e.is_dir()}
         write_atomic(path, _Tsv(["participant_id"], [[p] for p in sorted(there | {participant})]).text())
-        return
-    if table.find("participant_id", participant) is not None:
-        return
+        return None
     old = table.find("participant_id", f"sub-{renamed_from}") if renamed_from is not None else None
+    at = table.find("participant_id", participant)
+    if at is not None:
+        if old is not None and {**table.row(old), "participant_id": ""} != {**table.row(at), "participant_id": ""}:
+            return (f"participants.tsv: sub-{renamed_from} is {participant} now, whose row was there already with "
+                    f"other values; both rows are kept for you to reconcile")
+        return None
     values = table.row(old) if old is not None else {}
     table.insert_sorted("participant_id", {**values, "participant_id": participant})
     write_atomic(path, table.text())
+    return None
 
 
 def drop_participant(root: Path, bids_subject: str, *, renamed_to: str | None = None) -> None:

@@ -191,6 +191,18 @@ def test_a_renamed_subject_takes_its_row_and_the_old_row_goes_with_its_folder(tm
     assert path.read_text() == "participant_id\tage\tgroup\nsub-09\t51\nsub-P01\t34\tpatient\n"
 
 
+def test_a_rename_onto_a_label_whose_row_differs_keeps_both_rows_and_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "participants.tsv"
+    user = "participant_id\tage\nsub-004\t40\nsub-104\t41\n"  # 104 → 004 again; 004's row is stale
+    path.write_text(user)
+    said = ensure_participant(tmp_path, "004", renamed_from="104")
+    assert said == ("participants.tsv: sub-104 is sub-004 now, whose row was there already with other values; "
+                    "both rows are kept for you to reconcile")
+    assert path.read_text() == user
+    path.write_text("participant_id\tage\nsub-004\t41\nsub-104\t41\n")
+    assert ensure_participant(tmp_path, "004", renamed_from="104") is None  # the same values: nothing to say
+
+
 def test_a_row_with_values_of_its_own_is_never_dropped(tmp_path: Path) -> None:
     path = tmp_path / "participants.tsv"
     user = "participant_id\tage\nsub-01\t34\nsub-02\tn/a\nsub-P01\t35\n"
