@@ -8,6 +8,7 @@ nothing; it reports through `on_event`.
 
 from __future__ import annotations
 
+import filecmp
 import glob
 import json
 import os
@@ -345,12 +346,23 @@ def _keep(root: Path, paths: list[str], kept: Path) -> None:
         fsync_file(dest)
 
 
-def _remove_recorded(root: Path, record: SessionRecord, keep: set[str]) -> None:
+def _remove_recorded(root: Path, record: SessionRecord, keep: set[str], *, moved_to: BidsAddress | None = None) -> None:
     """Remove only the files the lock says apply wrote, and event stubs nobody filled in (the move
-    copied them along), then folders left empty."""
+    copied them along), then folders left empty. `moved_to`: the session's new address; filled-in
+    events the move carried there, byte for byte under the new name, go from here too: they
+    belong to their run, which moved (left behind, they would describe a run of this folder's
+    next owner)."""
     dirs = set()
     session_dir = root / record.address.path
-    stubs = [p for p in session_dir.glob("*/*_events.tsv") if _is_events_stub(p)] if session_dir.is_dir() else []
+    events = sorted(session_dir.glob("*/*_events.tsv")) if session_dir.is_dir() else []
+    stubs = [p for p in events if _is_events_stub(p)]
+    if moved_to is not None:
+        old, new = _file_prefix(record.address), _file_prefix(moved_to)
+        for p in events:
+            carried = root / moved_to.path / p.parent.name / (new + p.name[len(old):])
+            if p not in stubs and p.name.startswith(old) and not p.is_symlink() and carried.is_file() \
+                    and filecmp.cmp(p, carried, shallow=False):
+                stubs.append(p)
     for path in [*(root / o.path for o in record.outputs if o.path not in keep), *stubs]:
         path.unlink(missing_ok=True)
         dirs.add(path.parent)
@@ -514,7 +526,7 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
         remove_session_row(root, previous.bids_subject, previous.bids_session,
                            xnat_experiment_id=previous.experiment_id)
         others = {o.path for r in lock.sessions.values() if r.experiment_id != previous.experiment_id for o in r.outputs}
-        _remove_recorded(root, previous, others | {o.path for o in record.outputs})
+        _remove_recorded(root, previous, others | {o.path for o in record.outputs}, moved_to=record.address)
     left_subject = moved and previous.bids_subject != record.bids_subject
     # The same XNAT subject under a new label: its participants.tsv row goes with it.
     renamed = previous.bids_subject if left_subject and previous.subject_id == record.subject_id != "" else None

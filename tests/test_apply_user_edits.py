@@ -191,7 +191,8 @@ def test_task_events_move_with_a_renamed_subject_under_the_new_name_or_not_at_al
     [moved] = func.glob("*_events.tsv")  # heudiconv's new stub, or the lab's events in its place
     assert moved.name == events.name.replace("sub-01_", "sub-11_")
     assert (moved.read_bytes() == FILLED) is filled
-    assert events.exists() is filled  # a filled-in original stays in the old folder, as other user files do
+    assert not events.exists()  # moved with its run: not left to describe a run of the folder's next owner
+    assert not (root / "sub-01").exists()
     assert cli("check", str(root), "--full")[0] == 0
 
 
