@@ -400,13 +400,14 @@ def test_check_json_gives_the_verdict_for_ci(cli, emulator, tmp_path):
     assert code == 1 and _error_document(out)["kind"] in ("config", "os")
 
 
-def test_a_listing_with_a_malformed_value_names_the_value(cli, emulator, tmp_path):
-    [exp] = add_sessions(emulator.archive, 1)
+def test_a_listing_row_with_a_malformed_value_is_that_sessions_problem_only(cli, emulator, tmp_path):
+    exp, other = add_sessions(emulator.archive, 2)
     emulator.archive.set_fields(exp.id, date="2024-03-001")  # XNAT keeps what a REST PUT sent
     code, out, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ")
     assert code == 1, out + err
-    assert (f"error: listing of project PROJ failed: XNAT listed experiment row 0 (ID '{exp.id}') of project PROJ "
-            "with a malformed value (not an XNAT date: '2024-03-001')") in out
+    assert (f"error: session {exp.id} (PROJ/SUBJ01_MR1): XNAT lists it with a malformed value (not an XNAT date: "
+            "'2024-03-001')") in out
+    assert f"+ create  sub-SUBJ02/ses-SUBJ02MR1  PROJ/{other.id}" in out  # the rest of the project is planned
 
 
 def test_a_session_the_user_may_not_read_stops_only_its_project_in_a_deep_plan(cli, emulator, tmp_path):
