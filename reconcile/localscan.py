@@ -36,7 +36,7 @@ def stat_records(root: Path, records: Iterable[SessionRecord], *, full: bool | H
     """`stat_outputs` for the outputs of these records only. An output with its recorded size but
     another modification time is hashed, once per change of its stat (`Verified`), to tell a
     copy or clone of the dataset from an edit. An output that is a link is followed only when it
-    stays inside the root, and so does one below a linked folder, as `check` judges them. With `full`
+    stays inside the root, and so is one in a subject or session folder that is a link. With `full`
     (for every record, or those it is true for), the outputs whose stat is the recorded one are
     hashed too, and no stat vouches for one (`check --full`'s evidence: bit rot, an edit that kept
     size and time)."""
@@ -45,16 +45,18 @@ def stat_records(root: Path, records: Iterable[SessionRecord], *, full: bool | H
     unchanged: dict[str, OutputRecord] = {}
     outside: set[str] = set()
     beneath = Beneath(root)
-    folder, linked = None, False
+    linked_subjects = _linked_entries(root)
     with root_stat(root, follow_symlinks=False) as lstat:
         for rec in records:
             hashed = full(rec) if callable(full) else full
+            # A subject or session folder that is a link (the folders a user moves and links back);
+            # `check` looks at every folder. One lstat per session: plan stats 40,000 outputs.
+            linked = False
+            if rec.outputs:
+                linked = rec.address.path.partition("/")[0] in linked_subjects or _is_link(lstat, rec.address.path)
             for out in rec.outputs:
                 try:
                     st = lstat(out.path)
-                    here = out.path.rpartition("/")[0]
-                    if here != folder:  # outputs come in path order: each folder is asked once
-                        folder, linked = here, beneath.linked(here)
                     if linked or S_ISLNK(st.st_mode):  # judged by its target only inside the root (git-annex)
                         if beneath.outside(out.path) is not None:
                             outside.add(out.path)
@@ -178,6 +180,22 @@ class Beneath:
                 known = False
             known = self._linked_dirs[folder] = known or self.linked(folder.rpartition("/")[0])
         return known
+
+
+def _linked_entries(root: Path) -> frozenset[str]:
+    """The names in `root` that are links (one directory listing; the entries' types come with it)."""
+    try:
+        with os.scandir(root) as entries:
+            return frozenset(e.name for e in entries if e.is_symlink())
+    except OSError:
+        return frozenset()
+
+
+def _is_link(lstat: Callable[[str], os.stat_result], rel: str) -> bool:
+    try:
+        return S_ISLNK(lstat(rel).st_mode)
+    except OSError:
+        return False
 
 
 def _open_dir(path: str) -> int | None:
