@@ -8,7 +8,7 @@ scan fingerprints, config digests, file stats).
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -586,12 +586,17 @@ def compute_plan(
         ses = address.session if address else exp.label
         return selection.wants(exp.subject_label, sub, exp.label, exp.id, ses)
 
-    present_ids = {e.id for e in remote_rows} | malformed_ids  # unsafe ones too: they are not gone from XNAT
+    listed_ids = {e.id for e in remote_rows}
+    present_ids = listed_ids | malformed_ids  # unsafe ones too: they are not gone from XNAT
     # One project's listing naming a session twice, with other values: which row is XNAT's is
     # unknown (taking the first would flip label or date with the rows' order).
+    listed_twice = set()
+    if len(listed_ids) < len(remote_rows):  # an ID twice: in one listing, or shared into two projects
+        listed_twice = {k for k, n in Counter((e.project, e.id) for e in remote_rows).items() if n > 1}
     rows_of: dict[tuple[str, str], set[Experiment]] = defaultdict(set)
-    for exp in remote_rows:
-        rows_of[exp.project, exp.id].add(exp)
+    for exp in remote_rows if listed_twice else ():
+        if (exp.project, exp.id) in listed_twice:
+            rows_of[exp.project, exp.id].add(exp)
     for (project, exp_id), rows in sorted((k, v) for k, v in rows_of.items() if len(v) > 1):
         first = min(rows, key=lambda e: e.label)
         if wanted(first):
@@ -599,7 +604,8 @@ def compute_plan(
             out.problems.append(Problem(f"session {exp_id} ({project}): XNAT lists it {len(rows)} times, with other "
                                         f"values ({labels})", project, exp_id,
                                         hint="nothing was planned for this session; plan again, or ask the XNAT admin"))
-    remote_rows = [e for e in remote_rows if len(rows_of[e.project, e.id]) == 1]
+    if any(len(v) > 1 for v in rows_of.values()):
+        remote_rows = [e for e in remote_rows if len(rows_of.get((e.project, e.id), ())) <= 1]
     seen_ids: dict[str, tuple[Experiment, BidsAddress]] = {}
     for exp in sorted(remote_rows, key=lambda e: (e.project, e.id)):
         try:
@@ -623,9 +629,9 @@ def compute_plan(
     colliding = set()
     # Addresses that differ only in case are one folder on a case-insensitive file system (macOS,
     # SMB shares): the second commit would replace the first session's files.
-    folded: dict[str, list[BidsAddress]] = defaultdict(list)
+    folded: dict[tuple[str, str], list[BidsAddress]] = defaultdict(list)
     for address in at_address:
-        folded[address.path.casefold()].append(address)
+        folded[address.subject.casefold(), address.session.casefold()].append(address)
     for addresses in (sorted(a) for a in folded.values() if len(a) > 1):
         exps = [e for a in addresses for e in at_address[a]]
         colliding.update(e.id for e in exps)
