@@ -485,7 +485,8 @@ def commit_session(
     events_notes: list[str] = []
     if previous is not None:
         # After fingerprinting: the user's files are carried over but never recorded as outputs.
-        # After a rename they are copies: the originals stay in the old folder, which is theirs.
+        # After a rename they are copies: the originals stay in the old folder, which is theirs
+        # (but filled-in events, which move with their run: `_remove_recorded`).
         old_dir = _target(root, previous.address)
         renamed = (_file_prefix(previous.address), _file_prefix(address)) if previous.address != address else None
         aside += _copy_user_files(old_dir, staged.session_dir, {o.path for o in previous.outputs}, root, kept,
