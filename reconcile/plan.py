@@ -555,15 +555,17 @@ def compute_plan(
             )
             continue
         listed = [e for e in listing.experiments if e.xsi_type.endswith(SESSION_TYPES_SUFFIX)]
+        bad_here = False
         for bad in listing.malformed:
             if bad.xsi_type.endswith(SESSION_TYPES_SUFFIX):
+                bad_here = True
                 malformed_ids.add(bad.id)
                 if selects_all or selection.wants(bad.subject_label, "", bad.label, bad.id, ""):
                     out.problems.append(Problem(
                         f"session {bad.id} ({listing.project}/{bad.label}): XNAT lists it with a malformed value "
                         f"({bad.message})", listing.project, bad.id,
                         hint="nothing was planned for this session; correct the value in XNAT"))
-        recorded = [] if listed or malformed_ids else [r for r in records if r.project == listing.project and selection.holds(r)]
+        recorded = [] if listed or bad_here else [r for r in records if r.project == listing.project and selection.holds(r)]
         if recorded:
             blocked.add(listing.project)
             out.problems.append(
@@ -630,8 +632,9 @@ def compute_plan(
     # Addresses that differ only in case are one folder on a case-insensitive file system (macOS,
     # SMB shares): the second commit would replace the first session's files.
     folded: dict[tuple[str, str], list[BidsAddress]] = defaultdict(list)
-    for address in at_address:
-        folded[address.subject.casefold(), address.session.casefold()].append(address)
+    if len({(a.subject.casefold(), a.session.casefold()) for a in at_address}) < len(at_address):
+        for address in at_address:
+            folded[address.subject.casefold(), address.session.casefold()].append(address)
     for addresses in (sorted(a) for a in folded.values() if len(a) > 1):
         exps = [e for a in addresses for e in at_address[a]]
         colliding.update(e.id for e in exps)
@@ -800,13 +803,20 @@ def compute_plan(
     edits = sum(1 for c in out.changes if c.edited)
     if edits:
         out.notes.append(_edits_note(edits))
-    for move in sorted({m for c in out.changes if c.edited and (m := subject_move(c))}):
-        waiting = sum(1 for c in out.changes if subject_move(c) == move and not c.edited)
-        if waiting:
+    moving: Counter[tuple[str, str, str]] = Counter()
+    held_moves = set()
+    for c in out.changes:
+        if move := subject_move(c):
+            moving[move] += not c.edited
+            if c.edited:
+                held_moves.add(move)
+    for move in sorted(held_moves):
+        if moving[move]:
+            n = moving[move]
             out.notes.append(
-                f"sub-{move[1]} → sub-{move[2]}: {waiting} more session{'s' if waiting != 1 else ''} of that subject "
-                f"wait{'' if waiting != 1 else 's'} with the one that would replace outputs changed on disk, so "
-                "one person is never under two labels")
+                f"sub-{move[1]} → sub-{move[2]}: {n} more session{'s' if n != 1 else ''} of that subject "
+                f"wait{'' if n != 1 else 's'} with the one that would replace outputs changed on disk"
+                f"{_SPLIT_SUBJECT}")
     if drifted:
         out.notes.append(_drift_note(drifted))
     if local.hashed_now:  # said once: later plans find them vouched for, and say nothing
@@ -871,6 +881,10 @@ def moves_in(change: Change) -> bool:
     )
 
 
+# The end of the note on a subject rename held back whole (apply --repair-drift carries it out).
+_SPLIT_SUBJECT = ", so the subject is not split between two labels by this"
+
+
 def _edits_note(n: int, *, repairing: bool = False) -> str:
     them = "them" if n != 1 else "it"
     if repairing:
@@ -893,7 +907,7 @@ def repairing(plan: Plan) -> Plan:
     that it needs the flag."""
     edits, drifted = sum(1 for c in plan.changes if c.edited), plan.count(Action.DRIFT)
     now = {_edits_note(edits): _edits_note(edits, repairing=True), _drift_note(drifted): _drift_note(drifted, repairing=True)}
-    return replace(plan, notes=tuple(now.get(n, n) for n in plan.notes))
+    return replace(plan, notes=tuple(now.get(n, n) for n in plan.notes if not n.endswith(_SPLIT_SUBJECT)))
 
 
 def refuse_occupied(plan: Plan, occupied: Mapping[BidsAddress, str | None],

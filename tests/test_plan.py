@@ -704,6 +704,18 @@ def test_a_row_with_a_malformed_value_is_a_problem_for_its_session_only_never_an
     assert [(c.action, c.key.experiment_id) for c in plan.changes] == [(Action.CREATE, e2.id)]  # no orphan
 
 
+def test_a_malformed_row_in_one_project_keeps_the_empty_listing_guard_of_another():
+    from reconcile.model import MalformedRow
+
+    a1, b1 = exp(1, project="A"), exp(2, project="B")
+    lock = lock_of(record(b1, bids_session="SUBJ02MR1"))
+    bad = MalformedRow("XNAT_E00007", "S7_MR1", "S7", "xnat:mrSessionData", "not an XNAT date: 'x'")
+    remote = RemoteState((ProjectListing("A", (a1,), malformed=(bad,)), ProjectListing("B", ())))
+    plan = compute_plan(lock, remote, on_disk(*lock.sessions.values()), CONFIG, tools=TOOLS)
+    assert not [c for c in plan.changes if c.action is Action.ORPHAN]  # B's empty listing is refused
+    assert any("XNAT listed no sessions for project B" in p.message for p in plan.problems)
+
+
 def test_addresses_that_differ_only_in_case_collide():
     # One folder on macOS or an SMB share: the second commit would replace the first's files.
     upper, lower, other = exp(1, subject="ABC", label="MR1"), exp(2, subject="abc", label="MR1"), exp(3)
@@ -742,7 +754,8 @@ def test_a_subject_rename_waits_for_all_its_sessions_while_one_is_held_back():
     assert [c.key.experiment_id for c in plan.actionable()] == [other.id]  # the rename waits whole
     assert {c.key.experiment_id for c in plan.actionable(repair_drift=True)} == {mr1.id, mr2.id, other.id}
     assert ("sub-SUBJ01 → sub-SUBJ11: 1 more session of that subject waits with the one that would replace "
-            "outputs changed on disk, so one person is never under two labels") in plan.notes
+            "outputs changed on disk, so the subject is not split between two labels by this") in plan.notes
+    assert not [n for n in repairing(plan).notes if "more session" in n]  # --repair-drift moves them all
 
 
 def test_nothing_changed_is_empty_plan():  # row 19
