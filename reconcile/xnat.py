@@ -301,10 +301,11 @@ def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
     return None
 
 
-def _error_text(resp: requests.Response | keepalive.Answer) -> str:
-    """The server's reason for an error status: an HTML page's <h3>, or a short plain-text body."""
+def _error_text(resp: requests.Response | keepalive.Answer, clean: Callable[[str], str] = lambda t: t) -> str:
+    """The server's reason for an error status: an HTML page's <h3>, or a short plain-text body.
+    `clean` sees the whole body first (a secret is masked before any cut could split it)."""
     try:
-        body = resp.text
+        body = clean(resp.text)
     except requests.RequestException:
         return ""
     message = html_message(body)
@@ -449,7 +450,7 @@ class XnatClient:
         if html_message(body) is not None:
             raise RemoteError(
                 f"XNAT at {self.url} answered the login with an HTML page",
-                detail=self._without_secret(html_message(body) or ""),
+                detail=self._without_secret(html_message(self._without_secret(body)) or ""),
                 hint="is the URL the XNAT base URL (without /app/...)?",
             )
         if "JSESSIONID" not in self._http.cookies:
@@ -657,7 +658,7 @@ class XnatClient:
         if 200 <= code < 300:
             return
         detail = f"HTTP {code}"
-        message = self._without_secret(_error_text(resp))
+        message = self._without_secret(_error_text(resp, self._without_secret))
         if message:
             detail += f": {message}"
         if code == 404:
@@ -688,11 +689,12 @@ class XnatClient:
             raise RemoteError(f"reading {what} from {self.url} failed", detail=type(exc).__name__) from exc
         message = html_message(body)
         if message is not None:
+            message = html_message(self._without_secret(body)) or ""
             raise RemoteError(f"XNAT at {self.url} sent an HTML page for {what}", detail=self._without_secret(message))
         try:
             return json.loads(body)
         except ValueError as exc:
-            snippet = self._without_secret(" ".join(body[:80].split()))
+            snippet = self._without_secret(" ".join(self._without_secret(body)[:80].split()))
             raise RemoteError(
                 f"XNAT at {self.url} sent invalid JSON for {what}", detail=f"{exc}; body starts {snippet!r}"
             ) from exc
