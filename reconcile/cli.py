@@ -840,6 +840,10 @@ def run_slurm_apply(
         todo = plan.actionable(repair_drift=repair_drift)
         if not todo:
             echo("Nothing to apply.")
+            if git_commit and not dry_run:  # what recovery completed is committed still, as a local apply does
+                from reconcile.apply import ApplyReport
+
+                _git_commit(root, ApplyReport(), say_none=False)
             return EXIT_ERROR if plan.problems else EXIT_OK
         if not yes and not dry_run:
             if not stdin_is_terminal():

@@ -82,7 +82,12 @@ def pending_commits(root: Path) -> list[Pending]:
     journal_dir = root / ".xnat2bids" / "journal"
     found = []
     for path in sorted(journal_dir.glob("*.json")) if journal_dir.is_dir() else []:
-        journal, record = read_journal(path)
+        try:
+            journal, record = read_journal(path)
+        except LockfileError:
+            if not path.exists():  # settled meanwhile by the apply at work (plan and check take no lock)
+                continue
+            raise
         if not swapped(root, journal):
             found.append(Pending(path.stem, path, journal, record, Settle.ROLL_BACK))
             continue

@@ -240,12 +240,17 @@ def _recorded_in_other_studies(root: Path, plan: Plan) -> dict[str, tuple[str, s
     return found
 
 
-def _holding(folder: Path, shown: int = 3) -> tuple[int, tuple[str, ...]]:
-    """How many files are below `folder`, and the first few (relative to it, in name order)."""
+def _holding(folder: Path, shown: int = 3, most: int = 1000) -> tuple[int, tuple[str, ...]]:
+    """How many files are below `folder` (counted up to `most`), and the first few (relative to
+    it, in name order). A link is not followed: another tool's export may be large or elsewhere."""
     found: list[str] = []
+    if folder.is_symlink():
+        return 0, ()
     for dirpath, dirs, files in os.walk(folder):
         dirs.sort()
         found += (os.path.relpath(os.path.join(dirpath, f), folder) for f in sorted(files))
+        if len(found) >= most:
+            break
     return len(found), tuple(found[:shown])
 
 
