@@ -636,14 +636,19 @@ def compute_plan(
         for address in at_address:
             folded[address.subject.casefold(), address.session.casefold()].append(address)
     for addresses in (sorted(a) for a in folded.values() if len(a) > 1):
-        exps = [e for a in addresses for e in at_address[a]]
-        colliding.update(e.id for e in exps)
+        # Sessions recorded side by side already (a case-sensitive file system) stay as they are;
+        # only one moving in next to its case twin is refused.
+        newcomers = [e for a in addresses for e in at_address[a]
+                     if e.id not in sessions or sessions[e.id].address != a]
+        if not newcomers:
+            continue
+        colliding.update(e.id for e in newcomers)
         if any(wanted(e, a) for a in addresses for e in at_address[a]):
             names = " and ".join(f"{e.id} ({e.project}/{e.subject_label}/{e.label}) at {a.path}"
                                  for a in addresses for e in at_address[a])
             out.problems.append(Problem(
-                f"{names} differ only in case: one folder where the file system ignores case", exps[0].project,
-                exps[0].id, hint="give one a label of its own in [naming.subjects] or [naming.sessions]"))
+                f"{names} differ only in case: one folder where the file system ignores case", newcomers[0].project,
+                newcomers[0].id, hint="give one a label of its own in [naming.subjects] or [naming.sessions]"))
     for address, exps in sorted((a, exps) for a, exps in at_address.items() if len(exps) > 1):
         colliding.update(e.id for e in exps)
         if any(wanted(e, address) for e in exps):

@@ -724,6 +724,12 @@ def test_addresses_that_differ_only_in_case_collide():
     assert problem.message == (f"{upper.id} (PROJ/ABC/MR1) at sub-ABC/ses-MR1 and {lower.id} (PROJ/abc/MR1) at "
                                "sub-abc/ses-MR1 differ only in case: one folder where the file system ignores case")
     assert [c.key.experiment_id for c in plan.changes] == [other.id]
+    # Both recorded already, side by side (exported on a case-sensitive file system): left as they are.
+    both = lock_of(record(upper, bids_session="MR1"), record(lower, bids_session="MR1"))
+    assert not plan_of(both, [upper, lower]).problems and plan_of(both, [upper, lower]).unchanged == 2
+    # One recorded, the other new: only the newcomer is refused.
+    one = plan_of(lock_of(record(upper, bids_session="MR1")), [upper, lower])
+    assert [p.experiment_id for p in one.problems] == [lower.id] and one.unchanged == 1
 
 
 def test_a_session_listed_twice_with_other_values_is_a_problem_not_the_first_rows_plan():
