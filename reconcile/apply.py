@@ -611,6 +611,14 @@ def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list
             # session folder back, drop the journal; the session is applied again.
             target = root / p.record.address.path
             trash = area.trash(p.exp_id)
+            if p.settle is Settle.ABANDON and os.path.lexists(target):
+                # What is left of the dropped commit's own files goes aside whole, so the lock's
+                # record and the folder agree again (the old folder comes back, if there was one).
+                left = area.kept(p.exp_id)
+                left.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(target, left)
+                warn(f"{p.exp_id}: what the interrupted commit left in {p.record.address} is kept in "
+                     f"{left.relative_to(root)}")
             if trash.is_dir() and not target.exists():
                 os.rename(trash, target)
             elif trash.is_dir():  # something else stands there now: keep the old files aside

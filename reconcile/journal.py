@@ -117,7 +117,8 @@ def as_recovered(root: Path, lock: Lock) -> tuple[Lock, dict[str, tuple[str, Pat
             lock = lock.with_session(p.record)
         else:  # the old folder, if any, goes back from the trash
             trash = root / ".xnat2bids" / "trash" / p.exp_id
-            if trash.is_dir() and not (root / p.record.address.path).exists():
+            # (A dropped commit's own files at the address go aside first.)
+            if trash.is_dir() and (p.settle is Settle.ABANDON or not (root / p.record.address.path).exists()):
                 moved[p.record.address.path] = (p.record.address.path, trash)
         notes.append(p.note())
     for temp in stale_temp_files(root):  # the lock itself is whole: replaced by rename

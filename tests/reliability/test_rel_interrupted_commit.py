@@ -81,11 +81,15 @@ def test_a_commit_missing_one_file_keeps_the_old_folder_aside_and_records_nothin
     world, root, exp = interrupted
     gone = sorted((root / "sub-01/ses-01MR1").rglob("*.nii.gz"))[0]
     gone.unlink()
+    checked = xnat2bids("check", str(root), url=world.url, cwd=tmp_path)  # judged as recovery leaves it
+    assert checked.returncode == 0 and "cannot be completed" in checked.stdout, checked.stdout + checked.stderr
     done = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
     assert f"{exp.id}: an interrupted commit was dropped: 1 of the files it records is not in sub-01/ses-01MR1" \
         in done.stderr
-    [aside] = (root / ".xnat2bids/replaced" / exp.id).iterdir()  # the folder the commit replaced, kept whole
-    assert (aside / "anat").is_dir() and f"are kept in .xnat2bids/replaced/{exp.id}/" in done.stderr
+    [aside] = (root / ".xnat2bids/replaced" / exp.id).iterdir()  # what the dropped commit left, kept whole
+    assert (aside / "anat").is_dir() and not (aside / gone.relative_to(root / "sub-01/ses-01MR1")).exists()
+    assert f"{exp.id}: what the interrupted commit left in sub-01/ses-01MR1 is kept in .xnat2bids/replaced/" \
+        in done.stderr
     assert "Apply complete: 1 done, 0 failed, 0 skipped; lock serial 2." in done.stdout  # applied again, whole
     assert read_lock(root).sessions[exp.id].date == "2024-02-02"
     assert xnat2bids("check", str(root), "--full", url=world.url, cwd=tmp_path).returncode == 0
