@@ -533,17 +533,19 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
     renamed = previous.bids_subject if left_subject and previous.subject_id == record.subject_id != "" else None
     if journal["dicom"] and (root / journal["dicom"]).is_dir():
         dest = root / "sourcedata" / f"sub-{record.bids_subject}" / f"ses-{record.bids_session}" / "dicom"
-        if dest.exists() and (previous is None or previous.address != record.address):
-            # Kept DICOM of a session that was at this address before (renamed since): not this
-            # session's to replace. Set aside whole, as the user's edits are.
+        if dest.exists() and _dicom_owner(dest) != exp_id:
+            # Kept DICOM not marked as this session's (another session was at this address, renamed
+            # since; or kept before the mark): not this commit's to replace. Set aside whole.
             aside = area.kept(exp_id) / dest.relative_to(root)
             aside.parent.mkdir(parents=True, exist_ok=True)
             os.rename(dest, aside)
-            said = f"{dest.relative_to(root)} held DICOM kept for another session; set aside in {aside.relative_to(root)}"
+            said = (f"{dest.relative_to(root)} held DICOM not marked as this session's (kept for another session at "
+                    f"this address, or before the mark); set aside in {aside.relative_to(root)}")
             _log(area.log(exp_id), said)
             if warnings is not None:
                 warnings.append(said)
         _move_replacing(root / journal["dicom"], dest, area.trash(exp_id, dicom=True))
+        (dest / DICOM_OWNER).write_text(exp_id + "\n")
     ensure_dataset_description(root, name=record.project, tools=record.tools)
     said = ensure_participant(root, record.bids_subject, renamed_from=renamed)
     if said is not None:
@@ -571,6 +573,16 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
         hit("commit-lock-written")
     _clean_up(area, exp_id)
     return lock
+
+
+DICOM_OWNER = ".xnat2bids-experiment"  # in a kept DICOM folder: the experiment it was kept for
+
+
+def _dicom_owner(folder: Path) -> str | None:
+    try:
+        return (folder / DICOM_OWNER).read_text().strip()
+    except OSError:
+        return None
 
 
 def _clean_up(area: WorkArea, exp_id: str) -> None:

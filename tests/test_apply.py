@@ -170,9 +170,12 @@ def test_failed_session_does_not_block_others_and_is_retried(cli, emulator, tmp_
     assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
 
 
-def test_kept_dicom_of_another_session_at_the_address_is_set_aside_not_replaced(cli, emulator, tmp_path):
+@pytest.mark.parametrize("first_time", ["--keep-dicom", "without"])
+def test_kept_dicom_of_another_session_at_the_address_is_set_aside_not_replaced(cli, emulator, tmp_path,
+                                                                                first_time):
     # Subject 01 is relabelled 11 (its kept DICOM stays at the old label, as the user's); a new
-    # subject then takes label 01: its DICOM must not silently replace the first one's.
+    # subject then takes label 01: its DICOM must not silently replace the first one's, also when
+    # the newcomer keeps DICOM only from its second export on.
     first = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])["01_MR1"]
     root = tmp_path / "bids"
     assert cli("apply", str(root), "-p", "PROJ", "--yes", "--keep-dicom")[0] == 0
@@ -183,11 +186,18 @@ def test_kept_dicom_of_another_session_at_the_address_is_set_aside_not_replaced(
     add(emulator.archive, [("01", "01-MR1", "2024-03-10")], series=SMALL[:1])  # at sub-01/ses-01MR1 too
     [second] = [e for e in emulator.archive.sessions("PROJ") if e.id != first.id]
     assert second.subject_id != first.subject_id
+    assert (kept / ".xnat2bids-experiment").read_text() == f"{first.id}\n"  # whose DICOM it is
+    if first_time == "without":
+        assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+        assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()} == old
+        redate(emulator, second, "2024-03-11")
 
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--keep-dicom")
     assert code == 0, out + err
-    said = "sourcedata/sub-01/ses-01MR1/dicom held DICOM kept for another session; set aside in .xnat2bids/replaced/"
+    said = ("sourcedata/sub-01/ses-01MR1/dicom held DICOM not marked as this session's (kept for another session at "
+            "this address, or before the mark); set aside in .xnat2bids/replaced/")
     assert said in out
+    assert (kept / ".xnat2bids-experiment").read_text() == f"{second.id}\n"
     [aside] = (root / ".xnat2bids/replaced" / second.id).glob("*/sourcedata/sub-01/ses-01MR1/dicom")
     assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == old
 
@@ -214,7 +224,7 @@ def test_keep_dicom_user_edits_and_git_commit(cli, emulator, tmp_path):
     assert sorted(status.splitlines()) == ["?? code/", "A  staged.txt"]  # only what was not ours
     assert ".xnat2bids/.gitignore" in committed  # xnat2bids' logs and staging stay out
     dicom = root / "sourcedata/sub-01/ses-01MR1/dicom"
-    assert sorted(p.name for p in dicom.iterdir()) == ["1", "2"]
+    assert sorted(p.name for p in dicom.iterdir()) == [".xnat2bids-experiment", "1", "2"]
     assert (dicom / "1" / "1.dcm").read_bytes() == emulator.archive.get_scan(exps["01_MR1"].id, "1").find_resource("DICOM").files["1.dcm"].read()
     log = subprocess.run(["git", "-C", str(root), "log", "--format=%s", "--name-only"], capture_output=True, text=True).stdout
     assert "xnat2bids apply: 1 session(s) exported" in log and ".xnat2bids.lock" in log and ".xnat2bids/history.jsonl" in log
