@@ -6,6 +6,7 @@ Exit codes: 0 = no changes / success, 2 = changes pending (plan with --detailed-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -565,6 +566,8 @@ def run_apply(
                         # A download that trickles, or a converter, can hold a worker for hours, and
                         # the thread pool waits for its workers however the main thread exits. Every
                         # step is crash-safe: what was under way is settled by the next apply.
+                        with contextlib.suppress(Exception):
+                            reporter.close()  # a live progress bar gives the terminal its cursor back
                         echo("Forced stop: the next apply settles what was under way.", err=True)
                         os._exit(130 if signum == signal.SIGINT else 143)
                     cancel.set()

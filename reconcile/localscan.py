@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -45,7 +45,10 @@ def stat_records(root: Path, records: Iterable[SessionRecord], *, full: bool | H
     unchanged: dict[str, OutputRecord] = {}
     outside: set[str] = set()
     beneath = Beneath(root)
-    linked_subjects = _linked_entries(root)
+    # Many records: one listing of the root tells which subject folders are links; a few (a commit's
+    # own): a look at their folders.
+    many = not isinstance(records, Sequence) or len(records) > 64
+    linked_subjects = _linked_entries(root) if many else frozenset()
     with root_stat(root, follow_symlinks=False) as lstat:
         for rec in records:
             hashed = full(rec) if callable(full) else full
@@ -53,7 +56,8 @@ def stat_records(root: Path, records: Iterable[SessionRecord], *, full: bool | H
             # `check` looks at every folder. One lstat per session: plan stats 40,000 outputs.
             linked = False
             if rec.outputs:
-                linked = rec.address.path.partition("/")[0] in linked_subjects or _is_link(lstat, rec.address.path)
+                linked = (rec.address.path.partition("/")[0] in linked_subjects or _is_link(lstat, rec.address.path)
+                          if many else beneath.linked(rec.address.path))
             for out in rec.outputs:
                 try:
                     st = lstat(out.path)

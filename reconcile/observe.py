@@ -22,11 +22,12 @@ from reconcile.errors import ConfigError, RemoteError, XnatBidsError
 from reconcile.journal import as_recovered
 from reconcile.localscan import stat_outputs
 from reconcile.lock import Lock, gc_paused, load_or_new, read_lock
-from reconcile.model import BidsAddress, Experiment, MalformedRow
+from reconcile.model import BidsAddress, Experiment, FileStat, MalformedRow
 from reconcile.naming import address_for
 from reconcile.plan import (
     SESSION_TYPES_SUFFIX,
     Action,
+    LocalState,
     Plan,
     ProjectListing,
     RemoteState,
@@ -190,7 +191,7 @@ def make_plan(
     with gc_paused():
         # Planned as the next apply's recovery leaves it: a commit a crash interrupted with its
         # folder in place is recorded, not a foreign folder in the way.
-        lock, _, pending = as_recovered(root, load_or_new(root))
+        lock, waiting, pending = as_recovered(root, load_or_new(root))
         projects = choose_projects(selection, config, lock)
         if selection.projects:  # globs expanded: the planner compares project IDs
             selection = replace(selection, projects=projects)
@@ -204,6 +205,8 @@ def make_plan(
             remote = observe_remote(client, projects, deep=deep, concurrency=concurrency,
                                     wanted=lambda e: _selected(e, config, selection))
             local = scan.result()
+        if waiting:  # a session whose commit the next apply rolls back: its files wait in the trash
+            local = _waiting_in_trash(local, lock, waiting)
         plan = compute_plan(
             lock, remote, local, config, selection=selection, tools=tool_versions(),
             reconvert_outdated=reconvert_outdated,
@@ -238,6 +241,23 @@ def _recorded_in_other_studies(root: Path, plan: Plan) -> dict[str, tuple[str, s
         for exp_id in creates & set(lock.sessions) if lock else ():
             found[exp_id] = (lock.sessions[exp_id].project, str(other))
     return found
+
+
+def _waiting_in_trash(local: LocalState, lock: Lock, waiting: Mapping[str, tuple[str, Path]]) -> LocalState:
+    """`local` with the outputs of sessions whose folder waits in the trash (a commit the next
+    apply rolls back) stat'ed there, as `check` judges them."""
+    files = dict(local.files)
+    for rec in lock.sessions.values():
+        where = waiting.get(rec.address.path)
+        if where is None:
+            continue
+        for out in rec.outputs:
+            try:
+                st = os.stat(os.path.join(where[1], out.path[len(rec.address.path) + 1:]))
+            except OSError:
+                continue
+            files[out.path] = FileStat(st.st_size, st.st_mtime_ns)
+    return replace(local, files=files)
 
 
 def _holding(folder: Path, shown: int = 3, most: int = 1000) -> tuple[int, tuple[str, ...]]:

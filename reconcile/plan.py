@@ -600,8 +600,7 @@ def compute_plan(
         if (exp.project, exp.id) in listed_twice:
             rows_of[exp.project, exp.id].add(exp)
     for (project, exp_id), rows in sorted((k, v) for k, v in rows_of.items() if len(v) > 1):
-        first = min(rows, key=lambda e: e.label)
-        if wanted(first):
+        if any(wanted(e) for e in rows):
             labels = ", ".join(sorted({f"{e.subject_label}/{e.label} dated {e.date or '(none)'}" for e in rows}))
             out.problems.append(Problem(f"session {exp_id} ({project}): XNAT lists it {len(rows)} times, with other "
                                         f"values ({labels})", project, exp_id,

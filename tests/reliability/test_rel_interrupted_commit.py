@@ -95,6 +95,26 @@ def test_a_commit_missing_one_file_keeps_the_old_folder_aside_and_records_nothin
     assert xnat2bids("check", str(root), "--full", url=world.url, cwd=tmp_path).returncode == 0
 
 
+def test_plan_and_check_agree_on_a_commit_the_next_apply_rolls_back(tmp_path):
+    # Killed between its renames: the old folder waits in the trash, the new one still staged.
+    with served_world() as world:
+        root = tmp_path / "bids"
+        assert xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path).returncode == 0
+        [exp] = world.archive.sessions("PROJ")
+        world.archive.set_fields(exp.id, date="2024-02-02")
+        killed = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path,
+                           XNAT2BIDS_FAILPOINT="commit-between-renames")
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+        kill_leftovers(root)
+        assert not (root / "sub-01/ses-01MR1").exists()
+        planned = xnat2bids("plan", str(root), "-p", "PROJ", "--detailed-exitcode", url=world.url, cwd=tmp_path)
+        assert planned.returncode == 2, planned.stdout + planned.stderr
+        assert "date 2024-01-10 → 2024-02-02 (re-dated in XNAT)" in planned.stdout
+        assert "missing:" not in planned.stdout and "drift" not in planned.stdout.split("Plan:")[0]
+        assert "will be rolled back by the next apply" in planned.stdout
+        assert xnat2bids("check", str(root), url=world.url, cwd=tmp_path).returncode == 0
+
+
 @pytest.mark.parametrize("content", [b'{"record": ', b"{}", b"[]", b"\xff\xfe"])
 def test_a_damaged_journal_is_an_error_naming_it(interrupted, tmp_path, content):
     world, root, exp = interrupted
