@@ -13,20 +13,26 @@ from reconcile.lock import read_lock
 pytestmark = pytest.mark.slow
 
 
+def _redated_and_killed(world, root, tmp_path, failpoint: str):
+    """The world's session exported, re-dated in XNAT, and its re-export killed at `failpoint`."""
+    first = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    [exp] = world.archive.sessions("PROJ")
+    world.archive.set_fields(exp.id, date="2024-02-02")
+    killed = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path,
+                       XNAT2BIDS_FAILPOINT=failpoint)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    kill_leftovers(root)
+    return exp
+
+
 @pytest.fixture
 def interrupted(tmp_path):
     """A root whose session was re-dated in XNAT and whose re-export was killed with the new
     folder in place and the lock not yet written."""
     with served_world() as world:
         root = tmp_path / "bids"
-        first = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
-        assert first.returncode == 0, first.stdout + first.stderr
-        [exp] = world.archive.sessions("PROJ")
-        world.archive.set_fields(exp.id, date="2024-02-02")
-        killed = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path,
-                           XNAT2BIDS_FAILPOINT="commit-moved")
-        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-        kill_leftovers(root)
+        exp = _redated_and_killed(world, root, tmp_path, "commit-moved")
         assert (root / ".xnat2bids/journal" / f"{exp.id}.json").is_file()
         assert read_lock(root).sessions[exp.id].date == "2024-01-10"
         yield world, root, exp
@@ -99,13 +105,7 @@ def test_plan_and_check_agree_on_a_commit_the_next_apply_rolls_back(tmp_path):
     # Killed between its renames: the old folder waits in the trash, the new one still staged.
     with served_world() as world:
         root = tmp_path / "bids"
-        assert xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path).returncode == 0
-        [exp] = world.archive.sessions("PROJ")
-        world.archive.set_fields(exp.id, date="2024-02-02")
-        killed = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path,
-                           XNAT2BIDS_FAILPOINT="commit-between-renames")
-        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-        kill_leftovers(root)
+        _redated_and_killed(world, root, tmp_path, "commit-between-renames")
         assert not (root / "sub-01/ses-01MR1").exists()
         planned = xnat2bids("plan", str(root), "-p", "PROJ", "--detailed-exitcode", url=world.url, cwd=tmp_path)
         assert planned.returncode == 2, planned.stdout + planned.stderr
