@@ -35,7 +35,12 @@ GITATTRIBUTES = "# Written by xnat2bids: the history is append-only; a merge kee
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+    try:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+    except OSError as exc:  # no git, or (E2BIG) more session folders than one command line holds
+        raise XnatBidsError(f"git could not be run: {exc.strerror or exc}",
+                            hint="the lock and the files are right; commit the dataset by hand "
+                                 "(git add, git commit)") from exc
 
 
 def is_repository(root: Path) -> bool:
@@ -135,8 +140,12 @@ def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:
     if not present:
         return None
     if (root / ".datalad").is_dir():
-        out = subprocess.run(["datalad", "save", "-d", str(root), "-m", message, "--", *present],
-                             capture_output=True, text=True, cwd=root)
+        try:
+            out = subprocess.run(["datalad", "save", "-d", str(root), "-m", message, "--", *present],
+                                 capture_output=True, text=True, cwd=root)
+        except OSError as exc:
+            raise XnatBidsError(f"datalad could not be run: {exc.strerror or exc}",
+                                hint="the lock and the files are right; save the dataset by hand (datalad save)") from exc
         if out.returncode != 0:
             raise XnatBidsError("datalad save failed", detail=out.stderr.strip()[-2000:])
         return _git(root, "rev-parse", "HEAD").stdout.strip()

@@ -399,6 +399,18 @@ def test_apply_starts_no_more_sessions_once_the_lock_changed_under_it(cli, emula
     assert not (root / "sub-03").exists()  # never started
 
 
+def test_git_that_cannot_be_run_is_a_clear_error_not_a_traceback(cli, emulator, tmp_path, monkeypatch):
+    # No git on PATH here; a command line too long for a huge dataset's folders fails the same way.
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
+    root = tmp_path / "bids"
+    root.mkdir()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--git-commit")
+    assert code == 1 and "error: git could not be run: No such file or directory" in err, out + err
+    assert "Traceback" not in out + err and not (root / ".xnat2bids.lock").exists()
+
+
 def test_git_commit_without_a_repository_or_an_identity_fails_before_any_work(cli, emulator, tmp_path, monkeypatch):
     add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
     root = tmp_path / "bids"
