@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from reconcile.journal import as_recovered
+from reconcile.journal import as_recovered, located
 from reconcile.localscan import Beneath, hash_files, root_stat
 from reconcile.lock import Lock
 
@@ -51,14 +51,6 @@ class CheckReport:
         return not self.problems
 
 
-def _located(rel: str, moved: dict[str, tuple[str, Path]]) -> str | None:
-    """Where a rolled-back session's output sits meanwhile; None for one at its place in the root."""
-    for prefix, (_, trash) in moved.items():
-        if rel.startswith(prefix + "/"):
-            return os.path.join(trash, rel[len(prefix) + 1:])
-    return None
-
-
 def _named(lock: Lock, exp_id: str) -> str:
     """A session as check's messages name it; its record is decoded only for these."""
     return f"{exp_id} {lock.sessions[exp_id].address}"
@@ -92,7 +84,7 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
                 total += 1
                 if not path.startswith(inside):
                     problem(CheckCode.OUTSIDE_SESSION, exp_id, path, f"output {path} lies outside its session folder")
-                where = _located(path, moved) if moved else None
+                where = located(path, moved) if moved else None
                 try:
                     if where is not None:  # rolled back: judged where it waits, links and all
                         st = os.stat(where)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -130,3 +131,12 @@ def as_recovered(root: Path, lock: Lock) -> tuple[Lock, dict[str, tuple[str, Pat
             notes.append(f".xnat2bids/trash/{leftover.name}: the old files of a replaced session, which could not "
                          "be removed then; the next apply removes them")
     return lock, moved, notes
+
+
+def located(rel: str, moved: Mapping[str, tuple[str, Path]]) -> str | None:
+    """Where a rolled-back session's output sits meanwhile (`as_recovered`'s `moved`); None for
+    one at its place in the root."""
+    for prefix, (_, trash) in moved.items():
+        if rel.startswith(prefix + "/"):
+            return os.path.join(trash, rel[len(prefix) + 1:])
+    return None

@@ -19,7 +19,7 @@ from pathlib import Path
 from reconcile import __version__
 from reconcile.config import Config, expand_projects, is_pattern
 from reconcile.errors import ConfigError, RemoteError, XnatBidsError
-from reconcile.journal import as_recovered
+from reconcile.journal import as_recovered, located
 from reconcile.localscan import stat_outputs
 from reconcile.lock import Lock, gc_paused, load_or_new, read_lock
 from reconcile.model import BidsAddress, Experiment, FileStat, MalformedRow
@@ -248,12 +248,14 @@ def _waiting_in_trash(local: LocalState, lock: Lock, waiting: Mapping[str, tuple
     apply rolls back) stat'ed there, as `check` judges them."""
     files = dict(local.files)
     for rec in lock.sessions.values():
-        where = waiting.get(rec.address.path)
-        if where is None:
+        if rec.address.path not in waiting:
             continue
         for out in rec.outputs:
+            where = located(out.path, waiting)
+            if where is None:  # outside its session folder (a hand-edited lock): check names it
+                continue
             try:
-                st = os.stat(os.path.join(where[1], out.path[len(rec.address.path) + 1:]))
+                st = os.stat(where)
             except OSError:
                 continue
             files[out.path] = FileStat(st.st_size, st.st_mtime_ns)
