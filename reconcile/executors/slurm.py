@@ -405,16 +405,15 @@ def write_job_credentials(client, path: Path) -> str:
     try:
         issued = client.get_json("/data/services/tokens/issue")
         alias, secret, kind = str(issued["alias"]), str(issued["secret"]), "alias-token"
-    except (NotFoundError, ForbiddenError):
-        # No token service (or not allowed): the password itself, readable only by this user.
-        alias, secret, kind = client.credentials.user, client.credentials.password, "password-file"
-    except (KeyError, TypeError) as exc:  # a 200 without a token (a proxy's page): not a reason to write the password
-        raise RemoteError("XNAT could not issue an alias token for the jobs: its token service answered without one",
-                          hint="run again later; the jobs are given a token, not your password, where XNAT issues "
-                               "one") from exc
-    except RemoteError as exc:
-        if not (exc.detail or "").startswith("HTTP 405"):  # a service that failed now: not a reason to write the password
-            raise RemoteError(f"XNAT could not issue an alias token for the jobs: {exc.summary}", detail=exc.detail,
+    except (RemoteError, KeyError, TypeError) as exc:
+        # No token service (404, 405) or not allowed (403): the password itself, readable only by
+        # this user. A service that failed now, or answered without a token, is no reason for that.
+        absent = isinstance(exc, (NotFoundError, ForbiddenError)) or (
+            isinstance(exc, RemoteError) and (exc.detail or "").startswith("HTTP 405"))
+        if not absent:
+            why = exc.summary if isinstance(exc, RemoteError) else "its token service answered without one"
+            raise RemoteError(f"XNAT could not issue an alias token for the jobs: {why}",
+                              detail=exc.detail if isinstance(exc, RemoteError) else None,
                               hint="run again later; the jobs are given a token, not your password, where XNAT "
                                    "issues one") from exc
         alias, secret, kind = client.credentials.user, client.credentials.password, "password-file"
