@@ -224,7 +224,7 @@ def ensure_participant(root: Path, bids_subject: str, *, renamed_from: str | Non
     old = table.find("participant_id", f"sub-{renamed_from}") if renamed_from is not None else None
     at = table.find("participant_id", participant)
     if at is not None:
-        if old is not None and {**table.row(old), "participant_id": ""} != {**table.row(at), "participant_id": ""}:
+        if old is not None and not _same_values(table, old, at):
             return (f"participants.tsv: sub-{renamed_from} is {participant} now, whose row was there already with "
                     f"other values; both rows are kept for you to reconcile")
         return None
@@ -232,6 +232,11 @@ def ensure_participant(root: Path, bids_subject: str, *, renamed_from: str | Non
     table.insert_sorted("participant_id", {**values, "participant_id": participant})
     write_atomic(path, table.text())
     return None
+
+
+def _same_values(table: _Tsv, a: int, b: int) -> bool:
+    """Whether two participants' rows hold the same values (their IDs aside)."""
+    return {**table.row(a), "participant_id": ""} == {**table.row(b), "participant_id": ""}
 
 
 def drop_participant(root: Path, bids_subject: str, *, renamed_to: str | None = None) -> None:
@@ -250,7 +255,7 @@ def drop_participant(root: Path, bids_subject: str, *, renamed_to: str | None = 
     values = table.row(at)
     if any(v not in (NA, "") for c, v in values.items() if c != "participant_id"):
         new = table.find("participant_id", f"sub-{renamed_to}") if renamed_to is not None else None
-        if new is None or {**table.row(new), "participant_id": ""} != {**values, "participant_id": ""}:
+        if new is None or not _same_values(table, new, at):
             return
     table.remove(at)
     write_atomic(path, table.text())
