@@ -519,6 +519,12 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
     area = WorkArea(root)
     journal, record = read_journal(area.journal(exp_id))
     lock = lock if lock is not None else load_or_new(root)
+
+    def warn(text: str) -> None:  # into the session's log, and its outcome when apply is there to say it
+        _log(area.log(exp_id), text)
+        if warnings is not None:
+            warnings.append(text)
+
     previous = lock.sessions.get(journal["previous"]) if journal["previous"] else None
     moved = previous is not None and previous.address != record.address
     if moved:
@@ -539,19 +545,14 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
             aside = area.kept(exp_id) / dest.relative_to(root)
             aside.parent.mkdir(parents=True, exist_ok=True)
             os.rename(dest, aside)
-            said = (f"{dest.relative_to(root)} held DICOM not marked as this session's (kept for another session at "
-                    f"this address, or before the mark); set aside in {aside.relative_to(root)}")
-            _log(area.log(exp_id), said)
-            if warnings is not None:
-                warnings.append(said)
+            warn(f"{dest.relative_to(root)} held DICOM not marked as this session's (kept for another session at "
+                 f"this address, or before the mark); set aside in {aside.relative_to(root)}")
         _move_replacing(root / journal["dicom"], dest, area.trash(exp_id, dicom=True))
         (dest / DICOM_OWNER).write_text(exp_id + "\n")
     ensure_dataset_description(root, name=record.project, tools=record.tools)
     said = ensure_participant(root, record.bids_subject, renamed_from=renamed)
     if said is not None:
-        _log(area.log(exp_id), said)
-        if warnings is not None:
-            warnings.append(said)
+        warn(said)
     if left_subject:
         drop_participant(root, previous.bids_subject, renamed_to=record.bids_subject if renamed else None)
     update_sessions_tsv(
