@@ -45,7 +45,7 @@ from reconcile.lockdoc import (
     _session_document,
     scan_sort_key,
 )
-from reconcile.lockparse import _parse, gc_paused
+from reconcile.lockparse import _parse, _parse_bytes, gc_paused
 from reconcile.model import BidsAddress, SessionRecord
 
 __all__ = [
@@ -277,6 +277,31 @@ def read_lock(root: Path) -> Lock | None:
     """The lock of a BIDS root, or None when there is none yet."""
     snapshot = _current(lock_path(root))
     return None if snapshot is None else _from_snapshot(snapshot)
+
+
+def differing_sessions(root: Path, data: bytes, source: str) -> list[tuple[SessionRecord | None, SessionRecord | None]]:
+    """(record in `data`, record in the lock of `root`) of each session recorded otherwise in the
+    two (None where one lacks it); `data` is another version of the lock file (a commit's).
+    LockfileError when `data` is not a valid lock. A session whose fragment has the same bytes in
+    both is neither parsed nor decoded: comparing with a commit that differs in a few sessions
+    costs a hash of each fragment, not a parse of 10,000 (seconds)."""
+    snapshot = _current(lock_path(root))
+    mine = _from_snapshot(snapshot).sessions if snapshot is not None else _Sessions({}, {})
+    known = snapshot.fragment_digests() if snapshot is not None else None
+    with gc_paused():
+        parsed = _parse_bytes(data, source, known)
+        theirs = parsed.spans.keys() if parsed.spans is not None else parsed.blobs.keys()
+        pairs: list[tuple[SessionRecord | None, SessionRecord | None]] = []
+        for key in sorted(theirs | mine.keys()):
+            blob = parsed.blobs.get(key)
+            if key in theirs and blob is None:  # the same bytes as in the lock of `root`
+                continue
+            ours = mine.blob(key) if key in mine else None
+            if blob is not None and ours is not None and marshal.loads(blob) == marshal.loads(ours):
+                continue  # other text, same content (marshal's bytes for equal documents may differ)
+            old = _Sessions({key: blob}, {})[key] if blob is not None else None
+            pairs.append((old, mine[key] if key in mine else None))
+    return pairs
 
 
 def load_or_new(root: Path) -> Lock:

@@ -11,10 +11,10 @@ import os
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from reconcile.errors import ConfigError, XnatBidsError
-from reconcile.lock import LOCK_NAME, loads_lock, read_lock
+from reconcile.lock import LOCK_NAME, differing_sessions, read_lock
 from reconcile.model import BidsAddress
 
 if TYPE_CHECKING:
@@ -34,9 +34,9 @@ GITIGNORE = "# Written by xnat2bids: its working folders stay out of the dataset
 GITATTRIBUTES = "# Written by xnat2bids: the history is append-only; a merge keeps both sides' lines.\nhistory.jsonl merge=union\n"
 
 
-def _git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _git(root: Path, *args: str, text: bool = True) -> subprocess.CompletedProcess[Any]:
     try:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=text)
     except OSError as exc:  # no git, or (E2BIG) more session folders than one command line holds
         raise XnatBidsError(f"git could not be run: {exc.strerror or exc}",
                             hint="the lock and the files are right; commit the dataset by hand "
@@ -103,19 +103,17 @@ def apply_paths(report: ApplyReport, root: Path) -> list[str]:
 
 def _recorded_since_last_commit(root: Path) -> set[BidsAddress]:
     """The addresses (old and new) of the sessions whose record differs from HEAD's lock."""
-    current = read_lock(root)
-    shown = _git(root, "show", f"HEAD:./{LOCK_NAME}")
-    try:
-        committed = loads_lock(shown.stdout, source=f"HEAD:{LOCK_NAME}").sessions if shown.returncode == 0 else {}
-    except XnatBidsError:  # a lock committed by hand that does not validate: compare with none
-        committed = {}
-    now = current.sessions if current is not None else {}
-    addresses = set()
-    for exp_id in set(committed) | set(now):
-        old, new = committed.get(exp_id), now.get(exp_id)
-        if old != new:
-            addresses.update(r.address for r in (old, new) if r is not None)
-    return addresses
+    shown = _git(root, "show", f"HEAD:./{LOCK_NAME}", text=False)
+    pairs = None
+    if shown.returncode == 0:
+        try:
+            pairs = differing_sessions(root, shown.stdout, f"HEAD:{LOCK_NAME}")
+        except XnatBidsError:  # a lock committed by hand that does not validate: compare with none
+            pass
+    if pairs is None:
+        current = read_lock(root)
+        return {rec.address for rec in current.sessions.values()} if current is not None else set()
+    return {rec.address for pair in pairs for rec in pair if rec is not None}
 
 
 def apply_message(title: str, report: ApplyReport) -> str:

@@ -1506,3 +1506,24 @@ def test_a_fresh_process_reads_a_large_lock_in_parts_by_itself(root: Path, tmp_p
     out = subprocess.run([sys.executable, "-c", _FORKS_COUNTED, str(root)], capture_output=True, text=True,
                          check=True, env=env)
     assert out.stdout.split() == ["1", str(len(written.sessions))]
+
+
+def test_differing_sessions_names_only_the_sessions_recorded_otherwise(tmp_path: Path) -> None:
+    """What `--git-commit` commits: the sessions whose record differs between a commit's lock and
+    the lock on disk, old and new; one whose text alone differs (hand-formatted) is the same."""
+    a, b, c, d = record(1), record(2), record(3), record(4)
+    write_lock(tmp_path, Lock.new().with_session(a).with_session(b).with_session(c))
+    committed = lock_path(tmp_path).read_bytes()
+    b2 = replace(b, date="2024-02-02")
+    write_lock(tmp_path, read_lock(tmp_path).with_session(b2).without_session(c.experiment_id).with_session(d))
+    pairs = lock_module.differing_sessions(tmp_path, committed, "HEAD:.xnat2bids.lock")
+    assert [(o and o.experiment_id, n and n.experiment_id) for o, n in pairs] == [
+        ("XNAT_E00002", "XNAT_E00002"), ("XNAT_E00003", None), (None, "XNAT_E00004")]
+    assert pairs[0][0].date == "2024-01-10" and pairs[0][1].date == "2024-02-02"
+    # The same records written in another form (a hand edit that changed no value): no difference.
+    text = lock_path(tmp_path).read_text()
+    reformatted = text.replace('date = "2024-01-10"', 'date   =   "2024-01-10"')
+    assert reformatted != text
+    assert lock_module.differing_sessions(tmp_path, reformatted.encode(), "HEAD:.xnat2bids.lock") == []
+    with pytest.raises(LockfileError):
+        lock_module.differing_sessions(tmp_path, b"not = [toml", "HEAD:.xnat2bids.lock")
