@@ -34,10 +34,15 @@ GITIGNORE = "# Written by xnat2bids: its working folders stay out of the dataset
 GITATTRIBUTES = "# Written by xnat2bids: the history is append-only; a merge keeps both sides' lines.\nhistory.jsonl merge=union\n"
 
 
-def _git(root: Path, *args: str, text: bool = True) -> subprocess.CompletedProcess[Any]:
+# More pathspecs than this go to git on its standard input (git 2.25+): a command line holds about
+# 20,000 session folders (E2BIG). Fewer go on the command line, which any git reads.
+PATHSPECS_ON_COMMAND_LINE = 2000
+
+
+def _git(root: Path, *args: str, text: bool = True, input: str | None = None) -> subprocess.CompletedProcess[Any]:
     try:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=text)
-    except OSError as exc:  # no git, or (E2BIG) more session folders than one command line holds
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=text, input=input)
+    except OSError as exc:  # no git on PATH
         raise XnatBidsError(f"git could not be run: {exc.strerror or exc}",
                             hint="the lock and the files are right; commit the dataset by hand "
                                  "(git add, git commit)") from exc
@@ -133,7 +138,8 @@ def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:
         if own.parent.is_dir() and not own.exists():
             own.write_text(text)
     paths = sorted(set(paths))
-    tracked = set(_git(root, "ls-files", "-z", "--", *_literal(paths)).stdout.split("\0")) - {""}
+    tracked = {t for chunk in _chunks(paths) for t in _git(root, "ls-files", "-z", "--", *_literal(chunk)).stdout.split("\0")}
+    tracked.discard("")
     present = [p for p in paths if os.path.lexists(root / p) or any(t == p or t.startswith(p + "/") for t in tracked)]
     if not present:
         return None
@@ -147,16 +153,29 @@ def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:
         if out.returncode != 0:
             raise XnatBidsError("datalad save failed", detail=out.stderr.strip()[-2000:])
         return _git(root, "rev-parse", "HEAD").stdout.strip()
-    add = _git(root, "add", "-A", "--", *_literal(present))
+    add = _git_on_paths(root, ("add", "-A"), present)
     if add.returncode != 0:
         raise XnatBidsError("git add failed", detail=add.stderr.strip()[-2000:])
-    if _git(root, "diff", "--cached", "--quiet", "--", *_literal(present)).returncode == 0:
+    if all(_git(root, "diff", "--cached", "--quiet", "--", *_literal(chunk)).returncode == 0 for chunk in _chunks(present)):
         return None
     # --only: these paths alone, whatever else the user has staged.
-    out = _git(root, "commit", "-q", "--only", "-m", message, "--", *_literal(present))
+    out = _git_on_paths(root, ("commit", "-q", "--only", "-m", message), present)
     if out.returncode != 0:
         raise XnatBidsError("git commit failed", detail=out.stderr.strip()[-2000:])
     return _git(root, "rev-parse", "HEAD").stdout.strip()
+
+
+def _chunks(paths: list[str]) -> list[list[str]]:
+    """`paths` in lists a command line holds (for git commands whose answers add up)."""
+    n = PATHSPECS_ON_COMMAND_LINE
+    return [paths[i:i + n] for i in range(0, len(paths), n)]
+
+
+def _git_on_paths(root: Path, command: tuple[str, ...], paths: list[str]) -> subprocess.CompletedProcess[Any]:
+    """git `command` limited to `paths`, which go on its standard input when too many for a command line."""
+    if len(paths) <= PATHSPECS_ON_COMMAND_LINE:
+        return _git(root, *command, "--", *_literal(paths))
+    return _git(root, *command, "--pathspec-from-file=-", "--pathspec-file-nul", input="\0".join(_literal(paths)))
 
 
 def _literal(paths: Iterable[str]) -> list[str]:

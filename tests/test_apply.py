@@ -400,7 +400,7 @@ def test_apply_starts_no_more_sessions_once_the_lock_changed_under_it(cli, emula
 
 
 def test_git_that_cannot_be_run_is_a_clear_error_not_a_traceback(cli, emulator, tmp_path, monkeypatch):
-    # No git on PATH here; a command line too long for a huge dataset's folders fails the same way.
+    # No git on PATH here.
     add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
     root = tmp_path / "bids"
     root.mkdir()
