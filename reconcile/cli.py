@@ -746,6 +746,9 @@ def _read_plan_file(plan_file: Path) -> dict:
     if missing:
         raise ConfigError(f"{plan_file} is not an xnat2bids plan: it lacks {', '.join(missing)}",
                           hint="save one with `xnat2bids plan --out FILE`")
+    from reconcile.render import plan_from_dict
+
+    plan_from_dict(data, str(plan_file))  # an invalid or edited plan is refused before the root is touched
     return data
 
 

@@ -6,6 +6,7 @@ Computing lives in plan.py; this module only formats and parses. The JSON form f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -24,7 +25,8 @@ from reconcile.plan import Action, Change, Plan, Problem, Reason
 from reconcile.schema import schema_errors
 
 # 2: records the config fingerprint, so that apply can refuse a plan made with another config.
-PLAN_FORMAT_VERSION = 2
+# 3: carries a digest of its content, so that apply can refuse a plan changed after plan wrote it.
+PLAN_FORMAT_VERSION = 3
 SYMBOLS = {Action.CREATE: "+", Action.UPDATE: "~", Action.DRIFT: "!", Action.ORPHAN: "-"}
 MAX_REASONS_SHOWN = 3
 _LEADS = {a: f"{symbol} {a.value:<6}" for a, symbol in SYMBOLS.items()}  # "+ create", "~ update", …
@@ -118,7 +120,7 @@ def plan_to_dict(
     plan: Plan, *, bids_root: str, config_fingerprint: str, xnat_url: str, created_at: str
 ) -> dict[str, Any]:
     """The plan with what it was made for (BIDS root, config, XNAT, lock), so a saved one applies only there."""
-    return {
+    doc = {
         "format_version": PLAN_FORMAT_VERSION,
         "generator": f"xnat2bids {__version__}",
         "created_at": created_at,
@@ -136,6 +138,15 @@ def plan_to_dict(
         "problems": [{k: v for k, v in vars(p).items() if v is not None} for p in plan.problems],
         "notes": list(plan.notes),
     }
+    doc["digest"] = _digest(doc)
+    return doc
+
+
+def _digest(doc: dict[str, Any]) -> str:
+    """SHA-256 of a plan document's content but its digest: a saved plan edited by hand, cut
+    short or mixed up is refused, not carried out as something plan never said."""
+    body = json.dumps({k: v for k, v in doc.items() if k != "digest"}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def render_json(plan: Plan, *, bids_root: str, config_fingerprint: str, xnat_url: str, created_at: str) -> str:
@@ -157,6 +168,9 @@ def plan_from_dict(data: Any, source: str = "plan", lock: Lock | None = None) ->
     problems = schema_errors("plan", data)
     if problems:
         raise StalePlanError(f"{source} is not a valid xnat2bids plan: {problems[0]}")
+    if "digest" in data and data["digest"] != _digest(data):
+        raise StalePlanError(f"{source} was changed after plan wrote it (its content does not match its digest)",
+                             hint="run plan --out again; a saved plan is carried out only as plan wrote it")
     changes = []
     for c in data["changes"]:
         after = c["after"]

@@ -206,12 +206,42 @@ def saved_plan(cli, root, tmp_path, *args: str) -> tuple[Path, dict]:
     return saved, json.loads(saved.read_text())
 
 
+def signed(doc: dict) -> dict:
+    """A plan document as plan would have written it with these values (its digest recomputed)."""
+    from reconcile.render import _digest
+
+    return {**doc, "digest": _digest(doc)}
+
+
+def test_saved_plan_changed_after_plan_wrote_it_is_refused(cli, emulator, tmp_path):
+    add_sessions(emulator.archive, 2)
+    root = tmp_path / "bids"
+    saved, doc = saved_plan(cli, root, tmp_path)
+    first = doc["changes"][0]
+    edits = {
+        "an address": {**doc, "changes": [{**first, "bids_subject": "999", "address": "sub-999/ses-01"}, *doc["changes"][1:]]},
+        "the summary": {**doc, "summary": {**doc["summary"], "create": 10}},
+        "an action": {**doc, "changes": [{**first, "action": "update"}, *doc["changes"][1:]]},
+    }
+    for what, edited in edits.items():
+        saved.write_text(json.dumps(edited, indent=2))
+        code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes")
+        assert code == 1, what
+        assert f"error: {saved} was changed after plan wrote it (its content does not match its digest)" in err, what
+        assert "hint: run plan --out again" in err and not root.exists(), what
+    # Only its content counts: the same plan written out again in another layout applies.
+    saved.write_text(json.dumps(doc, indent=4, sort_keys=False))
+    code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes")
+    assert "changed after plan wrote it" not in err
+    assert out.count("the session has no scans to convert") == 2, out  # carried out (these sessions have no scans)
+
+
 def test_saved_plan_records_its_bids_root_and_config(cli, emulator, tmp_path, monkeypatch):
     add_sessions(emulator.archive, 1)
     monkeypatch.chdir(tmp_path)
     cfg = write_config(tmp_path, '[naming]\nsession_label = "strip-subject"')
     _, doc = saved_plan(cli, "bids", tmp_path, "-c", str(cfg))
-    assert doc["format_version"] == 2
+    assert doc["format_version"] == 3
     assert doc["bids_root"] == str(tmp_path / "bids")
     assert doc["config_fingerprint"] == load_config(cfg).fingerprint() != Config().fingerprint()
 
@@ -265,7 +295,7 @@ def test_saved_plan_made_against_another_xnat_is_refused(cli, emulator, tmp_path
     root = tmp_path / "bids"
     saved, doc = saved_plan(cli, root, tmp_path)
     assert doc["xnat_url"] == emulator.url
-    saved.write_text(json.dumps({**doc, "xnat_url": "https://xnat.example.org"}))
+    saved.write_text(json.dumps(signed({**doc, "xnat_url": "https://xnat.example.org"})))
     code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes")
     assert code == 1 and "create" not in out
     assert f"error: plan is for another XNAT: it was made against https://xnat.example.org, not {emulator.url}" in err
@@ -276,7 +306,7 @@ def test_saved_plan_of_the_older_format_is_refused(cli, emulator, tmp_path):
     add_sessions(emulator.archive, 1)
     root = tmp_path / "bids"
     saved, doc = saved_plan(cli, root, tmp_path)
-    del doc["config_fingerprint"], doc["xnat_url"]
+    del doc["config_fingerprint"], doc["xnat_url"], doc["digest"]
     saved.write_text(json.dumps({**doc, "format_version": 1}))
     code, _, err = cli("apply", str(root), "--plan", str(saved), "--yes")
     assert code == 1

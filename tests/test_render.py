@@ -63,13 +63,13 @@ def test_plan_json_records_the_absolute_bids_root_config_fingerprint_and_xnat(tm
                 lineage="l", serial=0, deep=False)
     doc = plan_to_dict(plan, bids_root="bids", config_fingerprint="c5c3219356d33c3b", xnat_url="https://x.org/xnat",
                        created_at="t")
-    assert doc["format_version"] == 2 and schema_errors("plan", doc) == []
+    assert doc["format_version"] == 3 and schema_errors("plan", doc) == []
     assert (doc["bids_root"], doc["config_fingerprint"], doc["xnat_url"]) == (
         str(tmp_path / "bids"), "c5c3219356d33c3b", "https://x.org/xnat")
     for key in ("config_fingerprint", "xnat_url"):
         assert schema_errors("plan", {k: v for k, v in doc.items() if k != key}) == [
             f"(top level): '{key}' is a required property"]
-    del doc["config_fingerprint"], doc["xnat_url"]
+    del doc["config_fingerprint"], doc["xnat_url"], doc["digest"]
     # Format 1 (no fingerprint) still loads: SLURM batches submitted before an upgrade read theirs.
     loaded, _ = plan_from_dict({**doc, "format_version": 1})
     assert loaded.changes[0].key == plan.changes[0].key
@@ -78,6 +78,6 @@ def test_plan_json_records_the_absolute_bids_root_config_fingerprint_and_xnat(tm
 def test_plan_from_a_newer_xnat2bids_is_refused_as_newer_not_invalid():
     plan = Plan(changes=(), unchanged=0, problems=(), notes=(), lineage="l", serial=0, deep=False)
     doc = {**plan_to_dict(plan, bids_root="/b", config_fingerprint="f", xnat_url="http://x", created_at="t"),
-           "format_version": 3, "new": 1}
-    with pytest.raises(StalePlanError, match=r"saved.json was written by a newer xnat2bids \(format 3\)"):
+           "format_version": 4, "new": 1}
+    with pytest.raises(StalePlanError, match=r"saved.json was written by a newer xnat2bids \(format 4\)"):
         plan_from_dict(doc, "saved.json")
