@@ -207,7 +207,7 @@ class StreamResponse:
                 data = self._response.raw.read(len(buffer), decode_content=True)
                 buffer[: len(data)] = data
                 return len(data)
-            n = self._direct.readinto(buffer)
+            n = _receive_once(self._direct, buffer)
         except (*_TRANSIENT, OSError, http.client.HTTPException, urllib3.exceptions.HTTPError) as exc:
             raise self._cut(type(exc).__name__) from exc
         if n == 0 and len(buffer):
@@ -224,6 +224,23 @@ class StreamResponse:
             detail=detail,
             hint="run again; completed files are kept",
         )
+
+
+def _receive_once(resp: http.client.HTTPResponse, buffer: memoryview | bytearray) -> int:
+    """`resp.readinto(buffer)` with at most one read from the socket. readinto waits until the
+    buffer is full: a server trickling a byte a second would hold a download, and the Ctrl-C it
+    checks for between reads, for days. A body of unknown length (chunked) is read as before."""
+    if resp.chunked or resp.length is None or resp.fp is None:
+        return resp.readinto(buffer)
+    view = memoryview(buffer)[: resp.length]
+    n = resp.fp.readinto1(view) if len(view) else 0
+    if len(view) and not n:
+        resp.close()  # the server closed early: `length` tells how much is missing
+    else:
+        resp.length -= n
+        if not resp.length:
+            resp.close()  # the body is complete: the connection may serve the next request
+    return n
 
 
 def _text(value: Any) -> str:

@@ -944,6 +944,24 @@ def test_stream_yields_the_body_and_passes_range_headers(site: Site, client: Xna
         assert read_body(resp, 4096) == payload[100:]
 
 
+def test_stream_gives_what_came_without_waiting_for_a_full_buffer(site: Site, client: XnatClient) -> None:
+    # A server trickling bytes: export checks for Ctrl-C between reads, so a read must not wait
+    # until its 256 KiB buffer fills (days at a byte a second).
+    uri = f"{EXPT_PATH}/scans/2/resources/101/files/slow.dcm"
+
+    def trickle(request: Request) -> Response:
+        def body() -> Iterator[bytes]:
+            for _ in range(40):
+                yield b"x"
+                time.sleep(0.05)
+        return Response(body(), headers={"Content-Length": str(1 << 20)}, direct_passthrough=True)
+
+    site.server.expect_request(uri).respond_with_handler(site.authed(trickle))
+    with client.stream(uri) as resp:
+        n = resp.readinto(bytearray(256 << 10))
+    assert 1 <= n < 40  # before the trickle ended (it then closes the connection short of its length)
+
+
 def test_stream_retries_503_then_reports_404(site: Site, client: XnatClient) -> None:
     uri = f"{EXPT_PATH}/scans/2/resources/101/files/gone.dcm"
     site.server.expect_oneshot_request(uri).respond_with_data("busy", status=503)
