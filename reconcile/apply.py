@@ -609,9 +609,10 @@ def save_commits(root: Path, lock: Lock, exp_ids: list[str]) -> Lock:
 def recover(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list[str]:
     """Finish or undo commits that a crash interrupted; returns the experiment IDs handled."""
     area = WorkArea(root)
-    # Temp files of a lock or journal write killed before its rename; the caller holds the state lock.
-    journal_dir = work_path(root, "journal")
-    for stale in [*stale_temp_files(root), *journal_dir.glob("*.tmp")]:
+    # Temp files of a lock, journal or dataset file write killed before its rename; the caller
+    # holds the state lock.
+    journal_dir, temps = work_path(root, "journal"), work_path(root, "tmp")
+    for stale in [*stale_temp_files(root), *journal_dir.glob("*.tmp"), *temps.glob(".*.tmp")]:
         stale.unlink(missing_ok=True)
     handled, completed = [], []
     for p in pending_commits(root):

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from reconcile.durable import write_atomic
+from reconcile.durable import temp_folder, write_atomic
 from reconcile.errors import XnatBidsError
 
 __all__ = [
@@ -99,7 +99,7 @@ def ensure_dataset_description(root: Path, *, name: str, tools: Mapping[str, str
             "DatasetType": "raw",
             "GeneratedBy": ours,
         }
-        write_atomic(path, _json_text(data))
+        _write(root, path, _json_text(data))
         return
     data, bom = _read_description(path)
     merged = list(data.get("GeneratedBy", []))
@@ -114,7 +114,7 @@ def ensure_dataset_description(root: Path, *, name: str, tools: Mapping[str, str
     updated.setdefault("Name", name)
     updated.setdefault("BIDSVersion", BIDS_VERSION)
     if updated != data:
-        write_atomic(path, _json_text(updated, bom=bom))
+        _write(root, path, _json_text(updated, bom=bom))
 
 
 def _read_description(path: Path) -> tuple[dict[str, Any], bool]:
@@ -155,9 +155,9 @@ def update_sessions_tsv(root: Path, bids_subject: str, bids_session: str, *, acq
         changed |= table.set(index, ours)
     if changed:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, table.text())
-    _ensure_json_keys(Path(root) / "sessions.json", SESSION_COLUMN_DESCRIPTIONS)
-    _ensure_json_keys(Path(root) / "scans.json", SCANS_COLUMN_DESCRIPTIONS)
+        _write(root, path, table.text())
+    _ensure_json_keys(Path(root), "sessions.json", SESSION_COLUMN_DESCRIPTIONS)
+    _ensure_json_keys(Path(root), "scans.json", SCANS_COLUMN_DESCRIPTIONS)
 
 
 def _sessions_path(root: Path, bids_subject: str) -> Path:
@@ -193,15 +193,16 @@ def remove_session_row(root: Path, bids_subject: str, bids_session: str, *, xnat
     if not table.rows and table.header == list(SESSION_COLUMNS):
         path.unlink()
     else:
-        write_atomic(path, table.text())
+        _write(root, path, table.text())
 
 
-def _ensure_json_keys(path: Path, entries: Mapping[str, Any]) -> None:
+def _ensure_json_keys(root: Path, name: str, entries: Mapping[str, Any]) -> None:
     """Add missing top-level keys to a JSON sidecar; keys already there are the user's to keep."""
+    path = root / name
     data, bom = _read_json_object(path) if path.exists() else ({}, False)
     missing = {k: v for k, v in entries.items() if k not in data}
     if missing:
-        write_atomic(path, _json_text({**data, **missing}, bom=bom))
+        _write(root, path, _json_text({**data, **missing}, bom=bom))
 
 
 def ensure_participant(root: Path, bids_subject: str, *, renamed_from: str | None = None) -> str | None:
@@ -219,7 +220,7 @@ def ensure_participant(root: Path, bids_subject: str, *, renamed_from: str | Non
     if not table.header:  # new, or deleted: every subject folder there is gets its row again
         with os.scandir(root) as entries:
             there = {e.name for e in entries if e.name.startswith("sub-") and e.is_dir()}
-        write_atomic(path, _Tsv(["participant_id"], [[p] for p in sorted(there | {participant})]).text())
+        _write(root, path, _Tsv(["participant_id"], [[p] for p in sorted(there | {participant})]).text())
         return None
     old = table.find("participant_id", f"sub-{renamed_from}") if renamed_from is not None else None
     at = table.find("participant_id", participant)
@@ -230,7 +231,7 @@ def ensure_participant(root: Path, bids_subject: str, *, renamed_from: str | Non
         return None
     values = table.row(old) if old is not None else {}
     table.insert_sorted("participant_id", {**values, "participant_id": participant})
-    write_atomic(path, table.text())
+    _write(root, path, table.text())
     return None
 
 
@@ -258,7 +259,7 @@ def drop_participant(root: Path, bids_subject: str, *, renamed_to: str | None = 
         if new is None or not _same_values(table, new, at):
             return
     table.remove(at)
-    write_atomic(path, table.text())
+    _write(root, path, table.text())
 
 
 def _read_participants(path: Path) -> _Tsv:
@@ -280,7 +281,7 @@ def ensure_bidsignore(root: Path, patterns: Iterable[str] = BIDSIGNORE_PATTERNS)
     if not missing:
         return
     prefix = existing if not existing or existing.endswith("\n") else existing + "\n"
-    write_atomic(path, ("\ufeff" if bom else "") + prefix + "".join(f"{p}\n" for p in missing))
+    _write(root, path, ("\ufeff" if bom else "") + prefix + "".join(f"{p}\n" for p in missing))
 
 
 class _Tsv:
@@ -399,6 +400,11 @@ def _read_json_object(path: Path) -> tuple[dict[str, Any], bool]:
     if not isinstance(data, dict):
         raise DatasetFileError(f"{path} is not a JSON object")
     return data, bom
+
+
+def _write(root: Path, path: Path, text: str) -> None:
+    """Replace `path` (a file of the BIDS tree at `root`) atomically, its temp file in the work area."""
+    write_atomic(path, text, temps=temp_folder(Path(root)))
 
 
 def _json_text(data: Mapping[str, Any], *, bom: bool = False) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from pathlib import Path
+
+from reconcile.failpoints import hit
 
 
 def fsync_dir(directory: Path) -> None:
@@ -40,24 +43,49 @@ def fsync_tree(top: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
-def write_atomic(path: Path, text: str, *, mode: int = 0o666) -> None:
+def temp_folder(root: Path) -> Path | None:
+    """`root/.xnat2bids/tmp`, made if missing: where files of the BIDS tree are written before
+    their rename. What a kill leaves there the next apply's recovery removes; beside the file it
+    would stay in the dataset (and in git). None where a link stands on the way or the folder
+    cannot be made: the temp file then goes beside the file."""
+    work = root / ".xnat2bids"
+    folder = work / "tmp"
+    if work.is_symlink() or folder.is_symlink():
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder
+
+
+def write_atomic(path: Path, text: str, *, mode: int = 0o666, temps: Path | None = None) -> None:
     """Replace `path` by `text`: readers see the old file or the new one, whole, and the new one
-    survives a power loss (temp file in the same folder, fsync, rename, fsync the folder).
+    survives a power loss (temp file, fsync, rename, fsync the folder). The temp file is made in
+    `temps` (on the same file system; see `temp_folder`), else beside `path`.
 
     A new file gets `mode` less the umask; an existing file keeps the mode it has.
     """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = (temps if temps is not None else path.parent) / f".{path.name}.{uuid.uuid4().hex}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        hit(f"atomic-temp-written:{path.name}")
         try:
             os.chmod(tmp, path.stat().st_mode & 0o7777)
         except FileNotFoundError:
             pass
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV or temps is None:
+                raise
+            tmp.unlink(missing_ok=True)  # `path` is on another file system: write beside it
+            write_atomic(path, text, mode=mode)
+            return
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

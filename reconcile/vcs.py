@@ -27,7 +27,7 @@ DATASET_FILES = (
 )
 # xnat2bids' own working folders: logs, staging, kept copies; in the history's folder, never committed.
 GITIGNORE = "# Written by xnat2bids: its working folders stay out of the dataset's history.\n" + "".join(
-    f"/{name}/\n" for name in ("journal", "logs", "replaced", "staging", "trash")
+    f"/{name}/\n" for name in ("journal", "logs", "replaced", "staging", "tmp", "trash")
 )
 # Two clones that each applied append to the history's end: a union merge keeps both sides'
 # entries instead of a conflict on every pull.

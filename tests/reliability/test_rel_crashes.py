@@ -35,6 +35,7 @@ CREATE_POINTS = [
     "apply-converted",            # converted in staging, before the commit
     "commit-journaled",           # journal written, nothing moved yet
     "commit-moved",               # session folder in place, no provenance, no lock entry
+    "atomic-temp-written:dataset_description.json",  # its temp file written, not yet renamed
     "commit-provenance-written",  # sessions.tsv/participants written, lock not yet
     "lock-temp-written",          # lock temp file complete and fsynced, os.replace not done
     "lock-replaced",              # new lock in place, directory not yet fsynced
@@ -46,6 +47,7 @@ UPDATE_POINTS = [
     "commit-journaled",
     "commit-between-renames",     # old folder moved to trash, new one not yet in place
     "commit-moved",
+    "atomic-temp-written:sub-01_sessions.tsv",
     "commit-provenance-written",
     "lock-temp-written",
 ]
@@ -105,8 +107,9 @@ def crash_and_recover(world, root: Path, point: str, cwd: Path, reference) -> No
     leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith(".xnat2bids.lock") and p.name != ".xnat2bids.lock")
     assert leftovers == [], "temporary or state lock files left behind"
     work = root / ".xnat2bids"
-    for sub in ("journal", "staging", "trash"):
+    for sub in ("journal", "staging", "tmp", "trash"):
         assert not any((work / sub).glob("*")), f"{sub} not cleaned up"
+    assert not [p for p in root.rglob("*.tmp")], "temporary files left in the tree"
     # The history tells of every commit, also of those the killed run made: its serials chain up
     # to the lock's, and each session the lock records is named in an entry.
     history, lock = read_history(root), read_lock(root)
