@@ -499,6 +499,9 @@ def commit_session(
                             f"not record) were set aside in {kept.relative_to(root)}")
             warnings.extend(events_notes)
     if keep_dicom:
+        # Marked before the move, so the mark travels with the folder: a kill right after the
+        # move must not leave this session's DICOM looking like another's.
+        (staged.dicom_dir / DICOM_OWNER).write_text(exp.id + "\n")
         fsync_tree(staged.dicom_dir)  # export leaves MD5-verified files unsynced (re-verified on reuse)
     journal = {
         "record": dumps_lock(Lock.new().with_session(record)),
@@ -548,7 +551,9 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
             warn(f"{dest.relative_to(root)} held DICOM not marked as this session's (kept for another session at "
                  f"this address, or before the mark); set aside in {aside.relative_to(root)}")
         _move_replacing(root / journal["dicom"], dest, area.trash(exp_id, dicom=True))
-        (dest / DICOM_OWNER).write_text(exp_id + "\n")
+        hit("commit-dicom-moved")
+        if not (dest / DICOM_OWNER).exists():  # staged by an xnat2bids that marked it after the move
+            (dest / DICOM_OWNER).write_text(exp_id + "\n")
     ensure_dataset_description(root, name=record.project, tools=record.tools)
     said = ensure_participant(root, record.bids_subject, renamed_from=renamed)
     if said is not None:

@@ -126,3 +126,25 @@ def test_a_damaged_journal_is_an_error_naming_it(interrupted, tmp_path, content)
         assert f"error: the journal of an interrupted commit cannot be read: {journal}" in result.stderr
         assert "internal error" not in result.stderr
     assert journal.read_bytes() == content and read_lock(root).sessions[exp.id].date == "2024-01-10"
+
+
+def test_kept_dicom_moved_in_by_a_killed_commit_stays_marked_as_the_sessions(tmp_path):
+    # Killed right after the DICOM folder moved in: the folder carries its mark, so the next
+    # --keep-dicom update replaces it as this session's, not set aside as another's.
+    with served_world() as world:
+        root = tmp_path / "bids"
+        args = ("apply", str(root), "-p", "PROJ", "--yes", "--keep-dicom")
+        killed = xnat2bids(*args, url=world.url, cwd=tmp_path, XNAT2BIDS_FAILPOINT="commit-dicom-moved")
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+        kill_leftovers(root)
+        [exp] = world.archive.sessions("PROJ")
+        dicom = root / "sourcedata/sub-01/ses-01MR1/dicom"
+        assert (dicom / ".xnat2bids-experiment").read_text() == f"{exp.id}\n"
+        done = xnat2bids(*args, url=world.url, cwd=tmp_path)
+        assert done.returncode == 0 and f"{exp.id}: an interrupted commit was completed" in done.stdout + done.stderr
+        world.archive.set_fields(exp.id, date="2024-02-02")
+        again = xnat2bids(*args, url=world.url, cwd=tmp_path)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "not marked as this session's" not in again.stdout + again.stderr
+        assert (dicom / ".xnat2bids-experiment").read_text() == f"{exp.id}\n"
+        assert not (root / ".xnat2bids/replaced").exists() or not list((root / ".xnat2bids/replaced").rglob("dicom"))
