@@ -550,6 +550,8 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
             os.rename(dest, aside)
             warn(f"{dest.relative_to(root)} held DICOM not marked as this session's (kept for another session at "
                  f"this address, or before the mark); set aside in {aside.relative_to(root)}")
+        elif dest.exists():
+            _set_aside_extra_dicom(root, dest, root / journal["dicom"], area.kept(exp_id), warn)
         _move_replacing(root / journal["dicom"], dest, area.trash(exp_id, dicom=True))
         hit("commit-dicom-moved")
         if not (dest / DICOM_OWNER).exists():  # staged by an xnat2bids that marked it after the move
@@ -579,6 +581,29 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
         hit("commit-lock-written")
     _clean_up(area, exp_id)
     return lock
+
+
+def _set_aside_extra_dicom(root: Path, old: Path, new: Path, kept: Path, warn: Callable[[str], None]) -> None:
+    """Files in a session's kept DICOM folder `old` that its new one `new` lacks (a user's notes,
+    a scan no longer exported) are moved under `kept` before `new` replaces `old`, never deleted."""
+    extra = []
+    for dirpath, dirs, files in os.walk(old):
+        here = Path(dirpath)
+        for name in [*files, *(d for d in dirs if (here / d).is_symlink())]:
+            rel = (here / name).relative_to(old)
+            if rel != Path(DICOM_OWNER) and not os.path.lexists(new / rel):
+                extra.append(rel)
+    extra.sort()
+    for rel in extra:
+        aside = kept / old.relative_to(root) / rel
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(old / rel, aside)
+    for folder in {(kept / old.relative_to(root) / rel).parent for rel in extra} | {(old / rel).parent for rel in extra}:
+        fsync_dir(folder)
+    if extra:
+        warn(f"{len(extra)} file(s) in {old.relative_to(root)} that the new DICOM does not have "
+             f"({', '.join(r.as_posix() for r in extra[:3])}{', …' if len(extra) > 3 else ''}) were set aside in "
+             f"{(kept / old.relative_to(root)).relative_to(root)}")
 
 
 DICOM_OWNER = ".xnat2bids-experiment"  # in a kept DICOM folder: the experiment it was kept for

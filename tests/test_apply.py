@@ -202,6 +202,26 @@ def test_kept_dicom_of_another_session_at_the_address_is_set_aside_not_replaced(
     assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == old
 
 
+def test_a_users_file_in_the_kept_dicom_is_set_aside_not_deleted_by_an_update(cli, emulator, tmp_path):
+    exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes", "--keep-dicom")[0] == 0
+    dicom = root / "sourcedata/sub-01/ses-01MR1/dicom"
+    exported = sorted(p.relative_to(dicom).as_posix() for p in dicom.rglob("*") if p.is_file())
+    (dicom / "notes.txt").write_text("scanner hiccup in run 2")
+    (dicom / "1" / "extra.dcm").write_bytes(b"a file the user copied in")
+    redate(emulator, exps["01_MR1"], "2024-05-05")
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--keep-dicom")
+    assert code == 0, out + err
+    assert sorted(p.relative_to(dicom).as_posix() for p in dicom.rglob("*") if p.is_file()) == exported
+    [kept] = (root / ".xnat2bids/replaced" / exps["01_MR1"].id).glob("*/sourcedata/sub-01/ses-01MR1/dicom")
+    assert (kept / "notes.txt").read_text() == "scanner hiccup in run 2"
+    assert (kept / "1/extra.dcm").read_bytes() == b"a file the user copied in"
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == ["1/extra.dcm", "notes.txt"]
+    assert (f"2 file(s) in sourcedata/sub-01/ses-01MR1/dicom that the new DICOM does not have (1/extra.dcm, notes.txt) "
+            f"were set aside in {kept.relative_to(root)}") in out + err
+
+
 def test_keep_dicom_user_edits_and_git_commit(cli, emulator, tmp_path):
     exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
     root = tmp_path / "bids"
