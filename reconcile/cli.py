@@ -684,9 +684,9 @@ class _SavedPlan(NamedTuple):
 
 
 def _git_commit(root: Path, report, *, say_none: bool = True) -> None:
-    from reconcile.vcs import apply_message, apply_paths, commit_paths
+    from reconcile.vcs import commit_apply
 
-    commit = commit_paths(root, apply_message("xnat2bids apply", report), apply_paths(report, root))
+    commit = commit_apply(root, "xnat2bids apply", report)
     if commit or say_none:
         echo(f"git commit {commit}" if commit else "git: nothing to commit")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,20 +90,22 @@ def _unfinished_operation(root: Path) -> str | None:
     return None
 
 
-def apply_paths(report: ApplyReport, root: Path) -> list[str]:
-    """What an apply may have written: the dataset files, and the subject folders (the old and the
-    new one of a rename) and kept DICOM of each session it carried out, or that the lock records
-    otherwise than the last commit's lock does (a commit that recovery completed, a run killed
-    before its git commit): every commit is then a dataset that passes `check` once cloned."""
-    addresses = set(_recorded_since_last_commit(root))
+def commit_apply(root: Path, title: str, report: ApplyReport) -> str | None:
+    """Commit what an apply may have written: the dataset files, and the subject folders (the old
+    and the new one of a rename) and kept DICOM of each session it carried out, or that the lock
+    records otherwise than the last commit's lock does (a commit that recovery completed, a run
+    killed before its git commit): every commit is then a dataset that passes `check` once cloned.
+    Returns the new commit ID, None when nothing changed."""
+    carried = set()
     for outcome in report.outcomes:
         change = outcome.change
-        addresses.update([change.address] + ([change.before.address] if change.before is not None else []))
+        carried.update([change.address] + ([change.before.address] if change.before is not None else []))
+    since = _recorded_since_last_commit(root) - carried
     paths = set(DATASET_FILES)
-    for address in addresses:
+    for address in carried | since:
         paths.add(f"sub-{address.subject}")
         paths.add(f"sourcedata/sub-{address.subject}/ses-{address.session}")
-    return sorted(paths)
+    return commit_paths(root, apply_message(title, report, sorted(a.path for a in since)), paths)
 
 
 def _recorded_since_last_commit(root: Path) -> set[BidsAddress]:
@@ -121,12 +123,15 @@ def _recorded_since_last_commit(root: Path) -> set[BidsAddress]:
     return {rec.address for pair in pairs for rec in pair if rec is not None}
 
 
-def apply_message(title: str, report: ApplyReport) -> str:
+def apply_message(title: str, report: ApplyReport, since: Sequence[str] = ()) -> str:
+    """`since`: the folders of sessions recorded since the last commit that this apply did not
+    carry out (commits recovery completed, a run killed before its git commit)."""
     from reconcile.apply import Status
 
-    return f"{title}: {report.count(Status.DONE)} session(s) exported\n\n" + "\n".join(
-        f"{o.change.action.value} {o.change.address.path} ({o.change.key}): {o.status.value}" for o in report.outcomes
-    )
+    also = f", and {len(since)} recorded by an earlier run" if since else ""
+    lines = [f"{o.change.action.value} {o.change.address.path} ({o.change.key}): {o.status.value}" for o in report.outcomes]
+    lines += [f"recorded by an earlier run: {path}" for path in since]
+    return f"{title}: {report.count(Status.DONE)} session(s) exported{also}\n\n" + "\n".join(lines)
 
 
 def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:

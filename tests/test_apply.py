@@ -547,6 +547,9 @@ def test_git_commit_takes_in_what_the_lock_records_since_the_last_commit(cli, em
     assert code == 0, out + err
     assert "Nothing to apply." in out and "git commit " in out
     assert "sub-02" not in git(root, "status", "--porcelain").stdout
+    assert git(root, "log", "-1", "--format=%B").stdout.strip() == (
+        "xnat2bids apply: 0 session(s) exported, and 1 recorded by an earlier run\n\n"
+        "recorded by an earlier run: sub-02/ses-02MR1")
     clone = tmp_path / "clone"
     assert git(tmp_path, "clone", "-q", str(root), str(clone)).returncode == 0
     code, out, err = cli("check", str(clone))

@@ -854,10 +854,9 @@ def finalize_batch(
             result.problems.append(f"validator: {exc.summary}")
     if batch.options.git_commit:
         try:
-            from reconcile.vcs import apply_message, apply_paths, commit_paths
+            from reconcile.vcs import commit_apply
 
-            message = apply_message(f"xnat2bids apply (SLURM batch {batch.id})", report)
-            result.git_commit = commit_paths(root, message, apply_paths(report, root))
+            result.git_commit = commit_apply(root, f"xnat2bids apply (SLURM batch {batch.id})", report)
         except XnatBidsError as exc:
             result.problems.append(f"git: {exc.summary}")
     _write_json(batch.finalized_path, {
