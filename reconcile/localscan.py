@@ -52,16 +52,23 @@ def stat_records(root: Path, records: Iterable[SessionRecord], *, full: bool | H
     with root_stat(root, follow_symlinks=False) as lstat:
         for rec in records:
             hashed = full(rec) if callable(full) else full
-            # A subject or session folder that is a link (the folders a user moves and links back);
-            # `check` looks at every folder. One lstat per session: plan stats 40,000 outputs.
+            # A subject, session or datatype folder that is a link (the folders a user moves and
+            # links back), as `check` finds them. One lstat per session and one per datatype
+            # folder (`anat/`): plan stats 40,000 outputs.
             linked = False
+            folders: dict[str, bool] = {}
             if rec.outputs:
-                linked = (rec.address.path.partition("/")[0] in linked_subjects or _is_link(lstat, rec.address.path)
-                          if many else beneath.linked(rec.address.path))
+                session = rec.address.path
+                linked = (session.partition("/")[0] in linked_subjects or _is_link(lstat, session)
+                          if many else beneath.linked(session))
             for out in rec.outputs:
                 try:
+                    folder = out.path.rpartition("/")[0]
+                    through_link = linked or folders.get(folder)
+                    if through_link is None:  # a datatype folder not looked at yet
+                        through_link = folders[folder] = folder.startswith(session + "/") and _is_link(lstat, folder)
                     st = lstat(out.path)
-                    if linked or S_ISLNK(st.st_mode):  # judged by its target only inside the root (git-annex)
+                    if through_link or S_ISLNK(st.st_mode):  # judged by its target only inside the root (git-annex)
                         if beneath.outside(out.path) is not None:
                             outside.add(out.path)
                             continue

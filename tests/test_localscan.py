@@ -166,6 +166,28 @@ def test_an_output_linked_out_of_the_root_is_not_judged_by_its_target_one_linked
     assert local.files["sub-SUBJ01/ses-MR1/anat/b.json"].size == 4
 
 
+@pytest.mark.parametrize("many", [True, False], ids=["whole-lock", "few-records"])
+def test_outputs_in_a_datatype_folder_linked_out_of_the_root_are_outside(tmp_path, many):
+    # `anat/` moved away and linked back: plan sees what check sees (a link out of the root).
+    from reconcile.localscan import stat_records
+
+    root = tmp_path / "bids"
+    lock = _recording(root, {"sub-SUBJ01/ses-MR1/anat/a.json": b"{}\n", "sub-SUBJ01/ses-MR1/func/b.json": b"[1]\n"})
+    anat = root / "sub-SUBJ01/ses-MR1/anat"
+    anat.rename(tmp_path / "anat")
+    anat.symlink_to(tmp_path / "anat")
+    records = lock.sessions.values() if many else list(lock.sessions.values())
+    local = stat_records(root, records)
+    assert local.outside == {"sub-SUBJ01/ses-MR1/anat/a.json"}
+    assert set(local.files) == {"sub-SUBJ01/ses-MR1/func/b.json"}
+    # Linked to a folder inside the root, it is judged by what it holds.
+    anat.unlink()
+    (tmp_path / "anat").rename(root / "kept-anat")
+    anat.symlink_to("../../kept-anat")
+    local = stat_records(root, records)
+    assert local.outside == set() and set(local.files) == {"sub-SUBJ01/ses-MR1/anat/a.json", "sub-SUBJ01/ses-MR1/func/b.json"}
+
+
 def test_full_hashes_every_output_even_those_the_verified_store_vouches_for(tmp_path):
     from reconcile.localscan import Verified
 
