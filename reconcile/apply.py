@@ -751,6 +751,9 @@ def check_plan_fresh(
                 hint="run plan again",
             )
         return
+    if lock.lineage != plan.lineage and plan.serial == 0 and lock.serial != 0:
+        raise StalePlanError(f"plan is stale: {root} had no lock when it was made, and has one now (serial {lock.serial})",
+                             hint="run plan again")
     if lock.lineage != plan.lineage and not (plan.serial == 0 and lock.serial == 0):
         raise StalePlanError(
             f"plan is stale: it was made for lock lineage {plan.lineage}, but {root} has lineage {lock.lineage}",

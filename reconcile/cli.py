@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import shlex
 import sys
 import threading
 import traceback
@@ -166,7 +167,9 @@ def run_plan(
     detailed_exitcode: bool = False,
     reconvert_outdated: bool = False,
     full: bool = False,
+    apply_options: str = "",
 ) -> int:
+    """`apply_options`: what `apply --plan` needs besides the plan file (the config file given)."""
     from reconcile.observe import make_plan
     from reconcile.render import render_json, render_text
 
@@ -189,7 +192,8 @@ def run_plan(
         echo()
         echo(render_text(plan))
         if out is not None:
-            echo(f"\nSaved plan to {out}; run `xnat2bids apply --plan {out}` to carry it out.")
+            echo(f"\nSaved plan to {out}; run `xnat2bids apply --plan {shlex.quote(str(out))}{apply_options}` "
+                 "to carry it out.")
             if plan.problems:  # as apply without a saved plan: the rest goes ahead, each problem stays one
                 echo(f"It keeps the {len(plan.problems)} error(s) above: apply --plan carries out the other changes "
                      "and reports them again (exit 1).")
@@ -386,6 +390,8 @@ def root_callback(
             raise UsageError(f"--{'diff' if diff is not None else 'update'} is a command of its own; "
                              f"it cannot be combined with `{ctx.invoked_subcommand}`", ctx)
         return
+    if diff is not None and update is not None:
+        raise UsageError("--diff and --update cannot be combined: run `xnat2bids --update [ROOT]` (it plans first)", ctx)
     named = diff or update
     if named and named in ctx.command.commands and not Path(named).exists():  # `--diff plan`
         flag = "--diff" if diff is not None else "--update"
@@ -434,9 +440,14 @@ def plan(
     if not one and (as_json or out):  # one document: one study's own folder, planned as it alone
         one, selection = True, _one_study(cfg, root, selection, "--json and --out need")
 
+    given = config if config is not None else _root_config
+    # The plan applies only with the config and XNAT it was made with: the hint names them.
+    apply_options = (f" -c {shlex.quote(str(given))}" if given is not None else "") + (" --insecure" if insecure else "")
+
     def run(where: Path, sel: Selection) -> int:
         return run_plan(client, where, cfg, sel, deep=deep, as_json=as_json, out=out,
-                        detailed_exitcode=detailed_exitcode, reconvert_outdated=reconvert_outdated, full=full)
+                        detailed_exitcode=detailed_exitcode, reconvert_outdated=reconvert_outdated, full=full,
+                        apply_options=apply_options)
 
     with connect(cfg) as client:
         code = run(root, selection) if one else for_each_study(cfg, root, selection, run)
@@ -1443,7 +1454,7 @@ def demo(
 
 @emulator_app.command("serve")
 def emulator_serve(
-    port: int = typer.Option(8080, "--port", help="TCP port on 127.0.0.1."),
+    port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port on 127.0.0.1."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind."),
     data: Optional[Path] = typer.Option(None, "--data", help="Load DICOM laid out PROJECT/SUBJECT/SESSION/SCANID/*.dcm."),
     user: str = typer.Option("admin", "--user", help="Login of the emulated user."),

@@ -307,6 +307,9 @@ def test_the_seed_flags_are_commands_of_their_own(cli, tmp_path):
     assert code == 1 and "No such option: --project" in err
     assert ("hint: --diff takes a ROOT (and --config) only; for other options use "
             "`xnat2bids plan --detailed-exitcode [ROOT] …`") in err
+    for flags in (("--diff", str(tmp_path / "bids"), "--update", str(tmp_path / "bids")), ("--update", "--diff")):
+        code, out, err = cli(*flags)  # a cron line naming both does not silently do one
+        assert code == 1 and "--diff and --update cannot be combined" in err and out == "", flags
 
 
 def test_the_seed_flags_without_a_root_use_the_configured_one(cli, emulator, tmp_path):

@@ -246,6 +246,28 @@ def test_saved_plan_records_its_bids_root_and_config(cli, emulator, tmp_path, mo
     assert doc["config_fingerprint"] == load_config(cfg).fingerprint() != Config().fingerprint()
 
 
+def test_saved_plan_names_the_config_apply_needs(cli, emulator, tmp_path):
+    add_sessions(emulator.archive, 1)
+    cfg = write_config(tmp_path, '[naming]\nsession_label = "strip-subject"')
+    saved = tmp_path / "my plan.json"
+    code, out, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ", "-c", str(cfg), "--out", str(saved))
+    assert code == 0, out + err
+    assert f"run `xnat2bids apply --plan '{saved}' -c {cfg}` to carry it out." in out
+    code, out, err = cli("apply", "--plan", str(saved), "-c", str(cfg), "--yes")  # as the hint says
+    assert "stale" not in err and "the session has no scans to convert" in out, out + err
+
+
+def test_saved_plan_of_a_root_without_a_lock_is_stale_once_a_lock_is_written(cli, emulator, tmp_path):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "fresh"
+    first, _ = saved_plan(cli, root, tmp_path)
+    second = tmp_path / "second.json"
+    assert cli("plan", str(root), "-p", "PROJ", "--out", str(second))[0] == 0
+    assert cli("apply", "--plan", str(first), "--yes")[0] == 0
+    code, out, err = cli("apply", "--plan", str(second), "--yes")
+    assert code == 1 and f"error: plan is stale: {root} had no lock when it was made, and has one now (serial 1)" in err
+
+
 def test_saved_plan_for_another_root_is_refused(cli, emulator, tmp_path):
     add_sessions(emulator.archive, 1)
     root_a, root_b = tmp_path / "a", tmp_path / "b"
