@@ -403,7 +403,13 @@ def acquire(root: Path, operation: str, *, warn: Callable[[str], None] = lambda 
     path = state_lock_path(root)
     me = _me(operation)
     for _ in range(_ATTEMPTS):
-        if _create(path, me):
+        try:
+            made = _create(path, me)
+        except OSError as exc:  # a read-only root, a full disk: not a temp file's problem
+            raise LockHeldError(f"cannot take the state lock of {root}: {exc.strerror or exc}",
+                                hint="xnat2bids writes its lock files in the BIDS root: it must be writable by this user"
+                                ) from exc
+        if made:
             _exclude_from_git(root)
             return me
         seen = _look(root)

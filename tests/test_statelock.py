@@ -623,3 +623,22 @@ def test_the_state_lock_stays_out_of_a_git_repositorys_add(tmp_path):
         statelock.release(root, holder)
     lines = exclude.read_text().splitlines()
     assert lines[0] == "*.swp" and lines.count(f"/{statelock.STATE_LOCK_NAME}") == 1
+
+
+def test_a_root_where_the_lock_cannot_be_written_is_named_not_a_temp_file(tmp_path, monkeypatch):
+    # Root bypasses a read-only mode here: a read-only file system is what the lock file meets.
+    import errno
+
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kw):
+        if flags & os.O_CREAT and str(path).startswith(str(state_lock_path(tmp_path))):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(LockHeldError) as caught:
+        statelock.acquire(tmp_path, "forget")
+    assert caught.value.summary == f"cannot take the state lock of {tmp_path}: Read-only file system"
+    assert "must be writable by this user" in caught.value.hint and ".tmp" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
