@@ -184,7 +184,9 @@ def run_plan(
     doc = render_json(plan, bids_root=str(root), config_fingerprint=config.fingerprint(), xnat_url=client.url,
                       created_at=created) if out is not None or as_json else ""
     if out is not None:
-        out.write_text(doc)
+        from reconcile.durable import write_atomic
+
+        write_atomic(out, doc)  # a kill while writing leaves the plan saved before, not half of this one
     if as_json:
         sys.stdout.write(doc)
     else:

@@ -217,8 +217,31 @@ def make_plan(
             plan = note_moved_in(plan, _recorded_in_other_studies(root, plan))
         if pending:
             plan = replace(plan, notes=(*pending, *plan.notes))
+        idle = _staged_for_nothing(root, plan)
+        if idle:
+            plan = replace(plan, notes=(*plan.notes, idle))
         _promote_survivors()
     return PlanRun(root, lock, plan)
+
+
+def _staged_for_nothing(root: Path, plan: Plan) -> str | None:
+    """A note naming the downloads an interrupted apply left in the work area for sessions this
+    plan does not change (deleted or deselected since): apply reuses one when its session is
+    planned again, and nothing else removes them (DICOM: patient data, gigabytes)."""
+    staging = root / ".xnat2bids" / "staging"
+    try:
+        with os.scandir(staging) as entries:
+            staged = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return None
+    changed = {c.key.experiment_id for c in plan.changes}
+    journals = root / ".xnat2bids" / "journal"
+    idle = [name for name in staged if name not in changed and not (journals / f"{name}.json").exists()]
+    if not idle:
+        return None
+    shown = ", ".join(idle[:5]) + (", …" if len(idle) > 5 else "")
+    return (f".xnat2bids/staging holds what an interrupted apply downloaded for {len(idle)} session(s) no change here "
+            f"asks for ({shown}): apply reuses it if they are planned again; delete it to free the space")
 
 
 def _recorded_in_other_studies(root: Path, plan: Plan) -> dict[str, tuple[str, str]]:

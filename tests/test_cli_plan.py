@@ -483,3 +483,18 @@ def test_terminal_controls_in_names_are_written_out_not_sent_to_the_terminal(cli
     assert "NO\\x1b7\\rPE\\x9b1m" in out + err
     assert not any(c in out + err for c in "\x1b\r\x9b")
     assert "+ create  sub-SUBJ01/ses-SUBJ01MR1" in out, err  # the other project is planned as usual
+
+
+def test_plan_notes_downloads_left_for_sessions_it_does_not_change(cli, emulator, tmp_path):
+    # An interrupted apply's staging of a session deleted in XNAT since: nothing would ever use or
+    # remove it; plan says so. One still planned (or whose commit is journalled) is not named.
+    [kept, gone] = add_sessions(emulator.archive, 2)
+    root = tmp_path / "bids"
+    for exp_id in (kept.id, "XNAT_E99999"):
+        (root / ".xnat2bids/staging" / exp_id / "dicom/1").mkdir(parents=True)
+        (root / ".xnat2bids/staging" / exp_id / "dicom/1/1.dcm").write_bytes(b"DICM")
+    code, out, err = cli("plan", str(root), "-p", "PROJ")
+    assert code == 0, out + err
+    assert ("note: .xnat2bids/staging holds what an interrupted apply downloaded for 1 session(s) no change here asks "
+            "for (XNAT_E99999): apply reuses it if they are planned again; delete it to free the space") in out
+    assert (root / ".xnat2bids/staging/XNAT_E99999/dicom/1/1.dcm").read_bytes() == b"DICM"  # plan only tells
