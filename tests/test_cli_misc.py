@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from worlds import assert_schema
 
 import reconcile
@@ -390,3 +391,25 @@ def test_a_host_name_that_does_not_resolve_is_named():
         raise AssertionError("logged in to a host that cannot exist")
     finally:
         client.close()
+
+
+SIGNALLED_RUNS = {
+    # SIGTERM while the CLI's modules load: one line and exit 1, as later
+    "during-imports": ("import builtins\nreal = builtins.__import__\n"
+                       "def imp(name, *a, **k):\n"
+                       "    if name == 'reconcile.cli':\n"
+                       "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                       "    return real(name, *a, **k)\n"
+                       "builtins.__import__ = imp\n", 1, "Interrupted.\n"),
+    # SIGTERM once the work is done (here: at exit): the run's own status stands
+    "after-the-work": ("import atexit\natexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n", 0, ""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SIGNALLED_RUNS))
+def test_a_signal_before_or_after_the_work_gives_the_documented_status(case):
+    setup, status, stderr = SIGNALLED_RUNS[case]
+    script = ("import os, signal, sys\nsys.argv = ['xnat2bids', '--version']\n" + setup +
+              "from reconcile.__main__ import run\nrun()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (status, stderr), done.stdout + done.stderr
