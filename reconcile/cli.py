@@ -1359,7 +1359,11 @@ def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
     _say_if_busy(root)
     lock = read_lock(root)
     if lock is None:
-        raise ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")
+        if not (root / ".xnat2bids").is_dir():
+            raise ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")
+        from reconcile.lock import Lock
+
+        lock = Lock.new()  # a first apply stopped before its first commit: nothing recorded, nothing amiss
     return run_check(root, lock, full=full, as_json=as_json)
 
 

@@ -83,7 +83,7 @@ def assert_consistent_after_kill(root: Path, url: str, cwd: Path) -> None:
         if path.is_file():
             rel = path.relative_to(root).as_posix()
             assert rel in recorded or rel in journalled, f"{rel} is in the BIDS tree but neither locked nor journalled"
-    if lock is not None:
+    if lock is not None or (root / ".xnat2bids").is_dir():  # also a first apply killed before its first commit
         code, out = check_in_process(root)
         assert code == 0 and "OK:" in out, out
         for temp in root.glob(".xnat2bids.lock.*.tmp"):  # a kill between writing and renaming
