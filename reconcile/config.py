@@ -287,6 +287,10 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
             f"{where}: xnat_url holds a user name or password (an '@')",
             hint="credentials never go in the config: use ~/.netrc, XNAT_USER/XNAT_PASS or the prompt",
         )
+    if isinstance(data.get("projects"), dict):  # [projects.LAB.conversion]: the plural is the list's key
+        raise ConfigError(f"{where}: 'projects' is the list of projects to export, not a table; did you mean "
+                          f"[project.{next(iter(data['projects']), '<ID>')}]?",
+                          hint='projects = ["LAB"] lists them; a project\'s settings go in [project.LAB] (singular)')
     import jsonschema  # here, not at the top: ~80 ms that a run without a config file never needs
 
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
@@ -300,6 +304,11 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
             f"{where}: bidsmap target {bad_target[1]!r} for {bad_target[0]!r} is not a ReproIn series name",
             hint="a ReproIn name such as \"anat-T1w_acq-mprage\": no '/', '\\', '..', spaces or control characters",
         )
+    backwards = _empty_range(data)
+    if backwards:
+        key, pattern = backwards
+        raise ConfigError(f"{where}: {key} = {pattern!r} holds a scan ID range that runs backwards, which matches no scan",
+                          hint='write ranges low to high: "1-4"')
     naming = data.get("naming", {})
     slurm = data.get("slurm", {})
     return Config(
@@ -327,14 +336,32 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
 _UNSAFE_TARGET = re.compile(r"[/\\\s\x00-\x1f\x7f]|\.\.")
 
 
-def _unsafe_bidsmap_target(data: dict[str, Any]) -> tuple[str, str] | None:
-    """(key, target) of a bidsmap target that would put a path into heudiconv's output names."""
+def _conversion_tables(data: dict[str, Any]) -> list[Any]:
+    """The config's conversion tables: the top one, each project's and each session's."""
     tables = [data.get("conversion")]
     for project in (data.get("project") or {}).values():
         if isinstance(project, dict):
             tables.append(project.get("conversion"))
             tables += list((project.get("sessions") or {}).values())
-    for table in tables:
+    return tables
+
+
+def _empty_range(data: dict[str, Any]) -> tuple[str, str] | None:
+    """(key, pattern) of an include/skip scan ID range that runs backwards ('4-1'): it matches no
+    scan, so an include of it would leave every scan out without a word."""
+    for table in _conversion_tables(data):
+        for key in ("include", "skip"):
+            for pattern in table.get(key) or () if isinstance(table, dict) else ():
+                for part in pattern.split(",") if isinstance(pattern, str) else ():
+                    lo, sep, hi = part.strip().partition("-")
+                    if sep and lo.isdigit() and hi.isdigit() and int(lo) > int(hi):
+                        return key, pattern
+    return None
+
+
+def _unsafe_bidsmap_target(data: dict[str, Any]) -> tuple[str, str] | None:
+    """(key, target) of a bidsmap target that would put a path into heudiconv's output names."""
+    for table in _conversion_tables(data):
         bidsmap = table.get("bidsmap") if isinstance(table, dict) else None
         for key, target in (bidsmap.items() if isinstance(bidsmap, dict) else ()):
             if isinstance(target, str) and _UNSAFE_TARGET.search(target):
