@@ -575,14 +575,17 @@ class XnatClient:
                 raise RemoteError(f"invalid URL {_shown_url(url)}") from exc
             except _TRANSIENT as exc:
                 self._slots.release()
-                if attempt == self.retries:
-                    unresolved = "NameResolutionError" in repr(exc) or "Name or service not known" in str(exc)
+                # A name that does not resolve stays so for the next seconds: said at once.
+                unresolved = "NameResolutionError" in repr(exc) or "Name or service not known" in str(exc)
+                if attempt == self.retries or unresolved:
                     if isinstance(exc, (requests.exceptions.ReadTimeout, TimeoutError)):
+                        listing = "/files" in url
                         raise RemoteError(
                             f"XNAT at {self.url} did not answer within {self.timeout:g} s for {what or _shown_url(url)}",
                             detail=f"{attempt + 1} attempt(s)",
-                            hint="XNAT builds a large session's file listing whole before answering: raise `timeout` "
-                                 "in the config (seconds), or run again when XNAT is less busy",
+                            hint=("XNAT builds a large session's file listing whole before answering: " if listing
+                                  else "XNAT is slow or busy: ")
+                            + "raise `timeout` in the config (seconds), or run again when XNAT is less busy",
                         ) from exc
                     raise RemoteError(
                         f"cannot reach XNAT at {self.url} for {what or _shown_url(url)}"

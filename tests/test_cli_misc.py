@@ -382,11 +382,12 @@ def test_a_host_name_that_does_not_resolve_is_named():
     from reconcile.errors import RemoteError
     from reconcile.xnat import XnatClient
 
-    client = XnatClient("http://no-such-host.invalid", Credentials("u", "p", "test"), retries=0)  # RFC 6761
+    client = XnatClient("http://no-such-host.invalid", Credentials("u", "p", "test"), retries=4)  # RFC 6761
     try:
         client.login()
     except RemoteError as exc:
         assert "the name no-such-host.invalid does not resolve" in exc.summary and "typo" in (exc.hint or "")
+        assert "after 1 attempt(s)" in (exc.detail or "")  # not retried: a name does not resolve seconds later
     else:
         raise AssertionError("logged in to a host that cannot exist")
     finally:

@@ -666,7 +666,8 @@ def test_a_server_that_answers_too_slowly_is_named_with_the_timeout_to_raise() -
                 c.list_experiments("PROJ")
         assert info.value.summary == (f"XNAT at {server.url} did not answer within 0.3 s for the experiments "
                                       "of project PROJ")
-        assert "raise `timeout` in the config" in info.value.hint and info.value.detail == "2 attempt(s)"
+        assert info.value.hint == ("XNAT is slow or busy: raise `timeout` in the config (seconds), or run again when "
+                                   "XNAT is less busy") and info.value.detail == "2 attempt(s)"
     finally:
         server.close()
 
