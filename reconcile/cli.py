@@ -133,7 +133,7 @@ def _ask(text: str) -> str:
 def connect(config: Config, *, interactive: bool | None = None):
     """Build the XNAT client: URL from the config or $XNAT_HOST, credentials never from argv."""
     from reconcile.credentials import cleartext, default_url, resolve_credentials
-    from reconcile.xnat import XnatClient, _shown_url
+    from reconcile.xnat import XnatClient, _base_url, _shown_url
 
     from_env = default_url(os.environ)  # checked also when the config names the server
     url = config.xnat_url or from_env
@@ -144,6 +144,7 @@ def connect(config: Config, *, interactive: bool | None = None):
         where = f"{config.source} has no xnat_url" if config.source is not None else _no_config_file()
         raise ConfigError(f"no XNAT server configured: {where}",
                           hint="set xnat_url in the config (or pass --config FILE), or export XNAT_HOST")
+    _base_url(url)  # a malformed URL is said before credentials are looked for (or asked) for its host
     if interactive is None:
         interactive = stdin_is_terminal()
     prompt = _ask if interactive else None  # the user name; the password goes through getpass

@@ -414,3 +414,13 @@ def test_a_signal_before_or_after_the_work_gives_the_documented_status(case):
               "from reconcile.__main__ import run\nrun()\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (status, stderr), done.stdout + done.stderr
+
+
+def test_a_malformed_xnat_host_is_said_before_credentials_are_looked_for(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("XNAT_HOST", "ftp://xnat.example.org")
+    monkeypatch.delenv("XNAT_USER")
+    monkeypatch.delenv("XNAT_PASS")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc either
+    code, out, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ")
+    assert code == 1 and err.startswith("error: not an XNAT URL: 'ftp://xnat.example.org'\n  the scheme must be http or https")
+    assert "credentials" not in err.split("hint:")[0]
