@@ -154,16 +154,21 @@ def _netrc_file(env: Mapping[str, str], netrc_path: Path | None) -> Path:
 
 
 def _from_netrc(
-    url: str, env: Mapping[str, str], netrc_path: Path | None, warn: Callable[[str], None]
+    url: str, env: Mapping[str, str], netrc_path: Path | None, warn: Callable[[str], None], *, can_ask: bool = False
 ) -> Credentials | None:
+    """The netrc's credentials for `url`'s host. Its entry for the host without a login or a
+    password: None when the user `can_ask`ed for them, else an error naming the entry."""
     path = _netrc_file(env, netrc_path)
     if not path.exists():
         return None
-    _warn_if_shared(path, warn)
+    if path.is_file():
+        _warn_if_shared(path, warn)
     try:
         # An explicit file name skips the stdlib's own permission check (which raises); we warn instead.
         parsed = netrc.netrc(str(path))
-    except (OSError, netrc.NetrcParseError) as exc:
+    except OSError as exc:
+        raise AuthError(f"cannot read {path}: {exc.strerror or exc}", hint=f"{path} must be a file you can read") from None
+    except netrc.NetrcParseError as exc:
         line = getattr(exc, "lineno", None)
         raise AuthError(
             f"cannot parse {path}" + (f" (line {line})" if line else ""),
@@ -175,8 +180,12 @@ def _from_netrc(
         login, _account, password = parsed.hosts[key]
         if login and password:
             return Credentials(login, password, "netrc", where=f"the 'machine {key}' entry in {path}")
-    if machines:
+    if machines and can_ask:
         return None
+    if machines:  # the host's entry is there, but without both: not the same as no entry at all
+        login, _account, password = parsed.hosts[machines[0]]
+        raise AuthError(f"the 'machine {machines[0]}' entry in {path} has no {'password' if login else 'login'}",
+                        hint=f"give it both: machine {machines[0]} login USER password PASS")
     # As curl and requests do: a 'default' entry serves every host without a 'machine' line.
     entry = parsed.authenticators(hostname)
     if entry is not None and entry[0] and entry[2]:
@@ -204,7 +213,8 @@ def resolve_credentials(
     (default `getpass.getpass`) so it is never echoed. Both get a text without the trailing
     ": ", which they add themselves, as `typer.prompt` does. Without a prompt, a miss raises AuthError.
     """
-    found = _from_env(env, warn) or _from_token_file(env, warn) or _from_netrc(url, env, netrc_path, warn)
+    found = (_from_env(env, warn) or _from_token_file(env, warn)
+             or _from_netrc(url, env, netrc_path, warn, can_ask=prompt is not None))
     if found is not None:
         return found
     hostname, _ = _host_of(url)

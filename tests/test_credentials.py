@@ -209,6 +209,28 @@ def test_malformed_netrc_error_does_not_quote_the_password(tmp_path: Path) -> No
     assert SENTINEL not in str(info.value) and info.value.__cause__ is None
 
 
+@pytest.mark.parametrize("entry, lacks", [("login nuser password", "password"), ("password npass", "login")])
+def test_a_netrc_entry_for_the_host_without_both_is_named(tmp_path: Path, entry: str, lacks: str) -> None:
+    # Not "no credentials found, add a machine line": the line is there, short of a value.
+    # Unattended; at a terminal the user is asked instead, as before.
+    netrc = write_netrc(tmp_path / "netrc", f"machine xnat.example.org {entry}\n")
+    with pytest.raises(AuthError) as info:
+        resolve_credentials(URL, env={}, netrc_path=netrc)
+    assert info.value.summary == f"the 'machine xnat.example.org' entry in {netrc} has no {lacks}"
+    assert "npass" not in str(info.value)
+    creds = resolve_credentials(URL, env={}, netrc_path=netrc, prompt=lambda _: "typed",
+                                password_prompt=lambda _: "typed-pw")
+    assert (creds.user, creds.password, creds.source) == ("typed", "typed-pw", "prompt")
+
+
+def test_a_netrc_that_is_a_folder_is_named_so(tmp_path: Path) -> None:
+    warnings: list[str] = []
+    (tmp_path / "netrc").mkdir()
+    with pytest.raises(AuthError) as info:
+        resolve_credentials(URL, env={}, netrc_path=tmp_path / "netrc", warn=warnings.append, prompt=no_prompt)
+    assert info.value.summary == f"cannot read {tmp_path / 'netrc'}: Is a directory" and warnings == []
+
+
 def test_password_is_not_in_repr() -> None:
     creds = Credentials("alice", SENTINEL, "env")
     assert SENTINEL not in repr(creds) and SENTINEL not in str(creds)
