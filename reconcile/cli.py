@@ -441,7 +441,8 @@ def plan(
     root, selection = cfg.resolve_bids_root(bids_root), _selection(project, subject, session)
     one = cfg.layout != "pi-study"
     if not one and (as_json or out):  # one document: one study's own folder, planned as it alone
-        one, selection = True, _one_study(cfg, root, selection, "--json and --out need")
+        one = True
+        root, selection = _one_study(cfg, root, selection, "--json and --out need")
 
     given = config if config is not None else _root_config
     # The plan applies only with the config and XNAT it was made with: the hint names them.
@@ -474,16 +475,22 @@ def _studies_here(cfg: Config, root: Path, selection: Selection):  # noqa: ANN20
     return chosen
 
 
-def _one_study(cfg: Config, root: Path, selection: Selection, needs: str) -> Selection:
-    """`selection` for the one study whose own folder `root` is; an error for the top of a
-    pi-study tree (several studies)."""
+def _one_study(cfg: Config, root: Path, selection: Selection, needs: str) -> tuple[Path, Selection]:
+    """The one study's own folder and `selection` for it: `root` when it is that folder; at the top
+    of a pi-study tree, the folder of the one project `selection` names. An error otherwise."""
     from dataclasses import replace as _replace
 
+    from reconcile.config import is_pattern
+
     here = _studies_here(cfg, root, selection)
+    if here is None and len(selection.projects) == 1 and not is_pattern(selection.projects[0]):
+        from reconcile.layout import study_root
+
+        return study_root(root, selection.projects[0]), selection
     if here is None or len(here) != 1:
         raise ConfigError(f"{needs} one dataset; with layout = \"pi-study\" pass a study's bids folder "
-                          f"({root}/<pi>/study-<study>/bids)")
-    return _replace(selection, projects=(here[0].project,))
+                          f"({root}/<pi>/study-<study>/bids) or one --project PI_STUDY")
+    return root, _replace(selection, projects=(here[0].project,))
 
 
 def run_apply(
@@ -686,7 +693,7 @@ def apply(
                          wait=wait)
 
     if plan_file is not None and cfg.layout == "pi-study":  # a saved plan is one study's
-        raise typer.Exit(run(root, _one_study(cfg, root, selection, "--plan applies to")))
+        raise typer.Exit(run(*_one_study(cfg, root, selection, "--plan applies to")))
     raise typer.Exit(for_each_study(cfg, root, selection, run))
 
 

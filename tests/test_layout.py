@@ -315,6 +315,11 @@ def test_plan_json_and_a_saved_plan_work_on_a_study_folder_in_the_pi_study_layou
     doc = json.loads(out)
     assert doc["bids_root"] == str(study) and doc["projects"] == ["SMITH_MEMORY"]
     assert [c["action"] for c in doc["changes"]] == ["create"]
+    # The top of the tree with one project: that study's dataset, as given by its folder.
+    code, out, err = cli("plan", str(root), "--config", str(cfg), "--json", "--project", "SMITH_MEMORY")
+    assert code == 0, err
+    fresh = ("created_at", "digest", "lock")  # a root with no lock yet: each plan names a new lineage
+    assert {k: v for k, v in json.loads(out).items() if k not in fresh} == {k: v for k, v in doc.items() if k not in fresh}
 
     saved = tmp_path / "plan.json"
     assert cli("plan", str(study), "--config", str(cfg), "--out", str(saved))[0] == 0
