@@ -984,12 +984,14 @@ def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: st
 
 
 def append_lock_change(root: Path, operation: str, serials: tuple[int, int], records: Iterable[SessionRecord],
-                       *, action: str, reason: str, dropped: bool = False) -> dict:
+                       *, action: str, reason: str, dropped: bool = False,
+                       reasons: Mapping[str, str] | None = None) -> dict:
     """A history entry for a lock change that is not an apply: `forget` (`dropped` records), or
-    commits no entry told of (see `_note_unrecorded`). `serials`: the lock's before and after."""
+    commits no entry told of (see `_note_unrecorded`). `serials`: the lock's before and after;
+    `reasons`: experiment ID → the reason of its row, where not `reason`."""
     rows = [
         {"experiment_id": r.experiment_id, "project": r.project, "address": r.address.path, "action": action,
-         "result": "done", "reasons": [reason],
+         "result": "done", "reasons": [(reasons or {}).get(r.experiment_id, reason)],
          "date": {"before": r.date, "after": None} if dropped else {"before": None, "after": r.date}}
         for r in sorted(records, key=lambda r: (r.address, r.experiment_id))
     ]
@@ -1039,7 +1041,8 @@ def _note_unrecorded(root: Path, completed: Sequence[str] = ()) -> None:
         return
     append_lock_change(root, "unrecorded", (after, lock.serial), records, action="commit",
                        reason="in the lock without a history entry (an apply stopped before writing "
-                              "its entry, or a history kept elsewhere)")
+                              "its entry, or a history kept elsewhere)",
+                       reasons=dict.fromkeys(completed, "an interrupted commit, completed by this run's recovery"))
 
 
 def _told_of(entries: Iterable[dict]) -> dict[str, str]:

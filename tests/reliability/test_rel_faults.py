@@ -212,6 +212,7 @@ def test_a_lock_that_cannot_be_written_stops_the_run_after_one_half_commit_and_t
     assert serials == [(0, 3), (3, 3), (3, 4), (4, 6)], serials  # chained up to the lock's serial
     recovered = entries[2]
     assert (recovered["operation"], [s["experiment_id"] for s in recovered["sessions"]]) == ("unrecorded", [exps[0].id])
+    assert recovered["sessions"][0]["reasons"] == ["an interrupted commit, completed by this run's recovery"]
     code, out, err = cli("check", str(root))
     assert code == 0, out + err
 
