@@ -499,6 +499,11 @@ def commit_session(
                             f"not record) were set aside in {kept.relative_to(root)}")
             warnings.extend(events_notes)
     if keep_dicom:
+        dicom = root / "sourcedata" / f"sub-{address.subject}" / f"ses-{address.session}" / "dicom"
+        if dicom.is_dir() and not dicom.is_symlink() and _dicom_owner(dicom) == exp.id:
+            # Before the journal: a file that cannot be moved aside fails this session, nothing moved.
+            _set_aside_extra_dicom(root, dicom, staged.dicom_dir, kept,
+                                   warnings.append if warnings is not None else lambda m: None)
         # Marked before the move, so the mark travels with the folder: a kill right after the
         # move must not leave this session's DICOM looking like another's.
         (staged.dicom_dir / DICOM_OWNER).write_text(exp.id + "\n")
@@ -542,16 +547,21 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
     renamed = previous.bids_subject if left_subject and previous.subject_id == record.subject_id != "" else None
     if journal["dicom"] and (root / journal["dicom"]).is_dir():
         dest = root / "sourcedata" / f"sub-{record.bids_subject}" / f"ses-{record.bids_session}" / "dicom"
-        if dest.exists() and _dicom_owner(dest) != exp_id:
-            # Kept DICOM not marked as this session's (another session was at this address, renamed
-            # since; or kept before the mark): not this commit's to replace. Set aside whole.
+        linked = dest.is_symlink()
+        if linked or (dest.exists() and _dicom_owner(dest) != exp_id):
+            # A link (moved to other storage and linked back: what it points to is never walked
+            # into, emptied or deleted), or kept DICOM not marked as this session's (another
+            # session was at this address, renamed since; or kept before the mark): not this
+            # commit's to replace. Set aside whole.
             aside = area.kept(exp_id) / dest.relative_to(root)
             aside.parent.mkdir(parents=True, exist_ok=True)
             os.rename(dest, aside)
-            warn(f"{dest.relative_to(root)} held DICOM not marked as this session's (kept for another session at "
-                 f"this address, or before the mark); set aside in {aside.relative_to(root)}")
-        elif dest.exists():
-            _set_aside_extra_dicom(root, dest, root / journal["dicom"], area.kept(exp_id), warn)
+            if linked:
+                warn(f"{dest.relative_to(root)} was a link to {os.readlink(aside)}; the link was set aside in "
+                     f"{aside.relative_to(root)}, what it points to is untouched")
+            else:
+                warn(f"{dest.relative_to(root)} held DICOM not marked as this session's (kept for another session "
+                     f"at this address, or before the mark); set aside in {aside.relative_to(root)}")
         _move_replacing(root / journal["dicom"], dest, area.trash(exp_id, dicom=True))
         hit("commit-dicom-moved")
         if not (dest / DICOM_OWNER).exists():  # staged by an xnat2bids that marked it after the move

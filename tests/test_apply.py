@@ -222,6 +222,26 @@ def test_a_users_file_in_the_kept_dicom_is_set_aside_not_deleted_by_an_update(cl
             f"were set aside in {kept.relative_to(root)}") in out + err
 
 
+def test_a_kept_dicom_folder_linked_to_other_storage_is_never_walked_into(cli, emulator, tmp_path):
+    # Moved to other storage and linked back: the update replaces the link, and what the link
+    # points to is left exactly as it was (nothing moved out of it, nothing deleted in it).
+    exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes", "--keep-dicom")[0] == 0
+    dicom = root / "sourcedata/sub-01/ses-01MR1/dicom"
+    archive = tmp_path / "archive/dicom"
+    archive.parent.mkdir()
+    dicom.rename(archive)
+    dicom.symlink_to(archive)
+    (archive / "notes.txt").write_text("the lab's")
+    before = {p.relative_to(archive): p.read_bytes() for p in archive.rglob("*") if p.is_file()}
+    redate(emulator, exps["01_MR1"], "2024-05-05")
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--keep-dicom")
+    assert code == 0, out + err
+    assert {p.relative_to(archive): p.read_bytes() for p in archive.rglob("*") if p.is_file()} == before
+    assert dicom.is_dir() and not dicom.is_symlink() and (dicom / ".xnat2bids-experiment").is_file()
+
+
 def test_keep_dicom_user_edits_and_git_commit(cli, emulator, tmp_path):
     exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
     root = tmp_path / "bids"
