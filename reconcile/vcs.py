@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reconcile.errors import ConfigError, XnatBidsError
 from reconcile.lock import LOCK_NAME, differing_sessions, read_lock
-from reconcile.model import BidsAddress
+from reconcile.model import SessionRecord
 
 if TYPE_CHECKING:
     from reconcile.apply import ApplyReport
@@ -34,6 +35,8 @@ GITIGNORE = "# Written by xnat2bids: its working folders stay out of the dataset
 GITATTRIBUTES = "# Written by xnat2bids: the history is append-only; a merge keeps both sides' lines.\nhistory.jsonl merge=union\n"
 
 
+# A commit message lists at most this many sessions.
+MESSAGE_LINES = 500
 # More pathspecs than this go to git on its standard input (git 2.25+): a command line holds about
 # 20,000 session folders (E2BIG). Fewer go on the command line, which any git reads.
 PATHSPECS_ON_COMMAND_LINE = 2000
@@ -96,41 +99,59 @@ def commit_apply(root: Path, title: str, report: ApplyReport) -> str | None:
     records otherwise than the last commit's lock does (a commit that recovery completed, a run
     killed before its git commit): every commit is then a dataset that passes `check` once cloned.
     Returns the new commit ID, None when nothing changed."""
-    carried = set()
+    carried, ids = set(), set()
     for outcome in report.outcomes:
         change = outcome.change
+        ids.add(change.key.experiment_id)
         carried.update([change.address] + ([change.before.address] if change.before is not None else []))
-    since = _recorded_since_last_commit(root) - carried
+    pairs = _recorded_since_last_commit(root)
+    if pairs is None:  # HEAD has no lock this one can be compared with: every session folder
+        current = read_lock(root)
+        addresses = {rec.address for rec in current.sessions.values()} if current is not None else set()
+        earlier = ["(the lock was not compared with the last commit's: every session folder is included)"]
+    else:
+        pairs = [(old, new) for old, new in pairs if (new or old).experiment_id not in ids]  # type: ignore[union-attr]
+        addresses = {rec.address for pair in pairs for rec in pair if rec is not None}
+        earlier = [_told(old, new) for old, new in pairs]
     paths = set(DATASET_FILES)
-    for address in carried | since:
+    for address in carried | addresses:
         paths.add(f"sub-{address.subject}")
         paths.add(f"sourcedata/sub-{address.subject}/ses-{address.session}")
-    return commit_paths(root, apply_message(title, report, sorted(a.path for a in since)), paths)
+    return commit_paths(root, apply_message(title, report, earlier), paths)
 
 
-def _recorded_since_last_commit(root: Path) -> set[BidsAddress]:
-    """The addresses (old and new) of the sessions whose record differs from HEAD's lock."""
+def _told(old: SessionRecord | None, new: SessionRecord | None) -> str:
+    """A commit message's line for a session recorded otherwise than in the last commit."""
+    if new is None:
+        return f"no longer recorded: {old.address.path} ({old.experiment_id})"  # type: ignore[union-attr]
+    moved = f"{old.address.path} → " if old is not None and old.address != new.address else ""
+    return f"recorded by an earlier run: {moved}{new.address.path} ({new.experiment_id})"
+
+
+def _recorded_since_last_commit(root: Path) -> list[tuple[SessionRecord | None, SessionRecord | None]] | None:
+    """(record in HEAD's lock, record now) of each session recorded otherwise than in the last
+    commit; None when HEAD has no lock to compare with (none, or one that does not validate)."""
     shown = _git(root, "show", f"HEAD:./{LOCK_NAME}", text=False)
-    pairs = None
-    if shown.returncode == 0:
-        try:
-            pairs = differing_sessions(root, shown.stdout, f"HEAD:{LOCK_NAME}")
-        except XnatBidsError:  # a lock committed by hand that does not validate: compare with none
-            pass
-    if pairs is None:
-        current = read_lock(root)
-        return {rec.address for rec in current.sessions.values()} if current is not None else set()
-    return {rec.address for pair in pairs for rec in pair if rec is not None}
+    if shown.returncode != 0:
+        return None
+    try:
+        return differing_sessions(root, shown.stdout, f"HEAD:{LOCK_NAME}")
+    except XnatBidsError:  # a lock committed by hand that does not validate, or of a newer format
+        return None
 
 
-def apply_message(title: str, report: ApplyReport, since: Sequence[str] = ()) -> str:
-    """`since`: the folders of sessions recorded since the last commit that this apply did not
-    carry out (commits recovery completed, a run killed before its git commit)."""
+def apply_message(title: str, report: ApplyReport, earlier: Sequence[str] = ()) -> str:
+    """`earlier`: a line for each session recorded since the last commit that this apply did not
+    carry out (commits recovery completed, a run killed before its git commit). At most
+    MESSAGE_LINES lines are listed."""
     from reconcile.apply import Status
 
-    also = f", and {len(since)} recorded by an earlier run" if since else ""
+    sessions = sum(1 for line in earlier if not line.startswith("("))
+    also = f", and {sessions} recorded otherwise by an earlier run" if sessions else ""
     lines = [f"{o.change.action.value} {o.change.address.path} ({o.change.key}): {o.status.value}" for o in report.outcomes]
-    lines += [f"recorded by an earlier run: {path}" for path in since]
+    lines += earlier
+    if len(lines) > MESSAGE_LINES:
+        lines = [*lines[:MESSAGE_LINES], f"… and {len(lines) - MESSAGE_LINES} more"]
     return f"{title}: {report.count(Status.DONE)} session(s) exported{also}\n\n" + "\n".join(lines)
 
 
@@ -149,22 +170,30 @@ def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:
     if not present:
         return None
     if (root / ".datalad").is_dir():
-        try:
-            out = subprocess.run(["datalad", "save", "-d", str(root), "-m", message, "--", *present],
-                                 capture_output=True, text=True, cwd=root)
-        except OSError as exc:
-            raise XnatBidsError(f"datalad could not be run: {exc.strerror or exc}",
-                                hint="the lock and the files are right; save the dataset by hand (datalad save)") from exc
-        if out.returncode != 0:
-            raise XnatBidsError("datalad save failed", detail=out.stderr.strip()[-2000:])
+        # datalad takes its paths on the command line only: many are saved in parts, one commit each.
+        parts = _chunks(present)
+        for n, part in enumerate(parts, 1):
+            said = message if len(parts) == 1 else f"{message}\n\n(part {n} of {len(parts)})"
+            try:
+                out = subprocess.run(["datalad", "save", "-d", str(root), "-m", said, "--", *part],
+                                     capture_output=True, text=True, cwd=root)
+            except OSError as exc:
+                raise XnatBidsError(f"datalad could not be run: {exc.strerror or exc}",
+                                    hint="the lock and the files are right; save the dataset by hand (datalad save)") from exc
+            if out.returncode != 0:
+                raise XnatBidsError("datalad save failed", detail=out.stderr.strip()[-2000:])
         return _git(root, "rev-parse", "HEAD").stdout.strip()
     add = _git_on_paths(root, ("add", "-A"), present)
     if add.returncode != 0:
         raise XnatBidsError("git add failed", detail=add.stderr.strip()[-2000:])
     if all(_git(root, "diff", "--cached", "--quiet", "--", *_literal(chunk)).returncode == 0 for chunk in _chunks(present)):
         return None
-    # --only: these paths alone, whatever else the user has staged.
-    out = _git_on_paths(root, ("commit", "-q", "--only", "-m", message), present)
+    # --only: these paths alone, whatever else the user has staged. The message goes in a file:
+    # one argument holds at most 128 KiB (E2BIG), and standard input carries the pathspecs.
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", prefix="xnat2bids-commit-", suffix=".txt") as note:
+        note.write(message)
+        note.flush()
+        out = _git_on_paths(root, ("commit", "-q", "--only", "-F", note.name), present)
     if out.returncode != 0:
         raise XnatBidsError("git commit failed", detail=out.stderr.strip()[-2000:])
     return _git(root, "rev-parse", "HEAD").stdout.strip()

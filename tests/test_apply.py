@@ -548,7 +548,7 @@ def test_git_commit_takes_in_what_the_lock_records_since_the_last_commit(cli, em
     # A run killed before its git commit (here: one run without --git-commit), or a commit that
     # recovery completed, leaves the lock ahead of the repository: the next --git-commit commits
     # that session's folder with the lock, even when nothing is left to apply.
-    add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11")], series=SMALL[:1])
+    exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11")], series=SMALL[:1])
     root = tmp_path / "bids"
     root.mkdir()
 
@@ -568,8 +568,8 @@ def test_git_commit_takes_in_what_the_lock_records_since_the_last_commit(cli, em
     assert "Nothing to apply." in out and "git commit " in out
     assert "sub-02" not in git(root, "status", "--porcelain").stdout
     assert git(root, "log", "-1", "--format=%B").stdout.strip() == (
-        "xnat2bids apply: 0 session(s) exported, and 1 recorded by an earlier run\n\n"
-        "recorded by an earlier run: sub-02/ses-02MR1")
+        "xnat2bids apply: 0 session(s) exported, and 1 recorded otherwise by an earlier run\n\n"
+        f"recorded by an earlier run: sub-02/ses-02MR1 ({exps['02_MR1'].id})")
     clone = tmp_path / "clone"
     assert git(tmp_path, "clone", "-q", str(root), str(clone)).returncode == 0
     code, out, err = cli("check", str(clone))

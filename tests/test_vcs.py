@@ -44,3 +44,37 @@ def test_commit_paths_takes_in_those_paths_alone_however_many(tmp_path: Path, mo
     (root / "sub-03/ses-1/a.json").unlink()
     vcs.commit_paths(root, "removed", folders)
     assert git(root, "show", "--format=", "--name-status", "HEAD").split() == ["D", "sub-03/ses-1/a.json"]
+
+
+def test_a_commit_message_longer_than_one_argument_holds_is_committed(tmp_path: Path) -> None:
+    # Linux takes at most 128 KiB in one argument: the message goes in a file.
+    root = tmp_path / "bids"
+    root.mkdir()
+    git(root, "init", "-q")
+    git(root, "config", "user.email", "t@example.org")
+    git(root, "config", "user.name", "t")
+    (root / "sub-01").mkdir()
+    (root / "sub-01/a.json").write_text("{}")
+    message = "title\n\n" + "\n".join(f"create sub-{n:05d}/ses-01 (PROJ/XNAT_E{n:05d}): done" for n in range(4000))
+    assert len(message.encode()) > 128 * 1024
+    vcs.commit_paths(root, message, ["sub-01"])
+    assert git(root, "log", "-1", "--format=%B").strip() == message
+
+
+def test_the_message_names_each_session_an_earlier_run_recorded_once_and_lists_at_most_so_many() -> None:
+    from dataclasses import replace
+
+    from test_lock import record
+
+    from reconcile.apply import ApplyReport
+
+    a, b = record(1), record(2)
+    moved = replace(a, bids_subject="SUBJ99")
+    lines = [vcs._told(a, moved), vcs._told(None, b), vcs._told(b, None)]
+    assert lines == ["recorded by an earlier run: sub-SUBJ01/ses-MR1 → sub-SUBJ99/ses-MR1 (XNAT_E00001)",
+                     "recorded by an earlier run: sub-SUBJ02/ses-MR1 (XNAT_E00002)",
+                     "no longer recorded: sub-SUBJ02/ses-MR1 (XNAT_E00002)"]
+    message = vcs.apply_message("xnat2bids apply", ApplyReport(), lines)
+    assert message.splitlines()[0] == "xnat2bids apply: 0 session(s) exported, and 3 recorded otherwise by an earlier run"
+    many = vcs.apply_message("t", ApplyReport(), [f"line {n}" for n in range(vcs.MESSAGE_LINES + 7)])
+    assert many.splitlines()[-1] == "… and 7 more" and len(many.splitlines()) == vcs.MESSAGE_LINES + 3
