@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import shlex
+import signal
 import sys
 import threading
 import traceback
@@ -185,9 +185,7 @@ def run_plan(
     doc = render_json(plan, bids_root=str(root), config_fingerprint=config.fingerprint(), xnat_url=client.url,
                       created_at=created) if out is not None or as_json else ""
     if out is not None:
-        from reconcile.durable import write_atomic
-
-        write_atomic(out, doc)  # a kill while writing leaves the plan saved before, not half of this one
+        _save_plan(out, doc)
     if as_json:
         sys.stdout.write(doc)
     else:
@@ -473,6 +471,25 @@ def _studies_here(cfg: Config, root: Path, selection: Selection):  # noqa: ANN20
                           f"--project {' '.join(selection.projects)} does not select",
                           hint="pass the top of the pi/study tree to reach other studies")
     return chosen
+
+
+def _save_plan(out: Path, doc: str) -> None:
+    """Write a saved plan: a file (or a link to one) is replaced whole, so a kill while writing
+    leaves the plan saved before, not half of this one; anything else (/dev/stdout, a pipe) is
+    written through."""
+    import stat as stat_module
+
+    from reconcile.durable import write_atomic
+
+    try:
+        regular = stat_module.S_ISREG(os.stat(out).st_mode)
+    except FileNotFoundError:
+        regular = True  # a new file, or a link to one not made yet
+    if regular:
+        write_atomic(Path(os.path.realpath(out)), doc)
+    else:
+        with open(out, "w", encoding="utf-8") as fh:
+            fh.write(doc)
 
 
 def _one_study(cfg: Config, root: Path, selection: Selection, needs: str) -> tuple[Path, Selection]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import jsonschema
@@ -498,3 +500,27 @@ def test_plan_notes_downloads_left_for_sessions_it_does_not_change(cli, emulator
     assert ("note: .xnat2bids/staging holds what an interrupted apply downloaded for 1 session(s) no change here asks "
             "for (XNAT_E99999): apply reuses it if they are planned again; delete it to free the space") in out
     assert (root / ".xnat2bids/staging/XNAT_E99999/dicom/1/1.dcm").read_bytes() == b"DICM"  # plan only tells
+
+
+def test_plan_out_writes_through_a_link_and_into_a_pipe(cli, emulator, tmp_path):
+    # A link (plans kept in a shared folder) is left a link, its target gets the plan; a pipe
+    # (`--out >(jq .)`, /dev/stdout) is written to, never replaced by a file.
+    import threading
+
+    add_sessions(emulator.archive, 1)
+    real, link = tmp_path / "plans/real.json", tmp_path / "link.json"
+    real.parent.mkdir()
+    real.write_text("{}")
+    link.symlink_to(real)
+    assert cli("plan", str(tmp_path / "bids"), "-p", "PROJ", "--out", str(link))[0] == 0
+    assert link.is_symlink() and json.loads(real.read_text())["changes"][0]["action"] == "create"
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    code, out, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ", "--out", str(fifo))
+    reader.join(timeout=30)
+    assert code == 0, out + err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and json.loads(got[0])["changes"][0]["action"] == "create"
