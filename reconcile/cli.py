@@ -1384,11 +1384,18 @@ def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
     _say_if_busy(root)
     lock = read_lock(root)
     if lock is None:
+        from reconcile.apply import last_history_entry
+
+        # A first apply stopped before its first commit (a work area, no history yet): nothing
+        # recorded, nothing amiss. A history without its lock is a lost lock.
         if not (root / ".xnat2bids").is_dir():
             raise ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")
+        if last_history_entry(root) is not None:
+            raise ConfigError(f"no lock at {lock_path(root)}",
+                              hint="its history tells of exports: restore the lock (from git or a backup)")
         from reconcile.lock import Lock
 
-        lock = Lock.new()  # a first apply stopped before its first commit: nothing recorded, nothing amiss
+        lock = Lock.new()
     return run_check(root, lock, full=full, as_json=as_json)
 
 

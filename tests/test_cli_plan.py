@@ -524,3 +524,13 @@ def test_plan_out_writes_through_a_link_and_into_a_pipe(cli, emulator, tmp_path)
     reader.join(timeout=30)
     assert code == 0, out + err
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and json.loads(got[0])["changes"][0]["action"] == "create"
+
+
+def test_check_of_a_root_whose_lock_was_lost_fails(cli, emulator, tmp_path):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    (root / ".xnat2bids.lock").rename(tmp_path / "elsewhere.lock")
+    code, out, err = cli("check", str(root))
+    assert code == 1 and f"error: no lock at {root / '.xnat2bids.lock'}" in err
+    assert "hint: its history tells of exports: restore the lock (from git or a backup)" in err
