@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import socket
 import ssl
 import threading
 import time
@@ -224,6 +225,20 @@ class StreamResponse:
             detail=detail,
             hint="run again; completed files are kept",
         )
+
+
+def _no_such_name(exc: BaseException) -> bool:
+    """Whether the resolver answered that the host name does not exist (not a passing failure)."""
+    final = {getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name)}
+    seen: BaseException | None = exc
+    for _ in range(10):  # requests → urllib3 → socket.gaierror, through args and causes
+        if seen is None:
+            return False
+        if isinstance(seen, socket.gaierror):
+            return seen.errno in final
+        inner = next((a for a in getattr(seen, "args", ()) if isinstance(a, BaseException)), None)
+        seen = seen.__cause__ or seen.__context__ or inner or getattr(seen, "reason", None)
+    return False
 
 
 def _receive_once(resp: http.client.HTTPResponse, buffer: memoryview | bytearray) -> int:
@@ -575,8 +590,9 @@ class XnatClient:
                 raise RemoteError(f"invalid URL {_shown_url(url)}") from exc
             except _TRANSIENT as exc:
                 self._slots.release()
-                # A name that does not resolve stays so for the next seconds: said at once.
-                unresolved = "NameResolutionError" in repr(exc) or "Name or service not known" in str(exc)
+                # A name the resolver says does not exist stays so for the next seconds: said at
+                # once. A resolver that failed for now (EAI_AGAIN) is asked again, as any outage.
+                unresolved = _no_such_name(exc)
                 if attempt == self.retries or unresolved:
                     if isinstance(exc, (requests.exceptions.ReadTimeout, TimeoutError)):
                         listing = "/files" in url

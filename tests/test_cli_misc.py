@@ -424,3 +424,27 @@ def test_a_malformed_xnat_host_is_said_before_credentials_are_looked_for(cli, mo
     code, out, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ")
     assert code == 1 and err.startswith("error: not an XNAT URL: 'ftp://xnat.example.org'\n  the scheme must be http or https")
     assert "credentials" not in err.split("hint:")[0]
+
+
+def test_a_resolver_that_fails_for_now_is_asked_again(monkeypatch):
+    # EAI_AGAIN (a busy resolver, hundreds of array tasks starting): retried, not called a typo.
+    from reconcile.credentials import Credentials
+    from reconcile.errors import RemoteError
+    from reconcile.xnat import XnatClient
+
+    asked = []
+
+    def busy(host, *args, **kwargs):
+        asked.append(host)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", busy)
+    with XnatClient("http://xnat.example.org", Credentials("u", "p", "test"), retries=2, backoff=0.0) as client:
+        try:
+            client.login()
+        except RemoteError as exc:
+            assert "does not resolve" not in exc.summary and "typo" not in (exc.hint or "")
+            assert "after 3 attempt(s)" in (exc.detail or "")
+        else:
+            raise AssertionError("logged in through a failing resolver")
+    assert asked.count("xnat.example.org") == 3
