@@ -111,8 +111,10 @@ def refuse_html_page(resp: StreamResponse, what: str, *, server: str) -> None:
     maintenance page) is an error saying so, not a file whose size or checksum is wrong."""
     if not str(resp.headers.get("Content-Type", "")).lower().startswith("text/html"):
         return
-    buffer = bytearray(1 << 16)
-    n = resp.readinto(memoryview(buffer))
+    buffer = memoryview(bytearray(1 << 16))
+    n = 0
+    while n < len(buffer) and (got := resp.readinto(buffer[n:])):  # its message may come late in the page
+        n += got
     message = html_message(bytes(buffer[:n]).decode("utf-8", "replace")) or "an HTML page instead of data"
     raise RemoteError(
         f"XNAT at {server} (or a proxy in front of it) answered {what} with an HTML page: {message}",
@@ -241,21 +243,36 @@ def _no_such_name(exc: BaseException) -> bool:
     return False
 
 
+# How long a streamed read goes on filling its buffer once bytes have come.
+RECEIVE_WAIT = 0.2
+
+
 def _receive_once(resp: http.client.HTTPResponse, buffer: memoryview | bytearray) -> int:
-    """`resp.readinto(buffer)` with at most one read from the socket. readinto waits until the
-    buffer is full: a server trickling a byte a second would hold a download, and the Ctrl-C it
-    checks for between reads, for days. A body of unknown length (chunked) is read as before."""
+    """`resp.readinto(buffer)`, but returning what came within RECEIVE_WAIT of the first bytes:
+    readinto waits until the buffer is full, so a server trickling a byte a second would hold a
+    download, and the Ctrl-C it checks for between reads, for days. At full speed the buffer
+    still fills (over TLS one socket read brings 16 KiB at most). A body of unknown length
+    (chunked) is read as before."""
     if resp.chunked or resp.length is None or resp.fp is None:
         return resp.readinto(buffer)
     view = memoryview(buffer)[: resp.length]
-    n = resp.fp.readinto1(view) if len(view) else 0
-    if len(view) and not n:
+    total, until = 0, None
+    while total < len(view):
+        n = resp.fp.readinto1(view[total:])
+        if not n:
+            break
+        total += n
+        now = time.monotonic()
+        until = until or now + RECEIVE_WAIT
+        if now >= until:
+            break
+    if len(view) and not total:
         resp.close()  # the server closed early: `length` tells how much is missing
     else:
-        resp.length -= n
+        resp.length -= total
         if not resp.length:
             resp.close()  # the body is complete: the connection may serve the next request
-    return n
+    return total
 
 
 def _text(value: Any) -> str:
