@@ -234,6 +234,12 @@ def _staged_for_nothing(root: Path, plan: Plan) -> str | None:
             staged = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
     except OSError:
         return None
+    if staged:
+        from reconcile.statelock import working_holder
+
+        holder = working_holder(root)
+        if holder is not None and holder.pid != os.getpid():  # an apply or a SLURM batch at work: its own
+            return None
     changed = {c.key.experiment_id for c in plan.changes}
     journals = root / ".xnat2bids" / "journal"
     idle = [name for name in staged if name not in changed and not (journals / f"{name}.json").exists()]

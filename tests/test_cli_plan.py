@@ -500,6 +500,22 @@ def test_plan_notes_downloads_left_for_sessions_it_does_not_change(cli, emulator
     assert ("note: .xnat2bids/staging holds what an interrupted apply downloaded for 1 session(s) no change here asks "
             "for (XNAT_E99999): apply reuses it if they are planned again; delete it to free the space") in out
     assert (root / ".xnat2bids/staging/XNAT_E99999/dicom/1/1.dcm").read_bytes() == b"DICM"  # plan only tells
+    # While another process applies, what is in staging may be its work: no note.
+    import subprocess
+    import sys
+
+    from test_statelock import _holder_json, _our_identity
+
+    from reconcile.statelock import state_lock_path
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        state_lock_path(root).write_text(_holder_json("0ther0apply0", other.pid, **_our_identity(other.pid)))
+        code, out, err = cli("plan", str(root), "-p", "PROJ")
+        assert code == 0 and "is at work on this root" in err and ".xnat2bids/staging holds" not in out, out + err
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_plan_out_writes_through_a_link_and_into_a_pipe(cli, emulator, tmp_path):
