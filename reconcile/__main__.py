@@ -1,6 +1,7 @@
 """`python -m reconcile` and the `xnat2bids` script: the CLI, with Ctrl-C or SIGTERM during its
 imports (~0.3 s) handled like Ctrl-C later: one line, exit 1."""
 
+import os
 import signal
 import sys
 
@@ -14,11 +15,22 @@ def run() -> None:
         sys.exit(1)
     try:
         main()
-    finally:
-        # The work is done and its exit status chosen: a signal now must not turn a completed run
-        # into a death by signal (130, 143).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except SystemExit as done:
+        # The work is done and its status chosen: a signal during the shutdown (threads joined,
+        # caches saved) ends the process at once with that status, never as a death by signal.
+        status = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+
+        def finish(signum: int, frame: object) -> None:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # a closed pipe: nothing more to say
+                    pass
+            os._exit(status)
+
+        signal.signal(signal.SIGINT, finish)
+        signal.signal(signal.SIGTERM, finish)
+        raise
 
 
 if __name__ == "__main__":
