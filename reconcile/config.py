@@ -304,11 +304,6 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
             f"{where}: bidsmap target {bad_target[1]!r} for {bad_target[0]!r} is not a ReproIn series name",
             hint="a ReproIn name such as \"anat-T1w_acq-mprage\": no '/', '\\', '..', spaces or control characters",
         )
-    backwards = _empty_range(data)
-    if backwards:
-        key, pattern = backwards
-        raise ConfigError(f"{where}: {key} = {pattern!r} holds a scan ID range that runs backwards, which matches no scan",
-                          hint='write ranges low to high: "1-4"')
     naming = data.get("naming", {})
     slurm = data.get("slurm", {})
     return Config(
@@ -344,19 +339,6 @@ def _conversion_tables(data: dict[str, Any]) -> list[Any]:
             tables.append(project.get("conversion"))
             tables += list((project.get("sessions") or {}).values())
     return tables
-
-
-def _empty_range(data: dict[str, Any]) -> tuple[str, str] | None:
-    """(key, pattern) of an include/skip scan ID range that runs backwards ('4-1'): it matches no
-    scan, so an include of it would leave every scan out without a word."""
-    for table in _conversion_tables(data):
-        for key in ("include", "skip"):
-            for pattern in table.get(key) or () if isinstance(table, dict) else ():
-                for part in pattern.split(",") if isinstance(pattern, str) else ():
-                    lo, sep, hi = part.strip().partition("-")
-                    if sep and lo.isdigit() and hi.isdigit() and int(lo) > int(hi):
-                        return key, pattern
-    return None
 
 
 def _unsafe_bidsmap_target(data: dict[str, Any]) -> tuple[str, str] | None:

@@ -30,7 +30,7 @@ from enum import Enum
 from pathlib import Path
 
 from reconcile.durable import fsync_dir
-from reconcile.errors import LockHeldError, XnatBidsError
+from reconcile.errors import ConfigError, LockHeldError, XnatBidsError
 
 STATE_LOCK_NAME = ".xnat2bids.lock.info"
 UNREADABLE = "unreadable"  # the lock ID `force-unlock` takes to remove a lock file nobody can read
@@ -406,7 +406,7 @@ def acquire(root: Path, operation: str, *, warn: Callable[[str], None] = lambda 
         try:
             made = _create(path, me)
         except OSError as exc:  # a read-only root, a full disk: not a temp file's problem
-            raise LockHeldError(f"cannot take the state lock of {root}: {exc.strerror or exc}",
+            raise ConfigError(f"cannot take the state lock of {root}: {exc.strerror or exc}",
                                 hint="xnat2bids writes its lock files in the BIDS root: it must be writable by this user"
                                 ) from exc
         if made:

@@ -164,19 +164,6 @@ def test_a_projects_table_is_taken_for_the_singular_project_table(tmp_path):
                                  "did you mean [project.LAB_STUDY]?")
 
 
-@pytest.mark.parametrize("where", ["[conversion]", "[project.P.conversion]", "[project.P.sessions.S1]"])
-@pytest.mark.parametrize("key, pattern", [("include", "4-1"), ("skip", "1-2,9-3")])
-def test_a_scan_id_range_that_runs_backwards_is_refused(tmp_path, where, key, pattern):
-    # It matches no scan: `include = ["4-1"]` would leave every scan out without a word.
-    path = tmp_path / "x.toml"
-    path.write_text(f'{where}\n{key} = ["T1*", "{pattern}"]\n')
-    with pytest.raises(ConfigError) as exc:
-        load_config(path)
-    assert exc.value.summary == f"{path}: {key} = {pattern!r} holds a scan ID range that runs backwards, which matches no scan"
-    path.write_text(f'{where}\n{key} = ["T1*", "1-4", "7-7"]\n')
-    load_config(path)
-
-
 @pytest.mark.parametrize("text", ["project = 5", 'project = ["LAB"]', '[project.LAB]\nsessions = "x"',
                                   'xnat_url = ["https://bob:S3cret@xnat.example.org"]',
                                   'xnat_url = { url = "https://bob:S3cret@xnat.example.org" }'])
