@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import Abort, ClickException, UsageError
 
 from reconcile import __version__
-from reconcile.config import Config, load_config
+from reconcile.config import ENV_CONFIG, Config, load_config
 from reconcile.errors import (
     ConfigError,
     LockfileError,
@@ -443,6 +443,8 @@ def plan(
         root, selection = _one_study(cfg, root, selection, "--json and --out need")
 
     given = config if config is not None else _root_config
+    if given is None and os.environ.get(ENV_CONFIG):  # another shell may not have it set
+        given = Path(os.environ[ENV_CONFIG])
     # The plan applies only with the config and XNAT it was made with: the hint names them.
     apply_options = (f" -c {shlex.quote(str(given))}" if given is not None else "") + (" --insecure" if insecure else "")
 
@@ -492,7 +494,8 @@ def _save_plan(out: Path, doc: str) -> None:
             fh.write(doc)
 
 
-def _one_study(cfg: Config, root: Path, selection: Selection, needs: str) -> tuple[Path, Selection]:
+def _one_study(cfg: Config, root: Path, selection: Selection, needs: str, *,
+               by_project: bool = True) -> tuple[Path, Selection]:
     """The one study's own folder and `selection` for it: `root` when it is that folder; at the top
     of a pi-study tree, the folder of the one project `selection` names. An error otherwise."""
     from dataclasses import replace as _replace
@@ -506,7 +509,7 @@ def _one_study(cfg: Config, root: Path, selection: Selection, needs: str) -> tup
         return study_root(root, selection.projects[0]), selection
     if here is None or len(here) != 1:
         raise ConfigError(f"{needs} one dataset; with layout = \"pi-study\" pass a study's bids folder "
-                          f"({root}/<pi>/study-<study>/bids) or one --project PI_STUDY")
+                          f"({root}/<pi>/study-<study>/bids)" + (" or one --project PI_STUDY" if by_project else ""))
     return root, _replace(selection, projects=(here[0].project,))
 
 
@@ -710,7 +713,7 @@ def apply(
                          wait=wait)
 
     if plan_file is not None and cfg.layout == "pi-study":  # a saved plan is one study's
-        raise typer.Exit(run(*_one_study(cfg, root, selection, "--plan applies to")))
+        raise typer.Exit(run(*_one_study(cfg, root, selection, "--plan applies to", by_project=False)))
     raise typer.Exit(for_each_study(cfg, root, selection, run))
 
 
@@ -784,6 +787,9 @@ def _read_plan_file(plan_file: Path) -> dict:
     if missing:
         raise ConfigError(f"{plan_file} is not an xnat2bids plan: it lacks {', '.join(missing)}",
                           hint="save one with `xnat2bids plan --out FILE`")
+    if data.get("format_version") == 2:  # format 1 is refused with what it lacks by check_plan_fresh
+        raise StalePlanError(f"{plan_file} was saved by an older xnat2bids (plan format 2), which did not record a "
+                             "digest of its content", hint="run plan --out again")
     from reconcile.render import plan_from_dict
 
     plan_from_dict(data, str(plan_file))  # an invalid or edited plan is refused before the root is touched

@@ -231,6 +231,12 @@ def test_saved_plan_changed_after_plan_wrote_it_is_refused(cli, emulator, tmp_pa
         assert code == 1, what
         assert f"error: {saved} was changed after plan wrote it (its content does not match its digest)" in err, what
         assert "hint: run plan --out again" in err and not root.exists(), what
+    # Nor is a digest skipped by calling the plan older: a format 2 plan (no digest) is refused.
+    del doc["digest"]
+    saved.write_text(json.dumps({**doc, "format_version": 2}))
+    code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes")
+    assert code == 1 and "(plan format 2), which did not record a digest of its content" in err and not root.exists()
+    doc = json.loads(saved_plan(cli, root, tmp_path)[0].read_text())
     # Only its content counts: the same plan written out again in another layout applies.
     saved.write_text(json.dumps(doc, indent=4, sort_keys=False))
     code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes")
