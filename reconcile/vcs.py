@@ -163,6 +163,11 @@ def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:
         own = root / ".xnat2bids" / name
         if own.parent.is_dir() and not own.exists():
             own.write_text(text)
+        elif own.is_file() and not own.is_symlink():  # ours, from an older xnat2bids: the lines it lacks
+            had = own.read_text(errors="replace")
+            missing = [line for line in text.splitlines() if line not in had.splitlines()]
+            if had.startswith(text.splitlines()[0]) and missing:
+                own.write_text(had + ("" if had.endswith("\n") else "\n") + "".join(f"{line}\n" for line in missing))
     paths = sorted(set(paths))
     tracked = {t for chunk in _chunks(paths) for t in _git(root, "ls-files", "-z", "--", *_literal(chunk)).stdout.split("\0")}
     tracked.discard("")
@@ -185,7 +190,9 @@ def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:
         return _git(root, "rev-parse", "HEAD").stdout.strip()
     add = _git_on_paths(root, ("add", "-A"), present)
     if add.returncode != 0:
-        raise XnatBidsError("git add failed", detail=add.stderr.strip()[-2000:])
+        old_git = "pathspec-from-file" in add.stderr
+        raise XnatBidsError("git add failed", detail=add.stderr.strip()[-2000:],
+                            hint=f"{len(present)} paths need git 2.25 or later (module load git?)" if old_git else None)
     if all(_git(root, "diff", "--cached", "--quiet", "--", *_literal(chunk)).returncode == 0 for chunk in _chunks(present)):
         return None
     # --only: these paths alone, whatever else the user has staged. The message goes in a file:

@@ -78,3 +78,21 @@ def test_the_message_names_each_session_an_earlier_run_recorded_once_and_lists_a
     assert message.splitlines()[0] == "xnat2bids apply: 0 session(s) exported, and 3 recorded otherwise by an earlier run"
     many = vcs.apply_message("t", ApplyReport(), [f"line {n}" for n in range(vcs.MESSAGE_LINES + 7)])
     assert many.splitlines()[-1] == "… and 7 more" and len(many.splitlines()) == vcs.MESSAGE_LINES + 3
+
+
+def test_an_older_xnat2bids_gitignore_gains_the_lines_it_lacks(tmp_path: Path) -> None:
+    root = tmp_path / "bids"
+    (root / ".xnat2bids").mkdir(parents=True)
+    git(root, "init", "-q")
+    git(root, "config", "user.email", "t@example.org")
+    git(root, "config", "user.name", "t")
+    old = vcs.GITIGNORE.replace("/tmp/\n", "")
+    (root / ".xnat2bids/.gitignore").write_text(old)
+    (root / "sub-01").mkdir()
+    (root / "sub-01/a.json").write_text("{}")
+    vcs.commit_paths(root, "export", ["sub-01", ".xnat2bids/.gitignore"])
+    assert (root / ".xnat2bids/.gitignore").read_text() == old + "/tmp/\n"
+    mine = "# my own rules\n/logs/\n"  # not ours: left alone
+    (root / ".xnat2bids/.gitignore").write_text(mine)
+    vcs.commit_paths(root, "again", ["sub-01"])
+    assert (root / ".xnat2bids/.gitignore").read_text() == mine
