@@ -246,7 +246,7 @@ def _staged_for_nothing(root: Path, plan: Plan) -> str | None:
     if not idle:
         return None
     shown = ", ".join(idle[:5]) + (", …" if len(idle) > 5 else "")
-    return (f".xnat2bids/staging holds what an interrupted apply downloaded for {len(idle)} session(s) no change here "
+    return (f".xnat2bids/staging holds what an earlier apply (stopped or failed) downloaded for {len(idle)} session(s) no change here "
             f"asks for ({shown}): apply reuses it if they are planned again; delete it to free the space")
 
 

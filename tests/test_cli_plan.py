@@ -503,7 +503,7 @@ def test_plan_notes_downloads_left_for_sessions_it_does_not_change(cli, emulator
         (root / ".xnat2bids/staging" / exp_id / "dicom/1/1.dcm").write_bytes(b"DICM")
     code, out, err = cli("plan", str(root), "-p", "PROJ")
     assert code == 0, out + err
-    assert ("note: .xnat2bids/staging holds what an interrupted apply downloaded for 1 session(s) no change here asks "
+    assert ("note: .xnat2bids/staging holds what an earlier apply (stopped or failed) downloaded for 1 session(s) no change here asks "
             "for (XNAT_E99999): apply reuses it if they are planned again; delete it to free the space") in out
     assert (root / ".xnat2bids/staging/XNAT_E99999/dicom/1/1.dcm").read_bytes() == b"DICM"  # plan only tells
     # While another process applies, what is in staging may be its work: no note.
