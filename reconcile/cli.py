@@ -475,6 +475,16 @@ def _studies_here(cfg: Config, root: Path, selection: Selection):  # noqa: ANN20
     return chosen
 
 
+def _own_ignores(root: Path) -> None:
+    """The work area's ignore rules, before apply downloads DICOM into it or a batch writes its
+    credentials file there."""
+    from reconcile.apply import work_path
+    from reconcile.vcs import ensure_own_ignores
+
+    work_path(root).mkdir(exist_ok=True)
+    ensure_own_ignores(root)
+
+
 def _save_plan(out: Path, doc: str) -> None:
     """Write a saved plan: a file (or a link to one) is replaced whole, so a kill while writing
     leaves the plan saved before, not half of this one; anything else (/dev/stdout, a pipe) is
@@ -566,6 +576,7 @@ def run_apply(
     try:
         if executor not in (None, "local", "slurm"):
             raise ConfigError(f"unknown executor {executor!r}", hint="use --executor local or --executor slurm")
+
         if (executor or cfg.executor) == "slurm":
             return run_slurm_apply(
                 cfg, root, selection, client, saved=saved, yes=yes, jobs=jobs, deep=deep,
@@ -598,6 +609,7 @@ def run_apply(
                 if not typer.confirm(f"Apply {len(todo)} change(s) to {root}?", default=False):
                     echo("Cancelled; nothing changed.")
                     return EXIT_ERROR
+            _own_ignores(root)
             cancel = threading.Event()
             previous_handler = None
             if threading.current_thread() is threading.main_thread():
@@ -925,6 +937,7 @@ def run_slurm_apply(
             return EXIT_OK
         plan_json = render_json(plan, bids_root=str(root), config_fingerprint=cfg.fingerprint(), xnat_url=client.url,
                                 created_at=utc_now())
+        _own_ignores(root)
         sx.write_batch(batch, plan_json, settings, (array, finalize_job))
         if token_file is not None:
             written = sx.write_job_credentials(client, token_file)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from reconcile.durable import write_atomic
 from reconcile.errors import ConfigError, XnatBidsError
 from reconcile.lock import LOCK_NAME, differing_sessions, read_lock
 from reconcile.model import SessionRecord
@@ -28,7 +29,7 @@ DATASET_FILES = (
 )
 # xnat2bids' own working folders: logs, staging, kept copies; in the history's folder, never committed.
 GITIGNORE = "# Written by xnat2bids: its working folders stay out of the dataset's history.\n" + "".join(
-    f"/{name}/\n" for name in ("journal", "logs", "replaced", "staging", "tmp", "trash")
+    f"/{name}/\n" for name in ("batches", "journal", "logs", "replaced", "revocations", "staging", "tmp", "trash")
 )
 # Two clones that each applied append to the history's end: a union merge keeps both sides'
 # entries instead of a conflict on every pull.
@@ -155,19 +156,32 @@ def apply_message(title: str, report: ApplyReport, earlier: Sequence[str] = ()) 
     return f"{title}: {report.count(Status.DONE)} session(s) exported{also}\n\n" + "\n".join(lines)
 
 
+def ensure_own_ignores(root: Path) -> None:
+    """`.xnat2bids/.gitignore` and `.gitattributes`: written when missing, and given the lines an
+    older xnat2bids' own lacks. In every dataset apply writes to, git or not yet: a lab member's
+    `git add -A` or `datalad save` must never take in a SLURM batch's credentials file, the
+    staging or the logs."""
+    for name, text in ((".gitignore", GITIGNORE), (".gitattributes", GITATTRIBUTES)):
+        own = root / ".xnat2bids" / name
+        try:
+            if not own.parent.is_dir() or own.parent.is_symlink():
+                continue
+            if not os.path.lexists(own):
+                write_atomic(own, text)
+            elif own.is_file() and not own.is_symlink():  # ours, from an older xnat2bids: the lines it lacks
+                had = own.read_text(errors="replace")
+                missing = [line for line in text.splitlines() if line not in had.splitlines()]
+                if had.startswith(text.splitlines()[0]) and missing:
+                    write_atomic(own, had + ("" if had.endswith("\n") else "\n") + "".join(f"{x}\n" for x in missing))
+        except OSError:
+            pass  # a read-only work area fails apply with its own message
+
+
 def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:
     """Commit the changes under `paths` (relative to `root`) and nothing else; returns the new
     commit ID, None when they have none."""
     check_can_commit(root)  # again: a SLURM finalize commits long after the submission checked
-    for name, text in ((".gitignore", GITIGNORE), (".gitattributes", GITATTRIBUTES)):
-        own = root / ".xnat2bids" / name
-        if own.parent.is_dir() and not own.exists():
-            own.write_text(text)
-        elif own.is_file() and not own.is_symlink():  # ours, from an older xnat2bids: the lines it lacks
-            had = own.read_text(errors="replace")
-            missing = [line for line in text.splitlines() if line not in had.splitlines()]
-            if had.startswith(text.splitlines()[0]) and missing:
-                own.write_text(had + ("" if had.endswith("\n") else "\n") + "".join(f"{line}\n" for line in missing))
+    ensure_own_ignores(root)
     paths = sorted(set(paths))
     tracked = {t for chunk in _chunks(paths) for t in _git(root, "ls-files", "-z", "--", *_literal(chunk)).stdout.split("\0")}
     tracked.discard("")

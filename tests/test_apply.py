@@ -620,3 +620,19 @@ def test_old_files_a_commit_could_not_remove_are_named_by_check_and_removed_by_t
     assert code == 0 and "Nothing to apply." in out, out + err
     assert not (root / ".xnat2bids/trash" / exp.id).exists()
     assert "pending" not in cli("check", str(root))[1]
+
+
+def test_the_work_area_is_ignored_by_git_without_git_commit(cli, emulator, tmp_path):
+    # A lab member's `git add -A` must never take in DICOM being downloaded, logs, or a SLURM
+    # batch's credentials file: the work area carries its ignore rules from the first apply on.
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    for inside in ("batches/0123456789ab/credentials.json", "revocations/0123456789ab.json",
+                   "staging/XNAT_E00001/dicom/1/1.dcm", "logs/XNAT_E00001.log", "tmp/.participants.tsv.x.tmp"):
+        ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", f".xnat2bids/{inside}"])
+        assert ignored.returncode == 0, inside
+    assert subprocess.run(["git", "-C", str(root), "check-ignore", "-q", ".xnat2bids/history.jsonl"]).returncode == 1

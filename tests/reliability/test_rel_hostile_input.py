@@ -23,13 +23,15 @@ from reconcile.lock import lock_path
 
 
 def tree(root: Path) -> dict[str, bytes]:
-    """The dataset as a user sees it; the refused session's log and the history line are allowed to appear."""
+    """The dataset as a user sees it; the refused session's log, the history line and the work
+    area's ignore rules are allowed to appear."""
     if not root.is_dir():
         return {}
+    own = (".xnat2bids/logs/", ".xnat2bids/history", ".xnat2bids/.gitignore", ".xnat2bids/.gitattributes")
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.relative_to(root).as_posix().startswith((".xnat2bids/logs/", ".xnat2bids/history"))
+        if p.is_file() and not p.relative_to(root).as_posix().startswith(own)
     }
 
 
