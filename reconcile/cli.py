@@ -1238,8 +1238,36 @@ def force_unlock(
     root = cfg.resolve_bids_root(bids_root)
     if not one_dataset(cfg, root):
         root = _locked_study(root, lock_id)
+    _refuse_if_batch_running(root, lock_id)
     holder = statelock.force_unlock(root, lock_id)
     echo(f"Removed the state lock of {root} held by {holder.describe()}")
+
+
+def _refuse_if_batch_running(root: Path, lock_id: str) -> None:
+    """A SLURM batch's lock is not removed while its jobs are queued or running: its tasks would
+    share the work area with the next apply, and its finalize job would commit afterwards."""
+    from reconcile import statelock
+
+    try:
+        holder = statelock.read_holder(root)
+    except XnatBidsError:  # unreadable: force_unlock words it
+        return
+    if holder is None or holder.id != lock_id or not holder.jobs:
+        return
+    from reconcile.executors.slurm import active_jobs
+
+    try:
+        active = active_jobs(holder.jobs)
+    except (XnatBidsError, OSError) as exc:  # no squeue here: nothing to tell by
+        echo(f"warning: could not ask SLURM whether jobs {', '.join(holder.jobs)} still run "
+             f"({getattr(exc, 'summary', None) or exc}); removing the lock as asked", err=True)
+        return
+    if active:
+        listed = ", ".join(f"{j} ({'/'.join(sorted(set(s)))})" for j, s in sorted(active.items()))
+        raise LockHeldError(f"the state lock of {root} is held by SLURM batch {lock_id}, whose jobs are still queued "
+                            f"or running: {listed}",
+                            hint=f"let them finish, or stop them with `scancel {' '.join(holder.jobs)}` and then "
+                                 f"merge what finished with `xnat2bids finalize {root}` (or force-unlock it)")
 
 
 def _locked_study(root: Path, lock_id: str) -> Path:

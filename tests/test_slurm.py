@@ -174,6 +174,10 @@ def test_second_apply_is_refused_while_a_batch_is_queued(slurm_cli, emulator, tm
             assert batch.array_job in err and f"xnat2bids status {root}" in err
         code, _, err = slurm_cli("finalize", str(root))
         assert code == 1 and "still queued or running" in err
+        # Nor is its lock removed: its tasks would share the work area with the next apply.
+        code, _, err = slurm_cli("force-unlock", batch.id, str(root))
+        assert code == 1 and f"is held by SLURM batch {batch.id}, whose jobs are still queued or running" in err
+        assert f"scancel {' '.join(batch.jobs)}" in err and statelock.read_holder(root).id == batch.id
         assert len(sx.list_batches(root)) == 1
     finally:
         wait_gone(*batch.jobs)
@@ -238,6 +242,21 @@ def test_cancelled_finalize_is_merged_by_the_next_apply(slurm_cli, emulator, tmp
     assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
     assert statelock.read_holder(root) is None
     assert slurm_cli("check", str(root), "--full")[0] == 0
+
+
+@needs_cluster
+def test_a_finalize_job_whose_batch_lost_the_root_does_not_merge_on_its_own(slurm_cli, emulator, tmp_path):
+    # The state lock removed under a queued batch (by hand, or by an older force-unlock): what
+    # happened to the root since is unknown to its plan; only `finalize --batch` merges it.
+    exps = add(emulator.archive, sessions(2))
+    root = tmp_path / "bids"
+    batch = submit(slurm_cli, root)
+    statelock.state_lock_path(root).unlink()
+    wait_gone(*batch.jobs)
+    assert sx.read_finalized(batch) is None and read_lock(root) is None
+    code, out, err = slurm_cli("finalize", "--batch", batch.id, str(root))
+    assert code == 0, out + err
+    assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
 
 
 @needs_cluster
@@ -488,3 +507,24 @@ def test_the_jobs_get_the_password_only_where_xnat_has_no_token_service(emulator
             assert sx.write_job_credentials(client, path) == "password-file"
             assert json.loads(path.read_text()) == {"alias": "labuser", "secret": SENTINEL}
             assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_session_another_apply_exported_since_is_not_claimed_by_an_old_batch():
+    # finalize --batch of a force-unlocked batch: a session whose staged folder is gone and whose
+    # record is newer counts as this batch's only when it is what the batch planned.
+    from dataclasses import replace
+
+    from test_lock import record
+
+    from reconcile.model import BidsAddress, Experiment, SessionKey, parse_timestamp
+    from reconcile.plan import Action, Change, Reason
+
+    rec = record(1)
+    planned = Experiment(rec.experiment_id, rec.session_label, rec.project, rec.subject_id, rec.subject_label,
+                         rec.date, parse_timestamp(rec.insert_date), parse_timestamp(rec.last_modified),
+                         "xnat:mrSessionData")
+    change = Change(Action.UPDATE, SessionKey(rec.project, rec.experiment_id), BidsAddress(rec.bids_subject, rec.bids_session),
+                    (Reason("redated", "date"),), None, planned)
+    assert sx._as_planned(rec, change)
+    assert not sx._as_planned(replace(rec, date="2024-08-05"), change)
+    assert not sx._as_planned(replace(rec, last_modified="2024-08-05 10:00:00.0"), change)

@@ -55,7 +55,7 @@ from reconcile.errors import (
     XnatBidsError,
 )
 from reconcile.localscan import sha256_file
-from reconcile.model import RemoteFile, Scan, utc_now
+from reconcile.model import RemoteFile, Scan, SessionRecord, parse_timestamp, utc_now
 from reconcile.plan import Change, Plan
 from reconcile.validate import ValidationResult
 
@@ -780,8 +780,12 @@ def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyR
     if not staged.session_dir.is_dir():
         committed = report.lock.sessions.get(entry.experiment_id) if report.lock else None
         if committed is not None and committed.exported_at >= batch.created_at:
-            # An earlier finalize of this batch committed it before it was interrupted.
-            return Outcome(change, Status.DONE, "", log_path, seconds, committed)
+            if _as_planned(committed, change):
+                # An earlier finalize of this batch committed it before it was interrupted.
+                return Outcome(change, Status.DONE, "", log_path, seconds, committed)
+            # Another apply exported it since (this batch was force-unlocked meanwhile).
+            return Outcome(change, Status.SKIPPED, f"exported since by another apply (recorded with date "
+                           f"{committed.date or '(none)'}); this batch's conversion of it is not used", log_path, seconds)
         return Outcome(change, Status.FAILED, "the staged session is gone from the work area", log_path, seconds)
     base = staged.session_dir.parent.parent
     for out in result["outputs"]:
@@ -804,6 +808,18 @@ def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyR
                    warnings=tuple(warnings))
 
 
+def _as_planned(committed: SessionRecord, change: Change) -> bool:
+    """Whether the lock records the session as XNAT listed it when this batch was planned."""
+    after = change.after
+    if after is None:
+        return True
+    try:
+        return (committed.date == after.date and parse_timestamp(committed.insert_date) == after.insert_date
+                and parse_timestamp(committed.last_modified) == after.last_modified)
+    except ValueError:
+        return False
+
+
 def finalize_batch(
     batch: Batch,
     *,
@@ -819,6 +835,12 @@ def finalize_batch(
     root = batch.root
     check_batch_idle(batch, own_job=own_job)
     holder = statelock.read_holder(root)
+    if holder is None and own_job:
+        # The batch no longer holds the root (force-unlocked): what happened there since is not
+        # known to its plan; it is merged only when someone asks for it.
+        raise LockHeldError(f"SLURM batch {batch.id} no longer holds {root} (force-unlocked?); its finalize job "
+                            "does not merge it on its own",
+                            hint=f"merge it with `xnat2bids finalize --batch {batch.id} {root}` once nothing else runs there")
     if holder is None:
         holder = statelock.acquire(root, statelock.FINALIZE, warn=warn)
     elif holder.id != batch.id:
