@@ -1241,7 +1241,25 @@ def force_unlock(
     _refuse_if_batch_running(root, lock_id)
     holder = statelock.force_unlock(root, lock_id)
     echo(f"Removed the state lock of {root} held by {holder.describe()}")
+    if holder.jobs:
+        _end_batch_credentials(root, holder.id)
 
+
+def _end_batch_credentials(root: Path, batch_id: str) -> None:
+    """A force-unlocked batch's jobs will not run again: the alias token issued for them is
+    invalidated on XNAT now (or recorded for the next apply to retry), and its file deleted."""
+    from reconcile.executors import slurm as sx
+
+    warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
+    try:
+        batch = sx.read_batch(root, batch_id)
+    except XnatBidsError:  # no manifest (pruned, or never written): no token file either
+        return
+    if batch.credentials_path.exists():
+        if sx.revoke_job_token(batch, warn=warn):
+            echo(f"Invalidated the alias token of SLURM batch {batch.id} on XNAT.")
+        batch.credentials_path.unlink(missing_ok=True)
+    echo(f"Its staged sessions are merged only by `xnat2bids finalize --batch {batch.id} {root}`.")
 
 def _refuse_if_batch_running(root: Path, lock_id: str) -> None:
     """A SLURM batch's lock is not removed while its jobs are queued or running: its tasks would

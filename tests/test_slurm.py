@@ -260,6 +260,25 @@ def test_a_finalize_job_whose_batch_lost_the_root_does_not_merge_on_its_own(slur
 
 
 @needs_cluster
+def test_force_unlock_of_a_cancelled_batch_invalidates_its_alias_token(slurm_cli, emulator, tmp_path):
+    # Its jobs will not run again: the token issued for them must not outlive them.
+    add(emulator.archive, sessions(1))
+    root = tmp_path / "bids"
+    batch = submit(slurm_cli, root)
+    token = json.loads(batch.credentials_path.read_text())
+    validate = f"{emulator.url}/data/services/tokens/validate/{token['alias']}/{token['secret']}"
+    subprocess.run(["scancel", *batch.jobs], check=True)
+    wait_gone(*batch.jobs)
+    assert token_valid(requests.get(validate, auth=("labuser", SENTINEL), timeout=10))
+    code, out, err = slurm_cli("force-unlock", batch.id, str(root))
+    assert code == 0, out + err
+    assert f"Invalidated the alias token of SLURM batch {batch.id} on XNAT." in out
+    assert f"merged only by `xnat2bids finalize --batch {batch.id} {root}`" in out
+    assert not batch.credentials_path.exists() and statelock.read_holder(root) is None
+    assert not token_valid(requests.get(validate, auth=("labuser", SENTINEL), timeout=10))
+
+
+@needs_cluster
 def test_cancelled_batch_leaves_a_consistent_state_that_finalize_repairs(slurm_cli, emulator, tmp_path):
     exps = add(emulator.archive, sessions(3))
     root = tmp_path / "bids"
