@@ -249,7 +249,7 @@ def stage_session(
         staging / "dicom", staging / "convert", change.address, settings, log_path=log_path, cancel=cancel
     )
     hit("apply-converted")
-    outputs = _staged_outputs(result.session_dir.parent.parent, result.session_dir)
+    outputs = staged_outputs(result.session_dir.parent.parent, result.session_dir)
     # The lock will vouch for these bytes: they reach the disk before it is written (here, in
     # parallel workers, rather than in the one-at-a-time commit).
     fsync_tree(result.session_dir)
@@ -400,7 +400,7 @@ def _is_events_stub(path: Path) -> bool:
         return len([line for line in stub.read(64 * 1024).splitlines() if line.strip()]) <= 1
 
 
-def _staged_outputs(staging_root: Path, session_dir: Path) -> tuple[OutputRecord, ...]:
+def staged_outputs(staging_root: Path, session_dir: Path) -> tuple[OutputRecord, ...]:
     """Fingerprint the converted files before the move; a rename keeps size and mtime. Task event
     stubs are left out (`_is_events_stub`)."""
     records = []
@@ -451,7 +451,7 @@ def commit_session(
         config_digests=staged.settings.digests(),
         tools=dict(staged.tools),
         scans=scan_records,
-        outputs=staged.outputs if staged.outputs is not None else _staged_outputs(staging_root, staged.session_dir),
+        outputs=staged.outputs if staged.outputs is not None else staged_outputs(staging_root, staged.session_dir),
         unselected_scans=None if staged.unselected is None else unselected,
     )
     if target.exists() and (previous is None or previous.address != address):

@@ -1451,11 +1451,12 @@ def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
     if lock is None:
         from reconcile.apply import last_history_entry
 
-        # A first apply stopped before its first commit (a work area, no history yet): nothing
-        # recorded, nothing amiss. A history without its lock is a lost lock.
+        # A first apply stopped or failed before its first commit (a work area, no history of a
+        # commit): nothing recorded, nothing amiss. A history of commits without its lock is a lost lock.
         if not (root / ".xnat2bids").is_dir():
             raise ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")
-        if last_history_entry(root) is not None:
+        last = last_history_entry(root)
+        if last is not None and last["lock_serial"]["after"] > 0:  # something was recorded once
             raise ConfigError(f"no lock at {lock_path(root)}",
                               hint="its history tells of exports: restore the lock (from git or a backup)")
         from reconcile.lock import Lock

@@ -548,6 +548,15 @@ def test_plan_out_writes_through_a_link_and_into_a_pipe(cli, emulator, tmp_path)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and json.loads(got[0])["changes"][0]["action"] == "create"
 
 
+def test_check_of_a_root_whose_first_apply_failed_every_session_passes(cli, emulator, tmp_path):
+    add_sessions(emulator.archive, 1)  # no scans: its conversion fails
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 1
+    assert (root / ".xnat2bids/history.jsonl").is_file() and not (root / ".xnat2bids.lock").exists()
+    code, out, err = cli("check", str(root))
+    assert code == 0 and "OK: lock serial 0, 0 sessions" in out, out + err
+
+
 def test_check_of_a_root_whose_lock_was_lost_fails(cli, emulator, tmp_path):
     add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
     root = tmp_path / "bids"

@@ -41,6 +41,7 @@ from reconcile.apply import (
     recover,
     save_commits,
     stage_session,
+    staged_outputs,
     work_path,
 )
 from reconcile.config import Config, ConversionSettings, SlurmSettings, load_config
@@ -787,12 +788,17 @@ def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyR
             return Outcome(change, Status.SKIPPED, f"exported since by another apply (recorded with date "
                            f"{committed.date or '(none)'}); this batch's conversion of it is not used", log_path, seconds)
         return Outcome(change, Status.FAILED, "the staged session is gone from the work area", log_path, seconds)
+    # The staged files are hashed once more, as the commit records them, and must be the task's:
+    # between a task and its finalize they sit on shared storage, for as long as finalize queues.
     base = staged.session_dir.parent.parent
-    for out in result["outputs"]:
-        path = base / out["path"]
-        if not path.is_file() or path.stat().st_size != out["size"]:
-            return Outcome(change, Status.FAILED, f"staged file {out['path']} changed after its task ended",
-                           log_path, seconds)
+    recorded = {out["path"]: (out["size"], out.get("sha256")) for out in result["outputs"]}
+    outputs = staged_outputs(base, staged.session_dir)
+    changed = [o.path for o in outputs if recorded.get(o.path) != (o.size, o.sha256)]
+    changed += [path for path in recorded if not (base / path).is_file()]
+    if changed:
+        return Outcome(change, Status.FAILED, f"staged file {changed[0]} changed after its task ended",
+                       log_path, seconds)
+    staged = replace(staged, outputs=outputs)
     warnings = list(result.get("warnings", ()))
     try:
         report.lock = commit_session(staged, root, report.lock, keep_dicom=batch.options.keep_dicom, save=False,
