@@ -923,6 +923,8 @@ def run_slurm_apply(
         )
         token_file = batch.credentials_path if kind == "alias-token" else None
         array, finalize_job = sx.build_jobs(batch, settings, token_file=token_file)
+        if not dry_run:
+            sx.check_array_size(batch)
         if dry_run:
             echo(f"\n# Dry run: {len(todo)} session(s) would be submitted as batch {batch.id}; nothing was written.")
             for job in (array, finalize_job):

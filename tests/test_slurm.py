@@ -279,6 +279,23 @@ def test_force_unlock_of_a_cancelled_batch_invalidates_its_alias_token(slurm_cli
 
 
 @needs_cluster
+def test_a_batch_larger_than_the_clusters_array_limit_is_refused_before_anything_is_submitted(slurm_cli, emulator,
+                                                                                               tmp_path):
+    from worlds import add_sessions
+
+    limit = int(next(line.split("=")[1] for line in subprocess.run(["scontrol", "show", "config"], capture_output=True,
+                                                                     text=True).stdout.splitlines()
+                     if line.startswith("MaxArraySize")))
+    add_sessions(emulator.archive, limit + 1)
+    root = tmp_path / "bids"
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
+    assert code == 1, out + err
+    assert (f"error: this plan has {limit + 1} sessions to apply, and this cluster takes at most {limit} tasks in one "
+            "job array (MaxArraySize)") in err
+    assert sx.list_batches(root) == [] and statelock.read_holder(root) is None
+
+
+@needs_cluster
 def test_cancelled_batch_leaves_a_consistent_state_that_finalize_repairs(slurm_cli, emulator, tmp_path):
     exps = add(emulator.archive, sessions(3))
     root = tmp_path / "bids"
@@ -297,6 +314,7 @@ def test_cancelled_batch_leaves_a_consistent_state_that_finalize_repairs(slurm_c
     second = sx.read_result(batch, 1)
     assert second is not None and second["status"] == "failed", second
     assert second["message"] == "cancelled (scancel or the time limit)"
+    assert not second.get("hint")  # not "the out-of-memory killer": SLURM signalled the whole job
     assert sx.read_result(batch, 2) is None
 
     code, out, err = slurm_cli("finalize", str(root))
@@ -502,8 +520,10 @@ def test_finalizing_a_copied_dataset_writes_into_the_copy_only(slurm_cli, emulat
 
 def test_the_jobs_get_an_absolute_config_path_and_no_credentials(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    env = sx.job_environment({"XNAT2BIDS_CONFIG": "lab.toml", "XNAT_PASS": SENTINEL, "PATH": "/bin"})
-    assert env == {"XNAT2BIDS_CONFIG": str(tmp_path / "lab.toml"), "PATH": "/bin"}
+    env = sx.job_environment({"XNAT2BIDS_CONFIG": "lab.toml", "XNAT_PASS": SENTINEL, "PATH": "/bin",
+                              "XNAT_TOKEN_FILE": "tok.json", "NETRC": "my/netrc"})
+    assert env == {"XNAT2BIDS_CONFIG": str(tmp_path / "lab.toml"), "PATH": "/bin",  # the jobs run elsewhere
+                   "XNAT_TOKEN_FILE": str(tmp_path / "tok.json"), "NETRC": str(tmp_path / "my/netrc")}
 
 
 @pytest.mark.parametrize("status", [404, 405, 403, 503])
@@ -547,3 +567,26 @@ def test_a_session_another_apply_exported_since_is_not_claimed_by_an_old_batch()
     assert sx._as_planned(rec, change)
     assert not sx._as_planned(replace(rec, date="2024-08-05"), change)
     assert not sx._as_planned(replace(rec, last_modified="2024-08-05 10:00:00.0"), change)
+
+
+def test_an_interrupted_submission_cancels_the_held_array(monkeypatch, tmp_path):
+    # Ctrl-C between the two sbatch calls (a busy slurmctld): the held array is cancelled, not
+    # left queued for ever with no batch to own it.
+    calls, cancelled = [], []
+
+    def sbatch(command, env):
+        calls.append(command)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return "41"
+
+    monkeypatch.setattr(sx, "_sbatch", sbatch)
+    monkeypatch.setattr(sx, "cancel_jobs", lambda ids: cancelled.extend(ids))
+
+    class Job:
+        def command(self, dependency=None):
+            return ["sbatch", f"--dependency=afterany:{dependency}"] if dependency else ["sbatch"]
+
+    with pytest.raises(KeyboardInterrupt):
+        sx.submit(tmp_path, None, None, Job(), Job(), env={})
+    assert cancelled == ["41"]

@@ -427,12 +427,14 @@ def write_job_credentials(client, path: Path) -> str:
 
 def job_environment(env: Mapping[str, str]) -> dict[str, str]:
     """The submitting environment without anything that looks like a credential. The jobs run in
-    the batch's folder: a relative $XNAT2BIDS_CONFIG is made absolute for them."""
+    the batch's folder: a relative $XNAT2BIDS_CONFIG, $XNAT_TOKEN_FILE or $NETRC is made absolute
+    for them (the file the submission read)."""
     from reconcile.config import ENV_CONFIG
 
     kept = {k: v for k, v in env.items() if k in _PATH_ENV or not _SECRET_ENV.search(k)}
-    if kept.get(ENV_CONFIG):
-        kept[ENV_CONFIG] = os.path.abspath(os.path.expanduser(kept[ENV_CONFIG]))
+    for name in (ENV_CONFIG, "XNAT_TOKEN_FILE", "NETRC"):
+        if kept.get(name):
+            kept[name] = os.path.abspath(os.path.expanduser(kept[name]))
     return kept
 
 
@@ -472,6 +474,20 @@ def cancel_jobs(job_ids: Iterable[str]) -> None:
         _run(["scancel", *ids])
 
 
+def check_array_size(batch: Batch) -> None:
+    """Refuse a batch with more sessions than the cluster takes tasks in one array (MaxArraySize,
+    1001 by default), before anything is written or submitted."""
+    out = _run(["scontrol", "show", "config"])
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", out.stdout, re.MULTILINE) if out.returncode == 0 else None
+    if m is None:  # not said: sbatch decides
+        return
+    limit = int(m.group(1))
+    if len(batch.sessions) > limit:
+        raise SlurmError(f"this plan has {len(batch.sessions)} sessions to apply, and this cluster takes at most {limit} "
+                         "tasks in one job array (MaxArraySize)",
+                         hint="apply a part at a time (--subject or --session globs select it), or use --executor local")
+
+
 def submit(
     root: Path, holder: statelock.Holder, batch: Batch, array: JobSpec, finalize: JobSpec, *, env: Mapping[str, str]
 ) -> tuple[Batch, statelock.Holder]:
@@ -483,7 +499,7 @@ def submit(
     array_id = _sbatch(array.command(), env)
     try:
         finalize_id = _sbatch(finalize.command(dependency=array_id), env)
-    except XnatBidsError:
+    except BaseException:  # a refusal, or Ctrl-C meanwhile: the held array must not stay queued for ever
         cancel_jobs([array_id])
         raise
     batch = replace(batch, array_job=array_id, finalize_job=finalize_id)
@@ -706,9 +722,11 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
             warnings=list(staged.warnings),
         )
     except XnatBidsError as exc:
-        why = "cancelled (scancel or the time limit)" if cancel is not None and cancel.is_set() else exc.summary
+        cancelled = cancel is not None and cancel.is_set()
+        why = "cancelled (scancel or the time limit)" if cancelled else exc.summary
         _log(log_path, f"failed: {exc}")
-        record.update(status=Status.FAILED.value, message=why, hint=exc.hint)
+        # SLURM signals the whole job: a converter it killed is not the out-of-memory killer's.
+        record.update(status=Status.FAILED.value, message=why, hint=None if cancelled else exc.hint)
     except Exception as exc:  # a bug or an OS error still leaves a record for finalize to report
         _log(log_path, f"failed: {exc!r}")
         record.update(status=Status.FAILED.value, message=f"{type(exc).__name__}: {exc}")
