@@ -1045,7 +1045,7 @@ def _note_unrecorded(root: Path, completed: Sequence[str] = ()) -> None:
         # this one's last line: a session one of them tells of as exported since is not unrecorded.
         entries = read_history(root)
         after = max([after, *(e["lock_serial"]["after"] for e in entries if e["lock_serial"]["after"] < lock.serial)])
-        told = _told_of(entries)
+        told = told_of(entries)
         records = [r for r in records if r.experiment_id in completed or told.get(r.experiment_id, "") < r.exported_at]
     if not records:  # the serial moved without an export: a git merge of two clones' locks
         return
@@ -1055,7 +1055,7 @@ def _note_unrecorded(root: Path, completed: Sequence[str] = ()) -> None:
                        reasons=dict.fromkeys(completed, "an interrupted commit, completed by this run's recovery"))
 
 
-def _told_of(entries: Iterable[dict]) -> dict[str, str]:
+def told_of(entries: Iterable[dict]) -> dict[str, str]:
     """Experiment ID → the time of the latest entry that tells of it as exported (an apply's
     entry is written after its exports)."""
     told: dict[str, str] = {}

@@ -296,6 +296,27 @@ def test_a_batch_larger_than_the_clusters_array_limit_is_refused_before_anything
 
 
 @needs_cluster
+def test_a_finalize_run_again_after_its_history_line_tells_of_each_commit_once(slurm_cli, emulator, tmp_path,
+                                                                               monkeypatch):
+    # The finalize job killed as it appends the history: the next finalize writes the entry,
+    # and no session is told of twice (audits count exports from the history).
+    exps = add(emulator.archive, sessions(2))
+    root = tmp_path / "bids"
+    monkeypatch.setenv("XNAT2BIDS_FAILPOINT", "history-append")  # the jobs inherit it
+    batch = submit(slurm_cli, root)
+    monkeypatch.delenv("XNAT2BIDS_FAILPOINT")
+    wait_gone(*batch.jobs)
+    assert sx.read_finalized(batch) is None and sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
+    code, out, err = slurm_cli("finalize", str(root))
+    assert code == 0, out + err
+    told = [row["experiment_id"] for entry in history(root) for row in entry["sessions"] if row["result"] == "done"]
+    assert sorted(told) == sorted(e.id for e in exps.values()), history(root)
+    code, out, err = slurm_cli("finalize", "--batch", batch.id, str(root))
+    assert [row["experiment_id"] for entry in history(root) for row in entry["sessions"]
+            if row["result"] == "done"] == told  # and once more: nothing new to tell
+
+
+@needs_cluster
 def test_cancelled_batch_leaves_a_consistent_state_that_finalize_repairs(slurm_cli, emulator, tmp_path):
     exps = add(emulator.archive, sessions(3))
     root = tmp_path / "bids"

@@ -38,10 +38,12 @@ from reconcile.apply import (
     append_history,
     commit_session,
     lock_for,
+    read_history,
     recover,
     save_commits,
     stage_session,
     staged_outputs,
+    told_of,
     work_path,
 )
 from reconcile.config import Config, ConversionSettings, SlurmSettings, load_config
@@ -889,7 +891,13 @@ def finalize_batch(
         report.outcomes.append(outcome)
         on_event(outcome.status.value, change, outcome)
     report.lock = save_commits(root, report.lock, pending)  # serial + 1 for the whole batch
-    append_history(root, plan, report, operation=HISTORY_OPERATION)
+    # Run again after an interruption: the commits an entry already tells of (this batch's own
+    # earlier finalize, or recovery's) are not told of twice.
+    told = told_of(read_history(root))
+    fresh = [o for o in report.outcomes if not (o.status is Status.DONE and o.record is not None
+                                                and told.get(o.change.key.experiment_id, "") >= o.record.exported_at)]
+    if fresh or not report.outcomes:
+        append_history(root, plan, replace(report, outcomes=fresh), operation=HISTORY_OPERATION)
     result = FinalizeReport(batch, plan, report)
     if batch.options.validate:
         try:
