@@ -555,6 +555,12 @@ def run_apply(
 
     if root.exists() and not root.is_dir():
         raise ConfigError(f"BIDS root {root} exists but is not a directory")
+    if any(c.isspace() for c in os.path.abspath(root)):
+        # nipype reads the files dcm2niix wrote from its output split at whitespace: every
+        # session would fail with an assertion deep in heudiconv.
+        raise ConfigError(f"BIDS root {root} has whitespace in its path, where heudiconv cannot convert",
+                          hint="give it by a path without any: a link to it, e.g. `ln -s '/project/My Lab/bids' "
+                               "~/lab-bids`, works")
     if saved is not None:  # a plan for another root must not leave an empty one behind
         from reconcile.apply import check_plan_root
 

@@ -448,3 +448,14 @@ def test_a_resolver_that_fails_for_now_is_asked_again(monkeypatch):
         else:
             raise AssertionError("logged in through a failing resolver")
     assert asked.count("xnat.example.org") == 3
+
+
+def test_apply_refuses_a_bids_root_with_whitespace_before_any_work(cli, emulator, tmp_path):
+    # heudiconv (nipype) reads dcm2niix's output split at whitespace: every session would fail deep
+    # inside it. By a link without whitespace the same folder converts.
+    emulator.archive.add_session("PROJ", "S1", "S1_MR1", date="2024-01-10")
+    root = tmp_path / "My Lab" / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1 and f"error: BIDS root {root} has whitespace in its path, where heudiconv cannot convert" in err
+    assert "a link to it" in err and not root.exists()
+    assert cli("plan", str(root), "-p", "PROJ")[0] == 0  # planning reads it fine
