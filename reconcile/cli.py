@@ -992,7 +992,12 @@ def _wait_for_batch(batch) -> int:
                  f" by task {result.get('job')}{detail}")
 
     echo("Waiting for the finalize job…")
-    sx.wait_for_job(batch.finalize_job, on_poll=progress)
+    try:
+        sx.wait_for_job(batch.finalize_job, on_poll=progress)
+    except KeyboardInterrupt:  # stops the waiting, not the batch
+        echo(f"Stopped waiting; batch {batch.id} goes on on the cluster: follow it with `xnat2bids status "
+             f"{batch.root}`, stop it with `scancel {' '.join(batch.jobs)}`", err=True)
+        raise
     progress()
     done = sx.read_finalized(batch)
     if done is None:
@@ -1057,12 +1062,15 @@ def _dataset_status(root: Path, *, as_json: bool) -> int:
     st = sx.batch_status(current, query=shutil.which("scontrol") is not None)
     b = st.batch
     echo(f"Batch {b.id} of {root}, submitted {b.created_at} by {b.user}@{b.host}")
-    echo(f"  array job {b.array_job} ({len(b.sessions)} tasks, at most {min(b.max_parallel, len(b.sessions))} at once), "
+    echo(f"  array job {b.array_job} ({_count(len(b.sessions), 'task')}, at most {min(b.max_parallel, len(b.sessions))} at once), "
          f"finalize job {b.finalize_job}: {st.finalize.describe() if st.finalize else 'no longer known to SLURM'}")
     if st.finalized is not None:
         s = st.finalized["summary"]
         echo(f"  finalized {st.finalized['finished_at']}: {s.get('done', 0)} done, {s.get('failed', 0)} failed, "
              f"{s.get('skipped', 0)} skipped; lock serial {st.finalized['lock_serial']}")
+    elif st.holds_lock and st.finalize is not None and not st.finalize.active:  # its finalize job is over
+        echo(f"  not finalized, and its finalize job is over; the batch holds the state lock: merge it with "
+             f"`xnat2bids finalize {root}`")
     elif st.holds_lock:
         echo("  not finalized yet; the batch holds the state lock")
     else:
@@ -1146,6 +1154,7 @@ def _finalize_dataset(root: Path, batch_id: str | None) -> int:
             statelock.release(root, holder)  # finalize died between its last write and the release
         echo(f"Batch {batch.id} was already finalized at {done['finished_at']}.")
         return EXIT_OK if done["ok"] else EXIT_ERROR
+    sx.check_batch_idle(batch, own_job=os.environ.get("SLURM_JOB_ID"))  # before saying it starts
     echo(f"Finalizing batch {batch.id} of {root} ({_count(len(batch.sessions), 'session')})")
     reporter = Reporter(len(batch.sessions))
     try:

@@ -234,6 +234,7 @@ def test_cancelled_finalize_is_merged_by_the_next_apply(slurm_cli, emulator, tmp
     assert statelock.read_holder(root).id == batch.id  # still held: nothing merged the results yet
     code, out, _ = slurm_cli("status", str(root))
     assert "CANCELLED" in out and out.count(" done ") == 2
+    assert f"its finalize job is over; the batch holds the state lock: merge it with `xnat2bids finalize {root}`" in out
 
     code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes")
     assert code == 0, out + err

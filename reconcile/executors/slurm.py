@@ -912,7 +912,8 @@ def finalize_batch(
 
             result.git_commit = commit_apply(root, f"xnat2bids apply (SLURM batch {batch.id})", report)
         except XnatBidsError as exc:
-            result.problems.append(f"git: {exc.summary}")
+            said = (exc.detail or "").strip().splitlines()
+            result.problems.append(f"git: {exc.summary}" + (f" ({said[-1][:300]})" if said else ""))
     _write_json(batch.finalized_path, {
         "format_version": BATCH_FORMAT_VERSION,
         "batch": batch.id,
