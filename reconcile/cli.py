@@ -1009,6 +1009,11 @@ def _wait_for_batch(batch) -> int:
     s = done["summary"]
     echo(f"Batch {batch.id} finalized: {s.get('done', 0)} done, {s.get('failed', 0)} failed, {s.get('skipped', 0)} skipped; "
          f"lock serial {done['lock_serial']}.")
+    if done.get("validator_errors") is not None:
+        echo(f"BIDS validator: {done['validator_errors']} error(s); the report is in "
+             f"{batch.root / '.xnat2bids/logs/bids-validator.json'}")
+    if done.get("git_commit"):
+        echo(f"git commit {done['git_commit']}")
     for problem in done.get("problems", []):
         echo(f"problem: {problem}")
     return EXIT_OK if done["ok"] else EXIT_ERROR

@@ -217,10 +217,14 @@ def test_failing_task_does_not_block_the_others_and_finalize_still_runs(slurm_cl
     assert code == 2 and "sub-02/ses-02MR1" in out
 
     emulator.app.faults.clear()
-    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm", "--wait")
+    for args in (("init", "-q"), ("config", "user.email", "t@example.org"), ("config", "user.name", "t")):
+        subprocess.run(["git", "-C", str(root), *args], check=True)
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm", "--wait", "--git-commit")
     assert code == 0, out + err
     assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
     assert [h["summary"]["done"] for h in history(root)] == [2, 1]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert f"git commit {head}" in out  # the --wait summary says what finalize committed
 
 
 @needs_cluster

@@ -571,10 +571,14 @@ def _expand_tasks(spec: str) -> list[int]:
 
 
 def job_details(job_id: str) -> list[dict[str, str]]:
-    """`scontrol -o show job ID`: one dict per record (per array task); [] once SLURM forgot it."""
+    """`scontrol -o show job ID`: one dict per record (per array task); [] once SLURM forgot it.
+    SlurmError when SLURM cannot be asked (its controller down): not the same as forgotten."""
     out = _run(["scontrol", "-o", "show", "job", job_id])
     if out.returncode != 0:
-        return []
+        if "Invalid job id" in out.stderr:
+            return []
+        raise SlurmError("scontrol could not be asked about job " + job_id, detail=out.stderr.strip()[-2000:],
+                         hint="is the SLURM controller up? run again later")
     return [dict(_SCONTROL_FIELD.findall(line)) for line in out.stdout.splitlines() if line.strip()]
 
 
