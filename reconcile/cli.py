@@ -1689,8 +1689,10 @@ def _run(argv: list[str] | None) -> int:
     try:
         code = app(args=_argv(argv), prog_name="xnat2bids", standalone_mode=False)
     except ClickException as exc:  # usage errors and bad parameters
-        exc.show()
         seed = next((a for a in argv if a.split("=")[0] in ("--diff", "--update")), None)
+        if seed is not None and getattr(exc, "possibilities", None):
+            exc.possibilities = []  # click's "did you mean" among the root's own options: not what was meant
+        exc.show()
         if seed is not None and isinstance(exc, UsageError):
             command = "plan --detailed-exitcode" if seed.startswith("--diff") else "apply"
             echo(f"hint: {seed.split('=')[0]} takes a ROOT (and --config) only; for other options use "

@@ -306,6 +306,8 @@ def test_the_seed_flags_are_commands_of_their_own(cli, tmp_path):
     assert not Path("plan").exists()
     code, out, err = cli("--diff", str(tmp_path / "bids"), "--project", "PROJ")
     assert code == 1 and "No such option: --project" in err
+    code, out, err = cli("--diff", str(tmp_path / "bids"), "--json")  # click would offer --version
+    assert code == 1 and "No such option: --json\n" in err and "Possible options" not in err
     assert ("hint: --diff takes a ROOT (and --config) only; for other options use "
             "`xnat2bids plan --detailed-exitcode [ROOT] …`") in err
     for flags in (("--diff", str(tmp_path / "bids"), "--update", str(tmp_path / "bids")), ("--update", "--diff")):
