@@ -1602,7 +1602,11 @@ def emulator_serve(
     archive = Archive()
     archive.add_user(user, password)
     if data is not None:
-        load_dicom_dir(archive, data)
+        if not data.is_dir():
+            raise ConfigError(f"--data {data} is not a folder", hint="give a folder laid out PROJECT/SUBJECT/SESSION/SCANID/*.dcm")
+        if not load_dicom_dir(archive, data):
+            echo(f"warning: --data {data} holds no sessions (a folder laid out PROJECT/SUBJECT/SESSION/SCANID/*.dcm "
+                 "is loaded)", err=True)
     if demo_sessions:
         from datetime import date, timedelta
 

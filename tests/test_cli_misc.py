@@ -461,3 +461,21 @@ def test_apply_refuses_a_bids_root_with_whitespace_before_any_work(cli, emulator
     assert code == 1 and f"error: BIDS root {root} has whitespace in its path, where heudiconv cannot convert" in err
     assert "a link to it" in err and not root.exists()
     assert cli("plan", str(root), "-p", "PROJ")[0] == 0  # planning reads it fine
+
+
+def test_emulator_serve_says_when_data_holds_no_sessions(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    missing = subprocess.run([sys.executable, "-m", "reconcile", "emulator", "serve", "--port", str(port),
+                              "--data", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and f"error: --data {tmp_path / 'nowhere'} is not a folder" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    served = subprocess.Popen([sys.executable, "-m", "reconcile", "emulator", "serve", "--port", str(port),
+                               "--data", str(tmp_path / "empty")], stderr=subprocess.PIPE, text=True)
+    try:
+        line = served.stderr.readline()
+        assert line.startswith(f"warning: --data {tmp_path / 'empty'} holds no sessions"), line
+    finally:
+        served.kill()
+        served.wait()
