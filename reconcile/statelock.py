@@ -60,10 +60,10 @@ class Holder:
     def describe(self) -> str:
         if self.id == UNREADABLE:
             return f"an unknown holder (the lock file was unreadable, last written {self.since})"
-        text = f"{self.operation} by {self.user}@{self.host} pid {self.pid} since {self.since} (lock ID {self.id})"
-        if self.jobs:
-            text += f", SLURM jobs {', '.join(self.jobs)}"
-        return text
+        if self.jobs and self.operation not in (FINALIZE, FINALIZE_JOB):  # its submitter is long gone: the batch holds it
+            return (f"SLURM batch {self.id} ({self.operation} by {self.user}@{self.host} since {self.since}), "
+                    f"SLURM jobs {', '.join(self.jobs)}")
+        return f"{self.operation} by {self.user}@{self.host} pid {self.pid} since {self.since} (lock ID {self.id})"
 
 
 _TYPES = {"boot_id": str, "pidns": int, "timens": int, "start_time": int}  # the Linux fields of a Holder

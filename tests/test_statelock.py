@@ -642,3 +642,11 @@ def test_a_root_where_the_lock_cannot_be_written_is_named_not_a_temp_file(tmp_pa
     assert caught.value.summary == f"cannot take the state lock of {tmp_path}: Read-only file system"
     assert "must be writable by this user" in caught.value.hint and ".tmp" not in str(caught.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_holder_is_described_as_the_batch_not_its_long_gone_submitter():
+    holder = statelock.Holder("ab12cd34ef56", "lab", "login1", 4242, "2026-11-27T09:00:00Z", "apply --executor slurm",
+                              jobs=("49", "50"))
+    assert holder.describe() == ("SLURM batch ab12cd34ef56 (apply --executor slurm by lab@login1 since "
+                                 "2026-11-27T09:00:00Z), SLURM jobs 49, 50")
+    assert "pid" not in holder.describe()
