@@ -494,14 +494,27 @@ def _save_plan(out: Path, doc: str) -> None:
     from reconcile.durable import write_atomic
 
     try:
-        regular = stat_module.S_ISREG(os.stat(out).st_mode)
+        regular = stat_module.S_ISREG(os.stat(out).st_mode) and not _through_a_device(out)
     except FileNotFoundError:
         regular = True  # a new file, or a link to one not made yet
     if regular:
         write_atomic(Path(os.path.realpath(out)), doc)
-    else:
-        with open(out, "w", encoding="utf-8") as fh:
+    else:  # appended: opening /dev/stdout anew would truncate the file the shell opened for `>>`
+        with open(out, "a", encoding="utf-8") as fh:
             fh.write(doc)
+
+
+def _through_a_device(path: Path) -> bool:
+    """Whether `path`, or a link on its way, is in /dev or /proc: /dev/stdout of a shell's `>> log`
+    resolves to the log file, which must be written to, not replaced."""
+    here = os.path.abspath(path)
+    for _ in range(40):
+        if here.startswith(("/dev/", "/proc/")):
+            return True
+        if not os.path.islink(here):
+            return False
+        here = os.path.join(os.path.dirname(here), os.readlink(here))
+    return True  # a loop of links: write through and let the OS say what it thinks
 
 
 def _one_study(cfg: Config, root: Path, selection: Selection, needs: str, *,

@@ -565,3 +565,22 @@ def test_check_of_a_root_whose_lock_was_lost_fails(cli, emulator, tmp_path):
     code, out, err = cli("check", str(root))
     assert code == 1 and f"error: no lock at {root / '.xnat2bids.lock'}" in err
     assert "hint: its history tells of exports: restore the lock (from git or a backup)" in err
+
+
+def test_plan_out_dev_stdout_appends_to_a_log_the_shell_opened(emulator, tmp_path):
+    # `plan --out /dev/stdout >> cron.log`: /dev/stdout resolves to the log file, which is written
+    # to (appended), never replaced by a new file.
+    import subprocess
+    import sys
+
+    add_sessions(emulator.archive, 1)
+    log = tmp_path / "cron.log"
+    log.write_text("earlier line\n")
+    env = {**os.environ, "XNAT_HOST": emulator.url, "XNAT_USER": emulator.user, "XNAT_PASS": emulator.password}
+    with open(log, "a") as out:
+        done = subprocess.run([sys.executable, "-m", "reconcile", "plan", str(tmp_path / "bids"), "-p", "PROJ",
+                               "--out", "/dev/stdout"], stdout=out, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = log.read_text()
+    assert text.startswith("earlier line\n") and '"format_version": 3' in text and "Saved plan to /dev/stdout" in text
