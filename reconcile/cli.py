@@ -1014,7 +1014,10 @@ def _wait_for_batch(batch) -> int:
     progress()
     done = sx.read_finalized(batch)
     if done is None:
-        state = sx.job_state(batch.finalize_job)
+        try:
+            state = sx.job_state(batch.finalize_job)
+        except XnatBidsError:  # SLURM could not be asked: the way out is the same
+            state = None
         echo(f"error: the finalize job {batch.finalize_job} ended ({state.state if state else 'state unknown'}) "
              f"without merging the results; see {batch.finalize_output}", err=True)
         echo(f"hint: run `xnat2bids finalize {batch.root}` to merge them", err=True)
@@ -1081,7 +1084,8 @@ def _dataset_status(root: Path, *, as_json: bool) -> int:
     b = st.batch
     echo(f"Batch {b.id} of {root}, submitted {b.created_at} by {b.user}@{b.host}")
     echo(f"  array job {b.array_job} ({_count(len(b.sessions), 'task')}, at most {min(b.max_parallel, len(b.sessions))} at once), "
-         f"finalize job {b.finalize_job}: {st.finalize.describe() if st.finalize else 'no longer known to SLURM'}")
+         f"finalize job {b.finalize_job}: "
+         f"{st.finalize.describe() if st.finalize else st.unasked or 'no longer known to SLURM'}")
     if st.finalized is not None:
         s = st.finalized["summary"]
         echo(f"  finalized {st.finalized['finished_at']}: {s.get('done', 0)} done, {s.get('failed', 0)} failed, "
@@ -1172,11 +1176,14 @@ def _finalize_dataset(root: Path, batch_id: str | None) -> int:
             statelock.release(root, holder)  # finalize died between its last write and the release
         echo(f"Batch {batch.id} was already finalized at {done['finished_at']}.")
         return EXIT_OK if done["ok"] else EXIT_ERROR
-    sx.check_batch_idle(batch, own_job=os.environ.get("SLURM_JOB_ID"))  # before saying it starts
+    # This is the batch's finalize job only when SLURM says so: an interactive allocation (srun --pty,
+    # salloc) has a SLURM_JOB_ID of its own.
+    own_job = os.environ.get("SLURM_JOB_ID") if os.environ.get("SLURM_JOB_ID") == batch.finalize_job else None
+    sx.check_batch_idle(batch, own_job=own_job)  # before saying it starts
     echo(f"Finalizing batch {batch.id} of {root} ({_count(len(batch.sessions), 'session')})")
     reporter = Reporter(len(batch.sessions))
     try:
-        result = sx.finalize_batch(batch, own_job=os.environ.get("SLURM_JOB_ID"), on_event=reporter, warn=warn)
+        result = sx.finalize_batch(batch, own_job=own_job, on_event=reporter, warn=warn)
     finally:
         reporter.close()
     for err in result.validation.errors if result.validation else ():
@@ -1273,10 +1280,13 @@ def force_unlock(
     root = cfg.resolve_bids_root(bids_root)
     if not one_dataset(cfg, root):
         root = _locked_study(root, lock_id)
-    _refuse_if_batch_running(root, lock_id)
+    unasked = _refuse_if_batch_running(root, lock_id)
     holder = statelock.force_unlock(root, lock_id)
     echo(f"Removed the state lock of {root} held by {holder.describe()}")
-    if holder.jobs:
+    if holder.jobs and unasked:  # its jobs may still run elsewhere: their credentials stay
+        echo(f"warning: the credentials of SLURM batch {holder.id}'s jobs are left as they are; "
+             f"`xnat2bids finalize --batch {holder.id} {root}` on the cluster merges the batch and revokes them", err=True)
+    elif holder.jobs:
         _end_batch_credentials(root, holder.id)
 
 
@@ -1296,31 +1306,39 @@ def _end_batch_credentials(root: Path, batch_id: str) -> None:
         batch.credentials_path.unlink(missing_ok=True)
     echo(f"Its staged sessions are merged only by `xnat2bids finalize --batch {batch.id} {root}`.")
 
-def _refuse_if_batch_running(root: Path, lock_id: str) -> None:
+def _refuse_if_batch_running(root: Path, lock_id: str) -> bool:
     """A SLURM batch's lock is not removed while its jobs are queued or running: its tasks would
-    share the work area with the next apply, and its finalize job would commit afterwards."""
+    share the work area with the next apply, and its finalize job would commit afterwards. Nor
+    while SLURM cannot be asked. True when there is no SLURM here to ask (squeue not on PATH)."""
     from reconcile import statelock
 
     try:
         holder = statelock.read_holder(root)
     except XnatBidsError:  # unreadable: force_unlock words it
-        return
+        return False
     if holder is None or holder.id != lock_id or not holder.jobs:
-        return
+        return False
+    import shutil
+
+    if shutil.which("squeue") is None:
+        echo(f"warning: no SLURM here to ask whether jobs {', '.join(holder.jobs)} still run; removing the lock "
+             "as asked", err=True)
+        return True
     from reconcile.executors.slurm import active_jobs
 
     try:
         active = active_jobs(holder.jobs)
-    except (XnatBidsError, OSError) as exc:  # no squeue here: nothing to tell by
-        echo(f"warning: could not ask SLURM whether jobs {', '.join(holder.jobs)} still run "
-             f"({getattr(exc, 'summary', None) or exc}); removing the lock as asked", err=True)
-        return
+    except (XnatBidsError, OSError) as exc:
+        raise LockHeldError(f"SLURM could not be asked whether the jobs of batch {lock_id} still run "
+                            f"({getattr(exc, 'summary', None) or exc})",
+                            hint="run force-unlock again when the SLURM controller answers") from exc
     if active:
         listed = ", ".join(f"{j} ({'/'.join(sorted(set(s)))})" for j, s in sorted(active.items()))
         raise LockHeldError(f"the state lock of {root} is held by SLURM batch {lock_id}, whose jobs are still queued "
                             f"or running: {listed}",
                             hint=f"let them finish, or stop them with `scancel {' '.join(holder.jobs)}` and then "
                                  f"merge what finished with `xnat2bids finalize {root}` (or force-unlock it)")
+    return False
 
 
 def _locked_study(root: Path, lock_id: str) -> Path:

@@ -250,7 +250,8 @@ def test_cancelled_finalize_is_merged_by_the_next_apply(slurm_cli, emulator, tmp
 
 
 @needs_cluster
-def test_a_finalize_job_whose_batch_lost_the_root_does_not_merge_on_its_own(slurm_cli, emulator, tmp_path):
+def test_a_finalize_job_whose_batch_lost_the_root_does_not_merge_on_its_own(slurm_cli, emulator, tmp_path,
+                                                                           monkeypatch):
     # The state lock removed under a queued batch (by hand, or by an older force-unlock): what
     # happened to the root since is unknown to its plan; only `finalize --batch` merges it.
     exps = add(emulator.archive, sessions(2))
@@ -259,9 +260,38 @@ def test_a_finalize_job_whose_batch_lost_the_root_does_not_merge_on_its_own(slur
     statelock.state_lock_path(root).unlink()
     wait_gone(*batch.jobs)
     assert sx.read_finalized(batch) is None and read_lock(root) is None
+    assert not batch.credentials_path.exists()  # the jobs are over: their token went with the refusal
+    # From an interactive allocation (srun --pty bash, salloc): a SLURM_JOB_ID, not the finalize job's.
+    monkeypatch.setenv("SLURM_JOB_ID", "777777")
     code, out, err = slurm_cli("finalize", "--batch", batch.id, str(root))
     assert code == 0, out + err
     assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
+
+
+def _unreachable_controller(tmp_path: Path, monkeypatch, *tools: str) -> None:
+    """SLURM's commands answering as they do while slurmctld is down."""
+    fake = tmp_path / "slurm-down"
+    fake.mkdir()
+    for tool in tools:
+        (fake / tool).write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller "
+                                 "(connect failure)' >&2\nexit 1\n")
+        (fake / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+
+
+@needs_cluster
+def test_status_and_force_unlock_while_the_controller_cannot_be_asked(slurm_cli, emulator, tmp_path, monkeypatch):
+    add(emulator.archive, sessions(1))
+    root = tmp_path / "bids"
+    batch = submit(slurm_cli, root)
+    with monkeypatch.context() as down:
+        _unreachable_controller(tmp_path, down, "squeue", "scontrol")
+        code, out, err = slurm_cli("status", str(root))  # what the batch folder tells, and that SLURM did not answer
+        assert code == 0 and f"Batch {batch.id}" in out and "scontrol could not be asked" in out, out + err
+        code, out, err = slurm_cli("force-unlock", batch.id, str(root))  # the jobs may well run
+        assert code == 1 and "SLURM could not be asked whether the jobs" in err
+        assert statelock.read_holder(root).id == batch.id and batch.credentials_path.exists()
+    wait_gone(*batch.jobs)
 
 
 @needs_cluster

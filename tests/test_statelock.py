@@ -650,3 +650,15 @@ def test_a_batch_holder_is_described_as_the_batch_not_its_long_gone_submitter():
     assert holder.describe() == ("SLURM batch ab12cd34ef56 (apply --executor slurm by lab@login1 since "
                                  "2026-11-27T09:00:00Z), SLURM jobs 49, 50")
     assert "pid" not in holder.describe()
+
+
+def test_force_unlock_refuses_a_finalizer_still_running_here(tmp_path):
+    # A finalize that claimed a batch's lock keeps the batch's job IDs; it is judged by its process.
+    holder = statelock.record_jobs(tmp_path, statelock.acquire(tmp_path, "apply --executor slurm"), ("999991", "999992"))
+    claimed = statelock.claim(tmp_path, holder.id, statelock.FINALIZE)
+    try:
+        with pytest.raises(LockHeldError, match="held by a process that is still running"):
+            statelock.force_unlock(tmp_path, holder.id)
+        assert statelock.read_holder(tmp_path).id == holder.id
+    finally:
+        statelock.release(tmp_path, claimed)

@@ -867,7 +867,10 @@ def finalize_batch(
     holder = statelock.read_holder(root)
     if holder is None and own_job:
         # The batch no longer holds the root (force-unlocked): what happened there since is not
-        # known to its plan; it is merged only when someone asks for it.
+        # known to its plan; it is merged only when someone asks for it. Its jobs are over: the
+        # credentials issued for them go now.
+        revoke_job_token(batch, warn=warn)
+        batch.credentials_path.unlink(missing_ok=True)
         raise LockHeldError(f"SLURM batch {batch.id} no longer holds {root} (force-unlocked?); its finalize job "
                             "does not merge it on its own",
                             hint=f"merge it with `xnat2bids finalize --batch {batch.id} {root}` once nothing else runs there")
@@ -1144,6 +1147,7 @@ class BatchStatus:
     finalize: JobState | None
     finalized: dict[str, Any] | None
     holds_lock: bool
+    unasked: str = ""  # why SLURM could not be asked (its controller down), when it could not
 
     def to_dict(self) -> dict[str, Any]:
         b = self.batch
@@ -1177,8 +1181,14 @@ def no_batch_status(root: Path) -> dict[str, Any]:
 
 
 def batch_status(batch: Batch, *, query: bool = True) -> BatchStatus:
-    """Per-session state from the result records, else from scontrol (when `query`)."""
-    tasks = array_task_states(batch.array_job) if query and batch.array_job else {}
+    """Per-session state from the result records, else from scontrol (when `query`). SLURM that
+    cannot be asked (its controller down) leaves what the batch folder tells."""
+    asked = ""
+    try:
+        tasks = array_task_states(batch.array_job) if query and batch.array_job else {}
+        fin = job_state(batch.finalize_job) if query and batch.finalize_job else None
+    except SlurmError as exc:
+        tasks, fin, asked = {}, None, exc.summary
     rows = []
     for entry in batch.sessions:
         result = read_result(batch, entry.index)
@@ -1190,7 +1200,8 @@ def batch_status(batch: Batch, *, query: bool = True) -> BatchStatus:
         if task is not None:
             rows.append(SessionState(entry, task.state.lower(), task.describe(), str(batch.task_output(entry.index))))
         else:
-            rows.append(SessionState(entry, "unknown", "no result record and SLURM no longer knows the task"))
-    fin = job_state(batch.finalize_job) if query and batch.finalize_job else None
+            why = f"no result record, and {asked}" if asked else "no result record and SLURM no longer knows the task"
+            rows.append(SessionState(entry, "unknown", why))
     holder = statelock.read_holder(batch.root)
-    return BatchStatus(batch, tuple(rows), fin, read_finalized(batch), holder is not None and holder.id == batch.id)
+    return BatchStatus(batch, tuple(rows), fin, read_finalized(batch), holder is not None and holder.id == batch.id,
+                       asked)
