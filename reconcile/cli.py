@@ -1090,7 +1090,8 @@ def _dataset_status(root: Path, *, as_json: bool) -> int:
         s = st.finalized["summary"]
         echo(f"  finalized {st.finalized['finished_at']}: {s.get('done', 0)} done, {s.get('failed', 0)} failed, "
              f"{s.get('skipped', 0)} skipped; lock serial {st.finalized['lock_serial']}")
-    elif st.holds_lock and st.finalize is not None and not st.finalize.active:  # its finalize job is over
+    elif st.holds_lock and not st.unasked and shutil.which("scontrol") and (st.finalize is None or not st.finalize.active):
+        # its finalize job is over (or so long over that SLURM forgot it)
         echo(f"  not finalized, and its finalize job is over; the batch holds the state lock: merge it with "
              f"`xnat2bids finalize {root}`")
     elif st.holds_lock:

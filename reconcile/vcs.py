@@ -189,8 +189,9 @@ def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:
     if not present:
         return None
     if (root / ".datalad").is_dir():
-        # datalad takes its paths on the command line only: many are saved in parts, one commit each.
-        parts = _chunks(present)
+        # datalad takes its paths on the command line only: many are saved in parts, one commit each,
+        # the lock and the history in the last, so that no commit records a folder it lacks.
+        parts = _chunks(sorted(present, key=lambda path: (path in DATASET_FILES, path)))
         for n, part in enumerate(parts, 1):
             said = message if len(parts) == 1 else f"{message}\n\n(part {n} of {len(parts)})"
             try:

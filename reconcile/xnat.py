@@ -248,9 +248,9 @@ RECEIVE_WAIT = 0.2
 
 
 def _receive_once(resp: http.client.HTTPResponse, buffer: memoryview | bytearray) -> int:
-    """`resp.readinto(buffer)`, but returning what came within RECEIVE_WAIT of the first bytes:
-    readinto waits until the buffer is full, so a server trickling a byte a second would hold a
-    download, and the Ctrl-C it checks for between reads, for days. At full speed the buffer
+    """`resp.readinto(buffer)`, but returning once RECEIVE_WAIT has passed since the first bytes
+    (at the next bytes after it): readinto waits until the buffer is full, so a server trickling a
+    byte a second would hold a download, and the Ctrl-C it checks for between reads, for days. At full speed the buffer
     still fills (over TLS one socket read brings 16 KiB at most). A body of unknown length
     (chunked) is read as before."""
     if resp.chunked or resp.length is None or resp.fp is None:
