@@ -35,6 +35,7 @@ from reconcile.errors import (
     LockHeldError,
     NotFoundError,
     PlanError,
+    SlurmError,
     StalePlanError,
     UnsafePathError,
     XnatBidsError,
@@ -942,8 +943,12 @@ def run_slurm_apply(
         )
         token_file = batch.credentials_path if kind == "alias-token" else None
         array, finalize_job = sx.build_jobs(batch, settings, token_file=token_file)
-        if not dry_run:
+        try:
             sx.check_array_size(batch)
+        except SlurmError as exc:
+            if not dry_run:
+                raise
+            echo(f"# warning: {exc.summary}; a real submission is refused ({exc.hint})")
         if dry_run:
             echo(f"\n# Dry run: {len(todo)} session(s) would be submitted as batch {batch.id}; nothing was written.")
             for job in (array, finalize_job):
