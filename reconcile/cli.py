@@ -185,6 +185,8 @@ def run_plan(
     # Only when asked for: the JSON of 10,000 changes costs ~0.35 s and 50 MB.
     doc = render_json(plan, bids_root=str(root), config_fingerprint=config.fingerprint(), xnat_url=client.url,
                       created_at=created) if out is not None or as_json else ""
+    if out is not None and _is_stdout(out):  # `--out /dev/stdout`: the document alone, as --json gives it
+        out, as_json = None, True
     if out is not None:
         _save_plan(out, doc)
     if as_json:
@@ -503,6 +505,15 @@ def _save_plan(out: Path, doc: str) -> None:
     else:  # appended: opening /dev/stdout anew would truncate the file the shell opened for `>>`
         with open(out, "a", encoding="utf-8") as fh:
             fh.write(doc)
+
+
+def _is_stdout(path: Path) -> bool:
+    """Whether `path` is what this process's standard output writes to (/dev/stdout, /dev/fd/1, the
+    file or pipe a shell redirected it to): the plan text would otherwise mix with the document."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):  # no such path yet; a stdout without a descriptor
+        return False
 
 
 def _through_a_device(path: Path) -> bool:

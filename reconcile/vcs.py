@@ -106,10 +106,12 @@ def commit_apply(root: Path, title: str, report: ApplyReport) -> str | None:
         ids.add(change.key.experiment_id)
         carried.update([change.address] + ([change.before.address] if change.before is not None else []))
     pairs = _recorded_since_last_commit(root)
-    if pairs is None:  # HEAD has no lock this one can be compared with: every session folder
+    if not isinstance(pairs, list):  # HEAD has no lock this one can be compared with: every session folder
         current = read_lock(root)
         addresses = {rec.address for rec in current.sessions.values()} if current is not None else set()
-        earlier = ["(the lock was not compared with the last commit's: every session folder is included)"]
+        # None: no lock committed yet (a first export), nothing to say; else the committed one is unreadable.
+        earlier = [] if pairs is None else [
+            "(the last commit's lock could not be read: every session folder is included)"]
     else:
         pairs = [(old, new) for old, new in pairs if (new or old).experiment_id not in ids]  # type: ignore[union-attr]
         addresses = {rec.address for pair in pairs for rec in pair if rec is not None}
@@ -129,16 +131,17 @@ def _told(old: SessionRecord | None, new: SessionRecord | None) -> str:
     return f"recorded by an earlier run: {moved}{new.address.path} ({new.experiment_id})"
 
 
-def _recorded_since_last_commit(root: Path) -> list[tuple[SessionRecord | None, SessionRecord | None]] | None:
+def _recorded_since_last_commit(root: Path) -> list[tuple[SessionRecord | None, SessionRecord | None]] | str | None:
     """(record in HEAD's lock, record now) of each session recorded otherwise than in the last
-    commit; None when HEAD has no lock to compare with (none, or one that does not validate)."""
+    commit; None when HEAD has no lock (a first export), what is wrong when HEAD's lock cannot be
+    compared (one that does not validate)."""
     shown = _git(root, "show", f"HEAD:./{LOCK_NAME}", text=False)
     if shown.returncode != 0:
         return None
     try:
         return differing_sessions(root, shown.stdout, f"HEAD:{LOCK_NAME}")
-    except XnatBidsError:  # a lock committed by hand that does not validate, or of a newer format
-        return None
+    except XnatBidsError as exc:  # a lock committed by hand that does not validate, or of a newer format
+        return exc.summary
 
 
 def apply_message(title: str, report: ApplyReport, earlier: Sequence[str] = ()) -> str:

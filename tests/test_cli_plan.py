@@ -583,4 +583,14 @@ def test_plan_out_dev_stdout_appends_to_a_log_the_shell_opened(emulator, tmp_pat
                               cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     text = log.read_text()
-    assert text.startswith("earlier line\n") and '"format_version": 3' in text and "Saved plan to /dev/stdout" in text
+    assert text.startswith("earlier line\n")
+    assert json.loads(text.removeprefix("earlier line\n"))["format_version"] == 3  # the document alone, as --json
+    # `>` and a pipe: the document alone too, never mixed with the plan's text.
+    for how in ("file", "pipe"):
+        with open(log, "w") as out:
+            done = subprocess.run([sys.executable, "-m", "reconcile", "plan", str(tmp_path / "bids"), "-p", "PROJ",
+                                   "--out", "/dev/stdout"], stdout=out if how == "file" else subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, timeout=120)
+        assert done.returncode == 0, done.stderr
+        got = log.read_text() if how == "file" else done.stdout
+        assert json.loads(got)["changes"][0]["action"] == "create", how

@@ -96,3 +96,27 @@ def test_an_older_xnat2bids_gitignore_gains_the_lines_it_lacks(tmp_path: Path) -
     (root / ".xnat2bids/.gitignore").write_text(mine)
     vcs.commit_paths(root, "again", ["sub-01"])
     assert (root / ".xnat2bids/.gitignore").read_text() == mine
+
+
+def test_the_first_export_is_committed_without_a_note_and_an_unreadable_committed_lock_with_one(tmp_path: Path) -> None:
+    from test_lock import record
+
+    from reconcile.apply import ApplyReport
+    from reconcile.lock import Lock, write_lock
+
+    root = tmp_path / "bids"
+    root.mkdir()
+    git(root, "init", "-q")
+    git(root, "config", "user.email", "t@example.org")
+    git(root, "config", "user.name", "t")
+    git(root, "commit", "-q", "--allow-empty", "-m", "init")
+    write_lock(root, Lock.new().with_session(record(1)))
+    vcs.commit_apply(root, "xnat2bids apply", ApplyReport())  # no lock in HEAD yet: a first export
+    assert git(root, "log", "-1", "--format=%B").strip() == "xnat2bids apply: 0 session(s) exported"
+    (root / ".xnat2bids.lock").write_text("not = [a lock\n")
+    git(root, "commit", "-q", "-am", "a hand edit")
+    (root / ".xnat2bids.lock").unlink()  # (write_lock refuses to overwrite a lock it cannot read)
+    write_lock(root, Lock.new().with_session(record(1)))
+    vcs.commit_apply(root, "xnat2bids apply", ApplyReport())
+    assert "(the last commit's lock could not be read: every session folder is included)" in git(
+        root, "log", "-1", "--format=%B")
