@@ -220,8 +220,25 @@ def make_plan(
         idle = _staged_for_nothing(root, plan)
         if idle:
             plan = replace(plan, notes=(*plan.notes, idle))
+        lost = _lost_lock(root, lock)
+        if lost:
+            plan = replace(plan, notes=(lost, *plan.notes))
         _promote_survivors()
     return PlanRun(root, lock, plan)
+
+
+def _lost_lock(root: Path, lock: Lock) -> str | None:
+    """A note when the root has no lock but its history tells of commits: the folders plan then
+    finds in the way are the lock's, not foreign ones to move out."""
+    if lock.serial != 0 or lock.sessions or (root / ".xnat2bids.lock").exists():
+        return None
+    from reconcile.apply import last_history_entry
+
+    last = last_history_entry(root) if (root / ".xnat2bids").is_dir() else None
+    if last is None or last["lock_serial"]["after"] <= 0:
+        return None
+    return (f"{root} has no .xnat2bids.lock, but its history tells of exports (up to lock serial "
+            f"{last['lock_serial']['after']}): restore the lock (from git or a backup) before applying")
 
 
 def _staged_for_nothing(root: Path, plan: Plan) -> str | None:

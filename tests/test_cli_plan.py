@@ -565,6 +565,9 @@ def test_check_of_a_root_whose_lock_was_lost_fails(cli, emulator, tmp_path):
     code, out, err = cli("check", str(root))
     assert code == 1 and f"error: no lock at {root / '.xnat2bids.lock'}" in err
     assert "hint: its history tells of exports: restore the lock (from git or a backup)" in err
+    code, out, err = cli("plan", str(root), "-p", "PROJ")  # plan says the same, not only "move the folder out"
+    assert f"note: {root} has no .xnat2bids.lock, but its history tells of exports (up to lock serial 1): " \
+           "restore the lock (from git or a backup) before applying" in out, out + err
 
 
 def test_plan_out_dev_stdout_appends_to_a_log_the_shell_opened(emulator, tmp_path):

@@ -1198,7 +1198,8 @@ def batch_status(batch: Batch, *, query: bool = True) -> BatchStatus:
             continue
         task = tasks.get(entry.index)
         if task is not None:
-            rows.append(SessionState(entry, task.state.lower(), task.describe(), str(batch.task_output(entry.index))))
+            log = batch.task_output(entry.index)  # none for a task cancelled before it ran
+            rows.append(SessionState(entry, task.state.lower(), task.describe(), str(log) if log.exists() else None))
         else:
             why = f"no result record, and {asked}" if asked else "no result record and SLURM no longer knows the task"
             rows.append(SessionState(entry, "unknown", why))
