@@ -14,15 +14,21 @@ def git(root: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
 
 
+def repository(tmp_path: Path) -> Path:
+    """An empty git repository with an identity, at tmp_path/bids."""
+    root = tmp_path / "bids"
+    root.mkdir(parents=True, exist_ok=True)
+    git(root, "init", "-q")
+    git(root, "config", "user.email", "t@example.org")
+    git(root, "config", "user.name", "t")
+    return root
+
+
 @pytest.mark.parametrize("on_command_line", [2000, 2], ids=["command-line", "standard-input"])
 def test_commit_paths_takes_in_those_paths_alone_however_many(tmp_path: Path, monkeypatch, on_command_line: int) -> None:
     # More session folders than a command line holds go to git on its standard input.
     monkeypatch.setattr(vcs, "PATHSPECS_ON_COMMAND_LINE", on_command_line)
-    root = tmp_path / "bids"
-    root.mkdir()
-    git(root, "init", "-q")
-    git(root, "config", "user.email", "t@example.org")
-    git(root, "config", "user.name", "t")
+    root = repository(tmp_path)
     folders = [f"sub-{n:02d}" for n in range(7)]
     for folder in folders:
         (root / folder / "ses-1").mkdir(parents=True)
@@ -48,11 +54,7 @@ def test_commit_paths_takes_in_those_paths_alone_however_many(tmp_path: Path, mo
 
 def test_a_commit_message_longer_than_one_argument_holds_is_committed(tmp_path: Path) -> None:
     # Linux takes at most 128 KiB in one argument: the message goes in a file.
-    root = tmp_path / "bids"
-    root.mkdir()
-    git(root, "init", "-q")
-    git(root, "config", "user.email", "t@example.org")
-    git(root, "config", "user.name", "t")
+    root = repository(tmp_path)
     (root / "sub-01").mkdir()
     (root / "sub-01/a.json").write_text("{}")
     message = "title\n\n" + "\n".join(f"create sub-{n:05d}/ses-01 (PROJ/XNAT_E{n:05d}): done" for n in range(4000))
@@ -81,11 +83,8 @@ def test_the_message_names_each_session_an_earlier_run_recorded_once_and_lists_a
 
 
 def test_an_older_xnat2bids_gitignore_gains_the_lines_it_lacks(tmp_path: Path) -> None:
-    root = tmp_path / "bids"
-    (root / ".xnat2bids").mkdir(parents=True)
-    git(root, "init", "-q")
-    git(root, "config", "user.email", "t@example.org")
-    git(root, "config", "user.name", "t")
+    root = repository(tmp_path)
+    (root / ".xnat2bids").mkdir()
     old = vcs.GITIGNORE.replace("/tmp/\n", "")
     (root / ".xnat2bids/.gitignore").write_text(old)
     (root / "sub-01").mkdir()
@@ -104,11 +103,7 @@ def test_the_first_export_is_committed_without_a_note_and_an_unreadable_committe
     from reconcile.apply import ApplyReport
     from reconcile.lock import Lock, write_lock
 
-    root = tmp_path / "bids"
-    root.mkdir()
-    git(root, "init", "-q")
-    git(root, "config", "user.email", "t@example.org")
-    git(root, "config", "user.name", "t")
+    root = repository(tmp_path)
     git(root, "commit", "-q", "--allow-empty", "-m", "init")
     write_lock(root, Lock.new().with_session(record(1)))
     vcs.commit_apply(root, "xnat2bids apply", ApplyReport())  # no lock in HEAD yet: a first export
