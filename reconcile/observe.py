@@ -234,7 +234,10 @@ def _lost_lock(root: Path, lock: Lock) -> str | None:
         return None
     from reconcile.apply import last_history_entry
 
-    last = last_history_entry(root) if (root / ".xnat2bids").is_dir() else None
+    try:
+        last = last_history_entry(root) if (root / ".xnat2bids").is_dir() else None
+    except OSError:  # an unreadable history: apply says so where it appends
+        return None
     if last is None or last["lock_serial"]["after"] <= 0:
         return None
     return (f"{root} has no .xnat2bids.lock, but its history tells of exports (up to lock serial "
