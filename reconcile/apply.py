@@ -1067,6 +1067,15 @@ def told_of(entries: Iterable[dict]) -> dict[str, str]:
     return told
 
 
+def history_serial(root: Path) -> int:
+    """The lock serial the history's last entry ends at; 0 without a history (or `.xnat2bids`).
+    OSError when the history cannot be read."""
+    if not (root / WORK_DIR).is_dir():
+        return 0
+    last = last_history_entry(root)
+    return last["lock_serial"]["after"] if last is not None else 0
+
+
 def last_history_entry(root: Path) -> dict | None:
     """The history's last complete entry, read from the end of the file (an entry of a large
     apply is megabytes; the history holds many)."""

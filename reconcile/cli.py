@@ -1519,18 +1519,18 @@ def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
     _say_if_busy(root)
     lock = read_lock(root)
     if lock is None:
-        from reconcile.apply import last_history_entry
+        from reconcile.apply import history_serial
 
         # A first apply stopped or failed before its first commit (a work area, no history of a
         # commit): nothing recorded, nothing amiss. A history of commits without its lock is a lost lock.
         if not (root / ".xnat2bids").is_dir():
             raise ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")
         try:
-            last = last_history_entry(root)
+            serial = history_serial(root)
         except OSError as exc:  # a history that cannot be read tells nothing either way
             raise ConfigError(f"no lock at {lock_path(root)}, and its history cannot be read: {exc.strerror or exc}",
                               hint="restore the lock (from git or a backup) if this root was exported to") from exc
-        if last is not None and last["lock_serial"]["after"] > 0:  # something was recorded once
+        if serial > 0:  # something was recorded once
             raise ConfigError(f"no lock at {lock_path(root)}",
                               hint="its history tells of exports: restore the lock (from git or a backup)")
         from reconcile.lock import Lock

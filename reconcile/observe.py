@@ -232,16 +232,16 @@ def _lost_lock(root: Path, lock: Lock) -> str | None:
     finds in the way are the lock's, not foreign ones to move out."""
     if lock.serial != 0 or lock.sessions or (root / ".xnat2bids.lock").exists():
         return None
-    from reconcile.apply import last_history_entry
+    from reconcile.apply import history_serial
 
     try:
-        last = last_history_entry(root) if (root / ".xnat2bids").is_dir() else None
+        serial = history_serial(root)
     except OSError:  # an unreadable history: apply says so where it appends
         return None
-    if last is None or last["lock_serial"]["after"] <= 0:
+    if serial <= 0:
         return None
-    return (f"{root} has no .xnat2bids.lock, but its history tells of exports (up to lock serial "
-            f"{last['lock_serial']['after']}): restore the lock (from git or a backup) before applying")
+    return (f"{root} has no .xnat2bids.lock, but its history tells of exports (up to lock serial {serial}): "
+            "restore the lock (from git or a backup) before applying")
 
 
 def _staged_for_nothing(root: Path, plan: Plan) -> str | None:
