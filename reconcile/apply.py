@@ -499,7 +499,7 @@ def commit_session(
                             f"not record) were set aside in {kept.relative_to(root)}")
             warnings.extend(events_notes)
     if keep_dicom:
-        dicom = root / "sourcedata" / f"sub-{address.subject}" / f"ses-{address.session}" / "dicom"
+        dicom = kept_dicom_dir(root, address)
         if dicom.is_dir() and not dicom.is_symlink() and _dicom_owner(dicom) == exp.id:
             # Before the journal: a file that cannot be moved aside fails this session, nothing moved.
             _set_aside_extra_dicom(root, dicom, staged.dicom_dir, kept,
@@ -546,7 +546,7 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
     # The same XNAT subject under a new label: its participants.tsv row goes with it.
     renamed = previous.bids_subject if left_subject and previous.subject_id == record.subject_id != "" else None
     if journal["dicom"] and (root / journal["dicom"]).is_dir():
-        dest = root / "sourcedata" / f"sub-{record.bids_subject}" / f"ses-{record.bids_session}" / "dicom"
+        dest = kept_dicom_dir(root, record.address)
         linked = dest.is_symlink()
         if linked or (dest.exists() and _dicom_owner(dest) != exp_id):
             # A link (moved to other storage and linked back: what it points to is never walked
@@ -591,6 +591,11 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
         hit("commit-lock-written")
     _clean_up(area, exp_id)
     return lock
+
+
+def kept_dicom_dir(root: Path, address: BidsAddress) -> Path:
+    """Where `--keep-dicom` keeps a session's DICOM."""
+    return root / "sourcedata" / f"sub-{address.subject}" / f"ses-{address.session}" / "dicom"
 
 
 def _set_aside_extra_dicom(root: Path, old: Path, new: Path, kept: Path, warn: Callable[[str], None]) -> None:
