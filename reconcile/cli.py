@@ -1341,7 +1341,7 @@ def _refuse_if_batch_running(root: Path, lock_id: str) -> bool:
         echo(f"warning: no SLURM here to ask whether jobs {', '.join(holder.jobs)} still run; removing the lock "
              "as asked", err=True)
         return True
-    from reconcile.executors.slurm import active_jobs
+    from reconcile.executors.slurm import active_jobs, listed_jobs
 
     try:
         active = active_jobs(holder.jobs)
@@ -1350,7 +1350,7 @@ def _refuse_if_batch_running(root: Path, lock_id: str) -> bool:
                             f"({getattr(exc, 'summary', None) or exc})",
                             hint="run force-unlock again when the SLURM controller answers") from exc
     if active:
-        listed = ", ".join(f"{j} ({'/'.join(sorted(set(s)))})" for j, s in sorted(active.items()))
+        listed = listed_jobs(active)
         raise LockHeldError(f"the state lock of {root} is held by SLURM batch {lock_id}, whose jobs are still queued "
                             f"or running: {listed}",
                             hint=f"let them finish, or stop them with `scancel {' '.join(holder.jobs)}` and then "

@@ -599,12 +599,17 @@ def job_state(job_id: str) -> JobState | None:
     return JobState(job_id, rec.get("JobState", "UNKNOWN"), rec.get("Reason", ""), rec.get("ExitCode", ""))
 
 
+def listed_jobs(active: Mapping[str, list[str]]) -> str:
+    """`active_jobs`' answer for a message: '49 (RUNNING), 50 (PENDING)'."""
+    return ", ".join(f"{j} ({'/'.join(sorted(set(s)))})" for j, s in sorted(active.items()))
+
+
 def check_batch_idle(batch: Batch, *, own_job: str | None = None) -> None:
     """Refuse while any job of the batch (but the caller's own) is queued or running."""
     others = [j for j in batch.jobs if j != own_job]
     active = active_jobs(others)
     if active:
-        listed = ", ".join(f"{j} ({'/'.join(sorted(set(s)))})" for j, s in sorted(active.items()))
+        listed = listed_jobs(active)
         raise LockHeldError(
             f"SLURM batch {batch.id} of {batch.root} is still queued or running: jobs {listed}",
             hint=f"follow it with `xnat2bids status {batch.root}`; to stop it: scancel {' '.join(batch.jobs)}",
