@@ -366,7 +366,8 @@ def _natural(text: str) -> tuple[int, int | str]:
     return (0, int(text)) if text.isdigit() else (1, text)
 
 
-def _same_time(a: str | None, b: datetime | None) -> bool:
+def same_time(a: str | None, b: datetime | None) -> bool:
+    """Whether a recorded XNAT timestamp (text) is `b`; a malformed one is not."""
     try:
         return parse_timestamp(a) == b
     except ValueError:
@@ -434,13 +435,13 @@ def _compare(
     if rec.date != exp.date:
         msg = f"date {rec.date or '(none)'} → {exp.date or '(none)'} (re-dated in XNAT)"
         reasons.append(Reason("redated", msg, "date", rec.date, exp.date))
-    if not _same_time(rec.insert_date, exp.insert_date):
+    if not same_time(rec.insert_date, exp.insert_date):
         after = format_timestamp(exp.insert_date)
         msg = f"insert_date {rec.insert_date} → {after} (re-archived in XNAT)"
         reasons.append(Reason("reinserted", msg, "insert_date", rec.insert_date, after))
     # Re-saved and nothing else to say (a re-date moves last_modified too): the deep pass then says
     # whether the content changed.
-    resaved = not reasons and not _same_time(rec.last_modified, exp.last_modified)
+    resaved = not reasons and not same_time(rec.last_modified, exp.last_modified)
     if resaved:
         after = format_timestamp(exp.last_modified)
         reasons.append(Reason("modified", f"modified in XNAT at {after}", "last_modified", rec.last_modified, after))

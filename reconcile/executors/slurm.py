@@ -58,8 +58,8 @@ from reconcile.errors import (
     XnatBidsError,
 )
 from reconcile.localscan import sha256_file
-from reconcile.model import RemoteFile, Scan, SessionRecord, parse_timestamp, utc_now
-from reconcile.plan import Change, Plan
+from reconcile.model import RemoteFile, Scan, SessionRecord, utc_now
+from reconcile.plan import Change, Plan, same_time
 from reconcile.validate import ValidationResult
 
 BATCH_FORMAT_VERSION = 1
@@ -848,11 +848,8 @@ def _as_planned(committed: SessionRecord, change: Change) -> bool:
     after = change.after
     if after is None:
         return True
-    try:
-        return (committed.date == after.date and parse_timestamp(committed.insert_date) == after.insert_date
-                and parse_timestamp(committed.last_modified) == after.last_modified)
-    except ValueError:
-        return False
+    return (committed.date == after.date and same_time(committed.insert_date, after.insert_date)
+            and same_time(committed.last_modified, after.last_modified))
 
 
 def finalize_batch(
