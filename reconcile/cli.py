@@ -627,13 +627,15 @@ def run_apply(
             echo(render_text(repairing(plan) if repair_drift else plan))
             todo = plan.actionable(repair_drift=repair_drift)
             untouched = _left_alone(plan, todo)
+            held = _held_back(plan, todo)
             if not todo:
                 echo(f"Nothing to apply.{untouched}")
                 if git_commit:  # what recovery completed, or a run killed before its commit, is committed still
                     from reconcile.apply import ApplyReport
 
                     _git_commit(root, ApplyReport(), say_none=False)
-                return EXIT_ERROR if plan.problems else EXIT_OK
+                _say_held_back(held)
+                return EXIT_ERROR if plan.problems or held else EXIT_OK
             if not yes:
                 if not stdin_is_terminal():
                     raise ConfigError("apply needs confirmation; without a terminal pass --yes")
@@ -686,7 +688,8 @@ def run_apply(
                 f"{report.count(Status.FAILED)} failed, {report.count(Status.SKIPPED)} skipped; "
                 f"lock serial {report.lock.serial if report.lock else plan.serial}.{untouched}"
             )
-            code = EXIT_OK if report.ok and not plan.problems else EXIT_ERROR
+            code = EXIT_OK if report.ok and not plan.problems and not held else EXIT_ERROR
+            _say_held_back(held)
             if run_validator:
                 from reconcile.validate import validate
 
@@ -775,13 +778,30 @@ def _git_commit(root: Path, report, *, say_none: bool = True) -> None:
         echo(f"git commit {commit}" if commit else "git: nothing to commit")
 
 
+def _held_back(plan: Plan, todo: tuple[Change, ...]) -> tuple[Change, ...]:
+    """The creates and updates from XNAT apply does not carry out: their sessions' files changed
+    on disk, which only --repair-drift replaces."""
+    carried = set(map(id, todo))
+    return tuple(c for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE) and id(c) not in carried)
+
+
+def _say_held_back(held: tuple[Change, ...]) -> None:
+    """On stderr, why apply ends with status 1 although nothing failed: XNAT has changes the
+    dataset did not take, which cron and scripts must hear of."""
+    if held:
+        names = ", ".join(c.address.path for c in held[:3]) + (", …" if len(held) > 3 else "")
+        echo(f"error: {len(held)} change{'s' if len(held) != 1 else ''} from XNAT held back ({names}): files of "
+             f"{'these sessions' if len(held) != 1 else 'this session'} changed on disk; apply --repair-drift "
+             "carries them out, keeping a copy of each changed file", err=True)
+
+
 def _left_alone(plan: Plan, todo: tuple[Change, ...]) -> str:
     """What apply leaves as it is by design (drift and updates over edited outputs unless
     --repair-drift, orphans), for its summary:
     " Left as they are: 1 drifted, 1 update held back, 2 orphaned (see the plan's notes)." or ""."""
     carried = set(map(id, todo))
     left = [c.action for c in plan.changes if id(c) not in carried]
-    held = left.count(Action.UPDATE) + left.count(Action.CREATE)
+    held = len(_held_back(plan, todo))
     stopped = sum(1 for p in plan.problems if p.experiment_id)  # a collision, an unsafe label: sessions left out
     parts = [f"{n} {word}" for n, word in (
         (left.count(Action.DRIFT), "drifted"),
@@ -937,7 +957,9 @@ def run_slurm_apply(
                 from reconcile.apply import ApplyReport
 
                 _git_commit(root, ApplyReport(), say_none=False)
-            return EXIT_ERROR if plan.problems else EXIT_OK
+            held = _held_back(plan, todo)
+            _say_held_back(held)
+            return EXIT_ERROR if plan.problems or held else EXIT_OK
         if not yes and not dry_run:
             if not stdin_is_terminal():
                 raise ConfigError("apply needs confirmation; without a terminal pass --yes")

@@ -39,8 +39,11 @@ def test_an_update_replaces_an_edited_output_only_with_repair_drift_and_keeps_a_
     assert f"changed: {rel} (size " in out
     assert "1 update would replace outputs changed on disk; apply carries it out only with --repair-drift" in out
 
-    code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes")
-    assert code == 0 and "Nothing to apply. Left as they are: 1 update held back (see the plan's notes)." in out
+    # Nothing failed, but XNAT's change did not reach the dataset: status 1, so cron hears of it.
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1 and "Nothing to apply. Left as they are: 1 update held back (see the plan's notes)." in out
+    assert ("error: 1 change from XNAT held back (sub-01/ses-01MR1): files of this session changed on disk; "
+            "apply --repair-drift carries them out") in err
     assert sidecar.read_bytes() == EDITED and read_lock(root).serial == 1
 
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--repair-drift")
