@@ -580,12 +580,8 @@ def run_apply(
 
     if root.exists() and not root.is_dir():
         raise ConfigError(f"BIDS root {root} exists but is not a directory")
-    if any(c.isspace() for c in os.path.abspath(root)):
-        # nipype reads the files dcm2niix wrote from its output split at whitespace: every
-        # session would fail with an assertion deep in heudiconv.
-        raise ConfigError(f"BIDS root {root} has whitespace in its path, where heudiconv cannot convert",
-                          hint="give it by a path without any: a link to it, e.g. `ln -s '/project/My Lab/bids' "
-                               "~/lab-bids`, works")
+    if not (root / ".xnat2bids").is_dir():  # nothing to recover or commit: refused before any work
+        _refuse_whitespace(root)
     if saved is not None:  # a plan for another root must not leave an empty one behind
         from reconcile.apply import check_plan_root
 
@@ -628,6 +624,8 @@ def run_apply(
             todo = plan.actionable(repair_drift=repair_drift)
             untouched = _left_alone(plan, todo)
             held = _held_back(plan, todo)
+            if todo:
+                _refuse_whitespace(root)
             if not todo:
                 echo(f"Nothing to apply.{untouched}")
                 if git_commit:  # what recovery completed, or a run killed before its commit, is committed still
@@ -776,6 +774,16 @@ def _git_commit(root: Path, report, *, say_none: bool = True) -> None:
     commit = commit_apply(root, "xnat2bids apply", report)
     if commit or say_none:
         echo(f"git commit {commit}" if commit else "git: nothing to commit")
+
+
+def _refuse_whitespace(root: Path) -> None:
+    """Before any session is exported: nipype reads the files dcm2niix wrote from its output split
+    at whitespace, so every session would fail with an assertion deep in heudiconv. (Recovery and
+    a commit, which convert nothing, go ahead.)"""
+    if any(c.isspace() for c in os.path.abspath(root)):
+        raise ConfigError(f"BIDS root {root} has whitespace in its path, where heudiconv cannot convert",
+                          hint="give it by a path without any: a link to it, e.g. `ln -s '/project/My Lab/bids' "
+                               "~/lab-bids`, works")
 
 
 def _held_back(plan: Plan, todo: tuple[Change, ...]) -> tuple[Change, ...]:
@@ -960,6 +968,7 @@ def run_slurm_apply(
             held = _held_back(plan, todo)
             _say_held_back(held)
             return EXIT_ERROR if plan.problems or held else EXIT_OK
+        _refuse_whitespace(root)
         if not yes and not dry_run:
             if not stdin_is_terminal():
                 raise ConfigError("apply needs confirmation; without a terminal pass --yes")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from worlds import assert_schema
+from worlds import SMALL, add, assert_schema
 
 import reconcile
 from reconcile.apply import ApplyReport, append_history
@@ -461,6 +461,24 @@ def test_apply_refuses_a_bids_root_with_whitespace_before_any_work(cli, emulator
     assert code == 1 and f"error: BIDS root {root} has whitespace in its path, where heudiconv cannot convert" in err
     assert "a link to it" in err and not root.exists()
     assert cli("plan", str(root), "-p", "PROJ")[0] == 0  # planning reads it fine
+
+
+def test_a_bids_root_with_whitespace_still_recovers_but_converts_nothing(cli, emulator, tmp_path):
+    # Exported through a link without whitespace; an apply by the real path (which would settle
+    # what an interrupted one left) runs, and is refused only once it has sessions to convert.
+    add(emulator.archive, [("S1", "S1_MR1", "2024-01-10")], series=SMALL)
+    real = tmp_path / "My Lab" / "bids"
+    real.mkdir(parents=True)
+    link = tmp_path / "lab-bids"
+    link.symlink_to(real)
+    assert cli("apply", str(link), "-p", "PROJ", "--yes")[0] == 0
+    assert read_lock(real).serial == 1 and (real / ".xnat2bids").is_dir()
+    code, out, err = cli("apply", str(real), "-p", "PROJ", "--yes")
+    assert code == 0 and "Nothing to apply." in out, out + err
+    emulator.archive.add_session("PROJ", "S2", "S2_MR1", date="2024-01-11")
+    code, out, err = cli("apply", str(real), "-p", "PROJ", "--yes")
+    assert code == 1 and "has whitespace in its path, where heudiconv cannot convert" in err
+    assert not (real / "sub-S2").exists()
 
 
 def test_emulator_serve_says_when_data_holds_no_sessions(tmp_path):
