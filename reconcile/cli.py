@@ -888,9 +888,13 @@ def _settle_slurm_batch(root: Path, warn) -> None:
 
 
 def _retry_token_revocations(root: Path, client, warn) -> None:
-    """Invalidate the alias tokens of earlier SLURM batches that XNAT could not invalidate then."""
+    """Invalidate the alias tokens of earlier SLURM batches that XNAT could not invalidate then, and
+    of batches whose submission was killed before it recorded their jobs."""
     from reconcile.executors import slurm as sx
 
+    for gone in sx.discard_unsubmitted(root, warn=warn):
+        echo(f"Removed SLURM batch {gone}, whose submission was interrupted before it recorded its jobs "
+             "(they never ran); its credentials are deleted.")
     for done in sx.retry_revocations(root, client, warn=warn):
         echo(f"Invalidated the alias token of SLURM batch {done.batch} on XNAT (its revocation was pending "
              f"since {done.since}).")

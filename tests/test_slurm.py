@@ -599,7 +599,7 @@ def test_the_jobs_get_the_password_only_where_xnat_has_no_token_service(emulator
             assert not path.exists()
         else:
             assert sx.write_job_credentials(client, path) == "password-file"
-            assert json.loads(path.read_text()) == {"alias": "labuser", "secret": SENTINEL}
+            assert json.loads(path.read_text()) == {"alias": "labuser", "secret": SENTINEL, "kind": "password-file"}
             assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 

@@ -184,3 +184,35 @@ def test_retry_keeps_the_record_while_xnat_fails_and_drops_it_once_xnat_has_no_s
         emulator.app.faults.add(Fault(route=INVALIDATE, kind="status", status=404, times=1))
         assert [p.batch for p in sx.retry_revocations(root, client)] == ["b1"]
     assert [p.batch for p in sx.pending_revocations(root)] == ["b2"]  # another XNAT's token is left alone
+
+
+@pytest.mark.parametrize("service", ["tokens", "no token service"])
+def test_a_batch_whose_submission_was_killed_before_it_recorded_its_jobs_is_removed_by_the_next_apply(
+        cli, emulator, issued, tmp_path, service):
+    # The submitting process was killed (SIGKILL, a reboot) after writing the batch and its jobs'
+    # credentials, before sbatch's job IDs were recorded: no finalize job will ever clean it up.
+    root = tmp_path / "bids"
+    batch = sx.Batch(
+        root=root, id="killed000001", created_at="2024-01-01T00:00:00Z", user="u", host="h", xnat_url=emulator.url,
+        verify_tls=True, config_path=None, credentials="alias-token", options=sx.BatchOptions(),
+        sessions=(sx.BatchSession(0, "E1", "PROJ", "sub-1/ses-1", "create"),),
+    )
+    batch.dir.mkdir(parents=True)
+    sx._write_json(batch.manifest_path, batch.to_dict())  # as write_batch leaves it: kind not known yet
+    if service != "tokens":
+        emulator.app.faults.add(Fault(route=r"/data/services/tokens/issue", kind="status", status=404))
+    with XnatClient(emulator.url, Credentials(emulator.user, emulator.password, "env"), retries=0) as client:
+        kind = sx.write_job_credentials(client, batch.credentials_path)
+    assert kind == ("alias-token" if service == "tokens" else "password-file")
+
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0 and "Nothing to apply." in out, out + err
+    assert (f"Removed SLURM batch {batch.id}, whose submission was interrupted before it recorded its jobs "
+            "(they never ran); its credentials are deleted.") in out
+    assert not batch.dir.exists() and sx.list_batches(root) == []
+    assert sx.pending_revocations(root) == []  # a token invalidated at once; a password is nothing to invalidate
+    if service == "tokens":
+        [token] = issued
+        assert not still_valid(emulator, token)
+    else:
+        assert issued == [] and emulator.password not in out + err

@@ -10,6 +10,7 @@ the history. Prints nothing.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
@@ -423,7 +424,9 @@ def write_job_credentials(client, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump({"alias": alias, "secret": secret}, fh)
+        # The kind too: a batch whose submission was killed before its manifest said which is
+        # cleaned up by `discard_unsubmitted`, which must not take a password for a token.
+        json.dump({"alias": alias, "secret": secret, "kind": kind}, fh)
     return kind
 
 
@@ -958,7 +961,9 @@ def revoke_job_token(batch: Batch, *, warn: Callable[[str], None] = lambda m: No
     try:
         token = json.loads(batch.credentials_path.read_text())
         alias, secret = str(token["alias"]), str(token["secret"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # no message: it may quote the secret
+        if token.get("kind", "alias-token") != "alias-token":
+            return False  # the password, for an XNAT without tokens: nothing to invalidate
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # no message: it may quote the secret
         warn(f"could not read the alias token of SLURM batch {batch.id} ({type(exc).__name__}) to invalidate it "
              "on XNAT; it stays valid until XNAT expires it")
         return False
@@ -1098,6 +1103,28 @@ def _retry_with_batch_credentials(batch: Batch, *, warn: Callable[[str], None]) 
             retry_revocations(batch.root, client, warn=warn)
     except XnatBidsError as exc:  # e.g. a malformed URL in the manifest
         warn(f"could not retry the pending alias token revocations ({exc.summary}); the next apply retries")
+
+
+def discard_unsubmitted(root: Path, *, warn: Callable[[str], None] = lambda m: None) -> list[str]:
+    """Remove the batches a submission wrote but never recorded as submitted: it was killed (the
+    node rebooted, SIGKILL) before its job IDs were written, so no finalize ever cleans them up.
+    Their alias token is invalidated and their credentials file deleted; an array sbatch had
+    queued meanwhile would stay held for ever, and is cancelled by its name (a finalize job queued
+    after it then fails at once: its batch is gone). Called under the state lock, before a new
+    batch is written, so no submission is under way."""
+    gone = []
+    for batch in list_batches(root):
+        if batch.array_job or batch.finalized_path.exists():
+            continue
+        revoke_job_token(batch, warn=warn)
+        if shutil.which("scancel"):  # its controller down, scancel retries for ~20 s: not waited for that long
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(["scancel", f"--name=xnat2bids-{batch.id}", f"--user={getpass.getuser()}"],
+                               capture_output=True, timeout=10)
+        batch.credentials_path.unlink(missing_ok=True)
+        shutil.rmtree(batch.dir, ignore_errors=True)
+        gone.append(batch.id)
+    return gone
 
 
 def _prune(root: Path) -> None:
