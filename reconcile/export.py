@@ -17,7 +17,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -116,6 +116,19 @@ def zip_prefix(exp: Experiment, scan: Scan, resource: str) -> str:
     `{id}` alone for a scan without a type."""
     folder = f"{scan.id}-{zip_type(scan.type)}" if scan.type else scan.id
     return f"{exp.label}/scans/{folder}/resources/{resource}/files/"
+
+
+def zip_label(first_entry: str, exp: Experiment, scan: Scan, resource: str) -> str:
+    """The session folder a scan zip's entries are under, as its first entry shows: the label the
+    listing gave, or, for a session shared into the project listed under a label of its own
+    there, its primary label (XNAT names zip entries by the archive folder, which is the primary
+    label, and the listing of the other project does not give it). Anything else is the listed
+    label, and the entry is then refused as outside the layout."""
+    head, sep, rest = first_entry.partition("/")
+    below = zip_prefix(exp, scan, resource)[len(exp.label) + 1:]
+    if sep and head not in ("", ".", "..") and rest.startswith(below):
+        return head
+    return exp.label
 
 
 def zip_entry_name(exp: Experiment, scan: Scan, file: RemoteFile) -> str:
@@ -624,6 +637,10 @@ class _Exporter:
                 z = ZipStream(receive, self._buffer())
                 try:
                     while (entry := z.next_entry()) is not None:
+                        if not local and (label := zip_label(entry.name, self.exp, scan, self.resource)) != self.exp.label:
+                            shared = replace(self.exp, label=label)  # a shared session: see zip_label
+                            prefix = zip_prefix(shared, scan, self.resource)
+                            named = {zip_entry_name(shared, scan, f): f.name for f in files}
                         local.append(entry.name)
                         name = _zip_member(entry.name, prefix, where=where)
                         name = named.get(entry.name, name) if name is not None else None

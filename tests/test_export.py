@@ -166,6 +166,28 @@ def test_zip_entries_named_by_xnats_replacements_land_at_their_listed_names(emul
     assert len(zips) == (2 if method == "zip" else 0)
 
 
+@pytest.mark.parametrize("method", ["files", "zip", "auto"])
+def test_a_session_shared_in_under_another_label_exports_from_zips_named_by_its_primary_label(
+        emulator, client, tmp_path, method) -> None:  # noqa: ANN001
+    """Listed by the project it is shared into, a session has that project's label; XNAT names
+    its zips' entries by the archive folder, its primary label, and a file named with its ID
+    gets that label too."""
+    archive = emulator.archive
+    exp = archive.add_session("PROJ", "SUBJ08", "SUBJ08_MR1", date="2024-01-10")
+    archive.add_scan(exp.id, "1", type="T1w", files={f"{i:02d}.dcm": blob(f"s/{i}", 200 + i) for i in range(12)})
+    archive.add_scan(exp.id, "2", type="", files={f"{exp.id}_b.dcm": blob("b", 300)})
+    archive.add_project("OTHER")
+    archive.share_session(exp.id, "OTHER", "OTHER_MR1")
+    [listed] = [e for e in client.list_experiments("OTHER") if e.id == exp.id]
+    assert (listed.label, listed.project) == ("OTHER_MR1", "OTHER")
+    dest = tmp_path / "dicom"
+    result = export_session(client, listed, client.list_scans(listed), dest, method=method)
+    assert on_disk(dest) == archived(emulator, listed) and result.files == 13
+    assert f"2/{exp.id}_b.dcm" in on_disk(dest)
+    zips = [p for p, q in downloads(emulator) if "format=zip" in q]
+    assert len(zips) == {"files": 0, "zip": 2, "auto": 1}[method]
+
+
 @pytest.mark.parametrize("method", ["files", "zip"])
 def test_a_name_listed_as_a_file_and_as_a_folder_is_refused_before_any_download(emulator, client, tmp_path,
                                                                                 method) -> None:  # noqa: ANN001
@@ -508,6 +530,7 @@ def hostile_zip(prefix: str, entry: str, *, symlink: bool = False) -> bytes:
         ("{prefix}../../../../../../x", False),
         ("{prefix}link.dcm", True),
         ("SUBJ01_MR1/scans/9-other/resources/DICOM/files/1.dcm", False),
+        ("PRIMARY_MR1/scans/1-T1w/resources/DICOM/files/2.dcm", False),  # a second session folder
         ("x", False),
         ("{prefix}a\\..\\..\\x", False),
     ],

@@ -545,7 +545,7 @@ class EmulatorApp:
         if kind == "subjects":
             project_id = self._readable_project(ctx, project_id, "subjects")
             if len(segs) == 2:
-                rows = [self._subject_row(s) for s in self.archive.subjects_of(project_id)]
+                rows = [self._subject_row(s, project_id) for s in self.archive.subjects_of(project_id)]
                 return self._listing(ctx, rows, SUBJECT_COLUMNS, SUBJECT_COLUMNS + SUBJECT_EXTRA, uri=True)
             subject = self.archive.find_subject(project_id, segs[2])
             if len(segs) == 3:
@@ -568,11 +568,12 @@ class EmulatorApp:
             return self._listing(ctx, [], RESOURCE_COLUMNS, None, uri=False, title="Resources")
         raise HttpError(404, "The server has not found anything matching the request URI")
 
-    def _subject_row(self, subject: Any) -> dict[str, str]:
+    def _subject_row(self, subject: Any, project: str | None = None) -> dict[str, str]:
+        shared = project is not None and project != subject.project  # listed as the project it is shared into
         return {
             "ID": subject.id,
-            "project": subject.project,
-            "label": subject.label,
+            "project": project if shared else subject.project,
+            "label": subject.shares[project] if shared else subject.label,
             "insert_date": java_timestamp(subject.insert_date),
             "insert_user": subject.insert_user,
             "last_modified": java_timestamp(subject.last_modified),
@@ -603,21 +604,27 @@ class EmulatorApp:
         experiment = self.archive.experiments.get(key)
         if experiment is None:
             raise HttpError(404, f"Unable to find experiment {key}")
-        if not ctx.user.can_read(experiment.project):
+        if not any(ctx.user.can_read(p) for p in (experiment.project, *experiment.shares)):
             raise HttpError(403, f"Specified user account has insufficient privileges for experiments in the {experiment.project} project.")
         return experiment
 
-    def _experiment_row(self, experiment: Experiment) -> dict[str, str]:
+    def _experiment_row(self, experiment: Experiment, project: str | None = None) -> dict[str, str]:
+        """A listing row; in the listing of a project the session is shared into, XNAT gives the
+        label, subject label and project it has there (ProjSubExptList)."""
         subject = self.archive.subjects.get(experiment.subject_id)
+        shared = project is not None and project != experiment.project
+        subject_label = subject.label if subject else ""
+        if shared and subject is not None:
+            subject_label = subject.shares.get(project, subject.label)
         return {
             "ID": experiment.id,
-            "project": experiment.project,
+            "project": project if shared else experiment.project,
             "date": experiment.date,
             "xsiType": experiment.xsi_type,
-            "label": experiment.label,
+            "label": experiment.label_in(project) if shared else experiment.label,
             "insert_date": java_timestamp(experiment.insert_date),
             "subject_ID": experiment.subject_id,
-            "subject_label": subject.label if subject else "",
+            "subject_label": subject_label,
             "last_modified": java_timestamp(experiment.last_modified),
             "insert_user": experiment.insert_user,
             "time": experiment.time,
@@ -629,9 +636,9 @@ class EmulatorApp:
         if ctx.request.method != "GET" and ctx.request.method != "HEAD":
             raise HttpError(405, "Method Not Allowed")
         rows = [
-            self._experiment_row(e)
+            self._experiment_row(e, project)
             for e in self.archive.sessions(project)
-            if (subject is None or e.subject_id == subject) and ctx.user.can_read(e.project)
+            if (subject is None or e.subject_id == subject) and ctx.user.can_read(project or e.project)
         ]
         defaults = SITE_EXPERIMENT_COLUMNS if project is None else EXPERIMENT_COLUMNS
         return self._listing(ctx, rows, defaults, EXPERIMENT_COLUMNS + EXPERIMENT_EXTRA, uri=True)
@@ -673,6 +680,10 @@ class EmulatorApp:
             return self._experiment_single(ctx, experiment)
         if tail[0] == "resources" and len(tail) == 1:
             return self._listing(ctx, [], RESOURCE_COLUMNS, None, uri=False, title="Resources")
+        if tail[0] == "projects" and len(tail) == 2 and method == "PUT":  # share into project tail[1]
+            target = self._readable_project(ctx, tail[1])
+            self.archive.share_session(experiment.id, target, ctx.request.args.get("label") or None)
+            return Response(experiment.id, mimetype="text/plain")
         if tail[0] != "scans":
             raise HttpError(404, "The server has not found anything matching the request URI")
         if len(tail) == 1:
@@ -737,6 +748,12 @@ class EmulatorApp:
         if experiment.note:
             fields["note"] = experiment.note
         children = [{"field": "scans/scan", "items": scan_items}] if scan_items else []
+        if experiment.shares:
+            shares = [{"children": [], "meta": {"create_event_id": 0, "xsi:type": "xnat:experimentData_share",
+                                                "isHistory": False},
+                       "data_fields": {"project": project, "label": label}}
+                      for project, label in sorted(experiment.shares.items())]
+            children.append({"field": "sharing/share", "items": shares})
         return self._single(ctx, experiment.xsi_type, fields, experiment.last_modified, children)
 
     def _put_scan(self, ctx: Ctx, experiment: Experiment, scan_id: str) -> Response:

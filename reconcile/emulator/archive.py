@@ -235,6 +235,7 @@ class Subject:
     insert_date: datetime
     last_modified: datetime
     insert_user: str = "admin"
+    shares: dict[str, str] = field(default_factory=dict)  # project shared into -> label there
 
 
 @dataclass
@@ -251,6 +252,14 @@ class Experiment:
     insert_user: str = "admin"
     note: str = ""
     scans: dict[str, Scan] = field(default_factory=dict)
+    shares: dict[str, str] = field(default_factory=dict)  # project shared into -> label there
+
+    def label_in(self, project: str) -> str:
+        """Its label as `project` lists it: its own, or the one it was shared under."""
+        return self.label if project == self.project else self.shares.get(project, self.label)
+
+    def belongs_to(self, project: str) -> bool:
+        return project == self.project or project in self.shares
 
     @property
     def modality(self) -> str:
@@ -348,9 +357,9 @@ class Archive:
             return subject
 
     def find_subject(self, project: str, key: str) -> Subject | None:
-        """A subject by ID or label within a project."""
+        """A subject by ID or label within a project (its own, or one it is shared into)."""
         subject = self.subjects.get(key)
-        if subject is not None and subject.project == project:
+        if subject is not None and (subject.project == project or project in subject.shares):
             return subject
         subject_id = self._subject_labels.get((project, key))
         return None if subject_id is None else self.subjects.get(subject_id)
@@ -366,7 +375,7 @@ class Archive:
 
     def subjects_of(self, project: str) -> list[Subject]:
         with self._lock:
-            return [s for s in self.subjects.values() if s.project == project]
+            return [s for s in self.subjects.values() if s.project == project or project in s.shares]
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -413,16 +422,50 @@ class Archive:
         return experiment
 
     def find_session(self, project: str, key: str) -> Experiment | None:
-        """A session by ID or label within a project."""
+        """A session by ID or label within a project (its own, or one it is shared into)."""
         experiment = self.experiments.get(key)
-        if experiment is not None and experiment.project == project:
+        if experiment is not None and experiment.belongs_to(project):
             return experiment
         experiment_id = self._session_labels.get((project, key))
         return None if experiment_id is None else self.experiments.get(experiment_id)
 
     def sessions(self, project: str | None = None) -> list[Experiment]:
+        """A project's sessions, those shared into it included; every session without one."""
         with self._lock:
-            return [e for e in self.experiments.values() if project is None or e.project == project]
+            return [e for e in self.experiments.values() if project is None or e.belongs_to(project)]
+
+    def share_subject(self, subject_id: str, project: str, label: str | None = None) -> Subject:
+        """Share a subject into another project, under its own label or another one."""
+        with self._lock:
+            subject = self.subjects[subject_id]
+            self.get_project(project)
+            label = label or subject.label
+            taken = self._subject_labels.get((project, label))
+            if project == subject.project or (taken is not None and taken != subject.id):
+                raise ArchiveError(f"Subject {label} already exists in project {project}", 409)
+            subject.shares[project] = label
+            self._subject_labels[(project, label)] = subject.id
+            return subject
+
+    def share_session(self, experiment_id: str, project: str, label: str | None = None) -> Experiment:
+        """Share a session into another project under a label of its own there (XNAT's "share"):
+        that project's listing shows it with that label and project, its zips keep the primary
+        label (the archive folder's name). Its subject is shared along when it is not yet."""
+        with self._lock:
+            experiment = self.get_session(experiment_id)
+            self.get_project(project)
+            label = label or experiment.label
+            taken = self._session_labels.get((project, label))
+            if project == experiment.project or (taken is not None and taken != experiment.id):
+                raise ArchiveError(f"Experiment {label} already exists in project {project}", 409)
+            subject = self.subjects[experiment.subject_id]
+            if project not in subject.shares:
+                self.share_subject(subject.id, project)
+            if project in experiment.shares:  # shared again: one share per project, under the new label
+                del self._session_labels[(project, experiment.shares[project])]
+            experiment.shares[project] = label
+            self._session_labels[(project, label)] = experiment.id
+            return experiment
 
     def subject_of(self, experiment: Experiment) -> Subject:
         return self.subjects[experiment.subject_id]
@@ -449,15 +492,13 @@ class Archive:
     def rename_session(self, experiment_id: str, label: str) -> Experiment:
         return self.set_fields(experiment_id, label=label)
 
-    def touch(self, experiment_id: str) -> Experiment:
-        """Re-save a session without changing its fields (as an XML re-upload or a merge would)."""
-        return self.set_fields(experiment_id)
-
     def delete_session(self, experiment_id: str) -> None:
         with self._lock:
             experiment = self.get_session(experiment_id)
             del self.experiments[experiment_id]
             del self._session_labels[(experiment.project, experiment.label)]
+            for project, label in experiment.shares.items():
+                self._session_labels.pop((project, label), None)
 
     # -- scans, resources, files ------------------------------------------------------------
 

@@ -273,3 +273,34 @@ def test_deleting_a_session_removes_it(emulator, session):
     with connect(emulator) as conn:
         conn.delete(f"/data/projects/PROJ/subjects/{session.subject_id}/experiments/{session.id}")
     assert emulator.archive.sessions("PROJ") == []
+
+
+def test_a_session_shared_into_another_project_is_listed_there_under_its_label_there(emulator, session, tmp_path):
+    # XNAT's share (PUT .../experiments/E/projects/Q?label=L): Q's listing relabels the row (label,
+    # subject label, project), the session's document names the share, and its zips keep the
+    # archive folder's name, the primary label.
+    emulator.archive.add_project("OTHER")
+    import requests
+
+    shared = requests.put(f"{emulator.url}/data/experiments/{session.id}/projects/OTHER", params={"label": "OTH_MR1"},
+                          auth=(emulator.user, emulator.password), timeout=10)
+    assert shared.status_code == 200, shared.text
+    with connect(emulator) as conn:
+        listed = conn.projects["OTHER"].experiments[session.id]
+        assert listed.label == "OTH_MR1"
+        rows = conn.get_json("/data/projects/OTHER/experiments", query={"columns": "ID,label,project,subject_label"})
+        assert [(r["ID"], r["label"], r["project"], r["subject_label"]) for r in rows["ResultSet"]["Result"]] == [
+            (session.id, "OTH_MR1", "OTHER", "SUBJ01")]
+        own = conn.get_json("/data/projects/PROJ/experiments", query={"columns": "ID,label"})["ResultSet"]["Result"]
+        assert [(r["ID"], r["label"]) for r in own] == [(session.id, "SUBJ01_MR1")]  # its own project's unchanged
+        doc = conn.get_json(f"/data/experiments/{session.id}", query={"format": "json"})
+        [share_child] = [c for c in doc["items"][0]["children"] if c["field"] == "sharing/share"]
+        assert [i["data_fields"] for i in share_child["items"]] == [{"project": "OTHER", "label": "OTH_MR1"}]
+        target = tmp_path / "scan.zip"
+        conn.projects["OTHER"].experiments[session.id].scans["1"].download(target, verbose=False)
+    assert set(_zip_contents(target)) == {f"SUBJ01_MR1/scans/1-anat_T1w/resources/DICOM/files/{n}" for n in T1_FILES}
+    again = requests.put(f"{emulator.url}/data/experiments/{session.id}/projects/OTHER", params={"label": "SUBJ01_MR1"},
+                         auth=(emulator.user, emulator.password), timeout=10)
+    assert again.status_code == 200  # sharing again under another label: XNAT keeps one share per project
+    assert emulator.archive.find_session("OTHER", "OTH_MR1") is None
+    assert emulator.archive.find_session("OTHER", "SUBJ01_MR1") is emulator.archive.get_session(session.id)
