@@ -39,6 +39,8 @@ from reconcile.errors import (
     ForbiddenError,
     LockConflictError,
     LockfileError,
+    OccupiedError,
+    PlanError,
     StalePlanError,
     UnsafePathError,
     XnatBidsError,
@@ -230,7 +232,7 @@ def stage_session(
     """Export and convert one session into the work area; touches nothing else."""
     exp = change.after
     if exp is None:
-        raise XnatBidsError(f"{change.key}: nothing to export for a {change.action.value}")
+        raise PlanError(f"{change.key}: nothing to export for a {change.action.value}")
     area = WorkArea(root)
     staging = area.staging(exp.id)
     log_path = area.log(exp.id)
@@ -457,7 +459,7 @@ def commit_session(
     if target.exists() and (previous is None or previous.address != address):
         # Not ours to replace: a folder from another tool, a forgotten session, or one another
         # recorded session still owns. Fail this session, keep everything.
-        raise XnatBidsError(
+        raise OccupiedError(
             f"{address.path} already exists but the lock does not record it for {exp.id}; refusing to replace it",
             hint="move that folder away (or `xnat2bids forget` the session it belongs to) and apply again",
         )
@@ -474,7 +476,7 @@ def commit_session(
         planned = {r.field for r in staged.change.reasons if r.code == "changed"} & {o.path for o in previous.outputs}
         edited = sorted(now | {p for p in planned if (root / p).is_file()})
     if edited and not repair_drift:
-        raise XnatBidsError(
+        raise OccupiedError(
             f"{address.path}: outputs changed on disk since they were recorded: {', '.join(edited)}",
             hint="apply with --repair-drift to replace them (a copy of each is kept); `xnat2bids plan --full` shows "
                  "them as drift (an edit that kept a file's size and time is found by its sha256 only)",
@@ -493,7 +495,7 @@ def commit_session(
                                   renamed=renamed, notes=events_notes)
     if aside:
         fsync_tree(kept)
-        _log(staged.log_path, f"kept what the new conversion replaces, in {kept.relative_to(root)}: {', '.join(aside)}")
+        log_line(staged.log_path, f"kept what the new conversion replaces, in {kept.relative_to(root)}: {', '.join(aside)}")
         if warnings is not None:
             warnings.append(f"{len(aside)} file(s) the new conversion replaces (edited outputs, or files the lock does "
                             f"not record) were set aside in {kept.relative_to(root)}")
@@ -529,7 +531,7 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
     lock = lock if lock is not None else load_or_new(root)
 
     def warn(text: str) -> None:  # into the session's log, and its outcome when apply is there to say it
-        _log(area.log(exp_id), text)
+        log_line(area.log(exp_id), text)
         if warnings is not None:
             warnings.append(text)
 
@@ -890,10 +892,10 @@ def _settle(
     except AuthError as exc:
         if not isinstance(exc, ForbiddenError):  # a 403 is this session's; rejected credentials are everyone's
             halted.append(_REJECTED)
-        _log(log_path, f"failed: {exc}")
+        log_line(log_path, f"failed: {exc}")
         return Outcome(change, Status.FAILED, exc.summary, log_path, time.monotonic() - t0, hint=exc.hint)
     except (ExportCancelled, ConversionCancelled):  # stopped part-way by the user: not a failure
-        _log(log_path, "cancelled; nothing of it was committed")
+        log_line(log_path, "cancelled; nothing of it was committed")
         return Outcome(change, Status.SKIPPED, "cancelled part-way; nothing of it was committed")
     except Exception as exc:  # one session's failure, a bug or an OS error, must not stop the others
         text = exc.summary if isinstance(exc, XnatBidsError) else f"{type(exc).__name__}: {exc}"
@@ -905,7 +907,7 @@ def _settle(
             halted.append("the lock changed on disk during this run; run plan again")
         elif half is not None and half[0]:  # on disk ahead of the lock (it cannot be written?): so would
             halted.append(f"the commit of {change.key.experiment_id} was left half-way")  # every later one be
-        _log(log_path, f"failed: {exc}" if known else f"failed: {exc!r}")  # ours: with detail and hint
+        log_line(log_path, f"failed: {exc}" if known else f"failed: {exc!r}")  # ours: with detail and hint
         hint = exc.hint if known else None
         return Outcome(change, Status.FAILED, text, log_path, time.monotonic() - t0, hint=hint)
     record = report.lock.sessions.get(change.key.experiment_id)
@@ -932,7 +934,7 @@ def _half_committed(root: Path, exp_id: str) -> tuple[bool, str] | None:
     return False, "the old session is kept; the next apply tries this one again"
 
 
-def _log(path: Path, text: str) -> None:
+def log_line(path: Path, text: str) -> None:
     """Best effort: the outcome is reported on the console anyway, and a full disk must not stop
     the run that is reporting it."""
     try:

@@ -598,6 +598,10 @@ def run_apply(
         from reconcile.vcs import check_can_commit
 
         check_can_commit(root)  # before any work, not after it
+    if run_validator:
+        from reconcile.validate import validator
+
+        validator()  # installed? said before any work, not after it
     own_client = client is None
     client = client or connect(cfg)
     try:
@@ -691,11 +695,16 @@ def run_apply(
             if run_validator:
                 from reconcile.validate import validate
 
-                result = validate(root)
-                for err in result.errors:
-                    echo(f"validator: {err}")
-                echo(result.summary())
-                code = code or (EXIT_ERROR if result.errors else EXIT_OK)
+                try:
+                    result = validate(root)
+                except XnatBidsError as exc:  # what was applied is committed still, as a SLURM finalize does
+                    echo(f"error: {exc}", err=True)
+                    code = EXIT_ERROR
+                else:
+                    for err in result.errors:
+                        echo(f"validator: {err}")
+                    echo(result.summary())
+                    code = code or (EXIT_ERROR if result.errors else EXIT_OK)
             if git_commit:
                 _git_commit(root, report)
             return code

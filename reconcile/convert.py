@@ -82,12 +82,13 @@ def converter_env() -> dict[str, str]:
 
     The dcm2niix wheel puts its console script next to the interpreter, which is not on PATH
     when a venv is used without activating it. NO_ET stops heudiconv's online version check.
-    The XNAT server and credentials are left out: a converter needs none, and /proc/PID/environ
-    shows them.
+    The XNAT server and every variable that looks like a credential are left out: a converter
+    needs none, and /proc/PID/environ shows them.
     """
-    from reconcile.credentials import ENV_HOST, ENV_PASS, ENV_TOKEN_FILE, ENV_USER
+    from reconcile.credentials import ENV_HOST, without_secrets
 
-    env = {k: v for k, v in os.environ.items() if k not in (ENV_PASS, ENV_USER, ENV_TOKEN_FILE, ENV_HOST)}
+    env = without_secrets(os.environ)
+    env.pop(ENV_HOST, None)
     bindir = str(Path(sys.executable).parent)
     rest = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir]
     env["PATH"] = os.pathsep.join([bindir, *rest])

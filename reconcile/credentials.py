@@ -10,6 +10,7 @@ import getpass
 import json
 import netrc
 import os
+import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,15 @@ ENV_PASS = "XNAT_PASS"
 ENV_HOST = "XNAT_HOST"
 # A JSON file as returned by /data/services/tokens/issue ({"alias": ..., "secret": ...}).
 ENV_TOKEN_FILE = "XNAT_TOKEN_FILE"
+
+# Environment variables that look like a credential (any service's: AWS_SECRET_ACCESS_KEY, a
+# GITHUB_TOKEN), kept from the processes xnat2bids starts: /proc/PID/environ shows them.
+_SECRET_ENV = re.compile(r"PASS|SECRET|TOKEN|CREDENTIAL|XNAT_USER", re.IGNORECASE)
+
+
+def without_secrets(env: Mapping[str, str], keep: frozenset[str] = frozenset()) -> dict[str, str]:
+    """`env` without the variables that look like a credential, but for those named in `keep`."""
+    return {k: v for k, v in env.items() if k in keep or not _SECRET_ENV.search(k)}
 
 _HINT = (
     "give credentials in one of four ways: export XNAT_USER and XNAT_PASS; "

@@ -87,3 +87,16 @@ class PlanError(XnatBidsError):
 
 class SlurmError(XnatBidsError):
     """sbatch/squeue/scontrol failed, or a SLURM batch is in a state that forbids the operation."""
+
+
+class ValidationError(XnatBidsError):
+    """The BIDS validator could not be run or its report read (not: it found errors)."""
+
+
+class VcsError(XnatBidsError):
+    """git or datalad could not record what an apply wrote."""
+
+
+class OccupiedError(XnatBidsError):
+    """What a commit would replace is not apply's to replace: a folder the lock does not record,
+    or outputs changed on disk since they were recorded."""

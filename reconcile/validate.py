@@ -11,8 +11,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconcile.errors import XnatBidsError
+from reconcile.errors import ValidationError
 
+VALIDATOR_TIMEOUT_S = 900
 REPORT_NAME = "bids-validator.json"  # in the work area's logs: the last --validate run's full report
 
 
@@ -22,9 +23,12 @@ class ValidationResult:
     warnings: int
     warning_codes: tuple[tuple[str, int], ...] = ()  # (code, how many), most frequent first
     report: Path | None = None  # the validator's whole JSON output, where every warning is located
+    skipped: str = ""  # why it did not run
 
     def summary(self) -> str:
         """'BIDS validator: E errors, W warnings (CODE ×n, …); full report: PATH'."""
+        if self.skipped:
+            return f"BIDS validator: not run ({self.skipped})"
         text = f"BIDS validator: {len(self.errors)} errors, {self.warnings} warnings"
         if self.warning_codes:
             text += " (" + ", ".join(f"{code} ×{n}" for code, n in self.warning_codes) + ")"
@@ -33,10 +37,11 @@ class ValidationResult:
         return text
 
 
-def _validator() -> str:
+def validator() -> str:
+    """The validator's executable: on PATH, else beside this Python; ValidationError if neither."""
     exe = shutil.which("bids-validator-deno") or str(Path(sys.executable).parent / "bids-validator-deno")
     if not os.path.exists(exe):
-        raise XnatBidsError("bids-validator-deno is not installed", hint="pip install bids-validator-deno")
+        raise ValidationError("bids-validator-deno is not installed", hint="pip install bids-validator-deno")
     return exe
 
 
@@ -45,11 +50,21 @@ def validate(root: Path) -> ValidationResult:
     from reconcile.apply import work_path
     from reconcile.durable import write_atomic
 
-    out = subprocess.run([_validator(), str(root), "--format", "json"], capture_output=True, text=True, timeout=900)
+    if not (root / "dataset_description.json").exists():  # it would report only what is not there yet
+        validator()
+        return ValidationResult((), 0, skipped="nothing exported yet")
+    try:
+        out = subprocess.run([validator(), str(root), "--format", "json"], capture_output=True, text=True,
+                             timeout=VALIDATOR_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ValidationError(f"the BIDS validator did not finish within {VALIDATOR_TIMEOUT_S} s",
+                              hint=f"run `bids-validator-deno {root}` by hand to see it") from None
+    except OSError as exc:
+        raise ValidationError(f"the BIDS validator could not be run: {exc.strerror or exc}") from exc
     try:
         issues = json.loads(out.stdout)["issues"]["issues"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise XnatBidsError("could not read the BIDS validator's output", detail=(out.stderr or out.stdout)[-2000:]) from exc
+        raise ValidationError("could not read the BIDS validator's output", detail=(out.stderr or out.stdout)[-2000:]) from exc
     errors = tuple(
         f"{i.get('code')}: {i.get('location', '')} {i.get('issueMessage') or ''}".strip()
         for i in issues

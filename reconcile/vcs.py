@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reconcile.durable import write_atomic
-from reconcile.errors import ConfigError, XnatBidsError
+from reconcile.errors import ConfigError, VcsError, XnatBidsError
 from reconcile.lock import LOCK_NAME, differing_sessions, read_lock
 from reconcile.model import SessionRecord
 
@@ -47,7 +47,7 @@ def _git(root: Path, *args: str, text: bool = True, input: str | None = None) ->
     try:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=text, input=input)
     except OSError as exc:  # no git on PATH
-        raise XnatBidsError(f"git could not be run: {exc.strerror or exc}",
+        raise VcsError(f"git could not be run: {exc.strerror or exc}",
                             hint="the lock and the files are right; commit the dataset by hand "
                                  "(git add, git commit)") from exc
 
@@ -201,15 +201,15 @@ def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:
                 out = subprocess.run(["datalad", "save", "-d", str(root), "-m", said, "--", *part],
                                      capture_output=True, text=True, cwd=root)
             except OSError as exc:
-                raise XnatBidsError(f"datalad could not be run: {exc.strerror or exc}",
+                raise VcsError(f"datalad could not be run: {exc.strerror or exc}",
                                     hint="the lock and the files are right; save the dataset by hand (datalad save)") from exc
             if out.returncode != 0:
-                raise XnatBidsError("datalad save failed", detail=out.stderr.strip()[-2000:])
+                raise VcsError("datalad save failed", detail=out.stderr.strip()[-2000:])
         return _git(root, "rev-parse", "HEAD").stdout.strip()
     add = _git_on_paths(root, ("add", "-A"), present)
     if add.returncode != 0:
         old_git = "pathspec-from-file" in add.stderr
-        raise XnatBidsError("git add failed", detail=add.stderr.strip()[-2000:],
+        raise VcsError("git add failed", detail=add.stderr.strip()[-2000:],
                             hint=f"{len(present)} paths need git 2.25 or later (module load git?)" if old_git else None)
     if all(_git(root, "diff", "--cached", "--quiet", "--", *_literal(chunk)).returncode == 0 for chunk in _chunks(present)):
         return None
@@ -220,7 +220,7 @@ def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:
         note.flush()
         out = _git_on_paths(root, ("commit", "-q", "--only", "-F", note.name), present)
     if out.returncode != 0:
-        raise XnatBidsError("git commit failed", detail=out.stderr.strip()[-2000:])
+        raise VcsError("git commit failed", detail=out.stderr.strip()[-2000:])
     return _git(root, "rev-parse", "HEAD").stdout.strip()
 
 

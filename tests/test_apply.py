@@ -12,6 +12,7 @@ import subprocess
 import pytest
 from worlds import SMALL, add, assert_schema, redate, tree
 
+from reconcile.emulator import Fault
 from reconcile.emulator.dicomgen import DEFAULT_SERIES
 from reconcile.lock import lock_path, read_lock
 
@@ -636,3 +637,49 @@ def test_the_work_area_is_ignored_by_git_without_git_commit(cli, emulator, tmp_p
         ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", f".xnat2bids/{inside}"])
         assert ignored.returncode == 0, inside
     assert subprocess.run(["git", "-C", str(root), "check-ignore", "-q", ".xnat2bids/history.jsonl"]).returncode == 1
+
+
+def _fake_validator(folder, script: str) -> None:
+    """A `bids-validator-deno` first on PATH that runs `script` (bash)."""
+    folder.mkdir()
+    exe = folder / "bids-validator-deno"
+    exe.write_text(f"#!/bin/bash\n{script}\n")
+    exe.chmod(0o755)
+
+
+def test_a_validator_that_fails_or_hangs_still_lets_apply_commit_what_it_did(cli, emulator, tmp_path, monkeypatch):
+    from reconcile import validate
+
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
+    root = tmp_path / "bids"
+    root.mkdir()
+    for args in (["init", "-q"], ["config", "user.email", "t@example.org"], ["config", "user.name", "t"]):
+        subprocess.run(["git", "-C", str(root), *args], check=True)
+    _fake_validator(tmp_path / "bin", "sleep 30")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setattr(validate, "VALIDATOR_TIMEOUT_S", 1)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--validate", "--git-commit")
+    assert code == 1 and "error: the BIDS validator did not finish within 1 s" in err, out + err
+    assert "Traceback" not in err and "git commit " in out
+    committed = subprocess.run(["git", "-C", str(root), "ls-files"], capture_output=True, text=True, check=True).stdout
+    assert ".xnat2bids.lock" in committed and "sub-01/ses-01MR1/" in committed
+
+
+def test_validate_says_before_any_work_that_no_validator_is_installed_and_skips_a_root_with_nothing_exported(
+        cli, emulator, tmp_path, monkeypatch):
+    from reconcile import validate
+
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
+    root = tmp_path / "bids"
+    with monkeypatch.context() as patched:
+        patched.setattr(validate, "validator", lambda: (_ for _ in ()).throw(
+            validate.ValidationError("bids-validator-deno is not installed", hint="pip install bids-validator-deno")))
+        code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--validate")
+    assert code == 1 and "error: bids-validator-deno is not installed" in err
+    assert not (root / ".xnat2bids.lock").exists() and not (root / "sub-01").exists()
+
+    # Every session failing leaves no dataset yet: nothing for the validator to judge but its absence.
+    emulator.app.faults.add(Fault(route=r"/files", kind="status", status=404))
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--validate")
+    assert code == 1 and "1 failed" in out, out + err
+    assert "BIDS validator: not run (nothing exported yet)" in out and "MISSING_DATASET_DESCRIPTION" not in out

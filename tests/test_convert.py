@@ -168,11 +168,14 @@ def test_converter_env_puts_the_interpreters_bin_first_and_silences_the_version_
 
 
 def test_converter_env_holds_no_xnat_server_or_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("XNAT_HOST", "XNAT_USER", "XNAT_PASS", "XNAT_TOKEN_FILE"):
+    # Other services' secrets too: heudiconv's /proc/PID/environ is readable wherever its user's are.
+    secrets = ("XNAT_HOST", "XNAT_USER", "XNAT_PASS", "XNAT_TOKEN_FILE", "GITHUB_TOKEN", "AWS_SECRET_ACCESS_KEY",
+               "DB_PASSWORD", "MY_CREDENTIALS")
+    for name in secrets:
         monkeypatch.setenv(name, "value")
     monkeypatch.setenv("XNAT2BIDS_PRELOAD", "0")
     env = converter_env()
-    assert not {"XNAT_HOST", "XNAT_USER", "XNAT_PASS", "XNAT_TOKEN_FILE"} & set(env)
+    assert not set(secrets) & set(env)
     assert env["XNAT2BIDS_PRELOAD"] == "0"
 
 

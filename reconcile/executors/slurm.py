@@ -39,6 +39,7 @@ from reconcile.apply import (
     append_history,
     commit_session,
     lock_for,
+    log_line,
     read_history,
     recover,
     save_commits,
@@ -48,6 +49,7 @@ from reconcile.apply import (
     work_path,
 )
 from reconcile.config import Config, ConversionSettings, SlurmSettings, load_config
+from reconcile.credentials import without_secrets
 from reconcile.durable import write_atomic
 from reconcile.errors import (
     ConfigError,
@@ -75,8 +77,7 @@ HISTORY_OPERATION = "slurm apply"
 
 # Names of environment variables that must not travel to slurmctld with the job: sbatch
 # stores the submitting environment with the job (--export=ALL), where admins and dumps see it.
-_SECRET_ENV = re.compile(r"PASS|SECRET|TOKEN|CREDENTIAL|XNAT_USER", re.IGNORECASE)
-_PATH_ENV = {"XNAT_TOKEN_FILE"}  # a path to a 0600 file, not a secret
+_PATH_ENV = frozenset({"XNAT_TOKEN_FILE"})  # a path to a 0600 file, not a secret
 # squeue shows only jobs that are not finished yet; these are the states it can report.
 _ACTIVE = {
     "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
@@ -436,7 +437,7 @@ def job_environment(env: Mapping[str, str]) -> dict[str, str]:
     for them (the file the submission read)."""
     from reconcile.config import ENV_CONFIG
 
-    kept = {k: v for k, v in env.items() if k in _PATH_ENV or not _SECRET_ENV.search(k)}
+    kept = without_secrets(env, keep=_PATH_ENV)
     for name in (ENV_CONFIG, "XNAT_TOKEN_FILE", "NETRC"):
         if kept.get(name):
             kept[name] = os.path.abspath(os.path.expanduser(kept[name]))
@@ -715,7 +716,7 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
         change = _actionable_change(plan, batch, entry)
         config = _config_as_submitted(batch, header.get("config_fingerprint"))
         if client is None:
-            creds = resolve_credentials(batch.xnat_url, warn=lambda m: _log(log_path, f"warning: {m}"))
+            creds = resolve_credentials(batch.xnat_url, warn=lambda m: log_line(log_path, f"warning: {m}"))
             client = XnatClient(batch.xnat_url, creds, verify=batch.verify_tls, timeout=batch.timeout)
         staged = stage_session(change, root, client, config, tools=tool_versions(),
                                export_method=batch.options.export_method, cancel=cancel)
@@ -738,11 +739,11 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
     except XnatBidsError as exc:
         cancelled = cancel is not None and cancel.is_set()
         why = "cancelled (scancel or the time limit)" if cancelled else exc.summary
-        _log(log_path, f"failed: {exc}")
+        log_line(log_path, f"failed: {exc}")
         # SLURM signals the whole job: a converter it killed is not the out-of-memory killer's.
         record.update(status=Status.FAILED.value, message=why, hint=None if cancelled else exc.hint)
     except Exception as exc:  # a bug or an OS error still leaves a record for finalize to report
-        _log(log_path, f"failed: {exc!r}")
+        log_line(log_path, f"failed: {exc!r}")
         record.update(status=Status.FAILED.value, message=f"{type(exc).__name__}: {exc}")
     finally:
         if own_client and client is not None:
@@ -751,12 +752,6 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
     record["finished_at"] = utc_now()
     _write_json(batch.result_path(index), record)
     return record
-
-
-def _log(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fh.write(f"{utc_now()} {text}\n")
 
 
 # -- finalize: the single writer ----------------------------------------------------------------
@@ -837,10 +832,10 @@ def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyR
                                      repair_drift=batch.options.repair_drift, warnings=warnings)
         pending.append(entry.experiment_id)
     except XnatBidsError as exc:
-        _log(log_path, f"commit failed: {exc}")
+        log_line(log_path, f"commit failed: {exc}")
         return Outcome(change, Status.FAILED, exc.summary, log_path, seconds)
     except OSError as exc:
-        _log(log_path, f"commit failed: {exc!r}")
+        log_line(log_path, f"commit failed: {exc!r}")
         return Outcome(change, Status.FAILED, f"commit failed: {exc}", log_path, seconds)
     return Outcome(change, Status.DONE, "", log_path, seconds, report.lock.sessions.get(entry.experiment_id),
                    warnings=tuple(warnings))
