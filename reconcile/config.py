@@ -195,7 +195,11 @@ class Config:
         """Digest of everything that decides what apply produces (not URLs, jobs or SLURM)."""
         naming = {"session_label": self.naming.session_label, "subjects": self.naming.subjects,
                   "sessions": self.naming.sessions}
-        return _digest({"conversion": self.conversion.digests(), "naming": naming, "projects": self.project_tables})
+        parts: dict[str, Any] = {"conversion": self.conversion.digests(), "naming": naming,
+                                 "projects": self.project_tables}
+        if self.heuristic_shas:  # a custom heuristic's content (only then: other configs keep their fingerprint)
+            parts["heuristics"] = sorted(self.heuristic_shas.values())
+        return _digest(parts)
 
     def conversion_for(self, project: str, session_label: str, experiment_id: str = "") -> ConversionSettings:
         settings = self.conversion

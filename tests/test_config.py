@@ -107,8 +107,13 @@ def test_editing_a_custom_heuristic_changes_its_digest_moving_the_config_does_no
     a = load_config(tmp_path / "a/x.toml").conversion_for("P", "S").digests()["heuristic"]
     b = load_config(tmp_path / "b/x.toml").conversion_for("P", "S").digests()["heuristic"]
     assert a == b
+    fingerprint = load_config(tmp_path / "a/x.toml").fingerprint()
     (tmp_path / "a/lab.py").write_text("def infotodict(seqinfo):\n    return {'changed': 1}\n")
     assert load_config(tmp_path / "a/x.toml").conversion_for("P", "S").digests()["heuristic"] != a
+    # The config's fingerprint too: a saved plan, or a SLURM task, must not outlive the edit.
+    assert load_config(tmp_path / "a/x.toml").fingerprint() != fingerprint
+    (tmp_path / "plain.toml").write_text("")
+    assert load_config(tmp_path / "plain.toml").fingerprint() == Config().fingerprint()
 
 
 def test_bids_root_and_heuristic_paths_are_relative_to_the_config_file_and_expand_tilde(tmp_path, monkeypatch):
