@@ -805,11 +805,17 @@ def _held_back(plan: Plan, todo: tuple[Change, ...]) -> tuple[Change, ...]:
 def _say_held_back(held: tuple[Change, ...]) -> None:
     """On stderr, why apply ends with status 1 although nothing failed: XNAT has changes the
     dataset did not take, which cron and scripts must hear of."""
-    if held:
-        names = ", ".join(c.address.path for c in held[:3]) + (", …" if len(held) > 3 else "")
-        echo(f"error: {len(held)} change{'s' if len(held) != 1 else ''} from XNAT held back ({names}): files of "
-             f"{'these sessions' if len(held) != 1 else 'this session'} changed on disk; apply --repair-drift "
-             "carries them out, keeping a copy of each changed file", err=True)
+    if not held:
+        return
+    edited = [c for c in held if c.edited]
+    # Named where their changed files are: a rename held back has not moved them.
+    names = ", ".join((c.before.address if c.before else c.address).path for c in edited[:3]) + (
+        ", …" if len(edited) > 3 else "")
+    waiting = len(held) - len(edited)  # sessions of a subject rename that moves whole, with an edited one
+    also = f"; {waiting} more of the same subject wait{'s' if waiting == 1 else ''} with them" if waiting else ""
+    echo(f"error: {len(held)} change{'s' if len(held) != 1 else ''} from XNAT held back ({names}): files of "
+         f"{'these sessions' if len(edited) != 1 else 'this session'} changed on disk{also}; apply --repair-drift "
+         "carries them out, keeping a copy of each changed file", err=True)
 
 
 def _left_alone(plan: Plan, todo: tuple[Change, ...]) -> str:

@@ -745,7 +745,7 @@ def test_a_session_listed_twice_with_other_values_is_a_problem_not_the_first_row
     assert not plan_of(lock, [e1, e1]).problems  # the same row twice says nothing new
 
 
-def test_a_subject_rename_waits_for_all_its_sessions_while_one_is_held_back():
+def test_a_subject_rename_waits_for_all_its_sessions_while_one_is_held_back(capsys):
     # One session held back by an edit, the other moved: one person under two labels.
     mr1, mr2, other = exp(1, label="SUBJ01_MR1"), replace(exp(1, label="SUBJ01_MR2"), id="XNAT_E00009"), exp(2)
     recs = [record(mr1, bids_session="MR1"), record(mr2, bids_session="MR2"), record(other, bids_session="MR1")]
@@ -762,6 +762,14 @@ def test_a_subject_rename_waits_for_all_its_sessions_while_one_is_held_back():
     assert ("sub-SUBJ01 → sub-SUBJ11: 1 more session of that subject waits with the one that would replace "
             "outputs changed on disk, so the subject is not split between two labels by this") in plan.notes
     assert not [n for n in repairing(plan).notes if "more session" in n]  # --repair-drift moves them all
+    # apply's status line names the edited session alone as changed on disk.
+    from reconcile.cli import _held_back, _say_held_back
+
+    _say_held_back(_held_back(plan, plan.actionable()))
+    assert capsys.readouterr().err == (
+        "error: 2 changes from XNAT held back (sub-SUBJ01/ses-MR1): files of this session changed on disk; 1 more "
+        "of the same subject waits with them; apply --repair-drift carries them out, keeping a copy of each changed "
+        "file\n")
 
 
 def test_nothing_changed_is_empty_plan():  # row 19
