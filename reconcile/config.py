@@ -306,7 +306,8 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
     if bad_target:
         raise ConfigError(
             f"{where}: bidsmap target {bad_target[1]!r} for {bad_target[0]!r} is not a ReproIn series name",
-            hint="a ReproIn name such as \"anat-T1w_acq-mprage\": no '/', '\\', '..', spaces or control characters",
+            hint="a ReproIn name such as \"anat-T1w_acq-mprage\": ASCII letters and digits, '-', '_' and '+' only "
+                 "(BIDS labels hold letters and digits alone)",
         )
     naming = data.get("naming", {})
     slurm = data.get("slurm", {})
@@ -332,7 +333,8 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
     )
 
 
-_UNSAFE_TARGET = re.compile(r"[/\\\s\x00-\x1f\x7f]|\.\.")
+# BIDS labels are ASCII letters and digits: a ReproIn name is those, '-', '_' and '+' (`_run+`).
+_UNSAFE_TARGET = re.compile(r"[^A-Za-z0-9_+\-]")
 
 
 def _conversion_tables(data: dict[str, Any]) -> list[Any]:

@@ -13,6 +13,7 @@ import csv
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -176,6 +177,7 @@ def convert_session(
     table = _read_table(staging_root, address, selected)
     names = _as_converted(names, selected, table, _series_names(staging_root, address))
     _check_no_dups(outputs, table, selected, renames, address)
+    _check_bids_names(outputs, selected, address)
     warnings = _unconverted(selected, table)
     if warnings:
         with open(log_path, "a", encoding="utf-8") as log:
@@ -331,6 +333,31 @@ def _check_no_dups(outputs: Sequence[str], table: _Table | None, scans: Sequence
         hint=f"if the earlier scans were repeated (e.g. cancelled) attempts, leave them out with skip = [{skip}] "
              "in [project.<project>.sessions.<session label>]; if all are wanted, give them run numbers by "
              f"ending their ReproIn name with _run+ (on the scanner, or with [conversion] bidsmap{example})",
+    )
+
+
+# A BIDS file name: entities `key-label` (a label is ASCII letters and digits; `+` too, as some
+# tools write it) joined by `_`, then a suffix and extensions.
+_BIDS_NAME = re.compile(r"(?:[a-zA-Z0-9]+-[a-zA-Z0-9+]+_)+[a-zA-Z0-9]+(?:\.[a-zA-Z0-9]+)+")
+# What a ReproIn series name may hold and stay a valid BIDS name once heudiconv has split it.
+_REPROIN_NAME = re.compile(r"[A-Za-z0-9_+\-]*")
+
+
+def _check_bids_names(outputs: Sequence[str], scans: Sequence[_ScanDir], address: BidsAddress) -> None:
+    """Refuse output names the BIDS validator rejects: heudiconv takes a series name's space or
+    accented letter into an entity's label as it is (`task-rest run`)."""
+    bad = [o for o in outputs if not _BIDS_NAME.fullmatch(o.rsplit("/", 1)[-1])]
+    if not bad:
+        return
+    odd = [s for s in scans if s.description and not _REPROIN_NAME.fullmatch(s.description)]
+    which = ", ".join(f"scan {s.scan_id} {_quoted(s.description)}" for s in odd) or "a series name"
+    example = f', e.g. "{odd[0].description}" = "{re.sub(r"[^A-Za-z0-9_+-]", "", odd[0].description)}"' if odd else ""
+    raise ConversionError(
+        f"{address}: the conversion wrote {len(bad)} file(s) whose names are not valid BIDS ({bad[0]}"
+        + (", …" if len(bad) > 1 else "") + "): a BIDS label holds ASCII letters and digits alone",
+        detail="\n".join(f"  {b}" for b in bad[:20]),
+        hint=f"{which} holds other characters (a space, an accented letter); give it a ReproIn name with "
+             f"[conversion] bidsmap{example}",
     )
 
 

@@ -152,7 +152,8 @@ def test_credentials_in_xnat_url_are_refused_without_being_shown(tmp_path, url):
 
 
 @pytest.mark.parametrize("where", ["[conversion]", "[project.P.conversion]", "[project.P.sessions.S1]"])
-@pytest.mark.parametrize("target", ["anat-T1w_acq-../../x", "anat/T1w", "anat-T1w acq", "func\\\\bold"])
+@pytest.mark.parametrize("target", ["anat-T1w_acq-../../x", "anat/T1w", "anat-T1w acq", "func\\\\bold",
+                                    "anat-T1w_acq-mprage\u00fc", "anat-T1w_acq-0.8mm"])
 def test_a_bidsmap_target_that_is_not_a_reprOin_name_is_refused(tmp_path, where, target):
     path = tmp_path / "x.toml"
     path.write_text(f'{where}\nbidsmap = {{ "MPRAGE*" = "{target}" }}\n')

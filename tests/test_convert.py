@@ -465,6 +465,22 @@ def test_repeated_series_without_run_plus_fail_naming_the_dup_files_and_scans(tm
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("description", ["func-bold_task-rest run", "anat-T1w_acq-mprage\u00fc"])
+def test_a_series_name_that_gives_invalid_bids_names_fails_naming_the_scan(tmp_path: Path, description: str) -> None:
+    # heudiconv takes a space or an accented letter into an entity's label as it is; the BIDS
+    # validator rejects such names (INVALID_ENTITY_LABEL), so they are never committed.
+    kind = "func" if description.startswith("func") else "anat"
+    write_session(tmp_path / "dicom", "01", "a", series=(SeriesSpec(description, kind),))
+    with pytest.raises(ConversionError) as info:
+        _convert(tmp_path / "dicom", tmp_path)
+    error = info.value
+    assert error.summary.startswith("sub-01/ses-a: the conversion wrote ") and "not valid BIDS" in error.summary
+    assert description.split("_")[-1] in (error.detail or "")
+    assert f"scan 1 {description!r} holds other characters" in (error.hint or "")
+    assert "[conversion] bidsmap" in (error.hint or "")
+
+
+@pytest.mark.slow
 def test_the_bidsmap_the_dup_error_suggests_numbers_the_runs(tmp_path: Path) -> None:
     write_session(tmp_path / "dicom", "01", "a", series=REPEATED_SERIES)
     settings = ConversionSettings(bidsmap=(("func-bold_task-rest", "func-bold_task-rest_run+"),))
