@@ -31,6 +31,7 @@ from reconcile.dataset import (
     ensure_dataset_description,
     ensure_participant,
     remove_session_row,
+    session_acq_time,
     update_sessions_tsv,
 )
 from reconcile.durable import fsync_dir, fsync_file, fsync_tree, write_atomic
@@ -578,7 +579,7 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
         root,
         record.bids_subject,
         record.bids_session,
-        acq_time=f"{record.date}T00:00:00" if record.date else "n/a",
+        acq_time=session_acq_time(root, record.bids_subject, record.bids_session, record.date),
         xnat_experiment_id=record.experiment_id,
         xnat_insert_date=record.insert_date,
     )

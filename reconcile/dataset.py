@@ -160,6 +160,24 @@ def update_sessions_tsv(root: Path, bids_subject: str, bids_session: str, *, acq
     _ensure_json_keys(Path(root), "scans.json", SCANS_COLUMN_DESCRIPTIONS)
 
 
+def session_acq_time(root: Path, bids_subject: str, bids_session: str, date: str | None) -> str:
+    """When the session's first data was acquired: the earliest `acq_time` of its scans.tsv (the
+    DICOM's, as heudiconv writes it), else its XNAT date at midnight, else n/a. Not the XNAT date
+    alone: labs re-date a session to have it exported again."""
+    path = Path(root) / f"sub-{bids_subject}" / f"ses-{bids_session}" / f"sub-{bids_subject}_ses-{bids_session}_scans.tsv"
+    try:
+        table = _Tsv.read(path)
+    except (OSError, UnicodeDecodeError):
+        table = _Tsv([], [])
+    times = []
+    if "acq_time" in table.header:
+        at = table.header.index("acq_time")
+        times = [row[at] for row in table.rows if len(row) > at and row[at][:4].isdigit()]
+    if times:
+        return min(times)
+    return f"{date}T00:00:00" if date else NA
+
+
 def _sessions_path(root: Path, bids_subject: str) -> Path:
     return root / f"sub-{bids_subject}" / f"sub-{bids_subject}_sessions.tsv"
 

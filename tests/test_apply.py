@@ -273,6 +273,10 @@ def test_keep_dicom_user_edits_and_git_commit(cli, emulator, tmp_path):
     # A user adds a column and a note file; a re-dated re-export keeps both.
     sessions_tsv = root / "sub-01/sub-01_sessions.tsv"
     rows = sessions_tsv.read_text().splitlines()
+    # acq_time is when the first scan was acquired (heudiconv's scans.tsv, from the DICOM).
+    scans_tsv = (root / "sub-01/ses-01MR1/sub-01_ses-01MR1_scans.tsv").read_text().splitlines()
+    acquired = min(line.split("\t")[1] for line in scans_tsv[1:])
+    assert rows[1].split("\t")[:2] == ["ses-01MR1", acquired] and not acquired.endswith("T00:00:00")
     sessions_tsv.write_text("\n".join([rows[0] + "\tnotes"] + [r + "\tgood scan" for r in rows[1:]]) + "\n")
     participants = root / "participants.tsv"
     participants.write_text("participant_id\tage\nsub-01\t42\n")
@@ -281,7 +285,9 @@ def test_keep_dicom_user_edits_and_git_commit(cli, emulator, tmp_path):
     redate(emulator, exps["01_MR1"], "2024-05-05")
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
     assert code == 0, out + err
-    assert "good scan" in sessions_tsv.read_text() and "2024-05-05" in sessions_tsv.read_text()
+    # The re-date (how labs force a re-export) does not move acq_time.
+    assert "good scan" in sessions_tsv.read_text() and "2024-05-05" not in sessions_tsv.read_text()
+    assert f"ses-01MR1\t{acquired}\t" in sessions_tsv.read_text()
     assert participants.read_text() == "participant_id\tage\nsub-01\t42\n"
     assert note.read_text() == "my notes"
     recorded = {o.path for o in read_lock(root).sessions[exps["01_MR1"].id].outputs}
