@@ -178,7 +178,7 @@ def convert_session(
     names = _as_converted(names, selected, table, _series_names(staging_root, address))
     _check_no_dups(outputs, table, selected, renames, address)
     _check_bids_names(outputs, selected, address)
-    warnings = _unconverted(selected, table)
+    warnings = _unconverted(selected, table, settings.heuristic)
     if warnings:
         with open(log_path, "a", encoding="utf-8") as log:
             log.writelines(f"{utc_now()} warning: {w}\n" for w in warnings)
@@ -361,7 +361,7 @@ def _check_bids_names(outputs: Sequence[str], scans: Sequence[_ScanDir], address
     )
 
 
-def _unconverted(scans: Sequence[_ScanDir], table: _Table | None) -> tuple[str, ...]:
+def _unconverted(scans: Sequence[_ScanDir], table: _Table | None, heuristic: str = "reproin") -> tuple[str, ...]:
     """A warning for each selected scan none of whose series heudiconv converted to anything."""
     if table is None:
         return ()
@@ -379,7 +379,13 @@ def _unconverted(scans: Sequence[_ScanDir], table: _Table | None) -> tuple[str, 
         if not series:
             warnings.append(f"{what}: heudiconv read no DICOM series from it (see the heudiconv log)")
             continue
-        example = f', e.g. "{description}" = "anat-T1w"' if description else ""
+        if heuristic != "reproin":  # a lab's own heuristic: its rules, not ReproIn's names, decide
+            warnings.append(f"{what}: the heuristic {heuristic} gave it no BIDS name; extend the heuristic, or "
+                            "leave the scan out with [conversion] skip")
+            continue
+        # No guessed target: pasted as it is, a wrong datatype would mislabel data; this one is refused.
+        example = f', e.g. "{description}" = "<its ReproIn name: anat-T1w, func-bold_task-rest, dwi_dir-AP, …>"' \
+            if description else ""
         warnings.append(f"{what}: the heuristic did not recognise it; name the series by ReproIn conventions "
                         f"(e.g. anat-T1w_acq-mprage) or map it with [conversion] bidsmap{example}, "
                         "or leave it out with [conversion] skip")

@@ -503,7 +503,7 @@ def test_selected_scan_the_heuristic_does_not_recognise_is_a_warning(tmp_path: P
     assert len(result.warnings) == 1
     warning = result.warnings[0]
     assert warning.startswith("scan 2 'T1 MPRAGE (sag) ü' was selected but converted to nothing")
-    assert "ReproIn" in warning and '"T1 MPRAGE (sag) ü" = "anat-T1w"' in warning
+    assert "ReproIn" in warning and '"T1 MPRAGE (sag) ü" = "<its ReproIn name: anat-T1w, func-bold_task-rest' in warning
     log = (tmp_path / "convert.log").read_text(encoding="utf-8")
     assert log.rstrip().splitlines()[-1].endswith(f"warning: {warning}")
 
@@ -864,3 +864,15 @@ def test_a_series_name_with_a_slash_fails_the_session_instead_of_nesting_folders
     assert "below a folder of its own, which BIDS has no place for" in info.value.summary
     assert "[conversion.bidsmap]" in (info.value.hint or "")
     assert not list(tmp_path.glob("**/tmp/y")) and not (tmp_path / "y").exists()
+
+
+def test_a_scan_a_custom_heuristic_leaves_unnamed_gets_no_reproin_advice() -> None:
+    from reconcile.convert import _ScanDir, _Table, _unconverted
+
+    table = _Table(names={"1-a": (), "2-b": ("{bids_subject_session_dir}/anat/x_T1w",)}, scans={"1-a": ("1",), "2-b": ("2",)})
+    scans = [_ScanDir("1", Path("1"), "dwi_dir-AP"), _ScanDir("2", Path("2"), "t1")]
+    [warning] = _unconverted(scans, table, "/lab/heuristic.py")
+    assert warning == ("scan 1 'dwi_dir-AP' was selected but converted to nothing: the heuristic /lab/heuristic.py "
+                       "gave it no BIDS name; extend the heuristic, or leave the scan out with [conversion] skip")
+    [reproin] = _unconverted(scans, table)
+    assert "ReproIn" in reproin and "anat-T1w\"" not in reproin  # no target that would mislabel a DWI
