@@ -12,6 +12,7 @@ import filecmp
 import glob
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -296,6 +297,12 @@ def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Pat
             orphaned = False
             if name.endswith("_events.tsv"):
                 ran, now = _run_of(path), _run_of(dest)
+                home = _events_of_run(ran, dest.parent) if ran is not None and ran != now else None
+                if home is not None and home != dest:  # its run renumbered (an earlier one deleted): they follow it
+                    if notes is not None:
+                        notes.append(f"{rel}: moved with its run to {home.name} (a run deleted in XNAT renumbers "
+                                     "the rest)")
+                    dest, now = home, ran
                 orphaned = None not in (ran, now) and ran != now
             if _is_events_stub(dest) and not orphaned:
                 dest.unlink()  # the lab's events (filled in or not) over heudiconv's new stub
@@ -322,12 +329,28 @@ def _run_of(events: Path) -> tuple[Any, Any] | None:
     stem = events.name[: -len("_events.tsv")]
     echoes = sorted(events.parent.glob(f"{glob.escape(stem)}_echo-*_bold.json"))
     for sidecar in [events.with_name(f"{stem}_bold.json"), *echoes]:
-        try:
-            meta = json.loads(sidecar.read_bytes())
-        except (OSError, ValueError):
-            continue
-        if isinstance(meta, dict):
-            return meta.get("SeriesNumber"), meta.get("AcquisitionTime")
+        run = _acquisition(sidecar)
+        if run is not None:
+            return run
+    return None
+
+
+def _acquisition(sidecar: Path) -> tuple[Any, Any] | None:
+    try:
+        meta = json.loads(sidecar.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return (meta.get("SeriesNumber"), meta.get("AcquisitionTime")) if isinstance(meta, dict) else None
+
+
+def _events_of_run(run: tuple[Any, Any], folder: Path) -> Path | None:
+    """Where the task events of the acquisition `run` go in a new conversion's `folder`: beside
+    the BOLD run with its SeriesNumber and AcquisitionTime, whatever its name now. None: not there."""
+    if None in run:
+        return None
+    for sidecar in sorted(folder.glob("*_bold.json")):
+        if _acquisition(sidecar) == run:
+            return folder / (re.sub(r"(_echo-\d+)?_bold\.json$", "", sidecar.name) + "_events.tsv")
     return None
 
 

@@ -803,8 +803,10 @@ def _no_output_reason(log_path: Path, attempt: int = 0, dicom_only: Path | None 
     except OSError:
         kept_as_dicom = []
     if kept_as_dicom:
-        return (f"the heuristic keeps this session's series as DICOM only ({', '.join(kept_as_dicom)}: "
-                "scouts and localizers in ReproIn), which gives no BIDS files; --keep-dicom keeps the export")
+        # heudiconv's templates ({bids_subject_session_dir}/anat/{bids_subject_session_prefix}_acq-x_scout): their names
+        names = sorted({t.rsplit("/", 1)[-1].replace("{bids_subject_session_prefix}_", "") for t in kept_as_dicom})
+        return (f"the heuristic keeps every selected series as DICOM only ({', '.join(names)}: scouts and "
+                "localizers in ReproIn), which gives no BIDS files; a session of nothing else has nothing to export")
     text = _log_text(log_path, attempt)
     if "Generated sequence info with 0 entries" in text:
         return "heudiconv found no readable DICOM series in the export"

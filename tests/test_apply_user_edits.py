@@ -150,7 +150,7 @@ def test_task_events_are_the_labs_to_fill_in_and_survive_a_reconversion(cli, emu
     assert cli("check", str(root), "--full")[0] == 0
 
 
-def test_filled_in_events_of_a_run_deleted_in_xnat_are_set_aside_not_paired_with_the_next_run(
+def test_filled_in_events_follow_their_renumbered_run_and_those_of_a_deleted_run_are_set_aside(
         cli, emulator, tmp_path):
     import requests
 
@@ -164,6 +164,9 @@ def test_filled_in_events_of_a_run_deleted_in_xnat_are_set_aside_not_paired_with
     func = root / "sub-01/ses-01MR1/func"
     run1 = func / "sub-01_ses-01MR1_task-checks_run-01_events.tsv"
     run1.write_bytes(FILLED)  # the lab's events for the first run (scan 1)
+    run2 = func / "sub-01_ses-01MR1_task-checks_run-02_events.tsv"
+    second = b"onset\tduration\ttrial_type\n5\t10\tchecks\n"
+    run2.write_bytes(second)  # and for the second (scan 2), which becomes run-01
     first = sorted(emulator.archive.get_session(exp.id).scans)[0]
     gone = requests.delete(f"{emulator.url}/data/experiments/{exp.id}/scans/{first}",
                            auth=(emulator.user, emulator.password), timeout=10)
@@ -173,10 +176,14 @@ def test_filled_in_events_of_a_run_deleted_in_xnat_are_set_aside_not_paired_with
     assert code == 0 and f"scan {first} removed" in out, out + err
     rel = run1.relative_to(root).as_posix()
     assert f"{rel}: its run's name is another series' now" in out
-    assert run1.read_bytes() != FILLED and b"TODO" in run1.read_bytes()  # heudiconv's stub for the new run-01
-    assert not (func / "sub-01_ses-01MR1_task-checks_run-02_bold.nii.gz").exists()
+    # The second run's events follow it to its new name, over heudiconv's stub; none is left
+    # behind under run-02, where a run added later would find them.
+    assert run1.read_bytes() == second
+    assert f"{run2.relative_to(root).as_posix()}: moved with its run to {run1.name}" in out
+    assert not (func / "sub-01_ses-01MR1_task-checks_run-02_bold.nii.gz").exists() and not run2.exists()
     [kept] = (root / ".xnat2bids/replaced" / exp.id).glob(f"*/{rel}")
     assert kept.read_bytes() == FILLED
+    assert cli("check", str(root), "--full")[0] == 0
 
 
 @pytest.mark.parametrize("filled", [False, True], ids=["stub", "filled-in"])

@@ -342,7 +342,8 @@ def test_a_session_of_scouts_only_says_the_heuristic_keeps_them_as_dicom(tmp_pat
     with pytest.raises(ConversionError) as exc:
         _convert(dicom, tmp_path)
     assert "heudiconv produced no NIfTI" in exc.value.summary
-    assert "keeps this session's series as DICOM only" in exc.value.hint and "scout" in exc.value.hint
+    assert "keeps every selected series as DICOM only (acq-localizer_scout: scouts" in exc.value.hint
+    assert "{" not in exc.value.hint and "--keep-dicom" not in exc.value.hint  # no template text, no false remedy
 
 
 @pytest.mark.slow
