@@ -36,6 +36,7 @@ CREATE_POINTS = [
     "commit-journaled",           # journal written, nothing moved yet
     "commit-moved",               # session folder in place, no provenance, no lock entry
     "atomic-temp-written:dataset_description.json",  # its temp file written, not yet renamed
+    "atomic-temp-written:sub-01_sessions.tsv",  # (a re-dated re-export leaves sessions.tsv as it is)
     "commit-provenance-written",  # sessions.tsv/participants written, lock not yet
     "lock-temp-written",          # lock temp file complete and fsynced, os.replace not done
     "lock-replaced",              # new lock in place, directory not yet fsynced
@@ -47,7 +48,6 @@ UPDATE_POINTS = [
     "commit-journaled",
     "commit-between-renames",     # old folder moved to trash, new one not yet in place
     "commit-moved",
-    "atomic-temp-written:sub-01_sessions.tsv",
     "commit-provenance-written",
     "lock-temp-written",
 ]
