@@ -13,6 +13,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -75,6 +76,9 @@ app.add_typer(emulator_app, name="emulator")
 
 _debug = False
 _stopping = False  # a signal cancelled an apply: no further study starts
+# A second stop signal this soon after the first is the same one delivered twice (GNU timeout
+# signals its child, then its process group), not a user asking to force the stop.
+SAME_SIGNAL_S = 0.1
 _root_config: Optional[Path] = None  # `xnat2bids --config FILE <command>`
 _json_errors = False  # the command was given --json: a fatal error is a JSON document on stdout too
 
@@ -648,8 +652,12 @@ def run_apply(
             cancel = threading.Event()
             previous_handler = None
             if threading.current_thread() is threading.main_thread():
+                first: list[float] = []
+
                 def on_sigint(signum, frame):  # first Ctrl-C or SIGTERM: finish cleanly; second: hard stop
                     global _stopping
+                    if first and time.monotonic() - first[0] < SAME_SIGNAL_S:
+                        return  # the same stop twice: GNU timeout signals its child and then its process group
                     if cancel.is_set():
                         # A download that trickles, or a converter, can hold a worker for hours, and
                         # the thread pool waits for its workers however the main thread exits. Every
@@ -659,6 +667,7 @@ def run_apply(
                         echo("Forced stop: the next apply settles what was under way.", err=True)
                         os._exit(130 if signum == signal.SIGINT else 143)
                     cancel.set()
+                    first.append(time.monotonic())
                     _stopping = True
                     again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
                     echo(f"\nStopping: the sessions under way are abandoned cleanly ({again} to force).", err=True)
