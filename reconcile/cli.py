@@ -83,8 +83,16 @@ _root_config: Optional[Path] = None  # `xnat2bids --config FILE <command>`
 _json_errors = False  # the command was given --json: a fatal error is a JSON document on stdout too
 
 
+class _PipeClosed(Exception):
+    """Standard output's reader went away (`| head`). Not an OSError, which click would turn into
+    exit 1 before `_run` sees it."""
+
+
 def echo(text: str = "", *, err: bool = False) -> None:
-    typer.echo(printable(text), err=err)
+    try:
+        typer.echo(printable(text), err=err)
+    except BrokenPipeError:
+        raise _PipeClosed() from None
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default: $XNAT2BIDS_CONFIG, ./xnat2bids.toml, ~/.config/xnat2bids/xnat2bids.toml).")
@@ -1821,6 +1829,10 @@ def _run(argv: list[str] | None) -> int:
             traceback.print_exc()
         _render_error(exc)
         code = EXIT_ERROR
+    except _PipeClosed:  # `xnat2bids history | head`: the reader had enough; nothing to say
+        with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE  # as a coreutils tool killed by SIGPIPE reports it
     except OSError as exc:  # a file or folder the user named: say which, no traceback
         if _debug:
             traceback.print_exc()

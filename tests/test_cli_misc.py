@@ -497,3 +497,13 @@ def test_emulator_serve_says_when_data_holds_no_sessions(tmp_path):
     finally:
         served.kill()
         served.wait()
+
+
+def test_history_into_a_pipe_closed_early_ends_quietly_as_coreutils_do(tmp_path):
+    root = tmp_path / "bids"
+    plan = compute_plan(Lock.new(), RemoteState((), None), LocalState({}), Config())
+    entry = append_history(root, plan, ApplyReport(lock=Lock.new()))
+    (root / ".xnat2bids" / "history.jsonl").write_text((json.dumps(entry) + "\n") * 20000)
+    shell = f"{sys.executable} -m reconcile history --json {root} | head -c 10 >/dev/null; echo ${{PIPESTATUS[0]}}"
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "141" and done.stderr == "", done.stderr
