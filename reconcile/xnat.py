@@ -488,7 +488,7 @@ class XnatClient:
             if is_alias_token(user) and self.credentials.source != "token-file":
                 hint = f"the alias token may have expired (issue a new one); otherwise {hint}"
             raise AuthError(f"XNAT rejected the credentials for user {user} at {self.url}", hint=hint)
-        if resp.status_code in (404, 405):
+        if resp.status_code in (404, 405, 501):  # 501: a web server that takes no PUT at all
             raise RemoteError(
                 f"no XNAT login service at {self.url}",
                 detail=f"HTTP {resp.status_code} for {_shown_url(resp.url)}",

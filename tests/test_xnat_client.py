@@ -1008,6 +1008,16 @@ def test_stream_slots_are_released(site: Site) -> None:
         assert c.list_experiments("PROJ") == []  # would hang if a slot leaked
 
 
+@pytest.mark.parametrize("status", [404, 405, 501])
+def test_a_url_where_no_xnat_answers_the_login_is_said_with_the_base_url_hint(httpserver: HTTPServer, status: int) -> None:
+    # 501 is what a plain web server (python -m http.server) answers a PUT with.
+    httpserver.expect_request("/data/services/auth", method="PUT").respond_with_data("Error response", status=status)
+    with pytest.raises(RemoteError) as info, make_client(httpserver.url_for("/")) as c:
+        c.list_experiments("PROJ")
+    assert info.value.summary == f"no XNAT login service at {httpserver.url_for('/').rstrip('/')}"
+    assert "give the XNAT base URL" in (info.value.hint or "")
+
+
 @pytest.mark.parametrize("suffix", ["", "/"])
 def test_base_url_with_prefix_and_trailing_slash(httpserver: HTTPServer, suffix: str) -> None:
     httpserver.expect_request("/xnat/data/services/auth", method="PUT").respond_with_data("SIDX")
