@@ -690,7 +690,7 @@ def compute_plan(
         holder = holder_of.get(address)
         if holder is not None and holder.experiment_id != exp_id and holder.project not in listed_ok:
             # The folder's owner is in a project not listed this run (not selected, or its listing
-            # failed): as good as present, so this is a collision (row 17), not a free address.
+            # failed): as good as present, so this is a collision (plan-scenarios row 17), not a free address.
             # Unless its listing failed: then it may be this very session, moved, and a new label
             # would make it a second copy.
             if holder.project in blocked:
