@@ -250,8 +250,7 @@ def stage_session(
     export_session(client, exp, scans, staging / "dicom", method=export_method, cancel=cancel)
     hit("apply-exported")
     result = convert_session(
-        staging / "dicom", staging / "convert", change.address, settings, log_path=log_path, cancel=cancel,
-        selected_ids={s.id for s in scans},  # as the lock records them, not judged again by the DICOM's names
+        staging / "dicom", staging / "convert", change.address, settings, log_path=log_path, cancel=cancel
     )
     hit("apply-converted")
     outputs = staged_outputs(result.session_dir.parent.parent, result.session_dir)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -113,14 +113,11 @@ def convert_session(
     log_path: Path,
     cancel: threading.Event | None = None,
     timeout: float = 3600,
-    selected_ids: Collection[str] | None = None,
 ) -> ConversionResult:
     """Run one heudiconv call for the session in `dicom_dir`; its BIDS output lands in `work_dir/bids`.
 
     `work_dir` is removed first: a stale `.heudiconv` folder would make heudiconv silently
-    re-use an old conversion table. `dicom_dir` is only read. `selected_ids`: the scans already
-    selected (apply selects by XNAT's series descriptions, which the lock records); without it,
-    include/skip select by the DICOM's own, which may differ (edited in XNAT).
+    re-use an old conversion table. `dicom_dir` is only read.
     """
     started = time.monotonic()
     dicom_dir = Path(dicom_dir).absolute()
@@ -138,10 +135,7 @@ def convert_session(
     scans = _scan_dirs(dicom_dir)
     names = {s.scan_id: _scan_names(s.path) for s in scans}
     scans = [_ScanDir(s.scan_id, s.path, names[s.scan_id][0] or names[s.scan_id][1] or None) for s in scans]
-    if selected_ids is not None:
-        selected = [s for s in scans if s.scan_id in selected_ids]
-    else:
-        selected = [s for s in scans if settings.selects(s.scan_id, s.description or "")]
+    selected = [s for s in scans if settings.selects(s.scan_id, s.description or "")]
     if scans and not selected:
         raise nothing_selected(address, [(s.scan_id, s.description) for s in scans], settings)
     if not selected:  # apply stops a session whose selection is empty before exporting it
