@@ -334,7 +334,7 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
 
 
 # BIDS labels are ASCII letters and digits: a ReproIn name is those, '-', '_' and '+' (`_run+`).
-_UNSAFE_TARGET = re.compile(r"[^A-Za-z0-9_+\-]")
+NOT_REPROIN = re.compile(r"[^A-Za-z0-9_+\-]")
 
 
 def _conversion_tables(data: dict[str, Any]) -> list[Any]:
@@ -352,7 +352,7 @@ def _unsafe_bidsmap_target(data: dict[str, Any]) -> tuple[str, str] | None:
     for table in _conversion_tables(data):
         bidsmap = table.get("bidsmap") if isinstance(table, dict) else None
         for key, target in (bidsmap.items() if isinstance(bidsmap, dict) else ()):
-            if isinstance(target, str) and _UNSAFE_TARGET.search(target):
+            if isinstance(target, str) and NOT_REPROIN.search(target):
                 return key, target
     return None
 

@@ -26,7 +26,7 @@ from functools import cache
 from pathlib import Path
 
 from reconcile import preload
-from reconcile.config import ConversionSettings, bidsmap_target
+from reconcile.config import NOT_REPROIN, ConversionSettings, bidsmap_target
 from reconcile.errors import ConversionError
 from reconcile.failpoints import hit
 from reconcile.model import BidsAddress, utc_now
@@ -339,8 +339,6 @@ def _check_no_dups(outputs: Sequence[str], table: _Table | None, scans: Sequence
 # A BIDS file name: entities `key-label` (a label is ASCII letters and digits; `+` too, as some
 # tools write it) joined by `_`, then a suffix and extensions.
 _BIDS_NAME = re.compile(r"(?:[a-zA-Z0-9]+-[a-zA-Z0-9+]+_)+[a-zA-Z0-9]+(?:\.[a-zA-Z0-9]+)+")
-# What a ReproIn series name may hold and stay a valid BIDS name once heudiconv has split it.
-_REPROIN_NAME = re.compile(r"[A-Za-z0-9_+\-]*")
 
 
 def _check_bids_names(outputs: Sequence[str], scans: Sequence[_ScanDir], address: BidsAddress) -> None:
@@ -349,9 +347,9 @@ def _check_bids_names(outputs: Sequence[str], scans: Sequence[_ScanDir], address
     bad = [o for o in outputs if not _BIDS_NAME.fullmatch(o.rsplit("/", 1)[-1])]
     if not bad:
         return
-    odd = [s for s in scans if s.description and not _REPROIN_NAME.fullmatch(s.description)]
+    odd = [s for s in scans if s.description and NOT_REPROIN.search(s.description)]
     which = ", ".join(f"scan {s.scan_id} {_quoted(s.description)}" for s in odd) or "a series name"
-    example = f', e.g. "{odd[0].description}" = "{re.sub(r"[^A-Za-z0-9_+-]", "", odd[0].description)}"' if odd else ""
+    example = f', e.g. "{odd[0].description}" = "{NOT_REPROIN.sub("", odd[0].description)}"' if odd else ""
     raise ConversionError(
         f"{address}: the conversion wrote {len(bad)} file(s) whose names are not valid BIDS ({bad[0]}"
         + (", …" if len(bad) > 1 else "") + "): a BIDS label holds ASCII letters and digits alone",
