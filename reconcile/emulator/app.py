@@ -569,11 +569,11 @@ class EmulatorApp:
         raise HttpError(404, "The server has not found anything matching the request URI")
 
     def _subject_row(self, subject: Any, project: str | None = None) -> dict[str, str]:
-        shared = project is not None and project != subject.project  # listed as the project it is shared into
+        listed_in = project or subject.project  # the project it is shared into, when listed there
         return {
             "ID": subject.id,
-            "project": project if shared else subject.project,
-            "label": subject.shares[project] if shared else subject.label,
+            "project": listed_in,
+            "label": subject.label_in(listed_in),
             "insert_date": java_timestamp(subject.insert_date),
             "insert_user": subject.insert_user,
             "last_modified": java_timestamp(subject.last_modified),
@@ -612,19 +612,16 @@ class EmulatorApp:
         """A listing row; in the listing of a project the session is shared into, XNAT gives the
         label, subject label and project it has there (ProjSubExptList)."""
         subject = self.archive.subjects.get(experiment.subject_id)
-        shared = project is not None and project != experiment.project
-        subject_label = subject.label if subject else ""
-        if shared and subject is not None:
-            subject_label = subject.shares.get(project, subject.label)
+        listed_in = project or experiment.project
         return {
             "ID": experiment.id,
-            "project": project if shared else experiment.project,
+            "project": listed_in,
             "date": experiment.date,
             "xsiType": experiment.xsi_type,
-            "label": experiment.label_in(project) if shared else experiment.label,
+            "label": experiment.label_in(listed_in),
             "insert_date": java_timestamp(experiment.insert_date),
             "subject_ID": experiment.subject_id,
-            "subject_label": subject_label,
+            "subject_label": subject.label_in(listed_in) if subject else "",
             "last_modified": java_timestamp(experiment.last_modified),
             "insert_user": experiment.insert_user,
             "time": experiment.time,

@@ -227,8 +227,24 @@ class Project:
     pi_lastname: str = ""
 
 
+class _Shareable:
+    """What a subject and a session have of XNAT's sharing: a project and label of their own, and
+    `shares` (project shared into -> label there)."""
+
+    label: str
+    project: str
+    shares: dict[str, str]
+
+    def label_in(self, project: str) -> str:
+        """Its label as `project` lists it: its own, or the one it was shared under."""
+        return self.label if project == self.project else self.shares.get(project, self.label)
+
+    def belongs_to(self, project: str) -> bool:
+        return project == self.project or project in self.shares
+
+
 @dataclass
-class Subject:
+class Subject(_Shareable):
     id: str
     label: str
     project: str
@@ -239,7 +255,7 @@ class Subject:
 
 
 @dataclass
-class Experiment:
+class Experiment(_Shareable):
     id: str
     label: str
     project: str
@@ -253,13 +269,6 @@ class Experiment:
     note: str = ""
     scans: dict[str, Scan] = field(default_factory=dict)
     shares: dict[str, str] = field(default_factory=dict)  # project shared into -> label there
-
-    def label_in(self, project: str) -> str:
-        """Its label as `project` lists it: its own, or the one it was shared under."""
-        return self.label if project == self.project else self.shares.get(project, self.label)
-
-    def belongs_to(self, project: str) -> bool:
-        return project == self.project or project in self.shares
 
     @property
     def modality(self) -> str:
@@ -359,7 +368,7 @@ class Archive:
     def find_subject(self, project: str, key: str) -> Subject | None:
         """A subject by ID or label within a project (its own, or one it is shared into)."""
         subject = self.subjects.get(key)
-        if subject is not None and (subject.project == project or project in subject.shares):
+        if subject is not None and subject.belongs_to(project):
             return subject
         subject_id = self._subject_labels.get((project, key))
         return None if subject_id is None else self.subjects.get(subject_id)
@@ -375,7 +384,7 @@ class Archive:
 
     def subjects_of(self, project: str) -> list[Subject]:
         with self._lock:
-            return [s for s in self.subjects.values() if s.project == project or project in s.shares]
+            return [s for s in self.subjects.values() if s.belongs_to(project)]
 
     # -- sessions ---------------------------------------------------------------------------
 
