@@ -638,8 +638,8 @@ def run_apply(
                                       reconvert_outdated=reconvert_outdated, full=full)
             echo(render_text(repairing(plan) if repair_drift else plan))
             todo = plan.actionable(repair_drift=repair_drift)
-            untouched = _left_alone(plan, todo)
             held = _held_back(plan, todo)
+            untouched = _left_alone(plan, todo, held)
             if todo:
                 _refuse_whitespace(root)
             if not todo:
@@ -835,17 +835,16 @@ def _say_held_back(held: tuple[Change, ...]) -> None:
          "carries them out, keeping a copy of each changed file", err=True)
 
 
-def _left_alone(plan: Plan, todo: tuple[Change, ...]) -> str:
+def _left_alone(plan: Plan, todo: tuple[Change, ...], held: tuple[Change, ...]) -> str:
     """What apply leaves as it is by design (drift and updates over edited outputs unless
     --repair-drift, orphans), for its summary:
     " Left as they are: 1 drifted, 1 update held back, 2 orphaned (see the plan's notes)." or ""."""
     carried = set(map(id, todo))
     left = [c.action for c in plan.changes if id(c) not in carried]
-    held = len(_held_back(plan, todo))
     stopped = sum(1 for p in plan.problems if p.experiment_id)  # a collision, an unsafe label: sessions left out
     parts = [f"{n} {word}" for n, word in (
         (left.count(Action.DRIFT), "drifted"),
-        (held, "update held back" if held == 1 else "updates held back"),
+        (len(held), "update held back" if len(held) == 1 else "updates held back"),
         (left.count(Action.ORPHAN), "orphaned"),
         (stopped, "session error" if stopped == 1 else "session errors"),
     ) if n]
