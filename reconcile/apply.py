@@ -257,10 +257,32 @@ def stage_session(
     # The lock will vouch for these bytes: they reach the disk before it is written (here, in
     # parallel workers, rather than in the one-at-a-time commit).
     fsync_tree(result.session_dir)
+    disagreeing = _left_out_by_dicom(scans, result.names, settings)
+    if disagreeing:
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.writelines(f"{utc_now()} warning: {w}\n" for w in disagreeing)
+    warnings = result.warnings + disagreeing
     return StagedSession(
         change, exp, change.address, scans, result.session_dir, staging / "dicom", log_path, tools, settings, outputs,
-        result.warnings, tuple(s for s in listed if not settings.selects(s.id, s.series_description)), result.names,
+        warnings, tuple(s for s in listed if not settings.selects(s.id, s.series_description)), result.names,
     )
+
+
+def _left_out_by_dicom(scans: Iterable[Scan], names: Mapping[str, tuple[str, str]],
+                       settings: ConversionSettings) -> tuple[str, ...]:
+    """A warning for each scan that XNAT's series description selected, so it was downloaded, but
+    that include/skip leave out by its DICOM's SeriesDescription (else ProtocolName), which the
+    conversion goes by. Where XNAT lists no description, judging by the DICOM is the design and
+    says nothing."""
+    out = []
+    for s in scans:
+        description, protocol = names.get(s.id, ("", ""))
+        judged = description or protocol
+        if s.series_description and judged and not settings.selects(s.id, judged):
+            out.append(f'scan {s.id}: XNAT lists it as "{s.series_description}" but its DICOM says "{judged}", '
+                       "which [conversion] include/skip leave out: it was downloaded but not converted; if it "
+                       "should be, change include/skip (or a [project.<project>.sessions.<session label>] table's)")
+    return tuple(out)
 
 
 def _copy_user_files(old_dir: Path, new_dir: Path, recorded: set[str], root: Path, kept: Path, *,

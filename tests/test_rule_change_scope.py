@@ -10,6 +10,7 @@ import json
 import pydicom
 from worlds import SMALL, add, write_config
 
+from reconcile.apply import WorkArea
 from reconcile.emulator.dicomgen import DEFAULT_SERIES
 from reconcile.lock import FORMAT_VERSION, read_lock
 
@@ -98,6 +99,23 @@ def test_a_session_whose_xnat_descriptions_are_not_what_the_conversion_matched_t
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c", str(write_config(tmp_path, "")))
     assert code == 0, out + err
     assert any("/func/" in f for f in _files(root))
+
+
+def test_a_scan_xnat_selects_but_its_dicom_description_leaves_out_is_a_warning(cli, emulator, tmp_path):
+    # XNAT's description was edited after the upload; the DICOM still says what the skip matches.
+    e = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
+    emulator.archive.get_scan(e.id, "2").series_description = "resting state"
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c",
+                         str(write_config(tmp_path, '[conversion]\nskip = ["func-*"]')))
+    assert code == 0, out + err
+    assert not any("/func/" in f for f in _files(root))
+    assert ('warning: scan 2: XNAT lists it as "resting state" but its DICOM says "func-bold_task-rest", which '
+            "[conversion] include/skip leave out: it was downloaded but not converted") in out
+    assert 'XNAT lists it as "resting state"' in WorkArea(root).log(e.id).read_text()
+    rec = read_lock(root).sessions[e.id]
+    assert [s.id for s in rec.scans] == ["1", "2"]  # both exported
+    assert rec.unselected_scans is None  # a rule change is judged on no description: any counts
 
 
 def _set_protocol_name(archive, exp_id: str, scan_id: str, protocol: str) -> None:
