@@ -45,6 +45,10 @@ class ConversionCancelled(ConversionError):
     """The run was cancelled (Ctrl-C, scancel) while this conversion waited or ran."""
 
 
+class _HeudiconvFailed(ConversionError):
+    """heudiconv ended with a non-zero status: `convert_session` may know why better than its log."""
+
+
 @dataclass(frozen=True)
 class ConversionResult:
     staging_root: Path  # a BIDS dataset made by heudiconv in the work dir
@@ -72,6 +76,7 @@ class _Table:
 
     names: dict[str, tuple[str, ...]]  # series → BIDS name templates it was converted to
     scans: dict[str, tuple[str, ...]]  # series → IDs of the scan folders its DICOM came from
+    files: frozenset[str] = frozenset()  # absolute paths of the files it grouped into series
 
 
 # Below this much free space a converter's failure is put down to the full disk.
@@ -160,7 +165,19 @@ def convert_session(
     ]
     # The log is the session's, shared with apply and earlier attempts: read only this attempt's part.
     attempt = log_path.stat().st_size if log_path.exists() else 0
-    _run(args, work_dir, log_path, cancel, timeout, address, attempt)
+    try:
+        _run(args, work_dir, log_path, cancel, timeout, address, attempt)
+    except _HeudiconvFailed as exc:
+        slashed = [s for s in selected if s.description not in renames and "/" in "".join(names[s.scan_id])]
+        if not slashed:
+            raise
+        scan = slashed[0]
+        name = next(n for n in names[scan.scan_id] if "/" in n)
+        raise ConversionError(
+            f"{address}: heudiconv failed on scan {scan.scan_id}, whose series name {name!r} has a '/' "
+            "(BIDS file names cannot hold one)", detail=exc.detail,
+            hint=f'map the scan in [conversion.bidsmap], e.g. "{name}" = "<its ReproIn name without \'/\'>", '
+                 "or leave it out with [conversion] skip") from exc
 
     session_dir = staging_root / f"sub-{address.subject}" / f"ses-{address.session}"
     files = sorted(p for p in session_dir.rglob("*") if p.is_file()) if session_dir.is_dir() else []
@@ -178,7 +195,7 @@ def convert_session(
     names = _as_converted(names, selected, table, _series_names(staging_root, address))
     _check_no_dups(outputs, table, selected, renames, address)
     _check_bids_names(outputs, selected, address)
-    warnings = _unconverted(selected, table, settings.heuristic)
+    warnings = _unconverted(selected, table, settings.heuristic) + _unread(selected, table)
     if warnings:
         with open(log_path, "a", encoding="utf-8") as log:
             log.writelines(f"{utc_now()} warning: {w}\n" for w in warnings)
@@ -244,16 +261,18 @@ def _read_table(staging_root: Path, address: BidsAddress, scans: Sequence[_ScanD
                 names.setdefault(str(series), []).append(str(template))
     folders = {os.path.abspath(s.path): s.scan_id for s in scans}
     scan_ids: dict[str, tuple[str, ...]] = {}
+    grouped: set[str] = set()
     for series, paths in filegroup.items():
         found: set[str] = set()
         for path in paths if isinstance(paths, list) else []:
             path = os.path.abspath(str(path))
+            grouped.add(path)
             for folder in (path, *(str(p) for p in Path(path).parents)):
                 if folder in folders:
                     found.add(folders[folder])
                     break
         scan_ids[str(series)] = tuple(sorted(found, key=_natural_key))
-    return _Table({k: tuple(v) for k, v in names.items()}, scan_ids)
+    return _Table({k: tuple(v) for k, v in names.items()}, scan_ids, frozenset(grouped))
 
 
 def _series_names(staging_root: Path, address: BidsAddress) -> dict[str, tuple[str, str]] | None:
@@ -390,6 +409,41 @@ def _unconverted(scans: Sequence[_ScanDir], table: _Table | None, heuristic: str
     return tuple(warnings)
 
 
+# DICOM that heudiconv leaves out on purpose: no image in them.
+_NOT_IMAGES = frozenset({"1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.11.1"})  # Raw Data, GSPS
+
+
+def _unread(scans: Sequence[_ScanDir], table: _Table | None) -> tuple[str, ...]:
+    """A warning for each selected scan some of whose files heudiconv could not read as DICOM (cut
+    short, or not DICOM at all): it converts the rest without a word, so a volume may lack slices."""
+    if table is None or not table.files:
+        return ()
+    warnings = []
+    for scan in scans:
+        files = list(_dicom_files(scan.path))
+        unread = [f for f in files if os.path.abspath(f) not in table.files and not _holds_no_image(f)]
+        if unread and len(unread) < len(files):  # none read at all is `_unconverted`'s warning
+            shown = ", ".join(f.relative_to(scan.path).as_posix() for f in unread[:3])
+            more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
+            warnings.append(f"scan {scan.scan_id} {_quoted(scan.description)}: heudiconv could not read "
+                            f"{len(unread)} of its {len(files)} files as DICOM ({shown}{more}) and converted the "
+                            "others, so its images may lack slices or volumes; check the files in XNAT and, once "
+                            "mended there, re-date the session to export it again")
+    return tuple(warnings)
+
+
+def _holds_no_image(path: Path) -> bool:
+    """Whether `path` is whole DICOM of a kind that holds no image (raw data, presentation state)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except (InvalidDicomError, OSError, ValueError, EOFError):
+        return False
+    return str(ds.get("SOPClassUID", "")) in _NOT_IMAGES
+
+
 def _scan_dirs(dicom_dir: Path) -> list[_ScanDir]:
     if not dicom_dir.is_dir():
         raise ConversionError(f"DICOM folder {dicom_dir} does not exist")
@@ -418,6 +472,9 @@ def _dicom_files(path: Path) -> Iterator[Path]:
                 yield candidate
 
 
+_NAMELESS_READS = 16
+
+
 def _scan_names(path: Path) -> tuple[str, str]:
     """(SeriesDescription, ProtocolName) of the first readable DICOM under `path`, "" where absent:
     heudiconv's seqinfo carries both, and the conversion selects and renames by them."""
@@ -426,13 +483,19 @@ def _scan_names(path: Path) -> tuple[str, str]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    read = 0
     for candidate in _dicom_files(path):
         try:
             ds = pydicom.dcmread(candidate, stop_before_pixels=True,
                                  specific_tags=["SeriesDescription", "ProtocolName"])
         except (InvalidDicomError, OSError, ValueError, EOFError):
             continue
-        return str(ds.get("SeriesDescription", "") or ""), str(ds.get("ProtocolName", "") or "")
+        names = str(ds.get("SeriesDescription", "") or ""), str(ds.get("ProtocolName", "") or "")
+        read += 1
+        # A file cut short may still parse, without its names: the next one tells. Bounded, for
+        # a series that has no names at all.
+        if any(names) or read >= _NAMELESS_READS:
+            return names
     return "", ""
 
 
@@ -661,7 +724,7 @@ def _run(args: list[str], work_dir: Path, log_path: Path, cancel: threading.Even
         raise ConversionError(f"{address}: heudiconv was killed by {_signal_name(-returncode)}",
                               detail=_tail(log_path, attempt), hint=hint)
     if returncode != 0:
-        raise ConversionError(f"{address}: heudiconv failed (exit status {returncode})",
+        raise _HeudiconvFailed(f"{address}: heudiconv failed (exit status {returncode})",
                               detail=_tail(log_path, attempt), hint=hint)
 
 

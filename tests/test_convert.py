@@ -549,6 +549,53 @@ def test_unreadable_dicom_is_a_conversion_error_pointing_at_the_log(tmp_path: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("first", [True, False])
+def test_a_scan_with_a_file_cut_short_converts_the_rest_with_a_warning_naming_it(tmp_path: Path, first: bool) -> None:
+    write_session(tmp_path / "dicom", "01", "a", series=(SeriesSpec("anat-T1w_acq-memprage", "anat", n_slices=4),))
+    files = sorted((tmp_path / "dicom" / "1").iterdir())
+    cut = files[0 if first else -1]
+    cut.write_bytes(cut.read_bytes()[:300])  # its header stops before SeriesNumber
+    result = _convert(tmp_path / "dicom", tmp_path)
+    # A file cut short first did not hide the series' name: the T1w is still named by it.
+    assert "anat/sub-01_ses-a_acq-memprage_T1w.nii.gz" in _session_files(result)
+    assert result.warnings == (
+        f"scan 1 'anat-T1w_acq-memprage': heudiconv could not read 1 of its {len(files)} files as DICOM "
+        f"({cut.name}) and converted the others, so its images may lack slices or volumes; check the files in "
+        "XNAT and, once mended there, re-date the session to export it again",)
+    assert result.warnings[0] in (tmp_path / "convert.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_raw_data_file_beside_the_images_is_no_warning(tmp_path: Path) -> None:
+    write_session(tmp_path / "dicom", "01", "a", series=(SeriesSpec("anat-T1w_acq-memprage", "anat", n_slices=4),))
+    image = sorted((tmp_path / "dicom" / "1").iterdir())[0]
+    raw = pydicom.dcmread(image)
+    raw.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66"  # Raw Data Storage: heudiconv leaves it out on purpose
+    raw.file_meta.MediaStorageSOPClassUID = raw.SOPClassUID
+    raw.SOPInstanceUID = raw.file_meta.MediaStorageSOPInstanceUID = raw.SOPInstanceUID + ".9"
+    raw.save_as(image.with_name("raw.dcm"))
+    result = _convert(tmp_path / "dicom", tmp_path)
+    assert "anat/sub-01_ses-a_acq-memprage_T1w.nii.gz" in _session_files(result)
+    assert result.warnings == ()
+
+
+@pytest.mark.slow
+def test_a_slash_in_a_series_name_that_crashes_heudiconv_is_named_with_the_scan(tmp_path: Path) -> None:
+    write_session(tmp_path / "dicom", "01", "a", series=(SeriesSpec("func-bold_task-rest/x", "func", n_volumes=2),))
+    with pytest.raises(ConversionError) as info:
+        _convert(tmp_path / "dicom", tmp_path)
+    error = info.value
+    assert error.summary == ("sub-01/ses-a: heudiconv failed on scan 1, whose series name 'func-bold_task-rest/x' "
+                             "has a '/' (BIDS file names cannot hold one)")
+    assert (error.hint or "").startswith('map the scan in [conversion.bidsmap], e.g. "func-bold_task-rest/x" = ')
+    assert "Traceback" in (error.detail or "")
+    # Mapped as the hint says, it converts.
+    settings = ConversionSettings(bidsmap=(("func-bold_task-rest/x", "func-bold_task-rest"),))
+    result = _convert(tmp_path / "dicom", tmp_path, settings=settings)
+    assert "func/sub-01_ses-a_task-rest_bold.nii.gz" in _session_files(result)
+
+
+@pytest.mark.slow
 def test_heudiconv_crash_is_reported_with_its_exit_status(reproin_dicom: Path, tmp_path: Path) -> None:
     heuristic = tmp_path / "broken.py"
     heuristic.write_text("def infotodict(seqinfo):\n    raise RuntimeError('heuristic exploded')\n")
