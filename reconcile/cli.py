@@ -339,8 +339,7 @@ def for_each_dataset(cfg: Config, root: Path, run, *, none, as_json: bool = Fals
     """
     if as_json:
         need_one_dataset(cfg, root)
-    if root.exists():
-        _need_dataset_folder(root)
+    _need_dataset_folder(root)  # a mistyped root is not an empty dataset
     if projects and cfg.layout != "pi-study":
         raise ConfigError(f"--project selects studies of the pi-study layout; {root} is one dataset of every project",
                           hint="leave --project out")

@@ -104,11 +104,20 @@ def test_history_skips_lines_that_are_not_entries_with_a_warning_each(cli, tmp_p
 
 def test_json_outputs_of_a_dataset_with_nothing_yet_are_json(cli, tmp_path):
     root = tmp_path / "bids"
+    root.mkdir()
     code, out, _ = cli("show", str(root), "--json")
     assert code == 0 and json.loads(out) == {"format_version": 1, "lineage": None, "serial": 0, "sessions": []}
     assert_schema("show", json.loads(out))
     code, out, _ = cli("history", str(root), "--json")
     assert (code, out) == (0, "")
+
+
+@pytest.mark.parametrize("command", ["show", "history", "status", "check"])
+def test_a_mistyped_root_is_an_error_not_an_empty_dataset(cli, tmp_path, command):
+    root = tmp_path / "bisd"
+    code, out, err = cli(command, str(root))
+    assert code == 1 and out == ""
+    assert err.startswith(f"error: BIDS root {root} does not exist\n")
 
 
 def test_status_json_without_a_batch_is_json(cli, tmp_path):

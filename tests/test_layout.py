@@ -87,6 +87,7 @@ def _export_study(archive, root, folder: str, project: str):
 
 def test_check_walks_every_study_and_the_worst_result_wins(cli, emulator, tmp_path):
     root = tmp_path / "export"
+    root.mkdir()
     cfg = write_config(tmp_path, PI_STUDY)
     code, out, err = cli("check", str(root), "--config", str(cfg))
     assert code == 1 and f"error: no <pi>/study-<study>/bids datasets under {root}" in err
@@ -107,6 +108,7 @@ def test_check_walks_every_study_and_the_worst_result_wins(cli, emulator, tmp_pa
 
 def test_show_walks_every_study(cli, emulator, tmp_path):
     root = tmp_path / "export"
+    root.mkdir()
     cfg = write_config(tmp_path, PI_STUDY)
     code, out, _ = cli("show", str(root), "--config", str(cfg))
     assert code == 0 and f"No <pi>/study-<study>/bids datasets under {root}: nothing exported yet." in out
