@@ -969,6 +969,12 @@ class EmulatorApp:
             for row in table:
                 writer.writerow([row[c] for c in columns])
             return Response(buffer.getvalue(), mimetype="text/csv")
+        if ctx.fmt == "xml":
+            attributes = {"title": title} if title else {}
+            if not file_listing:
+                attributes["totalRecords"] = str(len(table))
+            properties = {"URI": {"serverRoot": ""}} if file_listing else {}
+            return Response(_xml_result_set(columns, table, attributes, properties), mimetype="text/xml")
         if ctx.fmt in ("", "html"):
             head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
             body = "".join(
@@ -1006,6 +1012,29 @@ SEARCH_FIELDS: dict[str, tuple[str, ...]] = {
     "xnat:ctSessionData": _SESSION_FIELDS,
     "xnat:petSessionData": _SESSION_FIELDS,
 }
+
+
+def _xml_text(value: str) -> str:
+    """A cell or attribute as XNAT writes it (XFTTable.toXMLList): only `<` and `>` are escaped,
+    so a value with `&` makes the document ill-formed there as well."""
+    return value.replace(">", "&gt;").replace("<", "&lt;")
+
+
+def _xml_result_set(
+    columns: Sequence[str], table: list[dict[str, str]], attributes: dict[str, str],
+    properties: dict[str, dict[str, str]],
+) -> str:
+    """A listing as XMLTableRepresentation writes it: no declaration, no namespace; the table's
+    parameters (`totalRecords`, `title`) as attributes of `ResultSet`, column properties (the file
+    listing's `serverRoot` of `URI`) as attributes of `column`, one line per row."""
+    head = "".join(f' {k}="{_xml_text(v)}"' for k, v in attributes.items())
+    cols = "".join(
+        "<column" + "".join(f' {k}="{_xml_text(v)}"' for k, v in properties.get(c, {}).items()) + f">{c}</column>"
+        for c in columns
+    )
+    rows = "".join("<row>" + "".join(f"<cell>{_xml_text(row[c])}</cell>" for c in columns) + "</row>\n"
+                   for row in table)
+    return f"<ResultSet{head}><results><columns>{cols}</columns>\n<rows>{rows}</rows></results></ResultSet>"
 
 
 def _resolve_column(name: str, available: Sequence[str]) -> str | None:

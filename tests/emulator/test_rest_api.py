@@ -8,6 +8,7 @@ import hashlib
 import io
 import re
 import zipfile
+from xml.etree import ElementTree
 
 import pytest
 import requests
@@ -112,6 +113,46 @@ def test_listing_without_format_is_an_html_table(emulator, http, world):
     response = http.get(f"{emulator.url}/data/projects")
     assert response.status_code == 200
     assert response.text.startswith("<html>") and "<table>" in response.text
+
+
+def xml_rows(response: requests.Response) -> tuple[ElementTree.Element, list[dict[str, str]]]:
+    """The `ResultSet` root of an XML listing and its rows as dicts keyed by column."""
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("text/xml")
+    root = ElementTree.fromstring(response.content)
+    columns = [c.text or "" for c in root.findall("results/columns/column")]
+    rows = [dict(zip(columns, [c.text or "" for c in row.findall("cell")])) for row in root.findall("results/rows/row")]
+    return root, rows
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/projects", "/projects/PROJ/subjects", "/projects/PROJ/experiments", "/experiments",
+     "/experiments/{E}/scans", "/experiments/{E}/scans/1/resources", "/experiments/{E}/scans/1/resources/DICOM/files"],
+)  # fmt: skip
+def test_xml_listings_have_the_rows_and_columns_of_json(emulator, http, world, path):
+    first, _ = world
+    url = f"{emulator.url}/data{path.format(E=first.id)}"
+    root, rows = xml_rows(http.get(url + "?format=xml"))
+    assert root.tag == "ResultSet" and root.find("results") is not None
+    body = http.get(url + "?format=json").json()["ResultSet"]
+    assert rows == body["Result"]
+    assert root.get("totalRecords") == body.get("totalRecords") and root.get("title") == body.get("title")
+
+
+def test_xml_listing_shape_as_xnat_writes_it(emulator, http, world):
+    first, _ = world
+    response = http.get(f"{emulator.url}/data/projects/PROJ/experiments?format=xml&columns=ID,label&label=SUBJ01_MR1")
+    assert response.text == (
+        '<ResultSet totalRecords="1"><results><columns><column>ID</column><column>label</column>'
+        "<column>URI</column></columns>\n"
+        f"<rows><row><cell>{first.id}</cell><cell>SUBJ01_MR1</cell><cell>/data/experiments/{first.id}</cell></row>\n"
+        "</rows></results></ResultSet>"
+    )
+    files = http.get(f"{emulator.url}/data/experiments/{first.id}/scans/1/resources/DICOM/files?format=xml")
+    root, _ = xml_rows(files)
+    assert root.attrib == {"title": "Files"}
+    assert [c.attrib for c in root.findall("results/columns/column") if c.text == "URI"] == [{"serverRoot": ""}]
 
 
 def test_time_has_milliseconds_in_json_only(emulator, http, world):
