@@ -20,9 +20,10 @@ import struct
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 from xml.etree import ElementTree
 
@@ -40,7 +41,7 @@ from .archive import (
 )
 from .faults import Fault, FaultSet
 from .xmldoc import item_document, xsd_text
-from .zipstream import zip_pieces
+from .zipstream import tar_pieces, zip_pieces
 
 XNAT_VERSION = "1.8.10"
 SESSION_COOKIE = "JSESSIONID"
@@ -859,13 +860,13 @@ class EmulatorApp:
                         return Response("", mimetype="text/plain")
                     return _file_response(entry)
             raise HttpError(404, "Unable to find file.")
-        if ctx.fmt == "zip":
+        if ctx.fmt in ARCHIVE_FORMATS:
             if not selected or not any(r.files for _, r in selected):
                 if ctx.request.args.get("accept-not-found") == "true":
                     return Response(status=204)
                 raise HttpError(404, "Unable to find file.")
             structure = ctx.request.args.get("structure", "")
-            return _zip_response(experiment, selected, structure)
+            return _archive_response(experiment, selected, structure, ctx.fmt)
         if not scans or (keys is not None and not selected):
             raise HttpError(404, f"Unable to find resource {res_key}")
         rows = []
@@ -1165,45 +1166,76 @@ def _error_page(exc: HttpError | ArchiveError) -> Response:
 
 
 def _zip_entry_name(experiment: Experiment, scan: Scan, res: Resource, relpath: str, structure: str,
-                    typed: dict[str, str] | None = None) -> str:
-    """An entry's name in a zip of files. The default structure is made as XNAT makes it
-    (RestFileUtils.buildRelativePath), by plain string replacement on the file's URI: cut at the
-    session's ID, that ID replaced by the label everywhere, `/{resource id}/files/` by the label,
-    then every `/{scan id}/` by `/{scan id}-{type}/` for each typed scan in the request (`typed`)."""
-    if structure not in ("simplified", "improved", "legacy"):
-        # The URI from the session's ID on, as XNAT cuts it.
-        name = f"{experiment.id}/scans/{scan.id}/resources/{res.id}/files/{relpath}"
-        name = name.replace(experiment.id, experiment.label).replace(f"/{res.id}/files/", f"/{res.label}/files/")
-        for scan_id, folder in (typed or {}).items():
-            name = name.replace(f"/{scan_id}/", f"/{folder}/")
-        return name
-    safe_type = _zip_type(scan.type)
-    if structure == "simplified":
-        return f"{experiment.label}/scans/{scan.id}-{safe_type}/{res.label}/{relpath}"
+                    typed: dict[str, str] | None = None, tar: bool = False) -> str:
+    """An entry's name in a zip (or tar) of files, made as XNAT's FileList makes it. The default
+    structure (RestFileUtils.buildRelativePath) is plain string replacement on the file's URI: cut
+    at the session's ID, that ID replaced by the label everywhere, `/{resource id}/files/` by the
+    label, then every `/{scan id}/` by `/{scan id}-{type}/` for each typed scan in the request
+    (`typed`). `simplified` is the same without the type remaps and with every `/resources` and
+    `/files` cut out; `improved` is `scans/{id}_{type}/{label}/` (no type in a tar) and the path
+    after the URI's last `/files/`; `legacy` the file's absolute path."""
+    if structure == "legacy":
+        return f"data/xnat/archive/{experiment.project}/arc001/{experiment.label}/SCANS/{scan.id}/{res.label}/{relpath}"
+    uri = f"{experiment.id}/scans/{scan.id}/resources/{res.id}/files/{relpath}"
     if structure == "improved":
-        return f"{experiment.label}/scans/{scan.id}_{safe_type}/{res.label}/{relpath}"
-    # legacy
-    return f"data/xnat/archive/{experiment.project}/arc001/{experiment.label}/SCANS/{scan.id}/{res.label}/{relpath}"
+        folder = scan.id
+        if scan.type and not tar:  # tar names are kept short (its old 100-character limit)
+            folder += "_" + re.sub(r'[/\\:*?"<>|]', "_", scan.type)
+        return f"scans/{folder}/{res.label}/{uri.rpartition('/files/')[2]}"
+    name = uri.replace(experiment.id, experiment.label).replace(f"/{res.id}/files/", f"/{res.label}/files/")
+    if structure == "simplified":
+        return name.replace("/resources", "").replace("/files", "")
+    for scan_id, folder in (typed or {}).items():
+        name = name.replace(f"/{scan_id}/", f"/{folder}/")
+    return name
 
 
 def _zip_type(scan_type: str) -> str:
     return re.sub(r"\W", "_", scan_type, flags=re.ASCII)  # Java's \W is ASCII-only
 
 
-def _zip_response(experiment: Experiment, selected: list[tuple[Scan, Resource]], structure: str) -> Response:
-    stamp = experiment.last_modified.timetuple()[:6]
+# format= of a download -> (Content-Type, file name extension), as XNAT's ZipRepresentation.
+ARCHIVE_FORMATS = {
+    "zip": ("application/zip", "zip"),
+    "tar": ("application/x-tar", "tar"),
+    "tar.gz": ("application/x-gtar", "tar.gz"),
+}
 
+
+def _archive_response(experiment: Experiment, selected: list[tuple[Scan, Resource]], structure: str,
+                      fmt: str) -> Response:
+    """The selected files as one zip, tar or gzipped tar, streamed (no Content-Length, as XNAT)."""
+    tar = fmt != "zip"
     typed = {scan.id: f"{scan.id}-{_zip_type(scan.type)}" for scan, _ in selected if scan.type}  # getReMaps
     entries = [
-        (_zip_entry_name(experiment, scan, res, entry.path, structure, typed), entry)
+        (_zip_entry_name(experiment, scan, res, entry.path, structure, typed, tar), entry)
         for scan, res in selected
         for entry in list(res.files.values())
     ]
-    # Entries are STORED, as DICOM barely compresses; no Content-Length, as XNAT streams its zips.
-    body = PiecesBody(lambda: zip_pieces(entries, stamp))
-    response = Response(body, mimetype="application/zip", direct_passthrough=True)
-    response.headers["Content-Disposition"] = f'attachment; filename="{experiment.id}.zip"'
+    body: Iterable[bytes]
+    if fmt == "zip":
+        # Entries are STORED, as DICOM barely compresses.
+        stamp = experiment.last_modified.timetuple()[:6]
+        body = PiecesBody(lambda: zip_pieces(entries, stamp))
+    else:
+        mtime = int(experiment.last_modified.replace(tzinfo=timezone.utc).timestamp())
+        body = PiecesBody(lambda: tar_pieces(entries, mtime))
+        if fmt == "tar.gz":
+            body = _gzipped(body)
+    mimetype, extension = ARCHIVE_FORMATS[fmt]
+    response = Response(body, mimetype=mimetype, direct_passthrough=True)
+    response.headers["Content-Disposition"] = f'attachment; filename="{experiment.id}.{extension}"'
     return response
+
+
+def _gzipped(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """`chunks` through gzip at Java's default level (XNAT wraps its tar in a GZIPOutputStream)."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+    for chunk in chunks:
+        packed = compressor.compress(chunk)
+        if packed:
+            yield packed
+    yield compressor.flush()
 
 
 def _drop_connection(request: Request, reset: bool = True) -> None:

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import io
 import re
+import tarfile
 import zipfile
 from xml.etree import ElementTree
 
@@ -289,6 +290,48 @@ def test_zip_entry_names_are_made_by_xnats_string_replacements(emulator, http):
         "SUBJ09_MR1/scans/4-T1w_MPRAGE/resources/DICOM/files/SUBJ09_MR1_note.txt",
     ]
     assert names["ALL"] == sorted(names["3"] + names["4"])
+
+
+def _zip_members(content: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(content)) as zipped:
+        return {n: zipped.read(n) for n in zipped.namelist()}
+
+
+@pytest.mark.parametrize(("fmt", "mimetype"), [("tar", "application/x-tar"), ("tar.gz", "application/x-gtar")])
+@pytest.mark.parametrize("path", ["scans/ALL/files", "scans/1/resources/DICOM/files"])
+def test_tar_downloads_hold_the_entries_of_the_zip(emulator, http, world, fmt, mimetype, path):
+    first, _ = world
+    url = f"{emulator.url}/data/experiments/{first.id}/{path}"
+    response = http.get(f"{url}?format={fmt}")
+    assert response.status_code == 200 and response.headers["Content-Type"] == mimetype
+    assert response.headers["Content-Disposition"] == f'attachment; filename="{first.id}.{fmt}"'
+    assert (response.content[:2] == b"\x1f\x8b") == (fmt == "tar.gz")
+    assert len(response.content) % 10240 == 0 or fmt == "tar.gz"
+    with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:*") as tar:
+        members = tar.getmembers()
+        contents = {m.name: tar.extractfile(m).read() for m in members}  # type: ignore[union-attr]
+    assert contents == _zip_members(http.get(f"{url}?format=zip").content)
+    # XNAT's TarUtils puts the type flag '0' into the mode field: permissions 0060.
+    assert {m.mode for m in members} == {0o060} and all(m.isfile() for m in members)
+
+
+def test_tar_keeps_long_entry_names_whole(emulator, http, world):
+    first, _ = world
+    long_name = "deep/" * 30 + "x.dcm"
+    emulator.archive.upload_file(first.id, "1", "DICOM", long_name, b"long")
+    response = http.get(f"{emulator.url}/data/experiments/{first.id}/scans/1/files?format=tar")
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
+        assert f"SUBJ01_MR1/scans/1-anat_T1w/resources/DICOM/files/{long_name}" in tar.getnames()
+
+
+def test_other_zip_structures_as_xnat_builds_them(emulator, http, world):
+    first, _ = world
+    url = f"{emulator.url}/data/experiments/{first.id}/scans/1/files?format=zip&structure="
+    assert sorted(_zip_members(http.get(url + "simplified").content)) == ["SUBJ01_MR1/scans/1/DICOM/1.dcm", "SUBJ01_MR1/scans/1/DICOM/2.dcm"]
+    assert sorted(_zip_members(http.get(url + "improved").content)) == ["scans/1_anat-T1w/DICOM/1.dcm", "scans/1_anat-T1w/DICOM/2.dcm"]
+    tar_url = url.replace("format=zip", "format=tar") + "improved"
+    with tarfile.open(fileobj=io.BytesIO(http.get(tar_url).content)) as tar:
+        assert sorted(tar.getnames()) == ["scans/1/DICOM/1.dcm", "scans/1/DICOM/2.dcm"]
 
 
 def test_zip_with_nothing_to_send(emulator, http, world):
