@@ -692,11 +692,15 @@ class EmulatorApp:
             return self._files(ctx, experiment, self._select_scans(experiment, scan_key), "ALL", tail[3:])
         if len(tail) == 2 and method == "PUT":
             return self._put_scan(ctx, experiment, scan_key)
-        if len(tail) >= 5 and tail[2] == "resources" and tail[4] == "files" and method not in ("PUT", "POST"):
+        if tail[2:] == ["resources"] or (len(tail) >= 5 and tail[2] == "resources" and tail[4] == "files"
+                                         and method not in ("PUT", "POST")):
             # As in scans/{key}/files, the scan segment may be an ID, a scan type, a comma list or ALL.
             scans = self._select_scans(experiment, scan_key)
             if not scans:
                 raise HttpError(404, f"Unable to find scan {scan_key}")
+            if len(tail) == 3:
+                rows = [_resource_row(scan, r) for scan in scans for r in list(scan.resources.values())]
+                return self._listing(ctx, rows, RESOURCE_COLUMNS, None, uri=False, title="Resources")
             return self._files(ctx, experiment, scans, tail[3], tail[5:])
         scan = experiment.scans.get(scan_key)
         if scan is None:
@@ -708,9 +712,6 @@ class EmulatorApp:
             return self._scan_single(ctx, experiment, scan)
         if tail[2] != "resources":
             raise HttpError(404, "The server has not found anything matching the request URI")
-        if len(tail) == 3:
-            rows = [_resource_row(scan, r) for r in list(scan.resources.values())]
-            return self._listing(ctx, rows, RESOURCE_COLUMNS, None, uri=False, title="Resources")
         res_key = tail[3]
         if len(tail) == 4:
             if method == "PUT":
@@ -826,18 +827,16 @@ class EmulatorApp:
                             item["children"])
 
     def _select_scans(self, experiment: Experiment, key: str) -> list[Scan]:
-        """A scans segment: `ALL`, an ID, a scan type, or a comma list of those."""
-        if key == "ALL":
-            return list(experiment.scans.values())  # list(): a snapshot, safe against concurrent writers
-        chosen: dict[str, Scan] = {}
-        for part in key.split(","):
-            if part in experiment.scans:
-                chosen.setdefault(part, experiment.scans[part])
-            else:
-                for scan in experiment.scans.values():
-                    if scan.type == part:
-                        chosen.setdefault(scan.id, scan)
-        return list(chosen.values())
+        """A scans segment as XNATTemplate reads it: `ALL` or `*`, else a comma list whose parts
+        each match a scan ID or a scan type; `NULL` matches untyped scans, `[SLASH]` and `[COMMA]`
+        stand for a `/` and a `,` in a type. Scans come in the session's order."""
+        scans = list(experiment.scans.values())  # a snapshot, safe against concurrent writers
+        key = key.replace("[SLASH]", "/")
+        if key in ("ALL", "*"):
+            return scans
+        parts = [p for p in key.split(",") if p]  # StringUtils.split drops empty parts
+        types = {"" if p == "NULL" else p.replace("[COMMA]", ",") for p in parts}
+        return [s for s in scans if s.id in parts or s.type in types]
 
     def _files(self, ctx: Ctx, experiment: Experiment, scans: list[Scan], res_key: str, rest: list[str]) -> Response:
         selected: list[tuple[Scan, Resource]] = []

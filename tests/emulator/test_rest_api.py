@@ -248,6 +248,28 @@ def test_files_of_several_scans_by_id_type_and_all(emulator, http, world):
     assert http.get(f"{base}/nope/resources/DICOM/files?format=json").status_code == 404
 
 
+@pytest.mark.parametrize(
+    ("key", "scans"),
+    [("1", ["1"]), ("func-bold", ["2"]), ("1,func-bold", ["1", "2"]), ("ALL", ["1", "2", "3", "4"]), ("*", ["1", "2", "3", "4"]),
+     ("NULL", ["3"]), ("a[SLASH]b[COMMA]c", ["4"]), ("2,a[SLASH]b[COMMA]c", ["2", "4"])],
+)  # fmt: skip
+def test_scan_segments_select_the_same_scans_for_resources_and_files(emulator, http, world, key, scans):
+    first, _ = world
+    emulator.archive.add_scan(first.id, "3", type="", files={"u.dcm": b"u"})
+    emulator.archive.add_scan(first.id, "4", type="a/b,c", files={"t.dcm": b"t"})
+    base = f"{emulator.url}/data/experiments/{first.id}/scans/{key}"
+    resources = result(http.get(f"{base}/resources?format=json"))
+    assert [r["cat_id"] for r in resources] == scans
+    files = result(http.get(f"{base}/files?format=json"))
+    assert sorted({r["URI"].split("/scans/")[1].split("/")[0] for r in files}) == scans
+    assert http.get(f"{base}/resources/DICOM/files?format=json").status_code == 200
+
+
+def test_unknown_scan_segment_is_not_found_for_resources(emulator, http, world):
+    first, _ = world
+    assert http.get(f"{emulator.url}/data/experiments/{first.id}/scans/nope/resources?format=json").status_code == 404
+
+
 def test_file_bytes_and_missing_file_page(emulator, http, world):
     first, _ = world
     base = f"{emulator.url}/data/experiments/{first.id}/scans/1/resources/DICOM/files"
