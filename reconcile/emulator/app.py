@@ -72,6 +72,9 @@ SUBJECT_EXTRA = ("last_modified", "xsiType")
 EXPERIMENT_COLUMNS = ("ID", "project", "date", "xsiType", "label", "insert_date")
 EXPERIMENT_EXTRA = ("subject_ID", "subject_label", "last_modified", "insert_user", "time", "modality")
 SITE_EXPERIMENT_COLUMNS = EXPERIMENT_COLUMNS + ("subject_ID", "subject_label")
+# A project's (or subject's) experiment listing with default columns also carries the root
+# element's key under its xpath, as a real row shows (facts §1); unused by xnatpy and pyxnat.
+EXPERIMENT_ROOT_KEY = "xnat:subjectassessordata/id"
 SCAN_COLUMNS = ("xnat_imagescandata_id", "ID", "type", "quality", "xsiType", "note", "series_description")
 RESOURCE_COLUMNS = (
     "xnat_abstractresource_id", "label", "element_name", "category", "cat_id", "cat_desc",
@@ -627,6 +630,7 @@ class EmulatorApp:
             "insert_user": experiment.insert_user,
             "time": experiment.time,
             "modality": experiment.modality,
+            EXPERIMENT_ROOT_KEY: experiment.id,
             "URI": f"/data/experiments/{experiment.id}",
         }
 
@@ -638,7 +642,7 @@ class EmulatorApp:
             for e in self.archive.sessions(project)
             if (subject is None or e.subject_id == subject) and ctx.user.can_read(project or e.project)
         ]
-        defaults = SITE_EXPERIMENT_COLUMNS if project is None else EXPERIMENT_COLUMNS
+        defaults = SITE_EXPERIMENT_COLUMNS if project is None else EXPERIMENT_COLUMNS + (EXPERIMENT_ROOT_KEY,)
         return self._listing(ctx, rows, defaults, EXPERIMENT_COLUMNS + EXPERIMENT_EXTRA, uri=True)
 
     def _create_session(self, ctx: Ctx, project_id: str, subject_id: str, label: str) -> Response:

@@ -69,8 +69,13 @@ def test_experiment_listing_row_shape_and_string_values(emulator, http, world):
         "xsiType": "xnat:mrSessionData",
         "label": "SUBJ01_MR1",
         "insert_date": "2024-03-01 12:00:00.352",
+        "xnat:subjectassessordata/id": first.id,
         "URI": f"/data/experiments/{first.id}",
     }
+    # The root key comes with the default columns of a project's listing only.
+    assert "xnat:subjectassessordata/id" not in result(http.get(f"{emulator.url}/data/experiments?format=json"))[0]
+    assert "xnat:subjectassessordata/id" not in result(
+        http.get(f"{emulator.url}/data/projects/PROJ/experiments?format=json&columns=ID,label"))[0]
 
 
 def test_columns_accept_xpaths_drop_unknown_names_and_append_uri(emulator, http, world):
