@@ -20,9 +20,10 @@ import struct
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 from xml.etree import ElementTree
 
@@ -40,7 +41,7 @@ from .archive import (
 )
 from .faults import Fault, FaultSet
 from .xmldoc import item_document, xsd_text
-from .zipstream import zip_pieces
+from .zipstream import tar_pieces, zip_pieces
 
 XNAT_VERSION = "1.8.10"
 SESSION_COOKIE = "JSESSIONID"
@@ -71,6 +72,9 @@ SUBJECT_EXTRA = ("last_modified", "xsiType")
 EXPERIMENT_COLUMNS = ("ID", "project", "date", "xsiType", "label", "insert_date")
 EXPERIMENT_EXTRA = ("subject_ID", "subject_label", "last_modified", "insert_user", "time", "modality")
 SITE_EXPERIMENT_COLUMNS = EXPERIMENT_COLUMNS + ("subject_ID", "subject_label")
+# A project's (or subject's) experiment listing with default columns also carries the root
+# element's key under its xpath, as a real row shows (facts §1); unused by xnatpy and pyxnat.
+EXPERIMENT_ROOT_KEY = "xnat:subjectassessordata/id"
 SCAN_COLUMNS = ("xnat_imagescandata_id", "ID", "type", "quality", "xsiType", "note", "series_description")
 RESOURCE_COLUMNS = (
     "xnat_abstractresource_id", "label", "element_name", "category", "cat_id", "cat_desc",
@@ -626,6 +630,7 @@ class EmulatorApp:
             "insert_user": experiment.insert_user,
             "time": experiment.time,
             "modality": experiment.modality,
+            EXPERIMENT_ROOT_KEY: experiment.id,
             "URI": f"/data/experiments/{experiment.id}",
         }
 
@@ -637,7 +642,7 @@ class EmulatorApp:
             for e in self.archive.sessions(project)
             if (subject is None or e.subject_id == subject) and ctx.user.can_read(project or e.project)
         ]
-        defaults = SITE_EXPERIMENT_COLUMNS if project is None else EXPERIMENT_COLUMNS
+        defaults = SITE_EXPERIMENT_COLUMNS if project is None else EXPERIMENT_COLUMNS + (EXPERIMENT_ROOT_KEY,)
         return self._listing(ctx, rows, defaults, EXPERIMENT_COLUMNS + EXPERIMENT_EXTRA, uri=True)
 
     def _create_session(self, ctx: Ctx, project_id: str, subject_id: str, label: str) -> Response:
@@ -691,11 +696,15 @@ class EmulatorApp:
             return self._files(ctx, experiment, self._select_scans(experiment, scan_key), "ALL", tail[3:])
         if len(tail) == 2 and method == "PUT":
             return self._put_scan(ctx, experiment, scan_key)
-        if len(tail) >= 5 and tail[2] == "resources" and tail[4] == "files" and method not in ("PUT", "POST"):
+        if tail[2:] == ["resources"] or (len(tail) >= 5 and tail[2] == "resources" and tail[4] == "files"
+                                         and method not in ("PUT", "POST")):
             # As in scans/{key}/files, the scan segment may be an ID, a scan type, a comma list or ALL.
             scans = self._select_scans(experiment, scan_key)
             if not scans:
                 raise HttpError(404, f"Unable to find scan {scan_key}")
+            if len(tail) == 3:
+                rows = [_resource_row(scan, r) for scan in scans for r in list(scan.resources.values())]
+                return self._listing(ctx, rows, RESOURCE_COLUMNS, None, uri=False, title="Resources")
             return self._files(ctx, experiment, scans, tail[3], tail[5:])
         scan = experiment.scans.get(scan_key)
         if scan is None:
@@ -707,9 +716,6 @@ class EmulatorApp:
             return self._scan_single(ctx, experiment, scan)
         if tail[2] != "resources":
             raise HttpError(404, "The server has not found anything matching the request URI")
-        if len(tail) == 3:
-            rows = [_resource_row(scan, r) for r in list(scan.resources.values())]
-            return self._listing(ctx, rows, RESOURCE_COLUMNS, None, uri=False, title="Resources")
         res_key = tail[3]
         if len(tail) == 4:
             if method == "PUT":
@@ -825,18 +831,16 @@ class EmulatorApp:
                             item["children"])
 
     def _select_scans(self, experiment: Experiment, key: str) -> list[Scan]:
-        """A scans segment: `ALL`, an ID, a scan type, or a comma list of those."""
-        if key == "ALL":
-            return list(experiment.scans.values())  # list(): a snapshot, safe against concurrent writers
-        chosen: dict[str, Scan] = {}
-        for part in key.split(","):
-            if part in experiment.scans:
-                chosen.setdefault(part, experiment.scans[part])
-            else:
-                for scan in experiment.scans.values():
-                    if scan.type == part:
-                        chosen.setdefault(scan.id, scan)
-        return list(chosen.values())
+        """A scans segment as XNATTemplate reads it: `ALL` or `*`, else a comma list whose parts
+        each match a scan ID or a scan type; `NULL` matches untyped scans, `[SLASH]` and `[COMMA]`
+        stand for a `/` and a `,` in a type. Scans come in the session's order."""
+        scans = list(experiment.scans.values())  # a snapshot, safe against concurrent writers
+        key = key.replace("[SLASH]", "/")
+        if key in ("ALL", "*"):
+            return scans
+        parts = [p for p in key.split(",") if p]  # StringUtils.split drops empty parts
+        types = {"" if p == "NULL" else p.replace("[COMMA]", ",") for p in parts}
+        return [s for s in scans if s.id in parts or s.type in types]
 
     def _files(self, ctx: Ctx, experiment: Experiment, scans: list[Scan], res_key: str, rest: list[str]) -> Response:
         selected: list[tuple[Scan, Resource]] = []
@@ -859,13 +863,13 @@ class EmulatorApp:
                         return Response("", mimetype="text/plain")
                     return _file_response(entry)
             raise HttpError(404, "Unable to find file.")
-        if ctx.fmt == "zip":
+        if ctx.fmt in ARCHIVE_FORMATS:
             if not selected or not any(r.files for _, r in selected):
                 if ctx.request.args.get("accept-not-found") == "true":
                     return Response(status=204)
                 raise HttpError(404, "Unable to find file.")
             structure = ctx.request.args.get("structure", "")
-            return _zip_response(experiment, selected, structure)
+            return _archive_response(experiment, selected, structure, ctx.fmt)
         if not scans or (keys is not None and not selected):
             raise HttpError(404, f"Unable to find resource {res_key}")
         rows = []
@@ -969,6 +973,12 @@ class EmulatorApp:
             for row in table:
                 writer.writerow([row[c] for c in columns])
             return Response(buffer.getvalue(), mimetype="text/csv")
+        if ctx.fmt == "xml":
+            attributes = {"title": title} if title else {}
+            if not file_listing:
+                attributes["totalRecords"] = str(len(table))
+            properties = {"URI": {"serverRoot": ""}} if file_listing else {}
+            return Response(_xml_result_set(columns, table, attributes, properties), mimetype="text/xml")
         if ctx.fmt in ("", "html"):
             head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
             body = "".join(
@@ -1006,6 +1016,29 @@ SEARCH_FIELDS: dict[str, tuple[str, ...]] = {
     "xnat:ctSessionData": _SESSION_FIELDS,
     "xnat:petSessionData": _SESSION_FIELDS,
 }
+
+
+def _xml_text(value: str) -> str:
+    """A cell or attribute as XNAT writes it (XFTTable.toXMLList): only `<` and `>` are escaped,
+    so a value with `&` makes the document ill-formed there as well."""
+    return value.replace(">", "&gt;").replace("<", "&lt;")
+
+
+def _xml_result_set(
+    columns: Sequence[str], table: list[dict[str, str]], attributes: dict[str, str],
+    properties: dict[str, dict[str, str]],
+) -> str:
+    """A listing as XMLTableRepresentation writes it: no declaration, no namespace; the table's
+    parameters (`totalRecords`, `title`) as attributes of `ResultSet`, column properties (the file
+    listing's `serverRoot` of `URI`) as attributes of `column`, one line per row."""
+    head = "".join(f' {k}="{_xml_text(v)}"' for k, v in attributes.items())
+    cols = "".join(
+        "<column" + "".join(f' {k}="{_xml_text(v)}"' for k, v in properties.get(c, {}).items()) + f">{c}</column>"
+        for c in columns
+    )
+    rows = "".join("<row>" + "".join(f"<cell>{_xml_text(row[c])}</cell>" for c in columns) + "</row>\n"
+                   for row in table)
+    return f"<ResultSet{head}><results><columns>{cols}</columns>\n<rows>{rows}</rows></results></ResultSet>"
 
 
 def _resolve_column(name: str, available: Sequence[str]) -> str | None:
@@ -1136,45 +1169,76 @@ def _error_page(exc: HttpError | ArchiveError) -> Response:
 
 
 def _zip_entry_name(experiment: Experiment, scan: Scan, res: Resource, relpath: str, structure: str,
-                    typed: dict[str, str] | None = None) -> str:
-    """An entry's name in a zip of files. The default structure is made as XNAT makes it
-    (RestFileUtils.buildRelativePath), by plain string replacement on the file's URI: cut at the
-    session's ID, that ID replaced by the label everywhere, `/{resource id}/files/` by the label,
-    then every `/{scan id}/` by `/{scan id}-{type}/` for each typed scan in the request (`typed`)."""
-    if structure not in ("simplified", "improved", "legacy"):
-        # The URI from the session's ID on, as XNAT cuts it.
-        name = f"{experiment.id}/scans/{scan.id}/resources/{res.id}/files/{relpath}"
-        name = name.replace(experiment.id, experiment.label).replace(f"/{res.id}/files/", f"/{res.label}/files/")
-        for scan_id, folder in (typed or {}).items():
-            name = name.replace(f"/{scan_id}/", f"/{folder}/")
-        return name
-    safe_type = _zip_type(scan.type)
-    if structure == "simplified":
-        return f"{experiment.label}/scans/{scan.id}-{safe_type}/{res.label}/{relpath}"
+                    typed: dict[str, str] | None = None, tar: bool = False) -> str:
+    """An entry's name in a zip (or tar) of files, made as XNAT's FileList makes it. The default
+    structure (RestFileUtils.buildRelativePath) is plain string replacement on the file's URI: cut
+    at the session's ID, that ID replaced by the label everywhere, `/{resource id}/files/` by the
+    label, then every `/{scan id}/` by `/{scan id}-{type}/` for each typed scan in the request
+    (`typed`). `simplified` is the same without the type remaps and with every `/resources` and
+    `/files` cut out; `improved` is `scans/{id}_{type}/{label}/` (no type in a tar) and the path
+    after the URI's last `/files/`; `legacy` the file's absolute path."""
+    if structure == "legacy":
+        return f"data/xnat/archive/{experiment.project}/arc001/{experiment.label}/SCANS/{scan.id}/{res.label}/{relpath}"
+    uri = f"{experiment.id}/scans/{scan.id}/resources/{res.id}/files/{relpath}"
     if structure == "improved":
-        return f"{experiment.label}/scans/{scan.id}_{safe_type}/{res.label}/{relpath}"
-    # legacy
-    return f"data/xnat/archive/{experiment.project}/arc001/{experiment.label}/SCANS/{scan.id}/{res.label}/{relpath}"
+        folder = scan.id
+        if scan.type and not tar:  # tar names are kept short (its old 100-character limit)
+            folder += "_" + re.sub(r'[/\\:*?"<>|]', "_", scan.type)
+        return f"scans/{folder}/{res.label}/{uri.rpartition('/files/')[2]}"
+    name = uri.replace(experiment.id, experiment.label).replace(f"/{res.id}/files/", f"/{res.label}/files/")
+    if structure == "simplified":
+        return name.replace("/resources", "").replace("/files", "")
+    for scan_id, folder in (typed or {}).items():
+        name = name.replace(f"/{scan_id}/", f"/{folder}/")
+    return name
 
 
 def _zip_type(scan_type: str) -> str:
     return re.sub(r"\W", "_", scan_type, flags=re.ASCII)  # Java's \W is ASCII-only
 
 
-def _zip_response(experiment: Experiment, selected: list[tuple[Scan, Resource]], structure: str) -> Response:
-    stamp = experiment.last_modified.timetuple()[:6]
+# format= of a download -> (Content-Type, file name extension), as XNAT's ZipRepresentation.
+ARCHIVE_FORMATS = {
+    "zip": ("application/zip", "zip"),
+    "tar": ("application/x-tar", "tar"),
+    "tar.gz": ("application/x-gtar", "tar.gz"),
+}
 
+
+def _archive_response(experiment: Experiment, selected: list[tuple[Scan, Resource]], structure: str,
+                      fmt: str) -> Response:
+    """The selected files as one zip, tar or gzipped tar, streamed (no Content-Length, as XNAT)."""
+    tar = fmt != "zip"
     typed = {scan.id: f"{scan.id}-{_zip_type(scan.type)}" for scan, _ in selected if scan.type}  # getReMaps
     entries = [
-        (_zip_entry_name(experiment, scan, res, entry.path, structure, typed), entry)
+        (_zip_entry_name(experiment, scan, res, entry.path, structure, typed, tar), entry)
         for scan, res in selected
         for entry in list(res.files.values())
     ]
-    # Entries are STORED, as DICOM barely compresses; no Content-Length, as XNAT streams its zips.
-    body = PiecesBody(lambda: zip_pieces(entries, stamp))
-    response = Response(body, mimetype="application/zip", direct_passthrough=True)
-    response.headers["Content-Disposition"] = f'attachment; filename="{experiment.id}.zip"'
+    body: Iterable[bytes]
+    if fmt == "zip":
+        # Entries are STORED, as DICOM barely compresses.
+        stamp = experiment.last_modified.timetuple()[:6]
+        body = PiecesBody(lambda: zip_pieces(entries, stamp))
+    else:
+        mtime = int(experiment.last_modified.replace(tzinfo=timezone.utc).timestamp())
+        body = PiecesBody(lambda: tar_pieces(entries, mtime))
+        if fmt == "tar.gz":
+            body = _gzipped(body)
+    mimetype, extension = ARCHIVE_FORMATS[fmt]
+    response = Response(body, mimetype=mimetype, direct_passthrough=True)
+    response.headers["Content-Disposition"] = f'attachment; filename="{experiment.id}.{extension}"'
     return response
+
+
+def _gzipped(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """`chunks` through gzip at Java's default level (XNAT wraps its tar in a GZIPOutputStream)."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+    for chunk in chunks:
+        packed = compressor.compress(chunk)
+        if packed:
+            yield packed
+    yield compressor.flush()
 
 
 def _drop_connection(request: Request, reset: bool = True) -> None:

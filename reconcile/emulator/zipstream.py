@@ -1,4 +1,4 @@
-"""The bytes of a STORED zip of archive files, as pieces a server can send with sendfile(2).
+"""The bytes of a STORED zip (or a tar) of archive files, as pieces a server can send with sendfile(2).
 
 XNAT builds scan zips on the fly. Building them through `zipfile` cost the emulator ~5 CPU seconds
 per GiB (CRC, two copies per chunk), so that the emulator, not the client, was what zip downloads
@@ -10,6 +10,7 @@ them. Only this module knows the zip layout; `app.py` chooses the entries and th
 from __future__ import annotations
 
 import struct
+import tarfile
 from collections.abc import Iterator, Sequence
 
 from .archive import FileEntry
@@ -17,6 +18,10 @@ from .archive import FileEntry
 _MAX32 = 0xFFFFFFFF
 _UTF8 = 0x0800  # general purpose flag 11: names are UTF-8
 _DOS_EPOCH = (1980, 1, 1, 0, 0, 0)
+# XNAT's TarUtils calls Ant's `TarEntry.setMode(TarEntry.LF_NORMAL)`: the type flag '0' (48) lands in
+# the mode field, so every entry of its tars has permissions 0060.
+TAR_MODE = ord("0")
+_TAR_BLOCK, _TAR_RECORD = 512, 10240
 
 
 def _dos_stamp(stamp: tuple[int, int, int, int, int, int]) -> tuple[int, int]:
@@ -66,3 +71,21 @@ def zip_pieces(
         "<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
         min(length, _MAX32), min(start, _MAX32), 0,
     )
+
+
+def tar_pieces(entries: Sequence[tuple[str, FileEntry]], mtime: int) -> Iterator[bytes | tuple[int, int, int]]:
+    """The tar of `entries` (name, file) as XNAT's TarUtils writes it: POSIX (pax) headers for long
+    names, each body padded to 512 bytes, two zero blocks, then zeros up to a 10240-byte record."""
+    written = 0
+    for name, entry in entries:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = entry.size, mtime, TAR_MODE
+        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        yield header
+        yield from entry.pieces()
+        padding = -entry.size % _TAR_BLOCK
+        if padding:
+            yield bytes(padding)
+        written += len(header) + entry.size + padding
+    end = 2 * _TAR_BLOCK
+    yield bytes(end + -(written + end) % _TAR_RECORD)

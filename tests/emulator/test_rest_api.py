@@ -7,7 +7,9 @@ import datetime as dt
 import hashlib
 import io
 import re
+import tarfile
 import zipfile
+from xml.etree import ElementTree
 
 import pytest
 import requests
@@ -67,8 +69,13 @@ def test_experiment_listing_row_shape_and_string_values(emulator, http, world):
         "xsiType": "xnat:mrSessionData",
         "label": "SUBJ01_MR1",
         "insert_date": "2024-03-01 12:00:00.352",
+        "xnat:subjectassessordata/id": first.id,
         "URI": f"/data/experiments/{first.id}",
     }
+    # The root key comes with the default columns of a project's listing only.
+    assert "xnat:subjectassessordata/id" not in result(http.get(f"{emulator.url}/data/experiments?format=json"))[0]
+    assert "xnat:subjectassessordata/id" not in result(
+        http.get(f"{emulator.url}/data/projects/PROJ/experiments?format=json&columns=ID,label"))[0]
 
 
 def test_columns_accept_xpaths_drop_unknown_names_and_append_uri(emulator, http, world):
@@ -112,6 +119,46 @@ def test_listing_without_format_is_an_html_table(emulator, http, world):
     response = http.get(f"{emulator.url}/data/projects")
     assert response.status_code == 200
     assert response.text.startswith("<html>") and "<table>" in response.text
+
+
+def xml_rows(response: requests.Response) -> tuple[ElementTree.Element, list[dict[str, str]]]:
+    """The `ResultSet` root of an XML listing and its rows as dicts keyed by column."""
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("text/xml")
+    root = ElementTree.fromstring(response.content)
+    columns = [c.text or "" for c in root.findall("results/columns/column")]
+    rows = [dict(zip(columns, [c.text or "" for c in row.findall("cell")])) for row in root.findall("results/rows/row")]
+    return root, rows
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/projects", "/projects/PROJ/subjects", "/projects/PROJ/experiments", "/experiments",
+     "/experiments/{E}/scans", "/experiments/{E}/scans/1/resources", "/experiments/{E}/scans/1/resources/DICOM/files"],
+)  # fmt: skip
+def test_xml_listings_have_the_rows_and_columns_of_json(emulator, http, world, path):
+    first, _ = world
+    url = f"{emulator.url}/data{path.format(E=first.id)}"
+    root, rows = xml_rows(http.get(url + "?format=xml"))
+    assert root.tag == "ResultSet" and root.find("results") is not None
+    body = http.get(url + "?format=json").json()["ResultSet"]
+    assert rows == body["Result"]
+    assert root.get("totalRecords") == body.get("totalRecords") and root.get("title") == body.get("title")
+
+
+def test_xml_listing_shape_as_xnat_writes_it(emulator, http, world):
+    first, _ = world
+    response = http.get(f"{emulator.url}/data/projects/PROJ/experiments?format=xml&columns=ID,label&label=SUBJ01_MR1")
+    assert response.text == (
+        '<ResultSet totalRecords="1"><results><columns><column>ID</column><column>label</column>'
+        "<column>URI</column></columns>\n"
+        f"<rows><row><cell>{first.id}</cell><cell>SUBJ01_MR1</cell><cell>/data/experiments/{first.id}</cell></row>\n"
+        "</rows></results></ResultSet>"
+    )
+    files = http.get(f"{emulator.url}/data/experiments/{first.id}/scans/1/resources/DICOM/files?format=xml")
+    root, _ = xml_rows(files)
+    assert root.attrib == {"title": "Files"}
+    assert [c.attrib for c in root.findall("results/columns/column") if c.text == "URI"] == [{"serverRoot": ""}]
 
 
 def test_time_has_milliseconds_in_json_only(emulator, http, world):
@@ -206,6 +253,28 @@ def test_files_of_several_scans_by_id_type_and_all(emulator, http, world):
     assert http.get(f"{base}/nope/resources/DICOM/files?format=json").status_code == 404
 
 
+@pytest.mark.parametrize(
+    ("key", "scans"),
+    [("1", ["1"]), ("func-bold", ["2"]), ("1,func-bold", ["1", "2"]), ("ALL", ["1", "2", "3", "4"]), ("*", ["1", "2", "3", "4"]),
+     ("NULL", ["3"]), ("a[SLASH]b[COMMA]c", ["4"]), ("2,a[SLASH]b[COMMA]c", ["2", "4"])],
+)  # fmt: skip
+def test_scan_segments_select_the_same_scans_for_resources_and_files(emulator, http, world, key, scans):
+    first, _ = world
+    emulator.archive.add_scan(first.id, "3", type="", files={"u.dcm": b"u"})
+    emulator.archive.add_scan(first.id, "4", type="a/b,c", files={"t.dcm": b"t"})
+    base = f"{emulator.url}/data/experiments/{first.id}/scans/{key}"
+    resources = result(http.get(f"{base}/resources?format=json"))
+    assert [r["cat_id"] for r in resources] == scans
+    files = result(http.get(f"{base}/files?format=json"))
+    assert sorted({r["URI"].split("/scans/")[1].split("/")[0] for r in files}) == scans
+    assert http.get(f"{base}/resources/DICOM/files?format=json").status_code == 200
+
+
+def test_unknown_scan_segment_is_not_found_for_resources(emulator, http, world):
+    first, _ = world
+    assert http.get(f"{emulator.url}/data/experiments/{first.id}/scans/nope/resources?format=json").status_code == 404
+
+
 def test_file_bytes_and_missing_file_page(emulator, http, world):
     first, _ = world
     base = f"{emulator.url}/data/experiments/{first.id}/scans/1/resources/DICOM/files"
@@ -248,6 +317,48 @@ def test_zip_entry_names_are_made_by_xnats_string_replacements(emulator, http):
         "SUBJ09_MR1/scans/4-T1w_MPRAGE/resources/DICOM/files/SUBJ09_MR1_note.txt",
     ]
     assert names["ALL"] == sorted(names["3"] + names["4"])
+
+
+def _zip_members(content: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(content)) as zipped:
+        return {n: zipped.read(n) for n in zipped.namelist()}
+
+
+@pytest.mark.parametrize(("fmt", "mimetype"), [("tar", "application/x-tar"), ("tar.gz", "application/x-gtar")])
+@pytest.mark.parametrize("path", ["scans/ALL/files", "scans/1/resources/DICOM/files"])
+def test_tar_downloads_hold_the_entries_of_the_zip(emulator, http, world, fmt, mimetype, path):
+    first, _ = world
+    url = f"{emulator.url}/data/experiments/{first.id}/{path}"
+    response = http.get(f"{url}?format={fmt}")
+    assert response.status_code == 200 and response.headers["Content-Type"] == mimetype
+    assert response.headers["Content-Disposition"] == f'attachment; filename="{first.id}.{fmt}"'
+    assert (response.content[:2] == b"\x1f\x8b") == (fmt == "tar.gz")
+    assert len(response.content) % 10240 == 0 or fmt == "tar.gz"
+    with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:*") as tar:
+        members = tar.getmembers()
+        contents = {m.name: tar.extractfile(m).read() for m in members}  # type: ignore[union-attr]
+    assert contents == _zip_members(http.get(f"{url}?format=zip").content)
+    # XNAT's TarUtils puts the type flag '0' into the mode field: permissions 0060.
+    assert {m.mode for m in members} == {0o060} and all(m.isfile() for m in members)
+
+
+def test_tar_keeps_long_entry_names_whole(emulator, http, world):
+    first, _ = world
+    long_name = "deep/" * 30 + "x.dcm"
+    emulator.archive.upload_file(first.id, "1", "DICOM", long_name, b"long")
+    response = http.get(f"{emulator.url}/data/experiments/{first.id}/scans/1/files?format=tar")
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
+        assert f"SUBJ01_MR1/scans/1-anat_T1w/resources/DICOM/files/{long_name}" in tar.getnames()
+
+
+def test_other_zip_structures_as_xnat_builds_them(emulator, http, world):
+    first, _ = world
+    url = f"{emulator.url}/data/experiments/{first.id}/scans/1/files?format=zip&structure="
+    assert sorted(_zip_members(http.get(url + "simplified").content)) == ["SUBJ01_MR1/scans/1/DICOM/1.dcm", "SUBJ01_MR1/scans/1/DICOM/2.dcm"]
+    assert sorted(_zip_members(http.get(url + "improved").content)) == ["scans/1_anat-T1w/DICOM/1.dcm", "scans/1_anat-T1w/DICOM/2.dcm"]
+    tar_url = url.replace("format=zip", "format=tar") + "improved"
+    with tarfile.open(fileobj=io.BytesIO(http.get(tar_url).content)) as tar:
+        assert sorted(tar.getnames()) == ["scans/1/DICOM/1.dcm", "scans/1/DICOM/2.dcm"]
 
 
 def test_zip_with_nothing_to_send(emulator, http, world):
