@@ -993,13 +993,13 @@ def run_slurm_apply(
                                   reconvert_outdated=reconvert_outdated, full=full)
         echo(render_text(repairing(plan) if repair_drift else plan))
         todo = plan.actionable(repair_drift=repair_drift)
+        held = _held_back(plan, todo)
         if not todo:
             echo("Nothing to apply.")
             if git_commit and not dry_run:  # what recovery completed is committed still, as a local apply does
                 from reconcile.apply import ApplyReport
 
                 _git_commit(root, ApplyReport(), say_none=False)
-            held = _held_back(plan, todo)
             _say_held_back(held)
             return EXIT_ERROR if plan.problems or held else EXIT_OK
         _refuse_whitespace(root)
@@ -1062,9 +1062,10 @@ def run_slurm_apply(
          f"(after the array, whatever happens).")
     echo(f"Follow it with `xnat2bids status {root}` or `squeue -j {batch.array_job},{batch.finalize_job}`; "
          f"job logs in {batch.logs_dir}.")
-    if not wait:
-        return EXIT_OK
-    return _wait_for_batch(batch)
+    _say_held_back(held)
+    # As a local apply: what the batch cannot carry out (problems, updates held back) fails the run.
+    code = EXIT_ERROR if plan.problems or held else EXIT_OK
+    return max(code, _wait_for_batch(batch)) if wait else code
 
 
 def _wait_for_batch(batch) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from worlds import add, assert_schema, token_valid
+from worlds import add, assert_schema, redate, token_valid
 
 from reconcile import statelock
 from reconcile.config import load_config
@@ -159,6 +159,25 @@ skip = ["func-*"]
     assert [s["state"] for s in doc["sessions"]] == ["done"] * 3
     code, out, _ = slurm_cli("apply", str(root), "-c", str(config), "-p", "PROJ", "--yes")
     assert code == 0 and "Nothing to apply." in out
+
+
+@needs_cluster
+def test_a_submission_with_an_update_held_back_exits_1_saying_so(slurm_cli, emulator, tmp_path):
+    exps = add(emulator.archive, sessions(1))
+    root = tmp_path / "bids"
+    assert slurm_cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0  # locally
+    [sidecar] = (root / "sub-01/ses-01MR1/anat").glob("*_T1w.json")
+    sidecar.write_text("{}")  # edited by the lab
+    redate(emulator, exps["01_MR1"], "2024-03-01")
+    new = add(emulator.archive, [("02", "02_MR1", "2024-01-12")])["02_MR1"]
+
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
+    batch = current_batch(root)
+    assert code == 1 and f"Submitted batch {batch.id}" in out and "(1 session," in out
+    assert "error: 1 change from XNAT held back (sub-01/ses-01MR1): files of this session changed on disk" in err
+    wait_gone(batch.array_job, batch.finalize_job)
+    assert sorted(read_lock(root).sessions) == sorted([exps["01_MR1"].id, new.id])
+    assert sidecar.read_text() == "{}"
 
 
 @needs_cluster
