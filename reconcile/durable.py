@@ -1,4 +1,5 @@
-"""Making renames and new files survive a power loss: the one place that fsyncs directories."""
+"""Making renames and new files survive a power loss: the one place that fsyncs directories. Also
+the one way to open a file for flock."""
 
 from __future__ import annotations
 
@@ -90,3 +91,16 @@ def write_atomic(path: Path, text: str, *, mode: int = 0o666, temps: Path | None
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def open_for_flock(path: Path) -> int:
+    """A descriptor of `path` to flock: writable where allowed (NFS emulates flock with fcntl locks,
+    which want a writable descriptor for LOCK_EX), else read-only (another user's file, a
+    read-only mount: a local flock works so)."""
+    flags = getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, os.O_RDWR | flags)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+    return os.open(path, os.O_RDONLY | flags)

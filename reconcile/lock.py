@@ -25,7 +25,7 @@ from typing import Any, Union
 import tomli_w
 
 from reconcile import __version__
-from reconcile.durable import fsync_dir
+from reconcile.durable import fsync_dir, open_for_flock
 from reconcile.errors import LockConflictError, LockfileError
 from reconcile.failpoints import hit
 from reconcile.forked import map_forked, split
@@ -332,7 +332,7 @@ def _writers_excluded(path: Path) -> Iterator[None]:
     the file system has no flock (some NFS, Lustre mounts)."""
     for _ in range(10):
         try:
-            fd = _open_for_flock(path)
+            fd = open_for_flock(path)
         except OSError:  # no lock yet, or unreadable (the write itself reports that)
             break
         try:
@@ -347,14 +347,6 @@ def _writers_excluded(path: Path) -> Iterator[None]:
         finally:
             os.close(fd)  # releases the flock
     yield
-
-
-def _open_for_flock(path: Path) -> int:
-    flags = getattr(os, "O_CLOEXEC", 0)
-    try:
-        return os.open(path, os.O_RDWR | flags)  # NFS grants exclusive locks to writable opens only
-    except PermissionError:
-        return os.open(path, os.O_RDONLY | flags)
 
 
 def _write_lock(root: Path, lock: Lock, expected_serial: int | None) -> Lock:

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 
-from reconcile.durable import fsync_dir
+from reconcile.durable import fsync_dir, open_for_flock
 from reconcile.errors import ConfigError, LockHeldError, XnatBidsError
 
 STATE_LOCK_NAME = ".xnat2bids.lock.info"
@@ -293,15 +293,6 @@ def working_holder(root: Path) -> Holder | None:
         return None
 
 
-def _open_for_flock(path: Path) -> int:
-    try:
-        return os.open(path, os.O_RDWR)  # NFS emulates flock with fcntl locks: LOCK_EX wants a writable fd
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-    return os.open(path, os.O_RDONLY)  # another user's file: a local flock works read-only
-
-
 @contextmanager
 def _pinned(root: Path) -> Iterator[_Seen | None]:
     """Hold `flock` on the lock file now at its path; None when there is none.
@@ -313,7 +304,7 @@ def _pinned(root: Path) -> Iterator[_Seen | None]:
     path = state_lock_path(root)
     while True:
         try:
-            fd = _open_for_flock(path)
+            fd = open_for_flock(path)
         except FileNotFoundError:
             yield None
             return
