@@ -146,24 +146,24 @@ def _ask(text: str) -> str:
 def connect(config: Config, *, interactive: bool | None = None):
     """Build the XNAT client: URL from the config or $XNAT_HOST, credentials never from argv."""
     from reconcile.credentials import cleartext, default_url, resolve_credentials
-    from reconcile.xnat import XnatClient, _base_url, _shown_url
+    from reconcile.xnat import XnatClient, base_url, shown_url
 
     from_env = default_url(os.environ)  # checked also when the config names the server
     url = config.xnat_url or from_env
     if config.xnat_url and from_env and from_env.rstrip("/") != config.xnat_url.rstrip("/"):
-        echo(f"warning: $XNAT_HOST ({_shown_url(from_env)}) is ignored: {config.source or 'the config'} names "
-             f"{_shown_url(config.xnat_url)}", err=True)
+        echo(f"warning: $XNAT_HOST ({shown_url(from_env)}) is ignored: {config.source or 'the config'} names "
+             f"{shown_url(config.xnat_url)}", err=True)
     if not url:
         where = f"{config.source} has no xnat_url" if config.source is not None else _no_config_file()
         raise ConfigError(f"no XNAT server configured: {where}",
                           hint="set xnat_url in the config (or pass --config FILE), or export XNAT_HOST")
-    _base_url(url)  # a malformed URL is said before credentials are looked for (or asked) for its host
+    base_url(url)  # a malformed URL is said before credentials are looked for (or asked) for its host
     if interactive is None:
         interactive = stdin_is_terminal()
     prompt = _ask if interactive else None  # the user name; the password goes through getpass
     creds = resolve_credentials(url, prompt=prompt, warn=lambda m: echo(f"warning: {m}", err=True))
     if cleartext(url):
-        echo(f"warning: {_shown_url(url)} is reached over plain http: the password (or token) travels "
+        echo(f"warning: {shown_url(url)} is reached over plain http: the password (or token) travels "
              "unencrypted; use an https:// URL", err=True)
     return XnatClient(url, creds, verify=config.verify_tls, timeout=config.timeout)
 

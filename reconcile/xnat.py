@@ -223,7 +223,7 @@ class StreamResponse:
 
     def _cut(self, detail: str) -> RemoteError:
         return RemoteError(
-            f"download of {_shown_url(self.url)} was cut short",
+            f"download of {shown_url(self.url)} was cut short",
             detail=detail,
             hint="run again; completed files are kept",
         )
@@ -284,7 +284,7 @@ def _row_name(index: int, ident: str) -> str:
     return f"row {index}" + (f" (ID {ident!r})" if ident else "")
 
 
-def _shown_url(url: str) -> str:
+def shown_url(url: str) -> str:
     """A URL as messages show it: without its query and without a user:password@ before the host."""
     return _USERINFO.sub(r"\1", url.split("?", 1)[0])
 
@@ -298,7 +298,7 @@ def _shown_given_url(url: str) -> str:
     return scheme + sep + rest.rsplit("@", 1)[-1]
 
 
-def _base_url(url: str) -> tuple[str, str]:
+def base_url(url: str) -> tuple[str, str]:
     """(origin, path prefix) of XNAT's base URL, without any user:password@ in it.
 
     ConfigError when `url` is not one; the message never quotes the user:password@ part.
@@ -380,7 +380,7 @@ class XnatClient:
         on_request: OnRequest | None = None,
     ):
         # Never keep user:password@ from a URL; credentials come from `credentials` only.
-        self._origin, self._prefix = _base_url(url)
+        self._origin, self._prefix = base_url(url)
         self.url: str = self._origin + self._prefix
         self.credentials = credentials
         self.verify = verify
@@ -477,7 +477,7 @@ class XnatClient:
                 what="the login",
             )
         if resp.is_redirect:
-            where = _shown_url(urljoin(resp.url, resp.headers.get("Location", "")))
+            where = shown_url(urljoin(resp.url, resp.headers.get("Location", "")))
             raise RemoteError(
                 f"XNAT at {self.url} redirected the login to {where}; the credentials were not sent there",
                 detail=f"HTTP {resp.status_code}",
@@ -491,7 +491,7 @@ class XnatClient:
         if resp.status_code in (404, 405, 501):  # 501: a web server that takes no PUT at all
             raise RemoteError(
                 f"no XNAT login service at {self.url}",
-                detail=f"HTTP {resp.status_code} for {_shown_url(resp.url)}",
+                detail=f"HTTP {resp.status_code} for {shown_url(resp.url)}",
                 hint="give the XNAT base URL, e.g. https://xnat.example.org or https://host/xnat",
             )
         self._raise_for_status(resp, what="the login")
@@ -538,7 +538,7 @@ class XnatClient:
         if "://" in path:
             parts = urlsplit(path)
             if f"{parts.scheme}://{parts.netloc}".lower() != self._origin.lower():
-                raise RemoteError(f"refusing to follow a URI to another server: {_shown_url(path)}")
+                raise RemoteError(f"refusing to follow a URI to another server: {shown_url(path)}")
             return path
         if not path.startswith("/"):
             path = "/" + path
@@ -604,7 +604,7 @@ class XnatClient:
                 raise self._tls_error(exc) from exc
             except requests.exceptions.InvalidURL as exc:
                 self._slots.release()
-                raise RemoteError(f"invalid URL {_shown_url(url)}") from exc
+                raise RemoteError(f"invalid URL {shown_url(url)}") from exc
             except _TRANSIENT as exc:
                 self._slots.release()
                 # A name the resolver says does not exist stays so for the next seconds: said at
@@ -614,14 +614,14 @@ class XnatClient:
                     if isinstance(exc, (requests.exceptions.ReadTimeout, TimeoutError)):
                         listing = "/files" in url
                         raise RemoteError(
-                            f"XNAT at {self.url} did not answer within {self.timeout:g} s for {what or _shown_url(url)}",
+                            f"XNAT at {self.url} did not answer within {self.timeout:g} s for {what or shown_url(url)}",
                             detail=f"{attempt + 1} attempt(s)",
                             hint=("XNAT builds a large session's file listing whole before answering: " if listing
                                   else "XNAT is slow or busy: ")
                             + "raise `timeout` in the config (seconds), or run again when XNAT is less busy",
                         ) from exc
                     raise RemoteError(
-                        f"cannot reach XNAT at {self.url} for {what or _shown_url(url)}"
+                        f"cannot reach XNAT at {self.url} for {what or shown_url(url)}"
                         + (f": the name {urlsplit(self.url).hostname} does not resolve" if unresolved else ""),
                         detail=f"{type(exc).__name__} after {attempt + 1} attempt(s)",
                         hint="check the URL (a typo in the host name?)" if unresolved
@@ -631,7 +631,7 @@ class XnatClient:
                 continue
             except requests.RequestException as exc:
                 self._slots.release()
-                raise RemoteError(f"request to {_shown_url(url)} failed", detail=type(exc).__name__) from exc
+                raise RemoteError(f"request to {shown_url(url)} failed", detail=type(exc).__name__) from exc
             except BaseException:
                 self._slots.release()
                 raise
@@ -692,7 +692,7 @@ class XnatClient:
             self._relogin(generation)
         raise AuthError(
             f"XNAT rejected the credentials for user {self.credentials.user} at {self.url}",
-            detail=f"401 for {what or _shown_url(url)} even after logging in again",
+            detail=f"401 for {what or shown_url(url)} even after logging in again",
         )
 
     def _without_secret(self, text: str) -> str:
@@ -723,7 +723,7 @@ class XnatClient:
         if code == 401:
             raise AuthError(f"XNAT rejected the credentials for user {self.credentials.user} at {self.url}")
         if 300 <= code < 400 and isinstance(resp, requests.Response):
-            where = _shown_url(urljoin(resp.url, resp.headers.get("Location", "")))
+            where = shown_url(urljoin(resp.url, resp.headers.get("Location", "")))
             raise RemoteError(f"XNAT at {self.url} redirected {what} to {where}; not followed", detail=f"HTTP {code}",
                               hint="an https XNAT must not send requests on to plain http, where the session cookie "
                                    "would travel unencrypted: check the server's or its proxy's configuration")
@@ -755,7 +755,7 @@ class XnatClient:
     def get_json(self, path: str, **params: Any) -> Any:
         """GET `path` (relative to the base URL) with format=json; return the decoded JSON."""
         params.setdefault("format", "json")
-        what = _shown_url(path)
+        what = shown_url(path)
         resp = self._request("GET", path, params=params, what=what)
         self._raise_for_status(resp, what=what)
         return self._json(resp, what=what)
@@ -1005,7 +1005,7 @@ class XnatClient:
         Connect errors and 5xx are retried before the body starts; a failure mid-body raises
         RemoteError from `readinto`. Range requests are the caller's: pass `headers`.
         """
-        what = f"the download of {_shown_url(uri)}"
+        what = f"the download of {shown_url(uri)}"
         resp = self._request("GET", uri, headers=headers, stream=True, what=what)
         try:
             # 416 tells a resuming caller its Range is past the end; it decides what that means.
