@@ -762,13 +762,7 @@ def _session_changes(
 ) -> set[str]:
     """Plans each listed session against its lock entry (by ID, then by address: re-archived) and
     returns the IDs of the lock entries that listed sessions replace."""
-    holder_of: dict[BidsAddress, SessionRecord] = {}
-    vanished_by_address: dict[BidsAddress, SessionRecord] = {}
-    for r in sessions.values():
-        address = r.address
-        holder_of[address] = r
-        if r.experiment_id not in present_ids and r.project in listed_ok:
-            vanished_by_address[address] = r
+    holder_of, vanished_by_address = _recorded_addresses(sessions.values(), present_ids, listed_ok)
     used_as_replaced: set[str] = set()
     by_subject: dict[str, list[SessionRecord]] | None = None
     outdated = drifted = unaffected = 0
@@ -795,9 +789,7 @@ def _session_changes(
                 continue
         if rec is None or rec.bids_subject != address.subject:
             if by_subject is None:  # built for the first session new at its subject label only
-                by_subject = {}
-                for r in sessions.values():
-                    by_subject.setdefault(r.bids_subject, []).append(r)
+                by_subject = _by_subject(sessions.values())
             handover = _handover(address.subject, exp.subject_id, rec.bids_subject if rec else None, by_subject,
                                  seen)
             if handover is not None:
@@ -831,6 +823,27 @@ def _session_changes(
         unaffected += rec.config_digests != converted_by[1]
     out.drifted, out.outdated, out.unaffected = drifted, outdated, unaffected
     return used_as_replaced
+
+
+def _recorded_addresses(records: Iterable[SessionRecord], present_ids: set[str], listed_ok: set[str]
+                        ) -> tuple[dict[BidsAddress, SessionRecord], dict[BidsAddress, SessionRecord]]:
+    """The lock entry recorded at each BIDS address, and those of them gone from a listed project
+    (a listed session new at that address replaces it: re-archived)."""
+    holder_of: dict[BidsAddress, SessionRecord] = {}
+    vanished_by_address: dict[BidsAddress, SessionRecord] = {}
+    for r in records:
+        address = r.address
+        holder_of[address] = r
+        if r.experiment_id not in present_ids and r.project in listed_ok:
+            vanished_by_address[address] = r
+    return holder_of, vanished_by_address
+
+
+def _by_subject(records: Iterable[SessionRecord]) -> dict[str, list[SessionRecord]]:
+    by_subject: dict[str, list[SessionRecord]] = {}
+    for r in records:
+        by_subject.setdefault(r.bids_subject, []).append(r)
+    return by_subject
 
 
 def _address_taken(exp: Experiment, address: BidsAddress, holder: SessionRecord, rec: SessionRecord | None,
