@@ -29,6 +29,7 @@ from reconcile.model import (
     SessionRecord,
     UnselectedScan,
     format_timestamp,
+    natural_key,
     parse_timestamp,
 )
 from reconcile.naming import address_for, check_accession_id
@@ -307,7 +308,7 @@ def _scan_reasons(recorded: tuple[ScanRecord, ...], remote: tuple[Scan, ...], li
     after = {s.id: s.record() for s in remote}
     left_out = {s.id for s in unselected}
     reasons = []
-    for sid in sorted(set(before) | set(after), key=_natural):
+    for sid in sorted(set(before) | set(after), key=natural_key):
         old, new = before.get(sid), after.get(sid)
         if old is None and sid in left_out:  # there before: the selection changed, not the session
             reasons.append(Reason("scan_selected", f"scan {sid} now selected by the config", f"scan:{sid}", None,
@@ -361,12 +362,8 @@ def older(recorded: str | None, installed: str) -> bool:
 
 
 @cache  # a handful of distinct versions, asked about for every unchanged session
-def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
-    return tuple(_natural(p) for p in re.findall(r"\d+|[^\d.\-_+]+", version))
-
-
-def _natural(text: str) -> tuple[int, int | str]:
-    return (0, int(text)) if text.isdigit() else (1, text)
+def _version_key(version: str) -> tuple[tuple[str | int, ...], ...]:
+    return tuple(natural_key(p) for p in re.findall(r"\d+|[^\d.\-_+]+", version))
 
 
 def same_time(a: str | None, b: datetime | None) -> bool:
