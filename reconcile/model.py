@@ -159,6 +159,17 @@ class RemoteFile:
     resource_id: str = ""  # the numeric ID in `uri`, which XNAT's zips replace by `resource`
 
 
+_DIGIT_RUNS = re.compile(r"(\d+)")
+
+
+def natural_key(text: str) -> tuple[str | int, ...]:
+    """`text` ordered with its runs of digits as numbers: XNAT scan IDs 1 < 1-MR1 < 1.2 < 1a < 2 < 10 < SCOUT.
+
+    A scan ID is a number or begins with one (1-MR1, 1a: a scan derived from scan 1), so each sorts
+    next to the scan it is numbered after. The client lists scans and the planner names them in this order."""
+    return tuple(int(p) if p.isdigit() else p for p in _DIGIT_RUNS.split(text))
+
+
 @dataclass(frozen=True)
 class Scan:
     """A scan with its files (deep listing)."""

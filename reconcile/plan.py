@@ -29,6 +29,7 @@ from reconcile.model import (
     SessionRecord,
     UnselectedScan,
     format_timestamp,
+    natural_key,
     parse_timestamp,
 )
 from reconcile.naming import address_for, check_accession_id
@@ -184,6 +185,9 @@ class _Collector:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     unchanged: int = 0
+    drifted: int = 0  # DRIFT changes
+    outdated: int = 0  # unchanged sessions converted with older tools
+    unaffected: int = 0  # unchanged sessions exported under other settings that convert the same
 
 
 def _size(n: int) -> str:
@@ -304,7 +308,7 @@ def _scan_reasons(recorded: tuple[ScanRecord, ...], remote: tuple[Scan, ...], li
     after = {s.id: s.record() for s in remote}
     left_out = {s.id for s in unselected}
     reasons = []
-    for sid in sorted(set(before) | set(after), key=_natural):
+    for sid in sorted(set(before) | set(after), key=natural_key):
         old, new = before.get(sid), after.get(sid)
         if old is None and sid in left_out:  # there before: the selection changed, not the session
             reasons.append(Reason("scan_selected", f"scan {sid} now selected by the config", f"scan:{sid}", None,
@@ -358,12 +362,8 @@ def older(recorded: str | None, installed: str) -> bool:
 
 
 @cache  # a handful of distinct versions, asked about for every unchanged session
-def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
-    return tuple(_natural(p) for p in re.findall(r"\d+|[^\d.\-_+]+", version))
-
-
-def _natural(text: str) -> tuple[int, int | str]:
-    return (0, int(text)) if text.isdigit() else (1, text)
+def _version_key(version: str) -> tuple[tuple[str | int, ...], ...]:
+    return tuple(natural_key(p) for p in re.findall(r"\d+|[^\d.\-_+]+", version))
 
 
 def same_time(a: str | None, b: datetime | None) -> bool:
@@ -533,20 +533,75 @@ def compute_plan(
     reconvert_outdated: bool = False,
 ) -> Plan:
     """Compare desired (XNAT), recorded (lock) and actual (disk) state. Pure: no I/O."""
-    tools = tools or {}
     out = _Collector()
-    deep = remote.deep is not None
-    listed_projects = tuple(sorted(p.project for p in remote.listings))
-
     # The lock's records, decoded once: every step below looks at all of them.
     sessions = dict(lock.sessions.items())
     records = sessions.values()
+    wanted = _selector(selection)
 
     # 1. Listings: a failed or suspiciously empty listing blocks its project, never orphans it.
+    rows, blocked, malformed_ids = _listed_rows(remote, records, selection, out)
+
+    # 2. Addresses of every listed session, selected or not: identity and collisions are facts
+    #    about the whole listing; the selection only decides which changes and problems are shown.
+    listed_ids = {e.id for e in rows}
+    present_ids = listed_ids | malformed_ids  # unsafe ones too: they are not gone from XNAT
+    rows = _unambiguous(rows, len(listed_ids), wanted, out)
+    seen = _addressed(rows, sessions, config.naming, wanted, out)
+    colliding = _collisions(seen, sessions, config.naming, wanted, out)
+
+    # 3. Match remote sessions with lock entries: by ID, then by address (re-archived).
+    listed_ok = {p.project for p in remote.listings} - blocked
+    replaced_ids = _session_changes(
+        seen, colliding, sessions, present_ids=present_ids, listed_ok=listed_ok, blocked=blocked,
+        deep_scans=remote.deep, local=local, config=config, selection=selection, wanted=wanted,
+        tools=tools or {}, reconvert_outdated=reconvert_outdated, out=out,
+    )
+
+    # 4. Lock entries gone from a successfully listed project are orphans (never deleted).
+    gone = _orphans(records, present_ids, replaced_ids, listed_ok, selection, out)
+
+    deep = remote.deep is not None
+    out.notes += _notes(out, gone, local, config, remote, records, selection, deep=deep)
+    changes = sorted(out.changes, key=lambda c: (ACTION_ORDER[c.action], c.address, c.key))
+    return Plan(
+        changes=tuple(changes),
+        unchanged=out.unchanged,
+        problems=tuple(out.problems),
+        notes=tuple(out.notes),
+        lineage=lock.lineage,
+        serial=lock.serial,
+        deep=deep,
+        projects=tuple(sorted(p.project for p in remote.listings)),
+    )
+
+
+# Experiment ID → its listing row and BIDS address: one per listed session whose address is safe.
+_Listed = dict[str, tuple[Experiment, BidsAddress]]
+# Whether a listed session, at its BIDS address when known, is one the selection shows.
+_Wanted = Callable[[Experiment, BidsAddress | None], bool]
+
+
+def _selector(selection: Selection) -> _Wanted:
+    """`selection` as a test of listed sessions; without --subject or --session it passes every one."""
+    if not selection.subjects and not selection.sessions:
+        return lambda exp, address: True
+
+    def wanted(exp: Experiment, address: BidsAddress | None) -> bool:
+        sub = address.subject if address else exp.subject_label
+        ses = address.session if address else exp.label
+        return selection.wants(exp.subject_label, sub, exp.label, exp.id, ses)
+
+    return wanted
+
+
+def _listed_rows(remote: RemoteState, records: Iterable[SessionRecord], selection: Selection,
+                 out: _Collector) -> tuple[list[Experiment], set[str], set[str]]:
+    """The image sessions of the listings to plan from, the projects blocked (their listing failed,
+    or is empty where the lock records sessions) and the IDs of the rows XNAT lists malformed."""
     blocked: set[str] = set()
-    remote_rows: list[Experiment] = []
+    rows: list[Experiment] = []
     malformed_ids: set[str] = set()
-    selects_all = not selection.subjects and not selection.sessions
     for listing in sorted(remote.listings, key=lambda p: p.project):
         if listing.experiments is None:
             blocked.add(listing.project)
@@ -556,17 +611,10 @@ def compute_plan(
             )
             continue
         listed = [e for e in listing.experiments if e.xsi_type.endswith(SESSION_TYPES_SUFFIX)]
-        bad_here = False
-        for bad in listing.malformed:
-            if bad.xsi_type.endswith(SESSION_TYPES_SUFFIX):
-                bad_here = True
-                malformed_ids.add(bad.id)
-                if selects_all or selection.wants(bad.subject_label, "", bad.label, bad.id, ""):
-                    out.problems.append(Problem(
-                        f"session {bad.id} ({listing.project}/{bad.label}): XNAT lists it with a malformed value "
-                        f"({bad.message})", listing.project, bad.id,
-                        hint="nothing was planned for this session; correct the value in XNAT"))
-        recorded = [] if listed or bad_here else [r for r in records if r.project == listing.project and selection.holds(r)]
+        bad_here = _malformed(listing, selection, out)
+        malformed_ids |= bad_here
+        recorded = [] if listed or bad_here else [r for r in records
+                                                  if r.project == listing.project and selection.holds(r)]
         if recorded:
             blocked.add(listing.project)
             out.problems.append(
@@ -578,59 +626,99 @@ def compute_plan(
                 )
             )
             continue
-        remote_rows += listed
+        rows += listed
+    return rows, blocked, malformed_ids
 
-    # 2. Addresses of every listed session, selected or not: identity and collisions are facts
-    #    about the whole listing; the selection only decides which changes and problems are shown.
-    def wanted(exp: Experiment, address: BidsAddress | None = None) -> bool:
-        if selects_all:
-            return True
-        sub = address.subject if address else exp.subject_label
-        ses = address.session if address else exp.label
-        return selection.wants(exp.subject_label, sub, exp.label, exp.id, ses)
 
-    listed_ids = {e.id for e in remote_rows}
-    present_ids = listed_ids | malformed_ids  # unsafe ones too: they are not gone from XNAT
-    # One project's listing naming a session twice, with other values: which row is XNAT's is
-    # unknown (taking the first would flip label or date with the rows' order).
+def _malformed(listing: ProjectListing, selection: Selection, out: _Collector) -> set[str]:
+    """The IDs of the image sessions `listing` left out as malformed; each selected one is a problem."""
+    ids = set()
+    selects_all = not selection.subjects and not selection.sessions
+    for bad in listing.malformed:
+        if bad.xsi_type.endswith(SESSION_TYPES_SUFFIX):
+            ids.add(bad.id)
+            if selects_all or selection.wants(bad.subject_label, "", bad.label, bad.id, ""):
+                out.problems.append(Problem(
+                    f"session {bad.id} ({listing.project}/{bad.label}): XNAT lists it with a malformed value "
+                    f"({bad.message})", listing.project, bad.id,
+                    hint="nothing was planned for this session; correct the value in XNAT"))
+    return ids
+
+
+def _unambiguous(rows: list[Experiment], distinct: int, wanted: _Wanted, out: _Collector) -> list[Experiment]:
+    """`rows` (`distinct` experiment IDs) without the sessions one project's listing names twice with
+    other values: which row is XNAT's is unknown (taking the first would flip label or date with the
+    rows' order)."""
     listed_twice = set()
-    if len(listed_ids) < len(remote_rows):  # an ID twice: in one listing, or shared into two projects
-        listed_twice = {k for k, n in Counter((e.project, e.id) for e in remote_rows).items() if n > 1}
+    if distinct < len(rows):  # an ID twice: in one listing, or shared into two projects
+        listed_twice = {k for k, n in Counter((e.project, e.id) for e in rows).items() if n > 1}
     rows_of: dict[tuple[str, str], set[Experiment]] = defaultdict(set)
-    for exp in remote_rows if listed_twice else ():
+    for exp in rows if listed_twice else ():
         if (exp.project, exp.id) in listed_twice:
             rows_of[exp.project, exp.id].add(exp)
-    for (project, exp_id), rows in sorted((k, v) for k, v in rows_of.items() if len(v) > 1):
-        if any(wanted(e) for e in rows):
-            labels = ", ".join(sorted({f"{e.subject_label}/{e.label} dated {e.date or '(none)'}" for e in rows}))
-            out.problems.append(Problem(f"session {exp_id} ({project}): XNAT lists it {len(rows)} times, with other "
+    for (project, exp_id), twins in sorted((k, v) for k, v in rows_of.items() if len(v) > 1):
+        if any(wanted(e, None) for e in twins):
+            labels = ", ".join(sorted({f"{e.subject_label}/{e.label} dated {e.date or '(none)'}" for e in twins}))
+            out.problems.append(Problem(f"session {exp_id} ({project}): XNAT lists it {len(twins)} times, with other "
                                         f"values ({labels})", project, exp_id,
                                         hint="nothing was planned for this session; plan again, or ask the XNAT admin"))
     if any(len(v) > 1 for v in rows_of.values()):
-        remote_rows = [e for e in remote_rows if len(rows_of.get((e.project, e.id), ())) <= 1]
-    seen_ids: dict[str, tuple[Experiment, BidsAddress]] = {}
-    for exp in sorted(remote_rows, key=lambda e: (e.project, e.id)):
+        return [e for e in rows if len(rows_of.get((e.project, e.id), ())) <= 1]
+    return rows
+
+
+def _addressed(rows: list[Experiment], sessions: Mapping[str, SessionRecord], naming: NamingSettings,
+               wanted: _Wanted, out: _Collector) -> _Listed:
+    """Each listed session with its BIDS address, once; an unsafe ID or label is its problem instead."""
+    seen: _Listed = {}
+    for exp in sorted(rows, key=lambda e: (e.project, e.id)):
         try:
             check_accession_id(exp.id)  # it names the session's files in the work area
-            address = address_for(exp, config.naming)
+            address = address_for(exp, naming)
         except UnsafePathError as exc:
-            if wanted(exp):
-                out.problems.append(Problem(f"session {exp.id} ({exp.project}): {exc.summary}", exp.project, exp.id, exc.hint))
+            if wanted(exp, None):
+                out.problems.append(Problem(f"session {exp.id} ({exp.project}): {exc.summary}", exp.project, exp.id,
+                                            exc.hint))
             continue
         # A session listed in several projects (shared) is planned once, under the project that
         # the lock already knows, otherwise the first one listed.
-        if exp.id not in seen_ids:
-            seen_ids[exp.id] = (exp, address)
+        if exp.id not in seen:
+            seen[exp.id] = (exp, address)
         else:
             rec = sessions.get(exp.id)
             if rec is not None and rec.project == exp.project:
-                seen_ids[exp.id] = (exp, address)
+                seen[exp.id] = (exp, address)
+    return seen
+
+
+def _collisions(seen: _Listed, sessions: Mapping[str, SessionRecord], naming: NamingSettings, wanted: _Wanted,
+                out: _Collector) -> set[str]:
+    """The IDs of the sessions that would share a folder with another one: none of them is planned."""
     at_address: dict[BidsAddress, list[Experiment]] = defaultdict(list)
-    for exp, address in seen_ids.values():
+    for exp, address in seen.values():
         at_address[address].append(exp)
-    colliding = set()
-    # Addresses that differ only in case are one folder on a case-insensitive file system (macOS,
-    # SMB shares): the second commit would replace the first session's files.
+    colliding = _case_twins(at_address, sessions, wanted, out)
+    for address, exps in sorted((a, exps) for a, exps in at_address.items() if len(exps) > 1):
+        colliding.update(e.id for e in exps)
+        if any(wanted(e, address) for e in exps):
+            names = " and ".join(f"{e.id} ({e.project}/{e.subject_label}/{e.label})" for e in exps)
+            mapped = [e.subject_label for e in exps if e.subject_label in naming.subjects]
+            if len({e.subject_label for e in exps}) > 1 and mapped:  # two XNAT subjects made one
+                hint = (f'[naming.subjects] maps "{mapped[0]}" to "{address.subject}", where another XNAT '
+                        f"subject's sessions already go: map it to a label of its own")
+            else:
+                hint = f'give one a distinct label in [naming.sessions], e.g. "{exps[1].id}" = "{address.session}b"'
+            out.problems.append(Problem(f"{names} both map to {address.path}", exps[0].project, exps[0].id, hint=hint))
+    return colliding
+
+
+def _case_twins(at_address: Mapping[BidsAddress, list[Experiment]], sessions: Mapping[str, SessionRecord],
+                wanted: _Wanted, out: _Collector) -> set[str]:
+    """The IDs of the sessions that would move in next to a folder differing from theirs only in case.
+
+    Such addresses are one folder on a case-insensitive file system (macOS, SMB shares): the
+    second commit would replace the first session's files."""
+    colliding: set[str] = set()
     folded: dict[tuple[str, str], list[BidsAddress]] = defaultdict(list)
     if len({(a.subject.casefold(), a.session.casefold()) for a in at_address}) < len(at_address):
         for address in at_address:
@@ -649,34 +737,37 @@ def compute_plan(
             out.problems.append(Problem(
                 f"{names} differ only in case: one folder where the file system ignores case", newcomers[0].project,
                 newcomers[0].id, hint="give one a label of its own in [naming.subjects] or [naming.sessions]"))
-    for address, exps in sorted((a, exps) for a, exps in at_address.items() if len(exps) > 1):
-        colliding.update(e.id for e in exps)
-        if any(wanted(e, address) for e in exps):
-            names = " and ".join(f"{e.id} ({e.project}/{e.subject_label}/{e.label})" for e in exps)
-            mapped = [e.subject_label for e in exps if e.subject_label in config.naming.subjects]
-            if len({e.subject_label for e in exps}) > 1 and mapped:  # two XNAT subjects made one
-                hint = (f'[naming.subjects] maps "{mapped[0]}" to "{address.subject}", where another XNAT '
-                        f"subject's sessions already go: map it to a label of its own")
-            else:
-                hint = f'give one a distinct label in [naming.sessions], e.g. "{exps[1].id}" = "{address.session}b"'
-            out.problems.append(Problem(f"{names} both map to {address.path}", exps[0].project, exps[0].id, hint=hint))
+    return colliding
 
-    # 3. Match remote sessions with lock entries: by ID, then by address (re-archived).
-    listed_ok = {p.project for p in remote.listings} - blocked
-    holder_of: dict[BidsAddress, SessionRecord] = {}
-    vanished_by_address: dict[BidsAddress, SessionRecord] = {}
-    for r in records:
-        address = r.address
-        holder_of[address] = r
-        if r.experiment_id not in present_ids and r.project in listed_ok:
-            vanished_by_address[address] = r
+
+def _session_changes(
+    seen: _Listed,
+    colliding: set[str],
+    sessions: Mapping[str, SessionRecord],
+    *,
+    present_ids: set[str],
+    listed_ok: set[str],
+    blocked: set[str],
+    deep_scans: Mapping[str, tuple[Scan, ...]] | None,
+    local: LocalState,
+    config: Config,
+    selection: Selection,
+    wanted: _Wanted,
+    tools: Mapping[str, str],
+    reconvert_outdated: bool,
+    out: _Collector,
+) -> set[str]:
+    """Plans each listed session against its lock entry (by ID, then by address: re-archived) and
+    returns the IDs of the lock entries that listed sessions replace."""
+    holder_of, vanished_by_address = _recorded_addresses(sessions.values(), present_ids, listed_ok)
     used_as_replaced: set[str] = set()
     by_subject: dict[str, list[SessionRecord]] | None = None
     outdated = drifted = unaffected = 0
-    deep_scans = remote.deep or {}
+    deep = deep_scans is not None
+    scans_of = deep_scans or {}
     conversion = _conversion_lookup(config)
     converters = {t: tools[t] for t in CONVERTER_TOOLS if tools.get(t)}
-    for exp_id, (exp, address) in sorted(seen_ids.items()):
+    for exp_id, (exp, address) in sorted(seen.items()):
         if exp_id in colliding:
             continue
         if not wanted(exp, address):
@@ -685,93 +776,27 @@ def compute_plan(
             replaced = None if exp_id in sessions else vanished_by_address.get(address)
             if replaced is None or not selection.holds(replaced):
                 continue
-        scans = deep_scans.get(exp_id) if deep else None
+        scans = scans_of.get(exp_id) if deep else None
         rec = sessions.get(exp_id)
         holder = holder_of.get(address)
-        if holder is not None and holder.experiment_id != exp_id and holder.project not in listed_ok:
-            # The folder's owner is in a project not listed this run (not selected, or its listing
-            # failed): as good as present, so this is a collision (plan-scenarios row 17), not a free address.
-            # Unless its listing failed: then it may be this very session, moved, and a new label
-            # would make it a second copy.
-            if holder.project in blocked:
-                msg = (f"session {exp_id} ({exp.project}/{exp.label}) maps to {address.path}, which the lock records "
-                       f"for {holder.experiment_id} of project {holder.project}, whose listing is in error above")
-                hint = (f"plan again once project {holder.project} lists; if {holder.experiment_id} was moved to "
-                        f"{exp.project} in XNAT, this is its new ID and plan then replaces it")
-            else:
-                msg = (f"session {exp_id} ({exp.project}/{exp.label}) maps to {address.path}, which the lock records "
-                       f"for {holder.experiment_id} of project {holder.project}")
-                hint = f'give one a distinct label in [naming.sessions], e.g. "{exp_id}" = "{address.session}b"'
-            out.problems.append(Problem(msg, exp.project, exp_id, hint=hint))
-            continue
-        if holder is not None and holder.experiment_id != exp_id and holder.experiment_id in present_ids:
-            # Another recorded session still owns that folder (e.g. two labels swapped):
-            # converting now would overwrite it.
-            out.problems.append(
-                Problem(
-                    f"session {exp_id} ({exp.project}/{exp.label}) maps to {address.path}, which the lock "
-                    f"still records for {holder.experiment_id}",
-                    exp.project,
-                    exp_id,
-                    hint="apply the other session first (select it with --session), or rename through a temporary label",
-                )
-            )
-            continue
-        if holder is not None and holder.experiment_id != exp_id and rec is not None:
-            # A recorded session renamed onto the folder of one gone from XNAT (an orphan): that
-            # folder is still the orphan's until `forget` drops it.
-            out.problems.append(
-                Problem(
-                    f"session {exp_id} ({exp.project}/{exp.label}) was renamed to {address.path}, which the lock "
-                    f"records for {holder.experiment_id}, no longer in XNAT",
-                    exp.project,
-                    exp_id,
-                    hint=f"move {address.path} out of the BIDS root and run `xnat2bids forget {holder.experiment_id}`, "
-                         "then plan again",
-                )
-            )
-            continue
+        if holder is not None and holder.experiment_id != exp_id:
+            problem = _address_taken(exp, address, holder, rec, present_ids, listed_ok, blocked)
+            if problem is not None:
+                out.problems.append(problem)
+                continue
         if rec is None or rec.bids_subject != address.subject:
             if by_subject is None:  # built for the first session new at its subject label only
-                by_subject = {}
-                for r in records:
-                    by_subject.setdefault(r.bids_subject, []).append(r)
+                by_subject = _by_subject(sessions.values())
             handover = _handover(address.subject, exp.subject_id, rec.bids_subject if rec else None, by_subject,
-                                 seen_ids)
+                                 seen)
             if handover is not None:
-                # Its participants.tsv row is the other subject's until that one has moved: taking
-                # the label in the same run would give this subject the other's row.
-                leaving, swap = handover
-                if swap:
-                    hint = (f'the subjects swap labels: map one to a temporary label in [naming.subjects] (e.g. '
-                            f'"{leaving.subject_label}" = "{leaving.subject_label}tmp"), apply, then remove it and '
-                            "apply again")
-                else:
-                    hint = (f"apply moves {leaving.subject_label}'s sessions out of sub-{address.subject} first; "
-                            "apply again afterwards for this one")
-                out.problems.append(
-                    Problem(
-                        f"session {exp_id} ({exp.project}/{exp.label}) goes to sub-{address.subject}, which the "
-                        f"lock still records for XNAT subject {leaving.subject_id} ({leaving.subject_label}), itself "
-                        f"being renamed",
-                        exp.project,
-                        exp_id,
-                        hint=hint,
-                    )
-                )
+                out.problems.append(_handover_problem(exp, address, *handover))
                 continue
         if rec is None:
             replaced = vanished_by_address.get(address)
             if replaced is not None:
                 used_as_replaced.add(replaced.experiment_id)
-                reasons = [Reason("replaced", f"replaced in XNAT: {replaced.experiment_id} → {exp_id}",
-                                  "experiment_id", replaced.experiment_id, exp_id)]
-                if replaced.project != exp.project:  # deleted in one project, archived again in another
-                    reasons.append(Reason("moved", f"project {replaced.project} → {exp.project}", "project",
-                                          replaced.project, exp.project))
-                drift = _drift(replaced, local)
-                out.changes.append(Change(Action.UPDATE, exp.key, address, (*reasons, *drift), replaced, exp, scans,
-                                          _edited_paths(drift)))
+                out.changes.append(_replacement(exp, address, replaced, scans, local))
             else:
                 out.changes.append(Change(Action.CREATE, exp.key, address, _NEW, None, exp, scans))
             continue
@@ -793,24 +818,178 @@ def compute_plan(
         outdated += any(older(rec.tools.get(t), version) for t, version in converters.items())
         # Exported under other settings, judged to convert the same (or equal older digests).
         unaffected += rec.config_digests != converted_by[1]
+    out.drifted, out.outdated, out.unaffected = drifted, outdated, unaffected
+    return used_as_replaced
 
-    # 4. Lock entries gone from a successfully listed project are orphans (never deleted).
+
+def _recorded_addresses(records: Iterable[SessionRecord], present_ids: set[str], listed_ok: set[str]
+                        ) -> tuple[dict[BidsAddress, SessionRecord], dict[BidsAddress, SessionRecord]]:
+    """The lock entry recorded at each BIDS address, and those of them gone from a listed project
+    (a listed session new at that address replaces it: re-archived)."""
+    holder_of: dict[BidsAddress, SessionRecord] = {}
+    vanished_by_address: dict[BidsAddress, SessionRecord] = {}
+    for r in records:
+        address = r.address
+        holder_of[address] = r
+        if r.experiment_id not in present_ids and r.project in listed_ok:
+            vanished_by_address[address] = r
+    return holder_of, vanished_by_address
+
+
+def _by_subject(records: Iterable[SessionRecord]) -> dict[str, list[SessionRecord]]:
+    by_subject: dict[str, list[SessionRecord]] = {}
+    for r in records:
+        by_subject.setdefault(r.bids_subject, []).append(r)
+    return by_subject
+
+
+def _address_taken(exp: Experiment, address: BidsAddress, holder: SessionRecord, rec: SessionRecord | None,
+                   present_ids: set[str], listed_ok: set[str], blocked: set[str]) -> Problem | None:
+    """The problem of a session whose folder the lock records for another one (`holder`), if that
+    other one still has it; None when the folder is free to take (its owner is gone from XNAT)."""
+    exp_id = exp.id
+    if holder.project not in listed_ok:
+        # The folder's owner is in a project not listed this run (not selected, or its listing
+        # failed): as good as present, so this is a collision (plan-scenarios row 17), not a free address.
+        # Unless its listing failed: then it may be this very session, moved, and a new label
+        # would make it a second copy.
+        if holder.project in blocked:
+            msg = (f"session {exp_id} ({exp.project}/{exp.label}) maps to {address.path}, which the lock records "
+                   f"for {holder.experiment_id} of project {holder.project}, whose listing is in error above")
+            hint = (f"plan again once project {holder.project} lists; if {holder.experiment_id} was moved to "
+                    f"{exp.project} in XNAT, this is its new ID and plan then replaces it")
+        else:
+            msg = (f"session {exp_id} ({exp.project}/{exp.label}) maps to {address.path}, which the lock records "
+                   f"for {holder.experiment_id} of project {holder.project}")
+            hint = f'give one a distinct label in [naming.sessions], e.g. "{exp_id}" = "{address.session}b"'
+        return Problem(msg, exp.project, exp_id, hint=hint)
+    if holder.experiment_id in present_ids:
+        # Another recorded session still owns that folder (e.g. two labels swapped):
+        # converting now would overwrite it.
+        return Problem(
+            f"session {exp_id} ({exp.project}/{exp.label}) maps to {address.path}, which the lock "
+            f"still records for {holder.experiment_id}",
+            exp.project,
+            exp_id,
+            hint="apply the other session first (select it with --session), or rename through a temporary label",
+        )
+    if rec is not None:
+        # A recorded session renamed onto the folder of one gone from XNAT (an orphan): that
+        # folder is still the orphan's until `forget` drops it.
+        return Problem(
+            f"session {exp_id} ({exp.project}/{exp.label}) was renamed to {address.path}, which the lock "
+            f"records for {holder.experiment_id}, no longer in XNAT",
+            exp.project,
+            exp_id,
+            hint=f"move {address.path} out of the BIDS root and run `xnat2bids forget {holder.experiment_id}`, "
+                 "then plan again",
+        )
+    return None
+
+
+def _handover_problem(exp: Experiment, address: BidsAddress, leaving: SessionRecord, swap: bool) -> Problem:
+    """A session that goes to a subject label another subject is leaving in this plan.
+
+    Its participants.tsv row is the other subject's until that one has moved: taking the label in
+    the same run would give this subject the other's row."""
+    if swap:
+        hint = (f'the subjects swap labels: map one to a temporary label in [naming.subjects] (e.g. '
+                f'"{leaving.subject_label}" = "{leaving.subject_label}tmp"), apply, then remove it and '
+                "apply again")
+    else:
+        hint = (f"apply moves {leaving.subject_label}'s sessions out of sub-{address.subject} first; "
+                "apply again afterwards for this one")
+    return Problem(
+        f"session {exp.id} ({exp.project}/{exp.label}) goes to sub-{address.subject}, which the "
+        f"lock still records for XNAT subject {leaving.subject_id} ({leaving.subject_label}), itself "
+        f"being renamed",
+        exp.project,
+        exp.id,
+        hint=hint,
+    )
+
+
+def _replacement(exp: Experiment, address: BidsAddress, replaced: SessionRecord, scans: tuple[Scan, ...] | None,
+                 local: LocalState) -> Change:
+    """The update of a session archived again in XNAT (a new experiment ID) at `replaced`'s folder."""
+    reasons = [Reason("replaced", f"replaced in XNAT: {replaced.experiment_id} → {exp.id}",
+                      "experiment_id", replaced.experiment_id, exp.id)]
+    if replaced.project != exp.project:  # deleted in one project, archived again in another
+        reasons.append(Reason("moved", f"project {replaced.project} → {exp.project}", "project",
+                              replaced.project, exp.project))
+    drift = _drift(replaced, local)
+    return Change(Action.UPDATE, exp.key, address, (*reasons, *drift), replaced, exp, scans, _edited_paths(drift))
+
+
+def _orphans(records: Iterable[SessionRecord], present_ids: set[str], replaced_ids: set[str], listed_ok: set[str],
+             selection: Selection, out: _Collector) -> list[SessionRecord]:
+    """The selected lock entries of listed projects that XNAT lists no more and no listed session
+    replaces, each planned as an orphan: never deleted."""
     gone = sorted(
         (r for r in records
-         if r.experiment_id not in present_ids and r.experiment_id not in used_as_replaced
+         if r.experiment_id not in present_ids and r.experiment_id not in replaced_ids
          and r.project in listed_ok and selection.holds(r)),
         key=lambda r: r.address,
     )
     for rec in gone:
         reason = Reason("gone", f"no longer in XNAT project {rec.project}", "experiment_id", rec.experiment_id, None)
         out.changes.append(Change(Action.ORPHAN, rec.key, rec.address, (reason,), rec, None, None))
+    return gone
 
-    edits = sum(1 for c in out.changes if c.edited)
+
+def _notes(out: _Collector, gone: list[SessionRecord], local: LocalState, config: Config, remote: RemoteState,
+           records: Iterable[SessionRecord], selection: Selection, *, deep: bool) -> list[str]:
+    """The plan's notes, in the order shown: what is held back, what was found on disk, what the
+    config does, what the selection and a plain plan cannot show."""
+    notes = _held_back_notes(out.changes)
+    if out.drifted:
+        notes.append(_drift_note(out.drifted))
+    if local.hashed_now:  # said once: later plans find them vouched for, and say nothing
+        n = local.hashed_now
+        notes.append(
+            f"{n} output{'s' if n != 1 else ''} ha{'ve' if n != 1 else 's'} a new modification time but the "
+            f"recorded content (sha256 checked, e.g. after a copy or clone): not drift"
+        )
+    if gone:
+        notes.append(
+            f"{len(gone)} orphan{'s' if len(gone) != 1 else ''}: nothing is deleted; "
+            f"`xnat2bids forget {gone[0].experiment_id}` drops one from the lock and leaves its files"
+        )
+    notes += _unused_tables(config, remote, records)
+    if unaffected := out.unaffected:
+        notes.append(
+            f"{unaffected} session{'s' if unaffected != 1 else ''} exported with other conversion settings "
+            f"convert{'s' if unaffected == 1 else ''} the same under these (the same scans selected and named): "
+            f"left as exported"
+        )
+    if outdated := out.outdated:
+        notes.append(
+            f"{outdated} session{'s' if outdated != 1 else ''} converted with older tools; "
+            f"use --reconvert-outdated to convert {'them' if outdated != 1 else 'it'} again"
+        )
+    if (selection.subjects or selection.sessions) and not out.changes and not out.unchanged and not out.problems:
+        given = [f"--subject {' '.join(selection.subjects)}"] * bool(selection.subjects) + \
+            [f"--session {' '.join(selection.sessions)}"] * bool(selection.sessions)
+        notes.append(f"{' '.join(given)} selects no session listed in XNAT or recorded in the lock "
+                     "(globs match XNAT labels, experiment IDs or BIDS labels without their sub-/ses- prefix)")
+    if not deep:
+        notes.append(
+            "plain plan compares XNAT's session dates only; files added to a session without "
+            "re-saving it are found with --deep"
+        )
+    return notes
+
+
+def _held_back_notes(changes: Iterable[Change]) -> list[str]:
+    """Notes on the updates that would replace outputs changed on disk, and on the subject renames
+    held back whole with them."""
+    notes = []
+    edits = sum(1 for c in changes if c.edited)
     if edits:
-        out.notes.append(_edits_note(edits))
+        notes.append(_edits_note(edits))
     moving: Counter[tuple[str, str, str]] = Counter()
     held_moves = set()
-    for c in out.changes:
+    for c in changes:
         if move := subject_move(c):
             moving[move] += not c.edited
             if c.edited:
@@ -818,56 +997,11 @@ def compute_plan(
     for move in sorted(held_moves):
         if moving[move]:
             n = moving[move]
-            out.notes.append(
+            notes.append(
                 f"sub-{move[1]} → sub-{move[2]}: {n} more session{'s' if n != 1 else ''} of that subject "
                 f"wait{'' if n != 1 else 's'} with the one that would replace outputs changed on disk"
                 f"{_SPLIT_SUBJECT}")
-    if drifted:
-        out.notes.append(_drift_note(drifted))
-    if local.hashed_now:  # said once: later plans find them vouched for, and say nothing
-        n = local.hashed_now
-        out.notes.append(
-            f"{n} output{'s' if n != 1 else ''} ha{'ve' if n != 1 else 's'} a new modification time but the "
-            f"recorded content (sha256 checked, e.g. after a copy or clone): not drift"
-        )
-    if gone:
-        out.notes.append(
-            f"{len(gone)} orphan{'s' if len(gone) != 1 else ''}: nothing is deleted; "
-            f"`xnat2bids forget {gone[0].experiment_id}` drops one from the lock and leaves its files"
-        )
-    out.notes += _unused_tables(config, remote, records)
-    if unaffected:
-        out.notes.append(
-            f"{unaffected} session{'s' if unaffected != 1 else ''} exported with other conversion settings "
-            f"convert{'s' if unaffected == 1 else ''} the same under these (the same scans selected and named): "
-            f"left as exported"
-        )
-    if outdated:
-        out.notes.append(
-            f"{outdated} session{'s' if outdated != 1 else ''} converted with older tools; "
-            f"use --reconvert-outdated to convert {'them' if outdated != 1 else 'it'} again"
-        )
-    if (selection.subjects or selection.sessions) and not out.changes and not out.unchanged and not out.problems:
-        given = [f"--subject {' '.join(selection.subjects)}"] * bool(selection.subjects) + \
-            [f"--session {' '.join(selection.sessions)}"] * bool(selection.sessions)
-        out.notes.append(f"{' '.join(given)} selects no session listed in XNAT or recorded in the lock "
-                         "(globs match XNAT labels, experiment IDs or BIDS labels without their sub-/ses- prefix)")
-    if not deep:
-        out.notes.append(
-            "plain plan compares XNAT's session dates only; files added to a session without "
-            "re-saving it are found with --deep"
-        )
-    changes = sorted(out.changes, key=lambda c: (ACTION_ORDER[c.action], c.address, c.key))
-    return Plan(
-        changes=tuple(changes),
-        unchanged=out.unchanged,
-        problems=tuple(out.problems),
-        notes=tuple(out.notes),
-        lineage=lock.lineage,
-        serial=lock.serial,
-        deep=deep,
-        projects=listed_projects,
-    )
+    return notes
 
 
 def subject_move(change: Change) -> tuple[str, str, str] | None:

@@ -44,6 +44,7 @@ from reconcile.model import (
     MalformedRow,
     RemoteFile,
     Scan,
+    natural_key,
     parse_date,
     parse_timestamp,
 )
@@ -140,10 +141,6 @@ def check_relpath(name: str, *, where: str = "") -> str:
                  "control characters",
         )
     return name
-
-
-def _natural(scan_id: str) -> tuple[Any, ...]:
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", scan_id))
 
 
 class _Session(requests.Session):
@@ -883,7 +880,7 @@ class XnatClient:
                 series_description=scans[sid]["series_description"],
                 files=tuple(sorted(files[sid], key=lambda f: (f.resource, f.name))),
             )
-            for sid in sorted(scans, key=_natural)
+            for sid in sorted(scans, key=natural_key)
         ]
 
     def _remote_file(self, where: str, index: int, row: dict[str, Any]) -> tuple[str, RemoteFile]:

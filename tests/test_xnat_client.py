@@ -20,6 +20,7 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
+from reconcile.config import Config
 from reconcile.credentials import Credentials, resolve_credentials
 from reconcile.errors import (
     AuthError,
@@ -29,7 +30,9 @@ from reconcile.errors import (
     UnsafePathError,
     XnatBidsError,
 )
-from reconcile.model import Experiment
+from reconcile.lock import Lock
+from reconcile.model import Experiment, SessionRecord
+from reconcile.plan import LocalState, ProjectListing, RemoteState, compute_plan
 from reconcile.xnat import EXPERIMENT_COLUMNS, StreamResponse, XnatClient, html_message
 
 SENTINEL = "pw-S3NT1NEL-9f8e"
@@ -736,6 +739,26 @@ def test_list_scans_groups_one_file_listing_by_scan(site: Site, client: XnatClie
     assert by_id["10"].files[0].uri.endswith("/scans/10/resources/101/files/sub/dir/x.dcm")
     (req,) = site.requests_to(f"{EXPT_PATH}/scans")
     assert req.args["columns"].split(",") == ["ID", "type", "series_description", "xsiType"]
+
+
+def test_a_deep_plan_names_scans_in_the_order_the_client_lists_them(site: Site, client: XnatClient) -> None:
+    # A scan ID is a number or begins with one (1-MR1, 1a: derived from scan 1): each sorts next
+    # to the scan it is numbered after, in the listing and in the plan alike.
+    ids = ["SCOUT", "10", "1.2", "2", "1a", "1-MR1", "1"]
+    rows = [{"ID": i, "type": "T1w", "series_description": "anat-T1w", "xsiType": "xnat:mrScanData",
+             "URI": f"/data/experiments/SITE_E00001/scans/{i}"} for i in ids]
+    site.json(f"{EXPT_PATH}/scans", result_set(rows))
+    site.json(f"{EXPT_PATH}/scans/ALL/files", {"ResultSet": {"Result": [], "title": "Files"}})
+    client.login()
+    scans = client.list_scans(EXP)
+    assert [s.id for s in scans] == ["1", "1-MR1", "1.2", "1a", "2", "10", "SCOUT"]
+    # Recorded without any of them: the deep plan names each one added, whatever order it is given them in.
+    recorded = SessionRecord(EXP.id, EXP.project, EXP.subject_id, EXP.subject_label, EXP.label, "SUBJ01", "MR1",
+                             EXP.date, "", "", EXP.xsi_type, "2024-01-11T00:00:00Z", "")
+    remote = RemoteState((ProjectListing("PROJ", (EXP,)),), deep={EXP.id: tuple(reversed(scans))})
+    plan = compute_plan(Lock.new().with_session(recorded), remote, LocalState({}), Config())
+    (change,) = plan.changes
+    assert [r.field for r in change.reasons if r.code == "scan_added"] == [f"scan:{s.id}" for s in scans]
 
 
 @pytest.mark.parametrize("listing", ["scans", "experiments"])
