@@ -159,7 +159,7 @@ class RemoteFile:
     resource_id: str = ""  # the numeric ID in `uri`, which XNAT's zips replace by `resource`
 
 
-_DIGIT_RUNS = re.compile(r"(\d+)")
+_DIGIT_RUNS = re.compile(r"([0-9]+)")  # ASCII: int() refuses other digits (²)
 
 
 def natural_key(text: str) -> tuple[str | int, ...]:
@@ -167,7 +167,9 @@ def natural_key(text: str) -> tuple[str | int, ...]:
 
     A scan ID is a number or begins with one (1-MR1, 1a: a scan derived from scan 1), so each sorts
     next to the scan it is numbered after. The client lists scans and the planner names them in this order."""
-    return tuple(int(p) if p.isdigit() else p for p in _DIGIT_RUNS.split(text))
+    parts: list[str | int] = _DIGIT_RUNS.split(text)  # the digit runs at odd places
+    parts[1::2] = map(int, parts[1::2])
+    return (*parts, text)  # the text itself last: 01 and 1 in one order every time
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from reconcile.model import (
     ScanRecord,
     SessionKey,
     SessionRecord,
+    natural_key,
 )
 from reconcile.plan import Action, Change, Reason
 
@@ -70,3 +71,8 @@ def test_keys_addresses_and_stats_are_tuples_that_print_as_paths():
     assert sorted([BidsAddress("02", "a"), BidsAddress("01", "b"), BidsAddress("01", "a")]) == [
         BidsAddress("01", "a"), BidsAddress("01", "b"), BidsAddress("02", "a")]
     assert FileStat(size=3, mtime_ns=4).size == 3
+
+
+def test_natural_key_orders_scan_ids_by_their_numbers_and_takes_any_text():
+    ids = ["SCOUT", "10", "1a", "2", "1.2", "1-MR10", "1-MR2", "01", "1", "3²", "3"]
+    assert sorted(ids, key=natural_key) == ["01", "1", "1-MR2", "1-MR10", "1.2", "1a", "2", "3", "3²", "10", "SCOUT"]
