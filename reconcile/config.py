@@ -210,6 +210,11 @@ class Config:
             settings = settings.merged(table["sessions"][own])
         return replace(settings, heuristic_sha=self.heuristic_shas.get(settings.heuristic, ""))
 
+    def exclusions(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """Each project's `exclude` globs, for `Selection.excluded`: sessions no plan takes up."""
+        return tuple((project, tuple(table["exclude"]))
+                     for project, table in sorted(self.project_tables.items()) if table.get("exclude"))
+
     def session_table_key(self, project: str, session_label: str, experiment_id: str = "") -> str | None:
         """The key of a session's own table in [project.P.sessions]: its experiment ID or its
         label, the ID first, as in [naming.sessions]; None when it has none."""

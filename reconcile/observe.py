@@ -167,7 +167,8 @@ def _selected(exp: Experiment, config: Config, selection: Selection) -> bool:
         address = address_for(exp, config.naming)
     except XnatBidsError:
         return False
-    return selection.wants(exp.subject_label, address.subject, exp.label, exp.id, address.session)
+    return selection.wants(exp.subject_label, address.subject, exp.label, exp.id, address.session) and \
+        not selection.excludes(exp.project, exp.label, exp.id, address.session)
 
 
 @dataclass(frozen=True)
@@ -202,8 +203,9 @@ def make_plan(
             # session need not cost the whole dataset.
             hashed = replace(selection, projects=projects).holds if full else False
             scan = pool.submit(stat_outputs, root, lock, full=hashed)
+            shown = replace(selection, excluded=config.exclusions())
             remote = observe_remote(client, projects, deep=deep, concurrency=concurrency,
-                                    wanted=lambda e: _selected(e, config, selection))
+                                    wanted=lambda e: _selected(e, config, shown))
             local = scan.result()
         if waiting:  # a session whose commit the next apply rolls back: its files wait in the trash
             local = _waiting_in_trash(local, lock, waiting)

@@ -104,17 +104,24 @@ class Selection:
     projects: tuple[str, ...] = ()
     subjects: tuple[str, ...] = ()  # globs on the XNAT subject label or the BIDS subject
     sessions: tuple[str, ...] = ()  # globs on the XNAT session label, experiment ID or BIDS session
+    # (project, globs on its session labels, experiment IDs or BIDS sessions): the config's
+    # `exclude`, sessions left out of every plan, as if XNAT did not list them and the lock did not
+    # record them (neither created, updated nor orphaned).
+    excluded: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def wants(self, subject_label: str, bids_subject: str, session_label: str, exp_id: str, bids_session: str) -> bool:
         return select(self.subjects, subject_label, bids_subject) and select(
             self.sessions, session_label, exp_id, bids_session
         )
 
+    def excludes(self, project: str, session_label: str, exp_id: str, bids_session: str) -> bool:
+        return any(p == project and select(globs, session_label, exp_id, bids_session) for p, globs in self.excluded)
+
     def holds(self, rec: SessionRecord) -> bool:
         """A recorded session is selected: its project, subject and session."""
         return (not self.projects or rec.project in self.projects) and self.wants(
             rec.subject_label, rec.bids_subject, rec.session_label, rec.experiment_id, rec.bids_session
-        )
+        ) and not self.excludes(rec.project, rec.session_label, rec.experiment_id, rec.bids_session)
 
 
 @dataclass(frozen=True)
@@ -537,6 +544,7 @@ def compute_plan(
     # The lock's records, decoded once: every step below looks at all of them.
     sessions = dict(lock.sessions.items())
     records = sessions.values()
+    selection = replace(selection, excluded=config.exclusions())
     wanted = _selector(selection)
 
     # 1. Listings: a failed or suspiciously empty listing blocks its project, never orphans it.
@@ -563,6 +571,7 @@ def compute_plan(
 
     deep = remote.deep is not None
     out.notes += _notes(out, gone, local, config, remote, records, selection, deep=deep)
+    out.notes += _excluded_note(rows, seen, sessions, selection)
     changes = sorted(out.changes, key=lambda c: (ACTION_ORDER[c.action], c.address, c.key))
     return Plan(
         changes=tuple(changes),
@@ -583,14 +592,16 @@ _Wanted = Callable[[Experiment, BidsAddress | None], bool]
 
 
 def _selector(selection: Selection) -> _Wanted:
-    """`selection` as a test of listed sessions; without --subject or --session it passes every one."""
-    if not selection.subjects and not selection.sessions:
+    """`selection` as a test of listed sessions; without --subject, --session or an exclusion it
+    passes every one."""
+    if not selection.subjects and not selection.sessions and not selection.excluded:
         return lambda exp, address: True
 
     def wanted(exp: Experiment, address: BidsAddress | None) -> bool:
         sub = address.subject if address else exp.subject_label
         ses = address.session if address else exp.label
-        return selection.wants(exp.subject_label, sub, exp.label, exp.id, ses)
+        return selection.wants(exp.subject_label, sub, exp.label, exp.id, ses) and not selection.excludes(
+            exp.project, exp.label, exp.id, ses)
 
     return wanted
 
@@ -978,6 +989,25 @@ def _notes(out: _Collector, gone: list[SessionRecord], local: LocalState, config
             "re-saving it are found with --deep"
         )
     return notes
+
+
+def _excluded_note(rows: Iterable[Experiment], seen: _Listed, sessions: Mapping[str, SessionRecord],
+                   selection: Selection) -> list[str]:
+    """Which sessions the config's `exclude` leaves out, listed or recorded: said on every plan, so
+    that an exclusion is never forgotten."""
+    if not selection.excluded:
+        return []
+    names = {e.id: f"{e.project}/{e.label}" for e in rows
+             if selection.excludes(e.project, e.label, e.id, seen[e.id][1].session if e.id in seen else e.label)}
+    names.update((r.experiment_id, f"{r.project}/{r.session_label}") for r in sessions.values()
+                 if r.experiment_id not in names
+                 and selection.excludes(r.project, r.session_label, r.experiment_id, r.bids_session))
+    if not names:
+        return []
+    shown = ", ".join(sorted(names.values())[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    n = len(names)
+    return [f"{n} session{'s' if n != 1 else ''} left out by the config's exclude ({shown}): neither exported, "
+            "updated nor orphaned; the files of one exported before stay as they are"]
 
 
 def _held_back_notes(changes: Iterable[Change]) -> list[str]:

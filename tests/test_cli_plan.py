@@ -597,3 +597,37 @@ def test_plan_out_dev_stdout_appends_to_a_log_the_shell_opened(emulator, tmp_pat
         assert done.returncode == 0, done.stderr
         got = log.read_text() if how == "file" else done.stdout
         assert json.loads(got)["changes"][0]["action"] == "create", how
+
+
+def test_sessions_the_config_excludes_are_neither_created_updated_nor_orphaned(cli, emulator, tmp_path):
+    one, two = add_sessions(emulator.archive, 2)
+    root = exported_root(emulator.archive, tmp_path, [one, two])
+    scout = emulator.archive.add_session("PROJ", "SUBJ03", "SUBJ03_scout", date="2024-01-10")
+    kept = add(emulator.archive, [("SUBJ04", "SUBJ04_MR1", "2024-01-10")])["SUBJ04_MR1"]
+    emulator.archive.set_fields(one.id, date="2024-02-01")  # re-dated: an update
+    emulator.archive.delete_session(two.id)  # gone: an orphan
+
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--json", "--detailed-exitcode")
+    assert code == 2 and {(c["action"], c["experiment_id"]) for c in json.loads(out)["changes"]} == {
+        ("update", one.id), ("orphan", two.id), ("create", scout.id), ("create", kept.id)}
+
+    config = write_config(tmp_path, f'[project.PROJ]\nexclude = ["SUBJ01_MR1", "{two.id}", "*_scout"]')
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--json", "--detailed-exitcode", "-c", str(config))
+    doc = json.loads(out)
+    assert code == 2 and [(c["action"], c["experiment_id"]) for c in doc["changes"]] == [("create", kept.id)]
+    assert ("3 sessions left out by the config's exclude (PROJ/SUBJ01_MR1, PROJ/SUBJ02_MR1, PROJ/SUBJ03_scout): "
+            "neither exported, updated nor orphaned; the files of one exported before stay as they are") in doc["notes"]
+
+    # apply leaves them as they are: the lock keeps both records as they were, the scout is not exported.
+    before = read_lock(root)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c", str(config))
+    assert code == 0, out + err
+    after = read_lock(root)
+    assert sorted(after.sessions) == sorted([one.id, two.id, kept.id])
+    assert after.sessions[one.id] == before.sessions[one.id] and after.sessions[two.id] == before.sessions[two.id]
+    assert not (root / "sub-SUBJ03").exists()
+
+
+def test_an_exclude_key_mistyped_is_refused_with_the_close_match(tmp_path):
+    with pytest.raises(Exception, match="did you mean 'exclude'"):
+        load_config(write_config(tmp_path, '[project.PROJ]\nexlude = ["x"]'))
