@@ -218,14 +218,15 @@ def nothing_selected(address: BidsAddress, scans: Sequence[tuple[str, str | None
     """
     if not scans:
         return ConversionError(f"{address}: the session has no scans to convert",
-                               hint="XNAT lists no scans for it: check the session in XNAT")
+                               hint="XNAT lists no scans for it: check the session in XNAT, or leave it out "
+                                    "with `exclude` in its [project.<project>] table")
     listed = "\n".join(f"  scan {scan_id} {_quoted(description)}" for scan_id, description in scans)
     return ConversionError(
         f"{address}: [conversion] include/skip select none of the session's {_count(len(scans), 'scan')}",
         detail=f"include = {list(settings.include)}, skip = {list(settings.skip)}; the session's scans:\n{listed}",
         hint="change include/skip in [conversion], or for this session alone in a "
              "[project.<project>.sessions.<session label>] table (its keys replace those above it); "
-             "until then, leave the session out by selecting the others with --subject/--session",
+             "or leave the session out with `exclude` in its [project.<project>] table",
     )
 
 
@@ -861,7 +862,8 @@ def _no_output_reason(log_path: Path, attempt: int = 0, dicom_only: Path | None 
         # heudiconv's templates ({bids_subject_session_dir}/anat/{bids_subject_session_prefix}_acq-x_scout): their names
         names = sorted({t.rsplit("/", 1)[-1].replace("{bids_subject_session_prefix}_", "") for t in kept_as_dicom})
         return (f"the heuristic keeps every selected series as DICOM only ({', '.join(names)}: scouts and "
-                "localizers in ReproIn), which gives no BIDS files; a session of nothing else has nothing to export")
+                "localizers in ReproIn), which gives no BIDS files; a session of nothing else has nothing to export: "
+                "leave it out with `exclude` in its [project.<project>] table")
     text = _log_text(log_path, attempt)
     if "Generated sequence info with 0 entries" in text:
         return "heudiconv found no readable DICOM series in the export"
