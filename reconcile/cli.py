@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -188,7 +189,8 @@ def run_plan(
     from reconcile.render import render_json, render_text
 
     run = make_plan(client, root, config, selection, deep=deep, reconvert_outdated=reconvert_outdated, full=full)
-    plan = run.plan
+    config_option = apply_options.replace(" --insecure", "")  # forget asks nothing of XNAT
+    plan = _forget_here(run.plan, f" {shlex.quote(str(root))}{config_option}")
     _say_if_busy(root)
     unconfigured = _no_config_but_lock_had_one(config, run.lock, root)
     if unconfigured:
@@ -809,6 +811,21 @@ def _refuse_whitespace(root: Path) -> None:
         raise ConfigError(f"BIDS root {root} has whitespace in its path, where heudiconv cannot convert",
                           hint="give it by a path without any: a link to it, e.g. `ln -s '/project/My Lab/bids' "
                                "~/lab-bids`, works")
+
+
+_FORGET_ADVICE = re.compile(r"`xnat2bids forget ([^`\s]+)`")
+
+
+def _forget_here(plan: Plan, where: str) -> Plan:
+    """The plan's `xnat2bids forget ID` advice with the root and config it was made for (`where`):
+    run bare, forget would look in the default root."""
+    from dataclasses import replace
+
+    def told(text: str | None) -> str | None:
+        return _FORGET_ADVICE.sub(lambda m: f"`xnat2bids forget {m.group(1)}{where}`", text) if text else text
+
+    return replace(plan, notes=tuple(map(told, plan.notes)),
+                   problems=tuple(replace(p, message=told(p.message), hint=told(p.hint)) for p in plan.problems))
 
 
 def _held_back(plan: Plan, todo: tuple[Change, ...]) -> tuple[Change, ...]:

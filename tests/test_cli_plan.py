@@ -79,6 +79,12 @@ def test_deleted_session_is_orphan_and_removed_file_is_drift(cli, emulator, tmp_
     assert "- orphan  sub-SUBJ01/ses-SUBJ01MR1" in out
     assert "! drift   sub-SUBJ02/ses-SUBJ02MR1" in out and "missing: sub-SUBJ02/ses-SUBJ02MR1/anat/t1.nii.gz" in out
     assert (root / "sub-SUBJ01/ses-SUBJ01MR1/anat/t1.nii.gz").exists()  # orphans are never deleted
+    # The advice names the root planned (run bare, forget would look in the default root) and the config.
+    config = write_config(tmp_path, "")
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "-c", str(config))
+    assert f"`xnat2bids forget {exps[0].id} {root} -c {config}` drops one from the lock" in out
+    code, out, err = cli("forget", exps[0].id, str(root), "-c", str(config), "--yes")
+    assert code == 0 and exps[0].id not in read_lock(root).sessions, out + err
 
 
 def test_file_added_without_redate_needs_deep(cli, emulator, tmp_path):
