@@ -143,14 +143,25 @@ def check_relpath(name: str, *, where: str = "") -> str:
     return name
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 class _Session(requests.Session):
-    """requests' session, but a redirect from https to plain http is not followed: requests would
-    send the session cookie along (a cookie without Secure goes to the same host whatever the
-    scheme), unencrypted. The 3xx answer is then the request's error."""
+    """requests' session, but two redirects are not followed, for requests would send the session
+    cookie along (cookies go by host name, whatever the scheme or port): from https to plain http
+    (unencrypted), and to another port of the same host over plain http (another server, maybe
+    another user's, on a shared machine). Up to https on the same host is followed. The 3xx answer
+    is then the request's error."""
 
     def get_redirect_target(self, resp: requests.Response) -> str | None:
         target = super().get_redirect_target(resp)
-        if target and urlsplit(resp.url).scheme == "https" and urlsplit(urljoin(resp.url, target)).scheme != "https":
+        if not target:
+            return target
+        here, there = urlsplit(resp.url), urlsplit(urljoin(resp.url, target))
+        if here.scheme == "https" and there.scheme != "https":
+            return None
+        if there.scheme != "https" and there.hostname == here.hostname and \
+                (there.port or _DEFAULT_PORTS.get(there.scheme)) != (here.port or _DEFAULT_PORTS.get(here.scheme)):
             return None
         return target
 
@@ -722,8 +733,9 @@ class XnatClient:
         if 300 <= code < 400 and isinstance(resp, requests.Response):
             where = shown_url(urljoin(resp.url, resp.headers.get("Location", "")))
             raise RemoteError(f"XNAT at {self.url} redirected {what} to {where}; not followed", detail=f"HTTP {code}",
-                              hint="an https XNAT must not send requests on to plain http, where the session cookie "
-                                   "would travel unencrypted: check the server's or its proxy's configuration")
+                              hint="the session cookie would go along, unencrypted or to another server: XNAT must "
+                                   "not send requests on to plain http, nor to another port of its host unless over "
+                                   "https; check the server's or its proxy's configuration")
         if code in _RETRY_STATUS:
             raise RemoteError(
                 f"XNAT at {self.url} kept failing for {what}",

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from pytest_httpserver import HTTPServer
@@ -1202,6 +1203,32 @@ def test_an_https_xnat_redirecting_to_plain_http_is_not_followed(tls_site: Site,
             with c.stream("/data/files/1.dcm"):
                 pass
     assert httpserver.log == []  # nothing, cookie or not, went over plain http
+
+
+def test_a_redirect_to_another_port_of_the_same_host_is_not_followed(site: Site) -> None:
+    # Cookies go by host name, not port: followed, the session cookie would reach whatever listens
+    # there (another user's server on a shared login node).
+    other = HTTPServer(host=urlsplit(site.url).hostname, port=0)
+    other.start()
+    try:
+        other.expect_request(re.compile(".*")).respond_with_data("OTHER")
+        elsewhere = other.url_for("/data/x")
+        for path in ("/data/projects", "/data/files/1.dcm"):
+            site.server.expect_request(path).respond_with_handler(site.authed(
+                lambda r: Response("", status=302, headers={"Location": elsewhere})))
+        with make_client(site.url) as c:
+            c.login()
+            with pytest.raises(RemoteError) as info:
+                c.get_json("/data/projects")
+            assert info.value.summary == f"XNAT at {site.url} redirected /data/projects to {elsewhere}; not followed"
+            assert "another port" in (info.value.hint or "")
+            with pytest.raises(RemoteError, match="redirected the download of /data/files/1.dcm to .*; not followed"):
+                with c.stream("/data/files/1.dcm"):
+                    pass
+        assert other.log == []
+    finally:
+        other.clear()
+        other.stop()
 
 
 # ---------------------------------------------------------------------------- against the emulator
