@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconcile.credentials import without_secrets
 from reconcile.errors import ValidationError
 
 VALIDATOR_TIMEOUT_S = 900
@@ -54,8 +55,9 @@ def validate(root: Path) -> ValidationResult:
         validator()
         return ValidationResult((), 0, skipped="nothing exported yet")
     try:
+        # Without XNAT's credentials: deno runs it with --allow-env --allow-net.
         out = subprocess.run([validator(), str(root), "--format", "json"], capture_output=True, text=True,
-                             timeout=VALIDATOR_TIMEOUT_S)
+                             timeout=VALIDATOR_TIMEOUT_S, env=without_secrets(os.environ))
     except subprocess.TimeoutExpired:
         raise ValidationError(f"the BIDS validator did not finish within {VALIDATOR_TIMEOUT_S} s",
                               hint=f"run `bids-validator-deno {root}` by hand to see it") from None

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from reconcile.credentials import without_secrets
 from reconcile.durable import write_atomic
 from reconcile.errors import ConfigError, VcsError, XnatBidsError
 from reconcile.lock import LOCK_NAME, differing_sessions, read_lock
@@ -45,7 +46,9 @@ PATHSPECS_ON_COMMAND_LINE = 2000
 
 def _git(root: Path, *args: str, text: bool = True, input: str | None = None) -> subprocess.CompletedProcess[Any]:
     try:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=text, input=input)
+        # Without XNAT's credentials: the dataset's hooks run with this environment.
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=text, input=input,
+                              env=without_secrets(os.environ))
     except OSError as exc:  # no git on PATH
         raise VcsError(f"git could not be run: {exc.strerror or exc}",
                             hint="the lock and the files are right; commit the dataset by hand "
@@ -199,7 +202,7 @@ def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:
             said = message if len(parts) == 1 else f"{message}\n\n(part {n} of {len(parts)})"
             try:
                 out = subprocess.run(["datalad", "save", "-d", str(root), "-m", said, "--", *part],
-                                     capture_output=True, text=True, cwd=root)
+                                     capture_output=True, text=True, cwd=root, env=without_secrets(os.environ))
             except OSError as exc:
                 raise VcsError(f"datalad could not be run: {exc.strerror or exc}",
                                     hint="the lock and the files are right; save the dataset by hand (datalad save)") from exc

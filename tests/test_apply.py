@@ -671,6 +671,25 @@ def test_a_validator_that_fails_or_hangs_still_lets_apply_commit_what_it_did(cli
     assert ".xnat2bids.lock" in committed and "sub-01/ses-01MR1/" in committed
 
 
+def test_the_validator_and_the_datasets_git_hooks_get_no_xnat_credentials(cli, emulator, tmp_path, monkeypatch):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
+    root = tmp_path / "bids"
+    root.mkdir()
+    for args in (["init", "-q"], ["config", "user.email", "t@example.org"], ["config", "user.name", "t"]):
+        subprocess.run(["git", "-C", str(root), *args], check=True)
+    seen = tmp_path / "seen"
+    hook = root / ".git/hooks/pre-commit"
+    hook.write_text(f"#!/bin/bash\nenv >> {seen}\n")
+    hook.chmod(0o755)
+    _fake_validator(tmp_path / "bin", f"env >> {seen}\necho '{{\"issues\": {{\"issues\": []}}}}'")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--validate", "--git-commit")
+    assert code == 0, out + err
+    text = seen.read_text()
+    assert text.count("PATH=") >= 2  # both ran
+    assert emulator.password not in text and "XNAT_USER" not in text and "XNAT_PASS" not in text
+
+
 def test_validate_says_before_any_work_that_no_validator_is_installed_and_skips_a_root_with_nothing_exported(
         cli, emulator, tmp_path, monkeypatch):
     from reconcile import validate
