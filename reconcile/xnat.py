@@ -705,10 +705,14 @@ class XnatClient:
 
     def _without_secret(self, text: str) -> str:
         """A server's answer as messages quote it: a proxy or error page that echoes the login's
-        form (`username=…&password=…`) must not put the password on a terminal or in --json."""
+        form (`username=…&password=…`) or the request's headers must not put the password, or the
+        session cookie that stands for it, on a terminal or in --json."""
         secret = self.credentials.password
         for form in {secret, quote_plus(secret), quote(secret, safe="")} if secret else ():
             text = text.replace(form, "***")
+        for cookie in list(self._http.cookies):
+            if cookie.name == "JSESSIONID" and cookie.value and len(cookie.value) >= 8:
+                text = text.replace(cookie.value, "***")
         return text
 
     def _raise_for_status(

@@ -249,6 +249,25 @@ def test_an_answer_that_echoes_the_login_form_is_quoted_without_the_password(htt
     assert SENTINEL not in said and "S3NT1NEL" not in said and "pw-S3" not in said
 
 
+def test_an_answer_that_echoes_the_session_cookie_is_quoted_without_it(httpserver: HTTPServer) -> None:
+    # The cookie stands for the login until the session ends: a proxy page quoting the request's
+    # headers must not put it on a terminal or in --json.
+    sid = "836C0FFEE1234567890ABCDEF0123456"
+
+    def login(request: Request) -> Response:
+        resp = Response(sid, content_type="text/plain")
+        resp.set_cookie("JSESSIONID", sid, path="/")
+        return resp
+
+    httpserver.expect_request("/data/services/auth").respond_with_handler(login)
+    httpserver.expect_request("/data/projects").respond_with_handler(
+        lambda r: Response(f"Proxy error; you sent cookie {r.headers.get('Cookie')}", status=400))
+    with make_client(httpserver.url_for("/"), retries=0) as c, pytest.raises(RemoteError) as info:
+        c.get_json("/data/projects")
+    said = f"{info.value.summary} {info.value.detail} {info.value.hint}"
+    assert "you sent cookie JSESSIONID=***" in said and sid not in said
+
+
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
 @pytest.mark.parametrize("token", [False, True], ids=["password", "alias-token"])
 def test_a_redirected_login_sends_the_credentials_nowhere_else(httpserver: HTTPServer, status: int,
