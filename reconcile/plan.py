@@ -811,6 +811,9 @@ def _session_changes(
             else:
                 out.changes.append(Change(Action.CREATE, exp.key, address, _NEW, None, exp, scans))
             continue
+        if scans is not None and rec.scans and not any(s.files for s in scans):
+            out.problems.append(_emptied(exp, address, rec, scans))
+            continue
         converted_by = conversion(exp.project, exp.label, exp.id)
         reasons = _compare(rec, exp, address, config.naming, converted_by, scans, tools, reconvert_outdated)
         if reasons:
@@ -831,6 +834,19 @@ def _session_changes(
         unaffected += rec.config_digests != converted_by[1]
     out.drifted, out.outdated, out.unaffected = drifted, outdated, unaffected
     return used_as_replaced
+
+
+def _emptied(exp: Experiment, address: BidsAddress, rec: SessionRecord, scans: tuple[Scan, ...]) -> Problem:
+    """A deep listing with no file in any scan of a session the lock records with scans: a failed
+    or partial listing as likely as a deletion, so never an update that says every scan is gone."""
+    listed = f"{len(scans)} scan{'s' if len(scans) != 1 else ''} without files" if scans else "no scans"
+    return Problem(
+        f"{address.path}: XNAT listed {listed} for {exp.project}/{exp.id}, which the lock records with "
+        f"{len(rec.scans)} scan{'s' if len(rec.scans) != 1 else ''}; not taken for a deletion",
+        project=exp.project, experiment_id=exp.id,
+        hint="plan again later; if the session's files really are gone from XNAT, its exported files stay: "
+             "leave it out with `exclude` in its [project.<project>] table",
+    )
 
 
 def _recorded_addresses(records: Iterable[SessionRecord], present_ids: set[str], listed_ok: set[str]

@@ -637,3 +637,25 @@ def test_sessions_the_config_excludes_are_neither_created_updated_nor_orphaned(c
 def test_an_exclude_key_mistyped_is_refused_with_the_close_match(tmp_path):
     with pytest.raises(Exception, match="did you mean 'exclude'"):
         load_config(write_config(tmp_path, '[project.PROJ]\nexlude = ["x"]'))
+
+
+@pytest.mark.parametrize("emptied", ["scans", "files"])
+def test_a_deep_listing_with_nothing_in_a_recorded_session_is_a_problem_not_an_update(cli, emulator, tmp_path,
+                                                                                       emptied):
+    e = add(emulator.archive, [("01", "01_MR1", "2024-01-10")])["01_MR1"]
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    session = emulator.archive.get_session(e.id)
+    for scan in session.scans.values():  # as a failed or partial listing shows it
+        for resource in scan.resources.values():
+            resource.files.clear()
+    if emptied == "scans":
+        session.scans.clear()
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--deep", "--json")
+    doc = json.loads(out)
+    listed = "no scans" if emptied == "scans" else "2 scans without files"
+    assert code == 1 and doc["changes"] == [] and [p["message"] for p in doc["problems"]] == [
+        f"sub-01/ses-01MR1: XNAT listed {listed} for PROJ/{e.id}, which the lock records with 2 scans; "
+        "not taken for a deletion"]
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--deep")
+    assert code == 1 and read_lock(root).serial == 1 and (root / "sub-01/ses-01MR1/anat").is_dir()
