@@ -13,6 +13,9 @@ from reconcile.errors import UnsafePathError
 from reconcile.model import CONTROL_CHARS, BidsAddress, Experiment
 
 MAX_LABEL = 128
+# Subject and session labels together: `sub-S_ses-T_` begins each file name, which must leave room
+# for the entities and suffix (task-…_acq-…_run-…_echo-…_part-…_bold.nii.gz) within 255 bytes.
+MAX_LABELS = 140
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 # Everything check_safe refuses, but for emptiness, "." and length: one search for the usual label.
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]|\.\.")
@@ -79,6 +82,20 @@ def _letters_and_digits(label: str, what: str, *, hint: str | None = None) -> st
 
 def address_for(exp: Experiment, naming: NamingSettings) -> BidsAddress:
     """The BIDS address of a session, honouring overrides and the label convention."""
+    address = _address(exp, naming)
+    together = len(address.subject) + len(address.session)
+    if together > MAX_LABELS:
+        raise UnsafePathError(
+            f"subject label {address.subject!r} and session label {address.session!r} are {together} characters "
+            f"together; every BIDS file name of the session begins with both, and with its entities after them "
+            f"would not fit in a file name (255 bytes)",
+            hint=f"map shorter labels (at most {MAX_LABELS} characters together) in [naming] subjects or sessions "
+                 "of the config",
+        )
+    return address
+
+
+def _address(exp: Experiment, naming: NamingSettings) -> BidsAddress:
     mapped = naming.subjects.get(exp.subject_label)
     if mapped is not None:
         subject = bids_label(mapped, "subject", hint=_map_hint("subjects", exp.subject_label))

@@ -129,3 +129,13 @@ def test_bad_label_from_xnat_says_to_rename_or_map_it(subject, hint):
     with pytest.raises(UnsafePathError) as info:
         address_for(_exp("MR1", subject=subject), NamingSettings())
     assert info.value.hint is not None and hint in info.value.hint
+
+
+def test_labels_too_long_together_for_a_bids_file_name_are_refused_before_any_download():
+    # Each fits alone; `sub-<100>_ses-<100>_task-…_bold.json` does not fit in 255 bytes.
+    with pytest.raises(UnsafePathError, match="are 200 characters together") as info:
+        address_for(_exp("B" * 100, subject="A" * 100), NamingSettings())
+    assert "[naming] subjects or sessions" in (info.value.hint or "")
+    assert address_for(_exp("B" * 70, subject="A" * 70), NamingSettings()) == BidsAddress("A" * 70, "B" * 70)
+    mapped = NamingSettings(subjects={"A" * 100: "S1"})
+    assert address_for(_exp("B" * 100, subject="A" * 100), mapped) == BidsAddress("S1", "B" * 100)
