@@ -38,6 +38,7 @@ from reconcile.dataset import (
 from reconcile.durable import fsync_dir, fsync_file, fsync_tree, write_atomic
 from reconcile.errors import (
     AuthError,
+    Cancelled,
     ForbiddenError,
     LockConflictError,
     LockfileError,
@@ -47,7 +48,7 @@ from reconcile.errors import (
     UnsafePathError,
     XnatBidsError,
 )
-from reconcile.export import ExportCancelled, export_session
+from reconcile.export import export_session
 from reconcile.failpoints import hit
 from reconcile.journal import Settle, pending_commits, read_journal, swapped
 from reconcile.localscan import Beneath, sha256_file, stat_records
@@ -890,25 +891,29 @@ def apply_plan(
             raise _NotStarted()
         return stage_session(change, root, client, config, tools=tools, export_method=options.export_method, cancel=cancel)
 
-    with ThreadPoolExecutor(max_workers=max(1, options.jobs), thread_name_prefix="xnat2bids-session") as pool:
-        while pending or started:
-            while pending and len(started) < max(1, options.jobs) and not (cancel.is_set() or halted):
-                change = pending.pop(0)
-                on_event("start", change, None)
-                started[pool.submit(stage, change)] = (change, time.monotonic())
-            if not started:
-                break
-            done, _ = wait(list(started), return_when=FIRST_COMPLETED, timeout=0.5)
-            for fut in done:
-                change, t0 = started.pop(fut)
-                outcome = _settle(fut, change, t0, root, report, options, halted)
+    client.stop_when(cancel)  # a stop also ends the retries against a slow XNAT
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, options.jobs), thread_name_prefix="xnat2bids-session") as pool:
+            while pending or started:
+                while pending and len(started) < max(1, options.jobs) and not (cancel.is_set() or halted):
+                    change = pending.pop(0)
+                    on_event("start", change, None)
+                    started[pool.submit(stage, change)] = (change, time.monotonic())
+                if not started:
+                    break
+                done, _ = wait(list(started), return_when=FIRST_COMPLETED, timeout=0.5)
+                for fut in done:
+                    change, t0 = started.pop(fut)
+                    outcome = _settle(fut, change, t0, root, report, options, halted)
+                    report.outcomes.append(outcome)
+                    on_event(outcome.status.value, change, outcome)
+            for change in pending:
+                why = halted[0] if halted else "cancelled"
+                outcome = Outcome(change, Status.SKIPPED, why)
                 report.outcomes.append(outcome)
                 on_event(outcome.status.value, change, outcome)
-        for change in pending:
-            why = halted[0] if halted else "cancelled"
-            outcome = Outcome(change, Status.SKIPPED, why)
-            report.outcomes.append(outcome)
-            on_event(outcome.status.value, change, outcome)
+    finally:
+        client.stop_when(None)
     report.cancelled = cancel.is_set()
     return report
 
@@ -940,7 +945,7 @@ def _settle(
             halted.append(_REJECTED)
         log_line(log_path, f"failed: {exc}")
         return Outcome(change, Status.FAILED, exc.summary, log_path, time.monotonic() - t0, hint=exc.hint)
-    except (ExportCancelled, ConversionCancelled):  # stopped part-way by the user: not a failure
+    except (Cancelled, ConversionCancelled):  # stopped part-way by the user: not a failure
         log_line(log_path, "cancelled; nothing of it was committed")
         return Outcome(change, Status.SKIPPED, "cancelled part-way; nothing of it was committed")
     except Exception as exc:  # one session's failure, a bug or an OS error, must not stop the others

@@ -32,6 +32,10 @@ class XnatBidsError(Exception):
         return "\n".join(parts)
 
 
+class Cancelled(XnatBidsError):
+    """Stopped by the user (Ctrl-C, SIGTERM, scancel) part-way: not a failure."""
+
+
 class ConfigError(XnatBidsError):
     """The configuration file is missing, malformed or has unknown keys."""
 

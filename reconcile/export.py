@@ -25,10 +25,10 @@ from urllib.parse import quote
 from reconcile import digest
 from reconcile.durable import fsync_dir, fsync_file
 from reconcile.errors import (
+    Cancelled,
     RemoteError,
     UnsafePathError,
     VerificationError,
-    XnatBidsError,
 )
 from reconcile.failpoints import hit
 from reconcile.model import Experiment, RemoteFile, Scan
@@ -58,7 +58,7 @@ PART_SUFFIX = ".part"
 _RETRY_HINT = "run again; verified files are kept and partial ones resumed"
 
 
-class ExportCancelled(XnatBidsError):
+class ExportCancelled(Cancelled):
     """The export was cancelled through its `cancel` event; finished files stay, partial ones stay `.part`."""
 
 

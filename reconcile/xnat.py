@@ -32,6 +32,7 @@ from reconcile import keepalive
 from reconcile.credentials import Credentials
 from reconcile.errors import (
     AuthError,
+    Cancelled,
     ConfigError,
     ForbiddenError,
     NotFoundError,
@@ -398,6 +399,9 @@ class XnatClient:
         self.max_connections = max(1, max_connections)
         self.on_request = on_request
         self.request_count = 0
+        # Set (by apply, on Ctrl-C or SIGTERM): requests stop retrying, raising Cancelled; a slow
+        # XNAT would otherwise hold the stop for minutes of retries. `stop_when` sets it.
+        self._stop: threading.Event | None = None
 
         self._http = _Session()
         self._http.auth = _NoAuth()
@@ -560,15 +564,23 @@ class XnatClient:
         if self.on_request is not None:
             self.on_request(method, url)
 
+    def stop_when(self, event: threading.Event | None) -> None:
+        """Give up retrying, with Cancelled, once `event` is set (None: never)."""
+        self._stop = event
+
     def _sleep(self, attempt: int, resp: requests.Response | keepalive.Answer | None) -> None:
+        """Wait before a retry; Cancelled instead when the run is being stopped."""
         delay = self.backoff * (2**attempt)
         delay += random.uniform(0, delay / 2)  # jitter: parallel workers must not retry in lockstep
         if resp is not None:
             after = resp.headers.get("Retry-After", "")
             if after.isdigit():
                 delay = max(delay, float(after))
-        if delay > 0:
-            time.sleep(min(delay, _MAX_SLEEP))
+        delay = min(max(delay, 0), _MAX_SLEEP)
+        if self._stop is None:
+            time.sleep(delay)
+        elif self._stop.wait(delay):
+            raise Cancelled(f"stopped while retrying a request to XNAT at {self.url}")
 
     def _send(
         self,
@@ -618,6 +630,8 @@ class XnatClient:
                 # A name the resolver says does not exist stays so for the next seconds: said at
                 # once. A resolver that failed for now (EAI_AGAIN) is asked again, as any outage.
                 unresolved = _no_such_name(exc)
+                if self._stop is not None and self._stop.is_set():  # what failed was waited on during the stop
+                    raise Cancelled(f"stopped while waiting for XNAT at {self.url}") from exc
                 if attempt == self.retries or unresolved:
                     if isinstance(exc, (requests.exceptions.ReadTimeout, TimeoutError)):
                         listing = "/files" in url

@@ -25,6 +25,7 @@ from reconcile.config import Config
 from reconcile.credentials import Credentials, resolve_credentials
 from reconcile.errors import (
     AuthError,
+    Cancelled,
     ConfigError,
     NotFoundError,
     RemoteError,
@@ -1248,6 +1249,23 @@ def test_a_redirect_to_another_port_of_the_same_host_is_not_followed(site: Site)
     finally:
         other.clear()
         other.stop()
+
+
+def test_a_stop_ends_the_retries_with_cancelled_instead_of_waiting_them_out(site: Site) -> None:
+    # A busy XNAT answering 503 (or not at all) would hold a Ctrl-C for minutes of retries.
+    site.raw("/data/projects", "busy", status=503)
+    stop = threading.Event()
+    with make_client(site.url, retries=4) as c:
+        c.login()
+        c.stop_when(stop)
+        stop.set()
+        with pytest.raises(Cancelled, match="stopped while retrying a request to XNAT"):
+            c.get_json("/data/projects")
+        assert len(site.requests_to("/data/projects")) == 1  # no retry after the stop
+        c.stop_when(None)
+        with pytest.raises(RemoteError, match="kept failing"):
+            c.get_json("/data/projects")
+        assert len(site.requests_to("/data/projects")) == 1 + 5
 
 
 # ---------------------------------------------------------------------------- against the emulator
