@@ -599,11 +599,12 @@ def run_apply(
         from reconcile.apply import check_plan_root
 
         check_plan_root(saved.data.get("bids_root", ""), root)
+        serial = (saved.data.get("lock") or {}).get("serial")
+        if not root.exists() and isinstance(serial, int) and serial > 0:
+            raise StalePlanError(f"plan is stale: it was made against the lock of {root} (serial {serial}), and "
+                                 "that folder no longer exists", hint="was the dataset moved? plan again where it is")
     if not dry_run:  # which writes nothing, the root included
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create BIDS root {root}: {exc.strerror or exc}") from exc
+        _create_root(root, cfg.layout)
         if not os.access(root, os.W_OK | os.X_OK):
             raise ConfigError(f"BIDS root {root} is not writable by this user")
     warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
@@ -826,6 +827,24 @@ def _forget_here(plan: Plan, where: str) -> Plan:
 
     return replace(plan, notes=tuple(map(told, plan.notes)),
                    problems=tuple(replace(p, message=told(p.message), hint=told(p.hint)) for p in plan.problems))
+
+
+def _create_root(root: Path, layout: str) -> None:
+    """The BIDS root, created if missing with no more folders above it than the layout adds (a
+    study's `<pi>/study-<study>/` and the export root with it in pi-study): beyond those, a missing
+    folder is more likely a file system not mounted or a mistyped path than a new dataset's place."""
+    missing = [p for p in (root, *root.parents) if not p.exists()]
+    above = root.parents[len(missing) - 1] if missing else root
+    if missing and not above.is_dir():
+        raise ConfigError(f"cannot create BIDS root {root}: {above} is not a folder")
+    if len(missing) > (4 if layout == "pi-study" else 1):
+        raise ConfigError(f"BIDS root {root} cannot be created: {missing[-1]} does not exist",
+                          hint="is its file system mounted? for a new dataset there, create the folder above it "
+                               f"first (mkdir -p {shlex.quote(str(root.parent))})")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create BIDS root {root}: {exc.strerror or exc}") from exc
 
 
 def _held_back(plan: Plan, todo: tuple[Change, ...]) -> tuple[Change, ...]:

@@ -225,6 +225,10 @@ def make_plan(
         lost = _lost_lock(root, lock)
         if lost:
             plan = replace(plan, notes=(lost, *plan.notes))
+        if not root.exists() and plan.changes:
+            plan = replace(plan, notes=(f"{root} does not exist: apply creates it and exports every session; if "
+                                        "the dataset was moved, or its file system is not mounted, stop here",
+                                        *plan.notes))
         _promote_survivors()
     return PlanRun(root, lock, plan)
 

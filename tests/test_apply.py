@@ -708,3 +708,27 @@ def test_validate_says_before_any_work_that_no_validator_is_installed_and_skips_
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--validate")
     assert code == 1 and "1 failed" in out, out + err
     assert "BIDS validator: not run (nothing exported yet)" in out and "MISSING_DATASET_DESCRIPTION" not in out
+
+
+def test_apply_creates_a_missing_root_but_not_missing_folders_above_it(cli, emulator, tmp_path):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
+    unmounted = tmp_path / "mnt" / "project" / "bids"  # a file system not mounted, a mistyped path
+    code, out, err = cli("apply", str(unmounted), "-p", "PROJ", "--yes")
+    assert code == 1 and out == "" and not (tmp_path / "mnt").exists()
+    assert err.startswith(f"error: BIDS root {unmounted} cannot be created: {tmp_path / 'mnt'} does not exist\n")
+    assert "is its file system mounted?" in err
+    code, out, err = cli("apply", str(tmp_path / "bids"), "-p", "PROJ", "--yes")  # the folder above exists
+    assert code == 0 and (tmp_path / "bids/sub-01/ses-01MR1/anat").is_dir(), out + err
+
+
+def test_a_saved_plan_of_a_dataset_moved_since_is_stale_and_creates_nothing(cli, emulator, tmp_path):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    add(emulator.archive, [("02", "02_MR1", "2024-01-11")])
+    saved = tmp_path / "plan.json"
+    assert cli("plan", str(root), "-p", "PROJ", "--out", str(saved))[0] == 0
+    root.rename(tmp_path / "moved")
+    code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes")
+    assert code == 1 and "plan is stale: it was made against the lock of" in err and "(serial 1)" in err, out + err
+    assert not root.exists()

@@ -23,6 +23,7 @@ def test_plan_on_empty_root_lists_creates_and_exits_2(cli, emulator, tmp_path):
     assert code == 2
     assert "+ create  sub-SUBJ01/ses-SUBJ01MR1" in out
     assert "Plan: 2 to create, 0 to update, 0 drifted, 0 orphaned, 0 unchanged." in out
+    assert f"note: {tmp_path / 'bids'} does not exist: apply creates it and exports every session" in out
     assert not (tmp_path / "bids").exists()  # planning writes nothing
 
 
@@ -304,6 +305,7 @@ def test_saved_plan_applies_to_its_root_under_another_spelling(cli, emulator, tm
 
 def test_saved_plan_for_a_new_root_spelled_with_dot_dot_applies_there(cli, emulator, tmp_path):
     add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    (tmp_path / "elsewhere").mkdir()
     root = tmp_path / "elsewhere" / ".." / "bids"  # no folder yet: only the spelling can tell
     saved, _ = saved_plan(cli, root, tmp_path)
     code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes")
