@@ -209,6 +209,8 @@ def run_plan(
         echo(f"xnat2bids plan for {root} (lock serial {plan.serial})")
         echo()
         echo(render_text(plan))
+        if run.recovering:
+            echo(f"The next apply settles {_count(run.recovering, 'interrupted commit')} first (see the notes).")
         if out is not None:
             echo(f"\nSaved plan to {out}; run `xnat2bids apply --plan {shlex.quote(str(out))}{apply_options}` "
                  "to carry it out.")
@@ -217,7 +219,7 @@ def run_plan(
                      "and reports them again (exit 1).")
     if plan.problems:
         return EXIT_ERROR
-    if detailed_exitcode and plan.has_changes:
+    if detailed_exitcode and (plan.has_changes or run.recovering):  # cron's `--diff && --update` finishes them
         return EXIT_CHANGES
     return EXIT_OK
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from reconcile import __version__
 from reconcile.config import Config, expand_projects, is_pattern
 from reconcile.errors import ConfigError, RemoteError, XnatBidsError
-from reconcile.journal import as_recovered, located
+from reconcile.journal import as_recovered, located, pending_commits
 from reconcile.localscan import stat_outputs
 from reconcile.lock import Lock, gc_paused, load_or_new, read_lock
 from reconcile.model import BidsAddress, Experiment, FileStat, MalformedRow
@@ -176,6 +176,7 @@ class PlanRun:
     root: Path
     lock: Lock
     plan: Plan
+    recovering: int = 0  # interrupted commits the next apply finishes or undoes: changes too
 
 
 def make_plan(
@@ -230,7 +231,7 @@ def make_plan(
                                         "the dataset was moved, or its file system is not mounted, stop here",
                                         *plan.notes))
         _promote_survivors()
-    return PlanRun(root, lock, plan)
+    return PlanRun(root, lock, plan, len(pending_commits(root)))
 
 
 def _lost_lock(root: Path, lock: Lock) -> str | None:

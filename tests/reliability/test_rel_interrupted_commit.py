@@ -58,8 +58,10 @@ def test_plan_judges_the_root_as_the_next_apply_leaves_it(interrupted, tmp_path)
     world, root, exp = interrupted
     lock_before = (root / ".xnat2bids.lock").read_bytes()
     planned = xnat2bids("plan", str(root), "-p", "PROJ", "--detailed-exitcode", url=world.url, cwd=tmp_path)
-    assert planned.returncode == 0, planned.stdout + planned.stderr
+    # Something for apply to do still: cron's `--diff && --update` must run it.
+    assert planned.returncode == 2, planned.stdout + planned.stderr
     assert "No changes. 1 session up to date." in planned.stdout
+    assert "The next apply settles 1 interrupted commit first (see the notes)." in planned.stdout
     assert (f"note: {exp.id}: an interrupted commit of sub-01/ses-01MR1 will be completed by the next apply"
             in planned.stdout)
     assert "exists but the lock records no session there" not in planned.stdout + planned.stderr
