@@ -70,6 +70,10 @@ def check_can_commit(root: Path) -> None:
         raise ConfigError(f"--git-commit: {root} is in the middle of {busy}",
                           hint="finish it (resolve, then `git commit`, or `git merge --abort`) and run again; "
                                "xnat2bids never commits on top of unresolved conflicts")
+    index_lock = _git_dir(root) / "index.lock"
+    if index_lock.exists():  # git add would fail after all the work
+        raise ConfigError(f"--git-commit: {index_lock} exists: another git command runs in {root}, or one was killed",
+                          hint="if no git command runs there, remove that file and run again")
     if (root / ".datalad").is_dir():
         return  # datalad save reports its own problems
     ident = _git(root, "var", "GIT_COMMITTER_IDENT")
@@ -79,13 +83,16 @@ def check_can_commit(root: Path) -> None:
                           hint='set it with `git config user.name "…"` and `git config user.email "…"`')
 
 
+def _git_dir(root: Path) -> Path:
+    """The repository's git folder (`.git`, or where a worktree's file points)."""
+    out = _git(root, "rev-parse", "--git-dir")
+    return root / out.stdout.strip() if out.returncode == 0 else root / ".git"
+
+
 def _unfinished_operation(root: Path) -> str | None:
     """What git is in the middle of (a merge, rebase, cherry-pick, revert), or unmerged paths: a
     commit then would either fail after all the work or mark the conflicts resolved."""
-    out = _git(root, "rev-parse", "--git-dir")
-    if out.returncode != 0:
-        return None
-    git_dir = root / out.stdout.strip()
+    git_dir = _git_dir(root)
     for name, what in (("MERGE_HEAD", "a git merge"), ("rebase-merge", "a git rebase"), ("rebase-apply", "a git rebase"),
                        ("CHERRY_PICK_HEAD", "a git cherry-pick"), ("REVERT_HEAD", "a git revert")):
         if (git_dir / name).exists():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from reconcile import vcs
+from reconcile.errors import ConfigError
 
 
 def git(root: Path, *args: str) -> str:
@@ -115,3 +116,12 @@ def test_the_first_export_is_committed_without_a_note_and_an_unreadable_committe
     vcs.commit_apply(root, "xnat2bids apply", ApplyReport())
     assert "(the last commit's lock could not be read: every session folder is included)" in git(
         root, "log", "-1", "--format=%B")
+
+
+def test_a_git_index_lock_left_behind_is_said_before_any_work(tmp_path: Path) -> None:
+    root = repository(tmp_path)
+    vcs.check_can_commit(root)
+    (root / ".git" / "index.lock").write_text("")
+    with pytest.raises(ConfigError, match="index.lock exists: another git command runs in") as info:
+        vcs.check_can_commit(root)
+    assert "remove that file" in (info.value.hint or "")
