@@ -8,6 +8,7 @@ nothing; it reports through `on_event`.
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import glob
 import json
@@ -918,6 +919,16 @@ def apply_plan(
     return report
 
 
+def _disk_full(exc: Exception, root: Path) -> Exception:
+    """A full disk or quota as the session's error, saying where; any other error as it is."""
+    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return exc
+    where = exc.filename or root
+    what = "no space left" if exc.errno == errno.ENOSPC else "the disk quota is used up"
+    return XnatBidsError(f"{what} on the disk holding {where}",
+                         hint="free space there, then apply again (verified downloads are kept, partial ones resumed)")
+
+
 class _NotStarted(Exception):
     pass
 
@@ -949,6 +960,7 @@ def _settle(
         log_line(log_path, "cancelled; nothing of it was committed")
         return Outcome(change, Status.SKIPPED, "cancelled part-way; nothing of it was committed")
     except Exception as exc:  # one session's failure, a bug or an OS error, must not stop the others
+        exc = _disk_full(exc, root)
         text = exc.summary if isinstance(exc, XnatBidsError) else f"{type(exc).__name__}: {exc}"
         known = isinstance(exc, XnatBidsError)
         half = _half_committed(root, change.key.experiment_id)

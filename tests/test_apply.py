@@ -5,6 +5,7 @@ These run the real converters on tiny synthetic DICOM, so they are marked slow (
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -732,3 +733,15 @@ def test_a_saved_plan_of_a_dataset_moved_since_is_stale_and_creates_nothing(cli,
     code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes")
     assert code == 1 and "plan is stale: it was made against the lock of" in err and "(serial 1)" in err, out + err
     assert not root.exists()
+
+
+def test_a_full_disk_is_the_sessions_error_saying_where(tmp_path):
+    from reconcile.apply import _disk_full
+
+    full = _disk_full(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.part")), tmp_path)
+    assert full.summary == f"no space left on the disk holding {tmp_path / 'x.part'}"
+    assert "free space there, then apply again" in full.hint
+    quota = _disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path)
+    assert quota.summary == f"the disk quota is used up on the disk holding {tmp_path}"
+    other = OSError(errno.EACCES, "Permission denied")
+    assert _disk_full(other, tmp_path) is other
