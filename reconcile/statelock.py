@@ -88,13 +88,24 @@ def _utc(ts: float) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` runs: a zombie (killed, not yet reaped by its parent) does not; it
+    holds nothing and no signal ends it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+        return stat[stat.rindex(b")") + 2:].split()[0] == b"Z"  # field 3, the state, after the name
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _started(pid: int) -> int | None:

@@ -662,3 +662,18 @@ def test_force_unlock_refuses_a_finalizer_still_running_here(tmp_path):
         assert statelock.read_holder(tmp_path).id == holder.id
     finally:
         statelock.release(tmp_path, claimed)
+
+
+def test_a_killed_process_its_parent_has_not_reaped_yet_is_not_running():
+    # A zombie answers signal 0, but holds nothing and no kill ends it: its lock can be taken over.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert statelock._alive(child.pid)
+        child.kill()
+        deadline = time.monotonic() + 30
+        while not statelock._zombie(child.pid):  # dead, not yet waited for
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not statelock._alive(child.pid)
+    finally:
+        child.wait()
