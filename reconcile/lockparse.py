@@ -98,7 +98,8 @@ def _valid_document(text: str, source: str) -> dict[str, Any]:
             raise LockfileError(f"{source}: unresolved git merge conflict (a conflict marker at line {line})",
                                 hint="keep each session whole (its [sessions.ID] table and the [[sessions.ID.…]] "
                                      "tables after it) from one side or both, the higher serial, delete the marker "
-                                     "lines, then run `xnat2bids check`") from exc
+                                     "lines, then run `xnat2bids check`; `xnat2bids merge-lock --help` sets up git "
+                                     "to merge locks session by session from then on") from exc
         if text.startswith("\ufeff"):
             raise LockfileError(f"{source}: starts with a byte order mark, which TOML does not allow "
                                 "(an editor added it)", hint="save the file as UTF-8 without BOM") from exc
