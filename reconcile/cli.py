@@ -1747,14 +1747,24 @@ def emulator_serve(
     scans_per_session: int = typer.Option(2, "--scans-per-session"),
     files_per_scan: int = typer.Option(3, "--files-per-scan"),
     file_size: int = typer.Option(1024, "--file-size"),
+    fault: Optional[list[str]] = typer.Option(
+        None, "--fault", help="Misbehave, to rehearse failures: KIND:ROUTE[:KNOB=VALUE,...], ROUTE a regular "
+        "expression on the request path; KIND status, latency, truncate, reset, auth_expire, corrupt, html_200 or "
+        "invalid_json; KNOBs times, after, method, status, message, seconds, fraction. Repeatable. E.g. "
+        "latency:/files:seconds=60 or status:/experiments$:status=503,times=3."),
 ) -> None:
     """Serve an emulated XNAT until interrupted.
 
     Example: xnat2bids emulator serve --port 8080 --demo-sessions 2 --project LAB_STUDY
     """
-    from reconcile.emulator import Archive, load_dicom_dir
+    from reconcile.emulator import Archive, EmulatorApp, load_dicom_dir
+    from reconcile.emulator.faults import parse_fault
     from reconcile.emulator.serve import serve_forever
 
+    try:
+        faults = [parse_fault(f) for f in fault or ()]
+    except ValueError as exc:
+        raise ConfigError(f"--fault: {exc}") from exc
     archive = Archive()
     archive.add_user(user, password)
     if data is not None:
@@ -1779,8 +1789,11 @@ def emulator_serve(
             files_per_scan=files_per_scan, file_size=file_size,
         )
     sessions = len(archive.sessions())
+    app = EmulatorApp(archive)
+    for rule in faults:
+        app.faults.add(rule)
     serve_forever(
-        archive, host, port,
+        archive, host, port, app=app,
         on_ready=lambda url: echo(f"XNAT emulator on {url} ({_count(sessions, 'session')}, user {user}); Ctrl-C to stop"),
     )
 

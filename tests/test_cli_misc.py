@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from worlds import SMALL, add, assert_schema
 
 import reconcile
@@ -503,6 +504,27 @@ def test_emulator_serve_says_when_data_holds_no_sessions(tmp_path):
     try:
         line = served.stderr.readline()
         assert line.startswith(f"warning: --data {tmp_path / 'empty'} holds no sessions"), line
+    finally:
+        served.kill()
+        served.wait()
+
+
+def test_emulator_serve_misbehaves_as_its_faults_say(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bad = subprocess.run([sys.executable, "-m", "reconcile", "emulator", "serve", "--port", str(port),
+                          "--fault", "status:/data/projects:retries=3"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "error: --fault: fault 'status:/data/projects:retries=3': 'retries=3' is not one" \
+        in bad.stderr
+    served = subprocess.Popen([sys.executable, "-m", "reconcile", "emulator", "serve", "--port", str(port),
+                               "--fault", "status:/data/projects$:status=503,times=1"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = served.stdout.readline()
+        assert line.startswith(f"XNAT emulator on http://127.0.0.1:{port}"), line
+        url, auth = f"http://127.0.0.1:{port}/data/projects", ("admin", "admin")
+        assert requests.get(url, auth=auth, timeout=10).status_code == 503
+        assert requests.get(url, auth=auth, timeout=10).status_code == 200  # times=1
     finally:
         served.kill()
         served.wait()

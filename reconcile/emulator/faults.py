@@ -54,6 +54,26 @@ class Fault:
         return self.times is not None and self.fired >= self.times
 
 
+_KNOBS = {"times": int, "after": int, "method": str, "status": int, "message": str, "seconds": float,
+          "fraction": float}
+
+
+def parse_fault(text: str) -> Fault:
+    """A fault as `emulator serve --fault` takes it: KIND:ROUTE[:KNOB=VALUE,...], e.g.
+    `latency:/files:seconds=60` or `status:/experiments$:status=503,times=3`. ValueError, saying
+    what is wrong, for anything else."""
+    kind, route, knobs = (text.split(":", 2) + ["", ""])[:3]
+    if not route:
+        raise ValueError(f"fault {text!r}: expected KIND:ROUTE[:KNOB=VALUE,...]")
+    options: dict[str, object] = {}
+    for knob in filter(None, knobs.split(",")):
+        name, sep, value = knob.partition("=")
+        if not sep or name not in _KNOBS:
+            raise ValueError(f"fault {text!r}: {knob!r} is not one of {', '.join(f'{k}=…' for k in _KNOBS)}")
+        options[name] = _KNOBS[name](value)
+    return Fault(route=route, kind=kind, **options)  # type: ignore[arg-type]
+
+
 class FaultSet:
     """The faults active on one emulator; thread-safe."""
 
