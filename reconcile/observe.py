@@ -235,9 +235,11 @@ def make_plan(
 
 
 def _lost_lock(root: Path, lock: Lock) -> str | None:
-    """A note when the root has no lock but its history tells of commits: the folders plan then
-    finds in the way are the lock's, not foreign ones to move out."""
-    if lock.serial != 0 or lock.sessions or (root / ".xnat2bids.lock").exists():
+    """A note when the root has no lock, or an older one (restored from a backup), while its
+    history tells of later commits: the folders plan then finds in the way are the lock's, not
+    foreign ones to move out."""
+    missing = not (root / ".xnat2bids.lock").exists()
+    if missing and (lock.serial != 0 or lock.sessions):
         return None
     from reconcile.apply import history_serial
 
@@ -245,10 +247,14 @@ def _lost_lock(root: Path, lock: Lock) -> str | None:
         serial = history_serial(root)
     except OSError:  # an unreadable history: apply says so where it appends
         return None
-    if serial <= 0:
+    if serial <= lock.serial:
         return None
-    return (f"{root} has no .xnat2bids.lock, but its history tells of exports (up to lock serial {serial}): "
-            "restore the lock (from git or a backup) before applying")
+    if missing:
+        return (f"{root} has no .xnat2bids.lock, but its history tells of exports (up to lock serial {serial}): "
+                "restore the lock (from git or a backup) before applying")
+    return (f"the lock (serial {lock.serial}) is older than the history, which tells of exports up to serial "
+            f"{serial}: restored from an older backup or commit? what was exported since is not in it; restore "
+            "the newest lock before applying")
 
 
 def _staged_for_nothing(root: Path, plan: Plan) -> str | None:

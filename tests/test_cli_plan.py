@@ -578,6 +578,22 @@ def test_check_of_a_root_whose_lock_was_lost_fails(cli, emulator, tmp_path):
            "restore the lock (from git or a backup) before applying" in out, out + err
 
 
+def test_plan_says_when_the_lock_is_older_than_the_history(cli, emulator, tmp_path):
+    # A lock restored from an older backup: what was exported since is missing from it.
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    backup = (root / ".xnat2bids.lock").read_bytes()
+    code, out, _ = cli("plan", str(root), "-p", "PROJ")
+    assert "older than the history" not in out
+    add(emulator.archive, [("02", "02_MR1", "2024-01-11")], series=SMALL[:1])
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    (root / ".xnat2bids.lock").write_bytes(backup)
+    code, out, err = cli("plan", str(root), "-p", "PROJ")
+    assert ("note: the lock (serial 1) is older than the history, which tells of exports up to serial 2: restored "
+            "from an older backup or commit?") in out, out + err
+
+
 def test_plan_out_dev_stdout_appends_to_a_log_the_shell_opened(emulator, tmp_path):
     # `plan --out /dev/stdout >> cron.log`: /dev/stdout resolves to the log file, which is written
     # to (appended), never replaced by a new file.
