@@ -605,15 +605,7 @@ def run_apply(
         if not root.exists() and isinstance(serial, int) and serial > 0:
             raise StalePlanError(f"plan is stale: it was made against the lock of {root} (serial {serial}), and "
                                  "that folder no longer exists", hint="was the dataset moved? plan again where it is")
-    if not dry_run:  # which writes nothing, the root included
-        _create_root(root, cfg.layout)
-        if not os.access(root, os.W_OK | os.X_OK):
-            raise ConfigError(f"BIDS root {root} is not writable by this user")
     warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
-    if git_commit and not dry_run:
-        from reconcile.vcs import check_can_commit
-
-        check_can_commit(root)  # before any work, not after it
     if run_validator:
         from reconcile.validate import validator
 
@@ -621,6 +613,15 @@ def run_apply(
     own_client = client is None
     client = client or connect(cfg)
     try:
+        if not dry_run:  # which writes nothing, the root included
+            client.login()  # first: a failed login (XNAT unreachable, bad password) leaves no new root behind
+            _create_root(root, cfg.layout)
+            if not os.access(root, os.W_OK | os.X_OK):
+                raise ConfigError(f"BIDS root {root} is not writable by this user")
+        if git_commit and not dry_run:
+            from reconcile.vcs import check_can_commit
+
+            check_can_commit(root)  # before any work, not after it
         if executor not in (None, "local", "slurm"):
             raise ConfigError(f"unknown executor {executor!r}", hint="use --executor local or --executor slurm")
 

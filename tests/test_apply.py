@@ -745,3 +745,11 @@ def test_a_full_disk_is_the_sessions_error_saying_where(tmp_path):
     assert quota.summary == f"the disk quota is used up on the disk holding {tmp_path}"
     other = OSError(errno.EACCES, "Permission denied")
     assert _disk_full(other, tmp_path) is other
+
+
+def test_an_apply_whose_login_fails_leaves_no_new_root_behind(cli, emulator, tmp_path, monkeypatch):
+    monkeypatch.setenv("XNAT_PASS", "wrong")
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1 and "XNAT rejected the credentials" in err, out + err
+    assert not root.exists()
