@@ -260,13 +260,12 @@ def stage_session(
     # parallel workers, rather than in the one-at-a-time commit).
     fsync_tree(result.session_dir)
     disagreeing = _left_out_by_dicom(scans, result.names, settings)
-    if disagreeing:
-        with open(log_path, "a", encoding="utf-8") as log:
-            log.writelines(f"{utc_now()} warning: {w}\n" for w in disagreeing)
-    warnings = result.warnings + disagreeing
+    for warning in disagreeing:
+        log_line(log_path, f"warning: {warning}")
     return StagedSession(
         change, exp, change.address, scans, result.session_dir, staging / "dicom", log_path, tools, settings, outputs,
-        warnings, tuple(s for s in listed if not settings.selects(s.id, s.series_description)), result.names,
+        result.warnings + disagreeing, tuple(s for s in listed if not settings.selects(s.id, s.series_description)),
+        result.names,
     )
 
 
