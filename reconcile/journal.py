@@ -104,12 +104,14 @@ def _in_place(path: Path, size: int) -> bool:
         return False
 
 
-def as_recovered(root: Path, lock: Lock) -> tuple[Lock, dict[str, tuple[str, Path]], list[str]]:
+def as_recovered(root: Path, lock: Lock, pending: list[Pending] | None = None
+                 ) -> tuple[Lock, dict[str, tuple[str, Path]], list[str]]:
     """The lock as the next apply's recovery will leave it, where rolled-back session folders sit
-    meanwhile (address → (address, trash folder)), and a note per thing that recovery settles."""
+    meanwhile (address → (address, trash folder)), and a note per thing that recovery settles.
+    `pending`: the root's `pending_commits`, when the caller has read them already."""
     moved: dict[str, tuple[str, Path]] = {}
     notes: list[str] = []
-    pending = pending_commits(root)
+    pending = pending_commits(root) if pending is None else pending
     for p in pending:
         if p.settle is Settle.COMPLETE:
             previous = p.journal.get("previous")

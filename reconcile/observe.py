@@ -193,7 +193,8 @@ def make_plan(
     with gc_paused():
         # Planned as the next apply's recovery leaves it: a commit a crash interrupted with its
         # folder in place is recorded, not a foreign folder in the way.
-        lock, waiting, pending = as_recovered(root, load_or_new(root))
+        interrupted = pending_commits(root)
+        lock, waiting, pending = as_recovered(root, load_or_new(root), interrupted)
         projects = choose_projects(selection, config, lock)
         if selection.projects:  # globs expanded: the planner compares project IDs
             selection = replace(selection, projects=projects)
@@ -231,7 +232,7 @@ def make_plan(
                                         "the dataset was moved, or its file system is not mounted, stop here",
                                         *plan.notes))
         _promote_survivors()
-    return PlanRun(root, lock, plan, len(pending_commits(root)))
+    return PlanRun(root, lock, plan, len(interrupted))
 
 
 def _lost_lock(root: Path, lock: Lock) -> str | None:
