@@ -65,12 +65,13 @@ def check_can_commit(root: Path) -> None:
     knows who commits."""
     if not is_repository(root):
         raise ConfigError(f"--git-commit: {root} is not the top of a git repository", hint="run `git init` there first")
-    busy = _unfinished_operation(root)
+    git_dir = _git_dir(root)
+    busy = _unfinished_operation(root, git_dir)
     if busy:
         raise ConfigError(f"--git-commit: {root} is in the middle of {busy}",
                           hint="finish it (resolve, then `git commit`, or `git merge --abort`) and run again; "
                                "xnat2bids never commits on top of unresolved conflicts")
-    index_lock = _git_dir(root) / "index.lock"
+    index_lock = git_dir / "index.lock"
     if index_lock.exists():  # git add would fail after all the work
         raise ConfigError(f"--git-commit: {index_lock} exists: another git command runs in {root}, or one was killed",
                           hint="if no git command runs there, remove that file and run again")
@@ -89,10 +90,9 @@ def _git_dir(root: Path) -> Path:
     return root / out.stdout.strip() if out.returncode == 0 else root / ".git"
 
 
-def _unfinished_operation(root: Path) -> str | None:
+def _unfinished_operation(root: Path, git_dir: Path) -> str | None:
     """What git is in the middle of (a merge, rebase, cherry-pick, revert), or unmerged paths: a
     commit then would either fail after all the work or mark the conflicts resolved."""
-    git_dir = _git_dir(root)
     for name, what in (("MERGE_HEAD", "a git merge"), ("rebase-merge", "a git rebase"), ("rebase-apply", "a git rebase"),
                        ("CHERRY_PICK_HEAD", "a git cherry-pick"), ("REVERT_HEAD", "a git revert")):
         if (git_dir / name).exists():
