@@ -99,23 +99,27 @@ def _alive(pid: int) -> bool:
     return not _zombie(pid)
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-        return stat[stat.rindex(b")") + 2:].split()[0] == b"Z"  # field 3, the state, after the name
-    except (OSError, ValueError, IndexError):
-        return False
-
-
-def _started(pid: int) -> int | None:
-    """When process `pid` started, in clock ticks after boot; None if /proc cannot tell (or it is gone)."""
+def _stat_fields(pid: int) -> list[bytes]:
+    """/proc/<pid>/stat's fields from the third (the state) on; [] if /proc cannot tell (or it is gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read()
         # The command name (field 2) is in parentheses and may itself contain ") ".
-        return int(stat[stat.rindex(b")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
+        return stat[stat.rindex(b")") + 2:].split()
+    except (OSError, ValueError):
+        return []
+
+
+def _zombie(pid: int) -> bool:
+    return _stat_fields(pid)[:1] == [b"Z"]
+
+
+def _started(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot; None if /proc cannot tell (or it is gone)."""
+    fields = _stat_fields(pid)
+    try:
+        return int(fields[19])
+    except (ValueError, IndexError):
         return None
 
 
