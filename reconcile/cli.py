@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple, NoReturn, Optional
+from typing import Any, NamedTuple, NoReturn, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -493,6 +493,17 @@ def _studies_here(cfg: Config, root: Path, selection: Selection):  # noqa: ANN20
     return chosen
 
 
+def _leave_hung_up_terminal(fds: list[int]) -> None:
+    """Point these descriptors (the terminal's) at /dev/null: after a hangup every write to the
+    terminal fails (EIO), and the stop must still settle the sessions and write the history."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in fds:
+            os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def _own_ignores(root: Path) -> None:
     """The work area's ignore rules, before apply downloads DICOM into it or a batch writes its
     credentials file there."""
@@ -663,12 +674,15 @@ def run_apply(
                     return EXIT_ERROR
             _own_ignores(root)
             cancel = threading.Event()
-            previous_handler = None
+            previous_handlers: dict[int, Any] = {}
             if threading.current_thread() is threading.main_thread():
                 first: list[float] = []
+                terminal_fds = [fd for fd in (1, 2) if os.isatty(fd)]  # a hung-up terminal is no tty any more
 
-                def on_sigint(signum, frame):  # first Ctrl-C or SIGTERM: finish cleanly; second: hard stop
+                def on_stop(signum, frame):  # first Ctrl-C, SIGTERM or SIGHUP: finish cleanly; second: hard stop
                     global _stopping
+                    if signum == signal.SIGHUP:
+                        _leave_hung_up_terminal(terminal_fds)
                     if first and time.monotonic() - first[0] < SAME_SIGNAL_S:
                         return  # the same stop twice: GNU timeout signals its child and then its process group
                     if cancel.is_set():
@@ -678,14 +692,16 @@ def run_apply(
                         with contextlib.suppress(Exception):
                             reporter.close()  # a live progress bar gives the terminal its cursor back
                         echo("Forced stop: the next apply settles what was under way.", err=True)
-                        os._exit(130 if signum == signal.SIGINT else 143)
+                        os._exit(130 if signum == signal.SIGINT else 128 + signum)
                     cancel.set()
                     first.append(time.monotonic())
                     _stopping = True
-                    again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
+                    again = "Ctrl-C again" if signum == signal.SIGINT else f"a second {signal.Signals(signum).name}"
                     echo(f"\nStopping: the sessions under way are abandoned cleanly ({again} to force).", err=True)
-                # SIGTERM is what `timeout`, systemd and a SLURM time limit send before SIGKILL.
-                previous_handler = (signal.signal(signal.SIGINT, on_sigint), signal.signal(signal.SIGTERM, on_sigint))
+                # SIGTERM is what `timeout`, systemd and a SLURM time limit send before SIGKILL;
+                # SIGHUP what an SSH session that dropped sends.
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    previous_handlers[signum] = signal.signal(signum, on_stop)
             reporter = Reporter(len(todo))
             try:
                 options = ApplyOptions(
@@ -697,9 +713,8 @@ def run_apply(
                                     on_event=reporter, cancel=cancel)
             finally:
                 reporter.close()
-                if previous_handler is not None:
-                    signal.signal(signal.SIGINT, previous_handler[0])
-                    signal.signal(signal.SIGTERM, previous_handler[1])
+                for signum, handler in previous_handlers.items():
+                    signal.signal(signum, handler)
             try:
                 append_history(root, plan, report)
             except OSError as exc:  # a full disk: the summary below still says what was done

@@ -6,13 +6,19 @@ for a guessed duration.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
+import select
 import signal
+import subprocess
+import sys
+import termios
 import threading
 import time
 
 import pytest
-from relworld import served_world, snapshot, start_xnat2bids, xnat2bids
+from relworld import cli_env, served_world, snapshot, start_xnat2bids, xnat2bids
 
 from reconcile.emulator import Fault
 from reconcile.lock import read_lock
@@ -58,6 +64,47 @@ def test_a_signal_during_download_stops_cleanly_releases_the_lock_and_a_rerun_co
         rerun = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
         assert "1 done, 0 failed" in rerun.stdout
+
+
+def test_a_terminal_that_hangs_up_stops_apply_cleanly(tmp_path):
+    # An SSH session that drops hangs up apply's terminal: SIGHUP, then every write to it fails.
+    with served_world() as world:
+        slow = world.app.faults.add(Fault(route=FILE_GET, kind="latency", seconds=1.5))
+        root = tmp_path / "bids"
+        master, terminal = os.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reconcile", "apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1"],
+            cwd=tmp_path, env=cli_env(world.url), stdin=terminal, stdout=terminal, stderr=terminal,
+            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
+        os.close(terminal)
+        shown, stop_reading = bytearray(), threading.Event()
+
+        def read_terminal():  # as a terminal would: a progress bar must never block on a full one
+            while not stop_reading.is_set():
+                if select.select([master], [], [], 0.05)[0]:
+                    try:
+                        shown.extend(os.read(master, 65536))
+                    except OSError:
+                        return
+
+        reader = threading.Thread(target=read_terminal)
+        reader.start()
+        try:
+            wait_for(lambda: slow.seen >= 1, "the first file download")
+        finally:
+            stop_reading.set()
+            reader.join()
+        os.close(master)  # the hangup: the kernel sends SIGHUP to the terminal's session
+        assert proc.wait(timeout=60) == 1, shown.decode(errors="replace")
+        assert not state_lock_path(root).exists()
+        assert read_lock(root) is None and not list(root.glob("sub-*"))
+        history = xnat2bids("history", str(root), url=world.url, cwd=tmp_path)
+        assert "(cancelled): 0 done, 0 failed, 1 skipped" in history.stdout, history.stdout + history.stderr
+        world.app.faults.clear()
+        rerun = xnat2bids("apply", str(root), "-p", "PROJ", "--yes", url=world.url, cwd=tmp_path)
+        assert rerun.returncode == 0 and "1 done, 0 failed" in rerun.stdout, rerun.stdout + rerun.stderr
+        assert "taking over" not in rerun.stderr
 
 
 def test_a_second_ctrl_c_forces_the_stop_of_a_download_that_does_not_end(tmp_path):
