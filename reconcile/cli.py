@@ -182,14 +182,15 @@ def run_plan(
     detailed_exitcode: bool = False,
     reconvert_outdated: bool = False,
     full: bool = False,
-    apply_options: str = "",
+    config_option: str = "",
+    insecure: bool = False,
 ) -> int:
-    """`apply_options`: what `apply --plan` needs besides the plan file (the config file given)."""
+    """`config_option` (`-c FILE`, the config file given) and `insecure`: what `apply --plan` needs
+    besides the plan file; forget, which asks nothing of XNAT, the config alone."""
     from reconcile.observe import make_plan
     from reconcile.render import render_json, render_text
 
     run = make_plan(client, root, config, selection, deep=deep, reconvert_outdated=reconvert_outdated, full=full)
-    config_option = apply_options.replace(" --insecure", "")  # forget asks nothing of XNAT
     plan = _forget_here(run.plan, f" {shlex.quote(str(root))}{config_option}")
     _say_if_busy(root)
     unconfigured = _no_config_but_lock_had_one(config, run.lock, root)
@@ -212,6 +213,7 @@ def run_plan(
         if run.recovering:
             echo(f"The next apply settles {_count(run.recovering, 'interrupted commit')} first (see the notes).")
         if out is not None:
+            apply_options = config_option + (" --insecure" if insecure else "")
             echo(f"\nSaved plan to {out}; run `xnat2bids apply --plan {shlex.quote(str(out))}{apply_options}` "
                  "to carry it out.")
             if plan.problems:  # as apply without a saved plan: the rest goes ahead, each problem stays one
@@ -464,12 +466,12 @@ def plan(
     if given is None and os.environ.get(ENV_CONFIG):  # another shell may not have it set
         given = Path(os.environ[ENV_CONFIG])
     # The plan applies only with the config and XNAT it was made with: the hint names them.
-    apply_options = (f" -c {shlex.quote(str(given))}" if given is not None else "") + (" --insecure" if insecure else "")
+    config_option = f" -c {shlex.quote(str(given))}" if given is not None else ""
 
     def run(where: Path, sel: Selection) -> int:
         return run_plan(client, where, cfg, sel, deep=deep, as_json=as_json, out=out,
                         detailed_exitcode=detailed_exitcode, reconvert_outdated=reconvert_outdated, full=full,
-                        apply_options=apply_options)
+                        config_option=config_option, insecure=insecure)
 
     with connect(cfg) as client:
         code = run(root, selection) if one else for_each_study(cfg, root, selection, run)

@@ -82,8 +82,11 @@ def test_deleted_session_is_orphan_and_removed_file_is_drift(cli, emulator, tmp_
     assert (root / "sub-SUBJ01/ses-SUBJ01MR1/anat/t1.nii.gz").exists()  # orphans are never deleted
     # The advice names the root planned (run bare, forget would look in the default root) and the config.
     config = write_config(tmp_path, "")
-    code, out, _ = cli("plan", str(root), "-p", "PROJ", "-c", str(config))
+    saved = tmp_path / "plan.json"
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "-c", str(config), "--insecure", "--out", str(saved))
     assert f"`xnat2bids forget {exps[0].id} {root} -c {config}` drops one from the lock" in out
+    # apply --plan talks to XNAT as the plan did; forget asks nothing of it
+    assert f"run `xnat2bids apply --plan {saved} -c {config} --insecure` to carry it out" in out
     code, out, err = cli("forget", exps[0].id, str(root), "-c", str(config), "--yes")
     assert code == 0 and exps[0].id not in read_lock(root).sessions, out + err
 
