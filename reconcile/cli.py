@@ -601,10 +601,9 @@ def run_apply(
     With the SLURM executor the sessions are submitted instead (see `run_slurm_apply`).
     """
     from reconcile import statelock
-    from reconcile.apply import ApplyOptions, append_history, apply_plan, recover
+    from reconcile.apply import ApplyOptions, append_history, apply_plan
     from reconcile.observe import tool_versions
     from reconcile.progress import Reporter
-    from reconcile.render import render_text
 
     if root.exists() and not root.is_dir():
         raise ConfigError(f"BIDS root {root} exists but is not a directory")
@@ -649,25 +648,13 @@ def run_apply(
                               hint="`xnat2bids plan` previews a local apply")
         _settle_slurm_batch(root, warn)
         with statelock.held(root, "apply", warn=warn):
-            for exp_id in recover(root, warn=warn):
-                echo(f"recovered the interrupted commit of {exp_id}")
-            _retry_token_revocations(root, client, warn)
-            plan = _load_or_make_plan(client, root, cfg, selection, saved=saved, deep=deep,
-                                      reconvert_outdated=reconvert_outdated, full=full)
-            echo(render_text(repairing(plan) if repair_drift else plan))
-            todo = plan.actionable(repair_drift=repair_drift)
-            held = _held_back(plan, todo)
+            plan, todo, held = _recover_and_plan(client, root, cfg, selection, saved=saved, deep=deep,
+                                                 reconvert_outdated=reconvert_outdated, full=full,
+                                                 repair_drift=repair_drift, warn=warn)
             untouched = _left_alone(plan, todo, held)
-            if todo:
-                _refuse_whitespace(root)
             if not todo:
-                echo(f"Nothing to apply.{untouched}")
-                if git_commit:  # what recovery completed, or a run killed before its commit, is committed still
-                    from reconcile.apply import ApplyReport
-
-                    _git_commit(root, ApplyReport(), say_none=False)
-                _say_held_back(held)
-                return EXIT_ERROR if plan.problems or held else EXIT_OK
+                return _nothing_to_apply(root, plan, held, untouched, git_commit=git_commit)
+            _refuse_whitespace(root)
             if not yes:
                 if not stdin_is_terminal():
                     raise ConfigError("apply needs confirmation; without a terminal pass --yes")
@@ -907,6 +894,37 @@ def _left_alone(plan: Plan, todo: tuple[Change, ...], held: tuple[Change, ...]) 
     return f" Left as they are: {', '.join(parts)} (see {see})." if parts else ""
 
 
+def _recover_and_plan(
+    client, root: Path, cfg: Config, selection: Selection, *, saved: _SavedPlan | None, deep: bool,
+    reconvert_outdated: bool, full: bool, repair_drift: bool, warn: Callable[[str], None] | None,
+) -> tuple[Plan, tuple[Change, ...], tuple[Change, ...]]:
+    """What both executors do first under the state lock: settle interrupted commits and token
+    revocations (not without the lock: `warn` None), then plan and show it.
+    Returns (plan, the changes to carry out, the updates held back)."""
+    from reconcile.apply import recover
+    from reconcile.render import render_text
+
+    if warn is not None:
+        for exp_id in recover(root, warn=warn):
+            echo(f"recovered the interrupted commit of {exp_id}")
+        _retry_token_revocations(root, client, warn)
+    plan = _load_or_make_plan(client, root, cfg, selection, saved=saved, deep=deep,
+                              reconvert_outdated=reconvert_outdated, full=full)
+    echo(render_text(repairing(plan) if repair_drift else plan))
+    todo = plan.actionable(repair_drift=repair_drift)
+    return plan, todo, _held_back(plan, todo)
+
+
+def _nothing_to_apply(root: Path, plan: Plan, held: tuple[Change, ...], untouched: str, *, git_commit: bool) -> int:
+    echo(f"Nothing to apply.{untouched}")
+    if git_commit:  # what recovery completed, or a run killed before its commit, is committed still
+        from reconcile.apply import ApplyReport
+
+        _git_commit(root, ApplyReport(), say_none=False)
+    _say_held_back(held)
+    return EXIT_ERROR if plan.problems or held else EXIT_OK
+
+
 def _load_or_make_plan(
     client, root: Path, cfg: Config, selection: Selection, *, saved: _SavedPlan | None, deep: bool,
     reconvert_outdated: bool, full: bool,
@@ -1030,9 +1048,8 @@ def run_slurm_apply(
     from dataclasses import replace
 
     from reconcile import statelock
-    from reconcile.apply import recover
     from reconcile.executors import slurm as sx
-    from reconcile.render import render_json, render_text
+    from reconcile.render import render_json
 
     warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
     if not dry_run:
@@ -1041,23 +1058,12 @@ def run_slurm_apply(
     submitted = False
     batch = None
     try:
-        if holder is not None:
-            for exp_id in recover(root, warn=warn):
-                echo(f"recovered the interrupted commit of {exp_id}")
-            _retry_token_revocations(root, client, warn)
-        plan = _load_or_make_plan(client, root, cfg, selection, saved=saved, deep=deep,
-                                  reconvert_outdated=reconvert_outdated, full=full)
-        echo(render_text(repairing(plan) if repair_drift else plan))
-        todo = plan.actionable(repair_drift=repair_drift)
-        held = _held_back(plan, todo)
+        plan, todo, held = _recover_and_plan(client, root, cfg, selection, saved=saved, deep=deep,
+                                             reconvert_outdated=reconvert_outdated, full=full,
+                                             repair_drift=repair_drift, warn=warn if holder else None)
         if not todo:
-            echo("Nothing to apply.")
-            if git_commit and not dry_run:  # what recovery completed is committed still, as a local apply does
-                from reconcile.apply import ApplyReport
-
-                _git_commit(root, ApplyReport(), say_none=False)
-            _say_held_back(held)
-            return EXIT_ERROR if plan.problems or held else EXIT_OK
+            return _nothing_to_apply(root, plan, held, _left_alone(plan, todo, held),
+                                     git_commit=git_commit and not dry_run)
         _refuse_whitespace(root)
         if not yes and not dry_run:
             if not stdin_is_terminal():

@@ -395,8 +395,9 @@ def test_drift_is_repaired_only_when_asked(cli, emulator, tmp_path):
     lost = next((root / "sub-01/ses-01MR1/anat").glob("*.nii.gz"))
     original = lost.read_bytes()
     lost.unlink()
-    code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes")
-    assert code == 0 and "Nothing to apply. Left as they are: 1 drifted (see the plan's notes)." in out
+    for executor in ("local", "slurm"):  # with nothing to submit, no cluster is asked
+        code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", executor)
+        assert code == 0 and "Nothing to apply. Left as they are: 1 drifted (see the plan's notes)." in out, executor
     assert not lost.exists()
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--repair-drift")
     assert code == 0, out + err
