@@ -44,17 +44,18 @@ def run_demo(workdir: Path | None, echo: Callable[[str], None]) -> int:
     from reconcile.plan import Selection
     from reconcile.xnat import XnatClient
 
-    if workdir is not None and (Path(workdir) / "bids").exists():
+    base = Path(workdir).absolute() if workdir else Path(tempfile.mkdtemp(prefix="xnat2bids-demo-"))
+    root = base / "bids"
+    if root.exists():
         # Each demo starts its own XNAT, whose sessions are new: a dataset of an earlier demo
         # would see them all as re-archived, and the demo's story would not be told.
-        raise ConfigError(f"{Path(workdir) / 'bids'} exists (an earlier demo?)",
+        raise ConfigError(f"{root} exists (an earlier demo?)",
                           hint="give the demo a --workdir of its own, or none for a temporary one")
+    base.mkdir(parents=True, exist_ok=True)  # asked for by name: made, not refused halfway by apply
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log lines in the demo
     archive = Archive(site="DEMO")
     archive.add_user(DEMO_USER, DEMO_PASSWORD)
     populate(archive)
-    base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="xnat2bids-demo-"))
-    root = base / "bids"
     with serve_in_thread(EmulatorApp(archive)) as url:
         config = parse_config({"xnat_url": url, "projects": [DEMO_PROJECT], "naming": {"session_label": "strip-subject"}})
         creds = Credentials(user=DEMO_USER, password=DEMO_PASSWORD, source="demo")

@@ -12,10 +12,13 @@ from reconcile.lock import read_lock
 def test_demo_runs_plan_apply_redate_plan_apply_check(tmp_path, capsys, monkeypatch):
     for var in ("XNAT_HOST", "XNAT_USER", "XNAT_PASS"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path.parent)
+    tmp_path.rmdir()  # --workdir named but not there yet, and relative: made, and shown whole
     with pytest.raises(SystemExit) as exc:
-        main(["demo", "--workdir", str(tmp_path)])
+        main(["demo", "--workdir", tmp_path.name])
     out = capsys.readouterr().out
     assert exc.value.code == 0, out
+    assert f"BIDS root: {tmp_path / 'bids'}\n" in out
     assert "Plan: 3 to create" in out
     assert "~ update  sub-002/ses-MR1  DEMO/DEMO_E00002  date 2024-01-11 → 2024-02-01 (re-dated in XNAT)" in out
     assert "OK: lock serial 4, 3 sessions" in out
