@@ -70,12 +70,11 @@ from reconcile.model import (
     format_timestamp,
     utc_now,
 )
-from reconcile.naming import check_accession_id, check_safe
+from reconcile.naming import check_safe
 from reconcile.plan import Change, Plan, recorded_scans
 from reconcile.plan import edited as plan_edited
 from reconcile.schema import load_schema
-
-WORK_DIR = ".xnat2bids"
+from reconcile.workarea import WORK_DIR, WorkArea, work_path
 
 
 class Status(str, Enum):
@@ -119,60 +118,6 @@ class ApplyReport:
     @property
     def ok(self) -> bool:
         return not self.cancelled and all(o.status is Status.DONE for o in self.outcomes)
-
-
-_safe_id = check_accession_id
-
-
-def work_path(root: Path, *parts: str) -> Path:
-    """`root/.xnat2bids/<parts>`, refused when a symbolic link stands anywhere on the way.
-
-    apply empties staging folders and appends to logs there: through a link it would delete or
-    write files outside the dataset. The root itself may be a link (a dataset on other storage).
-    """
-    path = root
-    for part in (WORK_DIR, *parts):
-        path = path / part
-        if path.is_symlink():
-            raise UnsafePathError(
-                f"{path} is a symbolic link; xnat2bids keeps its work area in real folders",
-                hint="remove the link (apply would otherwise write, and empty folders, where it points)",
-            )
-        if not path.exists():
-            break
-    return root.joinpath(WORK_DIR, *parts)
-
-
-@dataclass(frozen=True)
-class WorkArea:
-    """The BIDS root's hidden work area (same filesystem, so renames are atomic)."""
-
-    root: Path
-
-    @property
-    def base(self) -> Path:
-        return work_path(self.root)
-
-    def staging(self, exp_id: str) -> Path:
-        return work_path(self.root, "staging", _safe_id(exp_id))
-
-    def log(self, exp_id: str) -> Path:
-        return work_path(self.root, "logs", f"{_safe_id(exp_id)}.log")
-
-    def trash(self, exp_id: str, *, dicom: bool = False) -> Path:
-        """Where a commit puts the session folder (or, `dicom`, the kept DICOM) it replaces."""
-        return work_path(self.root, "trash", _safe_id(exp_id) + (".dicom" if dicom else ""))
-
-    def journal(self, exp_id: str) -> Path:
-        return work_path(self.root, "journal", f"{_safe_id(exp_id)}.json")
-
-    def kept(self, exp_id: str) -> Path:
-        """Where a commit keeps the user's edits it would otherwise replace (one folder per commit)."""
-        return work_path(self.root, "replaced", _safe_id(exp_id), utc_now().replace(":", ""))
-
-    @property
-    def history(self) -> Path:
-        return work_path(self.root, "history.jsonl")
 
 
 @dataclass(frozen=True)

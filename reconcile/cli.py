@@ -45,6 +45,7 @@ from reconcile.errors import (
 from reconcile.lock import Lock
 from reconcile.model import printable, utc_now
 from reconcile.plan import Action, Change, Plan, Selection, repairing
+from reconcile.workarea import WORK_DIR
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
@@ -298,7 +299,7 @@ def one_dataset(cfg: Config, root: Path) -> bool:
     folder given directly (it holds a lock or xnat2bids' state, as a SLURM finalize job's does)."""
     from reconcile.lock import lock_path
 
-    return cfg.layout != "pi-study" or lock_path(root).is_file() or (root / ".xnat2bids").is_dir()
+    return cfg.layout != "pi-study" or lock_path(root).is_file() or (root / WORK_DIR).is_dir()
 
 
 def need_one_dataset(cfg: Config, root: Path) -> None:
@@ -509,8 +510,8 @@ def _leave_hung_up_terminal(fds: list[int]) -> None:
 def _own_ignores(root: Path) -> None:
     """The work area's ignore rules, before apply downloads DICOM into it or a batch writes its
     credentials file there."""
-    from reconcile.apply import work_path
     from reconcile.vcs import ensure_own_ignores
+    from reconcile.workarea import work_path
 
     work_path(root).mkdir(exist_ok=True)
     ensure_own_ignores(root)
@@ -607,7 +608,7 @@ def run_apply(
 
     if root.exists() and not root.is_dir():
         raise ConfigError(f"BIDS root {root} exists but is not a directory")
-    if not (root / ".xnat2bids").is_dir():  # nothing to recover or commit: refused before any work
+    if not (root / WORK_DIR).is_dir():  # nothing to recover or commit: refused before any work
         _refuse_whitespace(root)
     if saved is not None:  # a plan for another root must not leave an empty one behind
         from reconcile.apply import check_plan_root
@@ -1651,7 +1652,7 @@ def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
 
         # A first apply stopped or failed before its first commit (a work area, no history of a
         # commit): nothing recorded, nothing amiss. A history of commits without its lock is a lost lock.
-        if not (root / ".xnat2bids").is_dir():
+        if not (root / WORK_DIR).is_dir():
             raise ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")
         try:
             serial = history_serial(root)

@@ -14,8 +14,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from reconcile.durable import temp_folder, write_atomic
+from reconcile.durable import write_atomic
 from reconcile.errors import XnatBidsError
+from reconcile.workarea import temp_folder
 
 __all__ = [
     "BIDS_VERSION",

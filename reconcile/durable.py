@@ -44,26 +44,10 @@ def fsync_tree(top: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
-def temp_folder(root: Path) -> Path | None:
-    """`root/.xnat2bids/tmp`, made if missing: where files of the BIDS tree are written before
-    their rename. What a kill leaves there the next apply's recovery removes; beside the file it
-    would stay in the dataset (and in git). None where a link stands on the way or the folder
-    cannot be made: the temp file then goes beside the file."""
-    work = root / ".xnat2bids"
-    folder = work / "tmp"
-    if work.is_symlink() or folder.is_symlink():
-        return None
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    return folder
-
-
 def write_atomic(path: Path, text: str, *, mode: int = 0o666, temps: Path | None = None) -> None:
     """Replace `path` by `text`: readers see the old file or the new one, whole, and the new one
     survives a power loss (temp file, fsync, rename, fsync the folder). The temp file is made in
-    `temps` (on the same file system; see `temp_folder`), else beside `path`.
+    `temps` (on the same file system; see `workarea.temp_folder`), else beside `path`.
 
     A new file gets `mode` less the umask; an existing file keeps the mode it has.
     """

@@ -15,6 +15,7 @@ from typing import Any
 from reconcile.errors import LockfileError
 from reconcile.lock import Lock, loads_lock, stale_temp_files
 from reconcile.model import SessionRecord
+from reconcile.workarea import WORK_DIR
 
 
 def read_journal(path: Path) -> tuple[dict[str, Any], SessionRecord]:
@@ -80,7 +81,7 @@ def pending_commits(root: Path) -> list[Pending]:
     """The interrupted commits in the work area, each with what recovery will do with it. A commit
     is completed only when every output it records is in place with its recorded size: one whose
     folder was moved away meanwhile must not enter the lock."""
-    journal_dir = root / ".xnat2bids" / "journal"
+    journal_dir = root / WORK_DIR / "journal"
     found = []
     for path in sorted(journal_dir.glob("*.json")) if journal_dir.is_dir() else []:
         try:
@@ -119,14 +120,14 @@ def as_recovered(root: Path, lock: Lock, pending: list[Pending] | None = None
                 lock = lock.without_session(previous)
             lock = lock.with_session(p.record)
         else:  # the old folder, if any, goes back from the trash
-            trash = root / ".xnat2bids" / "trash" / p.exp_id
+            trash = root / WORK_DIR / "trash" / p.exp_id
             # (A dropped commit's own files at the address go aside first.)
             if trash.is_dir() and (p.settle is Settle.ABANDON or not (root / p.record.address.path).exists()):
                 moved[p.record.address.path] = (p.record.address.path, trash)
         notes.append(p.note())
     for temp in stale_temp_files(root):  # the lock itself is whole: replaced by rename
         notes.append(f"{temp.name}: left by an interrupted lock write; the next apply removes it")
-    trash = root / ".xnat2bids" / "trash"
+    trash = root / WORK_DIR / "trash"
     journalled = {p.exp_id for p in pending}
     for leftover in sorted(trash.iterdir()) if trash.is_dir() else []:
         if leftover.name.removesuffix(".dicom") not in journalled:

@@ -37,6 +37,7 @@ from reconcile.plan import (
     note_moved_in,
     refuse_occupied,
 )
+from reconcile.workarea import WORK_DIR
 from reconcile.xnat import CONNECTIONS, XnatClient
 
 
@@ -262,7 +263,7 @@ def _staged_for_nothing(root: Path, plan: Plan) -> str | None:
     """A note naming the downloads an interrupted apply left in the work area for sessions this
     plan does not change (deleted or deselected since): apply reuses one when its session is
     planned again, and nothing else removes them (DICOM: patient data, gigabytes)."""
-    staging = root / ".xnat2bids" / "staging"
+    staging = root / WORK_DIR / "staging"
     try:
         with os.scandir(staging) as entries:
             staged = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
@@ -275,7 +276,7 @@ def _staged_for_nothing(root: Path, plan: Plan) -> str | None:
         if holder is not None and holder.pid != os.getpid():  # an apply or a SLURM batch at work: its own
             return None
     changed = {c.key.experiment_id for c in plan.changes}
-    journals = root / ".xnat2bids" / "journal"
+    journals = root / WORK_DIR / "journal"
     idle = [name for name in staged if name not in changed and not (journals / f"{name}.json").exists()]
     if not idle:
         return None

@@ -48,8 +48,8 @@ def validator() -> str:
 
 def validate(root: Path) -> ValidationResult:
     """Validate the dataset; the validator's JSON report is kept in the work area's logs."""
-    from reconcile.apply import work_path
     from reconcile.durable import write_atomic
+    from reconcile.workarea import work_path
 
     if not (root / "dataset_description.json").exists():  # it would report only what is not there yet
         validator()

@@ -19,6 +19,7 @@ from reconcile.durable import write_atomic
 from reconcile.errors import ConfigError, VcsError, XnatBidsError
 from reconcile.lock import LOCK_NAME, differing_sessions, read_lock
 from reconcile.model import SessionRecord
+from reconcile.workarea import WORK_DIR
 
 if TYPE_CHECKING:
     from reconcile.apply import ApplyReport
@@ -175,7 +176,7 @@ def ensure_own_ignores(root: Path) -> None:
     `git add -A` or `datalad save` must never take in a SLURM batch's credentials file, the
     staging or the logs."""
     for name, text in ((".gitignore", GITIGNORE), (".gitattributes", GITATTRIBUTES)):
-        own = root / ".xnat2bids" / name
+        own = root / WORK_DIR / name
         try:
             if not own.parent.is_dir() or own.parent.is_symlink():
                 continue

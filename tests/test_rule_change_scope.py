@@ -10,9 +10,9 @@ import json
 import pydicom
 from worlds import SMALL, add, write_config
 
-from reconcile.apply import WorkArea
 from reconcile.emulator.dicomgen import DEFAULT_SERIES
 from reconcile.lock import FORMAT_VERSION, read_lock
+from reconcile.workarea import WorkArea
 
 LOCALIZER = DEFAULT_SERIES[0]
 RULES = '[conversion]\nskip = ["*localizer*"]\nbidsmap = { "anat-T1w_acq-memprage" = "anat-T1w_acq-mp" }'

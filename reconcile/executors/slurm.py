@@ -35,7 +35,6 @@ from reconcile.apply import (
     Outcome,
     StagedSession,
     Status,
-    WorkArea,
     append_history,
     commit_session,
     lock_for,
@@ -46,7 +45,6 @@ from reconcile.apply import (
     stage_session,
     staged_outputs,
     told_of,
-    work_path,
 )
 from reconcile.config import Config, ConversionSettings, SlurmSettings, load_config
 from reconcile.credentials import without_secrets
@@ -64,6 +62,7 @@ from reconcile.localscan import sha256_file
 from reconcile.model import RemoteFile, Scan, SessionRecord, utc_now
 from reconcile.plan import Change, Plan, same_time
 from reconcile.validate import ValidationResult
+from reconcile.workarea import WorkArea, work_path
 
 BATCH_FORMAT_VERSION = 1
 RESULT_FORMAT_VERSION = 1

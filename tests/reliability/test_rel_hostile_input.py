@@ -280,8 +280,8 @@ def test_a_link_in_the_work_area_is_refused_and_where_it_points_is_untouched(cli
 
 @pytest.mark.parametrize("exp_id", ["XNAT_E00001\n", "../XNAT_E00001", "..", "XNAT E1", ""])
 def test_an_experiment_id_that_is_not_an_accession_id_names_no_work_folder(tmp_path, exp_id):
-    from reconcile.apply import WorkArea
     from reconcile.errors import UnsafePathError
+    from reconcile.workarea import WorkArea
 
     with pytest.raises(UnsafePathError, match="is not a plain XNAT accession ID"):
         WorkArea(tmp_path).staging(exp_id)

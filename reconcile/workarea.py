@@ -1,0 +1,87 @@
+"""The BIDS root's hidden work area, `.xnat2bids/`: staging, logs, journals, trash, history.
+
+On the dataset's own file system, so a staged session enters the tree by rename.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from reconcile.errors import UnsafePathError
+from reconcile.model import utc_now
+from reconcile.naming import check_accession_id
+
+WORK_DIR = ".xnat2bids"
+
+
+def temp_folder(root: Path) -> Path | None:
+    """`root/.xnat2bids/tmp`, made if missing: where files of the BIDS tree are written before
+    their rename. What a kill leaves there the next apply's recovery removes; beside the file it
+    would stay in the dataset (and in git). None where a link stands on the way or the folder
+    cannot be made: the temp file then goes beside the file."""
+    work = root / WORK_DIR
+    folder = work / "tmp"
+    if work.is_symlink() or folder.is_symlink():
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder
+
+
+_safe_id = check_accession_id  # an XNAT accession ID names its files here
+
+
+def work_path(root: Path, *parts: str) -> Path:
+    """`root/.xnat2bids/<parts>`, refused when a symbolic link stands anywhere on the way.
+
+    apply empties staging folders and appends to logs there: through a link it would delete or
+    write files outside the dataset. The root itself may be a link (a dataset on other storage).
+    """
+    path = root
+    for part in (WORK_DIR, *parts):
+        path = path / part
+        if path.is_symlink():
+            raise UnsafePathError(
+                f"{path} is a symbolic link; xnat2bids keeps its work area in real folders",
+                hint="remove the link (apply would otherwise write, and empty folders, where it points)",
+            )
+        if not path.exists():
+            break
+    return root.joinpath(WORK_DIR, *parts)
+
+
+@dataclass(frozen=True)
+class WorkArea:
+    """The BIDS root's hidden work area (same filesystem, so renames are atomic)."""
+
+    root: Path
+
+    @property
+    def base(self) -> Path:
+        return work_path(self.root)
+
+    def staging(self, exp_id: str) -> Path:
+        return work_path(self.root, "staging", _safe_id(exp_id))
+
+    def log(self, exp_id: str) -> Path:
+        return work_path(self.root, "logs", f"{_safe_id(exp_id)}.log")
+
+    def trash(self, exp_id: str, *, dicom: bool = False) -> Path:
+        """Where a commit puts the session folder (or, `dicom`, the kept DICOM) it replaces."""
+        return work_path(self.root, "trash", _safe_id(exp_id) + (".dicom" if dicom else ""))
+
+    def journal(self, exp_id: str) -> Path:
+        return work_path(self.root, "journal", f"{_safe_id(exp_id)}.json")
+
+    def kept(self, exp_id: str) -> Path:
+        """Where a commit keeps the user's edits it would otherwise replace (one folder per commit)."""
+        return work_path(self.root, "replaced", _safe_id(exp_id), utc_now().replace(":", ""))
+
+    @property
+    def history(self) -> Path:
+        return work_path(self.root, "history.jsonl")
+
+
