@@ -1571,11 +1571,12 @@ def merge_lock(
 
     Set it up once per clone: `git config merge.xnat2bids.driver "$(command -v xnat2bids) merge-lock %O %A %B"`,
     and in the dataset's .gitattributes: `.xnat2bids.lock merge=xnat2bids`. A session both clones
-    changed differently is a conflict: OURS is left as it was and the exit code is 1.
+    changed differently is a conflict (exit 1): the merged lock keeps the other sessions merged
+    and git's "ours" side of each conflicting one.
     """
     from reconcile.durable import write_atomic
     from reconcile.lock import LOCK_NAME, dumps_lock, loads_lock
-    from reconcile.lockmerge import merge_locks
+    from reconcile.lockmerge import Sides, merge_locks
 
     def read(path: Path) -> str:
         try:
@@ -1583,21 +1584,41 @@ def merge_lock(
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}") from exc
 
+    rebasing = _git_rebasing()
+    # In a rebase git's "ours" (%A) is the upstream being rebased onto, "theirs" the commit replayed.
+    sides = Sides("upstream", "in the commit being replayed") if rebasing else Sides()
     ancestor = read(base)
     merged = merge_locks(loads_lock(ancestor, str(base)) if ancestor.strip() else None,
-                         loads_lock(read(ours), str(ours)), loads_lock(read(theirs), str(theirs)))
+                         loads_lock(read(ours), str(ours)), loads_lock(read(theirs), str(theirs)), sides)
+    for conflict in merged.conflicts:
+        echo(f"conflict: {conflict}", err=True)
     if merged.lock is None:
-        for conflict in merged.conflicts:
-            echo(f"conflict: {conflict}", err=True)
         # `ours` is git's temporary copy (.merge_file_XXXX): the user knows the lock by its name.
-        echo(f"xnat2bids merge-lock: {len(merged.conflicts)} conflict(s); the lock ({LOCK_NAME}) is left as this "
-             "clone had it", err=True)
-        echo("hint: keep one clone's side of each session named, for its lock and its folders alike (e.g. "
-             f"`git checkout --ours -- {LOCK_NAME} sub-…` then `git add`), or `git merge --abort`; then "
-             "`xnat2bids plan` shows what is left to export again", err=True)
+        echo(f"xnat2bids merge-lock: the lock ({LOCK_NAME}) is left as it was", err=True)
         raise typer.Exit(EXIT_ERROR)
     write_atomic(ours, dumps_lock(merged.lock))
+    if merged.conflicts:
+        side, abort, go_on = (("the upstream's", "git rebase --abort", "git rebase --continue") if rebasing
+                              else ("this clone's", "git merge --abort", "git commit"))
+        echo(f"xnat2bids merge-lock: {len(merged.conflicts)} conflict(s); the lock ({LOCK_NAME}) holds every "
+             f"session both sides merged, and {side} side of the sessions named", err=True)
+        echo(f"hint: take {side} folders of those sessions too (`git checkout --ours -- sub-…`), then "
+             f"`git add {LOCK_NAME} sub-…` and `{go_on}`; or `{abort}`. Then `xnat2bids plan` shows what "
+             "is left to export again", err=True)
+        raise typer.Exit(EXIT_ERROR)
     echo(f"xnat2bids merge-lock: {_count(len(merged.lock.sessions), 'session')}, serial {merged.lock.serial}", err=True)
+
+
+def _git_rebasing() -> bool:
+    """Whether git, which runs a merge driver at the top of the work tree, is rebasing there."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--git-path", "rebase-merge", "--git-path", "rebase-apply"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and any(Path(line).is_dir() for line in out.stdout.splitlines())
 
 
 def _dataset_of(cfg: Config, root: Path, experiment_id: str) -> Path:

@@ -17,11 +17,25 @@ from reconcile.model import SessionRecord
 
 @dataclass(frozen=True)
 class Merged:
-    lock: Lock | None  # None when there are conflicts
+    """The merged lock, and what conflicts: where both sides recorded a session differently, the
+    lock holds OURS's record of it (git's %A, whose folders `git checkout --ours` restores), so the
+    sessions that did merge are kept whatever the user picks for the rest. `lock` is None only for
+    locks of two datasets."""
+
+    lock: Lock | None
     conflicts: tuple[str, ...] = ()
 
 
-def merge_locks(base: Lock | None, ours: Lock, theirs: Lock) -> Merged:
+@dataclass(frozen=True)
+class Sides:
+    """How messages name git's %A and %B: in a merge, this clone and the other one; in a rebase,
+    the upstream being rebased onto and the commit being replayed."""
+
+    ours: str = "here"
+    theirs: str = "in the other clone"
+
+
+def merge_locks(base: Lock | None, ours: Lock, theirs: Lock, sides: Sides = Sides()) -> Merged:
     """`ours` and `theirs` merged against their common ancestor `base` (None: none, as for two
     clones that each wrote their first lock, of two lineages: the result keeps the smaller one). The
     serial is past both sides', so a plan saved on
@@ -44,12 +58,11 @@ def merge_locks(base: Lock | None, ours: Lock, theirs: Lock) -> Merged:
         elif o == b:
             pick = t
         else:
-            conflicts.append(f"{key}: {_what(b, o)} here, {_what(b, t)} in the other clone")
-            continue
+            conflicts.append(f"{key}: {_what(b, o, t)} {sides.ours}, {_what(b, t, o)} {sides.theirs}")
+            pick = o
         if pick is not None:
             sessions[key] = pick
-    if conflicts:
-        return Merged(None, tuple(conflicts))
+    conflicts += _one_folder_each(sessions, ours, sides)
     if base is None and ours.lineage != theirs.lineage:  # the side whose lineage is kept: either way the same
         fingerprint = (ours if ours.lineage == lineage else theirs).config_fingerprint
     else:
@@ -57,7 +70,27 @@ def merge_locks(base: Lock | None, ours: Lock, theirs: Lock) -> Merged:
         fingerprint = theirs.config_fingerprint if ours.config_fingerprint == base_fingerprint \
             else ours.config_fingerprint
     return Merged(replace(ours, lineage=lineage, serial=max(ours.serial, theirs.serial) + 1, generator=GENERATOR,
-                          config_fingerprint=fingerprint, sessions=sessions))
+                          config_fingerprint=fingerprint, sessions=sessions), tuple(conflicts))
+
+
+def _one_folder_each(sessions: dict[str, SessionRecord], ours: Lock, sides: Sides) -> list[str]:
+    """Two sessions merged to one BIDS folder (the other side exported a session XNAT replaced by
+    another, archived again under a new ID): a lock must not record both. Where one came from
+    ours, the other leaves the merged lock (`sessions` is changed) and is named as a conflict."""
+    by_folder: dict[str, list[str]] = {}
+    for key, record in sessions.items():
+        by_folder.setdefault(record.address.path, []).append(key)
+    conflicts = []
+    for folder, keys in sorted(by_folder.items()):
+        if len(keys) < 2:
+            continue
+        kept = [k for k in keys if ours.sessions.get(k) == sessions[k]] or keys[:1]
+        for key in keys:
+            if key not in kept:
+                del sessions[key]
+                conflicts.append(f"{key}: exported at {folder} {sides.theirs}, where {kept[0]} is recorded "
+                                 f"{sides.ours}; left out of the lock")
+    return conflicts
 
 
 def _same_export(a: SessionRecord, b: SessionRecord) -> bool:
@@ -69,9 +102,17 @@ def _same_export(a: SessionRecord, b: SessionRecord) -> bool:
     return timeless(a) == timeless(b)
 
 
-def _what(base: SessionRecord | None, now: SessionRecord | None) -> str:
+def _what(base: SessionRecord | None, now: SessionRecord | None, other: SessionRecord | None) -> str:
     if now is None:
         return "forgotten"
-    if base is None:
-        return f"exported at {now.address.path} on {now.exported_at}"
-    return f"exported again at {now.address.path} on {now.exported_at}"
+    done = f"exported at {now.address.path}" if base is None else f"exported again at {now.address.path}"
+    differs = _differences(now, other) if other is not None else ""
+    return f"{done} on {now.exported_at}{differs}"
+
+
+def _differences(a: SessionRecord, b: SessionRecord) -> str:
+    """" (date 2024-02-01)": what of `a` the other side recorded otherwise, XNAT's dates by value."""
+    shown = [f"{name} {getattr(a, name)}" for name in ("date", "insert_date", "last_modified")
+             if getattr(a, name) != getattr(b, name)]
+    shown += [name for name in ("scans", "outputs") if getattr(a, name) != getattr(b, name)] if not shown else []
+    return f" ({', '.join(shown)})" if shown else ""

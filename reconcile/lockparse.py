@@ -97,7 +97,7 @@ def _valid_document(text: str, source: str) -> dict[str, Any]:
             line = text.count("\n", 0, conflict.start()) + 1
             raise LockfileError(f"{source}: unresolved git merge conflict (a conflict marker at line {line})",
                                 hint="keep each session whole (its [sessions.ID] table and the [[sessions.ID.…]] "
-                                     "tables after it) from one side or both, the higher serial, delete the marker "
+                                     "tables after it) from one side or both, a serial above both sides', delete the marker "
                                      "lines, then run `xnat2bids check`; `xnat2bids merge-lock --help` sets up git "
                                      "to merge locks session by session from then on") from exc
         if text.startswith("\ufeff"):
