@@ -596,6 +596,7 @@ def run_apply(
     executor: str | None = None,
     dry_run: bool = False,
     wait: bool = False,
+    accept_older_lock: bool = False,
 ) -> int:
     """Plan (or load a saved plan), confirm, apply under the state lock, record history.
 
@@ -643,6 +644,7 @@ def run_apply(
                 cfg, root, selection, client, saved=saved, yes=yes, jobs=jobs, deep=deep,
                 repair_drift=repair_drift, keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
                 reconvert_outdated=reconvert_outdated, full=full, dry_run=dry_run, wait=wait,
+                accept_older_lock=accept_older_lock,
             )
         if dry_run:
             raise ConfigError("--dry-run prints the SLURM job scripts; it needs --executor slurm",
@@ -651,7 +653,8 @@ def run_apply(
         with statelock.held(root, "apply", warn=warn):
             plan, todo, held = _recover_and_plan(client, root, cfg, selection, saved=saved, deep=deep,
                                                  reconvert_outdated=reconvert_outdated, full=full,
-                                                 repair_drift=repair_drift, warn=warn)
+                                                 repair_drift=repair_drift, warn=warn,
+                                                 accept_older_lock=accept_older_lock)
             untouched = _left_alone(plan, todo, held)
             if not todo:
                 return _nothing_to_apply(root, plan, held, untouched, git_commit=git_commit)
@@ -763,6 +766,10 @@ def apply(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="SLURM: print the job scripts and sbatch commands; submit nothing."),
     wait: bool = typer.Option(False, "--wait", help="SLURM: block until the finalize job ends; exit with the batch's status."),
+    accept_older_lock: bool = typer.Option(
+        False, "--accept-older-lock",
+        help="Go on with a lock older than the history (restored from a backup): what it lacks stays unrecorded.",
+    ),
     insecure: bool = InsecureOpt,
 ) -> None:
     """Export and convert what plan reports (create / update), updating the lock per session.
@@ -790,7 +797,7 @@ def apply(
         return run_apply(cfg, where, sel, saved=saved, yes=yes, jobs=jobs, deep=deep, repair_drift=repair_drift,
                          keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
                          reconvert_outdated=reconvert_outdated, full=full, executor=executor, dry_run=dry_run,
-                         wait=wait)
+                         wait=wait, accept_older_lock=accept_older_lock)
 
     if plan_file is not None and cfg.layout == "pi-study":  # a saved plan is one study's
         raise typer.Exit(run(*_one_study(cfg, root, selection, "--plan applies to", by_project=False)))
@@ -898,6 +905,7 @@ def _left_alone(plan: Plan, todo: tuple[Change, ...], held: tuple[Change, ...]) 
 def _recover_and_plan(
     client, root: Path, cfg: Config, selection: Selection, *, saved: _SavedPlan | None, deep: bool,
     reconvert_outdated: bool, full: bool, repair_drift: bool, warn: Callable[[str], None] | None,
+    accept_older_lock: bool = False,
 ) -> tuple[Plan, tuple[Change, ...], tuple[Change, ...]]:
     """What both executors do first under the state lock: settle interrupted commits and token
     revocations (not without the lock: `warn` None), then plan and show it.
@@ -910,7 +918,7 @@ def _recover_and_plan(
             echo(f"recovered the interrupted commit of {exp_id}")
         _retry_token_revocations(root, client, warn)
     plan = _load_or_make_plan(client, root, cfg, selection, saved=saved, deep=deep,
-                              reconvert_outdated=reconvert_outdated, full=full)
+                              reconvert_outdated=reconvert_outdated, full=full, accept_older_lock=accept_older_lock)
     echo(render_text(repairing(plan) if repair_drift else plan))
     todo = plan.actionable(repair_drift=repair_drift)
     return plan, todo, _held_back(plan, todo)
@@ -928,12 +936,22 @@ def _nothing_to_apply(root: Path, plan: Plan, held: tuple[Change, ...], untouche
 
 def _load_or_make_plan(
     client, root: Path, cfg: Config, selection: Selection, *, saved: _SavedPlan | None, deep: bool,
-    reconvert_outdated: bool, full: bool,
+    reconvert_outdated: bool, full: bool, accept_older_lock: bool = False,
 ):
-    """A saved plan (checked against the lock) or a fresh one."""
+    """A saved plan (checked against the lock) or a fresh one; refused over a lock older than the
+    history unless `accept_older_lock`."""
     from reconcile.apply import check_plan_fresh
-    from reconcile.observe import make_plan
+    from reconcile.observe import lost_lock, make_plan
     from reconcile.render import plan_from_dict
+
+    def refuse_older(lock: Lock) -> None:
+        # Applied, it would commit (and with --git-commit, share) a lock without what was exported
+        # since, under serials the history has used already.
+        lost = None if accept_older_lock else lost_lock(root, lock)
+        if lost is not None:
+            raise LockfileError(f"apply refused: {lost}", hint="`git log -- .xnat2bids.lock` or the backups may "
+                                "hold it; --accept-older-lock goes on with this lock (what it lacks stays unrecorded, "
+                                "and plan names the folders of it)")
 
     if saved is None:
         run = make_plan(client, root, cfg, selection, deep=deep, reconvert_outdated=reconvert_outdated, full=full)
@@ -941,10 +959,13 @@ def _load_or_make_plan(
         if unconfigured:
             # Unattended (cron, --update), this would rename or re-convert every session.
             raise ConfigError(unconfigured, hint="pass --config FILE (or set $XNAT2BIDS_CONFIG) with the lab's config; an empty file goes back to the defaults")
+        refuse_older(run.lock)
         return run.plan
     from reconcile.lock import read_lock
 
-    plan, header = plan_from_dict(saved.data, str(saved.path), read_lock(root))
+    lock = read_lock(root)
+    refuse_older(lock or Lock.new())
+    plan, header = plan_from_dict(saved.data, str(saved.path), lock)
     check_plan_fresh(plan, root, cfg, planned_root=header["bids_root"], planned_config=header.get("config_fingerprint"),
                      planned_url=header.get("xnat_url"), url=client.url, planned_changes=header["changes"])
     return plan
@@ -1038,6 +1059,7 @@ def run_slurm_apply(
     full: bool = False,
     dry_run: bool = False,
     wait: bool = False,
+    accept_older_lock: bool = False,
 ) -> int:
     """Plan, confirm, then submit the sessions as one job array plus a finalize job.
 
@@ -1061,7 +1083,8 @@ def run_slurm_apply(
     try:
         plan, todo, held = _recover_and_plan(client, root, cfg, selection, saved=saved, deep=deep,
                                              reconvert_outdated=reconvert_outdated, full=full,
-                                             repair_drift=repair_drift, warn=warn if holder else None)
+                                             repair_drift=repair_drift, warn=warn if holder else None,
+                                             accept_older_lock=accept_older_lock or dry_run)
         if not todo:
             return _nothing_to_apply(root, plan, held, _left_alone(plan, todo, held),
                                      git_commit=git_commit and not dry_run)

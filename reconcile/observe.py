@@ -225,7 +225,7 @@ def make_plan(
         idle = _staged_for_nothing(root, plan)
         if idle:
             plan = replace(plan, notes=(*plan.notes, idle))
-        lost = _lost_lock(root, lock)
+        lost = lost_lock(root, lock)
         if lost:
             plan = replace(plan, notes=(lost, *plan.notes))
         if not root.exists() and plan.changes:
@@ -236,7 +236,7 @@ def make_plan(
     return PlanRun(root, lock, plan, len(interrupted))
 
 
-def _lost_lock(root: Path, lock: Lock) -> str | None:
+def lost_lock(root: Path, lock: Lock) -> str | None:
     """A note when the root has no lock, or an older one (restored from a backup), while its
     history tells of later commits: the folders plan then finds in the way are the lock's, not
     foreign ones to move out."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import requests
-from worlds import SMALL, add, add_sessions, exported_root, write_config
+from worlds import SMALL, add, add_sessions, exported_root, redate, write_config
 
 from reconcile.config import Config, load_config
 from reconcile.lock import lock_path, read_lock, write_lock
@@ -579,6 +579,9 @@ def test_check_of_a_root_whose_lock_was_lost_fails(cli, emulator, tmp_path):
     code, out, err = cli("plan", str(root), "-p", "PROJ")  # plan says the same, not only "move the folder out"
     assert f"note: {root} has no .xnat2bids.lock, but its history tells of exports (up to lock serial 1): " \
            "restore the lock (from git or a backup) before applying" in out, out + err
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1 and f"error: apply refused: {root} has no .xnat2bids.lock, but its history" in err, out + err
+    assert not (root / ".xnat2bids.lock").exists()
 
 
 def test_plan_says_when_the_lock_is_older_than_the_history(cli, emulator, tmp_path):
@@ -595,6 +598,16 @@ def test_plan_says_when_the_lock_is_older_than_the_history(cli, emulator, tmp_pa
     code, out, err = cli("plan", str(root), "-p", "PROJ")
     assert ("note: the lock (serial 1) is older than the history, which tells of exports up to serial 2: restored "
             "from an older backup or commit?") in out, out + err
+    # apply (with --git-commit it would share it) refuses a lock without what was exported since
+    redate(emulator, emulator.archive.sessions("PROJ")[0], "2024-02-01")
+    for how in ((), ("--executor", "slurm")):
+        code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", *how)
+        assert code == 1 and "error: apply refused: the lock (serial 1) is older than the history" in err, out + err
+        assert "--accept-older-lock goes on with this lock" in err
+        assert (root / ".xnat2bids.lock").read_bytes() == backup
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--accept-older-lock")
+    assert code == 1 and "sub-02/ses-02MR1 exists but the lock records no session there" in out, out + err
+    assert read_lock(root).sessions[emulator.archive.sessions("PROJ")[0].id].date == "2024-02-01"
 
 
 def test_plan_out_dev_stdout_appends_to_a_log_the_shell_opened(emulator, tmp_path):
