@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
 from functools import cache
+from typing import TYPE_CHECKING
 
 from reconcile.config import Config, ConversionSettings, NamingSettings, select
 from reconcile.errors import UnsafePathError
@@ -33,6 +34,9 @@ from reconcile.model import (
     parse_timestamp,
 )
 from reconcile.naming import address_for, check_accession_id
+
+if TYPE_CHECKING:
+    from packaging.version import Version
 
 CONVERTER_TOOLS = ("heudiconv", "dcm2niix")
 # Image sessions are what gets converted; subject assessors such as QC or FreeSurfer runs are not.
@@ -363,12 +367,29 @@ def _conversion_lookup(config: Config) -> Callable[[str, str, str], _Conversion]
 
 def older(recorded: str | None, installed: str) -> bool:
     """Whether a session converted with tool version `recorded` (None: not recorded) is outdated
-    by `installed`: numbers compared as numbers ("v1.0.20240202", "1.5.1"). A newer recorded
-    version (a colleague's install on a shared root) is not."""
-    return recorded is None or _version_key(recorded) < _version_key(installed)
+    by `installed`: in PEP 440's order where both follow it ("1.4.0rc1" < "1.4.0", "v1.0.20240202"),
+    else numbers compared as numbers. A newer recorded version (a colleague's install on a shared
+    root) is not."""
+    if recorded is None:
+        return True
+    a, b = _pep440(recorded), _pep440(installed)
+    if a is not None and b is not None:
+        return a < b
+    return _version_key(recorded) < _version_key(installed)
 
 
 @cache  # a handful of distinct versions, asked about for every unchanged session
+def _pep440(version: str) -> Version | None:
+    # packaging takes 20 ms to import: paid only where versions are compared.
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version)
+    except InvalidVersion:
+        return None
+
+
+@cache
 def _version_key(version: str) -> tuple[tuple[str | int, ...], ...]:
     return tuple(natural_key(p) for p in re.findall(r"\d+|[^\d.\-_+]+", version))
 

@@ -614,6 +614,9 @@ def test_a_session_converted_with_newer_tools_is_not_outdated():  # a colleague'
 @pytest.mark.parametrize("recorded, installed, outdated", [
     ("1.4.0", "1.5.1", True), ("1.10.0", "1.5.1", False), ("1.5.1", "1.5.1", False), (None, "1.5.1", True),
     ("v1.0.20240202", "v1.0.20250506", True), ("v1.0.20250506", "v1.0.20240202", False), ("1.5.1", "1.5.1.post1", True),
+    # PEP 440: a pre-release or development release comes before its release
+    ("1.4.0rc1", "1.4.0", True), ("1.4.0", "1.4.0rc1", False), ("1.3.2.dev5", "1.3.2", True), ("1.3.2b1", "1.3.2rc1", True),
+    ("v1.0.20240202_custom", "v1.0.20250506", True),  # not PEP 440: numbers as numbers
 ])
 def test_tool_versions_compare_as_numbers(recorded, installed, outdated):
     assert older(recorded, installed) is outdated
