@@ -942,8 +942,8 @@ def _handover_problem(exp: Experiment, address: BidsAddress, leaving: SessionRec
     the same run would give this subject the other's row."""
     if swap:
         hint = (f'the subjects swap labels: map one to a temporary label in [naming.subjects] (e.g. '
-                f'"{leaving.subject_label}" = "{leaving.subject_label}tmp"), apply, then remove it and '
-                "apply again")
+                f'"{leaving.subject_label}" = "{leaving.subject_label}tmp") and apply twice (a label is '
+                "taken only in the run after it was left), then remove the mapping and apply once more")
     else:
         hint = (f"apply moves {leaving.subject_label}'s sessions out of sub-{address.subject} first; "
                 "apply again afterwards for this one")

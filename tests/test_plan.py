@@ -203,9 +203,28 @@ def test_a_subject_label_handed_on_in_one_run_waits_for_the_subject_leaving_it()
     assert not swap.changes and len(swap.problems) == 2
     assert all(p.hint.startswith("the subjects swap labels: map one to a temporary label in [naming.subjects]")
                for p in swap.problems)
-    way_out = plan_of(lock, swapped, config=parse_config({"naming": {"subjects": {"SUBJ02": "SUBJ02tmp"}}}))
+    assert "and apply twice (a label is taken only in the run after it was left), then remove the mapping and " \
+           "apply once more" in swap.problems[0].hint
+    # The hint to the letter: three applies.
+    mapped = parse_config({"naming": {"subjects": {"SUBJ02": "SUBJ02tmp"}}})
+    way_out = plan_of(lock, swapped, config=mapped)
     assert [(c.key.experiment_id, c.address.subject) for c in way_out.changes] == [(e1.id, "SUBJ02tmp")]
     assert [p.experiment_id for p in way_out.problems] == [e2.id]  # the next run takes sub-SUBJ01
+
+    def applied(lock, change, config):
+        now = next(e for e in swapped if e.id == change.key.experiment_id)
+        return lock.with_session(record(now, config=config, bids_subject=change.address.subject,
+                                        bids_session=change.address.session))
+
+    after = applied(lock, way_out.changes[0], mapped)
+    second = plan_of(after, swapped, config=mapped)
+    assert [(c.key.experiment_id, c.address.subject) for c in second.changes] == [(e2.id, "SUBJ01")]
+    assert not second.problems
+    after = applied(after, second.changes[0], mapped)
+    third = plan_of(after, swapped)
+    assert [(c.key.experiment_id, c.address.subject) for c in third.changes] == [(e1.id, "SUBJ02")]
+    assert not third.problems
+    assert not plan_of(applied(after, third.changes[0], CONFIG), swapped).changes
     # Another XNAT subject that stays at the label (a merge the config asked for) does not wait.
     stays = [replace(e1, subject_label="SUBJ02", last_modified=later), e2]
     change = only(plan_of(lock, stays), Action.UPDATE)
