@@ -51,6 +51,23 @@ class CheckReport:
         return not self.problems
 
 
+CRLF_NOTE = " (its lines end in CRLF, as git's core.autocrlf writes them)"
+_CRLF_READ_MAX = 1 << 24  # sidecars and tables; an image is never a text file
+
+
+def _crlf_of(path: str, size: int, recorded: int) -> bool:
+    """Whether the file is the recorded one with every LF turned into CRLF (a text file checked out
+    by git with core.autocrlf): the size differs by its number of line ends."""
+    if not recorded < size <= _CRLF_READ_MAX:
+        return False
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_CRLF_READ_MAX + 1)
+    except OSError:
+        return False
+    return data.count(b"\r\n") == size - recorded and b"\n" not in data.replace(b"\r\n", b"")
+
+
 def _named(lock: Lock, exp_id: str) -> str:
     """A session as check's messages name it; its record is decoded only for these."""
     return f"{exp_id} {lock.sessions[exp_id].address}"
@@ -104,7 +121,8 @@ def check_outputs(root: Path, lock: Lock, *, full: bool = False) -> CheckReport:
                 if st is None or not stat.S_ISREG(st.st_mode):
                     problem(CheckCode.MISSING, exp_id, path, f"missing {path}")
                 elif st.st_size != size:
-                    problem(CheckCode.SIZE, exp_id, path, f"size of {path} is {st.st_size}, lock says {size}")
+                    crlf = CRLF_NOTE if _crlf_of(where or base + path, st.st_size, size) else ""
+                    problem(CheckCode.SIZE, exp_id, path, f"size of {path} is {st.st_size}, lock says {size}{crlf}")
                 elif full:
                     to_hash[where or base + path] = (exp_id, path, sha256)
     if to_hash:

@@ -1714,7 +1714,7 @@ def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
 
 def run_check(root: Path, lock: Lock, *, full: bool, as_json: bool = False) -> int:
     """Check the lock's outputs on disk, print the verdict and return the exit code."""
-    from reconcile.check import CheckCode, check_outputs
+    from reconcile.check import CRLF_NOTE, CheckCode, check_outputs
 
     report = check_outputs(root, lock, full=full)
     if as_json:
@@ -1739,6 +1739,9 @@ def run_check(root: Path, lock: Lock, *, full: bool, as_json: bool = False) -> i
     if any(p.code is CheckCode.CONTENT for p in report.problems):
         echo("hint: `xnat2bids plan --full` shows the sessions with other content as drift; "
              "`xnat2bids apply --full --repair-drift` exports them again")
+    if any(p.message.endswith(CRLF_NOTE) for p in report.problems):
+        echo("hint: git changed their line ends on checkout: `git config core.autocrlf false` in this clone, then "
+             "`git rm --cached -r -q . && git reset --hard` checks the files out as committed")
     return EXIT_ERROR
 
 

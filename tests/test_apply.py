@@ -585,6 +585,22 @@ def test_git_commit_takes_in_what_the_lock_records_since_the_last_commit(cli, em
     assert code == 0 and "OK: lock serial 2, 2 sessions" in out, out + err
     code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes", "--git-commit")
     assert code == 0 and "git commit" not in out  # nothing new: no empty commit, no message
+    # A clone whose git turns line ends into CRLF (Windows habits: core.autocrlf): its text outputs
+    # differ in size by their line count, which check says, with the way out.
+    crlf = tmp_path / "crlf"
+    assert git(tmp_path, "clone", "-q", "-c", "core.autocrlf=true", str(root), str(crlf)).returncode == 0
+    code, out, _ = cli("check", str(crlf))
+    sidecar = next(crlf.glob("sub-01/ses-01MR1/anat/*.json")).relative_to(crlf).as_posix()
+    assert code == 1 and f"problem: {exps['01_MR1'].id} sub-01/ses-01MR1: size of {sidecar} is " in out, out
+    assert "(its lines end in CRLF, as git's core.autocrlf writes them)" in out.split(sidecar)[1].splitlines()[0]
+    assert "hint: git changed their line ends on checkout: `git config core.autocrlf false`" in out
+    nifti = [line for line in out.splitlines() if ".nii.gz" in line]
+    assert not nifti, nifti  # binary: left as they were
+    git(crlf, "config", "core.autocrlf", "false")
+    assert git(crlf, "rm", "--cached", "-r", "-q", ".").returncode == 0
+    assert git(crlf, "reset", "--hard", "-q").returncode == 0
+    code, out, _ = cli("check", str(crlf), "--full")
+    assert code == 0, out
 
 
 def test_a_serial_moved_by_a_merge_with_nothing_exported_gets_no_history_entry(cli, emulator, tmp_path):
