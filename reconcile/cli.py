@@ -1186,9 +1186,14 @@ def _wait_for_batch(batch) -> int:
             state = sx.job_state(batch.finalize_job)
         except XnatBidsError:  # SLURM could not be asked: the way out is the same
             state = None
+        see = f"; see {batch.finalize_output}" if batch.finalize_output.exists() else ""
         echo(f"error: the finalize job {batch.finalize_job} ended ({state.state if state else 'state unknown'}) "
-             f"without merging the results; see {batch.finalize_output}", err=True)
-        echo(f"hint: run `xnat2bids finalize {batch.root}` to merge them", err=True)
+             f"without merging the results{see}", err=True)
+        if sx.active_jobs([batch.array_job]):
+            echo(f"hint: the array job {batch.array_job} still runs; once it has ended (`xnat2bids status "
+                 f"{batch.root}`), run `xnat2bids finalize {batch.root}` to merge the results", err=True)
+        else:
+            echo(f"hint: run `xnat2bids finalize {batch.root}` to merge them", err=True)
         return EXIT_ERROR
     s = done["summary"]
     echo(f"Batch {batch.id} finalized: {s.get('done', 0)} done, {s.get('failed', 0)} failed, {s.get('skipped', 0)} skipped; "
@@ -1248,6 +1253,13 @@ def _dataset_status(root: Path, *, as_json: bool) -> int:
             echo(f"No SLURM batch in {root}.")
         _echo_revocations(pending)
         return EXIT_OK
+    if not current.submitted and not current.finalized_path.exists():
+        b = current
+        echo(f"Batch {b.id} of {root}, written {b.created_at} by {b.user}@{b.host}: its submission was interrupted "
+             "before it recorded its jobs, so nothing of it ran; the next `xnat2bids apply` removes it (cancelling "
+             "a job it may have queued) and submits anew")
+        _echo_revocations(pending)
+        return EXIT_OK
     st = sx.batch_status(current, query=shutil.which("scontrol") is not None)
     b = st.batch
     echo(f"Batch {b.id} of {root}, submitted {b.created_at} by {b.user}@{b.host}")
@@ -1260,8 +1272,12 @@ def _dataset_status(root: Path, *, as_json: bool) -> int:
              f"{s.get('skipped', 0)} skipped; lock serial {st.finalized['lock_serial']}")
     elif st.holds_lock and not st.unasked and shutil.which("scontrol") and (st.finalize is None or not st.finalize.active):
         # its finalize job is over (or so long over that SLURM forgot it)
-        echo(f"  not finalized, and its finalize job is over; the batch holds the state lock: merge it with "
-             f"`xnat2bids finalize {root}`")
+        if any(s.state in ("pending", "running") for s in st.sessions):  # the finalize job alone was cancelled
+            echo(f"  not finalized, and its finalize job is over while the array still runs: once the array has "
+                 f"ended, merge it with `xnat2bids finalize {root}`")
+        else:
+            echo(f"  not finalized, and its finalize job is over; the batch holds the state lock: merge it with "
+                 f"`xnat2bids finalize {root}`")
     elif st.holds_lock:
         echo("  not finalized yet; the batch holds the state lock")
     else:
@@ -1345,6 +1361,10 @@ def _finalize_dataset(root: Path, batch_id: str | None) -> int:
             statelock.release(root, holder)  # finalize died between its last write and the release
         echo(f"Batch {batch.id} was already finalized at {done['finished_at']}.")
         return EXIT_OK if done["ok"] else EXIT_ERROR
+    if not batch.submitted:  # merged, it would be marked finalized, and a job it queued held for ever
+        raise SlurmError(f"batch {batch.id} of {root} was never submitted: its submission was interrupted before it "
+                         "recorded its jobs, so nothing of it ran",
+                         hint="`xnat2bids apply` removes it (cancelling a job it may have queued) and submits anew")
     # This is the batch's finalize job only when SLURM says so: an interactive allocation (srun --pty,
     # salloc) has a SLURM_JOB_ID of its own.
     own_job = os.environ.get("SLURM_JOB_ID") if os.environ.get("SLURM_JOB_ID") == batch.finalize_job else None

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from worlds import add, assert_schema, redate, token_valid
 
 from reconcile import statelock
 from reconcile.config import load_config
+from reconcile.emulator import Fault
 from reconcile.executors import slurm as sx
 from reconcile.lock import lock_path, read_lock
 
@@ -266,6 +269,63 @@ def test_cancelled_finalize_is_merged_by_the_next_apply(slurm_cli, emulator, tmp
     assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
     assert statelock.read_holder(root) is None
     assert slurm_cli("check", str(root), "--full")[0] == 0
+
+
+@needs_cluster
+def test_a_submission_killed_after_its_array_was_queued_is_removed_by_apply_not_finalized(
+        slurm_cli, emulator, tmp_path):
+    # The node rebooted (SIGKILL) between the two sbatch calls: the held array is queued, the batch
+    # records no job. finalize must not mark it done (the array would stay held for ever).
+    exps = add(emulator.archive, sessions(2))
+    root = tmp_path / "bids"
+    env = {**os.environ, "XNAT_HOST": emulator.url, "XNAT_USER": "labuser", "XNAT_PASS": SENTINEL,
+           "XNAT2BIDS_FAILPOINT": "slurm-array-queued"}
+    killed = subprocess.run([sys.executable, "-m", "reconcile", "apply", str(root), "-p", "PROJ", "--yes",
+                             "--executor", "slurm"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    batch = current_batch(root)
+    assert not batch.submitted
+
+    def queued() -> str:
+        return subprocess.run(["squeue", "-h", f"--name=xnat2bids-{batch.id}", "-o", "%i"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert queued()  # held, waiting for a release that never comes
+    code, out, _ = slurm_cli("status", str(root))
+    assert "its submission was interrupted before it recorded its jobs, so nothing of it ran; the next " \
+           "`xnat2bids apply` removes it" in out, out
+    code, out, err = slurm_cli("finalize", str(root))
+    assert code == 1 and f"error: batch {batch.id} of {root} was never submitted" in err, out + err
+    assert sx.read_finalized(batch) is None and not (root / ".xnat2bids/history.jsonl").exists()
+
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm")
+    assert code == 0, out + err
+    assert f"Removed SLURM batch {batch.id}, whose submission was interrupted" in out
+    assert not queued()
+    fresh = current_batch(root)
+    assert fresh.id != batch.id and fresh.submitted
+    wait_gone(*fresh.jobs)
+    assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
+
+
+@needs_cluster
+def test_a_finalize_job_cancelled_while_the_array_runs_is_merged_once_the_array_has_ended(
+        slurm_cli, emulator, tmp_path):
+    add(emulator.archive, sessions(1))
+    slow = emulator.app.faults.add(Fault(route=r"/files/[^/]+\.dcm$", kind="latency", seconds=3))
+    root = tmp_path / "bids"
+    batch = submit(slurm_cli, root)
+    subprocess.run(["scancel", batch.finalize_job], check=True)
+    wait_gone(batch.finalize_job)
+    wait_for(lambda: slow.seen >= 1, "the task's first download")
+    code, out, _ = slurm_cli("status", str(root))
+    assert f"its finalize job is over while the array still runs: once the array has ended, merge it with " \
+           f"`xnat2bids finalize {root}`" in out, out  # finalize now would be refused: the array runs
+    wait_gone(batch.array_job)
+    code, out, _ = slurm_cli("status", str(root))
+    assert f"its finalize job is over; the batch holds the state lock: merge it with `xnat2bids finalize {root}`" in out
+    code, out, err = slurm_cli("finalize", str(root))
+    assert code == 0 and "1 done" in out, out + err
 
 
 @needs_cluster

@@ -58,6 +58,7 @@ from reconcile.errors import (
     SlurmError,
     XnatBidsError,
 )
+from reconcile.failpoints import hit
 from reconcile.localscan import sha256_file
 from reconcile.model import RemoteFile, Scan, SessionRecord, utc_now
 from reconcile.plan import Change, Plan, same_time
@@ -183,6 +184,11 @@ class Batch:
     @property
     def finalize_output(self) -> Path:
         return self.logs_dir / "finalize.out"
+
+    @property
+    def submitted(self) -> bool:
+        """Whether the submission recorded its jobs: one killed before (node reboot, SIGKILL) ran nothing."""
+        return self.array_job is not None
 
     @property
     def jobs(self) -> tuple[str, ...]:
@@ -502,6 +508,7 @@ def submit(
     runs at once (every task failing fast) can never release a lock that is then re-created.
     """
     array_id = _sbatch(array.command(), env)
+    hit("slurm-array-queued")
     try:
         finalize_id = _sbatch(finalize.command(dependency=array_id), env)
     except BaseException:  # a refusal, or Ctrl-C meanwhile: the held array must not stay queued for ever
@@ -1108,7 +1115,7 @@ def discard_unsubmitted(root: Path, *, warn: Callable[[str], None] = lambda m: N
     batch is written, so no submission is under way."""
     gone = []
     for batch in list_batches(root):
-        if batch.array_job or batch.finalized_path.exists():
+        if batch.submitted or batch.finalized_path.exists():
             continue
         revoke_job_token(batch, warn=warn)
         if shutil.which("scancel"):  # its controller down, scancel retries for ~20 s: not waited for that long
