@@ -48,7 +48,7 @@ class Credentials:
 
     user: str
     password: str = field(repr=False)
-    source: str  # "netrc" | "env" | "prompt" | "token-file"
+    source: str  # "netrc" | "env" | "prompt" | "token-file" | "batch-token" (one apply issued for a SLURM batch)
     where: str = ""  # the netrc entry or token file they came from, for hints; never a secret
 
     def rejected_hint(self) -> str:
@@ -57,6 +57,9 @@ class Credentials:
             return f"check {ENV_USER}/{ENV_PASS}"
         if self.source == "netrc":
             return f"check {self.where or 'the ~/.netrc entry for this host'}"
+        if self.source == "batch-token":
+            return ("the alias token apply issued for this SLURM batch expired or was revoked; `xnat2bids apply` "
+                    "submits what is left with a new one")
         if self.source == "token-file":
             where = f" in {self.where}" if self.where else ""
             return f"the alias token{where} may have expired or been revoked; issue a new one"

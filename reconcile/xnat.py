@@ -438,8 +438,15 @@ class XnatClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def who(self) -> str:
+        """Who logs in, as messages say it: "user alice", or "an alias token", whose ID is half its
+        secret and must not reach a log or the history."""
+        user = self.credentials.user
+        return "an alias token" if is_alias_token(user) else f"user {user}"
+
     def __repr__(self) -> str:
-        return f"XnatClient(url={self.url!r}, user={self.credentials.user!r})"
+        return f"XnatClient(url={self.url!r}, {self.who})"
 
     def close(self) -> None:
         """End the server-side session (best effort) and release connections."""
@@ -497,9 +504,9 @@ class XnatClient:
             )
         if resp.status_code in (401, 403):
             hint = self.credentials.rejected_hint()
-            if is_alias_token(user) and self.credentials.source != "token-file":
+            if is_alias_token(user) and self.credentials.source not in ("token-file", "batch-token"):
                 hint = f"the alias token may have expired (issue a new one); otherwise {hint}"
-            raise AuthError(f"XNAT rejected the credentials for user {user} at {self.url}", hint=hint)
+            raise AuthError(f"XNAT rejected the credentials for {self.who} at {self.url}", hint=hint)
         if resp.status_code in (404, 405, 501):  # 501: a web server that takes no PUT at all
             raise RemoteError(
                 f"no XNAT login service at {self.url}",
@@ -713,7 +720,7 @@ class XnatClient:
             # The server-side session expired (idle timeout, restart): log in once more.
             self._relogin(generation)
         raise AuthError(
-            f"XNAT rejected the credentials for user {self.credentials.user} at {self.url}",
+            f"XNAT rejected the credentials for {self.who} at {self.url}",
             detail=f"401 for {what or shown_url(url)} even after logging in again",
         )
 
@@ -744,10 +751,10 @@ class XnatClient:
             raise NotFoundError(not_found or f"{what} not found on XNAT at {self.url}", detail=detail)
         if code == 403:
             raise ForbiddenError(
-                forbidden or f"user {self.credentials.user} may not read {what} at {self.url}", detail=detail
+                forbidden or f"{self.who} may not read {what} at {self.url}", detail=detail
             )
         if code == 401:
-            raise AuthError(f"XNAT rejected the credentials for user {self.credentials.user} at {self.url}")
+            raise AuthError(f"XNAT rejected the credentials for {self.who} at {self.url}")
         if 300 <= code < 400 and isinstance(resp, requests.Response):
             where = shown_url(urljoin(resp.url, resp.headers.get("Location", "")))
             raise RemoteError(f"XNAT at {self.url} redirected {what} to {where}; not followed", detail=f"HTTP {code}",
@@ -821,8 +828,8 @@ class XnatClient:
             f"/data/projects/{quote(project, safe='')}/experiments",
             {"columns": ",".join(EXPERIMENT_COLUMNS)},
             what=what,
-            not_found=f"project {project} not found on XNAT or not visible to user {self.credentials.user}",
-            forbidden=f"user {self.credentials.user} may not read the experiments of project {project}",
+            not_found=f"project {project} not found on XNAT or not visible to {self.who}",
+            forbidden=f"{self.who} may not read the experiments of project {project}",
         )
         if malformed is None:
             return [self._experiment(project, i, row) for i, row in enumerate(rows)]
@@ -879,7 +886,7 @@ class XnatClient:
         """Scans of one session with all their files: two requests (scan listing, one file listing)."""
         base = self.experiment_path(exp)
         where = f"session {exp.label} ({exp.id})"
-        not_found = f"{where} of project {exp.project} not found on XNAT or not visible to user {self.credentials.user}"
+        not_found = f"{where} of project {exp.project} not found on XNAT or not visible to {self.who}"
         scan_rows = self._result_rows(
             f"{base}/scans", {"columns": ",".join(SCAN_COLUMNS)}, what=f"the scans of {where}", not_found=not_found
         )

@@ -339,6 +339,20 @@ def test_rejected_login_hint_names_where_the_credentials_came_from(
     assert info.value.hint is not None
     assert expected.format(tmp=tmp_path) in info.value.hint and unexpected not in info.value.hint
     assert_no_secret(info.value)
+    if source == "token-file":  # an alias token's ID is half its secret: not in messages (logs, history)
+        assert creds.user not in str(info.value) and "for an alias token at" in info.value.summary
+
+
+def test_a_rejected_slurm_batch_token_points_at_apply_not_at_its_deleted_file(site: Site) -> None:
+    site.server.expect_request("/data/JSESSION", method="GET").respond_with_data("", status=401)
+    alias = "0c0a1b7e-3f1d-4a55-9a0e-2f6b8c9d1e23"
+    with XnatClient(site.url, Credentials(alias, "s3cret-token", "batch-token", "/x/credentials.json"),
+                    backoff=0) as c, pytest.raises(AuthError) as info:
+        c.login()
+    assert info.value.summary == f"XNAT rejected the credentials for an alias token at {site.url}"
+    assert info.value.hint == ("the alias token apply issued for this SLURM batch expired or was revoked; "
+                               "`xnat2bids apply` submits what is left with a new one")
+    assert alias not in str(info.value) + repr(c)
 
 
 def test_expired_session_triggers_one_relogin(site: Site, client: XnatClient) -> None:

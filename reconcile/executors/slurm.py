@@ -723,6 +723,8 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
         config = _config_as_submitted(batch, header.get("config_fingerprint"))
         if client is None:
             creds = resolve_credentials(batch.xnat_url, warn=lambda m: log_line(log_path, f"warning: {m}"))
+            if batch.credentials == "alias-token":  # issued by apply for this batch, not the user's own
+                creds = replace(creds, source="batch-token")
             client = XnatClient(batch.xnat_url, creds, verify=batch.verify_tls, timeout=batch.timeout)
         staged = stage_session(change, root, client, config, tools=tool_versions(),
                                export_method=batch.options.export_method, cancel=cancel)
