@@ -908,9 +908,12 @@ def _recover_and_plan(
     accept_older_lock: bool = False,
 ) -> tuple[Plan, tuple[Change, ...], tuple[Change, ...]]:
     """What both executors do first under the state lock: settle interrupted commits and token
-    revocations (not without the lock: `warn` None), then plan and show it.
+    revocations (not without the lock: `warn` None), then plan and show it, and refuse a plan whose
+    commits would update a dataset file git left conflicted.
     Returns (plan, the changes to carry out, the updates held back)."""
     from reconcile.apply import recover
+    from reconcile.dataset import refuse_unresolved_conflicts
+    from reconcile.plan import subjects_written
     from reconcile.render import render_text
 
     if warn is not None:
@@ -921,6 +924,10 @@ def _recover_and_plan(
                               reconvert_outdated=reconvert_outdated, full=full, accept_older_lock=accept_older_lock)
     echo(render_text(repairing(plan) if repair_drift else plan))
     todo = plan.actionable(repair_drift=repair_drift)
+    if todo:
+        # Before any download: every commit updates participants.tsv, and a session would be
+        # exported, converted and then failed at its commit.
+        refuse_unresolved_conflicts(root, subjects_written(todo))
     return plan, todo, _held_back(plan, todo)
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from reconcile.durable import write_atomic
 from reconcile.errors import XnatBidsError
+from reconcile.lockparse import conflict_marker_line
 from reconcile.workarea import temp_folder
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "BIDSIGNORE_PATTERNS",
     "SESSION_COLUMNS",
     "check_dataset_files",
+    "refuse_unresolved_conflicts",
+    "unresolved_conflicts",
     "ensure_bidsignore",
     "ensure_dataset_description",
     "ensure_participant",
@@ -83,6 +87,57 @@ def check_dataset_files(root: Path, bids_subject: str, *, previous_subject: str 
             _read_json_object(root / sidecar)
     if previous_subject is not None and _sessions_path(root, previous_subject).exists():
         _Tsv.read(_sessions_path(root, previous_subject))
+
+
+def unresolved_conflicts(root: Path, subjects: Iterable[str]) -> list[tuple[Path, int]]:
+    """The dataset files a commit of these subjects' sessions updates that hold git conflict
+    markers (a `git pull` where two clones each added a subject), with the line of the first
+    marker, in path order. Reads only those files, as bytes; anything else wrong with one is the
+    commit's to report."""
+    root = Path(root)
+    paths = [root / name for name in ("dataset_description.json", "participants.tsv", "sessions.json", "scans.json")]
+    paths += sorted({_sessions_path(root, subject) for subject in subjects})
+    found = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError:  # missing (the commit makes it), or unreadable (the commit says so)
+            continue
+        line = conflict_marker_line(data.decode("utf-8", errors="replace"))
+        if line is not None:
+            found.append((path, line))
+    return found
+
+
+def refuse_unresolved_conflicts(root: Path, subjects: Iterable[str]) -> None:
+    """Before apply exports anything: a file its commits update that git left conflicted would
+    fail every session of the run after its download and conversion (and, written to, would turn
+    the marker lines into rows)."""
+    found = unresolved_conflicts(root, subjects)
+    if len(found) == 1:
+        path, line = found[0]
+        raise DatasetFileError(f"{path}: unresolved git merge conflict (a conflict marker at line {line}); "
+                               "nothing was exported", hint=_resolve_hint([path]))
+    if found:
+        raise DatasetFileError(f"{len(found)} dataset files hold unresolved git merge conflicts; nothing was exported",
+                               detail="\n".join(f"{path}: a conflict marker at line {line}" for path, line in found),
+                               hint=_resolve_hint([path for path, _ in found]))
+
+
+def _resolve_hint(paths: list[Path]) -> str:
+    named = " ".join(shlex.quote(str(path)) for path in paths)
+    return (f"finish the merge: keep what both sides hold (in participants.tsv and sessions files, every row), "
+            f"delete the marker lines (<<<<<<<, =======, >>>>>>>), then `git add {named}`; "
+            "xnat2bids writes nothing to a file with conflict markers")
+
+
+def _refuse_conflict(path: Path, text: str) -> None:
+    """A file of the user's as git left it after a merge it could not finish: its marker lines
+    are not rows (or JSON), and writing it back would bury the conflict in the dataset."""
+    line = conflict_marker_line(text)
+    if line is not None:
+        raise DatasetFileError(f"{path}: unresolved git merge conflict (a conflict marker at line {line})",
+                               hint=_resolve_hint([path]))
 
 
 def ensure_dataset_description(root: Path, *, name: str, tools: Mapping[str, str]) -> None:
@@ -168,7 +223,7 @@ def session_acq_time(root: Path, bids_subject: str, bids_session: str, date: str
     path = Path(root) / f"sub-{bids_subject}" / f"ses-{bids_session}" / f"sub-{bids_subject}_ses-{bids_session}_scans.tsv"
     try:
         table = _Tsv.read(path)
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError, DatasetFileError):  # missing, not UTF-8, conflicted: not a time to go by
         table = _Tsv([], [])
     times = []
     if "acq_time" in table.header:
@@ -318,6 +373,7 @@ class _Tsv:
     @classmethod
     def read(cls, path: Path) -> _Tsv:
         text, bom = _read_text(path)
+        _refuse_conflict(path, text)
         newline = "\r\n" if "\r\n" in text else "\n"
         # Only \n ends a row: str.splitlines() would also split a user's cell at \x0b, \x0c, \x1c-\x1e,
         # \x85, \u2028 or \u2029 and write one row back as two.
@@ -412,6 +468,7 @@ def _read_text(path: Path) -> tuple[str, bool]:
 def _read_json_object(path: Path) -> tuple[dict[str, Any], bool]:
     """A JSON object file as (data, had a BOM)."""
     text, bom = _read_text(path)
+    _refuse_conflict(path, text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

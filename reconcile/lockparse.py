@@ -92,9 +92,8 @@ def _valid_document(text: str, source: str) -> dict[str, Any]:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        conflict = _CONFLICT_MARKER.search(text)
-        if conflict:
-            line = text.count("\n", 0, conflict.start()) + 1
+        line = conflict_marker_line(text)
+        if line is not None:
             raise LockfileError(f"{source}: unresolved git merge conflict (a conflict marker at line {line})",
                                 hint="keep each session whole (its [sessions.ID] table and the [[sessions.ID.…]] "
                                      "tables after it) from one side or both, a serial above both sides', delete the marker "
@@ -145,7 +144,15 @@ def _check_ended(header: Mapping[str, Any], tail: bytes, source: str) -> None:
         )
 
 
-_CONFLICT_MARKER = re.compile(r"^(<{7}|={7}|>{7}|\|{7})(?: |$)", re.MULTILINE)
+# What git leaves at the start of a line of a file it could not merge (diff3 style's `|||||||` too;
+# CRLF after `=======` in a file with CRLF lines).
+_CONFLICT_MARKER = re.compile(r"^(<{7}|={7}|>{7}|\|{7})(?: |\r?$)", re.MULTILINE)
+
+
+def conflict_marker_line(text: str) -> int | None:
+    """The line (from 1) of the first git conflict marker in `text`; None when it has none."""
+    conflict = _CONFLICT_MARKER.search(text)
+    return None if conflict is None else text.count("\n", 0, conflict.start()) + 1
 
 _Spans = dict[str, tuple[int, int]]
 # Fewest fragments to parse for a forked child to pay off (`forked`): 0.25-0.4 s of work at

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -228,12 +229,31 @@ def make_plan(
         lost = lost_lock(root, lock)
         if lost:
             plan = replace(plan, notes=(lost, *plan.notes))
+        conflicted = _conflicted(root, plan)
+        if conflicted:
+            plan = replace(plan, notes=(conflicted, *plan.notes))
         if not root.exists() and plan.changes:
             plan = replace(plan, notes=(f"{root} does not exist: apply creates it and exports every session; if "
                                         "the dataset was moved, or its file system is not mounted, stop here",
                                         *plan.notes))
         _promote_survivors()
     return PlanRun(root, lock, plan, len(interrupted))
+
+
+def _conflicted(root: Path, plan: Plan) -> str | None:
+    """A note naming the dataset files apply updates (participants.tsv, the changed subjects'
+    sessions files, the top-level JSON) that a git merge left with conflict markers: apply refuses
+    to start until they are resolved."""
+    from reconcile.dataset import unresolved_conflicts
+    from reconcile.plan import subjects_written
+
+    found = unresolved_conflicts(root, subjects_written(plan.actionable(repair_drift=True)))
+    if not found:
+        return None
+    named = ", ".join(f"{path.relative_to(root)} (line {line})" for path, line in found)
+    files = " ".join(shlex.quote(str(path.relative_to(root))) for path, _ in found)
+    return (f"unresolved git merge conflict markers in {named}: apply exports nothing until they are resolved "
+            f"(keep both sides' rows, delete the marker lines, then `git add {files}`)")
 
 
 def lost_lock(root: Path, lock: Lock) -> str | None:

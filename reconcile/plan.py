@@ -1079,6 +1079,13 @@ def subject_move(change: Change) -> tuple[str, str, str] | None:
     return None
 
 
+def subjects_written(changes: Iterable[Change]) -> set[str]:
+    """The BIDS subjects whose sessions files carrying out `changes` updates: each session's, and
+    the one a session moves away from."""
+    changes = tuple(changes)
+    return {c.address.subject for c in changes} | {c.before.bids_subject for c in changes if c.before is not None}
+
+
 def moves_in(change: Change) -> bool:
     """Whether apply would write `change`'s session into a folder no lock entry holds for it: a
     create, or an update to a new address (a rename). Apply refuses such a folder if it exists."""

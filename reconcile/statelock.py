@@ -408,6 +408,7 @@ def _me(operation: str) -> Holder:
 def acquire(root: Path, operation: str, *, warn: Callable[[str], None] = lambda m: None) -> Holder:
     path = state_lock_path(root)
     me = _me(operation)
+    _exclude_from_git(root)  # before the file exists: a kill right after its creation leaves it excluded
     for _ in range(_ATTEMPTS):
         try:
             made = _create(path, me)
@@ -416,7 +417,6 @@ def acquire(root: Path, operation: str, *, warn: Callable[[str], None] = lambda 
                                 hint="xnat2bids writes its lock files in the BIDS root: it must be writable by this user"
                                 ) from exc
         if made:
-            _exclude_from_git(root)
             return me
         seen = _look(root)
         if seen is None:
@@ -438,23 +438,15 @@ def acquire(root: Path, operation: str, *, warn: Callable[[str], None] = lambda 
 
 
 def _exclude_from_git(root: Path) -> None:
-    """Keep the state lock out of `git add -A` in a dataset that is a git repository: committed
+    """Keep the state lock out of `git add -A` when the root lies in a git work tree: committed
     after a crash and pulled elsewhere, it would hold every clone on other hosts until a
-    force-unlock. `.git/info/exclude` is the repository's own, never shared, list."""
-    if not (root / ".git").is_dir():
-        return
-    exclude = root / ".git" / "info" / "exclude"
-    line = f"/{STATE_LOCK_NAME}"
-    try:
-        text = exclude.read_text(errors="replace") if exclude.exists() else ""
-        if line in text.splitlines():
-            return
-        exclude.parent.mkdir(exist_ok=True)
-        with open(exclude, "a") as fh:
-            fh.write(("\n" if text and not text.endswith("\n") else "")
-                     + f"# xnat2bids' state lock: held while a command runs, never committed\n{line}\n")
-    except OSError:
-        pass  # best effort: --git-commit never commits it anyway
+    force-unlock. The pattern has no slash, so it matches at any depth: a root below the
+    repository's top (several datasets in one repository, the pi-study layout) needs no prefix,
+    which would have to be escaped for git's glob syntax, and the line stays right when the
+    dataset's folder is renamed or moved within the repository."""
+    from reconcile.vcs import exclude_locally
+
+    exclude_locally(root, STATE_LOCK_NAME, "xnat2bids' state lock: held while a command runs, never committed")
 
 
 def _remove_if(root: Path, still: Callable[[_Seen], bool]) -> bool:

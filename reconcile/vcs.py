@@ -1,4 +1,5 @@
-"""Optional git commit of an apply's result (`--git-commit`), for git or DataLad datasets.
+"""Optional git commit of an apply's result (`--git-commit`), for git or DataLad datasets, and
+what keeps xnat2bids' own files out of any commit (`ensure_own_ignores`, `exclude_locally`).
 
 Only what the apply wrote is committed: the lock, the history, the dataset's own files and the
 folders of the subjects it exported. Never the state lock's `.info` file (held while the command
@@ -189,6 +190,36 @@ def ensure_own_ignores(root: Path) -> None:
                     write_atomic(own, had + ("" if had.endswith("\n") else "\n") + "".join(f"{x}\n" for x in missing))
         except OSError:
             pass  # a read-only work area fails apply with its own message
+
+
+def exclude_locally(root: Path, pattern: str, why: str) -> None:
+    """Add `pattern` (after a `# why` line) to the exclude file of the repository whose work tree
+    holds `root`, unless it is there: the repository's own list, never shared, which a `git add -A`
+    or `datalad save` anywhere in the work tree obeys. That file is wherever git keeps it: `.git`
+    may be a file (a clone made with --separate-git-dir, a linked worktree, a submodule, a DataLad
+    subdataset) and `root` a folder below the top (one repository holding several datasets).
+    Patterns there are relative to the top; give one without a slash to match at any depth.
+    Best effort, and no git run where no `.git` stands on the way up (nor GIT_DIR is set)."""
+    here = Path(os.path.realpath(root))  # git looks up from the physical folder
+    if "GIT_DIR" not in os.environ and not any(os.path.lexists(folder / ".git") for folder in (here, *here.parents)):
+        return
+    try:
+        out = _git(root, "rev-parse", "--is-inside-work-tree", "--git-path", "info/exclude")
+    except VcsError:  # no git on PATH
+        return
+    answer = out.stdout.splitlines()
+    if out.returncode != 0 or len(answer) != 2 or answer[0] != "true":  # none, bare, or inside the git folder
+        return
+    exclude = root / answer[1]  # relative to `root`, where git ran
+    try:
+        text = exclude.read_text(errors="replace") if exclude.exists() else ""
+        if pattern in (line.strip() for line in text.splitlines()):
+            return
+        exclude.parent.mkdir(exist_ok=True)
+        with open(exclude, "a") as fh:
+            fh.write(("\n" if text and not text.endswith("\n") else "") + f"# {why}\n{pattern}\n")
+    except OSError:
+        pass
 
 
 def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:

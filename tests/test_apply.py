@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 from worlds import SMALL, add, assert_schema, redate, tree
@@ -770,3 +771,54 @@ def test_an_apply_whose_login_fails_leaves_no_new_root_behind(cli, emulator, tmp
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
     assert code == 1 and "XNAT rejected the credentials" in err, out + err
     assert not root.exists()
+
+
+def test_a_participants_file_git_left_conflicted_is_refused_before_any_export_and_kept(cli, emulator, tmp_path):
+    # Two clones each added a subject; `git pull` merges the lock (the driver) and the history, but
+    # participants.tsv conflicts, as the README says. Its marker lines are not participants.
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11"),
+                           ("03", "03_MR1", "2024-01-12"), ("04", "04_MR1", "2024-01-13")], series=SMALL[:1])
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+
+    def git(where, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(where), "-c", "user.name=t", "-c", "user.email=t@x", *args],
+                              capture_output=True, text=True)
+
+    ours.mkdir()
+    git(ours, "init", "-q", "-b", "main")
+    git(ours, "config", "user.name", "t")
+    git(ours, "config", "user.email", "t@x")
+    assert cli("apply", str(ours), "-p", "PROJ", "--session", "01_MR1", "--yes", "--git-commit")[0] == 0
+    git(tmp_path, "clone", "-q", str(ours), str(theirs))
+    git(theirs, "config", "user.name", "t")
+    git(theirs, "config", "user.email", "t@x")
+    git(theirs, "config", "merge.xnat2bids.driver", f"{sys.executable} -m reconcile merge-lock %O %A %B")
+    (theirs / ".git/info/attributes").write_text(".xnat2bids.lock merge=xnat2bids\n")
+    assert cli("apply", str(ours), "-p", "PROJ", "--session", "02_MR1", "--yes", "--git-commit")[0] == 0
+    code, out, err = cli("apply", str(theirs), "-p", "PROJ", "--session", "03_MR1", "--yes", "--git-commit")
+    assert code == 0, out + err
+    git(theirs, "pull", "-q", "--no-rebase", "origin", "main")
+    unmerged = {line.split("\t")[1] for line in git(theirs, "ls-files", "--unmerged").stdout.splitlines()}
+    assert unmerged == {"participants.tsv"}
+    participants = theirs / "participants.tsv"
+    conflicted = participants.read_bytes()
+    assert b"<<<<<<< HEAD\n" in conflicted
+    lock = (theirs / ".xnat2bids.lock").read_bytes()
+
+    code, out, err = cli("plan", str(theirs), "-p", "PROJ")
+    assert "note: unresolved git merge conflict markers in participants.tsv (line 3): apply exports nothing" in out
+    assert "`git add participants.tsv`" in out
+    code, out, err = cli("apply", str(theirs), "-p", "PROJ", "--yes")
+    assert code == 1, out + err
+    assert f"error: {participants}: unresolved git merge conflict (a conflict marker at line 3); nothing was exported" in err
+    assert "delete the marker lines" in err and f"`git add {participants}`" in err
+    assert participants.read_bytes() == conflicted and (theirs / ".xnat2bids.lock").read_bytes() == lock
+    assert not (theirs / "sub-04").exists() and not list((theirs / ".xnat2bids/staging").glob("*/*"))
+    assert git(theirs, "ls-files", "--unmerged").stdout.strip()  # still git's conflict to see
+
+    # Resolved (both rows kept) and marked so: the next apply adds sub-04.
+    participants.write_text("participant_id\nsub-01\nsub-02\nsub-03\n")
+    git(theirs, "add", "participants.tsv")
+    code, out, err = cli("apply", str(theirs), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    assert participants.read_text() == "participant_id\nsub-01\nsub-02\nsub-03\nsub-04\n"

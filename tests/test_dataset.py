@@ -334,7 +334,36 @@ MALFORMED = {
     "description not an object": ("dataset_description.json", b"[]"),
     "sessions sidecar not JSON": ("sessions.json", b"{,}"),
     "scans sidecar not JSON": ("scans.json", b"{,}"),
+    "participants with conflict markers": ("participants.tsv", b"participant_id\nsub-01\n<<<<<<< HEAD\nsub-03\n"
+                                           b"=======\nsub-02\n>>>>>>> 5be40f1 (xnat2bids apply)\n"),
+    "sessions with conflict markers": ("sub-01/sub-01_sessions.tsv", b"session_id\r\n<<<<<<< ours\r\nses-a\r\n"
+                                       b"=======\r\nses-b\r\n>>>>>>> theirs\r\n"),
+    "description with conflict markers": ("dataset_description.json", b'{\n<<<<<<< HEAD\n  "Name": "A"\n=======\n'
+                                          b'  "Name": "B"\n>>>>>>> theirs\n}\n'),
 }
+
+
+CONFLICTED = ("participant_id\tage\nsub-01\t30\n<<<<<<< HEAD\nsub-03\tn/a\n=======\nsub-02\t41\n"
+              ">>>>>>> 5be40f1 (xnat2bids apply)\n")
+
+
+@pytest.mark.parametrize("write", ["participant", "sessions row", "dropped participant"])
+def test_a_file_with_git_conflict_markers_is_refused_as_unreadable_and_left_as_it_is(tmp_path: Path, write) -> None:
+    # After a `git pull` where both clones added a subject: the marker lines are not participants.
+    path = tmp_path / ("sub-01/sub-01_sessions.tsv" if write == "sessions row" else "participants.tsv")
+    path.parent.mkdir(exist_ok=True)
+    text = CONFLICTED if write != "sessions row" else CONFLICTED.replace("participant_id\tage", "session_id\tage")
+    path.write_text(text)
+    with pytest.raises(DatasetFileError) as raised:
+        if write == "participant":
+            ensure_participant(tmp_path, "04")
+        elif write == "sessions row":
+            _update(tmp_path, "a")
+        else:
+            drop_participant(tmp_path, "01")
+    assert raised.value.summary == f"{path}: unresolved git merge conflict (a conflict marker at line 3)"
+    assert f"`git add {path}`" in raised.value.hint and "delete the marker lines" in raised.value.hint
+    assert path.read_text() == text
 
 
 @pytest.mark.parametrize("name", MALFORMED)

@@ -622,7 +622,58 @@ def test_the_state_lock_stays_out_of_a_git_repositorys_add(tmp_path):
         assert statelock.STATE_LOCK_NAME not in status
         statelock.release(root, holder)
     lines = exclude.read_text().splitlines()
-    assert lines[0] == "*.swp" and lines.count(f"/{statelock.STATE_LOCK_NAME}") == 1
+    assert lines[0] == "*.swp" and lines.count(statelock.STATE_LOCK_NAME) == 1
+
+
+def _git(where: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("layout", ["separate-git-dir", "below-the-top", "worktree", "submodule"])
+def test_the_state_lock_stays_out_of_the_add_of_whatever_repository_holds_the_root(tmp_path, layout):
+    # `.git` a file (a clone with --separate-git-dir, a linked worktree, a submodule, a DataLad
+    # subdataset) or the root a folder below the repository's top (one repository holding several
+    # studies, the pi-study layout's <pi>/study-<study>/bids): the exclude file git reads is elsewhere.
+    top = tmp_path / "repo"
+    if layout == "separate-git-dir":
+        _git(tmp_path, "init", "-q", "--separate-git-dir", str(tmp_path / "git-dir"), str(top))
+        root = top
+    elif layout == "below-the-top":
+        _git(tmp_path, "init", "-q", str(top))
+        root = top / "lab" / "study-[pilot] 1" / "bids"  # glob characters and a space in the prefix
+        root.mkdir(parents=True)
+    elif layout == "worktree":
+        main = tmp_path / "main"
+        _git(tmp_path, "init", "-q", "-b", "main", str(main))
+        _git(main, "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-q", "--allow-empty", "-m", "base")
+        _git(main, "worktree", "add", "-q", str(top))
+        root = top
+    else:  # a submodule below the superproject's top, the root a folder inside it
+        ident = ("-c", "user.name=t", "-c", "user.email=t@x")
+        origin, superproject = tmp_path / "origin", tmp_path / "super"
+        for repository in (origin, superproject):
+            _git(tmp_path, "init", "-q", str(repository))
+            _git(repository, *ident, "commit", "-q", "--allow-empty", "-m", "base")
+        _git(superproject, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(origin), "studies/one")
+        top = superproject / "studies/one"
+        root = top / "bids"
+        root.mkdir()
+    assert (top / ".git").exists() and not (root / ".git").is_dir()
+    for _ in range(2):  # added once
+        holder = statelock.acquire(root, "apply")
+        status = _git(top, "status", "--porcelain", "--untracked-files=all")
+        assert statelock.STATE_LOCK_NAME not in status, status
+        statelock.release(root, holder)
+    exclude = Path(top, _git(root, "rev-parse", "--path-format=absolute", "--git-path", "info/exclude").strip())
+    assert exclude.read_text().splitlines().count(statelock.STATE_LOCK_NAME) == 1
+    assert not (root / ".git").is_dir()  # nothing made where git does not look
+
+
+def test_a_root_in_no_repository_gets_no_exclude_file(tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    statelock.release(root, statelock.acquire(root, "apply"))
+    assert list(root.iterdir()) == []
 
 
 def test_a_root_where_the_lock_cannot_be_written_is_named_not_a_temp_file(tmp_path, monkeypatch):

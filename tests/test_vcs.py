@@ -125,3 +125,22 @@ def test_a_git_index_lock_left_behind_is_said_before_any_work(tmp_path: Path) ->
     with pytest.raises(ConfigError, match="index.lock exists: another git command runs in") as info:
         vcs.check_can_commit(root)
     assert "remove that file" in (info.value.hint or "")
+
+
+def test_a_state_lock_a_killed_apply_left_stays_out_of_git_add_from_a_root_below_the_top(cli, emulator, tmp_path):
+    # One repository for a PI's studies (<pi>/study-<study>/bids): its .git is two levels above the root.
+    from worlds import SMALL, add
+
+    from reconcile.statelock import STATE_LOCK_NAME
+
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    top = repository(tmp_path)
+    root = top / "lab" / "study-pilot" / "bids"
+    root.mkdir(parents=True)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    (root / STATE_LOCK_NAME).write_text('{"id": "0123456789ab", "host": "node7"}')  # as a kill leaves it
+    git(top, "add", "-A")
+    staged = git(top, "diff", "--cached", "--name-only").split()
+    assert "lab/study-pilot/bids/.xnat2bids.lock" in staged
+    assert not [path for path in staged if path.endswith(STATE_LOCK_NAME)], staged
