@@ -52,6 +52,16 @@ def _no_proxy(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _git_identity(monkeypatch):
+    """Commits made by tests (`--git-commit`, merges of two clones) have an author on any machine:
+    a fresh one has no ~/.gitconfig, and git may not guess an address. A test about a missing
+    identity removes these."""
+    for role in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{role}_NAME", "xnat2bids tests")
+        monkeypatch.setenv(f"GIT_{role}_EMAIL", "tests@xnat2bids.invalid")
+
+
+@pytest.fixture(autouse=True)
 def _private_lock_cache(tmp_path_factory, monkeypatch):
     """Lock read caches go to a per-test folder, never the user's ~/.cache."""
     monkeypatch.setenv("XNAT2BIDS_CACHE_DIR", str(tmp_path_factory.mktemp("lock-cache")))
