@@ -192,8 +192,9 @@ def convert_session(
                               hint="a '/' in the scan's SeriesDescription or ProtocolName names a folder; map the "
                                    "scan in [conversion.bidsmap]")
     table = _read_table(staging_root, address, selected)
-    names = _as_converted(names, selected, table, _series_names(staging_root, address))
-    _check_no_dups(outputs, table, selected, renames, address)
+    dicominfo = _dicominfo(staging_root, address)
+    names = _as_converted(names, selected, table, _series_names(dicominfo))
+    _check_no_dups(outputs, table, selected, renames, address, derived=_derived_scans(dicominfo, table))
     _check_bids_names(outputs, selected, address)
     warnings = _unconverted(selected, table, settings.heuristic) + _unread(selected, table)
     if warnings:
@@ -276,19 +277,33 @@ def _read_table(staging_root: Path, address: BidsAddress, scans: Sequence[_ScanD
     return _Table({k: tuple(v) for k, v in names.items()}, scan_ids, frozenset(grouped))
 
 
-def _series_names(staging_root: Path, address: BidsAddress) -> dict[str, tuple[str, str]] | None:
-    """(SeriesDescription, ProtocolName) of each series as heudiconv's heuristic saw it, by
-    heudiconv series ID, from its dicominfo table; None if that cannot be read."""
+def _dicominfo(staging_root: Path, address: BidsAddress) -> list[dict[str, str]] | None:
+    """heudiconv's dicominfo table of the session: one row per series as its heuristic saw it;
+    None if that cannot be read."""
     info = staging_root / ".heudiconv" / address.subject / f"ses-{address.session}" / "info"
     try:
         with open(info / f"dicominfo_ses-{address.session}.tsv", encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
+            return list(csv.DictReader(f, delimiter="\t"))
     except (OSError, ValueError, csv.Error):
         return None
+
+
+def _series_names(rows: list[dict[str, str]] | None) -> dict[str, tuple[str, str]] | None:
+    """(SeriesDescription, ProtocolName) of each series, by heudiconv series ID."""
     try:
-        return {row["series_id"]: (row["series_description"] or "", row["protocol_name"] or "") for row in rows}
+        return None if rows is None else {
+            row["series_id"]: (row["series_description"] or "", row["protocol_name"] or "") for row in rows}
     except KeyError:
         return None
+
+
+def _derived_scans(rows: list[dict[str, str]] | None, table: _Table | None) -> frozenset[str]:
+    """The scans holding a derived series (ImageType DERIVED: a reformat, or a map the scanner
+    computed from another series), which Siemens names after their original's protocol."""
+    if rows is None or table is None:
+        return frozenset()
+    return frozenset(scan_id for row in rows if row.get("is_derived") == "True"
+                     for scan_id in table.scans.get(row.get("series_id", ""), ()))
 
 
 def _as_converted(names: Mapping[str, tuple[str, str]], scans: Sequence[_ScanDir], table: _Table | None,
@@ -311,8 +326,9 @@ def _as_converted(names: Mapping[str, tuple[str, str]], scans: Sequence[_ScanDir
 
 
 def _check_no_dups(outputs: Sequence[str], table: _Table | None, scans: Sequence[_ScanDir],
-                   renames: dict[str, str], address: BidsAddress) -> None:
-    """Refuse ReproIn's `__dup-NN` files: the BIDS validator rejects them (NOT_INCLUDED)."""
+                   renames: dict[str, str], address: BidsAddress, *, derived: frozenset[str] = frozenset()) -> None:
+    """Refuse ReproIn's `__dup-NN` files: the BIDS validator rejects them (NOT_INCLUDED). The way
+    out leaves derived series out where they are among them, else the earlier attempts."""
     dups = [o for o in outputs if DUP_MARK in o.rsplit("/", 1)[-1]]
     if not dups:
         return
@@ -343,16 +359,27 @@ def _check_no_dups(outputs: Sequence[str], table: _Table | None, scans: Sequence
             if description and "_run" not in target:
                 examples.append(f'"{description}" = "{target}_run+"')
     which = f"scans {', '.join(sorted(set(all_scans), key=_natural_key))}" if all_scans else "repeated series"
-    skip = ", ".join(f'"{i}"' for i in sorted(set(earlier), key=_natural_key)) or '"<scan ID>"'
-    example = f", e.g. {'; '.join(examples)}" if examples else ""
+    derivatives = sorted(derived & set(all_scans), key=_natural_key)
+    if derivatives:  # an MPR reformat or an ADC map named after its original: never the original's run
+        quoted = ", ".join(f'"{i}"' for i in derivatives)
+        named = ", ".join(f"{i} {_quoted(by_id[i].description or '')}" for i in derivatives)
+        hint = (f"{'scan' if len(derivatives) == 1 else 'scans'} {named} {'holds' if len(derivatives) == 1 else 'hold'} "
+                "derived images (ImageType DERIVED: a reformat or a map the scanner computed), "
+                f"named after the series they came from; leave them out with skip = [{quoted}] in "
+                "[project.<project>.sessions.<session label>], or in [conversion] skip by their names for every "
+                "session")
+    else:
+        skip = ", ".join(f'"{i}"' for i in sorted(set(earlier), key=_natural_key)) or '"<scan ID>"'
+        example = f", e.g. {'; '.join(examples)}" if examples else ""
+        hint = (f"if the earlier scans were repeated (e.g. cancelled) attempts, leave them out with skip = [{skip}] "
+                "in [project.<project>.sessions.<session label>]; if all are wanted, give them run numbers by "
+                f"ending their ReproIn name with _run+ (on the scanner, or with [conversion] bidsmap{example})")
     raise ConversionError(
         f"{address}: {which} convert to the same BIDS name; heudiconv wrote '{DUP_MARK}' files, "
         "which are not valid BIDS",
         detail="\n".join([*lines, "heudiconv kept the last under the plain name and wrote:",
                           *(f"  {d}" for d in dups)]),
-        hint=f"if the earlier scans were repeated (e.g. cancelled) attempts, leave them out with skip = [{skip}] "
-             "in [project.<project>.sessions.<session label>]; if all are wanted, give them run numbers by "
-             f"ending their ReproIn name with _run+ (on the scanner, or with [conversion] bidsmap{example})",
+        hint=hint,
     )
 
 

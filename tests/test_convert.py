@@ -466,6 +466,33 @@ def test_repeated_series_without_run_plus_fail_naming_the_dup_files_and_scans(tm
 
 
 @pytest.mark.slow
+def test_a_derived_series_named_after_its_original_is_the_one_the_hint_leaves_out(tmp_path: Path) -> None:
+    # Siemens names an MPR reformat (and an ADC map) after the protocol it came from: ReproIn,
+    # which reads ProtocolName first, gives it the original's name. Leaving out the original
+    # would export the reformat as the T1w.
+    series = (SeriesSpec("anat-T1w_acq-memprage", "anat", n_slices=4),
+              SeriesSpec("anat-T1w_acq-memprage_MPR_tra", "anat", n_slices=4))
+    write_session(tmp_path / "dicom", "01", "a", series=series)
+    for path in (tmp_path / "dicom" / "2").rglob("*"):
+        if path.is_file():
+            ds = pydicom.dcmread(path)
+            ds.ImageType = ["DERIVED", "SECONDARY", "MPR", "CSA MPR", "NORM"]
+            ds.ProtocolName = "anat-T1w_acq-memprage"
+            ds.save_as(path)
+    with pytest.raises(ConversionError) as info:
+        _convert(tmp_path / "dicom", tmp_path)
+    assert info.value.summary.startswith("sub-01/ses-a: scans 1, 2 convert to the same BIDS name")
+    assert info.value.hint == (
+        "scan 2 'anat-T1w_acq-memprage_MPR_tra' holds derived images (ImageType DERIVED: a reformat or a map the "
+        'scanner computed), named after the series they came from; leave them out with skip = ["2"] in '
+        "[project.<project>.sessions.<session label>], or in [conversion] skip by their names for every session")
+    # The way out, to the letter: the original alone is the T1w.
+    result = _convert(tmp_path / "dicom", tmp_path / "again", settings=ConversionSettings(skip=("2",)))
+    [sidecar] = [o for o in result.outputs if o.endswith("_T1w.json")]
+    assert "DERIVED" not in json.loads((result.session_dir.parents[1] / sidecar).read_text())["ImageType"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("description", ["func-bold_task-rest run", "anat-T1w_acq-mprage\u00fc"])
 def test_a_series_name_that_gives_invalid_bids_names_fails_naming_the_scan(tmp_path: Path, description: str) -> None:
     # heudiconv takes a space or an accented letter into an entity's label as it is; the BIDS
