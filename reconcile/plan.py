@@ -555,11 +555,11 @@ def compute_plan(
     listed_ids = {e.id for e in rows}
     present_ids = listed_ids | malformed_ids  # unsafe ones too: they are not gone from XNAT
     rows = _unambiguous(rows, len(listed_ids), wanted, out)
-    seen = _addressed(rows, sessions, config.naming, wanted, out)
+    listed_ok = {p.project for p in remote.listings} - blocked
+    seen = _addressed(_homes(rows, sessions, listed_ok), config.naming, wanted, out)
     colliding = _collisions(seen, sessions, config.naming, wanted, out)
 
     # 3. Match remote sessions with lock entries: by ID, then by address (re-archived).
-    listed_ok = {p.project for p in remote.listings} - blocked
     replaced_ids = _session_changes(
         seen, colliding, sessions, present_ids=present_ids, listed_ok=listed_ok, blocked=blocked,
         deep_scans=remote.deep, local=local, config=config, selection=selection, wanted=wanted,
@@ -678,9 +678,27 @@ def _unambiguous(rows: list[Experiment], distinct: int, wanted: _Wanted, out: _C
     return rows
 
 
-def _addressed(rows: list[Experiment], sessions: Mapping[str, SessionRecord], naming: NamingSettings,
-               wanted: _Wanted, out: _Collector) -> _Listed:
-    """Each listed session with its BIDS address, once; an unsafe ID or label is its problem instead."""
+def _homes(rows: list[Experiment], sessions: Mapping[str, SessionRecord], listed_ok: set[str]) -> list[Experiment]:
+    """The row each listed session is planned from: XNAT lists a session shared into other projects
+    in each of them, under the label it has there. A share is never read as a move: a session
+    listed by the project the lock records it under is planned from that project's row; while that
+    project is not listed (its listing failed, or it is not planned) the session is not planned at
+    all, as the rest of that project, since its rows elsewhere cannot tell a move from a share.
+    Otherwise (new, or gone from the recorded project: moved) the first project listed."""
+    home: dict[str, Experiment] = {}
+    for exp in sorted(rows, key=lambda e: (e.project, e.id)):
+        rec = sessions.get(exp.id)
+        if rec is None or rec.project == exp.project:
+            if exp.id not in home or rec is not None:
+                home[exp.id] = exp
+        elif rec.project in listed_ok:
+            home.setdefault(exp.id, exp)
+    return list(home.values())
+
+
+def _addressed(rows: list[Experiment], naming: NamingSettings, wanted: _Wanted, out: _Collector) -> _Listed:
+    """Each session of `rows` (one row each) with its BIDS address; an unsafe ID or label is its
+    problem instead."""
     seen: _Listed = {}
     for exp in sorted(rows, key=lambda e: (e.project, e.id)):
         try:
@@ -691,14 +709,7 @@ def _addressed(rows: list[Experiment], sessions: Mapping[str, SessionRecord], na
                 out.problems.append(Problem(f"session {exp.id} ({exp.project}): {exc.summary}", exp.project, exp.id,
                                             exc.hint))
             continue
-        # A session listed in several projects (shared) is planned once, under the project that
-        # the lock already knows, otherwise the first one listed.
-        if exp.id not in seen:
-            seen[exp.id] = (exp, address)
-        else:
-            rec = sessions.get(exp.id)
-            if rec is not None and rec.project == exp.project:
-                seen[exp.id] = (exp, address)
+        seen[exp.id] = (exp, address)
     return seen
 
 

@@ -142,6 +142,24 @@ def test_a_deep_listing_that_fails_for_one_session_stops_only_its_project(cli, e
     assert 0 < len(asked) < len(many)
 
 
+def test_a_shared_session_is_not_moved_while_its_recorded_project_fails_to_list(cli, emulator, tmp_path):  # rows 10, 11
+    from reconcile.emulator import Fault
+
+    exps = add_sessions(emulator.archive, 2)
+    root = exported_root(emulator.archive, tmp_path, exps)  # recorded under PROJ
+    emulator.archive.add_project("PROJ2")
+    emulator.archive.share_session(exps[1].id, "PROJ2", "P2_002_visit1")
+    code, out, err = cli("plan", str(root), "-p", "PROJ", "-p", "PROJ2", "--detailed-exitcode")
+    assert code == 0, out + err
+    assert "No changes. 2 sessions up to date." in out  # listed by its own project too: the share changes nothing
+
+    emulator.app.faults.add(Fault(route=r"/projects/PROJ/experiments$", kind="status", status=503))
+    code, out, err = cli("plan", str(root), "-p", "PROJ", "-p", "PROJ2", "--detailed-exitcode")
+    assert code == 1, out + err
+    assert "listing of project PROJ failed" in out + err
+    assert "update" not in out and "P2002visit1" not in out and exps[1].id not in out  # a share is no move
+
+
 def test_unknown_project_is_an_error_exit_1(cli, emulator, tmp_path):
     code, out, err = cli("plan", str(tmp_path), "-p", "NOPE", "--detailed-exitcode")
     assert code == 1
