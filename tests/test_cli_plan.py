@@ -160,6 +160,20 @@ def test_a_shared_session_is_not_moved_while_its_recorded_project_fails_to_list(
     assert "update" not in out and "P2002visit1" not in out and exps[1].id not in out  # a share is no move
 
 
+def test_a_new_shared_session_is_created_under_its_primary_project(cli, emulator, tmp_path):  # row 10
+    archive = emulator.archive
+    archive.add_project("STUDY")
+    archive.add_project("ARCHIVE")
+    own = archive.add_session("STUDY", "001", "001_visit1", date="2024-01-10")
+    archive.share_session(own.id, "ARCHIVE", "ARCH_001_visit1")
+    # The config's order, or the projects' names, would both say ARCHIVE.
+    config = write_config(tmp_path, 'projects = ["ARCHIVE", "STUDY"]')
+    code, out, err = cli("plan", str(tmp_path / "bids"), "--config", str(config), "--detailed-exitcode")
+    assert code == 2, out + err
+    assert f"+ create  sub-001/ses-001visit1  STUDY/{own.id}" in out
+    assert "Plan: 1 to create" in out and "ARCH" not in out
+
+
 def test_unknown_project_is_an_error_exit_1(cli, emulator, tmp_path):
     code, out, err = cli("plan", str(tmp_path), "-p", "NOPE", "--detailed-exitcode")
     assert code == 1

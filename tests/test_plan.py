@@ -950,3 +950,39 @@ def test_a_session_gone_from_its_recorded_project_but_listed_by_another_is_moved
     change = only(shared_plan(lock, [moved, stays], {"PROJ": (), "PROJ2": ()}), Action.UPDATE)
     assert change.key.project == "PROJ2" and change.reasons[0].message == "project PROJ → PROJ2"
 
+
+@pytest.mark.parametrize("names", [("STUDY", "ARCHIVE"), ("PROJ", "ARCHIVE")])
+def test_a_new_session_listed_by_two_projects_goes_to_the_first_of_the_config(names):  # row 10
+    # XNAT names no primary project here (both rows name their own): the config's order decides,
+    # never the projects' names.
+    first, second = names
+    config = parse_config({"projects": [first, second]})
+    e = exp(1, subject="001", label="001_visit1", project=first)
+    share = replace(e, project=second, label="ARCH_001_visit1")
+    change = only(shared_plan(Lock.new(), [e, share], {second: (), first: ()}, config=config), Action.CREATE)
+    assert change.key.project == first and change.address.path == "sub-001/ses-001visit1"
+
+
+def test_a_new_shared_session_goes_to_its_primary_project_whatever_the_config_order():  # row 10
+    # XNAT's listing of a project a session is shared into gives its share label but its primary
+    # project (the `project` column): that project is its home when it is listed.
+    config = parse_config({"projects": ["ARCHIVE", "STUDY"]})
+    e = exp(1, subject="001", label="001_visit1", project="STUDY")
+    share = replace(e, project="ARCHIVE", label="ARCH_001_visit1", primary_project="STUDY")
+    change = only(shared_plan(Lock.new(), [share, e], {"ARCHIVE": (), "STUDY": ()}, config=config), Action.CREATE)
+    assert change.key.project == "STUDY" and change.address.path == "sub-001/ses-001visit1"
+    # Its primary project not configured: the first configured one that lists it.
+    only_shares = parse_config({"projects": ["ARCHIVE", "MIRROR"]})
+    mirror = replace(share, project="MIRROR", label="M_001")
+    change = only(shared_plan(Lock.new(), [mirror, share], {"MIRROR": (), "ARCHIVE": ()}, config=only_shares),
+                  Action.CREATE)
+    assert change.key.project == "ARCHIVE" and change.address.path == "sub-001/ses-ARCH001visit1"
+
+
+def test_a_new_shared_session_waits_while_its_primary_project_fails_to_list():  # rows 10, 11
+    # Created under the share now, it would stay there once its own project lists again.
+    config = parse_config({"projects": ["STUDY", "ARCHIVE"]})
+    e = exp(1, subject="001", label="001_visit1", project="STUDY")
+    share = replace(e, project="ARCHIVE", label="ARCH_001_visit1", primary_project="STUDY")
+    plan = shared_plan(Lock.new(), [share], {"STUDY": None, "ARCHIVE": ()}, config=config)
+    assert not plan.changes and [p.project for p in plan.problems] == ["STUDY"]
