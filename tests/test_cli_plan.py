@@ -158,6 +158,11 @@ def test_a_shared_session_is_not_moved_while_its_recorded_project_fails_to_list(
     assert code == 1, out + err
     assert "listing of project PROJ failed" in out + err
     assert "update" not in out and "P2002visit1" not in out and exps[1].id not in out  # a share is no move
+    before = read_lock(root)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "-p", "PROJ2", "--yes")
+    assert code == 1, out + err
+    assert "update" not in out and exps[1].id not in out  # apply was about to convert it under the share's label
+    assert read_lock(root) == before and before.sessions[exps[1].id].bids_session == "SUBJ02MR1"
 
 
 def test_a_new_shared_session_is_created_under_its_primary_project(cli, emulator, tmp_path):  # row 10
