@@ -129,17 +129,22 @@ class Experiment:
     insert_date: datetime | None
     last_modified: datetime | None
     xsi_type: str = "xnat:mrSessionData"
+    # `project` is the project listed (the session is addressed through it); a session shared into
+    # it from another project is listed there under its share label, and this is the project it
+    # belongs to (XNAT's `project` column). None when it is `project`, or not known.
+    primary_project: str | None = None
 
     def __init__(
         self, id: str, label: str, project: str, subject_id: str, subject_label: str, date: str | None,
         insert_date: datetime | None, last_modified: datetime | None, xsi_type: str = "xnat:mrSessionData",
+        primary_project: str | None = None,
     ) -> None:
         # One update of the instance dict instead of the generated __init__'s object.__setattr__ per
         # field, which cost twice as much (15k instructions for these 9, a third of parsing a listing
         # row; 10,000s per plan). Still frozen: __setattr__ refuses.
         self.__dict__.update(
             id=id, label=label, project=project, subject_id=subject_id, subject_label=subject_label, date=date,
-            insert_date=insert_date, last_modified=last_modified, xsi_type=xsi_type,
+            insert_date=insert_date, last_modified=last_modified, xsi_type=xsi_type, primary_project=primary_project,
         )
 
     @property

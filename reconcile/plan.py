@@ -576,11 +576,14 @@ def compute_plan(
     listed_ids = {e.id for e in rows}
     present_ids = listed_ids | malformed_ids  # unsafe ones too: they are not gone from XNAT
     rows = _unambiguous(rows, len(listed_ids), wanted, out)
-    seen = _addressed(rows, sessions, config.naming, wanted, out)
+    listed_ok = {p.project for p in remote.listings} - blocked
+    # The config's order (then --project's, in which the listings come) picks among a new session's shares.
+    order = dict.fromkeys((*config.projects, *(listing.project for listing in remote.listings)))
+    ranks = {project: i for i, project in enumerate(order)}
+    seen = _addressed(_homes(rows, sessions, listed_ok, blocked, ranks), config.naming, wanted, out)
     colliding = _collisions(seen, sessions, config.naming, wanted, out)
 
     # 3. Match remote sessions with lock entries: by ID, then by address (re-archived).
-    listed_ok = {p.project for p in remote.listings} - blocked
     replaced_ids = _session_changes(
         seen, colliding, sessions, present_ids=present_ids, listed_ok=listed_ok, blocked=blocked,
         deep_scans=remote.deep, local=local, config=config, selection=selection, wanted=wanted,
@@ -699,9 +702,56 @@ def _unambiguous(rows: list[Experiment], distinct: int, wanted: _Wanted, out: _C
     return rows
 
 
-def _addressed(rows: list[Experiment], sessions: Mapping[str, SessionRecord], naming: NamingSettings,
-               wanted: _Wanted, out: _Collector) -> _Listed:
-    """Each listed session with its BIDS address, once; an unsafe ID or label is its problem instead."""
+def _homes(rows: list[Experiment], sessions: Mapping[str, SessionRecord], listed_ok: set[str], blocked: set[str],
+           ranks: Mapping[str, int]) -> list[Experiment]:
+    """The row each listed session is planned from: XNAT lists a session shared into other projects
+    in each of them, under the label it has there. `ranks`: the projects in the config's order."""
+    first: dict[str, Experiment] = {}
+    more: dict[str, list[Experiment]] = {}
+    for exp in rows:
+        if (earlier := first.setdefault(exp.id, exp)) is not exp:
+            more.setdefault(exp.id, [earlier]).append(exp)
+    homes = []
+    for exp_id, exp in first.items():
+        rec = sessions.get(exp_id)
+        if exp_id not in more and (exp.primary_project is None if rec is None else rec.project == exp.project):
+            homes.append(exp)  # listed once, by its own project or the recorded one: nearly every session
+        elif (home := _home(more.get(exp_id) or [exp], rec, listed_ok, blocked, ranks)) is not None:
+            homes.append(home)
+    return homes
+
+
+def _home(rows: list[Experiment], rec: SessionRecord | None, listed_ok: set[str], blocked: set[str],
+          ranks: Mapping[str, int]) -> Experiment | None:
+    """Which of one session's rows it is planned from, or None: not planned this time.
+
+    A share is never read as a move: a session listed by the project the lock records it under is
+    planned from that project's row; while that project is not listed (its listing failed, or it is
+    not planned) the session is not planned at all, as the rest of that project, since its rows
+    elsewhere cannot tell a move from a share. Otherwise (new, or gone from the recorded project:
+    moved) it goes to the project it belongs to in XNAT when that one lists it, and waits while that
+    one's listing fails (created under a share now, it would stay there); else to the first project
+    in the config's order, whatever the projects' names or the lock's history."""
+    if rec is not None:
+        for exp in rows:
+            if exp.project == rec.project:
+                return exp
+        if rec.project not in listed_ok:
+            return None
+    owners = {exp.primary_project for exp in rows if exp.primary_project is not None}
+    if len(owners) == 1:  # said by the rows of its shares
+        [owner] = owners
+        if owner in blocked:
+            return None
+        for exp in rows:
+            if exp.project == owner:
+                return exp
+    return min(rows, key=lambda e: (ranks.get(e.project, len(ranks)), e.project))
+
+
+def _addressed(rows: list[Experiment], naming: NamingSettings, wanted: _Wanted, out: _Collector) -> _Listed:
+    """Each session of `rows` (one row each) with its BIDS address; an unsafe ID or label is its
+    problem instead."""
     seen: _Listed = {}
     for exp in sorted(rows, key=lambda e: (e.project, e.id)):
         try:
@@ -712,14 +762,7 @@ def _addressed(rows: list[Experiment], sessions: Mapping[str, SessionRecord], na
                 out.problems.append(Problem(f"session {exp.id} ({exp.project}): {exc.summary}", exp.project, exp.id,
                                             exc.hint))
             continue
-        # A session listed in several projects (shared) is planned once, under the project that
-        # the lock already knows, otherwise the first one listed.
-        if exp.id not in seen:
-            seen[exp.id] = (exp, address)
-        else:
-            rec = sessions.get(exp.id)
-            if rec is not None and rec.project == exp.project:
-                seen[exp.id] = (exp, address)
+        seen[exp.id] = (exp, address)
     return seen
 
 

@@ -856,6 +856,8 @@ class XnatClient:
                 f"XNAT listed an experiment of project {project} without ID or label",
                 detail=f"{_row_name(index, ident)}: {json.dumps(row, sort_keys=True)[:300]}",
             )
+        # A session shared into `project` is listed there with its own (primary) project's ID.
+        owner = _text(get("project"))
         try:
             return Experiment(
                 ident,
@@ -867,6 +869,7 @@ class XnatClient:
                 parse_timestamp(_text(get("insert_date"))),
                 parse_timestamp(_text(get("last_modified"))),
                 _text(get("xsiType")) or "xnat:mrSessionData",
+                owner if owner and owner != project else None,
             )
         except ValueError as exc:
             raise RemoteError(

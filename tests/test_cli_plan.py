@@ -142,6 +142,43 @@ def test_a_deep_listing_that_fails_for_one_session_stops_only_its_project(cli, e
     assert 0 < len(asked) < len(many)
 
 
+def test_a_shared_session_is_not_moved_while_its_recorded_project_fails_to_list(cli, emulator, tmp_path):  # rows 10, 11
+    from reconcile.emulator import Fault
+
+    exps = add_sessions(emulator.archive, 2)
+    root = exported_root(emulator.archive, tmp_path, exps)  # recorded under PROJ
+    emulator.archive.add_project("PROJ2")
+    emulator.archive.share_session(exps[1].id, "PROJ2", "P2_002_visit1")
+    code, out, err = cli("plan", str(root), "-p", "PROJ", "-p", "PROJ2", "--detailed-exitcode")
+    assert code == 0, out + err
+    assert "No changes. 2 sessions up to date." in out  # listed by its own project too: the share changes nothing
+
+    emulator.app.faults.add(Fault(route=r"/projects/PROJ/experiments$", kind="status", status=503))
+    code, out, err = cli("plan", str(root), "-p", "PROJ", "-p", "PROJ2", "--detailed-exitcode")
+    assert code == 1, out + err
+    assert "listing of project PROJ failed" in out + err
+    assert "update" not in out and "P2002visit1" not in out and exps[1].id not in out  # a share is no move
+    before = read_lock(root)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "-p", "PROJ2", "--yes")
+    assert code == 1, out + err
+    assert "update" not in out and exps[1].id not in out  # apply was about to convert it under the share's label
+    assert read_lock(root) == before and before.sessions[exps[1].id].bids_session == "SUBJ02MR1"
+
+
+def test_a_new_shared_session_is_created_under_its_primary_project(cli, emulator, tmp_path):  # row 10
+    archive = emulator.archive
+    archive.add_project("STUDY")
+    archive.add_project("ARCHIVE")
+    own = archive.add_session("STUDY", "001", "001_visit1", date="2024-01-10")
+    archive.share_session(own.id, "ARCHIVE", "ARCH_001_visit1")
+    # The config's order, or the projects' names, would both say ARCHIVE.
+    config = write_config(tmp_path, 'projects = ["ARCHIVE", "STUDY"]')
+    code, out, err = cli("plan", str(tmp_path / "bids"), "--config", str(config), "--detailed-exitcode")
+    assert code == 2, out + err
+    assert f"+ create  sub-001/ses-001visit1  STUDY/{own.id}" in out
+    assert "Plan: 1 to create" in out and "ARCH" not in out
+
+
 def test_unknown_project_is_an_error_exit_1(cli, emulator, tmp_path):
     code, out, err = cli("plan", str(tmp_path), "-p", "NOPE", "--detailed-exitcode")
     assert code == 1

@@ -286,14 +286,24 @@ def test_a_change_into_an_occupied_folder_becomes_a_problem_and_the_others_stay(
 
 
 def test_session_moved_to_another_project_is_reported_under_its_new_project():  # row 10
+    e, stays = exp(1), exp(2)  # PROJ still lists a session: an empty listing would be in doubt (row 11)
+    lock = lock_of(record(e, bids_session="SUBJ01MR1"), record(stays, bids_session="SUBJ02MR1"))
+    moved = replace(e, project="OTHER", last_modified=T0 + timedelta(minutes=5))
+    plan = plan_of(lock, [moved, stays], projects=("PROJ", "OTHER"))
+    change = only(plan, Action.UPDATE)
+    assert change.key.project == "OTHER"
+    assert change.reasons[0].message == "project PROJ → OTHER"
+    assert len(plan.changes) == 1 and not plan.problems
+
+
+def test_the_last_session_moved_out_of_a_project_waits_with_the_empty_listing():  # rows 10, 11
+    # An empty listing where the lock records sessions (lost access rights?) blocks its project;
+    # its sessions listed elsewhere may be shares, so none moves.
     e = exp(1)
     lock = lock_of(record(e, bids_session="SUBJ01MR1"))
     moved = replace(e, project="OTHER", last_modified=T0 + timedelta(minutes=5))
     plan = plan_of(lock, [moved], projects=("PROJ", "OTHER"))
-    change = only(plan, Action.UPDATE)
-    assert change.key.project == "OTHER"
-    assert change.reasons[0].message == "project PROJ → OTHER"
-    assert len(plan.changes) == 1
+    assert not plan.changes and [p.project for p in plan.problems] == ["PROJ"]
 
 
 @pytest.mark.parametrize("failed", [True, False])
@@ -923,3 +933,78 @@ def test_new_session_shared_into_a_second_project_is_one_create():  # row 10
     change = only(plan, Action.CREATE)
     assert len(plan.changes) == 1 and not plan.problems  # never a silent duplicate, nor a collision with itself
     assert change.key.experiment_id == e.id
+
+
+def shared_plan(lock, rows, listings, *, config=CONFIG):
+    """A plan from `listings`: project → its rows, or None for a failed listing (HTTP 503)."""
+    remote = RemoteState(tuple(ProjectListing(p, None, "HTTP 503") if ids is None
+                               else ProjectListing(p, tuple(e for e in rows if e.project == p))
+                               for p, ids in listings.items()))
+    return compute_plan(lock, remote, on_disk(*lock.sessions.values()), config, tools=TOOLS)
+
+
+@pytest.mark.parametrize("home", ["failed", "not listed"])
+def test_a_share_is_never_read_as_a_move_while_the_recorded_project_is_not_listed(home):  # rows 10, 11
+    # Recorded under PROJ, shared into PROJ2 under a label of its own. Without PROJ's listing the
+    # share cannot be told from a move: the session is left as it is, like the rest of PROJ.
+    e = exp(2, subject="002", label="MR1")
+    lock = lock_of(record(e, bids_session="MR1"))
+    share = replace(e, project="PROJ2", label="P2_002_visit1")
+    listings = {"PROJ": None, "PROJ2": ()} if home == "failed" else {"PROJ2": ()}
+    plan = shared_plan(lock, [share], listings)
+    assert not plan.changes and plan.unchanged == 0
+    assert [p.project for p in plan.problems] == (["PROJ"] if home == "failed" else [])
+
+
+def test_a_session_listed_by_its_recorded_project_and_shared_elsewhere_is_unchanged():  # row 10
+    e = exp(2, subject="002", label="MR1")
+    lock = lock_of(record(e, bids_session="MR1"))
+    share = replace(e, project="PROJ2", label="P2_002_visit1")
+    for order in ([e, share], [share, e]):
+        plan = shared_plan(lock, order, {"PROJ2": (), "PROJ": ()})
+        assert not plan.changes and not plan.problems and plan.unchanged == 1
+
+
+def test_a_session_gone_from_its_recorded_project_but_listed_by_another_is_moved():  # row 10
+    e, stays = exp(2, subject="002", label="MR1"), exp(3)
+    lock = lock_of(record(e, bids_session="MR1"), record(stays, bids_session="SUBJ03MR1"))
+    moved = replace(e, project="PROJ2", label="P2_002_visit1")
+    change = only(shared_plan(lock, [moved, stays], {"PROJ": (), "PROJ2": ()}), Action.UPDATE)
+    assert change.key.project == "PROJ2" and change.reasons[0].message == "project PROJ → PROJ2"
+
+
+@pytest.mark.parametrize("names", [("STUDY", "ARCHIVE"), ("PROJ", "ARCHIVE")])
+def test_a_new_session_listed_by_two_projects_goes_to_the_first_of_the_config(names):  # row 10
+    # XNAT names no primary project here (both rows name their own): the config's order decides,
+    # never the projects' names.
+    first, second = names
+    config = parse_config({"projects": [first, second]})
+    e = exp(1, subject="001", label="001_visit1", project=first)
+    share = replace(e, project=second, label="ARCH_001_visit1")
+    change = only(shared_plan(Lock.new(), [e, share], {second: (), first: ()}, config=config), Action.CREATE)
+    assert change.key.project == first and change.address.path == "sub-001/ses-001visit1"
+
+
+def test_a_new_shared_session_goes_to_its_primary_project_whatever_the_config_order():  # row 10
+    # XNAT's listing of a project a session is shared into gives its share label but its primary
+    # project (the `project` column): that project is its home when it is listed.
+    config = parse_config({"projects": ["ARCHIVE", "STUDY"]})
+    e = exp(1, subject="001", label="001_visit1", project="STUDY")
+    share = replace(e, project="ARCHIVE", label="ARCH_001_visit1", primary_project="STUDY")
+    change = only(shared_plan(Lock.new(), [share, e], {"ARCHIVE": (), "STUDY": ()}, config=config), Action.CREATE)
+    assert change.key.project == "STUDY" and change.address.path == "sub-001/ses-001visit1"
+    # Its primary project not configured: the first configured one that lists it.
+    only_shares = parse_config({"projects": ["ARCHIVE", "MIRROR"]})
+    mirror = replace(share, project="MIRROR", label="M_001")
+    change = only(shared_plan(Lock.new(), [mirror, share], {"MIRROR": (), "ARCHIVE": ()}, config=only_shares),
+                  Action.CREATE)
+    assert change.key.project == "ARCHIVE" and change.address.path == "sub-001/ses-ARCH001visit1"
+
+
+def test_a_new_shared_session_waits_while_its_primary_project_fails_to_list():  # rows 10, 11
+    # Created under the share now, it would stay there once its own project lists again.
+    config = parse_config({"projects": ["STUDY", "ARCHIVE"]})
+    e = exp(1, subject="001", label="001_visit1", project="STUDY")
+    share = replace(e, project="ARCHIVE", label="ARCH_001_visit1", primary_project="STUDY")
+    plan = shared_plan(Lock.new(), [share], {"STUDY": None, "ARCHIVE": ()}, config=config)
+    assert not plan.changes and [p.project for p in plan.problems] == ["STUDY"]

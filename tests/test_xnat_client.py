@@ -444,6 +444,14 @@ def test_experiment_values_are_parsed(site: Site, client: XnatClient) -> None:
     )
 
 
+def test_a_shared_session_is_listed_with_the_project_it_belongs_to(site: Site, client: XnatClient) -> None:
+    # XNAT lists a session shared into PROJ under its share label but with its primary project.
+    site.json(EXPERIMENTS_PATH, result_set([exp_row(), exp_row(ID="SITE_E00002", label="P_002", project="STUDY")]))
+    own, shared = client.list_experiments("PROJ")
+    assert (own.project, own.primary_project) == ("PROJ", None)
+    assert (shared.project, shared.label, shared.primary_project) == ("PROJ", "P_002", "STUDY")
+
+
 def test_empty_strings_become_none(site: Site, client: XnatClient) -> None:
     site.json(EXPERIMENTS_PATH, result_set([exp_row(date="", insert_date="", last_modified="")]))
     (exp,) = client.list_experiments("PROJ")

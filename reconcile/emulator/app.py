@@ -614,18 +614,20 @@ class EmulatorApp:
 
     def _experiment_row(self, experiment: Experiment, project: str | None = None) -> dict[str, str]:
         """A listing row; in the listing of a project the session is shared into, XNAT gives the
-        label, subject label and project it has there (ProjSubExptList)."""
+        label it has there, but its own (primary) project and its subject's own label: those
+        columns are xnat:experimentData/project and xnat:subjectData/label, and ProjSubExptList
+        replaces only `label` by the share's."""
         subject = self.archive.subjects.get(experiment.subject_id)
         listed_in = project or experiment.project
         return {
             "ID": experiment.id,
-            "project": listed_in,
+            "project": experiment.project,
             "date": experiment.date,
             "xsiType": experiment.xsi_type,
             "label": experiment.label_in(listed_in),
             "insert_date": java_timestamp(experiment.insert_date),
             "subject_ID": experiment.subject_id,
-            "subject_label": subject.label_in(listed_in) if subject else "",
+            "subject_label": subject.label if subject else "",
             "last_modified": java_timestamp(experiment.last_modified),
             "insert_user": experiment.insert_user,
             "time": experiment.time,

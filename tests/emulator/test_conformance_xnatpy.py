@@ -276,10 +276,12 @@ def test_deleting_a_session_removes_it(emulator, session):
 
 
 def test_a_session_shared_into_another_project_is_listed_there_under_its_label_there(emulator, session, tmp_path):
-    # XNAT's share (PUT .../experiments/E/projects/Q?label=L): Q's listing relabels the row (label,
-    # subject label, project), the session's document names the share, and its zips keep the
-    # archive folder's name, the primary label.
+    # XNAT's share (PUT .../experiments/E/projects/Q?label=L): Q's listing gives the row the label
+    # it has there, but keeps its primary project and its subject's own label (ProjSubExptList
+    # replaces the label column only); the session's document names the share, and its zips keep
+    # the archive folder's name, the primary label.
     emulator.archive.add_project("OTHER")
+    emulator.archive.share_subject(session.subject_id, "OTHER", "OTH01")
     import requests
 
     shared = requests.put(f"{emulator.url}/data/experiments/{session.id}/projects/OTHER", params={"label": "OTH_MR1"},
@@ -290,7 +292,7 @@ def test_a_session_shared_into_another_project_is_listed_there_under_its_label_t
         assert listed.label == "OTH_MR1"
         rows = conn.get_json("/data/projects/OTHER/experiments", query={"columns": "ID,label,project,subject_label"})
         assert [(r["ID"], r["label"], r["project"], r["subject_label"]) for r in rows["ResultSet"]["Result"]] == [
-            (session.id, "OTH_MR1", "OTHER", "SUBJ01")]
+            (session.id, "OTH_MR1", "PROJ", "SUBJ01")]
         own = conn.get_json("/data/projects/PROJ/experiments", query={"columns": "ID,label"})["ResultSet"]["Result"]
         assert [(r["ID"], r["label"]) for r in own] == [(session.id, "SUBJ01_MR1")]  # its own project's unchanged
         doc = conn.get_json(f"/data/experiments/{session.id}", query={"format": "json"})
