@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 CONVERTER_TOOLS = ("heudiconv", "dcm2niix")
 # Image sessions are what gets converted; subject assessors such as QC or FreeSurfer runs are not.
 SESSION_TYPES_SUFFIX = "SessionData"
+MR_SESSION = "xnat:mrSessionData"
 
 
 class Action(str, Enum):
@@ -596,6 +597,7 @@ def compute_plan(
     deep = remote.deep is not None
     out.notes += _notes(out, gone, local, config, remote, records, selection, deep=deep)
     out.notes += _excluded_note(rows, seen, sessions, selection)
+    out.notes += _not_mr_note(out.changes, config)
     changes = sorted(out.changes, key=lambda c: (ACTION_ORDER[c.action], c.address, c.key))
     return Plan(
         changes=tuple(changes),
@@ -1069,6 +1071,29 @@ def _notes(out: _Collector, gone: list[SessionRecord], local: LocalState, config
             "re-saving it are found with --deep"
         )
     return notes
+
+
+def _not_mr_note(changes: Iterable[Change], config: Config) -> list[str]:
+    """A note on the sessions to export that are not MR (PET, CT) where ReproIn is to convert
+    them: it knows MR series alone, so each would fail every apply."""
+    kinds: Counter[str] = Counter()
+    projects: dict[str, list[str]] = defaultdict(list)
+    for c in changes:
+        exp = c.after
+        if c.action in (Action.CREATE, Action.UPDATE) and exp is not None and exp.xsi_type != MR_SESSION \
+                and config.conversion_for(exp.project, exp.label, exp.id).heuristic == "reproin":
+            kinds[exp.xsi_type] += 1
+            projects[exp.project].append(exp.label)
+    if not kinds:
+        return []
+    n = sum(kinds.values())
+    which = ", ".join(f"{t} {k}" for t, k in sorted(kinds.items()))
+    project, labels = sorted(projects.items())[0]
+    example = ", ".join(f'"{label}"' for label in sorted(labels)[:3])
+    return [f"{n} session{'s' if n != 1 else ''} to export {'are' if n != 1 else 'is'} not MR ({which}): the ReproIn "
+            f"heuristic converts MR series alone, so apply would fail {'them' if n != 1 else 'it'}; leave them out "
+            f"with [project.{project}] exclude = [{example}], or convert them with a heuristic of your own "
+            f"([project.{project}.conversion] heuristic)"]
 
 
 def _excluded_note(rows: Iterable[Experiment], seen: _Listed, sessions: Mapping[str, SessionRecord],

@@ -98,6 +98,25 @@ def only(plan, action):
     return changes[0]
 
 
+def test_sessions_reproin_cannot_convert_are_noted_with_the_way_out(tmp_path):
+    # PET and CT sessions are image sessions (planned), but ReproIn converts MR series alone.
+    pet = replace(exp(2, label="SUBJ02_PET1"), xsi_type="xnat:petSessionData")
+    ct = replace(exp(3, label="SUBJ03_CT1"), xsi_type="xnat:ctSessionData")
+    plan = plan_of(Lock.new(), [exp(1), pet, ct])
+    assert len(plan.changes) == 3
+    assert ("2 sessions to export are not MR (xnat:ctSessionData 1, xnat:petSessionData 1): the ReproIn heuristic "
+            "converts MR series alone, so apply would fail them; leave them out with [project.PROJ] exclude = "
+            '["SUBJ02_PET1", "SUBJ03_CT1"], or convert them with a heuristic of your own ([project.PROJ.conversion] '
+            "heuristic)") in plan.notes
+    mr_only = plan_of(Lock.new(), [exp(1)])
+    assert not any("not MR" in n for n in mr_only.notes)
+    (tmp_path / "pet_heuristic.py").write_text("def infotodict(seqinfo):\n    return {}\n")
+    own = parse_config({"project": {"PROJ": {"conversion": {"heuristic": str(tmp_path / "pet_heuristic.py")}}}})
+    assert not any("not MR" in n for n in plan_of(Lock.new(), [exp(1), pet], config=own).notes)
+    excluded = parse_config({"project": {"PROJ": {"exclude": ["SUBJ02_PET1", "SUBJ03_CT1"]}}})
+    assert not any("not MR" in n for n in plan_of(Lock.new(), [exp(1), pet, ct], config=excluded).notes)
+
+
 def test_new_session_is_planned_as_create():  # row 1
     plan = plan_of(Lock.new(), [exp(1)])
     change = only(plan, Action.CREATE)
