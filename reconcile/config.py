@@ -98,7 +98,7 @@ class ConversionSettings:
             except ValueError:  # the heuristic leaves such a name as it is
                 target = None
             if target is not None:
-                return target
+                return target if name == description else sbref_target(description, target)
         return None
 
 
@@ -117,6 +117,15 @@ def bidsmap_target(description: str, bidsmap: Sequence[tuple[str, str]]) -> str 
         raise ValueError(f"series {description!r} matches bidsmap patterns with different names: "
                          f"{', '.join(sorted(targets))}")
     return targets.pop() if targets else None
+
+
+def sbref_target(description: str, target: str) -> str:
+    """The ReproIn name of a series the bidsmap names by its ProtocolName (`target`): a Siemens
+    single-band reference, whose SeriesDescription is its protocol's with `_SBRef`, is the BOLD's
+    sbref, not one more BOLD run. The generated heuristic embeds this function's source too."""
+    if description.endswith("_SBRef") and target.startswith("func-bold"):
+        return "func-sbref" + target[len("func-bold"):]
+    return target
 
 
 @functools.cache  # planning asks once per session (10,000s of times) about a handful of settings

@@ -26,7 +26,12 @@ from functools import cache
 from pathlib import Path
 
 from reconcile import preload
-from reconcile.config import NOT_REPROIN, ConversionSettings, bidsmap_target
+from reconcile.config import (
+    NOT_REPROIN,
+    ConversionSettings,
+    bidsmap_target,
+    sbref_target,
+)
 from reconcile.errors import ConversionError
 from reconcile.failpoints import hit
 from reconcile.model import BidsAddress, utc_now
@@ -106,7 +111,7 @@ def converter_env() -> dict[str, str]:
 def _bidsmap_target_source() -> str:
     """Read once per process: read per heuristic, a file replaced meanwhile (an upgrade during a
     long apply) would give other lines than this function's."""
-    return inspect.getsource(bidsmap_target)
+    return inspect.getsource(bidsmap_target) + "\n\n" + inspect.getsource(sbref_target)
 
 
 def convert_session(
@@ -662,7 +667,9 @@ def _renamed(name):
 def infotodict(seqinfo, *args, **kwargs):
     fixed = []
     for s in seqinfo:
-        target = _renamed(s.series_description) or _renamed(s.protocol_name)
+        target = _renamed(s.series_description)
+        if target is None and _renamed(s.protocol_name) is not None:
+            target = sbref_target(s.series_description or "", _renamed(s.protocol_name))
         if target is not None:
             s = s._replace(series_description=target, protocol_name=target)
         fixed.append(s)

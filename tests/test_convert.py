@@ -466,6 +466,26 @@ def test_repeated_series_without_run_plus_fail_naming_the_dup_files_and_scans(tm
 
 
 @pytest.mark.slow
+def test_a_single_band_reference_named_by_its_protocol_is_the_bolds_sbref(tmp_path: Path) -> None:
+    # CMRR multiband: the SBRef's SeriesDescription is the protocol's with _SBRef, and the bidsmap
+    # names the protocol. Renamed through its ProtocolName it became one more BOLD (a __dup).
+    series = (SeriesSpec("cmrr_mbep2d_bold_rest_SBRef", "func", n_volumes=1),
+              SeriesSpec("cmrr_mbep2d_bold_rest", "func", n_volumes=3))
+    write_session(tmp_path / "dicom", "01", "a", series=series)
+    for path in (tmp_path / "dicom" / "1").rglob("*"):
+        if path.is_file():
+            ds = pydicom.dcmread(path)
+            ds.ProtocolName = "cmrr_mbep2d_bold_rest"
+            ds.save_as(path)
+    settings = ConversionSettings(bidsmap=(("cmrr_mbep2d_bold_rest", "func-bold_task-rest"),))
+    assert settings.scan_name("cmrr_mbep2d_bold_rest_SBRef", "cmrr_mbep2d_bold_rest") == "func-sbref_task-rest"
+    assert settings.scan_name("cmrr_mbep2d_bold_rest", "cmrr_mbep2d_bold_rest") == "func-bold_task-rest"
+    result = _convert(tmp_path / "dicom", tmp_path, settings=settings)
+    assert {f for f in _session_files(result) if f.endswith(".nii.gz")} == {
+        "func/sub-01_ses-a_task-rest_bold.nii.gz", "func/sub-01_ses-a_task-rest_sbref.nii.gz"}
+
+
+@pytest.mark.slow
 def test_a_derived_series_named_after_its_original_is_the_one_the_hint_leaves_out(tmp_path: Path) -> None:
     # Siemens names an MPR reformat (and an ADC map) after the protocol it came from: ReproIn,
     # which reads ProtocolName first, gives it the original's name. Leaving out the original
