@@ -426,6 +426,12 @@ def _unconverted(scans: Sequence[_ScanDir], table: _Table | None, heuristic: str
             continue
         description = scan.description
         what = f"scan {scan.scan_id} {_quoted(description)} was selected but converted to nothing"
+        kind = _not_image_series(scan.path)
+        if kind is not None:  # a bidsmap name cannot help: skipping it is the way
+            left_out = f'"{description}"' if description else f'"{scan.scan_id}"'
+            warnings.append(f"{what}: it holds {kind}, no image series to convert; leave it out with "
+                            f"[conversion] skip = [{left_out}]")
+            continue
         if not series:
             warnings.append(f"{what}: heudiconv read no DICOM series from it (see the heudiconv log)")
             continue
@@ -444,6 +450,19 @@ def _unconverted(scans: Sequence[_ScanDir], table: _Table | None, heuristic: str
 
 # DICOM that heudiconv leaves out on purpose: no image in them.
 _NOT_IMAGES = frozenset({"1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.11.1"})  # Raw Data, GSPS
+# Series a scanner adds beside the images, by SOP class: what they hold, for the warning.
+_NOT_IMAGE_SERIES = {
+    "1.3.12.2.1107.5.9.1": "a Siemens non-image object (a protocol report such as PhoenixZIPReport)",
+    "1.2.840.10008.5.1.4.1.1.7": "secondary captures (screenshots)",
+    "1.2.840.10008.5.1.4.1.1.66": "raw data",
+    "1.2.840.10008.5.1.4.1.1.11.1": "presentation states",
+}
+
+
+def _not_image_series(folder: Path) -> str | None:
+    """What a scan's first DICOM file holds when it is one of `_NOT_IMAGE_SERIES`, else None."""
+    first = next((f for f in sorted(folder.rglob("*")) if f.is_file()), None)
+    return None if first is None else _NOT_IMAGE_SERIES.get(_sop_class(first))
 
 
 def _unread(scans: Sequence[_ScanDir], table: _Table | None) -> tuple[str, ...]:
@@ -467,14 +486,19 @@ def _unread(scans: Sequence[_ScanDir], table: _Table | None) -> tuple[str, ...]:
 
 def _holds_no_image(path: Path) -> bool:
     """Whether `path` is whole DICOM of a kind that holds no image (raw data, presentation state)."""
+    return _sop_class(path) in _NOT_IMAGES
+
+
+def _sop_class(path: Path) -> str:
+    """The SOP class UID of a DICOM file; "" for one that cannot be read as DICOM."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
     except (InvalidDicomError, OSError, ValueError, EOFError):
-        return False
-    return str(ds.get("SOPClassUID", "")) in _NOT_IMAGES
+        return ""
+    return str(ds.get("SOPClassUID", ""))
 
 
 def _scan_dirs(dicom_dir: Path) -> list[_ScanDir]:

@@ -627,6 +627,30 @@ def test_a_raw_data_file_beside_the_images_is_no_warning(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+def test_a_scanners_protocol_report_is_said_to_hold_no_image_with_skip_as_the_way_out(tmp_path: Path) -> None:
+    # Siemens adds a PhoenixZIPReport series (CSA Non-Image Storage): no bidsmap name can convert it.
+    write_session(tmp_path / "dicom", "01", "a", series=(SeriesSpec("anat-T1w_acq-memprage", "anat", n_slices=4),))
+    report = pydicom.dcmread(sorted((tmp_path / "dicom" / "1").iterdir())[0])
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = "1.3.12.2.1107.5.9.1"
+    report.SOPInstanceUID = report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID + ".9"
+    report.SeriesInstanceUID += ".9"
+    report.SeriesDescription = report.ProtocolName = "PhoenixZIPReport"
+    report.SeriesNumber, report.ImageType = 99, ["ORIGINAL", "PRIMARY", "OTHER"]
+    for tag in (0x7FE00010, 0x00280010, 0x00280011, 0x00280100, 0x00280101, 0x00280102, 0x00280103, 0x00280002,
+                0x00280004, 0x00280030, 0x00200032, 0x00200037):
+        if tag in report:
+            del report[tag]
+    (tmp_path / "dicom" / "99").mkdir()
+    report.save_as(tmp_path / "dicom" / "99" / "report.dcm")
+    result = _convert(tmp_path / "dicom", tmp_path)
+    assert "anat/sub-01_ses-a_acq-memprage_T1w.nii.gz" in _session_files(result)
+    assert result.warnings == (
+        "scan 99 'PhoenixZIPReport' was selected but converted to nothing: it holds a Siemens non-image object (a "
+        "protocol report such as PhoenixZIPReport), no image series to convert; leave it out with [conversion] "
+        'skip = ["PhoenixZIPReport"]',)
+
+
+@pytest.mark.slow
 def test_a_slash_in_a_series_name_that_crashes_heudiconv_is_named_with_the_scan(tmp_path: Path) -> None:
     write_session(tmp_path / "dicom", "01", "a", series=(SeriesSpec("func-bold_task-rest/x", "func", n_volumes=2),))
     with pytest.raises(ConversionError) as info:
