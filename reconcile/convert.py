@@ -188,7 +188,7 @@ def convert_session(
     files = sorted(p for p in session_dir.rglob("*") if p.is_file()) if session_dir.is_dir() else []
     if not any(p.name.endswith(NIFTI_SUFFIXES) for p in files):
         raise ConversionError(f"{address}: heudiconv produced no NIfTI", detail=_tail(log_path, attempt),
-                              hint=f"{hint}; {_no_output_reason(log_path, attempt, work_dir / DICOM_ONLY_NAME)}")
+                              hint=f"{hint}; {_no_output_reason(log_path, attempt, work_dir / DICOM_ONLY_NAME, selected)}")
     outputs = tuple(sorted(p.relative_to(staging_root).as_posix() for p in files))
     nested = [p.relative_to(staging_root).as_posix() for p in files if len(p.relative_to(session_dir).parts) > 2]
     if nested:  # BIDS puts files in <datatype>/ of the session, or beside it: a '/' in a series name
@@ -911,7 +911,8 @@ def _start_process(command: list[str], work_dir: Path, log_path: Path, address: 
     return _Spawned(proc)
 
 
-def _no_output_reason(log_path: Path, attempt: int = 0, dicom_only: Path | None = None) -> str:
+def _no_output_reason(log_path: Path, attempt: int = 0, dicom_only: Path | None = None,
+                      scans: Sequence[_ScanDir] = ()) -> str:
     try:
         kept_as_dicom = dicom_only.read_text(encoding="utf-8").splitlines() if dicom_only is not None else []
     except OSError:
@@ -926,8 +927,11 @@ def _no_output_reason(log_path: Path, attempt: int = 0, dicom_only: Path | None 
     if "Generated sequence info with 0 entries" in text:
         return "heudiconv found no readable DICOM series in the export"
     if "Could not figure out where to stick" in text:
+        named = [s for s in scans if s.description]
+        which = "; the session's: " + ", ".join(f"scan {s.scan_id} {_quoted(s.description)}" for s in named[:10]) \
+            + (f" and {len(named) - 10} more" if len(named) > 10 else "") if named else ""
         return ("the heuristic did not recognise the series: map non-ReproIn series descriptions "
-                "with [conversion] bidsmap or choose another heuristic")
+                f"with [conversion] bidsmap or choose another heuristic{which}")
     return "the heuristic selected no series for conversion"
 
 

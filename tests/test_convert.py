@@ -414,6 +414,10 @@ def test_site_series_names_without_bidsmap_convert_to_nothing(site_dicom: Path, 
         _convert(site_dicom, tmp_path, B)
     assert "bidsmap" in (info.value.hint or "")
     assert str(tmp_path / "convert.log") in (info.value.hint or "")
+    # which series, without reading the log: the names to map
+    assert info.value.hint.endswith("; the session's: scan 1 'localizer', scan 2 'MPRAGE', scan 3 'rest_fMRI', "
+                                    "scan 4 'checkerboard', scan 5 'checkerboard', scan 6 'gre_field_mapping', "
+                                    "scan 7 'gre_field_mapping', scan 8 'DTI_b1500_AP'")
 
 
 @pytest.mark.slow
