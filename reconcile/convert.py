@@ -173,13 +173,12 @@ def convert_session(
     try:
         _run(args, work_dir, log_path, cancel, timeout, address, attempt)
     except _HeudiconvFailed as exc:
-        slashed = [s for s in selected if s.description not in renames and "/" in "".join(names[s.scan_id])]
-        if not slashed:
+        slashed = _slashed(selected, renames, names)
+        if slashed is None:
             raise
-        scan = slashed[0]
-        name = next(n for n in names[scan.scan_id] if "/" in n)
+        scan_id, name = slashed
         raise ConversionError(
-            f"{address}: heudiconv failed on scan {scan.scan_id}, whose series name {name!r} has a '/' "
+            f"{address}: heudiconv failed on scan {scan_id}, whose series name {name!r} has a '/' "
             "(BIDS file names cannot hold one)", detail=exc.detail,
             hint=f'map the scan in [conversion.bidsmap], e.g. "{name}" = "<its ReproIn name without \'/\'>", '
                  "or leave it out with [conversion] skip") from exc
@@ -192,10 +191,13 @@ def convert_session(
     outputs = tuple(sorted(p.relative_to(staging_root).as_posix() for p in files))
     nested = [p.relative_to(staging_root).as_posix() for p in files if len(p.relative_to(session_dir).parts) > 2]
     if nested:  # BIDS puts files in <datatype>/ of the session, or beside it: a '/' in a series name
+        slashed = _slashed(selected, renames, names)
+        whose = f"scan {slashed[0]}'s series name {slashed[1]!r}" if slashed else \
+            "the scan's SeriesDescription or ProtocolName"
+        example = f', e.g. "{slashed[1]}" = "<its ReproIn name without \'/\'>"' if slashed else ""
         raise ConversionError(f"{address}: the conversion wrote {nested[0]}, below a folder of its own, which BIDS "
                               "has no place for" + (f" (and {len(nested) - 1} more)" if len(nested) > 1 else ""),
-                              hint="a '/' in the scan's SeriesDescription or ProtocolName names a folder; map the "
-                                   "scan in [conversion.bidsmap]")
+                              hint=f"a '/' in {whose} names a folder; map the scan in [conversion.bidsmap]{example}")
     table = _read_table(staging_root, address, selected)
     dicominfo = _dicominfo(staging_root, address)
     names = _as_converted(names, selected, table, _series_names(dicominfo))
@@ -280,6 +282,13 @@ def _read_table(staging_root: Path, address: BidsAddress, scans: Sequence[_ScanD
                     break
         scan_ids[str(series)] = tuple(sorted(found, key=_natural_key))
     return _Table({k: tuple(v) for k, v in names.items()}, scan_ids, frozenset(grouped))
+
+
+def _slashed(scans: Sequence[_ScanDir], renames: Mapping[str, str],
+             names: Mapping[str, tuple[str, str]]) -> tuple[str, str] | None:
+    """(scan ID, series name) of the first scan the bidsmap leaves named with a '/' in it."""
+    return next(((s.scan_id, n) for s in scans if s.description not in renames
+                 for n in names[s.scan_id] if "/" in n), None)
 
 
 def _dicominfo(staging_root: Path, address: BidsAddress) -> list[dict[str, str]] | None:
