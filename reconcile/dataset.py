@@ -94,18 +94,25 @@ def unresolved_conflicts(root: Path, subjects: Iterable[str]) -> list[tuple[Path
     markers (a `git pull` where two clones each added a subject), with the line of the first
     marker, in path order. Reads only those files, as bytes; anything else wrong with one is the
     commit's to report."""
+    from reconcile.vcs import maybe_in_git
+
     root = Path(root)
-    paths = [root / name for name in ("dataset_description.json", "participants.tsv", "sessions.json", "scans.json")]
-    paths += sorted({_sessions_path(root, subject) for subject in subjects})
+    if not root.is_dir():
+        return []
+    top = os.fspath(root)
+    names = [f"{top}/{name}" for name in ("dataset_description.json", "participants.tsv", "sessions.json", "scans.json")]
+    if maybe_in_git(root):  # asked on every plan, of up to every subject: not where no git merge could have been
+        names += [f"{top}/sub-{subject}/sub-{subject}_sessions.tsv" for subject in sorted(set(subjects))]
     found = []
-    for path in paths:
+    for name in names:
         try:
-            data = path.read_bytes()
+            with open(name, "rb") as f:
+                data = f.read()
         except OSError:  # missing (the commit makes it), or unreadable (the commit says so)
             continue
         line = conflict_marker_line(data.decode("utf-8", errors="replace"))
         if line is not None:
-            found.append((path, line))
+            found.append((Path(name), line))
     return found
 
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 CONVERTER_TOOLS = ("heudiconv", "dcm2niix")
 # Image sessions are what gets converted; subject assessors such as QC or FreeSurfer runs are not.
 SESSION_TYPES_SUFFIX = "SessionData"
-MR_SESSION = "xnat:mrSessionData"
+MR_SUFFIX = "mrSessionData"  # xnat:mrSessionData, and PET/MR: xnat:petmrSessionData
 
 
 class Action(str, Enum):
@@ -581,7 +581,10 @@ def compute_plan(
     # The config's order (then --project's, in which the listings come) picks among a new session's shares.
     order = dict.fromkeys((*config.projects, *(listing.project for listing in remote.listings)))
     ranks = {project: i for i, project in enumerate(order)}
-    seen = _addressed(_homes(rows, sessions, listed_ok, blocked, ranks), config.naming, wanted, out)
+    # A new session shared in from a configured project this run does not plan (-p) waits for that
+    # project's own plan; in the pi-study layout each study's dataset has a copy of its own.
+    unplanned = set() if config.layout == "pi-study" else set(config.projects) - listed_ok
+    seen = _addressed(_homes(rows, sessions, listed_ok, blocked | unplanned, ranks), config.naming, wanted, out)
     colliding = _collisions(seen, sessions, config.naming, wanted, out)
 
     # 3. Match remote sessions with lock entries: by ID, then by address (re-archived).
@@ -704,7 +707,7 @@ def _unambiguous(rows: list[Experiment], distinct: int, wanted: _Wanted, out: _C
     return rows
 
 
-def _homes(rows: list[Experiment], sessions: Mapping[str, SessionRecord], listed_ok: set[str], blocked: set[str],
+def _homes(rows: list[Experiment], sessions: Mapping[str, SessionRecord], listed_ok: set[str], waiting: set[str],
            ranks: Mapping[str, int]) -> list[Experiment]:
     """The row each listed session is planned from: XNAT lists a session shared into other projects
     in each of them, under the label it has there. `ranks`: the projects in the config's order."""
@@ -718,12 +721,12 @@ def _homes(rows: list[Experiment], sessions: Mapping[str, SessionRecord], listed
         rec = sessions.get(exp_id)
         if exp_id not in more and (exp.primary_project is None if rec is None else rec.project == exp.project):
             homes.append(exp)  # listed once, by its own project or the recorded one: nearly every session
-        elif (home := _home(more.get(exp_id) or [exp], rec, listed_ok, blocked, ranks)) is not None:
+        elif (home := _home(more.get(exp_id) or [exp], rec, listed_ok, waiting, ranks)) is not None:
             homes.append(home)
     return homes
 
 
-def _home(rows: list[Experiment], rec: SessionRecord | None, listed_ok: set[str], blocked: set[str],
+def _home(rows: list[Experiment], rec: SessionRecord | None, listed_ok: set[str], waiting: set[str],
           ranks: Mapping[str, int]) -> Experiment | None:
     """Which of one session's rows it is planned from, or None: not planned this time.
 
@@ -732,8 +735,9 @@ def _home(rows: list[Experiment], rec: SessionRecord | None, listed_ok: set[str]
     not planned) the session is not planned at all, as the rest of that project, since its rows
     elsewhere cannot tell a move from a share. Otherwise (new, or gone from the recorded project:
     moved) it goes to the project it belongs to in XNAT when that one lists it, and waits while that
-    one's listing fails (created under a share now, it would stay there); else to the first project
-    in the config's order, whatever the projects' names or the lock's history."""
+    one is `waiting` (its listing failed, or it is configured but not planned this run: created under
+    a share now, it would stay there); else to the first project in the config's order, whatever the
+    projects' names or the lock's history."""
     if rec is not None:
         for exp in rows:
             if exp.project == rec.project:
@@ -743,7 +747,7 @@ def _home(rows: list[Experiment], rec: SessionRecord | None, listed_ok: set[str]
     owners = {exp.primary_project for exp in rows if exp.primary_project is not None}
     if len(owners) == 1:  # said by the rows of its shares
         [owner] = owners
-        if owner in blocked:
+        if owner in waiting:
             return None
         for exp in rows:
             if exp.project == owner:
@@ -1080,7 +1084,7 @@ def _not_mr_note(changes: Iterable[Change], config: Config) -> list[str]:
     projects: dict[str, list[str]] = defaultdict(list)
     for c in changes:
         exp = c.after
-        if c.action in (Action.CREATE, Action.UPDATE) and exp is not None and exp.xsi_type != MR_SESSION \
+        if c.action in (Action.CREATE, Action.UPDATE) and exp is not None and not exp.xsi_type.endswith(MR_SUFFIX) \
                 and config.conversion_for(exp.project, exp.label, exp.id).heuristic == "reproin":
             kinds[exp.xsi_type] += 1
             projects[exp.project].append(exp.label)

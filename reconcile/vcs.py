@@ -192,6 +192,13 @@ def ensure_own_ignores(root: Path) -> None:
             pass  # a read-only work area fails apply with its own message
 
 
+def maybe_in_git(root: Path) -> bool:
+    """Whether `root` may be in a git work tree: a `.git` (folder or file) stands on the way up
+    from its physical folder, or GIT_DIR is set. A few stat calls, no git run."""
+    here = Path(os.path.realpath(root))
+    return "GIT_DIR" in os.environ or any(os.path.lexists(folder / ".git") for folder in (here, *here.parents))
+
+
 def exclude_locally(root: Path, pattern: str, why: str) -> None:
     """Add `pattern` (after a `# why` line) to the exclude file of the repository whose work tree
     holds `root`, unless it is there: the repository's own list, never shared, which a `git add -A`
@@ -200,8 +207,7 @@ def exclude_locally(root: Path, pattern: str, why: str) -> None:
     subdataset) and `root` a folder below the top (one repository holding several datasets).
     Patterns there are relative to the top; give one without a slash to match at any depth.
     Best effort, and no git run where no `.git` stands on the way up (nor GIT_DIR is set)."""
-    here = Path(os.path.realpath(root))  # git looks up from the physical folder
-    if "GIT_DIR" not in os.environ and not any(os.path.lexists(folder / ".git") for folder in (here, *here.parents)):
+    if not maybe_in_git(root):
         return
     try:
         out = _git(root, "rev-parse", "--is-inside-work-tree", "--git-path", "info/exclude")

@@ -108,7 +108,7 @@ def test_sessions_reproin_cannot_convert_are_noted_with_the_way_out(tmp_path):
             "converts MR series alone, so apply would fail them; leave them out with [project.PROJ] exclude = "
             '["SUBJ02_PET1", "SUBJ03_CT1"], or convert them with a heuristic of your own ([project.PROJ.conversion] '
             "heuristic)") in plan.notes
-    mr_only = plan_of(Lock.new(), [exp(1)])
+    mr_only = plan_of(Lock.new(), [exp(1), replace(exp(4), xsi_type="xnat:petmrSessionData")])  # PET/MR: MR too
     assert not any("not MR" in n for n in mr_only.notes)
     (tmp_path / "pet_heuristic.py").write_text("def infotodict(seqinfo):\n    return {}\n")
     own = parse_config({"project": {"PROJ": {"conversion": {"heuristic": str(tmp_path / "pet_heuristic.py")}}}})
@@ -1027,3 +1027,14 @@ def test_a_new_shared_session_waits_while_its_primary_project_fails_to_list():  
     share = replace(e, project="ARCHIVE", label="ARCH_001_visit1", primary_project="STUDY")
     plan = shared_plan(Lock.new(), [share], {"STUDY": None, "ARCHIVE": ()}, config=config)
     assert not plan.changes and [p.project for p in plan.problems] == ["STUDY"]
+    # So while it is not planned this run (`plan -p ARCHIVE`): its own project's plan creates it.
+    plan = shared_plan(Lock.new(), [share], {"ARCHIVE": ()}, config=config)
+    assert not plan.changes and not plan.problems
+    # In the pi-study layout each study's dataset has a copy of its own: ARCHIVE's is created.
+    studies = parse_config({"projects": ["STUDY", "ARCHIVE"], "layout": "pi-study"})
+    plan = shared_plan(Lock.new(), [share], {"ARCHIVE": ()}, config=studies)
+    assert [(c.action, c.key.project) for c in plan.changes] == [(Action.CREATE, "ARCHIVE")]
+    # A share whose own project is not configured at all goes to the one that is.
+    alone = parse_config({"projects": ["ARCHIVE"]})
+    assert [c.key.project for c in shared_plan(Lock.new(), [share], {"ARCHIVE": ()}, config=alone).changes] == \
+        ["ARCHIVE"]
