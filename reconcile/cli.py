@@ -694,7 +694,8 @@ def run_apply(
                 # SIGTERM is what `timeout`, systemd and a SLURM time limit send before SIGKILL;
                 # SIGHUP what an SSH session that dropped sends.
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                    previous_handlers[signum] = signal.signal(signum, on_stop)
+                    if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup` ignores SIGHUP: it stays so
+                        previous_handlers[signum] = signal.signal(signum, on_stop)
             reporter = Reporter(len(todo))
             try:
                 options = ApplyOptions(

@@ -107,6 +107,22 @@ def test_a_terminal_that_hangs_up_stops_apply_cleanly(tmp_path):
         assert "taking over" not in rerun.stderr
 
 
+def test_an_apply_started_with_nohup_outlives_a_hangup(tmp_path):
+    with served_world() as world:
+        slow = world.app.faults.add(Fault(route=FILE_GET, kind="latency", seconds=1.5))
+        root = tmp_path / "bids"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reconcile", "apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1"],
+            cwd=tmp_path, env=cli_env(world.url), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+        )  # as `nohup` starts it
+        wait_for(lambda: slow.seen >= 1, "the first file download")
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "1 done, 0 failed" in out, out + err
+        assert "Stopping" not in err and len(read_lock(root).sessions) == 1
+
+
 def test_a_second_ctrl_c_forces_the_stop_of_a_download_that_does_not_end(tmp_path):
     with served_world() as world:
         # Stuck for far longer than the stop takes (the served emulator waits for it at the end).
