@@ -1197,7 +1197,11 @@ def _wait_for_batch(batch) -> int:
         see = f"; see {batch.finalize_output}" if batch.finalize_output.exists() else ""
         echo(f"error: the finalize job {batch.finalize_job} ended ({state.state if state else 'state unknown'}) "
              f"without merging the results{see}", err=True)
-        if sx.active_jobs([batch.array_job]):
+        try:
+            array_runs = bool(sx.active_jobs([batch.array_job]))
+        except XnatBidsError:  # SLURM could not be asked: finalize says if the array still runs
+            array_runs = False
+        if array_runs:
             echo(f"hint: the array job {batch.array_job} still runs; once it has ended (`xnat2bids status "
                  f"{batch.root}`), run `xnat2bids finalize {batch.root}` to merge the results", err=True)
         else:
@@ -1280,7 +1284,7 @@ def _dataset_status(root: Path, *, as_json: bool) -> int:
              f"{s.get('skipped', 0)} skipped; lock serial {st.finalized['lock_serial']}")
     elif st.holds_lock and not st.unasked and shutil.which("scontrol") and (st.finalize is None or not st.finalize.active):
         # its finalize job is over (or so long over that SLURM forgot it)
-        if any(s.state in ("pending", "running") for s in st.sessions):  # the finalize job alone was cancelled
+        if any(s.queued for s in st.sessions):  # the finalize job alone was cancelled
             echo(f"  not finalized, and its finalize job is over while the array still runs: once the array has "
                  f"ended, merge it with `xnat2bids finalize {root}`")
         else:
@@ -1767,9 +1771,11 @@ def run_check(root: Path, lock: Lock, *, full: bool, as_json: bool = False) -> i
     if any(p.code is CheckCode.CONTENT for p in report.problems):
         echo("hint: `xnat2bids plan --full` shows the sessions with other content as drift; "
              "`xnat2bids apply --full --repair-drift` exports them again")
-    if any(p.message.endswith(CRLF_NOTE) for p in report.problems):
-        echo("hint: git changed their line ends on checkout: `git config core.autocrlf false` in this clone, then "
-             "`git rm --cached -r -q . && git reset --hard` checks the files out as committed")
+    crlf = [p.path for p in report.problems if p.message.endswith(CRLF_NOTE)]
+    if crlf:  # the files named alone: a checkout of more would drop uncommitted work (a lock not yet committed)
+        shown = " ".join(shlex.quote(path) for path in crlf[:10]) + (" …" if len(crlf) > 10 else "")
+        echo(f"hint: git changed their line ends on checkout: `git config core.autocrlf false` in this clone, then "
+             f"`git checkout -- {shown}` writes them as committed")
     return EXIT_ERROR
 
 

@@ -437,9 +437,10 @@ def _unconverted(scans: Sequence[_ScanDir], table: _Table | None, heuristic: str
         what = f"scan {scan.scan_id} {_quoted(description)} was selected but converted to nothing"
         kind = _not_image_series(scan.path)
         if kind is not None:  # a bidsmap name cannot help: skipping it is the way
-            left_out = f'"{description}"' if description else f'"{scan.scan_id}"'
-            warnings.append(f"{what}: it holds {kind}, no image series to convert; leave it out with "
-                            f"[conversion] skip = [{left_out}]")
+            # By its description for every session; a scan ID only where it names this scan, its session's table.
+            where = f'[conversion] skip = ["{description}"]' if description else \
+                f'skip = ["{scan.scan_id}"] in [project.<project>.sessions.<session label>]'
+            warnings.append(f"{what}: it holds {kind}, no image series to convert; leave it out with {where}")
             continue
         if not series:
             warnings.append(f"{what}: heudiconv read no DICOM series from it (see the heudiconv log)")

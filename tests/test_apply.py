@@ -594,12 +594,13 @@ def test_git_commit_takes_in_what_the_lock_records_since_the_last_commit(cli, em
     sidecar = next(crlf.glob("sub-01/ses-01MR1/anat/*.json")).relative_to(crlf).as_posix()
     assert code == 1 and f"problem: {exps['01_MR1'].id} sub-01/ses-01MR1: size of {sidecar} is " in out, out
     assert "(its lines end in CRLF, as git's core.autocrlf writes them)" in out.split(sidecar)[1].splitlines()[0]
-    assert "hint: git changed their line ends on checkout: `git config core.autocrlf false`" in out
+    hint = next(line for line in out.splitlines() if line.startswith("hint: git changed their line ends"))
+    assert "`git config core.autocrlf false` in this clone, then `git checkout -- " in hint and sidecar in hint
     nifti = [line for line in out.splitlines() if ".nii.gz" in line]
     assert not nifti, nifti  # binary: left as they were
     git(crlf, "config", "core.autocrlf", "false")
-    assert git(crlf, "rm", "--cached", "-r", "-q", ".").returncode == 0
-    assert git(crlf, "reset", "--hard", "-q").returncode == 0
+    named = hint.split("`git checkout -- ", 1)[1].split("`", 1)[0].split()
+    assert git(crlf, "checkout", "--", *named).returncode == 0  # the hint, to the letter
     code, out, _ = cli("check", str(crlf), "--full")
     assert code == 0, out
 

@@ -724,3 +724,33 @@ def test_an_interrupted_submission_cancels_the_held_array(monkeypatch, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         sx.submit(tmp_path, None, None, Job(), Job(), env={})
     assert cancelled == ["41"]
+
+
+def test_wait_with_slurm_unreachable_after_the_finalize_job_still_says_the_way_out(monkeypatch, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from reconcile import cli as cli_module
+    from reconcile.errors import SlurmError
+
+    batch = SimpleNamespace(finalize_job="12", array_job="11", finalize_output=tmp_path / "finalize.out",
+                            root=tmp_path, id="b1", sessions=[], jobs=("11", "12"))
+
+    def down(*args, **kwargs):
+        raise SlurmError("squeue failed", detail="slurm_load_jobs error: Unable to contact slurm controller")
+
+    monkeypatch.setattr(sx, "wait_for_job", lambda *args, **kwargs: None)
+    monkeypatch.setattr(sx, "read_finalized", lambda b: None)
+    monkeypatch.setattr(sx, "job_state", down)
+    monkeypatch.setattr(sx, "active_jobs", down)
+    assert cli_module._wait_for_batch(batch) == cli_module.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "error: the finalize job 12 ended (state unknown) without merging the results\n" in err
+    assert f"hint: run `xnat2bids finalize {tmp_path}` to merge them" in err
+
+
+@pytest.mark.parametrize("state, queued", [("pending", True), ("running", True), ("suspended", True),
+                                           ("requeued", True), ("completing", True), ("done", False),
+                                           ("failed", False), ("cancelled", False), ("unknown", False)])
+def test_a_task_queued_in_any_slurm_state_keeps_finalize_waiting(state, queued):
+    entry = sx.BatchSession(0, "XNAT_E00001", "PROJ", "sub-01/ses-01", "create")
+    assert sx.SessionState(entry, state).queued is queued

@@ -1171,6 +1171,11 @@ class SessionState:
     detail: str = ""
     log: str | None = None
 
+    @property
+    def queued(self) -> bool:
+        """Its array task is still queued or running (pending, running, suspended, requeued, …)."""
+        return self.state.upper() in _ACTIVE
+
 
 @dataclass(frozen=True)
 class BatchStatus:
