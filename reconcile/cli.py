@@ -925,7 +925,7 @@ def _recover_and_plan(
                               reconvert_outdated=reconvert_outdated, full=full, accept_older_lock=accept_older_lock)
     echo(render_text(repairing(plan) if repair_drift else plan))
     todo = plan.actionable(repair_drift=repair_drift)
-    if todo:
+    if todo and warn is not None:  # not for a --dry-run (no lock taken), which writes nothing
         # Before any download: every commit updates participants.tsv, and a session would be
         # exported, converted and then failed at its commit.
         refuse_unresolved_conflicts(root, subjects_written(todo))
