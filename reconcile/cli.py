@@ -45,7 +45,7 @@ from reconcile.errors import (
 from reconcile.lock import Lock
 from reconcile.model import printable, utc_now
 from reconcile.plan import Action, Change, Plan, Selection, repairing
-from reconcile.workarea import WORK_DIR
+from reconcile.workarea import WORK_DIR, share_with_group
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
@@ -629,6 +629,7 @@ def run_apply(
     try:
         if not dry_run:  # which writes nothing, the root included
             client.login()  # first: a failed login (XNAT unreachable, bad password) leaves no new root behind
+            share_with_group(root)
             _create_root(root, cfg.layout)
             if not os.access(root, os.W_OK | os.X_OK):
                 raise ConfigError(f"BIDS root {root} is not writable by this user")
@@ -1354,6 +1355,7 @@ def _finalize_dataset(root: Path, batch_id: str | None) -> int:
     from reconcile.executors import slurm as sx
     from reconcile.progress import Reporter
 
+    share_with_group(root)
     warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
     if batch_id is not None:
         batch = sx.read_batch(root, batch_id)
@@ -1581,6 +1583,7 @@ def forget(
 
     cfg = _load_config(config)
     root = _dataset_of(cfg, cfg.resolve_bids_root(bids_root), experiment_id)
+    share_with_group(root)
     _need_dataset_folder(root)
     warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
     with statelock.held(root, "forget", warn=warn):

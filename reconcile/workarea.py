@@ -5,6 +5,8 @@ On the dataset's own file system, so a staged session enters the tree by rename.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,25 @@ from reconcile.model import utc_now
 from reconcile.naming import check_accession_id
 
 WORK_DIR = ".xnat2bids"
+
+
+def share_with_group(root: Path) -> None:
+    """Where a lab group shares the dataset (its folder, or the nearest one above it that exists,
+    setgid and group-writable: `chmod 2775`), make what this process creates there writable by the
+    group too, whatever the member's umask: as git's core.sharedRepository=group does. Otherwise a
+    member with umask 022 leaves folders (a session, the work area's logs and trash) that the next
+    member's apply cannot write, nor put back after a crash."""
+    for folder in (root, *root.parents):
+        try:
+            mode = os.stat(folder).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+        if mode & stat.S_ISGID and mode & stat.S_IWGRP:
+            umask = os.umask(0)
+            os.umask(umask & ~0o070)
+        return
 
 
 def temp_folder(root: Path) -> Path | None:

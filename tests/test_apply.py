@@ -823,3 +823,29 @@ def test_a_participants_file_git_left_conflicted_is_refused_before_any_export_an
     code, out, err = cli("apply", str(theirs), "-p", "PROJ", "--yes")
     assert code == 0, out + err
     assert participants.read_text() == "participant_id\nsub-01\nsub-02\nsub-03\nsub-04\n"
+
+
+def test_a_root_its_group_shares_gets_what_apply_creates_group_writable_whatever_the_umask(emulator, tmp_path):
+    # A lab's shared folder (chmod 2775, setgid): a member with umask 022 must not leave folders the
+    # next member's apply cannot write (logs, trash, a session), as git's sharedRepository=group.
+    import stat
+
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    env = {**os.environ, "XNAT_HOST": emulator.url, "XNAT_USER": emulator.user, "XNAT_PASS": emulator.password}
+    for setgid, shared in ((0o2000, True), (0, False)):
+        root = tmp_path / f"bids-{setgid:o}"
+        root.mkdir()
+        root.chmod(0o775 | setgid)
+        done = subprocess.run([sys.executable, "-m", "reconcile", "apply", str(root), "-p", "PROJ", "--yes"],
+                              env=env, cwd=tmp_path, capture_output=True, text=True,
+                              preexec_fn=lambda: os.umask(0o022))
+        assert done.returncode == 0, done.stdout + done.stderr
+        made = [p for p in root.rglob("*") if not p.is_symlink()]
+        assert any(p.parts[-1] == "logs" for p in made) and any(p.name.endswith(".nii.gz") for p in made)
+        # (heudiconv leaves the images read-only for everyone, the owner too: replaced by rename)
+        closed = [p.relative_to(root).as_posix() for p in made
+                  if p.stat().st_mode & stat.S_IWUSR and not p.stat().st_mode & stat.S_IWGRP]
+        if shared:
+            assert closed == [], closed
+        else:  # no group folder: the member's umask decides, as ever
+            assert "sub-01" in closed and ".xnat2bids/logs" in closed

@@ -63,7 +63,7 @@ from reconcile.localscan import sha256_file
 from reconcile.model import RemoteFile, Scan, SessionRecord, utc_now
 from reconcile.plan import Change, Plan, same_time
 from reconcile.validate import ValidationResult
-from reconcile.workarea import WorkArea, work_path
+from reconcile.workarea import WorkArea, share_with_group, work_path
 
 BATCH_FORMAT_VERSION = 1
 RESULT_FORMAT_VERSION = 1
@@ -702,6 +702,7 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
     batch = Batch.from_dict(manifest)
     entry = batch.sessions[index]
     root = batch.root
+    share_with_group(root)  # the job's umask is the member's
     log_path = WorkArea(root).log(entry.experiment_id)
     record: dict[str, Any] = {
         "format_version": RESULT_FORMAT_VERSION,
