@@ -120,7 +120,11 @@ class Verified:
             return cls(None, {})
         path = directory.parent / "verified" / f"{_cache_key(root)}.json"
         try:
-            entries = json.loads(path.read_bytes())
+            with open(path, "rb") as f:
+                # Another user's (a cache folder a lab shares) could vouch for content they changed.
+                if os.name == "posix" and os.fstat(f.fileno()).st_uid != os.getuid():
+                    return cls(path, {})
+                entries = json.loads(f.read())
         except (OSError, ValueError):
             entries = {}
         return cls(path, entries if isinstance(entries, dict) else {})

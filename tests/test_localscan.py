@@ -149,6 +149,19 @@ def test_a_damaged_verified_file_only_costs_a_hash(tmp_path):
     assert stat_outputs(tmp_path, lock).same_content == {"sub-SUBJ01/ses-MR1/anat/a.json"}
 
 
+@pytest.mark.skipif(os.name != "posix" or os.getuid() != 0, reason="giving a file to another user needs root")
+def test_another_users_verified_file_vouches_for_nothing(tmp_path):
+    # A cache folder a lab shares: what another member says was verified could hide their edit.
+    from reconcile.localscan import Verified
+
+    lock = _recording(tmp_path, {"sub-SUBJ01/ses-MR1/anat/a.json": b"{}\n"})
+    stat_outputs(tmp_path, lock)
+    stored = Verified.of(tmp_path).path
+    assert Verified.of(tmp_path).entries  # this user's own: read
+    os.chown(stored, 4242, 4242)
+    assert Verified.of(tmp_path).entries == {}
+
+
 def test_an_output_linked_out_of_the_root_is_not_judged_by_its_target_one_linked_inside_is(tmp_path):
     root = tmp_path / "bids"
     lock = _recording(root, {"sub-SUBJ01/ses-MR1/anat/a.json": b"{}\n", "sub-SUBJ01/ses-MR1/anat/b.json": b"[1]\n"},
