@@ -68,6 +68,7 @@ from reconcile.model import (
     Scan,
     SessionRecord,
     format_timestamp,
+    login_name,
     utc_now,
 )
 from reconcile.naming import check_safe
@@ -954,7 +955,6 @@ def log_line(path: Path, text: str) -> None:
 
 def _history_entry(operation: str, serial_before: int, serial_after: int, summary: dict[str, int],
                    sessions: list[dict], **extra: Any) -> dict:
-    import getpass
     import socket
 
     from reconcile import __version__
@@ -962,7 +962,7 @@ def _history_entry(operation: str, serial_before: int, serial_after: int, summar
     return {
         "time": utc_now(),
         "operation": operation,
-        "user": getpass.getuser(),
+        "user": login_name(),
         "host": socket.gethostname(),
         "xnat2bids": __version__,
         "lock_serial": {"before": serial_before, "after": serial_after},

@@ -6,6 +6,7 @@ Values here are parsed and typed; nothing in this module does I/O.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -48,6 +49,18 @@ def parse_timestamp(text: str | None) -> datetime | None:
     day, clock, frac = m.groups()
     micros = int((frac or "0")[:6].ljust(6, "0"))
     return datetime.fromisoformat(f"{day} {clock}").replace(microsecond=micros)
+
+
+def login_name() -> str:
+    """The account this process runs as, by its uid: $USER and $LOGNAME (what getpass reads first)
+    name another after `su -m` or `sudo -E`, and the history and state lock would credit them."""
+    import getpass
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (KeyError, AttributeError):  # no passwd entry (a container), or no uid (not POSIX)
+        return getpass.getuser()
 
 
 def utc_now() -> str:

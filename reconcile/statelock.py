@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import getpass
 import json
 import os
 import secrets
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from reconcile.durable import fsync_dir, open_for_flock
 from reconcile.errors import ConfigError, LockHeldError, XnatBidsError
+from reconcile.model import login_name
 
 STATE_LOCK_NAME = ".xnat2bids.lock.info"
 UNREADABLE = "unreadable"  # the lock ID `force-unlock` takes to remove a lock file nobody can read
@@ -396,7 +396,7 @@ def _create_in_place(path: Path, holder: Holder) -> bool:
 def _me(operation: str) -> Holder:
     return Holder(
         id=uuid.uuid4().hex[:12],
-        user=getpass.getuser(),
+        user=login_name(),
         host=socket.gethostname(),
         pid=os.getpid(),
         since=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -545,8 +545,10 @@ def force_unlock(root: Path, lock_id: str) -> Holder:
             if _fate(probe, _me("force-unlock"))[0] is _Fate.RUNNING:
                 raise LockHeldError(
                     f"the state lock of {root} is held by a process that is still running: {holder.describe()}",
-                    hint=f"stop it (`kill {holder.pid}` on {holder.host}): it releases the lock as it ends, and if it "
-                         f"is killed before it can, the next apply takes the lock over; no force-unlock is needed",
+                    hint=(f"stop it (`kill {holder.pid}` on {holder.host})" if holder.user == login_name() else
+                          f"ask {holder.user} to stop it (`kill {holder.pid}` on {holder.host}), or an administrator")
+                    + ": it releases the lock as it ends, and if it is killed before it can, the next apply takes the "
+                      "lock over; no force-unlock is needed",
                 )
         os.unlink(state_lock_path(root))
         return holder

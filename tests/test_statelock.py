@@ -476,10 +476,29 @@ def test_force_unlock_refuses_a_holder_still_running_on_this_host(cli, tmp_path)
     with pytest.raises(LockHeldError) as exc:
         statelock.force_unlock(root, holder.id)
     assert "still running" in exc.value.summary and f"pid {os.getpid()}" in exc.value.summary
+    assert exc.value.hint.startswith(f"stop it (`kill {os.getpid()}` on ")
     code, out, err = cli("force-unlock", holder.id, str(root))
     assert code == 1 and "still running" in err, out + err
     assert statelock.read_holder(root) == holder
     statelock.release(root, holder)
+
+
+@linux_only
+def test_the_holder_is_named_by_the_uid_not_by_user_and_another_members_is_asked_to_stop(tmp_path, monkeypatch):
+    import pwd
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    monkeypatch.setenv("USER", "alice")  # as `su -m` or `sudo -E` leave it
+    monkeypatch.setenv("LOGNAME", "alice")
+    root = tmp_path / "bids"
+    root.mkdir()
+    holder = statelock.acquire(root, "apply")
+    assert holder.user == me
+    record = state_lock_path(root).read_text()
+    state_lock_path(root).write_text(record.replace(f'"user": "{me}"', '"user": "bob"'))
+    with pytest.raises(LockHeldError) as exc:  # bob's apply, still running here: this user cannot kill it
+        statelock.force_unlock(root, holder.id)
+    assert exc.value.hint.startswith(f"ask bob to stop it (`kill {os.getpid()}` on ")
 
 
 @linux_only

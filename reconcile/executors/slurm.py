@@ -11,7 +11,6 @@ the history. Prints nothing.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import os
 import re
@@ -60,7 +59,7 @@ from reconcile.errors import (
 )
 from reconcile.failpoints import hit
 from reconcile.localscan import sha256_file
-from reconcile.model import RemoteFile, Scan, SessionRecord, utc_now
+from reconcile.model import RemoteFile, Scan, SessionRecord, login_name, utc_now
 from reconcile.plan import Change, Plan, same_time
 from reconcile.validate import ValidationResult
 from reconcile.workarea import WorkArea, share_with_group, work_path
@@ -384,7 +383,7 @@ def new_batch(
         root=root,
         id=batch_id,
         created_at=utc_now(),
-        user=getpass.getuser(),
+        user=login_name(),
         host=socket.gethostname(),
         xnat_url=xnat_url,
         verify_tls=config.verify_tls,
@@ -1123,7 +1122,7 @@ def discard_unsubmitted(root: Path, *, warn: Callable[[str], None] = lambda m: N
         revoke_job_token(batch, warn=warn)
         if shutil.which("scancel"):  # its controller down, scancel retries for ~20 s: not waited for that long
             with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(["scancel", f"--name=xnat2bids-{batch.id}", f"--user={getpass.getuser()}"],
+                subprocess.run(["scancel", f"--name=xnat2bids-{batch.id}", f"--user={login_name()}"],
                                capture_output=True, timeout=10)
         batch.credentials_path.unlink(missing_ok=True)
         shutil.rmtree(batch.dir, ignore_errors=True)
