@@ -17,7 +17,7 @@ from stat import S_ISLNK, S_ISREG
 from typing import Any
 
 from reconcile.lock import Lock
-from reconcile.lockcache import _cache_dir, _cache_key
+from reconcile.lockcache import _cache_dir, _cache_key, _private_opener, private
 from reconcile.model import FileStat, OutputRecord, SessionRecord
 from reconcile.plan import LocalState
 
@@ -121,8 +121,8 @@ class Verified:
         path = directory.parent / "verified" / f"{_cache_key(root)}.json"
         try:
             with open(path, "rb") as f:
-                # Another user's (a cache folder a lab shares) could vouch for content they changed.
-                if os.name == "posix" and os.fstat(f.fileno()).st_uid != os.getuid():
+                # One another user could write (a cache folder a lab shares) could vouch for their edit.
+                if not private(os.fstat(f.fileno())):
                     return cls(path, {})
                 entries = json.loads(f.read())
         except (OSError, ValueError):
@@ -146,7 +146,9 @@ class Verified:
         with contextlib.suppress(OSError):
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            temp.write_text(json.dumps(self.entries, sort_keys=True))
+            temp.unlink(missing_ok=True)  # made anew: 0600 whatever the umask
+            with open(temp, "x", encoding="utf-8", opener=_private_opener) as f:
+                f.write(json.dumps(self.entries, sort_keys=True))
             os.replace(temp, self.path)
 
 

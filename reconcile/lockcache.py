@@ -178,7 +178,7 @@ def _read_cache(path: Path, digest: bytes, *, older: bool) -> _Snapshot | None:
         try:
             with open(file, "rb") as f:
                 st = os.fstat(f.fileno())
-                if os.name == "posix" and st.st_uid != os.getuid():
+                if not private(st):
                     return None
                 raw = f.read()
         except OSError:
@@ -287,7 +287,7 @@ def _save_cache(path: Path, snapshot: _Snapshot) -> None:
     tmp = file.with_name(f"{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:
+        with open(tmp, "xb", opener=_private_opener) as f:
             f.writelines([_CACHE_MAGIC, nonce, *blobs, *index])
             f.flush()
             os.replace(tmp, file)
@@ -302,6 +302,18 @@ def _save_cache(path: Path, snapshot: _Snapshot) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def private(st: os.stat_result) -> bool:
+    """Whether a cache file is this user's alone: theirs, and writable by no one else. A file
+    another member could rewrite (a cache folder a lab shares, a group umask) could say what the
+    lock holds, or which outputs were verified, as they please."""
+    return os.name != "posix" or (st.st_uid == os.getuid() and not st.st_mode & 0o022)
+
+
+def _private_opener(path: str, flags: int) -> int:
+    """For open(): a new cache file is made 0600, whatever the umask."""
+    return os.open(path, flags, 0o600)
 
 
 def _index(snapshot: _Snapshot, keys: tuple[str, ...], offsets: list[int], nonce: bytes) -> list[bytes]:

@@ -158,6 +158,10 @@ def test_another_users_verified_file_vouches_for_nothing(tmp_path):
     stat_outputs(tmp_path, lock)
     stored = Verified.of(tmp_path).path
     assert Verified.of(tmp_path).entries  # this user's own: read
+    assert stored.stat().st_mode & 0o777 == 0o600
+    stored.chmod(0o664)  # one a member of its group could rewrite in place, keeping its owner
+    assert Verified.of(tmp_path).entries == {}
+    stored.chmod(0o600)
     os.chown(stored, 4242, 4242)
     assert Verified.of(tmp_path).entries == {}
 

@@ -1354,6 +1354,26 @@ def test_a_cache_written_by_someone_else_is_not_trusted(root: Path, cached: Path
     assert parsed == [str(lock_path(root))]
 
 
+def test_a_cache_someone_else_could_write_is_not_trusted(root: Path, cached: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Made 0600 whatever the umask (a group-shared root widens it); one a group member could
+    # rewrite in place, its owner kept, could say what the lock holds.
+    old = os.umask(0o002)
+    try:
+        write_lock(root, lock_with(record(1)))
+    finally:
+        os.umask(old)
+    files = [f for f in cached.rglob("*") if f.is_file()]
+    assert files and all(f.stat().st_mode & 0o777 == 0o600 for f in files), [oct(f.stat().st_mode) for f in files]
+    forget()
+    for f in files:
+        f.chmod(0o664)
+    parsed: list[str] = []
+    real = lockcache._parse_bytes
+    monkeypatch.setattr(lockcache, "_parse_bytes", lambda data, source, known=None: parsed.append(source) or real(data, source, known))
+    read_lock(root)
+    assert parsed == [str(lock_path(root))]
+
+
 @given(_locks)
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_recorded_outputs_read_undecoded_give_the_records_outputs(lock: Lock) -> None:
