@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from worlds import SMALL, add, assert_schema, redate, tree
+from worlds import SMALL, add, assert_schema, git, redate, tree, two_clones
 
 from reconcile.emulator import Fault
 from reconcile.emulator.dicomgen import DEFAULT_SERIES
@@ -779,22 +779,7 @@ def test_a_participants_file_git_left_conflicted_is_refused_before_any_export_an
     # participants.tsv conflicts, as the README says. Its marker lines are not participants.
     add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11"),
                            ("03", "03_MR1", "2024-01-12"), ("04", "04_MR1", "2024-01-13")], series=SMALL[:1])
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-
-    def git(where, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "-C", str(where), "-c", "user.name=t", "-c", "user.email=t@x", *args],
-                              capture_output=True, text=True)
-
-    ours.mkdir()
-    git(ours, "init", "-q", "-b", "main")
-    git(ours, "config", "user.name", "t")
-    git(ours, "config", "user.email", "t@x")
-    assert cli("apply", str(ours), "-p", "PROJ", "--session", "01_MR1", "--yes", "--git-commit")[0] == 0
-    git(tmp_path, "clone", "-q", str(ours), str(theirs))
-    git(theirs, "config", "user.name", "t")
-    git(theirs, "config", "user.email", "t@x")
-    git(theirs, "config", "merge.xnat2bids.driver", f"{sys.executable} -m reconcile merge-lock %O %A %B")
-    (theirs / ".git/info/attributes").write_text(".xnat2bids.lock merge=xnat2bids\n")
+    ours, theirs = two_clones(cli, tmp_path)
     assert cli("apply", str(ours), "-p", "PROJ", "--session", "02_MR1", "--yes", "--git-commit")[0] == 0
     code, out, err = cli("apply", str(theirs), "-p", "PROJ", "--session", "03_MR1", "--yes", "--git-commit")
     assert code == 0, out + err

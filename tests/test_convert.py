@@ -126,6 +126,16 @@ def _convert(dicom: Path, where: Path, address: BidsAddress = A,
     return convert_session(dicom, where / "work", address, settings, log_path=where / "convert.log", **kwargs)  # type: ignore[arg-type]
 
 
+def _rewrite(scan_folder: Path, **fields: object) -> None:
+    """Set DICOM `fields` in every file of a generated scan, as a scanner would have written them."""
+    for path in scan_folder.rglob("*"):
+        if path.is_file():
+            ds = pydicom.dcmread(path)
+            for name, value in fields.items():
+                setattr(ds, name, value)
+            ds.save_as(path)
+
+
 def _session_files(result: ConversionResult) -> set[str]:
     return {p.relative_to(result.session_dir).as_posix() for p in result.session_dir.rglob("*") if p.is_file()}
 
@@ -476,11 +486,7 @@ def test_a_single_band_reference_named_by_its_protocol_is_the_bolds_sbref(tmp_pa
     series = (SeriesSpec("cmrr_mbep2d_bold_rest_SBRef", "func", n_volumes=1),
               SeriesSpec("cmrr_mbep2d_bold_rest", "func", n_volumes=3))
     write_session(tmp_path / "dicom", "01", "a", series=series)
-    for path in (tmp_path / "dicom" / "1").rglob("*"):
-        if path.is_file():
-            ds = pydicom.dcmread(path)
-            ds.ProtocolName = "cmrr_mbep2d_bold_rest"
-            ds.save_as(path)
+    _rewrite(tmp_path / "dicom" / "1", ProtocolName="cmrr_mbep2d_bold_rest")
     settings = ConversionSettings(bidsmap=(("cmrr_mbep2d_bold_rest", "func-bold_task-rest"),))
     assert settings.scan_name("cmrr_mbep2d_bold_rest_SBRef", "cmrr_mbep2d_bold_rest") == "func-sbref_task-rest"
     assert settings.scan_name("cmrr_mbep2d_bold_rest", "cmrr_mbep2d_bold_rest") == "func-bold_task-rest"
@@ -497,12 +503,8 @@ def test_a_derived_series_named_after_its_original_is_the_one_the_hint_leaves_ou
     series = (SeriesSpec("anat-T1w_acq-memprage", "anat", n_slices=4),
               SeriesSpec("anat-T1w_acq-memprage_MPR_tra", "anat", n_slices=4))
     write_session(tmp_path / "dicom", "01", "a", series=series)
-    for path in (tmp_path / "dicom" / "2").rglob("*"):
-        if path.is_file():
-            ds = pydicom.dcmread(path)
-            ds.ImageType = ["DERIVED", "SECONDARY", "MPR", "CSA MPR", "NORM"]
-            ds.ProtocolName = "anat-T1w_acq-memprage"
-            ds.save_as(path)
+    _rewrite(tmp_path / "dicom" / "2", ImageType=["DERIVED", "SECONDARY", "MPR", "CSA MPR", "NORM"],
+             ProtocolName="anat-T1w_acq-memprage")
     with pytest.raises(ConversionError) as info:
         _convert(tmp_path / "dicom", tmp_path)
     assert info.value.summary.startswith("sub-01/ses-a: scans 1, 2 convert to the same BIDS name")

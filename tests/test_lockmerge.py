@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 from test_lock import lock_with, record
-from worlds import SMALL, add, redate
+from worlds import SMALL, add, git, redate, two_clones
 
 from reconcile.lock import dumps_lock, loads_lock, read_lock
 from reconcile.lockmerge import merge_locks
@@ -105,29 +103,10 @@ def test_two_first_exports_merge_into_one_lineage_but_locks_of_two_datasets_do_n
     assert merged.lock is None and "different lineages" in merged.conflicts[0]
 
 
-def git(where, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", "-C", str(where), "-c", "user.name=t", "-c", "user.email=t@x", *args],
-                          capture_output=True, text=True)
-
-
-def _two_clones(cli, tmp_path):
-    """A dataset in git with session 01_MR1 exported, and a clone of it that merges locks with the driver."""
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    ours.mkdir()
-    git(ours, "init", "-q", "-b", "main")
-    git(ours, "config", "user.name", "t")
-    git(ours, "config", "user.email", "t@x")
-    assert cli("apply", str(ours), "-p", "PROJ", "--session", "01_MR1", "--yes", "--git-commit")[0] == 0
-    git(tmp_path, "clone", "-q", str(ours), str(theirs))
-    git(theirs, "config", "merge.xnat2bids.driver", f"{sys.executable} -m reconcile merge-lock %O %A %B")
-    (theirs / ".git/info/attributes").write_text(".xnat2bids.lock merge=xnat2bids\n")
-    return ours, theirs
-
-
 def test_a_conflict_resolved_as_the_driver_says_keeps_the_other_clones_sessions(cli, emulator, tmp_path):
     first = add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11")],
                 series=SMALL[:1])["01_MR1"]
-    ours, theirs = _two_clones(cli, tmp_path)
+    ours, theirs = two_clones(cli, tmp_path)
     redate(emulator, first, "2024-02-01")  # exported again in one clone, which also exports 02
     assert cli("apply", str(ours), "-p", "PROJ", "--yes", "--git-commit")[0] == 0
     redate(emulator, first, "2024-03-01")  # and again, otherwise, in the other
@@ -162,7 +141,7 @@ def test_a_conflict_resolved_as_the_driver_says_keeps_the_other_clones_sessions(
 def test_git_merges_two_clones_locks_with_the_driver(cli, emulator, tmp_path):
     add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11"),
                            ("03", "03_MR1", "2024-01-12")], series=SMALL[:1])
-    ours, theirs = _two_clones(cli, tmp_path)
+    ours, theirs = two_clones(cli, tmp_path)
     assert cli("apply", str(ours), "-p", "PROJ", "--session", "02_MR1", "--yes", "--git-commit")[0] == 0
     assert cli("apply", str(theirs), "-p", "PROJ", "--session", "03_MR1", "--yes", "--git-commit")[0] == 0
     git(theirs, "pull", "-q", "--no-rebase", "origin", "main")  # participants.tsv may still conflict: not ours

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import requests
@@ -109,3 +111,22 @@ def token_valid(answer: requests.Response) -> bool:
         return False
     assert answer.status_code == 200, answer.text
     return isinstance(answer.json()["valid"], str)
+
+
+def git(where, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(where), "-c", "user.name=t", "-c", "user.email=t@x", *args],
+                          capture_output=True, text=True)
+
+
+def two_clones(cli, tmp_path):
+    """A dataset in git with session 01_MR1 exported, and a clone of it that merges locks with the driver."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    git(ours, "init", "-q", "-b", "main")
+    git(ours, "config", "user.name", "t")
+    git(ours, "config", "user.email", "t@x")
+    assert cli("apply", str(ours), "-p", "PROJ", "--session", "01_MR1", "--yes", "--git-commit")[0] == 0
+    git(tmp_path, "clone", "-q", str(ours), str(theirs))
+    git(theirs, "config", "merge.xnat2bids.driver", f"{sys.executable} -m reconcile merge-lock %O %A %B")
+    (theirs / ".git/info/attributes").write_text(".xnat2bids.lock merge=xnat2bids\n")
+    return ours, theirs
