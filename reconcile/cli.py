@@ -626,10 +626,12 @@ def run_apply(
         validator()  # installed? said before any work, not after it
     own_client = client is None
     client = client or connect(cfg)
+    created = False
     try:
         if not dry_run:  # which writes nothing, the root included
             client.login()  # first: a failed login (XNAT unreachable, bad password) leaves no new root behind
             share_with_group(root)
+            created = not root.exists()
             _create_root(root, cfg.layout)
             if not os.access(root, os.W_OK | os.X_OK):
                 raise ConfigError(f"BIDS root {root} is not writable by this user")
@@ -740,9 +742,22 @@ def run_apply(
             if git_commit:
                 _git_commit(root, report)
             return code
+    except XnatBidsError:
+        if created:  # refused before it wrote anything (a SLURM limit, a config the lock had): no empty root left
+            _remove_empty_folders(root)
+        raise
     finally:
         if own_client:
             client.close()
+
+
+def _remove_empty_folders(root: Path) -> None:
+    """Remove `root` and the folders below it, where they hold no file; never a file."""
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
 
 
 @app.command()

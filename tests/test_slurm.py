@@ -407,6 +407,7 @@ def test_a_batch_larger_than_the_clusters_array_limit_is_refused_before_anything
     assert (f"error: this plan has {limit + 1} sessions to apply, and this cluster takes at most {limit} tasks in one "
             "job array (MaxArraySize)") in err
     assert sx.list_batches(root) == [] and statelock.read_holder(root) is None
+    assert not root.exists()  # made by this apply, and nothing written: the next plan still says it is missing
     code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm", "--dry-run")
     assert code == 0 and f"# warning: this plan has {limit + 1} sessions to apply" in out, out + err
 
