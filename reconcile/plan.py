@@ -601,6 +601,7 @@ def compute_plan(
     out.notes += _notes(out, gone, local, config, remote, records, selection, deep=deep)
     out.notes += _excluded_note(rows, seen, sessions, selection)
     out.notes += _not_mr_note(out.changes, config)
+    out.notes += _unlisted_projects_note(records, remote, config)
     changes = sorted(out.changes, key=lambda c: (ACTION_ORDER[c.action], c.address, c.key))
     return Plan(
         changes=tuple(changes),
@@ -1075,6 +1076,23 @@ def _notes(out: _Collector, gone: list[SessionRecord], local: LocalState, config
             "re-saving it are found with --deep"
         )
     return notes
+
+
+def _unlisted_projects_note(records: Iterable[SessionRecord], remote: RemoteState, config: Config) -> list[str]:
+    """A note on the sessions the lock records for projects this plan did not list and the config
+    no longer names (a finished study dropped from `projects`): left as they are, never orphaned,
+    and said, so that "N sessions up to date" does not read as the whole lock."""
+    if not config.projects:  # projects come from -p alone: the others are simply not asked about
+        return []
+    named = {listing.project for listing in remote.listings} | set(config.projects)
+    left = Counter(r.project for r in records if r.project not in named)
+    if not left:
+        return []
+    n = sum(left.values())
+    which = ", ".join(f"{project} ({k})" for project, k in sorted(left.items()))
+    return [f"{n} session{'s' if n != 1 else ''} the lock records for projects not in the config's `projects` "
+            f"{'are' if n != 1 else 'is'} not planned: {which}; {'they stay' if n != 1 else 'it stays'} as exported "
+            "(name the project again to plan it, or `xnat2bids forget ID` to drop one from the lock)"]
 
 
 def _not_mr_note(changes: Iterable[Change], config: Config) -> list[str]:

@@ -117,6 +117,21 @@ def test_sessions_reproin_cannot_convert_are_noted_with_the_way_out(tmp_path):
     assert not any("not MR" in n for n in plan_of(Lock.new(), [exp(1), pet, ct], config=excluded).notes)
 
 
+def test_sessions_of_a_project_the_config_no_longer_names_are_noted_not_orphaned():
+    # A finished study dropped from `projects`: its sessions stay, and the plan says so.
+    kept, old = exp(1), exp(2, project="OLD")
+    lock = lock_of(record(kept, bids_session="SUBJ01MR1"), record(old, bids_session="SUBJ02MR1"))
+    config = parse_config({"projects": ["PROJ"]})
+    plan = plan_of(lock, [kept], config=config)
+    assert not plan.changes and plan.unchanged == 1
+    assert ("1 session the lock records for projects not in the config's `projects` is not planned: OLD (1); it "
+            "stays as exported (name the project again to plan it, or `xnat2bids forget ID` to drop one from the "
+            "lock)") in plan.notes
+    named = parse_config({"projects": ["PROJ", "OLD"]})  # named, but not listed this run (a failure): no note
+    assert not any("not in the config's" in n for n in plan_of(lock, [kept], config=named).notes)
+    assert not any("not in the config's" in n for n in plan_of(lock, [kept]).notes)  # -p alone: not asked
+
+
 def test_new_session_is_planned_as_create():  # row 1
     plan = plan_of(Lock.new(), [exp(1)])
     change = only(plan, Action.CREATE)
