@@ -1015,6 +1015,9 @@ def _replacement(exp: Experiment, address: BidsAddress, replaced: SessionRecord,
     if replaced.project != exp.project:  # deleted in one project, archived again in another
         reasons.append(Reason("moved", f"project {replaced.project} → {exp.project}", "project",
                               replaced.project, exp.project))
+    if replaced.date != exp.date:  # the new archive's date: said as a re-date is
+        reasons.append(Reason("redated", f"date {replaced.date or '(none)'} → {exp.date or '(none)'}", "date",
+                              replaced.date, exp.date))
     drift = _drift(replaced, local)
     return Change(Action.UPDATE, exp.key, address, (*reasons, *drift), replaced, exp, scans, _edited_paths(drift))
 

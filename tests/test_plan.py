@@ -294,6 +294,10 @@ def test_rearchived_session_is_one_update_not_orphan_plus_create():  # row 9
     plan = plan_of(lock, [moved, exp(3)], projects=("PROJ", "OTHER"))
     assert [r.message for r in only(plan, Action.UPDATE).reasons] == [
         "replaced in XNAT: XNAT_E00001 → XNAT_E00099", "project PROJ → OTHER"]
+    # Archived again with another date: that is said too (a user re-dates to force a re-sync).
+    redated = replace(e2, date="2024-02-01")
+    assert [(r.code, r.message) for r in only(plan_of(lock, [redated]), Action.UPDATE).reasons] == [
+        ("replaced", "replaced in XNAT: XNAT_E00001 → XNAT_E00099"), ("redated", "date 2024-01-10 → 2024-02-01")]
 
 
 def test_a_change_into_an_occupied_folder_becomes_a_problem_and_the_others_stay():
