@@ -742,6 +742,8 @@ def run_apply(
             if git_commit:
                 _git_commit(root, report)
             return code
+    except LockHeldError:  # another apply made the root meanwhile and works in it: not ours to tidy
+        raise
     except XnatBidsError:
         if created:  # refused before it wrote anything (a SLURM limit, a config the lock had): no empty root left
             _remove_empty_folders(root)
@@ -752,12 +754,12 @@ def run_apply(
 
 
 def _remove_empty_folders(root: Path) -> None:
-    """Remove `root` and the folders below it, where they hold no file; never a file."""
-    for folder in sorted((p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+    """Remove a root this run made, and the work area's folders in it, where they hold nothing;
+    never a file, and no folder of the BIDS tree."""
+    work = root / WORK_DIR
+    for folder in [*sorted((p for p in work.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True), work, root]:
         with contextlib.suppress(OSError):
             folder.rmdir()
-    with contextlib.suppress(OSError):
-        root.rmdir()
 
 
 @app.command()
