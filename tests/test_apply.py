@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from worlds import SMALL, add, assert_schema, git, redate, tree, two_clones
@@ -673,14 +674,19 @@ def _fake_validator(folder, script: str) -> None:
     exe.chmod(0o755)
 
 
+def _git_repository(root: Path) -> Path:
+    """`root` made, as a git repository with an identity of its own."""
+    root.mkdir()
+    for args in (["init", "-q"], ["config", "user.email", "t@example.org"], ["config", "user.name", "t"]):
+        subprocess.run(["git", "-C", str(root), *args], check=True)
+    return root
+
+
 def test_a_validator_that_fails_or_hangs_still_lets_apply_commit_what_it_did(cli, emulator, tmp_path, monkeypatch):
     from reconcile import validate
 
     add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
-    root = tmp_path / "bids"
-    root.mkdir()
-    for args in (["init", "-q"], ["config", "user.email", "t@example.org"], ["config", "user.name", "t"]):
-        subprocess.run(["git", "-C", str(root), *args], check=True)
+    root = _git_repository(tmp_path / "bids")
     _fake_validator(tmp_path / "bin", "sleep 30")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     monkeypatch.setattr(validate, "VALIDATOR_TIMEOUT_S", 1)
@@ -693,10 +699,7 @@ def test_a_validator_that_fails_or_hangs_still_lets_apply_commit_what_it_did(cli
 
 def test_the_validator_and_the_datasets_git_hooks_get_no_xnat_credentials(cli, emulator, tmp_path, monkeypatch):
     add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
-    root = tmp_path / "bids"
-    root.mkdir()
-    for args in (["init", "-q"], ["config", "user.email", "t@example.org"], ["config", "user.name", "t"]):
-        subprocess.run(["git", "-C", str(root), *args], check=True)
+    root = _git_repository(tmp_path / "bids")
     seen = tmp_path / "seen"
     hook = root / ".git/hooks/pre-commit"
     hook.write_text(f"#!/bin/bash\nenv >> {seen}\n")

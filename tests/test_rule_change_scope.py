@@ -83,16 +83,23 @@ def _files(root) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.glob("sub-*/ses-*/*/*.nii.gz"))
 
 
-def test_a_session_whose_xnat_descriptions_are_not_what_the_conversion_matched_takes_any_rule_change(
-        cli, emulator, tmp_path):
-    # XNAT lists the BOLD without a description; its DICOM has one, which the conversion selects by.
+def _exported_skipping_func(cli, emulator, tmp_path, *, xnat_description: str):
+    """A session whose BOLD (scan 2) XNAT lists as `xnat_description`, exported with its DICOM's
+    description skipped (`func-*`): the conversion selects by the DICOM. (session, root, output)."""
     e = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
-    emulator.archive.get_scan(e.id, "2").series_description = ""
+    emulator.archive.get_scan(e.id, "2").series_description = xnat_description
     root = tmp_path / "bids"
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c",
                          str(write_config(tmp_path, '[conversion]\nskip = ["func-*"]')))
     assert code == 0, out + err
     assert not any("/func/" in f for f in _files(root))  # the conversion skipped it by its DICOM description
+    return e, root, out
+
+
+def test_a_session_whose_xnat_descriptions_are_not_what_the_conversion_matched_takes_any_rule_change(
+        cli, emulator, tmp_path):
+    # XNAT lists the BOLD without a description; its DICOM has one, which the conversion selects by.
+    e, root, _ = _exported_skipping_func(cli, emulator, tmp_path, xnat_description="")
     assert read_lock(root).sessions[e.id].unselected_scans is None  # so plan cannot judge on XNAT's
     code, doc = _plan(cli, root, write_config(tmp_path, ""))
     assert (code, _reasons(doc)) == (2, {e.id: ["config changed: skip"]})
@@ -103,13 +110,7 @@ def test_a_session_whose_xnat_descriptions_are_not_what_the_conversion_matched_t
 
 def test_a_scan_xnat_selects_but_its_dicom_description_leaves_out_is_a_warning(cli, emulator, tmp_path):
     # XNAT's description was edited after the upload; the DICOM still says what the skip matches.
-    e = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL)["01_MR1"]
-    emulator.archive.get_scan(e.id, "2").series_description = "resting state"
-    root = tmp_path / "bids"
-    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "-c",
-                         str(write_config(tmp_path, '[conversion]\nskip = ["func-*"]')))
-    assert code == 0, out + err
-    assert not any("/func/" in f for f in _files(root))
+    e, root, out = _exported_skipping_func(cli, emulator, tmp_path, xnat_description="resting state")
     assert ('warning: scan 2: XNAT lists it as "resting state" but its DICOM says "func-bold_task-rest", which '
             "[conversion] include/skip leave out: it was downloaded but not converted") in out
     assert 'XNAT lists it as "resting state"' in WorkArea(root).log(e.id).read_text()

@@ -1227,23 +1227,28 @@ def test_untrusted_certificate_blames_verification_only_while_it_is_on(
     assert tls_site.logins == 1
 
 
+def _assert_redirects_refused(site: Site, location: str, why: str, **client_options: Any) -> None:
+    """A listing and a download that `site` redirects to `location` fail, the hint saying `why`."""
+    for path in ("/data/projects", "/data/files/1.dcm"):
+        site.server.expect_request(path).respond_with_handler(site.authed(
+            lambda r: Response("", status=302, headers={"Location": location})))
+    with make_client(site.url, **client_options) as c:
+        c.login()
+        with pytest.raises(RemoteError) as info:
+            c.get_json("/data/projects")
+        assert info.value.summary == f"XNAT at {site.url} redirected /data/projects to {location}; not followed"
+        assert why in (info.value.hint or "")
+        with pytest.raises(RemoteError, match="redirected the download of /data/files/1.dcm to .*; not followed"):
+            with c.stream("/data/files/1.dcm"):
+                pass
+
+
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_an_https_xnat_redirecting_to_plain_http_is_not_followed(tls_site: Site, httpserver: HTTPServer) -> None:
     # requests would send the session cookie along, unencrypted: the answer is an error instead.
     httpserver.expect_request(re.compile(".*")).respond_with_data("PLAIN")
     plain = httpserver.url_for("/data/x").replace("localhost", "127.0.0.1")
-    for path in ("/data/projects", "/data/files/1.dcm"):
-        tls_site.server.expect_request(path).respond_with_handler(tls_site.authed(
-            lambda r: Response("", status=302, headers={"Location": plain})))
-    with make_client(tls_site.url, verify=False) as c:
-        c.login()
-        with pytest.raises(RemoteError) as info:
-            c.get_json("/data/projects")
-        assert info.value.summary == f"XNAT at {tls_site.url} redirected /data/projects to {plain}; not followed"
-        assert "session cookie" in (info.value.hint or "")
-        with pytest.raises(RemoteError, match="redirected the download of /data/files/1.dcm to .*; not followed"):
-            with c.stream("/data/files/1.dcm"):
-                pass
+    _assert_redirects_refused(tls_site, plain, "session cookie", verify=False)
     assert httpserver.log == []  # nothing, cookie or not, went over plain http
 
 
@@ -1255,18 +1260,7 @@ def test_a_redirect_to_another_port_of_the_same_host_is_not_followed(site: Site)
     try:
         other.expect_request(re.compile(".*")).respond_with_data("OTHER")
         elsewhere = other.url_for("/data/x")
-        for path in ("/data/projects", "/data/files/1.dcm"):
-            site.server.expect_request(path).respond_with_handler(site.authed(
-                lambda r: Response("", status=302, headers={"Location": elsewhere})))
-        with make_client(site.url) as c:
-            c.login()
-            with pytest.raises(RemoteError) as info:
-                c.get_json("/data/projects")
-            assert info.value.summary == f"XNAT at {site.url} redirected /data/projects to {elsewhere}; not followed"
-            assert "another port" in (info.value.hint or "")
-            with pytest.raises(RemoteError, match="redirected the download of /data/files/1.dcm to .*; not followed"):
-                with c.stream("/data/files/1.dcm"):
-                    pass
+        _assert_redirects_refused(site, elsewhere, "another port")
         assert other.log == []
     finally:
         other.clear()
