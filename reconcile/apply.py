@@ -899,7 +899,7 @@ def _settle(
     except AuthError as exc:
         if not isinstance(exc, ForbiddenError):  # a 403 is this session's; rejected credentials are everyone's
             halted.append(_REJECTED)
-        log_line(log_path, f"failed: {exc}")
+        log_line(log_path, f"failed: {exc.log_text()}")
         return Outcome(change, Status.FAILED, exc.summary, log_path, time.monotonic() - t0, hint=exc.hint)
     except (Cancelled, ConversionCancelled):  # stopped part-way by the user: not a failure
         log_line(log_path, "cancelled; nothing of it was committed")
@@ -915,7 +915,7 @@ def _settle(
             halted.append("the lock changed on disk during this run; run plan again")
         elif half is not None and half[0]:  # on disk ahead of the lock (it cannot be written?): so would
             halted.append(f"the commit of {change.key.experiment_id} was left half-way")  # every later one be
-        log_line(log_path, f"failed: {exc}" if known else f"failed: {exc!r}")  # ours: with detail and hint
+        log_line(log_path, f"failed: {exc.log_text()}" if known else f"failed: {exc!r}")  # ours: with its hint
         hint = exc.hint if known else None
         return Outcome(change, Status.FAILED, text, log_path, time.monotonic() - t0, hint=hint)
     record = report.lock.sessions.get(change.key.experiment_id)

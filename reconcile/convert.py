@@ -179,7 +179,7 @@ def convert_session(
         scan_id, name = slashed
         raise ConversionError(
             f"{address}: heudiconv failed on scan {scan_id}, whose series name {name!r} has a '/' "
-            "(BIDS file names cannot hold one)", detail=exc.detail,
+            "(BIDS file names cannot hold one)", detail=exc.detail, detail_logged=exc.detail_logged,
             hint=f'map the scan in [conversion.bidsmap], e.g. "{name}" = "<its ReproIn name without \'/\'>", '
                  "or leave it out with [conversion] skip") from exc
 
@@ -187,6 +187,7 @@ def convert_session(
     files = sorted(p for p in session_dir.rglob("*") if p.is_file()) if session_dir.is_dir() else []
     if not any(p.name.endswith(NIFTI_SUFFIXES) for p in files):
         raise ConversionError(f"{address}: heudiconv produced no NIfTI", detail=_tail(log_path, attempt),
+                              detail_logged=True,
                               hint=f"{hint}; {_no_output_reason(log_path, attempt, work_dir / DICOM_ONLY_NAME, selected)}")
     outputs = tuple(sorted(p.relative_to(staging_root).as_posix() for p in files))
     nested = [p.relative_to(staging_root).as_posix() for p in files if len(p.relative_to(session_dir).parts) > 2]
@@ -776,7 +777,7 @@ def _run(args: list[str], work_dir: Path, log_path: Path, cancel: threading.Even
             if time.monotonic() > deadline:
                 proc.kill()
                 raise ConversionError(f"{address}: heudiconv timed out after {timeout:g} s",
-                                      detail=_tail(log_path, attempt), hint=hint)
+                                      detail=_tail(log_path, attempt), detail_logged=True, hint=hint)
     except BaseException:
         proc.kill()  # e.g. KeyboardInterrupt: never leave a converter running
         raise
@@ -786,15 +787,16 @@ def _run(args: list[str], work_dir: Path, log_path: Path, cancel: threading.Even
         # With no space left, the preload server cannot write how heudiconv ended either: what
         # would read as a SIGKILL (the out-of-memory killer) is the full disk.
         raise ConversionError(f"{address}: heudiconv stopped: no space left on the disk holding {work_dir}",
-                              detail=_tail(log_path, attempt), hint="free space there, then apply again")
+                              detail=_tail(log_path, attempt), detail_logged=True,
+                              hint="free space there, then apply again")
     if returncode < 0:  # both _Forked and _Spawned say -N for signal N, as subprocess does
         if returncode == -signal.SIGKILL:
             hint += "; SIGKILL usually comes from the kernel's out-of-memory killer (see dmesg)"
         raise ConversionError(f"{address}: heudiconv was killed by {_signal_name(-returncode)}",
-                              detail=_tail(log_path, attempt), hint=hint)
+                              detail=_tail(log_path, attempt), detail_logged=True, hint=hint)
     if returncode != 0:
         raise _HeudiconvFailed(f"{address}: heudiconv failed (exit status {returncode})",
-                              detail=_tail(log_path, attempt), hint=hint)
+                              detail=_tail(log_path, attempt), detail_logged=True, hint=hint)
 
 
 def _disk_full(path: Path) -> bool:

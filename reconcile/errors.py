@@ -11,11 +11,14 @@ import re
 class XnatBidsError(Exception):
     """Root error: a one-line `summary`, optional `detail` and a `hint` for what to do."""
 
-    def __init__(self, summary: str, *, detail: str | None = None, hint: str | None = None):
+    def __init__(self, summary: str, *, detail: str | None = None, hint: str | None = None,
+                 detail_logged: bool = False):
         super().__init__(summary)
         self.summary = summary
         self.detail = detail
         self.hint = hint
+        # The detail quotes the session log (heudiconv's output): the log holds it already.
+        self.detail_logged = detail_logged
 
     @property
     def kind(self) -> str:
@@ -30,6 +33,12 @@ class XnatBidsError(Exception):
         if self.hint:
             parts.append(f"hint: {self.hint}")
         return "\n".join(parts)
+
+    def log_text(self) -> str:
+        """The error as the session log records it: without a detail quoted from that log."""
+        if not self.detail_logged:
+            return str(self)
+        return "\n".join([self.summary, *([f"hint: {self.hint}"] if self.hint else [])])
 
 
 class Cancelled(XnatBidsError):

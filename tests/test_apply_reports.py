@@ -7,6 +7,7 @@ from worlds import add, write_config
 
 from reconcile.emulator.dicomgen import SeriesSpec
 from reconcile.lock import read_lock
+from reconcile.workarea import WorkArea
 
 
 def test_a_selected_scan_that_converts_to_nothing_is_a_warning_under_its_session(cli, emulator, tmp_path):
@@ -30,3 +31,20 @@ def test_a_session_the_config_selects_no_scan_of_fails_before_downloading_with_t
     assert "✗ create sub-01/ses-01MR1 (PROJ/XNAT_E00001): sub-01/ses-01MR1: [conversion] include/skip select none" in out
     assert "      hint: " in out
     assert not list((root / ".xnat2bids" / "staging").rglob("*.dcm")) and read_lock(root) is None
+
+
+def test_a_failed_conversions_session_log_holds_heudiconvs_output_once(cli, emulator, tmp_path):
+    # The log is heudiconv's own output file: the failure line under it says what failed and the
+    # fix, without quoting the output again.
+    e = add(emulator.archive, [("01", "01_MR1", "2024-01-10")],
+            series=(SeriesSpec("func-bold_task-rest/x", "func", n_volumes=2),))["01_MR1"]
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1, out + err
+    log = WorkArea(root).log(e.id).read_text()
+    assert log.count("Traceback (most recent call last)") == 1
+    assert log.count("IndexError: list index out of range") == 1
+    failed = log[log.index(" failed: "):]
+    assert failed.startswith(" failed: sub-01/ses-01MR1: heudiconv failed on scan 1, whose series name "
+                             "'func-bold_task-rest/x' has a '/'")
+    assert failed.splitlines()[1].startswith('hint: map the scan in [conversion.bidsmap], e.g. "func-bold_task-rest/x"')

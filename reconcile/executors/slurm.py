@@ -747,7 +747,7 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
     except XnatBidsError as exc:
         cancelled = cancel is not None and cancel.is_set()
         why = "cancelled (scancel or the time limit)" if cancelled else exc.summary
-        log_line(log_path, f"failed: {exc}")
+        log_line(log_path, f"failed: {exc.log_text()}")
         # SLURM signals the whole job: a converter it killed is not the out-of-memory killer's.
         record.update(status=Status.FAILED.value, message=why, hint=None if cancelled else exc.hint)
     except Exception as exc:  # a bug or an OS error still leaves a record for finalize to report
