@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -411,7 +412,7 @@ def _check_bids_names(outputs: Sequence[str], scans: Sequence[_ScanDir], address
         return
     odd = [s for s in scans if s.description and NOT_REPROIN.search(s.description)]
     which = ", ".join(f"scan {s.scan_id} {_quoted(s.description)}" for s in odd) or "a series name"
-    example = f', e.g. "{odd[0].description}" = "{NOT_REPROIN.sub("", odd[0].description)}"' if odd else ""
+    example = f', e.g. "{odd[0].description}" = "{_reproin_spelling(odd[0].description)}"' if odd else ""
     raise ConversionError(
         f"{address}: the conversion wrote {len(bad)} file(s) whose names are not valid BIDS ({bad[0]}"
         + (", …" if len(bad) > 1 else "") + "): a BIDS label holds ASCII letters and digits alone",
@@ -419,6 +420,17 @@ def _check_bids_names(outputs: Sequence[str], scans: Sequence[_ScanDir], address
         hint=f"{which} holds other characters (a space, an accented letter); give it a ReproIn name with "
              f"[conversion] bidsmap{example}",
     )
+
+
+# Letters NFKD does not decompose into an ASCII letter and marks.
+_ASCII_LETTERS = str.maketrans({"ß": "ss", "ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE"})
+
+
+def _reproin_spelling(name: str) -> str:
+    """`name` with what a ReproIn name cannot hold left out, accented letters spelled in ASCII
+    (Müller → Muller): a suggestion that keeps the letters the user will recognise."""
+    decomposed = unicodedata.normalize("NFKD", name.translate(_ASCII_LETTERS))
+    return NOT_REPROIN.sub("", "".join(c for c in decomposed if not unicodedata.combining(c)))
 
 
 def _unconverted(scans: Sequence[_ScanDir], table: _Table | None, heuristic: str = "reproin") -> tuple[str, ...]:

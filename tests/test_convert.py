@@ -535,6 +535,27 @@ def test_a_series_name_that_gives_invalid_bids_names_fails_naming_the_scan(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("description", "suggested"), [
+    ("anat-T1w_acq-M\u00fcller\u00f1", "anat-T1w_acq-Mullern"),
+    ("func-bold_task-s\u00e9quence", "func-bold_task-sequence"),
+    ("anat-T1w_acq-Stra\u00dfe\u00f8\u00e6", "anat-T1w_acq-Strasseoae"),
+])
+def test_the_bidsmap_name_suggested_for_accented_letters_spells_them_in_ascii(
+        tmp_path: Path, description: str, suggested: str) -> None:
+    kind = "func" if description.startswith("func") else "anat"
+    write_session(tmp_path / "dicom", "01", "a", series=(SeriesSpec(description, kind),))
+    with pytest.raises(ConversionError) as info:
+        _convert(tmp_path / "dicom", tmp_path)
+    assert (info.value.hint or "").endswith(f'[conversion] bidsmap, e.g. "{description}" = "{suggested}"')
+    # The suggestion, to the letter, converts.
+    result = _convert(tmp_path / "dicom", tmp_path / "again", settings=ConversionSettings(
+        bidsmap=((description, suggested),)))
+    entity = suggested.split("_")[-1]
+    assert [f for f in _session_files(result) if f.endswith(".nii.gz")] == [
+        f"{kind}/sub-01_ses-a_{entity}_{'bold' if kind == 'func' else 'T1w'}.nii.gz"]
+
+
+@pytest.mark.slow
 def test_the_bidsmap_the_dup_error_suggests_numbers_the_runs(tmp_path: Path) -> None:
     write_session(tmp_path / "dicom", "01", "a", series=REPEATED_SERIES)
     settings = ConversionSettings(bidsmap=(("func-bold_task-rest", "func-bold_task-rest_run+"),))
