@@ -153,6 +153,8 @@ def convert_session(
         raise ConversionError(f"{address}: no scans to convert in {dicom_dir}",
                               hint="the export left no DICOM behind: the selected scans have no files on XNAT")
     renames = _resolve_bidsmap(selected, settings.bidsmap, address)
+    if settings.heuristic == "reproin":  # it makes file names of series names; a lab's own heuristic may not
+        _check_name_lengths(selected, names, settings, address)
     heuristic = _write_wrapper(work_dir, staging_root, _resolve_heuristic(settings.heuristic, address), renames,
                                settings.bidsmap)
 
@@ -291,6 +293,39 @@ def _slashed(scans: Sequence[_ScanDir], renames: Mapping[str, str],
     """(scan ID, series name) of the first scan the bidsmap leaves named with a '/' in it."""
     return next(((s.scan_id, n) for s in scans if s.description not in renames
                  for n in names[s.scan_id] if "/" in n), None)
+
+
+# What a file name made of a series name adds to it, at most: ReproIn's suffix where the datatype
+# was (fmap_ → _magnitude1), and the temporary name dcm2niix writes the images under before
+# heudiconv renames them (`<name>_heudiconv123_e2.nii.gz`).
+_NAME_ROOM = len("_magnitude1") + len("_heudiconv123_e2.nii.gz")
+FILE_NAME_BYTES = 255  # the file system's limit on one name (ext4, XFS, NFS, Lustre)
+
+
+def _check_name_lengths(scans: Sequence[_ScanDir], names: Mapping[str, tuple[str, str]],
+                        settings: ConversionSettings, address: BidsAddress) -> None:
+    """Refuse a series name ReproIn would make a file name too long of: dcm2niix cannot write it,
+    and heudiconv fails with nothing but its exit status. Scanners keep names to 64 characters
+    (DICOM's LO), so only an edited or generated header gets here."""
+    room = FILE_NAME_BYTES - len(f"sub-{address.subject}_ses-{address.session}_".encode()) - _NAME_ROOM
+    for scan in scans:
+        description, protocol = names[scan.scan_id]
+        try:
+            target = settings.scan_name(description, protocol)
+        except ValueError:  # the bidsmap conflict `_resolve_bidsmap` refuses, or one the heuristic ignores
+            target = None
+        # The bidsmap's name replaces both; else ReproIn takes whichever of them is a ReproIn name.
+        for name in (target,) if target else (description, protocol):
+            if name and len(name.encode()) > room:
+                glob = f"{name[:40]}*" if not set("*?[") & set(name[:40]) else name
+                raise ConversionError(
+                    f"{address}: scan {scan.scan_id}'s series name ({name[:40] + '…'!r}, {len(name)} characters) is too "
+                    "long for a file name: the BIDS file names made of it would pass the file system's limit of "
+                    f"{FILE_NAME_BYTES} bytes",
+                    detail=f"scan {scan.scan_id}: {name!r}",
+                    hint=f'map the scan to a shorter ReproIn name in [conversion] bidsmap, e.g. "{glob}" = '
+                         f'"<its ReproIn name>", or leave it out with skip = ["{scan.scan_id}"] in '
+                         "[project.<project>.sessions.<session label>]")
 
 
 def _dicominfo(staging_root: Path, address: BidsAddress) -> list[dict[str, str]] | None:

@@ -694,6 +694,30 @@ def test_a_slash_in_a_series_name_that_crashes_heudiconv_is_named_with_the_scan(
 
 
 @pytest.mark.slow
+def test_a_series_name_too_long_for_a_file_name_is_named_with_the_scan_before_heudiconv_runs(tmp_path: Path) -> None:
+    # DICOM caps SeriesDescription at 64 characters; a longer one makes file names past the file
+    # system's 255 bytes, and heudiconv fails with nothing but its exit status.
+    name = "func-bold_task-" + "x" * 238
+    assert len(name) == 253
+    write_session(tmp_path / "dicom", "01", "a", series=(SeriesSpec("anat-T1w_acq-memprage", "anat", n_slices=4),
+                                                          SeriesSpec(name, "func", n_volumes=2)))
+    with pytest.raises(ConversionError) as info:
+        _convert(tmp_path / "dicom", tmp_path)
+    error = info.value
+    assert error.summary == (f"sub-01/ses-a: scan 2's series name ('{name[:40]}…', 253 characters) is too long for a "
+                             "file name: the BIDS file names made of it would pass the file system's limit of 255 bytes")
+    assert error.detail == f"scan 2: {name!r}"
+    assert error.hint == (f'map the scan to a shorter ReproIn name in [conversion] bidsmap, e.g. "{name[:40]}*" = '
+                          '"<its ReproIn name>", or leave it out with skip = ["2"] in '
+                          "[project.<project>.sessions.<session label>]")
+    assert not (tmp_path / "work" / "bids").exists()  # heudiconv never ran
+    # Mapped as the hint says, it converts.
+    settings = ConversionSettings(bidsmap=((f"{name[:40]}*", "func-bold_task-long"),))
+    result = _convert(tmp_path / "dicom", tmp_path / "again", settings=settings)
+    assert "func/sub-01_ses-a_task-long_bold.nii.gz" in _session_files(result)
+
+
+@pytest.mark.slow
 def test_heudiconv_crash_is_reported_with_its_exit_status(reproin_dicom: Path, tmp_path: Path) -> None:
     heuristic = tmp_path / "broken.py"
     heuristic.write_text("def infotodict(seqinfo):\n    raise RuntimeError('heuristic exploded')\n")
