@@ -496,6 +496,33 @@ def test_a_single_band_reference_named_by_its_protocol_is_the_bolds_sbref(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("protocol", "bidsmap"), [
+    ("func-bold_task-x_run+", ()),
+    ("cmrr_mbep2d_bold_x", (("cmrr_mbep2d_bold_x", "func-bold_task-x_run+"),)),
+])
+def test_single_band_references_of_numbered_runs_take_their_bolds_run_numbers(
+        tmp_path: Path, protocol: str, bidsmap: tuple[tuple[str, str], ...]) -> None:
+    # A Siemens SBRef comes just before its BOLD, named by the same protocol: ReproIn, which
+    # reads ProtocolName first, counted it as one more `_run+` (sbref run-01, bold run-02).
+    series = tuple(SeriesSpec(name, "func", n_volumes=n) for name, n in
+                   [(f"{protocol}_SBRef", 1), (protocol, 3), (f"{protocol}_SBRef", 1), (protocol, 3)])
+    write_session(tmp_path / "dicom", "01", "a", series=series)
+    for scan in ("1", "3"):
+        _rewrite(tmp_path / "dicom" / scan, ProtocolName=protocol)
+    result = _convert(tmp_path / "dicom", tmp_path, settings=ConversionSettings(bidsmap=bidsmap))
+    assert sorted(f for f in _session_files(result) if f.endswith(".nii.gz")) == [
+        f"func/sub-01_ses-a_task-x_run-{run}_{kind}.nii.gz" for run in ("01", "02") for kind in ("bold", "sbref")]
+    assert result.warnings == ()
+    # Each SBRef is its own BOLD's: acquired just before it.
+    rows = (result.session_dir / "sub-01_ses-a_scans.tsv").read_text().splitlines()[1:]
+    times = {row.split("\t")[0]: row.split("\t")[1] for row in rows}
+    for run in ("01", "02"):
+        assert times[f"func/sub-01_ses-a_task-x_run-{run}_sbref.nii.gz"] <= \
+            times[f"func/sub-01_ses-a_task-x_run-{run}_bold.nii.gz"]
+    assert times["func/sub-01_ses-a_task-x_run-01_bold.nii.gz"] < times["func/sub-01_ses-a_task-x_run-02_sbref.nii.gz"]
+
+
+@pytest.mark.slow
 def test_a_derived_series_named_after_its_original_is_the_one_the_hint_leaves_out(tmp_path: Path) -> None:
     # Siemens names an MPR reformat (and an ADC map) after the protocol it came from: ReproIn,
     # which reads ProtocolName first, gives it the original's name. Leaving out the original
