@@ -250,6 +250,51 @@ def test_failing_task_does_not_block_the_others_and_finalize_still_runs(slurm_cl
 
 
 @needs_cluster
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_stopping_wait_leaves_the_batch_running_and_exits_with_the_signals_code(emulator, tmp_path, signum, code,
+                                                                                said):
+    # Ctrl-C stops the waiting only: the batch is not cancelled, and the exit code is not the
+    # 1 of a failed batch.
+    exps = add(emulator.archive, sessions(1))
+    emulator.archive.add_user("labuser", SENTINEL)
+    root = tmp_path / "bids"
+    config = write_config(tmp_path, '[slurm]\nextra_args = ["--begin=now+3600"]\n')  # queued until let go below
+    env = {**os.environ, "XNAT_HOST": emulator.url, "XNAT_USER": "labuser", "XNAT_PASS": SENTINEL,
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "reconcile", "apply", str(root), "-c", str(config), "-p", "PROJ",
+                             "--yes", "--executor", "slurm", "--wait"], env=env, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen = ""
+        while "Waiting for the finalize job" not in seen:
+            line = proc.stdout.readline()
+            assert line, seen  # it ended before waiting
+            seen += line
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    batch = current_batch(root)
+    try:
+        assert proc.returncode == code, seen + out + err
+        assert (f"Stopped waiting ({said}); batch {batch.id} was not cancelled and goes on on the cluster: follow "
+                f"it with `xnat2bids status {root}`; to cancel it: `scancel {batch.array_job} {batch.finalize_job}`"
+                ) in err
+        assert "Interrupted." not in err and "finalized" not in out
+        assert set(sx.active_jobs(batch.jobs)) == set(batch.jobs)  # still queued, both
+        assert statelock.read_holder(root).id == batch.id
+        for job in batch.jobs:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        wait_gone(*batch.jobs)
+    finally:
+        sx.cancel_jobs(sx.active_jobs(batch.jobs))  # not left queued for an hour by a failure
+    assert sx.read_finalized(batch)["ok"]
+    assert list(read_lock(root).sessions) == [exps["01_MR1"].id]
+
+
+@needs_cluster
 def test_cancelled_finalize_is_merged_by_the_next_apply(slurm_cli, emulator, tmp_path):
     exps = add(emulator.archive, sessions(2))
     root = tmp_path / "bids"
