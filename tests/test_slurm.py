@@ -295,6 +295,34 @@ def test_stopping_wait_leaves_the_batch_running_and_exits_with_the_signals_code(
 
 
 @needs_cluster
+def test_a_task_killed_before_it_wrote_its_result_is_a_failure_of_the_batch(slurm_cli, emulator, tmp_path):
+    # SIGKILL (the out-of-memory killer, its node, `scancel --signal=KILL`) leaves the task no
+    # chance to write a record: finalize counts it as failed, as `status` shows it, not skipped.
+    exps = add(emulator.archive, sessions(1))
+    slow = emulator.app.faults.add(Fault(route=r"/files/[^/]+\.dcm$", kind="latency", seconds=3))
+    root = tmp_path / "bids"
+    batch = submit(slurm_cli, root)
+    wait_for(lambda: slow.seen >= 1, "the task's first download")
+    subprocess.run(["scancel", "--batch", "--signal=KILL", f"{batch.array_job}_0"], check=True)
+    wait_gone(*batch.jobs)
+    assert sx.read_result(batch, 0) is None
+    done = sx.read_finalized(batch)
+    assert done["summary"] == {"done": 0, "failed": 1, "skipped": 0} and not done["ok"], done
+    finalized = batch.finalize_output.read_text()
+    assert "Finalize complete: 0 done, 1 failed, 0 skipped" in finalized, finalized
+    assert f"task {batch.array_job}_0 ended without writing its result (SLURM: FAILED, exit code 0:9: killed by " \
+           "SIGKILL" in finalized, finalized
+    finalize_job = sx.job_state(batch.finalize_job)
+    assert (finalize_job.state, finalize_job.exit_code) == ("FAILED", "1:0")
+    [row] = history(root)[-1]["sessions"]
+    assert row["experiment_id"] == exps["01_MR1"].id and row["result"] == "failed"
+    assert row["error"].startswith(f"task {batch.array_job}_0 ended without writing its result"), row
+    code, out, _ = slurm_cli("status", str(root))
+    assert "finalized" in out and "0 done, 1 failed, 0 skipped" in out, out
+    assert f"  0  failed     sub-01/ses-01MR1  PROJ/{exps['01_MR1'].id}  {batch.array_job}_0 FAILED" in out, out
+
+
+@needs_cluster
 def test_cancelled_finalize_is_merged_by_the_next_apply(slurm_cli, emulator, tmp_path):
     exps = add(emulator.archive, sessions(2))
     root = tmp_path / "bids"
