@@ -420,6 +420,33 @@ def test_a_finalize_job_whose_batch_lost_the_root_does_not_merge_on_its_own(slur
     assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
 
 
+@needs_cluster
+def test_finalizing_a_force_unlocked_batch_claims_no_session_a_newer_batch_exported(slurm_cli, emulator, tmp_path):
+    # Its output and the history entry it writes agree: a session the newer batch exported (and
+    # its history entry told of) is not this batch's "done".
+    exps = add(emulator.archive, sessions(2))
+    root = tmp_path / "bids"
+    old = submit(slurm_cli, root)
+    subprocess.run(["scancel", old.finalize_job], check=True)
+    wait_gone(*old.jobs)
+    assert slurm_cli("force-unlock", old.id, str(root))[0] == 0
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm", "--wait")
+    assert code == 0 and "2 done" in out, out + err
+    newer = current_batch(root)
+    assert newer.id != old.id and len(history(root)) == 1
+
+    code, out, err = slurm_cli("finalize", "--batch", old.id, str(root))
+    entry = history(root)[-1]
+    assert entry["summary"]["done"] == 0 and {row["result"] for row in entry["sessions"]} == {"skipped"}, entry
+    assert "Finalize complete: 0 done, 0 failed, 2 skipped" in out, out + err
+    assert " ✓ " not in out and out.count(f"already recorded by another apply (SLURM batch {newer.id})") == 2, out
+    assert history(root)[0]["batch"] == newer.id and entry["batch"] == old.id
+    assert_schema("history", entry)
+    assert all("already recorded by another apply" in row["error"] for row in entry["sessions"])
+    assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
+    assert read_lock(root).serial == 1  # nothing of the old batch was committed
+
+
 def _unreachable_controller(tmp_path: Path, monkeypatch, *tools: str) -> None:
     """SLURM's commands answering as they do while slurmctld is down."""
     fake = tmp_path / "slurm-down"

@@ -832,7 +832,7 @@ def _without_result(batch: Batch, entry: BatchSession, change: Change, task: Job
 
 
 def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyReport, pending: list[str],
-               tasks: Mapping[int, JobState]) -> Outcome:
+               tasks: Mapping[int, JobState], told: Mapping[str, Mapping[str, Any]]) -> Outcome:
     root = batch.root
     result = read_result(batch, entry.index)
     if result is None:
@@ -846,6 +846,16 @@ def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyR
     if not staged.session_dir.is_dir():
         committed = report.lock.sessions.get(entry.experiment_id) if report.lock else None
         if committed is not None and committed.exported_at >= batch.created_at:
+            by = told.get(entry.experiment_id)
+            # An "unrecorded" entry names no committer: that may be this batch's earlier finalize, killed
+            # before its entry (the run's own `recover` writes it).
+            if _as_planned(committed, change) and by is not None and by["time"] >= committed.exported_at \
+                    and by.get("batch") != batch.id and by["operation"] != "unrecorded":
+                # A newer batch or apply exported it as planned here (this one was force-unlocked), and
+                # its history entry told of it: not this batch's to report as done, nor to tell of again.
+                what = f"SLURM batch {by['batch']}" if by.get("batch") else f"{by['operation']} of {by['time']}"
+                return Outcome(change, Status.SKIPPED, f"exported since and already recorded by another apply "
+                               f"({what}); this batch's conversion of it is not used", log_path, seconds)
             if _as_planned(committed, change):
                 # An earlier finalize of this batch committed it before it was interrupted.
                 return Outcome(change, Status.DONE, "", log_path, seconds, committed)
@@ -877,6 +887,18 @@ def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyR
         return Outcome(change, Status.FAILED, f"commit failed: {exc}", log_path, seconds)
     return Outcome(change, Status.DONE, "", log_path, seconds, report.lock.sessions.get(entry.experiment_id),
                    warnings=tuple(warnings))
+
+
+def _told_by(entries: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Experiment ID → the latest history entry that tells of it as exported (see `told_of`)."""
+    told: dict[str, Mapping[str, Any]] = {}
+    for entry in entries:
+        for row in entry["sessions"]:
+            exp_id = row["experiment_id"]
+            if row.get("result") == "done" and row.get("action") != "forget" and (
+                    exp_id not in told or entry["time"] > told[exp_id]["time"]):
+                told[exp_id] = entry
+    return told
 
 
 def _as_planned(committed: SessionRecord, change: Change) -> bool:
@@ -930,12 +952,13 @@ def finalize_batch(
     report = ApplyReport(lock=replace(lock, config_fingerprint=header.get("config_fingerprint") or lock.config_fingerprint))
     pending: list[str] = []  # committed sessions whose lock entries are written together
     # Why a task left no result, where SLURM still knows (scontrol keeps ended jobs for MinJobAge).
+    told_by = _told_by(read_history(root))
     missing = any(read_result(batch, entry.index) is None for entry in batch.sessions)
     tasks = _ended_tasks(batch) if missing else {}
     for entry in batch.sessions:
         change = _actionable_change(plan, batch, entry)
         on_event("start", change, None)
-        outcome = _merge_one(batch, entry, change, report, pending, tasks)
+        outcome = _merge_one(batch, entry, change, report, pending, tasks, told_by)
         report.outcomes.append(outcome)
         on_event(outcome.status.value, change, outcome)
     report.lock = save_commits(root, report.lock, pending)  # serial + 1 for the whole batch
@@ -945,7 +968,7 @@ def finalize_batch(
     fresh = [o for o in report.outcomes if not (o.status is Status.DONE and o.record is not None
                                                 and told.get(o.change.key.experiment_id, "") >= o.record.exported_at)]
     if fresh or not report.outcomes:
-        append_history(root, plan, replace(report, outcomes=fresh), operation=HISTORY_OPERATION)
+        append_history(root, plan, replace(report, outcomes=fresh), operation=HISTORY_OPERATION, batch=batch.id)
     result = FinalizeReport(batch, plan, report)
     if batch.options.validate:
         try:
