@@ -239,12 +239,27 @@ def run_plan(
 
 def _say_if_busy(root: Path) -> None:
     """plan and check read a root another command may be changing: say so."""
-    from reconcile.statelock import working_holder
+    from reconcile.statelock import FINALIZE, working_holder
 
     holder = working_holder(root)
-    if holder is not None:
-        echo(f"warning: {holder.describe()} is at work on this root; what it changes may not be seen here yet",
-             err=True)
+    if holder is None:
+        return
+    # A SLURM batch is at work while SLURM runs one of its jobs, as `status` asks; an interactive
+    # finalize that claimed the batch's lock is judged by its process, which `working_holder` does not see.
+    if holder.jobs and holder.operation != FINALIZE:
+        from reconcile.executors.slurm import active_jobs
+
+        try:
+            running = bool(active_jobs(holder.jobs))
+        except XnatBidsError:  # SLURM cannot be asked (no squeue here, its controller down): it may be
+            running = True
+        if not running:
+            echo(f"warning: SLURM batch {holder.id} holds this root, but none of its jobs ({', '.join(holder.jobs)}) "
+                 f"is queued or running: nothing is at work here, and what it staged is not merged yet; "
+                 f"`xnat2bids status {root}` tells more, `xnat2bids finalize {root}` merges it", err=True)
+            return
+    echo(f"warning: {holder.describe()} is at work on this root; what it changes may not be seen here yet",
+         err=True)
 
 
 def _no_config_but_lock_had_one(cfg: Config, lock: Lock, root: Path) -> str | None:

@@ -323,6 +323,29 @@ def test_a_task_killed_before_it_wrote_its_result_is_a_failure_of_the_batch(slur
 
 
 @needs_cluster
+def test_plan_calls_a_batch_at_work_only_while_slurm_runs_its_jobs(slurm_cli, emulator, tmp_path):
+    add(emulator.archive, sessions(1))
+    root = tmp_path / "bids"
+    config = write_config(tmp_path, '[slurm]\nextra_args = ["--begin=now+3600"]\n')  # queued: at work
+    code, out, err = slurm_cli("apply", str(root), "-c", str(config), "-p", "PROJ", "--yes", "--executor", "slurm")
+    assert code == 0, out + err
+    batch = current_batch(root)
+    try:
+        code, out, err = slurm_cli("plan", str(root), "-c", str(config), "-p", "PROJ")
+        assert f"warning: SLURM batch {batch.id}" in err and "is at work on this root" in err, err
+    finally:
+        subprocess.run(["scancel", *batch.jobs], check=True)
+    wait_gone(*batch.jobs)
+    code, out, err = slurm_cli("plan", str(root), "-c", str(config), "-p", "PROJ")
+    assert "is at work on this root" not in err, err
+    assert (f"warning: SLURM batch {batch.id} holds this root, but none of its jobs ({batch.array_job}, "
+            f"{batch.finalize_job}) is queued or running: nothing is at work here") in err, err
+    assert f"`xnat2bids finalize {root}` merges it" in err
+    code, out, err = slurm_cli("check", str(root))
+    assert "is at work on this root" not in err and "none of its jobs" in err, err
+
+
+@needs_cluster
 def test_cancelled_finalize_is_merged_by_the_next_apply(slurm_cli, emulator, tmp_path):
     exps = add(emulator.archive, sessions(2))
     root = tmp_path / "bids"
