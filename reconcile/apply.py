@@ -972,8 +972,10 @@ def _history_entry(operation: str, serial_before: int, serial_after: int, summar
     }
 
 
-def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: str = "apply") -> dict:
-    """One JSON line per apply in the dataset's work area; never rewritten."""
+def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: str = "apply",
+                   batch: str | None = None) -> dict:
+    """One JSON line per apply in the dataset's work area; never rewritten. `batch`: the SLURM
+    batch a finalize merged, so that a later finalize can tell its own commits from others'."""
     after = report.lock.serial if report.lock else plan.serial
     last = last_history_entry(root)
     # Commits of this plan that `recover` already put in an entry (a finalize run again after it
@@ -985,6 +987,7 @@ def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: st
         operation, before, after,
         {s.value: report.count(s) for s in Status},
         cancelled=report.cancelled,
+        **({"batch": batch} if batch is not None else {}),
         sessions=[
             {
                 "experiment_id": o.change.key.experiment_id,

@@ -54,6 +54,16 @@ class _Interrupted(Exception):
     """Ctrl-C inside a command, carried past typer to `main`."""
 
 
+class _StoppedWaiting(Exception):
+    """Ctrl-C or SIGTERM ended `apply --wait`'s waiting, not its SLURM batch: the exit code is the
+    signal's (130, 143), as for any command a signal stopped, not 1, which tells of a failed batch;
+    no further study is submitted."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 class _Commands(TyperGroup):
     def invoke(self, ctx):  # noqa: ANN001, ANN201 - click's signature
         # typer turns KeyboardInterrupt into a silent exit 130 before `main` sees it; README
@@ -229,12 +239,27 @@ def run_plan(
 
 def _say_if_busy(root: Path) -> None:
     """plan and check read a root another command may be changing: say so."""
-    from reconcile.statelock import working_holder
+    from reconcile.statelock import FINALIZE, working_holder
 
     holder = working_holder(root)
-    if holder is not None:
-        echo(f"warning: {holder.describe()} is at work on this root; what it changes may not be seen here yet",
-             err=True)
+    if holder is None:
+        return
+    # A SLURM batch is at work while SLURM runs one of its jobs, as `status` asks; an interactive
+    # finalize that claimed the batch's lock is judged by its process, which `working_holder` does not see.
+    if holder.jobs and holder.operation != FINALIZE:
+        from reconcile.executors.slurm import active_jobs
+
+        try:
+            running = bool(active_jobs(holder.jobs))
+        except XnatBidsError:  # SLURM cannot be asked (no squeue here, its controller down): it may be
+            running = True
+        if not running:
+            echo(f"warning: SLURM batch {holder.id} holds this root, but none of its jobs ({', '.join(holder.jobs)}) "
+                 f"is queued or running: nothing is at work here, and what it staged is not merged yet; "
+                 f"`xnat2bids status {root}` tells more, `xnat2bids finalize {root}` merges it", err=True)
+            return
+    echo(f"warning: {holder.describe()} is at work on this root; what it changes may not be seen here yet",
+         err=True)
 
 
 def _no_config_but_lock_had_one(cfg: Config, lock: Lock, root: Path) -> str | None:
@@ -784,7 +809,7 @@ def apply(
         None, "--executor", metavar="[local|slurm]", help="Where sessions run: local (default) or slurm (overrides `executor` in the config).",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="SLURM: print the job scripts and sbatch commands; submit nothing."),
-    wait: bool = typer.Option(False, "--wait", help="SLURM: block until the finalize job ends; exit with the batch's status."),
+    wait: bool = typer.Option(False, "--wait", help="SLURM: block until the finalize job ends; exit with the batch's status (Ctrl-C stops the waiting, not the batch: exit 130)."),
     accept_older_lock: bool = typer.Option(
         False, "--accept-older-lock",
         help="Go on with a lock older than the history (restored from a backup): what it lacks stays unrecorded.",
@@ -1198,13 +1223,29 @@ def _wait_for_batch(batch) -> int:
             echo(f"[{len(seen)}/{len(batch.sessions)}] {mark} staged {entry.address} ({entry.project}/{entry.experiment_id})"
                  f" by task {result.get('job')}{detail}")
 
-    echo("Waiting for the finalize job…")
+    stopped_by: list[int] = []
+    previous: dict[int, Any] = {}
+
+    def on_stop(signum, frame):  # noqa: ANN001 - signal's
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, on_stop)
     try:
+        echo("Waiting for the finalize job…")
         sx.wait_for_job(batch.finalize_job, on_poll=progress)
     except KeyboardInterrupt:  # stops the waiting, not the batch
-        echo(f"Stopped waiting; batch {batch.id} goes on on the cluster: follow it with `xnat2bids status "
-             f"{batch.root}`, stop it with `scancel {' '.join(batch.jobs)}`", err=True)
-        raise
+        signum = stopped_by[0] if stopped_by else signal.SIGINT
+        echo(f"\nStopped waiting ({'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name}); "
+             f"batch {batch.id} was not cancelled and goes on on the cluster: follow it with `xnat2bids status "
+             f"{batch.root}`; to cancel it: `scancel {' '.join(batch.jobs)}`", err=True)
+        raise _StoppedWaiting(128 + signum) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     progress()
     done = sx.read_finalized(batch)
     if done is None:
@@ -2016,6 +2057,8 @@ def _run(argv: list[str] | None) -> int:
         echo(f"error: {exc.strerror or exc}{where}", err=True)
         _error_json("os", f"{exc.strerror or exc}{where}")
         code = EXIT_ERROR
+    except _StoppedWaiting as exc:  # what goes on, and how to follow it, is said already
+        code = exc.code
     except (_Interrupted, KeyboardInterrupt):  # as a cancelled apply does: exit 1, not 130
         if _debug:
             traceback.print_exc()

@@ -250,6 +250,102 @@ def test_failing_task_does_not_block_the_others_and_finalize_still_runs(slurm_cl
 
 
 @needs_cluster
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_stopping_wait_leaves_the_batch_running_and_exits_with_the_signals_code(emulator, tmp_path, signum, code,
+                                                                                said):
+    # Ctrl-C stops the waiting only: the batch is not cancelled, and the exit code is not the
+    # 1 of a failed batch.
+    exps = add(emulator.archive, sessions(1))
+    emulator.archive.add_user("labuser", SENTINEL)
+    root = tmp_path / "bids"
+    config = write_config(tmp_path, '[slurm]\nextra_args = ["--begin=now+3600"]\n')  # queued until let go below
+    env = {**os.environ, "XNAT_HOST": emulator.url, "XNAT_USER": "labuser", "XNAT_PASS": SENTINEL,
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "reconcile", "apply", str(root), "-c", str(config), "-p", "PROJ",
+                             "--yes", "--executor", "slurm", "--wait"], env=env, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen = ""
+        while "Waiting for the finalize job" not in seen:
+            line = proc.stdout.readline()
+            assert line, seen  # it ended before waiting
+            seen += line
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    batch = current_batch(root)
+    try:
+        assert proc.returncode == code, seen + out + err
+        assert (f"Stopped waiting ({said}); batch {batch.id} was not cancelled and goes on on the cluster: follow "
+                f"it with `xnat2bids status {root}`; to cancel it: `scancel {batch.array_job} {batch.finalize_job}`"
+                ) in err
+        assert "Interrupted." not in err and "finalized" not in out
+        assert set(sx.active_jobs(batch.jobs)) == set(batch.jobs)  # still queued, both
+        assert statelock.read_holder(root).id == batch.id
+        for job in batch.jobs:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        wait_gone(*batch.jobs)
+    finally:
+        sx.cancel_jobs(sx.active_jobs(batch.jobs))  # not left queued for an hour by a failure
+    assert sx.read_finalized(batch)["ok"]
+    assert list(read_lock(root).sessions) == [exps["01_MR1"].id]
+
+
+@needs_cluster
+def test_a_task_killed_before_it_wrote_its_result_is_a_failure_of_the_batch(slurm_cli, emulator, tmp_path):
+    # SIGKILL (the out-of-memory killer, its node, `scancel --signal=KILL`) leaves the task no
+    # chance to write a record: finalize counts it as failed, as `status` shows it, not skipped.
+    exps = add(emulator.archive, sessions(1))
+    slow = emulator.app.faults.add(Fault(route=r"/files/[^/]+\.dcm$", kind="latency", seconds=3))
+    root = tmp_path / "bids"
+    batch = submit(slurm_cli, root)
+    wait_for(lambda: slow.seen >= 1, "the task's first download")
+    subprocess.run(["scancel", "--batch", "--signal=KILL", f"{batch.array_job}_0"], check=True)
+    wait_gone(*batch.jobs)
+    assert sx.read_result(batch, 0) is None
+    done = sx.read_finalized(batch)
+    assert done["summary"] == {"done": 0, "failed": 1, "skipped": 0} and not done["ok"], done
+    finalized = batch.finalize_output.read_text()
+    assert "Finalize complete: 0 done, 1 failed, 0 skipped" in finalized, finalized
+    assert f"task {batch.array_job}_0 ended without writing its result (SLURM: FAILED, exit code 0:9: killed by " \
+           "SIGKILL" in finalized, finalized
+    finalize_job = sx.job_state(batch.finalize_job)
+    assert (finalize_job.state, finalize_job.exit_code) == ("FAILED", "1:0")
+    [row] = history(root)[-1]["sessions"]
+    assert row["experiment_id"] == exps["01_MR1"].id and row["result"] == "failed"
+    assert row["error"].startswith(f"task {batch.array_job}_0 ended without writing its result"), row
+    code, out, _ = slurm_cli("status", str(root))
+    assert "finalized" in out and "0 done, 1 failed, 0 skipped" in out, out
+    assert f"  0  failed     sub-01/ses-01MR1  PROJ/{exps['01_MR1'].id}  {batch.array_job}_0 FAILED" in out, out
+
+
+@needs_cluster
+def test_plan_calls_a_batch_at_work_only_while_slurm_runs_its_jobs(slurm_cli, emulator, tmp_path):
+    add(emulator.archive, sessions(1))
+    root = tmp_path / "bids"
+    config = write_config(tmp_path, '[slurm]\nextra_args = ["--begin=now+3600"]\n')  # queued: at work
+    code, out, err = slurm_cli("apply", str(root), "-c", str(config), "-p", "PROJ", "--yes", "--executor", "slurm")
+    assert code == 0, out + err
+    batch = current_batch(root)
+    try:
+        code, out, err = slurm_cli("plan", str(root), "-c", str(config), "-p", "PROJ")
+        assert f"warning: SLURM batch {batch.id}" in err and "is at work on this root" in err, err
+    finally:
+        subprocess.run(["scancel", *batch.jobs], check=True)
+    wait_gone(*batch.jobs)
+    code, out, err = slurm_cli("plan", str(root), "-c", str(config), "-p", "PROJ")
+    assert "is at work on this root" not in err, err
+    assert (f"warning: SLURM batch {batch.id} holds this root, but none of its jobs ({batch.array_job}, "
+            f"{batch.finalize_job}) is queued or running: nothing is at work here") in err, err
+    assert f"`xnat2bids finalize {root}` merges it" in err
+    code, out, err = slurm_cli("check", str(root))
+    assert "is at work on this root" not in err and "none of its jobs" in err, err
+
+
+@needs_cluster
 def test_cancelled_finalize_is_merged_by_the_next_apply(slurm_cli, emulator, tmp_path):
     exps = add(emulator.archive, sessions(2))
     root = tmp_path / "bids"
@@ -345,6 +441,33 @@ def test_a_finalize_job_whose_batch_lost_the_root_does_not_merge_on_its_own(slur
     code, out, err = slurm_cli("finalize", "--batch", batch.id, str(root))
     assert code == 0, out + err
     assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
+
+
+@needs_cluster
+def test_finalizing_a_force_unlocked_batch_claims_no_session_a_newer_batch_exported(slurm_cli, emulator, tmp_path):
+    # Its output and the history entry it writes agree: a session the newer batch exported (and
+    # its history entry told of) is not this batch's "done".
+    exps = add(emulator.archive, sessions(2))
+    root = tmp_path / "bids"
+    old = submit(slurm_cli, root)
+    subprocess.run(["scancel", old.finalize_job], check=True)
+    wait_gone(*old.jobs)
+    assert slurm_cli("force-unlock", old.id, str(root))[0] == 0
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm", "--wait")
+    assert code == 0 and "2 done" in out, out + err
+    newer = current_batch(root)
+    assert newer.id != old.id and len(history(root)) == 1
+
+    code, out, err = slurm_cli("finalize", "--batch", old.id, str(root))
+    entry = history(root)[-1]
+    assert entry["summary"]["done"] == 0 and {row["result"] for row in entry["sessions"]} == {"skipped"}, entry
+    assert "Finalize complete: 0 done, 0 failed, 2 skipped" in out, out + err
+    assert " ✓ " not in out and out.count(f"already recorded by another apply (SLURM batch {newer.id})") == 2, out
+    assert history(root)[0]["batch"] == newer.id and entry["batch"] == old.id
+    assert_schema("history", entry)
+    assert all("already recorded by another apply" in row["error"] for row in entry["sessions"])
+    assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
+    assert read_lock(root).serial == 1  # nothing of the old batch was committed
 
 
 def _unreachable_controller(tmp_path: Path, monkeypatch, *tools: str) -> None:

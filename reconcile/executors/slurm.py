@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -801,12 +802,41 @@ def _staged_from(root: Path, change: Change, result: Mapping[str, Any]) -> Stage
     )
 
 
-def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyReport, pending: list[str]) -> Outcome:
+def _ended_tasks(batch: Batch) -> dict[int, JobState]:
+    """The array's tasks as SLURM last saw them; {} once it forgot them, or cannot be asked."""
+    try:
+        return array_task_states(batch.array_job) if batch.array_job else {}
+    except SlurmError:
+        return {}
+
+
+def _without_result(batch: Batch, entry: BatchSession, change: Change, task: JobState | None) -> Outcome:
+    """A task that wrote no result record: it never ran (cancelled while queued), or it ran and was
+    killed before it could (SIGKILL from the out-of-memory killer, its node, `scancel --signal=KILL`;
+    a failed setup snippet): that is a failure, as `status` shows it, not a session skipped."""
+    log = batch.task_output(entry.index)  # opened by slurmd as the task starts
+    started = log.exists()
+    if not started and (task is None or task.state in ("CANCELLED", *_ACTIVE)):
+        why = f"cancelled before it ran (SLURM: {task.state})" if task else "cancelled or never ran"
+        return Outcome(change, Status.SKIPPED, f"no result: the task was {why}", log)
+    said = ""
+    if task is not None:
+        said = f" (SLURM: {task.state}" + (f", exit code {task.exit_code}" if task.exit_code else "")
+        signum = task.exit_code.rpartition(":")[2]
+        if signum == str(int(signal.SIGKILL)):
+            said += ": killed by SIGKILL, as by the out-of-memory killer, its node or `scancel --signal=KILL`"
+        said += ")"
+    job = task.job_id if task else f"{batch.array_job}_{entry.index}"
+    return Outcome(change, Status.FAILED, f"task {job} ended without writing its result{said}",
+                   log if started else None)
+
+
+def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyReport, pending: list[str],
+               tasks: Mapping[int, JobState], told: Mapping[str, Mapping[str, Any]]) -> Outcome:
     root = batch.root
     result = read_result(batch, entry.index)
     if result is None:
-        return Outcome(change, Status.SKIPPED, "no result: the task was cancelled, timed out or never ran",
-                       batch.task_output(entry.index))
+        return _without_result(batch, entry, change, tasks.get(entry.index))
     log_path = root / result.get("log", "")
     seconds = float(result.get("seconds", 0.0))
     if result.get("status") != Status.DONE.value:
@@ -816,6 +846,16 @@ def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyR
     if not staged.session_dir.is_dir():
         committed = report.lock.sessions.get(entry.experiment_id) if report.lock else None
         if committed is not None and committed.exported_at >= batch.created_at:
+            by = told.get(entry.experiment_id)
+            # An "unrecorded" entry names no committer: that may be this batch's earlier finalize, killed
+            # before its entry (the run's own `recover` writes it).
+            if _as_planned(committed, change) and by is not None and by["time"] >= committed.exported_at \
+                    and by.get("batch") != batch.id and by["operation"] != "unrecorded":
+                # A newer batch or apply exported it as planned here (this one was force-unlocked), and
+                # its history entry told of it: not this batch's to report as done, nor to tell of again.
+                what = f"SLURM batch {by['batch']}" if by.get("batch") else f"{by['operation']} of {by['time']}"
+                return Outcome(change, Status.SKIPPED, f"exported since and already recorded by another apply "
+                               f"({what}); this batch's conversion of it is not used", log_path, seconds)
             if _as_planned(committed, change):
                 # An earlier finalize of this batch committed it before it was interrupted.
                 return Outcome(change, Status.DONE, "", log_path, seconds, committed)
@@ -847,6 +887,18 @@ def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyR
         return Outcome(change, Status.FAILED, f"commit failed: {exc}", log_path, seconds)
     return Outcome(change, Status.DONE, "", log_path, seconds, report.lock.sessions.get(entry.experiment_id),
                    warnings=tuple(warnings))
+
+
+def _told_by(entries: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Experiment ID → the latest history entry that tells of it as exported (see `told_of`)."""
+    told: dict[str, Mapping[str, Any]] = {}
+    for entry in entries:
+        for row in entry["sessions"]:
+            exp_id = row["experiment_id"]
+            if row.get("result") == "done" and row.get("action") != "forget" and (
+                    exp_id not in told or entry["time"] > told[exp_id]["time"]):
+                told[exp_id] = entry
+    return told
 
 
 def _as_planned(committed: SessionRecord, change: Change) -> bool:
@@ -899,10 +951,14 @@ def finalize_batch(
     # The config the batch was planned with, recorded as a local apply records its own.
     report = ApplyReport(lock=replace(lock, config_fingerprint=header.get("config_fingerprint") or lock.config_fingerprint))
     pending: list[str] = []  # committed sessions whose lock entries are written together
+    # Why a task left no result, where SLURM still knows (scontrol keeps ended jobs for MinJobAge).
+    told_by = _told_by(read_history(root))
+    missing = any(read_result(batch, entry.index) is None for entry in batch.sessions)
+    tasks = _ended_tasks(batch) if missing else {}
     for entry in batch.sessions:
         change = _actionable_change(plan, batch, entry)
         on_event("start", change, None)
-        outcome = _merge_one(batch, entry, change, report, pending)
+        outcome = _merge_one(batch, entry, change, report, pending, tasks, told_by)
         report.outcomes.append(outcome)
         on_event(outcome.status.value, change, outcome)
     report.lock = save_commits(root, report.lock, pending)  # serial + 1 for the whole batch
@@ -912,7 +968,7 @@ def finalize_batch(
     fresh = [o for o in report.outcomes if not (o.status is Status.DONE and o.record is not None
                                                 and told.get(o.change.key.experiment_id, "") >= o.record.exported_at)]
     if fresh or not report.outcomes:
-        append_history(root, plan, replace(report, outcomes=fresh), operation=HISTORY_OPERATION)
+        append_history(root, plan, replace(report, outcomes=fresh), operation=HISTORY_OPERATION, batch=batch.id)
     result = FinalizeReport(batch, plan, report)
     if batch.options.validate:
         try:
