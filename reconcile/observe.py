@@ -38,6 +38,7 @@ from reconcile.plan import (
     note_moved_in,
     refuse_occupied,
 )
+from reconcile.vcs import unfinished_merge_note
 from reconcile.workarea import WORK_DIR
 from reconcile.xnat import CONNECTIONS, XnatClient
 
@@ -232,6 +233,9 @@ def make_plan(
         conflicted = _conflicted(root, plan)
         if conflicted:
             plan = replace(plan, notes=(conflicted, *plan.notes))
+        merging = unfinished_merge_note(root)
+        if merging:
+            plan = replace(plan, notes=(merging, *plan.notes))
         if not root.exists() and plan.changes:
             plan = replace(plan, notes=(f"{root} does not exist: apply creates it and exports every session; if "
                                         "the dataset was moved, or its file system is not mounted, stop here",
