@@ -262,6 +262,19 @@ def _say_if_busy(root: Path) -> None:
          err=True)
 
 
+def _say_if_merging(root: Path, *, as_json: bool) -> None:
+    """check finds the lock the merge driver wrote valid while other files are half-merged, or the
+    history git left conflicted: say so (on stderr beside JSON, which stays one document)."""
+    from reconcile.apply import history_conflict_note
+    from reconcile.vcs import maybe_in_git, unfinished_merge_note
+
+    if not maybe_in_git(root):  # no merge could have been
+        return
+    for note in (unfinished_merge_note(root), history_conflict_note(root)):
+        if note is not None:
+            echo(f"note: {note}", err=as_json)
+
+
 def _no_config_but_lock_had_one(cfg: Config, lock: Lock, root: Path) -> str | None:
     """What is wrong when no config file was found, but the lock's sessions were exported with
     settings other than the defaults (the file is elsewhere: another working directory)."""
@@ -664,6 +677,12 @@ def run_apply(
             from reconcile.vcs import check_can_commit
 
             check_can_commit(root)  # before any work, not after it
+        if not dry_run:  # before recovery, which writes the lock and the history too
+            from reconcile.apply import refuse_conflicted_history
+            from reconcile.dataset import refuse_unfinished_merge
+
+            refuse_unfinished_merge(root)
+            refuse_conflicted_history(root)
         if executor not in (None, "local", "slurm"):
             raise ConfigError(f"unknown executor {executor!r}", hint="use --executor local or --executor slurm")
 
@@ -1636,13 +1655,16 @@ def forget(
     Example: xnat2bids forget XNAT_E00042 ~/bids-export --yes
     """
     from reconcile import statelock
-    from reconcile.apply import append_lock_change, recover
+    from reconcile.apply import append_lock_change, recover, refuse_conflicted_history
+    from reconcile.dataset import refuse_unfinished_merge
     from reconcile.lock import read_lock, write_lock
 
     cfg = _load_config(config)
     root = _dataset_of(cfg, cfg.resolve_bids_root(bids_root), experiment_id)
     share_with_group(root)
     _need_dataset_folder(root)
+    refuse_unfinished_merge(root, nothing="nothing was forgotten")
+    refuse_conflicted_history(root, nothing="nothing was forgotten")
     warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
     with statelock.held(root, "forget", warn=warn):
         # A commit a crash interrupted is settled first, as apply would, or it would bring the
@@ -1783,6 +1805,7 @@ def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
 
     _need_dataset_folder(root)
     _say_if_busy(root)
+    _say_if_merging(root, as_json=as_json)
     lock = read_lock(root)
     if lock is None:
         from reconcile.apply import history_serial

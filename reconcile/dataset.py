@@ -25,6 +25,7 @@ __all__ = [
     "BIDSIGNORE_PATTERNS",
     "SESSION_COLUMNS",
     "check_dataset_files",
+    "refuse_unfinished_merge",
     "refuse_unresolved_conflicts",
     "unresolved_conflicts",
     "ensure_bidsignore",
@@ -129,6 +130,19 @@ def refuse_unresolved_conflicts(root: Path, subjects: Iterable[str]) -> None:
         raise DatasetFileError(f"{len(found)} dataset files hold unresolved git merge conflicts; nothing was exported",
                                detail="\n".join(f"{path}: a conflict marker at line {line}" for path, line in found),
                                hint=_resolve_hint([path for path, _ in found]))
+
+
+def refuse_unfinished_merge(root: Path, *, nothing: str = "nothing was exported") -> None:
+    """Before apply (or forget) writes anything: while a git merge or rebase of the dataset waits
+    for the user, its files are half-merged (conflict markers, one side's rows) though the lock the
+    merge driver wrote reads well, and what apply wrote would go into the merge's commit."""
+    from reconcile.vcs import unfinished_merge, unfinished_way_out
+
+    command = unfinished_merge(root)
+    if command is not None:
+        raise DatasetFileError(f"a `git {command}` is unfinished in the repository of {root}; {nothing}",
+                               hint=f"finish it first: {unfinished_way_out(command)}; xnat2bids writes nothing to "
+                                    "a dataset in the middle of a merge")
 
 
 def _resolve_hint(paths: list[Path]) -> str:

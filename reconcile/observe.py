@@ -38,6 +38,7 @@ from reconcile.plan import (
     note_moved_in,
     refuse_occupied,
 )
+from reconcile.vcs import maybe_in_git, unfinished_merge_note
 from reconcile.workarea import WORK_DIR
 from reconcile.xnat import CONNECTIONS, XnatClient
 
@@ -232,6 +233,12 @@ def make_plan(
         conflicted = _conflicted(root, plan)
         if conflicted:
             plan = replace(plan, notes=(conflicted, *plan.notes))
+        if maybe_in_git(root):  # no merge could have been elsewhere: no history read on every plan
+            from reconcile.apply import history_conflict_note
+
+            for note in (history_conflict_note(root), unfinished_merge_note(root)):
+                if note:
+                    plan = replace(plan, notes=(note, *plan.notes))
         if not root.exists() and plan.changes:
             plan = replace(plan, notes=(f"{root} does not exist: apply creates it and exports every session; if "
                                         "the dataset was moved, or its file system is not mounted, stop here",

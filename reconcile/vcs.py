@@ -199,6 +199,48 @@ def maybe_in_git(root: Path) -> bool:
     return "GIT_DIR" in os.environ or any(os.path.lexists(folder / ".git") for folder in (here, *here.parents))
 
 
+# Where git keeps what a merge or a rebase that waits for the user has left to do (in its folder:
+# a linked worktree's own), and the command that ends it; `git am` also uses rebase-apply.
+_UNFINISHED = (("rebase-merge", "rebase"), ("rebase-apply", "rebase"), ("MERGE_HEAD", "merge"))
+
+
+def unfinished_merge(root: Path) -> str | None:
+    """The git command ("merge", "rebase", "am") whose run in the repository holding `root` waits
+    for the user to finish it: files may still hold conflict markers, or one side's content alone,
+    while the lock the merge driver wrote is valid. None otherwise; no git run where no `.git`
+    stands on the way up (plan asks on every run)."""
+    if not maybe_in_git(root) or not root.is_dir():
+        return None
+    try:
+        out = _git(root, "rev-parse", *(arg for name, _ in _UNFINISHED for arg in ("--git-path", name)))
+    except VcsError:  # no git on PATH: no merge either
+        return None
+    paths = out.stdout.splitlines()
+    if out.returncode != 0 or len(paths) != len(_UNFINISHED):  # not in a work tree after all
+        return None
+    for path, (name, command) in zip(paths, _UNFINISHED):
+        where = root / path  # relative to `root`, where git ran
+        if where.exists():
+            return "am" if name == "rebase-apply" and (where / "applying").exists() else command
+    return None
+
+
+def unfinished_way_out(command: str) -> str:
+    """How the user ends what `unfinished_merge` found."""
+    return (f"resolve the files `git status` names, `git add` them, then `git {command} --continue`; "
+            f"or `git {command} --abort` to go back")
+
+
+def unfinished_merge_note(root: Path) -> str | None:
+    """What `plan` and `check` say while `unfinished_merge` finds something."""
+    command = unfinished_merge(root)
+    if command is None:
+        return None
+    return (f"a `git {command}` is unfinished in the repository of {root}: files may still hold conflict markers "
+            f"or one side's content alone, though the lock reads well; apply refuses to run until it is finished "
+            f"({unfinished_way_out(command)})")
+
+
 def exclude_locally(root: Path, pattern: str, why: str) -> None:
     """Add `pattern` (after a `# why` line) to the exclude file of the repository whose work tree
     holds `root`, unless it is there: the repository's own list, never shared, which a `git add -A`

@@ -555,6 +555,64 @@ def test_two_clones_histories_merge_without_a_conflict(cli, emulator, tmp_path):
     assert "<<<<<<<" not in history and history.count('"operation": "apply"') == 3
 
 
+def test_a_history_git_left_conflicted_is_named_so_and_apply_appends_nothing_to_it(cli, emulator, tmp_path):
+    # A clone where git merges the history line by line (here: an attribute overriding the union
+    # xnat2bids sets up; a dataset of an older xnat2bids had none): both clones appended an entry.
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11"),
+                           ("03", "03_MR1", "2024-01-12"), ("04", "04_MR1", "2024-01-13")], series=SMALL[:1])
+    ours, theirs = two_clones(cli, tmp_path)
+    with open(theirs / ".git/info/attributes", "a") as fh:
+        fh.write(".xnat2bids/history.jsonl merge=text\n")
+    assert cli("apply", str(ours), "-p", "PROJ", "--session", "02_MR1", "--yes", "--git-commit")[0] == 0
+    assert cli("apply", str(theirs), "-p", "PROJ", "--session", "03_MR1", "--yes", "--git-commit")[0] == 0
+    assert git(theirs, "pull", "-q", "--no-rebase", "origin", "main").returncode != 0
+    unmerged = {line.split("\t")[1] for line in git(theirs, "ls-files", "--unmerged").stdout.splitlines()}
+    assert ".xnat2bids/history.jsonl" in unmerged
+    (theirs / "participants.tsv").write_text("participant_id\nsub-01\nsub-02\nsub-03\n")
+    assert git(theirs, "commit", "-qa", "--no-edit").returncode == 0  # the history's markers committed with it
+    history = theirs / ".xnat2bids/history.jsonl"
+    conflicted = history.read_bytes()
+    assert conflicted.splitlines()[1].startswith(b"<<<<<<< ")
+    way_out = ("keep both sides' entries: delete the marker lines (<<<<<<<, =======, >>>>>>>) and leave every entry "
+               "line of both sides as it stands")
+
+    code, out, err = cli("history", str(theirs))
+    assert code == 0, out + err
+    assert f"warning: {history}: unresolved git merge conflict (a conflict marker at line 2); {way_out}" in err
+    assert "not valid JSON" not in err and out.count(" apply by ") == 3  # both sides' entries
+    code, out, err = cli("plan", str(theirs), "-p", "PROJ")
+    assert code == 0, out + err
+    assert ("note: unresolved git merge conflict markers in .xnat2bids/history.jsonl (line 2): apply writes nothing "
+            f"until they are resolved ({way_out}") in out
+    assert "then `git add .xnat2bids/history.jsonl`)" in out  # the union is set up already: not suggested
+    code, out, err = cli("check", str(theirs))
+    assert code == 0 and "note: unresolved git merge conflict markers in .xnat2bids/history.jsonl" in out, out + err
+
+    lock = (theirs / ".xnat2bids.lock").read_bytes()
+    code, out, err = cli("apply", str(theirs), "-p", "PROJ", "--yes")
+    assert code == 1, out + err
+    assert f"error: {history}: unresolved git merge conflict (a conflict marker at line 2); nothing was exported" in err
+    assert way_out in err and f"`git add {history}`" in err
+    code, out, err = cli("forget", "XNAT_E00001", str(theirs), "--yes")
+    assert code == 1 and "nothing was forgotten" in err, out + err
+    assert history.read_bytes() == conflicted and (theirs / ".xnat2bids.lock").read_bytes() == lock
+    assert not (theirs / "sub-04").exists()
+
+    # A dataset without the union set up (an older xnat2bids): the way to have git keep both sides.
+    (theirs / ".xnat2bids/.gitattributes").unlink()
+    code, out, err = cli("plan", str(theirs), "-p", "PROJ")
+    assert "with `history.jsonl merge=union` in .xnat2bids/.gitattributes" in out, out + err
+
+    # Resolved as said: the marker lines gone, both sides' entries kept. Apply appends after them.
+    history.write_bytes(b"".join(line for line in conflicted.splitlines(keepends=True)
+                                 if not line.startswith((b"<<<<<<< ", b"=======", b">>>>>>> "))))
+    code, out, err = cli("apply", str(theirs), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    entries = [json.loads(line) for line in history.read_text().splitlines()]
+    assert [e["operation"] for e in entries] == ["apply"] * 4
+    assert (theirs / ".xnat2bids/.gitattributes").read_text().splitlines()[-1] == "history.jsonl merge=union"
+
+
 def test_git_commit_takes_in_what_the_lock_records_since_the_last_commit(cli, emulator, tmp_path):
     # A run killed before its git commit (here: one run without --git-commit), or a commit that
     # recovery completed, leaves the lock ahead of the repository: the next --git-commit commits
@@ -792,6 +850,8 @@ def test_a_participants_file_git_left_conflicted_is_refused_before_any_export_an
     participants = theirs / "participants.tsv"
     conflicted = participants.read_bytes()
     assert b"<<<<<<< HEAD\n" in conflicted
+    # Committed as it stands (`git commit -a` marks every file resolved): no merge is unfinished.
+    assert git(theirs, "commit", "-qa", "--no-edit").returncode == 0
     lock = (theirs / ".xnat2bids.lock").read_bytes()
 
     code, out, err = cli("plan", str(theirs), "-p", "PROJ")
@@ -803,14 +863,80 @@ def test_a_participants_file_git_left_conflicted_is_refused_before_any_export_an
     assert "delete the marker lines" in err and f"`git add {participants}`" in err
     assert participants.read_bytes() == conflicted and (theirs / ".xnat2bids.lock").read_bytes() == lock
     assert not (theirs / "sub-04").exists() and not list((theirs / ".xnat2bids/staging").glob("*/*"))
-    assert git(theirs, "ls-files", "--unmerged").stdout.strip()  # still git's conflict to see
 
-    # Resolved (both rows kept) and marked so: the next apply adds sub-04.
+    # Resolved (both rows kept): the next apply adds sub-04.
     participants.write_text("participant_id\nsub-01\nsub-02\nsub-03\n")
-    git(theirs, "add", "participants.tsv")
     code, out, err = cli("apply", str(theirs), "-p", "PROJ", "--yes")
     assert code == 0, out + err
     assert participants.read_text() == "participant_id\nsub-01\nsub-02\nsub-03\nsub-04\n"
+
+
+def test_an_unfinished_git_merge_is_noted_by_plan_and_check_and_apply_refuses_to_start(cli, emulator, tmp_path):
+    # `git pull` merged the lock (the driver: a valid lock) but stopped on participants.tsv. Even with
+    # that file resolved, the merge is not finished until its commit: the dataset is half-merged.
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11"),
+                           ("03", "03_MR1", "2024-01-12"), ("04", "04_MR1", "2024-01-13")], series=SMALL[:1])
+    ours, theirs = two_clones(cli, tmp_path)
+    assert cli("apply", str(ours), "-p", "PROJ", "--session", "02_MR1", "--yes", "--git-commit")[0] == 0
+    assert cli("apply", str(theirs), "-p", "PROJ", "--session", "03_MR1", "--yes", "--git-commit")[0] == 0
+    assert git(theirs, "pull", "-q", "--no-rebase", "origin", "main").returncode != 0
+    (theirs / "participants.tsv").write_text("participant_id\nsub-01\nsub-02\nsub-03\n")
+    assert git(theirs, "add", "participants.tsv").returncode == 0
+    note = f"a `git merge` is unfinished in the repository of {theirs}: files may still hold conflict markers"
+    way_out = "then `git merge --continue`; or `git merge --abort` to go back"
+
+    code, out, err = cli("plan", str(theirs), "-p", "PROJ")
+    assert code == 0 and f"note: {note}" in out and way_out in out, out + err
+    code, out, err = cli("check", str(theirs))
+    assert code == 0 and f"note: {note}" in out and "OK: lock serial 3" in out, out + err
+    code, out, err = cli("check", str(theirs), "--json")
+    assert json.loads(out)["ok"] is True and f"note: {note}" in err
+
+    written = {p: p.read_bytes() for p in (theirs / ".xnat2bids.lock", theirs / ".xnat2bids/history.jsonl")}
+    code, out, err = cli("apply", str(theirs), "-p", "PROJ", "--yes")
+    assert code == 1, out + err
+    assert f"error: a `git merge` is unfinished in the repository of {theirs}; nothing was exported" in err
+    assert way_out in err
+    assert {p: p.read_bytes() for p in written} == written and not (theirs / "sub-04").exists()
+    code, out, err = cli("forget", "XNAT_E00001", str(theirs), "--yes")
+    assert code == 1 and "unfinished in the repository" in err and "nothing was forgotten" in err, out + err
+    assert {p: p.read_bytes() for p in written} == written
+
+    assert git(theirs, "commit", "-q", "--no-edit").returncode == 0
+    code, out, err = cli("plan", str(theirs), "-p", "PROJ")
+    assert code == 0 and "is unfinished in the repository" not in out, out + err
+    code, out, err = cli("apply", str(theirs), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    assert (theirs / "sub-04").is_dir()
+
+
+def test_an_unfinished_rebase_in_a_linked_worktree_is_noted_there_alone_and_refused(cli, emulator, tmp_path):
+    # A linked worktree keeps its rebase state in its own git folder (.git/worktrees/NAME), which
+    # `git rev-parse --git-path` finds; the main work tree is not rebasing.
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11"),
+                           ("03", "03_MR1", "2024-01-12")], series=SMALL[:1])
+    ours, theirs = two_clones(cli, tmp_path)
+    assert cli("apply", str(ours), "-p", "PROJ", "--session", "02_MR1", "--yes", "--git-commit")[0] == 0
+    side = tmp_path / "side"
+    assert git(theirs, "worktree", "add", "-q", "-b", "side", str(side), "main").returncode == 0
+    assert (side / ".git").is_file()
+    assert cli("apply", str(side), "-p", "PROJ", "--session", "03_MR1", "--yes", "--git-commit")[0] == 0
+    assert git(side, "fetch", "-q", "origin").returncode == 0
+    assert git(side, "rebase", "origin/main").returncode != 0  # participants.tsv: both added a row
+    assert (theirs / ".git/worktrees/side/rebase-merge").is_dir()
+
+    code, out, err = cli("plan", str(side), "-p", "PROJ")
+    assert code == 0, out + err
+    assert f"note: a `git rebase` is unfinished in the repository of {side}" in out
+    assert "then `git rebase --continue`; or `git rebase --abort` to go back" in out
+    code, out, err = cli("check", str(side))
+    assert f"note: a `git rebase` is unfinished in the repository of {side}" in out, out + err
+    lock = (side / ".xnat2bids.lock").read_bytes()
+    code, out, err = cli("apply", str(side), "-p", "PROJ", "--yes")
+    assert code == 1 and f"error: a `git rebase` is unfinished in the repository of {side}; nothing was exported" in err
+    assert (side / ".xnat2bids.lock").read_bytes() == lock
+    code, out, err = cli("plan", str(theirs), "-p", "PROJ")
+    assert code == 0 and "is unfinished in the repository" not in out, out + err
 
 
 def test_a_root_its_group_shares_gets_what_apply_creates_group_writable_whatever_the_umask(emulator, tmp_path):

@@ -152,6 +152,9 @@ def test_git_merges_two_clones_locks_with_the_driver(cli, emulator, tmp_path):
     assert lock.serial == 3  # past both clones' 2
     code, out, err = cli("check", str(theirs), "--full")
     assert code == 0, out + err
+    # participants.tsv resolved (both rows kept) and the merge committed: apply waits for that.
+    (theirs / "participants.tsv").write_text("participant_id\nsub-01\nsub-02\nsub-03\n")
+    assert git(theirs, "commit", "-qa", "--no-edit").returncode == 0
     # The merged history holds both clones' entries, the other clone's last: the next apply finds
     # every recorded session told of, and writes no "unrecorded" entry for this clone's export.
     assert cli("apply", str(theirs), "-p", "PROJ", "--yes")[0] == 0
