@@ -17,7 +17,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -62,7 +62,7 @@ from reconcile.lock import (
     stale_temp_files,
     write_lock,
 )
-from reconcile.lockparse import conflict_marker_line
+from reconcile.lockparse import conflict_marker_line, first_conflict_marker
 from reconcile.model import (
     BidsAddress,
     Experiment,
@@ -1186,34 +1186,6 @@ def read_history(root: Path, *, warn: Callable[[str], None] = lambda m: None) ->
     return entries
 
 
-# A git conflict marker at a line's start (lockparse's, for bytes): a history line is one JSON
-# object, which never starts so.
-_HISTORY_CONFLICT = re.compile(rb"(?:<{7}|={7}|>{7}|\|{7})(?: |\r?\n|\r?$)")
-
-
-def _first_conflict_marker(data: bytes) -> int | None:
-    """Where the first marker line starts. Each marker is looked for with bytes.find, and the
-    regular expression tried only there: run over the whole of a 50 MB history, it takes 0.7 s of
-    every plan."""
-    def line_starts(marker: bytes) -> Iterator[int]:
-        if data.startswith(marker):
-            yield 0
-        at = data.find(b"\n" + marker)
-        while at >= 0:
-            yield at + 1
-            at = data.find(b"\n" + marker, at + 1)
-
-    first = None
-    for marker in (b"<<<<<<<", b"=======", b">>>>>>>", b"|||||||"):
-        for at in line_starts(marker):
-            if first is not None and at >= first:
-                break
-            if _HISTORY_CONFLICT.match(data, at):
-                first = at
-                break
-    return first
-
-
 def history_conflict_line(root: Path) -> int | None:
     """The line (from 1) of the first git conflict marker in the history; None when it has none,
     or there is no history (or no work area). Reads the file as bytes: a history of many large
@@ -1224,7 +1196,7 @@ def history_conflict_line(root: Path) -> int | None:
         data = WorkArea(root).history.read_bytes()
     except (OSError, UnsafePathError):  # missing, or unreadable: whoever appends says so
         return None
-    found = _first_conflict_marker(data)
+    found = first_conflict_marker(data)
     return None if found is None else data.count(b"\n", 0, found) + 1
 
 

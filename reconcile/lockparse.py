@@ -15,7 +15,7 @@ import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, AnyStr, NamedTuple
 
 from reconcile.errors import LockfileError
 from reconcile.forked import map_forked, split
@@ -146,13 +146,43 @@ def _check_ended(header: Mapping[str, Any], tail: bytes, source: str) -> None:
 
 # What git leaves at the start of a line of a file it could not merge (diff3 style's `|||||||` too;
 # CRLF after `=======` in a file with CRLF lines).
-_CONFLICT_MARKER = re.compile(r"^(<{7}|={7}|>{7}|\|{7})(?: |\r?$)", re.MULTILINE)
+_CONFLICT_MARKER = re.compile(r"(?:<{7}|={7}|>{7}|\|{7})(?: |\r?$)", re.MULTILINE)
+_CONFLICT_MARKER_BYTES = re.compile(_CONFLICT_MARKER.pattern.encode(), re.MULTILINE)
+
+
+def first_conflict_marker(data: AnyStr) -> int | None:
+    """Where the first line starting with a git conflict marker starts; None when there is none.
+    Each marker is looked for with find, the pattern tried only there: a pattern searched over the
+    whole of a 50 MB history takes 0.7 s (it is tried at every line start)."""
+    if isinstance(data, bytes):
+        pattern, newline, markers = _CONFLICT_MARKER_BYTES, b"\n", (b"<<<<<<<", b"=======", b">>>>>>>", b"|||||||")
+    else:
+        pattern, newline, markers = _CONFLICT_MARKER, "\n", ("<<<<<<<", "=======", ">>>>>>>", "|||||||")
+    first = None
+    for marker in markers:
+        for at in _line_starts(data, marker, newline):
+            if first is not None and at >= first:
+                break
+            if pattern.match(data, at):
+                first = at
+                break
+    return first
+
+
+def _line_starts(data: AnyStr, start: AnyStr, newline: AnyStr) -> Iterator[int]:
+    """Where the lines of `data` that begin with `start` begin."""
+    if data.startswith(start):
+        yield 0
+    at = data.find(newline + start)
+    while at >= 0:
+        yield at + 1
+        at = data.find(newline + start, at + 1)
 
 
 def conflict_marker_line(text: str) -> int | None:
     """The line (from 1) of the first git conflict marker in `text`; None when it has none."""
-    conflict = _CONFLICT_MARKER.search(text)
-    return None if conflict is None else text.count("\n", 0, conflict.start()) + 1
+    at = first_conflict_marker(text)
+    return None if at is None else text.count("\n", 0, at) + 1
 
 _Spans = dict[str, tuple[int, int]]
 # Fewest fragments to parse for a forked child to pay off (`forked`): 0.25-0.4 s of work at
