@@ -36,7 +36,13 @@ from reconcile.dataset import (
     session_acq_time,
     update_sessions_tsv,
 )
-from reconcile.durable import fsync_dir, fsync_file, fsync_tree, write_atomic
+from reconcile.durable import (
+    fsync_dir,
+    fsync_file,
+    fsync_tree,
+    open_to_group,
+    write_atomic,
+)
 from reconcile.errors import (
     AuthError,
     Cancelled,
@@ -191,6 +197,7 @@ def stage_session(
     listed = client.list_scans(exp)
     scans = tuple(s for s in listed if settings.selects(s.id, s.series_description))
     with open(log_path, "a") as log:
+        open_to_group(log.fileno())
         log.write(f"{utc_now()} apply {change.action.value} {exp.project}/{exp.id} ({exp.label}): "
                   f"{len(scans)} of {len(listed)} scans selected\n")
     if not scans:  # before downloading anything
@@ -948,6 +955,7 @@ def log_line(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as fh:
+            open_to_group(fh.fileno())
             fh.write(f"{utc_now()} {text}\n")
     except OSError:
         pass
@@ -1028,6 +1036,7 @@ def _append_entry(root: Path, entry: dict) -> None:
     path = WorkArea(root).history
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as fh:  # readable too: the last byte is looked at
+        open_to_group(fh.fileno())  # another member's apply appends its entries too
         # A crash mid-append leaves a torn last line; start on a fresh line so this entry stays readable.
         torn = fh.tell() > 0 and os.pread(fh.fileno(), 1, fh.tell() - 1) != b"\n"
         hit("history-append")
