@@ -81,6 +81,7 @@ from reconcile.naming import check_safe
 from reconcile.plan import Change, Plan, recorded_scans
 from reconcile.plan import edited as plan_edited
 from reconcile.schema import load_schema
+from reconcile.statelock import Holder
 from reconcile.workarea import WORK_DIR, WorkArea, work_path
 
 
@@ -1032,6 +1033,23 @@ def append_lock_change(root: Path, operation: str, serials: tuple[int, int], rec
     return entry
 
 
+FORCE_UNLOCK = "force-unlock"  # an entry that changes no lock: see `append_forced_unlock`
+
+
+def append_forced_unlock(root: Path, holder: Holder) -> dict:
+    """A history entry for the state lock `force-unlock` removed: who broke whose lock (the holder's
+    ID, operation, account, host, pid and since when; nothing secret is in a lock record). It changes
+    no lock: its serials are the last entry's after, and readers of the last entry pass over it, so
+    that the commits of the apply it broke (killed before its entry) are still found unrecorded."""
+    serial = history_serial(root)
+    unlocked = {"id": holder.id, "operation": holder.operation, "user": holder.user, "host": holder.host,
+                "pid": holder.pid, "since": holder.since, "jobs": list(holder.jobs)}
+    entry = _history_entry(FORCE_UNLOCK, serial, serial, {"done": 0, "failed": 0, "skipped": 0}, [],
+                           unlocked=unlocked)
+    _append_entry(root, entry)
+    return entry
+
+
 def _append_entry(root: Path, entry: dict) -> None:
     path = WorkArea(root).history
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1100,8 +1118,8 @@ def history_serial(root: Path) -> int:
 
 
 def last_history_entry(root: Path) -> dict | None:
-    """The history's last complete entry, read from the end of the file (an entry of a large
-    apply is megabytes; the history holds many)."""
+    """The history's last complete entry of a lock change (a forced unlock is none), read from the
+    end of the file (an entry of a large apply is megabytes; the history holds many)."""
     path = WorkArea(root).history
     try:
         fh = open(path, "rb")
@@ -1119,7 +1137,7 @@ def last_history_entry(root: Path) -> dict | None:
             # Every line but the first is whole (the first may go on before `start`).
             for line in reversed(lines if start == 0 else lines[1:]):
                 entry, _ = _history_line(line)
-                if entry is not None:
+                if entry is not None and entry["operation"] != FORCE_UNLOCK:
                     return entry
             tail = lines[0] if start > 0 else b""
     return None
