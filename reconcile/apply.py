@@ -37,7 +37,13 @@ from reconcile.dataset import (
     session_acq_time,
     update_sessions_tsv,
 )
-from reconcile.durable import fsync_dir, fsync_file, fsync_tree, write_atomic
+from reconcile.durable import (
+    fsync_dir,
+    fsync_file,
+    fsync_tree,
+    open_to_group,
+    write_atomic,
+)
 from reconcile.errors import (
     AuthError,
     Cancelled,
@@ -77,6 +83,7 @@ from reconcile.naming import check_safe
 from reconcile.plan import Change, Plan, recorded_scans
 from reconcile.plan import edited as plan_edited
 from reconcile.schema import load_schema
+from reconcile.statelock import Holder
 from reconcile.workarea import WORK_DIR, WorkArea, work_path
 
 
@@ -193,6 +200,7 @@ def stage_session(
     listed = client.list_scans(exp)
     scans = tuple(s for s in listed if settings.selects(s.id, s.series_description))
     with open(log_path, "a") as log:
+        open_to_group(log.fileno())
         log.write(f"{utc_now()} apply {change.action.value} {exp.project}/{exp.id} ({exp.label}): "
                   f"{len(scans)} of {len(listed)} scans selected\n")
     if not scans:  # before downloading anything
@@ -950,6 +958,7 @@ def log_line(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as fh:
+            open_to_group(fh.fileno())
             fh.write(f"{utc_now()} {text}\n")
     except OSError:
         pass
@@ -1029,10 +1038,28 @@ def append_lock_change(root: Path, operation: str, serials: tuple[int, int], rec
     return entry
 
 
+FORCE_UNLOCK = "force-unlock"  # an entry that changes no lock: see `append_forced_unlock`
+
+
+def append_forced_unlock(root: Path, holder: Holder) -> dict:
+    """A history entry for the state lock `force-unlock` removed: who broke whose lock (the holder's
+    ID, operation, account, host, pid and since when; nothing secret is in a lock record). It changes
+    no lock: its serials are the last entry's after, and readers of the last entry pass over it, so
+    that the commits of the apply it broke (killed before its entry) are still found unrecorded."""
+    serial = history_serial(root)
+    unlocked = {"id": holder.id, "operation": holder.operation, "user": holder.user, "host": holder.host,
+                "pid": holder.pid, "since": holder.since, "jobs": list(holder.jobs)}
+    entry = _history_entry(FORCE_UNLOCK, serial, serial, {"done": 0, "failed": 0, "skipped": 0}, [],
+                           unlocked=unlocked)
+    _append_entry(root, entry)
+    return entry
+
+
 def _append_entry(root: Path, entry: dict) -> None:
     path = WorkArea(root).history
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as fh:  # readable too: the last byte is looked at
+        open_to_group(fh.fileno())  # another member's apply appends its entries too
         # A crash mid-append leaves a torn last line; start on a fresh line so this entry stays readable.
         torn = fh.tell() > 0 and os.pread(fh.fileno(), 1, fh.tell() - 1) != b"\n"
         hit("history-append")
@@ -1096,8 +1123,8 @@ def history_serial(root: Path) -> int:
 
 
 def last_history_entry(root: Path) -> dict | None:
-    """The history's last complete entry, read from the end of the file (an entry of a large
-    apply is megabytes; the history holds many)."""
+    """The history's last complete entry of a lock change (a forced unlock is none), read from the
+    end of the file (an entry of a large apply is megabytes; the history holds many)."""
     path = WorkArea(root).history
     try:
         fh = open(path, "rb")
@@ -1115,7 +1142,7 @@ def last_history_entry(root: Path) -> dict | None:
             # Every line but the first is whole (the first may go on before `start`).
             for line in reversed(lines if start == 0 else lines[1:]):
                 entry, _ = _history_line(line)
-                if entry is not None:
+                if entry is not None and entry["operation"] != FORCE_UNLOCK:
                     return entry
             tail = lines[0] if start > 0 else b""
     return None

@@ -1518,10 +1518,13 @@ def _print_history(root: Path, *, as_json: bool) -> int:
             echo(json.dumps(e, sort_keys=True))
             continue
         s = e["summary"]
+        if isinstance(e.get("unlocked"), dict):  # force-unlock: no session, no lock change
+            what = f"removed the state lock held by {_unlocked(e['unlocked'])}"
+        else:
+            what = (f"{s.get('done', 0)} done, {s.get('failed', 0)} failed, {s.get('skipped', 0)} skipped; "
+                    f"serial {e['lock_serial']['before']} → {e['lock_serial']['after']}")
         echo(f"{e['time']}  {e['operation']} by {e['user']}@{e['host']} (xnat2bids {e['xnat2bids']})"
-             f"{' (cancelled)' if e.get('cancelled') else ''}: "
-             f"{s.get('done', 0)} done, {s.get('failed', 0)} failed, {s.get('skipped', 0)} skipped; "
-             f"serial {e['lock_serial']['before']} → {e['lock_serial']['after']}")
+             f"{' (cancelled)' if e.get('cancelled') else ''}: {what}")
         heads = [f"    {row['result']:<7} {row['action']:<6} {row['address']} ({row['project']}/{row['experiment_id']})"
                  for row in e["sessions"]]
         width = max(map(len, heads), default=0)
@@ -1536,6 +1539,16 @@ def _print_history(root: Path, *, as_json: bool) -> int:
             for detail in details[1:]:
                 echo(" " * (width + 2) + detail)
     return EXIT_OK
+
+
+def _unlocked(record: dict) -> str:
+    """The holder a `force-unlock` entry tells of, in the words force-unlock used."""
+    from reconcile.statelock import Holder
+
+    try:
+        return Holder(**{**record, "jobs": tuple(record.get("jobs", ()))}).describe()
+    except TypeError:  # an entry edited by hand, or written by a newer version
+        return f"lock ID {record.get('id')}"
 
 
 def _date_moved(row: dict) -> list[str]:
@@ -1555,14 +1568,21 @@ def force_unlock(
     Example: xnat2bids force-unlock 3f2a9c1b77d0 ~/bids-export
     """
     from reconcile import statelock
+    from reconcile.apply import append_forced_unlock
 
     cfg = _load_config(config)
     root = cfg.resolve_bids_root(bids_root)
     if not one_dataset(cfg, root):
         root = _locked_study(root, lock_id)
     unasked = _refuse_if_batch_running(root, lock_id)
+    share_with_group(root)
     holder = statelock.force_unlock(root, lock_id)
     echo(f"Removed the state lock of {root} held by {holder.describe()}")
+    try:  # best effort: the lock is gone whatever the history can be told
+        append_forced_unlock(root, holder)
+    except (OSError, XnatBidsError) as exc:  # a full disk, a history another member made read-only
+        why = exc.summary if isinstance(exc, XnatBidsError) else exc.strerror or exc
+        echo(f"warning: the history of {root} could not be told of the forced unlock ({why})", err=True)
     if holder.jobs and unasked:  # its jobs may still run elsewhere: their credentials stay
         echo(f"warning: the credentials of SLURM batch {holder.id}'s jobs are left as they are; "
              f"`xnat2bids finalize --batch {holder.id} {root}` on the cluster merges the batch and revokes them", err=True)

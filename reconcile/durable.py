@@ -1,14 +1,53 @@
 """Making renames and new files survive a power loss: the one place that fsyncs directories. Also
-the one way to open a file for flock."""
+the one way to open a file for flock, and the one rule for the mode of a file rewritten or appended
+to in a root a lab group shares."""
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 import uuid
 from pathlib import Path
 
 from reconcile.failpoints import hit
+
+_group_shares = False  # see `share_writes_with_group`
+
+
+def share_writes_with_group(shared: bool) -> None:
+    """Whether this process writes into a BIDS root its lab group shares (`workarea.share_with_group`
+    tells): the files it rewrites or appends to are then made group-writable, as new ones are."""
+    global _group_shares
+    _group_shares = shared
+
+
+def _for_group(mode: int) -> int:
+    """`mode` plus group write where the group shares the root and may read the file (one made
+    0600 on purpose, as a token's record is, stays so); no other bit is added or taken away."""
+    return mode | stat.S_IWGRP if _group_shares and mode & stat.S_IRGRP else mode
+
+
+def open_to_group(fd: int) -> None:
+    """Give the open file `_for_group`'s mode: one that an older version, or a member's umask, made
+    0644 would keep the other members from writing it. Best effort: only its owner may chmod a
+    file, and another member's is left as it is."""
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if _for_group(mode) != mode:
+            os.fchmod(fd, _for_group(mode))
+    except OSError:
+        pass
+
+
+def take_mode(fd: int, path: Path) -> None:
+    """Give the temp file `fd`, about to replace `path`, the mode `path` has (one the user chose),
+    else the one it was made with; plus group write where the group shares the root (`_for_group`)."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    os.fchmod(fd, _for_group(mode))
 
 
 def fsync_dir(directory: Path) -> None:
@@ -49,20 +88,18 @@ def write_atomic(path: Path, text: str, *, mode: int = 0o666, temps: Path | None
     survives a power loss (temp file, fsync, rename, fsync the folder). The temp file is made in
     `temps` (on the same file system; see `workarea.temp_folder`), else beside `path`.
 
-    A new file gets `mode` less the umask; an existing file keeps the mode it has.
+    A new file gets `mode` less the umask; an existing file keeps the mode it has (both plus group
+    write in a root the group shares: `take_mode`).
     """
     tmp = (temps if temps is not None else path.parent) / f".{path.name}.{uuid.uuid4().hex}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
+            take_mode(handle.fileno(), path)
             handle.flush()
             os.fsync(handle.fileno())
         hit(f"atomic-temp-written:{path.name}")
-        try:
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        except FileNotFoundError:
-            pass
         try:
             os.replace(tmp, path)
         except OSError as exc:

@@ -25,7 +25,7 @@ from typing import Any, Union
 import tomli_w
 
 from reconcile import __version__
-from reconcile.durable import fsync_dir, open_for_flock
+from reconcile.durable import fsync_dir, open_for_flock, take_mode
 from reconcile.errors import LockConflictError, LockfileError
 from reconcile.failpoints import hit
 from reconcile.forked import map_forked, split
@@ -469,10 +469,7 @@ def _atomic_write(path: Path, pieces: list[Any]) -> tuple[int, ...]:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         try:
             with os.fdopen(fd, "wb", buffering=1 << 20) as f:  # the pieces are small: fewer system calls
-                try:
-                    os.chmod(tmp, path.stat().st_mode & 0o7777)  # keep a mode the user chose
-                except FileNotFoundError:
-                    pass
+                take_mode(f.fileno(), path)
                 f.writelines(pieces)
                 f.flush()
                 os.fsync(f.fileno())

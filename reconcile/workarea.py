@@ -10,6 +10,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconcile.durable import share_writes_with_group
 from reconcile.errors import UnsafePathError
 from reconcile.model import utc_now
 from reconcile.naming import check_accession_id
@@ -22,18 +23,25 @@ def share_with_group(root: Path) -> None:
     setgid and group-writable: `chmod 2775`), make what this process creates there writable by the
     group too, whatever the member's umask: as git's core.sharedRepository=group does. Otherwise a
     member with umask 022 leaves folders (a session, the work area's logs and trash) that the next
-    member's apply cannot write, nor put back after a crash."""
+    member's apply cannot write, nor put back after a crash. Files it rewrites or appends to (made
+    0644 by an older version) are opened to the group as well: see `durable.share_writes_with_group`."""
+    shared = _group_shares(root)
+    share_writes_with_group(shared)
+    if shared:
+        umask = os.umask(0)
+        os.umask(umask & ~0o070)
+
+
+def _group_shares(root: Path) -> bool:
     for folder in (root, *root.parents):
         try:
             mode = os.stat(folder).st_mode
         except FileNotFoundError:
             continue
         except OSError:
-            return
-        if mode & stat.S_ISGID and mode & stat.S_IWGRP:
-            umask = os.umask(0)
-            os.umask(umask & ~0o070)
-        return
+            return False
+        return bool(mode & stat.S_ISGID and mode & stat.S_IWGRP)
+    return False
 
 
 def temp_folder(root: Path) -> Path | None:

@@ -945,15 +945,11 @@ def test_a_root_its_group_shares_gets_what_apply_creates_group_writable_whatever
     import stat
 
     add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
-    env = {**os.environ, "XNAT_HOST": emulator.url, "XNAT_USER": emulator.user, "XNAT_PASS": emulator.password}
     for setgid, shared in ((0o2000, True), (0, False)):
         root = tmp_path / f"bids-{setgid:o}"
         root.mkdir()
         root.chmod(0o775 | setgid)
-        done = subprocess.run([sys.executable, "-m", "reconcile", "apply", str(root), "-p", "PROJ", "--yes"],
-                              env=env, cwd=tmp_path, capture_output=True, text=True,
-                              preexec_fn=lambda: os.umask(0o022))
-        assert done.returncode == 0, done.stdout + done.stderr
+        _apply_with_umask_022(emulator, root)
         made = [p for p in root.rglob("*") if not p.is_symlink()]
         assert any(p.parts[-1] == "logs" for p in made) and any(p.name.endswith(".nii.gz") for p in made)
         # (heudiconv leaves the images read-only for everyone, the owner too: replaced by rename)
@@ -963,3 +959,59 @@ def test_a_root_its_group_shares_gets_what_apply_creates_group_writable_whatever
             assert closed == [], closed
         else:  # no group folder: the member's umask decides, as ever
             assert "sub-01" in closed and ".xnat2bids/logs" in closed
+
+
+def _apply_with_umask_022(emulator, root: Path) -> None:
+    """`apply` by a group member whose umask is 022, in a process of its own (the umask is the process's)."""
+    env = {**os.environ, "XNAT_HOST": emulator.url, "XNAT_USER": emulator.user, "XNAT_PASS": emulator.password}
+    done = subprocess.run([sys.executable, "-m", "reconcile", "apply", str(root), "-p", "PROJ", "--yes"],
+                          env=env, cwd=root.parent, capture_output=True, text=True, preexec_fn=lambda: os.umask(0o022))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_root_its_group_shares_gets_the_files_apply_rewrites_group_writable_whatever_their_mode(emulator, tmp_path):
+    # Files an older version left 0644 (or a member's umask made so) are rewritten by the next
+    # member's apply: in a group's root they end up group-writable too, or the other members could
+    # no longer edit participants.tsv, nor append their entries to the history.
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    rewritten = ("participants.tsv", "sub-01/sub-01_sessions.tsv", "dataset_description.json", ".xnat2bids.lock",
+                 ".xnat2bids/history.jsonl")
+    roots = {}
+    for setgid, shared in ((0o2000, True), (0, False)):
+        root = roots[shared] = tmp_path / f"bids-{setgid:o}"
+        root.mkdir()
+        root.chmod(0o775 | setgid)
+        _apply_with_umask_022(emulator, root)
+        description = json.loads((root / "dataset_description.json").read_text())
+        del description["GeneratedBy"]  # for apply to put back
+        (root / "dataset_description.json").write_text(json.dumps(description))
+        for name in rewritten:
+            (root / name).chmod(0o644)
+    add(emulator.archive, [("01", "01_MR2", "2024-02-10"), ("02", "02_MR1", "2024-02-11")], series=SMALL[:1])
+    for shared, root in roots.items():
+        before = {name: (root / name).read_bytes() for name in rewritten}
+        _apply_with_umask_022(emulator, root)
+        assert [name for name in rewritten if (root / name).read_bytes() == before[name]] == []
+        modes = {name: oct((root / name).stat().st_mode & 0o7777) for name in rewritten}
+        # Group write added, nothing else: not writable by others.
+        assert modes == dict.fromkeys(rewritten, oct(0o664 if shared else 0o644))
+
+
+def test_a_history_the_member_may_not_chmod_is_still_appended_to(tmp_path, monkeypatch):
+    # Only its owner may chmod a file (another member's, or a file system that refuses): opening it
+    # to the group is best effort, and the entry is written all the same.
+    from reconcile import durable
+    from reconcile.apply import append_lock_change, read_history
+
+    def refused(fd: int, mode: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    root = tmp_path / "bids"
+    (root / ".xnat2bids").mkdir(parents=True)
+    history = root / ".xnat2bids/history.jsonl"
+    history.touch(mode=0o644)
+    monkeypatch.setattr(durable, "_group_shares", True)
+    monkeypatch.setattr(os, "fchmod", refused)
+    append_lock_change(root, "forget", (1, 2), [], action="forget", reason="asked", dropped=True)
+    assert [e["operation"] for e in read_history(root)] == ["forget"]
+    assert history.stat().st_mode & 0o777 == 0o644

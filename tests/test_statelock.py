@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -747,3 +748,57 @@ def test_a_killed_process_its_parent_has_not_reaped_yet_is_not_running():
         assert not statelock._alive(child.pid)
     finally:
         child.wait()
+
+
+def _held_by_bob_on_another_node(root: Path) -> statelock.Holder:
+    """An apply of another member's on a compute node (a shared filesystem): one `force-unlock`
+    cannot see running from here, so it removes it as asked."""
+    holder = statelock.acquire(root, "apply")
+    path = state_lock_path(root)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "user": "bob", "host": "compute-node-7"}))
+    return replace(holder, user="bob", host="compute-node-7")
+
+
+def test_force_unlock_tells_the_history_who_removed_whose_lock(cli, emulator, tmp_path):
+    from worlds import assert_schema
+
+    from reconcile.apply import read_history
+    from reconcile.model import login_name
+
+    root = tmp_path / "bids"
+    root.mkdir()
+    bobs = _held_by_bob_on_another_node(root)
+    code, out, err = cli("force-unlock", bobs.id, str(root))
+    assert code == 0, out + err
+    [entry] = read_history(root)
+    assert_schema("history", entry)
+    assert (entry["operation"], entry["user"], entry["host"]) == ("force-unlock", login_name(), socket.gethostname())
+    assert entry["unlocked"] == {"id": bobs.id, "operation": "apply", "user": "bob", "host": "compute-node-7",
+                                 "pid": os.getpid(), "since": bobs.since, "jobs": []}
+    assert emulator.password not in (root / ".xnat2bids/history.jsonl").read_text()
+    code, out, err = cli("history", str(root))
+    assert code == 0, out + err
+    assert out == (f"{entry['time']}  force-unlock by {login_name()}@{socket.gethostname()} (xnat2bids "
+                   f"{entry['xnat2bids']}): removed the state lock held by {bobs.describe()}\n")
+
+
+def test_a_forced_unlock_hides_no_commit_of_the_apply_it_broke_from_the_history(cli, emulator, tmp_path):
+    # Bob's apply committed a session and was killed before writing its history entry; the next
+    # run tells of that commit ("unrecorded"), though the forced unlock's entry came after it.
+    from worlds import record_as_exported
+
+    from reconcile.apply import read_history, recover
+    from reconcile.lock import Lock, write_lock
+
+    root = tmp_path / "bids"
+    root.mkdir()
+    exp = emulator.archive.add_session("PROJ", "01", "01_MR1", date="2024-01-10")
+    record = replace(record_as_exported(emulator.archive, exp, root), exported_at="2024-01-10T10:00:00Z")
+    write_lock(root, Lock.new().with_session(record))
+    code, out, err = cli("force-unlock", _held_by_bob_on_another_node(root).id, str(root))
+    assert code == 0, out + err
+    recover(root)
+    entries = read_history(root)
+    assert [(e["operation"], e["lock_serial"]) for e in entries] == [
+        ("force-unlock", {"before": 0, "after": 0}), ("unrecorded", {"before": 0, "after": 1})]
+    assert [row["experiment_id"] for row in entries[1]["sessions"]] == [exp.id]
