@@ -456,14 +456,14 @@ def test_finalizing_a_force_unlocked_batch_claims_no_session_a_newer_batch_expor
     code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm", "--wait")
     assert code == 0 and "2 done" in out, out + err
     newer = current_batch(root)
-    assert newer.id != old.id and len(history(root)) == 1
+    assert newer.id != old.id and [e["operation"] for e in history(root)] == ["force-unlock", "slurm apply"]
 
     code, out, err = slurm_cli("finalize", "--batch", old.id, str(root))
     entry = history(root)[-1]
     assert entry["summary"]["done"] == 0 and {row["result"] for row in entry["sessions"]} == {"skipped"}, entry
     assert "Finalize complete: 0 done, 0 failed, 2 skipped" in out, out + err
     assert " ✓ " not in out and out.count(f"already recorded by another apply (SLURM batch {newer.id})") == 2, out
-    assert history(root)[0]["batch"] == newer.id and entry["batch"] == old.id
+    assert history(root)[1]["batch"] == newer.id and entry["batch"] == old.id
     assert_schema("history", entry)
     assert all("already recorded by another apply" in row["error"] for row in entry["sessions"])
     assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps.values())
