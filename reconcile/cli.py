@@ -1043,7 +1043,7 @@ def _load_or_make_plan(
 
 def _read_plan_file(plan_file: Path) -> dict:
     try:
-        data = json.loads(plan_file.read_text())
+        data = json.loads(plan_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read plan {plan_file}: {exc}") from exc
     if not isinstance(data, dict):
@@ -1773,7 +1773,7 @@ def _git_rebasing() -> bool:
 
     try:
         out = subprocess.run(["git", "rev-parse", "--git-path", "rebase-merge", "--git-path", "rebase-apply"],
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, encoding="utf-8", errors="replace", timeout=30)
     except (OSError, subprocess.SubprocessError):
         return False
     return out.returncode == 0 and any(Path(line).is_dir() for line in out.stdout.splitlines())

@@ -353,7 +353,7 @@ def _temp_with(path: Path, holder: Holder) -> Path:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(_record(holder), fh, indent=2, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
@@ -386,7 +386,7 @@ def _create_in_place(path: Path, holder: Holder) -> bool:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as fh:
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(_record(holder), fh, indent=2, sort_keys=True)
         fh.flush()
         os.fsync(fh.fileno())
