@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover
 
 from reconcile import __version__
 from reconcile.config import ENV_CONFIG, Config, load_config
+from reconcile.console import tolerate_locale
 from reconcile.errors import (
     ConfigError,
     LockfileError,
@@ -102,7 +103,8 @@ class _PipeClosed(Exception):
 
 def echo(text: str = "", *, err: bool = False) -> None:
     try:
-        typer.echo(printable(text), err=err)
+        # The stream itself, not click's: click rewraps an ASCII one as UTF-8, past `tolerate_locale`.
+        typer.echo(printable(text), err=err, file=sys.stderr if err else sys.stdout)
     except BrokenPipeError:
         raise _PipeClosed() from None
 
@@ -2058,6 +2060,7 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM (`timeout`, systemd, a SLURM time limit, `kill`) stops a command as Ctrl-C does:
     # state lock released, history written; apply turns both into a clean cancel.
     in_main_thread = threading.current_thread() is threading.main_thread()
+    tolerate_locale(sys.stdout, sys.stderr)  # a nightly apply under LANG=en_US.ISO-8859-1 must not die on "…"
     previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None
     try:
         code = _run(argv)
@@ -2075,7 +2078,7 @@ def _run(argv: list[str] | None) -> int:
         seed = next((a for a in argv if a.split("=")[0] in ("--diff", "--update")), None)
         if seed is not None and getattr(exc, "possibilities", None):
             exc.possibilities = []  # click's "did you mean" among the root's own options: not what was meant
-        exc.show()
+        exc.show(file=sys.stderr)
         if seed is not None and isinstance(exc, UsageError):
             command = "plan --detailed-exitcode" if seed.startswith("--diff") else "apply"
             echo(f"hint: {seed.split('=')[0]} takes a ROOT (and --config) only; for other options use "
