@@ -1331,7 +1331,7 @@ def _dataset_status(root: Path, *, as_json: bool) -> int:
             data = sx.batch_status(current, query=shutil.which("scontrol") is not None).to_dict()
         else:
             data = sx.no_batch_status(root)
-        data["holder"] = asdict(holder) if holder is not None else None
+        data["holder"] = {**asdict(holder), "gone": statelock.gone(holder)} if holder is not None else None
         data["pending_revocations"] = [
             {"batch": p.batch, "since": p.since, "attempts": p.attempts, "last_error": p.last_error, "xnat_url": p.xnat_url}
             for p in pending
@@ -1339,7 +1339,12 @@ def _dataset_status(root: Path, *, as_json: bool) -> int:
         echo(json.dumps(data, indent=2, sort_keys=True))
         return EXIT_OK
     if current is None:
-        if holder is not None:
+        dead = statelock.gone(holder) if holder is not None else None
+        if dead is not None:  # the judgement `apply` takes the lock over on, not a live holder's words
+            echo(f"{root} is locked by a process that is gone ({dead}): {holder.describe()}")
+            echo(f"  it ended without releasing the lock; the next `xnat2bids apply` takes it over, or run "
+                 f"`xnat2bids force-unlock {holder.id} {root}`")
+        elif holder is not None:
             echo(f"{root} is locked: {holder.describe()}")
         else:
             echo(f"No SLURM batch in {root}.")

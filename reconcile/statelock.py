@@ -301,11 +301,21 @@ def working_holder(root: Path) -> Holder | None:
     commands to say that what they show may change under them. Never raises."""
     try:
         seen = _look(root)
-        if seen is None or seen.holder is None:
-            return None
-        return None if _fate(seen.holder, _me("look"))[0] is _Fate.GONE else seen.holder
+    except (OSError, KeyError, XnatBidsError):
+        return None
+    if seen is None or seen.holder is None:
+        return None
+    return None if gone(seen.holder) else seen.holder
+
+
+def gone(holder: Holder) -> str | None:
+    """Why the process that took the lock is certainly gone (killed, or its machine restarted), so
+    that the next command to want the lock takes it over; None while it may still run. Never raises."""
+    try:
+        fate, why = _fate(holder, _me("look"))
     except (OSError, KeyError, XnatBidsError):  # KeyError: getpass without a passwd entry (a container)
         return None
+    return why if fate is _Fate.GONE else None
 
 
 @contextmanager
