@@ -199,7 +199,7 @@ def stage_session(
     settings = config.conversion_for(exp.project, exp.label, exp.id)
     listed = client.list_scans(exp)
     scans = tuple(s for s in listed if settings.selects(s.id, s.series_description))
-    with open(log_path, "a") as log:
+    with open(log_path, "a", encoding="utf-8") as log:
         open_to_group(log.fileno())
         log.write(f"{utc_now()} apply {change.action.value} {exp.project}/{exp.id} ({exp.label}): "
                   f"{len(scans)} of {len(listed)} scans selected\n")
@@ -511,7 +511,7 @@ def commit_session(
                                    warnings.append if warnings is not None else lambda m: None)
         # Marked before the move, so the mark travels with the folder: a kill right after the
         # move must not leave this session's DICOM looking like another's.
-        (staged.dicom_dir / DICOM_OWNER).write_text(exp.id + "\n")
+        (staged.dicom_dir / DICOM_OWNER).write_text(exp.id + "\n", encoding="utf-8")
         fsync_tree(staged.dicom_dir)  # export leaves MD5-verified files unsynced (re-verified on reuse)
     journal = {
         "record": dumps_lock(Lock.new().with_session(record)),
@@ -570,7 +570,7 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
         _move_replacing(root / journal["dicom"], dest, area.trash(exp_id, dicom=True))
         hit("commit-dicom-moved")
         if not (dest / DICOM_OWNER).exists():  # staged by an xnat2bids that marked it after the move
-            (dest / DICOM_OWNER).write_text(exp_id + "\n")
+            (dest / DICOM_OWNER).write_text(exp_id + "\n", encoding="utf-8")
     ensure_dataset_description(root, name=record.project, tools=record.tools)
     said = ensure_participant(root, record.bids_subject, renamed_from=renamed)
     if said is not None:
@@ -631,7 +631,7 @@ DICOM_OWNER = ".xnat2bids-experiment"  # in a kept DICOM folder: the experiment 
 
 def _dicom_owner(folder: Path) -> str | None:
     try:
-        return (folder / DICOM_OWNER).read_text().strip()
+        return (folder / DICOM_OWNER).read_text(encoding="utf-8").strip()
     except OSError:
         return None
 
@@ -957,7 +957,7 @@ def log_line(path: Path, text: str) -> None:
     the run that is reporting it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as fh:
+        with open(path, "a", encoding="utf-8") as fh:
             open_to_group(fh.fileno())
             fh.write(f"{utc_now()} {text}\n")
     except OSError:
@@ -1199,7 +1199,7 @@ def read_history(root: Path, *, warn: Callable[[str], None] = lambda m: None) ->
         return []
     entries = []
     conflicted = False
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         if conflict_marker_line(line) is not None:  # both sides' entries are read; the markers said once
             if not conflicted:
                 warn(f"{_history_conflict(path, number)}; {_history_way_out(root, path.relative_to(root))}")
@@ -1240,7 +1240,7 @@ def _history_way_out(root: Path, named: Path) -> str:
            f"one whole entry; `xnat2bids history` shows them by time), then `git add {shlex.quote(str(named))}`")
     attributes = root / WORK_DIR / ".gitattributes"
     try:
-        union = "history.jsonl merge=union" in attributes.read_text(errors="replace").splitlines()
+        union = "history.jsonl merge=union" in attributes.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         union = False
     if not union:  # an older xnat2bids wrote no such file: git merged the history line by line

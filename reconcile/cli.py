@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover
 
 from reconcile import __version__
 from reconcile.config import ENV_CONFIG, Config, load_config
+from reconcile.console import tolerate_locale
 from reconcile.errors import (
     ConfigError,
     LockfileError,
@@ -102,7 +103,8 @@ class _PipeClosed(Exception):
 
 def echo(text: str = "", *, err: bool = False) -> None:
     try:
-        typer.echo(printable(text), err=err)
+        # The stream itself, not click's: click rewraps an ASCII one as UTF-8, past `tolerate_locale`.
+        typer.echo(printable(text), err=err, file=sys.stderr if err else sys.stdout)
     except BrokenPipeError:
         raise _PipeClosed() from None
 
@@ -1043,7 +1045,7 @@ def _load_or_make_plan(
 
 def _read_plan_file(plan_file: Path) -> dict:
     try:
-        data = json.loads(plan_file.read_text())
+        data = json.loads(plan_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read plan {plan_file}: {exc}") from exc
     if not isinstance(data, dict):
@@ -1329,7 +1331,7 @@ def _dataset_status(root: Path, *, as_json: bool) -> int:
             data = sx.batch_status(current, query=shutil.which("scontrol") is not None).to_dict()
         else:
             data = sx.no_batch_status(root)
-        data["holder"] = asdict(holder) if holder is not None else None
+        data["holder"] = {**asdict(holder), "gone": statelock.gone(holder)} if holder is not None else None
         data["pending_revocations"] = [
             {"batch": p.batch, "since": p.since, "attempts": p.attempts, "last_error": p.last_error, "xnat_url": p.xnat_url}
             for p in pending
@@ -1337,7 +1339,12 @@ def _dataset_status(root: Path, *, as_json: bool) -> int:
         echo(json.dumps(data, indent=2, sort_keys=True))
         return EXIT_OK
     if current is None:
-        if holder is not None:
+        dead = statelock.gone(holder) if holder is not None else None
+        if dead is not None:  # the judgement `apply` takes the lock over on, not a live holder's words
+            echo(f"{root} is locked by a process that is gone ({dead}): {holder.describe()}")
+            echo(f"  it ended without releasing the lock; the next `xnat2bids apply` takes it over, or run "
+                 f"`xnat2bids force-unlock {holder.id} {root}`")
+        elif holder is not None:
             echo(f"{root} is locked: {holder.describe()}")
         else:
             echo(f"No SLURM batch in {root}.")
@@ -1773,7 +1780,7 @@ def _git_rebasing() -> bool:
 
     try:
         out = subprocess.run(["git", "rev-parse", "--git-path", "rebase-merge", "--git-path", "rebase-apply"],
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, encoding="utf-8", errors="replace", timeout=30)
     except (OSError, subprocess.SubprocessError):
         return False
     return out.returncode == 0 and any(Path(line).is_dir() for line in out.stdout.splitlines())
@@ -2058,6 +2065,7 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM (`timeout`, systemd, a SLURM time limit, `kill`) stops a command as Ctrl-C does:
     # state lock released, history written; apply turns both into a clean cancel.
     in_main_thread = threading.current_thread() is threading.main_thread()
+    tolerate_locale(sys.stdout, sys.stderr)  # a nightly apply under LANG=en_US.ISO-8859-1 must not die on "…"
     previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None
     try:
         code = _run(argv)
@@ -2075,7 +2083,7 @@ def _run(argv: list[str] | None) -> int:
         seed = next((a for a in argv if a.split("=")[0] in ("--diff", "--update")), None)
         if seed is not None and getattr(exc, "possibilities", None):
             exc.possibilities = []  # click's "did you mean" among the root's own options: not what was meant
-        exc.show()
+        exc.show(file=sys.stderr)
         if seed is not None and isinstance(exc, UsageError):
             command = "plan --detailed-exitcode" if seed.startswith("--diff") else "apply"
             echo(f"hint: {seed.split('=')[0]} takes a ROOT (and --config) only; for other options use "

@@ -145,7 +145,7 @@ def tool_versions() -> dict[str, str]:
         versions["dcm2niix"] = f"v{wheel}"
     elif exe:
         try:
-            out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30, env=env).stdout
+            out = subprocess.run([exe, "--version"], capture_output=True, encoding="utf-8", errors="replace", timeout=30, env=env).stdout
             for token in out.split():
                 if token.startswith("v1.") or token.startswith("v2."):
                     versions["dcm2niix"] = token

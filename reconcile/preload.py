@@ -69,7 +69,7 @@ class Conversion:
 
     def _reported(self) -> int | None:
         try:
-            text = self.status_path.read_text()
+            text = self.status_path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
         try:
@@ -293,7 +293,7 @@ def _report(pid: int, status: Path) -> None:
         pass  # it ended before its setsid: no group of its own
     tmp = status.with_name(status.name + ".tmp")
     try:
-        tmp.write_text(str(code))
+        tmp.write_text(str(code), encoding="utf-8")
         os.replace(tmp, status)
     except OSError:
         pass  # e.g. its work folder is gone: apply gives up waiting and reports it killed

@@ -12,7 +12,7 @@ SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
 @cache
 def load_schema(name: str) -> dict[str, Any]:
-    return json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
+    return json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text(encoding="utf-8"))
 
 
 def schema_errors(name: str, document: Any) -> list[str]:

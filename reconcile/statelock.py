@@ -301,11 +301,21 @@ def working_holder(root: Path) -> Holder | None:
     commands to say that what they show may change under them. Never raises."""
     try:
         seen = _look(root)
-        if seen is None or seen.holder is None:
-            return None
-        return None if _fate(seen.holder, _me("look"))[0] is _Fate.GONE else seen.holder
+    except (OSError, KeyError, XnatBidsError):
+        return None
+    if seen is None or seen.holder is None:
+        return None
+    return None if gone(seen.holder) else seen.holder
+
+
+def gone(holder: Holder) -> str | None:
+    """Why the process that took the lock is certainly gone (killed, or its machine restarted), so
+    that the next command to want the lock takes it over; None while it may still run. Never raises."""
+    try:
+        fate, why = _fate(holder, _me("look"))
     except (OSError, KeyError, XnatBidsError):  # KeyError: getpass without a passwd entry (a container)
         return None
+    return why if fate is _Fate.GONE else None
 
 
 @contextmanager
@@ -353,7 +363,7 @@ def _temp_with(path: Path, holder: Holder) -> Path:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(_record(holder), fh, indent=2, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
@@ -386,7 +396,7 @@ def _create_in_place(path: Path, holder: Holder) -> bool:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as fh:
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(_record(holder), fh, indent=2, sort_keys=True)
         fh.flush()
         os.fsync(fh.fileno())

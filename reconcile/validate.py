@@ -56,7 +56,7 @@ def validate(root: Path) -> ValidationResult:
         return ValidationResult((), 0, skipped="nothing exported yet")
     try:
         # Without XNAT's credentials: deno runs it with --allow-env --allow-net.
-        out = subprocess.run([validator(), str(root), "--format", "json"], capture_output=True, text=True,
+        out = subprocess.run([validator(), str(root), "--format", "json"], capture_output=True, encoding="utf-8", errors="replace",
                              timeout=VALIDATOR_TIMEOUT_S, env=without_secrets(os.environ))
     except subprocess.TimeoutExpired:
         raise ValidationError(f"the BIDS validator did not finish within {VALIDATOR_TIMEOUT_S} s",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -48,9 +49,11 @@ PATHSPECS_ON_COMMAND_LINE = 2000
 
 def _git(root: Path, *args: str, text: bool = True, input: str | None = None) -> subprocess.CompletedProcess[Any]:
     try:
-        # Without XNAT's credentials: the dataset's hooks run with this environment.
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=text, input=input,
-                              env=without_secrets(os.environ))
+        # Without XNAT's credentials: the dataset's hooks run with this environment. Paths given
+        # on stdin and read back (ls-files) are coded as the argv's are, whatever the locale.
+        coding = {"encoding": sys.getfilesystemencoding(), "errors": sys.getfilesystemencodeerrors()} if text else {}
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, input=input,
+                              env=without_secrets(os.environ), **coding)
     except OSError as exc:  # no git on PATH
         raise VcsError(f"git could not be run: {exc.strerror or exc}",
                             hint="the lock and the files are right; commit the dataset by hand "
@@ -184,7 +187,7 @@ def ensure_own_ignores(root: Path) -> None:
             if not os.path.lexists(own):
                 write_atomic(own, text)
             elif own.is_file() and not own.is_symlink():  # ours, from an older xnat2bids: the lines it lacks
-                had = own.read_text(errors="replace")
+                had = own.read_text(encoding="utf-8", errors="replace")
                 missing = [line for line in text.splitlines() if line not in had.splitlines()]
                 if had.startswith(text.splitlines()[0]) and missing:
                     write_atomic(own, had + ("" if had.endswith("\n") else "\n") + "".join(f"{x}\n" for x in missing))
@@ -260,11 +263,11 @@ def exclude_locally(root: Path, pattern: str, why: str) -> None:
         return
     exclude = root / answer[1]  # relative to `root`, where git ran
     try:
-        text = exclude.read_text(errors="replace") if exclude.exists() else ""
+        text = exclude.read_text(encoding="utf-8", errors="replace") if exclude.exists() else ""
         if pattern in (line.strip() for line in text.splitlines()):
             return
         exclude.parent.mkdir(exist_ok=True)
-        with open(exclude, "a") as fh:
+        with open(exclude, "a", encoding="utf-8") as fh:
             fh.write(("\n" if text and not text.endswith("\n") else "") + f"# {why}\n{pattern}\n")
     except OSError:
         pass
@@ -289,7 +292,7 @@ def commit_paths(root: Path, message: str, paths: Iterable[str]) -> str | None:
             said = message if len(parts) == 1 else f"{message}\n\n(part {n} of {len(parts)})"
             try:
                 out = subprocess.run(["datalad", "save", "-d", str(root), "-m", said, "--", *part],
-                                     capture_output=True, text=True, cwd=root, env=without_secrets(os.environ))
+                                     capture_output=True, encoding="utf-8", errors="replace", cwd=root, env=without_secrets(os.environ))
             except OSError as exc:
                 raise VcsError(f"datalad could not be run: {exc.strerror or exc}",
                                     hint="the lock and the files are right; save the dataset by hand (datalad save)") from exc

@@ -154,6 +154,50 @@ def test_status_json_of_a_root_locked_by_another_apply_names_the_holder(cli, tmp
 
 
 
+def test_status_names_a_holder_killed_without_releasing_as_gone_and_plan_does_not_warn_of_it(cli, emulator, tmp_path):
+    from reconcile import statelock
+
+    root = tmp_path / "bids"
+    root.mkdir()
+    # An apply killed with SIGKILL: its lock file stays, naming a pid that no longer runs.
+    script = ("import sys, time; from pathlib import Path; from reconcile import statelock; "
+              "statelock.acquire(Path(sys.argv[1]), 'apply'); print('held', flush=True); time.sleep(60)")
+    holding = subprocess.Popen([sys.executable, "-c", script, str(root)], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(Path(reconcile.__file__).parent.parent)})
+    assert holding.stdout.readline() == "held\n"
+    holding.kill()
+    holding.wait()
+    holder = statelock.read_holder(root)
+    assert holder.pid == holding.pid
+
+    code, out, err = cli("status", str(root))
+    assert code == 0, out + err
+    assert out == (f"{root} is locked by a process that is gone (pid {holding.pid} is gone): {holder.describe()}\n"
+                   f"  it ended without releasing the lock; the next `xnat2bids apply` takes it over, or run "
+                   f"`xnat2bids force-unlock {holder.id} {root}`\n")  # was: "is locked: apply by ...", as if running
+    code, out, _ = cli("status", str(root), "--json")
+    doc = json.loads(out)
+    assert_schema("status", doc)
+    assert doc["holder"]["id"] == holder.id and doc["holder"]["gone"] == f"pid {holding.pid} is gone"
+    code, out, err = cli("plan", str(root), "-p", "PROJ")
+    assert code == 0 and "at work" not in err, out + err
+
+
+def test_status_of_a_root_locked_by_a_running_apply_says_locked_not_gone(cli, tmp_path):
+    from reconcile import statelock
+
+    root = tmp_path / "bids"
+    root.mkdir()
+    holder = statelock.acquire(root, "apply")
+    try:
+        code, out, _ = cli("status", str(root))
+        _, as_json, _ = cli("status", str(root), "--json")
+    finally:
+        statelock.release(root, holder)
+    assert code == 0 and out == f"{root} is locked: {holder.describe()}\n"
+    assert json.loads(as_json)["holder"]["gone"] is None
+
+
 def test_config_given_before_the_command_is_the_one_used(cli, emulator, tmp_path):
     emulator.archive.add_session("PROJ", "01", "01_MR1", date="2024-01-10")
     config = tmp_path / "lab.toml"

@@ -223,7 +223,7 @@ def _from_manifest(path: Path, root: Path) -> Batch:
     """The batch of a manifest found in the dataset at `root`. Its `root` is that dataset, not the
     one it was submitted from: finalizing a copied or moved dataset must never write into the
     original."""
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     return replace(Batch.from_dict(data), root=root.absolute())
@@ -259,7 +259,7 @@ def unfinalized_batches(root: Path) -> list[Batch]:
 
 def read_result(batch: Batch, index: int) -> dict[str, Any] | None:
     try:
-        return json.loads(batch.result_path(index).read_text())
+        return json.loads(batch.result_path(index).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except ValueError:
@@ -268,7 +268,7 @@ def read_result(batch: Batch, index: int) -> dict[str, Any] | None:
 
 def read_finalized(batch: Batch) -> dict[str, Any] | None:
     try:
-        return json.loads(batch.finalized_path.read_text())
+        return json.loads(batch.finalized_path.read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return None
 
@@ -429,7 +429,7 @@ def write_job_credentials(client, path: Path) -> str:
         alias, secret, kind = client.credentials.user, client.credentials.password, "password-file"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
         # The kind too: a batch whose submission was killed before its manifest said which is
         # cleaned up by `discard_unsubmitted`, which must not take a password for a token.
         json.dump({"alias": alias, "secret": secret, "kind": kind}, fh)
@@ -453,10 +453,10 @@ def write_batch(batch: Batch, plan_json: str, settings: SlurmSettings, jobs: Seq
     """Everything the jobs read, before anything is submitted."""
     batch.logs_dir.mkdir(parents=True, exist_ok=True)
     (batch.dir / "results").mkdir(exist_ok=True)
-    batch.plan_path.write_text(plan_json)
-    batch.setup_path.write_text(settings.setup + ("\n" if settings.setup and not settings.setup.endswith("\n") else ""))
+    batch.plan_path.write_text(plan_json, encoding="utf-8")
+    batch.setup_path.write_text(settings.setup + ("\n" if settings.setup and not settings.setup.endswith("\n") else ""), encoding="utf-8")
     for job in jobs:
-        job.script_path.write_text(job.script)
+        job.script_path.write_text(job.script, encoding="utf-8")
         job.script_path.chmod(0o700)
     _write_json(batch.manifest_path, batch.to_dict())
 
@@ -465,7 +465,7 @@ def _run(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: 
     if shutil.which(argv[0]) is None:
         raise SlurmError(f"{argv[0]} is not on PATH", hint="run this on a SLURM login node, or use --executor local")
     try:
-        return subprocess.run(list(argv), capture_output=True, text=True, env=dict(env) if env is not None else None,
+        return subprocess.run(list(argv), capture_output=True, encoding="utf-8", errors="replace", env=dict(env) if env is not None else None,
                               timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise SlurmError(f"{argv[0]} did not answer within {timeout:.0f} s") from exc
@@ -671,7 +671,7 @@ def load_plan(batch: Batch) -> tuple[Plan, dict[str, Any]]:
     from reconcile.lock import read_lock
     from reconcile.render import plan_from_dict
 
-    return plan_from_dict(json.loads(batch.plan_path.read_text()), str(batch.plan_path), read_lock(batch.root))
+    return plan_from_dict(json.loads(batch.plan_path.read_text(encoding="utf-8")), str(batch.plan_path), read_lock(batch.root))
 
 
 def _config_as_submitted(batch: Batch, planned: str | None) -> Config:
@@ -698,7 +698,7 @@ def run_task(directory: Path, index: int, *, cancel: threading.Event | None = No
     from reconcile.observe import tool_versions
     from reconcile.xnat import XnatClient
 
-    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
     batch = Batch.from_dict(manifest)
     entry = batch.sessions[index]
     root = batch.root
@@ -1018,7 +1018,7 @@ def revoke_job_token(batch: Batch, *, warn: Callable[[str], None] = lambda m: No
     if batch.credentials != "alias-token" or not batch.credentials_path.exists():
         return False
     try:
-        token = json.loads(batch.credentials_path.read_text())
+        token = json.loads(batch.credentials_path.read_text(encoding="utf-8"))
         alias, secret = str(token["alias"]), str(token["secret"])
         if token.get("kind", "alias-token") != "alias-token":
             return False  # the password, for an XNAT without tokens: nothing to invalidate
@@ -1083,7 +1083,7 @@ def pending_revocations(root: Path) -> list[PendingRevocation]:
     found = []
     for path in base.glob("*.json"):
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             if data.get("format_version", 0) > REVOCATION_FORMAT_VERSION:
                 continue
             found.append(PendingRevocation(  # the file's name is the batch: removing the record removes it
@@ -1148,7 +1148,7 @@ def _retry_with_batch_credentials(batch: Batch, *, warn: Callable[[str], None]) 
         return
     try:
         if batch.credentials in ("alias-token", "password-file") and batch.credentials_path.exists():
-            token = json.loads(batch.credentials_path.read_text())
+            token = json.loads(batch.credentials_path.read_text(encoding="utf-8"))
             creds = Credentials(str(token["alias"]), str(token["secret"]), "token-file")
         else:
             creds = resolve_credentials(batch.xnat_url)  # ~/.netrc or $XNAT_TOKEN_FILE, as the tasks log in
