@@ -768,6 +768,8 @@ def run_apply(
                 f"{report.count(Status.FAILED)} failed, {report.count(Status.SKIPPED)} skipped; "
                 f"lock serial {report.lock.serial if report.lock else plan.serial}.{untouched}"
             )
+            if report.halted:  # a cron mail's reader sees why, not only how many were skipped
+                echo(f"Stopped early: {report.halted}.")
             code = EXIT_OK if report.ok and not plan.problems and not held else EXIT_ERROR
             _say_held_back(held)
             if run_validator:

@@ -66,7 +66,16 @@ class StalePlanError(XnatBidsError):
 
 
 class RemoteError(XnatBidsError):
-    """XNAT could not be reached or answered with an error."""
+    """XNAT could not be reached or answered with an error.
+
+    `unreachable`: no answer came at all, after every retry (connection refused or reset, timeouts,
+    a name that does not resolve): what every later request of the run would meet too. Not set for
+    an error status, nor for one download cut short.
+    """
+
+    def __init__(self, summary: str, *, unreachable: bool = False, **kwargs):
+        super().__init__(summary, **kwargs)
+        self.unreachable = unreachable
 
 
 class AuthError(RemoteError):
