@@ -8,7 +8,6 @@ nothing; it reports through `on_event`.
 
 from __future__ import annotations
 
-import errno
 import filecmp
 import glob
 import json
@@ -45,6 +44,7 @@ from reconcile.durable import (
     write_atomic,
 )
 from reconcile.errors import (
+    NO_SPACE,
     AuthError,
     Cancelled,
     ForbiddenError,
@@ -879,10 +879,10 @@ def apply_plan(
 
 def _disk_full(exc: Exception, root: Path) -> Exception:
     """A full disk or quota as the session's error, saying where; any other error as it is."""
-    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    if not isinstance(exc, OSError) or exc.errno not in NO_SPACE:
         return exc
     where = exc.filename or root
-    what = "no space left" if exc.errno == errno.ENOSPC else "the disk quota is used up"
+    what = NO_SPACE[exc.errno]
     return XnatBidsError(f"{what} on the disk holding {where}",
                          hint="free space there, then apply again (verified downloads are kept, partial ones resumed)")
 

@@ -41,6 +41,7 @@ from reconcile.errors import (
     StalePlanError,
     UnsafePathError,
     XnatBidsError,
+    write_hint,
 )
 from reconcile.lock import Lock
 from reconcile.model import printable, utc_now
@@ -924,7 +925,8 @@ def _create_root(root: Path, layout: str) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create BIDS root {root}: {exc.strerror or exc}") from exc
+        raise ConfigError(f"cannot create BIDS root {root}: {exc.strerror or exc}",
+                          hint=write_hint(exc, exc.filename or root)) from exc
 
 
 def _held_back(plan: Plan, todo: tuple[Change, ...]) -> tuple[Change, ...]:
@@ -2100,7 +2102,10 @@ def _run(argv: list[str] | None) -> int:
             traceback.print_exc()
         where = f": {exc.filename}" if exc.filename else ""
         echo(f"error: {exc.strerror or exc}{where}", err=True)
-        _error_json("os", f"{exc.strerror or exc}{where}")
+        hint = write_hint(exc, exc.filename or os.getcwd())
+        if hint:
+            echo(f"hint: {hint}", err=True)
+        _error_json("os", f"{exc.strerror or exc}{where}", hint=hint)
         code = EXIT_ERROR
     except _StoppedWaiting as exc:  # what goes on, and how to follow it, is said already
         code = exc.code

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import errno
 import inspect
 import json
 import os
@@ -34,7 +33,7 @@ from reconcile.config import (
     bidsmap_target,
     sbref_target,
 )
-from reconcile.errors import ConversionError
+from reconcile.errors import NO_SPACE, ConversionError
 from reconcile.failpoints import hit
 from reconcile.model import BidsAddress, utc_now
 
@@ -90,7 +89,6 @@ class _Table:
 DISK_FULL_BYTES = 1 << 20
 # What a full disk or quota is called, and how Python's traceback says it: "OSError: [Errno 28] No
 # space left on device: '<file>'" (heudiconv's populate_aggregated_jsons writing the sidecars).
-_NO_SPACE = {errno.ENOSPC: "no space left", errno.EDQUOT: "the disk quota is used up"}
 _ERRNO_LINE = re.compile(r"\[Errno (\d+)\][^\n]*?(?:: '([^'\n]+)')?$", re.MULTILINE)
 
 
@@ -891,10 +889,10 @@ def _disk_full(path: Path) -> bool:
 def _disk_full_said(text: str) -> tuple[str, str | None] | None:
     """Whether a converter's log ends on a full disk or quota: what it is called and the file that
     could not be written, when the log names it; None for any other failure."""
-    said = [m for m in _ERRNO_LINE.finditer(text) if int(m.group(1)) in _NO_SPACE]
+    said = [m for m in _ERRNO_LINE.finditer(text) if int(m.group(1)) in NO_SPACE]
     if said:
-        return _NO_SPACE[int(said[-1].group(1))], said[-1].group(2)
-    for number, what in _NO_SPACE.items():  # said without Python's "[Errno N]"
+        return NO_SPACE[int(said[-1].group(1))], said[-1].group(2)
+    for number, what in NO_SPACE.items():  # said without Python's "[Errno N]"
         if os.strerror(number) in text:
             return what, None
     return None
