@@ -999,7 +999,10 @@ def _recover_and_plan(
 
 
 def _nothing_to_apply(root: Path, plan: Plan, held: tuple[Change, ...], untouched: str, *, git_commit: bool) -> int:
-    echo(f"Nothing to apply.{untouched}")
+    from reconcile.render import problems
+
+    # Said as a failure: after "Nothing planned", a cron mail must not read as a quiet night.
+    echo(f"Nothing applied: {problems(plan)} above.{untouched}" if plan.problems else f"Nothing to apply.{untouched}")
     if git_commit:  # what recovery completed, or a run killed before its commit, is committed still
         from reconcile.apply import ApplyReport
 

@@ -417,7 +417,8 @@ def test_an_existing_unrecorded_folder_is_never_replaced(cli, emulator, tmp_path
     theirs.write_bytes(b"old export")
     code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes")  # plan refuses it before any download
     assert code == 1
-    assert "error: sub-01/ses-01MR1 exists but the lock records no session there" in out and "Nothing to apply." in out
+    assert "error: sub-01/ses-01MR1 exists but the lock records no session there" in out
+    assert "Nothing applied: 1 problem above. Left as they are: 1 session error (see the plan's errors and notes)." in out
     code, out, _ = cli("apply", str(root), "--plan", str(saved), "--yes")  # planned earlier: apply's own guard
     assert code == 1
     assert "already exists but the lock does not record it" in out

@@ -59,6 +59,19 @@ def test_a_listing_that_keeps_failing_is_an_error_and_nothing_is_planned(cli, em
     assert not list((tmp_path / "bids").glob("sub-*"))
 
 
+def test_a_failed_listing_says_nothing_was_applied_because_of_it_not_that_all_is_quiet(cli, emulator, tmp_path):
+    add(emulator.archive, 1)
+    emulator.app.faults.add(Fault(route=LISTING, kind="status", status=500))
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1, out + err
+    assert "Nothing planned: 1 problem below; 0 sessions up to date." in out
+    assert out.rstrip().endswith("Nothing applied: 1 problem above.")
+    assert "Nothing to apply" not in out and "No changes" not in out
+    code, out, err = cli("plan", str(root), "-p", "PROJ")
+    assert code == 1 and "Nothing planned: 1 problem below; 0 sessions up to date." in out
+
+
 @pytest.mark.parametrize("how", ["failing", "empty"])
 def test_failed_or_empty_listing_with_sessions_in_the_lock_refuses_and_orphans_nothing(cli, emulator, tmp_path, how):
     elsewhere = Archive()
