@@ -644,7 +644,9 @@ def run_apply(
     from reconcile import statelock
     from reconcile.apply import ApplyOptions, append_history, apply_plan
     from reconcile.observe import tool_versions
-    from reconcile.progress import Reporter
+    from reconcile.progress import Reporter, format_duration
+
+    started = time.monotonic()  # the run's wall time, as the summary says it
 
     if root.exists() and not root.is_dir():
         raise ConfigError(f"BIDS root {root} exists but is not a directory")
@@ -710,9 +712,11 @@ def run_apply(
             if not yes:
                 if not stdin_is_terminal():
                     raise ConfigError("apply needs confirmation; without a terminal pass --yes")
+                asked = time.monotonic()
                 if not typer.confirm(f"Apply {len(todo)} change(s) to {root}?", default=False):
                     echo("Cancelled; nothing changed.")
                     return EXIT_ERROR
+                started += time.monotonic() - asked  # the run's time, not the time it waited for an answer
             _own_ignores(root)
             cancel = threading.Event()
             previous_handlers: dict[int, Any] = {}
@@ -767,7 +771,8 @@ def run_apply(
             echo(
                 f"\nApply {'cancelled' if report.cancelled else 'complete'}: {report.count(Status.DONE)} done, "
                 f"{report.count(Status.FAILED)} failed, {report.count(Status.SKIPPED)} skipped; "
-                f"lock serial {report.lock.serial if report.lock else plan.serial}.{untouched}"
+                f"lock serial {report.lock.serial if report.lock else plan.serial}; "
+                f"took {format_duration(time.monotonic() - started)}.{untouched}"
             )
             if report.halted:  # a cron mail's reader sees why, not only how many were skipped
                 echo(f"Stopped early: {report.halted}.")
