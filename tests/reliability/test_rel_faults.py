@@ -259,7 +259,9 @@ def test_a_lock_that_cannot_be_written_stops_the_run_after_one_half_commit_and_t
     assert code == 1, out + err
     assert f"Read-only file system: '{lock_path(root)}' (the new session is in place; the next apply completes " \
            "its commit)" in out
-    assert out.count(f"the commit of {exps[0].id} was left half-way") == 2  # the other two never started
+    # The other two never started, and the summary says why.
+    assert out.count(f"the commit of {exps[0].id} was left half-way") == 3
+    assert f"Stopped early: the commit of {exps[0].id} was left half-way." in out
     assert "0 done, 1 failed, 2 skipped" in out
     assert [p.stem for p in (root / ".xnat2bids/journal").glob("*.json")] == [exps[0].id]
     assert read_lock(root).serial == 3
