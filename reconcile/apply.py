@@ -8,7 +8,6 @@ nothing; it reports through `on_event`.
 
 from __future__ import annotations
 
-import errno
 import filecmp
 import glob
 import json
@@ -45,6 +44,7 @@ from reconcile.durable import (
     write_atomic,
 )
 from reconcile.errors import (
+    NO_SPACE,
     AuthError,
     Cancelled,
     ForbiddenError,
@@ -52,6 +52,7 @@ from reconcile.errors import (
     LockfileError,
     OccupiedError,
     PlanError,
+    RemoteError,
     StalePlanError,
     UnsafePathError,
     XnatBidsError,
@@ -90,7 +91,7 @@ from reconcile.workarea import WORK_DIR, WorkArea, work_path
 class Status(str, Enum):
     DONE = "done"
     FAILED = "failed"
-    SKIPPED = "skipped"  # not started (cancelled, or credentials rejected earlier)
+    SKIPPED = "skipped"  # not started (cancelled, credentials rejected or XNAT gone earlier)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class ApplyReport:
     outcomes: list[Outcome] = field(default_factory=list)
     lock: Lock | None = None
     cancelled: bool = False
+    halted: str | None = None  # why sessions not started by then were skipped
 
     def count(self, status: Status) -> int:
         return sum(1 for o in self.outcomes if o.status is status)
@@ -832,13 +834,13 @@ def apply_plan(
 
     Commits happen one at a time in the calling thread, so the lock has a single writer.
     A failed session leaves its old state on disk and in the lock; the others go on.
-    Rejected credentials stop new sessions from starting.
+    Rejected credentials, and an XNAT that no longer answers, stop new sessions from starting.
     """
     cancel = cancel or threading.Event()
     tools = tools or {}
     report = ApplyReport(lock=replace(lock_for(plan, root), config_fingerprint=config.fingerprint()))
     changes = list(plan.actionable(repair_drift=options.repair_drift))
-    halted: list[str] = []  # why no new session starts: rejected credentials, a lock changed under us
+    halted: list[str] = []  # why no new session starts: rejected credentials, XNAT gone, a lock changed under us
     started: dict[Future, tuple[Change, float]] = {}
     pending = list(changes)
 
@@ -871,15 +873,16 @@ def apply_plan(
     finally:
         client.stop_when(None)
     report.cancelled = cancel.is_set()
+    report.halted = halted[0] if halted else None
     return report
 
 
 def _disk_full(exc: Exception, root: Path) -> Exception:
     """A full disk or quota as the session's error, saying where; any other error as it is."""
-    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    if not isinstance(exc, OSError) or exc.errno not in NO_SPACE:
         return exc
     where = exc.filename or root
-    what = "no space left" if exc.errno == errno.ENOSPC else "the disk quota is used up"
+    what = NO_SPACE[exc.errno]
     return XnatBidsError(f"{what} on the disk holding {where}",
                          hint="free space there, then apply again (verified downloads are kept, partial ones resumed)")
 
@@ -889,6 +892,9 @@ class _NotStarted(Exception):
 
 
 _REJECTED = "credentials rejected earlier in this run"  # sessions staged before it may still commit
+# Each session would otherwise spend its own retries on it: minutes a session against a hung XNAT.
+_UNREACHABLE = "XNAT stopped answering earlier in this run; apply again once it is back"
+_COMMIT_STILL = (_REJECTED, _UNREACHABLE)  # what XNAT does no longer matters to what is staged
 
 
 def _settle(
@@ -899,7 +905,7 @@ def _settle(
     try:
         staged = fut.result()
         warnings = list(staged.warnings)
-        stop = next((why for why in halted if why != _REJECTED), None)
+        stop = next((why for why in halted if why not in _COMMIT_STILL), None)
         if stop is not None:  # the lock cannot take another commit
             return Outcome(change, Status.SKIPPED, f"not committed: {stop}")
         report.lock = commit_session(staged, root, report.lock, keep_dicom=options.keep_dicom,
@@ -921,7 +927,9 @@ def _settle(
         half = _half_committed(root, change.key.experiment_id)
         if half is not None:
             text += f" ({half[1]})"
-        if isinstance(exc, LockConflictError):  # every later commit would meet the same lock
+        if isinstance(exc, RemoteError) and exc.unreachable:  # not an error status: no answer at all
+            halted.append(_UNREACHABLE)
+        elif isinstance(exc, LockConflictError):  # every later commit would meet the same lock
             halted.append("the lock changed on disk during this run; run plan again")
         elif half is not None and half[0]:  # on disk ahead of the lock (it cannot be written?): so would
             halted.append(f"the commit of {change.key.experiment_id} was left half-way")  # every later one be

@@ -42,6 +42,7 @@ from reconcile.errors import (
     StalePlanError,
     UnsafePathError,
     XnatBidsError,
+    write_hint,
 )
 from reconcile.lock import Lock
 from reconcile.model import printable, utc_now
@@ -645,7 +646,9 @@ def run_apply(
     from reconcile import statelock
     from reconcile.apply import ApplyOptions, append_history, apply_plan
     from reconcile.observe import tool_versions
-    from reconcile.progress import Reporter
+    from reconcile.progress import Reporter, format_duration
+
+    started = time.monotonic()  # the run's wall time, as the summary says it
 
     if root.exists() and not root.is_dir():
         raise ConfigError(f"BIDS root {root} exists but is not a directory")
@@ -711,9 +714,11 @@ def run_apply(
             if not yes:
                 if not stdin_is_terminal():
                     raise ConfigError("apply needs confirmation; without a terminal pass --yes")
+                asked = time.monotonic()
                 if not typer.confirm(f"Apply {len(todo)} change(s) to {root}?", default=False):
                     echo("Cancelled; nothing changed.")
                     return EXIT_ERROR
+                started += time.monotonic() - asked  # the run's time, not the time it waited for an answer
             _own_ignores(root)
             cancel = threading.Event()
             previous_handlers: dict[int, Any] = {}
@@ -768,8 +773,11 @@ def run_apply(
             echo(
                 f"\nApply {'cancelled' if report.cancelled else 'complete'}: {report.count(Status.DONE)} done, "
                 f"{report.count(Status.FAILED)} failed, {report.count(Status.SKIPPED)} skipped; "
-                f"lock serial {report.lock.serial if report.lock else plan.serial}.{untouched}"
+                f"lock serial {report.lock.serial if report.lock else plan.serial}; "
+                f"took {format_duration(time.monotonic() - started)}.{untouched}"
             )
+            if report.halted:  # a cron mail's reader sees why, not only how many were skipped
+                echo(f"Stopped early: {report.halted}.")
             code = EXIT_OK if report.ok and not plan.problems and not held else EXIT_ERROR
             _say_held_back(held)
             if run_validator:
@@ -924,7 +932,8 @@ def _create_root(root: Path, layout: str) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create BIDS root {root}: {exc.strerror or exc}") from exc
+        raise ConfigError(f"cannot create BIDS root {root}: {exc.strerror or exc}",
+                          hint=write_hint(exc, exc.filename or root)) from exc
 
 
 def _held_back(plan: Plan, todo: tuple[Change, ...]) -> tuple[Change, ...]:
@@ -997,7 +1006,10 @@ def _recover_and_plan(
 
 
 def _nothing_to_apply(root: Path, plan: Plan, held: tuple[Change, ...], untouched: str, *, git_commit: bool) -> int:
-    echo(f"Nothing to apply.{untouched}")
+    from reconcile.render import problems
+
+    # Said as a failure: after "Nothing planned", a cron mail must not read as a quiet night.
+    echo(f"Nothing applied: {problems(plan)} above.{untouched}" if plan.problems else f"Nothing to apply.{untouched}")
     if git_commit:  # what recovery completed, or a run killed before its commit, is committed still
         from reconcile.apply import ApplyReport
 
@@ -2106,7 +2118,10 @@ def _run(argv: list[str] | None) -> int:
             traceback.print_exc()
         where = f": {exc.filename}" if exc.filename else ""
         echo(f"error: {exc.strerror or exc}{where}", err=True)
-        _error_json("os", f"{exc.strerror or exc}{where}")
+        hint = write_hint(exc, exc.filename or os.getcwd())
+        if hint:
+            echo(f"hint: {hint}", err=True)
+        _error_json("os", f"{exc.strerror or exc}{where}", hint=hint)
         code = EXIT_ERROR
     except _StoppedWaiting as exc:  # what goes on, and how to follow it, is said already
         code = exc.code

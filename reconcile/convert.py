@@ -33,7 +33,7 @@ from reconcile.config import (
     bidsmap_target,
     sbref_target,
 )
-from reconcile.errors import ConversionError
+from reconcile.errors import NO_SPACE, ConversionError
 from reconcile.failpoints import hit
 from reconcile.model import BidsAddress, utc_now
 
@@ -87,6 +87,9 @@ class _Table:
 
 # Below this much free space a converter's failure is put down to the full disk.
 DISK_FULL_BYTES = 1 << 20
+# What a full disk or quota is called, and how Python's traceback says it: "OSError: [Errno 28] No
+# space left on device: '<file>'" (heudiconv's populate_aggregated_jsons writing the sidecars).
+_ERRNO_LINE = re.compile(r"\[Errno (\d+)\][^\n]*?(?:: '([^'\n]+)')?$", re.MULTILINE)
 
 
 def converter_env() -> dict[str, str]:
@@ -864,6 +867,11 @@ def _run(args: list[str], work_dir: Path, log_path: Path, cancel: threading.Even
             hint += "; SIGKILL usually comes from the kernel's out-of-memory killer (see dmesg)"
         raise ConversionError(f"{address}: heudiconv was killed by {_signal_name(-returncode)}",
                               detail=_tail(log_path, attempt), detail_logged=True, hint=hint)
+    if returncode != 0 and (full := _disk_full_said(_tail(log_path, attempt))) is not None:
+        what, where = full
+        raise ConversionError(f"{address}: heudiconv stopped: {what} on the disk holding {where or work_dir}",
+                              detail=_tail(log_path, attempt), detail_logged=True,
+                              hint="free space there, then apply again")
     if returncode != 0:
         raise _HeudiconvFailed(f"{address}: heudiconv failed (exit status {returncode})",
                               detail=_tail(log_path, attempt), detail_logged=True, hint=hint)
@@ -876,6 +884,18 @@ def _disk_full(path: Path) -> bool:
     except OSError:
         return False
     return st.f_bavail * st.f_frsize < DISK_FULL_BYTES
+
+
+def _disk_full_said(text: str) -> tuple[str, str | None] | None:
+    """Whether a converter's log ends on a full disk or quota: what it is called and the file that
+    could not be written, when the log names it; None for any other failure."""
+    said = [m for m in _ERRNO_LINE.finditer(text) if int(m.group(1)) in NO_SPACE]
+    if said:
+        return NO_SPACE[int(said[-1].group(1))], said[-1].group(2)
+    for number, what in NO_SPACE.items():  # said without Python's "[Errno N]"
+        if os.strerror(number) in text:
+            return what, None
+    return None
 
 
 def _signal_name(number: int) -> str:

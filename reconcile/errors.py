@@ -5,7 +5,12 @@ Everything below the CLI raises these; only `cli.py` turns them into text and ex
 
 from __future__ import annotations
 
+import errno
 import re
+from pathlib import Path
+
+# What a full disk or quota is called in messages, by errno.
+NO_SPACE = {errno.ENOSPC: "no space left", errno.EDQUOT: "the disk quota is used up"}
 
 
 class XnatBidsError(Exception):
@@ -66,7 +71,16 @@ class StalePlanError(XnatBidsError):
 
 
 class RemoteError(XnatBidsError):
-    """XNAT could not be reached or answered with an error."""
+    """XNAT could not be reached or answered with an error.
+
+    `unreachable`: no answer came at all, after every retry (connection refused or reset, timeouts,
+    a name that does not resolve): what every later request of the run would meet too. Not set for
+    an error status, nor for one download cut short.
+    """
+
+    def __init__(self, summary: str, *, unreachable: bool = False, **kwargs):
+        super().__init__(summary, **kwargs)
+        self.unreachable = unreachable
 
 
 class AuthError(RemoteError):
@@ -113,3 +127,13 @@ class VcsError(XnatBidsError):
 class OccupiedError(XnatBidsError):
     """What a commit would replace is not apply's to replace: a folder the lock does not record,
     or outputs changed on disk since they were recorded."""
+
+
+def write_hint(exc: OSError, where: Path | str, otherwise: str | None = None) -> str | None:
+    """The hint for a write below `where` that failed with `exc`: free space for a full disk or
+    quota (which no permission fixes), else `otherwise`."""
+    if exc.errno == errno.ENOSPC:
+        return f"the disk holding {where} is full: free space there, then run again"
+    if exc.errno == errno.EDQUOT:
+        return f"your disk quota where {where} is is used up: free space (or ask for a larger quota), then run again"
+    return otherwise

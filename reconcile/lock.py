@@ -26,7 +26,7 @@ import tomli_w
 
 from reconcile import __version__
 from reconcile.durable import fsync_dir, open_for_flock, take_mode
-from reconcile.errors import LockConflictError, LockfileError
+from reconcile.errors import LockConflictError, LockfileError, write_hint
 from reconcile.failpoints import hit
 from reconcile.forked import map_forked, split
 from reconcile.lockcache import _current, _identity, _remember_written, _Snapshot
@@ -485,5 +485,5 @@ def _atomic_write(path: Path, pieces: list[Any]) -> tuple[int, ...]:
             raise
         fsync_dir(path.parent)
     except OSError as exc:
-        raise LockfileError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise LockfileError(f"cannot write {path}: {exc.strerror or exc}", hint=write_hint(exc, path.parent)) from exc
     return identity

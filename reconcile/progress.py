@@ -13,6 +13,20 @@ from reconcile.model import printable
 from reconcile.plan import Change
 
 
+def format_duration(seconds: float) -> str:
+    """A wall time as people read it: "4.2 s", "47 s", "2 min 3 s", "1 h 5 min"."""
+    if seconds < 9.95:
+        return f"{max(seconds, 0):.1f} s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
 class Reporter:
     def __init__(self, total: int, *, stream: TextIO | None = None, live: bool | None = None):
         self.stream = stream or sys.stdout

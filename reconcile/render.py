@@ -32,13 +32,18 @@ MAX_REASONS_SHOWN = 3
 _LEADS = {a: f"{symbol} {a.value:<6}" for a, symbol in SYMBOLS.items()}  # "+ create", "~ update", …
 
 
+def problems(plan: Plan) -> str:
+    """"1 problem", "2 problems": how the summaries count the plan's errors."""
+    k = len(plan.problems)
+    return f"{k} problem{'s' if k != 1 else ''}"
+
+
 def summary_line(plan: Plan) -> str:
     if not plan.changes:
         n = plan.unchanged
         up_to_date = f"{n} session{'s' if n != 1 else ''} up to date"
         if plan.problems:  # not "No changes.": what the problems hide was not compared
-            k = len(plan.problems)
-            return f"No changes planned; {up_to_date}, {k} problem{'s' if k != 1 else ''} below."
+            return f"Nothing planned: {problems(plan)} below; {up_to_date}."
         return f"No changes. {up_to_date}."
     return (
         f"Plan: {plan.count(Action.CREATE)} to create, {plan.count(Action.UPDATE)} to update, "

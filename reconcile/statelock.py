@@ -29,7 +29,7 @@ from enum import Enum
 from pathlib import Path
 
 from reconcile.durable import fsync_dir, open_for_flock
-from reconcile.errors import ConfigError, LockHeldError, XnatBidsError
+from reconcile.errors import ConfigError, LockHeldError, XnatBidsError, write_hint
 from reconcile.model import login_name
 
 STATE_LOCK_NAME = ".xnat2bids.lock.info"
@@ -424,8 +424,8 @@ def acquire(root: Path, operation: str, *, warn: Callable[[str], None] = lambda 
             made = _create(path, me)
         except OSError as exc:  # a read-only root, a full disk: not a temp file's problem
             raise ConfigError(f"cannot take the state lock of {root}: {exc.strerror or exc}",
-                                hint="xnat2bids writes its lock files in the BIDS root: it must be writable by this user"
-                                ) from exc
+                              hint=write_hint(exc, root, "xnat2bids writes its lock files in the BIDS root: it must "
+                                                         "be writable by this user")) from exc
         if made:
             return me
         seen = _look(root)

@@ -645,6 +645,7 @@ class XnatClient:
                         raise RemoteError(
                             f"XNAT at {self.url} did not answer within {self.timeout:g} s for {what or shown_url(url)}",
                             detail=f"{attempt + 1} attempt(s)",
+                            unreachable=True,
                             hint=("XNAT builds a large session's file listing whole before answering: " if listing
                                   else "XNAT is slow or busy: ")
                             + "raise `timeout` in the config (seconds), or run again when XNAT is less busy",
@@ -653,6 +654,7 @@ class XnatClient:
                         f"cannot reach XNAT at {self.url} for {what or shown_url(url)}"
                         + (f": the name {urlsplit(self.url).hostname} does not resolve" if unresolved else ""),
                         detail=f"{type(exc).__name__} after {attempt + 1} attempt(s)",
+                        unreachable=True,
                         hint="check the URL (a typo in the host name?)" if unresolved
                         else "check the URL and the network; run again later",
                     ) from exc

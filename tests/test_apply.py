@@ -8,8 +8,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -345,7 +347,7 @@ def test_rearchived_session_is_rekeyed_and_orphans_are_kept_until_forgotten(cli,
     assert code == 0, out + err
     assert f"replaced in XNAT: {old.id} → {again.id}" in out
     assert "- orphan  sub-02/ses-02MR1" in out
-    assert "; lock serial 3. Left as they are: 1 orphaned (see the plan's notes)." in out
+    assert "; lock serial 3; took " in out and " s. Left as they are: 1 orphaned (see the plan's notes)." in out
     lock = read_lock(root)
     assert sorted(lock.sessions) == sorted([again.id, exps["02_MR1"].id])
     assert (root / "sub-02/ses-02MR1").is_dir()  # orphans are never deleted
@@ -407,6 +409,18 @@ def test_drift_is_repaired_only_when_asked(cli, emulator, tmp_path):
     assert cli("check", str(root), "--full")[0] == 0
 
 
+def test_the_apply_summary_says_how_long_the_run_took(cli, emulator, tmp_path):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    emulator.app.faults.add(Fault(route=r"/experiments$", kind="latency", seconds=1.0))  # the listing: part of it
+    t0 = time.monotonic()
+    code, out, err = cli("apply", str(tmp_path / "bids"), "-p", "PROJ", "--yes")
+    took = time.monotonic() - t0
+    assert code == 0, out + err
+    said = re.search(r"^Apply complete: 1 done, 0 failed, 0 skipped; lock serial 1; took (\d+\.\d) s\.$", out, re.M)
+    assert said is not None, out
+    assert 1.0 <= float(said.group(1)) <= took + 0.05
+
+
 def test_an_existing_unrecorded_folder_is_never_replaced(cli, emulator, tmp_path):
     add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
     root = tmp_path / "bids"
@@ -417,7 +431,8 @@ def test_an_existing_unrecorded_folder_is_never_replaced(cli, emulator, tmp_path
     theirs.write_bytes(b"old export")
     code, out, _ = cli("apply", str(root), "-p", "PROJ", "--yes")  # plan refuses it before any download
     assert code == 1
-    assert "error: sub-01/ses-01MR1 exists but the lock records no session there" in out and "Nothing to apply." in out
+    assert "error: sub-01/ses-01MR1 exists but the lock records no session there" in out
+    assert "Nothing applied: 1 problem above. Left as they are: 1 session error (see the plan's errors and notes)." in out
     code, out, _ = cli("apply", str(root), "--plan", str(saved), "--yes")  # planned earlier: apply's own guard
     assert code == 1
     assert "already exists but the lock does not record it" in out

@@ -753,6 +753,23 @@ def test_heudiconv_crash_is_reported_with_its_exit_status(reproin_dicom: Path, t
     assert "heuristic exploded" in (info.value.detail or "")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("number", "said"), [(28, "no space left"), (122, "the disk quota is used up")],
+                         ids=["ENOSPC", "EDQUOT"])
+def test_heudiconv_failing_on_a_full_disk_says_so_not_its_exit_status(
+        reproin_dicom: Path, tmp_path: Path, number: int, said: str) -> None:
+    # As heudiconv's populate_aggregated_jsons fails when the disk fills: a traceback, exit status 1.
+    full = tmp_path / "work" / "bids" / "task-rest_bold.json"
+    heuristic = tmp_path / "filling.py"
+    heuristic.write_text(f"import os\ndef infotodict(seqinfo):\n"
+                         f"    raise OSError({number}, os.strerror({number}), {str(full)!r})\n")
+    with pytest.raises(ConversionError) as info:
+        _convert(reproin_dicom, tmp_path, settings=ConversionSettings(heuristic=str(heuristic)))
+    assert info.value.summary == f"{A}: heudiconv stopped: {said} on the disk holding {full}"
+    assert info.value.hint == "free space there, then apply again"
+    assert f"[Errno {number}]" in (info.value.detail or "")
+
+
 def _endless_dicom(tmp_path: Path) -> Path:
     """A DICOM folder whose one file is a FIFO: heudiconv blocks reading it and never ends by itself."""
     (tmp_path / "dicom" / "1").mkdir(parents=True)

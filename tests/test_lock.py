@@ -489,8 +489,9 @@ def test_a_failed_rename_keeps_the_old_lock_and_removes_the_temp_file(root: Path
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(LockfileError, match="cannot write .*No space left"):
+    with pytest.raises(LockfileError, match="cannot write .*No space left") as caught:
         write_lock(root, lock.with_session(record(2)), expected_serial=1)
+    assert caught.value.hint == f"the disk holding {root} is full: free space there, then run again"
     assert lock_path(root).read_bytes() == before
     assert sorted(p.name for p in root.iterdir()) == [LOCK_NAME]
 

@@ -16,7 +16,7 @@ def test_a_forgotten_session_still_in_xnat_is_a_problem_not_a_create(cli, emulat
 
     code, out, err = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
     assert code == 1, out + err
-    assert "create" not in out and "No changes planned; 1 session up to date, 1 problem below." in out
+    assert "create" not in out and "Nothing planned: 1 problem below; 1 session up to date." in out
     assert (f"sub-SUBJ02/ses-SUBJ02MR1 exists but the lock records no session there (it holds 1 file: "
             f"anat/t1.nii.gz); session {forgotten.id} (PROJ/SUBJ02_MR1) would be written into it") in out
     assert "move that folder out of the BIDS root" in out

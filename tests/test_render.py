@@ -53,7 +53,7 @@ def test_text_of_a_plan_without_changes_is_its_summary():
     assert render_text(plan) == "No changes. 1 session up to date."
     blocked = Plan(changes=(), unchanged=0, problems=(Problem("listing of project P failed"),), notes=(), lineage="l",
                    serial=1, deep=False)
-    assert render_text(blocked).splitlines() == ["No changes planned; 0 sessions up to date, 1 problem below.",
+    assert render_text(blocked).splitlines() == ["Nothing planned: 1 problem below; 0 sessions up to date.",
                                                 "error: listing of project P failed"]
 
 

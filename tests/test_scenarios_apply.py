@@ -60,8 +60,8 @@ def test_apply_converts_the_good_session_and_refuses_only_the_bad_ones(cli, emul
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
     assert code == 1, out + err  # the refusals make the run an error...
     assert message in out and all(e.id in out for e in exps.values())
-    assert ("Apply complete: 1 done, 0 failed, 0 skipped; lock serial 1. Left as they are: 1 session error (see the "
-            "plan's errors and notes).") in out  # ...yet the good one is done, and the summary says what was left
+    assert "Apply complete: 1 done, 0 failed, 0 skipped; lock serial 1; took " in out
+    assert " s. Left as they are: 1 session error (see the plan's errors and notes)." in out  # ...yet the good one is done, and the summary says what was left
 
     lock = read_lock(root)
     assert list(lock.sessions) == [good.id]

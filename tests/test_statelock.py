@@ -715,6 +715,30 @@ def test_a_root_where_the_lock_cannot_be_written_is_named_not_a_temp_file(tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("number", "hint"), [
+    ("ENOSPC", "the disk holding {root} is full: free space there, then run again"),
+    ("EDQUOT", "your disk quota where {root} is is used up: free space (or ask for a larger quota), then run again"),
+])
+def test_a_full_disk_or_quota_at_the_start_says_to_free_space_not_to_fix_permissions(tmp_path, monkeypatch, number,
+                                                                                      hint):
+    import errno
+
+    code = getattr(errno, number)
+    real_open = os.open
+
+    def full(path, flags, *args, **kw):
+        if flags & os.O_CREAT and str(path).startswith(str(state_lock_path(tmp_path))):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", full)
+    with pytest.raises(ConfigError) as caught:
+        statelock.acquire(tmp_path, "apply")
+    assert caught.value.summary == f"cannot take the state lock of {tmp_path}: {os.strerror(code)}"
+    assert caught.value.hint == hint.format(root=tmp_path)
+    assert "writable" not in str(caught.value)
+
+
 def test_a_batch_holder_is_described_as_the_batch_not_its_long_gone_submitter():
     holder = statelock.Holder("ab12cd34ef56", "lab", "login1", 4242, "2026-11-27T09:00:00Z", "apply --executor slurm",
                               jobs=("49", "50"))

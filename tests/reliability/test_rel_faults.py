@@ -59,6 +59,19 @@ def test_a_listing_that_keeps_failing_is_an_error_and_nothing_is_planned(cli, em
     assert not list((tmp_path / "bids").glob("sub-*"))
 
 
+def test_a_failed_listing_says_nothing_was_applied_because_of_it_not_that_all_is_quiet(cli, emulator, tmp_path):
+    add(emulator.archive, 1)
+    emulator.app.faults.add(Fault(route=LISTING, kind="status", status=500))
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1, out + err
+    assert "Nothing planned: 1 problem below; 0 sessions up to date." in out
+    assert out.rstrip().endswith("Nothing applied: 1 problem above.")
+    assert "Nothing to apply" not in out and "No changes" not in out
+    code, out, err = cli("plan", str(root), "-p", "PROJ")
+    assert code == 1 and "Nothing planned: 1 problem below; 0 sessions up to date." in out
+
+
 @pytest.mark.parametrize("how", ["failing", "empty"])
 def test_failed_or_empty_listing_with_sessions_in_the_lock_refuses_and_orphans_nothing(cli, emulator, tmp_path, how):
     elsewhere = Archive()
@@ -174,6 +187,56 @@ def test_credentials_rejected_mid_run_stop_new_sessions_with_a_clear_message(cli
     assert not (root / ".xnat2bids/staging" / exps[2].id).exists()  # never started
 
 
+def _sessions_of(*exps) -> str:
+    return "/experiments/(" + "|".join(e.id for e in exps) + ")/"
+
+
+@pytest.mark.parametrize("how", ["reset", "latency"])
+def test_xnat_gone_mid_run_fails_one_session_and_skips_the_ones_not_started(cli, emulator, tmp_path, how):
+    exps = add(emulator.archive, 4)
+    # From the second session on, XNAT drops every connection, or stops answering in time.
+    gone = [emulator.app.faults.add(Fault(route=_sessions_of(exp), kind=how, seconds=2.0)) for exp in exps[1:]]
+    config = tmp_path / "lab.toml"
+    config.write_text("timeout = 0.2\n")
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1", "--config", str(config))
+    assert code == 1, out + err
+    assert "1 done, 1 failed, 2 skipped" in out
+    said = {"reset": f"cannot reach XNAT at {emulator.url} for the scans of session 02_MR1",
+            "latency": f"XNAT at {emulator.url} did not answer within 0.2 s for the scans of session 02_MR1"}[how]
+    assert said in out
+    skipped = "XNAT stopped answering earlier in this run; apply again once it is back"
+    assert out.count(skipped) == 3  # the two sessions, and the summary
+    assert "Stopped early: " + skipped in out.split("Apply complete")[1]
+    assert gone[0].fired >= 5  # its own attempts (1 + 4 retries)
+    assert [g.fired for g in gone[1:]] == [0, 0]  # not one request of the sessions not started
+    assert list(read_lock(root).sessions) == [exps[0].id]
+    for exp in exps[2:]:
+        assert not (root / ".xnat2bids/logs" / f"{exp.id}.log").exists()  # never started
+
+
+def test_an_error_status_from_xnat_fails_that_session_and_the_others_go_on(cli, emulator, tmp_path):
+    exps = add(emulator.archive, 3)
+    emulator.app.faults.add(Fault(route=_sessions_of(exps[0]), kind="status", status=503))
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1")
+    assert code == 1, out + err
+    assert "kept failing" in out and "1 failed" in out and "2 done, 1 failed, 0 skipped" in out
+    assert "Stopped early" not in out
+    assert sorted(read_lock(root).sessions) == sorted(e.id for e in exps[1:])
+
+
+@pytest.mark.parametrize("kind,unreachable", [("reset", True), ("latency", True), ("status", False)])
+def test_only_a_server_that_does_not_answer_is_unreachable(emulator, kind, unreachable):
+    add(emulator.archive, 1)
+    emulator.app.faults.add(Fault(route=LISTING, kind=kind, status=503, seconds=1.0))
+    creds = Credentials(emulator.user, emulator.password, "env")
+    with XnatClient(emulator.url, creds, timeout=0.2, retries=1) as client:
+        with pytest.raises(RemoteError) as info:
+            client.list_experiments("PROJ")
+    assert info.value.unreachable is unreachable, info.value
+
+
 def test_a_lock_that_cannot_be_written_stops_the_run_after_one_half_commit_and_the_history_tells_of_its_recovery(
         cli, emulator, tmp_path, monkeypatch):
     import errno
@@ -196,7 +259,9 @@ def test_a_lock_that_cannot_be_written_stops_the_run_after_one_half_commit_and_t
     assert code == 1, out + err
     assert f"Read-only file system: '{lock_path(root)}' (the new session is in place; the next apply completes " \
            "its commit)" in out
-    assert out.count(f"the commit of {exps[0].id} was left half-way") == 2  # the other two never started
+    # The other two never started, and the summary says why.
+    assert out.count(f"the commit of {exps[0].id} was left half-way") == 3
+    assert f"Stopped early: the commit of {exps[0].id} was left half-way." in out
     assert "0 done, 1 failed, 2 skipped" in out
     assert [p.stem for p in (root / ".xnat2bids/journal").glob("*.json")] == [exps[0].id]
     assert read_lock(root).serial == 3

@@ -311,7 +311,7 @@ def test_a_session_log_that_cannot_be_written_fails_that_session_only(cli, emula
     (root / ".xnat2bids/logs" / f"{first.id}.log").mkdir(parents=True)  # open(…, "a") fails
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1")
     assert code == 1, out + err
-    assert "Apply complete: 1 done, 1 failed, 0 skipped; lock serial 1." in out
+    assert "Apply complete: 1 done, 1 failed, 0 skipped; lock serial 1; took " in out
     assert sorted(read_lock_ids(root)) == [s.id for s in emulator.archive.sessions("PROJ")[1:]]
     code, out, _ = cli("history", str(root))
     assert "1 done, 1 failed, 0 skipped; serial 0 → 1" in out
@@ -333,6 +333,6 @@ def test_a_history_that_cannot_be_appended_to_is_a_warning_after_the_summary(cli
     (root / ".xnat2bids/history.jsonl").mkdir(parents=True)  # as a full disk would refuse the append
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
     assert code == 0, out + err
-    assert "Apply complete: 1 done, 0 failed, 0 skipped; lock serial 1." in out
+    assert "Apply complete: 1 done, 0 failed, 0 skipped; lock serial 1; took " in out
     assert "warning: could not append this apply to the history" in err
     assert read_lock_ids(root) == [emulator.archive.sessions("PROJ")[0].id]

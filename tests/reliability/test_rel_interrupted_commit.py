@@ -98,7 +98,7 @@ def test_a_commit_missing_one_file_keeps_the_old_folder_aside_and_records_nothin
     assert (aside / "anat").is_dir() and not (aside / gone.relative_to(root / "sub-01/ses-01MR1")).exists()
     assert f"{exp.id}: what the interrupted commit left in sub-01/ses-01MR1 is kept in .xnat2bids/replaced/" \
         in done.stderr
-    assert "Apply complete: 1 done, 0 failed, 0 skipped; lock serial 2." in done.stdout  # applied again, whole
+    assert "Apply complete: 1 done, 0 failed, 0 skipped; lock serial 2; took " in done.stdout  # applied again, whole
     assert read_lock(root).sessions[exp.id].date == "2024-02-02"
     assert xnat2bids("check", str(root), "--full", url=world.url, cwd=tmp_path).returncode == 0
 
