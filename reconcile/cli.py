@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -48,6 +48,9 @@ from reconcile.lock import Lock
 from reconcile.model import printable, utc_now
 from reconcile.plan import Action, Change, Plan, Selection, repairing
 from reconcile.workarea import WORK_DIR, share_with_group
+
+if TYPE_CHECKING:
+    from reconcile.statelock import Holder
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
@@ -702,7 +705,7 @@ def run_apply(
             raise ConfigError("--dry-run prints the SLURM job scripts; it needs --executor slurm",
                               hint="`xnat2bids plan` previews a local apply")
         _settle_slurm_batch(root, warn)
-        with statelock.held(root, "apply", warn=warn):
+        with statelock.held(root, "apply", warn=warn) as holder:
             plan, todo, held = _recover_and_plan(client, root, cfg, selection, saved=saved, deep=deep,
                                                  reconvert_outdated=reconvert_outdated, full=full,
                                                  repair_drift=repair_drift, warn=warn,
@@ -715,7 +718,7 @@ def run_apply(
                 if not stdin_is_terminal():
                     raise ConfigError("apply needs confirmation; without a terminal pass --yes")
                 asked = time.monotonic()
-                if not typer.confirm(f"Apply {len(todo)} change(s) to {root}?", default=False):
+                if not _confirmed(root, holder, f"Apply {len(todo)} change(s) to {root}?"):
                     echo("Cancelled; nothing changed.")
                     return EXIT_ERROR
                 started += time.monotonic() - asked  # the run's time, not the time it waited for an answer
@@ -1176,7 +1179,7 @@ def run_slurm_apply(
         if not yes and not dry_run:
             if not stdin_is_terminal():
                 raise ConfigError("apply needs confirmation; without a terminal pass --yes")
-            if not typer.confirm(f"Submit {len(todo)} session(s) of {root} to SLURM?", default=False):
+            if not _confirmed(root, holder, f"Submit {len(todo)} session(s) of {root} to SLURM?"):
                 echo("Cancelled; nothing submitted.")
                 return EXIT_ERROR
         settings = cfg.slurm
@@ -1236,6 +1239,14 @@ def run_slurm_apply(
     # As a local apply: what the batch cannot carry out (problems, updates held back) fails the run.
     code = EXIT_ERROR if plan.problems or held else EXIT_OK
     return max(code, _wait_for_batch(batch)) if wait else code
+
+
+def _confirmed(root: Path, holder: Holder, question: str) -> bool:
+    """Ask the user at the terminal; the lock file says meanwhile that its holder waits for an answer."""
+    from reconcile import statelock
+
+    with statelock.asking(root, holder):
+        return typer.confirm(question, default=False)
 
 
 def _wait_for_batch(batch) -> int:

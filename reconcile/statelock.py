@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -56,6 +56,7 @@ class Holder:
     pidns: int | None = None  # inode of /proc/self/ns/pid
     timens: int | None = None  # inode of /proc/self/ns/time; None also before Linux 5.6
     start_time: int | None = None  # field 22 of /proc/PID/stat: clock ticks after boot
+    asking: str | None = None  # since when (UTC) it waits for its user to answer a confirmation prompt
 
     def describe(self) -> str:
         if self.id == UNREADABLE:
@@ -63,11 +64,15 @@ class Holder:
         if self.jobs and self.operation not in (FINALIZE, FINALIZE_JOB):  # its submitter is long gone: the batch holds it
             return (f"SLURM batch {self.id} ({self.operation} by {self.user}@{self.host} since {self.since}), "
                     f"SLURM jobs {', '.join(self.jobs)}")
-        return f"{self.operation} by {self.user}@{self.host} pid {self.pid} since {self.since} (lock ID {self.id})"
+        said = f"{self.operation} by {self.user}@{self.host} pid {self.pid} since {self.since} (lock ID {self.id})"
+        if self.asking:  # a person left it at the prompt: a cron run refused meanwhile says who keeps the lock
+            said += f", waiting since {self.asking} for its user to answer its confirmation prompt"
+        return said
 
 
 _TYPES = {"boot_id": str, "pidns": int, "timens": int, "start_time": int}  # the Linux fields of a Holder
 _IDENTITY = tuple(_TYPES)
+_FIELDS = frozenset(f.name for f in fields(Holder))
 
 
 @dataclass(frozen=True)
@@ -232,10 +237,11 @@ def _parse(fd: int) -> _Seen:
     try:
         data = json.loads(content)
         data["jobs"] = tuple(data.get("jobs", ()))
-        holder = Holder(**data)
+        # Fields a newer version adds are left out: the holder is still known by the rest.
+        holder = Holder(**{name: value for name, value in data.items() if name in _FIELDS})
         if not isinstance(holder.id, str) or not holder.id or type(holder.pid) is not int:
             raise ValueError(f"lock ID {holder.id!r} or pid {holder.pid!r} is not valid")
-        for name, kind in _TYPES.items():
+        for name, kind in (*_TYPES.items(), ("asking", str)):
             value = getattr(holder, name)
             if value is not None and type(value) is not kind:
                 raise ValueError(f"{name} {value!r} is not valid")
@@ -353,7 +359,7 @@ def _pinned(root: Path) -> Iterator[_Seen | None]:
 def _record(holder: Holder) -> dict:
     """The holder as JSON; fields that could not be read are left out, as older versions did."""
     data = asdict(holder)
-    for name in _IDENTITY:
+    for name in (*_IDENTITY, "asking"):
         if data[name] is None:
             del data[name]
     return data
@@ -496,6 +502,26 @@ def record_jobs(root: Path, holder: Holder, jobs: tuple[str, ...]) -> Holder:
         _rewrite(path, updated)
     fsync_dir(root)
     return updated
+
+
+@contextmanager
+def asking(root: Path, holder: Holder) -> Iterator[None]:
+    """Say in the lock file, while its holder waits for its user at a confirmation prompt, since
+    when: a run refused meanwhile (a cron job) names what keeps the lock. Best effort."""
+    _mark(root, holder, replace(holder, asking=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")))
+    try:
+        yield
+    finally:
+        _mark(root, holder, holder)
+
+
+def _mark(root: Path, holder: Holder, updated: Holder) -> None:
+    try:
+        with _pinned(root) as seen:
+            if seen is not None and seen.holder is not None and seen.holder.id == holder.id:
+                _rewrite(state_lock_path(root), updated)
+    except OSError:  # a full disk, say: the prompt goes on, the lock file says less
+        pass
 
 
 FINALIZE, FINALIZE_JOB = "finalize", "finalize-job"  # the operations of a batch's claimed lock

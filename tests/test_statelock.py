@@ -320,6 +320,33 @@ def test_read_holder_of_a_lock_file_with_json_that_is_not_a_holder_is_unreadable
         assert "unreadable" in exc.value.summary
 
 
+
+def test_a_holder_written_by_a_newer_version_with_fields_this_one_lacks_is_still_known(tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    holder = statelock.acquire(root, "apply")
+    path = state_lock_path(root)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "phase": "download"}))
+    assert statelock.read_holder(root) == holder  # not "unreadable": its holder is alive and named
+    with pytest.raises(LockHeldError) as exc:
+        statelock.acquire(root, "apply")
+    assert f"(lock ID {holder.id})" in str(exc.value)
+    statelock.release(root, holder)
+    assert not path.exists()
+
+
+def test_a_holder_at_its_prompt_is_said_so_and_not_after(tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    holder = statelock.acquire(root, "apply")
+    with statelock.asking(root, holder):
+        asked = statelock.read_holder(root)
+        assert asked.id == holder.id and asked.asking
+        assert "waiting since" in asked.describe() and "confirmation prompt" in asked.describe()
+    assert statelock.read_holder(root) == holder and "waiting" not in holder.describe()
+    statelock.release(root, holder)
+    assert not state_lock_path(root).exists()
+
 # -- who is the holder: pid namespaces, pid reuse, reboots --------------------------------------
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -203,3 +203,39 @@ def test_jobs_3_produces_the_same_lock_and_files_as_jobs_1(tmp_path):
         assert sorted(files1) == sorted(files3)
         assert all(files1[k] == files3[k] for k in files1), [k for k in files1 if files1[k] != files3[k]]
         assert lock1 == lock3 and len(lock1) == 3
+
+
+def test_an_apply_refused_while_another_waits_at_its_prompt_says_so(tmp_path):
+    # A person who left an apply at its confirmation prompt keeps the lock: the night's cron run
+    # is refused and its log says who keeps it, and why.
+    with served_world() as world:
+        root = tmp_path / "bids"
+        master, terminal = os.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reconcile", "apply", str(root), "-p", "PROJ"],
+            cwd=tmp_path, env=cli_env(world.url), stdin=terminal, stdout=terminal, stderr=terminal,
+            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
+        os.close(terminal)
+        shown = bytearray()
+
+        def at_prompt() -> bool:
+            if select.select([master], [], [], 0.05)[0]:
+                shown.extend(os.read(master, 65536))
+            return b"[y/N]" in shown
+
+        try:
+            wait_for(at_prompt, "the confirmation prompt")
+            assert '"asking"' in state_lock_path(root).read_text()
+            cron = subprocess.run([sys.executable, "-m", "reconcile", "apply", str(root), "-p", "PROJ", "--yes"],
+                                  cwd=tmp_path, env=cli_env(world.url), stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=120)
+            assert cron.returncode == 1, cron.stdout + cron.stderr
+            assert re.search(r"apply by \S+ pid \d+ since \S+ \(lock ID \w+\), waiting since \S+ for its user to "
+                             r"answer its confirmation prompt", cron.stderr), cron.stderr
+            os.write(master, b"n\n")
+            assert proc.wait(timeout=60) == 1
+        finally:
+            proc.kill()
+            os.close(master)
+        assert not state_lock_path(root).exists() and read_lock(root) is None
