@@ -210,6 +210,12 @@ def run_plan(
     run = make_plan(client, root, config, selection, deep=deep, reconvert_outdated=reconvert_outdated, full=full)
     plan = _forget_here(run.plan, f" {shlex.quote(str(root))}{config_option}")
     _say_if_busy(root)
+    vanished, _, unmounted = _missing_dataset(root)
+    if unmounted:
+        echo(f"warning: {unmounted}; apply refuses to export into it (--accept-unmounted)", err=True)
+    if vanished:
+        echo(f"warning: {vanished} apply refuses to export into it (--accept-missing-lock if the dataset was "
+             "removed on purpose)", err=True)
     unconfigured = _no_config_but_lock_had_one(config, run.lock, root)
     if unconfigured:
         echo(f"warning: {unconfigured}; the changes below may come from that (apply refuses to run so)", err=True)
@@ -641,6 +647,8 @@ def run_apply(
     dry_run: bool = False,
     wait: bool = False,
     accept_older_lock: bool = False,
+    accept_missing_lock: bool = False,
+    accept_unmounted: bool = False,
 ) -> int:
     """Plan (or load a saved plan), confirm, apply under the state lock, record history.
 
@@ -665,6 +673,7 @@ def run_apply(
         if not root.exists() and isinstance(serial, int) and serial > 0:
             raise StalePlanError(f"plan is stale: it was made against the lock of {root} (serial {serial}), and "
                                  "that folder no longer exists", hint="was the dataset moved? plan again where it is")
+    _refuse_missing_dataset(root, accept_missing_lock=accept_missing_lock, accept_unmounted=accept_unmounted)
     warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
     if run_validator:
         from reconcile.validate import validator
@@ -810,6 +819,38 @@ def run_apply(
             client.close()
 
 
+def _missing_dataset(root: Path) -> tuple[str | None, str | None, str | None]:
+    """What tells that `root`, without a lock, is not a new dataset's place: (the lock this user
+    saw there and that is gone, the fstab mount point above it that nothing is mounted on, that
+    problem said), as messages; all None for a root with a lock, or a new dataset's."""
+    from reconcile.lock import lock_path, vanished_lock
+    from reconcile.mounts import FSTAB, unmounted_above
+
+    if os.path.lexists(lock_path(root)):  # the dataset is there, whatever the fstab says
+        return None, None, None
+    # Where xnat2bids' state folder is, the file system is there: `lost_lock` tells what its history says.
+    vanished = None if (root / WORK_DIR).is_dir() else vanished_lock(root)
+    unmounted = unmounted_above(root)
+    if unmounted is None:
+        return vanished, None, None
+    point, what = unmounted
+    return vanished, point, (f"BIDS root {root} is on {point}, which {FSTAB} lists as the mount "
+                                        f"point of {what}, and nothing is mounted there")
+
+
+def _refuse_missing_dataset(root: Path, *, accept_missing_lock: bool, accept_unmounted: bool) -> None:
+    """Before anything is created: an apply from cron into a file system not mounted would export
+    every session again onto the disk underneath, and end well."""
+    vanished, point, unmounted = _missing_dataset(root)
+    if unmounted and not accept_unmounted:
+        raise ConfigError(f"apply refused: {unmounted}",
+                          hint=f"mount it (`mount {shlex.quote(str(point))}`) and apply again; if the dataset is "
+                               "to be on the disk under that mount point, --accept-unmounted exports there")
+    if vanished and not accept_missing_lock:
+        raise LockfileError(f"apply refused: {vanished}", hint="mount it, or restore the lock, and apply again; if "
+                            "the dataset was removed on purpose, --accept-missing-lock starts a new one there")
+
+
 def _remove_empty_folders(root: Path) -> None:
     """Remove a root this run made, and the work area's folders in it, where they hold nothing;
     never a file, and no folder of the BIDS tree."""
@@ -846,9 +887,22 @@ def apply(
         False, "--accept-older-lock",
         help="Go on with a lock older than the history (restored from a backup): what it lacks stays unrecorded.",
     ),
+    accept_missing_lock: bool = typer.Option(
+        False, "--accept-missing-lock",
+        help="Start a new dataset in a root whose lock you removed: without it apply refuses a root without a "
+             "lock where it read or wrote one before (its file system not mounted?).",
+    ),
+    accept_unmounted: bool = typer.Option(
+        False, "--accept-unmounted",
+        help="Create the dataset under a mount point /etc/fstab lists although nothing is mounted there (it goes "
+             "onto the disk underneath).",
+    ),
     insecure: bool = InsecureOpt,
 ) -> None:
     """Export and convert what plan reports (create / update), updating the lock per session.
+
+    A root without a lock where this user saw one before, or under a mount point of /etc/fstab
+    that is not mounted, is refused before anything is created: a file system not mounted.
 
     With --executor slurm (or executor = "slurm"), --jobs is the array's limit of tasks at once.
 
@@ -873,7 +927,8 @@ def apply(
         return run_apply(cfg, where, sel, saved=saved, yes=yes, jobs=jobs, deep=deep, repair_drift=repair_drift,
                          keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
                          reconvert_outdated=reconvert_outdated, full=full, executor=executor, dry_run=dry_run,
-                         wait=wait, accept_older_lock=accept_older_lock)
+                         wait=wait, accept_older_lock=accept_older_lock, accept_missing_lock=accept_missing_lock,
+                         accept_unmounted=accept_unmounted)
 
     if plan_file is not None and cfg.layout == "pi-study":  # a saved plan is one study's
         raise typer.Exit(run(*_one_study(cfg, root, selection, "--plan applies to", by_project=False)))

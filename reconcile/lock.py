@@ -29,7 +29,13 @@ from reconcile.durable import fsync_dir, open_for_flock, take_mode
 from reconcile.errors import LockConflictError, LockfileError, write_hint
 from reconcile.failpoints import hit
 from reconcile.forked import map_forked, split
-from reconcile.lockcache import _current, _identity, _remember_written, _Snapshot
+from reconcile.lockcache import (
+    _current,
+    _identity,
+    _remember_written,
+    _Snapshot,
+    seen_lock,
+)
 from reconcile.lockcheck import (
     _consistency_problems,
     _raise_invalid,
@@ -277,6 +283,20 @@ def read_lock(root: Path) -> Lock | None:
     """The lock of a BIDS root, or None when there is none yet."""
     snapshot = _current(lock_path(root))
     return None if snapshot is None else _from_snapshot(snapshot)
+
+
+def vanished_lock(root: Path) -> str | None:
+    """What is wrong when `root` (a folder or not) has no lock while this user read or wrote one
+    there: most often its file system is not mounted, and an apply would export every session
+    again onto the disk underneath. None when there is a lock, or none was ever seen there."""
+    path = lock_path(root)
+    if os.path.lexists(path):
+        return None
+    seen = seen_lock(path)
+    if seen is None:
+        return None
+    return (f"{root} had a lock (serial {seen.serial}, last read {seen.date}) and has none now: "
+            "is its file system mounted?")
 
 
 def differing_sessions(root: Path, data: bytes, source: str) -> list[tuple[SessionRecord | None, SessionRecord | None]]:

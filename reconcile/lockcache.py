@@ -1,6 +1,8 @@
 """What is known about lock files, so that they need not be read and parsed again: snapshots of
 the files this process read or wrote, and a per-user cache file of each large lock. It only
-accelerates: nothing is believed that does not match the file on disk now (`_current`).
+accelerates: nothing is believed that does not match the file on disk now (`_current`). Besides,
+it records which lock each root held when this user last saw it (`seen_lock`), so that a lock
+gone with its file system's mount is noticed.
 """
 
 from __future__ import annotations
@@ -120,6 +122,22 @@ class _CacheFile:
 
 _cache_files: dict[str, _CacheFile] = {}  # by cache file path
 
+# Which lock each BIDS root held when this user last read or wrote it, whatever its size: a line
+# per root, kept far longer than the caches, so that a root found without its lock (a file system
+# not mounted, an empty mount point) is told from a new dataset's place (`seen_lock`).
+_SEEN_MAGIC = "xnat2bids-lock-seen-1"
+_SEEN_MAX_AGE = 400 * 86400
+_seen_noted: dict[str, tuple[str, int, str]] = {}  # lock path -> what this process last recorded
+
+
+@dataclass(frozen=True)
+class SeenLock:
+    """The lock a root held when this user last read or wrote it (`date`: that UTC day)."""
+
+    lineage: str
+    serial: int
+    date: str
+
 
 def _remember(path: Path, snapshot: _Snapshot) -> None:
     key = os.path.abspath(path)
@@ -133,6 +151,7 @@ def _remember(path: Path, snapshot: _Snapshot) -> None:
 def _remember_written(path: Path, snapshot: _Snapshot, size: int) -> None:
     """Note the file of `size` bytes this process just wrote at `path`; a large one gets cached."""
     _remember(path, snapshot)
+    _note_seen(path, snapshot.header)
     if size >= _CACHE_MIN_BYTES:
         _cache_soon(path, snapshot)
 
@@ -158,6 +177,58 @@ def _cache_file(path: Path) -> Path | None:
 def _cache_key(path: Path) -> str:
     """A file name for what is cached about `path` (its absolute form)."""
     return hashlib.sha256(os.path.abspath(path).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def _seen_file(path: Path) -> Path | None:
+    """Beside the caches' folder, not in it: a record is kept for every root, small locks' too."""
+    directory = _cache_dir()
+    return None if directory is None else directory.with_name("roots") / f"{_cache_key(path)}.seen"
+
+
+def seen_lock(path: Path) -> SeenLock | None:
+    """What this user last saw at the lock path `path` (absolute or not, the file there or not),
+    or None: one small file read, never an error."""
+    file = _seen_file(path)
+    if file is None:
+        return None
+    try:
+        with open(file, "rb") as f:
+            if not private(os.fstat(f.fileno())):
+                return None
+            magic, lineage, serial, date = f.read(512).decode().split()
+        return SeenLock(lineage, int(serial), date) if magic == _SEEN_MAGIC else None
+    except (OSError, ValueError):
+        return None
+
+
+def _note_seen(path: Path, header: dict[str, Any]) -> None:
+    """Record the lock read or written at `path`; a write only when it or the day changed. Best
+    effort: a record lost only leaves a later check without it."""
+    record = (str(header["lineage"]), int(header["serial"]), time.strftime("%Y-%m-%d", time.gmtime()))
+    key = os.path.abspath(path)
+    if _seen_noted.get(key) == record:
+        return
+    _seen_noted[key] = record
+    file = _seen_file(path)
+    if file is None:
+        return
+    before = seen_lock(path)
+    if before == SeenLock(*record):
+        return
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(tmp, "x", opener=_private_opener) as f:
+            f.write(" ".join((_SEEN_MAGIC, *map(str, record))) + "\n")
+        os.replace(tmp, file)
+        if before is None:  # a root new to this user, now and then: records of roots long unused go
+            now = time.time()
+            for old in file.parent.iterdir():
+                if now - old.stat().st_mtime > _SEEN_MAX_AGE:
+                    old.unlink()
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _read_cache(path: Path, digest: bytes, *, older: bool) -> _Snapshot | None:
@@ -397,6 +468,7 @@ def _current(path: Path) -> _Snapshot | None:
             identity = _identity(os.fstat(f.fileno()))  # before reading: a later change shows
             known = _snapshots.get(os.path.abspath(path))
             if known is not None and known.identity == identity:
+                _note_seen(path, known.header)
                 return known
             data = f.read()
     except FileNotFoundError:
@@ -405,6 +477,7 @@ def _current(path: Path) -> _Snapshot | None:
         raise LockfileError(f"cannot read {path}: {exc.strerror or exc}") from exc
     snapshot = _snapshot_of(path, data)
     snapshot.identity = identity
+    _note_seen(path, snapshot.header)
     return snapshot
 
 

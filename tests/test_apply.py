@@ -817,6 +817,66 @@ def test_apply_creates_a_missing_root_but_not_missing_folders_above_it(cli, emul
     assert code == 0 and (tmp_path / "bids/sub-01/ses-01MR1/anat").is_dir(), out + err
 
 
+def _unmount(folder: Path) -> None:
+    """What a mount point looks like once its file system is gone: an empty folder."""
+    import shutil
+
+    shutil.rmtree(folder)
+    folder.mkdir()
+
+
+@pytest.mark.parametrize("mount_point", ["above", "root"])
+def test_apply_refuses_a_root_whose_lock_this_user_saw_and_that_has_none_now(cli, emulator, tmp_path, mount_point):
+    # Found by a nightly `apply --yes` from cron: with the file system not mounted it exported the
+    # whole archive again onto the disk under the mount point, and exited 0.
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
+    (tmp_path / "mnt" / "x").mkdir(parents=True)
+    root = tmp_path / "mnt" / "x" / "bids" if mount_point == "above" else tmp_path / "mnt" / "x"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    serial = read_lock(root).serial
+    _unmount(tmp_path / "mnt" / "x")
+    had = f"{root} had a lock (serial {serial}, last read {time.strftime('%Y-%m-%d', time.gmtime())}) and has none now: is its file system mounted?"
+
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1 and out == "", out + err
+    assert err.startswith(f"error: apply refused: {had}\n") and "--accept-missing-lock" in err, err
+    assert list((tmp_path / "mnt" / "x").iterdir()) == []  # nothing created, nothing exported
+
+    code, out, err = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 2 and f"warning: {had} apply refuses to export into it" in err, out + err
+
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--accept-missing-lock")  # removed on purpose
+    assert code == 0 and (root / "sub-01/ses-01MR1/anat").is_dir(), out + err
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0  # its own lock from now on
+
+
+def test_apply_refuses_a_root_under_an_fstab_mount_point_that_is_not_mounted(cli, emulator, tmp_path, monkeypatch):
+    # A cron job of a service account has no lock cache to remember the dataset by: the fstab says it.
+    from reconcile import mounts
+
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
+    point = Path(os.path.realpath(tmp_path)) / "mnt"
+    point.mkdir()
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"# <file system> <mount point> <type> <options>\nUUID=1 / ext4 defaults 0 1\n"
+                     f"nas:/export/lab {point} nfs rw,_netdev 0 0\n")
+    monkeypatch.setattr(mounts, "FSTAB", fstab)
+    root = point / "bids"
+
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1 and out == "" and not root.exists(), out + err
+    assert err.startswith(f"error: apply refused: BIDS root {root} is on {point}, which {fstab} lists as the mount "
+                          "point of nas:/export/lab (nfs), and nothing is mounted there\n"), err
+    assert f"mount {point}" in err and "--accept-unmounted" in err
+    code, out, err = cli("plan", str(root), "-p", "PROJ")
+    assert code == 0 and f"warning: BIDS root {root} is on {point}" in err, out + err
+
+    monkeypatch.setattr(mounts, "MOUNTINFO", tmp_path / "mountinfo")
+    (tmp_path / "mountinfo").write_text(f"36 25 0:32 / {point} rw,relatime shared:1 - nfs nas:/export/lab rw\n")
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")  # mounted now
+    assert code == 0 and (root / "sub-01/ses-01MR1/anat").is_dir(), out + err
+
+
 def test_a_saved_plan_of_a_dataset_moved_since_is_stale_and_creates_nothing(cli, emulator, tmp_path):
     add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
     root = tmp_path / "bids"

@@ -980,7 +980,9 @@ def test_a_cache_of_a_lock_in_a_newer_format_is_not_read(root: Path, cached: Pat
 def test_small_locks_get_no_cache_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XNAT2BIDS_CACHE_DIR", str(tmp_path / "cache"))
     write_lock(tmp_path / "", lock_with(record(1)))
-    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "cache" / "locks").exists()
+    # Only the line that tells which lock the root had, for apply to notice it gone (not mounted).
+    assert [p.suffix for p in (tmp_path / "cache").rglob("*") if p.is_file()] == [".seen"]
 
 
 @pytest.mark.parametrize("damage", ["flipped byte in a session", "flipped byte in the index", "truncated", "empty", "garbage"])
