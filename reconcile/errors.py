@@ -73,9 +73,10 @@ class StalePlanError(XnatBidsError):
 class RemoteError(XnatBidsError):
     """XNAT could not be reached or answered with an error.
 
-    `unreachable`: no answer came at all, after every retry (connection refused or reset, timeouts,
-    a name that does not resolve): what every later request of the run would meet too. Not set for
-    an error status, nor for one download cut short.
+    `unreachable`: no connection, after every retry (refused or reset, a name that does not
+    resolve): what every later request of the run would meet too. Not set for an error status, one
+    download cut short, nor an answer slower than the timeout (XNAT builds a large session's file
+    listing whole before it answers: that session's own slowness).
     """
 
     def __init__(self, summary: str, *, unreachable: bool = False, **kwargs):

@@ -645,7 +645,6 @@ class XnatClient:
                         raise RemoteError(
                             f"XNAT at {self.url} did not answer within {self.timeout:g} s for {what or shown_url(url)}",
                             detail=f"{attempt + 1} attempt(s)",
-                            unreachable=True,
                             hint=("XNAT builds a large session's file listing whole before answering: " if listing
                                   else "XNAT is slow or busy: ")
                             + "raise `timeout` in the config (seconds), or run again when XNAT is less busy",
