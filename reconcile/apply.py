@@ -8,6 +8,7 @@ nothing; it reports through `on_event`.
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import glob
 import json
@@ -893,7 +894,7 @@ class _NotStarted(Exception):
 
 _REJECTED = "credentials rejected earlier in this run"  # sessions staged before it may still commit
 # Each session would otherwise spend its own retries on it: minutes a session against a hung XNAT.
-_UNREACHABLE = "XNAT stopped answering earlier in this run; apply again once it is back"
+_UNREACHABLE = "XNAT could not be reached earlier in this run; apply again once it is back"
 _COMMIT_STILL = (_REJECTED, _UNREACHABLE)  # what XNAT does no longer matters to what is staged
 
 
@@ -1052,8 +1053,11 @@ FORCE_UNLOCK = "force-unlock"  # an entry that changes no lock: see `append_forc
 def append_forced_unlock(root: Path, holder: Holder) -> dict:
     """A history entry for the state lock `force-unlock` removed: who broke whose lock (the holder's
     ID, operation, account, host, pid and since when; nothing secret is in a lock record). It changes
-    no lock: its serials are the last entry's after, and readers of the last entry pass over it, so
-    that the commits of the apply it broke (killed before its entry) are still found unrecorded."""
+    no lock: its serials are the last entry's after. The commits of the apply it broke (killed before
+    its entry) get their "unrecorded" entry first: a version that does not pass over this entry
+    would look for them after its time, and find none."""
+    with contextlib.suppress(XnatBidsError):  # an unreadable lock: the next apply says so
+        _note_unrecorded(root)
     serial = history_serial(root)
     unlocked = {"id": holder.id, "operation": holder.operation, "user": holder.user, "host": holder.host,
                 "pid": holder.pid, "since": holder.since, "jobs": list(holder.jobs)}

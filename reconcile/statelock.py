@@ -56,7 +56,6 @@ class Holder:
     pidns: int | None = None  # inode of /proc/self/ns/pid
     timens: int | None = None  # inode of /proc/self/ns/time; None also before Linux 5.6
     start_time: int | None = None  # field 22 of /proc/PID/stat: clock ticks after boot
-    asking: str | None = None  # since when (UTC) it waits for its user to answer a confirmation prompt
 
     def describe(self) -> str:
         if self.id == UNREADABLE:
@@ -64,10 +63,7 @@ class Holder:
         if self.jobs and self.operation not in (FINALIZE, FINALIZE_JOB):  # its submitter is long gone: the batch holds it
             return (f"SLURM batch {self.id} ({self.operation} by {self.user}@{self.host} since {self.since}), "
                     f"SLURM jobs {', '.join(self.jobs)}")
-        said = f"{self.operation} by {self.user}@{self.host} pid {self.pid} since {self.since} (lock ID {self.id})"
-        if self.asking:  # a person left it at the prompt: a cron run refused meanwhile says who keeps the lock
-            said += f", waiting since {self.asking} for its user to answer its confirmation prompt"
-        return said
+        return f"{self.operation} by {self.user}@{self.host} pid {self.pid} since {self.since} (lock ID {self.id})"
 
 
 _TYPES = {"boot_id": str, "pidns": int, "timens": int, "start_time": int}  # the Linux fields of a Holder
@@ -241,7 +237,7 @@ def _parse(fd: int) -> _Seen:
         holder = Holder(**{name: value for name, value in data.items() if name in _FIELDS})
         if not isinstance(holder.id, str) or not holder.id or type(holder.pid) is not int:
             raise ValueError(f"lock ID {holder.id!r} or pid {holder.pid!r} is not valid")
-        for name, kind in (*_TYPES.items(), ("asking", str)):
+        for name, kind in _TYPES.items():
             value = getattr(holder, name)
             if value is not None and type(value) is not kind:
                 raise ValueError(f"{name} {value!r} is not valid")
@@ -359,7 +355,7 @@ def _pinned(root: Path) -> Iterator[_Seen | None]:
 def _record(holder: Holder) -> dict:
     """The holder as JSON; fields that could not be read are left out, as older versions did."""
     data = asdict(holder)
-    for name in (*_IDENTITY, "asking"):
+    for name in _IDENTITY:
         if data[name] is None:
             del data[name]
     return data
@@ -507,8 +503,12 @@ def record_jobs(root: Path, holder: Holder, jobs: tuple[str, ...]) -> Holder:
 @contextmanager
 def asking(root: Path, holder: Holder) -> Iterator[None]:
     """Say in the lock file, while its holder waits for its user at a confirmation prompt, since
-    when: a run refused meanwhile (a cron job) names what keeps the lock. Best effort."""
-    _mark(root, holder, replace(holder, asking=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")))
+    when: a run refused meanwhile (a cron job) names what keeps the lock. Said in its operation,
+    which every version shows as it is (a field of its own would make the file unreadable to older
+    ones, whose hint then offers `force-unlock unreadable`). Best effort."""
+    since = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    waiting = f"{holder.operation} (waiting since {since} for its user to answer its confirmation prompt)"
+    _mark(root, holder, replace(holder, operation=waiting))
     try:
         yield
     finally:

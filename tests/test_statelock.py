@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -341,8 +342,9 @@ def test_a_holder_at_its_prompt_is_said_so_and_not_after(tmp_path):
     holder = statelock.acquire(root, "apply")
     with statelock.asking(root, holder):
         asked = statelock.read_holder(root)
-        assert asked.id == holder.id and asked.asking
-        assert "waiting since" in asked.describe() and "confirmation prompt" in asked.describe()
+        assert asked.id == holder.id and statelock.gone(asked) is None
+        assert re.fullmatch(r"apply \(waiting since \S+Z for its user to answer its confirmation prompt\) by .+",
+                            asked.describe()), asked.describe()
     assert statelock.read_holder(root) == holder and "waiting" not in holder.describe()
     statelock.release(root, holder)
     assert not state_lock_path(root).exists()
@@ -834,8 +836,9 @@ def test_force_unlock_tells_the_history_who_removed_whose_lock(cli, emulator, tm
 
 
 def test_a_forced_unlock_hides_no_commit_of_the_apply_it_broke_from_the_history(cli, emulator, tmp_path):
-    # Bob's apply committed a session and was killed before writing its history entry; the next
-    # run tells of that commit ("unrecorded"), though the forced unlock's entry came after it.
+    # Bob's apply committed a session and was killed before writing its history entry: the forced
+    # unlock tells of that commit ("unrecorded") before its own entry, which a version that does
+    # not pass over it would take as the last (and look for unrecorded commits after it).
     from worlds import record_as_exported
 
     from reconcile.apply import read_history, recover
@@ -851,5 +854,5 @@ def test_a_forced_unlock_hides_no_commit_of_the_apply_it_broke_from_the_history(
     recover(root)
     entries = read_history(root)
     assert [(e["operation"], e["lock_serial"]) for e in entries] == [
-        ("force-unlock", {"before": 0, "after": 0}), ("unrecorded", {"before": 0, "after": 1})]
-    assert [row["experiment_id"] for row in entries[1]["sessions"]] == [exp.id]
+        ("unrecorded", {"before": 0, "after": 1}), ("force-unlock", {"before": 1, "after": 1})]
+    assert [row["experiment_id"] for row in entries[0]["sessions"]] == [exp.id]

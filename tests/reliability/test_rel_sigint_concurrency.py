@@ -7,6 +7,7 @@ for a guessed duration.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import select
@@ -226,13 +227,13 @@ def test_an_apply_refused_while_another_waits_at_its_prompt_says_so(tmp_path):
 
         try:
             wait_for(at_prompt, "the confirmation prompt")
-            assert '"asking"' in state_lock_path(root).read_text()
+            assert "confirmation prompt" in json.loads(state_lock_path(root).read_text())["operation"]
             cron = subprocess.run([sys.executable, "-m", "reconcile", "apply", str(root), "-p", "PROJ", "--yes"],
                                   cwd=tmp_path, env=cli_env(world.url), stdin=subprocess.DEVNULL,
                                   capture_output=True, text=True, timeout=120)
             assert cron.returncode == 1, cron.stdout + cron.stderr
-            assert re.search(r"apply by \S+ pid \d+ since \S+ \(lock ID \w+\), waiting since \S+ for its user to "
-                             r"answer its confirmation prompt", cron.stderr), cron.stderr
+            assert re.search(r"apply \(waiting since \S+ for its user to answer its confirmation prompt\) by \S+ "
+                             r"pid \d+ since \S+ \(lock ID \w+\)", cron.stderr), cron.stderr
             os.write(master, b"n\n")
             assert proc.wait(timeout=60) == 1
         finally:
