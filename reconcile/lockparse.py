@@ -145,38 +145,21 @@ def _check_ended(header: Mapping[str, Any], tail: bytes, source: str) -> None:
 
 
 # What git leaves at the start of a line of a file it could not merge (diff3 style's `|||||||` too;
-# CRLF after `=======` in a file with CRLF lines).
-_CONFLICT_MARKER = re.compile(r"(?:<{7}|={7}|>{7}|\|{7})(?: |\r?$)", re.MULTILINE)
-_CONFLICT_MARKER_BYTES = re.compile(_CONFLICT_MARKER.pattern.encode(), re.MULTILINE)
+# CRLF after `=======` in a file with CRLF lines). Searched for from the newline before it: a
+# pattern led by a literal jumps from newline to newline, one led by `^` is tried at every byte.
+_MARKER = r"(?:<{7}|={7}|>{7}|\|{7})(?: |\r?$)"
+_CONFLICT_MARKER = (re.compile(_MARKER, re.MULTILINE), re.compile("\n" + _MARKER, re.MULTILINE))
+_CONFLICT_MARKER_BYTES = tuple(re.compile(p.pattern.encode(), re.MULTILINE) for p in _CONFLICT_MARKER)
 
 
 def first_conflict_marker(data: AnyStr) -> int | None:
-    """Where the first line starting with a git conflict marker starts; None when there is none.
-    Each marker is looked for with find, the pattern tried only there: a pattern searched over the
-    whole of a 50 MB history takes 0.7 s (it is tried at every line start)."""
-    if isinstance(data, bytes):
-        pattern, newline, markers = _CONFLICT_MARKER_BYTES, b"\n", (b"<<<<<<<", b"=======", b">>>>>>>", b"|||||||")
-    else:
-        pattern, newline, markers = _CONFLICT_MARKER, "\n", ("<<<<<<<", "=======", ">>>>>>>", "|||||||")
-    first = None
-    for marker in markers:
-        for at in _line_starts(data, marker, newline):
-            if first is not None and at >= first:
-                break
-            if pattern.match(data, at):
-                first = at
-                break
-    return first
-
-
-def _line_starts(data: AnyStr, start: AnyStr, newline: AnyStr) -> Iterator[int]:
-    """Where the lines of `data` that begin with `start` begin."""
-    if data.startswith(start):
-        yield 0
-    at = data.find(newline + start)
-    while at >= 0:
-        yield at + 1
-        at = data.find(newline + start, at + 1)
+    """Where the first line starting with a git conflict marker starts; None when there is none
+    (a 50 MB history is searched in ~40 ms)."""
+    first, later = _CONFLICT_MARKER_BYTES if isinstance(data, bytes) else _CONFLICT_MARKER
+    if first.match(data):
+        return 0
+    found = later.search(data)
+    return None if found is None else found.start() + 1
 
 
 def conflict_marker_line(text: str) -> int | None:
