@@ -766,16 +766,17 @@ def infotodict(seqinfo, *args, **kwargs):
 def _sbrefs_after_their_runs(seqinfo, fixed):
     """ReproIn numbers `_run+` series in the order they come and reads ProtocolName first, so a
     Siemens single-band reference (`<protocol>_SBRef`, acquired just before its BOLD) took a run
-    number of its own. It goes right after its BOLD (the next series of its protocol) with
-    `_run=`: the number that BOLD was just given."""
+    number of its own. It goes right after its BOLD (the next series of its protocol, when not
+    another SBRef) with `_run=`: the number that BOLD was just given."""
     order = list(range(len(fixed)))
     for i, s in enumerate(seqinfo):
         if not (s.series_description or "").endswith("_SBRef"):
             continue
         names = {{k: "_".join("run=" if part == "run+" else part for part in (getattr(fixed[i], k) or "").split("_"))
                  for k in ("series_description", "protocol_name")}}
-        bold = next((j for j in range(i + 1, len(seqinfo)) if seqinfo[j].protocol_name == s.protocol_name
-                     and not (seqinfo[j].series_description or "").endswith("_SBRef")), None)
+        # Its BOLD is the next series of its protocol; another SBRef there means its BOLD was stopped.
+        after = next((j for j in range(i + 1, len(seqinfo)) if seqinfo[j].protocol_name == s.protocol_name), None)
+        bold = None if after is None or (seqinfo[after].series_description or "").endswith("_SBRef") else after
         if bold is None or all(names[k] == (getattr(fixed[i], k) or "") for k in names):
             continue
         fixed[i] = fixed[i]._replace(**names)

@@ -523,6 +523,22 @@ def test_single_band_references_of_numbered_runs_take_their_bolds_run_numbers(
 
 
 @pytest.mark.slow
+def test_a_single_band_reference_whose_bold_was_stopped_keeps_a_run_of_its_own(tmp_path: Path) -> None:
+    # The BOLD after the first SBRef was aborted (not archived): the next series of the protocol
+    # is the second SBRef, and the BOLD after it is that one's alone (both took its number: a dup).
+    protocol = "func-bold_task-x_run+"
+    series = tuple(SeriesSpec(name, "func", n_volumes=n) for name, n in
+                   [(f"{protocol}_SBRef", 1), (f"{protocol}_SBRef", 1), (protocol, 3)])
+    write_session(tmp_path / "dicom", "01", "a", series=series)
+    for scan in ("1", "2"):
+        _rewrite(tmp_path / "dicom" / scan, ProtocolName=protocol)
+    result = _convert(tmp_path / "dicom", tmp_path)
+    assert sorted(f for f in _session_files(result) if f.endswith(".nii.gz")) == [
+        "func/sub-01_ses-a_task-x_run-01_sbref.nii.gz", "func/sub-01_ses-a_task-x_run-02_bold.nii.gz",
+        "func/sub-01_ses-a_task-x_run-02_sbref.nii.gz"]
+
+
+@pytest.mark.slow
 def test_a_derived_series_named_after_its_original_is_the_one_the_hint_leaves_out(tmp_path: Path) -> None:
     # Siemens names an MPR reformat (and an ADC map) after the protocol it came from: ReproIn,
     # which reads ProtocolName first, gives it the original's name. Leaving out the original
