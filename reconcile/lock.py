@@ -295,7 +295,7 @@ def vanished_lock(root: Path) -> str | None:
     seen = seen_lock(path)
     if seen is None:
         return None
-    return (f"{root} had a lock (serial {seen.serial}, last read {seen.date}) and has none now: "
+    return (f"{root} had a lock (serial {seen.serial} or later, read on {seen.date}) and has none now: "
             "is its file system mounted?")
 
 

@@ -202,18 +202,19 @@ def seen_lock(path: Path) -> SeenLock | None:
 
 
 def _note_seen(path: Path, header: dict[str, Any]) -> None:
-    """Record the lock read or written at `path`; a write only when it or the day changed. Best
-    effort: a record lost only leaves a later check without it."""
+    """Record the lock read or written at `path`; a write only when its lineage or the day changed
+    (not on each commit of an apply: its serial is the day's first). Best effort: a record lost only
+    leaves a later check without it."""
     record = (str(header["lineage"]), int(header["serial"]), time.strftime("%Y-%m-%d", time.gmtime()))
     key = os.path.abspath(path)
-    if _seen_noted.get(key) == record:
+    if _seen_noted.get(key, ())[::2] == record[::2]:
         return
     _seen_noted[key] = record
     file = _seen_file(path)
     if file is None:
         return
     before = seen_lock(path)
-    if before == SeenLock(*record):
+    if before is not None and (before.lineage, before.date) == record[::2]:
         return
     tmp = file.with_name(f"{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:

@@ -835,7 +835,7 @@ def test_apply_refuses_a_root_whose_lock_this_user_saw_and_that_has_none_now(cli
     assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
     serial = read_lock(root).serial
     _unmount(tmp_path / "mnt" / "x")
-    had = f"{root} had a lock (serial {serial}, last read {time.strftime('%Y-%m-%d', time.gmtime())}) and has none now: is its file system mounted?"
+    had = f"{root} had a lock (serial {serial} or later, read on {time.strftime('%Y-%m-%d', time.gmtime())}) and has none now: is its file system mounted?"
 
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
     assert code == 1 and out == "", out + err
