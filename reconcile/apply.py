@@ -874,7 +874,9 @@ def apply_plan(
     finally:
         client.stop_when(None)
     report.cancelled = cancel.is_set()
-    report.halted = halted[0] if halted else None
+    # Said when it kept a session from running or committing; not after the last one failed.
+    if halted and any(o.status is Status.SKIPPED and o.message.endswith(halted[0]) for o in report.outcomes):
+        report.halted = halted[0]
     return report
 
 

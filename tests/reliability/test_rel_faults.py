@@ -210,6 +210,14 @@ def test_xnat_gone_mid_run_fails_one_session_and_skips_the_ones_not_started(cli,
         assert not (root / ".xnat2bids/logs" / f"{exp.id}.log").exists()  # never started
 
 
+def test_xnat_gone_during_the_last_session_stops_nothing_and_says_nothing_of_a_stop(cli, emulator, tmp_path):
+    exps = add(emulator.archive, 3)
+    emulator.app.faults.add(Fault(route=_sessions_of(exps[-1]), kind="reset"))
+    code, out, err = cli("apply", str(tmp_path / "bids"), "-p", "PROJ", "--yes", "--jobs", "1")
+    assert code == 1 and "2 done, 1 failed, 0 skipped" in out, out + err
+    assert "cannot reach XNAT" in out and "Stopped early" not in out
+
+
 def test_a_session_xnat_answers_too_slowly_fails_alone_and_the_others_go_on(cli, emulator, tmp_path):
     # XNAT builds a large session's file listing whole before it answers: that session's slowness,
     # not an XNAT gone away.
