@@ -66,6 +66,14 @@ def submit(slurm_cli, root: Path) -> sx.Batch:  # noqa: ANN001
     return current_batch(root)
 
 
+def staged_unmerged(slurm_cli, root: Path) -> sx.Batch:  # noqa: ANN001
+    """A batch whose tasks ran and whose finalize job was cancelled: results staged, none merged."""
+    batch = submit(slurm_cli, root)
+    subprocess.run(["scancel", batch.finalize_job], check=True)
+    wait_gone(*batch.jobs)
+    return batch
+
+
 def wait_gone(*job_ids: str, timeout: float = JOB_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while sx.active_jobs(job_ids):
@@ -349,9 +357,7 @@ def test_plan_calls_a_batch_at_work_only_while_slurm_runs_its_jobs(slurm_cli, em
 def test_cancelled_finalize_is_merged_by_the_next_apply(slurm_cli, emulator, tmp_path):
     exps = add(emulator.archive, sessions(2))
     root = tmp_path / "bids"
-    batch = submit(slurm_cli, root)
-    subprocess.run(["scancel", batch.finalize_job], check=True)
-    wait_gone(*batch.jobs)
+    batch = staged_unmerged(slurm_cli, root)
     assert sx.read_finalized(batch) is None and read_lock(root) is None
     assert statelock.read_holder(root).id == batch.id  # still held: nothing merged the results yet
     code, out, _ = slurm_cli("status", str(root))
@@ -449,9 +455,7 @@ def test_finalizing_a_force_unlocked_batch_claims_no_session_a_newer_batch_expor
     # its history entry told of) is not this batch's "done".
     exps = add(emulator.archive, sessions(2))
     root = tmp_path / "bids"
-    old = submit(slurm_cli, root)
-    subprocess.run(["scancel", old.finalize_job], check=True)
-    wait_gone(*old.jobs)
+    old = staged_unmerged(slurm_cli, root)
     assert slurm_cli("force-unlock", old.id, str(root))[0] == 0
     code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes", "--executor", "slurm", "--wait")
     assert code == 0 and "2 done" in out, out + err
@@ -759,9 +763,7 @@ def test_a_task_refuses_a_config_edited_after_the_batch_was_submitted(slurm_cli,
 def test_finalizing_a_copied_dataset_writes_into_the_copy_only(slurm_cli, emulator, tmp_path):
     add(emulator.archive, sessions(1))
     root = tmp_path / "bids"
-    batch = submit(slurm_cli, root)
-    subprocess.run(["scancel", batch.finalize_job], check=True)
-    wait_gone(*batch.jobs)
+    batch = staged_unmerged(slurm_cli, root)
     assert sx.read_result(batch, 0)["status"] == "done" and read_lock(root) is None
     copy = tmp_path / "copy"
     shutil.copytree(root, copy, symlinks=True)
