@@ -824,12 +824,13 @@ def _missing_dataset(root: Path) -> tuple[str | None, str | None, str | None]:
     saw there and that is gone, the fstab mount point above it that nothing is mounted on, that
     problem said), as messages; all None for a root with a lock, or a new dataset's."""
     from reconcile.lock import lock_path, vanished_lock
-    from reconcile.mounts import FSTAB, unmounted_above
+    from reconcile.mounts import FSTAB, bare_above, unmounted_above
 
     if os.path.lexists(lock_path(root)):  # the dataset is there, whatever the fstab says
         return None, None, None
-    # Where xnat2bids' state folder is, the file system is there: `lost_lock` tells what its history says.
-    vanished = None if (root / WORK_DIR).is_dir() else vanished_lock(root)
+    # Where xnat2bids' state folder is, the file system is there: `lost_lock` tells what its history
+    # says. A lock gone with the whole root, from a folder that holds other things, was removed.
+    vanished = None if (root / WORK_DIR).is_dir() or not bare_above(root) else vanished_lock(root)
     unmounted = unmounted_above(root)
     if unmounted is None:
         return vanished, None, None

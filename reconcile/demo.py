@@ -40,7 +40,8 @@ def run_demo(workdir: Path | None, echo: Callable[[str], None]) -> int:
     from reconcile.config import parse_config
     from reconcile.credentials import Credentials
     from reconcile.errors import ConfigError
-    from reconcile.lock import read_lock
+    from reconcile.lock import lock_path, read_lock
+    from reconcile.lockcache import forget_seen
     from reconcile.plan import Selection
     from reconcile.xnat import XnatClient
 
@@ -52,6 +53,7 @@ def run_demo(workdir: Path | None, echo: Callable[[str], None]) -> int:
         raise ConfigError(f"{root} exists (an earlier demo?)",
                           hint="give the demo a --workdir of its own, or none for a temporary one")
     base.mkdir(parents=True, exist_ok=True)  # asked for by name: made, not refused halfway by apply
+    forget_seen(lock_path(root))  # a demo dataset removed to run the demo again is not an unmounted one
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log lines in the demo
     archive = Archive(site="DEMO")
     archive.add_user(DEMO_USER, DEMO_PASSWORD)

@@ -201,6 +201,15 @@ def seen_lock(path: Path) -> SeenLock | None:
         return None
 
 
+def forget_seen(path: Path) -> None:
+    """Drop the record of the lock at `path`: its root is to start anew (the demo's, made again)."""
+    _seen_noted.pop(os.path.abspath(path), None)
+    file = _seen_file(path)
+    if file is not None:
+        with contextlib.suppress(OSError):
+            file.unlink()
+
+
 def _note_seen(path: Path, header: dict[str, Any]) -> None:
     """Record the lock read or written at `path`; a write only when its lineage or the day changed
     (not on each commit of an apply: its serial is the day's first). Best effort: a record lost only

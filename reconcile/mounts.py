@@ -72,3 +72,18 @@ def unmounted_above(root: Path, *, fstab: Path | None = None, mountinfo: Path | 
         if not (point in mounted if mounted is not None else os.path.ismount(point)):
             return point, points[point]
     return None
+
+
+def bare_above(root: Path) -> bool:
+    """Whether the nearest folder at or above `root` that exists is empty: what a mount point with
+    nothing mounted on it shows. A dataset removed on purpose from a folder that holds other things
+    (a home, a lab's scratch) leaves no such thing."""
+    for folder in (root, *root.parents):
+        try:
+            with os.scandir(folder) as entries:
+                return next(entries, None) is None
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:  # unreadable: nothing known
+            return False
+    return False

@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -848,6 +849,20 @@ def test_apply_refuses_a_root_whose_lock_this_user_saw_and_that_has_none_now(cli
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--accept-missing-lock")  # removed on purpose
     assert code == 0 and (root / "sub-01/ses-01MR1/anat").is_dir(), out + err
     assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0  # its own lock from now on
+
+
+def test_a_root_removed_on_purpose_from_a_folder_with_other_things_is_made_anew(cli, emulator, tmp_path):
+    # `rm -rf ~/bids-test` to start over: the home it stood in holds other things, as an empty
+    # mount point does not.
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")])
+    home = tmp_path / "home"
+    (home / "notes").mkdir(parents=True)
+    root = home / "bids-test"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 0
+    shutil.rmtree(root)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0 and "1 done" in out and "had a lock" not in err, out + err
+    assert read_lock(root).serial == 1 and (root / "sub-01/ses-01MR1/anat").is_dir()
 
 
 def test_apply_refuses_a_root_under_an_fstab_mount_point_that_is_not_mounted(cli, emulator, tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from reconcile.cli import main
@@ -31,3 +33,9 @@ def test_demo_runs_plan_apply_redate_plan_apply_check(tmp_path, capsys, monkeypa
     captured = capsys.readouterr()
     assert exc.value.code == 1 and f"error: {tmp_path / 'bids'} exists (an earlier demo?)" in captured.err
     assert (tmp_path / "bids" / ".xnat2bids.lock").read_bytes() == before
+    shutil.rmtree(tmp_path)  # removed, to run the demo afresh there: not a file system gone away
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--workdir", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert exc.value.code == 0 and "had a lock" not in captured.err, captured.out + captured.err
+    assert "OK: lock serial 4, 3 sessions" in captured.out
