@@ -473,14 +473,15 @@ def root_callback(
         with connect(cfg) as client:
             code = for_each_study(
                 cfg, cfg.resolve_bids_root(diff or None), Selection(),
-                lambda root, sel: run_plan(client, root, cfg, sel, detailed_exitcode=True),
+                lambda root, sel: run_plan(client, root, cfg, sel, detailed_exitcode=True,
+                                           config_option=_config_option(config)),
             )
         raise typer.Exit(code)
     if update is not None:
         cfg = _load_config(config)
         raise typer.Exit(for_each_study(
             cfg, cfg.resolve_bids_root(update or None), Selection(),
-            lambda root, sel: run_apply(cfg, root, sel, yes=not stdin_is_terminal()),
+            lambda root, sel: run_apply(cfg, root, sel, yes=not stdin_is_terminal(), config_option=_config_option(config)),
         ))
     echo(ctx.get_help())
     raise typer.Exit(EXIT_OK)
@@ -513,11 +514,7 @@ def plan(
         one = True
         root, selection = _one_study(cfg, root, selection, "--json and --out need")
 
-    given = config if config is not None else _root_config
-    if given is None and os.environ.get(ENV_CONFIG):  # another shell may not have it set
-        given = Path(os.environ[ENV_CONFIG])
-    # The plan applies only with the config and XNAT it was made with: the hint names them.
-    config_option = f" -c {shlex.quote(str(given))}" if given is not None else ""
+    config_option = _config_option(config)
 
     def run(where: Path, sel: Selection) -> int:
         return run_plan(client, where, cfg, sel, deep=deep, as_json=as_json, out=out,
@@ -649,6 +646,7 @@ def run_apply(
     accept_older_lock: bool = False,
     accept_missing_lock: bool = False,
     accept_unmounted: bool = False,
+    config_option: str = "",
 ) -> int:
     """Plan (or load a saved plan), confirm, apply under the state lock, record history.
 
@@ -708,7 +706,7 @@ def run_apply(
                 cfg, root, selection, client, saved=saved, yes=yes, jobs=jobs, deep=deep,
                 repair_drift=repair_drift, keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
                 reconvert_outdated=reconvert_outdated, full=full, dry_run=dry_run, wait=wait,
-                accept_older_lock=accept_older_lock,
+                accept_older_lock=accept_older_lock, config_option=config_option,
             )
         if dry_run:
             raise ConfigError("--dry-run prints the SLURM job scripts; it needs --executor slurm",
@@ -718,7 +716,7 @@ def run_apply(
             plan, todo, held = _recover_and_plan(client, root, cfg, selection, saved=saved, deep=deep,
                                                  reconvert_outdated=reconvert_outdated, full=full,
                                                  repair_drift=repair_drift, warn=warn,
-                                                 accept_older_lock=accept_older_lock)
+                                                 accept_older_lock=accept_older_lock, config_option=config_option)
             untouched = _left_alone(plan, todo, held)
             if not todo:
                 return _nothing_to_apply(root, plan, held, untouched, git_commit=git_commit)
@@ -929,7 +927,7 @@ def apply(
                          keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
                          reconvert_outdated=reconvert_outdated, full=full, executor=executor, dry_run=dry_run,
                          wait=wait, accept_older_lock=accept_older_lock, accept_missing_lock=accept_missing_lock,
-                         accept_unmounted=accept_unmounted)
+                         accept_unmounted=accept_unmounted, config_option=_config_option(config))
 
     if plan_file is not None and cfg.layout == "pi-study":  # a saved plan is one study's
         raise typer.Exit(run(*_one_study(cfg, root, selection, "--plan applies to", by_project=False)))
@@ -962,6 +960,16 @@ def _refuse_whitespace(root: Path) -> None:
 
 
 _FORGET_ADVICE = re.compile(r"`xnat2bids forget ([^`\s]+)`")
+
+
+def _config_option(config: Path | None) -> str:
+    """` -c FILE` for the config file given (`-c`, before or after the command, or $XNAT2BIDS_CONFIG,
+    which another shell may not have set); "" for none. Advice that names a command (`forget`, a
+    saved plan's `apply --plan`) works only with the config it was made with."""
+    given = config if config is not None else _root_config
+    if given is None and os.environ.get(ENV_CONFIG):
+        given = Path(os.environ[ENV_CONFIG])
+    return f" -c {shlex.quote(str(given))}" if given is not None else ""
 
 
 def _forget_here(plan: Plan, where: str) -> Plan:
@@ -1038,7 +1046,7 @@ def _left_alone(plan: Plan, todo: tuple[Change, ...], held: tuple[Change, ...]) 
 def _recover_and_plan(
     client, root: Path, cfg: Config, selection: Selection, *, saved: _SavedPlan | None, deep: bool,
     reconvert_outdated: bool, full: bool, repair_drift: bool, warn: Callable[[str], None] | None,
-    accept_older_lock: bool = False,
+    accept_older_lock: bool = False, config_option: str = "",
 ) -> tuple[Plan, tuple[Change, ...], tuple[Change, ...]]:
     """What both executors do first under the state lock: settle interrupted commits and token
     revocations (not without the lock: `warn` None), then plan and show it, and refuse a plan whose
@@ -1055,7 +1063,8 @@ def _recover_and_plan(
         _retry_token_revocations(root, client, warn)
     plan = _load_or_make_plan(client, root, cfg, selection, saved=saved, deep=deep,
                               reconvert_outdated=reconvert_outdated, full=full, accept_older_lock=accept_older_lock)
-    echo(render_text(repairing(plan) if repair_drift else plan))
+    shown = _forget_here(plan, f" {shlex.quote(str(root))}{config_option}")
+    echo(render_text(repairing(shown) if repair_drift else shown))
     todo = plan.actionable(repair_drift=repair_drift)
     if todo and warn is not None:  # not for a --dry-run (no lock taken), which writes nothing
         # Before any download: every commit updates participants.tsv, and a session would be
@@ -1203,6 +1212,7 @@ def run_slurm_apply(
     dry_run: bool = False,
     wait: bool = False,
     accept_older_lock: bool = False,
+    config_option: str = "",
 ) -> int:
     """Plan, confirm, then submit the sessions as one job array plus a finalize job.
 
@@ -1227,7 +1237,7 @@ def run_slurm_apply(
         plan, todo, held = _recover_and_plan(client, root, cfg, selection, saved=saved, deep=deep,
                                              reconvert_outdated=reconvert_outdated, full=full,
                                              repair_drift=repair_drift, warn=warn if holder else None,
-                                             accept_older_lock=accept_older_lock or dry_run)
+                                             accept_older_lock=accept_older_lock or dry_run, config_option=config_option)
         if not todo:
             return _nothing_to_apply(root, plan, held, _left_alone(plan, todo, held),
                                      git_commit=git_commit and not dry_run)

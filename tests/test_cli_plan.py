@@ -87,6 +87,12 @@ def test_deleted_session_is_orphan_and_removed_file_is_drift(cli, emulator, tmp_
     assert f"`xnat2bids forget {exps[0].id} {root} -c {config}` drops one from the lock" in out
     # apply --plan talks to XNAT as the plan did; forget asks nothing of it
     assert f"run `xnat2bids apply --plan {saved} -c {config} --insecure` to carry it out" in out
+    # So does the plan apply shows, and the seed spellings' (run as printed, forget could drop the
+    # session from the lock of the config's root).
+    for command in (("apply", str(root), "-p", "PROJ", "-c", str(config), "--yes"),
+                    ("-c", str(config), "--update", str(root)), ("-c", str(config), "--diff", str(root))):
+        code, out, err = cli(*command)
+        assert f"`xnat2bids forget {exps[0].id} {root} -c {config}` drops one from the lock" in out, out + err
     code, out, err = cli("forget", exps[0].id, str(root), "-c", str(config), "--yes")
     assert code == 0 and exps[0].id not in read_lock(root).sessions, out + err
 
