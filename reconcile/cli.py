@@ -47,7 +47,7 @@ from reconcile.errors import (
 from reconcile.lock import Lock
 from reconcile.model import printable, utc_now
 from reconcile.plan import Action, Change, Plan, Selection, repairing
-from reconcile.workarea import WORK_DIR, share_with_group
+from reconcile.workarea import WORK_DIR, share_with_group, unconvertible, uncreatable
 
 if TYPE_CHECKING:
     from reconcile.statelock import Holder
@@ -950,13 +950,10 @@ def _git_commit(root: Path, report, *, say_none: bool = True) -> None:
 
 
 def _refuse_whitespace(root: Path) -> None:
-    """Before any session is exported: nipype reads the files dcm2niix wrote from its output split
-    at whitespace, so every session would fail with an assertion deep in heudiconv. (Recovery and
-    a commit, which convert nothing, go ahead.)"""
-    if any(c.isspace() for c in os.path.abspath(root)):
-        raise ConfigError(f"BIDS root {root} has whitespace in its path, where heudiconv cannot convert",
-                          hint="give it by a path without any: a link to it, e.g. `ln -s '/project/My Lab/bids' "
-                               "~/lab-bids`, works")
+    """Before any session is exported (recovery and a commit, which convert nothing, go ahead)."""
+    problem = unconvertible(root)
+    if problem is not None:
+        raise problem
 
 
 _FORGET_ADVICE = re.compile(r"`xnat2bids forget ([^`\s]+)`")
@@ -985,17 +982,10 @@ def _forget_here(plan: Plan, where: str) -> Plan:
 
 
 def _create_root(root: Path, layout: str) -> None:
-    """The BIDS root, created if missing with no more folders above it than the layout adds (a
-    study's `<pi>/study-<study>/` and the export root with it in pi-study): beyond those, a missing
-    folder is more likely a file system not mounted or a mistyped path than a new dataset's place."""
-    missing = [p for p in (root, *root.parents) if not p.exists()]
-    above = root.parents[len(missing) - 1] if missing else root
-    if missing and not above.is_dir():
-        raise ConfigError(f"cannot create BIDS root {root}: {above} is not a folder")
-    if len(missing) > (4 if layout == "pi-study" else 1):
-        raise ConfigError(f"BIDS root {root} cannot be created: {missing[-1]} does not exist",
-                          hint="is its file system mounted? for a new dataset there, create the folder above it "
-                               f"first (mkdir -p {shlex.quote(str(root.parent))})")
+    """The BIDS root, created if missing (see `workarea.uncreatable`)."""
+    problem = uncreatable(root, layout)
+    if problem is not None:
+        raise problem
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -1053,7 +1043,7 @@ def _recover_and_plan(
     commits would update a dataset file git left conflicted.
     Returns (plan, the changes to carry out, the updates held back)."""
     from reconcile.apply import recover
-    from reconcile.dataset import refuse_unresolved_conflicts
+    from reconcile.dataset import check_dataset_level_files, refuse_unresolved_conflicts
     from reconcile.plan import subjects_written
     from reconcile.render import render_text
 
@@ -1070,6 +1060,7 @@ def _recover_and_plan(
         # Before any download: every commit updates participants.tsv, and a session would be
         # exported, converted and then failed at its commit.
         refuse_unresolved_conflicts(root, subjects_written(todo))
+        check_dataset_level_files(root)  # one not UTF-8 (or not JSON) too
     return plan, todo, _held_back(plan, todo)
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "BIDSIGNORE_PATTERNS",
     "SESSION_COLUMNS",
     "check_dataset_files",
+    "check_dataset_level_files",
     "refuse_unfinished_merge",
     "refuse_unresolved_conflicts",
     "unresolved_conflicts",
@@ -80,14 +81,22 @@ def check_dataset_files(root: Path, bids_subject: str, *, previous_subject: str 
     file loses a row when the session moved there from another subject. Missing files are fine.
     """
     root = Path(root)
+    check_dataset_level_files(root)
+    _read_sessions(_sessions_path(root, bids_subject))
+    if previous_subject is not None and _sessions_path(root, previous_subject).exists():
+        _Tsv.read(_sessions_path(root, previous_subject))
+
+
+def check_dataset_level_files(root: Path) -> None:
+    """Read, writing nothing, the top-level files every commit updates (dataset_description.json,
+    participants.tsv, the sessions and scans sidecars); raise what an update would. Before apply
+    exports anything: one not UTF-8, or not JSON, would fail every session after its download
+    and conversion."""
     _read_description(root / "dataset_description.json")
     _read_participants(root / "participants.tsv")
-    _read_sessions(_sessions_path(root, bids_subject))
     for sidecar in ("sessions.json", "scans.json"):
         if (root / sidecar).exists():
             _read_json_object(root / sidecar)
-    if previous_subject is not None and _sessions_path(root, previous_subject).exists():
-        _Tsv.read(_sessions_path(root, previous_subject))
 
 
 def unresolved_conflicts(root: Path, subjects: Iterable[str]) -> list[tuple[Path, int]]:

@@ -39,7 +39,7 @@ from reconcile.plan import (
     refuse_occupied,
 )
 from reconcile.vcs import maybe_in_git, unfinished_merge_note
-from reconcile.workarea import WORK_DIR
+from reconcile.workarea import WORK_DIR, unconvertible, uncreatable
 from reconcile.xnat import CONNECTIONS, XnatClient
 
 
@@ -239,12 +239,34 @@ def make_plan(
             for note in (history_conflict_note(root), unfinished_merge_note(root)):
                 if note:
                     plan = replace(plan, notes=(note, *plan.notes))
-        if not root.exists() and plan.changes:
+        refused = _refused(root, config, plan)
+        if refused:
+            plan = replace(plan, notes=(refused, *plan.notes))
+        elif not root.exists() and plan.changes:
             plan = replace(plan, notes=(f"{root} does not exist: apply creates it and exports every session; if "
                                         "the dataset was moved, or its file system is not mounted, stop here",
                                         *plan.notes))
         _promote_survivors()
     return PlanRun(root, lock, plan, len(interrupted))
+
+
+def _refused(root: Path, config: Config, plan: Plan) -> str | None:
+    """What apply would refuse before exporting anything of this plan: a root it would not create,
+    a path heudiconv cannot convert into, a dataset file every commit updates that it cannot read
+    (not UTF-8, not JSON). Said by plan, so that `--diff` does not promise what `--update` refuses."""
+    from reconcile.dataset import DatasetFileError, check_dataset_level_files
+
+    if not plan.actionable(repair_drift=True):
+        return None
+    problem = unconvertible(root) or (uncreatable(root, config.layout) if not root.exists() else None)  # apply's order
+    if problem is None and root.is_dir():
+        try:
+            check_dataset_level_files(root)
+        except DatasetFileError as exc:
+            problem = exc
+    if problem is None:
+        return None
+    return f"apply refuses to export anything here: {problem.summary}" + (f"; {problem.hint}" if problem.hint else "")
 
 
 def _conflicted(root: Path, plan: Plan) -> str | None:

@@ -11,11 +11,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reconcile.durable import share_writes_with_group
-from reconcile.errors import UnsafePathError
+from reconcile.errors import ConfigError, UnsafePathError
 from reconcile.model import utc_now
 from reconcile.naming import check_accession_id
 
 WORK_DIR = ".xnat2bids"
+
+
+def uncreatable(root: Path, layout: str) -> ConfigError | None:
+    """Why apply would not create the missing BIDS root `root`; None when it exists or would be
+    made. No more folders are made above it than the layout adds (a study's `<pi>/study-<study>/`
+    and the export root with it in pi-study): beyond those, a missing folder is more likely a file
+    system not mounted or a mistyped path than a new dataset's place."""
+    import shlex
+
+    missing = [p for p in (root, *root.parents) if not p.exists()]
+    above = root.parents[len(missing) - 1] if missing else root
+    if missing and not above.is_dir():
+        return ConfigError(f"cannot create BIDS root {root}: {above} is not a folder")
+    if len(missing) > (4 if layout == "pi-study" else 1):
+        return ConfigError(f"BIDS root {root} cannot be created: {missing[-1]} does not exist",
+                           hint="is its file system mounted? for a new dataset there, create the folder above it "
+                                f"first (mkdir -p {shlex.quote(str(root.parent))})")
+    return None
+
+
+def unconvertible(root: Path) -> ConfigError | None:
+    """Why no session could be converted into `root`: nipype reads the files dcm2niix wrote from
+    its output split at whitespace, so every session would fail with an assertion deep in heudiconv."""
+    if any(c.isspace() for c in os.path.abspath(root)):
+        return ConfigError(f"BIDS root {root} has whitespace in its path, where heudiconv cannot convert",
+                           hint="give it by a path without any: a link to it, e.g. `ln -s '/project/My Lab/bids' "
+                                "~/lab-bids`, works")
+    return None
 
 
 def share_with_group(root: Path) -> None:

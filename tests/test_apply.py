@@ -814,8 +814,30 @@ def test_apply_creates_a_missing_root_but_not_missing_folders_above_it(cli, emul
     assert code == 1 and out == "" and not (tmp_path / "mnt").exists()
     assert err.startswith(f"error: BIDS root {unmounted} cannot be created: {tmp_path / 'mnt'} does not exist\n")
     assert "is its file system mounted?" in err
+    # plan (and --diff) says so, not that apply creates it
+    code, out, err = cli("plan", str(unmounted), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 2 and "does not exist: apply creates it" not in out, out
+    assert (f"note: apply refuses to export anything here: BIDS root {unmounted} cannot be created: "
+            f"{tmp_path / 'mnt'} does not exist; is its file system mounted?") in out, out
     code, out, err = cli("apply", str(tmp_path / "bids"), "-p", "PROJ", "--yes")  # the folder above exists
     assert code == 0 and (tmp_path / "bids/sub-01/ses-01MR1/anat").is_dir(), out + err
+
+
+def test_a_participants_file_not_in_utf8_is_named_by_plan_and_refused_before_any_download(cli, emulator, tmp_path):
+    # An old script's Latin-1 participants.tsv: every session was downloaded and converted, then
+    # failed at its commit, on every run.
+    exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11")])
+    root = tmp_path / "bids"
+    assert cli("apply", str(root), "-p", "PROJ", "--yes", "--session", "01_MR1")[0] == 0
+    participants = root / "participants.tsv"
+    participants.write_bytes("participant_id\tsite\nsub-01\tZürich\n".encode("latin-1"))
+    said = f"{participants} is not UTF-8: byte 0xfc at offset 28 (line 2)"
+    code, out, err = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 2 and f"note: apply refuses to export anything here: {said}; save the file as UTF-8" in out, out
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1 and f"error: {said}" in err, out + err
+    assert not (root / "sub-02").exists() and not (root / ".xnat2bids/logs" / f"{exps['02_MR1'].id}.log").exists()
+    assert participants.read_bytes() == "participant_id\tsite\nsub-01\tZürich\n".encode("latin-1")
 
 
 def _unmount(folder: Path) -> None:

@@ -514,7 +514,8 @@ def test_apply_refuses_a_bids_root_with_whitespace_before_any_work(cli, emulator
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
     assert code == 1 and f"error: BIDS root {root} has whitespace in its path, where heudiconv cannot convert" in err
     assert "a link to it" in err and not root.exists()
-    assert cli("plan", str(root), "-p", "PROJ")[0] == 0  # planning reads it fine
+    code, out, err = cli("plan", str(root), "-p", "PROJ")  # planning reads it fine, and says what apply refuses
+    assert code == 0 and f"note: apply refuses to export anything here: BIDS root {root} has whitespace" in out, out
 
 
 def test_a_bids_root_with_whitespace_still_recovers_but_converts_nothing(cli, emulator, tmp_path):
