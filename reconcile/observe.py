@@ -239,6 +239,9 @@ def make_plan(
             for note in (history_conflict_note(root), unfinished_merge_note(root)):
                 if note:
                     plan = replace(plan, notes=(note, *plan.notes))
+        strangers = _strangers_beside(root, lock, plan)
+        if strangers:
+            plan = replace(plan, notes=(strangers, *plan.notes))
         refused = _refused(root, config, plan)
         if refused:
             plan = replace(plan, notes=(refused, *plan.notes))
@@ -248,6 +251,32 @@ def make_plan(
                                         *plan.notes))
         _promote_survivors()
     return PlanRun(root, lock, plan, len(interrupted))
+
+
+def _strangers_beside(root: Path, lock: Lock, plan: Plan) -> str | None:
+    """A note naming session folders the lock does not record in the subjects this plan creates
+    sessions in: an earlier export (the lab's old script, other [naming]) of the same sessions
+    under other labels, which the creates would export again beside them. One listing of each
+    such subject's folder."""
+    creates = [c for c in plan.changes if c.action is Action.CREATE]
+    if not creates or not root.is_dir():
+        return None
+    known = {r.address.path for r in lock.sessions.values()} | {c.address.path for c in plan.changes}
+    found = []
+    for subject in sorted({c.address.subject for c in creates}):
+        try:
+            with os.scandir(root / f"sub-{subject}") as entries:
+                names = sorted(e.name for e in entries if e.name.startswith("ses-") and e.is_dir())
+        except OSError:
+            continue
+        found += [f"sub-{subject}/{name}" for name in names if f"sub-{subject}/{name}" not in known]
+    if not found:
+        return None
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    return (f"{len(found)} session folder{'s' if len(found) != 1 else ''} the lock does not record stand"
+            f"{'s' if len(found) == 1 else ''} in subjects this plan creates sessions in ({shown}): if an earlier "
+            "export (another tool, another [naming]) made them, apply exports those sessions again under the "
+            "names above; check [naming] session_label (and subjects, sessions) first")
 
 
 def _refused(root: Path, config: Config, plan: Plan) -> str | None:

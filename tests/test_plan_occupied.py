@@ -54,3 +54,19 @@ def test_a_file_where_a_subject_folder_goes_is_a_problem_before_anything_is_down
     assert code == 1
     assert f"error: sub-SUBJ01 is a file, where the subject folder of session {session.id} (PROJ/{session.label}) goes" in out
     assert "hint: move that file out of the BIDS root, then plan again" in out
+
+
+def test_session_folders_the_lock_does_not_record_beside_a_create_are_named(cli, emulator, tmp_path):
+    # The lab's old script named sessions without the subject (ses-MR1); a config with the default
+    # naming creates ses-SUBJ02MR1 beside it: the same data twice, with nothing said.
+    exps = add_sessions(emulator.archive, 2)
+    root = exported_root(emulator.archive, tmp_path, exps[:1])
+    old = root / "sub-SUBJ02" / "ses-MR1" / "anat"
+    old.mkdir(parents=True)
+    (old / "sub-SUBJ02_ses-MR1_T1w.nii.gz").write_bytes(b"old export")
+    emulator.archive.add_session("PROJ", "SUBJ01", "SUBJ01_MR2", date="2024-02-10")
+    code, out, err = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
+    assert code == 2 and "+ create  sub-SUBJ02/ses-SUBJ02MR1" in out and "+ create  sub-SUBJ01/ses-SUBJ01MR2" in out
+    assert ("note: 1 session folder the lock does not record stands in subjects this plan creates sessions in "
+            "(sub-SUBJ02/ses-MR1): if an earlier export") in out, out
+    assert "sub-SUBJ01/ses-SUBJ01MR1)" not in out  # recorded: not a stranger
