@@ -113,7 +113,7 @@ def echo(text: str = "", *, err: bool = False) -> None:
         raise _PipeClosed() from None
 
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default: $XNAT2BIDS_CONFIG, ./xnat2bids.toml, ~/.config/xnat2bids/xnat2bids.toml).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default: $XNAT2BIDS_CONFIG, ./xnat2bids.toml, ($XDG_CONFIG_HOME or ~/.config)/xnat2bids/xnat2bids.toml).")
 ProjectOpt = typer.Option(None, "--project", "-p", help="XNAT project ID, or a glob over the projects of the config and the lock (repeatable).")
 StudyOpt = typer.Option(None, "--project", "-p", help="layout = \"pi-study\": only the studies of these project IDs or globs (repeatable).")
 SubjectOpt = typer.Option(None, "--subject", help="Subject label glob (repeatable).")
@@ -445,9 +445,9 @@ def _worst(codes: list[int]) -> int:
 def root_callback(
     ctx: typer.Context,
     diff: Optional[str] = typer.Option(None, "--diff", metavar="[ROOT]",
-                                       help="Seed-compatible: same as `plan --detailed-exitcode [ROOT]`."),
+                                       help="As the old script had it: same as `plan --detailed-exitcode [ROOT]`."),
     update: Optional[str] = typer.Option(None, "--update", metavar="[ROOT]",
-                                         help="Seed-compatible: same as `apply [ROOT]`."),
+                                         help="As the old script had it: same as `apply [ROOT]`."),
     config: Optional[Path] = ConfigOpt,
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit."),
@@ -484,7 +484,9 @@ def root_callback(
             lambda root, sel: run_apply(cfg, root, sel, yes=not stdin_is_terminal(), config_option=_config_option(config)),
         ))
     echo(ctx.get_help())
-    raise typer.Exit(EXIT_OK)
+    # A usage error: a cron line whose command came from an empty variable must not pass for a run.
+    echo("error: no command given", err=True)
+    raise typer.Exit(EXIT_ERROR)
 
 
 @app.command()

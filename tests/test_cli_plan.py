@@ -245,6 +245,16 @@ def test_python_dash_m_works():
     assert out.returncode == 0 and out.stdout.startswith("xnat2bids ")
 
 
+def test_no_command_shows_the_help_and_fails_as_a_usage_error():
+    # A cron line `xnat2bids $MODE` with MODE empty must not pass for a run.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "reconcile"], capture_output=True, text=True)
+    assert out.returncode == 1 and "Commands:" in out.stdout and "--diff" in out.stdout, out
+    assert out.stderr == "error: no command given\n"
+
+
 def test_os_errors_are_one_line_errors_not_tracebacks(cli, emulator, tmp_path):
     add_sessions(emulator.archive, 1)
     code, _, err = cli("plan", str(tmp_path / "bids"), "-p", "PROJ", "--out", str(tmp_path / "no/such/dir/plan.json"))
