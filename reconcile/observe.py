@@ -257,13 +257,17 @@ def _strangers_beside(root: Path, lock: Lock, plan: Plan) -> str | None:
     """A note naming session folders the lock does not record in the subjects this plan creates
     sessions in: an earlier export (the lab's old script, other [naming]) of the same sessions
     under other labels, which the creates would export again beside them. One listing of each
-    such subject's folder."""
+    such subject's folder there is."""
     creates = [c for c in plan.changes if c.action is Action.CREATE]
     if not creates or not root.is_dir():
         return None
+    try:  # one listing of the root: a first plan creates 10,000 sessions in subjects not there yet
+        present = {name for name in os.listdir(root) if name.startswith("sub-")}
+    except OSError:
+        return None
     known = {r.address.path for r in lock.sessions.values()} | {c.address.path for c in plan.changes}
     found = []
-    for subject in sorted({c.address.subject for c in creates}):
+    for subject in sorted({c.address.subject for c in creates if f"sub-{c.address.subject}" in present}):
         try:
             with os.scandir(root / f"sub-{subject}") as entries:
                 names = sorted(e.name for e in entries if e.name.startswith("ses-") and e.is_dir())
