@@ -204,11 +204,12 @@ def maybe_in_git(root: Path) -> bool:
 
 # Where git keeps what a merge or a rebase that waits for the user has left to do (in its folder:
 # a linked worktree's own), and the command that ends it; `git am` also uses rebase-apply.
-_UNFINISHED = (("rebase-merge", "rebase"), ("rebase-apply", "rebase"), ("MERGE_HEAD", "merge"))
+_UNFINISHED = (("rebase-merge", "rebase"), ("rebase-apply", "rebase"), ("MERGE_HEAD", "merge"),
+               ("CHERRY_PICK_HEAD", "cherry-pick"), ("REVERT_HEAD", "revert"))
 
 
 def unfinished_merge(root: Path) -> str | None:
-    """The git command ("merge", "rebase", "am") whose run in the repository holding `root` waits
+    """The git command ("merge", "rebase", "am", "cherry-pick", "revert") whose run in the repository holding `root` waits
     for the user to finish it: files may still hold conflict markers, or one side's content alone,
     while the lock the merge driver wrote is valid. None otherwise; no git run where no `.git`
     stands on the way up (plan asks on every run)."""

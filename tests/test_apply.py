@@ -1051,6 +1051,20 @@ def test_an_unfinished_rebase_in_a_linked_worktree_is_noted_there_alone_and_refu
     assert code == 0 and "is unfinished in the repository" not in out, out + err
 
 
+def test_an_unfinished_cherry_pick_is_noted_and_refused_as_a_merge_is(cli, emulator, tmp_path):
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11"),
+                           ("03", "03_MR1", "2024-01-12")], series=SMALL[:1])
+    ours, theirs = two_clones(cli, tmp_path)
+    assert cli("apply", str(ours), "-p", "PROJ", "--session", "02_MR1", "--yes", "--git-commit")[0] == 0
+    assert cli("apply", str(theirs), "-p", "PROJ", "--session", "03_MR1", "--yes", "--git-commit")[0] == 0
+    assert git(theirs, "fetch", "-q", "origin").returncode == 0
+    assert git(theirs, "cherry-pick", "origin/main").returncode != 0  # participants.tsv: both added a row
+    code, out, err = cli("plan", str(theirs), "-p", "PROJ")
+    assert code == 0 and f"note: a `git cherry-pick` is unfinished in the repository of {theirs}" in out, out + err
+    code, out, err = cli("apply", str(theirs), "-p", "PROJ", "--yes")
+    assert code == 1 and f"error: a `git cherry-pick` is unfinished in the repository of {theirs}" in err, out + err
+
+
 def test_a_root_its_group_shares_gets_what_apply_creates_group_writable_whatever_the_umask(emulator, tmp_path):
     # A lab's shared folder (chmod 2775, setgid): a member with umask 022 must not leave folders the
     # next member's apply cannot write (logs, trash, a session), as git's sharedRepository=group.
