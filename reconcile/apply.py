@@ -1058,6 +1058,7 @@ def append_forced_unlock(root: Path, holder: Holder) -> dict:
     no lock: its serials are the last entry's after. The commits of the apply it broke (killed before
     its entry) get their "unrecorded" entry first: a version that does not pass over this entry
     would look for them after its time, and find none."""
+    refuse_conflicted_history(root, nothing="its entry is not written")  # it would land inside the conflict
     with contextlib.suppress(XnatBidsError):  # an unreadable lock: the next apply says so
         _note_unrecorded(root)
     serial = history_serial(root)

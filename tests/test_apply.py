@@ -611,6 +611,14 @@ def test_a_history_git_left_conflicted_is_named_so_and_apply_appends_nothing_to_
     assert way_out in err and f"`git add {history}`" in err
     code, out, err = cli("forget", "XNAT_E00001", str(theirs), "--yes")
     assert code == 1 and "nothing was forgotten" in err, out + err
+    # A forced unlock removes the lock, and leaves the conflicted history as it is.
+    from reconcile.statelock import acquire, state_lock_path
+
+    held = acquire(theirs, "apply")
+    info = state_lock_path(theirs)
+    info.write_text(json.dumps({**json.loads(info.read_text()), "host": "compute-node-7"}))  # not seen running here
+    code, out, err = cli("force-unlock", held.id, str(theirs))
+    assert code == 0 and not info.exists() and "conflict marker at line 2); its entry is not written" in err, out + err
     assert history.read_bytes() == conflicted and (theirs / ".xnat2bids.lock").read_bytes() == lock
     assert not (theirs / "sub-04").exists()
 
