@@ -778,6 +778,26 @@ def test_finalizing_a_copied_dataset_writes_into_the_copy_only(slurm_cli, emulat
     assert statelock.read_holder(root).id == batch.id  # the original still waits for its own finalize
 
 
+@needs_cluster
+def test_finalize_writes_no_entry_into_a_history_git_left_conflicted_and_apply_records_it_later(
+        slurm_cli, emulator, tmp_path):
+    add(emulator.archive, sessions(1))
+    root = tmp_path / "bids"
+    batch = staged_unmerged(slurm_cli, root)
+    history = root / ".xnat2bids/history.jsonl"
+    conflicted = b"<<<<<<< HEAD\n=======\n>>>>>>> other\n"  # a git pull met the cluster's finalize
+    history.write_bytes(conflicted)
+    code, out, err = slurm_cli("finalize", str(root))
+    assert code == 0 and list(read_lock(root).sessions) == [batch.sessions[0].experiment_id], out + err
+    assert f"batch {batch.id}'s entry is not written" in err and history.read_bytes() == conflicted, out + err
+    history.write_bytes(b"")  # resolved
+    code, out, err = slurm_cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0, out + err
+    entries = [json.loads(line) for line in history.read_text().splitlines()]
+    assert [(e["operation"], [r["experiment_id"] for r in e["sessions"]]) for e in entries] == [
+        ("unrecorded", [batch.sessions[0].experiment_id])]
+
+
 def test_the_jobs_get_an_absolute_config_path_and_no_credentials(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     env = sx.job_environment({"XNAT2BIDS_CONFIG": "lab.toml", "XNAT_PASS": SENTINEL, "PATH": "/bin",

@@ -37,6 +37,7 @@ from reconcile.apply import (
     Status,
     append_history,
     commit_session,
+    history_conflict_line,
     lock_for,
     log_line,
     read_history,
@@ -967,7 +968,12 @@ def finalize_batch(
     told = told_of(read_history(root))
     fresh = [o for o in report.outcomes if not (o.status is Status.DONE and o.record is not None
                                                 and told.get(o.change.key.experiment_id, "") >= o.record.exported_at)]
-    if fresh or not report.outcomes:
+    conflicted = history_conflict_line(root)
+    if conflicted is not None:  # the commits stand; an entry would land inside the conflict
+        warn(f"{WorkArea(root).history}: unresolved git merge conflict (a conflict marker at line {conflicted}): "
+             f"batch {batch.id}'s entry is not written; once the conflict is resolved, the next apply records "
+             "its commits")
+    elif fresh or not report.outcomes:
         append_history(root, plan, replace(report, outcomes=fresh), operation=HISTORY_OPERATION, batch=batch.id)
     result = FinalizeReport(batch, plan, report)
     if batch.options.validate:
