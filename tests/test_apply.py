@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
-from worlds import SMALL, add, assert_schema, git, redate, tree, two_clones
+from worlds import (
+    SMALL,
+    add,
+    assert_schema,
+    each_applied_one,
+    git,
+    redate,
+    tree,
+    two_clones,
+)
 
 from reconcile.emulator import Fault
 from reconcile.emulator.dicomgen import DEFAULT_SERIES
@@ -562,8 +571,7 @@ def test_two_clones_histories_merge_without_a_conflict(cli, emulator, tmp_path):
     assert git(tmp_path, "clone", "-q", str(ours), str(theirs)).returncode == 0
     git(theirs, "config", "user.name", "t")
     git(theirs, "config", "user.email", "t@x")
-    assert cli("apply", str(ours), "-p", "PROJ", "--session", "02_MR1", "--yes", "--git-commit")[0] == 0
-    assert cli("apply", str(theirs), "-p", "PROJ", "--session", "03_MR1", "--yes", "--git-commit")[0] == 0
+    each_applied_one(cli, ours, theirs)
     git(theirs, "pull", "-q", "--no-rebase", "origin", "main")  # the lock itself may conflict: both added a session
     unmerged = {line.split("\t")[1] for line in git(theirs, "ls-files", "--unmerged").stdout.splitlines()}
     assert ".xnat2bids/history.jsonl" not in unmerged
@@ -579,8 +587,7 @@ def test_a_history_git_left_conflicted_is_named_so_and_apply_appends_nothing_to_
     ours, theirs = two_clones(cli, tmp_path)
     with open(theirs / ".git/info/attributes", "a") as fh:
         fh.write(".xnat2bids/history.jsonl merge=text\n")
-    assert cli("apply", str(ours), "-p", "PROJ", "--session", "02_MR1", "--yes", "--git-commit")[0] == 0
-    assert cli("apply", str(theirs), "-p", "PROJ", "--session", "03_MR1", "--yes", "--git-commit")[0] == 0
+    each_applied_one(cli, ours, theirs)
     assert git(theirs, "pull", "-q", "--no-rebase", "origin", "main").returncode != 0
     unmerged = {line.split("\t")[1] for line in git(theirs, "ls-files", "--unmerged").stdout.splitlines()}
     assert ".xnat2bids/history.jsonl" in unmerged
@@ -997,8 +1004,7 @@ def test_an_unfinished_git_merge_is_noted_by_plan_and_check_and_apply_refuses_to
     add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11"),
                            ("03", "03_MR1", "2024-01-12"), ("04", "04_MR1", "2024-01-13")], series=SMALL[:1])
     ours, theirs = two_clones(cli, tmp_path)
-    assert cli("apply", str(ours), "-p", "PROJ", "--session", "02_MR1", "--yes", "--git-commit")[0] == 0
-    assert cli("apply", str(theirs), "-p", "PROJ", "--session", "03_MR1", "--yes", "--git-commit")[0] == 0
+    each_applied_one(cli, ours, theirs)
     assert git(theirs, "pull", "-q", "--no-rebase", "origin", "main").returncode != 0
     (theirs / "participants.tsv").write_text("participant_id\nsub-01\nsub-02\nsub-03\n")
     assert git(theirs, "add", "participants.tsv").returncode == 0
@@ -1063,8 +1069,7 @@ def test_an_unfinished_cherry_pick_is_noted_and_refused_as_a_merge_is(cli, emula
     add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11"),
                            ("03", "03_MR1", "2024-01-12")], series=SMALL[:1])
     ours, theirs = two_clones(cli, tmp_path)
-    assert cli("apply", str(ours), "-p", "PROJ", "--session", "02_MR1", "--yes", "--git-commit")[0] == 0
-    assert cli("apply", str(theirs), "-p", "PROJ", "--session", "03_MR1", "--yes", "--git-commit")[0] == 0
+    each_applied_one(cli, ours, theirs)
     assert git(theirs, "fetch", "-q", "origin").returncode == 0
     assert git(theirs, "cherry-pick", "origin/main").returncode != 0  # participants.tsv: both added a row
     code, out, err = cli("plan", str(theirs), "-p", "PROJ")

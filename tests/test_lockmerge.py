@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 
 from test_lock import lock_with, record
-from worlds import SMALL, add, git, redate, two_clones
+from worlds import SMALL, add, each_applied_one, git, redate, two_clones
 
 from reconcile.lock import dumps_lock, loads_lock, read_lock
 from reconcile.lockmerge import merge_locks
@@ -142,8 +142,7 @@ def test_git_merges_two_clones_locks_with_the_driver(cli, emulator, tmp_path):
     add(emulator.archive, [("01", "01_MR1", "2024-01-10"), ("02", "02_MR1", "2024-01-11"),
                            ("03", "03_MR1", "2024-01-12")], series=SMALL[:1])
     ours, theirs = two_clones(cli, tmp_path)
-    assert cli("apply", str(ours), "-p", "PROJ", "--session", "02_MR1", "--yes", "--git-commit")[0] == 0
-    assert cli("apply", str(theirs), "-p", "PROJ", "--session", "03_MR1", "--yes", "--git-commit")[0] == 0
+    each_applied_one(cli, ours, theirs)
     git(theirs, "pull", "-q", "--no-rebase", "origin", "main")  # participants.tsv may still conflict: not ours
     unmerged = {line.split("\t")[1] for line in git(theirs, "ls-files", "--unmerged").stdout.splitlines()}
     assert ".xnat2bids.lock" not in unmerged and ".xnat2bids/history.jsonl" not in unmerged

@@ -130,3 +130,9 @@ def two_clones(cli, tmp_path):
     git(theirs, "config", "merge.xnat2bids.driver", f"{sys.executable} -m reconcile merge-lock %O %A %B")
     (theirs / ".git/info/attributes").write_text(".xnat2bids.lock merge=xnat2bids\n")
     return ours, theirs
+
+
+def each_applied_one(cli, ours: Path, theirs: Path) -> None:
+    """Each clone exports and commits a session of its own (02_MR1, 03_MR1): what `git pull` then merges."""
+    assert cli("apply", str(ours), "-p", "PROJ", "--session", "02_MR1", "--yes", "--git-commit")[0] == 0
+    assert cli("apply", str(theirs), "-p", "PROJ", "--session", "03_MR1", "--yes", "--git-commit")[0] == 0
