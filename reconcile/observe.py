@@ -242,7 +242,7 @@ def make_plan(
         strangers = _strangers_beside(root, lock, plan)
         if strangers:
             plan = replace(plan, notes=(strangers, *plan.notes))
-        refused = _refused(root, config, plan)
+        refused = _refused(root, config, plan, read_files=not conflicted)  # conflict markers: said already
         if refused:
             plan = replace(plan, notes=(refused, *plan.notes))
         elif not root.exists() and plan.changes:
@@ -283,7 +283,7 @@ def _strangers_beside(root: Path, lock: Lock, plan: Plan) -> str | None:
             "names above; check [naming] session_label (and subjects, sessions) first")
 
 
-def _refused(root: Path, config: Config, plan: Plan) -> str | None:
+def _refused(root: Path, config: Config, plan: Plan, *, read_files: bool = True) -> str | None:
     """What apply would refuse before exporting anything of this plan: a root it would not create,
     a path heudiconv cannot convert into, a dataset file every commit updates that it cannot read
     (not UTF-8, not JSON). Said by plan, so that `--diff` does not promise what `--update` refuses."""
@@ -292,7 +292,7 @@ def _refused(root: Path, config: Config, plan: Plan) -> str | None:
     if not plan.actionable(repair_drift=True):
         return None
     problem = unconvertible(root) or (uncreatable(root, config.layout) if not root.exists() else None)  # apply's order
-    if problem is None and root.is_dir():
+    if problem is None and read_files and root.is_dir():
         try:
             check_dataset_level_files(root)
         except DatasetFileError as exc:

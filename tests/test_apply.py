@@ -983,6 +983,7 @@ def test_a_participants_file_git_left_conflicted_is_refused_before_any_export_an
 
     code, out, err = cli("plan", str(theirs), "-p", "PROJ")
     assert "note: unresolved git merge conflict markers in participants.tsv (line 3): apply exports nothing" in out
+    assert "apply refuses to export anything here" not in out  # said once, not twice
     assert "`git add participants.tsv`" in out
     code, out, err = cli("apply", str(theirs), "-p", "PROJ", "--yes")
     assert code == 1, out + err
