@@ -45,7 +45,6 @@ from reconcile.apply import (
     save_commits,
     stage_session,
     staged_outputs,
-    told_of,
 )
 from reconcile.config import Config, ConversionSettings, SlurmSettings, load_config
 from reconcile.credentials import without_secrets
@@ -952,8 +951,8 @@ def finalize_batch(
     # The config the batch was planned with, recorded as a local apply records its own.
     report = ApplyReport(lock=replace(lock, config_fingerprint=header.get("config_fingerprint") or lock.config_fingerprint))
     pending: list[str] = []  # committed sessions whose lock entries are written together
+    told_by = _told_by(read_history(root))  # read once: nothing below appends to it before the end
     # Why a task left no result, where SLURM still knows (scontrol keeps ended jobs for MinJobAge).
-    told_by = _told_by(read_history(root))
     missing = any(read_result(batch, entry.index) is None for entry in batch.sessions)
     tasks = _ended_tasks(batch) if missing else {}
     for entry in batch.sessions:
@@ -965,7 +964,7 @@ def finalize_batch(
     report.lock = save_commits(root, report.lock, pending)  # serial + 1 for the whole batch
     # Run again after an interruption: the commits an entry already tells of (this batch's own
     # earlier finalize, or recovery's) are not told of twice.
-    told = told_of(read_history(root))
+    told = {exp_id: entry["time"] for exp_id, entry in told_by.items()}
     fresh = [o for o in report.outcomes if not (o.status is Status.DONE and o.record is not None
                                                 and told.get(o.change.key.experiment_id, "") >= o.record.exported_at)]
     conflicted = history_conflict_line(root)
