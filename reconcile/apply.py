@@ -1106,8 +1106,9 @@ def _note_unrecorded(root: Path, completed: Sequence[str] = ()) -> None:
         # this one's last line: a session one of them tells of as exported since is not unrecorded.
         entries = read_history(root)
         after = max([after, *(e["lock_serial"]["after"] for e in entries if e["lock_serial"]["after"] < lock.serial)])
-        told = told_of(entries)
-        records = [r for r in records if r.experiment_id in completed or told.get(r.experiment_id, "") < r.exported_at]
+        told = told_by(entries)
+        records = [r for r in records
+                   if r.experiment_id in completed or r.experiment_id not in told or told[r.experiment_id]["time"] < r.exported_at]
     if not records:  # the serial moved without an export: a git merge of two clones' locks
         return
     append_lock_change(root, "unrecorded", (after, lock.serial), records, action="commit",
@@ -1116,15 +1117,16 @@ def _note_unrecorded(root: Path, completed: Sequence[str] = ()) -> None:
                        reasons=dict.fromkeys(completed, "an interrupted commit, completed by this run's recovery"))
 
 
-def told_of(entries: Iterable[dict]) -> dict[str, str]:
-    """Experiment ID → the time of the latest entry that tells of it as exported (an apply's
-    entry is written after its exports)."""
-    told: dict[str, str] = {}
+def told_by(entries: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Experiment ID → the latest history entry that tells of it as exported (an apply's entry is
+    written after its exports)."""
+    told: dict[str, Mapping[str, Any]] = {}
     for entry in entries:
         for row in entry["sessions"]:
-            if row.get("result") == "done" and row.get("action") != "forget" and entry["time"] > told.get(
-                    row["experiment_id"], ""):
-                told[row["experiment_id"]] = entry["time"]
+            exp_id = row["experiment_id"]
+            if row.get("result") == "done" and row.get("action") != "forget" and (
+                    exp_id not in told or entry["time"] > told[exp_id]["time"]):
+                told[exp_id] = entry
     return told
 
 

@@ -222,35 +222,28 @@ def make_plan(
         plan = refuse_occupied(plan, occupied, {a: _holding(root / a.path) for a, f in occupied.items() if f is None})
         if config.layout == "pi-study":
             plan = note_moved_in(plan, _recorded_in_other_studies(root, plan))
-        if pending:
-            plan = replace(plan, notes=(*pending, *plan.notes))
-        idle = _staged_for_nothing(root, plan)
-        if idle:
-            plan = replace(plan, notes=(*plan.notes, idle))
-        lost = lost_lock(root, lock)
-        if lost:
-            plan = replace(plan, notes=(lost, *plan.notes))
         conflicted = _conflicted(root, plan)
-        if conflicted:
-            plan = replace(plan, notes=(conflicted, *plan.notes))
-        if maybe_in_git(root):  # no merge could have been elsewhere: no history read on every plan
-            from reconcile.apply import history_conflict_note
-
-            for note in (history_conflict_note(root), unfinished_merge_note(root)):
-                if note:
-                    plan = replace(plan, notes=(note, *plan.notes))
-        strangers = _strangers_beside(root, lock, plan)
-        if strangers:
-            plan = replace(plan, notes=(strangers, *plan.notes))
         refused = _refused(root, config, plan, read_files=not conflicted)  # conflict markers: said already
-        if refused:
-            plan = replace(plan, notes=(refused, *plan.notes))
-        elif not root.exists() and plan.changes:
-            plan = replace(plan, notes=(f"{root} does not exist: apply creates it and exports every session; if "
-                                        "the dataset was moved, or its file system is not mounted, stop here",
-                                        *plan.notes))
+        if not refused and not root.exists() and plan.changes:
+            refused = (f"{root} does not exist: apply creates it and exports every session; if the dataset was "
+                       "moved, or its file system is not mounted, stop here")
+        # Notes about the root come first, most pressing first; the planner's own after them.
+        first = (refused, _strangers_beside(root, lock, plan), *_git_notes(root), conflicted, lost_lock(root, lock),
+                 *pending)
+        last = (_staged_for_nothing(root, plan),)
+        plan = replace(plan, notes=(*filter(None, first), *plan.notes, *filter(None, last)))
         _promote_survivors()
     return PlanRun(root, lock, plan, len(interrupted))
+
+
+def _git_notes(root: Path) -> tuple[str | None, ...]:
+    """An unfinished merge (or rebase...), and a history git left conflicted. Not looked for where
+    no git repository can be: no history read on every plan."""
+    if not maybe_in_git(root):
+        return ()
+    from reconcile.apply import history_conflict_note
+
+    return unfinished_merge_note(root), history_conflict_note(root)
 
 
 def _strangers_beside(root: Path, lock: Lock, plan: Plan) -> str | None:

@@ -45,6 +45,7 @@ from reconcile.apply import (
     save_commits,
     stage_session,
     staged_outputs,
+    told_by,
 )
 from reconcile.config import Config, ConversionSettings, SlurmSettings, load_config
 from reconcile.credentials import without_secrets
@@ -889,18 +890,6 @@ def _merge_one(batch: Batch, entry: BatchSession, change: Change, report: ApplyR
                    warnings=tuple(warnings))
 
 
-def _told_by(entries: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    """Experiment ID → the latest history entry that tells of it as exported (see `told_of`)."""
-    told: dict[str, Mapping[str, Any]] = {}
-    for entry in entries:
-        for row in entry["sessions"]:
-            exp_id = row["experiment_id"]
-            if row.get("result") == "done" and row.get("action") != "forget" and (
-                    exp_id not in told or entry["time"] > told[exp_id]["time"]):
-                told[exp_id] = entry
-    return told
-
-
 def _as_planned(committed: SessionRecord, change: Change) -> bool:
     """Whether the lock records the session as XNAT listed it when this batch was planned."""
     after = change.after
@@ -951,20 +940,20 @@ def finalize_batch(
     # The config the batch was planned with, recorded as a local apply records its own.
     report = ApplyReport(lock=replace(lock, config_fingerprint=header.get("config_fingerprint") or lock.config_fingerprint))
     pending: list[str] = []  # committed sessions whose lock entries are written together
-    told_by = _told_by(read_history(root))  # read once: nothing below appends to it before the end
+    telling = told_by(read_history(root))  # read once: nothing below appends to it before the end
     # Why a task left no result, where SLURM still knows (scontrol keeps ended jobs for MinJobAge).
     missing = any(read_result(batch, entry.index) is None for entry in batch.sessions)
     tasks = _ended_tasks(batch) if missing else {}
     for entry in batch.sessions:
         change = _actionable_change(plan, batch, entry)
         on_event("start", change, None)
-        outcome = _merge_one(batch, entry, change, report, pending, tasks, told_by)
+        outcome = _merge_one(batch, entry, change, report, pending, tasks, telling)
         report.outcomes.append(outcome)
         on_event(outcome.status.value, change, outcome)
     report.lock = save_commits(root, report.lock, pending)  # serial + 1 for the whole batch
     # Run again after an interruption: the commits an entry already tells of (this batch's own
     # earlier finalize, or recovery's) are not told of twice.
-    told = {exp_id: entry["time"] for exp_id, entry in told_by.items()}
+    told = {exp_id: entry["time"] for exp_id, entry in telling.items()}
     fresh = [o for o in report.outcomes if not (o.status is Status.DONE and o.record is not None
                                                 and told.get(o.change.key.experiment_id, "") >= o.record.exported_at)]
     conflicted = history_conflict_line(root)
