@@ -249,6 +249,9 @@ def run_plan(
     return EXIT_OK
 
 
+SQUEUE_GLANCE_S = 10  # how long plan and check wait for squeue to tell whether a batch is at work
+
+
 def _say_if_busy(root: Path) -> None:
     """plan and check read a root another command may be changing: say so."""
     from reconcile.statelock import FINALIZE, working_holder
@@ -262,7 +265,8 @@ def _say_if_busy(root: Path) -> None:
         from reconcile.executors.slurm import active_jobs
 
         try:
-            running = bool(active_jobs(holder.jobs))
+            # A warning only: plan and check do not wait a minute on a controller that hangs.
+            running = bool(active_jobs(holder.jobs, timeout=SQUEUE_GLANCE_S))
         except XnatBidsError:  # SLURM cannot be asked (no squeue here, its controller down): it may be
             running = True
         if not running:

@@ -746,3 +746,27 @@ def test_a_deep_listing_with_nothing_in_a_recorded_session_is_a_problem_not_an_u
         "not taken for a deletion"]
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--deep")
     assert code == 1 and read_lock(root).serial == 1 and (root / "sub-01/ses-01MR1/anat").is_dir()
+
+
+def test_plan_does_not_wait_long_on_a_slurm_controller_that_hangs(cli, emulator, tmp_path, monkeypatch):
+    # A batch holds the root; squeue hangs (slurmctld overloaded): plan says the batch may be at
+    # work after a short wait instead of a minute's, and goes on.
+    from test_statelock import _holder_json
+
+    from reconcile import cli as cli_module
+    from reconcile.statelock import state_lock_path
+
+    add_sessions(emulator.archive, 1)
+    root = tmp_path / "bids"
+    (root / ".xnat2bids").mkdir(parents=True)
+    state_lock_path(root).write_text(_holder_json("0batch0", 1, jobs=("4242", "4243")))
+    fake = tmp_path / "slurm-hangs"
+    fake.mkdir()
+    (fake / "squeue").write_text("#!/bin/sh\nexec sleep 20\n")  # then says no job is queued
+    (fake / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setattr(cli_module, "SQUEUE_GLANCE_S", 1)
+    code, out, err = cli("plan", str(root), "-p", "PROJ")
+    assert code == 0, out + err
+    assert "is at work on this root" in err and "none of its jobs" not in err, err
+    assert "+ create  sub-SUBJ01/ses-SUBJ01MR1" in out

@@ -549,12 +549,13 @@ class JobState:
         return text
 
 
-def active_jobs(job_ids: Iterable[str]) -> dict[str, list[str]]:
-    """Job ID (array ID for array tasks) → the squeue states of its parts still in the queue."""
+def active_jobs(job_ids: Iterable[str], *, timeout: float = 60) -> dict[str, list[str]]:
+    """Job ID (array ID for array tasks) → the squeue states of its parts still in the queue.
+    SlurmError when squeue fails or does not answer within `timeout` seconds."""
     ids = sorted({j for j in job_ids if j})
     if not ids:
         return {}
-    out = _run(["squeue", "-h", "-j", ",".join(ids), "-o", "%F|%i|%T"])
+    out = _run(["squeue", "-h", "-j", ",".join(ids), "-o", "%F|%i|%T"], timeout=timeout)
     if out.returncode != 0:
         if "Invalid job id" in out.stderr:
             return {}  # all of them left the queue long ago
