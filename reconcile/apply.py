@@ -61,7 +61,7 @@ from reconcile.errors import (
 from reconcile.export import export_session
 from reconcile.failpoints import hit
 from reconcile.journal import Settle, pending_commits, read_journal, swapped
-from reconcile.localscan import Beneath, sha256_file, stat_records
+from reconcile.localscan import Beneath, holds_nothing, sha256_file, stat_records
 from reconcile.lock import (
     Lock,
     dumps_lock,
@@ -380,6 +380,22 @@ def _remove_recorded(root: Path, record: SessionRecord, keep: set[str], *, moved
             d = d.parent
 
 
+def _remove_empty(folder: Path, address: BidsAddress, exp_id: str) -> None:
+    """Remove `folder`, which held no file (`holds_nothing`), and the empty folders in it, so that
+    a session is renamed into its place. rmdir removes only empty folders: a file put there since
+    fails the session and stays, and a crash in between loses nothing (a commit journalled later
+    finds no folder, as if there had been none)."""
+    try:
+        for dirpath, _dirs, _files in os.walk(folder, topdown=False):
+            os.rmdir(dirpath)
+    except OSError as exc:
+        raise OccupiedError(
+            f"{address.path} already exists but the lock does not record it for {exp_id}, and it could not be "
+            f"removed ({exc.strerror or exc}): it held no file when looked at",
+            hint="move that folder away and apply again",
+        ) from exc
+
+
 def _move_replacing(src: Path, dest: Path, trash: Path) -> None:
     if dest.exists():
         trash.parent.mkdir(parents=True, exist_ok=True)
@@ -464,11 +480,14 @@ def commit_session(
     )
     if target.exists() and (previous is None or previous.address != address):
         # Not ours to replace: a folder from another tool, a forgotten session, or one another
-        # recorded session still owns. Fail this session, keep everything.
-        raise OccupiedError(
-            f"{address.path} already exists but the lock does not record it for {exp.id}; refusing to replace it",
-            hint="move that folder away (or `xnat2bids forget` the session it belongs to) and apply again",
-        )
+        # recorded session still owns. Fail this session, keep everything. Unless it holds no file
+        # (an old export's files moved away): nothing to lose, it makes way for the session.
+        if not holds_nothing(root, address.path):
+            raise OccupiedError(
+                f"{address.path} already exists but the lock does not record it for {exp.id}; refusing to replace it",
+                hint="move that folder away (or `xnat2bids forget` the session it belongs to) and apply again",
+            )
+        _remove_empty(target, address, exp.id)
     # Before anything moves: a dataset file the commit cannot update fails this session alone.
     moved = previous is not None and previous.address != address
     check_dataset_files(root, address.subject, previous_subject=previous.bids_subject if moved else None)

@@ -1926,7 +1926,7 @@ def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
         # A first apply stopped or failed before its first commit (a work area, no history of a
         # commit): nothing recorded, nothing amiss. A history of commits without its lock is a lost lock.
         if not (root / WORK_DIR).is_dir():
-            raise ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")
+            raise _not_exported(root)
         try:
             serial = history_serial(root)
         except OSError as exc:  # a history that cannot be read tells nothing either way
@@ -1939,6 +1939,32 @@ def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
 
         lock = Lock.new()
     return run_check(root, lock, full=full, as_json=as_json)
+
+
+def _not_exported(root: Path) -> ConfigError:
+    """Why `check` has nothing to verify in `root`, which has neither a lock nor a work area: no
+    export yet, or an export by another tool (the lab's old script), whose subject folders
+    xnat2bids cannot vouch for. Not "apply first": an apply into such a tree refuses the sessions
+    already there and leaves no lock when that is all of them."""
+    from reconcile.lock import lock_path
+
+    try:
+        with os.scandir(root) as entries:
+            subjects = sorted(e.name for e in entries if e.name.startswith("sub-") and e.is_dir())
+    except OSError:
+        subjects = []
+    if not subjects:
+        return ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")
+    shown = ", ".join(subjects[:3]) + (f" and {len(subjects) - 3} more" if len(subjects) > 3 else "")
+    where = shlex.quote(str(root))
+    return ConfigError(
+        f"{root} was not exported by xnat2bids: it has no .xnat2bids.lock, but holds "
+        f"{_count(len(subjects), 'subject folder')} ({shown})",
+        hint=f"xnat2bids records only what it exports itself (README: Moving over from the old script): move the "
+             f"old export aside (`mv {where} {shlex.quote(str(root) + '.old')}`), run `xnat2bids apply {where}`, "
+             "then compare and delete the old copy; or apply into it as it is, which exports only the sessions "
+             "whose folders are missing or empty (`xnat2bids plan` names the others)",
+    )
 
 
 def run_check(root: Path, lock: Lock, *, full: bool, as_json: bool = False) -> int:

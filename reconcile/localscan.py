@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from stat import S_ISLNK, S_ISREG
+from stat import S_ISDIR, S_ISLNK, S_ISREG
 from typing import Any
 
 from reconcile.lock import Lock
@@ -197,6 +197,35 @@ class Beneath:
                 known = False
             known = self._linked_dirs[folder] = known or self.linked(folder.rpartition("/")[0])
         return known
+
+
+def holds_nothing(root: str | os.PathLike[str], rel: str) -> bool:
+    """Whether the folder `rel` of `root` holds no file at all: nothing but folders, themselves
+    empty, all the way down (what is left of an export whose files were moved away). Any other
+    entry is something: a file (a hidden one too, such as .DS_Store), a link (never followed), a
+    socket. So is the folder when it or one above it in the root is a link, when one of its
+    folders cannot be read, or is another file system's (a mount point: never empty to rmdir)."""
+    if Beneath(root).linked(rel):
+        return False
+    top = os.path.join(os.fspath(root), rel)
+    try:
+        st = os.lstat(top)
+        device = os.lstat(os.path.dirname(top)).st_dev
+    except OSError:
+        return False
+    if not S_ISDIR(st.st_mode) or st.st_dev != device:
+        return False
+    folders = [top]
+    while folders:  # no recursion: a deep tree of empty folders is still nothing
+        try:
+            with os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_dev != device:
+                        return False
+                    folders.append(entry.path)
+        except OSError:
+            return False
+    return True
 
 
 def _linked_entries(root: Path) -> frozenset[str]:

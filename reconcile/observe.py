@@ -21,7 +21,7 @@ from reconcile import __version__
 from reconcile.config import Config, expand_projects, is_pattern
 from reconcile.errors import ConfigError, RemoteError, XnatBidsError
 from reconcile.journal import as_recovered, located, pending_commits
-from reconcile.localscan import stat_outputs
+from reconcile.localscan import holds_nothing, stat_outputs
 from reconcile.lock import Lock, gc_paused, load_or_new, read_lock
 from reconcile.model import BidsAddress, Experiment, FileStat, MalformedRow
 from reconcile.naming import address_for
@@ -418,8 +418,9 @@ def _holding(folder: Path, shown: int = 3, most: int = 1000) -> tuple[int, tuple
 def occupied_folders(root: Path, plan: Plan, lock: Lock) -> dict[BidsAddress, str | None]:
     """The session folders that `plan` would move into and that exist on disk, though the lock
     records no session at them; each with the file in the way of its subject folder, if that is
-    what is there. One listing of the root; a folder is looked for only when its subject's folder
-    exists (an empty root: no more system calls). None of them when no change moves in (an
+    what is there. A folder that holds no file (only empty folders: an old export moved away) is
+    not in the way: apply takes its place. One listing of the root; a folder is looked for only
+    when its subject's folder exists (an empty root: no more system calls). None of them when no change moves in (an
     unchanged plan): no system call at all."""
     if not any(moves_in(c) for c in plan.changes):
         return {}
@@ -436,7 +437,7 @@ def occupied_folders(root: Path, plan: Plan, lock: Lock) -> dict[BidsAddress, st
             continue
         if not subjects[subject]:  # a file (or a broken link) where its folder goes
             occupied[c.address] = subject
-        elif os.path.lexists(os.path.join(root, c.address.path)):
+        elif os.path.lexists(os.path.join(root, c.address.path)) and not holds_nothing(root, c.address.path):
             occupied[c.address] = None
     return occupied
 

@@ -433,6 +433,45 @@ def test_check_of_a_root_that_does_not_exist_says_so(cli, tmp_path):
     assert code == 1 and f"BIDS root {tmp_path / 'typo'} does not exist" in err and "no lock at" not in err
 
 
+def test_check_of_an_old_export_without_a_lock_says_xnat2bids_did_not_export_it(cli, emulator, tmp_path):
+    # The lab's old script left subject folders and no lock; an apply into it refused the session
+    # already there, so no lock was written: "run apply first" would send the user round in circles.
+    emulator.archive.add_session("PROJ", "01", "01_MR1", date="2024-01-10")
+    root = tmp_path / "bids"
+    for subject in ("01", "02", "03", "04"):
+        anat = root / f"sub-{subject}" / "ses-MR1" / "anat"
+        anat.mkdir(parents=True)
+        (anat / f"sub-{subject}_ses-MR1_T1w.nii.gz").write_bytes(b"old export")
+    (root / "sub-01" / "ses-01MR1" / "anat").mkdir(parents=True)
+    (root / "sub-01" / "ses-01MR1" / "anat" / "t1.nii.gz").write_bytes(b"old export")
+    assert cli("apply", str(root), "-p", "PROJ", "--yes")[0] == 1
+    assert not (root / ".xnat2bids.lock").exists()
+
+    code, out, err = cli("check", str(root))
+    assert code == 1 and out == "", out + err
+    assert err.splitlines() == [
+        f"error: {root} was not exported by xnat2bids: it has no .xnat2bids.lock, but holds 4 subject folders "
+        "(sub-01, sub-02, sub-03 and 1 more)",
+        "hint: xnat2bids records only what it exports itself (README: Moving over from the old script): move the old "
+        f"export aside (`mv {root} {root}.old`), run `xnat2bids apply {root}`, then compare and delete the old copy; "
+        "or apply into it as it is, which exports only the sessions whose folders are missing or empty "
+        "(`xnat2bids plan` names the others)",
+    ]
+    code, out, _ = cli("check", str(root), "--json")
+    error = json.loads(out)["error"]
+    assert code == 1 and error["kind"] == "config" and error["message"].startswith(f"{root} was not exported by xnat2bids")
+
+    (root / "sub-01").rename(tmp_path / "sub-01.old")  # one subject folder: said so in the singular
+    for subject in ("02", "03"):
+        (root / f"sub-{subject}").rename(tmp_path / f"sub-{subject}.old")
+    code, _, err = cli("check", str(root))
+    assert code == 1 and "but holds 1 subject folder (sub-04)\n" in err, err
+    (root / "sub-04").rename(tmp_path / "sub-04.old")  # no subject folder: nothing exported here yet
+    code, _, err = cli("check", str(root))
+    assert code == 1 and err.splitlines() == [f"error: no lock at {root / '.xnat2bids.lock'}",
+                                              "hint: run `xnat2bids apply` first"], err
+
+
 def test_a_host_name_that_does_not_resolve_is_named():
     from reconcile.credentials import Credentials
     from reconcile.errors import RemoteError

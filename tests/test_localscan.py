@@ -232,3 +232,30 @@ def test_full_hashes_only_the_sessions_it_is_asked_for(tmp_path):
     lock = lock.with_session(replace(lock.sessions["E1"], outputs=(replace(out, mtime_ns=st.st_mtime_ns),)))
     assert stat_outputs(tmp_path, lock, full=lambda rec: rec.experiment_id == "E2").differs == frozenset()
     assert stat_outputs(tmp_path, lock, full=lambda rec: rec.experiment_id == "E1").differs == {a}
+
+
+def test_a_folder_of_empty_folders_holds_nothing_any_file_or_link_is_something(tmp_path):
+    from reconcile.localscan import holds_nothing
+
+    session = tmp_path / "sub-01" / "ses-01"
+    (session / "anat").mkdir(parents=True)
+    (session / "func" / "deeper").mkdir(parents=True)
+    assert holds_nothing(tmp_path, "sub-01/ses-01")
+    assert not holds_nothing(tmp_path, "sub-01/ses-02")  # not there: nothing to take the place of
+    (tmp_path / "elsewhere").mkdir()
+    (session / "func" / "deeper" / "link").symlink_to(tmp_path / "elsewhere")  # an empty folder, but a link
+    assert not holds_nothing(tmp_path, "sub-01/ses-01")
+    (session / "func" / "deeper" / "link").unlink()
+    (session / "anat" / "gone").symlink_to(tmp_path / "nowhere")  # a broken link is something too
+    assert not holds_nothing(tmp_path, "sub-01/ses-01")
+    (session / "anat" / "gone").unlink()
+    (session / "anat" / ".DS_Store").write_bytes(b"")  # hidden and empty, still a file
+    assert not holds_nothing(tmp_path, "sub-01/ses-01")
+    (session / "anat" / ".DS_Store").unlink()
+    assert holds_nothing(tmp_path, "sub-01/ses-01")
+    (tmp_path / "sub-02").symlink_to(tmp_path / "sub-01")  # the folder itself through a link: never judged empty
+    assert not holds_nothing(tmp_path, "sub-02/ses-01")
+    (session.parent / "ses-03").symlink_to(session)
+    assert not holds_nothing(tmp_path, "sub-01/ses-03")
+    (session.parent / "ses-04").write_bytes(b"")
+    assert not holds_nothing(tmp_path, "sub-01/ses-04")

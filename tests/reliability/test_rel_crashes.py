@@ -165,3 +165,16 @@ def test_sigkill_during_re_export_keeps_old_or_new_session_whole(point, update_w
     shutil.copytree(base, root)
     crash_and_recover(world, root, point, cwd, reference)
     assert read_lock(root).sessions[world.archive.sessions("PROJ")[0].id].date == "2024-02-02"
+
+
+@pytest.mark.parametrize("point", ["commit-journaled", "commit-moved", "commit-lock-written"])
+def test_sigkill_during_an_export_into_an_empty_session_folder_then_rerun_gives_the_uninterrupted_result(
+        point, create_world, tmp_path):
+    # What an old export leaves once its files are moved away: the session's folders, empty. The
+    # commit takes their place; a kill on the way loses nothing and the rerun finishes the export.
+    world, cwd, reference = create_world
+    root = tmp_path / "bids"
+    for folder in ("anat", "func"):
+        (root / "sub-01" / "ses-01MR1" / folder).mkdir(parents=True)
+    crash_and_recover(world, root, point, cwd, reference)
+    assert not (root / "sub-01" / "ses-01MR1" / "func").exists()  # made way for the session whole
