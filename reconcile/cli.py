@@ -1941,6 +1941,19 @@ def _check_dataset(root: Path, *, full: bool, as_json: bool = False) -> int:
     return run_check(root, lock, full=full, as_json=as_json)
 
 
+def _subject_folders(root: Path) -> str | None:
+    """'N subject folders (sub-01, sub-02, sub-03 and 4 more)' in `root`; None if it has none."""
+    try:
+        with os.scandir(root) as entries:
+            subjects = sorted(e.name for e in entries if e.name.startswith("sub-") and e.is_dir())
+    except OSError:
+        return None
+    if not subjects:
+        return None
+    shown = ", ".join(subjects[:3]) + (f" and {len(subjects) - 3} more" if len(subjects) > 3 else "")
+    return f"{_count(len(subjects), 'subject folder')} ({shown})"
+
+
 def _not_exported(root: Path) -> ConfigError:
     """Why `check` has nothing to verify in `root`, which has neither a lock nor a work area: no
     export yet, or an export by another tool (the lab's old script), whose subject folders
@@ -1948,18 +1961,12 @@ def _not_exported(root: Path) -> ConfigError:
     already there and leaves no lock when that is all of them."""
     from reconcile.lock import lock_path
 
-    try:
-        with os.scandir(root) as entries:
-            subjects = sorted(e.name for e in entries if e.name.startswith("sub-") and e.is_dir())
-    except OSError:
-        subjects = []
+    subjects = _subject_folders(root)
     if not subjects:
         return ConfigError(f"no lock at {lock_path(root)}", hint="run `xnat2bids apply` first")
-    shown = ", ".join(subjects[:3]) + (f" and {len(subjects) - 3} more" if len(subjects) > 3 else "")
     where = shlex.quote(str(root))
     return ConfigError(
-        f"{root} was not exported by xnat2bids: it has no .xnat2bids.lock, but holds "
-        f"{_count(len(subjects), 'subject folder')} ({shown})",
+        f"{root} was not exported by xnat2bids: it has no .xnat2bids.lock, but holds {subjects}",
         hint=f"xnat2bids records only what it exports itself (README: Moving over from the old script): move the "
              f"old export aside (`mv {where} {shlex.quote(str(root) + '.old')}`), run `xnat2bids apply {where}`, "
              "then compare and delete the old copy; or apply into it as it is, which exports only the sessions "
@@ -2022,7 +2029,10 @@ def _show_dataset(root: Path, *, as_json: bool) -> int:
 
     lock = read_lock(root)
     if lock is None and not as_json:
-        echo(f"No lock at {lock_path(root)}: nothing exported yet.")
+        subjects = _subject_folders(root)
+        echo(f"No lock at {lock_path(root)}: nothing exported yet." if subjects is None else
+             f"No lock at {lock_path(root)}: nothing exported by xnat2bids here, though it holds {subjects} "
+             "(another export; README: Moving over from the old script).")
         return EXIT_OK
     rows = sorted(lock.sessions.values(), key=lambda r: (r.address, r.experiment_id)) if lock else []
     if as_json:

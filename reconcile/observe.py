@@ -266,7 +266,9 @@ def _strangers_beside(root: Path, lock: Lock, plan: Plan) -> str | None:
                 names = sorted(e.name for e in entries if e.name.startswith("ses-") and e.is_dir())
         except OSError:
             continue
-        found += [f"sub-{subject}/{name}" for name in names if f"sub-{subject}/{name}" not in known]
+        # An empty one (an old export's files moved away) holds no data to export twice.
+        found += [f"sub-{subject}/{name}" for name in names
+                  if f"sub-{subject}/{name}" not in known and not holds_nothing(root, f"sub-{subject}/{name}")]
     if not found:
         return None
     shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")

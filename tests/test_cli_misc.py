@@ -460,6 +460,10 @@ def test_check_of_an_old_export_without_a_lock_says_xnat2bids_did_not_export_it(
     code, out, _ = cli("check", str(root), "--json")
     error = json.loads(out)["error"]
     assert code == 1 and error["kind"] == "config" and error["message"].startswith(f"{root} was not exported by xnat2bids")
+    code, out, _ = cli("show", str(root))  # nor does show call it "nothing exported yet"
+    assert code == 0 and out == (f"No lock at {root / '.xnat2bids.lock'}: nothing exported by xnat2bids here, though it "
+                                 "holds 4 subject folders (sub-01, sub-02, sub-03 and 1 more) (another export; README: "
+                                 "Moving over from the old script).\n"), out
 
     (root / "sub-01").rename(tmp_path / "sub-01.old")  # one subject folder: said so in the singular
     for subject in ("02", "03"):

@@ -77,6 +77,9 @@ def test_session_folders_the_lock_does_not_record_beside_a_create_are_named(cli,
     assert ("note: 1 session folder the lock does not record stands in subjects this plan creates sessions in "
             "(sub-SUBJ02/ses-MR1): if an earlier export") in out, out
     assert "sub-SUBJ01/ses-SUBJ01MR1)" not in out  # recorded: not a stranger
+    (old / "sub-SUBJ02_ses-MR1_T1w.nii.gz").unlink()  # its files moved away: empty folders hold no data twice
+    code, out, err = cli("plan", str(root), "-p", "PROJ")
+    assert "+ create  sub-SUBJ02/ses-SUBJ02MR1" in out and "the lock does not record" not in out, out
 
 
 def _session_files(root: Path, address: str) -> dict[str, bytes]:
