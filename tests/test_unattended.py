@@ -1,0 +1,107 @@
+"""What a nightly `xnat2bids apply --yes` from cron needs: --quiet (cron mails whatever a job
+prints)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from test_layout import PI_STUDY, _export_study
+from worlds import SMALL, add, add_sessions, exported_root, write_config
+
+from reconcile.emulator import Fault
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    """The client's retries without their waits: an XNAT that is down fails at once."""
+    monkeypatch.setattr("reconcile.xnat.XnatClient._sleep", lambda self, attempt, resp: None)
+
+
+def _history_path(root: Path) -> Path:
+    return root / ".xnat2bids/history.jsonl"
+
+
+def _entries(root: Path) -> list[dict]:
+    path = _history_path(root)
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _applied_before(cli, emulator, tmp_path) -> Path:
+    """A dataset an earlier apply ran in (its lock, work area and history), up to date with XNAT."""
+    root = exported_root(emulator.archive, tmp_path, add_sessions(emulator.archive, 2))
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0 and "Nothing to apply." in out, out + err
+    # The exports the fake lock tells of (serial 1).
+    assert [(e["operation"], e["lock_serial"]["after"]) for e in _entries(root)] == [("unrecorded", 1)]
+    return root
+
+
+# -- --quiet -----------------------------------------------------------------------------------
+
+
+def test_quiet_apply_and_plan_with_nothing_to_do_print_nothing(cli, emulator, tmp_path):
+    root = _applied_before(cli, emulator, tmp_path)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 0 and "Nothing to apply." in out and "note:" in out  # what --quiet leaves out
+    assert cli("apply", str(root), "-p", "PROJ", "--yes", "--quiet") == (0, "", "")
+    assert cli("apply", str(root), "-p", "PROJ", "--yes", "-q") == (0, "", "")
+    assert cli("plan", str(root), "-p", "PROJ", "--quiet", "--detailed-exitcode") == (0, "", "")
+
+
+def test_quiet_plan_prints_the_changes_and_summary_alone(cli, emulator, tmp_path):
+    root = _applied_before(cli, emulator, tmp_path)
+    new = emulator.archive.add_session("PROJ", "SUBJ03", "SUBJ03_MR1", date="2024-01-12")
+    code, out, err = cli("plan", str(root), "-p", "PROJ", "--quiet", "--detailed-exitcode")
+    assert (code, err) == (2, "")
+    assert out == (f"+ create  sub-SUBJ03/ses-SUBJ03MR1  PROJ/{new.id}  new in XNAT\n"
+                   "\n"
+                   "Plan: 1 to create, 0 to update, 0 drifted, 0 orphaned, 2 unchanged.\n")
+
+
+def test_quiet_plan_names_only_the_studies_it_has_something_to_say_of(cli, emulator, tmp_path):
+    root = tmp_path / "export"
+    _export_study(emulator.archive, root, "jones/study-vision/bids", "JONES_VISION")  # up to date
+    emulator.archive.add_project("SMITH_MEMORY")
+    new = emulator.archive.add_session("SMITH_MEMORY", "01", "01_MR1", date="2024-01-10")
+    cfg = write_config(tmp_path, PI_STUDY + '\nprojects = ["JONES_VISION", "SMITH_MEMORY"]')
+    code, out, err = cli("plan", str(root), "--config", str(cfg), "--quiet")
+    assert (code, err) == (0, "")
+    assert out == (f"=== SMITH_MEMORY: {root}/smith/study-memory/bids\n"
+                   f"+ create  sub-01/ses-01MR1  SMITH_MEMORY/{new.id}  new in XNAT\n"
+                   "\n"
+                   "Plan: 1 to create, 0 to update, 0 drifted, 0 orphaned, 0 unchanged.\n")
+    code, out, _ = cli("plan", str(root), "--config", str(cfg))
+    assert code == 0 and f"=== JONES_VISION: {root}/jones/study-vision/bids\n" in out
+
+
+def test_quiet_leaves_a_json_document_alone_the_error_document_too(cli, emulator, tmp_path, monkeypatch):
+    root = _applied_before(cli, emulator, tmp_path)
+    code, out, _ = cli("plan", str(root), "-p", "PROJ", "--json", "--quiet")
+    assert code == 0 and json.loads(out)["summary"]["unchanged"] == 2
+    monkeypatch.setenv("XNAT_PASS", "wrong")
+    code, out, err = cli("plan", str(root), "-p", "PROJ", "--json", "--quiet")
+    assert code == 1 and json.loads(out)["error"]["kind"] == "auth" and err.startswith("error: XNAT rejected")
+
+
+@pytest.mark.slow  # real heudiconv
+def test_quiet_apply_prints_its_outcome_lines_and_summary_alone(cli, emulator, tmp_path):
+    exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--quiet")
+    assert (code, err) == (0, ""), out + err
+    lines = out.splitlines()
+    assert len(lines) == 3 and lines[1] == "", out
+    assert re.fullmatch(rf"\[1/1\] ✓ create sub-01/ses-01MR1 \(PROJ/{exps['01_MR1'].id}\): \d+ files in [\d.]+ s",
+                        lines[0]), out
+    assert re.fullmatch(r"Apply complete: 1 done, 0 failed, 0 skipped; lock serial 1; took [\d.]+ s\.", lines[2]), out
+
+
+def test_quiet_apply_says_a_listing_that_failed_on_stderr(cli, emulator, tmp_path, no_backoff):
+    root = _applied_before(cli, emulator, tmp_path)
+    emulator.app.faults.add(Fault(route=r"/projects/PROJ/experiments$", kind="status", status=503))
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--quiet")
+    assert (code, out) == (1, ""), err
+    assert err.startswith("error: listing of project PROJ failed: ") and "  hint: nothing was planned" in err
