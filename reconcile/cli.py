@@ -1638,30 +1638,64 @@ def slurm_task(
     raise typer.Exit(EXIT_OK if record["status"] == "done" else EXIT_ERROR)
 
 
+_SINCE_FORMS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S")
+
+
+def _since(value: Optional[str]) -> Optional[str]:
+    """`--since` as the history writes times (2026-11-01T00:00:00Z), which then compare as text."""
+    if value is None:
+        return None
+    from datetime import datetime
+
+    for form in _SINCE_FORMS:
+        try:
+            return datetime.strptime(value.removesuffix("Z"), form).strftime("%Y-%m-%dT%H:%M:%SZ")
+        except ValueError:
+            continue
+    raise typer.BadParameter(f"{value!r} is not a date or date-time: give YYYY-MM-DD, YYYY-MM-DDTHH:MM or "
+                             "YYYY-MM-DDTHH:MM:SS (UTC, as history prints times), e.g. 2026-11-01 or 2026-11-01T12:00")
+
+
 @app.command()
 def history(
     bids_root: Optional[Path] = RootArg,
     config: Optional[Path] = ConfigOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the raw JSON lines."),
     project: Optional[list[str]] = StudyOpt,
+    last: Optional[int] = typer.Option(None, "--last", "-n", min=1, metavar="N", help="Only the last N entries."),
+    since: Optional[str] = typer.Option(None, "--since", metavar="WHEN", callback=_since,
+                                        help="Only entries at or after WHEN: a date or date-time in UTC "
+                                             "(2026-11-01, 2026-11-01T12:00)."),
 ) -> None:
     """Print the dataset's append-only apply history.
 
     Example: xnat2bids history ~/bids-export
+
+    Example: xnat2bids history ~/bids-export --since 2026-11-01 -n 5
     """
-    _offline_command(config, bids_root, as_json, lambda where: _print_history(where, as_json=as_json),
-                     none=lambda root: _print_history(root, as_json=as_json), projects=project)
+    def show(where: Path) -> int:
+        return _print_history(where, as_json=as_json, last=last, since=since)
+
+    _offline_command(config, bids_root, as_json, show, none=show, projects=project)
 
 
-def _print_history(root: Path, *, as_json: bool) -> int:
+def _print_history(root: Path, *, as_json: bool, last: int | None = None, since: str | None = None) -> int:
+    """`last`, `since`: only the last N entries by time, only those at or after a time."""
     from reconcile.apply import read_history
 
     entries = read_history(root, warn=lambda m: echo(f"warning: {m}", err=True))
     if not entries and not as_json:  # JSON lines: none
         echo("No history yet.")
-    if not as_json:  # a git merge of two clones' histories (a union) interleaves them; people read by time
-        entries.sort(key=lambda e: e["time"])
-    for e in entries:
+    # A git merge of two clones' histories (a union) interleaves them: chosen by time, and people
+    # read them by time (--json keeps the file's order).
+    by_time = sorted(entries, key=lambda e: e["time"])
+    chosen = [e for e in by_time if since is None or e["time"] >= since][-last if last else None:]
+    if entries and not chosen and not as_json:
+        echo(f"No history since {since}.")
+    if as_json:
+        kept = set(map(id, chosen))
+        chosen = [e for e in entries if id(e) in kept]
+    for e in chosen:
         if as_json:
             echo(json.dumps(e, sort_keys=True))
             continue

@@ -1,5 +1,5 @@
 """What a nightly `xnat2bids apply --yes` from cron needs: --quiet (cron mails whatever a job
-prints)."""
+prints), and `history -n/--since`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ import pytest
 from test_layout import PI_STUDY, _export_study
 from worlds import SMALL, add, add_sessions, exported_root, write_config
 
+from reconcile.apply import ApplyReport, append_history
+from reconcile.config import Config
 from reconcile.emulator import Fault
+from reconcile.lock import Lock
+from reconcile.plan import LocalState, RemoteState, compute_plan
 
 
 @pytest.fixture
@@ -105,3 +109,53 @@ def test_quiet_apply_says_a_listing_that_failed_on_stderr(cli, emulator, tmp_pat
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--quiet")
     assert (code, out) == (1, ""), err
     assert err.startswith("error: listing of project PROJ failed: ") and "  hint: nothing was planned" in err
+
+
+# -- history -n / --since ----------------------------------------------------------------------
+
+
+def _history_at(root: Path, times: list[str]) -> None:
+    """A history whose entries have these times, in this order (a union merge of two clones
+    leaves them out of time order)."""
+    plan = compute_plan(Lock.new(), RemoteState((), None), LocalState({}), Config())
+    entry = append_history(root, plan, ApplyReport(lock=Lock.new()))
+    _history_path(root).write_text("".join(json.dumps({**entry, "time": t}) + "\n" for t in times))
+
+
+def _times(out: str) -> list[str]:
+    return [line.split()[0] for line in out.splitlines() if line.startswith("20")]
+
+
+def test_history_last_and_since_select_entries_by_time_as_text_and_json(cli, tmp_path):
+    root = tmp_path / "bids"
+    _history_at(root, ["2026-11-01T12:00:00Z", "2026-10-31T23:59:59Z", "2026-11-02T08:00:00Z", "2026-11-01T00:00:00Z"])
+
+    def shown(*options: str) -> tuple[list[str], list[str]]:
+        code, out, err = cli("history", str(root), *options)
+        assert code == 0, out + err
+        code, doc, err = cli("history", str(root), "--json", *options)
+        assert code == 0, doc + err
+        return _times(out), [json.loads(line)["time"] for line in doc.splitlines()]
+
+    assert shown("--since", "2026-11-01") == (
+        ["2026-11-01T00:00:00Z", "2026-11-01T12:00:00Z", "2026-11-02T08:00:00Z"],  # by time
+        ["2026-11-01T12:00:00Z", "2026-11-02T08:00:00Z", "2026-11-01T00:00:00Z"])  # the file's order
+    assert shown("--since", "2026-11-01T12:00") == (["2026-11-01T12:00:00Z", "2026-11-02T08:00:00Z"],) * 2
+    assert shown("--since", "2026-11-01T12:00:01Z") == (["2026-11-02T08:00:00Z"],) * 2
+    assert shown("-n", "2") == (["2026-11-01T12:00:00Z", "2026-11-02T08:00:00Z"],) * 2  # the latest two
+    assert shown("--last", "1", "--since", "2026-10-01") == (["2026-11-02T08:00:00Z"],) * 2
+    assert shown("-n", "9")[0] == _times(cli("history", str(root))[1])
+    assert cli("history", str(root), "--since", "2026-12-01") == (0, "No history since 2026-12-01T00:00:00Z.\n", "")
+    assert cli("history", str(root), "--since", "2026-12-01", "--json") == (0, "", "")
+
+
+@pytest.mark.parametrize("when", ["yesterday", "2026-13-01", "2026-11-01T25:00", "01/11/2026", "2026-11-01 12:00"])
+def test_a_malformed_since_is_an_error_naming_the_accepted_forms(cli, tmp_path, when):
+    root = tmp_path / "bids"
+    _history_at(root, ["2026-11-01T12:00:00Z"])
+    for json_option in ((), ("--json",)):
+        code, out, err = cli("history", str(root), "--since", when, *json_option)
+        assert (code, out) == (1, "")
+        assert repr(when) in err and "give YYYY-MM-DD, YYYY-MM-DDTHH:MM or YYYY-MM-DDTHH:MM:SS" in err, err
+    code, out, err = cli("history", str(root), "-n", "0")
+    assert (code, out) == (1, "") and "--last" in err
