@@ -33,6 +33,7 @@ from reconcile import __version__
 from reconcile.config import ENV_CONFIG, Config, load_config
 from reconcile.console import tolerate_locale
 from reconcile.errors import (
+    Cancelled,
     ConfigError,
     LockfileError,
     LockHeldError,
@@ -717,28 +718,28 @@ def run_apply(
 
     started = time.monotonic()  # the run's wall time, as the summary says it
 
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"BIDS root {root} exists but is not a directory")
-    if not (root / WORK_DIR).is_dir():  # nothing to recover or commit: refused before any work
-        _refuse_whitespace(root)
-    if saved is not None:  # a plan for another root must not leave an empty one behind
-        from reconcile.apply import check_plan_root
-
-        check_plan_root(saved.data.get("bids_root", ""), root)
-        serial = (saved.data.get("lock") or {}).get("serial")
-        if not root.exists() and isinstance(serial, int) and serial > 0:
-            raise StalePlanError(f"plan is stale: it was made against the lock of {root} (serial {serial}), and "
-                                 "that folder no longer exists", hint="was the dataset moved? plan again where it is")
-    _refuse_missing_dataset(root, accept_missing_lock=accept_missing_lock, accept_unmounted=accept_unmounted)
     warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
-    if run_validator:
-        from reconcile.validate import validator
-
-        validator()  # installed? said before any work, not after it
     own_client = client is None
-    client = client or connect(cfg)
-    created = False
+    created = begun = False  # begun: sessions under way (a SLURM batch submitted); the run's own entry tells of them
     try:
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"BIDS root {root} exists but is not a directory")
+        if not (root / WORK_DIR).is_dir():  # nothing to recover or commit: refused before any work
+            _refuse_whitespace(root)
+        if saved is not None:  # a plan for another root must not leave an empty one behind
+            from reconcile.apply import check_plan_root
+
+            check_plan_root(saved.data.get("bids_root", ""), root)
+            serial = (saved.data.get("lock") or {}).get("serial")
+            if not root.exists() and isinstance(serial, int) and serial > 0:
+                raise StalePlanError(f"plan is stale: it was made against the lock of {root} (serial {serial}), and "
+                                     "that folder no longer exists", hint="was the dataset moved? plan again where it is")
+        _refuse_missing_dataset(root, accept_missing_lock=accept_missing_lock, accept_unmounted=accept_unmounted)
+        if run_validator:
+            from reconcile.validate import validator
+
+            validator()  # installed? said before any work, not after it
+        client = client or connect(cfg)
         if not dry_run:  # which writes nothing, the root included
             client.login()  # first: a failed login (XNAT unreachable, bad password) leaves no new root behind
             share_with_group(root)
@@ -760,12 +761,14 @@ def run_apply(
             raise ConfigError(f"unknown executor {executor!r}", hint="use --executor local or --executor slurm")
 
         if (executor or cfg.executor) == "slurm":
-            return run_slurm_apply(
+            code, batch = run_slurm_apply(
                 cfg, root, selection, client, saved=saved, yes=yes, jobs=jobs, deep=deep,
                 repair_drift=repair_drift, keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
-                reconvert_outdated=reconvert_outdated, full=full, dry_run=dry_run, wait=wait,
+                reconvert_outdated=reconvert_outdated, full=full, dry_run=dry_run,
                 accept_older_lock=accept_older_lock, config_option=config_option,
             )
+            begun = batch is not None
+            return max(code, _wait_for_batch(batch)) if wait and batch is not None else code
         if dry_run:
             raise ConfigError("--dry-run prints the SLURM job scripts; it needs --executor slurm",
                               hint="`xnat2bids plan` previews a local apply")
@@ -777,7 +780,7 @@ def run_apply(
                                                  accept_older_lock=accept_older_lock, config_option=config_option)
             untouched = _left_alone(plan, todo, held)
             if not todo:
-                return _nothing_to_apply(root, plan, held, untouched, git_commit=git_commit)
+                return _nothing_to_apply(root, plan, held, untouched, git_commit=git_commit, record=True)
             _refuse_whitespace(root)
             if not yes:
                 if not stdin_is_terminal():
@@ -818,6 +821,7 @@ def run_apply(
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup` ignores SIGHUP: it stays so
                         previous_handlers[signum] = signal.signal(signum, on_stop)
+            begun = True
             reporter = _reporter(len(todo))
             try:
                 options = ApplyOptions(
@@ -866,12 +870,14 @@ def run_apply(
             return code
     except LockHeldError:  # another apply made the root meanwhile and works in it: not ours to tidy
         raise
-    except XnatBidsError:
+    except XnatBidsError as exc:
         if created:  # refused before it wrote anything (a SLURM limit, a config the lock had): no empty root left
             _remove_empty_folders(root)
+        elif not begun and not dry_run and not isinstance(exc, Cancelled):  # a stop asked for is no failure
+            _record_failed_run(root, [(exc.kind, exc.summary)])
         raise
     finally:
-        if own_client:
+        if own_client and client is not None:
             client.close()
 
 
@@ -1125,7 +1131,10 @@ def _recover_and_plan(
     return plan, todo, _held_back(plan, todo)
 
 
-def _nothing_to_apply(root: Path, plan: Plan, held: tuple[Change, ...], untouched: str, *, git_commit: bool) -> int:
+def _nothing_to_apply(root: Path, plan: Plan, held: tuple[Change, ...], untouched: str, *, git_commit: bool,
+                      record: bool) -> int:
+    """`record`: the run holds the state lock, and tells the history of a plan whose errors (a
+    listing that failed) left nothing to apply."""
     from reconcile.render import problems
 
     # Said as a failure: after "Nothing planned", a cron mail must not read as a quiet night.
@@ -1134,8 +1143,31 @@ def _nothing_to_apply(root: Path, plan: Plan, held: tuple[Change, ...], untouche
         from reconcile.apply import ApplyReport
 
         _git_commit(root, ApplyReport(), say_none=False)
+    if record and plan.problems:  # after the commit: a night that failed is no commit of its own
+        _record_failed_run(root, [("plan", p.message) for p in plan.problems], locked=True)
     _say_held_back(held)
     return EXIT_ERROR if plan.problems or held else EXIT_OK
+
+
+def _record_failed_run(root: Path, errors: list[tuple[str, str]], *, locked: bool = False) -> None:
+    """Tell the history of an apply that failed before it applied anything (`errors`: each one's
+    kind and summary), so that a night XNAT was down does not read as one cron did not run. Only
+    in a dataset with its lock and work area (neither is made for this), and under the state lock
+    (`locked`: held already): an apply that holds it is at work, and tells its own story."""
+    from reconcile import statelock
+    from reconcile.apply import append_failed_run
+    from reconcile.lock import lock_path
+
+    if not lock_path(root).is_file() or not (root / WORK_DIR).is_dir():
+        return
+    warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
+    try:
+        with contextlib.nullcontext() if locked else statelock.held(root, "apply", warn=warn):
+            append_failed_run(root, errors)
+    except XnatBidsError:  # the state lock is another run's, or the history may not be written to now
+        pass
+    except OSError as exc:
+        warn(f"could not append this failed apply to the history ({exc.strerror or exc}): {exc.filename or root}")
 
 
 def _load_or_make_plan(
@@ -1261,14 +1293,14 @@ def run_slurm_apply(
     reconvert_outdated: bool = False,
     full: bool = False,
     dry_run: bool = False,
-    wait: bool = False,
     accept_older_lock: bool = False,
     config_option: str = "",
-) -> int:
+) -> tuple[int, Any]:
     """Plan, confirm, then submit the sessions as one job array plus a finalize job.
 
     The state lock taken here is handed to the batch (it records the job IDs); the finalize
-    job releases it. With --dry-run nothing is locked, written or submitted.
+    job releases it. With --dry-run nothing is locked, written or submitted. Returns the exit
+    code and the batch submitted (None when none was).
     """
     import shlex
     import uuid
@@ -1291,14 +1323,14 @@ def run_slurm_apply(
                                              accept_older_lock=accept_older_lock or dry_run, config_option=config_option)
         if not todo:
             return _nothing_to_apply(root, plan, held, _left_alone(plan, todo, held),
-                                     git_commit=git_commit and not dry_run)
+                                     git_commit=git_commit and not dry_run, record=holder is not None), None
         _refuse_whitespace(root)
         if not yes and not dry_run:
             if not stdin_is_terminal():
                 raise ConfigError("apply needs confirmation; without a terminal pass --yes")
             if not _confirmed(root, holder, f"Submit {len(todo)} session(s) of {root} to SLURM?"):
                 echo("Cancelled; nothing submitted.")
-                return EXIT_ERROR
+                return EXIT_ERROR, None
         settings = cfg.slurm
         kind = sx.credentials_kind(client)
         batch = sx.new_batch(
@@ -1328,7 +1360,7 @@ def run_slurm_apply(
             how = {"netrc": "~/.netrc (or $NETRC)", "token-file": "$XNAT_TOKEN_FILE"}.get(
                 kind, f"an alias token written to {batch.credentials_path} (mode 0600)")
             echo(f"\n# The jobs log in to {batch.xnat_url} with {how}.", outcome=True)
-            return EXIT_OK
+            return EXIT_OK, None
         plan_json = render_json(plan, bids_root=str(root), config_fingerprint=cfg.fingerprint(), xnat_url=client.url,
                                 created_at=utc_now())
         _own_ignores(root)
@@ -1356,8 +1388,7 @@ def run_slurm_apply(
          f"job logs in {batch.logs_dir}.", outcome=True)
     _say_held_back(held)
     # As a local apply: what the batch cannot carry out (problems, updates held back) fails the run.
-    code = EXIT_ERROR if plan.problems or held else EXIT_OK
-    return max(code, _wait_for_batch(batch)) if wait else code
+    return EXIT_ERROR if plan.problems or held else EXIT_OK, batch
 
 
 def _confirmed(root: Path, holder: Holder, question: str) -> bool:
@@ -1681,7 +1712,7 @@ def history(
 
 def _print_history(root: Path, *, as_json: bool, last: int | None = None, since: str | None = None) -> int:
     """`last`, `since`: only the last N entries by time, only those at or after a time."""
-    from reconcile.apply import read_history
+    from reconcile.apply import failed_run, read_history
 
     entries = read_history(root, warn=lambda m: echo(f"warning: {m}", err=True))
     if not entries and not as_json:  # JSON lines: none
@@ -1702,11 +1733,15 @@ def _print_history(root: Path, *, as_json: bool, last: int | None = None, since:
         s = e["summary"]
         if isinstance(e.get("unlocked"), dict):  # force-unlock: no session, no lock change
             what = f"removed the state lock held by {_unlocked(e['unlocked'])}"
+        elif failed_run(e):  # errors before anything was applied: no session, no lock change
+            what = f"failed, nothing applied; lock serial {e['lock_serial']['after']}"
         else:
             what = (f"{s.get('done', 0)} done, {s.get('failed', 0)} failed, {s.get('skipped', 0)} skipped; "
                     f"serial {e['lock_serial']['before']} → {e['lock_serial']['after']}")
         echo(f"{e['time']}  {e['operation']} by {e['user']}@{e['host']} (xnat2bids {e['xnat2bids']})"
              f"{' (cancelled)' if e.get('cancelled') else ''}: {what}")
+        for error in e["errors"] if isinstance(e.get("errors"), list) else ():
+            echo(f"    error: {error.get('message') if isinstance(error, dict) else error}")
         heads = [f"    {row['result']:<7} {row['action']:<6} {row['address']} ({row['project']}/{row['experiment_id']})"
                  for row in e["sessions"]]
         width = max(map(len, heads), default=0)

@@ -1,20 +1,29 @@
 """What a nightly `xnat2bids apply --yes` from cron needs: --quiet (cron mails whatever a job
-prints), and `history -n/--since`."""
+prints), `history -n/--since`, and a history entry for a night that failed before it applied
+anything, so that "XNAT was down" does not read as "cron did not run"."""
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 from pathlib import Path
 
 import pytest
 from test_layout import PI_STUDY, _export_study
-from worlds import SMALL, add, add_sessions, exported_root, write_config
+from worlds import SMALL, add, add_sessions, assert_schema, exported_root, write_config
 
-from reconcile.apply import ApplyReport, append_history
+from reconcile import __version__
+from reconcile.apply import (
+    ApplyReport,
+    append_history,
+    history_serial,
+    last_history_entry,
+)
 from reconcile.config import Config
 from reconcile.emulator import Fault
 from reconcile.lock import Lock
+from reconcile.model import login_name
 from reconcile.plan import LocalState, RemoteState, compute_plan
 
 
@@ -41,6 +50,12 @@ def _applied_before(cli, emulator, tmp_path) -> Path:
     # The exports the fake lock tells of (serial 1).
     assert [(e["operation"], e["lock_serial"]["after"]) for e in _entries(root)] == [("unrecorded", 1)]
     return root
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # -- --quiet -----------------------------------------------------------------------------------
@@ -103,12 +118,21 @@ def test_quiet_apply_prints_its_outcome_lines_and_summary_alone(cli, emulator, t
     assert re.fullmatch(r"Apply complete: 1 done, 0 failed, 0 skipped; lock serial 1; took [\d.]+ s\.", lines[2]), out
 
 
-def test_quiet_apply_says_a_listing_that_failed_on_stderr(cli, emulator, tmp_path, no_backoff):
+def test_quiet_apply_says_a_listing_that_failed_on_stderr_and_the_history_keeps_it(cli, emulator, tmp_path,
+                                                                                    no_backoff):
     root = _applied_before(cli, emulator, tmp_path)
+    before = _history_path(root).read_bytes()
     emulator.app.faults.add(Fault(route=r"/projects/PROJ/experiments$", kind="status", status=503))
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--quiet")
     assert (code, out) == (1, ""), err
     assert err.startswith("error: listing of project PROJ failed: ") and "  hint: nothing was planned" in err
+    text = _history_path(root).read_bytes()
+    assert text.startswith(before)  # appended to, never rewritten
+    entry = json.loads(text[len(before):])
+    assert_schema("history", entry)
+    assert entry["operation"] == "apply" and entry["sessions"] == [] and entry["lock_serial"] == {"before": 1, "after": 1}
+    assert [e["kind"] for e in entry["errors"]] == ["plan"]
+    assert entry["errors"][0]["message"] == err.splitlines()[0].removeprefix("error: ")
 
 
 # -- history -n / --since ----------------------------------------------------------------------
@@ -159,3 +183,82 @@ def test_a_malformed_since_is_an_error_naming_the_accepted_forms(cli, tmp_path, 
         assert repr(when) in err and "give YYYY-MM-DD, YYYY-MM-DDTHH:MM or YYYY-MM-DDTHH:MM:SS" in err, err
     code, out, err = cli("history", str(root), "-n", "0")
     assert (code, out) == (1, "") and "--last" in err
+
+
+# -- a failed night in the history ---------------------------------------------------------------
+
+
+def test_an_apply_that_cannot_reach_xnat_tells_the_history_so(cli, emulator, tmp_path, monkeypatch, no_backoff):
+    root = _applied_before(cli, emulator, tmp_path)
+    before = _history_path(root).read_bytes()
+    down = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("XNAT_HOST", down)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--quiet")
+    assert (code, out) == (1, "")
+    summary = f"cannot reach XNAT at {down} for the login"
+    assert err.startswith(f"error: {summary}\n")
+    text = _history_path(root).read_bytes()
+    assert text.startswith(before) and text.count(b"\n") == before.count(b"\n") + 1
+    entry = _entries(root)[-1]
+    assert_schema("history", entry)
+    assert {k: entry[k] for k in ("operation", "user", "xnat2bids", "lock_serial", "summary", "sessions", "errors")} == {
+        "operation": "apply", "user": login_name(), "xnat2bids": __version__, "lock_serial": {"before": 1, "after": 1},
+        "summary": {"done": 0, "failed": 0, "skipped": 0}, "sessions": [],
+        "errors": [{"kind": "remote", "message": summary}],
+    }
+    # Not a lock change: what the next apply looks for as the last one is the entry before.
+    assert last_history_entry(root) == _entries(root)[0] and history_serial(root) == 1
+
+    code, out, err = cli("history", str(root))
+    assert code == 0, out + err
+    assert out.splitlines()[-2:] == [
+        f"{entry['time']}  apply by {entry['user']}@{entry['host']} (xnat2bids {__version__}): "
+        "failed, nothing applied; lock serial 1",
+        f"    error: {summary}",
+    ]
+    assert " unrecorded by " in out.splitlines()[0]  # the older entry reads as before
+    code, out, _ = cli("history", str(root), "--json", "-n", "1")
+    assert code == 0 and json.loads(out) == entry
+
+
+def test_rejected_credentials_are_told_of_without_the_password(cli, emulator, tmp_path, monkeypatch):
+    root = _applied_before(cli, emulator, tmp_path)
+    monkeypatch.setenv("XNAT_PASS", "wrong-sentinel-pw")
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1 and "XNAT rejected the credentials" in err, out + err
+    entry = _entries(root)[-1]
+    assert entry["errors"] == [{"kind": "auth", "message": f"XNAT rejected the credentials for user admin at {emulator.url}"}]
+    assert "wrong-sentinel-pw" not in _history_path(root).read_text()
+
+
+def test_a_failed_apply_writes_nothing_where_it_may_not(cli, emulator, tmp_path, monkeypatch, no_backoff):
+    from reconcile import statelock
+
+    # Another apply holds the state lock: it is at work, and tells its own story.
+    root = _applied_before(cli, emulator, tmp_path)
+    before = _history_path(root).read_bytes()
+    holder = statelock.acquire(root, "apply")
+    try:
+        code, _, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+        assert code == 1 and f"(lock ID {holder.id})" in err
+        monkeypatch.setenv("XNAT_HOST", f"http://127.0.0.1:{_closed_port()}")
+        code, _, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+        assert code == 1 and "cannot reach XNAT" in err
+    finally:
+        statelock.release(root, holder)
+    assert _history_path(root).read_bytes() == before
+    # A history git left conflicted: an entry would land inside the conflict.
+    conflicted = before + b"<<<<<<< HEAD\n=======\n>>>>>>> theirs\n"
+    _history_path(root).write_bytes(conflicted)
+    code, _, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    assert code == 1 and "cannot reach XNAT" in err
+    assert _history_path(root).read_bytes() == conflicted
+
+    # No dataset yet, or one without its work area: neither is made for this.
+    new = tmp_path / "new"
+    assert cli("apply", str(new), "-p", "PROJ", "--yes")[0] == 1
+    assert not new.exists()
+    (tmp_path / "bare").mkdir()
+    bare = exported_root(emulator.archive, tmp_path / "bare", [])
+    assert cli("apply", str(bare), "-p", "PROJ", "--yes")[0] == 1
+    assert sorted(p.name for p in bare.iterdir()) == [".xnat2bids.lock"]
