@@ -33,6 +33,7 @@ from reconcile.dataset import (
     drop_participant,
     ensure_dataset_description,
     ensure_participant,
+    refuse_unfinished_merge,
     remove_session_row,
     session_acq_time,
     update_sessions_tsv,
@@ -1089,6 +1090,29 @@ def append_forced_unlock(root: Path, holder: Holder) -> dict:
     return entry
 
 
+def append_failed_run(root: Path, errors: Sequence[tuple[str, str]]) -> dict:
+    """A history entry for an apply that failed before it applied anything (XNAT unreachable,
+    credentials refused, listings that failed), so that such a night does not read as one the
+    apply never ran: `errors`, each error's kind and one-line summary (never its detail, which may
+    quote a server's answer). It changes no lock: its serials are the last entry's after, and
+    readers looking for the last lock change pass over it (`failed_run`). As for a forced unlock,
+    commits no entry tells of get theirs first. The caller holds the state lock."""
+    refuse_conflicted_history(root, nothing="its entry is not written")  # it would land inside the conflict
+    refuse_unfinished_merge(root, nothing="its entry is not written")
+    with contextlib.suppress(XnatBidsError):  # an unreadable lock (maybe the failure itself): the next apply says so
+        _note_unrecorded(root)
+    serial = history_serial(root)
+    entry = _history_entry("apply", serial, serial, {"done": 0, "failed": 0, "skipped": 0}, [],
+                           errors=[{"kind": kind, "message": message} for kind, message in errors])
+    _append_entry(root, entry)
+    return entry
+
+
+def failed_run(entry: Mapping[str, Any]) -> bool:
+    """Whether a history entry tells of an apply that failed before it applied anything."""
+    return "errors" in entry
+
+
 def _append_entry(root: Path, entry: dict) -> None:
     path = WorkArea(root).history
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1159,8 +1183,8 @@ def history_serial(root: Path) -> int:
 
 
 def last_history_entry(root: Path) -> dict | None:
-    """The history's last complete entry of a lock change (a forced unlock is none), read from the
-    end of the file (an entry of a large apply is megabytes; the history holds many)."""
+    """The history's last complete entry of a lock change (a forced unlock or a failed run is none),
+    read from the end of the file (an entry of a large apply is megabytes; the history holds many)."""
     path = WorkArea(root).history
     try:
         fh = open(path, "rb")
@@ -1178,7 +1202,7 @@ def last_history_entry(root: Path) -> dict | None:
             # Every line but the first is whole (the first may go on before `start`).
             for line in reversed(lines if start == 0 else lines[1:]):
                 entry, _ = _history_line(line)
-                if entry is not None and entry["operation"] != FORCE_UNLOCK:
+                if entry is not None and entry["operation"] != FORCE_UNLOCK and not failed_run(entry):
                     return entry
             tail = lines[0] if start > 0 else b""
     return None

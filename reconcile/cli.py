@@ -33,6 +33,7 @@ from reconcile import __version__
 from reconcile.config import ENV_CONFIG, Config, load_config
 from reconcile.console import tolerate_locale
 from reconcile.errors import (
+    Cancelled,
     ConfigError,
     LockfileError,
     LockHeldError,
@@ -98,6 +99,8 @@ _stopping = False  # a signal cancelled an apply: no further study starts
 SAME_SIGNAL_S = 0.1
 _root_config: Optional[Path] = None  # `xnat2bids --config FILE <command>`
 _json_errors = False  # the command was given --json: a fatal error is a JSON document on stdout too
+_quiet = False  # plan or apply --quiet: stdout gets outcome lines alone (see `echo`)
+_heading: str | None = None  # a study's "=== …" line, printed with the first line of its study
 
 
 class _PipeClosed(Exception):
@@ -105,7 +108,13 @@ class _PipeClosed(Exception):
     exit 1 before `_run` sees it."""
 
 
-def echo(text: str = "", *, err: bool = False) -> None:
+def echo(text: str = "", *, err: bool = False, outcome: bool = False) -> None:
+    """A line on stdout, or on stderr (`err`: warnings and errors, always printed). Under --quiet
+    stdout gets only `outcome` lines, what a run did and its summary: cron mails whatever a job
+    prints, and a run that did nothing must print nothing."""
+    if _quiet and not err and not outcome:
+        return
+    _say_heading()
     try:
         # The stream itself, not click's: click rewraps an ASCII one as UTF-8, past `tolerate_locale`.
         typer.echo(printable(text), err=err, file=sys.stderr if err else sys.stdout)
@@ -113,11 +122,54 @@ def echo(text: str = "", *, err: bool = False) -> None:
         raise _PipeClosed() from None
 
 
+def _say_heading() -> None:
+    """The heading of the study at work, before the first line said of it: under --quiet a study
+    with nothing to say is not named at all."""
+    global _heading
+    if _heading is not None:
+        heading, _heading = _heading, None
+        echo(heading, outcome=True)
+
+
+def _study_heading(text: str) -> None:
+    global _heading
+    _heading = text
+
+
+def _be_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def _reporter(total: int):  # noqa: ANN202 - progress.Reporter, imported late
+    """Apply's reporter, after the heading of its study: it prints on its own."""
+    from reconcile.progress import Reporter
+
+    _say_heading()
+    return Reporter(total, quiet=_quiet)
+
+
+def _show_plan(plan: Plan, *, outcome: bool) -> None:
+    """The plan as text. Under --quiet its errors go to stderr, its notes nowhere, and its changes
+    with their summary only as an `outcome` (plan's own, when it has changes; apply's outcome
+    lines tell what it did instead)."""
+    from reconcile.render import problem_lines, render_changes, render_text
+
+    if not _quiet:
+        echo(render_text(plan))
+        return
+    if outcome and plan.changes:
+        echo(render_changes(plan), outcome=True)
+    for line in problem_lines(plan):
+        echo(line, err=True)
+
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default: $XNAT2BIDS_CONFIG, ./xnat2bids.toml, ($XDG_CONFIG_HOME or ~/.config)/xnat2bids/xnat2bids.toml).")
 ProjectOpt = typer.Option(None, "--project", "-p", help="XNAT project ID, or a glob over the projects of the config and the lock (repeatable).")
 StudyOpt = typer.Option(None, "--project", "-p", help="layout = \"pi-study\": only the studies of these project IDs or globs (repeatable).")
 SubjectOpt = typer.Option(None, "--subject", help="Subject label glob (repeatable).")
 SessionOpt = typer.Option(None, "--session", help="Session label / experiment ID glob (repeatable).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="For cron: print only what was done (the outcome lines and the summary; for plan, the changes), nothing when there is nothing to do; warnings and errors still go to stderr.")
 InsecureOpt = typer.Option(False, "--insecure", help="Do not verify the XNAT server's TLS certificate (verify_tls = false).")
 RootArg = typer.Argument(None, help="BIDS root (default: bids_root from the config, else ~/bids-export).")
 
@@ -205,7 +257,7 @@ def run_plan(
     """`config_option` (`-c FILE`, the config file given) and `insecure`: what `apply --plan` needs
     besides the plan file; forget, which asks nothing of XNAT, the config alone."""
     from reconcile.observe import make_plan
-    from reconcile.render import render_json, render_text
+    from reconcile.render import render_json
 
     run = make_plan(client, root, config, selection, deep=deep, reconvert_outdated=reconvert_outdated, full=full)
     plan = _forget_here(run.plan, f" {shlex.quote(str(root))}{config_option}")
@@ -232,9 +284,10 @@ def run_plan(
     else:
         echo(f"xnat2bids plan for {root} (lock serial {plan.serial})")
         echo()
-        echo(render_text(plan))
+        _show_plan(plan, outcome=True)
         if run.recovering:
-            echo(f"The next apply settles {_count(run.recovering, 'interrupted commit')} first (see the notes).")
+            echo(f"The next apply settles {_count(run.recovering, 'interrupted commit')} first (see the notes).",
+                 outcome=True)
         if out is not None:
             apply_options = config_option + (" --insecure" if insecure else "")
             echo(f"\nSaved plan to {out}; run `xnat2bids apply --plan {shlex.quote(str(out))}{apply_options}` "
@@ -329,10 +382,10 @@ def for_each_study(cfg: Config, root: Path, selection: Selection, run) -> int:
     codes = []
     for study in chosen:
         if _stopping:  # Ctrl-C or SIGTERM cancelled a study's apply: the others do not start
-            echo(f"Stopped before {study.project}: the remaining studies were not started.")
+            echo(f"Stopped before {study.project}: the remaining studies were not started.", outcome=True)
             codes.append(EXIT_ERROR)
             break
-        echo(f"=== {study.project}: {study.root}")
+        _study_heading(f"=== {study.project}: {study.root}")
         try:
             codes.append(run(study.root, _replace(selection, projects=(study.project,))))
         except _STUDY_ERRORS as exc:
@@ -425,7 +478,7 @@ def for_each_dataset(cfg: Config, root: Path, run, *, none, as_json: bool = Fals
         return none()
     codes = []
     for where, projects in datasets.items():
-        echo(f"=== {', '.join(projects)}: {where}")
+        _study_heading(f"=== {', '.join(projects)}: {where}")
         try:
             codes.append(run(where))
         except XnatBidsError as exc:
@@ -456,8 +509,8 @@ def root_callback(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit."),
 ) -> None:
-    global _debug, _root_config, _json_errors, _stopping
-    _debug, _root_config, _json_errors, _stopping = debug, config, False, False
+    global _debug, _root_config, _json_errors, _stopping, _quiet, _heading
+    _debug, _root_config, _json_errors, _stopping, _quiet, _heading = debug, config, False, False, False, None
     if version:
         echo(f"xnat2bids {__version__}")
         raise typer.Exit(EXIT_OK)
@@ -507,12 +560,16 @@ def plan(
     reconvert_outdated: bool = typer.Option(False, "--reconvert-outdated", help="Plan sessions converted with older tools as updates."),
     full: bool = typer.Option(False, "--full", help="Also compare the sha256 of every output, as check --full: content changed without a new size or time is drift."),
     insecure: bool = InsecureOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Show what apply would change: create / update / drift / orphan.
 
     Example: xnat2bids plan ~/bids-export --project PROJ --detailed-exitcode
+
+    Example: xnat2bids plan ~/bids-export --quiet --detailed-exitcode   (prints nothing when nothing changed)
     """
     _errors_as_json(as_json)
+    _be_quiet(quiet)
     cfg = _tls(_load_config(config), insecure)
     root, selection = cfg.resolve_bids_root(bids_root), _selection(project, subject, session)
     one = cfg.layout != "pi-study"
@@ -661,32 +718,32 @@ def run_apply(
     from reconcile import statelock
     from reconcile.apply import ApplyOptions, append_history, apply_plan
     from reconcile.observe import tool_versions
-    from reconcile.progress import Reporter, format_duration
+    from reconcile.progress import format_duration
 
     started = time.monotonic()  # the run's wall time, as the summary says it
 
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"BIDS root {root} exists but is not a directory")
-    if not (root / WORK_DIR).is_dir():  # nothing to recover or commit: refused before any work
-        _refuse_whitespace(root)
-    if saved is not None:  # a plan for another root must not leave an empty one behind
-        from reconcile.apply import check_plan_root
-
-        check_plan_root(saved.data.get("bids_root", ""), root)
-        serial = (saved.data.get("lock") or {}).get("serial")
-        if not root.exists() and isinstance(serial, int) and serial > 0:
-            raise StalePlanError(f"plan is stale: it was made against the lock of {root} (serial {serial}), and "
-                                 "that folder no longer exists", hint="was the dataset moved? plan again where it is")
-    _refuse_missing_dataset(root, accept_missing_lock=accept_missing_lock, accept_unmounted=accept_unmounted)
     warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
-    if run_validator:
-        from reconcile.validate import validator
-
-        validator()  # installed? said before any work, not after it
     own_client = client is None
-    client = client or connect(cfg)
-    created = False
+    created = begun = False  # begun: sessions under way (a SLURM batch submitted); the run's own entry tells of them
     try:
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"BIDS root {root} exists but is not a directory")
+        if not (root / WORK_DIR).is_dir():  # nothing to recover or commit: refused before any work
+            _refuse_whitespace(root)
+        if saved is not None:  # a plan for another root must not leave an empty one behind
+            from reconcile.apply import check_plan_root
+
+            check_plan_root(saved.data.get("bids_root", ""), root)
+            serial = (saved.data.get("lock") or {}).get("serial")
+            if not root.exists() and isinstance(serial, int) and serial > 0:
+                raise StalePlanError(f"plan is stale: it was made against the lock of {root} (serial {serial}), and "
+                                     "that folder no longer exists", hint="was the dataset moved? plan again where it is")
+        _refuse_missing_dataset(root, accept_missing_lock=accept_missing_lock, accept_unmounted=accept_unmounted)
+        if run_validator:
+            from reconcile.validate import validator
+
+            validator()  # installed? said before any work, not after it
+        client = client or connect(cfg)
         if not dry_run:  # which writes nothing, the root included
             client.login()  # first: a failed login (XNAT unreachable, bad password) leaves no new root behind
             share_with_group(root)
@@ -708,12 +765,14 @@ def run_apply(
             raise ConfigError(f"unknown executor {executor!r}", hint="use --executor local or --executor slurm")
 
         if (executor or cfg.executor) == "slurm":
-            return run_slurm_apply(
+            code, batch = run_slurm_apply(
                 cfg, root, selection, client, saved=saved, yes=yes, jobs=jobs, deep=deep,
                 repair_drift=repair_drift, keep_dicom=keep_dicom, git_commit=git_commit, run_validator=run_validator,
-                reconvert_outdated=reconvert_outdated, full=full, dry_run=dry_run, wait=wait,
+                reconvert_outdated=reconvert_outdated, full=full, dry_run=dry_run,
                 accept_older_lock=accept_older_lock, config_option=config_option,
             )
+            begun = batch is not None
+            return max(code, _wait_for_batch(batch)) if wait and batch is not None else code
         if dry_run:
             raise ConfigError("--dry-run prints the SLURM job scripts; it needs --executor slurm",
                               hint="`xnat2bids plan` previews a local apply")
@@ -725,7 +784,7 @@ def run_apply(
                                                  accept_older_lock=accept_older_lock, config_option=config_option)
             untouched = _left_alone(plan, todo, held)
             if not todo:
-                return _nothing_to_apply(root, plan, held, untouched, git_commit=git_commit)
+                return _nothing_to_apply(root, plan, held, untouched, git_commit=git_commit, record=True)
             _refuse_whitespace(root)
             if not yes:
                 if not stdin_is_terminal():
@@ -766,7 +825,8 @@ def run_apply(
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup` ignores SIGHUP: it stays so
                         previous_handlers[signum] = signal.signal(signum, on_stop)
-            reporter = Reporter(len(todo))
+            begun = True
+            reporter = _reporter(len(todo))
             try:
                 options = ApplyOptions(
                     jobs=jobs or cfg.jobs or max(1, min(4, os.cpu_count() or 1)),
@@ -790,10 +850,10 @@ def run_apply(
                 f"\nApply {'cancelled' if report.cancelled else 'complete'}: {report.count(Status.DONE)} done, "
                 f"{report.count(Status.FAILED)} failed, {report.count(Status.SKIPPED)} skipped; "
                 f"lock serial {report.lock.serial if report.lock else plan.serial}; "
-                f"took {format_duration(time.monotonic() - started)}.{untouched}"
+                f"took {format_duration(time.monotonic() - started)}.{untouched}", outcome=True
             )
             if report.halted:  # a cron mail's reader sees why, not only how many were skipped
-                echo(f"Stopped early: {report.halted}.")
+                echo(f"Stopped early: {report.halted}.", outcome=True)
             code = EXIT_OK if report.ok and not plan.problems and not held else EXIT_ERROR
             _say_held_back(held)
             if run_validator:
@@ -806,20 +866,22 @@ def run_apply(
                     code = EXIT_ERROR
                 else:
                     for err in result.errors:
-                        echo(f"validator: {err}")
-                    echo(result.summary())
+                        echo(f"validator: {err}", outcome=True)
+                    echo(result.summary(), outcome=True)
                     code = code or (EXIT_ERROR if result.errors else EXIT_OK)
             if git_commit:
                 _git_commit(root, report)
             return code
     except LockHeldError:  # another apply made the root meanwhile and works in it: not ours to tidy
         raise
-    except XnatBidsError:
+    except XnatBidsError as exc:
         if created:  # refused before it wrote anything (a SLURM limit, a config the lock had): no empty root left
             _remove_empty_folders(root)
+        elif not begun and not dry_run and not isinstance(exc, Cancelled):  # a stop asked for is no failure
+            _record_failed_run(root, [(exc.kind, exc.summary)])
         raise
     finally:
-        if own_client:
+        if own_client and client is not None:
             client.close()
 
 
@@ -903,6 +965,7 @@ def apply(
              "onto the disk underneath).",
     ),
     insecure: bool = InsecureOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Export and convert what plan reports (create / update), updating the lock per session.
 
@@ -914,7 +977,10 @@ def apply(
     Example: xnat2bids apply ~/bids-export --project PROJ --yes --jobs 4
 
     Example: xnat2bids apply ~/bids-export --executor slurm --yes --wait
+
+    Example (crontab): 0 2 * * * xnat2bids apply ~/bids-export --yes --quiet
     """
+    _be_quiet(quiet)
     if plan_file is not None:
         planning = [flag for flag, given in (("--project", project), ("--subject", subject), ("--session", session),
                                              ("--deep", deep), ("--reconvert-outdated", reconvert_outdated),
@@ -952,7 +1018,7 @@ def _git_commit(root: Path, report, *, say_none: bool = True) -> None:
 
     commit = commit_apply(root, "xnat2bids apply", report)
     if commit or say_none:
-        echo(f"git commit {commit}" if commit else "git: nothing to commit")
+        echo(f"git commit {commit}" if commit else "git: nothing to commit", outcome=bool(commit))
 
 
 def _refuse_whitespace(root: Path) -> None:
@@ -1051,16 +1117,15 @@ def _recover_and_plan(
     from reconcile.apply import recover
     from reconcile.dataset import check_dataset_level_files, refuse_unresolved_conflicts
     from reconcile.plan import subjects_written
-    from reconcile.render import render_text
 
     if warn is not None:
         for exp_id in recover(root, warn=warn):
-            echo(f"recovered the interrupted commit of {exp_id}")
+            echo(f"recovered the interrupted commit of {exp_id}", outcome=True)
         _retry_token_revocations(root, client, warn)
     plan = _load_or_make_plan(client, root, cfg, selection, saved=saved, deep=deep,
                               reconvert_outdated=reconvert_outdated, full=full, accept_older_lock=accept_older_lock)
     shown = _forget_here(plan, f" {shlex.quote(str(root))}{config_option}")
-    echo(render_text(repairing(shown) if repair_drift else shown))
+    _show_plan(repairing(shown) if repair_drift else shown, outcome=False)
     todo = plan.actionable(repair_drift=repair_drift)
     if todo and warn is not None:  # not for a --dry-run (no lock taken), which writes nothing
         # Before any download: every commit updates participants.tsv, and a session would be
@@ -1070,7 +1135,10 @@ def _recover_and_plan(
     return plan, todo, _held_back(plan, todo)
 
 
-def _nothing_to_apply(root: Path, plan: Plan, held: tuple[Change, ...], untouched: str, *, git_commit: bool) -> int:
+def _nothing_to_apply(root: Path, plan: Plan, held: tuple[Change, ...], untouched: str, *, git_commit: bool,
+                      record: bool) -> int:
+    """`record`: the run holds the state lock, and tells the history of a plan whose errors (a
+    listing that failed) left nothing to apply."""
     from reconcile.render import problems
 
     # Said as a failure: after "Nothing planned", a cron mail must not read as a quiet night.
@@ -1079,8 +1147,31 @@ def _nothing_to_apply(root: Path, plan: Plan, held: tuple[Change, ...], untouche
         from reconcile.apply import ApplyReport
 
         _git_commit(root, ApplyReport(), say_none=False)
+    if record and plan.problems:  # after the commit: a night that failed is no commit of its own
+        _record_failed_run(root, [("plan", p.message) for p in plan.problems], locked=True)
     _say_held_back(held)
     return EXIT_ERROR if plan.problems or held else EXIT_OK
+
+
+def _record_failed_run(root: Path, errors: list[tuple[str, str]], *, locked: bool = False) -> None:
+    """Tell the history of an apply that failed before it applied anything (`errors`: each one's
+    kind and summary), so that a night XNAT was down does not read as one cron did not run. Only
+    in a dataset with its lock and work area (neither is made for this), and under the state lock
+    (`locked`: held already): an apply that holds it is at work, and tells its own story."""
+    from reconcile import statelock
+    from reconcile.apply import append_failed_run
+    from reconcile.lock import lock_path
+
+    if not lock_path(root).is_file() or not (root / WORK_DIR).is_dir():
+        return
+    warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
+    try:
+        with contextlib.nullcontext() if locked else statelock.held(root, "apply", warn=warn):
+            append_failed_run(root, errors)
+    except XnatBidsError:  # the state lock is another run's, or the history may not be written to now
+        pass
+    except OSError as exc:
+        warn(f"could not append this failed apply to the history ({exc.strerror or exc}): {exc.filename or root}")
 
 
 def _load_or_make_plan(
@@ -1146,20 +1237,19 @@ def _settle_slurm_batch(root: Path, warn) -> None:
     """Refuse while a SLURM batch holds the root; merge one whose finalize job never finished."""
     from reconcile import statelock
     from reconcile.executors import slurm as sx
-    from reconcile.progress import Reporter
 
     holder = statelock.read_holder(root) if root.is_dir() else None
     if holder is None or not holder.jobs:
         return
     batch = next((b for b in sx.list_batches(root) if b.id == holder.id), None)
-    reporter = Reporter(len(batch.sessions) if batch else 0)
+    reporter = _reporter(len(batch.sessions) if batch else 0)
     try:
         merged = sx.settle_previous(root, on_event=reporter, warn=warn)
     finally:
         reporter.close()
     if merged is not None:
         echo(f"Merged the results of SLURM batch {merged.batch.id}, whose finalize job did not finish: "
-             f"{_finalize_summary(merged)}")
+             f"{_finalize_summary(merged)}", outcome=True)
 
 
 def _retry_token_revocations(root: Path, client, warn) -> None:
@@ -1169,10 +1259,10 @@ def _retry_token_revocations(root: Path, client, warn) -> None:
 
     for gone in sx.discard_unsubmitted(root, warn=warn):
         echo(f"Removed SLURM batch {gone}, whose submission was interrupted before it recorded its jobs "
-             "(they never ran); its credentials are deleted.")
+             "(they never ran); its credentials are deleted.", outcome=True)
     for done in sx.retry_revocations(root, client, warn=warn):
         echo(f"Invalidated the alias token of SLURM batch {done.batch} on XNAT (its revocation was pending "
-             f"since {done.since}).")
+             f"since {done.since}).", outcome=True)
 
 
 def _finalize_summary(result) -> str:
@@ -1207,14 +1297,14 @@ def run_slurm_apply(
     reconvert_outdated: bool = False,
     full: bool = False,
     dry_run: bool = False,
-    wait: bool = False,
     accept_older_lock: bool = False,
     config_option: str = "",
-) -> int:
+) -> tuple[int, Any]:
     """Plan, confirm, then submit the sessions as one job array plus a finalize job.
 
     The state lock taken here is handed to the batch (it records the job IDs); the finalize
-    job releases it. With --dry-run nothing is locked, written or submitted.
+    job releases it. With --dry-run nothing is locked, written or submitted. Returns the exit
+    code and the batch submitted (None when none was).
     """
     import shlex
     import uuid
@@ -1237,14 +1327,14 @@ def run_slurm_apply(
                                              accept_older_lock=accept_older_lock or dry_run, config_option=config_option)
         if not todo:
             return _nothing_to_apply(root, plan, held, _left_alone(plan, todo, held),
-                                     git_commit=git_commit and not dry_run)
+                                     git_commit=git_commit and not dry_run, record=holder is not None), None
         _refuse_whitespace(root)
         if not yes and not dry_run:
             if not stdin_is_terminal():
                 raise ConfigError("apply needs confirmation; without a terminal pass --yes")
             if not _confirmed(root, holder, f"Submit {len(todo)} session(s) of {root} to SLURM?"):
                 echo("Cancelled; nothing submitted.")
-                return EXIT_ERROR
+                return EXIT_ERROR, None
         settings = cfg.slurm
         kind = sx.credentials_kind(client)
         batch = sx.new_batch(
@@ -1260,19 +1350,21 @@ def run_slurm_apply(
         except SlurmError as exc:
             if not dry_run:
                 raise
-            echo(f"# warning: {exc.summary}; a real submission is refused ({exc.hint})")
-        if dry_run:
-            echo(f"\n# Dry run: {len(todo)} session(s) would be submitted as batch {batch.id}; nothing was written.")
+            echo(f"# warning: {exc.summary}; a real submission is refused ({exc.hint})", outcome=True)
+        if dry_run:  # the scripts are what a dry run is asked for: its outcome
+            echo(f"\n# Dry run: {len(todo)} session(s) would be submitted as batch {batch.id}; nothing was written.",
+                 outcome=True)
             for job in (array, finalize_job):
                 command = job.command(dependency="<array job ID>" if job.kind == "finalize" else None)
-                echo(f"\n# ---- {job.script_path} ({job.kind} job), submitted with:\n# {shlex.join(command)}")
-                echo(job.script.rstrip("\n"))
-            echo(f"\n# ---- {batch.setup_path} (the [slurm] setup snippet, sourced by both jobs)")
-            echo(settings.setup.rstrip("\n") or "# (empty)")
+                echo(f"\n# ---- {job.script_path} ({job.kind} job), submitted with:\n# {shlex.join(command)}",
+                     outcome=True)
+                echo(job.script.rstrip("\n"), outcome=True)
+            echo(f"\n# ---- {batch.setup_path} (the [slurm] setup snippet, sourced by both jobs)", outcome=True)
+            echo(settings.setup.rstrip("\n") or "# (empty)", outcome=True)
             how = {"netrc": "~/.netrc (or $NETRC)", "token-file": "$XNAT_TOKEN_FILE"}.get(
                 kind, f"an alias token written to {batch.credentials_path} (mode 0600)")
-            echo(f"\n# The jobs log in to {batch.xnat_url} with {how}.")
-            return EXIT_OK
+            echo(f"\n# The jobs log in to {batch.xnat_url} with {how}.", outcome=True)
+            return EXIT_OK, None
         plan_json = render_json(plan, bids_root=str(root), config_fingerprint=cfg.fingerprint(), xnat_url=client.url,
                                 created_at=utc_now())
         _own_ignores(root)
@@ -1295,13 +1387,12 @@ def run_slurm_apply(
             statelock.release(root, holder)
     echo(f"\nSubmitted batch {batch.id}: array job {batch.array_job} ({_count(len(batch.sessions), 'session')}, "
          f"at most {min(batch.max_parallel, len(batch.sessions))} at once), finalize job {batch.finalize_job} "
-         f"(after the array, whatever happens).")
+         f"(after the array, whatever happens).", outcome=True)
     echo(f"Follow it with `xnat2bids status {root}` or `squeue -j {batch.array_job},{batch.finalize_job}`; "
-         f"job logs in {batch.logs_dir}.")
+         f"job logs in {batch.logs_dir}.", outcome=True)
     _say_held_back(held)
     # As a local apply: what the batch cannot carry out (problems, updates held back) fails the run.
-    code = EXIT_ERROR if plan.problems or held else EXIT_OK
-    return max(code, _wait_for_batch(batch)) if wait else code
+    return EXIT_ERROR if plan.problems or held else EXIT_OK, batch
 
 
 def _confirmed(root: Path, holder: Holder, question: str) -> bool:
@@ -1328,7 +1419,7 @@ def _wait_for_batch(batch) -> int:
             mark = "✓" if result.get("status") == "done" else "✗"
             detail = f" ({result.get('message')})" if result.get("message") else ""
             echo(f"[{len(seen)}/{len(batch.sessions)}] {mark} staged {entry.address} ({entry.project}/{entry.experiment_id})"
-                 f" by task {result.get('job')}{detail}")
+                 f" by task {result.get('job')}{detail}", outcome=True)
 
     stopped_by: list[int] = []
     previous: dict[int, Any] = {}
@@ -1375,14 +1466,14 @@ def _wait_for_batch(batch) -> int:
         return EXIT_ERROR
     s = done["summary"]
     echo(f"Batch {batch.id} finalized: {s.get('done', 0)} done, {s.get('failed', 0)} failed, {s.get('skipped', 0)} skipped; "
-         f"lock serial {done['lock_serial']}.")
+         f"lock serial {done['lock_serial']}.", outcome=True)
     if done.get("validator_errors") is not None:
         echo(f"BIDS validator: {done['validator_errors']} error(s); the report is in "
-             f"{batch.root / '.xnat2bids/logs/bids-validator.json'}")
+             f"{batch.root / '.xnat2bids/logs/bids-validator.json'}", outcome=True)
     if done.get("git_commit"):
-        echo(f"git commit {done['git_commit']}")
+        echo(f"git commit {done['git_commit']}", outcome=True)
     for problem in done.get("problems", []):
-        echo(f"problem: {problem}")
+        echo(f"problem: {problem}", outcome=True)
     return EXIT_OK if done["ok"] else EXIT_ERROR
 
 
@@ -1523,7 +1614,6 @@ def finalize(
 def _finalize_dataset(root: Path, batch_id: str | None) -> int:
     from reconcile import statelock
     from reconcile.executors import slurm as sx
-    from reconcile.progress import Reporter
 
     share_with_group(root)
     warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
@@ -1554,7 +1644,7 @@ def _finalize_dataset(root: Path, batch_id: str | None) -> int:
     own_job = os.environ.get("SLURM_JOB_ID") if os.environ.get("SLURM_JOB_ID") == batch.finalize_job else None
     sx.check_batch_idle(batch, own_job=own_job)  # before saying it starts
     echo(f"Finalizing batch {batch.id} of {root} ({_count(len(batch.sessions), 'session')})")
-    reporter = Reporter(len(batch.sessions))
+    reporter = _reporter(len(batch.sessions))
     try:
         result = sx.finalize_batch(batch, own_job=own_job, on_event=reporter, warn=warn)
     finally:
@@ -1583,41 +1673,79 @@ def slurm_task(
     raise typer.Exit(EXIT_OK if record["status"] == "done" else EXIT_ERROR)
 
 
+_SINCE_FORMS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S")
+
+
+def _since(value: Optional[str]) -> Optional[str]:
+    """`--since` as the history writes times (2026-11-01T00:00:00Z), which then compare as text."""
+    if value is None:
+        return None
+    from datetime import datetime
+
+    for form in _SINCE_FORMS:
+        try:
+            return datetime.strptime(value.removesuffix("Z"), form).strftime("%Y-%m-%dT%H:%M:%SZ")
+        except ValueError:
+            continue
+    raise typer.BadParameter(f"{value!r} is not a date or date-time: give YYYY-MM-DD, YYYY-MM-DDTHH:MM or "
+                             "YYYY-MM-DDTHH:MM:SS (UTC, as history prints times), e.g. 2026-11-01 or 2026-11-01T12:00")
+
+
 @app.command()
 def history(
     bids_root: Optional[Path] = RootArg,
     config: Optional[Path] = ConfigOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the raw JSON lines."),
     project: Optional[list[str]] = StudyOpt,
+    last: Optional[int] = typer.Option(None, "--last", "-n", min=1, metavar="N", help="Only the last N entries."),
+    since: Optional[str] = typer.Option(None, "--since", metavar="WHEN", callback=_since,
+                                        help="Only entries at or after WHEN: a date or date-time in UTC "
+                                             "(2026-11-01, 2026-11-01T12:00)."),
 ) -> None:
     """Print the dataset's append-only apply history.
 
     Example: xnat2bids history ~/bids-export
+
+    Example: xnat2bids history ~/bids-export --since 2026-11-01 -n 5
     """
-    _offline_command(config, bids_root, as_json, lambda where: _print_history(where, as_json=as_json),
-                     none=lambda root: _print_history(root, as_json=as_json), projects=project)
+    def show(where: Path) -> int:
+        return _print_history(where, as_json=as_json, last=last, since=since)
+
+    _offline_command(config, bids_root, as_json, show, none=show, projects=project)
 
 
-def _print_history(root: Path, *, as_json: bool) -> int:
-    from reconcile.apply import read_history
+def _print_history(root: Path, *, as_json: bool, last: int | None = None, since: str | None = None) -> int:
+    """`last`, `since`: only the last N entries by time, only those at or after a time."""
+    from reconcile.apply import failed_run, read_history
 
     entries = read_history(root, warn=lambda m: echo(f"warning: {m}", err=True))
     if not entries and not as_json:  # JSON lines: none
         echo("No history yet.")
-    if not as_json:  # a git merge of two clones' histories (a union) interleaves them; people read by time
-        entries.sort(key=lambda e: e["time"])
-    for e in entries:
+    # A git merge of two clones' histories (a union) interleaves them: chosen by time, and people
+    # read them by time (--json keeps the file's order).
+    by_time = sorted(entries, key=lambda e: e["time"])
+    chosen = [e for e in by_time if since is None or e["time"] >= since][-last if last else None:]
+    if entries and not chosen and not as_json:
+        echo(f"No history since {since}.")
+    if as_json:
+        kept = set(map(id, chosen))
+        chosen = [e for e in entries if id(e) in kept]
+    for e in chosen:
         if as_json:
             echo(json.dumps(e, sort_keys=True))
             continue
         s = e["summary"]
         if isinstance(e.get("unlocked"), dict):  # force-unlock: no session, no lock change
             what = f"removed the state lock held by {_unlocked(e['unlocked'])}"
+        elif failed_run(e):  # errors before anything was applied: no session, no lock change
+            what = f"failed, nothing applied; lock serial {e['lock_serial']['after']}"
         else:
             what = (f"{s.get('done', 0)} done, {s.get('failed', 0)} failed, {s.get('skipped', 0)} skipped; "
                     f"serial {e['lock_serial']['before']} → {e['lock_serial']['after']}")
         echo(f"{e['time']}  {e['operation']} by {e['user']}@{e['host']} (xnat2bids {e['xnat2bids']})"
              f"{' (cancelled)' if e.get('cancelled') else ''}: {what}")
+        for error in e["errors"] if isinstance(e.get("errors"), list) else ():
+            echo(f"    error: {error.get('message') if isinstance(error, dict) else error}")
         heads = [f"    {row['result']:<7} {row['action']:<6} {row['address']} ({row['project']}/{row['experiment_id']})"
                  for row in e["sessions"]]
         width = max(map(len, heads), default=0)
@@ -2157,7 +2285,7 @@ def _error_json(kind: str, message: str, detail: str | None = None, hint: str | 
     """The error as schemas/error.schema.json, on stdout, when the command was given --json."""
     if _json_errors:
         error = {"kind": kind, "message": message, "detail": detail, "hint": hint}
-        echo(json.dumps({"format_version": 1, "error": error}, sort_keys=True))
+        echo(json.dumps({"format_version": 1, "error": error}, sort_keys=True), outcome=True)  # the document, --quiet or not
 
 
 def _argv(argv: list[str]) -> list[str]:

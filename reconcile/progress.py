@@ -28,11 +28,13 @@ def format_duration(seconds: float) -> str:
 
 
 class Reporter:
-    def __init__(self, total: int, *, stream: TextIO | None = None, live: bool | None = None):
+    def __init__(self, total: int, *, stream: TextIO | None = None, live: bool | None = None, quiet: bool = False):
+        """`quiet` (--quiet): each session's outcome lines alone, no progress bar, no line as it starts."""
         self.stream = stream or sys.stdout
         self.total = total
         self.finished = 0
-        self.live = self.stream.isatty() if live is None else live
+        self.quiet = quiet
+        self.live = not quiet and (self.stream.isatty() if live is None else live)
         self._progress = None
         self._task = None
         if self.live and total:
@@ -66,7 +68,7 @@ class Reporter:
                 from rich.markup import escape
 
                 self._progress.update(self._task, description=escape(where))  # a label's "[" is not markup
-            else:
+            elif not self.quiet:
                 self._line(f"  … {change.action.value:<6} {where}")
             return
         self.finished += 1

@@ -53,6 +53,11 @@ def summary_line(plan: Plan) -> str:
 
 
 def render_text(plan: Plan) -> str:
+    """The changes and summary (`render_changes`), then the errors and the notes."""
+    return "\n".join([render_changes(plan), *problem_lines(plan), *(f"note: {note}" for note in plan.notes)])
+
+
+def render_changes(plan: Plan) -> str:
     """One line per change, grouped by action, each with its reasons; then the summary."""
     lines: list[str] = []
     paths = [c.address.path for c in plan.changes]
@@ -70,13 +75,17 @@ def render_text(plan: Plan) -> str:
     if lines:
         lines.append("")
     lines.append(summary_line(plan))
+    return "\n".join(lines)
+
+
+def problem_lines(plan: Plan) -> list[str]:
+    """The plan's errors, each with its hint below it."""
+    lines = []
     for problem in plan.problems:
         lines.append(f"error: {problem.message}")
         if problem.hint:
             lines.append(f"  hint: {problem.hint}")
-    for note in plan.notes:
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
+    return lines
 
 
 def _experiment_dict(exp: Experiment) -> dict[str, Any]:
