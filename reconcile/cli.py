@@ -149,14 +149,14 @@ def _reporter(total: int):  # noqa: ANN202 - progress.Reporter, imported late
     return Reporter(total, quiet=_quiet)
 
 
-def _show_plan(plan: Plan, *, outcome: bool) -> None:
+def _show_plan(plan: Plan, *, outcome: bool, asking: bool = False) -> None:
     """The plan as text. Under --quiet its errors go to stderr, its notes nowhere, and its changes
     with their summary only as an `outcome` (plan's own, when it has changes; apply's outcome
-    lines tell what it did instead)."""
+    lines tell what it did instead). Whole whatever --quiet when someone is `asking` to confirm it."""
     from reconcile.render import problem_lines, render_changes, render_text
 
-    if not _quiet:
-        echo(render_text(plan))
+    if not _quiet or (asking and stdin_is_terminal()):
+        echo(render_text(plan), outcome=True)
         return
     if outcome and plan.changes:
         echo(render_changes(plan), outcome=True)
@@ -781,7 +781,8 @@ def run_apply(
             plan, todo, held = _recover_and_plan(client, root, cfg, selection, saved=saved, deep=deep,
                                                  reconvert_outdated=reconvert_outdated, full=full,
                                                  repair_drift=repair_drift, warn=warn,
-                                                 accept_older_lock=accept_older_lock, config_option=config_option)
+                                                 accept_older_lock=accept_older_lock, config_option=config_option,
+                                                 asking=not yes)
             untouched = _left_alone(plan, todo, held)
             if not todo:
                 return _nothing_to_apply(root, plan, held, untouched, git_commit=git_commit, record=True)
@@ -791,7 +792,7 @@ def run_apply(
                     raise ConfigError("apply needs confirmation; without a terminal pass --yes")
                 asked = time.monotonic()
                 if not _confirmed(root, holder, f"Apply {len(todo)} change(s) to {root}?"):
-                    echo("Cancelled; nothing changed.")
+                    echo("Cancelled; nothing changed.", outcome=True)
                     return EXIT_ERROR
                 started += time.monotonic() - asked  # the run's time, not the time it waited for an answer
             _own_ignores(root)
@@ -1108,7 +1109,7 @@ def _left_alone(plan: Plan, todo: tuple[Change, ...], held: tuple[Change, ...]) 
 def _recover_and_plan(
     client, root: Path, cfg: Config, selection: Selection, *, saved: _SavedPlan | None, deep: bool,
     reconvert_outdated: bool, full: bool, repair_drift: bool, warn: Callable[[str], None] | None,
-    accept_older_lock: bool = False, config_option: str = "",
+    accept_older_lock: bool = False, config_option: str = "", asking: bool = False,
 ) -> tuple[Plan, tuple[Change, ...], tuple[Change, ...]]:
     """What both executors do first under the state lock: settle interrupted commits and token
     revocations (not without the lock: `warn` None), then plan and show it, and refuse a plan whose
@@ -1125,7 +1126,7 @@ def _recover_and_plan(
     plan = _load_or_make_plan(client, root, cfg, selection, saved=saved, deep=deep,
                               reconvert_outdated=reconvert_outdated, full=full, accept_older_lock=accept_older_lock)
     shown = _forget_here(plan, f" {shlex.quote(str(root))}{config_option}")
-    _show_plan(repairing(shown) if repair_drift else shown, outcome=False)
+    _show_plan(repairing(shown) if repair_drift else shown, outcome=False, asking=asking)
     todo = plan.actionable(repair_drift=repair_drift)
     if todo and warn is not None:  # not for a --dry-run (no lock taken), which writes nothing
         # Before any download: every commit updates participants.tsv, and a session would be
@@ -1324,7 +1325,8 @@ def run_slurm_apply(
         plan, todo, held = _recover_and_plan(client, root, cfg, selection, saved=saved, deep=deep,
                                              reconvert_outdated=reconvert_outdated, full=full,
                                              repair_drift=repair_drift, warn=warn if holder else None,
-                                             accept_older_lock=accept_older_lock or dry_run, config_option=config_option)
+                                             accept_older_lock=accept_older_lock or dry_run, config_option=config_option,
+                                             asking=not yes and not dry_run)
         if not todo:
             return _nothing_to_apply(root, plan, held, _left_alone(plan, todo, held),
                                      git_commit=git_commit and not dry_run, record=holder is not None), None

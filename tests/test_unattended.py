@@ -262,3 +262,18 @@ def test_a_failed_apply_writes_nothing_where_it_may_not(cli, emulator, tmp_path,
     bare = exported_root(emulator.archive, tmp_path / "bare", [])
     assert cli("apply", str(bare), "-p", "PROJ", "--yes")[0] == 1
     assert sorted(p.name for p in bare.iterdir()) == [".xnat2bids.lock"]
+
+
+def test_apply_quiet_at_a_terminal_shows_the_plan_it_asks_to_confirm(cli, emulator, tmp_path, monkeypatch):
+    # --quiet is for cron; a person asked "Apply 1 change(s)?" must see what they confirm.
+    from reconcile import cli as cli_module
+
+    add_sessions(emulator.archive, 1)
+    root = tmp_path / "bids"
+    asked: list[str] = []
+    monkeypatch.setattr(cli_module, "stdin_is_terminal", lambda: True)
+    monkeypatch.setattr(cli_module.typer, "confirm", lambda question, default: asked.append(question) or False)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--quiet")
+    assert asked == [f"Apply 1 change(s) to {root}?"]
+    assert "+ create  sub-SUBJ01/ses-SUBJ01MR1" in out and "Plan: 1 to create" in out, out + err
+    assert code == 1 and "Cancelled; nothing changed." in out
