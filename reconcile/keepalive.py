@@ -123,12 +123,12 @@ class KeepAlivePool:
         connection closed, for a redirect, a content-encoded body or a connection that failed
         before the answer: the caller then asks through requests.
 
-        A reused connection that the server closed while idle fails before the answer; it is
-        dropped and the GET is sent once more on a new connection; so is one that timed out (a
-        firewall may have dropped it silently), after the other kept ones are dropped too. A
-        timeout on a new connection is the attempt's: it raises requests' ReadTimeout (or
-        ConnectTimeout), so the caller's retries count it and the GET is not sent again through
-        requests. Other failures (refused connections, TLS) give None at once.
+        A reused connection that the server closed while idle fails at once, before the answer
+        (reset, closed, empty status line); it is dropped and the GET is sent once more on a new
+        connection. A timeout is the attempt's, on a kept connection too: it raises requests'
+        ReadTimeout (or ConnectTimeout), so the caller's retries count it and neither this lane
+        nor requests sends the GET again within the attempt. Other failures (refused
+        connections, TLS) give None at once.
         """
         with self._lock:
             conn = self._idle.pop() if self._idle else None
@@ -149,9 +149,9 @@ class KeepAlivePool:
                     conn.close()
                 if not fresh:
                     # A kept connection that a firewall or NAT dropped silently looks like this too,
-                    # and so would the others kept as long: drop them all, ask once on a new one.
+                    # and so would the others kept as long: drop them all, so that the next attempt
+                    # goes on a new one. Not this one: a slow XNAT would be waited for twice.
                     self._drop_idle()
-                    continue
                 timeout = requests.exceptions.ReadTimeout if connected else requests.exceptions.ConnectTimeout
                 raise timeout(f"{url}: no answer within {self._timeout} s") from exc
             except (OSError, http.client.HTTPException):

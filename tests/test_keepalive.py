@@ -8,6 +8,7 @@ import gzip
 import http.client
 import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,9 @@ from test_xnat_client import Site, emu_client, make_client, populate, read_body
 from werkzeug import Request, Response
 
 from reconcile.credentials import Credentials
+from reconcile.emulator import Fault
 from reconcile.emulator.serve import serve_in_thread
+from reconcile.errors import Cancelled, RemoteError
 from reconcile.keepalive import ssl_context
 from reconcile.xnat import XnatClient
 
@@ -100,6 +103,52 @@ def test_kept_connections_a_firewall_dropped_silently_are_replaced_not_retried_u
             with c.stream(scan.files[0].uri) as resp:
                 assert read_body(resp, 64) == b"t1"
     assert [r[1] for r in emulator.app.requests if r[0] == "GET"] == [scan.files[0].uri]
+
+
+def file_gets(emulator: Any, uri: str) -> int:
+    return sum(1 for method, path, _ in emulator.app.requests if method == "GET" and path == uri)
+
+
+def test_a_get_that_times_out_on_a_kept_connection_is_sent_once_per_attempt(cheroot_emulator: Any) -> None:
+    # A read timeout is XNAT not answering, not a connection dropped while idle: sending the GET
+    # again at once on a new connection made each such attempt take twice `timeout`.
+    emulator = cheroot_emulator
+    populate(emulator.archive, 1)
+    with emu_client(emulator, timeout=0.5, retries=2) as c:
+        scan = c.list_scans(c.list_experiments("PROJ")[0])[1]
+        assert c._keepalive is not None and len(c._keepalive._idle) == 1  # the listings' connection, kept
+        emulator.app.faults.add(Fault(route=r"/files/1\.dcm$", kind="latency", seconds=0.8))
+        emulator.app.reset_requests()
+        with pytest.raises(RemoteError):
+            with c.stream(scan.files[0].uri):
+                pass
+    assert file_gets(emulator, scan.files[0].uri) == 3
+
+
+def test_a_stop_asked_for_while_a_get_waits_sends_it_no_more(
+    cheroot_emulator: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    emulator = cheroot_emulator
+    populate(emulator.archive, 1)
+    stop = threading.Event()
+    with emu_client(emulator, timeout=0.5, retries=4) as c:
+        scan = c.list_scans(c.list_experiments("PROJ")[0])[1]
+        assert c._keepalive is not None and len(c._keepalive._idle) == 1
+        c.stop_when(stop)
+        slow = emulator.app.faults.add(Fault(route=r"/files/1\.dcm$", kind="latency", seconds=0.8))
+        serve = emulator.app.handle
+
+        def handle(request: Request) -> Response:
+            if slow.matches(request.method, request.path):
+                stop.set()  # Ctrl-C while XNAT keeps the GET waiting
+            return serve(request)
+
+        monkeypatch.setattr(emulator.app, "handle", handle)
+        emulator.app.reset_requests()
+        with pytest.raises(Cancelled):
+            with c.stream(scan.files[0].uri):
+                pass
+    assert file_gets(emulator, scan.files[0].uri) == 1
 
 
 def test_an_expired_session_is_handed_to_requests_which_logs_in_again(emulator: Any) -> None:

@@ -67,6 +67,33 @@ def test_a_signal_during_download_stops_cleanly_releases_the_lock_and_a_rerun_co
         assert "1 done, 0 failed" in rerun.stdout
 
 
+def test_a_signal_while_xnat_does_not_answer_sends_the_request_no_more(tmp_path, monkeypatch):
+    # XNAT answers no file listing or download: the request under way ends at its timeout and is
+    # neither sent again on a new connection nor retried.
+    with served_world() as world:
+        slow = world.app.faults.add(Fault(route="/files", kind="latency", seconds=3))
+        config = tmp_path / "lab.toml"
+        config.write_text("timeout = 0.5\n")
+        root = tmp_path / "bids"
+        started: list[subprocess.Popen] = []
+        serve = world.app.handle
+
+        def handle(request):
+            if slow.matches(request.method, request.path) and slow.seen == 0:
+                started[0].send_signal(signal.SIGINT)  # Ctrl-C while XNAT keeps the first one waiting
+            return serve(request)
+
+        monkeypatch.setattr(world.app, "handle", handle)
+        started.append(start_xnat2bids("apply", str(root), "-p", "PROJ", "--yes", "--jobs", "1",
+                                       "--config", str(config), url=world.url, cwd=tmp_path))
+        out, err = started[0].communicate(timeout=60)
+        assert started[0].returncode == 1, out + err
+        assert "Stopping: the sessions under way are abandoned cleanly" in err
+        assert "Apply cancelled: 0 done, 0 failed, 1 skipped" in out, out + err
+        assert slow.seen == 1
+        assert not state_lock_path(root).exists() and read_lock(root) is None
+
+
 def test_a_terminal_that_hangs_up_stops_apply_cleanly(tmp_path):
     # An SSH session that drops hangs up apply's terminal: SIGHUP, then every write to it fails.
     with served_world() as world:
