@@ -399,8 +399,8 @@ class XnatClient:
         self.max_connections = max(1, max_connections)
         self.on_request = on_request
         self.request_count = 0
-        # Set (by apply, on Ctrl-C or SIGTERM): requests stop retrying, raising Cancelled; a slow
-        # XNAT would otherwise hold the stop for minutes of retries. `stop_when` sets it.
+        # Set (by apply, on Ctrl-C or SIGTERM): requests stop retrying, and none starts, raising
+        # Cancelled; a slow XNAT would otherwise hold the stop for minutes of retries. `stop_when` sets it.
         self._stop: threading.Event | None = None
 
         self._http = _Session()
@@ -572,7 +572,8 @@ class XnatClient:
             self.on_request(method, url)
 
     def stop_when(self, event: threading.Event | None) -> None:
-        """Give up retrying, with Cancelled, once `event` is set (None: never)."""
+        """Once `event` is set (None: never), send no further attempt: Cancelled instead. The
+        attempt under way ends at its timeout at the latest."""
         self._stop = event
 
     def _sleep(self, attempt: int, resp: requests.Response | keepalive.Answer | None) -> None:
@@ -608,6 +609,9 @@ class XnatClient:
         for attempt in range(self.retries + 1):
             resp: requests.Response | keepalive.Answer | None = None
             self._slots.acquire()
+            if self._stop is not None and self._stop.is_set():  # asked for, or waited for a slot, during the stop
+                self._slots.release()
+                raise Cancelled(f"stopped before a request to XNAT at {self.url}")
             try:
                 self._count(method, url)
                 lane = self._lane(method, url, params, data, headers, auth, stream)

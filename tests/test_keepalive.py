@@ -151,6 +151,23 @@ def test_a_stop_asked_for_while_a_get_waits_sends_it_no_more(
     assert file_gets(emulator, scan.files[0].uri) == 1
 
 
+def test_a_request_begun_during_a_stop_is_not_sent(cheroot_emulator: Any) -> None:
+    # As a download worker that waited for a free connection while the others hung on a slow XNAT:
+    # sending it would hold the stop for one more timeout.
+    emulator = cheroot_emulator
+    populate(emulator.archive, 1)
+    stop = threading.Event()
+    with emu_client(emulator, timeout=0.5) as c:
+        scan = c.list_scans(c.list_experiments("PROJ")[0])[1]
+        c.stop_when(stop)
+        stop.set()
+        emulator.app.reset_requests()
+        with pytest.raises(Cancelled):
+            with c.stream(scan.files[0].uri):
+                pass
+    assert file_gets(emulator, scan.files[0].uri) == 0
+
+
 def test_an_expired_session_is_handed_to_requests_which_logs_in_again(emulator: Any) -> None:
     (exp,) = populate(emulator.archive, 1)
     with emu_client(emulator) as c:

@@ -1274,10 +1274,11 @@ def test_a_stop_ends_the_retries_with_cancelled_instead_of_waiting_them_out(site
     with make_client(site.url, retries=4) as c:
         c.login()
         c.stop_when(stop)
-        stop.set()
+        c.on_request = lambda method, url: stop.set()  # the stop comes while the first attempt is under way
         with pytest.raises(Cancelled, match="stopped while retrying a request to XNAT"):
             c.get_json("/data/projects")
         assert len(site.requests_to("/data/projects")) == 1  # no retry after the stop
+        c.on_request = None
         c.stop_when(None)
         with pytest.raises(RemoteError, match="kept failing"):
             c.get_json("/data/projects")
