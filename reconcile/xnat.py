@@ -646,9 +646,10 @@ class XnatClient:
                 if attempt == self.retries or unresolved:
                     if isinstance(exc, (requests.exceptions.ReadTimeout, TimeoutError)):
                         listing = "/files" in url
+                        attempts = f"{attempt + 1} attempt{'s' if attempt else ''}"
                         raise RemoteError(
-                            f"XNAT at {self.url} did not answer within {self.timeout:g} s for {what or shown_url(url)}",
-                            detail=f"{attempt + 1} attempt(s)",
+                            f"XNAT at {self.url} did not answer within {self.timeout:g} s ({attempts}) "
+                            f"for {what or shown_url(url)}",
                             hint=("XNAT builds a large session's file listing whole before answering: " if listing
                                   else "XNAT is slow or busy: ")
                             + "raise `timeout` in the config (seconds), or run again when XNAT is less busy",

@@ -119,10 +119,11 @@ def test_a_get_that_times_out_on_a_kept_connection_is_sent_once_per_attempt(cher
         assert c._keepalive is not None and len(c._keepalive._idle) == 1  # the listings' connection, kept
         emulator.app.faults.add(Fault(route=r"/files/1\.dcm$", kind="latency", seconds=0.8))
         emulator.app.reset_requests()
-        with pytest.raises(RemoteError):
+        with pytest.raises(RemoteError) as info:
             with c.stream(scan.files[0].uri):
                 pass
     assert file_gets(emulator, scan.files[0].uri) == 3
+    assert "did not answer within 0.5 s (3 attempts)" in info.value.summary
 
 
 def test_a_stop_asked_for_while_a_get_waits_sends_it_no_more(
