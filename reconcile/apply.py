@@ -758,18 +758,10 @@ def check_plan_root(planned_root: str, root: Path) -> None:
         )
 
 
-def check_plan_fresh(
-    plan: Plan, root: Path, config: Config, *, planned_root: str, planned_config: str | None,
-    planned_url: str | None, url: str, planned_changes: Iterable[Mapping[str, Any]] = (),
-) -> None:
-    """A saved plan applies only to what it was computed for: its BIDS root, its config (naming
-    and conversion decide every address and output), its XNAT and its lock (lineage, serial, and
-    the record of each session it changes).
-
-    `planned_root`, `planned_config`, `planned_url` and `planned_changes` are the plan file's
-    `bids_root`, `config_fingerprint`, `xnat_url` (the two None in format 1 plans, which lack
-    them) and `changes`; `url` is the XNAT this apply talks to.
-    """
+def check_plan_made_for(root: Path, config: Config, url: str, *, planned_root: str, planned_config: str | None,
+                        planned_url: str | None) -> None:
+    """The part of `check_plan_fresh` that needs neither XNAT nor the lock: the plan's BIDS root,
+    XNAT and config are this apply's (said before a login that may fail for another reason)."""
     if planned_config is None:
         raise StalePlanError(
             "plan was saved by an older xnat2bids (plan format 1), which did not record the config it was made with",
@@ -786,6 +778,22 @@ def check_plan_fresh(
             "plan is stale: it was made with a different config (naming, conversion or project settings differ)",
             hint="apply with the config used for planning, or run plan again with this one",
         )
+
+
+def check_plan_fresh(
+    plan: Plan, root: Path, config: Config, *, planned_root: str, planned_config: str | None,
+    planned_url: str | None, url: str, planned_changes: Iterable[Mapping[str, Any]] = (),
+) -> None:
+    """A saved plan applies only to what it was computed for: its BIDS root, its config (naming
+    and conversion decide every address and output), its XNAT and its lock (lineage, serial, and
+    the record of each session it changes).
+
+    `planned_root`, `planned_config`, `planned_url` and `planned_changes` are the plan file's
+    `bids_root`, `config_fingerprint`, `xnat_url` (the two None in format 1 plans, which lack
+    them) and `changes`; `url` is the XNAT this apply talks to.
+    """
+    check_plan_made_for(root, config, url, planned_root=planned_root, planned_config=planned_config,
+                        planned_url=planned_url)
     lock = read_lock(root)
     if lock is None:
         if plan.serial != 0:

@@ -744,6 +744,12 @@ def run_apply(
 
             validator()  # installed? said before any work, not after it
         client = client or connect(cfg)
+        if saved is not None:  # a plan for another XNAT or config: said so, not the login's failure
+            from reconcile.apply import check_plan_made_for
+
+            check_plan_made_for(root, cfg, client.url, planned_root=saved.data.get("bids_root", ""),
+                                planned_config=saved.data.get("config_fingerprint"),
+                                planned_url=saved.data.get("xnat_url"))
         if not dry_run:  # which writes nothing, the root included
             client.login()  # first: a failed login (XNAT unreachable, bad password) leaves no new root behind
             share_with_group(root)
