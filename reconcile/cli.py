@@ -256,13 +256,17 @@ def run_plan(
 ) -> int:
     """`config_option` (`-c FILE`, the config file given) and `insecure`: what `apply --plan` needs
     besides the plan file; forget, which asks nothing of XNAT, the config alone."""
-    from reconcile.observe import make_plan
+    from dataclasses import replace as _replace
+
+    from reconcile.observe import absent_root_note, make_plan
     from reconcile.render import render_json
 
     run = make_plan(client, root, config, selection, deep=deep, reconvert_outdated=reconvert_outdated, full=full)
     plan = _forget_here(run.plan, f" {shlex.quote(str(root))}{config_option}")
     _say_if_busy(root)
     vanished, _, unmounted = _missing_dataset(root)
+    if vanished or unmounted:  # the warnings below say what apply does there, not "apply creates it"
+        plan = _replace(plan, notes=tuple(n for n in plan.notes if n != absent_root_note(root)))
     if unmounted:
         echo(f"warning: {unmounted}; apply refuses to export into it (--accept-unmounted)", err=True)
     if vanished:

@@ -882,6 +882,7 @@ def test_apply_refuses_a_root_whose_lock_this_user_saw_and_that_has_none_now(cli
 
     code, out, err = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
     assert code == 2 and f"warning: {had} apply refuses to export into it" in err, out + err
+    assert "apply creates it" not in out, out  # the warning's word stands, not the contrary
 
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--accept-missing-lock")  # removed on purpose
     assert code == 0 and (root / "sub-01/ses-01MR1/anat").is_dir(), out + err
