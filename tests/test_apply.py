@@ -1156,3 +1156,26 @@ def test_a_history_the_member_may_not_chmod_is_still_appended_to(tmp_path, monke
     append_lock_change(root, "forget", (1, 2), [], action="forget", reason="asked", dropped=True)
     assert [e["operation"] for e in read_history(root)] == ["forget"]
     assert history.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_dataset_its_group_does_not_share_gets_the_members_own_umask_back(tmp_path):
+    # pi-study walks the studies in one process: a private study after a shared one must not get
+    # the umask widened for the group's.
+    from reconcile.workarea import share_with_group
+
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    private.mkdir()
+    private.chmod(0o755)
+    before = os.umask(0o022)
+    try:
+        share_with_group(shared)
+        assert os.umask(0o002) == 0o002  # widened for the group (read back, then set as it was)
+        share_with_group(private)
+        assert os.umask(0o022) == 0o022  # the member's own again
+        share_with_group(shared)
+        share_with_group(shared)  # twice: still the group's, from the member's own
+        assert os.umask(0o002) == 0o002
+    finally:
+        os.umask(before)
