@@ -387,14 +387,20 @@ def _remove_empty(folder: Path, address: BidsAddress, exp_id: str) -> None:
     fails the session and stays, and a crash in between loses nothing (a commit journalled later
     finds no folder, as if there had been none)."""
     try:
-        for dirpath, _dirs, _files in os.walk(folder, topdown=False):
-            os.rmdir(dirpath)
+        _rmdir_tree(folder)
     except OSError as exc:
         raise OccupiedError(
             f"{address.path} already exists but the lock does not record it for {exp_id}, and it could not be "
             f"removed ({exc.strerror or exc}): it held no file when looked at",
             hint="move that folder away and apply again",
         ) from exc
+
+
+def _rmdir_tree(folder: Path) -> None:
+    """Remove `folder` and the folders in it, deepest first: rmdir removes only empty ones, so a
+    file in it stops this with OSError and stays."""
+    for dirpath, _dirs, _files in os.walk(folder, topdown=False):
+        os.rmdir(dirpath)
 
 
 def _move_replacing(src: Path, dest: Path, trash: Path) -> None:
@@ -576,6 +582,8 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
     if journal["dicom"] and (root / journal["dicom"]).is_dir():
         dest = kept_dicom_dir(root, record.address)
         linked = dest.is_symlink()
+        if not linked and dest.is_dir() and holds_nothing(root, dest.relative_to(root).as_posix()):
+            _rmdir_tree(dest)  # an old export's, emptied: nothing to set aside (a file put there since stays)
         if linked or (dest.exists() and _dicom_owner(dest) != exp_id):
             # A link (moved to other storage and linked back: what it points to is never walked
             # into, emptied or deleted), or kept DICOM not marked as this session's (another

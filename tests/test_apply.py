@@ -1179,3 +1179,16 @@ def test_a_dataset_its_group_does_not_share_gets_the_members_own_umask_back(tmp_
         assert os.umask(0o002) == 0o002
     finally:
         os.umask(before)
+
+
+def test_an_empty_kept_dicom_folder_an_old_export_left_makes_way_without_a_warning(cli, emulator, tmp_path):
+    # Moving over: the old script's sourcedata/…/dicom, its files moved away, is no one's DICOM.
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    left = root / "sourcedata/sub-01/ses-01MR1/dicom"
+    (left / "1" / "deeper").mkdir(parents=True)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--keep-dicom")
+    assert code == 0, out + err
+    assert "held DICOM not marked" not in out + err and not (root / ".xnat2bids/replaced").exists()
+    assert (left / ".xnat2bids-experiment").is_file() and list((left / "1").glob("*.dcm"))
+    assert not (left / "1" / "deeper").exists()
