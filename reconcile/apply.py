@@ -387,14 +387,20 @@ def _remove_empty(folder: Path, address: BidsAddress, exp_id: str) -> None:
     fails the session and stays, and a crash in between loses nothing (a commit journalled later
     finds no folder, as if there had been none)."""
     try:
-        for dirpath, _dirs, _files in os.walk(folder, topdown=False):
-            os.rmdir(dirpath)
+        _rmdir_tree(folder)
     except OSError as exc:
         raise OccupiedError(
             f"{address.path} already exists but the lock does not record it for {exp_id}, and it could not be "
             f"removed ({exc.strerror or exc}): it held no file when looked at",
             hint="move that folder away and apply again",
         ) from exc
+
+
+def _rmdir_tree(folder: Path) -> None:
+    """Remove `folder` and the folders in it, deepest first: rmdir removes only empty ones, so a
+    file in it stops this with OSError and stays."""
+    for dirpath, _dirs, _files in os.walk(folder, topdown=False):
+        os.rmdir(dirpath)
 
 
 def _move_replacing(src: Path, dest: Path, trash: Path) -> None:
@@ -576,6 +582,8 @@ def _roll_forward(root: Path, exp_id: str, lock: Lock | None = None, *, save: bo
     if journal["dicom"] and (root / journal["dicom"]).is_dir():
         dest = kept_dicom_dir(root, record.address)
         linked = dest.is_symlink()
+        if not linked and dest.is_dir() and holds_nothing(root, dest.relative_to(root).as_posix()):
+            _rmdir_tree(dest)  # an old export's, emptied: nothing to set aside (a file put there since stays)
         if linked or (dest.exists() and _dicom_owner(dest) != exp_id):
             # A link (moved to other storage and linked back: what it points to is never walked
             # into, emptied or deleted), or kept DICOM not marked as this session's (another
@@ -758,18 +766,10 @@ def check_plan_root(planned_root: str, root: Path) -> None:
         )
 
 
-def check_plan_fresh(
-    plan: Plan, root: Path, config: Config, *, planned_root: str, planned_config: str | None,
-    planned_url: str | None, url: str, planned_changes: Iterable[Mapping[str, Any]] = (),
-) -> None:
-    """A saved plan applies only to what it was computed for: its BIDS root, its config (naming
-    and conversion decide every address and output), its XNAT and its lock (lineage, serial, and
-    the record of each session it changes).
-
-    `planned_root`, `planned_config`, `planned_url` and `planned_changes` are the plan file's
-    `bids_root`, `config_fingerprint`, `xnat_url` (the two None in format 1 plans, which lack
-    them) and `changes`; `url` is the XNAT this apply talks to.
-    """
+def check_plan_made_for(root: Path, config: Config, url: str, *, planned_root: str, planned_config: str | None,
+                        planned_url: str | None) -> None:
+    """The part of `check_plan_fresh` that needs neither XNAT nor the lock: the plan's BIDS root,
+    XNAT and config are this apply's (said before a login that may fail for another reason)."""
     if planned_config is None:
         raise StalePlanError(
             "plan was saved by an older xnat2bids (plan format 1), which did not record the config it was made with",
@@ -786,6 +786,22 @@ def check_plan_fresh(
             "plan is stale: it was made with a different config (naming, conversion or project settings differ)",
             hint="apply with the config used for planning, or run plan again with this one",
         )
+
+
+def check_plan_fresh(
+    plan: Plan, root: Path, config: Config, *, planned_root: str, planned_config: str | None,
+    planned_url: str | None, url: str, planned_changes: Iterable[Mapping[str, Any]] = (),
+) -> None:
+    """A saved plan applies only to what it was computed for: its BIDS root, its config (naming
+    and conversion decide every address and output), its XNAT and its lock (lineage, serial, and
+    the record of each session it changes).
+
+    `planned_root`, `planned_config`, `planned_url` and `planned_changes` are the plan file's
+    `bids_root`, `config_fingerprint`, `xnat_url` (the two None in format 1 plans, which lack
+    them) and `changes`; `url` is the XNAT this apply talks to.
+    """
+    check_plan_made_for(root, config, url, planned_root=planned_root, planned_config=planned_config,
+                        planned_url=planned_url)
     lock = read_lock(root)
     if lock is None:
         if plan.serial != 0:

@@ -256,13 +256,17 @@ def run_plan(
 ) -> int:
     """`config_option` (`-c FILE`, the config file given) and `insecure`: what `apply --plan` needs
     besides the plan file; forget, which asks nothing of XNAT, the config alone."""
-    from reconcile.observe import make_plan
+    from dataclasses import replace as _replace
+
+    from reconcile.observe import absent_root_note, make_plan
     from reconcile.render import render_json
 
     run = make_plan(client, root, config, selection, deep=deep, reconvert_outdated=reconvert_outdated, full=full)
     plan = _forget_here(run.plan, f" {shlex.quote(str(root))}{config_option}")
     _say_if_busy(root)
     vanished, _, unmounted = _missing_dataset(root)
+    if vanished or unmounted:  # the warnings below say what apply does there, not "apply creates it"
+        plan = _replace(plan, notes=tuple(n for n in plan.notes if n != absent_root_note(root)))
     if unmounted:
         echo(f"warning: {unmounted}; apply refuses to export into it (--accept-unmounted)", err=True)
     if vanished:
@@ -744,6 +748,12 @@ def run_apply(
 
             validator()  # installed? said before any work, not after it
         client = client or connect(cfg)
+        if saved is not None:  # a plan for another XNAT or config: said so, not the login's failure
+            from reconcile.apply import check_plan_made_for
+
+            check_plan_made_for(root, cfg, client.url, planned_root=saved.data.get("bids_root", ""),
+                                planned_config=saved.data.get("config_fingerprint"),
+                                planned_url=saved.data.get("xnat_url"))
         if not dry_run:  # which writes nothing, the root included
             client.login()  # first: a failed login (XNAT unreachable, bad password) leaves no new root behind
             share_with_group(root)

@@ -225,8 +225,7 @@ def make_plan(
         conflicted = _conflicted(root, plan)
         refused = _refused(root, config, plan, read_files=not conflicted)  # conflict markers: said already
         if not refused and not root.exists() and plan.changes:
-            refused = (f"{root} does not exist: apply creates it and exports every session; if the dataset was "
-                       "moved, or its file system is not mounted, stop here")
+            refused = absent_root_note(root)
         # Notes about the root come first, most pressing first; the planner's own after them.
         first = (refused, _strangers_beside(root, lock, plan), *_git_notes(root), conflicted, lost_lock(root, lock),
                  *pending)
@@ -234,6 +233,12 @@ def make_plan(
         plan = replace(plan, notes=(*filter(None, first), *plan.notes, *filter(None, last)))
         _promote_survivors()
     return PlanRun(root, lock, plan, len(interrupted))
+
+
+def absent_root_note(root: Path) -> str:
+    """Plan's note for a root that does not exist, where it has changes."""
+    return (f"{root} does not exist: apply creates it and exports every session; if the dataset was moved, or its "
+            "file system is not mounted, stop here")
 
 
 def _git_notes(root: Path) -> tuple[str | None, ...]:

@@ -46,6 +46,9 @@ def unconvertible(root: Path) -> ConfigError | None:
     return None
 
 
+_loosened: tuple[int, int] | None = None  # (the member's umask, the one set for a shared dataset)
+
+
 def share_with_group(root: Path) -> None:
     """Where a lab group shares the dataset (its folder, or the nearest one above it that exists,
     setgid and group-writable: `chmod 2775`), make what this process creates there writable by the
@@ -53,11 +56,15 @@ def share_with_group(root: Path) -> None:
     member with umask 022 leaves folders (a session, the work area's logs and trash) that the next
     member's apply cannot write, nor put back after a crash. Files it rewrites or appends to (made
     0644 by an older version) are opened to the group as well: see `durable.share_writes_with_group`."""
+    global _loosened
     shared = _group_shares(root)
     share_writes_with_group(shared)
-    if shared:
-        umask = os.umask(0)
-        os.umask(umask & ~0o070)
+    umask = os.umask(0)
+    # One run walks several datasets (pi-study): one not shared gets the member's own umask back.
+    own = _loosened[0] if _loosened is not None and umask == _loosened[1] else umask
+    now = own & ~0o070 if shared else own
+    os.umask(now)
+    _loosened = (own, now) if now != own else None
 
 
 def _group_shares(root: Path) -> bool:

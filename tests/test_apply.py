@@ -882,6 +882,7 @@ def test_apply_refuses_a_root_whose_lock_this_user_saw_and_that_has_none_now(cli
 
     code, out, err = cli("plan", str(root), "-p", "PROJ", "--detailed-exitcode")
     assert code == 2 and f"warning: {had} apply refuses to export into it" in err, out + err
+    assert "apply creates it" not in out, out  # the warning's word stands, not the contrary
 
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--accept-missing-lock")  # removed on purpose
     assert code == 0 and (root / "sub-01/ses-01MR1/anat").is_dir(), out + err
@@ -1155,3 +1156,39 @@ def test_a_history_the_member_may_not_chmod_is_still_appended_to(tmp_path, monke
     append_lock_change(root, "forget", (1, 2), [], action="forget", reason="asked", dropped=True)
     assert [e["operation"] for e in read_history(root)] == ["forget"]
     assert history.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_dataset_its_group_does_not_share_gets_the_members_own_umask_back(tmp_path):
+    # pi-study walks the studies in one process: a private study after a shared one must not get
+    # the umask widened for the group's.
+    from reconcile.workarea import share_with_group
+
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    private.mkdir()
+    private.chmod(0o755)
+    before = os.umask(0o022)
+    try:
+        share_with_group(shared)
+        assert os.umask(0o002) == 0o002  # widened for the group (read back, then set as it was)
+        share_with_group(private)
+        assert os.umask(0o022) == 0o022  # the member's own again
+        share_with_group(shared)
+        share_with_group(shared)  # twice: still the group's, from the member's own
+        assert os.umask(0o002) == 0o002
+    finally:
+        os.umask(before)
+
+
+def test_an_empty_kept_dicom_folder_an_old_export_left_makes_way_without_a_warning(cli, emulator, tmp_path):
+    # Moving over: the old script's sourcedata/…/dicom, its files moved away, is no one's DICOM.
+    add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    left = root / "sourcedata/sub-01/ses-01MR1/dicom"
+    (left / "1" / "deeper").mkdir(parents=True)
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--keep-dicom")
+    assert code == 0, out + err
+    assert "held DICOM not marked" not in out + err and not (root / ".xnat2bids/replaced").exists()
+    assert (left / ".xnat2bids-experiment").is_file() and list((left / "1").glob("*.dcm"))
+    assert not (left / "1" / "deeper").exists()

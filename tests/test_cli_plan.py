@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -394,6 +395,24 @@ def test_saved_plan_made_against_another_xnat_is_refused(cli, emulator, tmp_path
     assert code == 1 and "create" not in out
     assert f"error: plan is for another XNAT: it was made against https://xnat.example.org, not {emulator.url}" in err
     assert not lock_path(root).exists()
+
+
+def test_saved_plan_for_another_xnat_is_said_so_before_a_login_that_cannot_reach_it(cli, emulator, tmp_path,
+                                                                                     monkeypatch):
+    # The plan's XNAT is up; this apply was pointed at another, which is down: the plan is for
+    # another XNAT, whatever that one would answer (no login tried, no retries waited for).
+    add_sessions(emulator.archive, 1)
+    root = tmp_path / "bids"
+    saved, _ = saved_plan(cli, root, tmp_path)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("XNAT_HOST", down)
+    emulator.app.reset_requests()
+    code, out, err = cli("apply", str(root), "--plan", str(saved), "--yes")
+    assert code == 1 and "create" not in out, out + err
+    assert f"error: plan is for another XNAT: it was made against {emulator.url}, not {down}" in err, err
+    assert "cannot reach" not in err and not root.exists()
 
 
 def test_saved_plan_of_the_older_format_is_refused(cli, emulator, tmp_path):
