@@ -1159,7 +1159,7 @@ def _nothing_to_apply(root: Path, plan: Plan, held: tuple[Change, ...], untouche
 
         _git_commit(root, ApplyReport(), say_none=False)
     if record and plan.problems:  # after the commit: a night that failed is no commit of its own
-        _record_failed_run(root, [("plan", p.message) for p in plan.problems], locked=True)
+        _record_failed_run(root, [("plan", p.summary or p.message) for p in plan.problems], locked=True)
     _say_held_back(held)
     return EXIT_ERROR if plan.problems or held else EXIT_OK
 
@@ -1345,7 +1345,7 @@ def run_slurm_apply(
             if not stdin_is_terminal():
                 raise ConfigError("apply needs confirmation; without a terminal pass --yes")
             if not _confirmed(root, holder, f"Submit {len(todo)} session(s) of {root} to SLURM?"):
-                echo("Cancelled; nothing submitted.")
+                echo("Cancelled; nothing submitted.", outcome=True)
                 return EXIT_ERROR, None
         settings = cfg.slurm
         kind = sx.credentials_kind(client)

@@ -89,7 +89,7 @@ def observe_remote(
             rows = tuple(client.list_experiments(project, malformed))
             listings.append(ProjectListing(project, rows, malformed=tuple(malformed)))
         except RemoteError as exc:
-            listings.append(ProjectListing(project, None, _said(exc)))
+            listings.append(ProjectListing(project, None, _said(exc), error_summary=exc.summary))
     details = None
     if deep:
         sessions = [
@@ -111,8 +111,8 @@ def _deep_failed(listing: ProjectListing, failures: Mapping[str, RemoteError]) -
     error = failures[failed.id]
     more = sum(1 for e in listing.experiments or () if e.id in failures) - 1
     also = f" (and {more} more session{'s' if more != 1 else ''})" if more else ""
-    return ProjectListing(listing.project, None,
-                          f"the scans of session {failed.label} ({failed.id}){also}: {_said(error)}")
+    which = f"the scans of session {failed.label} ({failed.id}){also}"
+    return ProjectListing(listing.project, None, f"{which}: {_said(error)}", error_summary=f"{which}: {error.summary}")
 
 
 def _said(exc: RemoteError) -> str:

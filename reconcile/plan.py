@@ -102,6 +102,9 @@ class Problem:
     project: str | None = None
     experiment_id: str | None = None
     hint: str | None = None
+    # `message` without the words of a server it quotes (an error page may echo anything): what
+    # the history keeps, which git shares further than a console. None: `message` quotes none.
+    summary: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,7 @@ class ProjectListing:
     experiments: tuple[Experiment, ...] | None
     error: str | None = None
     malformed: tuple[MalformedRow, ...] = ()  # rows left out of `experiments`: each its session's problem
+    error_summary: str | None = None  # `error` without what the server answered (for the history)
 
 
 @dataclass(frozen=True)
@@ -648,7 +652,9 @@ def _listed_rows(remote: RemoteState, records: Iterable[SessionRecord], selectio
             blocked.add(listing.project)
             out.problems.append(
                 Problem(f"listing of project {listing.project} failed: {listing.error}", listing.project,
-                        hint="nothing was planned for this project; fix the cause and plan again")
+                        hint="nothing was planned for this project; fix the cause and plan again",
+                        summary=f"listing of project {listing.project} failed"
+                                + (f": {listing.error_summary}" if listing.error_summary else ""))
             )
             continue
         listed = [e for e in listing.experiments if e.xsi_type.endswith(SESSION_TYPES_SUFFIX)]

@@ -122,17 +122,23 @@ def test_quiet_apply_says_a_listing_that_failed_on_stderr_and_the_history_keeps_
                                                                                     no_backoff):
     root = _applied_before(cli, emulator, tmp_path)
     before = _history_path(root).read_bytes()
-    emulator.app.faults.add(Fault(route=r"/projects/PROJ/experiments$", kind="status", status=503))
+    # An error page that echoes what it should not: the console shows it, the history (shared
+    # through git) keeps the error without it.
+    leaked = "internal db host db-prod-7.lab.internal user=svc_xnat"
+    emulator.app.faults.add(Fault(route=r"/projects/PROJ/experiments$", kind="status", status=503, message=leaked))
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--quiet")
     assert (code, out) == (1, ""), err
     assert err.startswith("error: listing of project PROJ failed: ") and "  hint: nothing was planned" in err
+    assert leaked in err
     text = _history_path(root).read_bytes()
     assert text.startswith(before)  # appended to, never rewritten
     entry = json.loads(text[len(before):])
     assert_schema("history", entry)
     assert entry["operation"] == "apply" and entry["sessions"] == [] and entry["lock_serial"] == {"before": 1, "after": 1}
     assert [e["kind"] for e in entry["errors"]] == ["plan"]
-    assert entry["errors"][0]["message"] == err.splitlines()[0].removeprefix("error: ")
+    message = entry["errors"][0]["message"]
+    assert message.startswith("listing of project PROJ failed: XNAT at ") and "503" not in message, message
+    assert err.splitlines()[0].removeprefix("error: ").startswith(message) and leaked not in text.decode()
 
 
 # -- history -n / --since ----------------------------------------------------------------------
@@ -264,8 +270,14 @@ def test_a_failed_apply_writes_nothing_where_it_may_not(cli, emulator, tmp_path,
     assert sorted(p.name for p in bare.iterdir()) == [".xnat2bids.lock"]
 
 
-def test_apply_quiet_at_a_terminal_shows_the_plan_it_asks_to_confirm(cli, emulator, tmp_path, monkeypatch):
-    # --quiet is for cron; a person asked "Apply 1 change(s)?" must see what they confirm.
+@pytest.mark.parametrize("executor, question, cancelled", [
+    ("local", "Apply 1 change(s) to {root}?", "Cancelled; nothing changed."),
+    ("slurm", "Submit 1 session(s) of {root} to SLURM?", "Cancelled; nothing submitted."),
+])
+def test_apply_quiet_at_a_terminal_shows_the_plan_it_asks_to_confirm(cli, emulator, tmp_path, monkeypatch,
+                                                                    executor, question, cancelled):
+    # --quiet is for cron; a person asked "Apply 1 change(s)?" must see what they confirm, and
+    # that their "no" cancelled it.
     from reconcile import cli as cli_module
 
     add_sessions(emulator.archive, 1)
@@ -273,7 +285,7 @@ def test_apply_quiet_at_a_terminal_shows_the_plan_it_asks_to_confirm(cli, emulat
     asked: list[str] = []
     monkeypatch.setattr(cli_module, "stdin_is_terminal", lambda: True)
     monkeypatch.setattr(cli_module.typer, "confirm", lambda question, default: asked.append(question) or False)
-    code, out, err = cli("apply", str(root), "-p", "PROJ", "--quiet")
-    assert asked == [f"Apply 1 change(s) to {root}?"]
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--quiet", "--executor", executor)
+    assert asked == [question.format(root=root)], out + err
     assert "+ create  sub-SUBJ01/ses-SUBJ01MR1" in out and "Plan: 1 to create" in out, out + err
-    assert code == 1 and "Cancelled; nothing changed." in out
+    assert code == 1 and cancelled in out
