@@ -1176,6 +1176,7 @@ def _record_failed_run(root: Path, errors: list[tuple[str, str]], *, locked: boo
     if not lock_path(root).is_file() or not (root / WORK_DIR).is_dir():
         return
     warn = lambda m: echo(f"warning: {m}", err=True)  # noqa: E731
+    share_with_group(root)  # failed before apply did so: a history made now is the group's too
     try:
         with contextlib.nullcontext() if locked else statelock.held(root, "apply", warn=warn):
             append_failed_run(root, errors)

@@ -227,6 +227,27 @@ def test_an_apply_that_cannot_reach_xnat_tells_the_history_so(cli, emulator, tmp
     assert code == 0 and json.loads(out) == entry
 
 
+def test_a_failed_night_makes_the_history_of_a_shared_dataset_the_groups(cli, emulator, tmp_path, monkeypatch,
+                                                                          no_backoff):
+    # A first apply killed after its commits, before its history entry: the failed night after
+    # it makes the history, which the lab's other members must be able to append to.
+    import os
+    import stat
+
+    root = _applied_before(cli, emulator, tmp_path)
+    _history_path(root).unlink()
+    root.chmod(0o2775)
+    monkeypatch.setenv("XNAT_HOST", f"http://127.0.0.1:{_closed_port()}")
+    before = os.umask(0o022)  # a member's own
+    try:
+        code, _, err = cli("apply", str(root), "-p", "PROJ", "--yes")
+    finally:
+        os.umask(before)
+    assert code == 1 and "cannot reach XNAT" in err
+    assert [e["operation"] for e in _entries(root)] == ["unrecorded", "apply"]
+    assert stat.S_IMODE(_history_path(root).stat().st_mode) & 0o060 == 0o060
+
+
 def test_rejected_credentials_are_told_of_without_the_password(cli, emulator, tmp_path, monkeypatch):
     root = _applied_before(cli, emulator, tmp_path)
     monkeypatch.setenv("XNAT_PASS", "wrong-sentinel-pw")
