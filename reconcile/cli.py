@@ -290,7 +290,8 @@ def run_plan(
         echo()
         _show_plan(plan, outcome=True)
         if run.recovering:
-            echo(f"The next apply settles {_count(run.recovering, 'interrupted commit')} first (see the notes).",
+            echo(f"The next apply settles {_count(run.recovering, 'interrupted commit')} first "
+                 f"({'plan without --quiet names them' if _quiet else 'see the notes'}).",
                  outcome=True)
         if out is not None:
             apply_options = config_option + (" --insecure" if insecure else "")
@@ -1113,6 +1114,8 @@ def _left_alone(plan: Plan, todo: tuple[Change, ...], held: tuple[Change, ...]) 
         (stopped, "session error" if stopped == 1 else "session errors"),
     ) if n]
     see = "the plan's errors and notes" if stopped else "the plan's notes"
+    if _quiet:  # which it did not print
+        see = "`xnat2bids plan`, which tells why"
     return f" Left as they are: {', '.join(parts)} (see {see})." if parts else ""
 
 

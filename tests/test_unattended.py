@@ -116,6 +116,12 @@ def test_quiet_apply_prints_its_outcome_lines_and_summary_alone(cli, emulator, t
     assert re.fullmatch(rf"\[1/1\] ✓ create sub-01/ses-01MR1 \(PROJ/{exps['01_MR1'].id}\): \d+ files in [\d.]+ s",
                         lines[0]), out
     assert re.fullmatch(r"Apply complete: 1 done, 0 failed, 0 skipped; lock serial 1; took [\d.]+ s\.", lines[2]), out
+    # What it left alone points at plan, not at the notes --quiet did not print.
+    emulator.archive.delete_session(exps["01_MR1"].id)
+    add(emulator.archive, [("02", "02_MR1", "2024-01-11")], series=SMALL[:1])
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--quiet")
+    assert code == 0 and "note:" not in out + err, out + err
+    assert "s. Left as they are: 1 orphaned (see `xnat2bids plan`, which tells why)." in out, out
 
 
 def test_quiet_apply_says_a_listing_that_failed_on_stderr_and_the_history_keeps_it(cli, emulator, tmp_path,
