@@ -865,7 +865,7 @@ def run_apply(
                 f"took {format_duration(time.monotonic() - started)}.{untouched}", outcome=True
             )
             if report.halted:  # a cron mail's reader sees why, not only how many were skipped
-                echo(f"Stopped early: {report.halted}.", outcome=True)
+                echo(f"Stopped early: {report.halted}.", outcome=True, err=_quiet)
             code = EXIT_OK if report.ok and not plan.problems and not held else EXIT_ERROR
             _say_held_back(held)
             if run_validator:
@@ -1156,7 +1156,10 @@ def _nothing_to_apply(root: Path, plan: Plan, held: tuple[Change, ...], untouche
     from reconcile.render import problems
 
     # Said as a failure: after "Nothing planned", a cron mail must not read as a quiet night.
-    echo(f"Nothing applied: {problems(plan)} above.{untouched}" if plan.problems else f"Nothing to apply.{untouched}")
+    # Under --quiet, what is left as it is (a file gone from the dataset, a session deleted in
+    # XNAT) is said on stderr, night after night until it is dealt with: cron mails it.
+    echo(f"Nothing applied: {problems(plan)} above.{untouched}" if plan.problems else f"Nothing to apply.{untouched}",
+         err=_quiet and bool(untouched) and not plan.problems, outcome=bool(untouched) and not plan.problems)
     if git_commit:  # what recovery completed, or a run killed before its commit, is committed still
         from reconcile.apply import ApplyReport
 

@@ -28,9 +28,13 @@ def format_duration(seconds: float) -> str:
 
 
 class Reporter:
-    def __init__(self, total: int, *, stream: TextIO | None = None, live: bool | None = None, quiet: bool = False):
-        """`quiet` (--quiet): each session's outcome lines alone, no progress bar, no line as it starts."""
+    def __init__(self, total: int, *, stream: TextIO | None = None, live: bool | None = None, quiet: bool = False,
+                 errors: TextIO | None = None):
+        """`quiet` (--quiet): each session's outcome lines alone, no progress bar, no line as it
+        starts; those of a failure, a skip or a warning on stderr (`errors`), for cron to mail
+        also where stdout goes to /dev/null."""
         self.stream = stream or sys.stdout
+        self.errors = (errors or sys.stderr) if quiet else self.stream
         self.total = total
         self.finished = 0
         self.quiet = quiet
@@ -54,12 +58,13 @@ class Reporter:
             self._task = self._progress.add_task("", total=total)
             self._progress.start()
 
-    def _line(self, text: str) -> None:
+    def _line(self, text: str, *, bad: bool = False) -> None:
+        """`bad`: a failure's, a skip's or a warning's line (on `errors`)."""
         text = printable(text)
         if self._progress is not None:
             self._progress.console.print(text, markup=False, highlight=False)
         else:
-            print(text, file=self.stream, flush=True)
+            print(text, file=self.errors if bad else self.stream, flush=True)
 
     def __call__(self, kind: str, change: Change, outcome: Outcome | None) -> None:
         where = printable(f"{change.address.path} ({change.key})")
@@ -80,15 +85,15 @@ class Reporter:
             files = len(outcome.record.outputs) if outcome.record else 0
             self._line(f"{n} ✓ {change.action.value:<6} {where}: {files} files in {outcome.seconds:.1f} s")
             for warning in outcome.warnings:
-                self._line(f"      warning: {warning}")
+                self._line(f"      warning: {warning}", bad=True)
         elif outcome.status is Status.FAILED:
-            self._line(f"{n} ✗ {change.action.value:<6} {where}: {outcome.message}")
+            self._line(f"{n} ✗ {change.action.value:<6} {where}: {outcome.message}", bad=True)
             if outcome.hint:
-                self._line(f"      hint: {outcome.hint}")
+                self._line(f"      hint: {outcome.hint}", bad=True)
             if outcome.log_path:
-                self._line(f"      log: {outcome.log_path}")
+                self._line(f"      log: {outcome.log_path}", bad=True)
         else:
-            self._line(f"{n} - skipped {where}: {outcome.message}")
+            self._line(f"{n} - skipped {where}: {outcome.message}", bad=True)
 
     def close(self) -> None:
         if self._progress is not None:

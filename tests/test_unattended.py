@@ -124,6 +124,27 @@ def test_quiet_apply_prints_its_outcome_lines_and_summary_alone(cli, emulator, t
     assert "s. Left as they are: 1 orphaned (see `xnat2bids plan`, which tells why)." in out, out
 
 
+def test_quiet_apply_says_failed_sessions_on_stderr_for_cron_to_mail(cli, emulator, tmp_path):
+    # `apply --yes --quiet >/dev/null` in a crontab: a night every session failed must still mail.
+    exps = add(emulator.archive, [("01", "01_MR1", "2024-01-10")], series=SMALL[:1])
+    root = tmp_path / "bids"
+    emulator.app.faults.add(Fault(route=r"/files", kind="status", status=404))
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--quiet")
+    assert code == 1
+    assert f"[1/1] ✗ create sub-01/ses-01MR1 (PROJ/{exps['01_MR1'].id}): " in err and "      log: " in err, err
+    assert "✗" not in out and "Apply complete: 0 done, 1 failed, 0 skipped" in out, out
+
+
+def test_quiet_apply_says_on_stderr_what_it_leaves_as_it_is(cli, emulator, tmp_path):
+    # A file gone from the dataset, a session deleted in XNAT: nothing to apply, but not a quiet
+    # night; said every night until dealt with (`--repair-drift`, `forget`).
+    root = _applied_before(cli, emulator, tmp_path)
+    (root / "sub-SUBJ01/ses-SUBJ01MR1/anat/t1.nii.gz").unlink()
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--quiet")
+    assert (code, out) == (0, ""), out + err
+    assert err == "Nothing to apply. Left as they are: 1 drifted (see `xnat2bids plan`, which tells why).\n", err
+
+
 def test_quiet_apply_says_a_listing_that_failed_on_stderr_and_the_history_keeps_it(cli, emulator, tmp_path,
                                                                                     no_backoff):
     root = _applied_before(cli, emulator, tmp_path)
