@@ -373,6 +373,8 @@ def _error_text(resp: requests.Response | keepalive.Answer, clean: Callable[[str
     return body[:200] if body and not body.startswith(("{", "[")) else ""
 
 
+_BASIC_CREDENTIAL = re.compile(r"(\bBasic\s+)[A-Za-z0-9+/=_-]{4,}", re.IGNORECASE)
+
 class XnatClient:
     """A logged-in XNAT session: one cookie, bounded concurrency, retries, typed results."""
 
@@ -737,6 +739,9 @@ class XnatClient:
         secret = self.credentials.password
         for form in {secret, quote_plus(secret), quote(secret, safe="")} if secret else ():
             text = text.replace(form, "***")
+        # The Authorization header echoed: base64 of user:password (an alias token's too), maybe
+        # cut short by the page that quotes it, so every Basic credential goes.
+        text = _BASIC_CREDENTIAL.sub(r"\1***", text)
         for cookie in list(self._http.cookies):
             if cookie.name == "JSESSIONID" and cookie.value and len(cookie.value) >= 8:
                 text = text.replace(cookie.value, "***")

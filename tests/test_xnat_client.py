@@ -250,6 +250,29 @@ def test_an_answer_that_echoes_the_login_form_is_quoted_without_the_password(htt
     assert SENTINEL not in said and "S3NT1NEL" not in said and "pw-S3" not in said
 
 
+@pytest.mark.parametrize("cut", [None, 20], ids=["whole", "cut-short"])
+def test_an_answer_that_echoes_a_token_logins_authorization_header_is_quoted_without_it(httpserver: HTTPServer,
+                                                                                          cut) -> None:
+    # A proxy page quoting the request's headers: base64 of the alias and its secret, maybe cut
+    # short by the page, must not reach a terminal, --json or the history.
+    alias = "fe59172a-f857-4b37-b3bc-f92c89bf4900"
+    sent: list[str] = []
+
+    def echo(request: Request) -> Response:
+        header = request.headers.get("Authorization", "")
+        sent.append(header)
+        return Response(f"Bad gateway; request headers: Authorization: {header[:cut]}", status=502)
+
+    httpserver.expect_request("/data/JSESSION").respond_with_handler(echo)
+    with XnatClient(httpserver.url_for("/"), Credentials(alias, SENTINEL, "token-file"), backoff=0, retries=0) as c, \
+            pytest.raises(RemoteError) as info:
+        c.login()
+    encoded = sent[0].removeprefix("Basic ")
+    assert sent[0].startswith("Basic ") and len(encoded) > 20
+    said = f"{info.value.summary} {info.value.detail} {info.value.hint}"
+    assert "Authorization: Basic ***" in said and encoded[:16] not in said, said
+
+
 def test_an_answer_that_echoes_the_session_cookie_is_quoted_without_it(httpserver: HTTPServer) -> None:
     # The cookie stands for the login until the session ends: a proxy page quoting the request's
     # headers must not put it on a terminal or in --json.
