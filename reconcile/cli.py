@@ -1757,7 +1757,7 @@ def _print_history(root: Path, *, as_json: bool, last: int | None = None, since:
         if isinstance(e.get("unlocked"), dict):  # force-unlock: no session, no lock change
             what = f"removed the state lock held by {_unlocked(e['unlocked'])}"
         elif failed_run(e):  # errors before anything was applied: no session, no lock change
-            what = f"failed, nothing applied; lock serial {e['lock_serial']['after']}"
+            what = "failed, nothing applied"  # its serial is the history's: not the lock's when that is older
         else:
             what = (f"{s.get('done', 0)} done, {s.get('failed', 0)} failed, {s.get('skipped', 0)} skipped; "
                     f"serial {e['lock_serial']['before']} → {e['lock_serial']['after']}")

@@ -246,7 +246,7 @@ def test_an_apply_that_cannot_reach_xnat_tells_the_history_so(cli, emulator, tmp
     assert code == 0, out + err
     assert out.splitlines()[-2:] == [
         f"{entry['time']}  apply by {entry['user']}@{entry['host']} (xnat2bids {__version__}): "
-        "failed, nothing applied; lock serial 1",
+        "failed, nothing applied",
         f"    error: {summary}",
     ]
     assert " unrecorded by " in out.splitlines()[0]  # the older entry reads as before
