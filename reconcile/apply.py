@@ -1031,9 +1031,11 @@ def _history_entry(operation: str, serial_before: int, serial_after: int, summar
 
 
 def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: str = "apply",
-                   batch: str | None = None) -> dict:
+                   batch: str | None = None, errors: Sequence[tuple[str, str]] = ()) -> dict:
     """One JSON line per apply in the dataset's work area; never rewritten. `batch`: the SLURM
-    batch a finalize merged, so that a later finalize can tell its own commits from others'."""
+    batch a finalize merged, so that a later finalize can tell its own commits from others'.
+    `errors`: (kind, summary) of what the apply did not take up (see `append_failed_run`), so
+    that a night one project's listing failed does not read as a clean one."""
     after = report.lock.serial if report.lock else plan.serial
     last = last_history_entry(root)
     # Commits of this plan that `recover` already put in an entry (a finalize run again after it
@@ -1046,6 +1048,7 @@ def append_history(root: Path, plan: Plan, report: ApplyReport, *, operation: st
         {s.value: report.count(s) for s in Status},
         cancelled=report.cancelled,
         **({"batch": batch} if batch is not None else {}),
+        **({"errors": [{"kind": kind, "message": message} for kind, message in errors]} if errors else {}),
         sessions=[
             {
                 "experiment_id": o.change.key.experiment_id,
@@ -1125,8 +1128,9 @@ def append_failed_run(root: Path, errors: Sequence[tuple[str, str]]) -> dict:
 
 
 def failed_run(entry: Mapping[str, Any]) -> bool:
-    """Whether a history entry tells of an apply that failed before it applied anything."""
-    return "errors" in entry
+    """Whether a history entry tells of an apply that failed before it applied anything (errors,
+    and no session: an apply that ran some has its errors beside them)."""
+    return "errors" in entry and not entry["sessions"]
 
 
 def _append_entry(root: Path, entry: dict) -> None:

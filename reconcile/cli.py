@@ -852,7 +852,9 @@ def run_apply(
                 for signum, handler in previous_handlers.items():
                     signal.signal(signum, handler)
             try:
-                append_history(root, plan, report)
+                held_back = _held_back_said(held)
+                append_history(root, plan, report, errors=[*(("plan", p.summary or p.message) for p in plan.problems),
+                                                           *([("held", held_back)] if held_back else [])])
             except OSError as exc:  # a full disk: the summary below still says what was done
                 warn(f"could not append this apply to the history ({exc.strerror or exc}): {exc.filename or root}; "
                      "the next apply records its commits")
@@ -1087,17 +1089,23 @@ def _held_back(plan: Plan, todo: tuple[Change, ...]) -> tuple[Change, ...]:
 def _say_held_back(held: tuple[Change, ...]) -> None:
     """On stderr, why apply ends with status 1 although nothing failed: XNAT has changes the
     dataset did not take, which cron and scripts must hear of."""
+    said = _held_back_said(held)
+    if said:
+        echo(f"error: {said}", err=True)
+
+
+def _held_back_said(held: tuple[Change, ...]) -> str | None:
     if not held:
-        return
+        return None
     edited = [c for c in held if c.edited]
     # Named where their changed files are: a rename held back has not moved them.
     names = ", ".join((c.before.address if c.before else c.address).path for c in edited[:3]) + (
         ", …" if len(edited) > 3 else "")
     waiting = len(held) - len(edited)  # sessions of a subject rename that moves whole, with an edited one
     also = f"; {waiting} more of the same subject wait{'s' if waiting == 1 else ''} with them" if waiting else ""
-    echo(f"error: {len(held)} change{'s' if len(held) != 1 else ''} from XNAT held back ({names}): files of "
-         f"{'these sessions' if len(edited) != 1 else 'this session'} changed on disk{also}; apply --repair-drift "
-         "carries them out, keeping a copy of each changed file", err=True)
+    return (f"{len(held)} change{'s' if len(held) != 1 else ''} from XNAT held back ({names}): files of "
+            f"{'these sessions' if len(edited) != 1 else 'this session'} changed on disk{also}; apply --repair-drift "
+            "carries them out, keeping a copy of each changed file")
 
 
 def _left_alone(plan: Plan, todo: tuple[Change, ...], held: tuple[Change, ...]) -> str:
@@ -1164,8 +1172,10 @@ def _nothing_to_apply(root: Path, plan: Plan, held: tuple[Change, ...], untouche
         from reconcile.apply import ApplyReport
 
         _git_commit(root, ApplyReport(), say_none=False)
-    if record and plan.problems:  # after the commit: a night that failed is no commit of its own
-        _record_failed_run(root, [("plan", p.summary or p.message) for p in plan.problems], locked=True)
+    held_back = _held_back_said(held)
+    if record and (plan.problems or held_back):  # after the commit: a night that failed is no commit of its own
+        _record_failed_run(root, [*(("plan", p.summary or p.message) for p in plan.problems),
+                                  *([("held", held_back)] if held_back else [])], locked=True)
     _say_held_back(held)
     return EXIT_ERROR if plan.problems or held else EXIT_OK
 

@@ -5,6 +5,7 @@ they fill in are theirs from the start and kept over heudiconv's new stub."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -45,6 +46,9 @@ def test_an_update_replaces_an_edited_output_only_with_repair_drift_and_keeps_a_
     assert ("error: 1 change from XNAT held back (sub-01/ses-01MR1): files of this session changed on disk; "
             "apply --repair-drift carries them out") in err
     assert sidecar.read_bytes() == EDITED and read_lock(root).serial == 1
+    told = json.loads((root / ".xnat2bids/history.jsonl").read_text().splitlines()[-1])  # a night that failed
+    assert told["sessions"] == [] and [e["kind"] for e in told["errors"]] == ["held"], told
+    assert told["errors"][0]["message"].startswith("1 change from XNAT held back (sub-01/ses-01MR1)")
 
     code, out, err = cli("apply", str(root), "-p", "PROJ", "--yes", "--repair-drift")
     assert code == 0, out + err

@@ -168,6 +168,24 @@ def test_quiet_apply_says_a_listing_that_failed_on_stderr_and_the_history_keeps_
     assert err.splitlines()[0].removeprefix("error: ").startswith(message) and leaked not in text.decode()
 
 
+def test_a_night_one_projects_listing_failed_reads_so_in_the_history_beside_what_it_did(cli, emulator, tmp_path,
+                                                                                      no_backoff):
+    root = _applied_before(cli, emulator, tmp_path)
+    emulator.archive.add_project("OTHER")
+    new = add(emulator.archive, [("SUBJ03", "SUBJ03_MR1", "2024-01-12")], series=SMALL[:1])["SUBJ03_MR1"]
+    emulator.app.faults.add(Fault(route=r"/projects/OTHER/experiments$", kind="status", status=503))
+    code, out, err = cli("apply", str(root), "-p", "PROJ", "-p", "OTHER", "--yes", "--quiet")
+    assert code == 1 and "error: listing of project OTHER failed: " in err, out + err
+    entry = _entries(root)[-1]
+    assert_schema("history", entry)
+    assert [(r["experiment_id"], r["result"]) for r in entry["sessions"]] == [(new.id, "done")], entry
+    assert entry["errors"] == [{"kind": "plan", "message": "listing of project OTHER failed: XNAT at "
+                                f"{emulator.url} kept failing for the experiments of project OTHER"}]
+    assert last_history_entry(root) == entry  # a lock change like any apply's, not a failed night
+    code, out, _ = cli("history", str(root), "-n", "1")
+    assert "    error: listing of project OTHER failed: " in out and "failed, nothing applied" not in out, out
+
+
 # -- history -n / --since ----------------------------------------------------------------------
 
 
