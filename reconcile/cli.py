@@ -1703,21 +1703,30 @@ def slurm_task(
 
 
 _SINCE_FORMS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S")
+_SINCE_OFFSET = re.compile(r"[+-]\d\d:\d\d$")
 
 
 def _since(value: Optional[str]) -> Optional[str]:
     """`--since` as the history writes times (2026-11-01T00:00:00Z), which then compare as text."""
     if value is None:
         return None
-    from datetime import datetime
+    from datetime import datetime, timezone
 
+    when, offset = value.removesuffix("Z"), None
+    zone = _SINCE_OFFSET.search(when)  # a time with its offset from UTC: `date -Iminutes` prints one
+    if zone and "T" in when:
+        when, offset = when[:zone.start()], zone.group()
     for form in _SINCE_FORMS:
         try:
-            return datetime.strptime(value.removesuffix("Z"), form).strftime("%Y-%m-%dT%H:%M:%SZ")
+            at = datetime.strptime(when, form)
         except ValueError:
             continue
+        if offset is not None:
+            at = datetime.fromisoformat(at.isoformat() + offset).astimezone(timezone.utc)
+        return at.strftime("%Y-%m-%dT%H:%M:%SZ")
     raise typer.BadParameter(f"{value!r} is not a date or date-time: give YYYY-MM-DD, YYYY-MM-DDTHH:MM or "
-                             "YYYY-MM-DDTHH:MM:SS (UTC, as history prints times), e.g. 2026-11-01 or 2026-11-01T12:00")
+                             "YYYY-MM-DDTHH:MM:SS (UTC, as history prints times, unless followed by an offset such "
+                             "as +09:00), e.g. 2026-11-01 or 2026-11-01T12:00")
 
 
 @app.command()
@@ -2058,11 +2067,16 @@ def check(
     full: bool = typer.Option(False, "--full", help="Also compare sha256 of every output."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON (schemas/check.schema.json)."),
     project: Optional[list[str]] = StudyOpt,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="For cron: print nothing when every output is verified; "
+                                                             "problems and the verdict go to stderr."),
 ) -> None:
     """Verify offline that every output the lock records is on disk (for CI).
 
     Example: xnat2bids check ~/bids-export --full
+
+    Example (crontab): 0 6 * * * xnat2bids check ~/bids-export --quiet
     """
+    _be_quiet(quiet)
     def none(root: Path) -> int:
         raise ConfigError(f"no <pi>/study-<study>/bids datasets under {root}", hint="run `xnat2bids apply` first")
 
@@ -2146,23 +2160,24 @@ def run_check(root: Path, lock: Lock, *, full: bool, as_json: bool = False) -> i
         return EXIT_OK if report.ok else EXIT_ERROR
     for note in report.pending:
         echo(f"pending: {note}")
+    bad = {"outcome": True, "err": _quiet}  # a failed check under --quiet: on stderr, for cron to mail
     for problem in report.problems:
-        echo(f"problem: {problem.message}")
+        echo(f"problem: {problem.message}", **bad)
     mode = "size and sha256" if full else "size"
     if report.ok:
         echo(f"OK: lock serial {lock.serial}, {_count(report.sessions, 'session')}, {_count(report.outputs, 'output')} verified ({mode}) "
              f"in {root}.")
         return EXIT_OK
     echo(f"FAILED: {len(report.problems)} problem(s); {_count(report.sessions, 'session')}, {_count(report.outputs, 'output')} checked "
-         f"({mode}) in {root}.")
+         f"({mode}) in {root}.", **bad)
     if any(p.code is CheckCode.CONTENT for p in report.problems):
         echo("hint: `xnat2bids plan --full` shows the sessions with other content as drift; "
-             "`xnat2bids apply --full --repair-drift` exports them again")
+             "`xnat2bids apply --full --repair-drift` exports them again", **bad)
     crlf = [p.path for p in report.problems if p.message.endswith(CRLF_NOTE)]
     if crlf:  # the files named alone: a checkout of more would drop uncommitted work (a lock not yet committed)
         shown = " ".join(shlex.quote(path) for path in crlf[:10]) + (" …" if len(crlf) > 10 else "")
         echo(f"hint: git changed their line ends on checkout: `git config core.autocrlf false` in this clone, then "
-             f"`git checkout -- {shown}` writes them as committed")
+             f"`git checkout -- {shown}` writes them as committed", **bad)
     return EXIT_ERROR
 
 

@@ -186,6 +186,18 @@ def test_a_night_one_projects_listing_failed_reads_so_in_the_history_beside_what
     assert "    error: listing of project OTHER failed: " in out and "failed, nothing applied" not in out, out
 
 
+def test_quiet_check_prints_nothing_when_all_is_verified_and_its_problems_on_stderr(cli, emulator, tmp_path):
+    root = _applied_before(cli, emulator, tmp_path)
+    assert cli("check", str(root), "--quiet") == (0, "", "")
+    (root / "sub-SUBJ01/ses-SUBJ01MR1/anat/t1.nii.gz").unlink()
+    code, out, err = cli("check", str(root), "-q")
+    assert (code, out) == (1, ""), out + err
+    assert err.splitlines()[0].startswith("problem: ") and "sub-SUBJ01/ses-SUBJ01MR1/anat/t1.nii.gz" in err
+    assert err.splitlines()[-1].startswith("FAILED: 1 problem(s); 2 sessions, 2 outputs checked (size)"), err
+    code, out, _ = cli("check", str(root))  # without it, as before: the verdict on stdout
+    assert code == 1 and "FAILED: 1 problem(s)" in out
+
+
 # -- history -n / --since ----------------------------------------------------------------------
 
 
@@ -217,6 +229,9 @@ def test_history_last_and_since_select_entries_by_time_as_text_and_json(cli, tmp
         ["2026-11-01T12:00:00Z", "2026-11-02T08:00:00Z", "2026-11-01T00:00:00Z"])  # the file's order
     assert shown("--since", "2026-11-01T12:00") == (["2026-11-01T12:00:00Z", "2026-11-02T08:00:00Z"],) * 2
     assert shown("--since", "2026-11-01T12:00:01Z") == (["2026-11-02T08:00:00Z"],) * 2
+    # A local time with its offset (`date -Iminutes`): midnight of Nov 2 in Tokyo is 15:00 UTC on Nov 1.
+    assert shown("--since", "2026-11-02T00:00+09:00") == (["2026-11-02T08:00:00Z"],) * 2
+    assert shown("--since", "2026-11-01T07:00-05:00") == (["2026-11-01T12:00:00Z", "2026-11-02T08:00:00Z"],) * 2
     assert shown("-n", "2") == (["2026-11-01T12:00:00Z", "2026-11-02T08:00:00Z"],) * 2  # the latest two
     assert shown("--last", "1", "--since", "2026-10-01") == (["2026-11-02T08:00:00Z"],) * 2
     assert shown("-n", "9")[0] == _times(cli("history", str(root))[1])
@@ -224,7 +239,8 @@ def test_history_last_and_since_select_entries_by_time_as_text_and_json(cli, tmp
     assert cli("history", str(root), "--since", "2026-12-01", "--json") == (0, "", "")
 
 
-@pytest.mark.parametrize("when", ["yesterday", "2026-13-01", "2026-11-01T25:00", "01/11/2026", "2026-11-01 12:00"])
+@pytest.mark.parametrize("when", ["yesterday", "2026-13-01", "2026-11-01T25:00", "01/11/2026", "2026-11-01 12:00",
+                                  "2026-11-01+09:00", "2026-11-01T12:00+9"])
 def test_a_malformed_since_is_an_error_naming_the_accepted_forms(cli, tmp_path, when):
     root = tmp_path / "bids"
     _history_at(root, ["2026-11-01T12:00:00Z"])
