@@ -852,9 +852,7 @@ def run_apply(
                 for signum, handler in previous_handlers.items():
                     signal.signal(signum, handler)
             try:
-                held_back = _held_back_said(held)
-                append_history(root, plan, report, errors=[*(("plan", p.summary or p.message) for p in plan.problems),
-                                                           *([("held", held_back)] if held_back else [])])
+                append_history(root, plan, report, errors=_not_taken_up(plan, held))
             except OSError as exc:  # a full disk: the summary below still says what was done
                 warn(f"could not append this apply to the history ({exc.strerror or exc}): {exc.filename or root}; "
                      "the next apply records its commits")
@@ -1094,6 +1092,13 @@ def _say_held_back(held: tuple[Change, ...]) -> None:
         echo(f"error: {said}", err=True)
 
 
+def _not_taken_up(plan: Plan, held: tuple[Change, ...]) -> list[tuple[str, str]]:
+    """(kind, summary) of what an apply of `plan` leaves undone as errors, for its history entry:
+    the plan's errors (without a server's words they quote) and the updates held back."""
+    held_back = _held_back_said(held)
+    return [*(("plan", p.summary or p.message) for p in plan.problems), *([("held", held_back)] if held_back else [])]
+
+
 def _held_back_said(held: tuple[Change, ...]) -> str | None:
     if not held:
         return None
@@ -1172,10 +1177,9 @@ def _nothing_to_apply(root: Path, plan: Plan, held: tuple[Change, ...], untouche
         from reconcile.apply import ApplyReport
 
         _git_commit(root, ApplyReport(), say_none=False)
-    held_back = _held_back_said(held)
-    if record and (plan.problems or held_back):  # after the commit: a night that failed is no commit of its own
-        _record_failed_run(root, [*(("plan", p.summary or p.message) for p in plan.problems),
-                                  *([("held", held_back)] if held_back else [])], locked=True)
+    errors = _not_taken_up(plan, held)
+    if record and errors:  # after the commit: a night that failed is no commit of its own
+        _record_failed_run(root, errors, locked=True)
     _say_held_back(held)
     return EXIT_ERROR if plan.problems or held else EXIT_OK
 
